@@ -1,0 +1,291 @@
+"""Typed DeepSeek-V3 config, read from (and written back to) a Hub ``config.json``.
+
+Field names are the Hub's. Both ways the Hub has spelled RoPE settings are read:
+``rope_theta`` + ``rope_scaling`` (the original checkpoint) and ``rope_parameters`` (newer
+transformers). Validation names the offending field in a one-line :class:`DeepSeekError`.
+
+This module must not import jax: the converter and ``plan`` read configs on hosts that never
+touch an accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from deepseek_jax.errors import DeepSeekError
+
+# Fields of the Hub config that this port reads, with the 671B values as defaults where the
+# field is optional in older/newer configs.
+_REQUIRED_INT = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "n_routed_experts", "num_experts_per_tok",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN settings (SPEC §4). ``factor == 1`` means plain RoPE."""
+
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepSeekConfig:
+    """The model hyper-parameters (SPEC §1), Hub field names."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = 1536
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    n_shared_experts: int = 1
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    num_nextn_predict_layers: int = 1
+    fp8: bool = False  # the checkpoint's linear weights are 128x128 block-scaled e4m3
+    weight_block_size: tuple[int, int] = (128, 128)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one token's latent cache entry: c (kv_lora_rank) + shared k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.n_shared_experts
+
+    @property
+    def yarn_mscale(self) -> float:
+        """``m`` of SPEC §3: the softmax scale is multiplied by m**2 when factor > 1."""
+        rs = self.rope_scaling
+        if rs is None or rs.factor <= 1.0 or not rs.mscale_all_dim:
+            return 1.0
+        return 0.1 * rs.mscale_all_dim * math.log(rs.factor) + 1.0
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.qk_head_dim ** -0.5 * self.yarn_mscale ** 2
+
+    def replace(self, **kw: Any) -> "DeepSeekConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ---- Hub JSON ------------------------------------------------------------------------
+    @classmethod
+    def from_hub_dict(cls, d: dict[str, Any]) -> "DeepSeekConfig":
+        if not isinstance(d, dict):
+            raise DeepSeekError("config: expected a JSON object")
+        mt = d.get("model_type")
+        if mt is not None and mt not in ("deepseek_v3", "deepseek_v32", "kimi_k2"):
+            raise DeepSeekError(f"config: model_type {mt!r} is not DeepSeek-V3-shaped (want 'deepseek_v3')")
+        for f in _REQUIRED_INT:
+            if f not in d:
+                raise DeepSeekError(f"config: missing field {f!r} (not a DeepSeek-V3 config?)")
+        kw: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            if k in known and k not in ("rope_scaling", "fp8", "weight_block_size", "extra"):
+                kw[k] = v
+        theta, scaling = _read_rope(d)
+        kw["rope_theta"] = theta
+        kw["rope_scaling"] = scaling
+        qc = d.get("quantization_config")
+        if qc:
+            if qc.get("quant_method") != "fp8":
+                raise DeepSeekError(
+                    f"config: quantization_config.quant_method {qc.get('quant_method')!r} unsupported (want 'fp8')")
+            if qc.get("fmt", "e4m3") != "e4m3":
+                raise DeepSeekError(f"config: quantization_config.fmt {qc.get('fmt')!r} unsupported (want 'e4m3')")
+            kw["fp8"] = True
+            kw["weight_block_size"] = tuple(qc.get("weight_block_size", (128, 128)))
+        eos = kw.get("eos_token_id")
+        if isinstance(eos, list):
+            kw["eos_token_id"] = int(eos[0]) if eos else 1
+        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def to_hub_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "fp8", "weight_block_size", "rope_scaling"):
+                continue
+            d[f.name] = getattr(self, f.name)
+        d.pop("rope_parameters", None)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.rope_scaling)}
+        else:
+            d["rope_scaling"] = None
+        if self.fp8:
+            d["quantization_config"] = {
+                "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": list(self.weight_block_size)}
+        else:
+            d.pop("quantization_config", None)
+        d.setdefault("model_type", "deepseek_v3")
+        d.setdefault("architectures", ["DeepseekV3ForCausalLM"])
+        return d
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> "DeepSeekConfig":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise DeepSeekError(f"config: {path} not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DeepSeekError(f"config: {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+        return cls.from_hub_dict(d)
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(field: str, why: str) -> DeepSeekError:
+            return DeepSeekError(f"config: {field} = {getattr(self, field, None)!r}: {why}")
+
+        for f in _REQUIRED_INT + ("first_k_dense_replace", "n_shared_experts", "n_group", "topk_group",
+                                  "max_position_embeddings", "num_nextn_predict_layers"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise bad(f, "must be an integer")
+            if v < 0 or (v == 0 and f in _REQUIRED_INT + ("n_group", "topk_group")):
+                raise bad(f, "must be positive")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise bad("q_lora_rank", "must be a positive integer or null")
+        if self.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        if self.scoring_func != "sigmoid":
+            raise bad("scoring_func", "only 'sigmoid' (DeepSeek-V3) is supported")
+        if self.topk_method != "noaux_tc":
+            raise bad("topk_method", "only 'noaux_tc' (DeepSeek-V3) is supported")
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", "only 'silu' is supported")
+        if self.attention_bias:
+            raise bad("attention_bias", "DeepSeek-V3 has no attention bias")
+        if self.moe_layer_freq != 1:
+            raise bad("moe_layer_freq", "only 1 (every layer after first_k_dense_replace is MoE) is supported")
+        if self.n_routed_experts % self.n_group:
+            raise bad("n_group", f"must divide n_routed_experts ({self.n_routed_experts})")
+        if self.topk_group > self.n_group:
+            raise bad("topk_group", f"must be <= n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        if per_group < 2:
+            raise bad("n_group", "each group needs >= 2 experts (group score is the sum of the top 2)")
+        if self.num_experts_per_tok > self.topk_group * per_group:
+            raise bad("num_experts_per_tok", "exceeds the experts left after group selection")
+        if self.rms_norm_eps <= 0:
+            raise bad("rms_norm_eps", "must be positive")
+        if self.fp8 and tuple(self.weight_block_size) != (128, 128):
+            raise bad("weight_block_size", "only [128, 128] blocks are supported")
+        if not (0 <= self.bos_token_id < self.vocab_size):
+            raise bad("bos_token_id", f"outside vocab [0, {self.vocab_size})")
+        if not (0 <= self.eos_token_id < self.vocab_size):
+            raise bad("eos_token_id", f"outside vocab [0, {self.vocab_size})")
+        rs = self.rope_scaling
+        if rs is not None:
+            if rs.factor <= 0:
+                raise DeepSeekError(f"config: rope_scaling.factor = {rs.factor!r}: must be positive")
+            if rs.original_max_position_embeddings <= 0:
+                raise DeepSeekError("config: rope_scaling.original_max_position_embeddings must be positive")
+
+
+def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """Reads ``rope_theta``/``rope_scaling`` or the newer ``rope_parameters``."""
+    rp = d.get("rope_parameters")
+    if isinstance(rp, dict) and rp:
+        theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = rp
+    else:
+        theta = d.get("rope_theta", 10000.0)
+        scaling = d.get("rope_scaling")
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise DeepSeekError(f"config: rope_theta = {theta!r}: must be a positive number")
+    if not scaling:
+        return float(theta), None
+    if not isinstance(scaling, dict):
+        raise DeepSeekError(f"config: rope_scaling = {scaling!r}: must be an object or null")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "yarn":
+        raise DeepSeekError(f"config: rope_scaling.type = {kind!r}: only 'yarn' is supported")
+    try:
+        rs = RopeScaling(
+            factor=float(scaling.get("factor", 1.0)),
+            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 4096)),
+            beta_fast=float(scaling.get("beta_fast", 32.0)),
+            beta_slow=float(scaling.get("beta_slow", 1.0)),
+            mscale=float(scaling.get("mscale", 1.0) or 1.0),
+            mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0) or 0.0),
+        )
+    except (TypeError, ValueError) as e:
+        raise DeepSeekError(f"config: rope_scaling has a non-numeric field ({e})") from None
+    return float(theta), rs
+
+
+def configs_dir() -> str:
+    """The repository's ``configs/`` folder (presets)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+        if os.path.isdir(cand):
+            return cand
+    raise DeepSeekError("configs/ directory not found next to the package")
+
+
+def load_config(name_or_path: str) -> DeepSeekConfig:
+    """A preset name (``deepseek-v3-671b``), a ``.json`` path, or a checkpoint directory."""
+    if os.path.exists(name_or_path):
+        return DeepSeekConfig.from_json_file(name_or_path)
+    cand = os.path.join(configs_dir(), name_or_path if name_or_path.endswith(".json") else name_or_path + ".json")
+    if os.path.exists(cand):
+        return DeepSeekConfig.from_json_file(cand)
+    raise DeepSeekError(f"config: {name_or_path!r} is neither a file, a directory nor a preset in configs/")

@@ -1,0 +1,119 @@
+"""Multi-head Latent Attention (SPEC §3), naive and absorbed forms.
+
+Per token, MLA compresses keys and values into a latent ``c`` (``kv_lora_rank``, 512 in V3,
+after ``kv_a_layernorm``) plus one RoPE key ``k_pe`` (64) shared by all heads: the 576 values
+per token per layer that the decode cache holds (``C = L + R``).
+
+* naive form (training, prefill): expand ``c`` per head through ``kv_b_proj`` into ``k_nope``
+  and ``v``; ordinary attention among the tokens of the call.
+* absorbed form (decode): fold ``W_UK`` into the query and ``W_UV`` after the attention, so the
+  scores and the weighted sum run directly over the latent cache.
+
+Masking is by absolute position: key ``t`` is visible to query ``i`` iff ``pos(t) <= pos(i)``.
+Rows are right-padded, so pad tokens sit after every real token and are never visible to it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import DeepSeekConfig
+from deepseek_jax.norm import RMSNorm
+from deepseek_jax.quant import Linear, Precision
+from deepseek_jax.rope import Rope
+
+_NEG = -1e30  # finite "minus infinity" for masked scores: a fully masked pad row stays NaN-free
+
+
+def write_cache(cache_BSC: jax.Array, new_BTC: jax.Array, pos_BT: jax.Array) -> jax.Array:
+    """Writes each row's new latent entries at that row's positions (out-of-range writes drop)."""
+    b = jnp.arange(cache_BSC.shape[0])[:, None]
+    return cache_BSC.at[b, pos_BT].set(new_BTC.astype(cache_BSC.dtype), mode="drop")
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: DeepSeekConfig, *, prec: Precision, rngs: nnx.Rngs):
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.cfg, self.prec = cfg, prec
+        self.num_heads = H
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.latent = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        fp8 = cfg.fp8
+        qk = H * cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, fp8=fp8, prec=prec, rngs=rngs)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype=prec.dtype)
+            self.q_b_proj = Linear(cfg.q_lora_rank, qk, fp8=fp8, prec=prec, rngs=rngs)
+        else:
+            self.q_proj = Linear(D, qk, fp8=fp8, prec=prec, rngs=rngs)
+        self.kv_a_proj_with_mqa = Linear(D, cfg.latent_dim, fp8=fp8, prec=prec, rngs=rngs)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                fp8=fp8, prec=prec, rngs=rngs)
+        self.o_proj = Linear(H * cfg.v_head_dim, D, fp8=fp8, prec=prec, rngs=rngs)
+
+    # ---- pieces shared by both forms -------------------------------------------------------
+    def _query(self, x_BTD, cos, sin, rope: Rope):
+        if self.cfg.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        else:
+            q = self.q_proj(x_BTD)
+        q_BTHK = q.reshape(*q.shape[:-1], self.num_heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q_BTHK[..., :self.nope], q_BTHK[..., self.nope:]
+        return q_nope, rope.apply(q_pe, cos[..., None, :], sin[..., None, :])
+
+    def latent_entries(self, x_BTD, cos, sin, rope: Rope) -> jax.Array:
+        """The cache entries ``[c | roped k_pe]`` ``[B, T, L+R]`` of the new tokens."""
+        kv = self.kv_a_proj_with_mqa(x_BTD)
+        c = self.kv_a_layernorm(kv[..., :self.latent])
+        k_pe = rope.apply(kv[..., self.latent:], cos, sin)
+        return jnp.concatenate([c, k_pe.astype(c.dtype)], axis=-1)
+
+    def _softmax(self, s_BHTS, mask_BTS):
+        s = jnp.where(mask_BTS[:, None], s_BHTS.astype(jnp.float32) * self.scale, _NEG)
+        return jax.nn.softmax(s, axis=-1)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, rope: Rope, *,
+                 cache_BSC: jax.Array | None = None, absorbed: bool = False):
+        """Returns ``(out_BTD, cache_BSC)``; the cache (if given) gets the new tokens written.
+
+        ``absorbed=False``: naive form among this call's tokens (the cache is only written).
+        ``absorbed=True``: absorbed form over the whole cache after the write (decode, or
+        prefill continuing an existing cache). Both compute the same function.
+        """
+        dtype = self.prec.dtype
+        cos, sin = rope.cos_sin(pos_BT)
+        q_nope, q_pe = self._query(x_BTD, cos, sin, rope)
+        new_BTC = self.latent_entries(x_BTD, cos, sin, rope)
+        if cache_BSC is not None:
+            cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT)
+        H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
+        w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
+        f32 = dict(preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+        if not absorbed:
+            c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
+            k_nope = jnp.einsum("btl,hnl->bthn", c, w_kvb[:, :N], **f32).astype(dtype)
+            v = jnp.einsum("btl,hal->btha", c, w_kvb[:, N:], **f32).astype(dtype)
+            s = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, **f32)
+                 + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, **f32))
+            mask = pos_BT[:, None, :] <= pos_BT[:, :, None]
+            p = self._softmax(s, mask).astype(dtype)
+            o_BTHA = jnp.einsum("bhts,bsha->btha", p, v, **f32).astype(dtype)
+        else:
+            if cache_BSC is None:
+                raise ValueError("absorbed attention needs a cache")
+            c, k_pe = cache_BSC[..., :L].astype(dtype), cache_BSC[..., L:].astype(dtype)
+            q_lat = jnp.einsum("bthn,hnl->bthl", q_nope, w_kvb[:, :N], **f32).astype(dtype)
+            s = (jnp.einsum("bthl,bsl->bhts", q_lat, c, **f32)
+                 + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, **f32))
+            t_S = jnp.arange(cache_BSC.shape[1])
+            mask = t_S[None, None, :] <= pos_BT[:, :, None]
+            p = self._softmax(s, mask).astype(dtype)
+            o_lat = jnp.einsum("bhts,bsl->bthl", p, c, **f32).astype(dtype)
+            o_BTHA = jnp.einsum("bthl,hal->btha", o_lat, w_kvb[:, N:], **f32).astype(dtype)
+        out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))
+        return out, cache_BSC

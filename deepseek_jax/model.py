@@ -1,0 +1,188 @@
+"""The DeepSeek-V3 model: embed -> scanned dense layers -> scanned MoE layers -> norm -> head,
+with the MTP module beside it (SPEC §2, §6).
+
+Identical layers are created stacked (every parameter gets a leading layer axis) and run with
+``jax.lax.scan``, so the 61-layer model traces two layer bodies, not 61. Attribute names mirror
+the Hub's tensor names (``self_attn.q_a_proj.weight``...), which keeps the checkpoint mapping a
+rename plus a stack (see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.cache import LatentCache
+from deepseek_jax.config import DeepSeekConfig
+from deepseek_jax.mla import MLA
+from deepseek_jax.mlp import MLP
+from deepseek_jax.moe import MoE, MoEStats
+from deepseek_jax.norm import RMSNorm
+from deepseek_jax.quant import Linear, Precision
+from deepseek_jax.rope import Rope
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim)).astype(jnp.bfloat16))
+
+    def __call__(self, ids, dtype):
+        return jnp.take(self.weight[...], ids, axis=0).astype(dtype)
+
+
+class Head(nnx.Module):
+    """An unquantized ``[V, D]`` projection (``lm_head``, ``shared_head.head``), float32 logits."""
+
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+        self.weight = nnx.Param((jax.random.normal(rngs.params(), (vocab, dim)) / dim ** 0.5).astype(jnp.bfloat16))
+
+    def __call__(self, x, dtype):
+        return jnp.einsum("...d,vd->...v", x.astype(dtype), self.weight[...].astype(dtype),
+                          preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+
+class DecoderLayer(nnx.Module):
+    """``h += MLA(norm(h)); h += FFN(norm(h))`` with a dense MLP or a MoE as FFN."""
+
+    def __init__(self, cfg: DeepSeekConfig, *, moe: bool, prec: Precision, rngs: nnx.Rngs):
+        self.moe = moe
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.self_attn = MLA(cfg, prec=prec, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=prec.dtype)
+        if moe:
+            self.mlp = MoE(cfg, prec=prec, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fp8=cfg.fp8, prec=prec, rngs=rngs)
+
+    def __call__(self, h_BTD, pos_BT, rope: Rope, cache_BSC=None, absorbed=False):
+        a, cache_BSC = self.self_attn(self.input_layernorm(h_BTD), pos_BT, rope,
+                                      cache_BSC=cache_BSC, absorbed=absorbed)
+        h_BTD = h_BTD + a
+        if self.moe:
+            f, stats = self.mlp(self.post_attention_layernorm(h_BTD))
+        else:
+            f, stats = self.mlp(self.post_attention_layernorm(h_BTD)), None
+        return h_BTD + f, cache_BSC, stats
+
+
+def _stacked_layers(n: int, cfg: DeepSeekConfig, moe: bool, prec: Precision, rngs: nnx.Rngs):
+    """``n`` identical layers whose parameters carry a leading layer axis."""
+    if n == 0:
+        return None
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r: nnx.Rngs):
+        return DecoderLayer(cfg, moe=moe, prec=prec, rngs=r)
+
+    return make(rngs)
+
+
+def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False):
+    """Runs stacked layers with ``lax.scan``; returns (h, updated cache, stacked stats)."""
+    graphdef, state = nnx.split(layers)
+
+    def body(h, xs):
+        st, c = xs
+        layer = nnx.merge(graphdef, st)
+        h, c, stats = layer(h, pos_BT, rope, c, absorbed)
+        return h, (c, stats)
+
+    if remat:
+        body = jax.checkpoint(body)
+    h_BTD, (cache_LBSC, stats) = jax.lax.scan(body, h_BTD, (state, cache_LBSC))
+    return h_BTD, cache_LBSC, stats
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-Token Prediction module (SPEC §6), checkpoint layer ``num_hidden_layers``.
+
+    ``x_i = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)])``, one MoE decoder block, then
+    ``logits_{i+2} = shared_head.head(shared_head.norm(x_i))``.
+    """
+
+    def __init__(self, cfg: DeepSeekConfig, *, prec: Precision, rngs: nnx.Rngs):
+        super().__init__(cfg, moe=True, prec=prec, rngs=rngs)
+        D = cfg.hidden_size
+        self.embed_tokens = Embed(cfg.vocab_size, D, rngs=rngs)
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.eh_proj = Linear(2 * D, D, fp8=False, prec=prec, rngs=rngs)
+        self.shared_head = SharedHead(cfg, prec=prec, rngs=rngs)
+
+
+class SharedHead(nnx.Module):
+    def __init__(self, cfg: DeepSeekConfig, *, prec: Precision, rngs: nnx.Rngs):
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.head = Head(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+
+
+class Output(NamedTuple):
+    logits: jax.Array | None        # [B, T, V] float32
+    hidden: jax.Array               # [B, T, D] after the final norm (what MTP consumes)
+    cache: LatentCache | None
+    moe_stats: MoEStats | None      # stacked over MoE layers: load [Lm, E], balance [Lm], idx [Lm, B, T, K]
+
+
+class DeepSeekV3(nnx.Module):
+    def __init__(self, cfg: DeepSeekConfig, *, prec: Precision = Precision(), rngs: nnx.Rngs | None = None,
+                 with_mtp: bool = True):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        cfg.validate()
+        self.cfg, self.prec = cfg, prec
+        self.rope = Rope(cfg)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+        self.dense_layers = _stacked_layers(cfg.num_dense_layers, cfg, False, prec, rngs)
+        self.moe_layers = _stacked_layers(cfg.num_moe_layers, cfg, True, prec, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.lm_head = Head(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+        self.mtp = MTPLayer(cfg, prec=prec, rngs=rngs) if (with_mtp and cfg.num_nextn_predict_layers) else None
+        self.remat = False
+
+    def __call__(self, ids_BT: jax.Array, pos_BT: jax.Array | None = None, *,
+                 cache: LatentCache | None = None, absorbed: bool = False, logits: bool = True) -> Output:
+        """Runs the main model.
+
+        ``pos_BT`` defaults to ``0..T-1`` per row. With a ``cache``, the new tokens' latent entries
+        are written at ``pos_BT``; ``absorbed=True`` attends over the cache (decode), otherwise
+        among the call's own tokens (prefill from position 0).
+        """
+        B, T = ids_BT.shape
+        dtype = self.prec.dtype
+        if pos_BT is None:
+            pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        h = self.embed_tokens(ids_BT, dtype)
+        dense_c = cache.dense if cache is not None else None
+        moe_c = cache.moe if cache is not None else None
+        stats = None
+        if self.dense_layers is not None:
+            h, dense_c, _ = _scan_layers(self.dense_layers, h, pos_BT, self.rope, dense_c, absorbed, self.remat)
+        if self.moe_layers is not None:
+            h, moe_c, stats = _scan_layers(self.moe_layers, h, pos_BT, self.rope, moe_c, absorbed, self.remat)
+        h = self.norm(h)
+        new_cache = cache._replace(dense=dense_c, moe=moe_c) if cache is not None else None
+        out_logits = self.lm_head(h, dtype) if logits else None
+        return Output(out_logits, h, new_cache, stats)
+
+    def mtp_forward(self, hidden_BTD: jax.Array, next_ids_BT: jax.Array, pos_BT: jax.Array | None = None, *,
+                    cache_BSC: jax.Array | None = None, absorbed: bool = False):
+        """MTP logits: row i combines ``hidden[i]`` with the embedding of token ``i+1``
+        (``next_ids[i]``) and predicts token ``i+2``. Returns ``(logits [B,T,V], cache, stats)``."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP module")
+        m, dtype = self.mtp, self.prec.dtype
+        B, T = next_ids_BT.shape
+        if pos_BT is None:
+            pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        e = m.enorm(m.embed_tokens(next_ids_BT, dtype))
+        x = m.eh_proj(jnp.concatenate([e, m.hnorm(hidden_BTD)], axis=-1))
+        x, cache_BSC, stats = m(x, pos_BT, self.rope, cache_BSC, absorbed)
+        logits = m.shared_head.head(m.shared_head.norm(x), dtype)
+        return logits, cache_BSC, stats
+
+    def mtp_logits(self, ids_BT: jax.Array, hidden_BTD: jax.Array) -> jax.Array:
+        """``[B, T-1, V]``: row i predicts token i+2 of ``ids`` (training / scoring)."""
+        return self.mtp_forward(hidden_BTD[:, :-1], ids_BT[:, 1:])[0]

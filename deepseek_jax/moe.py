@@ -1,0 +1,127 @@
+"""DeepSeekMoE: the exact ``noaux_tc`` router, sorted dispatch, grouped expert GEMMs (SPEC §5).
+
+Router, per token (float32 throughout):
+  1. ``s = sigmoid(x Wᵀ)``; 2. ``sb = s + bias`` (the bias steers selection only);
+  3. group score = sum of the top 2 ``sb`` of each of ``n_group`` groups of consecutive experts;
+  4. keep the ``topk_group`` best groups, the other experts get -inf (not 0: biases can be negative);
+  5. top-``num_experts_per_tok`` experts by ``sb``; 6. weights from the unbiased ``s``, normalised
+     if ``norm_topk_prob``, times ``routed_scaling_factor``.
+
+Dispatch: the T*K (token, expert) assignments are sorted by expert, the rows gathered, three
+grouped GEMMs run over contiguous expert groups, and the weighted results are scatter-added back.
+No token is ever dropped (no capacity factor).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import DeepSeekConfig
+from deepseek_jax.mlp import MLP
+from deepseek_jax.quant import Linear, Precision, grouped_matmul
+
+
+class RouterBias(nnx.Variable):
+    """The aux-loss-free balancing bias: state moved by a sign rule, never by gradients."""
+
+
+class Routing(NamedTuple):
+    idx_TK: jax.Array      # chosen experts, int32
+    weight_TK: jax.Array   # combine weights (float32), already x routed_scaling_factor
+    scores_TE: jax.Array   # unbiased sigmoid scores (float32), for the balance loss
+
+
+def route(logits_TE: jax.Array, bias_E: jax.Array, cfg: DeepSeekConfig) -> Routing:
+    """The noaux_tc selection of SPEC §5 on float32 router logits."""
+    T, E = logits_TE.shape
+    G, K = cfg.n_group, cfg.num_experts_per_tok
+    s = jax.nn.sigmoid(logits_TE.astype(jnp.float32))
+    sb = s + bias_E.astype(jnp.float32)
+    group_score_TG = jnp.sum(jax.lax.top_k(sb.reshape(T, G, E // G), 2)[0], axis=-1)
+    _, top_groups = jax.lax.top_k(group_score_TG, cfg.topk_group)
+    keep_TG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
+    keep_TE = jnp.repeat(keep_TG, E // G, axis=1)
+    _, idx = jax.lax.top_k(jnp.where(keep_TE, sb, -jnp.inf), K)
+    w = jnp.take_along_axis(s, idx, axis=1)
+    if cfg.norm_topk_prob:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return Routing(idx.astype(jnp.int32), w * cfg.routed_scaling_factor, s)
+
+
+class MoEStats(NamedTuple):
+    """Per-layer routing statistics returned next to the output."""
+
+    load_E: jax.Array       # tokens routed to each expert (float32 counts; pad tokens included)
+    balance: jax.Array      # sequence-wise balance loss term sum_e f_e P_e, averaged over rows
+    idx_BTK: jax.Array      # chosen experts per token
+
+
+class Router(nnx.Module):
+    def __init__(self, cfg: DeepSeekConfig, *, rngs: nnx.Rngs):
+        E, D = cfg.n_routed_experts, cfg.hidden_size
+        self.weight = nnx.Param((jax.random.normal(rngs.params(), (E, D)) / math.sqrt(D)).astype(jnp.bfloat16))
+        self.e_score_correction_bias = RouterBias(jnp.zeros((E,), jnp.float32))
+
+    def __call__(self, x_TD: jax.Array, cfg: DeepSeekConfig) -> Routing:
+        logits = jnp.dot(x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32).T,
+                         precision=jax.lax.Precision.HIGHEST)
+        return route(logits, self.e_score_correction_bias[...], cfg)
+
+
+class Experts(nnx.Module):
+    """The routed experts, stacked: ``gate_proj/up_proj [E, F, D]``, ``down_proj [E, D, F]``."""
+
+    def __init__(self, cfg: DeepSeekConfig, *, prec: Precision, rngs: nnx.Rngs):
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        kw = dict(fp8=cfg.fp8, prec=prec, rngs=rngs, stack=(E,))
+        self.gate_proj = Linear(D, F, **kw)
+        self.up_proj = Linear(D, F, **kw)
+        self.down_proj = Linear(F, D, **kw)
+
+    def __call__(self, x_MD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+        h = jax.nn.silu(grouped_matmul(self.gate_proj, x_MD, group_sizes_E))
+        h = h * grouped_matmul(self.up_proj, x_MD, group_sizes_E)
+        return grouped_matmul(self.down_proj, h, group_sizes_E)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: DeepSeekConfig, *, prec: Precision, rngs: nnx.Rngs):
+        self.cfg, self.prec = cfg, prec
+        self.gate = Router(cfg, rngs=rngs)
+        self.experts = Experts(cfg, prec=prec, rngs=rngs)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size, fp8=cfg.fp8, prec=prec,
+                                  rngs=rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEStats]:
+        cfg, dtype = self.cfg, self.prec.dtype
+        B, T, D = x_BTD.shape
+        E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+        x_MD = x_BTD.reshape(B * T, D).astype(dtype)
+        r = self.gate(x_MD, cfg)
+
+        # Sort the (token, expert) assignments by expert; gather rows; grouped GEMMs; combine.
+        expert_A = r.idx_TK.reshape(-1)
+        order_A = jnp.argsort(expert_A, stable=True)
+        token_A = order_A // K
+        group_sizes_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
+        y_AD = self.experts(x_MD[token_A], group_sizes_E)
+        w_A = r.weight_TK.reshape(-1)[order_A]
+        y_AD = y_AD * w_A[:, None].astype(dtype)
+        y_MD = jnp.zeros((B * T, D), jnp.float32).at[token_A].add(y_AD.astype(jnp.float32)).astype(dtype)
+        if self.shared_experts is not None:
+            y_MD = y_MD + self.shared_experts(x_MD)
+
+        # Statistics: expert load, and the sequence-wise balance term of the technical report:
+        # f_e = E/(K T) * #tokens of the row choosing e, P_e = mean_t of normalised scores.
+        load_E = group_sizes_E.astype(jnp.float32)
+        chosen_BTE = jax.nn.one_hot(r.idx_TK, E, dtype=jnp.float32).sum(-2).reshape(B, T, E)
+        f_BE = chosen_BTE.sum(1) * (E / (K * T))
+        s_BTE = r.scores_TE.reshape(B, T, E)
+        p_BE = jnp.mean(s_BTE / jnp.sum(s_BTE, -1, keepdims=True), axis=1)
+        balance = jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
+        return y_MD.reshape(B, T, D), MoEStats(load_E, balance, r.idx_TK.reshape(B, T, K))

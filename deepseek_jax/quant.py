@@ -1,0 +1,124 @@
+"""128x128 block-scaled FP8 weights and the linear layers that use them (SPEC §7).
+
+A quantized weight is two arrays kept side by side, exactly as the Hub stores them:
+``weight`` (``float8_e4m3fn`` ``[..., N, K]``, i.e. ``[out, in]``) and ``weight_scale_inv``
+(float32 ``[..., ceil(N/128), ceil(K/128)]``; despite its name a multiplier). Both stay in memory
+as they are; the matmuls dequantize on the fly (W8A16, the reference semantics) or quantize
+activations too (W8A8, an optional fast path with its own reference). The Pallas kernels in
+``kernels_pallas`` implement the same signatures; which one runs is decided there by backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels_pallas
+
+BLOCK = 128
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How a model computes. Static: part of the module graph, not of the weights.
+
+    dtype: activation/compute dtype (float32 for parity, bfloat16 for speed).
+    fp8_mode: "w8a16" (dequantize weights, the reference numbers) or "w8a8" (1x128 activation
+      quantization and a block-scaled FP8 GEMM; changes the numbers, never compare it with float32).
+    kernels: "auto" (Pallas on GPU/TPU, jnp reference on CPU), "ref", "pallas" or "interpret".
+    """
+
+    dtype: jnp.dtype = jnp.float32
+    fp8_mode: Literal["w8a16", "w8a8"] = "w8a16"
+    kernels: str = "auto"
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the block scales of a weight ``[..., N, K]``."""
+    *lead, n, k = shape
+    return (*lead, math.ceil(n / BLOCK), math.ceil(k / BLOCK))
+
+
+def _expand_scales(s: jax.Array, n: int, k: int) -> jax.Array:
+    """``[..., ceil(N/128), ceil(K/128)]`` -> ``[..., N, K]`` (edge blocks cut to size)."""
+    s = jnp.repeat(jnp.repeat(s, BLOCK, axis=-2), BLOCK, axis=-1)
+    return s[..., :n, :k]
+
+
+def dequantize(wq: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """``W[i, j] = float(Wq[i, j]) * S[i // 128, j // 128]`` for any leading dims."""
+    n, k = wq.shape[-2:]
+    return (wq.astype(jnp.float32) * _expand_scales(scale, n, k)).astype(dtype)
+
+
+def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Block-quantizes ``[..., N, K]`` to e4m3 with per-128x128-block scales ``amax / 448``.
+
+    An all-zero block gets scale 1 (never a division by zero). Used for random initialisation
+    and for tests; real checkpoints arrive already quantized.
+    """
+    w = jnp.asarray(w, jnp.float32)
+    *lead, n, k = w.shape
+    nb, kb = math.ceil(n / BLOCK), math.ceil(k / BLOCK)
+    pad = [(0, 0)] * len(lead) + [(0, nb * BLOCK - n), (0, kb * BLOCK - k)]
+    wp = jnp.pad(w, pad).reshape(*lead, nb, BLOCK, kb, BLOCK)
+    amax = jnp.max(jnp.abs(wp), axis=(-3, -1))
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
+    wq = (w / _expand_scales(scale, n, k)).astype(FP8)
+    return wq, scale
+
+
+class Linear(nnx.Module):
+    """``y = x Wᵀ`` with the Hub's ``[out, in]`` weight, FP8 block-scaled or plain.
+
+    ``stack`` prepends axes to the weight (``[E, out, in]`` for routed experts); such a weight is
+    used through :func:`grouped_matmul`, not ``__call__``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, fp8: bool, prec: Precision,
+                 rngs: nnx.Rngs, stack: tuple[int, ...] = (), param_dtype=jnp.bfloat16):
+        self.in_features, self.out_features, self.fp8, self.prec = in_features, out_features, fp8, prec
+        shape = (*stack, out_features, in_features)
+        w = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(in_features)
+        if fp8:
+            wq, s = quantize(w)
+            self.weight = nnx.Param(wq)
+            self.weight_scale_inv = nnx.Param(s)
+        else:
+            self.weight = nnx.Param(w.astype(param_dtype))
+            self.weight_scale_inv = None
+
+    def dense_weight(self, dtype=None) -> jax.Array:
+        """The weight as a plain ``[..., out, in]`` array (dequantized if FP8)."""
+        dtype = dtype or self.prec.dtype
+        if self.fp8:
+            return dequantize(self.weight[...], self.weight_scale_inv[...], dtype)
+        return self.weight[...].astype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.prec.dtype
+        x = x.astype(dtype)
+        if self.fp8:
+            fn = kernels_pallas.w8a8_matmul if self.prec.fp8_mode == "w8a8" else kernels_pallas.w8a16_matmul
+            return fn(x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype, impl=self.prec.kernels)
+        w = self.weight[...].astype(dtype)
+        y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32,
+                       precision=jax.lax.Precision.HIGHEST)
+        return y.astype(dtype)
+
+
+def grouped_matmul(lin: Linear, x_MK: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    """Rows of ``x`` sorted by expert times a stacked ``[E, N, K]`` :class:`Linear`."""
+    dtype = lin.prec.dtype
+    scale = lin.weight_scale_inv[...] if lin.fp8 else None
+    w = lin.weight[...] if lin.fp8 else lin.weight[...].astype(dtype)
+    return kernels_pallas.grouped_matmul(x_MK.astype(dtype), w, group_sizes_E, w_scale=scale,
+                                         out_dtype=dtype, impl=lin.prec.kernels)
+

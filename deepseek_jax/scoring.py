@@ -1,0 +1,113 @@
+"""Scoring: full-sequence logits (prefill or token-by-token decode), MTP logits, log-probs.
+
+This is the interface the parity checks use (``deepseek-jax score``); keep it stable.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.cache import LatentCache
+from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.model import DeepSeekV3
+
+
+def check_ids(model: DeepSeekV3, ids) -> np.ndarray:
+    """Validates a ``[B, T]`` integer id array against the model's vocab and positions."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise DeepSeekError(f"ids: expected integer token ids, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise DeepSeekError(f"ids: expected a non-empty [batch, length] array, got shape {list(ids.shape)}")
+    V = model.cfg.vocab_size
+    bad = (ids < 0) | (ids >= V)
+    if bad.any():
+        b, t = np.argwhere(bad)[0]
+        raise DeepSeekError(f"ids: token id {int(ids[b, t])} at [{b}, {t}] is outside the vocab [0, {V})")
+    if ids.shape[1] > model.cfg.max_position_embeddings:
+        raise DeepSeekError(f"ids: length {ids.shape[1]} exceeds max_position_embeddings "
+                            f"{model.cfg.max_position_embeddings}")
+    return ids.astype(np.int32)
+
+
+@nnx.jit
+def _prefill_logits(model: DeepSeekV3, ids_BT):
+    out = model(ids_BT)
+    return out.logits, out.hidden
+
+
+@nnx.jit
+def _mtp(model: DeepSeekV3, ids_BT, hidden_BTD):
+    return model.mtp_logits(ids_BT, hidden_BTD)
+
+
+@partial(nnx.jit, static_argnames=("prefill",))
+def _decode_logits(model: DeepSeekV3, ids_BT, prefill: int):
+    B, T = ids_BT.shape
+    cache = LatentCache.zeros(model.cfg, B, T, dtype=model.prec.dtype)
+    parts = []
+    if prefill:
+        out = model(ids_BT[:, :prefill], cache=cache)
+        cache = out.cache
+        parts.append(out.logits)
+    graphdef, state = nnx.split(model)
+
+    def step(cache, t):
+        m = nnx.merge(graphdef, state)
+        tok = jax.lax.dynamic_slice_in_dim(ids_BT, t, 1, axis=1)
+        out = m(tok, jnp.full((B, 1), t, jnp.int32), cache=cache, absorbed=True)
+        return out.cache, out.logits[:, 0]
+
+    if T > prefill:
+        _, logits_TBV = jax.lax.scan(step, cache, jnp.arange(prefill, T))
+        parts.append(jnp.swapaxes(logits_TBV, 0, 1))
+    return jnp.concatenate(parts, axis=1)
+
+
+def logits(model: DeepSeekV3, ids, *, mode: str = "prefill", prefill: int = 0) -> np.ndarray:
+    """float32 logits ``[B, T, V]`` of every position.
+
+    ``mode="prefill"``: one naive-MLA pass over the whole sequence. ``mode="decode"``: the first
+    ``prefill`` tokens in one pass writing the latent cache, then one token at a time through the
+    absorbed MLA path.
+    """
+    ids = check_ids(model, ids)
+    if mode == "prefill":
+        return np.asarray(_prefill_logits(model, jnp.asarray(ids))[0])
+    if mode != "decode":
+        raise DeepSeekError(f"score: unknown mode {mode!r} (prefill|decode)")
+    if not 0 <= prefill <= ids.shape[1]:
+        raise DeepSeekError(f"score: --prefill {prefill} outside [0, {ids.shape[1]}]")
+    return np.asarray(_decode_logits(model, jnp.asarray(ids), prefill))
+
+
+def mtp_logits(model: DeepSeekV3, ids) -> np.ndarray:
+    """``[B, T-1, V]``: row i is the MTP module's prediction of token i+2."""
+    ids = check_ids(model, ids)
+    if model.mtp is None:
+        raise DeepSeekError("score: --mtp needs a checkpoint with the MTP layer (num_nextn_predict_layers >= 1)")
+    if ids.shape[1] < 2:
+        raise DeepSeekError("score: --mtp needs sequences of at least 2 tokens")
+    ids_j = jnp.asarray(ids)
+    _, hidden = _prefill_logits(model, ids_j)
+    return np.asarray(_mtp(model, ids_j, hidden))
+
+
+def token_logprobs(logits_BTV: np.ndarray, ids_BT: np.ndarray, offset: int = 1) -> np.ndarray:
+    """``log p(ids[:, i + offset] | ...)`` from ``logits[:, i]``: ``[B, T - offset]`` float32."""
+    lg = jnp.asarray(logits_BTV[:, : ids_BT.shape[1] - offset], jnp.float32)
+    lp = jax.nn.log_softmax(lg, axis=-1)
+    tgt = jnp.asarray(ids_BT[:, offset:])
+    return np.asarray(jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0])
+
+
+def perplexity(logprobs_BT: np.ndarray) -> np.ndarray:
+    """Per-row perplexity ``exp(-mean log p)``."""
+    return np.exp(-np.mean(logprobs_BT, axis=-1))

@@ -1,0 +1,23 @@
+"""Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode).
+
+Self-contained: imports jax only, never ``deepseek_jax``.  Every public function has a plain-jnp
+reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas" | "pallas_gpu" |
+"pallas_tpu" | "interpret" | "interpret_gpu" | "interpret_tpu"); see :mod:`kernels_pallas.backend`.
+"""
+
+from kernels_pallas.backend import default_impl, resolve_impl
+from kernels_pallas.fp8_gemm import (quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref, w8a16_matmul,
+                                     w8a16_matmul_ref)
+from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
+
+__all__ = [
+    "default_impl",
+    "resolve_impl",
+    "quantize_act_1x128",
+    "w8a16_matmul_ref",
+    "w8a8_matmul_ref",
+    "w8a16_matmul",
+    "w8a8_matmul",
+    "grouped_matmul_ref",
+    "grouped_matmul",
+]

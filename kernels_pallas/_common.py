@@ -1,0 +1,54 @@
+"""Small helpers shared by the kernel files (no model knowledge)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+#: Side of the square weight-scale blocks and width of the activation-scale blocks (SPEC §7).
+QBLOCK = 128
+#: Largest finite float8_e4m3fn value.
+E4M3_MAX = 448.0
+FP8_DTYPE = jnp.float8_e4m3fn
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def is_fp8(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.dtype(FP8_DTYPE)
+
+
+def expand_block_scale(s_nk: jax.Array, n: int, k: int) -> jax.Array:
+    """[ceil(n/128), ceil(k/128)] block scales → [n, k] per-element scales (float32).
+    Works on any leading batch dims (e.g. experts)."""
+    s = jnp.repeat(s_nk.astype(jnp.float32), QBLOCK, axis=-2)[..., :n, :]
+    return jnp.repeat(s, QBLOCK, axis=-1)[..., :k]
+
+
+def dequantize_blocks(wq_NK: jax.Array, ws_nk: jax.Array) -> jax.Array:
+    """Block-scaled e4m3 weights → float32 (``W[n,k] = Wq[n,k] * S[n//128, k//128]``).
+    Leading dims (experts) are carried through."""
+    n, k = wq_NK.shape[-2:]
+    expected = (*wq_NK.shape[:-2], cdiv(n, QBLOCK), cdiv(k, QBLOCK))
+    if tuple(ws_nk.shape) != expected:
+        raise ValueError(f"weight scale shape {tuple(ws_nk.shape)} does not match weight "
+                         f"{tuple(wq_NK.shape)} (expected {expected})")
+    return wq_NK.astype(jnp.float32) * expand_block_scale(ws_nk, n, k)
+
+
+def flatten_rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """[..., K] → ([M, K], leading shape)."""
+    lead = tuple(x.shape[:-1])
+    return x.reshape(math.prod(lead), x.shape[-1]), lead

@@ -1,0 +1,72 @@
+"""Which implementation a kernel call uses.
+
+Every public kernel function takes ``impl=`` with one of:
+
+* ``"auto"`` (default): ``$DEEPSEEK_JAX_KERNELS`` if set, else by ``jax.default_backend()``:
+  ``"pallas_gpu"`` on GPU, ``"pallas_tpu"`` on TPU, ``"ref"`` elsewhere (CPU).
+* ``"ref"``: the plain-jnp reference (runs everywhere, differentiable, XLA-compiled).
+* ``"pallas"``: the Pallas kernel for the current backend (on CPU: the interpreter).
+* ``"pallas_gpu"`` / ``"pallas_tpu"``: that backend's kernel, compiled.
+* ``"interpret"``: the Pallas kernel run by the Pallas interpreter (``interpret=True``), on any
+  backend; it runs the TPU-style kernel (the generic ``BlockSpec`` + scalar-prefetch formulation).
+* ``"interpret_gpu"`` / ``"interpret_tpu"``: that backend's kernel, interpreted.
+
+The environment variable ``DEEPSEEK_JAX_KERNELS`` accepts ``ref``, ``pallas`` or ``interpret`` (or any
+of the explicit names above) and only changes what ``"auto"`` means.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV_VAR = "DEEPSEEK_JAX_KERNELS"
+
+#: Every value ``impl=`` accepts.
+IMPLS = ("auto", "ref", "pallas", "pallas_gpu", "pallas_tpu", "interpret", "interpret_gpu", "interpret_tpu")
+
+
+def _backend_kernel() -> str:
+    backend = jax.default_backend()
+    if backend == "gpu" or backend == "cuda" or backend == "rocm":
+        return "pallas_gpu"
+    if backend == "tpu":
+        return "pallas_tpu"
+    return "interpret"
+
+
+def default_impl() -> str:
+    """What ``impl="auto"`` resolves to right now (environment variable, then backend)."""
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env and env != "auto":
+        return resolve_impl(env)
+    backend = _backend_kernel()
+    return "ref" if backend == "interpret" else backend
+
+
+def resolve_impl(impl: str | None = "auto") -> str:
+    """Normalise ``impl`` to one of ``ref``, ``pallas_gpu``, ``pallas_tpu``, ``interpret_gpu``,
+    ``interpret_tpu``.  Raises ``ValueError`` for an unknown name."""
+    if impl is None:
+        impl = "auto"
+    impl = impl.strip().lower()
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return default_impl()
+    if impl == "pallas":
+        backend = _backend_kernel()
+        return "interpret_tpu" if backend == "interpret" else backend
+    if impl == "interpret":
+        return "interpret_tpu"
+    return impl
+
+
+def split_impl(impl: str | None) -> tuple[str, bool]:
+    """``impl`` → (``"ref"`` | ``"gpu"`` | ``"tpu"``, interpret flag)."""
+    impl = resolve_impl(impl)
+    if impl == "ref":
+        return "ref", False
+    kind, target = impl.split("_")
+    return target, kind == "interpret"

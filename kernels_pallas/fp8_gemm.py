@@ -1,0 +1,449 @@
+"""Block-scaled FP8 matmuls (SPEC §7): references, Pallas kernels for GPU and TPU, dispatch.
+
+Layouts (the Hub's ``[out, in]``):
+
+* ``x_MK``: activations (bf16 / f32), any leading batch dims in the public functions.
+* ``wq_NK``: ``float8_e4m3fn`` weights; ``ws_nk``: float32 block scales ``[ceil(N/128), ceil(K/128)]``,
+  ``W[n, k] = float(Wq[n, k]) * S[n // 128, k // 128]`` (partial edge blocks included).
+* ``xq_MK`` / ``xs_Mk``: e4m3 activations and their float32 scales, one per row per 128-wide K block.
+
+Two products:
+
+* **W8A16** (the parity semantics): ``x @ dequant(W).T`` in ``x.dtype`` with float32 accumulation.
+  The kernels stream the e4m3 tiles, multiply them by ``x`` exactly (e4m3 values are exact in bf16) and
+  apply the block scale to each 128-wide partial product in float32 - the same numbers as the
+  reference up to the bf16 rounding of ``W`` that the reference does and the kernel does not.
+* **W8A8** (optional fast path): ``x`` quantized on the fly in 1x128 blocks, then
+  ``C[m,n] = Σ_kb (Σ_{k∈kb} xq[m,k]·Wq[n,k]) · xs[m,kb] · S[n//128,kb]`` with float32 accumulation.
+
+Kernels:
+
+* GPU (``impl="pallas_gpu"``): the Triton-lowered Pallas path (``pl.pallas_call`` with a
+  ``(row tile, column tile[, K split])`` grid, an in-kernel loop over 128-wide K blocks, masked loads
+  and stores for ragged edges).  e4m3 x e4m3 → f32 ``dot`` is a Hopper wgmma; the scales are applied to
+  each block's partial product in registers.  Decode shapes (small M) use split-K so that enough
+  programs stream the weight.
+* TPU (``impl="pallas_tpu"``): Mosaic TPU ``BlockSpec`` pipeline over ``(M, N, K)`` tiles with a VMEM
+  float32 accumulator; the e4m3 tiles are widened to bf16 in VMEM (exact) for the MXU.
+* ``impl="interpret"`` / ``"interpret_gpu"`` / ``"interpret_tpu"`` run either one in the Pallas
+  interpreter (CPU tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
+
+from kernels_pallas import backend
+from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, QBLOCK, cdiv, dequantize_blocks,
+                                    flatten_rows, next_pow2, round_up)
+
+__all__ = [
+    "quantize_act_1x128",
+    "w8a16_matmul_ref",
+    "w8a8_matmul_ref",
+    "w8a16_matmul",
+    "w8a8_matmul",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# References (plain jnp; the contract the model relies on)
+# ---------------------------------------------------------------------------------------------------
+
+
+def quantize_act_1x128(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Quantize activations per row, per contiguous 128-wide block of K (last block partial).
+
+    ``s = max(amax, 1e-4) / 448``, ``xq = e4m3(x / s)`` (clipped to ±448 so that float rounding can never
+    overflow into e4m3fn's NaN).  Works on any leading dims: ``[..., K]`` → (``[..., K]`` e4m3,
+    ``[..., ceil(K/128)]`` float32).
+    """
+    *lead, k = x_MK.shape
+    kb = cdiv(k, QBLOCK)
+    x = x_MK.astype(jnp.float32)
+    pad = kb * QBLOCK - k
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
+    x_blocks = x.reshape(*lead, kb, QBLOCK)
+    amax = jnp.max(jnp.abs(x_blocks), axis=-1)
+    xs = jnp.maximum(amax, 1e-4) / E4M3_MAX
+    xq = jnp.clip(x_blocks / xs[..., None], -E4M3_MAX, E4M3_MAX).astype(FP8_DTYPE)
+    xq = xq.reshape(*lead, kb * QBLOCK)[..., :k]
+    return xq, xs.astype(jnp.float32)
+
+
+def _check_weight(x_MK, wq_NK, ws_nk):
+    if wq_NK.ndim != 2 or ws_nk.ndim != 2:
+        raise ValueError(f"expected 2-D weight and scale, got {wq_NK.shape} and {ws_nk.shape}")
+    if x_MK.shape[-1] != wq_NK.shape[1]:
+        raise ValueError(f"x inner dim {x_MK.shape[-1]} != weight in-dim {wq_NK.shape[1]} "
+                         f"(weight is [out, in] = {tuple(wq_NK.shape)})")
+    n, k = wq_NK.shape
+    if tuple(ws_nk.shape) != (cdiv(n, QBLOCK), cdiv(k, QBLOCK)):
+        raise ValueError(f"weight scale shape {tuple(ws_nk.shape)} != "
+                         f"{(cdiv(n, QBLOCK), cdiv(k, QBLOCK))} for weight {tuple(wq_NK.shape)}")
+
+
+def w8a16_matmul_ref(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *,
+                     out_dtype=None) -> jax.Array:
+    """``x @ dequant(Wq, S).T``: W dequantized to float32, cast to ``x.dtype``, dot with float32
+    accumulation (precision HIGHEST), cast to ``out_dtype`` (default ``x.dtype``).
+    ``x`` may have leading batch dims; returns ``[..., N]``."""
+    _check_weight(x_MK, wq_NK, ws_nk)
+    out_dtype = x_MK.dtype if out_dtype is None else out_dtype
+    w_NK = dequantize_blocks(wq_NK, ws_nk).astype(x_MK.dtype)
+    y = jnp.dot(x_MK, w_NK.T, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    return y.astype(out_dtype)
+
+
+def _w8a8_from_quantized_ref(xq_MK, xs_Mk, wq_NK, ws_nk):
+    """Block GEMM of already-quantized operands → float32 ``[M, N]`` (scan over K blocks)."""
+    m, k = xq_MK.shape
+    n = wq_NK.shape[0]
+    kb = cdiv(k, QBLOCK)
+    pad = kb * QBLOCK - k
+    xq = jnp.pad(xq_MK.astype(jnp.float32), [(0, 0), (0, pad)])
+    wq = jnp.pad(wq_NK.astype(jnp.float32), [(0, 0), (0, pad)])
+    xq_kMb = xq.reshape(m, kb, QBLOCK).transpose(1, 0, 2)
+    wq_kNb = wq.reshape(n, kb, QBLOCK).transpose(1, 0, 2)
+    ws_kN = jnp.repeat(ws_nk.astype(jnp.float32), QBLOCK, axis=0)[:n].T  # [kb, N]
+    xs_kM = xs_Mk.astype(jnp.float32).T  # [kb, M]
+
+    def step(acc_MN, blk):
+        xq_Mb, wq_Nb, xs_M, ws_N = blk
+        part = jnp.dot(xq_Mb, wq_Nb.T, preferred_element_type=jnp.float32,
+                       precision=lax.Precision.HIGHEST)
+        return acc_MN + part * xs_M[:, None] * ws_N[None, :], None
+
+    acc, _ = lax.scan(step, jnp.zeros((m, n), jnp.float32), (xq_kMb, wq_kNb, xs_kM, ws_kN))
+    return acc
+
+
+def w8a8_matmul_ref(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *,
+                    out_dtype=None) -> jax.Array:
+    """W8A8 block GEMM: quantize ``x`` with :func:`quantize_act_1x128`, then
+    ``C[m,n] = Σ_kb (Σ_{k∈kb} xq[m,k]·Wq[n,k]) · xs[m,kb] · S[n//128,kb]`` in float32.
+    ``x`` may have leading batch dims; output dtype defaults to ``x.dtype``."""
+    _check_weight(x_MK, wq_NK, ws_nk)
+    out_dtype = x_MK.dtype if out_dtype is None else out_dtype
+    x2, lead = flatten_rows(x_MK)
+    xq, xs = quantize_act_1x128(x2)
+    y = _w8a8_from_quantized_ref(xq, xs, wq_NK, ws_nk)
+    return y.astype(out_dtype).reshape(*lead, wq_NK.shape[0])
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel configuration
+# ---------------------------------------------------------------------------------------------------
+
+#: Streaming multiprocessors on an H100/H200; used only to size split-K for small-M (decode) shapes.
+_GPU_NUM_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    """Tiles of the GPU kernel: ``bm`` x ``bn`` output tile (powers of two, >= 16), ``splits`` K
+    splits (partial float32 sums added by XLA afterwards), Triton ``num_warps`` / ``num_stages``."""
+    bm: int = 128
+    bn: int = 128
+    splits: int = 1
+    num_warps: int = 8
+    num_stages: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuConfig:
+    """Tiles of the TPU kernel: ``bm`` rows (multiple of 32), ``bn`` and ``bk`` multiples of 128."""
+    bm: int = 256
+    bn: int = 512
+    bk: int = 512
+
+
+def default_gpu_config(m: int, n: int, k: int) -> GpuConfig:
+    """Heuristic tiles: 128x128 for prefill; for small M one row tile and split-K so that at least
+    ~2 programs per SM stream the weight (decode is weight-bandwidth bound)."""
+    if m >= 256:
+        bm, bn, warps, stages = 128, 128, 8, 4
+    else:
+        bm = min(64, max(16, next_pow2(m)))
+        bn, warps, stages = 64, 4, 4
+    programs = cdiv(m, bm) * cdiv(n, bn)
+    nkb = cdiv(k, QBLOCK)
+    splits = 1
+    if programs < 2 * _GPU_NUM_SMS:
+        splits = max(1, min(nkb, cdiv(2 * _GPU_NUM_SMS, programs), 16))
+    return GpuConfig(bm=bm, bn=bn, splits=splits, num_warps=warps, num_stages=stages)
+
+
+def _largest_dividing(total: int, candidates) -> int | None:
+    for c in candidates:
+        if total % c == 0:
+            return c
+    return None
+
+
+def default_tpu_config(m: int, n: int, k: int) -> TpuConfig:
+    kp = round_up(k, QBLOCK)
+    bk = _largest_dividing(kp, (512, 256, 128))
+    bn = _largest_dividing(n, (512, 256, 128)) or (n if n < 128 else 128)
+    bm = min(256, round_up(m, 32))
+    return TpuConfig(bm=bm, bn=bn, bk=bk)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU kernel (Triton-lowered Pallas)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def _masked_load(ref, mask):
+    if mask is None:
+        return plgpu_triton.load(ref)
+    return plgpu_triton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+def _dot_nt(a, b, precision=None):
+    """``a [P, C] @ b [Q, C].T`` → float32 ``[P, Q]``."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs, cdt):
+    """One (bm x bn) output tile over a range of 128-wide K blocks.
+
+    refs: x [M, K] (e4m3 or bf16/f32), [xs [M, kb] f32], wq [N, K] e4m3, ws [nb, kb] f32, out.
+    """
+    if has_xs:
+        x_ref, xs_ref, wq_ref, ws_ref, o_ref = refs
+    else:
+        x_ref, wq_ref, ws_ref, o_ref = refs
+        xs_ref = None
+    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nkb = cdiv(k, QBLOCK)
+    row0 = i * bm
+    col0 = j * bn
+    rows = row0 + jnp.arange(bm)
+    cols = col0 + jnp.arange(bn)
+    row_ok = (rows < m) if m % bm else None
+    col_ok = (cols < n) if n % bn else None
+    k_ragged = k % QBLOCK != 0
+    precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+
+    def body(kb, acc_MN):
+        k0 = pl.multiple_of(kb * QBLOCK, QBLOCK)
+        k_ok = (k0 + jnp.arange(QBLOCK) < k) if k_ragged else None
+        a_mk = _masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, QBLOCK)],
+                            _and(row_ok[:, None] if row_ok is not None else None,
+                                 k_ok[None, :] if k_ok is not None else None))
+        b_nk = _masked_load(wq_ref.at[pl.ds(col0, bn), pl.ds(k0, QBLOCK)],
+                            _and(col_ok[:, None] if col_ok is not None else None,
+                                 k_ok[None, :] if k_ok is not None else None))
+        if has_xs:  # e4m3 x e4m3 → f32 (wgmma on Hopper)
+            part = _dot_nt(a_mk, b_nk)
+        else:  # e4m3 widened to the activation dtype: exact
+            part = _dot_nt(a_mk.astype(cdt), b_nk.astype(cdt), precision)
+        if QBLOCK % bn == 0:  # the whole column tile sits in one scale block
+            w_scale = ws_ref[col0 // QBLOCK, kb]
+            part = part * w_scale
+        else:
+            w_scale = _masked_load(ws_ref.at[cols // QBLOCK, kb], col_ok)
+            part = part * w_scale[None, :]
+        if has_xs:
+            x_scale = _masked_load(xs_ref.at[pl.ds(row0, bm), kb], row_ok)
+            part = part * x_scale[:, None]
+        return acc_MN + part
+
+    acc0 = jnp.zeros((bm, bn), jnp.float32)
+    if splits == 1:
+        acc = lax.fori_loop(0, nkb, body, acc0)
+        o_view = o_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)]
+    else:
+        kb_lo = s * kb_per_split
+        kb_hi = jnp.minimum(kb_lo + kb_per_split, nkb)
+        acc = lax.fori_loop(kb_lo, kb_hi, body, acc0)
+        o_view = o_ref.at[s, pl.ds(row0, bm), pl.ds(col0, bn)]
+    out_mask = _and(row_ok[:, None] if row_ok is not None else None,
+                    col_ok[None, :] if col_ok is not None else None)
+    val = acc.astype(o_ref.dtype)
+    if out_mask is None:
+        plgpu_triton.store(o_view, val)
+    else:
+        plgpu_triton.store(o_view, val, mask=out_mask)
+
+
+def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
+                      config: GpuConfig | None = None):
+    """GPU kernel: ``x [M, K]`` (e4m3 with ``xs_Mk`` scales → W8A8, or bf16/f32 with ``xs_Mk=None`` →
+    W8A16) times block-scaled e4m3 ``wq [N, K]`` → ``[M, N]`` in ``out_dtype``."""
+    m, k = x_MK.shape
+    n = wq_NK.shape[0]
+    cfg = config or default_gpu_config(m, n, k)
+    nkb = cdiv(k, QBLOCK)
+    kb_per_split = cdiv(nkb, max(1, cfg.splits))
+    splits = cdiv(nkb, kb_per_split)
+    has_xs = xs_Mk is not None
+    cdt = jnp.float8_e4m3fn if has_xs else x_MK.dtype
+    kernel = functools.partial(_gpu_scaled_gemm_kernel, m=m, n=n, k=k, bm=cfg.bm, bn=cfg.bn,
+                               kb_per_split=kb_per_split, splits=splits, has_xs=has_xs, cdt=cdt)
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
+    args = (x_MK, xs_Mk, wq_NK, ws_nk) if has_xs else (x_MK, wq_NK, ws_nk)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(cdiv(m, cfg.bm), cdiv(n, cfg.bn), splits),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=cfg.num_warps,
+                                                    num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="w8a8_gemm_gpu" if has_xs else "w8a16_gemm_gpu",
+    )(*args)
+    if splits > 1:
+        y = jnp.sum(y, axis=0).astype(out_dtype)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# TPU kernel (Mosaic TPU)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tpu_scaled_gemm_kernel(*refs, n_sub, nk, has_xs, cdt):
+    """Grid (M/bm, N/bn, K/bk); K innermost ("arbitrary") accumulating in a VMEM f32 scratch.
+
+    refs: x [bm, bk], [xs [n_sub, bm, 1]], wq [bn, bk], ws [n_sub, 1, bn], out [bm, bn], acc.
+    """
+    if has_xs:
+        x_ref, xs_ref, wq_ref, ws_ref, o_ref, acc_ref = refs
+    else:
+        x_ref, wq_ref, ws_ref, o_ref, acc_ref = refs
+        xs_ref = None
+    kk = pl.program_id(2)
+
+    @pl.when(kk == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+    acc = acc_ref[...]
+    for t in range(n_sub):  # one 128-wide scale block at a time (static lane-aligned slices)
+        a = x_ref[:, t * QBLOCK:(t + 1) * QBLOCK].astype(cdt)
+        b = wq_ref[:, t * QBLOCK:(t + 1) * QBLOCK].astype(cdt)
+        part = _dot_nt(a, b, precision)
+        scale = ws_ref[t]  # [1, bn]
+        if has_xs:
+            scale = xs_ref[t] * scale  # [bm, 1] * [1, bn]
+        acc = acc + part * scale
+    acc_ref[...] = acc
+
+    @pl.when(kk == nk - 1)
+    def _store():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def scaled_matmul_tpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
+                      config: TpuConfig | None = None):
+    """TPU kernel, same contract as :func:`scaled_matmul_gpu`.  Rows are padded to the row tile and K
+    to a multiple of 128 (zeros; only weights with K % 128 != 0 are copied, none in DeepSeek-V3);
+    a ragged last N tile is left to Pallas (its out-of-range columns are dropped)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    m, k = x_MK.shape
+    n = wq_NK.shape[0]
+    cfg = config or default_tpu_config(m, n, k)
+    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
+    kp = round_up(k, QBLOCK)
+    if kp % bk:
+        raise ValueError(f"TPU K tile {bk} must divide K rounded up to 128 ({kp})")
+    mp = round_up(m, bm)
+    has_xs = xs_Mk is not None
+    nkb = kp // QBLOCK
+    n_sub = bk // QBLOCK
+    if mp != m or kp != k:
+        x_MK = jnp.pad(x_MK, [(0, mp - m), (0, kp - k)])
+    if kp != k:
+        wq_NK = jnp.pad(wq_NK, [(0, 0), (0, kp - k)])
+    # per-column weight scales, K-block major: [kb, 1, N] (tiny next to the weight)
+    ws_k1N = jnp.repeat(ws_nk.astype(jnp.float32), QBLOCK, axis=0)[:n].T[:, None, :]
+    cdt = jnp.bfloat16 if has_xs else x_MK.dtype
+    in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk))]
+    args = [x_MK]
+    if has_xs:
+        xs_kM1 = jnp.pad(xs_Mk.astype(jnp.float32), [(0, mp - m), (0, 0)]).T[:, :, None]
+        in_specs.append(pl.BlockSpec((n_sub, bm, 1), lambda i, j, kk: (kk, i, 0)))
+        args.append(xs_kM1)
+    in_specs += [pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk)),
+                 pl.BlockSpec((n_sub, 1, bn), lambda i, j, kk: (kk, 0, j))]
+    args += [wq_NK, ws_k1N]
+    nk = kp // bk
+    kernel = functools.partial(_tpu_scaled_gemm_kernel, n_sub=n_sub, nk=nk, has_xs=has_xs, cdt=cdt)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        grid=(mp // bm, cdiv(n, bn), nk),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name="w8a8_gemm_tpu" if has_xs else "w8a16_gemm_tpu",
+    )(*args)
+    del nkb
+    return y[:m] if mp != m else y
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public dispatchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x):
+    _check_weight(x_MK, wq_NK, ws_nk)
+    target, interpret = backend.split_impl(impl)
+    out_dtype = x_MK.dtype if out_dtype is None else out_dtype
+    x2, lead = flatten_rows(x_MK)
+    n = wq_NK.shape[0]
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, n), out_dtype)
+    if quantize_x:
+        xq, xs = quantize_act_1x128(x2)
+    else:
+        xq, xs = x2, None
+    fn = scaled_matmul_gpu if target == "gpu" else scaled_matmul_tpu
+    y = fn(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret)
+    return y.reshape(*lead, n)
+
+
+def w8a16_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dtype=None,
+                 impl: str = "auto") -> jax.Array:
+    """``x @ dequant(Wq, S).T`` (W8A16).  ``x [..., K]`` → ``[..., N]``; ``impl`` picks the Pallas
+    kernel or :func:`w8a16_matmul_ref` (see :mod:`kernels_pallas.backend`)."""
+    if backend.resolve_impl(impl) == "ref":
+        return w8a16_matmul_ref(x_MK, wq_NK, ws_nk, out_dtype=out_dtype)
+    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=False)
+
+
+def w8a8_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dtype=None,
+                impl: str = "auto") -> jax.Array:
+    """W8A8 block GEMM (``x`` quantized 1x128 on the fly).  ``x [..., K]`` → ``[..., N]``; ``impl``
+    picks the Pallas kernel or :func:`w8a8_matmul_ref`."""
+    if backend.resolve_impl(impl) == "ref":
+        return w8a8_matmul_ref(x_MK, wq_NK, ws_nk, out_dtype=out_dtype)
+    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=True)

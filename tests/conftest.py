@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random checkpoints in the Hub's layout, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
+
+# Config A: the stock tiny config (q_lora, YaRN factor 4 over 32 original positions, 16 experts
+# in 4 groups). Config B: no q_lora, dims above 128 with partial FP8 edge blocks, negative and
+# positive router biases, 2 groups.
+CONFIG_A = tiny_config()
+CONFIG_B = tiny_config(
+    vocab_size=300, hidden_size=160, intermediate_size=200, moe_intermediate_size=144,
+    num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+    q_lora_rank=None, max_position_embeddings=128,
+    kv_lora_rank=136, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+    n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=2,
+    rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+                  "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+)
+
+
+@pytest.fixture(scope="session")
+def ckpt_a(tmp_path_factory) -> str:
+    return random_hub_checkpoint(tmp_path_factory.mktemp("ckpt_a"), CONFIG_A, seed=1,
+                                 max_shard_bytes=200_000, bias_range=(0.0, 0.5))
+
+
+@pytest.fixture(scope="session")
+def ckpt_b(tmp_path_factory) -> str:
+    return random_hub_checkpoint(tmp_path_factory.mktemp("ckpt_b"), CONFIG_B, seed=2,
+                                 max_shard_bytes=300_000, bias_range=(-0.5, 0.3))
+
+
+@pytest.fixture(scope="session")
+def ckpt_a_bf16(tmp_path_factory) -> str:
+    return random_hub_checkpoint(tmp_path_factory.mktemp("ckpt_a_bf16"), CONFIG_A, seed=1, fp8=False)
