@@ -16,13 +16,35 @@ Shape-suffix glossary used in array names throughout (``x_BTD``, ``w_ENK``):
     V vocab · M flattened rows (B*T) · A (in MoE) token-expert assignments.
 """
 
-from deepseek_jax.api import load, load_config, logits, mtp_logits, perplexity, token_logprobs
-from deepseek_jax.config import DeepSeekConfig
-from deepseek_jax.errors import DeepSeekError
-from deepseek_jax.model import DeepSeekV3
-from deepseek_jax.quant import Precision
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "DeepSeekConfig", "DeepSeekError", "DeepSeekV3", "Precision",
-    "load", "load_config", "logits", "mtp_logits", "token_logprobs", "perplexity",
-]
+from deepseek_jax.errors import DeepSeekError
+
+# Attributes are imported lazily so that light modules (config, hub, tokenizer) can be used
+# without importing jax: `import deepseek_jax.config` does not pull in the model.
+_LAZY = {
+    "load": "deepseek_jax.api", "load_config": "deepseek_jax.api", "init_random": "deepseek_jax.api",
+    "logits": "deepseek_jax.scoring", "mtp_logits": "deepseek_jax.scoring",
+    "token_logprobs": "deepseek_jax.scoring", "perplexity": "deepseek_jax.scoring",
+    "DeepSeekConfig": "deepseek_jax.config", "DeepSeekV3": "deepseek_jax.model",
+    "Precision": "deepseek_jax.quant",
+}
+
+__all__ = ["DeepSeekError", *_LAZY]
+
+
+def __getattr__(name: str):
+    import importlib
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in ("scoring", "api", "checkpoint", "model", "config"):
+        return importlib.import_module(f"deepseek_jax.{name}")
+    raise AttributeError(f"module 'deepseek_jax' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from deepseek_jax.api import init_random, load, load_config  # noqa: F401
+    from deepseek_jax.config import DeepSeekConfig  # noqa: F401
+    from deepseek_jax.model import DeepSeekV3  # noqa: F401
+    from deepseek_jax.quant import Precision  # noqa: F401
+    from deepseek_jax.scoring import logits, mtp_logits, perplexity, token_logprobs  # noqa: F401

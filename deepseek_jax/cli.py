@@ -1,0 +1,42 @@
+"""``deepseek-jax``: a thin command line over the library API.
+
+Each subcommand lives in ``deepseek_jax/commands/<name>.py`` with ``register(subparsers)``
+adding its parser and setting ``func``. Errors a user can cause are :class:`DeepSeekError`:
+printed on one line, exit status 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from deepseek_jax.errors import DeepSeekError
+
+# The CLI contract: convert|export|verify|score|generate|chat|demo|plan|train. A name is listed
+# here once its command exists.
+COMMANDS = ("score",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepseek-jax", description="DeepSeek-V3 in JAX/Flax")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"deepseek_jax.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DeepSeekError as e:
+        print(f"deepseek-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""``deepseek-jax score``: outputs agree with the library, bad input gives one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from deepseek_jax import cli, scoring
+from deepseek_jax.api import load
+from deepseek_jax.hub import HubReader, HubWriter, write_config
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def ids_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ids") / "ids.npy"
+    np.save(p, np.random.default_rng(0).integers(0, 256, (2, 9)).astype(np.int32))
+    return str(p)
+
+
+def test_score_outputs(ckpt_a, ids_file, tmp_path, capsys):
+    out, lp = tmp_path / "logits.npy", tmp_path / "lp.npy"
+    rc, stdout, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out),
+                            "--logprobs", str(lp), "--json")
+    assert rc == 0
+    ids = np.load(ids_file)
+    ref = scoring.logits(load(ckpt_a), ids)
+    np.testing.assert_array_equal(np.load(out), ref)
+    np.testing.assert_allclose(np.load(lp), scoring.token_logprobs(ref, ids), rtol=1e-6)
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert len(rows) == 2 and rows[0]["tokens_scored"] == 8 and rows[0]["perplexity"] > 1
+
+    rc, _, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out), "--mode", "decode",
+                       "--prefill", "4")
+    assert rc == 0
+    dec = np.load(out)
+    assert np.linalg.norm(dec - ref) / np.linalg.norm(ref) < 1e-4
+
+    rc, _, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out), "--mtp")
+    assert rc == 0 and np.load(out).shape == (2, 8, 256)
+
+
+def _copy_without(src: str, dst: str, drop: str) -> str:
+    """A copy of a Hub checkpoint with one tensor left out (index and shards rewritten)."""
+    with HubReader(src) as r:
+        write_config(dst, r.config)
+        with HubWriter(dst, max_shard_bytes=1 << 20) as w:
+            for name in r.names():
+                if name != drop:
+                    w.add(name, np.asarray(r.get(name)))
+    return dst
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("not_deepseek", "model_type"),
+    ("missing_tensor", "model.layers.1.self_attn.o_proj.weight"),
+    ("missing_scale", "model.layers.2.mlp.experts.3.up_proj.weight_scale_inv"),
+    ("vocab", "outside the vocab"),
+    ("float_ids", "integer"),
+    ("no_ids_file", "not found"),
+    ("decode_prefill", "--prefill"),
+])
+def test_score_bad_input(case, needle, ckpt_a, ids_file, tmp_path, capsys):
+    ckpt, ids = ckpt_a, ids_file
+    if case == "not_deepseek":
+        ckpt = str(tmp_path / "ck")
+        shutil.copytree(ckpt_a, ckpt)
+        cfg = json.load(open(os.path.join(ckpt, "config.json")))
+        cfg["model_type"] = "llama"
+        json.dump(cfg, open(os.path.join(ckpt, "config.json"), "w"))
+    elif case == "missing_tensor":
+        ckpt = _copy_without(ckpt_a, str(tmp_path / "ck"), "model.layers.1.self_attn.o_proj.weight")
+    elif case == "missing_scale":
+        ckpt = _copy_without(ckpt_a, str(tmp_path / "ck"), "model.layers.2.mlp.experts.3.up_proj.weight_scale_inv")
+    elif case == "vocab":
+        ids = str(tmp_path / "ids.npy")
+        np.save(ids, np.array([[1, 2, 999]], np.int32))
+    elif case == "float_ids":
+        ids = str(tmp_path / "ids.npy")
+        np.save(ids, np.array([[1.0, 2.0]], np.float32))
+    elif case == "no_ids_file":
+        ids = str(tmp_path / "nope.npy")
+    extra = ["--mode", "decode", "--prefill", "99"] if case == "decode_prefill" else []
+    rc, out, err = run_cli(capsys, "score", ckpt, "--ids", ids, "--out", str(tmp_path / "o.npy"), *extra)
+    assert rc == 2
+    assert needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.npy").exists()

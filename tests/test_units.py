@@ -1,0 +1,163 @@
+"""Unit tests of the pieces under the model: config, YaRN, router, FP8 quantization."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax.config import DeepSeekConfig, load_config
+from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.hub import dequantize_block_fp8_np, quantize_block_fp8_np
+from deepseek_jax.moe import route
+from deepseek_jax.quant import dequantize, quantize
+from deepseek_jax.rope import Rope, inv_frequencies
+from deepseek_jax.synthetic import tiny_config
+
+
+# ---- config ---------------------------------------------------------------------------------
+def test_671b_preset_matches_spec():
+    c = load_config("deepseek-v3-671b")
+    assert (c.hidden_size, c.num_hidden_layers, c.n_routed_experts, c.latent_dim) == (7168, 61, 256, 576)
+    assert c.fp8 and c.num_dense_layers == 3 and c.num_moe_layers == 58
+    assert c.yarn_mscale == pytest.approx(1.368888, abs=1e-6)
+    assert c.softmax_scale == pytest.approx(0.1352338, abs=1e-7)
+
+
+def test_rope_parameters_and_rope_scaling_read_alike():
+    old = tiny_config()
+    new = tiny_config()
+    rs = new.pop("rope_scaling")
+    new.pop("rope_theta")
+    new["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0,
+                              **{k: v for k, v in rs.items() if k != "type"}}
+    a, b = DeepSeekConfig.from_hub_dict(old), DeepSeekConfig.from_hub_dict(new)
+    assert a.rope_scaling == b.rope_scaling and a.rope_theta == b.rope_theta
+    assert a.softmax_scale == b.softmax_scale
+
+
+def test_q_lora_rank_null_and_roundtrip():
+    c = DeepSeekConfig.from_hub_dict(tiny_config(q_lora_rank=None))
+    assert c.q_lora_rank is None
+    again = DeepSeekConfig.from_hub_dict(json.loads(json.dumps(c.to_hub_dict())))
+    assert again == c
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("model_type", "llama", "model_type"),
+    ("scoring_func", "softmax", "scoring_func"),
+    ("n_group", 3, "n_group"),
+    ("topk_group", 9, "topk_group"),
+    ("qk_rope_head_dim", 7, "qk_rope_head_dim"),
+    ("hidden_size", "big", "hidden_size"),
+    ("moe_layer_freq", 2, "moe_layer_freq"),
+])
+def test_validation_names_the_field(field, value, needle):
+    with pytest.raises(DeepSeekError, match=needle) as e:
+        DeepSeekConfig.from_hub_dict(tiny_config(**{field: value}))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_required_field():
+    d = tiny_config()
+    del d["kv_lora_rank"]
+    with pytest.raises(DeepSeekError, match="kv_lora_rank"):
+        DeepSeekConfig.from_hub_dict(d)
+
+
+# ---- YaRN -----------------------------------------------------------------------------------
+def test_yarn_ramp_boundaries_for_v3():
+    """SPEC §4: for V3, low = 10 and high = 23: dims below keep theta^-2i/d, above are / factor."""
+    c = load_config("deepseek-v3-671b")
+    inv, mult = inv_frequencies(c)
+    base = 1.0 / (10000.0 ** (np.arange(0, 64, 2) / 64))
+    np.testing.assert_allclose(inv[:11], base[:11], rtol=1e-6)
+    np.testing.assert_allclose(inv[23:], base[23:] / 40, rtol=1e-6)
+    ramp = (np.arange(32) - 10) / 13
+    np.testing.assert_allclose(inv[11:23], base[11:23] / 40 * ramp[11:23] + base[11:23] * (1 - ramp[11:23]),
+                               rtol=1e-6)
+    assert mult == 1.0
+
+
+def test_rope_rotates_interleaved_pairs():
+    c = DeepSeekConfig.from_hub_dict(tiny_config(rope_scaling=None))
+    rope = Rope(c)
+    x = np.random.default_rng(0).normal(size=(3, c.qk_rope_head_dim)).astype(np.float32)
+    pos = jnp.array([0, 5, 77])
+    cos, sin = rope.cos_sin(pos)
+    y = np.asarray(rope.apply(jnp.asarray(x), cos, sin))
+    z = x[:, 0::2] + 1j * x[:, 1::2]
+    ang = np.asarray(pos)[:, None] * rope.inv_freq[None]
+    w = z * np.exp(1j * ang)
+    np.testing.assert_allclose(y[:, 0::2], w.real, atol=1e-5)
+    np.testing.assert_allclose(y[:, 1::2], w.imag, atol=1e-5)
+
+
+# ---- router ---------------------------------------------------------------------------------
+def _route_numpy(logits, bias, cfg):
+    """Loop-by-loop reading of SPEC §5, written independently of moe.route."""
+    T, E = logits.shape
+    G = cfg.n_group
+    per = E // G
+    idx_out, w_out = [], []
+    for t in range(T):
+        s = 1 / (1 + np.exp(-logits[t].astype(np.float64)))
+        sb = s + bias
+        gscore = [np.sort(sb[g * per:(g + 1) * per])[-2:].sum() for g in range(G)]
+        keep = np.argsort(gscore)[::-1][:cfg.topk_group]
+        cand = [e for e in range(E) if e // per in keep]
+        chosen = sorted(cand, key=lambda e: -sb[e])[:cfg.num_experts_per_tok]
+        w = s[chosen]
+        w = w / w.sum() * cfg.routed_scaling_factor
+        idx_out.append(chosen)
+        w_out.append(w)
+    return np.array(idx_out), np.array(w_out)
+
+
+def test_router_matches_independent_loop_with_negative_biases():
+    cfg = DeepSeekConfig.from_hub_dict(tiny_config())
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(64, cfg.n_routed_experts)).astype(np.float32)
+    bias = rng.uniform(-1.0, 0.2, size=cfg.n_routed_experts).astype(np.float32)
+    r = route(jnp.asarray(logits), jnp.asarray(bias), cfg)
+    idx, w = _route_numpy(logits, bias, cfg)
+    got_idx = np.asarray(r.idx_TK)
+    for t in range(64):
+        order = np.argsort(got_idx[t])
+        ref_order = np.argsort(idx[t])
+        np.testing.assert_array_equal(got_idx[t][order], idx[t][ref_order])
+        np.testing.assert_allclose(np.asarray(r.weight_TK)[t][order], w[t][ref_order], rtol=1e-5)
+
+
+def test_masked_groups_get_minus_inf_not_zero():
+    """All biased scores negative: with 0-masking the dropped group's experts would win."""
+    cfg = DeepSeekConfig.from_hub_dict(tiny_config(n_routed_experts=4, n_group=2, topk_group=1,
+                                                   num_experts_per_tok=2))
+    logits = jnp.array([[1.0, 0.5, -2.0, -1.5]])
+    bias = jnp.full((4,), -1.0)  # sb = sigmoid - 1 < 0 everywhere; group 0 wins
+    r = route(logits, bias, cfg)
+    assert sorted(np.asarray(r.idx_TK)[0].tolist()) == [0, 1]
+
+
+# ---- FP8 blocks ------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(200, 130), (576, 64), (3, 96, 300)])
+def test_jnp_quantization_matches_numpy_and_edge_blocks(shape):
+    w = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    w[..., :128, :128] = 0.0  # an all-zero block: scale 1, no NaN
+    wq, s = quantize(jnp.asarray(w))
+    flat = w.reshape(-1, *shape[-2:])
+    ref = [quantize_block_fp8_np(x) for x in flat]
+    # XLA may divide by 448 as a multiply by 1/448: scales agree to 1 ulp, codes almost always.
+    np.testing.assert_allclose(np.asarray(s).reshape(-1, *s.shape[-2:]), np.stack([r[1] for r in ref]), rtol=2e-7)
+    same = np.asarray(wq).view(np.uint8).reshape(flat.shape) == np.stack([r[0] for r in ref]).view(np.uint8)
+    assert same.mean() > 0.999
+    back = np.asarray(dequantize(wq, s))
+    assert np.isfinite(back).all()
+    np.testing.assert_allclose(back.reshape(flat.shape), np.stack([dequantize_block_fp8_np(*r) for r in ref]),
+                               rtol=0.07, atol=1e-6)
+    assert np.abs(back - w).max() <= 0.07 * np.abs(w).max()
+    assert s.shape[-2:] == (math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
