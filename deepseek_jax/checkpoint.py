@@ -9,6 +9,7 @@ experts ``mlp.experts.{e}.<rest>``, and ``mtp.<rest>`` is ``model.layers.{num_hi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from typing import Iterator
 
@@ -91,35 +92,58 @@ def iter_params(model: DeepSeekV3) -> Iterator[tuple[tuple[str, ...], nnx.Variab
         yield tuple(str(p) for p in path), var
 
 
-def _read_slot(reader: HubReader, slot: HubSlot, want_shape: tuple[int, ...], want_dtype) -> np.ndarray:
-    """Reads and stacks one parameter, checking names, shapes and dtypes against the model."""
+def _check_slot(reader: HubReader, slot: HubSlot, want_shape: tuple[int, ...], want_dtype) -> None:
+    """Checks names, shapes and dtypes of one parameter's tensors from the headers alone."""
     per_shape = want_shape[len(slot.stack):]
     want_dtype = np.dtype(want_dtype)
-    out = np.empty(want_shape, want_dtype)
     for idx in np.ndindex(*slot.stack):
         name = slot.names[idx]
         if name not in reader:
             hint = " (FP8 weights need their block scales)" if name.endswith("weight_scale_inv") else ""
             raise DeepSeekError(f"checkpoint: missing tensor {name}{hint}")
-        a = reader.get(name)
-        if tuple(a.shape) != per_shape:
-            raise DeepSeekError(f"checkpoint: tensor {name} has shape {list(a.shape)}, "
+        info = reader.info(name)
+        if tuple(info.shape) != per_shape:
+            raise DeepSeekError(f"checkpoint: tensor {name} has shape {list(info.shape)}, "
                                 f"config.json implies {list(per_shape)}")
-        if a.dtype != want_dtype and not (a.dtype in _FLOATS and want_dtype in _FLOATS):
-            raise DeepSeekError(f"checkpoint: tensor {name} is {dtype_name_of(a.dtype)}, "
-                                    f"expected {dtype_name_of(want_dtype)}")
-        if name.endswith("weight_scale_inv") and not np.all(np.isfinite(a)):
-            raise DeepSeekError(f"checkpoint: tensor {name} has non-finite scales")
-        out[idx] = a
-    return out
+        if info.dtype != want_dtype and not (info.dtype in _FLOATS and want_dtype in _FLOATS):
+            raise DeepSeekError(f"checkpoint: tensor {name} is {dtype_name_of(info.dtype)}, "
+                                f"expected {dtype_name_of(want_dtype)}")
+
+
+def _slot_reader(reader: HubReader, slot: HubSlot, want_shape: tuple[int, ...], want_dtype):
+    """``read(index) -> np.ndarray``: the block ``index`` (a tuple of slices over the stacked
+    parameter) read from the memory-mapped tensors; only the touched layers/experts/rows are read."""
+    want_dtype = np.dtype(want_dtype)
+    ns = len(slot.stack)
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(want_shape) - len(index))
+        ranges = [range(*sl.indices(n)) for sl, n in zip(index[:ns], slot.stack)]
+        inner = index[ns:]
+        out = None
+        for pos, ids in zip(np.ndindex(*[len(r) for r in ranges]), itertools.product(*ranges)):
+            name = slot.names[ids]
+            a = reader.get(name)[inner]
+            if name.endswith("weight_scale_inv") and not np.all(np.isfinite(a)):
+                raise DeepSeekError(f"checkpoint: tensor {name} has non-finite scales")
+            if out is None:
+                out = np.empty(tuple(len(r) for r in ranges) + a.shape, want_dtype)
+            out[pos] = a
+        return out
+
+    return read
 
 
 def load_hub(path: str | os.PathLike[str], *, prec: Precision = Precision(), with_mtp: bool | None = None,
-             cfg: DeepSeekConfig | None = None) -> DeepSeekV3:
+             cfg: DeepSeekConfig | None = None, mesh=None, rules="ep_tp") -> DeepSeekV3:
     """Loads a Hub-layout directory (config.json + safetensors, FP8 or BF16) into a model.
 
-    ``with_mtp=None`` loads the MTP module when the checkpoint has it.
+    ``with_mtp=None`` loads the MTP module when the checkpoint has it. With a ``mesh``, every
+    parameter is created directly sharded by the rules (``sharding.py``): each process reads
+    only the slices its devices hold, no host ever materialises the whole model.
     """
+    from deepseek_jax import sharding
+
     reader = HubReader(os.fspath(path))
     try:
         cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)
@@ -127,13 +151,27 @@ def load_hub(path: str | os.PathLike[str], *, prec: Precision = Precision(), wit
             with_mtp = bool(cfg.num_nextn_predict_layers) and \
                 f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in reader
         abstract = abstract_model(cfg, prec, with_mtp)
+        specs = sharding.model_param_specs(abstract, dict(mesh.shape), sharding.RULES.get(rules, rules)) \
+            if mesh is not None else None
         graphdef, state = nnx.split(abstract)
         flat = nnx.to_flat_state(state)
-        leaves = []
-        for p, var in flat:
+        slots = []
+        for p, var in flat:  # validate everything before reading any data
             path = tuple(str(x) for x in p)
             slot = hub_slot(path, cfg)
-            leaves.append(jnp.asarray(_read_slot(reader, slot, tuple(var.shape), var.dtype)))
-        return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(val)) for (p, v), val in zip(flat, leaves)]))
+            _check_slot(reader, slot, tuple(var.shape), var.dtype)
+            slots.append((path, slot, var))
+        leaves = []
+        for path, slot, var in slots:
+            read = _slot_reader(reader, slot, tuple(var.shape), var.dtype)
+            if mesh is None:
+                leaves.append(jnp.asarray(read(())))
+            else:
+                sh = sharding.named(mesh, specs[path])
+                leaves.append(jax.make_array_from_callback(tuple(var.shape), sh, read))
+        model = nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(val)) for (p, v), val in zip(flat, leaves)]))
+        if mesh is not None:
+            sharding.attach_mesh(model, mesh, rules)
+        return model
     finally:
         reader.close()

@@ -24,6 +24,7 @@ from flax import nnx
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.mlp import MLP
 from deepseek_jax.quant import Linear, Precision, grouped_matmul
+from deepseek_jax import expert_parallel
 
 
 class RouterBias(nnx.Variable):
@@ -83,10 +84,23 @@ class Experts(nnx.Module):
         self.up_proj = Linear(D, F, **kw)
         self.down_proj = Linear(F, D, **kw)
 
+    def arrays(self) -> tuple:
+        """(weight, scale-or-None) of gate, up, down: what :func:`experts_apply` takes."""
+        return tuple((lin.weight[...], lin.weight_scale_inv[...] if lin.fp8 else None)
+                     for lin in (self.gate_proj, self.up_proj, self.down_proj))
+
     def __call__(self, x_MD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-        h = jax.nn.silu(grouped_matmul(self.gate_proj, x_MD, group_sizes_E))
-        h = h * grouped_matmul(self.up_proj, x_MD, group_sizes_E)
-        return grouped_matmul(self.down_proj, h, group_sizes_E)
+        return experts_apply(self.arrays(), x_MD, group_sizes_E, self.gate_proj.prec)
+
+
+def experts_apply(arrays: tuple, x_MD: jax.Array, group_sizes_E: jax.Array, prec: Precision) -> jax.Array:
+    """SwiGLU over rows sorted by expert, with (possibly local shards of) the stacked weights.
+
+    Rows past ``sum(group_sizes)`` produce zeros (the grouped GEMM's contract)."""
+    (wg, sg), (wu, su), (wd, sd) = arrays
+    h = jax.nn.silu(grouped_matmul(wg, sg, x_MD, group_sizes_E, prec))
+    h = h * grouped_matmul(wu, su, x_MD, group_sizes_E, prec)
+    return grouped_matmul(wd, sd, h, group_sizes_E, prec)
 
 
 class MoE(nnx.Module):
@@ -96,6 +110,9 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, prec=prec, rngs=rngs)
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size, fp8=cfg.fp8, prec=prec,
                                   rngs=rngs) if cfg.n_shared_experts else None
+        # Set by ``sharding.shard_model``: the mesh (static) for expert-parallel dispatch.
+        self.mesh = None
+        self.rules = None
 
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEStats]:
         cfg, dtype = self.cfg, self.prec.dtype
@@ -104,24 +121,35 @@ class MoE(nnx.Module):
         x_MD = x_BTD.reshape(B * T, D).astype(dtype)
         r = self.gate(x_MD, cfg)
 
-        # Sort the (token, expert) assignments by expert; gather rows; grouped GEMMs; combine.
-        expert_A = r.idx_TK.reshape(-1)
-        order_A = jnp.argsort(expert_A, stable=True)
-        token_A = order_A // K
-        group_sizes_E = jnp.bincount(expert_A, length=E).astype(jnp.int32)
-        y_AD = self.experts(x_MD[token_A], group_sizes_E)
-        w_A = r.weight_TK.reshape(-1)[order_A]
-        y_AD = y_AD * w_A[:, None].astype(dtype)
-        y_MD = jnp.zeros((B * T, D), jnp.float32).at[token_A].add(y_AD.astype(jnp.float32)).astype(dtype)
+        if self.mesh is not None and expert_parallel.is_distributed(self.mesh):
+            y_MD = expert_parallel.moe_apply(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec,
+                                             self.mesh, self.rules, n_experts=E)
+        else:
+            y_MD = local_moe(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec, E)
         if self.shared_experts is not None:
             y_MD = y_MD + self.shared_experts(x_MD)
 
         # Statistics: expert load, and the sequence-wise balance term of the technical report:
         # f_e = E/(K T) * #tokens of the row choosing e, P_e = mean_t of normalised scores.
-        load_E = group_sizes_E.astype(jnp.float32)
+        load_E = jnp.bincount(r.idx_TK.reshape(-1), length=E).astype(jnp.float32)
         chosen_BTE = jax.nn.one_hot(r.idx_TK, E, dtype=jnp.float32).sum(-2).reshape(B, T, E)
         f_BE = chosen_BTE.sum(1) * (E / (K * T))
         s_BTE = r.scores_TE.reshape(B, T, E)
         p_BE = jnp.mean(s_BTE / jnp.sum(s_BTE, -1, keepdims=True), axis=1)
         balance = jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
         return y_MD.reshape(B, T, D), MoEStats(load_E, balance, r.idx_TK.reshape(B, T, K))
+
+
+def local_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array, prec: Precision,
+              n_experts: int) -> jax.Array:
+    """All experts on this device: sort the (token, expert) assignments by expert, gather rows,
+    grouped GEMMs, weight, scatter-add back to tokens."""
+    M, K = idx_MK.shape
+    expert_A = idx_MK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)
+    token_A = order_A // K
+    group_sizes_E = jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
+    y_AD = experts_apply(arrays, x_MD[token_A], group_sizes_E, prec)
+    y_AD = y_AD * w_MK.reshape(-1)[order_A][:, None].astype(y_AD.dtype)
+    y = jnp.zeros((M, x_MD.shape[-1]), jnp.float32).at[token_A].add(y_AD.astype(jnp.float32))
+    return y.astype(prec.dtype)

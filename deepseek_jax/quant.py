@@ -114,11 +114,10 @@ class Linear(nnx.Module):
         return y.astype(dtype)
 
 
-def grouped_matmul(lin: Linear, x_MK: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    """Rows of ``x`` sorted by expert times a stacked ``[E, N, K]`` :class:`Linear`."""
-    dtype = lin.prec.dtype
-    scale = lin.weight_scale_inv[...] if lin.fp8 else None
-    w = lin.weight[...] if lin.fp8 else lin.weight[...].astype(dtype)
+def grouped_matmul(w: jax.Array, scale: jax.Array | None, x_MK: jax.Array, group_sizes_E: jax.Array,
+                   prec: Precision) -> jax.Array:
+    """Rows of ``x`` sorted by expert times stacked ``[E, N, K]`` weights (FP8 if ``scale``)."""
+    dtype = prec.dtype
+    w = w if scale is not None else w.astype(dtype)
     return kernels_pallas.grouped_matmul(x_MK.astype(dtype), w, group_sizes_E, w_scale=scale,
-                                         out_dtype=dtype, impl=lin.prec.kernels)
-
+                                         out_dtype=dtype, impl=prec.kernels)

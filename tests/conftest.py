@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Eight fake CPU devices for the mesh tests; must be set before jax initialises its backends.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
-from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
+import pytest  # noqa: E402
+
+from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config  # noqa: E402
 
 # Config A: the stock tiny config (q_lora, YaRN factor 4 over 32 original positions, 16 experts
 # in 4 groups). Config B: no q_lora, dims above 128 with partial FP8 edge blocks, negative and

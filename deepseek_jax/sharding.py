@@ -1,0 +1,227 @@
+"""Logical axis names for every weight, cache and activation, and the one table that maps them
+onto a ``jax.sharding.Mesh`` with axes ``data``, ``expert``, ``model``.
+
+Every parameter gets logical axis names from its path (``param_axes``); a rules preset says which
+mesh axis each logical axis goes to; ``resolve`` turns both into a ``PartitionSpec`` for a concrete
+shape, leaving a dimension replicated when it does not divide evenly (and, for FP8 block scales,
+when the weight's shard would cut a 128x128 block), so any config runs on any mesh.
+
+Presets:
+  ``ep_tp`` (default): routed experts over ``expert``, attention heads / MLP hidden / expert
+    hidden / vocab over ``model``, batch over ``data``.
+  ``ep_dp``: as ``ep_tp`` but the batch (attention, cache) is split over ``data`` *and*
+    ``expert``: data-parallel MLA across the expert axis, as serving engines run MLA, so the
+    latent cache is not replicated across expert-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from deepseek_jax.errors import DeepSeekError
+
+MESH_AXES = ("data", "expert", "model")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None: replicated).
+RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
+    "ep_tp": {
+        "batch": "data", "seq": None, "cache_seq": None, "latent": None,
+        "layers": None, "embed": None, "embed2": None, "norm": None,
+        "vocab": "model", "heads": "model", "q_lora": None, "kv_lora": None,
+        "mlp": "model", "experts": "expert", "expert_mlp": "model", "router": None,
+    },
+}
+RULES["ep_dp"] = dict(RULES["ep_tp"], batch=("data", "expert"))
+
+# Parameter name (last two path parts, or one for a bare leaf) -> logical axes of the
+# unstacked tensor in the Hub's [out, in] layout.
+_PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed_tokens.weight": ("vocab", "embed"),
+    "lm_head.weight": ("vocab", "embed"),
+    "head.weight": ("vocab", "embed"),
+    "eh_proj.weight": ("embed", "embed2"),
+    "q_a_proj.weight": ("q_lora", "embed"),
+    "q_b_proj.weight": ("heads", "q_lora"),
+    "q_proj.weight": ("heads", "embed"),
+    "kv_a_proj_with_mqa.weight": ("kv_lora", "embed"),
+    "kv_b_proj.weight": ("heads", "kv_lora"),
+    "o_proj.weight": ("embed", "heads"),
+    "gate_proj.weight": ("mlp", "embed"),
+    "up_proj.weight": ("mlp", "embed"),
+    "down_proj.weight": ("embed", "mlp"),
+    "gate.weight": ("router", "embed"),
+    "gate.e_score_correction_bias": ("router",),
+}
+
+# Activations and caches.
+ACT_AXES = {
+    "x_BTD": ("batch", "seq", "embed"),
+    "logits_BTV": ("batch", "seq", "vocab"),
+    "ids_BT": ("batch", "seq"),
+    "cache_LBSC": ("layers", "batch", "cache_seq", "latent"),
+}
+
+
+def param_axes(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Logical axes of a model parameter (incl. the stacked layer and expert axes)."""
+    leaf = path[-1]
+    is_scale = leaf == "weight_scale_inv"
+    key = ".".join(path[-2:-1] + ("weight",)) if is_scale else ".".join(path[-2:])
+    if key.endswith("norm.weight") or path[-2].endswith("layernorm") or path[-2] in ("enorm", "hnorm"):
+        axes: tuple[str, ...] = ("norm",)
+    elif key in _PARAM_AXES:
+        axes = _PARAM_AXES[key]
+    else:
+        raise KeyError(f"no logical axes for parameter {'.'.join(path)}")
+    experts = "experts" in path and "shared_experts" not in path
+    if experts:
+        mlp_map = {"mlp": "expert_mlp"}
+        axes = ("experts",) + tuple(mlp_map.get(a, a) for a in axes)
+    if path[0] in ("dense_layers", "moe_layers"):
+        axes = ("layers",) + axes
+    return axes
+
+
+def _mesh_size(mesh_shape: Mapping[str, int], axis) -> int:
+    if axis is None:
+        return 1
+    if isinstance(axis, tuple):
+        return math.prod(mesh_shape[a] for a in axis)
+    return mesh_shape[axis]
+
+
+def resolve(axes: tuple[str, ...], shape: tuple[int, ...], mesh_shape: Mapping[str, int],
+            rules: Mapping[str, object], *, block_scale: bool = False,
+            weight_shape: tuple[int, ...] | None = None) -> P:
+    """``PartitionSpec`` for one array; dims that do not divide evenly stay replicated.
+
+    For an FP8 block-scale array (``block_scale=True``), a dim is split only if the weight's
+    corresponding dim splits into whole 128-blocks, so each shard's scales match its weights.
+    """
+    spec, used = [], set()
+    for i, (name, dim) in enumerate(zip(axes, shape)):
+        axis = rules.get(name)
+        n = _mesh_size(mesh_shape, axis)
+        flat = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        ok = n > 1 and dim % n == 0 and not (set(flat) & used)
+        if ok and block_scale and weight_shape is not None and i >= len(shape) - 2:
+            ok = weight_shape[i] % (n * 128) == 0
+        if ok:
+            spec.append(axis)
+            used.update(flat)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh_shape: Mapping[str, int],
+               rules: Mapping[str, object], fp8_weight_shape: tuple[int, ...] | None = None) -> P:
+    """Spec of one parameter. For an FP8 weight and its ``weight_scale_inv`` pass the weight's
+    shape as ``fp8_weight_shape``: both then split only where whole 128x128 blocks go to each
+    shard, so every shard holds exactly the scales of its weights."""
+    return resolve(param_axes(path), shape, mesh_shape, rules, block_scale=fp8_weight_shape is not None,
+                   weight_shape=fp8_weight_shape)
+
+
+def model_param_specs(model, mesh_shape: Mapping[str, int], rules: Mapping[str, object]) -> dict:
+    """{path: PartitionSpec} for every parameter/state leaf of a (possibly abstract) model."""
+    from flax import nnx
+
+    _, state = nnx.split(model)
+    flat = [(tuple(str(p) for p in path), v) for path, v in nnx.to_flat_state(state)]
+    shapes = {p: tuple(v.shape) for p, v in flat}
+    out = {}
+    for p, v in flat:
+        if p[-1] == "weight_scale_inv":
+            wshape = shapes[p[:-1] + ("weight",)]
+        elif p[-1] == "weight" and p[:-1] + ("weight_scale_inv",) in shapes:
+            wshape = tuple(v.shape)
+        else:
+            wshape = None
+        out[p] = param_spec(p, tuple(v.shape), mesh_shape, rules, wshape)
+    return out
+
+
+# ---- meshes -----------------------------------------------------------------------------------
+def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
+    """``"data=2,expert=4,model=1"`` -> sizes; missing axes are 1; ``None``: a default layout."""
+    if not text:
+        return default_mesh_shape(n_devices)
+    sizes = {a: 1 for a in MESH_AXES}
+    for part in text.split(","):
+        if "=" not in part:
+            raise DeepSeekError(f"--mesh: {part!r} is not AXIS=SIZE (axes: data, expert, model)")
+        k, v = (s.strip() for s in part.split("=", 1))
+        if k not in sizes:
+            raise DeepSeekError(f"--mesh: unknown axis {k!r} (axes: data, expert, model)")
+        if not v.isdigit() or int(v) < 1:
+            raise DeepSeekError(f"--mesh: size of {k} must be a positive integer, got {v!r}")
+        sizes[k] = int(v)
+    if math.prod(sizes.values()) != n_devices:
+        raise DeepSeekError(f"--mesh: {text} has {math.prod(sizes.values())} devices, "
+                            f"but {n_devices} are available")
+    return sizes
+
+
+def default_mesh_shape(n_devices: int) -> dict[str, int]:
+    """All devices on the expert axis (routed experts dominate the weights)."""
+    return {"data": 1, "expert": n_devices, "model": 1}
+
+
+def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise DeepSeekError(f"mesh {dict(sizes)} needs {math.prod(shape)} devices, have {len(devices)}")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def named(mesh: Mesh, spec: P) -> NamedSharding:
+    return NamedSharding(mesh, spec)
+
+
+def shard_model(model, mesh: Mesh, rules: Mapping[str, object] | str = "ep_tp"):
+    """Places every parameter of ``model`` on ``mesh`` by the rules (in place); returns it."""
+    from flax import nnx
+
+    rules = RULES[rules] if isinstance(rules, str) else rules
+    specs = model_param_specs(model, dict(mesh.shape), rules)
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    placed = [(p, v.replace(jax.device_put(v[...], NamedSharding(mesh, specs[tuple(str(x) for x in p)]))))
+              for p, v in flat]
+    nnx.update(model, nnx.from_flat_state(placed))
+    attach_mesh(model, mesh, rules)
+    return model
+
+
+def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "ep_tp"):
+    """Tells the MoE layers which mesh and rules their expert-parallel dispatch runs on."""
+    from flax import nnx
+
+    from deepseek_jax.moe import MoE
+
+    rules = RULES[rules] if isinstance(rules, str) else rules
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, MoE):
+            m.mesh = mesh
+            m.rules = tuple(sorted(rules.items())) if mesh is not None else None
+    return model
+
+
+def cache_spec(mesh_shape: Mapping[str, int], rules: Mapping[str, object], shape: tuple[int, ...]) -> P:
+    return resolve(ACT_AXES["cache_LBSC"], shape, mesh_shape, rules)
+
+
+def bytes_per_device(arrays) -> np.ndarray:
+    """Bytes each device holds of a pytree of sharded arrays (for reports and ``plan``)."""
+    devs = {}
+    for a in jax.tree.leaves(arrays):
+        for sh in a.addressable_shards:
+            devs[sh.device] = devs.get(sh.device, 0) + sh.data.nbytes
+    return np.array(list(devs.values()))
