@@ -37,6 +37,14 @@ def check_ids(model: DeepSeekV3, ids) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host, sharded) array as one numpy array on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 @nnx.jit
 def _prefill_logits(model: DeepSeekV3, ids_BT):
     out = model(ids_BT)
@@ -80,12 +88,12 @@ def logits(model: DeepSeekV3, ids, *, mode: str = "prefill", prefill: int = 0) -
     """
     ids = check_ids(model, ids)
     if mode == "prefill":
-        return np.asarray(_prefill_logits(model, jnp.asarray(ids))[0])
+        return to_host(_prefill_logits(model, jnp.asarray(ids))[0])
     if mode != "decode":
         raise DeepSeekError(f"score: unknown mode {mode!r} (prefill|decode)")
     if not 0 <= prefill <= ids.shape[1]:
         raise DeepSeekError(f"score: --prefill {prefill} outside [0, {ids.shape[1]}]")
-    return np.asarray(_decode_logits(model, jnp.asarray(ids), prefill))
+    return to_host(_decode_logits(model, jnp.asarray(ids), prefill))
 
 
 def mtp_logits(model: DeepSeekV3, ids) -> np.ndarray:
@@ -97,7 +105,7 @@ def mtp_logits(model: DeepSeekV3, ids) -> np.ndarray:
         raise DeepSeekError("score: --mtp needs sequences of at least 2 tokens")
     ids_j = jnp.asarray(ids)
     _, hidden = _prefill_logits(model, ids_j)
-    return np.asarray(_mtp(model, ids_j, hidden))
+    return to_host(_mtp(model, ids_j, hidden))
 
 
 def token_logprobs(logits_BTV: np.ndarray, ids_BT: np.ndarray, offset: int = 1) -> np.ndarray:

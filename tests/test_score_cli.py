@@ -30,7 +30,7 @@ def ids_file(tmp_path_factory):
 def test_score_outputs(ckpt_a, ids_file, tmp_path, capsys):
     out, lp = tmp_path / "logits.npy", tmp_path / "lp.npy"
     rc, stdout, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out),
-                            "--logprobs", str(lp), "--json")
+                            "--logprobs", str(lp), "--json", "--mesh", "data=1")
     assert rc == 0
     ids = np.load(ids_file)
     ref = scoring.logits(load(ckpt_a), ids)

@@ -71,7 +71,7 @@ def test_fp8_scales_follow_their_weights():
     assert sharding.param_spec(path, (2, 1000, 64), ms, rules)[1] == "model"  # a bf16 weight may split
 
 
-@pytest.mark.parametrize("text,needle", [("data=3", "devices"), ("foo=8", "unknown axis"),
+@pytest.mark.parametrize("text,needle", [("data=3,model=3", "devices"), ("foo=8", "unknown axis"),
                                          ("data=x", "positive integer"), ("data", "AXIS=SIZE")])
 def test_mesh_flag_errors(text, needle):
     with pytest.raises(DeepSeekError, match=needle):

@@ -1,0 +1,82 @@
+"""Process and mesh set-up shared by the commands: ``--mesh``, ``--rules``, multi-host.
+
+Multi-host: the same command runs on every host. ``jax.distributed.initialize`` is called when
+``--coordinator`` is given or the environment names a coordinator (``DEEPSEEK_JAX_COORDINATOR``,
+``DEEPSEEK_JAX_NUM_PROCESSES``, ``DEEPSEEK_JAX_PROCESS_ID``), or, with ``--distributed auto``, when
+JAX's own cluster detection (TPU pods, SLURM, Open MPI) finds one. Only process 0 prints or
+writes files; a host that loses its peers exits with an error after ``--heartbeat-timeout``
+seconds instead of hanging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from deepseek_jax.errors import DeepSeekError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices and hosts")
+    g.add_argument("--mesh", help="mesh sizes, e.g. data=2,expert=4,model=1 (default: all devices on expert)")
+    g.add_argument("--rules", default="ep_tp", choices=("ep_tp", "ep_dp"),
+                   help="sharding preset: ep_tp (experts over expert, heads over model) or ep_dp "
+                        "(also batch over expert: data-parallel MLA)")
+    g.add_argument("--coordinator", help="host:port of process 0, for multi-host runs")
+    g.add_argument("--num-processes", type=int, help="number of processes (hosts)")
+    g.add_argument("--process-id", type=int, help="this process's index")
+    g.add_argument("--distributed", choices=("off", "auto"), default="off",
+                   help="auto: let JAX detect the cluster (TPU pod slice, SLURM, Open MPI)")
+    g.add_argument("--heartbeat-timeout", type=int, default=30,
+                   help="seconds without a peer's heartbeat before this process exits with an error")
+
+
+def init(args: argparse.Namespace):
+    """Initialises multi-host JAX if asked, then returns the mesh (or ``None`` for one device)."""
+    import jax
+
+    from deepseek_jax import sharding
+
+    coord = args.coordinator or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
+    if coord or args.distributed == "auto":
+        nproc = args.num_processes or _env_int("DEEPSEEK_JAX_NUM_PROCESSES")
+        pid = args.process_id if args.process_id is not None else _env_int("DEEPSEEK_JAX_PROCESS_ID")
+        if coord and (nproc is None or pid is None):
+            raise DeepSeekError("--coordinator needs --num-processes and --process-id (or the env vars)")
+        try:
+            jax.distributed.initialize(coordinator_address=coord, num_processes=nproc, process_id=pid,
+                                       heartbeat_timeout_seconds=args.heartbeat_timeout,
+                                       initialization_timeout=max(60, args.heartbeat_timeout))
+        except Exception as e:  # noqa: BLE001 - turn a connection failure into one line
+            raise DeepSeekError(f"distributed initialisation failed: {str(e).splitlines()[0]}") from None
+        if os.environ.get("DEEPSEEK_JAX_TEST_DIE_AFTER_INIT") == str(jax.process_index()):
+            os._exit(17)  # test hook: simulates a host dying mid-run (tests/test_multihost.py)
+    n = jax.device_count()
+    sizes = sharding.parse_mesh(args.mesh, n)
+    total = sizes["data"] * sizes["expert"] * sizes["model"]
+    if total == 1 and jax.process_count() == 1:
+        return None
+    return sharding.make_mesh(sizes, jax.devices()[:total])
+
+
+def is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def say(*a, **kw) -> None:
+    """print on process 0 only."""
+    if is_main():
+        print(*a, **kw)
+        sys.stdout.flush()
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None:
+        return None
+    if not v.isdigit():
+        raise DeepSeekError(f"{name}={v!r} is not a non-negative integer")
+    return int(v)

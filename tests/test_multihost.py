@@ -1,0 +1,72 @@
+"""Multi-host: 2 processes x 4 CPU devices on 127.0.0.1, launched like a real multi-host job."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args, *, n=2, env_extra=None, cwd=None):
+    port = _free_port()
+    procs = []
+    for i in range(n):
+        env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", **(env_extra or {}))
+        cmd = [sys.executable, "-m", "deepseek_jax.cli", *args, "--coordinator", f"127.0.0.1:{port}",
+               "--num-processes", str(n), "--process-id", str(i), "--heartbeat-timeout", "10"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def ids_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("mh") / "ids.npy"
+    np.save(p, np.random.default_rng(3).integers(0, 256, (4, 10)).astype(np.int32))
+    return str(p)
+
+
+def test_two_processes_match_one(ckpt_a, ids_path, tmp_path):
+    from deepseek_jax import scoring
+    from deepseek_jax.api import load
+
+    out = tmp_path / "out.npy"
+    procs = _launch(["score", ckpt_a, "--ids", ids_path, "--out", str(out), "--mesh", "data=2,expert=4",
+                     "--mode", "decode", "--prefill", "3"])
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    ids = np.load(ids_path)
+    ref = scoring.logits(load(ckpt_a), ids, mode="decode", prefill=3)
+    got = np.load(out)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_dead_peer_makes_the_other_exit(ckpt_a, ids_path, tmp_path):
+    """Process 1 dies right after joining; process 0 must fail within the heartbeat bound."""
+    out = tmp_path / "out.npy"
+    t0 = time.time()
+    procs = _launch(["score", ckpt_a, "--ids", ids_path, "--out", str(out), "--mesh", "data=2,expert=4"],
+                    env_extra={"DEEPSEEK_JAX_TEST_DIE_AFTER_INIT": "1"})
+    try:
+        procs[0].communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("process 0 hung after its peer died")
+    procs[1].communicate(timeout=30)
+    assert procs[1].returncode == 17
+    assert procs[0].returncode != 0
+    assert time.time() - t0 < 120
+    assert not out.exists()
