@@ -9,6 +9,7 @@ from kernels_pallas.backend import default_impl, resolve_impl
 from kernels_pallas.fp8_gemm import (quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref, w8a16_matmul,
                                      w8a16_matmul_ref)
 from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
+from kernels_pallas.mla_decode import mla_decode, mla_decode_ref
 
 __all__ = [
     "default_impl",
@@ -20,4 +21,6 @@ __all__ = [
     "w8a8_matmul",
     "grouped_matmul_ref",
     "grouped_matmul",
+    "mla_decode_ref",
+    "mla_decode",
 ]

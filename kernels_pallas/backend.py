@@ -70,3 +70,13 @@ def split_impl(impl: str | None) -> tuple[str, bool]:
         return "ref", False
     kind, target = impl.split("_")
     return target, kind == "interpret"
+
+
+def tpu_interpret_arg(interpret: bool):
+    """The ``interpret=`` value for a Mosaic TPU ``pallas_call``: the TPU interpreter (simulated
+    VMEM/DMA, out-of-bounds reads raise, uninitialized memory is NaN) when interpreting."""
+    if not interpret:
+        return False
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.InterpretParams()

@@ -168,19 +168,20 @@ class TpuConfig:
 
 
 def default_gpu_config(m: int, n: int, k: int) -> GpuConfig:
-    """Heuristic tiles: 128x128 for prefill; for small M one row tile and split-K so that at least
-    ~2 programs per SM stream the weight (decode is weight-bandwidth bound)."""
+    """Heuristic tiles (untuned: ``benchmarks/kernels.py`` sweeps alternatives on a GPU).
+
+    Prefill: 128x128 tiles.  Small M (decode, weight-bandwidth bound): one row tile, 32-column tiles,
+    and split-K only when there are fewer programs than SMs (the float32 partial sums cost
+    ``splits * M * N * 8`` bytes of extra traffic), aiming at ~2 programs per SM."""
     if m >= 256:
-        bm, bn, warps, stages = 128, 128, 8, 4
-    else:
-        bm = min(64, max(16, next_pow2(m)))
-        bn, warps, stages = 64, 4, 4
+        return GpuConfig(bm=128, bn=128, splits=1, num_warps=8, num_stages=4)
+    bm = min(64, max(16, next_pow2(m)))
+    bn = 32
     programs = cdiv(m, bm) * cdiv(n, bn)
-    nkb = cdiv(k, QBLOCK)
     splits = 1
-    if programs < 2 * _GPU_NUM_SMS:
-        splits = max(1, min(nkb, cdiv(2 * _GPU_NUM_SMS, programs), 16))
-    return GpuConfig(bm=bm, bn=bn, splits=splits, num_warps=warps, num_stages=stages)
+    if programs < _GPU_NUM_SMS:
+        splits = max(1, min(cdiv(k, QBLOCK), cdiv(2 * _GPU_NUM_SMS, programs), 8))
+    return GpuConfig(bm=bm, bn=bn, splits=splits, num_warps=4, num_stages=4)
 
 
 def _largest_dividing(total: int, candidates) -> int | None:
@@ -373,7 +374,6 @@ def scaled_matmul_tpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
         raise ValueError(f"TPU K tile {bk} must divide K rounded up to 128 ({kp})")
     mp = round_up(m, bm)
     has_xs = xs_Mk is not None
-    nkb = kp // QBLOCK
     n_sub = bk // QBLOCK
     if mp != m or kp != k:
         x_MK = jnp.pad(x_MK, [(0, mp - m), (0, kp - k)])
@@ -402,10 +402,9 @@ def scaled_matmul_tpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
+        interpret=backend.tpu_interpret_arg(interpret),
         name="w8a8_gemm_tpu" if has_xs else "w8a16_gemm_tpu",
     )(*args)
-    del nkb
     return y[:m] if mp != m else y
 
 

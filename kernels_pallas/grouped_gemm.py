@@ -4,15 +4,39 @@
 holds row ``r``; rows past ``sum(group_sizes)`` give 0.  Weights are the Hub's ``[out, in]`` layout,
 ``w_ENK [E, N, K]``, in bf16/f32, or ``float8_e4m3fn`` with block scales ``w_scale [E, ceil(N/128),
 ceil(K/128)]`` (W8A16 semantics: dequantize, then dot in ``x.dtype`` with float32 accumulation).
+
+Kernels (``grouped_matmul``), all with a ``jax.custom_vjp`` (``dx`` for any weights, ``dw`` for
+bf16/f32 weights; FP8 weights are frozen):
+
+* GPU (Triton-lowered Pallas).  The XLA wrapper turns ``group_sizes`` into a static-length list of
+  *group-aligned row tiles* ``(expert, first row, end row)``: each expert's rows are cut into ``bm``-row
+  tiles starting at the expert's first row, so only an expert's last tile is partial, experts with no
+  rows get no tile at all (their weights are never read: the decode path), and one extra pseudo-expert
+  covers the rows past ``sum(group_sizes)`` and writes zeros.  Grid ``(tile, N tile)``; each program
+  loops over K (128 at a time for FP8, applying the ``[E, N/128, K/128]`` block scale to each partial
+  product), and does masked loads/stores of its own rows, so programs never overlap.  ``dx`` reuses the
+  same kernel reading the weights as ``[E, contraction, out]`` (no transpose is materialised);
+  ``dw[e] = dy[rows_e].T @ x[rows_e]`` is a second kernel over ``(expert, N tile, K tile)`` looping over
+  the expert's rows (empty experts write zeros).
+* TPU (Mosaic TPU, megablox ``gmm``/``tgmm`` design): ``bm``-aligned row tiles visited once per expert
+  that overlaps them (consecutively, so the output tile stays resident in VMEM), scalar-prefetched
+  ``tile → (expert, row tile)`` maps drive the ``BlockSpec`` index maps; trailing unused grid steps
+  repeat the last block indices so they cause no DMA.  Empty experts are never visited by the forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
 
-from kernels_pallas._common import dequantize_blocks, is_fp8
+from kernels_pallas import backend
+from kernels_pallas._common import QBLOCK, cdiv, dequantize_blocks, is_fp8, next_pow2, round_up
 
 __all__ = ["grouped_matmul_ref", "grouped_matmul"]
 
@@ -54,6 +78,520 @@ def grouped_matmul_ref(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, 
     return y.astype(out_dtype)
 
 
-def grouped_matmul(x_MK, w, group_sizes_E, *, w_scale=None, out_dtype=None, impl="auto"):
-    """Grouped matmul, Pallas kernel or reference (see :mod:`kernels_pallas.backend`)."""
-    return grouped_matmul_ref(x_MK, w, group_sizes_E, w_scale=w_scale, out_dtype=out_dtype)
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuGroupedConfig:
+    """GPU tiles: ``bm`` rows per tile, ``bn`` output columns, ``bk`` contraction step (128 for FP8
+    weights), Triton ``num_warps``/``num_stages``; ``dw_bm`` rows per step of the dw kernel."""
+    bm: int = 64
+    bn: int = 128
+    bk: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    dw_bn: int = 64
+    dw_bk: int = 64
+    dw_bm: int = 32
+
+
+def default_gpu_grouped_config(m: int, e: int, n: int, k: int, fp8: bool) -> GpuGroupedConfig:
+    rows_per_expert = max(1, m // max(1, e))
+    bm = min(128, max(16, next_pow2(rows_per_expert)))
+    if bm >= 64:
+        bn, warps, stages = 128, 8 if bm == 128 else 4, 3
+    else:  # decode: few rows per expert; narrow column tiles so that many programs stream weights
+        bn, warps, stages = 64, 4, 4
+    return GpuGroupedConfig(bm=bm, bn=bn, bk=128 if fp8 else 64, num_warps=warps,
+                            num_stages=stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGroupedConfig:
+    """TPU tiles (megablox-style): ``tm`` rows (multiple of 16), ``tk``/``tn`` multiples of 128."""
+    tm: int = 128
+    tk: int = 512
+    tn: int = 512
+
+
+def default_tpu_grouped_config(m: int, n: int, c: int) -> TpuGroupedConfig:
+    tk = next((t for t in (512, 256, 128) if round_up(c, QBLOCK) % t == 0))
+    tn = next((t for t in (512, 256, 128) if n % t == 0), n if n < 128 else 128)
+    tm = min(128, round_up(m, 16))
+    return TpuGroupedConfig(tm=tm, tk=tk, tn=tn)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def _masked_load(ref, mask):
+    if mask is None:
+        return plgpu_triton.load(ref)
+    return plgpu_triton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+def _row_col_mask(row_ok, col_ok):
+    return _and(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
+
+
+def _group_offsets(group_sizes_E):
+    ends = jnp.cumsum(group_sizes_E.astype(jnp.int32))
+    return ends - group_sizes_E.astype(jnp.int32), ends
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU kernels (Triton-lowered Pallas)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
+    """Group-aligned row tiles.  Returns int32 arrays [T]: expert (E = the zero tail, > E = unused),
+    first row, end row (end == first for unused tiles).  T = ceil(M/bm) + E + 1 is static."""
+    e = group_sizes_E.shape[0]
+    sizes = group_sizes_E.astype(jnp.int32)
+    tail = jnp.maximum(m - jnp.sum(sizes), 0)
+    sizes_ext = jnp.concatenate([sizes, tail[None]])  # [E + 1]
+    starts = jnp.cumsum(sizes_ext) - sizes_ext
+    ntiles = (sizes_ext + bm - 1) // bm
+    tile_end = jnp.cumsum(ntiles)
+    tile_start = tile_end - ntiles
+    num = cdiv(m, bm) + e + 1
+    t = jnp.arange(num, dtype=jnp.int32)
+    g = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)  # empty experts are skipped
+    valid = g <= e
+    gc = jnp.minimum(g, e)
+    r0 = starts[gc] + (t - tile_start[gc]) * bm
+    r1 = jnp.minimum(starts[gc] + sizes_ext[gc], r0 + bm)
+    r0 = jnp.where(valid, r0, 0)
+    r1 = jnp.where(valid, r1, 0)
+    return g, r0, r1
+
+
+def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, x_ref, w_ref, *rest, e, n, c, bm, bn, bk, w_co, fp8,
+                    cdt):
+    """One (row tile, column tile): y[r0:r1, cols] = x[r0:r1] @ W[g] (contracting over c).
+
+    w_ref: [E, O, C] (``w_co=False``, the Hub layout) or [E, C, O] (``w_co=True``, used for dx);
+    FP8: scale ref [E, O/128, C/128] or [E, C/128, O/128] accordingly.
+    """
+    if fp8:
+        s_ref, o_ref = rest
+    else:
+        (o_ref,) = rest
+    t, j = pl.program_id(0), pl.program_id(1)
+    g = tg_ref[t]
+    r0 = tr0_ref[t]
+    r1 = tr1_ref[t]
+    col0 = j * bn
+    rows = r0 + jnp.arange(bm)
+    row_ok = rows < r1
+    cols = col0 + jnp.arange(bn)
+    col_ok = (cols < n) if n % bn else None
+    out_view = o_ref.at[pl.ds(r0, bm), pl.ds(col0, bn)]
+    out_mask = _row_col_mask(row_ok, col_ok)
+    precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+
+    @pl.when((r1 > r0) & (g < e))
+    def _compute():
+        def body(kb, acc_MN):
+            k0 = pl.multiple_of(kb * bk, bk)
+            k_ok = (k0 + jnp.arange(bk) < c) if c % bk else None
+            a = _masked_load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], _row_col_mask(row_ok, k_ok))
+            if w_co:
+                b = _masked_load(w_ref.at[g, pl.ds(k0, bk), pl.ds(col0, bn)],
+                                 _row_col_mask(k_ok, col_ok))
+                part = lax.dot_general(a.astype(cdt), b.astype(cdt), (((1,), (0,)), ((), ())),
+                                       precision=precision, preferred_element_type=jnp.float32)
+            else:
+                b = _masked_load(w_ref.at[g, pl.ds(col0, bn), pl.ds(k0, bk)],
+                                 _row_col_mask(col_ok, k_ok))
+                part = lax.dot_general(a.astype(cdt), b.astype(cdt), (((1,), (1,)), ((), ())),
+                                       precision=precision, preferred_element_type=jnp.float32)
+            if fp8:  # bk == 128: one scale block of the contraction per step
+                if QBLOCK % bn == 0:
+                    sc = s_ref[g, kb, col0 // QBLOCK] if w_co else s_ref[g, col0 // QBLOCK, kb]
+                    part = part * sc
+                else:
+                    sv = _masked_load(s_ref.at[g, kb, cols // QBLOCK] if w_co
+                                      else s_ref.at[g, cols // QBLOCK, kb], col_ok)
+                    part = part * sv[None, :]
+            return acc_MN + part
+
+        acc = lax.fori_loop(0, cdiv(c, bk), body, jnp.zeros((bm, bn), jnp.float32))
+        plgpu_triton.store(out_view, acc.astype(o_ref.dtype), mask=out_mask)
+
+    @pl.when((r1 > r0) & (g == e))
+    def _zero_tail():
+        plgpu_triton.store(out_view, jnp.zeros((bm, bn), o_ref.dtype), mask=out_mask)
+
+
+def gmm_gpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, interpret=False,
+            config: GpuGroupedConfig | None = None):
+    """GPU grouped matmul.  ``w`` is ``[E, O, C]`` (``w_co=False``) or ``[E, C, O]`` (``w_co=True``);
+    returns ``[M, O]``.  FP8 ``w`` needs ``w_scale`` with the matching block layout."""
+    m, c = x_MC.shape
+    e = w.shape[0]
+    o = w.shape[1] if w_co is False else w.shape[2]
+    fp8 = is_fp8(w.dtype)
+    cdt = x_MC.dtype if fp8 else jnp.promote_types(x_MC.dtype, w.dtype)
+    cfg = config or default_gpu_grouped_config(m, e, o, c, fp8)
+    bk = QBLOCK if fp8 else cfg.bk
+    tg, tr0, tr1 = _gpu_tile_schedule(group_sizes_E, m, cfg.bm)
+    kernel = functools.partial(_gpu_gmm_kernel, e=e, n=o, c=c, bm=cfg.bm, bn=cfg.bn, bk=bk,
+                               w_co=w_co, fp8=fp8, cdt=cdt)
+    args = (tg, tr0, tr1, x_MC, w) + ((w_scale.astype(jnp.float32),) if fp8 else ())
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, o), out_dtype),
+        grid=(tg.shape[0], cdiv(o, cfg.bn)),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=cfg.num_warps,
+                                                    num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="grouped_gemm_gpu",
+    )(*args)
+
+
+def _gpu_tgmm_kernel(gs_ref, x_ref, dy_ref, o_ref, *, m, n, k, bm, bn, bk, cdt):
+    """dw[g, n-tile, k-tile] = dy[rows_g, n-tile].T @ x[rows_g, k-tile] (zeros for empty experts)."""
+    g, jn, jk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = gs_ref[g, 0]
+    end = gs_ref[g, 1]
+    n0 = jn * bn
+    k0 = jk * bk
+    n_ok = (n0 + jnp.arange(bn) < n) if n % bn else None
+    k_ok = (k0 + jnp.arange(bk) < k) if k % bk else None
+    precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+
+    def body(i, acc_NK):
+        r0 = start + i * bm
+        row_ok = r0 + jnp.arange(bm) < end
+        dy = _masked_load(dy_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], _row_col_mask(row_ok, n_ok))
+        xx = _masked_load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], _row_col_mask(row_ok, k_ok))
+        return acc_NK + lax.dot_general(dy.astype(cdt), xx.astype(cdt), (((0,), (0,)), ((), ())),
+                                        precision=precision, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, (end - start + bm - 1) // bm, body, jnp.zeros((bn, bk), jnp.float32))
+    plgpu_triton.store(o_ref.at[g, pl.ds(n0, bn), pl.ds(k0, bk)], acc.astype(o_ref.dtype),
+                       mask=_row_col_mask(n_ok, k_ok))
+
+
+def tgmm_gpu(x_MK, dy_MN, group_sizes_E, *, out_dtype, interpret=False,
+             config: GpuGroupedConfig | None = None):
+    """``dw [E, N, K]``: per expert ``dy[rows].T @ x[rows]``."""
+    m, k = x_MK.shape
+    n = dy_MN.shape[1]
+    e = group_sizes_E.shape[0]
+    cfg = config or default_gpu_grouped_config(m, e, n, k, False)
+    cdt = jnp.promote_types(x_MK.dtype, dy_MN.dtype)
+    starts, ends = _group_offsets(group_sizes_E)
+    gs = jnp.stack([starts, ends], axis=1)  # [E, 2]
+    kernel = functools.partial(_gpu_tgmm_kernel, m=m, n=n, k=k, bm=cfg.dw_bm, bn=cfg.dw_bn,
+                               bk=cfg.dw_bk, cdt=cdt)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((e, n, k), out_dtype),
+        grid=(e, cdiv(n, cfg.dw_bn), cdiv(k, cfg.dw_bk)),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=4, num_stages=3),
+        interpret=interpret,
+        name="grouped_gemm_dw_gpu",
+    )(gs, x_MK, dy_MN)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TPU kernels (Mosaic TPU, megablox design)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tpu_gmm_schedule(group_sizes_E, mp: int, tm: int):
+    """Visits of ``tm``-aligned row tiles, one per (row tile, expert overlapping it), in row order; the
+    pseudo-expert E covers rows past ``sum(group_sizes)`` (zeros).  Returns int32 arrays:
+    [T] expert, [T] row tile, [T] expert whose weights the index map names (unused steps and the
+    tail repeat the previous one, so they cause no DMA), [T] valid flag, [E+1] starts, [E+1] ends."""
+    e = group_sizes_E.shape[0]
+    sizes = group_sizes_E.astype(jnp.int32)
+    sizes_ext = jnp.concatenate([sizes, jnp.maximum(mp - jnp.sum(sizes), 0)[None]])
+    starts = jnp.cumsum(sizes_ext) - sizes_ext
+    ends = starts + sizes_ext
+    first_tile = starts // tm
+    visits = jnp.where(sizes_ext > 0, (ends + tm - 1) // tm - first_tile, 0)
+    cum = jnp.cumsum(visits)
+    vstart = cum - visits
+    num = mp // tm + e
+    t = jnp.arange(num, dtype=jnp.int32)
+    valid = t < cum[-1]
+    t_eff = jnp.where(valid, t, cum[-1] - 1)
+    g = jnp.minimum(jnp.searchsorted(cum, t_eff, side="right"), e).astype(jnp.int32)
+    m_tile = (first_tile[g] + t_eff - vstart[g]).astype(jnp.int32)
+    w_group = jnp.maximum(lax.cummax(jnp.where(g < e, g, -1), axis=0), 0).astype(jnp.int32)
+    return g, m_tile, w_group, valid.astype(jnp.int32), starts.astype(jnp.int32), ends.astype(jnp.int32)
+
+
+def _expand_block_row(s_1b, col0, tn: int):
+    """[1, nb] per-128-column-block scales → [1, tn] per-column scales for columns col0..col0+tn
+    (a 0/1 expansion matmul; avoids lane repeats)."""
+    nb = s_1b.shape[1]
+    blk = lax.broadcasted_iota(jnp.int32, (nb, tn), 0)
+    col = lax.broadcasted_iota(jnp.int32, (nb, tn), 1) + col0
+    expand = (blk == col // QBLOCK).astype(jnp.float32)
+    return jnp.dot(s_1b, expand, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _tpu_gmm_kernel(g_ref, mt_ref, wg_ref, valid_ref, st_ref, en_ref, x_ref, w_ref, *rest, e, nk,
+                    tm, tn, tk, w_co, fp8, cdt):
+    if fp8:
+        s_ref, o_ref, acc_ref = rest
+    else:
+        o_ref, acc_ref = rest
+    del wg_ref
+    n_i, t, k_i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    g = g_ref[t]
+    valid = valid_ref[t] == 1
+    precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+    dims = (((1,), (0,)), ((), ())) if w_co else (((1,), (1,)), ((), ()))
+
+    @pl.when(k_i == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(valid & (g < e))
+    def _accumulate():
+        if not fp8:
+            acc_ref[...] += lax.dot_general(x_ref[...].astype(cdt), w_ref[...].astype(cdt), dims,
+                                            precision=precision, preferred_element_type=jnp.float32)
+            return
+        acc = acc_ref[...]
+        for sub in range(tk // QBLOCK):
+            sl = slice(sub * QBLOCK, (sub + 1) * QBLOCK)
+            a = x_ref[:, sl].astype(cdt)
+            b = (w_ref[sl, :] if w_co else w_ref[:, sl]).astype(cdt)
+            part = lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+            acc = acc + part * _expand_block_row(s_ref[sub], n_i * tn, tn)
+        acc_ref[...] = acc
+
+    @pl.when(valid & (k_i == nk - 1))
+    def _store():
+        rows = mt_ref[t] * tm + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
+        mask = (rows >= st_ref[g]) & (rows < en_ref[g])
+        o_ref[...] = jnp.where(mask, acc_ref[...], o_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
+
+
+def gmm_tpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, interpret=False,
+            config: TpuGroupedConfig | None = None):
+    """TPU grouped matmul, same contract as :func:`gmm_gpu`."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    m, c = x_MC.shape
+    e = w.shape[0]
+    o = w.shape[2] if w_co else w.shape[1]
+    fp8 = is_fp8(w.dtype)
+    cdt = (jnp.bfloat16 if x_MC.dtype == jnp.bfloat16 else x_MC.dtype) if fp8 else \
+        jnp.promote_types(x_MC.dtype, w.dtype)
+    cfg = config or default_tpu_grouped_config(m, o, c)
+    tm, tn, tk = cfg.tm, cfg.tn, cfg.tk
+    cp = round_up(c, QBLOCK)
+    if cp % tk:
+        raise ValueError(f"TPU contraction tile {tk} must divide {cp}")
+    mp = round_up(m, tm)
+    if mp != m or cp != c:
+        x_MC = jnp.pad(x_MC, [(0, mp - m), (0, cp - c)])
+    if cp != c:
+        w = jnp.pad(w, [(0, 0), (0, cp - c), (0, 0)] if w_co else [(0, 0), (0, 0), (0, cp - c)])
+    nk = cp // tk
+    meta = _tpu_gmm_schedule(group_sizes_E, mp, tm)
+    num = meta[0].shape[0]
+
+    def x_map(n_i, t, k_i, g, mt, wg, *_):
+        return mt[t], k_i
+
+    if w_co:
+        w_spec = pl.BlockSpec((None, tk, tn), lambda n_i, t, k_i, g, mt, wg, *_: (wg[t], k_i, n_i))
+    else:
+        w_spec = pl.BlockSpec((None, tn, tk), lambda n_i, t, k_i, g, mt, wg, *_: (wg[t], n_i, k_i))
+    in_specs = [pl.BlockSpec((tm, tk), x_map), w_spec]
+    args = [x_MC, w]
+    if fp8:  # scales as [E, contraction blocks, 1, output blocks]
+        s = w_scale.astype(jnp.float32)
+        s_ecb = s if w_co else jnp.swapaxes(s, 1, 2)
+        s_ec1b = s_ecb[:, :, None, :]
+        in_specs.append(pl.BlockSpec((None, tk // QBLOCK, 1, s_ecb.shape[2]),
+                                     lambda n_i, t, k_i, g, mt, wg, *_: (wg[t], k_i, 0, 0)))
+        args.append(s_ec1b)
+    kernel = functools.partial(_tpu_gmm_kernel, e=e, nk=nk, tm=tm, tn=tn, tk=tk, w_co=w_co, fp8=fp8,
+                               cdt=cdt)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, o), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=6,
+            grid=(cdiv(o, tn), num, nk),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((tm, tn), lambda n_i, t, k_i, g, mt, *_: (mt[t], n_i)),
+            scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        interpret=backend.tpu_interpret_arg(interpret),
+        name="grouped_gemm_tpu",
+    )(*meta, *args)
+    return y[:m] if mp != m else y
+
+
+def _tpu_tgmm_schedule(group_sizes_E, mp: int, tm: int):
+    """Visits (expert, row tile) in row order, one visit for each empty expert (it must write zeros).
+    Returns int32 arrays [T]: expert, row tile, valid, reset-accumulator, store; [E] starts, ends."""
+    e = group_sizes_E.shape[0]
+    sizes = group_sizes_E.astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    ends = starts + sizes
+    tiles = mp // tm
+    first_tile = jnp.minimum(starts // tm, tiles - 1)
+    visits = jnp.where(sizes > 0, (ends + tm - 1) // tm - starts // tm, 1)
+    cum = jnp.cumsum(visits)
+    vstart = cum - visits
+    num = tiles + e
+    t = jnp.arange(num, dtype=jnp.int32)
+    valid = t < cum[-1]
+    t_eff = jnp.where(valid, t, cum[-1] - 1)
+    g = jnp.minimum(jnp.searchsorted(cum, t_eff, side="right"), e - 1).astype(jnp.int32)
+    m_tile = (first_tile[g] + t_eff - vstart[g]).astype(jnp.int32)
+    prev_g = jnp.concatenate([jnp.full((1,), -1, jnp.int32), g[:-1]])
+    next_g = jnp.concatenate([g[1:], jnp.full((1,), -1, jnp.int32)])
+    next_valid = jnp.concatenate([valid[1:], jnp.zeros((1,), bool)])
+    reset = valid & (prev_g != g)
+    store = valid & ((next_g != g) | ~next_valid)
+    i32 = lambda a: a.astype(jnp.int32)
+    return g, m_tile, i32(valid), i32(reset), i32(store), i32(starts), i32(ends)
+
+
+def _tpu_tgmm_kernel(g_ref, mt_ref, valid_ref, reset_ref, store_ref, st_ref, en_ref, x_ref, dy_ref,
+                     o_ref, acc_ref, *, tm, cdt):
+    t = pl.program_id(2)
+    g = g_ref[t]
+    precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+
+    @pl.when(reset_ref[t] == 1)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when((valid_ref[t] == 1) & (en_ref[g] > st_ref[g]))
+    def _accumulate():
+        rows = mt_ref[t] * tm + lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+        keep = (rows >= st_ref[g]) & (rows < en_ref[g])
+        dy = jnp.where(keep, dy_ref[...].astype(jnp.float32), 0.0).astype(cdt)
+        xx = jnp.where(keep, x_ref[...].astype(jnp.float32), 0.0).astype(cdt)
+        acc_ref[...] += jnp.dot(jnp.swapaxes(dy, 0, 1), xx, precision=precision,
+                                preferred_element_type=jnp.float32)
+
+    @pl.when(store_ref[t] == 1)
+    def _store():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
+def tgmm_tpu(x_MK, dy_MN, group_sizes_E, *, out_dtype, interpret=False,
+             config: TpuGroupedConfig | None = None):
+    """``dw [E, N, K]``: per expert ``dy[rows].T @ x[rows]`` (megablox ``tgmm`` design)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    m, k = x_MK.shape
+    n = dy_MN.shape[1]
+    e = group_sizes_E.shape[0]
+    cfg = config or default_tpu_grouped_config(m, n, k)
+    tm = cfg.tm
+    tn = next((t for t in (512, 256, 128) if n % t == 0), n if n < 128 else 128)
+    tk = next((t for t in (512, 256, 128) if k % t == 0), k if k < 128 else 128)
+    mp = round_up(m, tm)
+    if mp != m:
+        x_MK = jnp.pad(x_MK, [(0, mp - m), (0, 0)])
+        dy_MN = jnp.pad(dy_MN, [(0, mp - m), (0, 0)])
+    meta = _tpu_tgmm_schedule(group_sizes_E, mp, tm)
+    num = meta[0].shape[0]
+    cdt = jnp.promote_types(x_MK.dtype, dy_MN.dtype)
+    kernel = functools.partial(_tpu_tgmm_kernel, tm=tm, cdt=cdt)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((e, n, k), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=7,
+            grid=(cdiv(n, tn), cdiv(k, tk), num),
+            in_specs=[pl.BlockSpec((tm, tk), lambda n_i, k_i, t, g, mt, *_: (mt[t], k_i)),
+                      pl.BlockSpec((tm, tn), lambda n_i, k_i, t, g, mt, *_: (mt[t], n_i))],
+            out_specs=pl.BlockSpec((None, tn, tk), lambda n_i, k_i, t, g, *_: (g[t], n_i, k_i)),
+            scratch_shapes=[pltpu.VMEM((tn, tk), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=backend.tpu_interpret_arg(interpret),
+        name="grouped_gemm_dw_tpu",
+    )(*meta, x_MK, dy_MN)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public dispatcher with custom VJP
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gmm_impl(x, w, gs, ws, *, w_co, out_dtype, target, interpret):
+    fn = gmm_gpu if target == "gpu" else gmm_tpu
+    return fn(x, w, gs, w_scale=ws, w_co=w_co, out_dtype=out_dtype, interpret=interpret)
+
+
+def _tgmm_impl(x, dy, gs, *, out_dtype, target, interpret):
+    fn = tgmm_gpu if target == "gpu" else tgmm_tpu
+    return fn(x, dy, gs, out_dtype=out_dtype, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm_with_vjp(x, w, gs, ws, out_dtype, target, interpret):
+    return _gmm_impl(x, w, gs, ws, w_co=False, out_dtype=out_dtype, target=target,
+                     interpret=interpret)
+
+
+def _gmm_fwd(x, w, gs, ws, out_dtype, target, interpret):
+    y = _gmm_impl(x, w, gs, ws, w_co=False, out_dtype=out_dtype, target=target, interpret=interpret)
+    return y, (x, w, gs, ws)
+
+
+def _gmm_bwd(out_dtype, target, interpret, res, dy):
+    x, w, gs, ws = res
+    fp8 = is_fp8(w.dtype)
+    dy_c = dy.astype(x.dtype) if fp8 else dy
+    # dx = dy @ W[g]: the same kernel, reading W as [E, contraction=N, out=K]
+    dx = _gmm_impl(dy_c, w, gs, ws, w_co=True, out_dtype=x.dtype, target=target,
+                   interpret=interpret)
+    dw = None if fp8 else _tgmm_impl(x, dy, gs, out_dtype=w.dtype, target=target,
+                                     interpret=interpret)
+    return dx, dw, None, None
+
+
+_gmm_with_vjp.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def grouped_matmul(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, *,
+                   w_scale: jax.Array | None = None, out_dtype=None, impl: str = "auto") -> jax.Array:
+    """Grouped matmul ``[M, K] x [E, N, K] → [M, N]`` (rows sorted by expert; see module doc).
+
+    ``impl`` picks the Pallas kernel or :func:`grouped_matmul_ref` (see :mod:`kernels_pallas.backend`).
+    Differentiable w.r.t. ``x`` and, for bf16/f32 weights, ``w`` (custom VJP; FP8 weights are frozen).
+    """
+    _check_args(x_MK, w, group_sizes_E, w_scale)
+    target, interpret = backend.split_impl(impl)
+    if target == "ref":
+        return grouped_matmul_ref(x_MK, w, group_sizes_E, w_scale=w_scale, out_dtype=out_dtype)
+    out_dtype = jnp.dtype(x_MK.dtype if out_dtype is None else out_dtype)
+    if x_MK.shape[0] == 0:
+        return jnp.zeros((0, w.shape[1]), out_dtype)
+    return _gmm_with_vjp(x_MK, w, group_sizes_E.astype(jnp.int32), w_scale, out_dtype, target,
+                         interpret)

@@ -1,0 +1,502 @@
+"""Benchmark the kernels_pallas kernels against XLA baselines at the shapes of SPEC §11.
+
+    PYTHONPATH=. python benchmarks/kernels.py            # full shapes (GPU); sweeps a few tile configs
+    PYTHONPATH=. python benchmarks/kernels.py --small    # tiny shapes, a few seconds on CPU (smoke test)
+
+One table per group of shapes; every row is one method at one shape:
+time (median), TFLOP/s, effective GB/s (operands read + output written; for grouped GEMMs only the
+experts that got rows count), speed ratio to the XLA bf16 dot measured in the same run (>1 = faster),
+and the relative Frobenius error against the method's reference.  A baseline that fails (out of
+memory, unsupported) prints ``failed: <reason>`` instead of numbers.
+
+Timing: each method is jitted and compiled first; then one jitted call runs the op ``n`` times in a
+``fori_loop`` whose carry feeds a 0-weighted element of each result back into the next input (so XLA
+cannot hoist or merge the calls, and Python dispatch is not measured), ``block_until_ready``; the
+reported time is the median over ``--reps`` such calls divided by ``n``.
+On CPU the kernel columns run in the Pallas interpreter: their timings are meaningless there, the
+run only checks the plumbing and the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from kernels_pallas import backend  # noqa: E402
+from kernels_pallas._common import dequantize_blocks  # noqa: E402
+from kernels_pallas.fp8_gemm import (GpuConfig, quantize_act_1x128,  # noqa: E402
+                                     scaled_matmul_gpu, scaled_matmul_tpu, w8a8_matmul_ref,
+                                     w8a16_matmul_ref)
+from kernels_pallas.grouped_gemm import (GpuGroupedConfig, gmm_gpu,  # noqa: E402
+                                         gmm_tpu)
+from kernels_pallas.mla_decode import mla_decode, mla_decode_gpu, mla_decode_ref  # noqa: E402
+
+F8 = jnp.float8_e4m3fn
+BF16 = jnp.bfloat16
+
+FULL_DENSE = [("prefill", 4096, 7168, 2048), ("prefill", 4096, 2048, 7168),
+              ("decode", 64, 7168, 2048), ("decode", 64, 2048, 7168)]
+FULL_GROUPED = [("prefill", 32768, 256, 7168, 4096), ("decode", 512, 256, 7168, 4096)]
+SMALL_DENSE = [("prefill", 128, 384, 256), ("decode", 8, 256, 384)]
+FULL_MLA = [("decode", 64, 128, 4096)]  # B, heads, cache length (L=512, R=64)
+SMALL_MLA = [("decode", 2, 16, 100)]
+SMALL_GROUPED = [("prefill", 128, 4, 256, 256), ("decode", 16, 8, 256, 256)]
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+
+def _loop(fn, n):
+    """jit(x, *rest) → runs fn n times, each input x perturbed by 0 * (previous result's [0, 0])."""
+
+    def run(x, *rest):
+        def body(_, carry):
+            y = fn(carry, *rest)
+            y0 = y[0] if isinstance(y, (tuple, list)) else y
+            fb = (y0.reshape(-1)[0].astype(jnp.float32) * 0.0).astype(carry.dtype)
+            return carry.at[(0,) * carry.ndim].add(fb)
+
+        return lax.fori_loop(0, n, body, x)
+
+    return jax.jit(run)
+
+
+def time_fn(fn, args, *, reps, target_s=0.03, max_n=300, quick=False):
+    """Median seconds per call of ``fn(*args)`` (see module doc).  ``quick``: one timed plain call
+    (for interpreted kernels, whose timing means nothing anyway)."""
+    single = jax.jit(fn)
+    jax.block_until_ready(single(*args))  # compile + warm up the single call
+    t0 = time.perf_counter()
+    jax.block_until_ready(single(*args))
+    est = max(time.perf_counter() - t0, 1e-6)  # includes dispatch: n comes out a little small
+    if quick:
+        return est
+    n = int(min(max_n, max(1, math.ceil(target_s / est))))
+    loop = _loop(fn, n)
+    jax.block_until_ready(loop(*args))  # compile + warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(*args))
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def rel_err(a, b):
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+
+def _short(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return msg[:160]
+
+
+# ----------------------------------------------------------------------------------------------
+# rows
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    shape: str
+    method: str
+    ms: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    vs_bf16: float | None = None
+    err: str = ""
+    note: str = ""
+    failed: str | None = None
+
+
+def measure(rows, shape, method, fn, args, *, flops, nbytes, reps, check=None, note="", quick=False):
+    """Time ``fn(*args)``; ``check(out) -> str`` gives the correctness cell."""
+    row = Row(shape, method, note=note)
+    try:
+        out = jax.block_until_ready(jax.jit(fn)(*args))
+        row.err = check(out) if check is not None else ""
+        del out
+        t = time_fn(fn, args, reps=reps, quick=quick)
+        row.ms = t * 1e3
+        row.tflops = flops / t / 1e12
+        row.gbps = nbytes / t / 1e9
+    except Exception as e:  # noqa: BLE001 - a failed baseline is a result, not a crash
+        row.failed = _short(e)
+        if os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+    rows.append(row)
+    return row
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def print_table(title, rows):
+    print(f"\n## {title}\n")
+    hdr = ["shape", "method", "ms", "TFLOP/s", "GB/s", "x XLA bf16", "rel err", "note"]
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in rows:
+        if r.failed:
+            cells = [r.shape, r.method, f"failed: {r.failed}", "", "", "", r.err, r.note]
+        else:
+            cells = [r.shape, r.method, _fmt(r.ms, ".4f"), _fmt(r.tflops, ".1f"), _fmt(r.gbps, ".0f"),
+                     _fmt(r.vs_bf16, ".2f"), r.err, r.note]
+        print("| " + " | ".join(cells) + " |")
+    sys.stdout.flush()
+
+
+def _set_ratios(rows, base_method):
+    by_shape = {}
+    for r in rows:
+        if r.method == base_method and r.ms:
+            by_shape[r.shape] = r.ms
+    for r in rows:
+        if r.ms and r.shape in by_shape:
+            r.vs_bf16 = by_shape[r.shape] / r.ms
+
+
+# ----------------------------------------------------------------------------------------------
+# dense block-scaled FP8 GEMM
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _random_weights(key, shape):
+    """Random weights ``[..., N, K]`` (std 0.02): bf16, and e4m3 with float32 block scales.  Jitted so
+    that XLA fuses the generation (the 256-expert stacks are 15 GB in bf16)."""
+    k1, k2 = jax.random.split(key)
+    n, k = shape[-2:]
+    w = jax.random.normal(k1, shape, jnp.float32) * 0.02
+    ws = jax.random.uniform(k2, (*shape[:-2], -(-n // 128), -(-k // 128)), jnp.float32, 0.5, 2.0) / 64.0
+    s_full = jnp.repeat(jnp.repeat(ws, 128, -2), 128, -1)[..., :n, :k]
+    wq = (w / s_full).clip(-448, 448).astype(F8)
+    return w.astype(BF16), wq, ws
+
+
+def _kernel_configs(target, m, n, k, sweep):
+    if target == "gpu":
+        from kernels_pallas.fp8_gemm import default_gpu_config
+        cfgs = [default_gpu_config(m, n, k)]
+        if sweep:
+            if m >= 256:
+                cfgs += [GpuConfig(128, 256, 1, 8, 3), GpuConfig(64, 128, 1, 4, 4)]
+            else:
+                cfgs += [GpuConfig(64, 16, 2, 4, 4), GpuConfig(64, 64, 4, 4, 3),
+                         GpuConfig(64, 32, 1, 4, 4)]
+        return cfgs
+    if target == "tpu":
+        from kernels_pallas.fp8_gemm import default_tpu_config
+        return [default_tpu_config(m, n, k)]
+    return [None]
+
+
+def bench_dense(cases, *, impl, reps, sweep, key):
+    rows = []
+    target, interpret = backend.split_impl(impl)
+    for phase, m, k, n in cases:
+        shape = f"{phase} {m}x{k}->{n}"
+        k1, k2, key = jax.random.split(key, 3)
+        x = jax.random.normal(k1, (m, k), jnp.float32).astype(BF16)
+        _, wq, ws = _random_weights(k2, (n, k))
+        w_bf16 = dequantize_blocks(wq, ws).astype(BF16)
+        xq, xs = quantize_act_1x128(x)
+        flops = 2.0 * m * n * k
+        out_b = m * n * 2
+        b_bf16 = m * k * 2 + n * k * 2 + out_b
+        b_fp8 = m * k * 2 + n * k + ws.size * 4 + out_b  # bf16 x read, e4m3 weights + scales
+        ref16 = jax.jit(w8a16_matmul_ref)(x, wq, ws)
+        ref8 = jax.jit(w8a8_matmul_ref)(x, wq, ws)
+        chk16 = lambda y: f"{rel_err(y, ref16):.1e}"
+        chk8 = lambda y: f"{rel_err(y, ref8):.1e}"
+
+        measure(rows, shape, "XLA bf16 dot", lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(BF16),
+                (x, w_bf16), flops=flops, nbytes=b_bf16, reps=reps, check=chk16)
+        xq_unscaled = x.astype(jnp.float32).clip(-448, 448).astype(F8)
+        fp8_ref = jnp.dot(xq_unscaled.astype(jnp.float32), wq.astype(jnp.float32).T,
+                          precision=lax.Precision.HIGHEST)
+        measure(rows, shape, "XLA fp8 dot, no scales",
+                lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(BF16),
+                (xq_unscaled, wq), flops=flops, nbytes=m * k + n * k + out_b, reps=reps,
+                check=lambda y: f"{rel_err(y, fp8_ref):.1e}", note="e4m3 x e4m3, unscaled")
+        measure(rows, shape, "dequantize then dot (jnp ref)",
+                lambda a, b, c: w8a16_matmul_ref(a, b, c), (x, wq, ws), flops=flops, nbytes=b_fp8,
+                reps=reps, check=chk16)
+        if target == "ref":
+            continue
+        for variant in ("w8a8", "w8a16"):
+            best = None
+            for cfg in _kernel_configs(target, m, n, k, sweep):
+                fn_k = scaled_matmul_gpu if target == "gpu" else scaled_matmul_tpu
+
+                def run(a, b, c, cfg=cfg, variant=variant, fn_k=fn_k):
+                    if variant == "w8a8":
+                        aq, as_ = quantize_act_1x128(a)
+                        return fn_k(aq, as_, b, c, out_dtype=BF16, interpret=interpret, config=cfg)
+                    return fn_k(a, None, b, c, out_dtype=BF16, interpret=interpret, config=cfg)
+
+                tmp = []
+                r = measure(tmp, shape, f"kernel {variant}", run, (x, wq, ws), flops=flops,
+                            nbytes=b_fp8, reps=reps, check=chk8 if variant == "w8a8" else chk16,
+                            note=_cfg_str(cfg) + (" (interpret)" if interpret else ""), quick=interpret)
+                if best is None or (r.ms is not None and (best.ms is None or r.ms < best.ms)):
+                    best = r
+                if len(_kernel_configs(target, m, n, k, sweep)) > 1:
+                    print(f"  sweep {shape} {variant} {r.note}: "
+                          f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s  {r.gbps:.0f} GB/s'}")
+            rows.append(best)
+        del x, wq, ws, w_bf16, xq, xs
+    _set_ratios(rows, "XLA bf16 dot")
+    return rows
+
+
+def _cfg_str(cfg):
+    if cfg is None:
+        return ""
+    return ",".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped expert GEMM
+# ----------------------------------------------------------------------------------------------
+
+
+def _group_sizes(key, m, e):
+    """Random routing-like group sizes: m rows spread over e experts (multinomial)."""
+    ids = jax.random.randint(key, (m,), 0, e)
+    return jnp.bincount(ids, length=e).astype(jnp.int32)
+
+
+def _grouped_check(y, x, w, ws, sizes, n_check=4):
+    """Relative error on a few experts with rows, against x[rows] @ dequant(w[e]).T in float32
+    (the full ragged_dot reference does not fit in memory at 256 experts)."""
+    sizes_np = np.asarray(sizes)
+    starts = np.cumsum(sizes_np) - sizes_np
+    nonempty = np.nonzero(sizes_np)[0]
+    pick = nonempty[np.linspace(0, len(nonempty) - 1, min(n_check, len(nonempty))).astype(int)]
+    num = den = 0.0
+    for g in pick:
+        s, c = int(starts[g]), int(sizes_np[g])
+        wg = dequantize_blocks(w[g], ws[g]) if ws is not None else w[g].astype(jnp.float32)
+        ref = jnp.dot(x[s:s + c].astype(jnp.float32), wg.astype(x.dtype).astype(jnp.float32).T,
+                      precision=lax.Precision.HIGHEST)
+        num += float(jnp.sum((y[s:s + c].astype(jnp.float32) - ref) ** 2))
+        den += float(jnp.sum(ref ** 2))
+    return f"{math.sqrt(num / max(den, 1e-30)):.1e} ({len(pick)} experts)"
+
+
+def _grouped_configs(target, m, e, n, k, fp8, sweep):
+    if target == "gpu":
+        from kernels_pallas.grouped_gemm import default_gpu_grouped_config
+        cfgs = [default_gpu_grouped_config(m, e, n, k, fp8)]
+        if sweep:
+            bk = 128 if fp8 else 64
+            if m // e >= 64:
+                cfgs += [GpuGroupedConfig(bm=64, bn=128, bk=bk, num_warps=4, num_stages=4),
+                         GpuGroupedConfig(bm=128, bn=256, bk=bk if fp8 else 32, num_warps=8,
+                                          num_stages=3)]
+            else:
+                cfgs += [GpuGroupedConfig(bm=16, bn=128, bk=bk, num_warps=4, num_stages=4)]
+        return cfgs
+    if target == "tpu":
+        return [None]
+    return [None]
+
+
+def bench_grouped(cases, *, impl, reps, sweep, key):
+    rows = []
+    target, interpret = backend.split_impl(impl)
+    for phase, m, e, k, n in cases:
+        shape = f"{phase} {m} rows/{e} experts {k}->{n}"
+        k1, k2, k4, key = jax.random.split(key, 4)
+        sizes = _group_sizes(k4, m, e)
+        touched = int(jnp.sum(sizes > 0))
+        x = jax.random.normal(k1, (m, k), jnp.float32).astype(BF16)
+        w_bf16, wq, ws = _random_weights(k2, (e, n, k))
+        flops = 2.0 * m * n * k
+        out_b = m * n * 2
+        b_bf16 = m * k * 2 + touched * n * k * 2 + out_b
+        b_fp8 = m * k * 2 + touched * (n * k + ws[0].size * 4) + out_b
+        note_t = f"{touched} experts with rows"
+
+        # XLA baselines: one dense bf16 / fp8 matmul of the same FLOPs, and ragged_dot
+        wd = w_bf16[0]
+        measure(rows, shape, "XLA bf16 dot", lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(BF16),
+                (x, wd), flops=flops, nbytes=m * k * 2 + n * k * 2 + out_b, reps=reps,
+                note="one dense [K,N] weight, same FLOPs")
+        xq_unscaled = x.astype(jnp.float32).clip(-448, 448).astype(F8)
+        measure(rows, shape, "XLA fp8 dot, no scales",
+                lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(BF16),
+                (xq_unscaled, wq[0]), flops=flops, nbytes=m * k + n * k + out_b, reps=reps,
+                note="one dense [K,N] weight, same FLOPs")
+        measure(rows, shape, "XLA ragged_dot bf16",
+                lambda a, b, s: lax.ragged_dot(a, jnp.swapaxes(b, 1, 2), s,
+                                               preferred_element_type=jnp.float32).astype(BF16),
+                (x, w_bf16, sizes), flops=flops, nbytes=b_bf16, reps=reps,
+                check=lambda y: _grouped_check(y, x, w_bf16, None, sizes))
+        measure(rows, shape, "dequantize then ragged_dot",
+                lambda a, b, c, s: lax.ragged_dot(a, jnp.swapaxes(dequantize_blocks(b, c).astype(BF16), 1, 2), s,
+                                                  preferred_element_type=jnp.float32).astype(BF16),
+                (x, wq, ws, sizes), flops=flops, nbytes=b_fp8, reps=reps,
+                check=lambda y: _grouped_check(y, x, wq, ws, sizes))
+        if target != "ref":
+            for fp8 in (False, True):
+                w_arg = wq if fp8 else w_bf16
+                best = None
+                cfgs = _grouped_configs(target, m, e, n, k, fp8, sweep)
+                for cfg in cfgs:
+                    fn_k = gmm_gpu if target == "gpu" else gmm_tpu
+
+                    def run(a, b, c, s, cfg=cfg, fp8=fp8, fn_k=fn_k):
+                        return fn_k(a, b, s, w_scale=c if fp8 else None, out_dtype=BF16,
+                                    interpret=interpret, config=cfg)
+
+                    tmp = []
+                    r = measure(tmp, shape, f"kernel {'fp8' if fp8 else 'bf16'}", run,
+                                (x, w_arg, ws, sizes), flops=flops, nbytes=b_fp8 if fp8 else b_bf16,
+                                reps=reps,
+                                check=lambda y, fp8=fp8, w_arg=w_arg: _grouped_check(
+                                    y, x, w_arg, ws if fp8 else None, sizes),
+                                note="; ".join(filter(None, [note_t, _cfg_str(cfg)]))
+                                + (" (interpret)" if interpret else ""), quick=interpret)
+                    if best is None or (r.ms is not None and (best.ms is None or r.ms < best.ms)):
+                        best = r
+                    if len(cfgs) > 1:
+                        print(f"  sweep {shape} {r.method} {_cfg_str(cfg)}: "
+                              f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s  {r.gbps:.0f} GB/s'}")
+                rows.append(best)
+        del x, w_bf16, wq, ws
+    _set_ratios(rows, "XLA bf16 dot")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# MLA decode attention over the latent cache
+# ----------------------------------------------------------------------------------------------
+
+
+def _mla_jnp_bf16(ql, qp, cache, lens, *, scale, l):
+    """What a plain-jnp absorbed decode does: bf16 einsums, float32 softmax."""
+    s = (jnp.einsum("bhl,bsl->bhs", ql, cache[..., :l], preferred_element_type=jnp.float32)
+         + jnp.einsum("bhr,bsr->bhs", qp, cache[..., l:], preferred_element_type=jnp.float32)) * scale
+    s = jnp.where(jnp.arange(cache.shape[1])[None, None, :] < lens[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhs,bsl->bhl", p.astype(cache.dtype), cache[..., :l],
+                      preferred_element_type=jnp.float32)
+
+
+def bench_mla(cases, *, impl, reps, sweep, key):
+    rows = []
+    target, interpret = backend.split_impl(impl)
+    l, r = 512, 64
+    for phase, b, h, t in cases:
+        shape = f"{phase} B={b} H={h} T={t}"
+        k1, k2, k3 = jax.random.split(key, 3)
+        ql = jax.random.normal(k1, (b, h, l), jnp.float32).astype(BF16)
+        qp = jax.random.normal(k2, (b, h, r), jnp.float32).astype(BF16)
+        cache = jax.random.normal(k3, (b, t, l + r), jnp.float32).astype(BF16)
+        lens = jnp.full((b,), t, jnp.int32)
+        scale = 1.0 / math.sqrt(192)
+        ref = jax.jit(functools.partial(mla_decode_ref, scale=scale, kv_lora_rank=l))(ql, qp, cache, lens)
+        chk = lambda o: f"{rel_err(o, ref):.1e}"
+        flops = 2.0 * b * h * t * (2 * l + r)
+        nbytes = cache.size * 2 + (ql.size + qp.size) * 2 + b * h * l * 4
+        measure(rows, shape, "plain jnp (bf16 einsums)",
+                lambda a, c, d, e: _mla_jnp_bf16(a, c, d, e, scale=scale, l=l),
+                (ql, qp, cache, lens), flops=flops, nbytes=nbytes, reps=reps, check=chk)
+        if target == "ref":
+            continue
+        cfgs = [{}]
+        if target == "gpu" and sweep:
+            cfgs += [dict(block_h=16, block_t=64), dict(block_h=64, block_t=32, num_warps=8)]
+        for cfg in cfgs:
+            if target == "gpu":
+                fn = lambda a, c, d, e, cfg=cfg: mla_decode_gpu(a, c, d, e, scale=scale, kv_lora_rank=l,
+                                                                interpret=interpret, **cfg)
+            else:
+                fn = lambda a, c, d, e: mla_decode(a, c, d, e, scale=scale, kv_lora_rank=l, impl=impl)
+            measure(rows, shape, "kernel", fn, (ql, qp, cache, lens), flops=flops, nbytes=nbytes,
+                    reps=reps, check=chk, quick=interpret,
+                    note=(",".join(f"{k}={v}" for k, v in cfg.items()) or "default")
+                    + (" (interpret)" if interpret else ""))
+    for row in rows:  # the ratio column is against the plain-jnp version here
+        base = next((x.ms for x in rows if x.shape == row.shape and x.method.startswith("plain")), None)
+        if base and row.ms:
+            row.vs_bf16 = base / row.ms
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--impl", default=None,
+                    help="kernel impl (default: the backend's Pallas kernel; on CPU the interpreter)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
+    ap.add_argument("--no-sweep", action="store_true", help="only the default tile config")
+    ap.add_argument("--only", choices=["dense", "grouped", "mla"], default=None)
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+
+    platform = jax.default_backend()
+    impl = args.impl or ("pallas" if platform in ("gpu", "tpu") else "interpret_gpu")
+    reps = args.reps or (3 if args.small else 5)
+    sweep = not args.no_sweep and not args.small and platform == "gpu"
+    dev = jax.devices()[0]
+    print(f"# kernels_pallas benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"jax {jax.__version__}, backend {platform}, device {getattr(dev, 'device_kind', dev)}, "
+          f"impl {backend.resolve_impl(impl)}, reps {reps}, sweep {sweep}, "
+          f"{'small' if args.small else 'full'} shapes")
+    key = jax.random.key(0)
+    all_rows = []
+    if args.only in (None, "dense"):
+        rows = bench_dense(SMALL_DENSE if args.small else FULL_DENSE, impl=impl, reps=reps,
+                           sweep=sweep, key=key)
+        print_table("Block-scaled FP8 GEMM (x bf16 [M,K], W e4m3 [N,K] + 128x128 f32 scales, bf16 out)",
+                    rows)
+        all_rows += rows
+    if args.only in (None, "grouped"):
+        rows = bench_grouped(SMALL_GROUPED if args.small else FULL_GROUPED, impl=impl, reps=reps,
+                             sweep=sweep, key=jax.random.fold_in(key, 1))
+        print_table("Grouped expert GEMM (rows sorted by expert, W [E,N,K], bf16 out)", rows)
+        all_rows += rows
+    if args.only in (None, "mla"):
+        rows = bench_mla(SMALL_MLA if args.small else FULL_MLA, impl=impl, reps=reps, sweep=sweep,
+                         key=jax.random.fold_in(key, 2))
+        print_table("MLA absorbed decode attention (bf16 latent cache [c | k_pe], L=512, R=64; "
+                    "'x XLA bf16' here = vs the plain-jnp version; GB/s = cache + q read, o written)",
+                    rows)
+        all_rows += rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in all_rows], f, indent=1)
+    print("\nGB/s: operands read + output written (grouped: only experts with rows); "
+          "x XLA bf16: time of the XLA bf16 dot at the same shape / this time (>1 = faster).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""``deepseek-jax plan``: per-device memory of a config on a mesh, compiled for fake CPU devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from deepseek_jax.errors import DeepSeekError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="per-device bytes of weights, cache and temporaries on a mesh",
+                       description="Builds the abstract model, lowers and compiles the prefill and decode "
+                                   "steps for a fake CPU mesh with the same device count, and prints "
+                                   "per-device memory and whether it fits the named device.")
+    p.add_argument("--config", required=True, help="preset name (configs/) or config.json / checkpoint dir")
+    p.add_argument("--mesh", required=True, help="e.g. data=1,expert=16,model=1")
+    p.add_argument("--rules", default="ep_tp", choices=("ep_tp", "ep_dp"), help="sharding preset")
+    p.add_argument("--dtype", choices=("fp8", "bf16"), default=None,
+                   help="weight format (default: the config's: fp8 when it has quantization_config)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--max-len", type=int, default=4096, help="cache length per sequence")
+    p.add_argument("--prompt-len", type=int, default=None, help="prefill length (default min(max-len, 4096))")
+    p.add_argument("--device", default="h200", help="h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4")
+    p.add_argument("--no-compile", action="store_true", help="weights and cache only (seconds instead of minutes)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from deepseek_jax.config import load_config
+    from deepseek_jax.sharding import MESH_AXES, parse_mesh
+
+    if args.batch < 1 or args.max_len < 1:
+        raise DeepSeekError("--batch and --max-len must be positive")
+    cfg = load_config(args.config)
+    if args.dtype:
+        cfg = cfg.replace(fp8=args.dtype == "fp8")
+    sizes = parse_mesh(args.mesh, 1 << 30)
+    n = math.prod(sizes[a] for a in MESH_AXES)
+    import jax
+    try:  # a fake CPU mesh of the requested size; only possible before jax's backends start
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+    except Exception:  # noqa: BLE001 - already initialised: make_plan checks the count
+        pass
+    from deepseek_jax.plan import make_plan
+    plan = make_plan(cfg, sizes, rules=args.rules, batch=args.batch, max_len=args.max_len,
+                     prompt_len=args.prompt_len, device=args.device, compile_steps=not args.no_compile)
+    if args.json:
+        print(json.dumps({"mesh": plan.mesh, "weights": plan.weights, "weights_total": plan.weights_total,
+                          "cache": plan.cache, "prefill_temp": plan.prefill_temp, "decode_temp": plan.decode_temp,
+                          "decode_args": plan.decode_args, "peak": plan.peak, "device": plan.device,
+                          "capacity": plan.capacity, "fits": plan.fits}))
+    else:
+        print(f"{cfg.num_hidden_layers} layers, {'FP8' if cfg.fp8 else 'BF16'} weights, batch {args.batch}, "
+              f"max-len {args.max_len}, rules {args.rules}")
+        print(plan.table())
+    return 0

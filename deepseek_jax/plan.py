@@ -1,0 +1,143 @@
+"""Memory plan: per-device bytes of weights, latent cache and temporaries for a config on a mesh.
+
+Weights and cache are counted from the sharding rules (exact: the bytes each device's shard
+holds). Temporaries come from XLA: the prefill and decode steps are lowered and compiled for a
+fake CPU mesh with the same number of devices, and ``memory_analysis()`` of each executable is
+read. (CPU lowering: the GPU/TPU kernels' temporaries differ; treat that column as an estimate.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from deepseek_jax.config import DeepSeekConfig
+from deepseek_jax.errors import DeepSeekError
+
+GiB = 1024 ** 3
+# Usable accelerator memory per device (bytes): HBM capacity as the vendors state it.
+DEVICES = {
+    "h200": 141e9, "h100": 80e9, "h800": 80e9, "a100": 80e9, "b200": 192e9, "mi300x": 192e9,
+    "v5p": 95e9, "v6e": 32e9, "v5e": 16e9, "v4": 32e9, "cpu": 64e9,
+}
+
+
+@dataclasses.dataclass
+class Plan:
+    mesh: dict[str, int]
+    weights: int            # bytes per device (max over devices)
+    weights_total: int      # bytes of the whole model
+    cache: int              # latent cache bytes per device
+    decode_temp: int        # XLA temporaries of one decode step
+    prefill_temp: int       # XLA temporaries of the prefill
+    decode_args: int        # what XLA counts as the decode step's arguments (weights+cache+inputs)
+    device: str
+    capacity: float
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.cache + max(self.decode_temp, self.prefill_temp)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.capacity
+
+    def table(self) -> str:
+        rows = [("mesh", " x ".join(f"{k}={v}" for k, v in self.mesh.items())),
+                ("weights / device", _fmt(self.weights)),
+                ("weights, whole model", _fmt(self.weights_total)),
+                ("latent cache / device", _fmt(self.cache)),
+                ("prefill temporaries / device", _fmt(self.prefill_temp)),
+                ("decode temporaries / device", _fmt(self.decode_temp)),
+                ("peak / device", _fmt(self.peak)),
+                (f"{self.device} memory", _fmt(int(self.capacity))),
+                ("fits", "yes" if self.fits else "NO")]
+        w = max(len(r[0]) for r in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GiB:10.2f} GiB  ({n:,} B)"
+
+
+def shard_bytes(shape, dtype, spec, mesh_shape) -> int:
+    """Bytes of one device's shard of an array with a PartitionSpec."""
+    import numpy as np
+
+    n = 1
+    for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if ax is None:
+            n *= dim
+        else:
+            axes = (ax,) if isinstance(ax, str) else ax
+            n *= dim // math.prod(mesh_shape[a] for a in axes)
+    return n * np.dtype(dtype).itemsize
+
+
+def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "ep_tp", batch: int = 1,
+              max_len: int = 4096, prompt_len: int | None = None, device: str = "h200",
+              compile_steps: bool = True) -> Plan:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from deepseek_jax import sharding
+    from deepseek_jax.cache import LatentCache
+    from deepseek_jax.checkpoint import abstract_model
+    from deepseek_jax.quant import Precision
+
+    if device not in DEVICES:
+        raise DeepSeekError(f"--device {device!r} unknown (one of: {', '.join(sorted(DEVICES))})")
+    if max_len > cfg.max_position_embeddings:
+        raise DeepSeekError(f"--max-len {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    n = math.prod(mesh_shape.values())
+    if jax.device_count() < n:
+        raise DeepSeekError(f"plan needs {n} (fake) devices, this process has {jax.device_count()}")
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
+    rule_table = sharding.RULES[rules]
+    prec = Precision(dtype=jnp.bfloat16)
+    model = abstract_model(cfg, prec, with_mtp=False)
+    specs = sharding.model_param_specs(model, mesh_shape, rule_table)
+    graphdef, state = nnx.split(model)
+    flat = list(nnx.to_flat_state(state))
+    weights = total = 0
+    for p, v in flat:
+        path = tuple(str(x) for x in p)
+        weights += shard_bytes(v.shape, v.dtype, specs[path], mesh_shape)
+        total += math.prod(v.shape) * np.dtype(v.dtype).itemsize
+    cache_abs = jax.eval_shape(lambda: LatentCache.zeros(cfg, batch, max_len, jnp.bfloat16))
+    cache = sum(shard_bytes(a.shape, a.dtype, sharding.cache_spec(mesh_shape, rule_table, a.shape), mesh_shape)
+                for a in jax.tree.leaves(cache_abs))
+    decode_temp = prefill_temp = decode_args = 0
+    if compile_steps:
+        sharding.attach_mesh(model, mesh, rules)
+        graphdef, state = nnx.split(model)
+        st_sh = nnx.from_flat_state([(p, v.replace(NamedSharding(mesh, specs[tuple(str(x) for x in p)])))
+                                     for p, v in flat])
+        c_sh = jax.tree.map(lambda a: NamedSharding(mesh, sharding.cache_spec(mesh_shape, rule_table, a.shape)),
+                            cache_abs)
+        tok_sh = NamedSharding(mesh, sharding.resolve(("batch", "seq"), (batch, 1), mesh_shape, rule_table))
+
+        def decode(st, c, ids, pos):
+            out = nnx.merge(graphdef, st)(ids, pos, cache=c, absorbed=True)
+            return out.logits, out.cache
+
+        def prefill(st, c, ids):
+            out = nnx.merge(graphdef, st)(ids, cache=c, logits=False)
+            return out.hidden[:, -1], out.cache
+
+        T = prompt_len or min(max_len, 4096)
+        ids_sds = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+        with jax.set_mesh(mesh):
+            dec = jax.jit(decode, in_shardings=(st_sh, c_sh, tok_sh, tok_sh), donate_argnums=(1,)).lower(
+                state, cache_abs, ids_sds, ids_sds).compile()
+            pre_sh = NamedSharding(mesh, sharding.resolve(("batch", "seq"), (batch, T), mesh_shape, rule_table))
+            pre = jax.jit(prefill, in_shardings=(st_sh, c_sh, pre_sh), donate_argnums=(1,)).lower(
+                state, cache_abs, jax.ShapeDtypeStruct((batch, T), jnp.int32)).compile()
+        dm, pm = dec.memory_analysis(), pre.memory_analysis()
+        decode_temp, prefill_temp = int(dm.temp_size_in_bytes), int(pm.temp_size_in_bytes)
+        decode_args = int(dm.argument_size_in_bytes)
+    return Plan(dict(mesh_shape), weights, total, cache, decode_temp, prefill_temp, decode_args, device,
+                DEVICES[device])

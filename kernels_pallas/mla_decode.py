@@ -1,0 +1,231 @@
+"""MLA absorbed decode attention over the latent cache (one new query token per sequence).
+
+The cache holds, per token, ``[c (L = kv_lora_rank) | k_pe (R)]`` (``C = L + R``, e.g. 512 + 64).
+For each sequence ``b`` and head ``h``::
+
+    s[t] = (q_lat[b, h] · c[b, t] + q_pe[b, h] · k_pe[b, t]) * scale        for t < lengths[b]
+    p    = softmax(s)   (float32)
+    o[b, h] = Σ_t p[t] c[b, t]                                               → [B, H, L] float32
+
+A sequence with ``lengths[b] == 0`` gives ``o = 0``.
+
+Kernels (online softmax, one pass over the cache; blocks past a sequence's length are never read):
+
+* GPU (Triton-lowered Pallas): grid ``(sequence, head block)``; each program loops over the sequence's
+  ``bt``-token cache blocks up to its length (masked loads), all its heads at once.
+* TPU (Mosaic TPU): grid ``(sequence, cache block)``, all heads per step, float32 running max / sum /
+  accumulator in VMEM; the cache ``BlockSpec`` index is clamped to the sequence's last block via the
+  scalar-prefetched lengths, so steps past the length cause no DMA and skip compute.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
+
+from kernels_pallas import backend
+from kernels_pallas._common import cdiv, next_pow2
+
+__all__ = ["mla_decode_ref", "mla_decode"]
+
+_NEG = -1e30  # finite "minus infinity" for the running max (avoids inf - inf)
+
+
+def _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank):
+    b, h, l = q_lat_BHL.shape
+    if l != kv_lora_rank:
+        raise ValueError(f"q_lat last dim {l} != kv_lora_rank {kv_lora_rank}")
+    if q_pe_BHR.shape[:2] != (b, h):
+        raise ValueError(f"q_pe shape {q_pe_BHR.shape} does not match q_lat {q_lat_BHL.shape}")
+    r = q_pe_BHR.shape[2]
+    if cache_BSC.ndim != 3 or cache_BSC.shape[0] != b or cache_BSC.shape[2] != l + r:
+        raise ValueError(f"cache shape {cache_BSC.shape} != [B={b}, S, L+R={l + r}]")
+    if lengths_B.shape != (b,):
+        raise ValueError(f"lengths shape {lengths_B.shape} != ({b},)")
+
+
+def mla_decode_ref(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float,
+                   kv_lora_rank: int) -> jax.Array:
+    """Plain-jnp reference (float32 throughout) → ``o_BHL`` float32."""
+    _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank)
+    f32 = jnp.float32
+    hp = lax.Precision.HIGHEST
+    c_BSL = cache_BSC[..., :kv_lora_rank].astype(f32)
+    kpe_BSR = cache_BSC[..., kv_lora_rank:].astype(f32)
+    s_BHS = (jnp.einsum("bhl,bsl->bhs", q_lat_BHL.astype(f32), c_BSL, precision=hp)
+             + jnp.einsum("bhr,bsr->bhs", q_pe_BHR.astype(f32), kpe_BSR, precision=hp)) * scale
+    valid_BS = jnp.arange(cache_BSC.shape[1])[None, :] < lengths_B[:, None]
+    s_BHS = jnp.where(valid_BS[:, None, :], s_BHS, -jnp.inf)
+    m = jnp.max(s_BHS, axis=-1, keepdims=True)
+    p = jnp.exp(s_BHS - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    return jnp.einsum("bhs,bsl->bhl", p, c_BSL, precision=hp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU kernel (Triton-lowered Pallas)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, *, h, l, r, bh, bt, scale):
+    b, hb = pl.program_id(0), pl.program_id(1)
+    n = len_ref[b]
+    h0 = hb * bh
+    h_ok = (h0 + jnp.arange(bh) < h) if h % bh else None
+
+    def load(ref, mask):
+        if mask is None:
+            return plgpu_triton.load(ref)
+        return plgpu_triton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))
+
+    ql = load(ql_ref.at[b, pl.ds(h0, bh), :], None if h_ok is None else h_ok[:, None])  # [bh, L]
+    qp = load(qp_ref.at[b, pl.ds(h0, bh), :], None if h_ok is None else h_ok[:, None])  # [bh, R]
+    prec = lax.Precision.HIGHEST if c_ref.dtype == jnp.float32 else None
+    nt = lambda a, x: lax.dot_general(a, x, (((1,), (1,)), ((), ())), precision=prec,
+                                      preferred_element_type=jnp.float32)
+
+    def body(i, carry):
+        m, s_sum, acc = carry
+        t0 = i * bt
+        t_ok = t0 + jnp.arange(bt) < n
+        c = load(c_ref.at[b, pl.ds(t0, bt), pl.ds(0, l)], t_ok[:, None])  # [bt, L]
+        kp = load(c_ref.at[b, pl.ds(t0, bt), pl.ds(l, r)], t_ok[:, None])  # [bt, R]
+        s = (nt(ql, c) + nt(qp, kp)) * scale  # [bh, bt]
+        s = jnp.where(t_ok[None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        s_sum = s_sum * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + lax.dot_general(p.astype(c.dtype), c, (((1,), (0,)), ((), ())),
+                                                     precision=prec,
+                                                     preferred_element_type=jnp.float32)
+        return m_new, s_sum, acc
+
+    init = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
+            jnp.zeros((bh, l), jnp.float32))
+    _, s_sum, acc = lax.fori_loop(0, (n + bt - 1) // bt, body, init)
+    o = jnp.where(s_sum[:, None] > 0, acc / jnp.where(s_sum > 0, s_sum, 1.0)[:, None], 0.0)
+    if h_ok is None:
+        plgpu_triton.store(o_ref.at[b, pl.ds(h0, bh), :], o.astype(o_ref.dtype))
+    else:
+        plgpu_triton.store(o_ref.at[b, pl.ds(h0, bh), :], o.astype(o_ref.dtype), mask=h_ok[:, None])
+
+
+def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
+                   interpret=False, block_h: int | None = None, block_t: int = 32,
+                   num_warps: int = 8, num_stages: int = 2):
+    """GPU kernel; heads in blocks of ``block_h`` (the cache of a sequence is read once per head
+    block, the later reads mostly from L2), tokens in blocks of ``block_t``."""
+    bsz, h, l = q_lat_BHL.shape
+    r = q_pe_BHR.shape[2]
+    bh = block_h or min(32, max(16, next_pow2(h)))
+    kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((bsz, h, l), jnp.float32),
+        grid=(bsz, cdiv(h, bh)),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="mla_decode_gpu",
+    )(lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TPU kernel (Mosaic TPU)
+# ---------------------------------------------------------------------------------------------------
+
+_LANES = 128
+
+
+def _tpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, m_ref, s_ref, acc_ref, *, l, bt, scale):
+    b, j = pl.program_id(0), pl.program_id(1)
+    n = len_ref[b]
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full_like(m_ref, _NEG)
+        s_ref[...] = jnp.zeros_like(s_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(j * bt < n)
+    def _step():
+        t_ok = j * bt + lax.broadcasted_iota(jnp.int32, (bt, 1), 0) < n  # [bt, 1]
+        blk = c_ref[...]
+        c = jnp.where(t_ok, blk[:, :l], 0).astype(blk.dtype)  # [bt, L]; rows past n may be garbage
+        kp = jnp.where(t_ok, blk[:, l:], 0).astype(blk.dtype)  # [bt, R]
+        dims = (((1,), (1,)), ((), ()))
+        prec = lax.Precision.HIGHEST if blk.dtype == jnp.float32 else None
+        s = (lax.dot_general(ql_ref[...], c, dims, precision=prec, preferred_element_type=jnp.float32)
+             + lax.dot_general(qp_ref[...], kp, dims, precision=prec,
+                               preferred_element_type=jnp.float32)) * scale
+        t_row = j * bt + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where(t_row < n, s, -jnp.inf)  # [H, bt]
+        m_prev = m_ref[:, :1]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        alpha = jnp.exp(m_prev - m_new)
+        p = jnp.exp(s - m_new)
+        s_ref[...] = s_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+        acc_ref[...] = acc_ref[...] * alpha + jnp.dot(p.astype(c.dtype), c, precision=prec,
+                                                      preferred_element_type=jnp.float32)
+        m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _finish():
+        tot = s_ref[:, :1]
+        o_ref[...] = jnp.where(tot > 0, acc_ref[...] / jnp.where(tot > 0, tot, 1.0), 0.0)
+
+
+def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
+                   interpret=False, block_t: int = 128):
+    """TPU kernel; all heads per grid step, ``block_t`` tokens per step."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    bsz, h, l = q_lat_BHL.shape
+    r = q_pe_BHR.shape[2]
+    s_len, c_dim = cache_BSC.shape[1:]
+    bt = min(block_t, s_len)
+    nblk = cdiv(s_len, bt)
+
+    def cache_map(b, j, lens):  # clamp to the last block holding tokens: no DMA past the length
+        last = jnp.maximum((lens[b] + bt - 1) // bt - 1, 0)
+        return b, jnp.minimum(j, last), 0
+
+    kernel = functools.partial(_tpu_mla_kernel, l=l, bt=bt, scale=scale)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((bsz, h, l), jnp.float32),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(bsz, nblk),
+            in_specs=[pl.BlockSpec((None, h, l), lambda b, j, lens: (b, 0, 0)),
+                      pl.BlockSpec((None, h, r), lambda b, j, lens: (b, 0, 0)),
+                      pl.BlockSpec((None, bt, c_dim), cache_map)],
+            out_specs=pl.BlockSpec((None, h, l), lambda b, j, lens: (b, 0, 0)),
+            scratch_shapes=[pltpu.VMEM((h, _LANES), jnp.float32),
+                            pltpu.VMEM((h, _LANES), jnp.float32),
+                            pltpu.VMEM((h, l), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=backend.tpu_interpret_arg(interpret),
+        name="mla_decode_tpu",
+    )(lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
+
+
+def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lora_rank: int,
+               impl: str = "auto") -> jax.Array:
+    """Absorbed MLA decode attention → ``o_BHL`` float32 (see module doc); ``impl`` as in
+    :mod:`kernels_pallas.backend`."""
+    _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank)
+    target, interpret = backend.split_impl(impl)
+    if target == "ref":
+        return mla_decode_ref(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
+                              kv_lora_rank=kv_lora_rank)
+    fn = mla_decode_gpu if target == "gpu" else mla_decode_tpu
+    return fn(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
+              interpret=interpret)

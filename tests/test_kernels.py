@@ -1,0 +1,522 @@
+"""Tests of kernels_pallas: references against float64 numpy, Pallas kernels (interpret mode on CPU)
+against the references.
+
+Tolerances (relative Frobenius error, ``||a - b|| / ||b||``):
+
+* references vs float64 numpy with float32 inputs: 1e-5 (float32 accumulation of the same products).
+* kernels vs references, bf16 activations and outputs: 1e-2 (a few bf16 ulps, 2^-8 = 3.9e-3 per
+  element; the W8A16 kernels also skip the reference's bf16 rounding of the dequantized weights).
+* kernels vs references, float32 activations and outputs: 1e-5.
+* W8A8 kernel vs W8A8 reference: 1e-5 in float32 (identical quantization, same block products).
+
+Interpret mode is slow, so shapes are small; anything slower is ``@pytest.mark.slow``.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import backend
+from kernels_pallas.fp8_gemm import (quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref, w8a16_matmul,
+                                     w8a16_matmul_ref)
+from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
+from kernels_pallas.mla_decode import mla_decode, mla_decode_ref
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
+F8 = jnp.float8_e4m3fn
+BF16_TOL = 1e-2
+F32_TOL = 1e-5
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    denom = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / (denom if denom > 0 else 1.0))
+
+
+def make_fp8_weight(rng, n, k, *, scale=1.0, zero_blocks=()):
+    """Random e4m3 weight [n, k] and float32 block scales [ceil(n/128), ceil(k/128)]."""
+    w = rng.standard_normal((n, k)).astype(np.float32) * 64.0
+    wq = np.array(jnp.asarray(np.clip(w, -448, 448)).astype(F8))
+    ws = (rng.uniform(0.5, 2.0, (-(-n // 128), -(-k // 128))) * scale / 64.0).astype(np.float32)
+    for nb, kb in zero_blocks:
+        wq[nb * 128:(nb + 1) * 128, kb * 128:(kb + 1) * 128] = 0
+    return jnp.asarray(wq), jnp.asarray(ws)
+
+
+def np_dequant(wq, ws):
+    wq = np.asarray(jnp.asarray(wq, jnp.float32), np.float64)
+    n, k = wq.shape[-2:]
+    s = np.repeat(np.repeat(np.asarray(ws, np.float64), 128, axis=-2), 128, axis=-1)
+    return wq * s[..., :n, :k]
+
+
+def np_quantize_1x128(x):
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    kb = -(-k // 128)
+    xq = np.zeros_like(x)
+    xs = np.zeros((m, kb), np.float32)
+    for b in range(kb):
+        blk = x[:, b * 128:(b + 1) * 128]
+        s = np.maximum(np.abs(blk).max(axis=1), np.float32(1e-4)) / np.float32(448.0)
+        xs[:, b] = s
+        xq[:, b * 128:(b + 1) * 128] = np.clip(blk / s[:, None], -448, 448).astype(
+            ml_dtypes.float8_e4m3fn).astype(np.float32)
+    return xq, xs
+
+
+# -------------------------------------------------------------------------------------------------
+# backend selection
+# -------------------------------------------------------------------------------------------------
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    native = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend())
+    assert backend.default_impl() == (native or "ref")  # CPU: the reference
+    assert backend.resolve_impl("auto") == (native or "ref")
+    assert backend.resolve_impl("interpret") == "interpret_tpu"
+    assert backend.resolve_impl("pallas") == (native or "interpret_tpu")  # CPU: the interpreter
+    assert backend.split_impl("interpret_gpu") == ("gpu", True)
+    assert backend.split_impl("pallas_tpu") == ("tpu", False)
+    monkeypatch.setenv(backend.ENV_VAR, "interpret")
+    assert backend.resolve_impl("auto") == "interpret_tpu"
+    assert backend.resolve_impl("ref") == "ref"  # an explicit impl wins over the variable
+    monkeypatch.setenv(backend.ENV_VAR, "ref")
+    assert backend.default_impl() == "ref"
+    with pytest.raises(ValueError):
+        backend.resolve_impl("cuda")
+
+
+# -------------------------------------------------------------------------------------------------
+# references vs float64 numpy
+# -------------------------------------------------------------------------------------------------
+
+
+def test_quantize_act_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 300)).astype(np.float32)
+    x[:, 128:256] *= 1e3
+    x[:, 256:] *= 1e-3
+    x[3, :128] = 0.0  # all-zero block: scale 1e-4/448, zeros
+    xq, xs = quantize_act_1x128(jnp.asarray(x))
+    assert xq.dtype == F8 and xq.shape == (7, 300)
+    assert xs.dtype == jnp.float32 and xs.shape == (7, 3)
+    ref_q, ref_s = np_quantize_1x128(x)
+    np.testing.assert_allclose(np.asarray(xs), ref_s, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(xq.astype(jnp.float32)), ref_q)
+    assert np.all(np.isfinite(np.asarray(xq.astype(jnp.float32))))
+    # batch dims
+    xq3, xs3 = quantize_act_1x128(jnp.asarray(x).reshape(7, 1, 300))
+    assert xq3.shape == (7, 1, 300) and xs3.shape == (7, 1, 3)
+
+
+@pytest.mark.parametrize("m,n,k", [(5, 300, 333), (1, 128, 128), (9, 576, 256)])
+def test_w8a16_ref_matches_numpy(m, n, k):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    wq, ws = make_fp8_weight(rng, n, k)
+    y = w8a16_matmul_ref(jnp.asarray(x), wq, ws)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    expect = x.astype(np.float64) @ np_dequant(wq, ws).T
+    assert rel_err(y, expect) < F32_TOL
+    # bf16 input → bf16 output, out_dtype override, leading batch dims
+    yb = w8a16_matmul_ref(jnp.asarray(x, jnp.bfloat16).reshape(m, 1, k), wq, ws, out_dtype=jnp.float32)
+    assert yb.shape == (m, 1, n) and yb.dtype == jnp.float32
+    assert rel_err(yb.reshape(m, n), expect) < BF16_TOL
+
+
+@pytest.mark.parametrize("m,n,k", [(5, 300, 333), (3, 128, 384)])
+def test_w8a8_ref_matches_numpy(m, n, k):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0] *= 1e3
+    x[1] *= 1e-3
+    wq, ws = make_fp8_weight(rng, n, k)
+    y = w8a8_matmul_ref(jnp.asarray(x), wq, ws)
+    xq, xs = np_quantize_1x128(x)
+    wqf = np.asarray(wq.astype(jnp.float32), np.float64)
+    wsf = np.asarray(ws, np.float64)
+    expect = np.zeros((m, n))
+    for b in range(-(-k // 128)):
+        sl = slice(b * 128, (b + 1) * 128)
+        part = xq[:, sl].astype(np.float64) @ wqf[:, sl].T
+        s_w = np.repeat(wsf[:, b], 128)[:n]
+        expect += part * xs[:, b:b + 1] * s_w[None, :]
+    assert rel_err(y, expect) < F32_TOL
+    # and W8A8 is close to (but not equal to) the W8A16 numbers: e4m3 activations, ~2^-4 per element
+    full = x.astype(np.float64) @ np_dequant(wq, ws).T
+    assert rel_err(y, full) < 0.1
+
+
+def _groups(rng, m, e, kind):
+    if kind == "random":
+        cuts = np.sort(rng.integers(0, m + 1, e - 1))
+        sizes = np.diff(np.concatenate([[0], cuts, [m]]))
+    elif kind == "one_group":
+        sizes = np.zeros(e, np.int64)
+        sizes[e // 2] = m
+    elif kind == "empty_and_short":  # zeros and a sum below m (tail rows must be 0)
+        sizes = np.zeros(e, np.int64)
+        sizes[1] = m // 3
+        sizes[e - 1] = m // 4
+    else:
+        raise ValueError(kind)
+    return jnp.asarray(sizes, jnp.int32)
+
+
+def np_grouped(x, w_ENK, sizes):
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    w = np.asarray(w_ENK, np.float64)
+    out = np.zeros((x.shape[0], w.shape[1]))
+    start = 0
+    for g, s in enumerate(np.asarray(sizes)):
+        out[start:start + s] = x[start:start + s] @ w[g].T
+        start += s
+    return out
+
+
+@pytest.mark.parametrize("kind", ["random", "one_group", "empty_and_short"])
+def test_grouped_ref_matches_numpy(kind):
+    rng = np.random.default_rng(3)
+    m, e, n, k = 37, 5, 40, 24
+    sizes = _groups(rng, m, e, kind)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((e, n, k)).astype(np.float32)
+    y = grouped_matmul_ref(jnp.asarray(x), jnp.asarray(w), sizes)
+    assert y.shape == (m, n)
+    expect = np_grouped(x, w, sizes)
+    assert rel_err(y, expect) < F32_TOL
+    tail = int(np.asarray(sizes).sum())
+    assert np.all(np.asarray(y)[tail:] == 0)
+
+
+def test_grouped_ref_fp8_matches_numpy():
+    rng = np.random.default_rng(4)
+    m, e, n, k = 20, 3, 200, 136
+    sizes = jnp.asarray([7, 0, 13], jnp.int32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    wqs = [make_fp8_weight(rng, n, k) for _ in range(e)]
+    wq = jnp.stack([a for a, _ in wqs])
+    ws = jnp.stack([b for _, b in wqs])
+    y = grouped_matmul_ref(jnp.asarray(x), wq, sizes, w_scale=ws)
+    expect = np_grouped(x, np_dequant(wq, ws), sizes)
+    assert rel_err(y, expect) < F32_TOL
+
+
+def test_grouped_ref_grad():
+    rng = np.random.default_rng(5)
+    m, e, n, k = 12, 3, 8, 6
+    sizes = jnp.asarray([5, 0, 6], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((e, n, k)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    dx, dw = jax.grad(lambda a, b: jnp.sum(grouped_matmul_ref(a, b, sizes) * ct), argnums=(0, 1))(x, w)
+    xn, wn, ctn = (np.asarray(v, np.float64) for v in (x, w, ct))
+    dx_e = np.zeros_like(xn)
+    dw_e = np.zeros_like(wn)
+    start = 0
+    for g, s in enumerate(np.asarray(sizes)):
+        dx_e[start:start + s] = ctn[start:start + s] @ wn[g]
+        dw_e[g] = ctn[start:start + s].T @ xn[start:start + s]
+        start += s
+    assert rel_err(dx, dx_e) < F32_TOL
+    assert rel_err(dw, dw_e) < F32_TOL
+
+
+# -------------------------------------------------------------------------------------------------
+# Pallas kernels in interpret mode vs the references
+# -------------------------------------------------------------------------------------------------
+
+from kernels_pallas.fp8_gemm import (GpuConfig, TpuConfig, scaled_matmul_gpu,  # noqa: E402
+                                     scaled_matmul_tpu)
+from kernels_pallas.grouped_gemm import (GpuGroupedConfig, TpuGroupedConfig,  # noqa: E402
+                                         _gpu_tile_schedule, _tpu_gmm_schedule, gmm_gpu, gmm_tpu)
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRETERS = ["interpret_gpu", "interpret_tpu"]
+#: the interpreters everywhere, plus the compiled GPU kernels where a GPU is present
+KERNEL_IMPLS = INTERPRETERS + [pytest.param("pallas_gpu", marks=pytest.mark.skipif(
+    not ON_GPU, reason="compiled GPU kernels need a GPU"))]
+COMPILED = [pytest.param(True, id="interpret"), pytest.param(False, id="compiled", marks=pytest.mark.skipif(
+    not ON_GPU, reason="compiled GPU kernels need a GPU"))]
+
+
+def _assert_close(y, ref, dtype):
+    y = np.asarray(jnp.asarray(y, jnp.float32))
+    assert np.all(np.isfinite(y)), "NaN/inf in kernel output"
+    tol = F32_TOL if jnp.dtype(dtype) == jnp.float32 else BF16_TOL
+    err = rel_err(y, ref)
+    assert err < tol, f"relative error {err:.3g} >= {tol}"
+
+
+def _activations(rng, m, k, dtype, magnitude="normal"):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if magnitude == "mixed":  # large and tiny rows, an all-zero 128-block, an all-zero row
+        x[0] *= 1e3
+        x[1 % m] *= 1e-3
+        x[:, :min(k, 128)][2 % m] = 0.0
+        x[m - 1] = 0.0
+    elif magnitude == "large":
+        x *= 1e3
+    elif magnitude == "tiny":
+        x *= 1e-3
+    return jnp.asarray(x, dtype)
+
+
+# M not a multiple of the tile, N and K with partial 128 blocks, zero weight blocks
+FP8_CASES = [
+    # (m, n, k, dtype, magnitude, zero weight blocks)
+    (5, 300, 333, jnp.float32, "mixed", ((0, 1),)),
+    (37, 256, 384, jnp.bfloat16, "normal", ((1, 2),)),
+    (19, 200, 136, jnp.bfloat16, "large", ()),
+    (3, 130, 256, jnp.float32, "tiny", ((1, 0), (1, 1))),
+]
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("case", FP8_CASES, ids=lambda c: f"{c[0]}x{c[2]}to{c[1]}_{jnp.dtype(c[3]).name}_{c[4]}")
+def test_fp8_kernels_match_ref(impl, case):
+    m, n, k, dtype, magnitude, zero_blocks = case
+    rng = np.random.default_rng(10)
+    x = _activations(rng, m, k, dtype, magnitude)
+    wq, ws = make_fp8_weight(rng, n, k, zero_blocks=zero_blocks)
+    y16 = w8a16_matmul(x, wq, ws, impl=impl)
+    assert y16.shape == (m, n) and y16.dtype == dtype
+    _assert_close(y16, w8a16_matmul_ref(x, wq, ws, out_dtype=jnp.float32), dtype)
+    y8 = w8a8_matmul(x, wq, ws, impl=impl)
+    assert y8.shape == (m, n) and y8.dtype == dtype
+    _assert_close(y8, w8a8_matmul_ref(x, wq, ws, out_dtype=jnp.float32), dtype)
+
+
+def test_fp8_kernels_batch_dims_and_out_dtype():
+    rng = np.random.default_rng(11)
+    x = _activations(rng, 6, 256, jnp.bfloat16).reshape(2, 3, 256)
+    wq, ws = make_fp8_weight(rng, 128, 256)
+    for impl in INTERPRETERS + (["pallas_gpu"] if ON_GPU else []):
+        y = w8a16_matmul(x, wq, ws, out_dtype=jnp.float32, impl=impl)
+        assert y.shape == (2, 3, 128) and y.dtype == jnp.float32
+        _assert_close(y, w8a16_matmul_ref(x, wq, ws, out_dtype=jnp.float32), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("cfg", [
+    GpuConfig(bm=16, bn=32, splits=3, num_warps=4, num_stages=2),   # split-K, narrow column tiles
+    GpuConfig(bm=16, bn=256, splits=1, num_warps=4, num_stages=2),  # column tile over 2 scale blocks
+], ids=["splitk_bn32", "bn256"])
+@pytest.mark.parametrize("interpret", COMPILED)
+def test_fp8_gpu_kernel_tilings(cfg, interpret):
+    rng = np.random.default_rng(12)
+    m, n, k = 20, 300, 333
+    x = _activations(rng, m, k, jnp.float32, "mixed")
+    wq, ws = make_fp8_weight(rng, n, k, zero_blocks=((2, 0),))
+    y = scaled_matmul_gpu(x, None, wq, ws, out_dtype=jnp.float32, interpret=interpret, config=cfg)
+    _assert_close(y, w8a16_matmul_ref(x, wq, ws), jnp.float32)
+    xq, xs = quantize_act_1x128(x)
+    y8 = scaled_matmul_gpu(xq, xs, wq, ws, out_dtype=jnp.float32, interpret=interpret, config=cfg)
+    _assert_close(y8, w8a8_matmul_ref(x, wq, ws), jnp.float32)
+
+
+def test_fp8_tpu_kernel_multi_tile():
+    rng = np.random.default_rng(13)
+    m, n, k = 40, 300, 512
+    x = _activations(rng, m, k, jnp.float32)
+    wq, ws = make_fp8_weight(rng, n, k)
+    cfg = TpuConfig(bm=32, bn=128, bk=256)  # 2 row tiles, ragged column tile, 2 K steps of 2 blocks
+    y = scaled_matmul_tpu(x, None, wq, ws, out_dtype=jnp.float32, interpret=True, config=cfg)
+    _assert_close(y, w8a16_matmul_ref(x, wq, ws), jnp.float32)
+
+
+# grouped GEMM ----------------------------------------------------------------------------------
+
+
+def _expert_weights(rng, e, n, k, fp8, dtype):
+    if not fp8:
+        return jnp.asarray(rng.standard_normal((e, n, k)) / np.sqrt(k), dtype), None
+    pairs = [make_fp8_weight(rng, n, k, zero_blocks=((0, 0),) if g == 0 else ()) for g in range(e)]
+    return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+
+
+GROUPED_CASES = [
+    # (m, e, n, k, group kind, fp8, dtype)
+    (50, 6, 200, 136, "random", False, jnp.float32),
+    (50, 6, 200, 136, "empty_and_short", True, jnp.float32),
+    (33, 4, 128, 256, "one_group", True, jnp.bfloat16),
+    (40, 5, 96, 128, "random", False, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("case", GROUPED_CASES,
+                         ids=lambda c: f"m{c[0]}e{c[1]}_{c[4]}_{'fp8' if c[5] else 'dense'}_{jnp.dtype(c[6]).name}")
+def test_grouped_kernel_matches_ref(impl, case):
+    m, e, n, k, kind, fp8, dtype = case
+    rng = np.random.default_rng(20)
+    sizes = _groups(rng, m, e, kind)
+    x = _activations(rng, m, k, dtype, "mixed")
+    w, ws = _expert_weights(rng, e, n, k, fp8, dtype)
+    y = grouped_matmul(x, w, sizes, w_scale=ws, impl=impl)
+    assert y.shape == (m, n) and y.dtype == dtype
+    _assert_close(y, grouped_matmul_ref(x, w, sizes, w_scale=ws, out_dtype=jnp.float32), dtype)
+    tail = int(np.asarray(sizes).sum())
+    assert np.all(np.asarray(y[tail:], np.float32) == 0.0)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("fp8", [False, True], ids=["dense", "fp8"])
+def test_grouped_kernel_backward(impl, fp8):
+    rng = np.random.default_rng(21)
+    m, e, n, k = 30, 4, 136, 128
+    sizes = jnp.asarray([9, 0, 17, 2], jnp.int32)  # an empty expert, a sum below m
+    x = _activations(rng, m, k, jnp.float32)
+    w, ws = _expert_weights(rng, e, n, k, fp8, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+
+    def loss(which):
+        return lambda a, b: jnp.sum(grouped_matmul(a, b, sizes, w_scale=ws, impl=which) * ct)
+
+    if fp8:
+        dx = jax.grad(loss(impl))(x, w)
+        dx_ref = jax.grad(loss("ref"))(x, w)
+    else:
+        dx, dw = jax.grad(loss(impl), argnums=(0, 1))(x, w)
+        dx_ref, dw_ref = jax.grad(loss("ref"), argnums=(0, 1))(x, w)
+        _assert_close(dw, dw_ref, jnp.float32)
+        assert np.all(np.asarray(dw[1]) == 0.0)  # empty expert: zero gradient
+    _assert_close(dx, dx_ref, jnp.float32)
+
+
+@pytest.mark.parametrize("interpret", COMPILED)
+def test_grouped_gpu_tilings(interpret):
+    rng = np.random.default_rng(22)
+    m, e, n, k = 45, 5, 300, 200
+    sizes = jnp.asarray([0, 20, 0, 24, 1], jnp.int32)
+    x = _activations(rng, m, k, jnp.float32, "mixed")
+    for fp8 in (False, True):
+        w, ws = _expert_weights(rng, e, n, k, fp8, jnp.float32)
+        for cfg in (GpuGroupedConfig(bm=16, bn=256, bk=32), GpuGroupedConfig(bm=32, bn=32, bk=64)):
+            y = gmm_gpu(x, w, sizes, w_scale=ws, out_dtype=jnp.float32, interpret=interpret,
+                        config=cfg)
+            _assert_close(y, grouped_matmul_ref(x, w, sizes, w_scale=ws), jnp.float32)
+
+
+def test_grouped_tpu_tilings():
+    rng = np.random.default_rng(23)
+    m, e, n, k = 45, 5, 300, 256
+    sizes = jnp.asarray([0, 20, 0, 24, 1], jnp.int32)
+    x = _activations(rng, m, k, jnp.float32, "mixed")
+    w, ws = _expert_weights(rng, e, n, k, True, jnp.float32)
+    cfg = TpuGroupedConfig(tm=16, tk=128, tn=128)
+    y = gmm_tpu(x, w, sizes, w_scale=ws, out_dtype=jnp.float32, interpret=True, config=cfg)
+    _assert_close(y, grouped_matmul_ref(x, w, sizes, w_scale=ws), jnp.float32)
+
+
+def test_grouped_schedules_skip_empty_experts():
+    """Decode: tiles (GPU) and weight block indices (TPU) name only experts that got rows."""
+    sizes = jnp.asarray([0, 2, 0, 0, 3, 0, 0, 1], jnp.int32)
+    m = 8  # two tail rows
+    g, r0, r1 = _gpu_tile_schedule(sizes, m, 16)
+    used = set(np.asarray(g)[np.asarray(r1) > np.asarray(r0)].tolist())
+    assert used == {1, 4, 7, 8}  # 8 = the zero tail
+    g_t, mt, wg, valid, _, _ = _tpu_gmm_schedule(sizes, 16, 16)
+    assert set(np.asarray(wg).tolist()) <= {1, 4, 7}
+    assert set(np.asarray(g_t)[np.asarray(valid) == 1].tolist()) == {1, 4, 7, 8}
+
+
+# MLA decode ------------------------------------------------------------------------------------
+
+
+def np_mla(ql, qp, cache, lens, scale, l):
+    ql, qp, cache = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (ql, qp, cache))
+    o = np.zeros(ql.shape)
+    for b, n in enumerate(np.asarray(lens)):
+        if n == 0:
+            continue
+        c, kpe = cache[b, :n, :l], cache[b, :n, l:]
+        s = (ql[b] @ c.T + qp[b] @ kpe.T) * scale
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        o[b] = (p / p.sum(axis=1, keepdims=True)) @ c
+    return o
+
+
+def _mla_inputs(rng, b, h, l, r, t, dtype, lens):
+    ql = jnp.asarray(rng.standard_normal((b, h, l)), dtype)
+    qp = jnp.asarray(rng.standard_normal((b, h, r)), dtype)
+    cache = jnp.asarray(rng.standard_normal((b, t, l + r)), dtype)
+    return ql, qp, cache, jnp.asarray(lens, jnp.int32)
+
+
+def test_mla_ref_matches_numpy():
+    rng = np.random.default_rng(30)
+    ql, qp, cache, lens = _mla_inputs(rng, 3, 4, 32, 16, 21, jnp.float32, [21, 0, 7])
+    o = mla_decode_ref(ql, qp, cache, lens, scale=0.2, kv_lora_rank=32)
+    assert o.shape == (3, 4, 32) and o.dtype == jnp.float32
+    assert rel_err(o, np_mla(ql, qp, cache, lens, 0.2, 32)) < F32_TOL
+    assert np.all(np.asarray(o[1]) == 0.0)  # empty sequence
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_mla_kernel_matches_ref(impl, dtype):
+    """Ragged lengths (full, empty, one token, mid-block), T = 70 not a multiple of the block."""
+    rng = np.random.default_rng(31)
+    ql, qp, cache, lens = _mla_inputs(rng, 4, 16, 128, 64, 70, dtype, [70, 0, 1, 33])
+    cache = cache.at[3, 5:9].multiply(1e3)  # a few large scores: softmax must not overflow
+    o = mla_decode(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128, impl=impl)
+    assert o.shape == (4, 16, 128) and o.dtype == jnp.float32
+    _assert_close(o, mla_decode_ref(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128), dtype)
+    assert np.all(np.asarray(o[1]) == 0.0)
+
+
+# -------------------------------------------------------------------------------------------------
+# the kernels lower for the real backends (Pallas → Triton IR / Mosaic TPU IR; no hardware needed)
+# -------------------------------------------------------------------------------------------------
+
+
+def _abstract_mesh(kind, platform):
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    dev = AbstractDevice(device_kind=kind, num_cores=1 if platform == "tpu" else 132,
+                         platform=platform)
+    return AbstractMesh((1,), ("x",), (AxisType.Auto,), abstract_device=dev)
+
+
+@pytest.mark.parametrize("platform,impl,kind", [("cuda", "pallas_gpu", "NVIDIA H200"),
+                                                ("tpu", "pallas_tpu", "TPU v6 lite")],
+                         ids=["h200", "tpu_v6e"])
+def test_kernels_lower_for_hardware(platform, impl, kind):
+    S = jax.ShapeDtypeStruct
+    cases = [(4096, 7168, 2048), (64, 2048, 7168), (7, 7168, 576)]  # prefill, decode, kv_a (N=576)
+
+    def dense(x, wq, ws):
+        return w8a16_matmul(x, wq, ws, impl=impl), w8a8_matmul(x, wq, ws, impl=impl)
+
+    def grouped(x, w, wq, ws, gs):
+        loss = lambda a, b: jnp.sum(grouped_matmul(a, b, gs, impl=impl).astype(jnp.float32))
+        return (grouped_matmul(x, wq, gs, w_scale=ws, impl=impl),
+                jax.grad(lambda a: jnp.sum(grouped_matmul(a, wq, gs, w_scale=ws, impl=impl)
+                                           .astype(jnp.float32)))(x),
+                jax.grad(loss, argnums=(0, 1))(x, w))
+
+    def mla(ql, qp, cache, lens):
+        return mla_decode(ql, qp, cache, lens, scale=0.1, kv_lora_rank=512, impl=impl)
+
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, platform)):
+        b, h, t = 64, 128, 4096  # SPEC §11's decode attention shape
+        jax.jit(mla).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
+                           S((b, t, 576), jnp.bfloat16), S((b,), jnp.int32)
+                           ).lower(lowering_platforms=(platform,))
+        for m, k, n in cases:
+            args = (S((m, k), jnp.bfloat16), S((n, k), F8), S((-(-n // 128), -(-k // 128)), jnp.float32))
+            jax.jit(dense).trace(*args).lower(lowering_platforms=(platform,))
+        for m, e, n, k in [(512, 256, 2048, 7168), (300, 8, 576, 200)]:
+            args = (S((m, k), jnp.bfloat16), S((e, n, k), jnp.bfloat16), S((e, n, k), F8),
+                    S((e, -(-n // 128), -(-k // 128)), jnp.float32), S((e,), jnp.int32))
+            jax.jit(grouped).trace(*args).lower(lowering_platforms=(platform,))
