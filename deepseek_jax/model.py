@@ -81,13 +81,25 @@ def _stacked_layers(n: int, cfg: DeepSeekConfig, moe: bool, prec: Precision, rng
     return make(rngs)
 
 
+def _to_bytes(a):
+    return jax.lax.bitcast_convert_type(a, jnp.uint8) if a.dtype == jnp.float8_e4m3fn else a
+
+
+def _from_bytes(a):
+    return jax.lax.bitcast_convert_type(a, jnp.float8_e4m3fn) if a.dtype == jnp.uint8 else a
+
+
 def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False):
     """Runs stacked layers with ``lax.scan``; returns (h, updated cache, stacked stats)."""
     graphdef, state = nnx.split(layers)
+    # FP8 weights cross the loop boundary as raw bytes and become e4m3 again per layer: XLA's
+    # CPU backend otherwise widens every stacked f8 array to f16 before the loop (a copy of all
+    # layers' weights at twice their size); on GPU/TPU the bitcasts are free.
+    state = jax.tree.map(_to_bytes, state)
 
     def body(h, xs):
         st, c = xs
-        layer = nnx.merge(graphdef, st)
+        layer = nnx.merge(graphdef, jax.tree.map(_from_bytes, st))
         h, c, stats = layer(h, pos_BT, rope, c, absorbed)
         return h, (c, stats)
 

@@ -75,7 +75,7 @@ def shard_bytes(shape, dtype, spec, mesh_shape) -> int:
 
 
 def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "ep_tp", batch: int = 1,
-              max_len: int = 4096, prompt_len: int | None = None, device: str = "h200",
+              max_len: int = 4096, prompt_len: int | None = None, prefill_batch: int = 1, device: str = "h200",
               compile_steps: bool = True) -> Plan:
     import jax
     import jax.numpy as jnp
@@ -128,14 +128,23 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
             out = nnx.merge(graphdef, st)(ids, cache=c, logits=False)
             return out.hidden[:, -1], out.cache
 
+        # FP8 leaves enter as raw bytes (the layer scan bitcasts them back per layer), so XLA's
+        # CPU backend does not widen the whole stacked f8 weights to f16: a CPU-only artefact.
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.uint8)
+                             if a.dtype == jnp.float8_e4m3fn else a, state)
         T = prompt_len or min(max_len, 4096)
         ids_sds = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
         with jax.set_mesh(mesh):
             dec = jax.jit(decode, in_shardings=(st_sh, c_sh, tok_sh, tok_sh), donate_argnums=(1,)).lower(
                 state, cache_abs, ids_sds, ids_sds).compile()
-            pre_sh = NamedSharding(mesh, sharding.resolve(("batch", "seq"), (batch, T), mesh_shape, rule_table))
-            pre = jax.jit(prefill, in_shardings=(st_sh, c_sh, pre_sh), donate_argnums=(1,)).lower(
-                state, cache_abs, jax.ShapeDtypeStruct((batch, T), jnp.int32)).compile()
+            # Prefill: ``prefill_batch`` prompts of ``T`` tokens into the batch-``batch`` cache's rows.
+            Bp = min(prefill_batch, batch)
+            cache_pre = jax.eval_shape(lambda: LatentCache.zeros(cfg, Bp, max_len, jnp.bfloat16))
+            cp_sh = jax.tree.map(lambda a: NamedSharding(mesh, sharding.cache_spec(mesh_shape, rule_table, a.shape)),
+                                 cache_pre)
+            pre_sh = NamedSharding(mesh, sharding.resolve(("batch", "seq"), (Bp, T), mesh_shape, rule_table))
+            pre = jax.jit(prefill, in_shardings=(st_sh, cp_sh, pre_sh), donate_argnums=(1,)).lower(
+                state, cache_pre, jax.ShapeDtypeStruct((Bp, T), jnp.int32)).compile()
         dm, pm = dec.memory_analysis(), pre.memory_analysis()
         decode_temp, prefill_temp = int(dm.temp_size_in_bytes), int(pm.temp_size_in_bytes)
         decode_args = int(dm.argument_size_in_bytes)
