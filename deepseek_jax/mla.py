@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels_pallas
+
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.norm import RMSNorm
 from deepseek_jax.quant import Linear, Precision
@@ -106,14 +108,18 @@ class MLA(nnx.Module):
         else:
             if cache_BSC is None:
                 raise ValueError("absorbed attention needs a cache")
-            c, k_pe = cache_BSC[..., :L].astype(dtype), cache_BSC[..., L:].astype(dtype)
             q_lat = jnp.einsum("bthn,hnl->bthl", q_nope, w_kvb[:, :N], **f32).astype(dtype)
-            s = (jnp.einsum("bthl,bsl->bhts", q_lat, c, **f32)
-                 + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, **f32))
-            t_S = jnp.arange(cache_BSC.shape[1])
-            mask = t_S[None, None, :] <= pos_BT[:, :, None]
-            p = self._softmax(s, mask).astype(dtype)
-            o_lat = jnp.einsum("bhts,bsl->bthl", p, c, **f32).astype(dtype)
+            if q_lat.shape[1] == 1:  # one new token per row: the MLA decode kernel (jnp ref on CPU)
+                o_BHL = kernels_pallas.mla_decode(q_lat[:, 0], q_pe[:, 0], cache_BSC, pos_BT[:, 0] + 1,
+                                                  scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels)
+                o_lat = o_BHL[:, None].astype(dtype)
+            else:  # several new tokens (chunked prefill over an existing cache)
+                c, k_pe = cache_BSC[..., :L].astype(dtype), cache_BSC[..., L:].astype(dtype)
+                s = (jnp.einsum("bthl,bsl->bhts", q_lat, c, **f32)
+                     + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, **f32))
+                mask = jnp.arange(cache_BSC.shape[1])[None, None, :] <= pos_BT[:, :, None]
+                p = self._softmax(s, mask).astype(dtype)
+                o_lat = jnp.einsum("bhts,bsl->bthl", p, c, **f32).astype(dtype)
             o_BTHA = jnp.einsum("bthl,hal->btha", o_lat, w_kvb[:, N:], **f32).astype(dtype)
         out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))
         return out, cache_BSC

@@ -64,3 +64,18 @@ def test_bfloat16_compute_within_stated_tolerance(case):
     got = scoring.logits(m16, case["ids"])
     assert rel(got, case["ref"]) <= 3e-2
     assert (got.argmax(-1) == case["ref"].argmax(-1)).mean() >= 0.9
+
+
+def test_chunked_prefill_over_existing_cache(case):
+    """Several new tokens through the absorbed form over a cache written by a naive prefill."""
+    import jax.numpy as jnp
+
+    from deepseek_jax.cache import LatentCache
+    model, ids = case["model"], case["ids"]
+    B, T = ids.shape
+    k, n = T // 2, 5
+    cache = LatentCache.zeros(model.cfg, B, T, jnp.float32)
+    cache = model(jnp.asarray(ids[:, :k]), cache=cache).cache
+    pos = jnp.broadcast_to(jnp.arange(k, k + n, dtype=jnp.int32), (B, n))
+    got = np.asarray(model(jnp.asarray(ids[:, k:k + n]), pos, cache=cache, absorbed=True).logits)
+    assert rel(got, case["ref"][:, k:k + n]) <= 1e-4
