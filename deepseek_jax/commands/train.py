@@ -1,0 +1,212 @@
+"""``deepseek-jax train --config CONFIG --data FILE|synthetic:<task> --steps N --out DIR``.
+
+Writes under ``--out``: ``ckpt/`` (Orbax train state every ``--save-every`` steps and at the end),
+``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings) and ``hub/`` (the
+final model in the Hub layout with the tokenizer files: ``deepseek-jax score OUT/hub`` works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from deepseek_jax.errors import DeepSeekError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (CE + MTP + balance loss, aux-loss-free routing bias)",
+                       description="Trains a DeepSeek-V3-shaped model in float (FP8 quantization of the config "
+                                   "is ignored) on a synthetic task or a text file, with Orbax checkpoints "
+                                   "and a final Hub-layout export.")
+    p.add_argument("--config", help="preset name, config.json or checkpoint directory (model shape)")
+    p.add_argument("--init", help="start from the weights of this Hub checkpoint (FP8 is dequantized) "
+                                  "instead of a random initialisation; its config is used if --config is absent")
+    p.add_argument("--data", required=True, help="synthetic:addition|reverse|copy[:key=value,...] or a text file "
+                                                 "(one document per line)")
+    p.add_argument("--steps", type=int, required=True, help="total optimizer steps (length of the schedule)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the task's longest example "
+                                               "rounded up to 8; 128 for text)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default: steps/10, at most 100)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr*ratio (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip, <= 0 disables (default 1)")
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="λ, weight of the MTP loss (default 0.3)")
+    p.add_argument("--balance-alpha", type=float, default=1e-4, help="α, weight of the sequence-wise balance "
+                                                                     "loss (default 1e-4)")
+    p.add_argument("--bias-gamma", type=float, default=1e-3, help="γ, routing-bias update speed; 0 disables "
+                                                                  "(default 1e-3)")
+    p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the trained parameters (default float32)")
+    p.add_argument("--export-fp8", action="store_true", help="export OUT/hub with 128x128 block-FP8 linear weights")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches evaluated at the end (default 4)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the package's tiny tokenizer)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="shard each batch over the first N devices, parameters replicated (default 1)")
+    p.set_defaults(func=run)
+
+
+def _check_same(what: str, saved, now) -> None:
+    if saved != now:
+        diff = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k)] if isinstance(saved, dict) else []
+        raise DeepSeekError(f"--resume: the checkpoint was made with a different {what}"
+                            + (f" (differs in {', '.join(sorted(map(str, diff))[:5])})" if diff else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 0 or args.batch <= 0:
+        raise DeepSeekError("--steps must be >= 0 and --batch > 0")
+    if not args.config and not args.init:
+        raise DeepSeekError("give --config (model shape) or --init (a checkpoint to start from)")
+
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from deepseek_jax import api
+    from deepseek_jax.config import DeepSeekConfig, load_config
+    from deepseek_jax.tasks import load_tokenizer, make_dataset
+    from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
+    from deepseek_jax.train import TrainConfig, Trainer, cast_params, export_hub, load_float_model
+
+    tok_dir = args.tokenizer or TINY_TOKENIZER_DIR
+    tok = load_tokenizer(tok_dir)
+    if args.config:
+        cfg = load_config(args.config)
+    else:
+        cfg = DeepSeekConfig.from_json_file(args.init)
+    cfg = cfg.replace(fp8=False)
+    if cfg.vocab_size < tok.vocab_size:
+        if args.init:
+            raise DeepSeekError(f"--init model has vocab_size {cfg.vocab_size} < the tokenizer's {tok.vocab_size}")
+        print(f"note: vocab_size {cfg.vocab_size} < the tokenizer's {tok.vocab_size}: training with "
+              f"vocab_size {tok.vocab_size}")
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
+
+    data = make_dataset(args.data, tok, batch_size=args.batch, seq_len=args.seq_len, seed=args.seed)
+    heldout = make_dataset(args.data, tok, batch_size=args.batch, seq_len=data.seq_len, seed=args.seed + 1,
+                           split="eval")
+    if data.seq_len > cfg.max_position_embeddings:
+        raise DeepSeekError(f"--seq-len {data.seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
+    tcfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=warmup, min_lr_ratio=args.min_lr_ratio,
+                       weight_decay=args.weight_decay, clip_norm=args.clip, mtp_weight=args.mtp_weight,
+                       balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, remat=args.remat)
+
+    out = os.path.abspath(args.out)
+    ckpt_dir = os.path.join(out, "ckpt")
+    os.makedirs(out, exist_ok=True)
+    existing = Trainer.latest_step(ckpt_dir)
+    if args.resume and existing is None:
+        raise DeepSeekError(f"--resume: no checkpoint in {ckpt_dir}")
+    if not args.resume and existing is not None:
+        raise DeepSeekError(f"{ckpt_dir} already holds a checkpoint (step {existing}): pass --resume or "
+                            "choose another --out")
+    model_cfg = cfg.to_hub_dict()
+    describe = data.describe()
+    if args.resume:
+        meta = Trainer.read_metadata(ckpt_dir)
+        _check_same("model config", meta.get("model_config"), json.loads(json.dumps(model_cfg)))
+        _check_same("data / batch / seq-len / seed", meta.get("data"), describe)
+
+    n_dev = args.data_parallel
+    mesh = None
+    if n_dev < 1 or n_dev > jax.device_count():
+        raise DeepSeekError(f"--data-parallel {n_dev}: this process has {jax.device_count()} device(s)")
+    if n_dev > 1:
+        if args.batch % n_dev:
+            raise DeepSeekError(f"--batch {args.batch} must be a multiple of --data-parallel {n_dev}")
+        mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:n_dev])
+
+    t0 = time.perf_counter()
+    if args.init:
+        model = load_float_model(args.init, prec=api.precision(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
+                                 cfg=cfg)
+    else:
+        model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype), jnp.dtype(args.param_dtype))
+    trainer = Trainer(model, tcfg, mesh=mesh)
+    del model
+    if args.resume:
+        trainer.restore(ckpt_dir)
+    start = trainer.step
+    print(f"model ready in {time.perf_counter() - t0:.1f}s; {'resuming at' if args.resume else 'starting at'} "
+          f"step {start}/{args.steps} on {n_dev} device(s); data {describe['data']} batch {args.batch} x "
+          f"{data.seq_len} tokens")
+
+    run_info = {"argv": {k: v for k, v in vars(args).items() if k != "func"}, "train_config": __import__("dataclasses").asdict(tcfg),
+                "data": describe, "model_config": model_cfg}
+    with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
+        json.dump(run_info, f, indent=2, default=str)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    kept = []
+    if args.resume and os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as f:
+            kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < start]
+    with open(metrics_path, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+
+    meta = {"data": describe, "model_config": model_cfg}
+
+    def save():
+        trainer.save(ckpt_dir, meta)
+
+    bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    pending = None
+    t_last, tok_rate, last = time.perf_counter(), None, None
+
+    def flush(item):
+        nonlocal t_last, tok_rate, last
+        step, metrics = item
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        rate = m["tokens"] / max(now - t_last, 1e-9)
+        t_last = now
+        tok_rate = rate if tok_rate is None or step == start else 0.9 * tok_rate + 0.1 * rate
+        last = m
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **m}) + "\n")
+        bar.set_postfix_str(f"loss {m['loss']:.3f} mtp {m['mtp_ce']:.3f} {tok_rate:,.0f} tok/s "
+                            f"imb {m['imbalance']:.2f}", refresh=False)
+        bar.update(1)
+
+    try:
+        for step in range(start, args.steps):
+            metrics = trainer.train_step(data.batch_at(step))
+            if pending is not None:
+                flush(pending)
+            pending = (step, metrics)
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                flush(pending)
+                pending = None
+                save()
+        if pending is not None:
+            flush(pending)
+    finally:
+        bar.close()
+    if trainer.step != start or not args.resume:
+        save()
+    if last is not None:
+        print(f"step {trainer.step}: loss {last['loss']:.4f} ce {last['ce']:.4f} mtp {last['mtp_ce']:.4f} "
+              f"imbalance {last['imbalance']:.2f}")
+    if args.eval_batches > 0:
+        ev = trainer.evaluate(heldout, args.eval_batches)
+        print("held-out: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": trainer.step, **ev}, f, indent=2)
+    hub_dir = os.path.join(out, "hub")
+    if os.path.isdir(hub_dir):
+        shutil.rmtree(hub_dir)
+    export_hub(trainer.model(), hub_dir, fp8=args.export_fp8, tokenizer_dir=tok_dir)
+    print(f"saved {ckpt_dir} (step {trainer.step}) and {hub_dir} ({'FP8' if args.export_fp8 else 'BF16'})")
+    return 0

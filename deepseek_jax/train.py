@@ -1,0 +1,611 @@
+"""Training DeepSeek-V3: loss, optimizer, aux-loss-free balancing, checkpoints, Hub export.
+
+Loss of one batch (SPEC §5, §6), all cross-entropies averaged over the batch's target tokens::
+
+    L = CE(logits[t] -> ids[t+1])                 main next-token loss, mask loss_mask[:, 1:]
+      + λ · CE(mtp_logits[i] -> ids[i+2])          MTP row i, mask loss_mask[:, 2:]
+      + α · Σ_layers balance_l                      sequence-wise balance term Σ_e f_e P_e of every
+                                                    MoE layer (the MTP block's included)
+
+Gradients flow only into :class:`flax.nnx.Param`; the routing biases (:class:`~deepseek_jax.moe.RouterBias`)
+are state: after each optimizer step every MoE router (each main layer and the MTP block) moves
+``bias_e += γ · sign(mean_e' load_e' - load_e)``, ``load_e`` being the number of (real, non-pad)
+token assignments of that step to expert ``e``.
+
+With ``tie_mtp`` (default, as in DeepSeek-V3) the MTP module's ``embed_tokens`` and
+``shared_head.head`` are the main model's embedding and ``lm_head``: they are not trained separately,
+receive the gradient through the main ones, and are kept equal to them (the Hub checkpoint stores
+copies, SPEC §6).
+
+One step is two jitted programs: ``_loss_and_grads`` (forward + backward; shared with gradient
+checks) and ``_apply`` (global-norm clipping, AdamW with linear warmup + cosine decay, bias update,
+metrics). The compiled programs are keyed by the model's config, not by the model object, so a new
+model of the same config (a resumed run, a test) reuses them. With a ``jax.sharding.Mesh`` the batch
+is sharded over its data axis and everything else is replicated.
+
+The Orbax checkpoint holds the whole train state (parameters, router biases, optimizer state, step);
+the data position is the step itself (datasets are pure functions of the step, see ``tasks.py``).
+:func:`export_hub` writes the trained model in the Hub layout (BF16, or FP8 with block scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from deepseek_jax.checkpoint import abstract_model, hub_slot, iter_params
+from deepseek_jax.config import DeepSeekConfig
+from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.hub import (HubReader, HubWriter, dequantize_block_fp8_np, hub_tensor_specs,
+                              quantize_block_fp8_np, write_config)
+from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.moe import RouterBias
+from deepseek_jax.quant import Precision
+from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
+
+__all__ = ["TrainConfig", "TrainState", "Trainer", "compute_loss", "learning_rate", "make_optimizer", "model_logits",
+           "cast_params", "export_hub", "load_float_model"]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and optimizer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000             # total steps: the length of the cosine schedule
+    lr: float = 1e-3              # peak learning rate
+    warmup: int = 100             # linear warmup steps
+    min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio at `steps`
+    weight_decay: float = 0.1     # AdamW decoupled weight decay (not on norm weights)
+    b1: float = 0.9
+    b2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_norm: float = 1.0        # global-norm gradient clipping (<= 0: off)
+    mtp_weight: float = 0.3       # λ
+    balance_alpha: float = 1e-4   # α
+    bias_gamma: float = 1e-3      # γ (0: routing biases frozen)
+    remat: bool = False           # rematerialise each scanned layer in the backward pass
+    tie_mtp: bool = True          # MTP embedding / head = the main ones
+
+    def _hyper(self) -> dict[str, jax.Array]:
+        """The numeric settings as float32 scalars: traced, not compiled in, so runs that differ
+        only in them (learning rate, schedule length, γ...) share the compiled programs."""
+        return {k: jnp.float32(getattr(self, k)) for k in _HYPER}
+
+    def _static(self) -> tuple:
+        return (self.clip_norm > 0, self.tie_mtp, self.remat)
+
+
+_HYPER = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps", "clip_norm",
+          "mtp_weight", "balance_alpha", "bias_gamma")
+
+
+def learning_rate(tcfg, step):
+    """Linear warmup to ``lr`` over ``warmup`` steps (step 0 already gets ``lr/warmup``), then
+    cosine decay to ``lr * min_lr_ratio`` at ``steps`` (constant after). ``tcfg``: a
+    :class:`TrainConfig` or its ``_hyper()`` values."""
+    hp = tcfg._hyper() if isinstance(tcfg, TrainConfig) else tcfg
+    step = jnp.asarray(step, jnp.float32)
+    lr, warmup = hp["lr"], hp["warmup"]
+    warm = lr * (step + 1.0) / jnp.maximum(warmup, 1.0)
+    progress = jnp.clip((step - warmup) / jnp.maximum(hp["steps"] - warmup, 1.0), 0.0, 1.0)
+    cos = lr * (hp["min_lr_ratio"] + (1.0 - hp["min_lr_ratio"]) * 0.5 * (1.0 + jnp.cos(math.pi * progress)))
+    return jnp.where(step < warmup, warm, cos)
+
+
+def _decay_mask(params):
+    """Weight decay everywhere but on RMSNorm weights (paths with 'norm' in a name)."""
+    def keep(path, _):
+        return not any("norm" in str(getattr(k, "key", getattr(k, "name", ""))) for k in path)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def _make_tx(hp, clip: bool) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(hp["clip_norm"])] if clip else []
+    parts.append(optax.adamw(partial(learning_rate, hp), b1=hp["b1"], b2=hp["b2"], eps=hp["adam_eps"],
+                             weight_decay=hp["weight_decay"], mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (if ``clip_norm > 0``) then AdamW (decoupled weight decay, not on norm
+    weights) with the :func:`learning_rate` schedule."""
+    return _make_tx(tcfg._hyper(), tcfg.clip_norm > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------
+
+
+def _masked_ce(logits_BTV, targets_BT, mask_BT):
+    """Mean NLL over masked positions, token accuracy and per-row 'all targets correct'."""
+    lp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(lp, targets_BT[..., None], axis=-1)[..., 0]
+    n = jnp.sum(mask_BT)
+    ce = jnp.sum(nll * mask_BT) / jnp.maximum(n, 1.0)
+    right = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    acc = jnp.sum(right * mask_BT) / jnp.maximum(n, 1.0)
+    row_has = jnp.sum(mask_BT, axis=1) > 0
+    row_ok = jnp.all((right > 0) | (mask_BT == 0), axis=1) & row_has
+    exact = jnp.sum(row_ok) / jnp.maximum(jnp.sum(row_has), 1)
+    return ce, acc, exact
+
+
+def _expert_loads(idx_LBTK, valid_BT, n_experts: int):
+    """``[L, E]`` counts of (valid token, expert) assignments per layer."""
+    L, K = idx_LBTK.shape[0], idx_LBTK.shape[-1]
+    w = jnp.broadcast_to(valid_BT[None, :, :, None], idx_LBTK.shape).astype(jnp.float32).reshape(L, -1)
+    return jax.vmap(lambda i, x: jnp.zeros((n_experts,), jnp.float32).at[i].add(x))(idx_LBTK.reshape(L, -1), w)
+
+
+def compute_loss(model: DeepSeekV3, batch, mtp_weight=0.3, balance_alpha=1e-4):
+    """``(loss, aux)`` of one batch (``batch`` has ``ids``, ``loss_mask``, ``valid``, all ``[B, T]``).
+
+    ``aux``: ``ce``, ``mtp_ce``, ``balance`` (Σ over MoE layers, MTP block included), ``acc`` /
+    ``exact`` (teacher-forced token accuracy / rows whose every target is the argmax, i.e. what greedy
+    decoding would reproduce), ``moe_load [Lm, E]`` and ``mtp_load [E]`` (None when absent),
+    ``tokens`` (real tokens) and ``targets``.
+    """
+    ids, valid = batch.ids, batch.valid
+    mask = batch.loss_mask.astype(jnp.float32)
+    E = model.cfg.n_routed_experts
+    out = model(ids)
+    ce, acc, exact = _masked_ce(out.logits[:, :-1], ids[:, 1:], mask[:, 1:])
+    balance = jnp.float32(0.0)
+    moe_load = mtp_load = None
+    if out.moe_stats is not None:
+        balance = balance + jnp.sum(out.moe_stats.balance)
+        moe_load = _expert_loads(out.moe_stats.idx_BTK, valid, E)
+    mtp_ce = jnp.float32(0.0)
+    if model.mtp is not None:
+        # Row i: hidden h_i with the embedding of token i+1, predicts token i+2 (SPEC §6).
+        mtp_logits, _, st = model.mtp_forward(out.hidden[:, :-1], ids[:, 1:])
+        mtp_ce, _, _ = _masked_ce(mtp_logits[:, :-1], ids[:, 2:], mask[:, 2:])
+        balance = balance + st.balance
+        mtp_load = _expert_loads(st.idx_BTK[None], valid[:, 1:], E)[0]
+    loss = ce + mtp_weight * mtp_ce + balance_alpha * balance
+    aux = {"ce": ce, "mtp_ce": mtp_ce, "balance": balance, "acc": acc, "exact": exact,
+           "moe_load": moe_load, "mtp_load": mtp_load,
+           "tokens": jnp.sum(valid.astype(jnp.float32)), "targets": jnp.sum(mask[:, 1:])}
+    return loss, aux
+
+
+def load_imbalance(loads_LE: jax.Array) -> jax.Array:
+    """max/mean expert load per layer, averaged over layers (1.0 = perfectly balanced)."""
+    mean = jnp.mean(loads_LE, axis=-1)
+    return jnp.mean(jnp.max(loads_LE, axis=-1) / jnp.maximum(mean, 1e-9))
+
+
+def _all_loads(aux) -> jax.Array | None:
+    parts = [x for x in (aux["moe_load"], None if aux["mtp_load"] is None else aux["mtp_load"][None]) if x is not None]
+    return jnp.concatenate(parts, axis=0) if parts else None
+
+
+# --------------------------------------------------------------------------------------------
+# Model state plumbing
+# --------------------------------------------------------------------------------------------
+
+# (source in the main model, tied copy in the MTP module)
+_TIES = ((("embed_tokens", "weight"), ("mtp", "embed_tokens", "weight")),
+         (("lm_head", "weight"), ("mtp", "shared_head", "head", "weight")))
+_TIED_PATHS = {copy for _, copy in _TIES}
+
+
+def _is_tied_copy(path, _value) -> bool:
+    return tuple(str(p) for p in path) in _TIED_PATHS
+
+
+def cast_params(model: DeepSeekV3, dtype=jnp.float32) -> DeepSeekV3:
+    """The model with every floating :class:`nnx.Param` cast to ``dtype`` (the modules compute in
+    ``model.prec.dtype`` whatever the parameter dtype, so this changes nothing structural)."""
+    if model.cfg.fp8:
+        raise DeepSeekError("FP8 weights are not trainable: build the model from a config with fp8=False "
+                            "(or load it with train.load_float_model)")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return nnx.merge(graphdef, params, rest)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array        # int32 scalar: steps done
+    params: Any            # nnx.State of trained nnx.Param
+    tied: Any              # nnx.State of the MTP copies of embedding / lm_head (empty if untied)
+    biases: Any            # nnx.State of RouterBias
+    rest: Any              # anything else (normally empty)
+    opt_state: Any
+
+
+# The jitted programs take a hashable key (config, precision, remat, has-MTP) as static argument
+# instead of the GraphDef, whose hash includes the identity of non-array attributes such as the
+# RoPE tables (so every new model object would recompile). Equal keys mean interchangeable graphs;
+# the first GraphDef registered for a key serves them all.
+_GRAPHDEFS: dict[tuple, Any] = {}
+
+
+def _graph_key(model: DeepSeekV3, graphdef) -> tuple:
+    key = ("DeepSeekV3", model.cfg, model.prec, bool(model.remat), model.mtp is not None)
+    _GRAPHDEFS.setdefault(key, graphdef)
+    return key
+
+
+def _merge(key, state: TrainState, params=None, tie: bool = False) -> DeepSeekV3:
+    """The model of ``state`` (with ``params`` instead of its own); ``tie`` rebuilds the MTP copies
+    from ``params`` so that gradients reach the main embedding / head through them."""
+    p = state.params if params is None else params
+    tied = _sync_tied(state.tied, p) if tie else state.tied
+    return nnx.merge(_GRAPHDEFS[key], p, tied, state.biases, state.rest)
+
+
+def _constrain(x, mesh: Mesh | None, spec):
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _auto_mesh(mesh: Mesh) -> Mesh:
+    """The same mesh with every axis in Auto mode (the train step uses sharding constraints)."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+@partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis"))
+def _loss_and_grads(state: TrainState, params, batch, coefs, *, key, tie, mesh, axis):
+    batch = _constrain(batch, mesh, P(axis))
+
+    def f(p):
+        model = _merge(key, state, p, tie)
+        return compute_loss(model, batch, coefs["mtp_weight"], coefs["balance_alpha"])
+
+    (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return loss, aux, grads
+
+
+@partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis"))
+def _loss_only(state: TrainState, batch, coefs, *, key, tie, mesh, axis):
+    batch = _constrain(batch, mesh, P(axis))
+    model = _merge(key, state, tie=tie)
+    return compute_loss(model, batch, coefs["mtp_weight"], coefs["balance_alpha"])
+
+
+@partial(jax.jit, static_argnames=("key",))
+def _forward(state: TrainState, ids_BT, *, key):
+    model = _merge(key, state)
+    out = model(ids_BT)
+    mtp = model.mtp_logits(ids_BT, out.hidden) if model.mtp is not None else None
+    return out.logits, mtp
+
+
+def model_logits(model: DeepSeekV3, ids_BT) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(logits [B, T, V], mtp_logits [B, T-1, V] or None)`` of a prefill pass, as numpy; compiled
+    once per config (not per model object)."""
+    graphdef, params, biases, rest = nnx.split(model, nnx.Param, RouterBias, ...)
+    key = _graph_key(model, graphdef)
+    state = TrainState(jnp.zeros((), jnp.int32), params, nnx.State({}), biases, rest, None)
+    dev = jax.devices()[0]
+    # Commit single-device arrays (committed or not, the same program then serves every model).
+    state = jax.tree.map(lambda x: x if len(x.sharding.device_set) > 1 else jax.device_put(x, dev), state)
+    logits, mtp = _forward(state, jax.device_put(jnp.asarray(ids_BT, jnp.int32), dev), key=key)
+    return np.asarray(logits), None if mtp is None else np.asarray(mtp)
+
+
+def _update_biases(biases, aux, gamma):
+    """``bias += γ sign(mean load - load)`` per router, from this step's loads."""
+    flat = []
+    for path, var in nnx.to_flat_state(biases):
+        top = str(path[0])
+        load = aux["moe_load"] if top == "moe_layers" else aux["mtp_load"] if top == "mtp" else None
+        if load is None or tuple(load.shape) != tuple(var.shape):
+            flat.append((path, var))
+            continue
+        delta = gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        flat.append((path, var.replace((var[...] + delta).astype(var.dtype))))
+    return nnx.from_flat_state(flat)
+
+
+def _sync_tied(tied, params):
+    src = {tuple(str(x) for x in p): v for p, v in nnx.to_flat_state(params)}
+    by_copy = {copy: source for source, copy in _TIES}
+    flat = [(p, v.replace(src[by_copy[tuple(str(x) for x in p)]][...].astype(v.dtype)))
+            for p, v in nnx.to_flat_state(tied)]
+    return nnx.from_flat_state(flat)
+
+
+@partial(jax.jit, static_argnames=("static", "mesh"), donate_argnames=("state",))
+def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh):
+    clip, tie, _ = static
+    tx = _make_tx(coefs, clip)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    biases = _update_biases(state.biases, aux, coefs["bias_gamma"])
+    tied = _sync_tied(state.tied, params) if tie else state.tied
+    new = TrainState(state.step + 1, params, tied, biases, state.rest, opt_state)
+    new = _constrain(new, mesh, P())
+    loads = _all_loads(aux)
+    metrics = {"loss": loss, "ce": aux["ce"], "mtp_ce": aux["mtp_ce"], "balance": aux["balance"],
+               "imbalance": load_imbalance(loads) if loads is not None else jnp.float32(1.0),
+               "acc": aux["acc"], "exact": aux["exact"], "tokens": aux["tokens"], "targets": aux["targets"],
+               "lr": learning_rate(coefs, state.step), "grad_norm": grad_norm}
+    return new, metrics
+
+
+def _flat_keys(tree) -> tuple[list[str], list[Any], Any]:
+    """Flattens a pytree into readable unique string keys (for Orbax)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    keys = []
+    for path, _ in leaves:
+        parts = []
+        for k in path:
+            for attr in ("key", "name", "idx"):
+                if hasattr(k, attr):
+                    parts.append(str(getattr(k, attr)))
+                    break
+            else:
+                parts.append(str(k))
+        keys.append(".".join(p for p in parts if p != "value"))
+    if len(set(keys)) != len(keys):
+        raise AssertionError("train state keys are not unique")
+    return keys, [x for _, x in leaves], treedef
+
+
+class Trainer:
+    """Holds the train state of one model and runs steps.
+
+    >>> trainer = Trainer(cast_params(model), TrainConfig(steps=100, lr=3e-3))
+    >>> for step in range(trainer.step, 100):
+    ...     metrics = trainer.train_step(dataset.batch_at(step))
+    """
+
+    def __init__(self, model: DeepSeekV3, tcfg: TrainConfig = TrainConfig(), *, mesh: Mesh | None = None,
+                 data_axis: str = "data"):
+        if model.cfg.fp8:
+            raise DeepSeekError("FP8 weights are not trainable: use a config with fp8=False")
+        if mesh is not None:
+            if data_axis not in mesh.axis_names:
+                raise DeepSeekError(f"mesh has no axis {data_axis!r} (axes {mesh.axis_names})")
+            mesh = _auto_mesh(mesh)
+        self.tcfg, self.mesh, self.axis = tcfg, mesh, data_axis
+        model = nnx.clone(model)
+        model.remat = tcfg.remat
+        self.tie = bool(tcfg.tie_mtp and model.mtp is not None)
+        self.cfg = model.cfg
+        graphdef, tied, params, biases, rest = nnx.split(
+            model, _is_tied_copy if self.tie else nnx.Nothing, nnx.Param, RouterBias, ...)
+        self.key = _graph_key(model, graphdef)
+        copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731 (state is donated)
+        params, tied, biases, rest = copy(params), copy(tied), copy(biases), copy(rest)
+        if self.tie:
+            tied = _sync_tied(tied, params)
+        state = TrainState(jnp.zeros((), jnp.int32), params, tied, biases, rest,
+                           make_optimizer(tcfg).init(params))
+        self.state = self._place(state)
+
+    # ---- placement ----------------------------------------------------------------------------
+    def _place(self, state: TrainState) -> TrainState:
+        """Commits the state to its devices (fresh and restored states then look alike to jit:
+        no recompilation after a restore)."""
+        if self.mesh is None:
+            return jax.device_put(state, jax.devices()[0])
+        return jax.device_put(state, NamedSharding(self.mesh, P()))
+
+    def _batch(self, batch):
+        from deepseek_jax.tasks import Batch
+        b = Batch(np.asarray(batch.ids, np.int32), np.asarray(batch.loss_mask, np.float32),
+                  np.asarray(batch.valid, bool))
+        if self.mesh is not None:
+            n = self.mesh.shape[self.axis]
+            if b.ids.shape[0] % n:
+                raise DeepSeekError(f"batch size {b.ids.shape[0]} is not a multiple of the {n} devices "
+                                    f"of mesh axis {self.axis!r}")
+            return jax.device_put(b, NamedSharding(self.mesh, P(self.axis)))
+        return jax.device_put(b, jax.devices()[0])
+
+    def _kw(self):
+        return dict(key=self.key, tie=self.tie, mesh=self.mesh, axis=self.axis)
+
+    # ---- steps ----------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Number of steps done (the index of the next batch)."""
+        return int(self.state.step)
+
+    def train_step(self, batch) -> dict[str, jax.Array]:
+        """One optimizer step on ``batch``; returns device scalars (loss, ce, mtp_ce, balance,
+        imbalance, acc, exact, tokens, targets, lr, grad_norm)."""
+        batch = self._batch(batch)
+        coefs = self.tcfg._hyper()
+        loss, aux, grads = _loss_and_grads(self.state, self.state.params, batch, coefs, **self._kw())
+        self.state, metrics = _apply(self.state, grads, loss, aux, coefs, static=self.tcfg._static(), mesh=self.mesh)
+        return metrics
+
+    def loss_and_grads(self, batch, params=None):
+        """``(loss, aux, grads)`` at the current (or the given) parameters, without stepping."""
+        params = self.state.params if params is None else params
+        return _loss_and_grads(self.state, params, self._batch(batch), self.tcfg._hyper(), **self._kw())
+
+    def evaluate(self, dataset, n_batches: int = 4, start: int = 0) -> dict[str, float]:
+        """Mean loss terms, token accuracy and exact match over ``n_batches`` batches of ``dataset``."""
+        sums: dict[str, float] = {}
+        for s in range(start, start + n_batches):
+            loss, aux = _loss_only(self.state, self._batch(dataset.batch_at(s)), self.tcfg._hyper(), **self._kw())
+            loads = _all_loads(aux)
+            vals = {"loss": loss, "ce": aux["ce"], "mtp_ce": aux["mtp_ce"], "acc": aux["acc"],
+                    "exact": aux["exact"], "imbalance": load_imbalance(loads) if loads is not None else 1.0}
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: v / n_batches for k, v in sums.items()}
+
+    def model(self) -> DeepSeekV3:
+        """A copy of the current model (MTP copies tied), independent of later steps."""
+        s = jax.tree.map(lambda x: jnp.array(x, copy=True), self.state)
+        model = _merge(self.key, s)
+        model.remat = False
+        return model
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _manager(self, directory, max_to_keep=3):
+        import orbax.checkpoint as ocp
+        return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+
+    def save(self, directory, metadata: dict | None = None, max_to_keep: int = 3) -> int:
+        """Saves the train state as Orbax step ``self.step`` under ``directory``, with JSON
+        ``metadata`` next to it; returns the step."""
+        import orbax.checkpoint as ocp
+        keys, leaves, _ = _flat_keys(self.state)
+        step = self.step
+        meta = {"step": step, "train_config": dataclasses.asdict(self.tcfg), **(metadata or {})}
+        with self._manager(directory, max_to_keep) as mngr:
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(zip(keys, leaves))),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+            mngr.wait_until_finished()
+        return step
+
+    @staticmethod
+    def latest_step(directory) -> int | None:
+        import orbax.checkpoint as ocp
+        directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(directory):
+            return None
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
+            return mngr.latest_step()
+
+    @staticmethod
+    def read_metadata(directory, step: int | None = None) -> dict:
+        import orbax.checkpoint as ocp
+        directory = os.path.abspath(os.fspath(directory))
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
+            step = mngr.latest_step() if step is None else step
+            if step is None:
+                raise DeepSeekError(f"no checkpoint in {directory}")
+            return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def restore(self, directory, step: int | None = None) -> dict:
+        """Replaces the train state by checkpoint ``step`` (default: the latest) of ``directory``;
+        returns its metadata."""
+        import orbax.checkpoint as ocp
+        directory = os.path.abspath(os.fspath(directory))
+        keys, leaves, treedef = _flat_keys(self.state)
+        abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in zip(keys, leaves)}
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
+            step = mngr.latest_step() if step is None else step
+            if step is None:
+                raise DeepSeekError(f"no checkpoint to resume in {directory}")
+            try:
+                got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 meta=ocp.args.JsonRestore()))
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                raise DeepSeekError(f"checkpoint {directory} step {step} does not fit this model / "
+                                    f"optimizer: {' '.join(str(e).split())[:300]}") from None
+        self.state = self._place(jax.tree_util.tree_unflatten(treedef, [got.state[k] for k in keys]))
+        return dict(got.meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Hub layout in and out
+# --------------------------------------------------------------------------------------------
+
+
+def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=TINY_TOKENIZER_DIR,
+               max_shard_bytes: int = 5 * 2**30) -> str:
+    """Writes ``model`` as a Hub-layout checkpoint directory; returns it.
+
+    Tensor names, shapes and dtypes are exactly :func:`deepseek_jax.hub.hub_tensor_specs` of the
+    model's config: BF16 everywhere but the router bias (F32); with ``fp8`` every linear weight the
+    spec marks ``F8_E4M3`` is block-quantized from the float32 values with its ``weight_scale_inv``
+    and ``config.json`` gets the ``quantization_config``. The tokenizer files of ``tokenizer_dir``
+    (default: the tiny tokenizer; None: none) are copied next to it.
+    """
+    out_dir = os.fspath(out_dir)
+    cfg = model.cfg
+    if cfg.fp8:
+        raise DeepSeekError("export_hub: the model already holds FP8 weights; export a float model")
+    hub_cfg = cfg.replace(fp8=bool(fp8)).to_hub_dict()
+    hub_cfg["torch_dtype"] = "bfloat16"
+    specs = hub_tensor_specs(hub_cfg, include_mtp=model.mtp is not None, fp8=bool(fp8))
+    os.makedirs(out_dir, exist_ok=True)
+    written: set[str] = set()
+    with HubWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}) as writer:
+        for path, var in iter_params(model):
+            slot = hub_slot(path, cfg)
+            arr = np.asarray(jax.device_get(var[...]), np.float32)
+            for idx in np.ndindex(*slot.stack):
+                name = slot.names[idx]
+                spec = specs.get(name)
+                if spec is None:
+                    raise DeepSeekError(f"export_hub: parameter {'.'.join(path)} maps to {name}, "
+                                        "which the Hub layout does not have")
+                t = arr[idx]
+                if tuple(t.shape) != spec.shape:
+                    raise DeepSeekError(f"export_hub: {name} has shape {list(t.shape)}, expected {list(spec.shape)}")
+                if spec.dtype_name == "F8_E4M3":
+                    wq, scale = quantize_block_fp8_np(t, tuple(cfg.weight_block_size))
+                    writer.add(name, wq)
+                    writer.add(name + "_scale_inv", scale)
+                    written.update((name, name + "_scale_inv"))
+                else:
+                    writer.add(name, t.astype(ml_dtypes.bfloat16 if spec.dtype_name == "BF16" else np.float32))
+                    written.add(name)
+        missing = sorted(set(specs) - written)
+        if missing:
+            raise DeepSeekError(f"export_hub: the model has no values for {missing[:3]} ({len(missing)} tensors)")
+    write_config(out_dir, hub_cfg)
+    if tokenizer_dir is not None:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            src = os.path.join(os.fspath(tokenizer_dir), f)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, f))
+    return out_dir
+
+
+def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.float32,
+                     with_mtp: bool | None = None, cfg: DeepSeekConfig | None = None) -> DeepSeekV3:
+    """Loads a Hub-layout checkpoint as a trainable float model (FP8 weights dequantized,
+    parameters in ``param_dtype``): the starting point of fine-tuning."""
+    reader = HubReader(os.fspath(path))
+    try:
+        cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)
+        block = tuple(cfg.weight_block_size)
+        cfg = cfg.replace(fp8=False)
+        if with_mtp is None:
+            with_mtp = bool(cfg.num_nextn_predict_layers) and \
+                f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in reader
+        graphdef, state = nnx.split(abstract_model(cfg, prec, with_mtp))
+        flat = []
+        for p, var in nnx.to_flat_state(state):
+            slot = hub_slot(tuple(str(x) for x in p), cfg)
+            out = np.empty(var.shape, np.float32)
+            for idx in np.ndindex(*slot.stack):
+                name = slot.names[idx]
+                if name not in reader:
+                    raise DeepSeekError(f"checkpoint: missing tensor {name}")
+                a = reader.get(name)
+                if a.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+                    if name + "_scale_inv" not in reader:
+                        raise DeepSeekError(f"checkpoint: missing tensor {name}_scale_inv")
+                    a = dequantize_block_fp8_np(a, reader.get(name + "_scale_inv"), block)
+                if tuple(a.shape) != tuple(out.shape[len(slot.stack):]):
+                    raise DeepSeekError(f"checkpoint: tensor {name} has shape {list(a.shape)}, "
+                                        f"config.json implies {list(out.shape[len(slot.stack):])}")
+                out[idx] = a
+            dtype = param_dtype if isinstance(var, nnx.Param) else var.dtype
+            flat.append((p, var.replace(jnp.asarray(out, dtype))))
+        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    finally:
+        reader.close()

@@ -1,0 +1,313 @@
+"""Training: loss decrease, gradients vs finite differences, the routing-bias update, the MTP loss
+term, exact resume, Hub export, and the ``train`` CLI.
+
+Every test uses one tiny float32 config and one TrainConfig (loss coefficients are traced, not
+compiled in), so the whole file compiles the train step once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax import api
+from deepseek_jax.hub import HubReader, hub_tensor_specs, spec_mismatches
+from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
+from deepseek_jax.tasks import make_dataset
+from deepseek_jax.train import (TrainConfig, Trainer, cast_params, export_hub, load_float_model,
+                                model_logits)
+
+# 1 dense + 1 MoE layer + MTP, 8 experts in 2 groups (top-1 group, 2 experts per token), vocab of
+# the tiny tokenizer.
+CFG = tiny_config(vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                  num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+                  q_lora_rank=32, kv_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                  topk_group=1, max_position_embeddings=64)
+STEPS = 30
+TCFG = TrainConfig(steps=STEPS, lr=1e-2, warmup=3, weight_decay=0.01, mtp_weight=0.3, balance_alpha=1e-4,
+                   bias_gamma=0.0)
+GAMMA = 0.01
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory) -> str:
+    """Random initial weights (router biases zero) in the Hub layout."""
+    d = random_hub_checkpoint(tmp_path_factory.mktemp("init"), CFG, seed=3, fp8=False, bias_range=(0.0, 0.0))
+    return str(d)
+
+
+def fresh_model(init_dir):
+    return load_float_model(init_dir)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset("synthetic:addition", batch_size=16, seed=0)
+
+
+def run(trainer, data, steps, start=0):
+    return [jax.device_get(trainer.train_step(data.batch_at(s))) for s in range(start, start + steps)]
+
+
+@pytest.fixture(scope="module")
+def runs(init_dir, data):
+    """30 steps from the same initialisation on the same data: (lr, gamma) -> (trainer, metrics).
+    The learning rate is traced like gamma: all four runs share one compiled step."""
+    out = {}
+    for lr, gamma in ((TCFG.lr, GAMMA), (3e-3, 0.0), (3e-3, GAMMA)):
+        trainer = Trainer(fresh_model(init_dir), TrainConfig(**{**TCFG.__dict__, "lr": lr, "bias_gamma": gamma}))
+        out[lr, gamma] = (trainer, run(trainer, data, STEPS))
+    return out
+
+
+def test_loss_decreases(runs):
+    hist = runs[TCFG.lr, GAMMA][1]
+    loss = np.array([m["loss"] for m in hist])
+    mtp = np.array([m["mtp_ce"] for m in hist])
+    assert np.all(np.isfinite(loss))
+    assert loss[-5:].mean() < 0.4 * loss[:3].mean(), loss
+    assert mtp[-5:].mean() < 0.5 * mtp[:3].mean(), mtp
+    # Metrics are what they claim: tokens are the real tokens, lr follows the warmup.
+    assert hist[0]["tokens"] == float(data_valid_tokens(0))
+    assert hist[0]["lr"] == pytest.approx(TCFG.lr / 3)
+
+
+def data_valid_tokens(step):
+    return make_dataset("synthetic:addition", batch_size=16, seed=0).batch_at(step).valid.sum()
+
+
+def test_bias_update_reduces_imbalance(runs):
+    """max/mean expert load (averaged over the MoE layer and the MTP block), same model, same data,
+    same learning rate: the sign rule keeps the load far more even than gamma = 0."""
+    (t0, h0), (t1, h1) = runs[3e-3, 0.0], runs[3e-3, GAMMA]
+    imb0 = np.array([m["imbalance"] for m in h0])
+    imb1 = np.array([m["imbalance"] for m in h1])
+    assert imb0[0] == pytest.approx(imb1[0])  # same model, same data at step 0
+    # Measured: gamma = 0 drifts from 1.5 to ~3.0 (of at most E/K = 4); gamma = 0.01 stays ~1.3.
+    assert imb1[-10:].mean() < 0.6 * imb0[-10:].mean(), (imb0, imb1)
+    assert imb1[-10:].mean() < imb1[0]
+    # gamma = 0 leaves the biases at zero; gamma > 0 moves them.
+    b0 = jax.tree.leaves(t0.state.biases)
+    b1 = jax.tree.leaves(t1.state.biases)
+    assert all(np.all(np.asarray(b) == 0) for b in b0)
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in b1)
+
+
+def test_bias_update_rule(init_dir, data):
+    """One step: bias == gamma * sign(mean load - load) of that step's loads, per router."""
+    trainer = Trainer(fresh_model(init_dir), TrainConfig(**{**TCFG.__dict__, "bias_gamma": GAMMA}))
+    batch = data.batch_at(0)
+    _, aux, grads = trainer.loss_and_grads(batch)
+    # Loads count the real tokens' assignments only: K per valid token.
+    K = CFG["num_experts_per_tok"]
+    np.testing.assert_allclose(np.asarray(aux["moe_load"]).sum(-1), batch.valid.sum() * K)
+    np.testing.assert_allclose(np.asarray(aux["mtp_load"]).sum(), batch.valid[:, 1:].sum() * K)
+    # RouterBias gets no gradient: it is not in the differentiated state.
+    assert not any("e_score_correction_bias" in "/".join(map(str, p)) for p, _ in
+                   jax.tree_util.tree_flatten_with_path(grads)[0])
+    trainer.train_step(batch)
+    bias = {str(p[0]): np.asarray(v[...]) for p, v in __import__("flax").nnx.to_flat_state(trainer.state.biases)}
+    for name, load in (("moe_layers", np.asarray(aux["moe_load"])), ("mtp", np.asarray(aux["mtp_load"]))):
+        want = GAMMA * np.sign(load.mean(-1, keepdims=True) - load)
+        np.testing.assert_allclose(bias[name], want, atol=1e-7)
+
+
+def test_gradients_match_finite_differences(init_dir, data):
+    """Gradient of the full loss (CE + λ MTP + α balance) vs central differences, float32."""
+    tcfg = TrainConfig(**{**TCFG.__dict__, "balance_alpha": 0.05})  # make the balance term visible
+    trainer = Trainer(fresh_model(init_dir), tcfg)
+    batch = make_dataset("synthetic:addition", batch_size=16, seed=5).batch_at(0)  # the train shape
+    loss0, _, grads = trainer.loss_and_grads(batch)
+    params = trainer.state.params
+    p_leaves, treedef = jax.tree.flatten(params)
+    g_leaves = jax.tree.leaves(grads)
+    paths = ["/".join(str(k.key) for k in p if hasattr(k, "key"))
+             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    rng = np.random.default_rng(0)
+    # eps: float32 rounding of a loss ~20 leaves ~1e-3 of noise in the difference quotient; a
+    # much larger eps flips top-k routing choices (the loss is only piecewise smooth).
+    eps = 2e-3
+    for i, name in enumerate(paths):  # one entry of every parameter
+        g = np.asarray(g_leaves[i])
+        flat = np.abs(g).reshape(-1)
+        # The largest-gradient entry among a random subset (a non-negligible gradient).
+        cand = rng.choice(flat.size, size=min(64, flat.size), replace=False)
+        j = int(cand[np.argmax(flat[cand])])
+        idx = np.unravel_index(j, g.shape)
+        assert flat[j] > 1e-2, (name, flat[j])
+
+        def loss_at(delta):
+            leaves = list(p_leaves)
+            leaves[i] = leaves[i].at[idx].add(delta)
+            return float(trainer.loss_and_grads(batch, jax.tree.unflatten(treedef, leaves))[0])
+
+        fd = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+        assert abs(fd - g[idx]) <= 2e-2 * abs(g[idx]) + 1e-3, (name, idx, fd, g[idx])
+    assert len(paths) > 40 and "mtp/mlp/gate/weight" in paths and "embed_tokens/weight" in paths
+    # The tied MTP copies are not trained parameters: they get the gradient through the main ones.
+    assert "mtp/embed_tokens/weight" not in paths and "mtp/shared_head/head/weight" not in paths
+
+
+def test_mtp_loss_term_matches_independent_computation(runs, data):
+    """aux['mtp_ce'] == mean over masked i of -log_softmax(mtp_logits[i])[ids[i+2]], in numpy."""
+    trainer = runs[TCFG.lr, GAMMA][0]
+    batch = data.batch_at(100)
+    _, aux, _ = trainer.loss_and_grads(batch)
+    logits, mtp = model_logits(trainer.model(), batch.ids)
+    ids, mask = batch.ids, batch.loss_mask
+    B, T = ids.shape
+    assert mtp.shape == (B, T - 1, CFG["vocab_size"])
+    total, n = 0.0, 0
+    for b in range(B):
+        for i in range(T - 2):         # row i predicts token i+2
+            if mask[b, i + 2]:
+                row = mtp[b, i].astype(np.float64)
+                lse = np.log(np.sum(np.exp(row - row.max()))) + row.max()
+                total += lse - row[ids[b, i + 2]]
+                n += 1
+    assert n == int(mask[:, 2:].sum())
+    np.testing.assert_allclose(float(aux["mtp_ce"]), total / n, rtol=2e-5)
+    # And the main CE the same way, for good measure.
+    lp = logits[:, :-1].astype(np.float64)
+    lp = lp - (np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lp.max(-1, keepdims=True))
+    nll = -np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(float(aux["ce"]), (nll * mask[:, 1:]).sum() / mask[:, 1:].sum(), rtol=2e-5)
+
+
+def test_resume_continues_the_same_curve(init_dir, data, tmp_path):
+    tcfg = TrainConfig(**{**TCFG.__dict__, "bias_gamma": GAMMA})
+    straight = Trainer(fresh_model(init_dir), tcfg)
+    want = [m["loss"] for m in run(straight, data, 6)]
+
+    first = Trainer(fresh_model(init_dir), tcfg)
+    got = [m["loss"] for m in run(first, data, 3)]
+    first.save(tmp_path / "ckpt", {"note": "three steps"})
+    del first
+    assert Trainer.latest_step(tmp_path / "ckpt") == 3
+    second = Trainer(fresh_model(init_dir), tcfg)
+    meta = second.restore(tmp_path / "ckpt")
+    assert meta["note"] == "three steps" and second.step == 3
+    got += [m["loss"] for m in run(second, data, 3, start=second.step)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(second.state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_export_hub_loads_with_same_logits(runs, data, tmp_path):
+    trainer = runs[TCFG.lr, GAMMA][0]
+    model = trainer.model()
+    ids = data.batch_at(7).ids[:4]
+    ref, ref_mtp = model_logits(model, ids)
+
+    hub = export_hub(model, tmp_path / "hub", fp8=False)
+    with HubReader(hub) as reader:
+        assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []
+        assert "quantization_config" not in reader.config
+    assert os.path.isfile(os.path.join(hub, "tokenizer.json"))
+    loaded = api.load(hub)
+    assert loaded.cfg.replace(extra={}) == model.cfg.replace(extra={})
+    # The Hub layout stores BF16: the loaded model equals the trained one with bf16-rounded weights,
+    # exactly (float32 compute), and the trained biases come back exactly (F32).
+    got, got_mtp = model_logits(cast_params(loaded, jnp.float32), ids)
+    rounded = cast_params(cast_params(model, jnp.bfloat16), jnp.float32)
+    want, want_mtp = model_logits(rounded, ids)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_mtp, want_mtp)
+    np.testing.assert_array_equal(np.asarray(loaded.moe_layers.mlp.gate.e_score_correction_bias[...]),
+                                  np.asarray(model.moe_layers.mlp.gate.e_score_correction_bias[...]))
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() < 0.05 * scale
+
+    hub8 = export_hub(model, tmp_path / "hub8", fp8=True)
+    with HubReader(hub8) as reader:
+        assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []
+        assert reader.config["quantization_config"]["quant_method"] == "fp8"
+    loaded8 = api.load(hub8)
+    assert loaded8.cfg.fp8
+    got8, got8_mtp = model_logits(loaded8, ids)
+    # Exactly the FP8 semantics: the same as a float model holding the dequantized weights...
+    deq8, deq8_mtp = model_logits(load_float_model(hub8), ids)
+    np.testing.assert_allclose(got8, deq8, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(got8_mtp, deq8_mtp, rtol=1e-4, atol=1e-4 * scale)
+    # ... and close to the trained model on the real tokens (e4m3 keeps ~3 mantissa bits).
+    valid = data.batch_at(7).valid[:4]
+    err = np.abs(got8 - ref)[valid]
+    assert err.mean() < 0.1 * np.abs(ref[valid]).mean()
+    assert (got8.argmax(-1) == ref.argmax(-1))[valid].mean() > 0.8
+
+
+def test_datasets_are_deterministic_disjoint_and_masked(tmp_path):
+    """Batches are a pure function of (seed, split, step); held-out problems never appear in
+    training; the loss mask covers exactly the answer and eos; text is packed and resumable."""
+    tr = make_dataset("synthetic:addition", batch_size=8, seed=1)
+    ev = make_dataset("synthetic:addition", batch_size=8, seed=2, split="eval")
+    b1, b2 = tr.batch_at(5), make_dataset("synthetic:addition", batch_size=8, seed=1).batch_at(5)
+    assert all(np.array_equal(x, y) for x, y in zip(b1, b2))
+    assert not np.array_equal(tr.batch_at(6).ids, b1.ids)
+    train_prompts = {p for s in range(50) for p, _ in tr.examples(s)}
+    eval_prompts = {p for s in range(50) for p, _ in ev.examples(s)}
+    assert train_prompts and eval_prompts and not train_prompts & eval_prompts
+    tok = tr.tok
+    for (prompt, answer), ids, mask, valid in zip(tr.examples(5), *b1):
+        a, b = prompt.split("+")
+        assert answer == str(int(a) + int(b))
+        assert tok.decode(ids[mask > 0]) == answer and ids[mask > 0][-1] == tok.eos_id
+        full = tok.encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                               add_generation_prompt=False)
+        assert list(ids[valid]) == full and not valid[len(full):].any()
+    rev = make_dataset("synthetic:reverse", batch_size=4, seed=0)
+    for (prompt, answer), ids, mask, _ in zip(rev.examples(0), *rev.batch_at(0)):
+        assert answer == prompt[::-1] and rev.tok.decode(ids[mask > 0]) == answer
+
+    text = tmp_path / "lines.txt"
+    text.write_text("".join(f"line number {i} of the file\n" for i in range(40)))
+    td = make_dataset(str(text), tok, batch_size=3, seq_len=16, seed=0)
+    ids, mask, valid = td.batch_at(4)
+    assert ids.shape == (3, 16) and np.array_equal(mask > 0, valid)
+    assert np.array_equal(td.batch_at(4).ids, make_dataset(str(text), tok, batch_size=3, seq_len=16).batch_at(4).ids)
+    # One epoch visits every packed row once.
+    n = len(td.rows)
+    seen = np.concatenate([td.batch_at(s).ids for s in range(n)])[:n]
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, td.rows))
+    held = make_dataset(str(text), tok, batch_size=3, seq_len=16, split="eval")
+    assert "line number 19 " in tok.decode(held.rows.reshape(-1)) and \
+        "line number 19 " not in tok.decode(td.rows.reshape(-1))
+
+
+def test_train_cli_and_resume(init_dir, tmp_path, capsys):
+    """``deepseek-jax train`` end to end: 6 steps with checkpoints at 3 and 6; dropping the last
+    checkpoint and resuming replays steps 3-5 with identical metrics; the Hub export is usable."""
+    import shutil
+
+    from deepseek_jax.cli import main
+    from deepseek_jax.tokenizer import Tokenizer
+
+    out = tmp_path / "run"
+    args = ["train", "--init", init_dir, "--data", "synthetic:addition", "--batch", "16", "--out", str(out),
+            "--steps", "6", "--lr", "1e-2", "--warmup", "3", "--bias-gamma", str(GAMMA), "--eval-batches", "1",
+            "--save-every", "3"]
+    assert main(args) == 0
+    first = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in first] == list(range(6))
+    assert first[-1]["loss"] < first[0]["loss"]
+    assert Trainer.latest_step(out / "ckpt") == 6
+    assert main(args) == 2  # refuses to overwrite a run without --resume
+    shutil.rmtree(out / "ckpt" / "6")
+    assert Trainer.latest_step(out / "ckpt") == 3
+    assert main(args + ["--resume"]) == 0
+    second = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in second] == list(range(6))
+    np.testing.assert_allclose([m["loss"] for m in second], [m["loss"] for m in first], rtol=1e-6)
+    assert main(args[:-2] + ["--resume", "--batch", "8"]) == 2  # different data: refused
+    err = capsys.readouterr().err
+    assert "different data" in err and "--resume" in err
+    hub = out / "hub"
+    with HubReader(hub) as reader:
+        assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []
+    assert Tokenizer.from_dir(hub).vocab_size == CFG["vocab_size"]
+    assert json.load(open(out / "eval.json"))["step"] == 6
