@@ -69,6 +69,17 @@ def grouped_matmul_ref(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, 
     _check_args(x_MK, w, group_sizes_E, w_scale)
     out_dtype = x_MK.dtype if out_dtype is None else out_dtype
     cdt = _compute_dtype(x_MK, w)
+    M, E = x_MK.shape[0], w.shape[0]
+    if M <= 4 * E:
+        # Few rows (decode): gather each row's expert weight instead of a dense masked product
+        # over all experts (what ragged_dot lowers to on CPU); only touched experts are read.
+        ends = jnp.cumsum(group_sizes_E.astype(jnp.int32))
+        expert_M = jnp.searchsorted(ends, jnp.arange(M, dtype=jnp.int32), side="right")
+        e = jnp.minimum(expert_M, E - 1)
+        w_MNK = dequantize_blocks(w[e], w_scale[e]) if is_fp8(w.dtype) else w[e]
+        y = jnp.einsum("mk,mnk->mn", x_MK.astype(cdt), w_MNK.astype(cdt), precision=lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32)
+        return jnp.where((expert_M < E)[:, None], y, 0.0).astype(out_dtype)
     if is_fp8(w.dtype):
         w_ENK = dequantize_blocks(w, w_scale).astype(cdt)
     else:
