@@ -15,7 +15,7 @@ from deepseek_jax.errors import DeepSeekError
 
 # The CLI contract: convert|export|verify|score|generate|chat|demo|plan|train. A name is listed
 # here once its command exists.
-COMMANDS = ("score",)
+COMMANDS = ("convert", "export", "verify", "score", "generate", "chat", "demo", "plan", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,528 @@
+"""The Hub <-> Orbax converter (deepseek_jax.orbax_ckpt; `deepseek-jax convert|export|verify`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+import deepseek_jax as dj
+from deepseek_jax import orbax_ckpt as oc
+from deepseek_jax import scoring
+from deepseek_jax.checkpoint import abstract_model, load_hub
+from deepseek_jax.cli import main
+from deepseek_jax.hub import INDEX_FILE, HubReader, dequantize_block_fp8_np, write_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small chunk limits for the tests that need parameters split over several chunks (grouped
+# small tensors, one Hub tensor per chunk, row-split tensors with partial edge chunks).
+# The kill-and-resume test also makes the converter fsync and mark a resume point every 16 KB.
+SMALL_CHUNKS = {"GROUP_MAX_BYTES": 1024, "CHUNK_MAX_BYTES": 8192, "SYNC_EVERY_BYTES": 16384}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _hub_tensors(path: str) -> dict[str, np.ndarray]:
+    with HubReader(path) as r:
+        return {n: np.array(r.get(n)) for n in r.names()}
+
+
+def _assert_same_tensors(a: str, b: str) -> None:
+    ta, tb = _hub_tensors(a), _hub_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for n in ta:
+        assert ta[n].dtype == tb[n].dtype and ta[n].shape == tb[n].shape, n
+        assert ta[n].tobytes() == tb[n].tobytes(), n
+
+
+def _files(root: str) -> dict[str, bytes]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def _convert(src, out, **kw):
+    oc.convert(src, out, progress=False, **kw)
+    return str(out)
+
+
+def _export(ck, out, **kw):
+    oc.export(ck, out, progress=False, **kw)
+    return str(out)
+
+
+def _bf16_dequant(wq, s):
+    return dequantize_block_fp8_np(wq, s).astype(ml_dtypes.bfloat16)
+
+
+def _ids(vocab, seed=3):
+    return np.random.default_rng(seed).integers(0, vocab, (2, 19)).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures (the Hub checkpoints ckpt_a, ckpt_b, ckpt_a_bf16 come from conftest.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="module")
+def conv_a(ckpt_a, tmp):
+    return _convert(ckpt_a, tmp / "conv_a")
+
+
+@pytest.fixture(scope="module")
+def conv_b(ckpt_b, tmp):
+    return _convert(ckpt_b, tmp / "conv_b")
+
+
+@pytest.fixture(scope="module")
+def conv_a_deq(ckpt_a, tmp):
+    return _convert(ckpt_a, tmp / "conv_a_deq", dtype="bf16")
+
+
+@pytest.fixture(scope="module")
+def src_b_tok(ckpt_b, tmp):
+    """ckpt_b plus tokenizer files (copied along by convert and export)."""
+    d = tmp / "src_b_tok"
+    shutil.copytree(ckpt_b, d)
+    (d / "tokenizer.json").write_text('{"model": {"type": "BPE"}}\n')
+    (d / "tokenizer_config.json").write_text('{"bos_token": "<s>"}\n')
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def conv_b_small(src_b_tok, tmp):
+    """An uninterrupted conversion with many chunks per parameter (the resume test's reference)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in SMALL_CHUNKS.items():
+            mp.setattr(oc, k, v)
+        return _convert(src_b_tok, tmp / "conv_b_small")
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips, layout, logits
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["a", "b", "a_bf16", "b_small"])
+def test_round_trip_is_bit_identical(which, request, tmp):
+    src = {"a": "ckpt_a", "b": "ckpt_b", "a_bf16": "ckpt_a_bf16", "b_small": "src_b_tok"}[which]
+    src = request.getfixturevalue(src)
+    conv = {"a": "conv_a", "b": "conv_b", "b_small": "conv_b_small"}.get(which)
+    conv = request.getfixturevalue(conv) if conv else _convert(src, tmp / f"conv_{which}")
+    back = _export(conv, tmp / f"back_{which}")
+    _assert_same_tensors(src, back)  # FP8 values, scales, bf16, float32 bias: every byte
+    if which == "b_small":
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            assert open(os.path.join(back, f)).read() == open(os.path.join(src, f)).read()
+    cfg = json.load(open(os.path.join(back, "config.json")))
+    assert dj.DeepSeekConfig.from_hub_dict(cfg) == dj.DeepSeekConfig.from_hub_dict(
+        json.load(open(os.path.join(src, "config.json"))))
+
+
+def test_layout_is_orbax_own(conv_a, ckpt_a, tmp):
+    """_METADATA equals what Orbax writes for the model state; .zarray differ only in chunking
+    and compression; StandardCheckpointer restores it; the restored tree is the model's state."""
+    import orbax.checkpoint as ocp
+
+    model = load_hub(ckpt_a)
+    _, state = nnx.split(model)
+    ref = str(tmp / "orbax_ref")
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(ref, args=ocp.args.PyTreeSave(state))
+    assert json.load(open(os.path.join(conv_a, "_METADATA"))) == json.load(open(os.path.join(ref, "_METADATA")))
+    arrays = [d for d in os.listdir(ref) if os.path.isdir(os.path.join(ref, d)) and d.endswith(".value")]
+    assert sorted(arrays) == sorted(d for d in os.listdir(conv_a) if d.endswith(".value"))
+    for d in arrays:
+        za, zb = (json.load(open(os.path.join(r, d, ".zarray"))) for r in (conv_a, ref))
+        for z in (za, zb):
+            z.pop("chunks"), z.pop("compressor")
+        assert za == zb, d
+    abstract = nnx.state(abstract_model(model.cfg))
+    restored = ocp.StandardCheckpointer().restore(os.path.abspath(conv_a), abstract)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(restored), nnx.to_flat_state(state)):
+        assert a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes(), p
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_logits_from_orbax_equal_logits_from_hub(which, request):
+    hub = request.getfixturevalue(f"ckpt_{which}")
+    conv = request.getfixturevalue(f"conv_{which}")
+    m_hub, m_ox = dj.load(hub), dj.load(conv)  # api.load dispatches on the directory's contents
+    ids = _ids(m_hub.cfg.vocab_size)
+    assert np.array_equal(scoring.logits(m_ox, ids), scoring.logits(m_hub, ids))
+    assert np.array_equal(scoring.mtp_logits(m_ox, ids), scoring.mtp_logits(m_hub, ids))
+
+
+def test_score_cli_accepts_orbax_dir(conv_a, ckpt_a, tmp):
+    ids = tmp / "ids.npy"
+    np.save(ids, _ids(256))
+    assert main(["score", conv_a, "--ids", str(ids), "--out", str(tmp / "l_ox.npy")]) == 0
+    assert main(["score", ckpt_a, "--ids", str(ids), "--out", str(tmp / "l_hub.npy")]) == 0
+    assert np.array_equal(np.load(tmp / "l_ox.npy"), np.load(tmp / "l_hub.npy"))
+
+
+def test_restore_without_mtp_and_no_mtp_conversion(conv_a, ckpt_a, tmp):
+    m = oc.restore(conv_a, with_mtp=False)  # partial Orbax restore
+    assert m.mtp is None
+    conv = _convert(ckpt_a, tmp / "conv_a_nomtp", mtp=False)
+    assert not any(k.startswith("mtp.") for k in json.load(open(os.path.join(conv, oc.MANIFEST)))["params"])
+    assert json.load(open(os.path.join(conv, "config.json")))["num_nextn_predict_layers"] == 0
+    m2, m_hub = dj.load(conv), dj.load(ckpt_a)
+    assert m2.mtp is None
+    ids = _ids(256)
+    assert np.array_equal(scoring.logits(m2, ids), scoring.logits(m_hub, ids))
+    with pytest.raises(dj.DeepSeekError, match="no MTP layer"):
+        oc.restore(conv, with_mtp=True)
+    back = _export(conv, tmp / "back_nomtp")
+    want = {k: v for k, v in _hub_tensors(ckpt_a).items() if not k.startswith("model.layers.3.")}
+    got = _hub_tensors(back)
+    assert sorted(got) == sorted(want) and all(got[k].tobytes() == want[k].tobytes() for k in want)
+
+
+def test_restore_sharded_subprocess(conv_a, ckpt_a):
+    """Restores onto a 4-device CPU mesh (experts sharded) from a callable and from a dict."""
+    script = textwrap.dedent(f"""
+        import jax, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
+        from flax import nnx
+        from deepseek_jax import orbax_ckpt as oc
+        from deepseek_jax.checkpoint import load_hub
+        mesh = jax.make_mesh((4,), ("e",), axis_types=(AxisType.Auto,))
+        rep = NamedSharding(mesh, P())
+        ex = NamedSharding(mesh, P(None, "e"))
+        def shard(path):
+            return ex if path[0] == "moe_layers" and path[2] == "experts" else rep
+        ref = dict((".".join(map(str, p)), np.asarray(v.get_value()))
+                   for p, v in nnx.to_flat_state(nnx.state(load_hub({ckpt_a!r}))))
+        for how in ("callable", "dict"):
+            arg = shard if how == "callable" else {{k: shard(tuple(k.split("."))) for k in ref}}
+            m = oc.restore({conv_a!r}, shardings=arg)
+            for p, v in nnx.to_flat_state(nnx.state(m)):
+                k = ".".join(map(str, p)); a = v.get_value()
+                assert a.sharding == shard(tuple(k.split("."))), (k, a.sharding)
+                assert np.asarray(a).tobytes() == ref[k].tobytes(), k
+            w = m.moe_layers.mlp.experts.up_proj.weight.get_value()
+            assert len(w.addressable_shards) == 4 and w.addressable_shards[0].data.shape[1] == 4
+        print("SHARDED-OK")
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "SHARDED-OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_export_of_an_orbax_ocdbt_checkpoint(ckpt_a, tmp):
+    """A plain StandardCheckpointer save of the model state (OCDBT) + config.json exports too."""
+    import orbax.checkpoint as ocp
+
+    model = load_hub(ckpt_a)
+    d = str(tmp / "std_ocdbt")
+    with ocp.StandardCheckpointer() as c:
+        c.save(d, nnx.state(model))
+    write_config(d, model.cfg.to_hub_dict())
+    _assert_same_tensors(ckpt_a, _export(d, tmp / "back_std"))
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bf16_conversion_equals_numpy_dequantization(conv_a_deq, conv_a, ckpt_a, tmp):
+    src = _hub_tensors(ckpt_a)
+    cfg = json.load(open(os.path.join(conv_a_deq, "config.json")))
+    assert "quantization_config" not in cfg
+    for back in (_export(conv_a_deq, tmp / "deq_back"), _export(conv_a, tmp / "deq_export", dtype="bf16")):
+        assert "quantization_config" not in json.load(open(os.path.join(back, "config.json")))
+        got = _hub_tensors(back)
+        assert sorted(got) == sorted(n for n in src if not n.endswith("_scale_inv"))
+        for n, a in got.items():
+            w = src[n]
+            want = _bf16_dequant(w, src[n + "_scale_inv"]) if w.dtype == ml_dtypes.float8_e4m3fn else w
+            assert a.dtype == want.dtype and a.tobytes() == want.tobytes(), n
+    oc.verify(conv_a_deq, against=ckpt_a, progress=False)
+
+
+def test_bf16_with_row_split_chunks_and_fp8_requantized_export(ckpt_b, tmp, monkeypatch):
+    """Dequantization over 128-aligned row chunks (partial edge blocks of config B) is exact;
+    exporting a bf16 checkpoint as fp8 block-quantizes it (and loads)."""
+    for k, v in SMALL_CHUNKS.items():
+        monkeypatch.setattr(oc, k, v)
+    conv = _convert(ckpt_b, tmp / "conv_b_deq_small", dtype="bf16")
+    oc.verify(conv, against=ckpt_b, progress=False)
+    fp8 = _export(conv, tmp / "b_requant", dtype="fp8")
+    t = _hub_tensors(fp8)
+    assert t["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].dtype == ml_dtypes.float8_e4m3fn
+    assert "model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv" in t
+    assert dj.load(fp8).cfg.fp8
+
+
+def test_chunk_policy_for_the_671b_shapes():
+    f8, bf, f4 = 1, 2, 4
+    assert oc._chunk_shape((58, 256), (2048, 7168), f8) == (1, 1, 2048, 7168)     # one expert
+    assert oc._chunk_shape((58, 256), (16, 56), f4) == (1, 256, 16, 56)          # scales per layer
+    assert oc._chunk_shape((58,), (7168,), bf) == (58, 7168)                      # norms grouped
+    emb = oc._chunk_shape((), (129280, 7168), bf)                                 # row blocks
+    assert emb[1] == 7168 and emb[0] % 128 == 0 and emb[0] * 7168 * bf <= oc.CHUNK_MAX_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one-line error, exit 2, nothing that looks complete
+# ---------------------------------------------------------------------------------------------
+
+
+def _index(d):
+    return json.load(open(os.path.join(d, INDEX_FILE)))
+
+
+def _shard(d, name):
+    return os.path.join(d, _index(d)["weight_map"][name])
+
+
+def _rewrite_header(path, fn):
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    fn(header)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+
+
+def _patch_tensor(path, name, values):
+    raw = bytearray(open(path, "rb").read())
+    (n,) = struct.unpack("<Q", raw[:8])
+    begin = json.loads(raw[8:8 + n])[name]["data_offsets"][0] + 8 + n
+    b = np.asarray(values).tobytes()
+    raw[begin:begin + len(b)] = b
+    open(path, "wb").write(bytes(raw))
+
+
+W = "model.layers.1.mlp.experts.3.up_proj.weight"
+
+
+def _missing_shard(d):
+    os.remove(_shard(d, W))
+
+
+def _truncated_shard(d):
+    p = _shard(d, W)
+    os.truncate(p, os.path.getsize(p) // 2)
+
+
+def _corrupt_header(d):
+    p = _shard(d, W)
+    raw = bytearray(open(p, "rb").read())
+    raw[8:24] = b"#corrupt!header#"
+    open(p, "wb").write(bytes(raw))
+
+
+def _absent_tensor(d):
+    idx = _index(d)
+    files = sorted(set(idx["weight_map"].values()))
+    idx["weight_map"][W] = next(f for f in files if f != idx["weight_map"][W])
+    json.dump(idx, open(os.path.join(d, INDEX_FILE), "w"))
+
+
+def _missing_scale(d):
+    name = W + "_scale_inv"
+    _rewrite_header(_shard(d, name), lambda h: h.pop(name))
+    idx = _index(d)
+    del idx["weight_map"][name]
+    json.dump(idx, open(os.path.join(d, INDEX_FILE), "w"))
+
+
+def _config(d, **kw):
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(kw)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+
+
+def _unknown_dtype(d):
+    name = "model.layers.1.mlp.gate.weight"
+    _rewrite_header(_shard(d, name), lambda h: h[name].update(dtype="F4_E2M1"))
+
+
+def _nonfinite_scale(d):
+    name = W + "_scale_inv"
+    _patch_tensor(_shard(d, name), name, np.array([np.inf], np.float32))
+
+
+BAD = {
+    "missing_shard": (_missing_shard, [], "not found"),
+    "truncated_shard": (_truncated_shard, [], "truncated"),
+    "corrupt_header": (_corrupt_header, [], "corrupt"),
+    "tensor_absent": (_absent_tensor, [], "absent"),
+    "missing_scale": (_missing_scale, [], "missing tensor '" + W + "_scale_inv'"),
+    "shape_vs_config": (lambda d: _config(d, intermediate_size=128), [], "disagrees with config.json"),
+    "unknown_tensor_dtype": (_unknown_dtype, [], "unknown dtype 'F4_E2M1'"),
+    "unknown_dtype_arg": (lambda d: None, ["--dtype", "fp16"], "unknown dtype 'fp16'"),
+    "config_missing": (lambda d: os.remove(os.path.join(d, "config.json")), [], "config file not found"),
+    "not_deepseek": (lambda d: _config(d, model_type="llama"), [], "not DeepSeek-V3"),
+    "non_finite_scale": (_nonfinite_scale, [], "non-finite"),
+    "nonempty_out": (lambda d: None, ["@nonempty"], "not empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_error(case, ckpt_a, tmp_path, capsys):
+    mutate, args, expect = BAD[case]
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(ckpt_a, src)
+    mutate(str(src))
+    if "@nonempty" in args:
+        args = []
+        out.mkdir()
+        (out / "precious.txt").write_text("x")
+    rc = main(["convert", str(src), str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], err
+    assert not oc.is_complete(out)
+    assert not (out / "_METADATA").exists() and not (out / oc.MANIFEST).exists()
+    if case == "nonempty_out":
+        assert sorted(os.listdir(out)) == ["precious.txt"] and (out / "precious.txt").read_text() == "x"
+    else:
+        assert not out.exists()  # the source is validated before anything is written
+
+
+def test_fp8_from_bf16_source_is_an_error(ckpt_a_bf16, tmp_path, capsys):
+    assert main(["convert", ckpt_a_bf16, str(tmp_path / "o"), "--dtype", "fp8"]) == 2
+    assert "needs an FP8 checkpoint" in capsys.readouterr().err
+
+
+def test_tools_script(ckpt_a, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("convert_tool", os.path.join(REPO, "tools", "convert.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([ckpt_a, str(tmp_path / "o"), "--quiet"]) == 0
+    assert oc.is_complete(tmp_path / "o")
+    assert tool.main([ckpt_a, str(tmp_path / "o")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# kill and resume; --resume / --force on a finished conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_killed(src, out, die_after):
+    script = textwrap.dedent(f"""
+        import sys
+        from deepseek_jax import orbax_ckpt as oc
+        from deepseek_jax.cli import main
+        for k, v in {SMALL_CHUNKS!r}.items():
+            setattr(oc, k, v)
+        sys.exit(main(sys.argv[1:]))
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{oc.DIE_AFTER_ENV: str(die_after)})
+    args = ["convert", src, out, "--quiet"] + (["--resume"] if os.path.exists(out) else [])
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_kill_and_resume_is_bit_identical(src_b_tok, conv_b_small, tmp_path, monkeypatch, capsys):
+    for k, v in SMALL_CHUNKS.items():
+        monkeypatch.setattr(oc, k, v)
+    manifest = json.load(open(os.path.join(conv_b_small, oc.MANIFEST)))
+    n_chunks = sum(int(np.prod([-(-s // c) for s, c in zip(p["shape"], p["chunks"])]))
+                   for p in manifest["params"].values())
+    assert n_chunks > 100 and any(p["chunks"][0] > 1 for p in manifest["params"].values())
+    out = str(tmp_path / "out")
+    r = _run_killed(src_b_tok, out, n_chunks // 3)  # killed a third of the way
+    assert r.returncode == oc.DIE_EXIT_CODE, r.stderr[-2000:]
+    assert not oc.is_complete(out) and not os.path.exists(os.path.join(out, "_METADATA"))
+    with pytest.raises(dj.DeepSeekError, match="incomplete conversion"):
+        dj.load(out)
+    assert main(["convert", src_b_tok, out]) == 2  # no --resume: refused
+    assert "--resume" in capsys.readouterr().err
+    r = _run_killed(src_b_tok, out, n_chunks // 3)  # killed again, while resuming
+    assert r.returncode == oc.DIE_EXIT_CODE, r.stderr[-2000:]
+    with open(os.path.join(out, oc.JOURNAL_FILE), "a") as f:
+        f.write("torn line without newline")  # a line cut short by the kill is ignored
+    assert main(["convert", src_b_tok, out, "--resume", "--quiet"]) == 0
+    assert "chunks resumed" in capsys.readouterr().out
+    assert _files(out) == _files(conv_b_small)  # every file, name and byte
+    oc.verify(out, against=src_b_tok, progress=False)
+
+
+def test_resume_and_force_on_finished_conversion(ckpt_a, conv_a, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    shutil.copytree(conv_a, out)
+    assert main(["convert", ckpt_a, out, "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    with open(os.path.join(out, "junk"), "w") as f:
+        f.write("x")
+    assert main(["convert", ckpt_a, out, "--force", "--quiet"]) == 0
+    assert _files(out) == _files(conv_a)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------------
+
+
+def test_verify_passes_on_good_checkpoints(conv_a, ckpt_a, conv_b, ckpt_b, capsys):
+    assert main(["verify", conv_a, "--against", ckpt_a, "--quiet"]) == 0
+    assert "383 tensors equal" in capsys.readouterr().out
+    assert main(["verify", conv_b, "--quiet"]) == 0
+
+
+def _tamper_chunk(d):
+    arr = os.path.join(d, "moe_layers.mlp.experts.up_proj.weight.value")
+    chunk = next(os.path.join(arr, f) for f in sorted(os.listdir(arr)) if f != ".zarray")
+    raw = bytearray(open(chunk, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    open(chunk, "wb").write(bytes(raw))
+
+
+def _tamper_manifest(d):
+    p = os.path.join(d, oc.MANIFEST)
+    m = json.load(open(p))
+    m["params"]["lm_head.weight"]["sha256"] = "0" * 64
+    json.dump(m, open(p, "w"))
+
+
+def _drop_array(d):
+    shutil.rmtree(os.path.join(d, "lm_head.weight.value"))
+
+
+@pytest.mark.parametrize("tamper,expect", [
+    (_tamper_chunk, "checksum mismatch in parameter moe_layers.mlp.experts.up_proj.weight"),
+    (_tamper_manifest, "does not match the CONVERT_COMPLETE marker"),
+    (_drop_array, "lm_head.weight"),
+    (lambda d: os.remove(os.path.join(d, oc.MARKER)), "incomplete conversion"),
+])
+def test_verify_fails_on_tampered_checkpoint(tamper, expect, conv_a, tmp_path, capsys):
+    d = str(tmp_path / "t")
+    shutil.copytree(conv_a, d)
+    tamper(d)
+    assert main(["verify", d, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0]
+
+
+def test_verify_against_another_source_fails(conv_a, ckpt_b, capsys):
+    assert main(["verify", conv_a, "--against", ckpt_b, "--quiet"]) == 2
+    assert "differ from those the checkpoint was made from" in capsys.readouterr().err
