@@ -4,6 +4,7 @@ The small public API (the CLI and the notebooks use nothing else)::
 
     import deepseek_jax as dj
     model = dj.load("path/to/checkpoint")            # Hub-layout directory (FP8 or BF16)
+    model = dj.load(dj.demo_checkpoint())            # the small model the package ships
     logits = dj.logits(model, ids)                   # [B, T, V] float32, prefill (naive MLA)
     logits = dj.logits(model, ids, mode="decode")    # token by token over the latent cache
     mtp = dj.mtp_logits(model, ids)                  # [B, T-1, V]: row i predicts token i+2
@@ -28,6 +29,7 @@ _LAZY = {
     "token_logprobs": "deepseek_jax.scoring", "perplexity": "deepseek_jax.scoring",
     "DeepSeekConfig": "deepseek_jax.config", "DeepSeekV3": "deepseek_jax.model",
     "Precision": "deepseek_jax.quant",
+    "demo_checkpoint": "deepseek_jax.commands.demo",
 }
 
 __all__ = ["DeepSeekError", *_LAZY]
@@ -44,6 +46,7 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from deepseek_jax.api import init_random, load, load_config  # noqa: F401
+    from deepseek_jax.commands.demo import demo_checkpoint  # noqa: F401
     from deepseek_jax.config import DeepSeekConfig  # noqa: F401
     from deepseek_jax.model import DeepSeekV3  # noqa: F401
     from deepseek_jax.quant import Precision  # noqa: F401

@@ -70,3 +70,24 @@ def test_dead_peer_makes_the_other_exit(ckpt_a, ids_path, tmp_path):
     assert procs[0].returncode != 0
     assert time.time() - t0 < 120
     assert not out.exists()
+
+
+def test_two_processes_generate_the_same_tokens(ckpt_a):
+    import json
+
+    from deepseek_jax.api import load
+    from deepseek_jax.generate import Generator
+    from deepseek_jax.sampling import SamplingParams
+
+    prompts = [[0, 5, 17, 33], [0, 9]]
+    procs = _launch(["generate", ckpt_a, "--prompt-ids", "0,5,17,33", "--prompt-ids", "0,9",
+                     "--max-new-tokens", "10", "--temperature", "0", "--ignore-eos", "--json",
+                     "--mesh", "data=2,expert=4"])
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    ours = [[line for line in o[0].splitlines() if line.startswith("{")] for o in outs]  # not gloo's own lines
+    assert ours[1] == []                                # only process 0 prints
+    got = [json.loads(line)["output_ids"] for line in ours[0]]
+    ref = Generator(load(ckpt_a)).generate(prompts, max_new_tokens=10, sampling=SamplingParams(temperature=0),
+                                           stop_at_eos=False)
+    assert got == [r.output_ids for r in ref]

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from deepseek_jax import runtime
 from deepseek_jax.errors import DeepSeekError
 
 
@@ -25,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--logprobs", help=".npy file for per-token log-probs [B, T-1] (log p(t_i+1 | t_<=i))")
     p.add_argument("--json", action="store_true", help="print per-row mean log-prob and perplexity as JSON")
+    runtime.add_args(p)
     p.set_defaults(func=run)
 
 
@@ -41,22 +43,30 @@ def _read_ids(path: str) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import jax
+
     import deepseek_jax as dj
 
     if not (args.out or args.logprobs or args.json):
         raise DeepSeekError("nothing to write: give --out, --logprobs or --json")
     ids = _read_ids(args.ids)
-    model = dj.load(args.ckpt, dtype=args.dtype, mtp=True if args.mtp else None)
+    mesh = runtime.init(args)
+    model = dj.load(args.ckpt, dtype=args.dtype, mtp=True if args.mtp else None, mesh=mesh, rules=args.rules)
     ids = dj.scoring.check_ids(model, ids)
-    if args.mtp:
-        logits = dj.mtp_logits(model, ids)
-        offset = 2
-    else:
-        logits = dj.logits(model, ids, mode=args.mode, prefill=args.prefill)
-        offset = 1
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        if args.mtp:
+            logits = dj.mtp_logits(model, ids)
+            offset = 2
+        else:
+            logits = dj.logits(model, ids, mode=args.mode, prefill=args.prefill)
+            offset = 1
+    lp = dj.token_logprobs(logits, ids, offset=offset)
+    if not runtime.is_main():
+        return 0
     if args.out:
         np.save(args.out, logits.astype(np.float32))
-    lp = dj.token_logprobs(logits, ids, offset=offset)
     if args.logprobs:
         np.save(args.logprobs, lp)
     if args.json:

@@ -1,0 +1,172 @@
+"""``deepseek-jax generate CKPT (--prompt TEXT | --input-file FILE | --prompt-ids 1,2,3)``.
+
+One prompt (and no ``--json``): the completion streams to stdout as it is generated. Several
+prompts (``--input-file``, one per line, or repeated ``--prompt``/``--prompt-ids``) run as one
+batch. ``--json`` prints one object per prompt: ``{"prompt_ids", "output_ids", "text",
+"finish_reason"}`` (``text`` is null when the checkpoint has no tokenizer).
+
+The helpers here (sampling flags, tokenizer loading, the timing line) are shared by ``chat``
+and ``demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from deepseek_jax import runtime
+from deepseek_jax.errors import DeepSeekError
+
+
+# ---- shared by generate / chat / demo --------------------------------------------------------
+def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, temperature: float = 0.2) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"new tokens per prompt at most (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help=f"sampling temperature; <= 0 means greedy (default {temperature})")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same samples")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from deepseek_jax.sampling import SamplingParams
+
+    if args.max_new_tokens < 0:
+        raise DeepSeekError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate()
+
+
+def load_tokenizer(ckpt: str, *, required: bool):
+    """The checkpoint's tokenizer; ``None`` when absent and not ``required``."""
+    from deepseek_jax.tokenizer import Tokenizer
+
+    if not os.path.isdir(ckpt):
+        raise DeepSeekError(f"checkpoint: {ckpt} is not a directory")
+    if not required and not os.path.isfile(os.path.join(ckpt, "tokenizer.json")):
+        return None
+    return Tokenizer.from_dir(ckpt)
+
+
+def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | None = None):
+    """The engine over the checkpoint; with runtime flags in ``args`` (``--mesh``, multi-host),
+    the model is loaded sharded and the rest of the command runs under that mesh."""
+    import jax
+
+    import deepseek_jax as dj
+    from deepseek_jax.generate import Generator
+
+    mesh = runtime.init(args) if args is not None and hasattr(args, "mesh") else None
+    if mesh is not None:
+        jax.set_mesh(mesh)  # a global setter when not used as a context manager
+        if not runtime.is_main():  # every process runs the same program; one prints
+            sys.stdout = open(os.devnull, "w")
+            sys.stderr = open(os.devnull, "w")
+    rules = getattr(args, "rules", "ep_tp")
+    return Generator(dj.load(ckpt, dtype=dtype, mtp=False, mesh=mesh, rules=rules), tokenizer)
+
+
+def timing_line(stats) -> str:
+    compile_part = f", compile {stats.compile_s:.1f} s" if stats.compile_s else ""
+    return (f"[{stats.new_tokens} tokens in {stats.prefill_s + stats.decode_s:.2f} s: "
+            f"{stats.tokens_per_s:,.1f} tokens/s, batch {stats.batch}{compile_part}]")
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text or token ids from prompts",
+                       description="Generates from one prompt (streamed) or a batch of prompts.")
+    p.add_argument("ckpt", help="checkpoint directory (Hub layout or Orbax); tokenizer files are read from it")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a text prompt (repeat for a batch)")
+    src.add_argument("--input-file", metavar="FILE", help="text prompts, one per line (blank lines skipped)")
+    src.add_argument("--prompt-ids", action="append", metavar="1,2,3",
+                     help="a prompt as comma-separated token ids, no tokenizer needed (repeat for a batch)")
+    tmpl = p.add_mutually_exclusive_group()
+    tmpl.add_argument("--chat-template", dest="chat", action="store_const", const=True, default=None,
+                      help="wrap text prompts in the tokenizer's chat template (default when it has one)")
+    tmpl.add_argument("--raw", dest="chat", action="store_const", const=False,
+                      help="encode text prompts as they are (bos per the tokenizer config)")
+    add_sampling_args(p)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at eos: always generate --max-new-tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt, no streaming")
+    runtime.add_args(p)
+    p.set_defaults(func=run)
+
+
+def parse_ids(text: str) -> list[int]:
+    parts = [t for t in text.replace(",", " ").split()]
+    if not parts:
+        raise DeepSeekError("--prompt-ids: empty prompt")
+    try:
+        return [int(t) for t in parts]
+    except ValueError:
+        raise DeepSeekError(f"--prompt-ids: {text!r} is not a comma-separated list of integers") from None
+
+
+def read_prompt_file(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DeepSeekError(f"--input-file: cannot read {path}: {' '.join(str(reason).split())}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise DeepSeekError(f"--input-file: {path} holds no prompts")
+    return prompts
+
+
+def _encode(tokenizer, texts: list[str], chat: bool | None) -> list[list[int]]:
+    if chat is None:
+        chat = bool(tokenizer.chat_template)
+    out = []
+    for i, t in enumerate(texts):
+        if not t:
+            raise DeepSeekError(f"prompt {i} is empty")
+        out.append(tokenizer.encode_chat([{"role": "user", "content": t}]) if chat else tokenizer.encode(t))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = sampling_from_args(args)
+    if args.prompt_ids:
+        prompts = [parse_ids(s) for s in args.prompt_ids]
+        tokenizer = load_tokenizer(args.ckpt, required=False)
+    else:
+        texts = args.prompt if args.prompt else read_prompt_file(args.input_file)
+        tokenizer = load_tokenizer(args.ckpt, required=True)
+        prompts = _encode(tokenizer, texts, args.chat)
+    gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+              stop_at_eos=not args.ignore_eos)
+
+    if len(prompts) == 1 and not args.json:
+        decoder = tokenizer.stream_decoder() if tokenizer else None
+
+        def stream(row: int, ids: list[int]) -> None:
+            piece = decoder.feed_many(ids) if decoder else "".join(f"{i} " for i in ids)
+            if piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+        gen.generate(prompts, stream=stream, **kw)
+        sys.stdout.write((decoder.flush() if decoder else "") + "\n")
+        sys.stdout.flush()
+        print(timing_line(gen.last_stats), file=sys.stderr)
+        return 0
+
+    results = gen.generate(prompts, **kw)
+    for r in results:
+        r.text = tokenizer.decode(r.output_ids) if tokenizer else None
+        if args.json:
+            print(json.dumps(r.to_json(), ensure_ascii=False))
+        else:
+            prompt = tokenizer.decode(r.prompt_ids) if tokenizer else " ".join(map(str, r.prompt_ids))
+            out = r.text if tokenizer else " ".join(map(str, r.output_ids))
+            print(f"Prompt: {prompt}\nCompletion: {out}\n[{r.finish_reason}]\n")
+    print(timing_line(gen.last_stats), file=sys.stderr)
+    return 0

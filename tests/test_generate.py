@@ -1,0 +1,322 @@
+"""Generation: the compiled engine against the model's own prefill logits, sampling, eos, the
+generate/chat/demo commands and their input errors.
+
+Few compilations on purpose: the prompts and lengths are chosen so that every engine call on
+``ckpt_a`` falls into the buckets (batch 4 or 1, prompt 16, cache 32), and the executables are
+shared across generators (the CLI calls reuse the ones the engine tests compiled).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_jax as dj
+from deepseek_jax import cli
+from deepseek_jax.commands.demo import demo_checkpoint
+from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.generate import Generator, length_bucket
+from deepseek_jax.sampling import SamplingParams, filter_logits
+from deepseek_jax.tokenizer import Tokenizer
+
+PROMPTS = [[0, 5, 17, 42], [0, 9, 3, 200, 77, 31, 8, 120, 64], [0, 250, 11]]
+N = 20
+TIE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model(ckpt_a):
+    return dj.load(ckpt_a, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+    return Generator(model)
+
+
+@pytest.fixture(scope="module")
+def greedy(gen):
+    res = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False)
+    assert gen.last_stats.buckets == (4, 16, 32)
+    return res
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, command="generate", contains=""):
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"deepseek-jax {command}: error: ")
+    assert contains in lines[0], lines[0]
+
+
+# ---- engine ----------------------------------------------------------------------------------
+def test_greedy_is_argmax_of_prefill_logits(model, greedy):
+    """Teacher-forced: each generated token is the argmax of the full-sequence (naive-MLA prefill)
+    logits of the FP8 model at that position (positions with a near-tie are skipped)."""
+    seqs = [p + r.output_ids for p, r in zip(PROMPTS, greedy)]
+    T = max(map(len, seqs))
+    ids = np.zeros((len(seqs), T), np.int32)   # right padding never reaches earlier positions
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = s
+    logits = dj.logits(model, ids)
+    checked = 0
+    for b, (p, r) in enumerate(zip(PROMPTS, greedy)):
+        assert len(r.output_ids) == N and r.finish_reason == "length"
+        for i, tok in enumerate(r.output_ids):
+            row = logits[b, len(p) - 1 + i]
+            top2 = np.sort(row)[-2:]
+            if top2[1] - top2[0] < TIE:
+                continue
+            assert tok == int(np.argmax(row)), (b, i)
+            checked += 1
+    assert checked >= 0.9 * N * len(PROMPTS)
+
+
+def test_batch_rows_equal_single_prompts(gen, greedy):
+    for p, r in zip(PROMPTS, greedy):
+        alone = gen.generate([p], max_new_tokens=N, stop_at_eos=False)[0]
+        assert alone.output_ids == r.output_ids
+    assert gen.last_stats.buckets == (1, 16, 32)
+
+
+def test_dequantized_weights_same_numbers(model, gen):
+    """On CPU the generator dequantizes FP8 weights once: bit-identical logits to the FP8 model."""
+    assert gen.weights == "dequantize" and gen.model is not model and not gen.model.cfg.fp8
+    assert Generator(model, weights="as-is").model is model
+    ids = np.array([PROMPTS[1]])
+    np.testing.assert_array_equal(dj.logits(gen.model, ids), dj.logits(model, ids))
+
+
+def test_top_k_1_and_temperature_0_are_greedy(gen, greedy):
+    want = [r.output_ids for r in greedy]
+    t0 = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False,
+                      sampling=SamplingParams(temperature=0.0, top_k=7, top_p=0.5), seed=3)
+    assert [r.output_ids for r in t0] == want
+    k1 = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False,
+                      sampling=SamplingParams(temperature=1.5, top_k=1), seed=4)
+    assert [r.output_ids for r in k1] == want
+    p0 = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False,
+                      sampling=SamplingParams(temperature=1.0, top_p=1e-6), seed=5)
+    assert [r.output_ids for r in p0] == want
+
+
+def test_seeded_sampling(gen, greedy):
+    sp = SamplingParams(temperature=1.0, top_p=0.95)
+    a = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False, sampling=sp, seed=11)
+    b = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False, sampling=sp, seed=11)
+    c = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False, sampling=sp, seed=12)
+    ids = lambda rs: [r.output_ids for r in rs]  # noqa: E731
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(c)
+    assert ids(a) != [r.output_ids for r in greedy]
+    # Streaming in chunks draws the same tokens, and streams exactly them.
+    got = {i: [] for i in range(len(PROMPTS))}
+    s = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False, sampling=sp, seed=11,
+                     stream=lambda row, new: got[row].extend(new), stream_chunk=3)
+    assert ids(s) == ids(a)
+    assert [got[i] for i in range(len(PROMPTS))] == ids(a)
+
+
+def _pick_eos(greedy):
+    """A token that row 0 generates at some index k > 0 (first occurrence) and rows 1, 2 never do."""
+    r0 = greedy[0].output_ids
+    others = set(greedy[1].output_ids) | set(greedy[2].output_ids)
+    for k in range(2, N - 2):
+        if r0[k] not in r0[:k] and r0[k] not in others:
+            return r0[k], k
+    pytest.skip("no token of row 0 is absent from the other rows")
+
+
+def test_eos_ends_one_row_others_continue(gen, greedy):
+    eos, k = _pick_eos(greedy)
+    got = {i: [] for i in range(len(PROMPTS))}
+    res = gen.generate(PROMPTS, max_new_tokens=N, eos_id=eos, stream=lambda row, new: got[row].extend(new))
+    assert res[0].output_ids == greedy[0].output_ids[:k]
+    assert res[0].finish_reason == "eos"
+    assert got[0] == greedy[0].output_ids[:k]          # eos itself is not streamed
+    for r, g in zip(res[1:], greedy[1:]):
+        assert r.output_ids == g.output_ids and r.finish_reason == "length"
+    # An eos as the very first token gives an empty output; ignoring eos generates on.
+    first = gen.generate(PROMPTS, max_new_tokens=N, eos_id=greedy[0].output_ids[0])
+    assert first[0].output_ids == [] and first[0].finish_reason == "eos"
+    ignored = gen.generate(PROMPTS, max_new_tokens=N, eos_id=eos, stop_at_eos=False)
+    assert [r.output_ids for r in ignored] == [r.output_ids for r in greedy]
+    assert all(r.finish_reason == "length" for r in ignored)
+
+
+def test_zero_new_tokens_and_buckets(gen):
+    res = gen.generate(PROMPTS, max_new_tokens=0)
+    assert [r.output_ids for r in res] == [[], [], []] and res[0].finish_reason == "length"
+    assert [length_bucket(n) for n in (1, 16, 17, 100, 129, 192, 193, 300, 1000, 1025)] == \
+        [16, 16, 32, 128, 192, 192, 256, 384, 1024, 1536]
+
+
+def test_sampling_filters():
+    lg = jnp.array([[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    keep = lambda k, p: np.isfinite(np.asarray(filter_logits(lg, jnp.int32(k), jnp.float32(p))))  # noqa: E731
+    assert keep(2, 1.0).sum(1).tolist() == [2, 2]
+    assert keep(0, 1.0).all()
+    probs = np.asarray(jax.nn.softmax(lg[0]))          # 0.636, 0.234, 0.086, ...
+    assert keep(0, 0.5)[0].tolist() == [True, False, False, False, False]
+    assert keep(0, 0.7)[0].tolist() == [True, True, False, False, False]
+    assert keep(0, float(probs[:3].sum()) - 1e-3)[1].tolist() == [False, False, True, True, True]
+    assert keep(1, 1.0)[1].tolist() == [False, False, False, False, True]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts_ids=[[]]), "prompt 0 is empty"),
+    (dict(prompts_ids=[]), "non-empty list"),
+    (dict(prompts_ids=[[0, 1], [3, 256]]), "outside the vocab"),
+    (dict(prompts_ids=[[0, -1]]), "outside the vocab"),
+    (dict(prompts_ids=[[3] * 256]), "at most 255 fit"),
+    (dict(max_new_tokens=-1), "max-new-tokens"),
+    (dict(sampling=SamplingParams(1.0, top_p=0.0)), "top-p"),
+    (dict(sampling=SamplingParams(1.0, top_p=1.5)), "top-p"),
+    (dict(sampling=SamplingParams(1.0, top_p=float("nan"))), "top-p"),
+    (dict(sampling=SamplingParams(1.0, top_k=-1)), "top-k"),
+    (dict(sampling=SamplingParams(float("inf"))), "temperature"),
+    (dict(eos_id=999), "eos id"),
+])
+def test_engine_bad_input(gen, kwargs, match):
+    kwargs.setdefault("prompts_ids", [[0, 1, 2]])
+    with pytest.raises(DeepSeekError, match=match):
+        gen.generate(kwargs.pop("prompts_ids"), **kwargs)
+
+
+# ---- CLI on ckpt_a (token ids, no tokenizer) ---------------------------------------------------
+def test_cli_generate_json_ids(ckpt_a, greedy, capsys):
+    argv = ["generate", ckpt_a, "--max-new-tokens", N, "--temperature", 0, "--ignore-eos", "--json"]
+    for p in PROMPTS:
+        argv += ["--prompt-ids", ",".join(map(str, p))]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == len(PROMPTS)
+    for row, p, g in zip(rows, PROMPTS, greedy):
+        assert set(row) == {"prompt_ids", "output_ids", "text", "finish_reason"}
+        assert row["prompt_ids"] == p and row["output_ids"] == g.output_ids
+        assert row["finish_reason"] == "length" and row["text"] is None
+
+
+def test_cli_generate_streams_ids(ckpt_a, greedy, capsys):
+    code, out, err = run_cli(capsys, "generate", ckpt_a, "--prompt-ids", "0, 5, 17, 42", "--max-new-tokens", N,
+                             "--temperature", 0, "--ignore-eos")
+    assert code == 0
+    assert [int(t) for t in out.split()] == greedy[0].output_ids
+    assert "tokens/s" in err
+
+
+@pytest.mark.parametrize("args, contains", [
+    (["--prompt-ids", "0,999"], "outside the vocab [0, 256)"),
+    (["--prompt-ids", ",".join(["3"] * 300)], "at most 255 fit"),
+    (["--prompt-ids", "1,x"], "not a comma-separated list"),
+    (["--prompt-ids", " "], "empty prompt"),
+    (["--prompt-ids", "1", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--prompt-ids", "1", "--temperature", "1", "--top-p", "0"], "top-p"),
+    (["--prompt-ids", "1", "--top-p", "1.01"], "top-p"),
+    (["--prompt-ids", "1", "--top-k", "-2"], "top-k"),
+    (["--prompt", "hello"], "tokenizer.json"),
+    (["--input-file", "/nonexistent/prompts.txt"], "cannot read"),
+])
+def test_cli_generate_bad_input(ckpt_a, capsys, args, contains):
+    code, _, err = run_cli(capsys, "generate", ckpt_a, *args)
+    assert_one_line_error(code, err, contains=contains)
+
+
+def test_cli_generate_bad_input_file(ckpt_a, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", ckpt_a, "--input-file", tmp_path)   # a directory
+    assert_one_line_error(code, err, contains="cannot read")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    code, _, err = run_cli(capsys, "generate", ckpt_a, "--input-file", blank)
+    assert_one_line_error(code, err, contains="no prompts")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    code, _, err = run_cli(capsys, "generate", ckpt_a, "--input-file", binary)
+    assert_one_line_error(code, err, contains="cannot read")
+
+
+# ---- demo checkpoint: text, chat template, chat, demo ------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Runs ``deepseek-jax demo`` into an empty directory; returns (dir, stdout)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    d = tmp_path_factory.mktemp("demo") / "ckpt"
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli.main(["demo", "--dir", str(d), "--max-new-tokens", "8", "--temperature", "0"])
+    assert code == 0, err.getvalue()
+    return str(d), out.getvalue()
+
+
+def test_demo_end_to_end(demo):
+    d, out = demo
+    assert "tokens/s" in out and out.count(">>> ") == 2
+    assert demo_checkpoint(d) == d          # reused, not rebuilt
+    tok = Tokenizer.from_dir(d)
+    assert tok.chat_template and dj.load_config(d).vocab_size == 512
+
+
+def test_cli_generate_text_json_and_input_file(demo, tmp_path, capsys):
+    from deepseek_jax.commands.demo import DEFAULT_PROMPTS
+
+    d, _ = demo
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(DEFAULT_PROMPTS) + "\n\n")
+    code, out, _ = run_cli(capsys, "generate", d, "--input-file", f, "--max-new-tokens", 8, "--temperature", 0,
+                           "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 2
+    tok = Tokenizer.from_dir(d)
+    for row, text in zip(rows, DEFAULT_PROMPTS):
+        assert row["prompt_ids"] == tok.encode_chat([{"role": "user", "content": text}])
+        assert row["text"] == tok.decode(row["output_ids"])
+        assert row["finish_reason"] in ("eos", "length") and len(row["output_ids"]) <= 8
+    # --raw encodes the text as it is (bos per the tokenizer config, no template).
+    code, out, _ = run_cli(capsys, "generate", d, "--input-file", f, "--raw", "--max-new-tokens", 0, "--json")
+    assert code == 0
+    row = json.loads(out.splitlines()[0])
+    assert row["prompt_ids"] == tok.encode(DEFAULT_PROMPTS[0]) and row["output_ids"] == []
+
+
+def test_cli_text_bad_input(demo, capsys):
+    d, _ = demo
+    code, _, err = run_cli(capsys, "generate", d, "--prompt", "")
+    assert_one_line_error(code, err, contains="prompt 0 is empty")
+
+
+def test_cli_chat_piped(demo, monkeypatch, capsys):
+    import io
+
+    d, _ = demo
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\nHello\n/clear\nHello\n/exit\nnever read\n"))
+    code, out, err = run_cli(capsys, "chat", d, "--max-new-tokens", 6, "--temperature", 0)
+    assert code == 0, err
+    tok = Tokenizer.from_dir(d)
+    gen = Generator(dj.load(d, mtp=False), tok)
+    first = gen.generate([tok.encode_chat([{"role": "user", "content": "Hello"}])], max_new_tokens=6)[0]
+    r1 = tok.decode(first.output_ids)
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": r1},
+               {"role": "user", "content": "Hello"}]
+    r2 = tok.decode(gen.generate([tok.encode_chat(history)], max_new_tokens=6)[0].output_ids)
+    # Second turn sees the history; after /clear the first turn repeats; /exit stops reading.
+    assert out == f"{r1}\n{r2}\n{r1}\n"
+    assert "history cleared" in err
+
+
+def test_cli_chat_needs_tokenizer(ckpt_a, capsys):
+    code, _, err = run_cli(capsys, "chat", ckpt_a)
+    assert_one_line_error(code, err, command="chat", contains="tokenizer.json")
