@@ -27,6 +27,17 @@ from deepseek_jax.quant import Linear, Precision
 from deepseek_jax.rope import Rope
 
 _NEG = -1e30  # finite "minus infinity" for masked scores: a fully masked pad row stays NaN-free
+# Absorbed calls with at most this many new tokens per row go through the decode kernel per token.
+_KERNEL_MAX_NEW = 4
+
+
+def _einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum`` with float32 accumulation. On CPU the operands are widened to float32 first:
+    XLA's CPU batched dot lacks bf16 x bf16 -> f32, and bf16 products are exact in float32, so
+    the result is the same as a bf16 dot accumulating in float32."""
+    if jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
 def write_cache(cache_BSC: jax.Array, new_BTC: jax.Array, pos_BT: jax.Array) -> jax.Array:
@@ -95,31 +106,36 @@ class MLA(nnx.Module):
             cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT)
         H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
         w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
-        f32 = dict(preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
         if not absorbed:
             c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
-            k_nope = jnp.einsum("btl,hnl->bthn", c, w_kvb[:, :N], **f32).astype(dtype)
-            v = jnp.einsum("btl,hal->btha", c, w_kvb[:, N:], **f32).astype(dtype)
-            s = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, **f32)
-                 + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, **f32))
+            k_nope = _einsum32("btl,hnl->bthn", c, w_kvb[:, :N]).astype(dtype)
+            v = _einsum32("btl,hal->btha", c, w_kvb[:, N:]).astype(dtype)
+            s = (_einsum32("bthn,bshn->bhts", q_nope, k_nope)
+                 + _einsum32("bthr,bsr->bhts", q_pe, k_pe))
             mask = pos_BT[:, None, :] <= pos_BT[:, :, None]
             p = self._softmax(s, mask).astype(dtype)
-            o_BTHA = jnp.einsum("bhts,bsha->btha", p, v, **f32).astype(dtype)
+            o_BTHA = _einsum32("bhts,bsha->btha", p, v).astype(dtype)
         else:
             if cache_BSC is None:
                 raise ValueError("absorbed attention needs a cache")
-            q_lat = jnp.einsum("bthn,hnl->bthl", q_nope, w_kvb[:, :N], **f32).astype(dtype)
-            if q_lat.shape[1] == 1:  # one new token per row: the MLA decode kernel (jnp ref on CPU)
-                o_BHL = kernels_pallas.mla_decode(q_lat[:, 0], q_pe[:, 0], cache_BSC, pos_BT[:, 0] + 1,
-                                                  scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels)
-                o_lat = o_BHL[:, None].astype(dtype)
+            q_lat = _einsum32("bthn,hnl->bthl", q_nope, w_kvb[:, :N]).astype(dtype)
+            if q_lat.shape[1] <= _KERNEL_MAX_NEW:
+                # One new token per row (decode), or a few (speculative verification): the MLA
+                # decode kernel (jnp reference on CPU) once per new token, each query seeing the
+                # cache up to its own position. A verified token is then computed exactly like the
+                # same token in plain decoding.
+                o_lat = jnp.stack([
+                    kernels_pallas.mla_decode(q_lat[:, t], q_pe[:, t], cache_BSC,
+                                              jnp.minimum(pos_BT[:, t] + 1, cache_BSC.shape[1]),
+                                              scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels)
+                    for t in range(q_lat.shape[1])], axis=1).astype(dtype)
             else:  # several new tokens (chunked prefill over an existing cache)
                 c, k_pe = cache_BSC[..., :L].astype(dtype), cache_BSC[..., L:].astype(dtype)
-                s = (jnp.einsum("bthl,bsl->bhts", q_lat, c, **f32)
-                     + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, **f32))
+                s = (_einsum32("bthl,bsl->bhts", q_lat, c)
+                     + _einsum32("bthr,bsr->bhts", q_pe, k_pe))
                 mask = jnp.arange(cache_BSC.shape[1])[None, None, :] <= pos_BT[:, :, None]
                 p = self._softmax(s, mask).astype(dtype)
-                o_lat = jnp.einsum("bhts,bsl->bthl", p, c, **f32).astype(dtype)
-            o_BTHA = jnp.einsum("bthl,hal->btha", o_lat, w_kvb[:, N:], **f32).astype(dtype)
+                o_lat = _einsum32("bhts,bsl->bthl", p, c).astype(dtype)
+            o_BTHA = _einsum32("bthl,hal->btha", o_lat, w_kvb[:, N:]).astype(dtype)
         out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))
         return out, cache_BSC

@@ -77,8 +77,12 @@ def grouped_matmul_ref(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, 
         expert_M = jnp.searchsorted(ends, jnp.arange(M, dtype=jnp.int32), side="right")
         e = jnp.minimum(expert_M, E - 1)
         w_MNK = dequantize_blocks(w[e], w_scale[e]) if is_fp8(w.dtype) else w[e]
-        y = jnp.einsum("mk,mnk->mn", x_MK.astype(cdt), w_MNK.astype(cdt), precision=lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32)
+        # Operands in the compute dtype, then float32 for the product: bf16 x bf16 products are
+        # exact in float32, so this equals a bf16 dot with float32 accumulation (which XLA's CPU
+        # batched dot does not implement).
+        f32 = jnp.float32
+        y = jnp.einsum("mk,mnk->mn", x_MK.astype(cdt).astype(f32), w_MNK.astype(cdt).astype(f32),
+                       precision=lax.Precision.HIGHEST)
         return jnp.where((expert_M < E)[:, None], y, 0.0).astype(out_dtype)
     if is_fp8(w.dtype):
         w_ENK = dequantize_blocks(w, w_scale).astype(cdt)

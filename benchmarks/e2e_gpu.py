@@ -1,0 +1,266 @@
+"""End-to-end decode / prefill at DeepSeek-V3's real width, against the HBM roofline and HF.
+
+    PYTHONPATH=. python benchmarks/e2e_gpu.py                 # H200: 1 dense + 3 MoE layers, real width
+    PYTHONPATH=. python benchmarks/e2e_gpu.py --small         # CPU smoke test on a tiny config (seconds)
+
+A reduced-depth model (``--layers``, default 4 = 1 dense + 3 MoE) with the real hidden size,
+heads, ranks and 256 experts measures exactly the per-layer cost that 61 layers multiply. Random
+FP8 weights are made on the device (no files). Measured side by side in one run:
+
+* decode step time at batch 1/16/64/256 with a ``--context`` (4096) token latent cache, against
+  the HBM roofline of the step: bytes touched (FP8 weights of the dense layer and attention,
+  shared experts, the experts the batch's tokens actually routed to, the latent cache rows read,
+  lm_head) over the HBM bandwidth measured in the same run (a large on-device copy);
+* prefill tokens/s at 4K and 32K prompt tokens (32K in 4K chunks over the cache: prefill
+  attention is not flash-style), against the FP8 GEMM roofline (2 x active parameters x tokens
+  over the fp8 dot throughput measured in the same run);
+* HF transformers' ``deepseek_v3`` on the same config in bf16 (random weights) as the peer:
+  decode ms/step at the same batch sizes (``--no-hf`` skips it).
+
+Prints one table with ratios; ``--json FILE`` saves the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from deepseek_jax.cache import LatentCache  # noqa: E402
+from deepseek_jax.checkpoint import abstract_model  # noqa: E402
+from deepseek_jax.config import DeepSeekConfig, load_config  # noqa: E402
+from deepseek_jax.quant import Precision  # noqa: E402
+from deepseek_jax.synthetic import tiny_config  # noqa: E402
+
+
+def bench_config(layers: int, small: bool) -> DeepSeekConfig:
+    if small:
+        return DeepSeekConfig.from_hub_dict(dict(tiny_config(num_hidden_layers=layers, num_nextn_predict_layers=0),
+                                                 quantization_config={"quant_method": "fp8"}))
+    return load_config("deepseek-v3-671b").replace(num_hidden_layers=layers, first_k_dense_replace=1,
+                                                   num_nextn_predict_layers=0)
+
+
+def random_model(cfg: DeepSeekConfig, key):
+    """Random FP8 model made leaf by leaf on the device (peak memory: one leaf's bf16 draft)."""
+    model = abstract_model(cfg, Precision(dtype=jnp.bfloat16), with_mtp=False)
+    graphdef, state = nnx.split(model)
+    flat = list(nnx.to_flat_state(state))
+    leaves = []
+    for i, (path, v) in enumerate(flat):
+        k = jax.random.fold_in(key, i)
+        name = str(path[-1])
+
+        @jax.jit
+        def make(k, shape=tuple(v.shape), dtype=v.dtype, name=name):
+            if dtype == jnp.float8_e4m3fn:
+                return (jax.random.normal(k, shape, jnp.bfloat16) * 64).astype(dtype)
+            if name == "weight_scale_inv":
+                return jnp.full(shape, 1.0 / (64 * 32), jnp.float32)
+            if name == "e_score_correction_bias":
+                return jax.random.uniform(k, shape, jnp.float32, 0.0, 0.1)
+            if len(shape) == 1 or "norm" in name:
+                return jnp.ones(shape, dtype)
+            return (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+
+        leaves.append(make(k))
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(a)) for (p, v), a in zip(flat, leaves)]))
+
+
+def timed(fn, *args, reps: int = 5):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def hbm_bandwidth(nbytes: int) -> float:
+    """Bytes/s of an on-device copy (read + write) of ``nbytes``, measured now."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    return 2 * x.nbytes / timed(f, x)
+
+
+def fp8_dot_flops(small: bool) -> float:
+    m, k, n = (256, 256, 256) if small else (8192, 8192, 8192)
+    a = jnp.ones((m, k), jnp.float8_e4m3fn)
+    b = jnp.ones((k, n), jnp.float8_e4m3fn)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
+    return 2 * m * n * k / timed(f, a, b)
+
+
+def step_bytes(cfg: DeepSeekConfig, model, batch: int, context: int, touched_experts: float) -> float:
+    """Bytes a decode step must read: weights except untouched experts, latent cache, lm_head."""
+    _, state = nnx.split(model)
+    total = expert = 0
+    for path, v in nnx.to_flat_state(state):
+        nb = math.prod(v.shape) * np.dtype(v.dtype).itemsize
+        p = [str(x) for x in path]
+        if "experts" in p and "shared_experts" not in p:
+            expert += nb
+        elif p[0] == "embed_tokens":
+            nb = batch * cfg.hidden_size * 2  # only the looked-up rows
+        total += nb
+    frac = touched_experts / cfg.n_routed_experts
+    cache = cfg.num_hidden_layers * batch * context * cfg.latent_dim * 2
+    return total + expert * frac + cache
+
+
+def expected_touched(cfg: DeepSeekConfig, batch: int) -> float:
+    """Expected distinct experts hit by ``batch`` tokens choosing K of E (uniform routing)."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return E * (1 - (1 - K / E) ** batch)
+
+
+def bench_decode(cfg, model, batch: int, context: int, key):
+    graphdef, state = nnx.split(model)
+    cache = LatentCache.zeros(cfg, batch, context, jnp.bfloat16)
+    cache = jax.tree.map(lambda a: jax.random.normal(key, a.shape, jnp.bfloat16) * 0.1, cache)
+    ids = jnp.zeros((batch, 1), jnp.int32)
+    pos = jnp.full((batch, 1), context - 1, jnp.int32)
+
+    @jax.jit
+    def step(state, cache, ids, pos):
+        out = nnx.merge(graphdef, state)(ids, pos, cache=cache, absorbed=True)
+        return jnp.argmax(out.logits[:, -1], -1), out.cache
+
+    return timed(step, state, cache, ids, pos)
+
+
+def bench_prefill(cfg, model, tokens: int, chunk: int):
+    graphdef, state = nnx.split(model)
+    cache = LatentCache.zeros(cfg, 1, tokens, jnp.bfloat16)
+    ids = jnp.ones((1, tokens), jnp.int32)
+
+    @jax.jit
+    def prefill(state, cache, ids):
+        m = nnx.merge(graphdef, state)
+        out = m(ids[:, :chunk], cache=cache, logits=False)
+        cache = out.cache
+        for s in range(chunk, tokens, chunk):  # later chunks attend over the cache (absorbed form)
+            pos = jnp.arange(s, s + chunk, dtype=jnp.int32)[None]
+            out = m(ids[:, s:s + chunk], pos, cache=cache, absorbed=True, logits=False)
+            cache = out.cache
+        return out.hidden[:, -1]
+
+    return timed(prefill, state, cache, ids, reps=2)
+
+
+def hf_decode_ms(cfg: DeepSeekConfig, batches, context: int, small: bool):
+    """HF transformers deepseek_v3 in bf16, random weights: median ms per decode step."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers.cache_utils import DynamicCache
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    d = cfg.to_hub_dict()
+    d.pop("quantization_config", None)
+    hcfg = DeepseekV3Config(**d)
+    kw = {} if small else {"experts_implementation": "grouped_mm"}
+    with torch.device(dev):
+        model = DeepseekV3ForCausalLM._from_config(hcfg, torch_dtype=torch.bfloat16, **kw).eval()
+    out = {}
+    for b in batches:
+        ids = torch.randint(0, cfg.vocab_size, (b, context), device=dev)
+        with torch.no_grad():
+            cache = DynamicCache(config=hcfg)
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            tok = ids[:, -1:]
+            ts = []
+            for _ in range(6):
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                model(input_ids=tok, past_key_values=cache, use_cache=True)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t)
+        out[b] = statistics.median(ts[1:]) * 1e3
+        del cache
+    return out
+
+
+def run_hf_peer(argv) -> dict[int, float]:
+    """The HF peer in a subprocess (before this process touches the accelerator)."""
+    import subprocess
+    args = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--hf-only"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"# HF peer failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        return {}
+    return {int(k): v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="tiny config on CPU (smoke test)")
+    ap.add_argument("--layers", type=int, default=4, help="1 dense + (layers-1) MoE layers at real width")
+    ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,16,64,256; small: 1,4)")
+    ap.add_argument("--context", type=int, default=None, help="cache length (default 4096; small: 64)")
+    ap.add_argument("--prefill", default=None, help="prompt lengths (default 4096,32768; small: 32,64)")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 4096; small: 32)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
+    a = ap.parse_args(argv)
+    small = a.small
+    batches = [int(x) for x in (a.batches or ("1,4" if small else "1,16,64,256")).split(",")]
+    context = a.context or (64 if small else 4096)
+    prefills = [int(x) for x in (a.prefill or ("32,64" if small else "4096,32768")).split(",")]
+    chunk = a.chunk or (32 if small else 4096)
+    cfg = bench_config(a.layers, small)
+    if a.hf_only:  # runs in its own process: torch and XLA would otherwise fight over GPU memory
+        print(json.dumps(hf_decode_ms(cfg, batches, context, small)))
+        return 0
+    hf = {} if a.no_hf else run_hf_peer(argv)
+    key = jax.random.PRNGKey(0)
+    print(f"# e2e {datetime.date.today()} jax {jax.__version__} {jax.devices()[0].device_kind} "
+          f"layers={cfg.num_hidden_layers} (dense {cfg.num_dense_layers}) experts={cfg.n_routed_experts}")
+    bw = hbm_bandwidth(2 ** 24 if small else 2 ** 32)
+    flops = fp8_dot_flops(small)
+    print(f"# measured: copy bandwidth {bw / 1e12:.2f} TB/s, fp8 dot {flops / 1e12:.1f} TFLOP/s")
+    model = random_model(cfg, key)
+    rows = []
+    print(f"{'what':<26}{'time':>12}{'tok/s':>12}{'roofline':>12}{'x roofline':>12}{'HF ms':>10}{'vs HF':>8}")
+    for b in batches:
+        t = bench_decode(cfg, model, b, context, key)
+        roof = step_bytes(cfg, model, b, context, expected_touched(cfg, b)) / bw
+        h = hf.get(b)
+        rows.append(dict(kind="decode", batch=b, context=context, ms=t * 1e3, tok_s=b / t, roofline_ms=roof * 1e3,
+                         hf_ms=h))
+        print(f"{'decode B=%d ctx=%d' % (b, context):<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
+              f"{t / roof:>12.2f}{(h or float('nan')):>10.2f}{(h / 1e3 / t if h else float('nan')):>8.1f}")
+    active = (cfg.num_hidden_layers * (cfg.hidden_size * cfg.hidden_size * 6)  # rough attention share
+              + (cfg.num_moe_layers * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+                 * 3 * cfg.hidden_size * cfg.moe_intermediate_size)
+              + cfg.num_dense_layers * 3 * cfg.hidden_size * cfg.intermediate_size)
+    for T in prefills:
+        t = bench_prefill(cfg, model, T, min(chunk, T))
+        roof = 2 * active * T / flops
+        rows.append(dict(kind="prefill", tokens=T, s=t, tok_s=T / t, roofline_s=roof))
+        print(f"{'prefill T=%d' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(date=str(datetime.date.today()), jax=jax.__version__, bandwidth=bw, fp8_flops=flops,
+                           rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The benchmark scripts still run (tiny shapes on CPU): they are what a GPU session executes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_e2e_benchmark_small(tmp_path):
+    out = tmp_path / "e2e.json"
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "e2e_gpu.py"), "--small", "--no-hf",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.load(open(out))["rows"]
+    assert {r["kind"] for r in rows} == {"decode", "prefill"}
+    assert all(r["tok_s"] > 0 for r in rows)
