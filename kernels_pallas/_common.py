@@ -52,3 +52,24 @@ def flatten_rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
     """[..., K] → ([M, K], leading shape)."""
     lead = tuple(x.shape[:-1])
     return x.reshape(math.prod(lead), x.shape[-1]), lead
+
+
+# ---- helpers of the Triton-lowered GPU kernels -------------------------------------------------
+
+
+def and_masks(a, b):
+    """``a & b`` where either mask may be ``None`` (no masking needed on that axis)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+def masked_load(ref, mask):
+    """A GPU ``load`` that fills masked-off elements with 0 (plain load when ``mask`` is None)."""
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    if mask is None:
+        return plgpu_triton.load(ref)
+    return plgpu_triton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))

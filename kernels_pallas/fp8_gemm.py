@@ -41,8 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, QBLOCK, cdiv, dequantize_blocks,
-                                    flatten_rows, next_pow2, round_up)
+from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, QBLOCK, and_masks, cdiv, dequantize_blocks,
+                                   flatten_rows, masked_load, next_pow2, round_up)
 
 __all__ = [
     "quantize_act_1x128",
@@ -204,20 +204,6 @@ def default_tpu_config(m: int, n: int, k: int) -> TpuConfig:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _and(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b
-
-
-def _masked_load(ref, mask):
-    if mask is None:
-        return plgpu_triton.load(ref)
-    return plgpu_triton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))
-
-
 def _dot_nt(a, b, precision=None):
     """``a [P, C] @ b [Q, C].T`` → float32 ``[P, Q]``."""
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
@@ -248,11 +234,11 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
     def body(kb, acc_MN):
         k0 = pl.multiple_of(kb * QBLOCK, QBLOCK)
         k_ok = (k0 + jnp.arange(QBLOCK) < k) if k_ragged else None
-        a_mk = _masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, QBLOCK)],
-                            _and(row_ok[:, None] if row_ok is not None else None,
+        a_mk = masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, QBLOCK)],
+                            and_masks(row_ok[:, None] if row_ok is not None else None,
                                  k_ok[None, :] if k_ok is not None else None))
-        b_nk = _masked_load(wq_ref.at[pl.ds(col0, bn), pl.ds(k0, QBLOCK)],
-                            _and(col_ok[:, None] if col_ok is not None else None,
+        b_nk = masked_load(wq_ref.at[pl.ds(col0, bn), pl.ds(k0, QBLOCK)],
+                            and_masks(col_ok[:, None] if col_ok is not None else None,
                                  k_ok[None, :] if k_ok is not None else None))
         if has_xs:  # e4m3 x e4m3 → f32 (wgmma on Hopper)
             part = _dot_nt(a_mk, b_nk)
@@ -262,10 +248,10 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
             w_scale = ws_ref[col0 // QBLOCK, kb]
             part = part * w_scale
         else:
-            w_scale = _masked_load(ws_ref.at[cols // QBLOCK, kb], col_ok)
+            w_scale = masked_load(ws_ref.at[cols // QBLOCK, kb], col_ok)
             part = part * w_scale[None, :]
         if has_xs:
-            x_scale = _masked_load(xs_ref.at[pl.ds(row0, bm), kb], row_ok)
+            x_scale = masked_load(xs_ref.at[pl.ds(row0, bm), kb], row_ok)
             part = part * x_scale[:, None]
         return acc_MN + part
 
@@ -278,7 +264,7 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
         kb_hi = jnp.minimum(kb_lo + kb_per_split, nkb)
         acc = lax.fori_loop(kb_lo, kb_hi, body, acc0)
         o_view = o_ref.at[s, pl.ds(row0, bm), pl.ds(col0, bn)]
-    out_mask = _and(row_ok[:, None] if row_ok is not None else None,
+    out_mask = and_masks(row_ok[:, None] if row_ok is not None else None,
                     col_ok[None, :] if col_ok is not None else None)
     val = acc.astype(o_ref.dtype)
     if out_mask is None:

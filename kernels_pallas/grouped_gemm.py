@@ -36,7 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import QBLOCK, cdiv, dequantize_blocks, is_fp8, next_pow2, round_up
+from kernels_pallas._common import (QBLOCK, and_masks, cdiv, dequantize_blocks, is_fp8, masked_load, next_pow2,
+                                   round_up)
 
 __all__ = ["grouped_matmul_ref", "grouped_matmul"]
 
@@ -144,22 +145,8 @@ def default_tpu_grouped_config(m: int, n: int, c: int) -> TpuGroupedConfig:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _and(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b
-
-
-def _masked_load(ref, mask):
-    if mask is None:
-        return plgpu_triton.load(ref)
-    return plgpu_triton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))
-
-
 def _row_col_mask(row_ok, col_ok):
-    return _and(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
+    return and_masks(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
 
 
 def _group_offsets(group_sizes_E):
@@ -224,14 +211,14 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, x_ref, w_ref, *rest, e, n, c, bm, 
         def body(kb, acc_MN):
             k0 = pl.multiple_of(kb * bk, bk)
             k_ok = (k0 + jnp.arange(bk) < c) if c % bk else None
-            a = _masked_load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], _row_col_mask(row_ok, k_ok))
+            a = masked_load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], _row_col_mask(row_ok, k_ok))
             if w_co:
-                b = _masked_load(w_ref.at[g, pl.ds(k0, bk), pl.ds(col0, bn)],
+                b = masked_load(w_ref.at[g, pl.ds(k0, bk), pl.ds(col0, bn)],
                                  _row_col_mask(k_ok, col_ok))
                 part = lax.dot_general(a.astype(cdt), b.astype(cdt), (((1,), (0,)), ((), ())),
                                        precision=precision, preferred_element_type=jnp.float32)
             else:
-                b = _masked_load(w_ref.at[g, pl.ds(col0, bn), pl.ds(k0, bk)],
+                b = masked_load(w_ref.at[g, pl.ds(col0, bn), pl.ds(k0, bk)],
                                  _row_col_mask(col_ok, k_ok))
                 part = lax.dot_general(a.astype(cdt), b.astype(cdt), (((1,), (1,)), ((), ())),
                                        precision=precision, preferred_element_type=jnp.float32)
@@ -240,7 +227,7 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, x_ref, w_ref, *rest, e, n, c, bm, 
                     sc = s_ref[g, kb, col0 // QBLOCK] if w_co else s_ref[g, col0 // QBLOCK, kb]
                     part = part * sc
                 else:
-                    sv = _masked_load(s_ref.at[g, kb, cols // QBLOCK] if w_co
+                    sv = masked_load(s_ref.at[g, kb, cols // QBLOCK] if w_co
                                       else s_ref.at[g, cols // QBLOCK, kb], col_ok)
                     part = part * sv[None, :]
             return acc_MN + part
@@ -293,8 +280,8 @@ def _gpu_tgmm_kernel(gs_ref, x_ref, dy_ref, o_ref, *, m, n, k, bm, bn, bk, cdt):
     def body(i, acc_NK):
         r0 = start + i * bm
         row_ok = r0 + jnp.arange(bm) < end
-        dy = _masked_load(dy_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], _row_col_mask(row_ok, n_ok))
-        xx = _masked_load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], _row_col_mask(row_ok, k_ok))
+        dy = masked_load(dy_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], _row_col_mask(row_ok, n_ok))
+        xx = masked_load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], _row_col_mask(row_ok, k_ok))
         return acc_NK + lax.dot_general(dy.astype(cdt), xx.astype(cdt), (((0,), (0,)), ((), ())),
                                         precision=precision, preferred_element_type=jnp.float32)
 
