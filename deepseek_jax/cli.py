@@ -8,6 +8,7 @@ printed on one line, exit status 2. Anything else is a bug and keeps its traceba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -29,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        # Contexts a command enters for its whole run (e.g. the device mesh) close with it.
+        with contextlib.ExitStack() as args.exit_stack:
+            return int(args.func(args) or 0)
     except DeepSeekError as e:
         print(f"deepseek-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_e2e_benchmark_small(tmp_path):
     out = tmp_path / "e2e.json"
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "e2e_gpu.py"), "--small", "--no-hf",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "e2e_gpu.py"), "--small", "--no-hf", "--layers", "2", "--batches", "2", "--prefill", "32",
                         "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(out))["rows"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import scoring, sharding
+from deepseek_jax.api import load
 from deepseek_jax.checkpoint import load_hub
 from deepseek_jax.errors import DeepSeekError
 
@@ -18,25 +19,47 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+PROMPTS = [[0, 5, 17, 33, 2], [0, 9]]
+
+
+def _greedy(model):
+    from deepseek_jax.generate import Generator
+    from deepseek_jax.sampling import SamplingParams
+    res = Generator(model).generate(PROMPTS, max_new_tokens=6, sampling=SamplingParams(temperature=0),
+                                    stop_at_eos=False)
+    return [r.output_ids for r in res]
+
+
 @pytest.fixture(scope="module")
-def single(ckpt_a):
+def orbax_a(ckpt_a, tmp_path_factory):
+    from deepseek_jax.orbax_ckpt import convert
+    out = str(tmp_path_factory.mktemp("orbax_a") / "ck")
+    convert(ckpt_a, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(orbax_a):
     if len(jax.devices()) < 8:
         pytest.skip("needs JAX_NUM_CPU_DEVICES=8")
     ids = np.random.default_rng(5).integers(0, 256, (4, 12)).astype(np.int32)
-    m = load_hub(ckpt_a)
-    return ids, scoring.logits(m, ids), scoring.logits(m, ids, mode="decode", prefill=4)
+    m = load(orbax_a)
+    return ids, scoring.logits(m, ids), scoring.logits(m, ids, mode="decode", prefill=4), _greedy(m)
 
 
 @pytest.mark.parametrize("mesh_text,rules", [(m, "ep_tp") for m in MESHES] + [(MESHES[2], "ep_dp")])
-def test_mesh_shapes_give_single_device_logits(ckpt_a, single, mesh_text, rules):
-    ids, ref, ref_dec = single
+def test_mesh_shapes_give_single_device_results(orbax_a, single, mesh_text, rules):
+    """From the same Orbax checkpoint: logits (prefill and decode) and greedy tokens."""
+    ids, ref, ref_dec, ref_tokens = single
     mesh = sharding.make_mesh(sharding.parse_mesh(mesh_text, 8))
-    model = load_hub(ckpt_a, mesh=mesh, rules=rules)
+    model = load(orbax_a, mesh=mesh, rules=rules)
     with jax.set_mesh(mesh):
         got = scoring.logits(model, ids)
         dec = scoring.logits(model, ids, mode="decode", prefill=4)
+        tokens = _greedy(model)
     assert rel(got, ref) < 1e-5 and rel(dec, ref_dec) < 1e-5
     assert (got.argmax(-1) == ref.argmax(-1)).all() and (dec.argmax(-1) == ref_dec.argmax(-1)).all()
+    assert tokens == ref_tokens
 
 
 def test_weights_are_placed_sharded(ckpt_a):

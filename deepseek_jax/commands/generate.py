@@ -61,7 +61,11 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
 
     mesh = runtime.init(args) if args is not None and hasattr(args, "mesh") else None
     if mesh is not None:
-        jax.set_mesh(mesh)  # a global setter when not used as a context manager
+        stack = getattr(args, "exit_stack", None)  # set by cli.main: the mesh lasts as long as the command
+        if stack is not None:
+            stack.enter_context(jax.set_mesh(mesh))
+        else:
+            jax.set_mesh(mesh)
         if not runtime.is_main():  # every process runs the same program; one prints
             sys.stdout = open(os.devnull, "w")
             sys.stderr = open(os.devnull, "w")
