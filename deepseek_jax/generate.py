@@ -31,6 +31,32 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   and unchunked runs draw the same tokens), at the cost of one host sync per ``stream_chunk``
   tokens. Host callbacks from inside the loop (``io_callback``) were the alternative: they sync
   on every token and tie the loop to an ordered host effect, which is worse on accelerators.
+* **Speculative decoding** (``speculative="mtp"``, SPEC §6). The MTP module drafts one token
+  ahead, the main model verifies it, and a row advances by 1 or 2 tokens per step, still in
+  one compiled ``while_loop`` with per-row positions. The MTP layer keeps its own latent cache
+  ``[Bb, S, C]`` (entry ``i`` = MTP row ``i``: main hidden ``h_i`` with the embedding of token
+  ``i+1``). Loop invariant per row: tokens up to ``cur`` are decided, the main cache holds
+  positions ``< cur``, the MTP cache positions ``< cur``, and ``draft`` is the MTP's guess for
+  token ``cur+1`` (drawn from MTP row ``cur-1``). One step:
+
+  1. main model, absorbed, on ``[t_cur, draft]`` at positions ``[cur, cur+1]`` (2 tokens per row,
+     each through the MLA decode kernel with its own length): logits ``p0`` (token ``cur+1``)
+     and ``p1`` (token ``cur+2`` given that the draft is right), hidden ``h_cur, h_cur+1``;
+  2. accept the draft (greedy: ``draft == argmax p0``; sampling: the standard rejection rule,
+     accept with probability ``min(1, p0(draft)/q(draft))``, else draw from
+     ``norm(max(p0 - q, 0))``); token ``cur+1`` is the draft or its correction ``t1``, and when
+     accepted token ``cur+2`` is drawn from ``p1`` (the bonus token ``t2``);
+  3. MTP, absorbed, on rows ``[cur, cur+1]`` with next tokens ``[t1, t2]`` (writes MTP entries
+     ``cur, cur+1``); the next draft comes from row ``cur+1`` if accepted, else row ``cur``.
+
+  A rejected draft leaves stale entries at position ``cur+1`` in both caches; they are at the
+  new ``cur`` and are overwritten by the next step before any query can see them (a query at
+  position ``i`` attends to ``<= i``, and each step writes before it attends). A row stops at eos
+  or at its length budget exactly (the bonus token is dropped when the first one ends the row).
+  Greedy output equals non-speculative greedy output (the same argmax of the same model at
+  every position); sampled output has the same distribution (not the same draws: the random
+  stream differs). ``last_stats`` counts drafts (steps where a second token was possible) and
+  accepted drafts.
 """
 
 from __future__ import annotations
@@ -49,7 +75,7 @@ from deepseek_jax.cache import LatentCache
 from deepseek_jax.errors import DeepSeekError
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.quant import dequantize
-from deepseek_jax.sampling import GREEDY, SamplingParams, row_keys, sample
+from deepseek_jax.sampling import GREEDY, SamplingParams, filter_logits, row_keys, sample
 
 __all__ = ["Generator", "GenerationStats", "Result", "length_bucket", "batch_bucket"]
 
@@ -92,11 +118,19 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     buckets: tuple[int, int, int] = (0, 0, 0)   # (Bb, Pb, S)
+    speculative: str | None = None  # "mtp" when the call used speculative decoding
+    drafted: int = 0               # speculative: drafts that could have been used, summed over rows
+    accepted: int = 0              # speculative: drafts the main model accepted
 
     @property
     def tokens_per_s(self) -> float:
         t = self.prefill_s + self.decode_s
         return self.new_tokens / t if t > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted (speculative calls; None otherwise or when nothing was drafted)."""
+        return self.accepted / self.drafted if self.speculative and self.drafted else None
 
 
 class DecodeState(NamedTuple):
@@ -124,7 +158,8 @@ def _draw(logits_BV, keys_B, step, knobs: _Knobs, greedy: bool, filtered: bool):
 
 
 def _prefill(graphdef, greedy: bool, filtered: bool, S: int, params, ids_BP, lens_B, end_B, active_B,
-             seed, knobs: _Knobs) -> DecodeState:
+             seed, knobs: _Knobs, keep_hidden: bool = False):
+    """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``)."""
     model: DeepSeekV3 = nnx.merge(graphdef, params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
@@ -140,7 +175,8 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, params, ids_BP, len
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | (knobs.stop & (tok_B == knobs.eos)) | (lens_B >= end_B)
-    return DecodeState(out.cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
+    state = DecodeState(out.cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
+    return (state, out.hidden) if keep_hidden else state
 
 
 def _decode(graphdef, greedy: bool, filtered: bool, params, state: DecodeState, limit,
@@ -163,6 +199,131 @@ def _decode(graphdef, greedy: bool, filtered: bool, params, state: DecodeState, 
     return jax.lax.while_loop(cond, body, state)
 
 
+class SpecState(NamedTuple):
+    """Loop state of speculative decoding (see the module docstring)."""
+    cache: LatentCache
+    mtp_cache: jax.Array   # [B, S, C] the MTP layer's latent cache
+    buf_BS: jax.Array
+    cur_B: jax.Array       # position of each row's last decided token (fed at the next step)
+    draft_B: jax.Array     # the MTP's draft for position cur+1
+    q_BV: jax.Array        # sampling: the draft's distribution [B, V] (greedy: [B, 1] unused)
+    end_B: jax.Array
+    done_B: jax.Array
+    keys_B: jax.Array
+    step: jax.Array        # 1 + loop iterations (int32 scalar)
+    drafted_B: jax.Array   # int32 per row
+    accepted_B: jax.Array  # int32 per row
+
+
+def _probs(logits_BV, knobs: _Knobs, filtered: bool):
+    """The sampling distribution of :func:`deepseek_jax.sampling.sample` (temperature, then top-k/p)."""
+    lg = logits_BV.astype(jnp.float32) / knobs.temperature
+    if filtered:
+        lg = filter_logits(lg, knobs.top_k, knobs.top_p)
+    return jax.nn.softmax(lg, axis=-1)
+
+
+def _categorical(keys_B, probs_BV):
+    logp = jnp.where(probs_BV > 0, jnp.log(jnp.where(probs_BV > 0, probs_BV, 1.0)), -jnp.inf)
+    return jax.vmap(jax.random.categorical)(keys_B, logp).astype(jnp.int32)
+
+
+def _fold(keys_B, *data):
+    for d in data:
+        keys_B = jax.vmap(lambda k, d=d: jax.random.fold_in(k, d))(keys_B)
+    return keys_B
+
+
+def _draft(model: DeepSeekV3, x_BD, keys_B, step, knobs: _Knobs, greedy: bool, filtered: bool):
+    """``(draft token [B], its distribution q)`` from MTP rows ``x_BD``."""
+    logits_BV = model.mtp_head(x_BD)
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), jnp.zeros((x_BD.shape[0], 1), jnp.float32)
+    q_BV = _probs(logits_BV, knobs, filtered)
+    return _categorical(_fold(keys_B, step, 3), q_BV), q_BV
+
+
+def _verify(logits_B2V, draft_B, q_BV, keys_B, knobs: _Knobs, greedy: bool, filtered: bool):
+    """``(t1, t2, accepted)``: token ``cur+1`` (the draft or its correction), the bonus token
+    ``cur+2`` (meaningful where accepted) from the verifier's logits at ``[cur, cur+1]``.
+
+    Greedy: accepted iff the draft is the argmax. Sampling: the standard speculative rejection
+    rule, accept with probability ``min(1, p(d)/q(d))`` else draw from ``norm(max(p - q, 0))``,
+    which makes ``t1`` distributed exactly as ``p`` (``keys_B``: this step's per-row keys)."""
+    if greedy:
+        t1 = jnp.argmax(logits_B2V[:, 0], axis=-1).astype(jnp.int32)
+        t2 = jnp.argmax(logits_B2V[:, 1], axis=-1).astype(jnp.int32)
+        return t1, t2, t1 == draft_B
+    p0, p1 = _probs(logits_B2V[:, 0], knobs, filtered), _probs(logits_B2V[:, 1], knobs, filtered)
+    pd = jnp.take_along_axis(p0, draft_B[:, None], axis=1)[:, 0]
+    qd = jnp.take_along_axis(q_BV, draft_B[:, None], axis=1)[:, 0]
+    u = jax.vmap(jax.random.uniform)(_fold(keys_B, 0))
+    ok = u * qd < pd
+    resid = jnp.maximum(p0 - q_BV, 0.0)
+    resid = jnp.where(jnp.sum(resid, axis=-1, keepdims=True) > 0, resid, p0)
+    t1 = jnp.where(ok, draft_B, _categorical(_fold(keys_B, 1), resid))
+    t2 = _categorical(_fold(keys_B, 2), p1)
+    return t1, t2, ok
+
+
+def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, params, ids_BP, lens_B, end_B, active_B,
+                  seed, knobs: _Knobs) -> SpecState:
+    st = _prefill(graphdef, greedy, filtered, S, params, ids_BP, lens_B, end_B, active_B, seed, knobs,
+                  keep_hidden=True)
+    state, hidden_BPD = st
+    model: DeepSeekV3 = nnx.merge(graphdef, params)
+    B, P = ids_BP.shape
+    dtype = model.prec.dtype
+    # MTP row i: hidden h_i with token i+1 (the first new token for the last prompt row).
+    nxt_BP = jnp.pad(state.buf_BS, ((0, 0), (0, 1)))[:, 1:P + 1]
+    pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    mtp_cache = jnp.zeros((B, S, model.cfg.latent_dim), dtype)
+    x_BPD, mtp_cache, _ = model.mtp_hidden(hidden_BPD, nxt_BP, pos_BP, cache_BSC=mtp_cache, absorbed=False)
+    x_BD = jnp.take_along_axis(x_BPD, (lens_B - 1)[:, None, None], axis=1)[:, 0]
+    # (Key parent 0xFFFFFFFF: never a step index, so no key is both used and derived from.)
+    draft_B, q_BV = _draft(model, x_BD, state.keys_B, jnp.uint32(0xFFFFFFFF), knobs, greedy, filtered)
+    zeros = jnp.zeros((B,), jnp.int32)
+    return SpecState(state.cache, mtp_cache, state.buf_BS, state.cur_B, draft_B, q_BV, state.end_B,
+                     state.done_B, state.keys_B, state.step, zeros, zeros)
+
+
+def _decode_spec(graphdef, greedy: bool, filtered: bool, params, state: SpecState, limit,
+                 knobs: _Knobs) -> SpecState:
+    rows = jnp.arange(state.buf_BS.shape[0])
+
+    def cond(s: SpecState):
+        return (s.step < limit) & ~jnp.all(s.done_B)
+
+    def body(s: SpecState):
+        model: DeepSeekV3 = nnx.merge(graphdef, params)
+        cur, d = s.cur_B, s.draft_B
+        pos_B2 = jnp.stack([cur, cur + 1], axis=1)
+        ids_B2 = jnp.stack([s.buf_BS[rows, cur], d], axis=1)
+        out = model(ids_B2, pos_B2, cache=s.cache, absorbed=True)      # verify: 2 tokens per row
+        t1, t2, ok = _verify(out.logits, d, s.q_BV, _fold(s.keys_B, s.step), knobs, greedy, filtered)
+        active = ~s.done_B
+        first_ends = knobs.stop & (t1 == knobs.eos)
+        room2 = cur + 1 < s.end_B
+        two = ok & ~first_ends & room2
+        # MTP rows cur, cur+1 (their next tokens t1, t2); the next draft from the last decided row.
+        x_B2D, mtp_cache, _ = model.mtp_hidden(out.hidden, jnp.stack([t1, t2], axis=1), pos_B2,
+                                               cache_BSC=s.mtp_cache, absorbed=True)
+        x_BD = jnp.where(two[:, None], x_B2D[:, 1], x_B2D[:, 0])
+        new_d, q_BV = _draft(model, x_BD, s.keys_B, s.step, knobs, greedy, filtered)
+        buf = s.buf_BS.at[rows, cur + 1].set(jnp.where(active, t1, s.buf_BS[rows, cur + 1]), mode="drop")
+        p2 = jnp.where(active & two, cur + 2, buf.shape[1])   # out of range: dropped
+        buf = buf.at[rows, p2].set(t2, mode="drop")
+        new_cur = jnp.where(active, cur + 1 + two.astype(jnp.int32), cur)
+        last = jnp.where(two, t2, t1)
+        done = s.done_B | (knobs.stop & (last == knobs.eos) & active) | (new_cur >= s.end_B)
+        useful = active & ~first_ends & room2
+        return SpecState(out.cache, mtp_cache, buf, new_cur, jnp.where(active, new_d, d),
+                         jnp.where(active[:, None], q_BV, s.q_BV), s.end_B, done, s.keys_B, s.step + 1,
+                         s.drafted_B + useful.astype(jnp.int32), s.accepted_B + (useful & ok).astype(jnp.int32))
+
+    return jax.lax.while_loop(cond, body, state)
+
+
 # Compiled (prefill, decode) pairs, shared by every Generator of the process: keyed by the model's
 # graph (structure, config, precision), its parameters' shapes/dtypes/shardings and the buckets.
 _EXECUTABLES: dict[tuple, tuple[Any, Any]] = {}
@@ -172,19 +333,20 @@ _AUTO_DEQUANTIZE_BYTES = 8 << 30
 
 
 def _executables(graphdef, key: tuple, params, prefill_args, knobs):
-    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered)``, and the
-    seconds spent compiling (0 on a cache hit)."""
+    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative)``, and
+    the seconds spent compiling (0 on a cache hit)."""
     leaves = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(params))
     full_key = (graphdef, jax.tree.structure(params), leaves, key)
     hit = _EXECUTABLES.get(full_key)
     if hit is not None:
         return hit, 0.0
-    _, _, S, greedy, filtered = key
+    _, _, S, greedy, filtered, spec = key
+    prefill_fn, decode_fn = (_prefill_spec, _decode_spec) if spec else (_prefill, _decode)
     t0 = time.perf_counter()
-    pre = jax.jit(lambda p, *a: _prefill(graphdef, greedy, filtered, S, p, *a))
+    pre = jax.jit(lambda p, *a: prefill_fn(graphdef, greedy, filtered, S, p, *a))
     pre_c = pre.lower(params, *prefill_args, knobs).compile()
     state_shape = jax.eval_shape(pre, params, *prefill_args, knobs)
-    dec = jax.jit(lambda p, st, lim, kn: _decode(graphdef, greedy, filtered, p, st, lim, kn), donate_argnums=1)
+    dec = jax.jit(lambda p, st, lim, kn: decode_fn(graphdef, greedy, filtered, p, st, lim, kn), donate_argnums=1)
     dec_c = dec.lower(params, state_shape, jnp.int32(0), knobs).compile()
     if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
         _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
@@ -197,14 +359,16 @@ _ROPES: dict = {}
 
 def dequantized_model(model: DeepSeekV3) -> DeepSeekV3:
     """A copy of ``model`` whose FP8 linear weights are dequantized once into the compute dtype
-    (``W = Wq * S``, the exact W8A16 weights), without the MTP module; other parameters are
-    shared. Same numbers as the FP8 model, no per-step dequantization; 4x (float32) or 2x (bf16)
-    the memory of the FP8 weights. What CPU generation uses (CPUs have no FP8 arithmetic)."""
+    (``W = Wq * S``, the exact W8A16 weights), with the MTP module if ``model`` has one (the
+    speculative drafter); other parameters are shared. Same numbers as the FP8 model, no
+    per-step dequantization; 4x (float32) or 2x (bf16) the memory of the FP8 weights. What CPU
+    generation uses (CPUs have no FP8 arithmetic)."""
     cfg, prec = model.cfg, model.prec
     if not cfg.fp8:
         return model
     dense_cfg = cfg.replace(fp8=False)
-    twin = nnx.eval_shape(lambda: DeepSeekV3(dense_cfg, prec=prec, rngs=nnx.Rngs(0), with_mtp=False))
+    with_mtp = model.mtp is not None
+    twin = nnx.eval_shape(lambda: DeepSeekV3(dense_cfg, prec=prec, rngs=nnx.Rngs(0), with_mtp=with_mtp))
     # Rope is a static attribute compared by identity: one instance per config keeps the graphs
     # of equal models equal, so their compiled executables are shared (see _EXECUTABLES).
     twin.rope = _ROPES.setdefault(dense_cfg, twin.rope)
@@ -297,13 +461,22 @@ class Generator:
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompts_ids, *, max_new_tokens: int = 200, sampling: SamplingParams | None = None,
                  seed: int = 0, stop_at_eos: bool = True, eos_id: int | None = None,
-                 stream: StreamFn | None = None, stream_chunk: int | None = None) -> list[Result]:
+                 stream: StreamFn | None = None, stream_chunk: int | None = None,
+                 speculative: str | None = None) -> list[Result]:
         """Generates up to ``max_new_tokens`` per prompt (fewer where the max length cuts in).
 
         ``sampling`` defaults to greedy; ``seed`` makes sampling reproducible. ``eos_id``
         overrides the config's eos. ``stream(row, new_ids)`` is called with each row's new
-        tokens every ``stream_chunk`` decode steps. Returns one :class:`Result` per prompt.
+        tokens every ``stream_chunk`` decode steps. ``speculative="mtp"``: the model's MTP module
+        drafts a token ahead and the main model verifies it (see the module docstring; needs a
+        model with its MTP module). Returns one :class:`Result` per prompt.
         """
+        if speculative not in (None, "none", "mtp"):
+            raise DeepSeekError(f"speculative {speculative!r}: expected 'mtp' or None")
+        spec = speculative == "mtp"
+        if spec and self.model.mtp is None:
+            raise DeepSeekError("speculative decoding with 'mtp' needs the model's MTP module: this model has "
+                                "none (load the checkpoint with mtp=True; it must have an MTP layer)")
         prompts = self._check_prompts(prompts_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 0:
@@ -321,7 +494,7 @@ class Generator:
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int32)
         budgets = np.minimum(int(max_new_tokens), self.max_len - lens)
-        stats = GenerationStats(batch=B, prompt_tokens=int(lens.sum()))
+        stats = GenerationStats(batch=B, prompt_tokens=int(lens.sum()), speculative="mtp" if spec else None)
         self.last_stats = stats
         if max_new_tokens == 0:
             return [Result(p, [], "length") for p in prompts]
@@ -344,7 +517,7 @@ class Generator:
         knobs = _Knobs(jnp.int32(eos), jnp.bool_(stop_at_eos), temp, top_k, top_p)
         prefill_args = (jnp.asarray(ids), jnp.asarray(lens_b), jnp.asarray(end_b), jnp.asarray(active),
                         jnp.uint32(int(seed) & 0xFFFFFFFF))
-        (pre, dec), stats.compile_s = _executables(graphdef, (Bb, Pb, S, sampling.greedy, sampling.filtered),
+        (pre, dec), stats.compile_s = _executables(graphdef, (Bb, Pb, S, sampling.greedy, sampling.filtered, spec),
                                                    params, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 
@@ -378,6 +551,9 @@ class Generator:
                 state = dec(params, state, jnp.int32(min(int(steps) + chunk, max_steps)), knobs)
         stats.decode_s = time.perf_counter() - t1
         stats.steps = int(steps)
+        if spec:
+            drafted, accepted = jax.device_get((state.drafted_B, state.accepted_B))
+            stats.drafted, stats.accepted = int(drafted[:B].sum()), int(accepted[:B].sum())
 
         results = []
         for r, p in enumerate(prompts):

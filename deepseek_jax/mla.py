@@ -40,6 +40,24 @@ def _einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
+def _mla_decode_ref_multi(q_lat_BTHL, q_pe_BTHR, cache_BSC, lengths_BT, scale: float, L: int) -> jax.Array:
+    """``kernels_pallas.mla_decode_ref`` for ``T`` queries per row at once (query ``t`` of row
+    ``b`` sees cache positions ``< lengths[b, t]``): the same float32 operations in the same
+    order, with a query axis. ``[B, T, H, L]`` float32."""
+    f32, hp = jnp.float32, jax.lax.Precision.HIGHEST
+    c_BSL = cache_BSC[..., :L].astype(f32)
+    kpe_BSR = cache_BSC[..., L:].astype(f32)
+    s = (jnp.einsum("bthl,bsl->bths", q_lat_BTHL.astype(f32), c_BSL, precision=hp)
+         + jnp.einsum("bthr,bsr->bths", q_pe_BTHR.astype(f32), kpe_BSR, precision=hp)) * scale
+    valid_BTS = jnp.arange(cache_BSC.shape[1])[None, None, :] < lengths_BT[:, :, None]
+    s = jnp.where(valid_BTS[:, :, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    return jnp.einsum("bths,bsl->bthl", p, c_BSL, precision=hp)
+
+
 def write_cache(cache_BSC: jax.Array, new_BTC: jax.Array, pos_BT: jax.Array) -> jax.Array:
     """Writes each row's new latent entries at that row's positions (out-of-range writes drop)."""
     b = jnp.arange(cache_BSC.shape[0])[:, None]
@@ -119,16 +137,21 @@ class MLA(nnx.Module):
             if cache_BSC is None:
                 raise ValueError("absorbed attention needs a cache")
             q_lat = _einsum32("bthn,hnl->bthl", q_nope, w_kvb[:, :N]).astype(dtype)
-            if q_lat.shape[1] <= _KERNEL_MAX_NEW:
+            T = q_lat.shape[1]
+            if T <= _KERNEL_MAX_NEW:
                 # One new token per row (decode), or a few (speculative verification): the MLA
-                # decode kernel (jnp reference on CPU) once per new token, each query seeing the
-                # cache up to its own position. A verified token is then computed exactly like the
-                # same token in plain decoding.
-                o_lat = jnp.stack([
-                    kernels_pallas.mla_decode(q_lat[:, t], q_pe[:, t], cache_BSC,
-                                              jnp.minimum(pos_BT[:, t] + 1, cache_BSC.shape[1]),
-                                              scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels)
-                    for t in range(q_lat.shape[1])], axis=1).astype(dtype)
+                # decode kernel, each query seeing the cache up to its own position, so that a
+                # verified token is computed like the same token in plain decoding. On the jnp
+                # reference backend (CPU) the T queries go through one batched copy of the
+                # reference's formula; on GPU/TPU the kernel runs once per new token.
+                lengths_BT = jnp.minimum(pos_BT + 1, cache_BSC.shape[1])
+                if T == 1 or kernels_pallas.backend.split_impl(self.prec.kernels)[0] != "ref":
+                    o_lat = jnp.stack([
+                        kernels_pallas.mla_decode(q_lat[:, t], q_pe[:, t], cache_BSC, lengths_BT[:, t],
+                                                  scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels)
+                        for t in range(T)], axis=1).astype(dtype)
+                else:
+                    o_lat = _mla_decode_ref_multi(q_lat, q_pe, cache_BSC, lengths_BT, self.scale, L).astype(dtype)
             else:  # several new tokens (chunked prefill over an existing cache)
                 c, k_pe = cache_BSC[..., :L].astype(dtype), cache_BSC[..., L:].astype(dtype)
                 s = (_einsum32("bthl,bsl->bhts", q_lat, c)

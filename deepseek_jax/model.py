@@ -183,6 +183,14 @@ class DeepSeekV3(nnx.Module):
                     cache_BSC: jax.Array | None = None, absorbed: bool = False):
         """MTP logits: row i combines ``hidden[i]`` with the embedding of token ``i+1``
         (``next_ids[i]``) and predicts token ``i+2``. Returns ``(logits [B,T,V], cache, stats)``."""
+        x, cache_BSC, stats = self.mtp_hidden(hidden_BTD, next_ids_BT, pos_BT, cache_BSC=cache_BSC,
+                                              absorbed=absorbed)
+        return self.mtp_head(x), cache_BSC, stats
+
+    def mtp_hidden(self, hidden_BTD: jax.Array, next_ids_BT: jax.Array, pos_BT: jax.Array | None = None, *,
+                   cache_BSC: jax.Array | None = None, absorbed: bool = False):
+        """:meth:`mtp_forward` up to the head: ``(shared_head.norm(x) [B,T,D], cache, stats)`` (a
+        generator applies :meth:`mtp_head` to the rows it needs only)."""
         if self.mtp is None:
             raise ValueError("this model has no MTP module")
         m, dtype = self.mtp, self.prec.dtype
@@ -192,8 +200,11 @@ class DeepSeekV3(nnx.Module):
         e = m.enorm(m.embed_tokens(next_ids_BT, dtype))
         x = m.eh_proj(jnp.concatenate([e, m.hnorm(hidden_BTD)], axis=-1))
         x, cache_BSC, stats = m(x, pos_BT, self.rope, cache_BSC, absorbed)
-        logits = m.shared_head.head(m.shared_head.norm(x), dtype)
-        return logits, cache_BSC, stats
+        return m.shared_head.norm(x), cache_BSC, stats
+
+    def mtp_head(self, x_BTD: jax.Array) -> jax.Array:
+        """Float32 MTP logits of :meth:`mtp_hidden` rows."""
+        return self.mtp.shared_head.head(x_BTD, self.prec.dtype)
 
     def mtp_logits(self, ids_BT: jax.Array, hidden_BTD: jax.Array) -> jax.Array:
         """``[B, T-1, V]``: row i predicts token i+2 of ``ids`` (training / scoring)."""

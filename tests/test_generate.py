@@ -9,6 +9,7 @@ shared across generators (the CLI calls reuse the ones the engine tests compiled
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -262,11 +263,26 @@ def demo(tmp_path_factory):
 
 
 def test_demo_end_to_end(demo):
+    from deepseek_jax.commands.demo import DEFAULT_PROMPTS
+
     d, out = demo
-    assert "tokens/s" in out and out.count(">>> ") == 2
-    assert demo_checkpoint(d) == d          # reused, not rebuilt
+    assert "tokens/s" in out and out.count(">>> ") == len(DEFAULT_PROMPTS)
+    assert f"{len(DEFAULT_PROMPTS)}/{len(DEFAULT_PROMPTS)} additions right" in out   # the trained model
+    assert demo_checkpoint(d) == d          # reused, not copied again
     tok = Tokenizer.from_dir(d)
-    assert tok.chat_template and dj.load_config(d).vocab_size == 512
+    assert tok.chat_template and dj.load_config(d).vocab_size == dj.load_config(demo_checkpoint()).vocab_size
+
+
+def test_demo_dir_semantics(demo, tmp_path, capsys):
+    d, _ = demo
+    assert demo_checkpoint() != d and os.path.isfile(os.path.join(demo_checkpoint(), "config.json"))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "demo", "--dir", junk)
+    assert_one_line_error(code, err, command="demo", contains="pick another --dir")
+    code, out, _ = run_cli(capsys, "demo", "--dir", d, "--prompt", "12+30", "--speculative", "mtp")
+    assert code == 0 and "\n42  [correct]" in out and "drafts accepted" in out
 
 
 def test_cli_generate_text_json_and_input_file(demo, tmp_path, capsys):
@@ -279,7 +295,7 @@ def test_cli_generate_text_json_and_input_file(demo, tmp_path, capsys):
                            "--json")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
-    assert len(rows) == 2
+    assert len(rows) == len(DEFAULT_PROMPTS)
     tok = Tokenizer.from_dir(d)
     for row, text in zip(rows, DEFAULT_PROMPTS):
         assert row["prompt_ids"] == tok.encode_chat([{"role": "user", "content": text}])

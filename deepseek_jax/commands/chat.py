@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             prompt = tokenizer.encode_chat(messages)
             result = gen.generate([prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                  seed=args.seed + turn, stream=stream)[0]
+                                  seed=args.seed + turn, stream=stream, speculative=args.speculative)[0]
         except DeepSeekError as e:
             print(f"deepseek-jax chat: error: {e}", file=sys.stderr)
             continue

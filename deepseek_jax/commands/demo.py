@@ -1,88 +1,100 @@
-"""``deepseek-jax demo``: the main job on an embedded default, no downloads.
+"""``deepseek-jax demo``: a small trained DeepSeek-V3-shaped model that the package ships, no downloads.
 
-Builds (once, deterministically) a small DeepSeek-V3-shaped FP8 checkpoint in the Hub layout
-with the package's tiny tokenizer, then generates from a couple of chat prompts and prints
-them with tokens/s. The model is random for now, so the text is gibberish: the point is the
-whole path (Hub reader, FP8 weights, MLA latent cache, MoE, compiled decode loop, tokenizer and
-chat template). Where the model comes from is :func:`demo_checkpoint` alone, so that a trained
-model can replace the random one by changing that function.
+The model (``deepseek_jax/assets/demo_model/``, Hub layout, FP8 128x128 block weights, ~0.6 MB) has
+DeepSeek-V3's architecture at toy width: MLA with q-LoRA and YaRN, 1 dense + 2 MoE layers with
+group-limited routing (8 routed experts in 4 groups, 2 groups kept, 2 experts per token) and a shared
+expert, and one MTP layer. ``deepseek-jax train`` trained it from scratch on ``synthetic:addition``
+(1-3 digit operands, chat format, a per-digit byte tokenizer); the converter's ``convert`` + ``export
+--dtype fp8`` wrote it. ``tools/make_demo_model.sh`` holds the exact commands. The demo asks it a few
+additions that were held out of training (``tasks.py`` holds one problem in ten out) and checks the
+answers; ``--speculative mtp`` lets its MTP layer draft for the main model.
+
+Where the model comes from is :func:`demo_checkpoint` alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 from deepseek_jax.commands.generate import add_sampling_args, load_generator, sampling_from_args, timing_line
 from deepseek_jax.errors import DeepSeekError
 
-DEFAULT_PROMPTS = ("Hello! Who are you?", "Write a short poem about the sea.")
+#: The shipped model (package data).
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
+#: The task it was trained on (``tasks.make_dataset`` spec).
+DEMO_TASK = "synthetic:addition:digits=3"
+#: Held-out problems of that task (never drawn for training: ``tasks._heldout`` is true for each).
+DEFAULT_PROMPTS = ("846+483", "50+563", "760+792", "98+96", "7+183", "949+412")
 
-#: Bump when the demo model changes: an existing cache directory with another stamp is rebuilt.
-DEMO_VERSION = 1
+#: Bump when the demo model changes: a ``--dir`` copy with another stamp is replaced.
+DEMO_VERSION = 2
 _STAMP = "deepseek_jax_demo.json"
+_ADDITION = re.compile(r"^\s*(\d{1,18})\s*\+\s*(\d{1,18})\s*$")
 
 
-def demo_config() -> dict:
-    """DeepSeek-V3's shape at small width: MLA with q-LoRA and YaRN, 1 dense + 3 MoE layers with
-    grouped routing (32 experts in 8 groups, 4 groups kept, 4 experts per token, 1 shared), one
-    MTP layer, vocab 512 (the tiny tokenizer's)."""
-    from deepseek_jax.synthetic import tiny_config
-
-    return tiny_config(
-        vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8,
-        n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=8, topk_group=4,
-        q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        max_position_embeddings=2048,
-        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 512,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    )
+def shipped_dir() -> str:
+    """The directory of the shipped demo model (an error if the package was installed without it)."""
+    if not (SHIPPED_DIR / "config.json").is_file():
+        raise DeepSeekError(f"the package's demo model is missing ({SHIPPED_DIR}); rebuild it with "
+                            "tools/make_demo_model.sh")
+    return str(SHIPPED_DIR)
 
 
-def default_demo_dir() -> str:
-    root = os.environ.get("DEEPSEEK_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "deepseek_jax")
-    return os.path.join(root, "demo")
+def _stamp() -> dict:
+    src = Path(shipped_dir())
+    files = {}
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name != _STAMP:
+            files[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return {"version": DEMO_VERSION, "source": "deepseek_jax/assets/demo_model", "files": files}
 
 
 def demo_checkpoint(directory: str | None = None) -> str:
-    """The demo model as a Hub-layout checkpoint directory (with tokenizer files); built on first
-    use, reused afterwards. This is the one place that decides where the demo model comes from."""
-    from deepseek_jax.synthetic import random_hub_checkpoint
-    from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
+    """The demo model as a Hub-layout checkpoint directory (with tokenizer files).
 
-    directory = os.path.abspath(directory or default_demo_dir())
-    stamp = {"version": DEMO_VERSION, "source": "random_hub_checkpoint", "seed": 0, "config": demo_config()}
+    Without ``directory``: the shipped model's own directory (read-only use). With one: that
+    directory, which receives a copy of the shipped model when it is absent or empty (or holds an
+    older demo copy), is reused when it holds this copy, and is used as it is when it holds another
+    Hub checkpoint with a tokenizer (for example a rebuild by ``tools/make_demo_model.sh``).
+    """
+    if directory is None:
+        return shipped_dir()
+    directory = os.path.abspath(directory)
     stamp_path = os.path.join(directory, _STAMP)
     if os.path.isfile(stamp_path):
         try:
             with open(stamp_path, encoding="utf-8") as f:
-                if json.load(f) == stamp:
+                if json.load(f) == _stamp():
                     return directory
         except (OSError, ValueError):
             pass
     elif os.path.isdir(directory) and os.listdir(directory):
-        raise DeepSeekError(f"demo: {directory} is not empty and holds no demo checkpoint; pick another --dir")
+        if all(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "tokenizer.json")):
+            return directory
+        raise DeepSeekError(f"demo: {directory} is not empty and holds no checkpoint with a tokenizer; "
+                            "pick another --dir")
     parent = os.path.dirname(directory)
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".demo-build-", dir=parent)
+        tmp = tempfile.mkdtemp(prefix=".demo-copy-", dir=parent)
     except OSError as e:
         raise DeepSeekError(f"demo: cannot create a directory under {parent}: {e.strerror or e}") from None
     try:
-        print(f"building the demo checkpoint in {directory} ...", file=sys.stderr)
-        random_hub_checkpoint(tmp, stamp["config"], seed=stamp["seed"], fp8=True)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copyfile(TINY_TOKENIZER_DIR / name, os.path.join(tmp, name))
+        stamp = _stamp()
+        for name in stamp["files"]:
+            shutil.copyfile(os.path.join(shipped_dir(), name), os.path.join(tmp, name))
         with open(os.path.join(tmp, _STAMP), "w", encoding="utf-8") as f:
             json.dump(stamp, f, indent=1)
         if os.path.isdir(directory):
-            shutil.rmtree(directory)   # empty, or an older demo build (it has our stamp)
+            shutil.rmtree(directory)   # empty, or an older demo copy (it has our stamp)
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,13 +102,23 @@ def demo_checkpoint(directory: str | None = None) -> str:
     return directory
 
 
+def expected_answer(prompt: str) -> str | None:
+    """The right answer to an ``a+b`` prompt, else None."""
+    m = _ADDITION.match(prompt)
+    return str(int(m.group(1)) + int(m.group(2))) if m else None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate with a small built-in DeepSeek-V3-shaped model (no downloads)",
-                       description="Builds a small DeepSeek-V3-shaped FP8 checkpoint (once, deterministically) "
-                                   "and generates from a few chat prompts, printing tokens/s.")
-    p.add_argument("--dir", help=f"where the demo checkpoint lives (default {default_demo_dir()})")
-    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt instead of the defaults (repeatable)")
-    add_sampling_args(p, max_new_tokens=48)
+                       description="Runs the small DeepSeek-V3-shaped FP8 model the package ships (trained by "
+                                   "`deepseek-jax train` on 1-3 digit addition) on held-out additions, checking "
+                                   "its answers and printing tokens/s.")
+    p.add_argument("--dir", help="run the demo checkpoint in DIR instead of the shipped one: an empty or absent "
+                                 "DIR gets a copy of the shipped model, a DIR holding a checkpoint (e.g. a rebuild "
+                                 "by tools/make_demo_model.sh) is used as it is")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt such as 123+45 instead of the defaults (repeatable)")
+    add_sampling_args(p, max_new_tokens=8, temperature=0.0)
     p.set_defaults(func=run)
 
 
@@ -107,12 +129,30 @@ def run(args: argparse.Namespace) -> int:
     from deepseek_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(ckpt)
-    gen = load_generator(ckpt, args.dtype, tokenizer)
-    cfg = gen.model.cfg
-    print(f"demo model: {ckpt} (random weights, DeepSeek-V3 shape: {cfg.num_hidden_layers} layers, "
-          f"hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts, FP8 128x128 blocks, vocab {cfg.vocab_size})")
-    results = gen.generate_text(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    gen = load_generator(ckpt, args.dtype, tokenizer, args)
+    from deepseek_jax.config import DeepSeekConfig
+
+    cfg = DeepSeekConfig.from_json_file(ckpt)   # the checkpoint's (the CPU generator dequantizes FP8)
+    print(f"demo model: {ckpt}\n  DeepSeek-V3 shape: {cfg.num_hidden_layers} layers ({cfg.num_dense_layers} dense + "
+          f"{cfg.num_moe_layers} MoE), hidden {cfg.hidden_size}, MLA (q-LoRA {cfg.q_lora_rank}, latent "
+          f"{cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}), {cfg.n_routed_experts} routed experts in {cfg.n_group} "
+          f"groups ({cfg.topk_group} kept, {cfg.num_experts_per_tok} per token) + {cfg.n_shared_experts} shared, "
+          f"{cfg.num_nextn_predict_layers} MTP layer, {'FP8 128x128 blocks' if cfg.fp8 else 'BF16'}, "
+          f"vocab {cfg.vocab_size}\n  trained by `deepseek-jax train` on {DEMO_TASK} "
+          f"(tools/make_demo_model.sh); default prompts are held out of training")
+    results = gen.generate_text(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                                speculative=args.speculative)
+    right = checked = 0
     for text, r in zip(prompts, results):
-        print(f"\n>>> {text}\n{r.text}\n[{len(r.output_ids)} tokens, {r.finish_reason}]")
+        want = expected_answer(text)
+        mark = ""
+        if want is not None:
+            checked += 1
+            ok = r.text.strip() == want
+            right += ok
+            mark = "  [correct]" if ok else f"  [wrong: {want}]"
+        print(f"\n>>> {text}\n{r.text}{mark}")
+    if checked:
+        print(f"\n{right}/{checked} additions right")
     print("\n" + timing_line(gen.last_stats))
     return 0

@@ -30,6 +30,10 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, 
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same samples")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--speculative", choices=("mtp",), default=None,
+                   help="speculative decoding: 'mtp' loads the checkpoint's MTP layer, which drafts one token "
+                        "ahead for the main model to verify (greedy output unchanged; sampling keeps the "
+                        "same distribution)")
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -70,13 +74,26 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
             sys.stdout = open(os.devnull, "w")
             sys.stderr = open(os.devnull, "w")
     rules = getattr(args, "rules", "ep_tp")
-    return Generator(dj.load(ckpt, dtype=dtype, mtp=False, mesh=mesh, rules=rules), tokenizer)
+    spec = getattr(args, "speculative", None) == "mtp"
+    try:
+        model = dj.load(ckpt, dtype=dtype, mtp=spec, mesh=mesh, rules=rules)
+    except DeepSeekError as e:
+        if spec and "no MTP layer" in str(e):
+            raise DeepSeekError(f"--speculative mtp: {ckpt} has no MTP layer to draft with "
+                                "(num_nextn_predict_layers = 0 or its tensors are missing)") from None
+        raise
+    return Generator(model, tokenizer)
 
 
 def timing_line(stats) -> str:
     compile_part = f", compile {stats.compile_s:.1f} s" if stats.compile_s else ""
+    spec_part = ""
+    if stats.speculative:
+        rate = stats.acceptance_rate
+        spec_part = (f", speculative {stats.speculative}: {stats.accepted}/{stats.drafted} drafts accepted"
+                     + (f" ({rate:.0%})" if rate is not None else "") + f", {stats.steps} steps")
     return (f"[{stats.new_tokens} tokens in {stats.prefill_s + stats.decode_s:.2f} s: "
-            f"{stats.tokens_per_s:,.1f} tokens/s, batch {stats.batch}{compile_part}]")
+            f"{stats.tokens_per_s:,.1f} tokens/s, batch {stats.batch}{compile_part}{spec_part}]")
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -146,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = _encode(tokenizer, texts, args.chat)
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-              stop_at_eos=not args.ignore_eos)
+              stop_at_eos=not args.ignore_eos, speculative=args.speculative)
 
     if len(prompts) == 1 and not args.json:
         decoder = tokenizer.stream_decoder() if tokenizer else None
