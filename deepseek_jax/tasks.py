@@ -26,6 +26,8 @@ This module does not import jax.
 
 from __future__ import annotations
 
+import abc
+
 import os
 import zlib
 from typing import NamedTuple, Protocol
@@ -80,21 +82,22 @@ def _heldout(key: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-class SyntheticTask:
+class SyntheticTask(abc.ABC):
     """A problem generator: ``sample(rng) -> (prompt, answer)`` strings."""
 
     name = "?"
 
+    @abc.abstractmethod
     def sample(self, rng: np.random.Generator) -> tuple[str, str]:
-        raise NotImplementedError
+        """One random problem: (prompt, answer)."""
 
+    @abc.abstractmethod
     def max_chars(self) -> tuple[int, int]:
         """Upper bounds on (prompt, answer) lengths in characters."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def solve(self, prompt: str) -> str:
         """The correct answer of a prompt (for exact-match evaluation)."""
-        raise NotImplementedError
 
 
 class Addition(SyntheticTask):
