@@ -15,6 +15,8 @@ Rows are right-padded, so pad tokens sit after every real token and are never vi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -38,24 +40,6 @@ def _einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     if jax.default_backend() == "cpu":
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-
-
-def _mla_decode_ref_multi(q_lat_BTHL, q_pe_BTHR, cache_BSC, lengths_BT, scale: float, L: int) -> jax.Array:
-    """``kernels_pallas.mla_decode_ref`` for ``T`` queries per row at once (query ``t`` of row
-    ``b`` sees cache positions ``< lengths[b, t]``): the same float32 operations in the same
-    order, with a query axis. ``[B, T, H, L]`` float32."""
-    f32, hp = jnp.float32, jax.lax.Precision.HIGHEST
-    c_BSL = cache_BSC[..., :L].astype(f32)
-    kpe_BSR = cache_BSC[..., L:].astype(f32)
-    s = (jnp.einsum("bthl,bsl->bths", q_lat_BTHL.astype(f32), c_BSL, precision=hp)
-         + jnp.einsum("bthr,bsr->bths", q_pe_BTHR.astype(f32), kpe_BSR, precision=hp)) * scale
-    valid_BTS = jnp.arange(cache_BSC.shape[1])[None, None, :] < lengths_BT[:, :, None]
-    s = jnp.where(valid_BTS[:, :, None, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    return jnp.einsum("bths,bsl->bthl", p, c_BSL, precision=hp)
 
 
 def write_cache(cache_BSC: jax.Array, new_BTC: jax.Array, pos_BT: jax.Array) -> jax.Array:
@@ -151,7 +135,9 @@ class MLA(nnx.Module):
                                                   scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels)
                         for t in range(T)], axis=1).astype(dtype)
                 else:
-                    o_lat = _mla_decode_ref_multi(q_lat, q_pe, cache_BSC, lengths_BT, self.scale, L).astype(dtype)
+                    ref_T = jax.vmap(functools.partial(kernels_pallas.mla_decode_ref, scale=self.scale,
+                                                       kv_lora_rank=L), in_axes=(1, 1, None, 1), out_axes=1)
+                    o_lat = ref_T(q_lat, q_pe, cache_BSC, lengths_BT).astype(dtype)
             else:  # several new tokens (chunked prefill over an existing cache)
                 c, k_pe = cache_BSC[..., :L].astype(dtype), cache_BSC[..., L:].astype(dtype)
                 s = (_einsum32("bthl,bsl->bhts", q_lat, c)
