@@ -92,15 +92,16 @@ def timed(fn, *args, reps: int = 5):
 
 def hbm_bandwidth(nbytes: int) -> float:
     """Bytes/s of an on-device copy (read + write) of ``nbytes``, measured now."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(2), (nbytes // 4,), jnp.float32)
     f = jax.jit(lambda a: a * 1.0001)
     return 2 * x.nbytes / timed(f, x)
 
 
 def fp8_dot_flops(small: bool) -> float:
     m, k, n = (256, 256, 256) if small else (8192, 8192, 8192)
-    a = jnp.ones((m, k), jnp.float8_e4m3fn)
-    b = jnp.ones((k, n), jnp.float8_e4m3fn)
+    ka, kb = jax.random.split(jax.random.PRNGKey(1))  # random data: zeros and ones time faster
+    a = jax.random.normal(ka, (m, k), jnp.bfloat16).astype(jnp.float8_e4m3fn)
+    b = jax.random.normal(kb, (k, n), jnp.bfloat16).astype(jnp.float8_e4m3fn)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
     return 2 * m * n * k / timed(f, a, b)
 
@@ -144,20 +145,28 @@ def bench_decode(cfg, model, batch: int, context: int, key):
 
 
 def bench_prefill(cfg, model, tokens: int, chunk: int):
+    """One prompt of ``tokens``: the first ``chunk`` by the naive form, the rest chunk by chunk over
+    the latent cache (absorbed form) in a ``fori_loop``, so one compiled chunk serves any length."""
     graphdef, state = nnx.split(model)
     cache = LatentCache.zeros(cfg, 1, tokens, jnp.bfloat16)
     ids = jnp.ones((1, tokens), jnp.int32)
+    n = tokens // chunk
 
     @jax.jit
     def prefill(state, cache, ids):
         m = nnx.merge(graphdef, state)
         out = m(ids[:, :chunk], cache=cache, logits=False)
-        cache = out.cache
-        for s in range(chunk, tokens, chunk):  # later chunks attend over the cache (absorbed form)
-            pos = jnp.arange(s, s + chunk, dtype=jnp.int32)[None]
-            out = m(ids[:, s:s + chunk], pos, cache=cache, absorbed=True, logits=False)
-            cache = out.cache
-        return out.hidden[:, -1]
+
+        def body(i, carry):
+            cache, _ = carry
+            s = i * chunk
+            pos = (s + jnp.arange(chunk, dtype=jnp.int32))[None]
+            o = m(jax.lax.dynamic_slice_in_dim(ids, s, chunk, axis=1), pos, cache=cache, absorbed=True,
+                  logits=False)
+            return o.cache, o.hidden[:, -1]
+
+        _, h = jax.lax.fori_loop(1, n, body, (out.cache, out.hidden[:, -1]))
+        return h
 
     return timed(prefill, state, cache, ids, reps=2)
 
@@ -174,13 +183,17 @@ def hf_decode_ms(cfg: DeepSeekConfig, batches, context: int, small: bool):
     hcfg = DeepseekV3Config(**d)
     kw = {} if small else {"experts_implementation": "grouped_mm"}
     with torch.device(dev):
-        model = DeepseekV3ForCausalLM._from_config(hcfg, torch_dtype=torch.bfloat16, **kw).eval()
+        try:
+            model = DeepseekV3ForCausalLM._from_config(hcfg, torch_dtype=torch.bfloat16, **kw).eval()
+        except (TypeError, ValueError):  # an older transformers without grouped_mm experts
+            model = DeepseekV3ForCausalLM._from_config(hcfg, torch_dtype=torch.bfloat16).eval()
     out = {}
     for b in batches:
         ids = torch.randint(0, cfg.vocab_size, (b, context), device=dev)
         with torch.no_grad():
             cache = DynamicCache(config=hcfg)
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            for s in range(0, context, 1024):  # fill the cache in chunks (bounded attention memory)
+                model(input_ids=ids[:, s:s + 1024], past_key_values=cache, use_cache=True)
             tok = ids[:, -1:]
             ts = []
             for _ in range(6):
@@ -200,7 +213,11 @@ def run_hf_peer(argv) -> dict[int, float]:
     """The HF peer in a subprocess (before this process touches the accelerator)."""
     import subprocess
     args = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]), "--hf-only"]
-    r = subprocess.run(args, capture_output=True, text=True)
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=float(os.environ.get("HF_PEER_TIMEOUT", 150)))
+    except subprocess.TimeoutExpired:
+        print("# HF peer timed out")
+        return {}
     if r.returncode != 0:
         print(f"# HF peer failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         return {}
@@ -215,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=None, help="cache length (default 4096; small: 64)")
     ap.add_argument("--prefill", default=None, help="prompt lengths (default 4096,32768; small: 32,64)")
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 4096; small: 32)")
+    ap.add_argument("--long-chunk", type=int, default=None,
+                    help="chunk for prompts over 8192 tokens (default 1024: bounds the absorbed scores)")
+    ap.add_argument("--hf-batches", default=None, help="HF peer batch sizes (default 1,16; small: 1,4)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
@@ -224,9 +244,11 @@ def main(argv=None) -> int:
     context = a.context or (64 if small else 4096)
     prefills = [int(x) for x in (a.prefill or ("32,64" if small else "4096,32768")).split(",")]
     chunk = a.chunk or (32 if small else 4096)
+    long_chunk = a.long_chunk or (16 if small else 1024)
+    hf_batches = [int(x) for x in (a.hf_batches or ("1,4" if small else "1,16")).split(",")]
     cfg = bench_config(a.layers, small)
     if a.hf_only:  # runs in its own process: torch and XLA would otherwise fight over GPU memory
-        print(json.dumps(hf_decode_ms(cfg, batches, context, small)))
+        print(json.dumps(hf_decode_ms(cfg, hf_batches, context, small)))
         return 0
     hf = {} if a.no_hf else run_hf_peer(argv)
     key = jax.random.PRNGKey(0)
@@ -237,6 +259,13 @@ def main(argv=None) -> int:
     print(f"# measured: copy bandwidth {bw / 1e12:.2f} TB/s, fp8 dot {flops / 1e12:.1f} TFLOP/s")
     model = random_model(cfg, key)
     rows = []
+
+    def save():  # after every row, so a run cut short still leaves what it measured
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(date=str(datetime.date.today()), jax=jax.__version__,
+                               device=jax.devices()[0].device_kind, bandwidth=bw, fp8_flops=flops,
+                               hf_ms=hf, rows=rows), f, indent=1)
     print(f"{'what':<26}{'time':>12}{'tok/s':>12}{'roofline':>12}{'x roofline':>12}{'HF ms':>10}{'vs HF':>8}")
     for b in batches:
         t = bench_decode(cfg, model, b, context, key)
@@ -244,6 +273,7 @@ def main(argv=None) -> int:
         h = hf.get(b)
         rows.append(dict(kind="decode", batch=b, context=context, ms=t * 1e3, tok_s=b / t, roofline_ms=roof * 1e3,
                          hf_ms=h))
+        save()
         print(f"{'decode B=%d ctx=%d' % (b, context):<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
               f"{t / roof:>12.2f}{(h or float('nan')):>10.2f}{(h / 1e3 / t if h else float('nan')):>8.1f}")
     active = (cfg.num_hidden_layers * (cfg.hidden_size * cfg.hidden_size * 6)  # rough attention share
@@ -251,14 +281,11 @@ def main(argv=None) -> int:
                  * 3 * cfg.hidden_size * cfg.moe_intermediate_size)
               + cfg.num_dense_layers * 3 * cfg.hidden_size * cfg.intermediate_size)
     for T in prefills:
-        t = bench_prefill(cfg, model, T, min(chunk, T))
+        t = bench_prefill(cfg, model, T, min(chunk if T <= 8192 else long_chunk, T))
         roof = 2 * active * T / flops
         rows.append(dict(kind="prefill", tokens=T, s=t, tok_s=T / t, roofline_s=roof))
+        save()
         print(f"{'prefill T=%d' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(date=str(datetime.date.today()), jax=jax.__version__, bandwidth=bw, fp8_flops=flops,
-                           rows=rows), f, indent=1)
     return 0
 
 

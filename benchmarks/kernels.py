@@ -145,6 +145,8 @@ def measure(rows, shape, method, fn, args, *, flops, nbytes, reps, check=None, n
         if os.environ.get("BENCH_TRACEBACK"):
             traceback.print_exc()
     rows.append(row)
+    print(f"  row {shape} | {method} | " + (f"failed: {row.failed}" if row.failed else
+          f"{row.ms:.4f} ms  {row.tflops:.1f} TFLOP/s  {row.gbps:.0f} GB/s  err {row.err}  {note}"), flush=True)
     return row
 
 

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything a session with a lent H200 checks, in ONE device call (issues 6 and 9):
+#
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=590)
+#
+# No installs: the machine's own python3 (jax 0.11.2 + CUDA, torch, transformers, pytest).  Steps run
+# in order of importance, each under its own time limit, all under one deadline ($GPU_BUDGET_S, default
+# 575 s); a step that fails does not stop the next.  Everything printed lands in $OUT/session.log, the
+# tables in $OUT/*.json (5 files: the device tool returns at most 8), so a run cut short still returns
+# what it measured.
+#   1. environment          2. compiled-kernel tests against the references
+#   3-5. benchmarks/kernels.py: dense FP8 GEMM, grouped GEMM, MLA decode (SPEC §11 shapes)
+#   6. benchmarks/e2e_gpu.py: real-width 1 dense + 3 MoE layers, decode/prefill vs roofline and HF;
+#      if it fails with the Pallas kernels, once more with DEEPSEEK_JAX_KERNELS=ref (the jnp paths).
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+PY=${PY:-python3}
+SMALL=${SMALL:+--small}  # SMALL=1: tiny shapes, a CPU dry run of this script
+OUT_DIR=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/session.log"
+DEADLINE=$((SECONDS + ${GPU_BUDGET_S:-575}))
+SUMMARY=()
+
+step() {  # step NAME SECONDS CMD...   (limit clipped to the deadline)
+    local name=$1 secs=$2
+    shift 2
+    local left=$((DEADLINE - SECONDS))
+    ((secs > left)) && secs=$left
+    if ((secs < 15)); then SUMMARY+=("$name: skipped (deadline)"); return 99; fi
+    echo "=== $name (limit ${secs} s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout --kill-after=5 "$secs" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    SUMMARY+=("$name: rc=$rc ($((SECONDS - t0)) s)$([ "$rc" = 124 ] && echo ' TIMED OUT')")
+    return "$rc"
+}
+
+step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; \
+    $PY -c 'import jax, jaxlib, flax, torch, transformers; print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"flax\", flax.__version__, \"torch\", torch.__version__, \"transformers\", transformers.__version__, jax.devices())'"
+step tests 75 "$PY" -m pytest tests/test_kernels.py -q -x -p no:cacheprovider -rs -W "ignore::DeprecationWarning" \
+    -k "pallas_gpu or compiled or backend"
+step bench_dense 85 "$PY" benchmarks/kernels.py $SMALL --only dense --json "$OUT_DIR/bench_dense.json"
+step bench_grouped 100 "$PY" benchmarks/kernels.py $SMALL --only grouped --json "$OUT_DIR/bench_grouped.json"
+step bench_mla 35 "$PY" benchmarks/kernels.py $SMALL --only mla --json "$OUT_DIR/bench_mla.json"
+if ! step e2e 260 "$PY" benchmarks/e2e_gpu.py $SMALL --json "$OUT_DIR/e2e.json"; then
+    DEEPSEEK_JAX_KERNELS=ref step e2e_ref 200 "$PY" benchmarks/e2e_gpu.py $SMALL --no-hf --json "$OUT_DIR/e2e_ref.json"
+fi
+
+{
+    echo
+    echo "=== gpu_session summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS} s) ==="
+    for s in "${SUMMARY[@]}"; do echo "  $s"; done
+} | tee -a "$LOG"
