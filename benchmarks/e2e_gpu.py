@@ -114,8 +114,9 @@ def step_bytes(cfg: DeepSeekConfig, model, batch: int, context: int, touched_exp
         nb = math.prod(v.shape) * np.dtype(v.dtype).itemsize
         p = [str(x) for x in path]
         if "experts" in p and "shared_experts" not in p:
-            expert += nb
-        elif p[0] == "embed_tokens":
+            expert += nb  # counted below, only the experts the batch routes to
+            continue
+        if p[0] == "embed_tokens":
             nb = batch * cfg.hidden_size * 2  # only the looked-up rows
         total += nb
     frac = touched_experts / cfg.n_routed_experts

@@ -57,12 +57,12 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fp8=cfg.fp8, prec=prec, rngs=rngs)
 
-    def __call__(self, h_BTD, pos_BT, rope: Rope, cache_BSC=None, absorbed=False):
+    def __call__(self, h_BTD, pos_BT, rope: Rope, cache_BSC=None, absorbed=False, layer_idx=None):
         a, cache_BSC = self.self_attn(self.input_layernorm(h_BTD), pos_BT, rope,
                                       cache_BSC=cache_BSC, absorbed=absorbed)
         h_BTD = h_BTD + a
         if self.moe:
-            f, stats = self.mlp(self.post_attention_layernorm(h_BTD))
+            f, stats = self.mlp(self.post_attention_layernorm(h_BTD), layer_idx)
         else:
             f, stats = self.mlp(self.post_attention_layernorm(h_BTD)), None
         return h_BTD + f, cache_BSC, stats
@@ -89,23 +89,60 @@ def _from_bytes(a):
     return jax.lax.bitcast_convert_type(a, jnp.float8_e4m3fn) if a.dtype == jnp.uint8 else a
 
 
+def _is_routed_expert(path, _value) -> bool:
+    return len(path) >= 2 and path[0] == "mlp" and path[1] == "experts"
+
+
+def experts_in_place(layers) -> bool:
+    """Whether :func:`_scan_layers` hands these MoE layers' experts to the grouped GEMM in place
+    (all layers' ``[L*E, ...]`` plus an offset) rather than as per-layer slices; see
+    ``Precision.experts_in_place``."""
+    moe = getattr(layers, "mlp", None)
+    if not isinstance(moe, MoE):
+        return False
+    from deepseek_jax import expert_parallel  # noqa: PLC0415 - avoid a cycle at import time
+    if moe.mesh is not None and expert_parallel.is_distributed(moe.mesh):
+        return False  # shard_map dispatch takes this device's experts of one layer
+    choice = moe.prec.experts_in_place
+    if choice is not None:
+        return choice
+    import kernels_pallas.backend as kb  # noqa: PLC0415
+    return kb.resolve_impl(moe.prec.kernels) in ("pallas_gpu", "pallas_tpu") and moe.experts.gate_proj.fp8
+
+
 def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False):
     """Runs stacked layers with ``lax.scan``; returns (h, updated cache, stacked stats)."""
-    graphdef, state = nnx.split(layers)
+    if experts_in_place(layers):
+        # The routed experts stay outside the scanned inputs: each step's slice of a scanned
+        # input feeding a custom call (the Pallas grouped GEMM) is materialized, i.e. a copy of
+        # the layer's experts per step. Flattened to [L*E, ...] (a free reshape), they are read in
+        # place at offset layer * E.
+        graphdef, experts, state = nnx.split(layers, _is_routed_expert, ...)
+        experts = jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), experts)
+    else:
+        graphdef, state = nnx.split(layers)
+        experts = None
+    n_layers = jax.tree.leaves(state)[0].shape[0]
     # FP8 weights cross the loop boundary as raw bytes and become e4m3 again per layer: XLA's
     # CPU backend otherwise widens every stacked f8 array to f16 before the loop (a copy of all
     # layers' weights at twice their size); on GPU/TPU the bitcasts are free.
     state = jax.tree.map(_to_bytes, state)
 
     def body(h, xs):
-        st, c = xs
-        layer = nnx.merge(graphdef, jax.tree.map(_from_bytes, st))
-        h, c, stats = layer(h, pos_BT, rope, c, absorbed)
+        st, c, i = xs
+        st = jax.tree.map(_from_bytes, st)
+        if experts is None:
+            layer = nnx.merge(graphdef, st)
+            h, c, stats = layer(h, pos_BT, rope, c, absorbed)
+        else:
+            layer = nnx.merge(graphdef, experts, st)
+            h, c, stats = layer(h, pos_BT, rope, c, absorbed, layer_idx=i)
         return h, (c, stats)
 
     if remat:
         body = jax.checkpoint(body)
-    h_BTD, (cache_LBSC, stats) = jax.lax.scan(body, h_BTD, (state, cache_LBSC))
+    h_BTD, (cache_LBSC, stats) = jax.lax.scan(
+        body, h_BTD, (state, cache_LBSC, jnp.arange(n_layers, dtype=jnp.int32)))
     return h_BTD, cache_LBSC, stats
 
 

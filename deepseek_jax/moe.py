@@ -93,14 +93,17 @@ class Experts(nnx.Module):
         return experts_apply(self.arrays(), x_MD, group_sizes_E, self.gate_proj.prec)
 
 
-def experts_apply(arrays: tuple, x_MD: jax.Array, group_sizes_E: jax.Array, prec: Precision) -> jax.Array:
+def experts_apply(arrays: tuple, x_MD: jax.Array, group_sizes_E: jax.Array, prec: Precision,
+                  expert_offset: jax.Array | None = None) -> jax.Array:
     """SwiGLU over rows sorted by expert, with (possibly local shards of) the stacked weights.
 
+    ``expert_offset``: the weights are several layers' experts ``[L*E, ...]`` and this layer's
+    start at that index (see ``Precision.experts_in_place``).
     Rows past ``sum(group_sizes)`` produce zeros (the grouped GEMM's contract)."""
     (wg, sg), (wu, su), (wd, sd) = arrays
-    h = jax.nn.silu(grouped_matmul(wg, sg, x_MD, group_sizes_E, prec))
-    h = h * grouped_matmul(wu, su, x_MD, group_sizes_E, prec)
-    return grouped_matmul(wd, sd, h, group_sizes_E, prec)
+    h = jax.nn.silu(grouped_matmul(wg, sg, x_MD, group_sizes_E, prec, expert_offset))
+    h = h * grouped_matmul(wu, su, x_MD, group_sizes_E, prec, expert_offset)
+    return grouped_matmul(wd, sd, h, group_sizes_E, prec, expert_offset)
 
 
 class MoE(nnx.Module):
@@ -114,14 +117,19 @@ class MoE(nnx.Module):
         self.mesh = None
         self.rules = None
 
-    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEStats]:
+    def __call__(self, x_BTD: jax.Array, layer_idx: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
+        """``layer_idx``: set when the experts hold all scanned layers' weights ``[L*E, ...]``
+        (``Precision.experts_in_place``); this layer's experts start at ``layer_idx * E``."""
         cfg, dtype = self.cfg, self.prec.dtype
         B, T, D = x_BTD.shape
         E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
         x_MD = x_BTD.reshape(B * T, D).astype(dtype)
         r = self.gate(x_MD, cfg)
 
-        if self.mesh is not None and expert_parallel.is_distributed(self.mesh):
+        if layer_idx is not None:
+            y_MD = local_moe(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec, E,
+                             expert_offset=layer_idx * E)
+        elif self.mesh is not None and expert_parallel.is_distributed(self.mesh):
             y_MD = expert_parallel.moe_apply(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec,
                                              self.mesh, self.rules, n_experts=E)
         else:
@@ -141,7 +149,7 @@ class MoE(nnx.Module):
 
 
 def local_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array, prec: Precision,
-              n_experts: int) -> jax.Array:
+              n_experts: int, expert_offset: jax.Array | None = None) -> jax.Array:
     """All experts on this device: sort the (token, expert) assignments by expert, gather rows,
     grouped GEMMs, weight, scatter-add back to tokens."""
     M, K = idx_MK.shape
@@ -149,7 +157,7 @@ def local_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
     order_A = jnp.argsort(expert_A, stable=True)
     token_A = order_A // K
     group_sizes_E = jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
-    y_AD = experts_apply(arrays, x_MD[token_A], group_sizes_E, prec)
+    y_AD = experts_apply(arrays, x_MD[token_A], group_sizes_E, prec, expert_offset)
     y_AD = y_AD * w_MK.reshape(-1)[order_A][:, None].astype(y_AD.dtype)
     y = jnp.zeros((M, x_MD.shape[-1]), jnp.float32).at[token_A].add(y_AD.astype(jnp.float32))
     return y.astype(prec.dtype)

@@ -33,11 +33,17 @@ class Precision:
     fp8_mode: "w8a16" (dequantize weights, the reference numbers) or "w8a8" (1x128 activation
       quantization and a block-scaled FP8 GEMM; changes the numbers, never compare it with float32).
     kernels: "auto" (Pallas on GPU/TPU, jnp reference on CPU), "ref", "pallas" or "interpret".
+    experts_in_place: whether the scan over MoE layers hands the grouped GEMM all layers' FP8
+      experts plus an offset (``expert_offset``) instead of slicing one layer's experts per step,
+      which XLA materializes as a copy (read + write of 11 GB per DeepSeek-V3 layer: ~19 ms of a
+      4-layer decode step measured on an H200). None (default): on when the grouped GEMM is a
+      compiled Pallas kernel and the experts are FP8 (frozen: no weight gradient through the stack).
     """
 
     dtype: jnp.dtype = jnp.float32
     fp8_mode: Literal["w8a16", "w8a8"] = "w8a16"
     kernels: str = "auto"
+    experts_in_place: bool | None = None
 
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -75,6 +81,21 @@ def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return wq, scale
 
 
+#: From this many rows on, W8A16 on a GPU dequantizes then calls XLA's dot (cuBLAS): 540-544
+#: TFLOP/s at 4096 rows (7168->2048, 2048->7168) on an H200 against 216-222 for the Pallas kernel;
+#: at 64 rows the kernel wins, 0.019-0.024 ms against 0.035-0.036 (benchmarks/kernels.py, 2026-11-28).
+GPU_DEQUANT_MIN_ROWS = 512
+
+
+def _dense_impl(prec: Precision, rows: int) -> str:
+    """The kernel impl for one FP8 linear call: ``prec.kernels``, except that "auto"/"pallas" on a
+    GPU take the dequantize-then-dot reference for W8A16 with many rows (prefill)."""
+    if (prec.kernels in ("auto", "pallas") and prec.fp8_mode == "w8a16" and rows >= GPU_DEQUANT_MIN_ROWS
+            and kernels_pallas.backend.resolve_impl(prec.kernels) == "pallas_gpu"):
+        return "ref"
+    return prec.kernels
+
+
 class Linear(nnx.Module):
     """``y = x Wᵀ`` with the Hub's ``[out, in]`` weight, FP8 block-scaled or plain.
 
@@ -107,7 +128,8 @@ class Linear(nnx.Module):
         x = x.astype(dtype)
         if self.fp8:
             fn = kernels_pallas.w8a8_matmul if self.prec.fp8_mode == "w8a8" else kernels_pallas.w8a16_matmul
-            return fn(x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype, impl=self.prec.kernels)
+            return fn(x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype,
+                      impl=_dense_impl(self.prec, x.size // x.shape[-1]))
         w = self.weight[...].astype(dtype)
         y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32,
                        precision=jax.lax.Precision.HIGHEST)
@@ -115,9 +137,10 @@ class Linear(nnx.Module):
 
 
 def grouped_matmul(w: jax.Array, scale: jax.Array | None, x_MK: jax.Array, group_sizes_E: jax.Array,
-                   prec: Precision) -> jax.Array:
-    """Rows of ``x`` sorted by expert times stacked ``[E, N, K]`` weights (FP8 if ``scale``)."""
+                   prec: Precision, expert_offset: jax.Array | None = None) -> jax.Array:
+    """Rows of ``x`` sorted by expert times stacked ``[E, N, K]`` weights (FP8 if ``scale``); with
+    ``expert_offset``, ``w`` holds more experts and group ``g`` uses ``w[expert_offset + g]``."""
     dtype = prec.dtype
     w = w if scale is not None else w.astype(dtype)
     return kernels_pallas.grouped_matmul(x_MK.astype(dtype), w, group_sizes_E, w_scale=scale,
-                                         out_dtype=dtype, impl=prec.kernels)
+                                         out_dtype=dtype, impl=prec.kernels, expert_offset=expert_offset)

@@ -42,7 +42,7 @@ from kernels_pallas._common import (QBLOCK, and_masks, cdiv, dequantize_blocks, 
 __all__ = ["grouped_matmul_ref", "grouped_matmul"]
 
 
-def _check_args(x_MK, w_ENK, group_sizes_E, w_scale):
+def _check_args(x_MK, w_ENK, group_sizes_E, w_scale, stacked=False):
     if x_MK.ndim != 2:
         raise ValueError(f"x must be [M, K], got shape {x_MK.shape}")
     if w_ENK.ndim != 3:
@@ -50,8 +50,10 @@ def _check_args(x_MK, w_ENK, group_sizes_E, w_scale):
     if x_MK.shape[1] != w_ENK.shape[2]:
         raise ValueError(f"x inner dim {x_MK.shape[1]} != expert weight in-dim {w_ENK.shape[2]} "
                          f"(w is [E, out, in] = {tuple(w_ENK.shape)})")
-    if group_sizes_E.shape != (w_ENK.shape[0],):
-        raise ValueError(f"group_sizes shape {group_sizes_E.shape} != ({w_ENK.shape[0]},)")
+    if group_sizes_E.ndim != 1 or (group_sizes_E.shape[0] > w_ENK.shape[0] if stacked
+                                   else group_sizes_E.shape != (w_ENK.shape[0],)):
+        raise ValueError(f"group_sizes shape {group_sizes_E.shape} does not fit {w_ENK.shape[0]} experts"
+                         + (" (with expert_offset: at most that many groups)" if stacked else ""))
     if is_fp8(w_ENK.dtype) and w_scale is None:
         raise ValueError("float8 expert weights need w_scale [E, ceil(N/128), ceil(K/128)]")
 
@@ -182,12 +184,13 @@ def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
     return g, r0, r1
 
 
-def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, x_ref, w_ref, *rest, e, n, c, bm, bn, bk, w_co, fp8,
-                    cdt):
-    """One (row tile, column tile): y[r0:r1, cols] = x[r0:r1] @ W[g] (contracting over c).
+def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, tw_ref, x_ref, w_ref, *rest, e, n, c, bm, bn, bk, w_co,
+                    fp8, cdt):
+    """One (row tile, column tile): y[r0:r1, cols] = x[r0:r1] @ W[tw] (contracting over c), where
+    ``tw = g + expert_offset`` names the tile's expert in a possibly larger stack of weights.
 
-    w_ref: [E, O, C] (``w_co=False``, the Hub layout) or [E, C, O] (``w_co=True``, used for dx);
-    FP8: scale ref [E, O/128, C/128] or [E, C/128, O/128] accordingly.
+    w_ref: [E', O, C] (``w_co=False``, the Hub layout) or [E', C, O] (``w_co=True``, used for dx);
+    FP8: scale ref [E', O/128, C/128] or [E', C/128, O/128] accordingly.
     """
     if fp8:
         s_ref, o_ref = rest
@@ -195,6 +198,7 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, x_ref, w_ref, *rest, e, n, c, bm, 
         (o_ref,) = rest
     t, j = pl.program_id(0), pl.program_id(1)
     g = tg_ref[t]
+    gw = tw_ref[t]
     r0 = tr0_ref[t]
     r1 = tr1_ref[t]
     col0 = j * bn
@@ -213,22 +217,22 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, x_ref, w_ref, *rest, e, n, c, bm, 
             k_ok = (k0 + jnp.arange(bk) < c) if c % bk else None
             a = masked_load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], _row_col_mask(row_ok, k_ok))
             if w_co:
-                b = masked_load(w_ref.at[g, pl.ds(k0, bk), pl.ds(col0, bn)],
+                b = masked_load(w_ref.at[gw, pl.ds(k0, bk), pl.ds(col0, bn)],
                                  _row_col_mask(k_ok, col_ok))
                 part = lax.dot_general(a.astype(cdt), b.astype(cdt), (((1,), (0,)), ((), ())),
                                        precision=precision, preferred_element_type=jnp.float32)
             else:
-                b = masked_load(w_ref.at[g, pl.ds(col0, bn), pl.ds(k0, bk)],
+                b = masked_load(w_ref.at[gw, pl.ds(col0, bn), pl.ds(k0, bk)],
                                  _row_col_mask(col_ok, k_ok))
                 part = lax.dot_general(a.astype(cdt), b.astype(cdt), (((1,), (1,)), ((), ())),
                                        precision=precision, preferred_element_type=jnp.float32)
             if fp8:  # bk == 128: one scale block of the contraction per step
                 if QBLOCK % bn == 0:
-                    sc = s_ref[g, kb, col0 // QBLOCK] if w_co else s_ref[g, col0 // QBLOCK, kb]
+                    sc = s_ref[gw, kb, col0 // QBLOCK] if w_co else s_ref[gw, col0 // QBLOCK, kb]
                     part = part * sc
                 else:
-                    sv = masked_load(s_ref.at[g, kb, cols // QBLOCK] if w_co
-                                      else s_ref.at[g, cols // QBLOCK, kb], col_ok)
+                    sv = masked_load(s_ref.at[gw, kb, cols // QBLOCK] if w_co
+                                      else s_ref.at[gw, cols // QBLOCK, kb], col_ok)
                     part = part * sv[None, :]
             return acc_MN + part
 
@@ -241,20 +245,23 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, x_ref, w_ref, *rest, e, n, c, bm, 
 
 
 def gmm_gpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, interpret=False,
-            config: GpuGroupedConfig | None = None):
+            config: GpuGroupedConfig | None = None, expert_offset=None):
     """GPU grouped matmul.  ``w`` is ``[E, O, C]`` (``w_co=False``) or ``[E, C, O]`` (``w_co=True``);
-    returns ``[M, O]``.  FP8 ``w`` needs ``w_scale`` with the matching block layout."""
+    returns ``[M, O]``.  FP8 ``w`` needs ``w_scale`` with the matching block layout.
+    ``expert_offset``: group ``g`` uses ``w[expert_offset + g]`` of a larger stack (E' >= E experts,
+    e.g. all layers' experts): the kernel reads the stack in place, no slice is copied."""
     m, c = x_MC.shape
-    e = w.shape[0]
+    e = group_sizes_E.shape[0]
     o = w.shape[1] if w_co is False else w.shape[2]
     fp8 = is_fp8(w.dtype)
     cdt = x_MC.dtype if fp8 else jnp.promote_types(x_MC.dtype, w.dtype)
     cfg = config or default_gpu_grouped_config(m, e, o, c, fp8)
     bk = QBLOCK if fp8 else cfg.bk
     tg, tr0, tr1 = _gpu_tile_schedule(group_sizes_E, m, cfg.bm)
+    tw = jnp.minimum(tg, e - 1) + (0 if expert_offset is None else jnp.asarray(expert_offset, jnp.int32))
     kernel = functools.partial(_gpu_gmm_kernel, e=e, n=o, c=c, bm=cfg.bm, bn=cfg.bn, bk=bk,
                                w_co=w_co, fp8=fp8, cdt=cdt)
-    args = (tg, tr0, tr1, x_MC, w) + ((w_scale.astype(jnp.float32),) if fp8 else ())
+    args = (tg, tr0, tr1, tw, x_MC, w) + ((w_scale.astype(jnp.float32),) if fp8 else ())
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, o), out_dtype),
@@ -351,13 +358,13 @@ def _expand_block_row(s_1b, col0, tn: int):
     return jnp.dot(s_1b, expand, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _tpu_gmm_kernel(g_ref, mt_ref, wg_ref, valid_ref, st_ref, en_ref, x_ref, w_ref, *rest, e, nk,
-                    tm, tn, tk, w_co, fp8, cdt):
+def _tpu_gmm_kernel(g_ref, mt_ref, wg_ref, valid_ref, st_ref, en_ref, sg_ref, x_ref, w_ref, *rest, e,
+                    nk, tm, tn, tk, w_co, fp8, cdt):
     if fp8:
         s_ref, o_ref, acc_ref = rest
     else:
         o_ref, acc_ref = rest
-    del wg_ref
+    del wg_ref, sg_ref  # used by the index maps only
     n_i, t, k_i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = g_ref[t]
     valid = valid_ref[t] == 1
@@ -391,12 +398,16 @@ def _tpu_gmm_kernel(g_ref, mt_ref, wg_ref, valid_ref, st_ref, en_ref, x_ref, w_r
 
 
 def gmm_tpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, interpret=False,
-            config: TpuGroupedConfig | None = None):
-    """TPU grouped matmul, same contract as :func:`gmm_gpu`."""
+            config: TpuGroupedConfig | None = None, expert_offset=None):
+    """TPU grouped matmul, same contract as :func:`gmm_gpu` (``expert_offset`` moves the weight
+    index maps into a larger stack; the small scales are sliced)."""
     from jax.experimental.pallas import tpu as pltpu
 
     m, c = x_MC.shape
-    e = w.shape[0]
+    e = group_sizes_E.shape[0]
+    off = jnp.int32(0) if expert_offset is None else jnp.asarray(expert_offset, jnp.int32)
+    if w_scale is not None and w_scale.shape[0] != e:
+        w_scale = lax.dynamic_slice_in_dim(w_scale, off, e, 0)
     o = w.shape[2] if w_co else w.shape[1]
     fp8 = is_fp8(w.dtype)
     cdt = (jnp.bfloat16 if x_MC.dtype == jnp.bfloat16 else x_MC.dtype) if fp8 else \
@@ -414,6 +425,8 @@ def gmm_tpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, inte
     nk = cp // tk
     meta = _tpu_gmm_schedule(group_sizes_E, mp, tm)
     num = meta[0].shape[0]
+    sw = meta[2]  # weight index per step: offset into the stack; the scales are already sliced
+    meta = (meta[0], meta[1], sw + off, *meta[3:], sw)
 
     def x_map(n_i, t, k_i, g, mt, wg, *_):
         return mt[t], k_i
@@ -429,7 +442,7 @@ def gmm_tpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, inte
         s_ecb = s if w_co else jnp.swapaxes(s, 1, 2)
         s_ec1b = s_ecb[:, :, None, :]
         in_specs.append(pl.BlockSpec((None, tk // QBLOCK, 1, s_ecb.shape[2]),
-                                     lambda n_i, t, k_i, g, mt, wg, *_: (wg[t], k_i, 0, 0)))
+                                     lambda n_i, t, k_i, g, mt, wg, v, st, en, sg: (sg[t], k_i, 0, 0)))
         args.append(s_ec1b)
     kernel = functools.partial(_tpu_gmm_kernel, e=e, nk=nk, tm=tm, tn=tn, tk=tk, w_co=w_co, fp8=fp8,
                                cdt=cdt)
@@ -437,7 +450,7 @@ def gmm_tpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, inte
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, o), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=6,
+            num_scalar_prefetch=7,
             grid=(cdiv(o, tn), num, nk),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((tm, tn), lambda n_i, t, k_i, g, mt, *_: (mt[t], n_i)),
@@ -545,9 +558,10 @@ def tgmm_tpu(x_MK, dy_MN, group_sizes_E, *, out_dtype, interpret=False,
 # ---------------------------------------------------------------------------------------------------
 
 
-def _gmm_impl(x, w, gs, ws, *, w_co, out_dtype, target, interpret):
+def _gmm_impl(x, w, gs, ws, off, *, w_co, out_dtype, target, interpret):
     fn = gmm_gpu if target == "gpu" else gmm_tpu
-    return fn(x, w, gs, w_scale=ws, w_co=w_co, out_dtype=out_dtype, interpret=interpret)
+    return fn(x, w, gs, w_scale=ws, w_co=w_co, out_dtype=out_dtype, interpret=interpret,
+              expert_offset=off)
 
 
 def _tgmm_impl(x, dy, gs, *, out_dtype, target, interpret):
@@ -555,45 +569,61 @@ def _tgmm_impl(x, dy, gs, *, out_dtype, target, interpret):
     return fn(x, dy, gs, out_dtype=out_dtype, interpret=interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _gmm_with_vjp(x, w, gs, ws, out_dtype, target, interpret):
-    return _gmm_impl(x, w, gs, ws, w_co=False, out_dtype=out_dtype, target=target,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _gmm_with_vjp(x, w, gs, ws, off, out_dtype, target, interpret):
+    return _gmm_impl(x, w, gs, ws, off, w_co=False, out_dtype=out_dtype, target=target,
                      interpret=interpret)
 
 
-def _gmm_fwd(x, w, gs, ws, out_dtype, target, interpret):
-    y = _gmm_impl(x, w, gs, ws, w_co=False, out_dtype=out_dtype, target=target, interpret=interpret)
-    return y, (x, w, gs, ws)
+def _gmm_fwd(x, w, gs, ws, off, out_dtype, target, interpret):
+    y = _gmm_impl(x, w, gs, ws, off, w_co=False, out_dtype=out_dtype, target=target,
+                  interpret=interpret)
+    return y, (x, w, gs, ws, off)
 
 
 def _gmm_bwd(out_dtype, target, interpret, res, dy):
-    x, w, gs, ws = res
+    x, w, gs, ws, off = res
     fp8 = is_fp8(w.dtype)
     dy_c = dy.astype(x.dtype) if fp8 else dy
     # dx = dy @ W[g]: the same kernel, reading W as [E, contraction=N, out=K]
-    dx = _gmm_impl(dy_c, w, gs, ws, w_co=True, out_dtype=x.dtype, target=target,
+    dx = _gmm_impl(dy_c, w, gs, ws, off, w_co=True, out_dtype=x.dtype, target=target,
                    interpret=interpret)
-    dw = None if fp8 else _tgmm_impl(x, dy, gs, out_dtype=w.dtype, target=target,
-                                     interpret=interpret)
-    return dx, dw, None, None
+    dw = None
+    if not fp8:
+        dw = _tgmm_impl(x, dy, gs, out_dtype=w.dtype, target=target, interpret=interpret)
+        if dw.shape[0] != w.shape[0]:  # a slice of a larger stack: zeros elsewhere
+            dw = lax.dynamic_update_slice_in_dim(jnp.zeros_like(w), dw, off, 0)
+    return dx, dw, None, None, None
 
 
 _gmm_with_vjp.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def grouped_matmul(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, *,
-                   w_scale: jax.Array | None = None, out_dtype=None, impl: str = "auto") -> jax.Array:
+                   w_scale: jax.Array | None = None, out_dtype=None, impl: str = "auto",
+                   expert_offset: jax.Array | int | None = None) -> jax.Array:
     """Grouped matmul ``[M, K] x [E, N, K] → [M, N]`` (rows sorted by expert; see module doc).
 
     ``impl`` picks the Pallas kernel or :func:`grouped_matmul_ref` (see :mod:`kernels_pallas.backend`).
     Differentiable w.r.t. ``x`` and, for bf16/f32 weights, ``w`` (custom VJP; FP8 weights are frozen).
+
+    ``expert_offset`` (int or traced int32): ``w`` (and ``w_scale``) is a larger stack ``[E', N, K]``
+    and group ``g`` uses ``w[expert_offset + g]``, e.g. all layers' experts flattened to ``[L*E, ...]``
+    inside a scan over layers.  The Pallas kernels read the stack in place; slicing the layer out
+    instead costs a copy of its experts at every call (11 GB per DeepSeek-V3 layer).  The reference
+    slices (``lax.dynamic_slice``).
     """
-    _check_args(x_MK, w, group_sizes_E, w_scale)
+    _check_args(x_MK, w, group_sizes_E, w_scale, stacked=expert_offset is not None)
     target, interpret = backend.split_impl(impl)
+    e = group_sizes_E.shape[0]
+    if expert_offset is not None and target == "ref":
+        w = lax.dynamic_slice_in_dim(w, expert_offset, e, 0)
+        w_scale = None if w_scale is None else lax.dynamic_slice_in_dim(w_scale, expert_offset, e, 0)
     if target == "ref":
         return grouped_matmul_ref(x_MK, w, group_sizes_E, w_scale=w_scale, out_dtype=out_dtype)
     out_dtype = jnp.dtype(x_MK.dtype if out_dtype is None else out_dtype)
     if x_MK.shape[0] == 0:
         return jnp.zeros((0, w.shape[1]), out_dtype)
-    return _gmm_with_vjp(x_MK, w, group_sizes_E.astype(jnp.int32), w_scale, out_dtype, target,
+    off = jnp.asarray(0 if expert_offset is None else expert_offset, jnp.int32)
+    return _gmm_with_vjp(x_MK, w, group_sizes_E.astype(jnp.int32), w_scale, off, out_dtype, target,
                          interpret)

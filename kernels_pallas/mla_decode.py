@@ -124,7 +124,9 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
     block, the later reads mostly from L2), tokens in blocks of ``block_t``."""
     bsz, h, l = q_lat_BHL.shape
     r = q_pe_BHR.shape[2]
-    bh = block_h or min(32, max(16, next_pow2(h)))
+    # 64-head blocks: 701 GB/s at B=64, H=128, T=4096 on an H200 against 384 GB/s with 32
+    # (benchmarks/kernels.py, 2026-11-28; docs/benchmarks.md)
+    bh = block_h or min(64, max(16, next_pow2(h)))
     kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale)
     return pl.pallas_call(
         kernel,

@@ -89,3 +89,18 @@ def test_w8a8_fast_path_is_wired(case):
     got = scoring.logits(m, case["ids"])
     assert np.isfinite(got).all()
     assert 1e-3 < rel(got, case["ref"]) < 1.5
+
+
+@pytest.mark.parametrize("kernels", ["ref", "interpret_gpu"])
+def test_experts_read_in_place_match_hf(case, kernels):
+    """``Precision.experts_in_place``: the scan over MoE layers hands the grouped GEMM all layers'
+    experts plus an offset (what compiled Pallas kernels get by default) - same logits."""
+    from deepseek_jax.model import experts_in_place
+    m = load_hub(case["ckpt"], prec=Precision(kernels=kernels, experts_in_place=True))
+    assert experts_in_place(m.moe_layers)
+    ids = case["ids"][:, :24]
+    got = scoring.logits(m, ids)
+    assert rel(got, case["ref"][:, :24]) <= 1e-4
+    if kernels == "ref":
+        got = scoring.logits(m, ids, mode="decode", prefill=8)
+        assert rel(got, case["ref"][:, :24]) <= 1e-4
