@@ -21,7 +21,7 @@ from deepseek_jax.mla import MLA
 from deepseek_jax.mlp import MLP
 from deepseek_jax.moe import MoE, MoEStats
 from deepseek_jax.norm import RMSNorm
-from deepseek_jax.quant import Linear, Precision
+from deepseek_jax.quant import Linear, Precision, scan_layer
 from deepseek_jax.rope import Rope
 
 
@@ -93,6 +93,28 @@ def _is_routed_expert(path, _value) -> bool:
     return len(path) >= 2 and path[0] == "mlp" and path[1] == "experts"
 
 
+def _is_fp8_linear(path, value) -> bool:
+    """An FP8 linear's weight or block scale (read in place by layer, see ``quant.scan_layer``)."""
+    if path[-1] == "weight_scale_inv":
+        return True
+    return path[-1] == "weight" and getattr(value, "dtype", None) == jnp.float8_e4m3fn
+
+
+def weights_in_place(layers) -> bool:
+    """Whether :func:`_scan_layers` passes these layers' FP8 weights whole (all layers) and
+    a layer index instead of scanning over per-layer slices (``Precision.experts_in_place``: the
+    compiled kernels read them in place; a slice feeding a custom call is a copy per step)."""
+    if isinstance(getattr(layers, "mlp", None), MoE):
+        return experts_in_place(layers)
+    prec = layers.self_attn.kv_b_proj.prec if hasattr(layers, "self_attn") else None
+    if prec is None or prec.experts_in_place is False:
+        return False
+    if prec.experts_in_place:
+        return True
+    import kernels_pallas.backend as kb  # noqa: PLC0415
+    return kb.resolve_impl(prec.kernels) in ("pallas_gpu", "pallas_tpu") and layers.self_attn.kv_b_proj.fp8
+
+
 def experts_in_place(layers) -> bool:
     """Whether :func:`_scan_layers` hands these MoE layers' experts to the grouped GEMM in place
     (all layers' ``[L*E, ...]`` plus an offset) rather than as per-layer slices; see
@@ -112,16 +134,17 @@ def experts_in_place(layers) -> bool:
 
 def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False):
     """Runs stacked layers with ``lax.scan``; returns (h, updated cache, stacked stats)."""
-    if experts_in_place(layers):
-        # The routed experts stay outside the scanned inputs: each step's slice of a scanned
-        # input feeding a custom call (the Pallas grouped GEMM) is materialized, i.e. a copy of
-        # the layer's experts per step. Flattened to [L*E, ...] (a free reshape), they are read in
-        # place at offset layer * E.
-        graphdef, experts, state = nnx.split(layers, _is_routed_expert, ...)
+    if weights_in_place(layers):
+        # The FP8 weights stay outside the scanned inputs: each step's slice of a scanned input
+        # feeding a custom call (a Pallas kernel) is materialized, i.e. a copy of the layer's
+        # weights per step (11 GB of experts per DeepSeek-V3 layer). The routed experts,
+        # flattened to [L*E, ...] (a free reshape), are read at offset layer * E; the other FP8
+        # linears keep [L, out, in] and read layer i (``quant.scan_layer``).
+        graphdef, experts, whole, state = nnx.split(layers, _is_routed_expert, _is_fp8_linear, ...)
         experts = jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), experts)
     else:
         graphdef, state = nnx.split(layers)
-        experts = None
+        experts = whole = None
     n_layers = jax.tree.leaves(state)[0].shape[0]
     # FP8 weights cross the loop boundary as raw bytes and become e4m3 again per layer: XLA's
     # CPU backend otherwise widens every stacked f8 array to f16 before the loop (a copy of all
@@ -135,8 +158,10 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False)
             layer = nnx.merge(graphdef, st)
             h, c, stats = layer(h, pos_BT, rope, c, absorbed)
         else:
-            layer = nnx.merge(graphdef, experts, st)
-            h, c, stats = layer(h, pos_BT, rope, c, absorbed, layer_idx=i)
+            layer = nnx.merge(graphdef, experts, whole, st)
+            with scan_layer(i):
+                h, c, stats = layer(h, pos_BT, rope, c, absorbed,
+                                    layer_idx=i if isinstance(getattr(layer, "mlp", None), MoE) else None)
         return h, (c, stats)
 
     if remat:

@@ -10,6 +10,8 @@ activations too (W8A8, an optional fast path with its own reference). The Pallas
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Literal
@@ -96,6 +98,21 @@ def _dense_impl(prec: Precision, rows: int) -> str:
     return prec.kernels
 
 
+#: The layer index inside a scan over stacked layers whose FP8 weights are read in place (see
+#: ``model._scan_layers``): a ``Linear`` then holds all layers' ``[L, out, in]`` and uses this one.
+_SCAN_LAYER: contextvars.ContextVar = contextvars.ContextVar("deepseek_jax_scan_layer", default=None)
+
+
+@contextlib.contextmanager
+def scan_layer(i: jax.Array):
+    """Within this block (trace time), stacked ``[L, out, in]`` FP8 linears use layer ``i``."""
+    token = _SCAN_LAYER.set(i)
+    try:
+        yield
+    finally:
+        _SCAN_LAYER.reset(token)
+
+
 class Linear(nnx.Module):
     """``y = x Wᵀ`` with the Hub's ``[out, in]`` weight, FP8 block-scaled or plain.
 
@@ -116,11 +133,23 @@ class Linear(nnx.Module):
             self.weight = nnx.Param(w.astype(param_dtype))
             self.weight_scale_inv = None
 
+    def _stacked_layer(self):
+        """The layer index when this call's FP8 weight is all layers' ``[L, out, in]``, else None."""
+        layer = _SCAN_LAYER.get()
+        if layer is None or not self.fp8 or self.weight[...].ndim != 3:
+            return None
+        return layer
+
     def dense_weight(self, dtype=None) -> jax.Array:
         """The weight as a plain ``[..., out, in]`` array (dequantized if FP8)."""
         dtype = dtype or self.prec.dtype
         if self.fp8:
-            return dequantize(self.weight[...], self.weight_scale_inv[...], dtype)
+            w, s = self.weight[...], self.weight_scale_inv[...]
+            layer = self._stacked_layer()
+            if layer is not None:  # a dynamic slice that XLA fuses into the dequantization
+                w = jax.lax.dynamic_index_in_dim(w, layer, 0, False)
+                s = jax.lax.dynamic_index_in_dim(s, layer, 0, False)
+            return dequantize(w, s, dtype)
         return self.weight[...].astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -129,7 +158,7 @@ class Linear(nnx.Module):
         if self.fp8:
             fn = kernels_pallas.w8a8_matmul if self.prec.fp8_mode == "w8a8" else kernels_pallas.w8a16_matmul
             return fn(x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype,
-                      impl=_dense_impl(self.prec, x.size // x.shape[-1]))
+                      impl=_dense_impl(self.prec, x.size // x.shape[-1]), layer=self._stacked_layer())
         w = self.weight[...].astype(dtype)
         y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32,
                        precision=jax.lax.Precision.HIGHEST)

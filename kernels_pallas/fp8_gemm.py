@@ -79,7 +79,12 @@ def quantize_act_1x128(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
     return xq, xs.astype(jnp.float32)
 
 
-def _check_weight(x_MK, wq_NK, ws_nk):
+def _check_weight(x_MK, wq_NK, ws_nk, layer=None):
+    if layer is not None:  # [L, N, K] stack of several layers' weights, one used
+        if wq_NK.ndim != 3 or ws_nk.ndim != 3 or wq_NK.shape[0] != ws_nk.shape[0]:
+            raise ValueError(f"with layer=, expected [L, N, K] weight and [L, nb, kb] scale stacks, got "
+                             f"{wq_NK.shape} and {ws_nk.shape}")
+        wq_NK, ws_nk = wq_NK[0], ws_nk[0]
     if wq_NK.ndim != 2 or ws_nk.ndim != 2:
         raise ValueError(f"expected 2-D weight and scale, got {wq_NK.shape} and {ws_nk.shape}")
     if x_MK.shape[-1] != wq_NK.shape[1]:
@@ -214,13 +219,15 @@ def _dot_nt(a, b, precision=None):
 def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs, cdt):
     """One (bm x bn) output tile over a range of 128-wide K blocks.
 
-    refs: x [M, K] (e4m3 or bf16/f32), [xs [M, kb] f32], wq [N, K] e4m3, ws [nb, kb] f32, out.
+    refs: layer [1] int32, x [M, K] (e4m3 or bf16/f32), [xs [M, kb] f32], wq [L, N, K] e4m3,
+    ws [L, nb, kb] f32, out.  The weight of layer ``layer`` is read in place.
     """
     if has_xs:
-        x_ref, xs_ref, wq_ref, ws_ref, o_ref = refs
+        l_ref, x_ref, xs_ref, wq_ref, ws_ref, o_ref = refs
     else:
-        x_ref, wq_ref, ws_ref, o_ref = refs
+        l_ref, x_ref, wq_ref, ws_ref, o_ref = refs
         xs_ref = None
+    layer = l_ref[0]  # one indexer per ref access (the Triton lowering takes no chained .at)
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     nkb = cdiv(k, QBLOCK)
     row0 = i * bm
@@ -238,7 +245,7 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
         a_mk = masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, QBLOCK)],
                             and_masks(row_ok[:, None] if row_ok is not None else None,
                                  k_ok[None, :] if k_ok is not None else None))
-        b_nk = masked_load(wq_ref.at[pl.ds(col0, bn), pl.ds(k0, QBLOCK)],
+        b_nk = masked_load(wq_ref.at[layer, pl.ds(col0, bn), pl.ds(k0, QBLOCK)],
                             and_masks(col_ok[:, None] if col_ok is not None else None,
                                  k_ok[None, :] if k_ok is not None else None))
         if has_xs:  # e4m3 x e4m3 → f32 (wgmma on Hopper)
@@ -246,10 +253,10 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
         else:  # e4m3 widened to the activation dtype: exact
             part = _dot_nt(a_mk.astype(cdt), b_nk.astype(cdt), precision)
         if QBLOCK % bn == 0:  # the whole column tile sits in one scale block
-            w_scale = ws_ref[col0 // QBLOCK, kb]
+            w_scale = ws_ref[layer, col0 // QBLOCK, kb]
             part = part * w_scale
         else:
-            w_scale = masked_load(ws_ref.at[cols // QBLOCK, kb], col_ok)
+            w_scale = masked_load(ws_ref.at[layer, cols // QBLOCK, kb], col_ok)
             part = part * w_scale[None, :]
         if has_xs:
             x_scale = masked_load(xs_ref.at[pl.ds(row0, bm), kb], row_ok)
@@ -275,11 +282,16 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
 
 
 def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
-                      config: GpuConfig | None = None):
+                      config: GpuConfig | None = None, layer=None):
     """GPU kernel: ``x [M, K]`` (e4m3 with ``xs_Mk`` scales → W8A8, or bf16/f32 with ``xs_Mk=None`` →
-    W8A16) times block-scaled e4m3 ``wq [N, K]`` → ``[M, N]`` in ``out_dtype``."""
+    W8A16) times block-scaled e4m3 ``wq [N, K]`` → ``[M, N]`` in ``out_dtype``.  With ``layer``
+    (int or traced int32), ``wq``/``ws`` are ``[L, N, K]``/``[L, nb, kb]`` stacks and layer
+    ``layer``'s weight is read in place (no slice is materialized)."""
+    if layer is None:
+        wq_NK, ws_nk = wq_NK[None], ws_nk[None]
+    l_1 = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     m, k = x_MK.shape
-    n = wq_NK.shape[0]
+    n = wq_NK.shape[1]
     cfg = config or default_gpu_config(m, n, k)
     nkb = cdiv(k, QBLOCK)
     kb_per_split = cdiv(nkb, max(1, cfg.splits))
@@ -292,7 +304,7 @@ def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
-    args = (x_MK, xs_Mk, wq_NK, ws_nk) if has_xs else (x_MK, wq_NK, ws_nk)
+    args = (l_1, x_MK, xs_Mk, wq_NK, ws_nk) if has_xs else (l_1, x_MK, wq_NK, ws_nk)
     y = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -400,36 +412,54 @@ def scaled_matmul_tpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
 # ---------------------------------------------------------------------------------------------------
 
 
-def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x):
-    _check_weight(x_MK, wq_NK, ws_nk)
+def _layer_of(wq, ws, layer):
+    """Layer ``layer`` of ``[L, N, K]`` / ``[L, nb, kb]`` stacks (a dynamic slice)."""
+    return lax.dynamic_index_in_dim(wq, layer, 0, False), lax.dynamic_index_in_dim(ws, layer, 0, False)
+
+
+def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=None):
+    _check_weight(x_MK, wq_NK, ws_nk, layer)
     target, interpret = backend.split_impl(impl)
+    if layer is not None and target != "gpu":  # the TPU kernel takes one layer's weight (a slice)
+        wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
+        layer = None
     out_dtype = x_MK.dtype if out_dtype is None else out_dtype
     x2, lead = flatten_rows(x_MK)
-    n = wq_NK.shape[0]
+    n = wq_NK.shape[-2]
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), out_dtype)
     if quantize_x:
         xq, xs = quantize_act_1x128(x2)
     else:
         xq, xs = x2, None
-    fn = scaled_matmul_gpu if target == "gpu" else scaled_matmul_tpu
-    y = fn(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret)
+    if target == "gpu":
+        y = scaled_matmul_gpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret, layer=layer)
+    else:
+        y = scaled_matmul_tpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret)
     return y.reshape(*lead, n)
 
 
 def w8a16_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dtype=None,
-                 impl: str = "auto") -> jax.Array:
+                 impl: str = "auto", layer: jax.Array | int | None = None) -> jax.Array:
     """``x @ dequant(Wq, S).T`` (W8A16).  ``x [..., K]`` → ``[..., N]``; ``impl`` picks the Pallas
-    kernel or :func:`w8a16_matmul_ref` (see :mod:`kernels_pallas.backend`)."""
+    kernel or :func:`w8a16_matmul_ref` (see :mod:`kernels_pallas.backend`).  ``layer``: ``wq``/``ws``
+    are ``[L, N, K]``/``[L, nb, kb]`` stacks and that layer's weight is used (read in place by
+    the GPU kernel; the reference and TPU paths slice it)."""
     if backend.resolve_impl(impl) == "ref":
+        if layer is not None:
+            _check_weight(x_MK, wq_NK, ws_nk, layer)
+            wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
         return w8a16_matmul_ref(x_MK, wq_NK, ws_nk, out_dtype=out_dtype)
-    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=False)
+    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=False, layer=layer)
 
 
 def w8a8_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dtype=None,
-                impl: str = "auto") -> jax.Array:
+                impl: str = "auto", layer: jax.Array | int | None = None) -> jax.Array:
     """W8A8 block GEMM (``x`` quantized 1x128 on the fly).  ``x [..., K]`` → ``[..., N]``; ``impl``
-    picks the Pallas kernel or :func:`w8a8_matmul_ref`."""
+    picks the Pallas kernel or :func:`w8a8_matmul_ref`; ``layer`` as in :func:`w8a16_matmul`."""
     if backend.resolve_impl(impl) == "ref":
+        if layer is not None:
+            _check_weight(x_MK, wq_NK, ws_nk, layer)
+            wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
         return w8a8_matmul_ref(x_MK, wq_NK, ws_nk, out_dtype=out_dtype)
-    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=True)
+    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=True, layer=layer)

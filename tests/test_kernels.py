@@ -319,6 +319,22 @@ def test_fp8_kernels_match_ref(impl, case):
     _assert_close(y8, w8a8_matmul_ref(x, wq, ws, out_dtype=jnp.float32), dtype)
 
 
+@pytest.mark.parametrize("impl", ["ref"] + KERNEL_IMPLS)
+def test_fp8_layer_of_a_stack_read_in_place(impl):
+    """``layer=`` picks one [N, K] weight of an [L, N, K] stack (the other layers are NaN: never read)."""
+    rng = np.random.default_rng(12)
+    m, n, k, layers = 7, 200, 136, 3
+    x = _activations(rng, m, k, jnp.float32)
+    pairs = [make_fp8_weight(rng, n, k) for _ in range(layers)]
+    wq = jnp.stack([p[0] for p in pairs]).at[0].set(jnp.nan).at[2].set(jnp.nan)
+    ws = jnp.stack([p[1] for p in pairs])
+    for fn, ref in ((w8a16_matmul, w8a16_matmul_ref), (w8a8_matmul, w8a8_matmul_ref)):
+        y = jax.jit(lambda a, b, c, l, fn=fn: fn(a, b, c, impl=impl, layer=l))(x, wq, ws, jnp.int32(1))
+        _assert_close(y, ref(x, *pairs[1], out_dtype=jnp.float32), jnp.float32)
+    with pytest.raises(ValueError, match="with layer="):
+        w8a16_matmul(x, wq[0], ws[0], impl=impl, layer=0)
+
+
 def test_fp8_kernels_batch_dims_and_out_dtype():
     rng = np.random.default_rng(11)
     x = _activations(rng, 6, 256, jnp.bfloat16).reshape(2, 3, 256)
@@ -572,6 +588,9 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
         for m, k, n in cases:
             args = (S((m, k), jnp.bfloat16), S((n, k), F8), S((-(-n // 128), -(-k // 128)), jnp.float32))
             jax.jit(dense).trace(*args).lower(lowering_platforms=(platform,))
+            stacked = lambda x, wq, ws, l: w8a16_matmul(x, wq, ws, impl=impl, layer=l)
+            jax.jit(stacked).trace(args[0], S((3, n, k), F8), S((3, *args[2].shape), jnp.float32),
+                                   S((), jnp.int32)).lower(lowering_platforms=(platform,))
         for m, e, n, k in [(512, 256, 2048, 7168), (300, 8, 576, 200)]:
             args = (S((m, k), jnp.bfloat16), S((e, n, k), jnp.bfloat16), S((e, n, k), F8),
                     S((e, -(-n // 128), -(-k // 128)), jnp.float32), S((e,), jnp.int32))
