@@ -53,9 +53,9 @@ def bench_config(layers: int, small: bool) -> DeepSeekConfig:
                                                    num_nextn_predict_layers=0)
 
 
-def random_model(cfg: DeepSeekConfig, key):
+def random_model(cfg: DeepSeekConfig, key, prec: Precision | None = None):
     """Random FP8 model made leaf by leaf on the device (peak memory: one leaf's bf16 draft)."""
-    model = abstract_model(cfg, Precision(dtype=jnp.bfloat16), with_mtp=False)
+    model = abstract_model(cfg, prec or Precision(dtype=jnp.bfloat16), with_mtp=False)
     graphdef, state = nnx.split(model)
     flat = list(nnx.to_flat_state(state))
     leaves = []
@@ -237,6 +237,8 @@ def main(argv=None) -> int:
                     help="chunk for prompts over 8192 tokens (default 1024: bounds the absorbed scores)")
     ap.add_argument("--hf-batches", default=None, help="HF peer batch sizes (default 1,16; small: 1,4)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    ap.add_argument("--compare-in-place", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time batch-1 decode with per-layer weight slices (experts_in_place=False)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
@@ -267,6 +269,8 @@ def main(argv=None) -> int:
                 json.dump(dict(date=str(datetime.date.today()), jax=jax.__version__,
                                device=jax.devices()[0].device_kind, bandwidth=bw, fp8_flops=flops,
                                hf_ms=hf, rows=rows), f, indent=1)
+    from deepseek_jax.model import experts_in_place
+    print(f"# experts read in place (Precision.experts_in_place): {experts_in_place(model.moe_layers)}")
     print(f"{'what':<26}{'time':>12}{'tok/s':>12}{'roofline':>12}{'x roofline':>12}{'HF ms':>10}{'vs HF':>8}")
     for b in batches:
         t = bench_decode(cfg, model, b, context, key)
@@ -277,6 +281,18 @@ def main(argv=None) -> int:
         save()
         print(f"{'decode B=%d ctx=%d' % (b, context):<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
               f"{t / roof:>12.2f}{(h or float('nan')):>10.2f}{(h / 1e3 / t if h else float('nan')):>8.1f}")
+    if a.compare_in_place and experts_in_place(model.moe_layers):
+        # the same weights with per-layer slices (the 2026-11-28 behaviour), batch 1, side by side
+        sliced = abstract_model(cfg, Precision(dtype=jnp.bfloat16, experts_in_place=False), with_mtp=False)
+        sliced = nnx.merge(nnx.split(sliced)[0], nnx.split(model)[1])
+        t = bench_decode(cfg, sliced, 1, context, key)
+        roof = step_bytes(cfg, model, 1, context, expected_touched(cfg, 1)) / bw
+        rows.append(dict(kind="decode_sliced", batch=1, context=context, ms=t * 1e3, tok_s=1 / t,
+                         roofline_ms=roof * 1e3))
+        save()
+        print(f"{'decode B=1, sliced layers':<26}{t * 1e3:>10.3f}ms{1 / t:>12,.0f}{roof * 1e3:>10.3f}ms"
+              f"{t / roof:>12.2f}")
+        del sliced
     active = (cfg.num_hidden_layers * (cfg.hidden_size * cfg.hidden_size * 6)  # rough attention share
               + (cfg.num_moe_layers * (cfg.num_experts_per_tok + cfg.n_shared_experts)
                  * 3 * cfg.hidden_size * cfg.moe_intermediate_size)

@@ -156,12 +156,15 @@ _GPU_NUM_SMS = 132
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
     """Tiles of the GPU kernel: ``bm`` x ``bn`` output tile (powers of two, >= 16), ``splits`` K
-    splits (partial float32 sums added by XLA afterwards), Triton ``num_warps`` / ``num_stages``."""
+    splits (partial float32 sums added by XLA afterwards), Triton ``num_warps`` / ``num_stages``.
+    ``prescale`` (W8A16 only): scale the weight tile before the dot (e4m3 → f32 x block scale →
+    activation dtype: the reference's dequantized weight), so partial products accumulate in place."""
     bm: int = 128
     bn: int = 128
     splits: int = 1
     num_warps: int = 8
     num_stages: int = 4
+    prescale: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +219,7 @@ def _dot_nt(a, b, precision=None):
                            preferred_element_type=jnp.float32)
 
 
-def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs, cdt):
+def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs, cdt, prescale=False):
     """One (bm x bn) output tile over a range of 128-wide K blocks.
 
     refs: layer [1] int32, x [M, K] (e4m3 or bf16/f32), [xs [M, kb] f32], wq [L, N, K] e4m3,
@@ -248,16 +251,19 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
         b_nk = masked_load(wq_ref.at[layer, pl.ds(col0, bn), pl.ds(k0, QBLOCK)],
                             and_masks(col_ok[:, None] if col_ok is not None else None,
                                  k_ok[None, :] if k_ok is not None else None))
+        if QBLOCK % bn == 0:  # the whole column tile sits in one scale block
+            w_scale = ws_ref[layer, col0 // QBLOCK, kb]
+        else:
+            w_scale = masked_load(ws_ref.at[layer, cols // QBLOCK, kb], col_ok)
+        if prescale and not has_xs:  # dequantized weight tile, then one accumulating dot
+            sc = w_scale if QBLOCK % bn == 0 else w_scale[:, None]
+            b = (b_nk.astype(jnp.float32) * sc).astype(cdt)
+            return acc_MN + _dot_nt(a_mk.astype(cdt), b, precision)
         if has_xs:  # e4m3 x e4m3 → f32 (wgmma on Hopper)
             part = _dot_nt(a_mk, b_nk)
         else:  # e4m3 widened to the activation dtype: exact
             part = _dot_nt(a_mk.astype(cdt), b_nk.astype(cdt), precision)
-        if QBLOCK % bn == 0:  # the whole column tile sits in one scale block
-            w_scale = ws_ref[layer, col0 // QBLOCK, kb]
-            part = part * w_scale
-        else:
-            w_scale = masked_load(ws_ref.at[layer, cols // QBLOCK, kb], col_ok)
-            part = part * w_scale[None, :]
+        part = part * (w_scale if QBLOCK % bn == 0 else w_scale[None, :])
         if has_xs:
             x_scale = masked_load(xs_ref.at[pl.ds(row0, bm), kb], row_ok)
             part = part * x_scale[:, None]
@@ -299,7 +305,8 @@ def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
     has_xs = xs_Mk is not None
     cdt = jnp.float8_e4m3fn if has_xs else x_MK.dtype
     kernel = functools.partial(_gpu_scaled_gemm_kernel, m=m, n=n, k=k, bm=cfg.bm, bn=cfg.bn,
-                               kb_per_split=kb_per_split, splits=splits, has_xs=has_xs, cdt=cdt)
+                               kb_per_split=kb_per_split, splits=splits, has_xs=has_xs, cdt=cdt,
+                               prescale=cfg.prescale)
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     else:

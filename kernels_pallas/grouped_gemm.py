@@ -104,8 +104,11 @@ def grouped_matmul_ref(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, 
 
 @dataclasses.dataclass(frozen=True)
 class GpuGroupedConfig:
-    """GPU tiles: ``bm`` rows per tile, ``bn`` output columns, ``bk`` contraction step (128 for FP8
-    weights), Triton ``num_warps``/``num_stages``; ``dw_bm`` rows per step of the dw kernel."""
+    """GPU tiles: ``bm`` rows per tile, ``bn`` output columns, ``bk`` contraction step (FP8: 128, or
+    a divisor of 128 with ``prescale``), Triton ``num_warps``/``num_stages``; ``dw_bm`` rows per
+    step of the dw kernel.  ``prescale`` (FP8): scale the weight tile (e4m3 → f32 x block scale →
+    activation dtype, the reference's dequantized weight) before the dot, so the dot accumulates
+    straight into the tile's accumulator, instead of scaling each 128-block's partial product."""
     bm: int = 64
     bn: int = 128
     bk: int = 64
@@ -114,6 +117,7 @@ class GpuGroupedConfig:
     dw_bn: int = 64
     dw_bk: int = 64
     dw_bm: int = 32
+    prescale: bool = False
 
 
 def default_gpu_grouped_config(m: int, e: int, n: int, k: int, fp8: bool) -> GpuGroupedConfig:
@@ -185,7 +189,7 @@ def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
 
 
 def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, tw_ref, x_ref, w_ref, *rest, e, n, c, bm, bn, bk, w_co,
-                    fp8, cdt):
+                    fp8, cdt, prescale=False):
     """One (row tile, column tile): y[r0:r1, cols] = x[r0:r1] @ W[tw] (contracting over c), where
     ``tw = g + expert_offset`` names the tile's expert in a possibly larger stack of weights.
 
@@ -219,13 +223,23 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, tw_ref, x_ref, w_ref, *rest, e, n,
             if w_co:
                 b = masked_load(w_ref.at[gw, pl.ds(k0, bk), pl.ds(col0, bn)],
                                  _row_col_mask(k_ok, col_ok))
-                part = lax.dot_general(a.astype(cdt), b.astype(cdt), (((1,), (0,)), ((), ())),
-                                       precision=precision, preferred_element_type=jnp.float32)
             else:
                 b = masked_load(w_ref.at[gw, pl.ds(col0, bn), pl.ds(k0, bk)],
                                  _row_col_mask(col_ok, k_ok))
-                part = lax.dot_general(a.astype(cdt), b.astype(cdt), (((1,), (1,)), ((), ())),
-                                       precision=precision, preferred_element_type=jnp.float32)
+            if fp8 and prescale:  # the dequantized weight tile; bk divides 128: one scale block
+                kblk = k0 // QBLOCK
+                if QBLOCK % bn == 0:
+                    sc = s_ref[gw, kblk, col0 // QBLOCK] if w_co else s_ref[gw, col0 // QBLOCK, kblk]
+                else:
+                    sv = masked_load(s_ref.at[gw, kblk, cols // QBLOCK] if w_co
+                                      else s_ref.at[gw, cols // QBLOCK, kblk], col_ok)
+                    sc = sv[None, :] if w_co else sv[:, None]
+                b = (b.astype(jnp.float32) * sc).astype(cdt)
+            dims = (((1,), (0,)), ((), ())) if w_co else (((1,), (1,)), ((), ()))
+            part = lax.dot_general(a.astype(cdt), b.astype(cdt), dims, precision=precision,
+                                   preferred_element_type=jnp.float32)
+            if fp8 and prescale:
+                return acc_MN + part
             if fp8:  # bk == 128: one scale block of the contraction per step
                 if QBLOCK % bn == 0:
                     sc = s_ref[gw, kb, col0 // QBLOCK] if w_co else s_ref[gw, col0 // QBLOCK, kb]
@@ -256,11 +270,14 @@ def gmm_gpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, inte
     fp8 = is_fp8(w.dtype)
     cdt = x_MC.dtype if fp8 else jnp.promote_types(x_MC.dtype, w.dtype)
     cfg = config or default_gpu_grouped_config(m, e, o, c, fp8)
-    bk = QBLOCK if fp8 else cfg.bk
+    prescale = fp8 and cfg.prescale
+    bk = (cfg.bk if prescale else QBLOCK) if fp8 else cfg.bk
+    if prescale and QBLOCK % bk:
+        raise ValueError(f"prescaled FP8 needs bk dividing {QBLOCK}, got {bk}")
     tg, tr0, tr1 = _gpu_tile_schedule(group_sizes_E, m, cfg.bm)
     tw = jnp.minimum(tg, e - 1) + (0 if expert_offset is None else jnp.asarray(expert_offset, jnp.int32))
     kernel = functools.partial(_gpu_gmm_kernel, e=e, n=o, c=c, bm=cfg.bm, bn=cfg.bn, bk=bk,
-                               w_co=w_co, fp8=fp8, cdt=cdt)
+                               w_co=w_co, fp8=fp8, cdt=cdt, prescale=prescale)
     args = (tg, tr0, tr1, tw, x_MC, w) + ((w_scale.astype(jnp.float32),) if fp8 else ())
     return pl.pallas_call(
         kernel,

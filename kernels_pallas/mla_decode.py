@@ -73,9 +73,17 @@ def mla_decode_ref(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float,
 # ---------------------------------------------------------------------------------------------------
 
 
-def _gpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, *, h, l, r, bh, bt, scale):
+def _gpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, *part_refs, h, l, r, bh, bt, scale, chunk):
+    """One (sequence, head block[, token chunk]).  With ``chunk`` (split-T), the program covers
+    tokens ``[s*chunk, (s+1)*chunk)`` and writes its unnormalized accumulator, running max and sum
+    (``o_ref``, ``part_refs``) for :func:`_combine_splits`."""
     b, hb = pl.program_id(0), pl.program_id(1)
     n = len_ref[b]
+    t_lo = 0
+    if chunk is not None:
+        sp = pl.program_id(2)
+        t_lo = sp * chunk
+        n = jnp.minimum(n, t_lo + chunk)
     h0 = hb * bh
     h_ok = (h0 + jnp.arange(bh) < h) if h % bh else None
 
@@ -92,7 +100,7 @@ def _gpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, *, h, l, r, bh, bt, s
 
     def body(i, carry):
         m, s_sum, acc = carry
-        t0 = i * bt
+        t0 = t_lo + i * bt
         t_ok = t0 + jnp.arange(bt) < n
         c = load(c_ref.at[b, pl.ds(t0, bt), pl.ds(0, l)], t_ok[:, None])  # [bt, L]
         kp = load(c_ref.at[b, pl.ds(t0, bt), pl.ds(l, r)], t_ok[:, None])  # [bt, R]
@@ -109,7 +117,17 @@ def _gpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, *, h, l, r, bh, bt, s
 
     init = (jnp.full((bh,), _NEG, jnp.float32), jnp.zeros((bh,), jnp.float32),
             jnp.zeros((bh, l), jnp.float32))
-    _, s_sum, acc = lax.fori_loop(0, (n + bt - 1) // bt, body, init)
+    m, s_sum, acc = lax.fori_loop(0, (jnp.maximum(n - t_lo, 0) + bt - 1) // bt, body, init)
+    if chunk is not None:
+        m_ref, sum_ref = part_refs
+        sp = pl.program_id(2)
+        rows = None if h_ok is None else h_ok[:, None]
+        store = lambda ref, v, mask: plgpu_triton.store(ref, v, mask=mask) if mask is not None \
+            else plgpu_triton.store(ref, v)
+        store(o_ref.at[sp, b, pl.ds(h0, bh), :], acc, rows)
+        store(m_ref.at[sp, b, pl.ds(h0, bh)], m, h_ok)
+        store(sum_ref.at[sp, b, pl.ds(h0, bh)], s_sum, h_ok)
+        return
     o = jnp.where(s_sum[:, None] > 0, acc / jnp.where(s_sum > 0, s_sum, 1.0)[:, None], 0.0)
     if h_ok is None:
         plgpu_triton.store(o_ref.at[b, pl.ds(h0, bh), :], o.astype(o_ref.dtype))
@@ -117,17 +135,48 @@ def _gpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, *, h, l, r, bh, bt, s
         plgpu_triton.store(o_ref.at[b, pl.ds(h0, bh), :], o.astype(o_ref.dtype), mask=h_ok[:, None])
 
 
+def _combine_splits(acc_SBHL, m_SBH, sum_SBH):
+    """Merge split-T partial softmax states: ``o = Σ_s e^{m_s - M} acc_s / Σ_s e^{m_s - M} sum_s``."""
+    mx = jnp.max(m_SBH, axis=0)
+    w = jnp.exp(m_SBH - mx[None])
+    num = jnp.sum(acc_SBHL * w[..., None], axis=0)
+    den = jnp.sum(sum_SBH * w, axis=0)
+    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+
+
 def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
                    interpret=False, block_h: int | None = None, block_t: int = 32,
-                   num_warps: int = 8, num_stages: int = 2):
+                   num_warps: int = 8, num_stages: int = 2, splits: int = 1):
     """GPU kernel; heads in blocks of ``block_h`` (the cache of a sequence is read once per head
-    block, the later reads mostly from L2), tokens in blocks of ``block_t``."""
+    block, the later reads mostly from L2), tokens in blocks of ``block_t``.  ``splits > 1``
+    (flash-decoding): the cache length is cut into that many chunks, each its own program, and the
+    partial softmax states are merged afterwards (more programs in flight when B x head blocks is
+    small against the 132 SMs; costs ``splits x B x H x (L + 2)`` float32 written and read)."""
     bsz, h, l = q_lat_BHL.shape
     r = q_pe_BHR.shape[2]
+    if splits > 1:
+        s_len = cache_BSC.shape[1]
+        chunk = cdiv(cdiv(s_len, splits), block_t) * block_t
+        splits = cdiv(s_len, chunk)
+        bh = block_h or min(64, max(16, next_pow2(h)))
+        kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale,
+                                   chunk=chunk)
+        f32 = jnp.float32
+        acc, m, ssum = pl.pallas_call(
+            kernel,
+            out_shape=(jax.ShapeDtypeStruct((splits, bsz, h, l), f32),
+                       jax.ShapeDtypeStruct((splits, bsz, h), f32),
+                       jax.ShapeDtypeStruct((splits, bsz, h), f32)),
+            grid=(bsz, cdiv(h, bh), splits),
+            compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=interpret,
+            name="mla_decode_gpu_split",
+        )(lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
+        return _combine_splits(acc, m, ssum)
     # 64-head blocks: 701 GB/s at B=64, H=128, T=4096 on an H200 against 384 GB/s with 32
     # (benchmarks/kernels.py, 2026-11-28; docs/benchmarks.md)
     bh = block_h or min(64, max(16, next_pow2(h)))
-    kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale)
+    kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale, chunk=None)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, h, l), jnp.float32),

@@ -348,7 +348,9 @@ def test_fp8_kernels_batch_dims_and_out_dtype():
 @pytest.mark.parametrize("cfg", [
     GpuConfig(bm=16, bn=32, splits=3, num_warps=4, num_stages=2),   # split-K, narrow column tiles
     GpuConfig(bm=16, bn=256, splits=1, num_warps=4, num_stages=2),  # column tile over 2 scale blocks
-], ids=["splitk_bn32", "bn256"])
+    GpuConfig(bm=16, bn=32, splits=3, num_warps=4, num_stages=2, prescale=True),
+    GpuConfig(bm=32, bn=256, splits=2, num_warps=4, num_stages=2, prescale=True),
+], ids=["splitk_bn32", "bn256", "prescale_bn32", "prescale_bn256"])
 @pytest.mark.parametrize("interpret", COMPILED)
 def test_fp8_gpu_kernel_tilings(cfg, interpret):
     rng = np.random.default_rng(12)
@@ -373,6 +375,10 @@ def test_fp8_tpu_kernel_multi_tile():
 
 
 # grouped GEMM ----------------------------------------------------------------------------------
+
+
+def np_dequant_stack(wq, ws):
+    return np.stack([np_dequant(np.asarray(wq[g]), np.asarray(ws[g])) for g in range(wq.shape[0])])
 
 
 def _expert_weights(rng, e, n, k, fp8, dtype):
@@ -473,10 +479,18 @@ def test_grouped_gpu_tilings(interpret):
     x = _activations(rng, m, k, jnp.float32, "mixed")
     for fp8 in (False, True):
         w, ws = _expert_weights(rng, e, n, k, fp8, jnp.float32)
-        for cfg in (GpuGroupedConfig(bm=16, bn=256, bk=32), GpuGroupedConfig(bm=32, bn=32, bk=64)):
+        for cfg in (GpuGroupedConfig(bm=16, bn=256, bk=32), GpuGroupedConfig(bm=32, bn=32, bk=64),
+                    GpuGroupedConfig(bm=16, bn=256, bk=64, prescale=True),
+                    GpuGroupedConfig(bm=32, bn=64, bk=128, prescale=True)):
             y = gmm_gpu(x, w, sizes, w_scale=ws, out_dtype=jnp.float32, interpret=interpret,
                         config=cfg)
             _assert_close(y, grouped_matmul_ref(x, w, sizes, w_scale=ws), jnp.float32)
+            if fp8 and cfg.prescale:  # the dx orientation ([E, C, O] reads) with prescaling
+                dy = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+                dx = gmm_gpu(dy, w, sizes, w_scale=ws, w_co=True, out_dtype=jnp.float32,
+                             interpret=interpret, config=cfg)
+                w_t = jnp.swapaxes(jnp.asarray(np_dequant_stack(w, ws)), 1, 2)
+                _assert_close(dx, grouped_matmul_ref(dy, w_t, sizes), jnp.float32)
 
 
 def test_grouped_tpu_tilings():
@@ -547,6 +561,21 @@ def test_mla_kernel_matches_ref(impl, dtype):
     assert np.all(np.asarray(o[1]) == 0.0)
 
 
+@pytest.mark.parametrize("interpret", COMPILED)
+@pytest.mark.parametrize("splits,block_h", [(3, 16), (5, 8)])
+def test_mla_gpu_split_t_matches_ref(interpret, splits, block_h):
+    """Flash-decoding variant: chunks of the cache per program, merged after; ragged lengths that
+    leave whole chunks empty, an empty sequence, heads not a multiple of the head block (12 / 8)."""
+    from kernels_pallas.mla_decode import mla_decode_gpu
+    rng = np.random.default_rng(32)
+    ql, qp, cache, lens = _mla_inputs(rng, 4, 12, 128, 64, 70, jnp.float32, [70, 0, 1, 33])
+    cache = cache.at[0, 60:64].multiply(1e3)  # large scores in one chunk only
+    o = mla_decode_gpu(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128, interpret=interpret,
+                       block_h=block_h, block_t=16, splits=splits)
+    _assert_close(o, mla_decode_ref(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128), jnp.float32)
+    assert np.all(np.asarray(o[1]) == 0.0)
+
+
 # -------------------------------------------------------------------------------------------------
 # the kernels lower for the real backends (Pallas → Triton IR / Mosaic TPU IR; no hardware needed)
 # -------------------------------------------------------------------------------------------------
@@ -585,9 +614,20 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
         jax.jit(mla).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
                            S((b, t, 576), jnp.bfloat16), S((b,), jnp.int32)
                            ).lower(lowering_platforms=(platform,))
+        if platform == "cuda":
+            from kernels_pallas.mla_decode import mla_decode_gpu
+            split = lambda ql, qp, c, lens: mla_decode_gpu(ql, qp, c, lens, scale=0.1, kv_lora_rank=512,
+                                                           splits=4)
+            jax.jit(split).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
+                                 S((b, t, 576), jnp.bfloat16), S((b,), jnp.int32)
+                                 ).lower(lowering_platforms=(platform,))
         for m, k, n in cases:
             args = (S((m, k), jnp.bfloat16), S((n, k), F8), S((-(-n // 128), -(-k // 128)), jnp.float32))
             jax.jit(dense).trace(*args).lower(lowering_platforms=(platform,))
+            if platform == "cuda":  # the prescaled W8A16 variant
+                pre = lambda x, wq, ws: scaled_matmul_gpu(x, None, wq, ws, out_dtype=jnp.bfloat16,
+                                                          config=GpuConfig(64, 128, 2, 4, 4, prescale=True))
+                jax.jit(pre).trace(*args).lower(lowering_platforms=(platform,))
             stacked = lambda x, wq, ws, l: w8a16_matmul(x, wq, ws, impl=impl, layer=l)
             jax.jit(stacked).trace(args[0], S((3, n, k), F8), S((3, *args[2].shape), jnp.float32),
                                    S((), jnp.int32)).lower(lowering_platforms=(platform,))
@@ -595,6 +635,13 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
             args = (S((m, k), jnp.bfloat16), S((e, n, k), jnp.bfloat16), S((e, n, k), F8),
                     S((e, -(-n // 128), -(-k // 128)), jnp.float32), S((e,), jnp.int32))
             jax.jit(grouped).trace(*args).lower(lowering_platforms=(platform,))
+            if platform == "cuda":  # the prescaled FP8 variant, both orientations
+                for w_co in (False, True):
+                    pre = lambda x, wq, ws, gs, w_co=w_co: gmm_gpu(
+                        x, wq, gs, w_scale=ws, w_co=w_co, out_dtype=jnp.bfloat16,
+                        config=GpuGroupedConfig(bm=64, bn=128, bk=64, prescale=True))
+                    jax.jit(pre).trace(S((m, n if w_co else k), jnp.bfloat16), *args[2:]
+                                       ).lower(lowering_platforms=(platform,))
             # all layers' experts read in place at an offset (Precision.experts_in_place)
             in_place = lambda x, wq, ws, gs, off: grouped_matmul(x, wq, gs, w_scale=ws, impl=impl,
                                                                  expert_offset=off)
