@@ -15,6 +15,15 @@ mode keeps its best round. Per batch size it reports:
 * step cost: decode time per loop iteration, speculative / plain (what one verify step costs).
 
 Outputs are checked to be identical token for token (greedy). Compile time is excluded.
+
+``--passes`` adds, at batch 1, what a decode call is made of (microseconds, best of ``--rounds``
+alternating rounds): one main-model pass over 1-4 new tokens and one MTP pass over 1-2 rows (a
+``fori_loop`` of 200 passes over a 32-position cache), one loop iteration of each mode (decode
+executable with eos ignored: 17 iterations minus 1), a call's fixed decode cost (the executable
+with no iteration, plus reading the results back) and prefill, and the speed-up bound they give:
+a call costs ``fixed + steps x iteration``, so with the measured steps per call the decode
+speed-up is at most ``(fixed + steps_plain x it_plain) / (fixed + steps_spec x it_spec)``, and
+with the iteration cut to its model passes (no bookkeeping) or to 1-token passes, less yet.
 """
 
 from __future__ import annotations
@@ -54,6 +63,101 @@ def run_mode(gen, batches, spec):
     return tot
 
 
+def pass_costs(gen, prompt, rounds):
+    """Per-pass, per-iteration and per-call costs at batch 1, in microseconds (see ``--passes``)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from deepseek_jax import generate as G
+    from deepseek_jax.cache import LatentCache
+
+    graphdef, params = nnx.split(gen.model)
+    cfg, n, S = gen.model.cfg, 200, 32
+    cache = LatentCache.zeros(cfg, 1, S, dtype=gen.model.prec.dtype)
+    mcache = jnp.zeros((1, S, cfg.latent_dim), gen.model.prec.dtype)
+
+    def main_pass(T):
+        def f(params, c):
+            def body(i, c):
+                model = nnx.merge(graphdef, params)
+                pos = (5 + i % 8 + jnp.arange(T, dtype=jnp.int32))[None]
+                out = model((pos * 7) % cfg.vocab_size, pos, cache=c, absorbed=True)
+                # (Float 0 * x is not folded away, so the last layer's FFN and the head still run.)
+                return out.cache._replace(dense=out.cache.dense + 0.0 * jnp.max(out.logits))
+            return jax.lax.fori_loop(0, n, body, c)
+        return jax.jit(f).lower(params, cache).compile(), cache
+
+    def mtp_pass(T):
+        def f(params, c):
+            def body(i, c):
+                model = nnx.merge(graphdef, params)
+                pos = (5 + i % 8 + jnp.arange(T, dtype=jnp.int32))[None]
+                h = jnp.full((1, T, cfg.hidden_size), 0.1, c.dtype) + c[0, 0, 0]
+                x, c, _ = model.mtp_hidden(h, (pos * 7) % cfg.vocab_size, pos, cache_BSC=c, absorbed=True)
+                return c + 0.0 * jnp.max(model.mtp_head(x[:, -1]))
+            return jax.lax.fori_loop(0, n, body, c)
+        return jax.jit(f).lower(params, mcache).compile(), mcache
+
+    P = len(prompt)
+    ids = np.zeros((1, 16), np.int32)
+    ids[0, :P] = prompt
+    knobs = G._Knobs(jnp.int32(gen.eos_id), jnp.bool_(False), *G.GREEDY.traced())   # eos ignored
+    args = (jnp.asarray(ids), jnp.asarray([P], np.int32), jnp.asarray([S - 1], np.int32),
+            jnp.asarray([True]), jnp.uint32(0))
+    exe = {spec: G._executables(graphdef, (1, 16, S, True, False, spec), params, args, knobs)[0]
+           for spec in (False, True)}
+    passes = {f"main pass, {T} new token{'s' if T > 1 else ''}": main_pass(T) for T in (1, 2, 3, 4)}
+    passes.update({f"MTP pass, {T} row{'s' if T > 1 else ''}": mtp_pass(T) for T in (1, 2)})
+
+    def call(spec, limit):
+        pre, dec = exe[spec]
+        st = jax.block_until_ready(pre(params, *args, knobs))
+        t0 = time.perf_counter()
+        if limit is not None:
+            st = dec(params, st, jnp.int32(limit), knobs)
+            jax.device_get((st.buf_BS, st.cur_B, st.done_B, st.step))
+        return time.perf_counter() - t0
+
+    def prefill(spec):
+        t0 = time.perf_counter()
+        jax.block_until_ready(exe[spec][0](params, *args, knobs))
+        return time.perf_counter() - t0
+
+    best = {}
+    for _ in range(rounds):
+        for name, (f, a) in passes.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(params, a))
+            best[name] = min(best.get(name, 1e9), (time.perf_counter() - t0) / n * 1e6)
+        for spec in (False, True):
+            mode = "MTP" if spec else "plain"
+            for key, v in ((f"{mode} prefill", prefill(spec)), (f"{mode} fixed decode cost", call(spec, 1)),
+                           (f"{mode} 16 iterations", call(spec, 17))):
+                best[key] = min(best.get(key, 1e9), v * 1e6)
+    for mode in ("plain", "MTP"):
+        best[f"{mode} loop iteration"] = (best.pop(f"{mode} 16 iterations") - best[f"{mode} fixed decode cost"]) / 16
+    return best
+
+
+def bound_lines(c, plain_steps, spec_steps):
+    """The decode speed-up bounds that the measured costs ``c`` give (see ``--passes``)."""
+    fp, fs = c["plain fixed decode cost"], c["MTP fixed decode cost"]
+    ip, i_s = c["plain loop iteration"], c["MTP loop iteration"]
+    m1, m2, t1, t2 = (c["main pass, 1 new token"], c["main pass, 2 new tokens"], c["MTP pass, 1 row"],
+                      c["MTP pass, 2 rows"])
+    ratio = lambda num, den: f"{num:.0f} / {den:.0f} us = {num / den:.2f}x"  # noqa: E731
+    return [
+        f"measured: plain call {ratio(fp + plain_steps * ip, fs + spec_steps * i_s)}",
+        f"bookkeeping free (iterations = model passes: {m1:.0f} vs {m2:.0f} + {t2:.0f} us): "
+        + ratio(fp + plain_steps * m1, fp + spec_steps * (m2 + t2)),
+        f"... and no fixed cost: {ratio(plain_steps * m1, spec_steps * (m2 + t2))}",
+        f"... and a 2-token verify / 2-row MTP pass as cheap as 1 token/row: "
+        + ratio(plain_steps * m1, spec_steps * (m1 + t1)),
+        f"... and a free MTP (only the {spec_steps:.2f} steps): {ratio(plain_steps * m1, spec_steps * m1)}",
+    ]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="checkpoint (default: the shipped demo model)")
@@ -61,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--passes", action="store_true", help="also break batch 1 down into per-pass costs")
     args = ap.parse_args(argv)
 
     import deepseek_jax as dj
@@ -105,8 +210,9 @@ def main(argv=None) -> int:
         print(f"batch {B}: {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})}",
               file=sys.stderr, flush=True)
 
+    costs = pass_costs(gen, prompts[0], args.rounds) if args.passes else None
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows if costs is None else dict(rows=rows, pass_costs_us=costs), indent=1))
         return 0
     load = os.getloadavg()
     print(f"date {datetime.date.today().isoformat()} · {versions()} · load average {load[0]:.1f}\n")
@@ -120,6 +226,15 @@ def main(argv=None) -> int:
               f"{r['plain_tok_s']:,.0f} | {r['spec_tok_s']:,.0f} | {r['speedup']:.2f}x | "
               f"{r['plain_decode_tok_s']:,.0f} | {r['spec_decode_tok_s']:,.0f} | {r['decode_speedup']:.2f}x | "
               f"{r['spec_step_ms']:.3f} / {r['plain_step_ms']:.3f} ms = {r['step_cost']:.2f} |")
+    if costs is not None:
+        print("\nBatch 1, microseconds (best of rounds):\n\n| cost | us |\n|---|---:|")
+        for k, v in costs.items():
+            print(f"| {k} | {v:.0f} |")
+        r1 = next((r for r in rows if r["batch"] == 1), None)
+        if r1 is not None:
+            print("\nDecode speed-up bounds at batch 1 (plain / MTP decode time per call):\n")
+            for line in bound_lines(costs, r1["plain_steps_per_call"], r1["spec_steps_per_call"]):
+                print(f"- {line}")
     return 0
 
 

@@ -541,7 +541,10 @@ class Generator:
         if stream is None:
             if max_steps > 1:
                 state = dec(params, state, jnp.int32(max_steps), knobs)
-            buf, cur, done, steps = jax.device_get((state.buf_BS, state.cur_B, state.done_B, state.step))
+            # (Speculative: the draft counters come back in the same transfer.)
+            buf, cur, done, steps, *counts = jax.device_get(
+                (state.buf_BS, state.cur_B, state.done_B, state.step)
+                + ((state.drafted_B, state.accepted_B) if spec else ()))
         else:
             while True:
                 buf, cur, done, steps = jax.device_get((state.buf_BS, state.cur_B, state.done_B, state.step))
@@ -552,7 +555,7 @@ class Generator:
         stats.decode_s = time.perf_counter() - t1
         stats.steps = int(steps)
         if spec:
-            drafted, accepted = jax.device_get((state.drafted_B, state.accepted_B))
+            drafted, accepted = counts if stream is None else jax.device_get((state.drafted_B, state.accepted_B))
             stats.drafted, stats.accepted = int(drafted[:B].sum()), int(accepted[:B].sum())
 
         results = []

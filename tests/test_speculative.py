@@ -160,6 +160,29 @@ def test_caches_match_a_fresh_pass(gen_c):
             assert draft[r] == int(jnp.argmax(model.mtp_head(x[0, c - 1])))
 
 
+@pytest.mark.parametrize("T", [2, 3])
+def test_verify_pass_equals_one_token_passes(model, T):
+    """A few new tokens per row through the absorbed form (what a verify step runs) give the
+    numbers of the same tokens fed one at a time (what plain decoding runs), bit for bit on the
+    reference backend, and the same cache."""
+    B, P, S = 2, 6, 16
+    ids = jnp.asarray(np.arange(B * (P + T)).reshape(B, P + T) % model.cfg.vocab_size, jnp.int32)
+    cache = model(ids[:, :P], cache=LatentCache.zeros(model.cfg, B, S, jnp.float32)).cache
+    pos = jnp.broadcast_to(jnp.arange(P, P + T, dtype=jnp.int32), (B, T)) + jnp.array([[0], [3]])
+    run = jax.jit(lambda i, p, c: model(i, p, cache=c, absorbed=True))
+    got = run(ids[:, P:], pos, cache)
+    c, logits, hidden = cache, [], []
+    for t in range(T):
+        out = run(ids[:, P + t:P + t + 1], pos[:, t:t + 1], c)
+        c = out.cache
+        logits.append(out.logits)
+        hidden.append(out.hidden)
+    np.testing.assert_array_equal(np.asarray(got.logits), np.asarray(jnp.concatenate(logits, 1)))
+    np.testing.assert_array_equal(np.asarray(got.hidden), np.asarray(jnp.concatenate(hidden, 1)))
+    for a, b in ((got.cache.dense, c.dense), (got.cache.moe, c.moe)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ---- sampling: the rejection rule keeps the target distribution --------------------------------
 def test_rejection_rule_distribution():
     V, n = 6, 40000
