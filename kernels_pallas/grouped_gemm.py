@@ -62,6 +62,17 @@ def _compute_dtype(x_MK, w_ENK):
     return x_MK.dtype if is_fp8(w_ENK.dtype) else jnp.promote_types(x_MK.dtype, w_ENK.dtype)
 
 
+def _expert_of_rows(group_sizes_E: jax.Array, m: int) -> jax.Array:
+    """``[m]`` int32: the expert whose row range holds each row, ``E`` for rows past the groups.
+
+    The number of group ends ``<= row`` (``searchsorted(ends, row, side="right")``) counted with
+    one compare-and-sum: ``jnp.searchsorted`` is a while loop on CPU, several ops per decode step.
+    """
+    ends_E = jnp.cumsum(group_sizes_E.astype(jnp.int32))
+    rows_M = jnp.arange(m, dtype=jnp.int32)
+    return jnp.sum(ends_E[None, :] <= rows_M[:, None], axis=1, dtype=jnp.int32)
+
+
 def grouped_matmul_ref(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, *,
                        w_scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
     """Reference grouped matmul via ``jax.lax.ragged_dot`` → ``[M, N]`` (``out_dtype`` default x.dtype).
@@ -76,8 +87,7 @@ def grouped_matmul_ref(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, 
     if M <= 4 * E:
         # Few rows (decode): gather each row's expert weight instead of a dense masked product
         # over all experts (what ragged_dot lowers to on CPU); only touched experts are read.
-        ends = jnp.cumsum(group_sizes_E.astype(jnp.int32))
-        expert_M = jnp.searchsorted(ends, jnp.arange(M, dtype=jnp.int32), side="right")
+        expert_M = _expert_of_rows(group_sizes_E, M)
         e = jnp.minimum(expert_M, E - 1)
         w_MNK = dequantize_blocks(w[e], w_scale[e]) if is_fp8(w.dtype) else w[e]
         # Operands in the compute dtype, then float32 for the product: bf16 x bf16 products are

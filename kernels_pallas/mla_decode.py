@@ -55,17 +55,19 @@ def mla_decode_ref(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float,
     _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank)
     f32 = jnp.float32
     hp = lax.Precision.HIGHEST
-    c_BSL = cache_BSC[..., :kv_lora_rank].astype(f32)
-    kpe_BSR = cache_BSC[..., kv_lora_rank:].astype(f32)
-    s_BHS = (jnp.einsum("bhl,bsl->bhs", q_lat_BHL.astype(f32), c_BSL, precision=hp)
-             + jnp.einsum("bhr,bsr->bhs", q_pe_BHR.astype(f32), kpe_BSR, precision=hp)) * scale
+    # q_lat·c + q_pe·k_pe is one product of [q_lat | q_pe] with the whole entry [c | k_pe], and
+    # p·c is the first L columns of p·[c | k_pe]: two batched dots over the cache as stored, no
+    # slice of it materialized (on CPU a slice is a copy of the cache, every decode step).
+    kv_BSC = cache_BSC.astype(f32)
+    q_BHC = jnp.concatenate([q_lat_BHL.astype(f32), q_pe_BHR.astype(f32)], axis=-1)
+    s_BHS = jnp.einsum("bhc,bsc->bhs", q_BHC, kv_BSC, precision=hp) * scale
     valid_BS = jnp.arange(cache_BSC.shape[1])[None, :] < lengths_B[:, None]
     s_BHS = jnp.where(valid_BS[:, None, :], s_BHS, -jnp.inf)
     m = jnp.max(s_BHS, axis=-1, keepdims=True)
     p = jnp.exp(s_BHS - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    return jnp.einsum("bhs,bsl->bhl", p, c_BSL, precision=hp)
+    return jnp.einsum("bhs,bsc->bhc", p, kv_BSC, precision=hp)[..., :kv_lora_rank]
 
 
 # ---------------------------------------------------------------------------------------------------
