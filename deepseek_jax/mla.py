@@ -40,8 +40,13 @@ def _einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
-def write_cache(cache_BSC: jax.Array, new_BTC: jax.Array, pos_BT: jax.Array) -> jax.Array:
-    """Writes each row's new latent entries at that row's positions (out-of-range writes drop)."""
+def write_cache(cache_BSC: jax.Array, new_BTC: jax.Array, pos_BT: jax.Array, layer=None) -> jax.Array:
+    """Writes each row's new latent entries at that row's positions (out-of-range writes drop).
+    With ``layer``, ``cache`` is all layers' ``[L, B, S, C]`` and layer ``layer``'s entries are
+    written (a scatter into the stack: in place inside the scan, no copy of a layer's cache)."""
+    if layer is not None:
+        b = jnp.arange(cache_BSC.shape[1])[:, None]
+        return cache_BSC.at[layer, b, pos_BT].set(new_BTC.astype(cache_BSC.dtype), mode="drop")
     b = jnp.arange(cache_BSC.shape[0])[:, None]
     return cache_BSC.at[b, pos_BT].set(new_BTC.astype(cache_BSC.dtype), mode="drop")
 
@@ -91,12 +96,14 @@ class MLA(nnx.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, rope: Rope, *,
-                 cache_BSC: jax.Array | None = None, absorbed: bool = False):
+                 cache_BSC: jax.Array | None = None, absorbed: bool = False, layer=None):
         """Returns ``(out_BTD, cache_BSC)``; the cache (if given) gets the new tokens written.
 
         ``absorbed=False``: naive form among this call's tokens (the cache is only written).
         ``absorbed=True``: absorbed form over the whole cache after the write (decode, or
         prefill continuing an existing cache). Both compute the same function.
+        ``layer``: the cache is the scanned layers' whole ``[L, B, S, C]`` stack, this is layer
+        ``layer`` (traced); it is written and read in place and returned whole.
         """
         dtype = self.prec.dtype
         T = x_BTD.shape[1]
@@ -113,14 +120,14 @@ class MLA(nnx.Module):
             outs = []
             for t in range(T):
                 o, cache_BSC = self(x_BTD[:, t:t + 1], pos_BT[:, t:t + 1], rope, cache_BSC=cache_BSC,
-                                    absorbed=True)
+                                    absorbed=True, layer=layer)
                 outs.append(o)
             return jnp.concatenate(outs, axis=1), cache_BSC
         cos, sin = rope.cos_sin(pos_BT)
         q_nope, q_pe = self._query(x_BTD, cos, sin, rope)
         new_BTC = self.latent_entries(x_BTD, cos, sin, rope)
         if cache_BSC is not None:
-            cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT)
+            cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT, layer)
         H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
         w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
         if not absorbed:
@@ -142,16 +149,18 @@ class MLA(nnx.Module):
                 # decode kernel once per new token, each query seeing the cache up to its own
                 # position, so that a verified token is computed like the same token in plain
                 # decoding.
-                lengths_BT = jnp.minimum(pos_BT + 1, cache_BSC.shape[1])
+                lengths_BT = jnp.minimum(pos_BT + 1, cache_BSC.shape[-2])
                 o_lat = jnp.stack([
                     kernels_pallas.mla_decode(q_lat[:, t], q_pe[:, t], cache_BSC, lengths_BT[:, t],
-                                              scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels)
+                                              scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels,
+                                              layer=layer)
                     for t in range(T)], axis=1).astype(dtype)
             else:  # several new tokens (chunked prefill over an existing cache)
-                c, k_pe = cache_BSC[..., :L].astype(dtype), cache_BSC[..., L:].astype(dtype)
+                kv = cache_BSC if layer is None else jax.lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
+                c, k_pe = kv[..., :L].astype(dtype), kv[..., L:].astype(dtype)
                 s = (_einsum32("bthl,bsl->bhts", q_lat, c)
                      + _einsum32("bthr,bsr->bhts", q_pe, k_pe))
-                mask = jnp.arange(cache_BSC.shape[1])[None, None, :] <= pos_BT[:, :, None]
+                mask = jnp.arange(kv.shape[1])[None, None, :] <= pos_BT[:, :, None]
                 p = self._softmax(s, mask).astype(dtype)
                 o_lat = _einsum32("bhts,bsl->bthl", p, c).astype(dtype)
             o_BTHA = _einsum32("bthl,hal->btha", o_lat, w_kvb[:, N:]).astype(dtype)

@@ -57,9 +57,12 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fp8=cfg.fp8, prec=prec, rngs=rngs)
 
-    def __call__(self, h_BTD, pos_BT, rope: Rope, cache_BSC=None, absorbed=False, layer_idx=None):
+    def __call__(self, h_BTD, pos_BT, rope: Rope, cache_BSC=None, absorbed=False, layer_idx=None,
+                 cache_layer=None):
+        """``layer_idx``: experts read in place (see ``MoE``); ``cache_layer``: ``cache_BSC`` is the
+        scanned layers' whole ``[L, B, S, C]`` cache and this is that layer (see ``MLA``)."""
         a, cache_BSC = self.self_attn(self.input_layernorm(h_BTD), pos_BT, rope,
-                                      cache_BSC=cache_BSC, absorbed=absorbed)
+                                      cache_BSC=cache_BSC, absorbed=absorbed, layer=cache_layer)
         h_BTD = h_BTD + a
         if self.moe:
             f, stats = self.mlp(self.post_attention_layernorm(h_BTD), layer_idx)
@@ -151,23 +154,29 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False)
     # layers' weights at twice their size); on GPU/TPU the bitcasts are free.
     state = jax.tree.map(_to_bytes, state)
 
-    def body(h, xs):
-        st, c, i = xs
+    # The latent cache rides in the carry, whole: each layer scatters its new entries into the
+    # [L, B, S, C] stack and attends over its layer by index. As a scanned input/output instead,
+    # every step would copy each layer's cache out and assemble a fresh stack (two full passes
+    # over the cache per decode step, the largest array a decode step touches at long context).
+    def body(carry, xs):
+        h, cache = carry
+        st, i = xs
         st = jax.tree.map(_from_bytes, st)
+        c_layer = None if cache is None else i
         if experts is None:
             layer = nnx.merge(graphdef, st)
-            h, c, stats = layer(h, pos_BT, rope, c, absorbed)
+            h, cache, stats = layer(h, pos_BT, rope, cache, absorbed, cache_layer=c_layer)
         else:
             layer = nnx.merge(graphdef, experts, whole, st)
             with scan_layer(i):
-                h, c, stats = layer(h, pos_BT, rope, c, absorbed,
-                                    layer_idx=i if isinstance(getattr(layer, "mlp", None), MoE) else None)
-        return h, (c, stats)
+                h, cache, stats = layer(h, pos_BT, rope, cache, absorbed, cache_layer=c_layer,
+                                        layer_idx=i if isinstance(getattr(layer, "mlp", None), MoE) else None)
+        return (h, cache), stats
 
     if remat:
         body = jax.checkpoint(body)
-    h_BTD, (cache_LBSC, stats) = jax.lax.scan(
-        body, h_BTD, (state, cache_LBSC, jnp.arange(n_layers, dtype=jnp.int32)))
+    (h_BTD, cache_LBSC), stats = jax.lax.scan(
+        body, (h_BTD, cache_LBSC), (state, jnp.arange(n_layers, dtype=jnp.int32)))
     return h_BTD, cache_LBSC, stats
 
 

@@ -75,11 +75,13 @@ def mla_decode_ref(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float,
 # ---------------------------------------------------------------------------------------------------
 
 
-def _gpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, *part_refs, h, l, r, bh, bt, scale, chunk):
+def _gpu_mla_kernel(lay_ref, len_ref, ql_ref, qp_ref, c_ref, o_ref, *part_refs, h, l, r, bh, bt, scale,
+                    chunk):
     """One (sequence, head block[, token chunk]).  With ``chunk`` (split-T), the program covers
     tokens ``[s*chunk, (s+1)*chunk)`` and writes its unnormalized accumulator, running max and sum
     (``o_ref``, ``part_refs``) for :func:`_combine_splits`."""
     b, hb = pl.program_id(0), pl.program_id(1)
+    layer = lay_ref[0]  # c_ref is [L, B, S, C]: this call's layer, read in place
     n = len_ref[b]
     t_lo = 0
     if chunk is not None:
@@ -104,8 +106,8 @@ def _gpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, *part_refs, h, l, r, 
         m, s_sum, acc = carry
         t0 = t_lo + i * bt
         t_ok = t0 + jnp.arange(bt) < n
-        c = load(c_ref.at[b, pl.ds(t0, bt), pl.ds(0, l)], t_ok[:, None])  # [bt, L]
-        kp = load(c_ref.at[b, pl.ds(t0, bt), pl.ds(l, r)], t_ok[:, None])  # [bt, R]
+        c = load(c_ref.at[layer, b, pl.ds(t0, bt), pl.ds(0, l)], t_ok[:, None])  # [bt, L]
+        kp = load(c_ref.at[layer, b, pl.ds(t0, bt), pl.ds(l, r)], t_ok[:, None])  # [bt, R]
         s = (nt(ql, c) + nt(qp, kp)) * scale  # [bh, bt]
         s = jnp.where(t_ok[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -148,7 +150,7 @@ def _combine_splits(acc_SBHL, m_SBH, sum_SBH):
 
 def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
                    interpret=False, block_h: int | None = None, block_t: int = 32,
-                   num_warps: int = 8, num_stages: int = 2, splits: int = 1):
+                   num_warps: int = 8, num_stages: int = 2, splits: int = 1, layer=None):
     """GPU kernel; heads in blocks of ``block_h`` (the cache of a sequence is read once per head
     block, the later reads mostly from L2), tokens in blocks of ``block_t``.  ``splits > 1``
     (flash-decoding): the cache length is cut into that many chunks, each its own program, and the
@@ -156,8 +158,11 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
     small against the 132 SMs; costs ``splits x B x H x (L + 2)`` float32 written and read)."""
     bsz, h, l = q_lat_BHL.shape
     r = q_pe_BHR.shape[2]
+    if layer is None:
+        cache_BSC = cache_BSC[None]
+    lay = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     if splits > 1:
-        s_len = cache_BSC.shape[1]
+        s_len = cache_BSC.shape[2]
         chunk = cdiv(cdiv(s_len, splits), block_t) * block_t
         splits = cdiv(s_len, chunk)
         bh = block_h or min(64, max(16, next_pow2(h)))
@@ -173,7 +178,7 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
             compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
             interpret=interpret,
             name="mla_decode_gpu_split",
-        )(lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
+        )(lay, lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
         return _combine_splits(acc, m, ssum)
     # 64-head blocks: 701 GB/s at B=64, H=128, T=4096 on an H200 against 384 GB/s with 32
     # (benchmarks/kernels.py, 2026-11-28; docs/benchmarks.md)
@@ -186,7 +191,7 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
         compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="mla_decode_gpu",
-    )(lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
+    )(lay, lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,11 +276,21 @@ def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
 
 
 def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lora_rank: int,
-               impl: str = "auto") -> jax.Array:
+               impl: str = "auto", layer=None) -> jax.Array:
     """Absorbed MLA decode attention → ``o_BHL`` float32 (see module doc); ``impl`` as in
-    :mod:`kernels_pallas.backend`."""
-    _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank)
+    :mod:`kernels_pallas.backend`.  ``layer`` (int or traced): ``cache`` is several layers'
+    ``[L, B, S, C]`` stack and layer ``layer``'s is attended over (read in place by the GPU
+    kernel; the reference and TPU paths take a dynamic slice)."""
     target, interpret = backend.split_impl(impl)
+    if layer is not None:
+        if cache_BSC.ndim != 4:
+            raise ValueError(f"with layer=, the cache must be [L, B, S, C], got {cache_BSC.shape}")
+        if target == "gpu":
+            _check(q_lat_BHL, q_pe_BHR, cache_BSC[0], lengths_B, kv_lora_rank)
+            return mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
+                                  kv_lora_rank=kv_lora_rank, interpret=interpret, layer=layer)
+        cache_BSC = lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
+    _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank)
     if target == "ref":
         return mla_decode_ref(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
                               kv_lora_rank=kv_lora_rank)

@@ -561,6 +561,19 @@ def test_mla_kernel_matches_ref(impl, dtype):
     assert np.all(np.asarray(o[1]) == 0.0)
 
 
+@pytest.mark.parametrize("impl", ["ref"] + KERNEL_IMPLS)
+def test_mla_layer_of_a_cache_stack(impl):
+    """``layer=``: attend over one layer of an [L, B, S, C] cache (the others NaN: never read)."""
+    rng = np.random.default_rng(33)
+    ql, qp, cache, lens = _mla_inputs(rng, 3, 8, 128, 64, 40, jnp.float32, [40, 0, 17])
+    stack = jnp.stack([jnp.full_like(cache, jnp.nan), cache, jnp.full_like(cache, jnp.nan)])
+    o = jax.jit(lambda a, b, c, d, l: mla_decode(a, b, c, d, scale=0.05, kv_lora_rank=128, impl=impl,
+                                                 layer=l))(ql, qp, stack, lens, jnp.int32(1))
+    _assert_close(o, mla_decode_ref(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128), jnp.float32)
+    with pytest.raises(ValueError, match="with layer="):
+        mla_decode(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128, impl=impl, layer=0)
+
+
 @pytest.mark.parametrize("interpret", COMPILED)
 @pytest.mark.parametrize("splits,block_h", [(3, 16), (5, 8)])
 def test_mla_gpu_split_t_matches_ref(interpret, splits, block_h):
@@ -618,6 +631,11 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
             from kernels_pallas.mla_decode import mla_decode_gpu
             split = lambda ql, qp, c, lens: mla_decode_gpu(ql, qp, c, lens, scale=0.1, kv_lora_rank=512,
                                                            splits=4)
+            stacked = lambda ql, qp, c, lens, l: mla_decode(ql, qp, c, lens, scale=0.1, kv_lora_rank=512,
+                                                            impl=impl, layer=l)
+            jax.jit(stacked).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
+                                   S((3, b, t, 576), jnp.bfloat16), S((b,), jnp.int32), S((), jnp.int32)
+                                   ).lower(lowering_platforms=(platform,))
             jax.jit(split).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
                                  S((b, t, 576), jnp.bfloat16), S((b,), jnp.int32)
                                  ).lower(lowering_platforms=(platform,))
