@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-batches", default=None, help="HF peer batch sizes (default 1,16; small: 1,4)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     ap.add_argument("--compare-in-place", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time batch-1 decode with per-layer weight slices (experts_in_place=False)")
+                    help="also time batch-1 decode with per-layer weight slices (weights_in_place=False)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
@@ -269,8 +269,8 @@ def main(argv=None) -> int:
                 json.dump(dict(date=str(datetime.date.today()), jax=jax.__version__,
                                device=jax.devices()[0].device_kind, bandwidth=bw, fp8_flops=flops,
                                hf_ms=hf, rows=rows), f, indent=1)
-    from deepseek_jax.model import experts_in_place
-    print(f"# experts read in place (Precision.experts_in_place): {experts_in_place(model.moe_layers)}")
+    from deepseek_jax.model import weights_in_place
+    print(f"# FP8 weights read in place (Precision.weights_in_place): {weights_in_place(model.moe_layers)}")
     print(f"{'what':<26}{'time':>12}{'tok/s':>12}{'roofline':>12}{'x roofline':>12}{'HF ms':>10}{'vs HF':>8}")
     for b in batches:
         t = bench_decode(cfg, model, b, context, key)
@@ -281,9 +281,9 @@ def main(argv=None) -> int:
         save()
         print(f"{'decode B=%d ctx=%d' % (b, context):<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
               f"{t / roof:>12.2f}{(h or float('nan')):>10.2f}{(h / 1e3 / t if h else float('nan')):>8.1f}")
-    if a.compare_in_place and experts_in_place(model.moe_layers):
+    if a.compare_in_place and weights_in_place(model.moe_layers):
         # the same weights with per-layer slices (the 2026-11-28 behaviour), batch 1, side by side
-        sliced = abstract_model(cfg, Precision(dtype=jnp.bfloat16, experts_in_place=False), with_mtp=False)
+        sliced = abstract_model(cfg, Precision(dtype=jnp.bfloat16, weights_in_place=False), with_mtp=False)
         sliced = nnx.merge(nnx.split(sliced)[0], nnx.split(model)[1])
         t = bench_decode(cfg, sliced, 1, context, key)
         roof = step_bytes(cfg, model, 1, context, expected_touched(cfg, 1)) / bw

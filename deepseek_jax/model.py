@@ -104,35 +104,21 @@ def _is_fp8_linear(path, value) -> bool:
 
 
 def weights_in_place(layers) -> bool:
-    """Whether :func:`_scan_layers` passes these layers' FP8 weights whole (all layers) and
-    a layer index instead of scanning over per-layer slices (``Precision.experts_in_place``: the
-    compiled kernels read them in place; a slice feeding a custom call is a copy per step)."""
-    if isinstance(getattr(layers, "mlp", None), MoE):
-        return experts_in_place(layers)
-    prec = layers.self_attn.kv_b_proj.prec if hasattr(layers, "self_attn") else None
-    if prec is None or prec.experts_in_place is False:
-        return False
-    if prec.experts_in_place:
-        return True
-    import kernels_pallas.backend as kb  # noqa: PLC0415
-    return kb.resolve_impl(prec.kernels) in ("pallas_gpu", "pallas_tpu") and layers.self_attn.kv_b_proj.fp8
-
-
-def experts_in_place(layers) -> bool:
-    """Whether :func:`_scan_layers` hands these MoE layers' experts to the grouped GEMM in place
-    (all layers' ``[L*E, ...]`` plus an offset) rather than as per-layer slices; see
-    ``Precision.experts_in_place``."""
+    """Whether :func:`_scan_layers` passes these stacked layers' FP8 weights whole (all layers)
+    plus a layer index instead of scanning over per-layer slices: routed experts as ``[L*E, ...]``
+    at offset ``layer * E``, other FP8 linears as ``[L, out, in]`` (``quant.scan_layer``).  See
+    ``Precision.weights_in_place``; off under expert-parallel dispatch (``shard_map`` takes one
+    layer's local experts)."""
     moe = getattr(layers, "mlp", None)
-    if not isinstance(moe, MoE):
-        return False
-    from deepseek_jax import expert_parallel  # noqa: PLC0415 - avoid a cycle at import time
-    if moe.mesh is not None and expert_parallel.is_distributed(moe.mesh):
-        return False  # shard_map dispatch takes this device's experts of one layer
-    choice = moe.prec.experts_in_place
-    if choice is not None:
-        return choice
+    if isinstance(moe, MoE):
+        from deepseek_jax import expert_parallel  # noqa: PLC0415 - avoid a cycle at import time
+        if moe.mesh is not None and expert_parallel.is_distributed(moe.mesh):
+            return False
+    lin = layers.self_attn.kv_b_proj
+    if lin.prec.weights_in_place is not None:
+        return lin.prec.weights_in_place
     import kernels_pallas.backend as kb  # noqa: PLC0415
-    return kb.resolve_impl(moe.prec.kernels) in ("pallas_gpu", "pallas_tpu") and moe.experts.gate_proj.fp8
+    return lin.fp8 and kb.resolve_impl(lin.prec.kernels) in ("pallas_gpu", "pallas_tpu")
 
 
 def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False):

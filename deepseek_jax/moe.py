@@ -98,7 +98,7 @@ def experts_apply(arrays: tuple, x_MD: jax.Array, group_sizes_E: jax.Array, prec
     """SwiGLU over rows sorted by expert, with (possibly local shards of) the stacked weights.
 
     ``expert_offset``: the weights are several layers' experts ``[L*E, ...]`` and this layer's
-    start at that index (see ``Precision.experts_in_place``).
+    start at that index (see ``Precision.weights_in_place``).
     Rows past ``sum(group_sizes)`` produce zeros (the grouped GEMM's contract)."""
     (wg, sg), (wu, su), (wd, sd) = arrays
     h = jax.nn.silu(grouped_matmul(wg, sg, x_MD, group_sizes_E, prec, expert_offset))
@@ -119,7 +119,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array, layer_idx: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
         """``layer_idx``: set when the experts hold all scanned layers' weights ``[L*E, ...]``
-        (``Precision.experts_in_place``); this layer's experts start at ``layer_idx * E``."""
+        (``Precision.weights_in_place``); this layer's experts start at ``layer_idx * E``."""
         cfg, dtype = self.cfg, self.prec.dtype
         B, T, D = x_BTD.shape
         E, K = cfg.n_routed_experts, cfg.num_experts_per_tok

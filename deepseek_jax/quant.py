@@ -35,17 +35,18 @@ class Precision:
     fp8_mode: "w8a16" (dequantize weights, the reference numbers) or "w8a8" (1x128 activation
       quantization and a block-scaled FP8 GEMM; changes the numbers, never compare it with float32).
     kernels: "auto" (Pallas on GPU/TPU, jnp reference on CPU), "ref", "pallas" or "interpret".
-    experts_in_place: whether the scan over MoE layers hands the grouped GEMM all layers' FP8
-      experts plus an offset (``expert_offset``) instead of slicing one layer's experts per step,
-      which XLA materializes as a copy (read + write of 11 GB per DeepSeek-V3 layer: ~19 ms of a
-      4-layer decode step measured on an H200). None (default): on when the grouped GEMM is a
-      compiled Pallas kernel and the experts are FP8 (frozen: no weight gradient through the stack).
+    weights_in_place: whether the scan over stacked layers hands the kernels all layers' FP8
+      weights plus a layer index (``expert_offset`` / ``layer=``) instead of slicing one layer's
+      weights per step, which XLA materializes as a copy when the slice feeds a Pallas call (for a
+      DeepSeek-V3 MoE layer, 11 GB of experts read and written again: ~19 ms of a 4-layer decode
+      step measured on an H200). None (default): on when the kernels are compiled Pallas and the
+      weights are FP8 (frozen: no weight gradient flows through the whole stacks).
     """
 
     dtype: jnp.dtype = jnp.float32
     fp8_mode: Literal["w8a16", "w8a8"] = "w8a16"
     kernels: str = "auto"
-    experts_in_place: bool | None = None
+    weights_in_place: bool | None = None
 
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

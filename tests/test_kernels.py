@@ -108,14 +108,14 @@ def test_model_kernel_choice_by_shape(monkeypatch):
     assert _dense_impl(Precision(fp8_mode="w8a8"), 4096) == "auto"  # W8A8 keeps its kernel
     assert _dense_impl(Precision(kernels="pallas_gpu"), 4096) == "pallas_gpu"
     from deepseek_jax.config import DeepSeekConfig
-    from deepseek_jax.model import DeepSeekV3, experts_in_place
+    from deepseek_jax.model import DeepSeekV3, weights_in_place
     from deepseek_jax.synthetic import tiny_config
     cfg = DeepSeekConfig.from_hub_dict(dict(tiny_config(), quantization_config={"quant_method": "fp8"}))
-    assert experts_in_place(DeepSeekV3(cfg, prec=auto, with_mtp=False).moe_layers)
-    assert not experts_in_place(DeepSeekV3(cfg, prec=Precision(experts_in_place=False), with_mtp=False).moe_layers)
+    assert weights_in_place(DeepSeekV3(cfg, prec=auto, with_mtp=False).moe_layers)
+    assert not weights_in_place(DeepSeekV3(cfg, prec=Precision(weights_in_place=False), with_mtp=False).moe_layers)
     monkeypatch.setenv(backend.ENV_VAR, "ref")
     assert _dense_impl(auto, 4096) == "auto"
-    assert not experts_in_place(DeepSeekV3(cfg, prec=auto, with_mtp=False).moe_layers)
+    assert not weights_in_place(DeepSeekV3(cfg, prec=auto, with_mtp=False).moe_layers)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -660,7 +660,7 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
                         config=GpuGroupedConfig(bm=64, bn=128, bk=64, prescale=True))
                     jax.jit(pre).trace(S((m, n if w_co else k), jnp.bfloat16), *args[2:]
                                        ).lower(lowering_platforms=(platform,))
-            # all layers' experts read in place at an offset (Precision.experts_in_place)
+            # all layers' experts read in place at an offset (Precision.weights_in_place)
             in_place = lambda x, wq, ws, gs, off: grouped_matmul(x, wq, gs, w_scale=ws, impl=impl,
                                                                  expert_offset=off)
             jax.jit(in_place).trace(S((m, k), jnp.bfloat16), S((3 * e, n, k), F8),

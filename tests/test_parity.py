@@ -92,12 +92,13 @@ def test_w8a8_fast_path_is_wired(case):
 
 
 @pytest.mark.parametrize("kernels", ["ref", "interpret_gpu"])
-def test_experts_read_in_place_match_hf(case, kernels):
-    """``Precision.experts_in_place``: the scan over MoE layers hands the grouped GEMM all layers'
-    experts plus an offset (what compiled Pallas kernels get by default) - same logits."""
-    from deepseek_jax.model import experts_in_place
-    m = load_hub(case["ckpt"], prec=Precision(kernels=kernels, experts_in_place=True))
-    assert experts_in_place(m.moe_layers)
+def test_weights_read_in_place_match_hf(case, kernels):
+    """``Precision.weights_in_place``: the scan over stacked layers hands the kernels all layers'
+    FP8 weights plus a layer index / expert offset (what compiled Pallas kernels get by default),
+    and the latent cache is read by layer - same logits, prefill and decode."""
+    from deepseek_jax.model import weights_in_place
+    m = load_hub(case["ckpt"], prec=Precision(kernels=kernels, weights_in_place=True))
+    assert weights_in_place(m.moe_layers) and weights_in_place(m.dense_layers)
     ids = case["ids"][:, :24]
     got = scoring.logits(m, ids)
     assert rel(got, case["ref"][:, :24]) <= 1e-4
