@@ -668,6 +668,41 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
                                     S((), jnp.int32)).lower(lowering_platforms=(platform,))
 
 
+def np_grouped(x, w, sizes):
+    """float64 numpy grouped matmul: rows sorted by expert, rows past sum(sizes) zero."""
+    out = np.zeros((x.shape[0], w.shape[1]))
+    start = 0
+    for e, s in enumerate(sizes):
+        out[start:start + s] = x[start:start + s].astype(np.float64) @ np.asarray(w[e], np.float64).T
+        start += s
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_expert_of_rows_is_searchsorted(seed):
+    from kernels_pallas.grouped_gemm import _expert_of_rows
+    rng = np.random.default_rng(seed)
+    E = int(rng.integers(1, 20))
+    M = int(rng.integers(1, 4 * E + 1))
+    sizes = rng.multinomial(int(rng.integers(0, M + 1)), np.ones(E) / E).astype(np.int32)
+    sizes[rng.random(E) < 0.3] = 0                    # empty groups, also first and last
+    want = np.searchsorted(np.cumsum(sizes), np.arange(M), side="right")  # E for rows past the sum
+    got = np.asarray(jax.jit(_expert_of_rows, static_argnums=1)(jnp.asarray(sizes), M))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_grouped_ref_gather_path_edge_groups():
+    """Few-row path: leading/trailing empty experts, all rows in one expert, no rows at all."""
+    rng = np.random.default_rng(7)
+    E, N, K, M = 6, 5, 7, 9
+    x = rng.normal(size=(M, K)).astype(np.float32)
+    w = rng.normal(size=(E, N, K)).astype(np.float32)
+    for sizes in ([0, 0, 4, 0, 3, 0], [0, 0, 0, 0, 0, 9], [9, 0, 0, 0, 0, 0], [0] * 6, [1, 1, 1, 1, 1, 1]):
+        got = np.asarray(grouped_matmul_ref(jnp.asarray(x), jnp.asarray(w), jnp.asarray(sizes, jnp.int32)))
+        np.testing.assert_allclose(got, np_grouped(x, w, sizes), rtol=2e-5, atol=2e-5)
+        assert np.all(got[sum(sizes):] == 0.0)
+
+
 @pytest.mark.parametrize("m", [6, 31, 32, 33, 90])  # around the gather / ragged_dot switch (M <= 4E)
 @pytest.mark.parametrize("fp8", [False, True])
 def test_grouped_ref_paths_agree_with_numpy(m, fp8):
@@ -687,9 +722,4 @@ def test_grouped_ref_paths_agree_with_numpy(m, fp8):
     else:
         w_use, w_np = jnp.asarray(w), w
     got = np.asarray(grouped_matmul_ref(jnp.asarray(x), w_use, jnp.asarray(sizes), w_scale=scale))
-    ref = np.zeros((m, N))
-    start = 0
-    for e, s in enumerate(sizes):
-        ref[start:start + s] = x[start:start + s].astype(np.float64) @ w_np[e].T.astype(np.float64)
-        start += s
-    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-4)
+    np.testing.assert_allclose(got, np_grouped(x, w_np, sizes), rtol=2e-5, atol=2e-4)
