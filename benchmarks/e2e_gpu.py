@@ -23,6 +23,7 @@ Prints one table with ratios; ``--json FILE`` saves the rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -43,6 +44,8 @@ from deepseek_jax.checkpoint import abstract_model  # noqa: E402
 from deepseek_jax.config import DeepSeekConfig, load_config  # noqa: E402
 from deepseek_jax.quant import Precision  # noqa: E402
 from deepseek_jax.synthetic import tiny_config  # noqa: E402
+
+from benchmarks._profile import device_op_table, print_table  # noqa: E402
 
 
 def bench_config(layers: int, small: bool) -> DeepSeekConfig:
@@ -130,7 +133,9 @@ def expected_touched(cfg: DeepSeekConfig, batch: int) -> float:
     return E * (1 - (1 - K / E) ** batch)
 
 
-def bench_decode(cfg, model, batch: int, context: int, key):
+def bench_decode(cfg, model, batch: int, context: int, key, profile: bool = False):
+    """Median decode-step time; with ``profile``, also the per-kernel device time of the step
+    (``benchmarks/_profile.py``), printed under the table row."""
     graphdef, state = nnx.split(model)
     cache = LatentCache.zeros(cfg, batch, context, jnp.bfloat16)
     cache = jax.tree.map(lambda a: jax.random.normal(key, a.shape, jnp.bfloat16) * 0.1, cache)
@@ -142,10 +147,12 @@ def bench_decode(cfg, model, batch: int, context: int, key):
         out = nnx.merge(graphdef, state)(ids, pos, cache=cache, absorbed=True)
         return jnp.argmax(out.logits[:, -1], -1), out.cache
 
-    return timed(step, state, cache, ids, pos)
+    t = timed(step, state, cache, ids, pos)
+    prof = device_op_table(step, (state, cache, ids, pos), steps=3) if profile else None
+    return t, prof
 
 
-def bench_prefill(cfg, model, tokens: int, chunk: int):
+def bench_prefill(cfg, model, tokens: int, chunk: int, profile: bool = False):
     """One prompt of ``tokens``: the first ``chunk`` by the naive form, the rest chunk by chunk over
     the latent cache (absorbed form) in a ``fori_loop``, so one compiled chunk serves any length."""
     graphdef, state = nnx.split(model)
@@ -169,7 +176,9 @@ def bench_prefill(cfg, model, tokens: int, chunk: int):
         _, h = jax.lax.fori_loop(1, n, body, (out.cache, out.hidden[:, -1]))
         return h
 
-    return timed(prefill, state, cache, ids, reps=2)
+    t = timed(prefill, state, cache, ids, reps=2)
+    prof = device_op_table(prefill, (state, cache, ids), steps=1) if profile else None
+    return t, prof
 
 
 def hf_decode_ms(cfg: DeepSeekConfig, batches, context: int, small: bool):
@@ -239,6 +248,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     ap.add_argument("--compare-in-place", action=argparse.BooleanOptionalAction, default=True,
                     help="also time batch-1 decode with per-layer weight slices (weights_in_place=False)")
+    ap.add_argument("--profile", default=None,
+                    help="decode batch sizes to profile per kernel (default 1,16; small: 1; 'none')")
+    ap.add_argument("--unroll-batches", default=None,
+                    help="decode batch sizes also timed with the layer loop unrolled "
+                         "(Precision.scan_unroll; default 1,16; small: 1; 'none')")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
@@ -248,6 +262,9 @@ def main(argv=None) -> int:
     prefills = [int(x) for x in (a.prefill or ("32,64" if small else "4096,32768")).split(",")]
     chunk = a.chunk or (32 if small else 4096)
     long_chunk = a.long_chunk or (16 if small else 1024)
+    profile = [] if a.profile == "none" else [int(x) for x in (a.profile or ("1" if small else "1,16")).split(",")]
+    unroll = [] if a.unroll_batches == "none" else [
+        int(x) for x in (a.unroll_batches or ("1" if small else "1,16")).split(",")]
     hf_batches = [int(x) for x in (a.hf_batches or ("1,4" if small else "1,16")).split(",")]
     cfg = bench_config(a.layers, small)
     if a.hf_only:  # runs in its own process: torch and XLA would otherwise fight over GPU memory
@@ -273,7 +290,7 @@ def main(argv=None) -> int:
     print(f"# FP8 weights read in place (Precision.weights_in_place): {weights_in_place(model.moe_layers)}")
     print(f"{'what':<26}{'time':>12}{'tok/s':>12}{'roofline':>12}{'x roofline':>12}{'HF ms':>10}{'vs HF':>8}")
     for b in batches:
-        t = bench_decode(cfg, model, b, context, key)
+        t, prof = bench_decode(cfg, model, b, context, key, profile=b in profile)
         roof = step_bytes(cfg, model, b, context, expected_touched(cfg, b)) / bw
         h = hf.get(b)
         rows.append(dict(kind="decode", batch=b, context=context, ms=t * 1e3, tok_s=b / t, roofline_ms=roof * 1e3,
@@ -281,11 +298,16 @@ def main(argv=None) -> int:
         save()
         print(f"{'decode B=%d ctx=%d' % (b, context):<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
               f"{t / roof:>12.2f}{(h or float('nan')):>10.2f}{(h / 1e3 / t if h else float('nan')):>8.1f}")
+        if prof:
+            print_table(f"decode B={b}", *prof)
+            rows[-1]["profile"] = dict(busy_us=prof[1], wall_us=prof[2],
+                                       kernels=[list(r) for r in prof[0][:40]])
+            save()
     if a.compare_in_place and weights_in_place(model.moe_layers):
         # the same weights with per-layer slices (the 2026-11-28 behaviour), batch 1, side by side
         sliced = abstract_model(cfg, Precision(dtype=jnp.bfloat16, weights_in_place=False), with_mtp=False)
         sliced = nnx.merge(nnx.split(sliced)[0], nnx.split(model)[1])
-        t = bench_decode(cfg, sliced, 1, context, key)
+        t, _ = bench_decode(cfg, sliced, 1, context, key)
         roof = step_bytes(cfg, model, 1, context, expected_touched(cfg, 1)) / bw
         rows.append(dict(kind="decode_sliced", batch=1, context=context, ms=t * 1e3, tok_s=1 / t,
                          roofline_ms=roof * 1e3))
@@ -293,16 +315,36 @@ def main(argv=None) -> int:
         print(f"{'decode B=1, sliced layers':<26}{t * 1e3:>10.3f}ms{1 / t:>12,.0f}{roof * 1e3:>10.3f}ms"
               f"{t / roof:>12.2f}")
         del sliced
+    if unroll:  # the same weights, the layer loop as straight-line code: loop / launch overhead
+        prec = model.moe_layers.self_attn.kv_b_proj.prec
+        unrolled = abstract_model(cfg, dataclasses.replace(prec, scan_unroll=True), with_mtp=False)
+        unrolled = nnx.merge(nnx.split(unrolled)[0], nnx.split(model)[1])
+        for b in unroll:
+            t, _ = bench_decode(cfg, unrolled, b, context, key)
+            roof = step_bytes(cfg, model, b, context, expected_touched(cfg, b)) / bw
+            h = hf.get(b)
+            rows.append(dict(kind="decode_unrolled", batch=b, context=context, ms=t * 1e3, tok_s=b / t,
+                             roofline_ms=roof * 1e3, hf_ms=h))
+            save()
+            print(f"{'decode B=%d, unrolled' % b:<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
+                  f"{t / roof:>12.2f}{(h or float('nan')):>10.2f}{(h / 1e3 / t if h else float('nan')):>8.1f}")
+        del unrolled
     active = (cfg.num_hidden_layers * (cfg.hidden_size * cfg.hidden_size * 6)  # rough attention share
               + (cfg.num_moe_layers * (cfg.num_experts_per_tok + cfg.n_shared_experts)
                  * 3 * cfg.hidden_size * cfg.moe_intermediate_size)
               + cfg.num_dense_layers * 3 * cfg.hidden_size * cfg.intermediate_size)
     for T in prefills:
-        t = bench_prefill(cfg, model, T, min(chunk if T <= 8192 else long_chunk, T))
+        t, prof = bench_prefill(cfg, model, T, min(chunk if T <= 8192 else long_chunk, T),
+                                profile=T == prefills[0] and bool(profile))
         roof = 2 * active * T / flops
         rows.append(dict(kind="prefill", tokens=T, s=t, tok_s=T / t, roofline_s=roof))
         save()
         print(f"{'prefill T=%d' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
+        if prof:
+            print_table(f"prefill T={T}", *prof)
+            rows[-1]["profile"] = dict(busy_us=prof[1], wall_us=prof[2],
+                                       kernels=[list(r) for r in prof[0][:40]])
+            save()
     return 0
 
 

@@ -54,7 +54,7 @@ FULL_DENSE = [("prefill", 4096, 7168, 2048), ("prefill", 4096, 2048, 7168),
               ("decode", 64, 7168, 2048), ("decode", 64, 2048, 7168)]
 FULL_GROUPED = [("prefill", 32768, 256, 7168, 4096), ("decode", 512, 256, 7168, 4096)]
 SMALL_DENSE = [("prefill", 128, 384, 256), ("decode", 8, 256, 384)]
-FULL_MLA = [("decode", 64, 128, 4096)]  # B, heads, cache length (L=512, R=64)
+FULL_MLA = [("decode", 64, 128, 4096), ("decode", 1, 128, 4096)]  # B, heads, cache length (L=512, R=64)
 SMALL_MLA = [("decode", 2, 16, 100)]
 SMALL_GROUPED = [("prefill", 128, 4, 256, 256), ("decode", 16, 8, 256, 256)]
 
@@ -209,7 +209,7 @@ def _kernel_configs(target, m, n, k, sweep, variant="w8a16"):
                 if variant == "w8a16":
                     cfgs += [GpuConfig(128, 128, 1, 8, 3, prescale=True), GpuConfig(64, 128, 1, 4, 4, prescale=True)]
             else:  # wider column tiles: the activation tile is re-read once per column tile
-                cfgs += [GpuConfig(64, 128, 8, 4, 4)]
+                cfgs += [GpuConfig(64, 128, 8, 4, 4), GpuConfig(64, 128, 14, 4, 3), GpuConfig(64, 64, 8, 4, 4)]
                 if variant == "w8a16":
                     cfgs += [GpuConfig(64, 128, 8, 4, 4, prescale=True), GpuConfig(64, 256, 4, 8, 3, prescale=True)]
         return cfgs
@@ -453,8 +453,12 @@ def bench_mla(cases, *, impl, reps, sweep, key):
         if target == "gpu" and sweep:
             # 2026-11-28 H200: 64-head blocks (now the default) beat 32 and 16; next: split-T,
             # 128-head blocks (one program reads a sequence's cache once), wider token blocks
-            cfgs += [dict(splits=2), dict(splits=4), dict(block_h=128, num_warps=8),
-                     dict(block_t=64, num_warps=8), dict(splits=4, block_t=64)]
+            if b >= 64:
+                cfgs += [dict(splits=2), dict(splits=4), dict(block_h=128, num_warps=8),
+                         dict(block_t=64, num_warps=8), dict(splits=4, block_t=64),
+                         dict(num_stages=3), dict(block_t=16, num_warps=4)]
+            else:  # small batch: the default splits T (default_splits); against no split
+                cfgs += [dict(splits=1), dict(splits=8)]
         for cfg in cfgs:
             if target == "gpu":
                 fn = lambda a, c, d, e, cfg=cfg: mla_decode_gpu(a, c, d, e, scale=scale, kv_lora_rank=l,

@@ -162,7 +162,8 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False)
     if remat:
         body = jax.checkpoint(body)
     (h_BTD, cache_LBSC), stats = jax.lax.scan(
-        body, (h_BTD, cache_LBSC), (state, jnp.arange(n_layers, dtype=jnp.int32)))
+        body, (h_BTD, cache_LBSC), (state, jnp.arange(n_layers, dtype=jnp.int32)),
+        unroll=layers.self_attn.kv_b_proj.prec.scan_unroll)
     return h_BTD, cache_LBSC, stats
 
 

@@ -41,12 +41,16 @@ class Precision:
       DeepSeek-V3 MoE layer, 11 GB of experts read and written again: ~19 ms of a 4-layer decode
       step measured on an H200). None (default): on when the kernels are compiled Pallas and the
       weights are FP8 (frozen: no weight gradient flows through the whole stacks).
+    scan_unroll: ``unroll`` of the ``lax.scan`` over stacked layers (1: a loop, one traced layer
+      body; ``True``: straight-line code, compile time grows with the depth). A knob for
+      measuring launch and loop overhead on accelerators (``benchmarks/e2e_gpu.py`` times both).
     """
 
     dtype: jnp.dtype = jnp.float32
     fp8_mode: Literal["w8a16", "w8a8"] = "w8a16"
     kernels: str = "auto"
     weights_in_place: bool | None = None
+    scan_unroll: int | bool = 1
 
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

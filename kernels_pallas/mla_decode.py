@@ -148,16 +148,34 @@ def _combine_splits(acc_SBHL, m_SBH, sum_SBH):
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 
+#: Streaming multiprocessors on an H100/H200 (sizes the split-T heuristic only).
+_GPU_NUM_SMS = 132
+
+
+def default_splits(batch: int, head_blocks: int, cache_len: int) -> int:
+    """Split-T chunks for the GPU kernel: none while ``batch x head_blocks`` programs fill half the
+    SMs; below that, enough chunks for ~2 programs per SM, at most 16 and each >= 256 tokens.
+    Batch 1 with 128 heads and a 4096-token cache is otherwise 2 programs on 132 SMs, each walking
+    the whole cache (untuned guess; ``benchmarks/kernels.py`` sweeps ``splits`` at B=64)."""
+    programs = batch * head_blocks
+    if 2 * programs >= _GPU_NUM_SMS:
+        return 1
+    return max(1, min(16, cache_len // 256, cdiv(2 * _GPU_NUM_SMS, programs)))
+
+
 def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
                    interpret=False, block_h: int | None = None, block_t: int = 32,
-                   num_warps: int = 8, num_stages: int = 2, splits: int = 1, layer=None):
+                   num_warps: int = 8, num_stages: int = 2, splits: int | None = None, layer=None):
     """GPU kernel; heads in blocks of ``block_h`` (the cache of a sequence is read once per head
     block, the later reads mostly from L2), tokens in blocks of ``block_t``.  ``splits > 1``
     (flash-decoding): the cache length is cut into that many chunks, each its own program, and the
     partial softmax states are merged afterwards (more programs in flight when B x head blocks is
-    small against the 132 SMs; costs ``splits x B x H x (L + 2)`` float32 written and read)."""
+    small against the 132 SMs; costs ``splits x B x H x (L + 2)`` float32 written and read).
+    ``splits=None``: :func:`default_splits`."""
     bsz, h, l = q_lat_BHL.shape
     r = q_pe_BHR.shape[2]
+    if splits is None:
+        splits = default_splits(bsz, cdiv(h, block_h or min(64, max(16, next_pow2(h)))), cache_BSC.shape[-2])
     if layer is None:
         cache_BSC = cache_BSC[None]
     lay = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))

@@ -589,6 +589,27 @@ def test_mla_gpu_split_t_matches_ref(interpret, splits, block_h):
     assert np.all(np.asarray(o[1]) == 0.0)
 
 
+def test_mla_gpu_default_splits():
+    """Split-T only when batch x head blocks leaves most SMs idle (decode at batch 1 or 16)."""
+    from kernels_pallas.mla_decode import default_splits
+    assert default_splits(64, 2, 4096) == 1  # 128 programs on 132 SMs: no split
+    assert default_splits(1, 2, 4096) == 16  # batch 1: 2 programs -> 32
+    assert default_splits(16, 2, 4096) == 9  # 32 programs -> 288
+    assert default_splits(1, 2, 300) == 1  # chunks stay >= 256 tokens
+
+
+@pytest.mark.parametrize("interpret", COMPILED)
+def test_mla_gpu_batch1_splits_by_default(interpret):
+    """Batch 1 of a layer stack (the decode path at batch 1) takes the split-T path by default and
+    matches the reference, with the length ending mid-chunk and the other layer NaN."""
+    from kernels_pallas.mla_decode import mla_decode_gpu
+    rng = np.random.default_rng(34)
+    ql, qp, cache, lens = _mla_inputs(rng, 1, 16, 128, 64, 530, jnp.float32, [301])
+    stack = jnp.stack([cache, jnp.full_like(cache, jnp.nan)])
+    o = mla_decode_gpu(ql, qp, stack, lens, scale=0.05, kv_lora_rank=128, interpret=interpret, layer=0)
+    _assert_close(o, mla_decode_ref(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128), jnp.float32)
+
+
 # -------------------------------------------------------------------------------------------------
 # the kernels lower for the real backends (Pallas → Triton IR / Mosaic TPU IR; no hardware needed)
 # -------------------------------------------------------------------------------------------------
@@ -633,9 +654,10 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
                                                            splits=4)
             stacked = lambda ql, qp, c, lens, l: mla_decode(ql, qp, c, lens, scale=0.1, kv_lora_rank=512,
                                                             impl=impl, layer=l)
-            jax.jit(stacked).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
-                                   S((3, b, t, 576), jnp.bfloat16), S((b,), jnp.int32), S((), jnp.int32)
-                                   ).lower(lowering_platforms=(platform,))
+            for bb in (b, 1):  # batch 1 takes split-T by default
+                jax.jit(stacked).trace(S((bb, h, 512), jnp.bfloat16), S((bb, h, 64), jnp.bfloat16),
+                                       S((3, bb, t, 576), jnp.bfloat16), S((bb,), jnp.int32),
+                                       S((), jnp.int32)).lower(lowering_platforms=(platform,))
             jax.jit(split).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
                                  S((b, t, 576), jnp.bfloat16), S((b,), jnp.int32)
                                  ).lower(lowering_platforms=(platform,))

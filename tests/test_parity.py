@@ -91,6 +91,13 @@ def test_w8a8_fast_path_is_wired(case):
     assert 1e-3 < rel(got, case["ref"]) < 1.5
 
 
+def test_unrolled_layer_scan_matches_hf(case):
+    """``Precision.scan_unroll=True``: the layers as straight-line code, same logits."""
+    m = load_hub(case["ckpt"], prec=Precision(scan_unroll=True))
+    got = scoring.logits(m, case["ids"][:, :24], mode="decode", prefill=8)
+    assert rel(got, case["ref"][:, :24]) <= 1e-4
+
+
 @pytest.mark.parametrize("kernels", ["ref", "interpret_gpu"])
 def test_weights_read_in_place_match_hf(case, kernels):
     """``Precision.weights_in_place``: the scan over stacked layers hands the kernels all layers'
