@@ -202,12 +202,14 @@ def _kernel_configs(target, m, n, k, sweep, variant="w8a16"):
     2026-11-28 H200: 128x256 tiles lost at prefill; decode never got to its sweep."""
     if target == "gpu":
         from kernels_pallas.fp8_gemm import default_gpu_config
-        cfgs = [default_gpu_config(m, n, k)]
+        default = default_gpu_config(m, n, k, variant)
+        cfgs = [default]
         if sweep:
-            if m >= 256:
-                cfgs += [GpuConfig(128, 128, 1, 8, 4)]
+            if m >= 256:  # session 3: W8A16 prescaled 128x128 won (now its default), W8A8 64x128
+                alts = [GpuConfig(128, 128, 1, 8, 4), GpuConfig(64, 128, 1, 4, 4)]
                 if variant == "w8a16":
-                    cfgs += [GpuConfig(128, 128, 1, 8, 3, prescale=True), GpuConfig(64, 128, 1, 4, 4, prescale=True)]
+                    alts += [GpuConfig(128, 128, 1, 8, 4, prescale=True), GpuConfig(128, 256, 1, 8, 3, prescale=True)]
+                cfgs += [c for c in alts if c != default]
             else:  # wider column tiles: the activation tile is re-read once per column tile
                 cfgs += [GpuConfig(64, 128, 8, 4, 4), GpuConfig(64, 128, 14, 4, 3), GpuConfig(64, 64, 8, 4, 4)]
                 if variant == "w8a16":
@@ -453,10 +455,10 @@ def bench_mla(cases, *, impl, reps, sweep, key):
         if target == "gpu" and sweep:
             # 2026-11-28 H200: 64-head blocks (now the default) beat 32 and 16; next: split-T,
             # 128-head blocks (one program reads a sequence's cache once), wider token blocks
-            if b >= 64:
-                cfgs += [dict(splits=2), dict(splits=4), dict(block_h=128, num_warps=8),
-                         dict(block_t=64, num_warps=8), dict(splits=4, block_t=64),
-                         dict(num_stages=3), dict(block_t=16, num_warps=4)]
+            if b >= 64:  # session 3: 64-token blocks won (now the default); 128-head blocks
+                # ask for 256 KiB of shared memory (227 KiB available); 16-token blocks 4x slower
+                cfgs += [dict(block_t=32), dict(block_t=128), dict(num_stages=3), dict(splits=2),
+                         dict(num_warps=4)]
             else:  # small batch: the default splits T (default_splits); against no split
                 cfgs += [dict(splits=1), dict(splits=8)]
         for cfg in cfgs:

@@ -175,13 +175,16 @@ class TpuConfig:
     bk: int = 512
 
 
-def default_gpu_config(m: int, n: int, k: int) -> GpuConfig:
-    """Heuristic tiles (untuned: ``benchmarks/kernels.py`` sweeps alternatives on a GPU).
+def default_gpu_config(m: int, n: int, k: int, variant: str = "w8a8") -> GpuConfig:
+    """Heuristic tiles (``benchmarks/kernels.py`` sweeps alternatives on a GPU).
 
-    Prefill: 128x128 tiles.  Small M (decode, weight-bandwidth bound): one row tile, 32-column tiles,
+    Prefill (M >= 256): W8A8 64x128 tiles, W8A16 128x128 with the weight tile prescaled.  Small M (decode, weight-bandwidth bound): one row tile, 32-column tiles,
     and split-K only when there are fewer programs than SMs (the float32 partial sums cost
     ``splits * M * N * 8`` bytes of extra traffic), aiming at ~2 programs per SM."""
-    if m >= 256:  # 64x128 / 4 warps: 278-317 TFLOP/s W8A8 at 4096x7168->2048 and 4096x2048->7168 on
+    if m >= 256 and variant == "w8a16":  # 294 TFLOP/s at 4096x7168->2048 on an H200, against
+        # 165-221 unscaled (benchmarks/kernels.py sweep, 2026-11-28 session 3)
+        return GpuConfig(bm=128, bn=128, splits=1, num_warps=8, num_stages=3, prescale=True)
+    if m >= 256:  # 64x128 / 4 warps: 268-317 TFLOP/s W8A8 at 4096x7168->2048 and 4096x2048->7168 on
         # an H200, against 251-294 for 128x128 / 8 warps (benchmarks/kernels.py, 2026-11-28)
         return GpuConfig(bm=64, bn=128, splits=1, num_warps=4, num_stages=4)
     bm = min(64, max(16, next_pow2(m)))
@@ -298,11 +301,11 @@ def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
     l_1 = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     m, k = x_MK.shape
     n = wq_NK.shape[1]
-    cfg = config or default_gpu_config(m, n, k)
+    has_xs = xs_Mk is not None
+    cfg = config or default_gpu_config(m, n, k, "w8a8" if has_xs else "w8a16")
     nkb = cdiv(k, QBLOCK)
     kb_per_split = cdiv(nkb, max(1, cfg.splits))
     splits = cdiv(nkb, kb_per_split)
-    has_xs = xs_Mk is not None
     cdt = jnp.float8_e4m3fn if has_xs else x_MK.dtype
     kernel = functools.partial(_gpu_scaled_gemm_kernel, m=m, n=n, k=k, bm=cfg.bm, bn=cfg.bn,
                                kb_per_split=kb_per_split, splits=splits, has_xs=has_xs, cdt=cdt,

@@ -137,6 +137,11 @@ def default_gpu_grouped_config(m: int, e: int, n: int, k: int, fp8: bool) -> Gpu
         bn, warps, stages = 128, 8 if bm == 128 else 4, 3
     else:  # decode: few rows per expert; narrow column tiles so that many programs stream weights
         bn, warps, stages = 64, 4, 4
+    if fp8 and bm == 128:  # prefill-sized groups: weight tiles dequantized before the dot, 64-wide
+        # K steps: 228.8 against 163.7 TFLOP/s at 32768 rows / 256 experts / 7168->4096 on an
+        # H200 (benchmarks/kernels.py sweep, 2026-11-28 session 3); decode-sized groups keep the
+        # per-block scaling (2979 against 2533-2638 GB/s prescaled at 512 rows)
+        return GpuGroupedConfig(bm=bm, bn=bn, bk=64, num_warps=warps, num_stages=stages, prescale=True)
     return GpuGroupedConfig(bm=bm, bn=bn, bk=128 if fp8 else 64, num_warps=warps,
                             num_stages=stages)
 

@@ -164,7 +164,7 @@ def default_splits(batch: int, head_blocks: int, cache_len: int) -> int:
 
 
 def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
-                   interpret=False, block_h: int | None = None, block_t: int = 32,
+                   interpret=False, block_h: int | None = None, block_t: int = 64,
                    num_warps: int = 8, num_stages: int = 2, splits: int | None = None, layer=None):
     """GPU kernel; heads in blocks of ``block_h`` (the cache of a sequence is read once per head
     block, the later reads mostly from L2), tokens in blocks of ``block_t``.  ``splits > 1``
@@ -199,7 +199,8 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
         )(lay, lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
         return _combine_splits(acc, m, ssum)
     # 64-head blocks: 701 GB/s at B=64, H=128, T=4096 on an H200 against 384 GB/s with 32
-    # (benchmarks/kernels.py, 2026-11-28; docs/benchmarks.md)
+    # (benchmarks/kernels.py, 2026-11-28; docs/benchmarks.md); 64-token blocks: 957-959 GB/s
+    # against 700-705 with 32 (two runs, session 3)
     bh = block_h or min(64, max(16, next_pow2(h)))
     kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale, chunk=None)
     return pl.pallas_call(

@@ -364,6 +364,24 @@ def test_fp8_gpu_kernel_tilings(cfg, interpret):
     _assert_close(y8, w8a8_matmul_ref(x, wq, ws), jnp.float32)
 
 
+@pytest.mark.parametrize("interpret", COMPILED)
+def test_fp8_gpu_prefill_default_tiles(interpret):
+    """M >= 256 takes the prefill defaults (W8A16: prescaled 128x128 tiles; W8A8: 64x128), with a
+    ragged last row tile and partial 128 blocks in N and K."""
+    from kernels_pallas.fp8_gemm import default_gpu_config
+    assert default_gpu_config(300, 200, 300, "w8a16").prescale
+    assert not default_gpu_config(300, 200, 300, "w8a8").prescale
+    rng = np.random.default_rng(14)
+    m, n, k = 300, 200, 300
+    x = _activations(rng, m, k, jnp.float32, "mixed")
+    wq, ws = make_fp8_weight(rng, n, k, zero_blocks=((1, 1),))
+    y = scaled_matmul_gpu(x, None, wq, ws, out_dtype=jnp.float32, interpret=interpret)
+    _assert_close(y, w8a16_matmul_ref(x, wq, ws), jnp.float32)
+    xq, xs = quantize_act_1x128(x)
+    y8 = scaled_matmul_gpu(xq, xs, wq, ws, out_dtype=jnp.float32, interpret=interpret)
+    _assert_close(y8, w8a8_matmul_ref(x, wq, ws), jnp.float32)
+
+
 def test_fp8_tpu_kernel_multi_tile():
     rng = np.random.default_rng(13)
     m, n, k = 40, 300, 512
