@@ -134,22 +134,26 @@ def expected_touched(cfg: DeepSeekConfig, batch: int) -> float:
 
 
 def bench_decode(cfg, model, batch: int, context: int, key, profile: bool = False):
-    """Median decode-step time; with ``profile``, also the per-kernel device time of the step
-    (``benchmarks/_profile.py``), printed under the table row."""
+    """Median decode-step time, the mean number of distinct routed experts the step read per MoE
+    layer (for the roofline: random weights need not route like uniform choice), and with
+    ``profile`` the per-kernel device time of the step (``benchmarks/_profile.py``)."""
     graphdef, state = nnx.split(model)
     cache = LatentCache.zeros(cfg, batch, context, jnp.bfloat16)
     cache = jax.tree.map(lambda a: jax.random.normal(key, a.shape, jnp.bfloat16) * 0.1, cache)
-    ids = jnp.zeros((batch, 1), jnp.int32)
+    ids = jax.random.randint(jax.random.fold_in(key, 7), (batch, 1), 0, cfg.vocab_size, jnp.int32)
     pos = jnp.full((batch, 1), context - 1, jnp.int32)
 
     @jax.jit
     def step(state, cache, ids, pos):
         out = nnx.merge(graphdef, state)(ids, pos, cache=cache, absorbed=True)
-        return jnp.argmax(out.logits[:, -1], -1), out.cache
+        touched = (jnp.sum(out.moe_stats.load_E > 0, axis=-1) if out.moe_stats is not None
+                   else jnp.zeros((0,), jnp.int32))
+        return jnp.argmax(out.logits[:, -1], -1), out.cache, touched
 
     t = timed(step, state, cache, ids, pos)
+    touched = np.asarray(step(state, cache, ids, pos)[2])
     prof = device_op_table(step, (state, cache, ids, pos), steps=3) if profile else None
-    return t, prof
+    return t, prof, float(touched.mean()) if touched.size else 0.0
 
 
 def bench_prefill(cfg, model, tokens: int, chunk: int, profile: bool = False):
@@ -157,7 +161,9 @@ def bench_prefill(cfg, model, tokens: int, chunk: int, profile: bool = False):
     the latent cache (absorbed form) in a ``fori_loop``, so one compiled chunk serves any length."""
     graphdef, state = nnx.split(model)
     cache = LatentCache.zeros(cfg, 1, tokens, jnp.bfloat16)
-    ids = jnp.ones((1, tokens), jnp.int32)
+    # random tokens: a prompt of one repeated token makes every position identical, so all tokens
+    # route to the same 8 experts (the 2026-11-28 session-3 run measured that degenerate case)
+    ids = jax.random.randint(jax.random.PRNGKey(11), (1, tokens), 0, cfg.vocab_size, jnp.int32)
     n = tokens // chunk
 
     @jax.jit
@@ -290,14 +296,16 @@ def main(argv=None) -> int:
     print(f"# FP8 weights read in place (Precision.weights_in_place): {weights_in_place(model.moe_layers)}")
     print(f"{'what':<26}{'time':>12}{'tok/s':>12}{'roofline':>12}{'x roofline':>12}{'HF ms':>10}{'vs HF':>8}")
     for b in batches:
-        t, prof = bench_decode(cfg, model, b, context, key, profile=b in profile)
-        roof = step_bytes(cfg, model, b, context, expected_touched(cfg, b)) / bw
+        t, prof, touched = bench_decode(cfg, model, b, context, key, profile=b in profile)
+        roof = step_bytes(cfg, model, b, context, touched) / bw
         h = hf.get(b)
         rows.append(dict(kind="decode", batch=b, context=context, ms=t * 1e3, tok_s=b / t, roofline_ms=roof * 1e3,
-                         hf_ms=h))
+                         hf_ms=h, touched_experts=touched, uniform_touched=expected_touched(cfg, b)))
         save()
         print(f"{'decode B=%d ctx=%d' % (b, context):<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
               f"{t / roof:>12.2f}{(h or float('nan')):>10.2f}{(h / 1e3 / t if h else float('nan')):>8.1f}")
+        print(f"#   distinct routed experts read per MoE layer: {touched:.1f} of {cfg.n_routed_experts} "
+              f"(uniform routing would give {expected_touched(cfg, b):.1f}); the roofline counts these")
         if prof:
             print_table(f"decode B={b}", *prof)
             rows[-1]["profile"] = dict(busy_us=prof[1], wall_us=prof[2],
@@ -307,8 +315,8 @@ def main(argv=None) -> int:
         # the same weights with per-layer slices (the 2026-11-28 behaviour), batch 1, side by side
         sliced = abstract_model(cfg, Precision(dtype=jnp.bfloat16, weights_in_place=False), with_mtp=False)
         sliced = nnx.merge(nnx.split(sliced)[0], nnx.split(model)[1])
-        t, _ = bench_decode(cfg, sliced, 1, context, key)
-        roof = step_bytes(cfg, model, 1, context, expected_touched(cfg, 1)) / bw
+        t, _, touched = bench_decode(cfg, sliced, 1, context, key)
+        roof = step_bytes(cfg, model, 1, context, touched) / bw
         rows.append(dict(kind="decode_sliced", batch=1, context=context, ms=t * 1e3, tok_s=1 / t,
                          roofline_ms=roof * 1e3))
         save()
@@ -320,8 +328,8 @@ def main(argv=None) -> int:
         unrolled = abstract_model(cfg, dataclasses.replace(prec, scan_unroll=True), with_mtp=False)
         unrolled = nnx.merge(nnx.split(unrolled)[0], nnx.split(model)[1])
         for b in unroll:
-            t, _ = bench_decode(cfg, unrolled, b, context, key)
-            roof = step_bytes(cfg, model, b, context, expected_touched(cfg, b)) / bw
+            t, _, touched = bench_decode(cfg, unrolled, b, context, key)
+            roof = step_bytes(cfg, model, b, context, touched) / bw
             h = hf.get(b)
             rows.append(dict(kind="decode_unrolled", batch=b, context=context, ms=t * 1e3, tok_s=b / t,
                              roofline_ms=roof * 1e3, hf_ms=h))
