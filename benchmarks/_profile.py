@@ -1,6 +1,6 @@
 """Where a jitted step's device time goes: a ``jax.profiler`` trace summed per kernel.
 
-    rows, busy_us, wall_us = device_op_table(step, args, steps=3)
+    rows, busy_us, wall_us = device_op_table(step, args, steps=3, per_call=1)
 
 Runs ``step(*args)`` ``steps`` times inside a trace (after one untraced warm-up), reads the
 ``*.trace.json.gz`` the profiler writes, and sums the duration of every device event by name
@@ -35,7 +35,9 @@ def _events(log_dir: str):
         return json.load(f)["traceEvents"]
 
 
-def device_op_table(step, args, *, steps: int = 3, log_dir: str | None = None):
+def device_op_table(step, args, *, steps: int = 3, per_call: int = 1, log_dir: str | None = None):
+    """See the module doc; ``per_call``: model steps per ``step`` call (times and counts are
+    divided by it, so the table is per model step)."""
     jax.block_until_ready(step(*args))  # compiled and warm before the trace starts
     log_dir = log_dir or tempfile.mkdtemp(prefix="trace_")
     with jax.profiler.trace(log_dir):
@@ -43,7 +45,7 @@ def device_op_table(step, args, *, steps: int = 3, log_dir: str | None = None):
         for _ in range(steps):
             out = step(*args)
         jax.block_until_ready(out)
-        wall_us = (time.perf_counter() - t0) * 1e6 / steps
+        wall_us = (time.perf_counter() - t0) * 1e6 / steps / per_call
     events = _events(log_dir)
     procs = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -65,8 +67,9 @@ def device_op_table(step, args, *, steps: int = 3, log_dir: str | None = None):
         if keep(e):
             total[e["name"]] += float(e.get("dur", 0.0))
             count[e["name"]] += 1
-    rows = sorted(((n, t / steps, count[n] / steps) for n, t in total.items()), key=lambda r: -r[1])
-    return rows, sum(total.values()) / steps, wall_us
+    div = steps * per_call
+    rows = sorted(((n, t / div, count[n] / div) for n, t in total.items()), key=lambda r: -r[1])
+    return rows, sum(total.values()) / div, wall_us
 
 
 def print_table(title: str, rows, busy_us: float, wall_us: float, top: int = 20) -> None:

@@ -7,9 +7,10 @@ A reduced-depth model (``--layers``, default 4 = 1 dense + 3 MoE) with the real 
 heads, ranks and 256 experts measures exactly the per-layer cost that 61 layers multiply. Random
 FP8 weights are made on the device (no files). Measured side by side in one run:
 
-* decode step time at batch 1/16/64/256 with a ``--context`` (4096) token latent cache, against
+* decode step time at batch 1/16/64/256 with a ``--context`` (4096) token latent cache (steps
+  run in an on-device loop, :data:`DECODE_STEPS` per call, like the generator's), against
   the HBM roofline of the step: bytes touched (FP8 weights of the dense layer and attention,
-  shared experts, the experts the batch's tokens actually routed to, the latent cache rows read,
+  shared experts, the distinct experts the step's tokens actually routed to, the latent cache rows read,
   lm_head) over the HBM bandwidth measured in the same run (a large on-device copy);
 * prefill tokens/s at 4K and 32K prompt tokens (32K in 4K chunks over the cache: prefill
   attention is not flash-style), against the FP8 GEMM roofline (2 x active parameters x tokens
@@ -133,26 +134,45 @@ def expected_touched(cfg: DeepSeekConfig, batch: int) -> float:
     return E * (1 - (1 - K / E) ** batch)
 
 
+#: Decode steps per timed call: the steps run in a ``fori_loop`` inside one executable with the
+#: cache in the loop carry, as the generator's on-device decode loop runs them, so the per-call
+#: dispatch and the one copy of the (not donated) input cache are shared by this many steps.
+DECODE_STEPS = 8
+
+
 def bench_decode(cfg, model, batch: int, context: int, key, profile: bool = False):
-    """Median decode-step time, the mean number of distinct routed experts the step read per MoE
+    """Time per decode step (median over calls of :data:`DECODE_STEPS` steps, each step's argmax
+    fed back as the next token), the mean number of distinct routed experts a step read per MoE
     layer (for the roofline: random weights need not route like uniform choice), and with
-    ``profile`` the per-kernel device time of the step (``benchmarks/_profile.py``)."""
+    ``profile`` the per-kernel device time per step (``benchmarks/_profile.py``)."""
     graphdef, state = nnx.split(model)
     cache = LatentCache.zeros(cfg, batch, context, jnp.bfloat16)
     cache = jax.tree.map(lambda a: jax.random.normal(key, a.shape, jnp.bfloat16) * 0.1, cache)
     ids = jax.random.randint(jax.random.fold_in(key, 7), (batch, 1), 0, cfg.vocab_size, jnp.int32)
-    pos = jnp.full((batch, 1), context - 1, jnp.int32)
+    pos0 = max(0, context - 1 - DECODE_STEPS)  # the last steps of a full cache
+    n_moe = cfg.num_moe_layers
 
     @jax.jit
-    def step(state, cache, ids, pos):
-        out = nnx.merge(graphdef, state)(ids, pos, cache=cache, absorbed=True)
-        touched = (jnp.sum(out.moe_stats.load_E > 0, axis=-1) if out.moe_stats is not None
-                   else jnp.zeros((0,), jnp.int32))
-        return jnp.argmax(out.logits[:, -1], -1), out.cache, touched
+    def steps(state, cache, ids):
+        m = nnx.merge(graphdef, state)
 
-    t = timed(step, state, cache, ids, pos)
-    touched = np.asarray(step(state, cache, ids, pos)[2])
-    prof = device_op_table(step, (state, cache, ids, pos), steps=3) if profile else None
+        def body(i, carry):
+            cache, ids, touched = carry
+            pos = jnp.full((batch, 1), pos0, jnp.int32) + i
+            out = m(ids, pos, cache=cache, absorbed=True)
+            if out.moe_stats is not None:
+                touched = touched + jnp.sum(out.moe_stats.load_E > 0, axis=-1).astype(jnp.float32)
+            nxt = jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32)[:, None]
+            return out.cache, nxt, touched
+
+        _, ids, touched = jax.lax.fori_loop(0, DECODE_STEPS, body,
+                                            (cache, ids, jnp.zeros((n_moe,), jnp.float32)))
+        return ids, touched / DECODE_STEPS
+
+    t = timed(steps, state, cache, ids) / DECODE_STEPS
+    touched = np.asarray(steps(state, cache, ids)[1])
+    prof = (device_op_table(steps, (state, cache, ids), steps=2, per_call=DECODE_STEPS)
+            if profile else None)
     return t, prof, float(touched.mean()) if touched.size else 0.0
 
 
