@@ -182,7 +182,9 @@ def _group_offsets(group_sizes_E):
 
 def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
     """Group-aligned row tiles.  Returns int32 arrays [T]: expert (E = the zero tail, > E = unused),
-    first row, end row (end == first for unused tiles).  T = ceil(M/bm) + E + 1 is static."""
+    first row, end row (end == first for unused tiles).  T = ceil(M/bm) + min(E, M) + 1 is static:
+    at most min(E, M) experts have rows, each adding at most one partial tile, so a decode call
+    (8 rows, 256 experts) launches 10 row tiles, not 258."""
     e = group_sizes_E.shape[0]
     sizes = group_sizes_E.astype(jnp.int32)
     tail = jnp.maximum(m - jnp.sum(sizes), 0)
@@ -191,7 +193,7 @@ def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
     ntiles = (sizes_ext + bm - 1) // bm
     tile_end = jnp.cumsum(ntiles)
     tile_start = tile_end - ntiles
-    num = cdiv(m, bm) + e + 1
+    num = cdiv(m, bm) + min(e, m) + 1
     t = jnp.arange(num, dtype=jnp.int32)
     g = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)  # empty experts are skipped
     valid = g <= e
@@ -370,7 +372,7 @@ def _tpu_gmm_schedule(group_sizes_E, mp: int, tm: int):
     visits = jnp.where(sizes_ext > 0, (ends + tm - 1) // tm - first_tile, 0)
     cum = jnp.cumsum(visits)
     vstart = cum - visits
-    num = mp // tm + e
+    num = mp // tm + min(e, mp)  # each of the at most min(E, M) experts with rows adds <= 1 visit
     t = jnp.arange(num, dtype=jnp.int32)
     valid = t < cum[-1]
     t_eff = jnp.where(valid, t, cum[-1] - 1)

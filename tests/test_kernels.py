@@ -534,6 +534,29 @@ def test_grouped_schedules_skip_empty_experts():
     assert set(np.asarray(g_t)[np.asarray(valid) == 1].tolist()) == {1, 4, 7, 8}
 
 
+def test_grouped_decode_schedules_are_bounded_by_rows():
+    """Fewer rows than experts (decode): the static schedules are sized by the rows, not by the 256
+    experts (a GPU call at 8 rows launches 10 row tiles, not 258)."""
+    sizes = jnp.zeros((256,), jnp.int32).at[jnp.asarray([3, 40, 41, 200, 255])].set(
+        jnp.asarray([2, 1, 1, 3, 1]))
+    assert _gpu_tile_schedule(sizes, 8, 16)[0].shape[0] == 1 + 8 + 1
+    assert _tpu_gmm_schedule(sizes, 16, 16)[0].shape[0] == 1 + 16
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_grouped_kernel_fewer_rows_than_experts(impl, fp8):
+    """Decode shape: 5 rows over 12 experts (most empty, one with 2 rows, one zero tail row)."""
+    rng = np.random.default_rng(44)
+    e, n, k = 12, 136, 200
+    sizes = jnp.zeros((e,), jnp.int32).at[jnp.asarray([1, 7, 11])].set(jnp.asarray([2, 1, 1]))
+    x = jnp.asarray(rng.standard_normal((5, k)), jnp.float32)
+    w, ws = _expert_weights(rng, e, n, k, fp8, jnp.float32)
+    y = grouped_matmul(x, w, sizes, w_scale=ws, impl=impl)
+    _assert_close(y, grouped_matmul_ref(x, w, sizes, w_scale=ws), jnp.float32)
+    assert np.all(np.asarray(y[4]) == 0.0)  # the row past sum(group_sizes)
+
+
 # MLA decode ------------------------------------------------------------------------------------
 
 
