@@ -118,7 +118,10 @@ class GpuGroupedConfig:
     a divisor of 128 with ``prescale``), Triton ``num_warps``/``num_stages``; ``dw_bm`` rows per
     step of the dw kernel.  ``prescale`` (FP8): scale the weight tile (e4m3 → f32 x block scale →
     activation dtype, the reference's dequantized weight) before the dot, so the dot accumulates
-    straight into the tile's accumulator, instead of scaling each 128-block's partial product."""
+    straight into the tile's accumulator, instead of scaling each 128-block's partial product.
+    ``splits`` (forward): the contraction is cut into that many ranges, each its own program writing
+    float32 partial sums that XLA adds afterwards (more programs streaming weights when few rows
+    reach few experts, as at batch-1 decode)."""
     bm: int = 64
     bn: int = 128
     bk: int = 64
@@ -128,6 +131,7 @@ class GpuGroupedConfig:
     dw_bk: int = 64
     dw_bm: int = 32
     prescale: bool = False
+    splits: int = 1
 
 
 def default_gpu_grouped_config(m: int, e: int, n: int, k: int, fp8: bool) -> GpuGroupedConfig:
@@ -206,7 +210,7 @@ def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
 
 
 def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, tw_ref, x_ref, w_ref, *rest, e, n, c, bm, bn, bk, w_co,
-                    fp8, cdt, prescale=False):
+                    fp8, cdt, prescale=False, steps_per_split=None):
     """One (row tile, column tile): y[r0:r1, cols] = x[r0:r1] @ W[tw] (contracting over c), where
     ``tw = g + expert_offset`` names the tile's expert in a possibly larger stack of weights.
 
@@ -227,7 +231,15 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, tw_ref, x_ref, w_ref, *rest, e, n,
     row_ok = rows < r1
     cols = col0 + jnp.arange(bn)
     col_ok = (cols < n) if n % bn else None
-    out_view = o_ref.at[pl.ds(r0, bm), pl.ds(col0, bn)]
+    nsteps = cdiv(c, bk)
+    if steps_per_split is None:
+        k_lo, k_hi = 0, nsteps
+        out_view = o_ref.at[pl.ds(r0, bm), pl.ds(col0, bn)]
+    else:  # split-K: this program's range of contraction steps, a float32 partial sum
+        sp = pl.program_id(2)
+        k_lo = sp * steps_per_split
+        k_hi = jnp.minimum(k_lo + steps_per_split, nsteps)
+        out_view = o_ref.at[sp, pl.ds(r0, bm), pl.ds(col0, bn)]
     out_mask = _row_col_mask(row_ok, col_ok)
     precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
 
@@ -267,7 +279,7 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, tw_ref, x_ref, w_ref, *rest, e, n,
                     part = part * sv[None, :]
             return acc_MN + part
 
-        acc = lax.fori_loop(0, cdiv(c, bk), body, jnp.zeros((bm, bn), jnp.float32))
+        acc = lax.fori_loop(k_lo, k_hi, body, jnp.zeros((bm, bn), jnp.float32))
         plgpu_triton.store(out_view, acc.astype(o_ref.dtype), mask=out_mask)
 
     @pl.when((r1 > r0) & (g == e))
@@ -293,18 +305,24 @@ def gmm_gpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, inte
         raise ValueError(f"prescaled FP8 needs bk dividing {QBLOCK}, got {bk}")
     tg, tr0, tr1 = _gpu_tile_schedule(group_sizes_E, m, cfg.bm)
     tw = jnp.minimum(tg, e - 1) + (0 if expert_offset is None else jnp.asarray(expert_offset, jnp.int32))
+    nsteps = cdiv(c, bk)
+    steps_per_split = cdiv(nsteps, max(1, cfg.splits))
+    splits = cdiv(nsteps, steps_per_split)
     kernel = functools.partial(_gpu_gmm_kernel, e=e, n=o, c=c, bm=cfg.bm, bn=cfg.bn, bk=bk,
-                               w_co=w_co, fp8=fp8, cdt=cdt, prescale=prescale)
+                               w_co=w_co, fp8=fp8, cdt=cdt, prescale=prescale,
+                               steps_per_split=steps_per_split if splits > 1 else None)
     args = (tg, tr0, tr1, tw, x_MC, w) + ((w_scale.astype(jnp.float32),) if fp8 else ())
-    return pl.pallas_call(
+    y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, o), out_dtype),
-        grid=(tg.shape[0], cdiv(o, cfg.bn)),
+        out_shape=jax.ShapeDtypeStruct((splits, m, o) if splits > 1 else (m, o),
+                                       jnp.float32 if splits > 1 else out_dtype),
+        grid=(tg.shape[0], cdiv(o, cfg.bn)) + ((splits,) if splits > 1 else ()),
         compiler_params=plgpu_triton.CompilerParams(num_warps=cfg.num_warps,
                                                     num_stages=cfg.num_stages),
         interpret=interpret,
         name="grouped_gemm_gpu",
     )(*args)
+    return jnp.sum(y, axis=0).astype(out_dtype) if splits > 1 else y
 
 
 def _gpu_tgmm_kernel(gs_ref, x_ref, dy_ref, o_ref, *, m, n, k, bm, bn, bk, cdt):

@@ -21,3 +21,18 @@ def test_e2e_benchmark_small(tmp_path):
     assert all(r["tok_s"] > 0 for r in rows)
     prof = rows[0]["profile"]  # the per-kernel table read back from the profiler's trace
     assert prof["busy_us"] > 0 and prof["kernels"] and all(us >= 0 for _, us, _ in prof["kernels"])
+
+
+def test_kernel_benchmark_small(tmp_path):
+    """benchmarks/kernels.py at tiny shapes in the CPU interpreters: every table runs and each
+    kernel row agrees with its reference (the GPU session runs the same code at full shapes)."""
+    out = tmp_path / "k.json"
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--small", "--reps", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.load(open(out))
+    kernel_rows = [x for x in rows if x["method"].startswith("kernel")]
+    assert {x["shape"].split()[0] for x in kernel_rows} == {"prefill", "decode"}
+    assert not [x for x in kernel_rows if x["failed"]]
+    assert all(float(x["err"].split()[0]) < 3e-2 for x in kernel_rows)  # bf16-level agreement

@@ -499,10 +499,18 @@ def test_grouped_gpu_tilings(interpret):
         w, ws = _expert_weights(rng, e, n, k, fp8, jnp.float32)
         for cfg in (GpuGroupedConfig(bm=16, bn=256, bk=32), GpuGroupedConfig(bm=32, bn=32, bk=64),
                     GpuGroupedConfig(bm=16, bn=256, bk=64, prescale=True),
-                    GpuGroupedConfig(bm=32, bn=64, bk=128, prescale=True)):
+                    GpuGroupedConfig(bm=32, bn=64, bk=128, prescale=True),
+                    GpuGroupedConfig(bm=16, bn=64, bk=128, splits=2),  # split-K (decode variant)
+                    GpuGroupedConfig(bm=16, bn=64, bk=64, prescale=True, splits=4)):
             y = gmm_gpu(x, w, sizes, w_scale=ws, out_dtype=jnp.float32, interpret=interpret,
                         config=cfg)
             _assert_close(y, grouped_matmul_ref(x, w, sizes, w_scale=ws), jnp.float32)
+            if cfg.splits > 1:  # rows past sum(group_sizes) stay zero in every partial sum
+                y_tail = gmm_gpu(x, w, sizes.at[3].set(10), w_scale=ws, out_dtype=jnp.float32,
+                                 interpret=interpret, config=cfg)
+                assert np.all(np.asarray(y_tail[31:]) == 0.0)
+                _assert_close(y_tail, grouped_matmul_ref(x, w, sizes.at[3].set(10), w_scale=ws),
+                              jnp.float32)
             if fp8 and cfg.prescale:  # the dx orientation ([E, C, O] reads) with prescaling
                 dy = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
                 dx = gmm_gpu(dy, w, sizes, w_scale=ws, w_co=True, out_dtype=jnp.float32,
@@ -723,6 +731,9 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
                         config=GpuGroupedConfig(bm=64, bn=128, bk=64, prescale=True))
                     jax.jit(pre).trace(S((m, n if w_co else k), jnp.bfloat16), *args[2:]
                                        ).lower(lowering_platforms=(platform,))
+                split = lambda x, wq, ws, gs: gmm_gpu(x, wq, gs, w_scale=ws, out_dtype=jnp.bfloat16,
+                                                      config=GpuGroupedConfig(bm=16, bn=64, bk=128, splits=4))
+                jax.jit(split).trace(S((m, k), jnp.bfloat16), *args[2:]).lower(lowering_platforms=(platform,))
             # all layers' experts read in place at an offset (Precision.weights_in_place)
             in_place = lambda x, wq, ws, gs, off: grouped_matmul(x, wq, gs, w_scale=ws, impl=impl,
                                                                  expert_offset=off)
