@@ -279,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--unroll-batches", default=None,
                     help="decode batch sizes also timed with the layer loop unrolled "
                          "(Precision.scan_unroll; default 1,16; small: 1; 'none')")
+    ap.add_argument("--compare-flash", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the first prefill length with Precision.prefill_attention='flash'")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
@@ -373,6 +375,15 @@ def main(argv=None) -> int:
             rows[-1]["profile"] = dict(busy_us=prof[1], wall_us=prof[2],
                                        kernels=[list(r) for r in prof[0][:40]])
             save()
+        if T == prefills[0] and a.compare_flash:  # the same weights, flash attention, side by side
+            prec = model.moe_layers.self_attn.kv_b_proj.prec
+            flash = abstract_model(cfg, dataclasses.replace(prec, prefill_attention="flash"), with_mtp=False)
+            flash = nnx.merge(nnx.split(flash)[0], nnx.split(model)[1])
+            t, _ = bench_prefill(cfg, flash, T, min(chunk if T <= 8192 else long_chunk, T))
+            rows.append(dict(kind="prefill_flash", tokens=T, s=t, tok_s=T / t, roofline_s=roof))
+            save()
+            print(f"{'prefill T=%d, flash' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
+            del flash
     return 0
 
 

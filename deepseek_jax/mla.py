@@ -139,11 +139,16 @@ class MLA(nnx.Module):
             # real-width prefill: ~15 of ~35 ms per layer go to the scores and softmax). Saving
             # the second product and the sum is not measured on a GPU yet.
             k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], H, k_pe.shape[-1]))
-            s = _einsum32("bthk,bshk->bhts", jnp.concatenate([q_nope, q_pe.astype(dtype)], -1),
-                          jnp.concatenate([k_nope, k_pe_BSHR.astype(dtype)], -1))
-            mask = pos_BT[:, None, :] <= pos_BT[:, :, None]
-            p = self._softmax(s, mask).astype(dtype)
-            o_BTHA = _einsum32("bhts,bsha->btha", p, v).astype(dtype)
+            q_BTHK = jnp.concatenate([q_nope, q_pe.astype(dtype)], -1)
+            k_BSHK = jnp.concatenate([k_nope, k_pe_BSHR.astype(dtype)], -1)
+            if self.prec.prefill_attention == "flash":  # causal by index (see Precision)
+                o_BTHA = kernels_pallas.causal_attention(q_BTHK, k_BSHK, v, scale=self.scale,
+                                                         impl=self.prec.kernels).astype(dtype)
+            else:
+                s = _einsum32("bthk,bshk->bhts", q_BTHK, k_BSHK)
+                mask = pos_BT[:, None, :] <= pos_BT[:, :, None]
+                p = self._softmax(s, mask).astype(dtype)
+                o_BTHA = _einsum32("bhts,bsha->btha", p, v).astype(dtype)
         else:
             if cache_BSC is None:
                 raise ValueError("absorbed attention needs a cache")

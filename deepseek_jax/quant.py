@@ -44,6 +44,11 @@ class Precision:
     scan_unroll: ``unroll`` of the ``lax.scan`` over stacked layers (1: a loop, one traced layer
       body; ``True``: straight-line code, compile time grows with the depth). A knob for
       measuring launch and loop overhead on accelerators (``benchmarks/e2e_gpu.py`` times both).
+    prefill_attention: the naive form's attention among a call's tokens. "plain" (default): float32
+      scores ``[B, H, T, T]`` masked by position. "flash": ``kernels_pallas.causal_attention``
+      (a flash kernel on GPU, the plain form elsewhere), causal by token index, which is the
+      same mask when each row's positions increase by one along the call (prefill of right-padded
+      prompts, scoring, training). Not measured on a GPU yet.
     """
 
     dtype: jnp.dtype = jnp.float32
@@ -51,6 +56,14 @@ class Precision:
     kernels: str = "auto"
     weights_in_place: bool | None = None
     scan_unroll: int | bool = 1
+    prefill_attention: Literal["plain", "flash"] = "plain"
+
+    def __post_init__(self):
+        if self.fp8_mode not in ("w8a16", "w8a8"):
+            raise ValueError(f"Precision.fp8_mode must be 'w8a16' or 'w8a8', got {self.fp8_mode!r}")
+        if self.prefill_attention not in ("plain", "flash"):
+            raise ValueError(f"Precision.prefill_attention must be 'plain' or 'flash', "
+                             f"got {self.prefill_attention!r}")
 
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

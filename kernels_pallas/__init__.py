@@ -1,4 +1,5 @@
-"""Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode).
+"""Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode,
+flash causal attention for prefill).
 
 Self-contained: imports jax only, never ``deepseek_jax``.  Every public function has a plain-jnp
 reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas" | "pallas_gpu" |
@@ -6,6 +7,7 @@ reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas"
 """
 
 from kernels_pallas.backend import default_impl, resolve_impl
+from kernels_pallas.flash_prefill import causal_attention, causal_attention_ref
 from kernels_pallas.fp8_gemm import (quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref, w8a16_matmul,
                                      w8a16_matmul_ref)
 from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
@@ -23,4 +25,6 @@ __all__ = [
     "grouped_matmul",
     "mla_decode_ref",
     "mla_decode",
+    "causal_attention_ref",
+    "causal_attention",
 ]

@@ -17,7 +17,7 @@ def test_e2e_benchmark_small(tmp_path):
                         "--profile", "2", "--unroll-batches", "2", "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(out))["rows"]
-    assert {r["kind"] for r in rows} == {"decode", "decode_unrolled", "prefill"}
+    assert {r["kind"] for r in rows} == {"decode", "decode_unrolled", "prefill", "prefill_flash"}
     assert all(r["tok_s"] > 0 for r in rows)
     prof = rows[0]["profile"]  # the per-kernel table read back from the profiler's trace
     assert prof["busy_us"] > 0 and prof["kernels"] and all(us >= 0 for _, us, _ in prof["kernels"])

@@ -659,6 +659,27 @@ def test_mla_gpu_batch1_splits_by_default(interpret):
     _assert_close(o, mla_decode_ref(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128), jnp.float32)
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_flash_prefill_matches_ref(impl, dtype):
+    """Causal attention for the naive prefill: head sizes 24 (q, k) and 16 (v), T = 21 not a
+    multiple of the 8-token blocks, a few large scores."""
+    from kernels_pallas import causal_attention, causal_attention_ref
+    rng = np.random.default_rng(40)
+    q, k = (jnp.asarray(rng.standard_normal((2, 21, 3, 24)), dtype) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((2, 21, 3, 16)), dtype)
+    k = k.at[1, 4].multiply(30.0)
+    o = causal_attention(q, k, v, scale=0.3, impl=impl, block=8)
+    assert o.shape == (2, 21, 3, 16) and o.dtype == dtype
+    _assert_close(o, causal_attention_ref(q, k, v, scale=0.3), dtype)
+    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    s = np.einsum("bthk,bshk->bhts", f64(q), f64(k)) * 0.3  # an independent check of the reference
+    s = np.where(np.tril(np.ones((21, 21), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("bhts,bsha->btha", p / p.sum(-1, keepdims=True), f64(v))
+    _assert_close(causal_attention_ref(q, k, v, scale=0.3), want, dtype)
+
+
 # -------------------------------------------------------------------------------------------------
 # the kernels lower for the real backends (Pallas → Triton IR / Mosaic TPU IR; no hardware needed)
 # -------------------------------------------------------------------------------------------------
@@ -698,6 +719,10 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
                            S((b, t, 576), jnp.bfloat16), S((b,), jnp.int32)
                            ).lower(lowering_platforms=(platform,))
         if platform == "cuda":
+            from kernels_pallas import causal_attention
+            flash = lambda q, k, v: causal_attention(q, k, v, scale=0.1, impl=impl)
+            jax.jit(flash).trace(S((1, 4096, h, 192), jnp.bfloat16), S((1, 4096, h, 192), jnp.bfloat16),
+                                 S((1, 4096, h, 128), jnp.bfloat16)).lower(lowering_platforms=(platform,))
             from kernels_pallas.mla_decode import mla_decode_gpu
             split = lambda ql, qp, c, lens: mla_decode_gpu(ql, qp, c, lens, scale=0.1, kv_lora_rank=512,
                                                            splits=4)

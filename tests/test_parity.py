@@ -91,6 +91,13 @@ def test_w8a8_fast_path_is_wired(case):
     assert 1e-3 < rel(got, case["ref"]) < 1.5
 
 
+def test_flash_prefill_attention_matches_hf(case):
+    """``Precision.prefill_attention="flash"`` with the GPU flash kernel in the interpreter."""
+    m = load_hub(case["ckpt"], prec=Precision(kernels="interpret_gpu", prefill_attention="flash"))
+    got = scoring.logits(m, case["ids"][:, :24])
+    assert rel(got, case["ref"][:, :24]) <= 1e-4
+
+
 def test_unrolled_layer_scan_matches_hf(case):
     """``Precision.scan_unroll=True``: the layers as straight-line code, same logits."""
     m = load_hub(case["ckpt"], prec=Precision(scan_unroll=True))

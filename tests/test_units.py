@@ -161,3 +161,11 @@ def test_jnp_quantization_matches_numpy_and_edge_blocks(shape):
                                rtol=0.07, atol=1e-6)
     assert np.abs(back - w).max() <= 0.07 * np.abs(w).max()
     assert s.shape[-2:] == (math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(prefill_attention="fast"), "prefill_attention"),
+                                       (dict(fp8_mode="w4a16"), "fp8_mode")])
+def test_precision_rejects_unknown_modes(kw, needle):
+    from deepseek_jax.quant import Precision
+    with pytest.raises(ValueError, match=needle):
+        Precision(**kw)
