@@ -327,9 +327,11 @@ def _grouped_configs(target, m, e, n, k, fp8, sweep):
         from kernels_pallas.grouped_gemm import default_gpu_grouped_config
         cfgs = [default_gpu_grouped_config(m, e, n, k, fp8)]
         if sweep and fp8:  # 2026-11-28 H200: the defaults won the bf16 sweeps; FP8 tries prescaling
-            if m // e >= 64:
-                cfgs += [GpuGroupedConfig(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, prescale=True),
-                         GpuGroupedConfig(bm=128, bn=128, bk=128, num_warps=8, num_stages=3, prescale=True)]
+            if m // e >= 64:  # session 3: prescaled 128x128, 64-wide K won (now the default);
+                # next: wider column tiles, deeper pipelines
+                cfgs += [GpuGroupedConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3, prescale=True),
+                         GpuGroupedConfig(bm=128, bn=128, bk=64, num_warps=8, num_stages=4, prescale=True),
+                         GpuGroupedConfig(bm=64, bn=256, bk=64, num_warps=8, num_stages=3, prescale=True)]
             else:  # session 3: per-block scaling beat prescaling at 512 rows; next: split-K (more
                 # programs when few experts have rows: 1.3 TB/s at batch 1 in the e2e profile)
                 cfgs += [GpuGroupedConfig(bm=16, bn=64, bk=128, num_warps=4, num_stages=4, splits=sp)
