@@ -278,7 +278,7 @@ def main(argv=None) -> int:
                     help="decode batch sizes to profile per kernel (default 1,16; small: 1; 'none')")
     ap.add_argument("--unroll-batches", default=None,
                     help="decode batch sizes also timed with the layer loop unrolled "
-                         "(Precision.scan_unroll; default 1,16; small: 1; 'none')")
+                         "(Precision.scan_unroll; default none: no gain on the H200 in session 3)")
     ap.add_argument("--compare-flash", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the first prefill length with Precision.prefill_attention='flash'")
     ap.add_argument("--json", help="write the rows here")
@@ -291,8 +291,7 @@ def main(argv=None) -> int:
     chunk = a.chunk or (32 if small else 4096)
     long_chunk = a.long_chunk or (16 if small else 1024)
     profile = [] if a.profile == "none" else [int(x) for x in (a.profile or ("1" if small else "1,16")).split(",")]
-    unroll = [] if a.unroll_batches == "none" else [
-        int(x) for x in (a.unroll_batches or ("1" if small else "1,16")).split(",")]
+    unroll = [int(x) for x in a.unroll_batches.split(",")] if a.unroll_batches not in (None, "none") else []
     hf_batches = [int(x) for x in (a.hf_batches or ("1,4" if small else "1,16")).split(",")]
     cfg = bench_config(a.layers, small)
     if a.hf_only:  # runs in its own process: torch and XLA would otherwise fight over GPU memory

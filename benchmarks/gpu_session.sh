@@ -11,8 +11,8 @@
 #   1. environment
 #   2. benchmarks/e2e_gpu.py: real-width 1 dense + 3 MoE layers, decode/prefill vs roofline and HF,
 #      per-kernel device-time profiles (decode B=1/16, prefill 4K), batch 1 with per-layer weight
-#      slices, batches 1/16 with the layer loop unrolled, prefill 4K with flash attention, side by
-#      side; if it fails with the Pallas kernels, once more with DEEPSEEK_JAX_KERNELS=ref.
+#      slices and prefill 4K with flash attention side by side; if it fails with the Pallas
+#      kernels, once more with DEEPSEEK_JAX_KERNELS=ref.
 #   3. compiled-kernel tests against the references (session 3: 17 passed, then the step's limit)
 #   4-6. benchmarks/kernels.py: dense FP8 GEMM, grouped GEMM, MLA decode (SPEC §11 shapes), with
 #      the sweeps of docs/benchmarks.md's "changed after this run" list.
