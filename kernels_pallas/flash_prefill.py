@@ -55,9 +55,12 @@ def causal_attention_ref(q_BTHK, k_BTHK, v_BTHA, *, scale: float) -> jax.Array:
 
 
 def causal_attention(q_BTHK, k_BTHK, v_BTHA, *, scale: float, impl: str = "auto",
-                     block: int = 128) -> jax.Array:
+                     block: int | None = None) -> jax.Array:
     """Causal attention (module doc); ``impl`` as in :mod:`kernels_pallas.backend`, ``block`` the
-    flash kernel's query/key block (power of two; smaller for short sequences)."""
+    flash kernel's query/key block (power of two, cut to the sequence). Default: 128, or 64 when
+    the head size pads to more than 128 (MLA's 192 pads to 256): a [128, 256] float32 output
+    tile is 128 registers a thread at 8 warps, and 128-token K/V tiles of 256 at 2 stages ask for
+    256 KiB of shared memory (227 KiB on an H100/H200)."""
     _check(q_BTHK, k_BTHK, v_BTHA)
     target, interpret = backend.split_impl(impl)
     if target != "gpu":
@@ -70,6 +73,8 @@ def causal_attention(q_BTHK, k_BTHK, v_BTHA, *, scale: float, impl: str = "auto"
     b, t, h, kd = q_BTHK.shape
     a = v_BTHA.shape[-1]
     d = max(kd, a)
+    if block is None:
+        block = 128 if next_pow2(d) <= 128 else 64
     blk = min(block, next_pow2(t))
     tp = round_up(t, blk)
     pad_t = [(0, 0), (0, tp - t), (0, 0), (0, 0)]

@@ -678,6 +678,11 @@ def test_flash_prefill_matches_ref(impl, dtype):
     p = np.exp(s - s.max(-1, keepdims=True))
     want = np.einsum("bhts,bsha->btha", p / p.sum(-1, keepdims=True), f64(v))
     _assert_close(causal_attention_ref(q, k, v, scale=0.3), want, dtype)
+    # MLA-like head sizes past 128 (the default block drops to 64), T = 70 not a multiple of it
+    q, k = (jnp.asarray(rng.standard_normal((1, 70, 1, 160)), dtype) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((1, 70, 1, 128)), dtype)
+    _assert_close(causal_attention(q, k, v, scale=0.08, impl=impl),
+                  causal_attention_ref(q, k, v, scale=0.08), dtype)
 
 
 # -------------------------------------------------------------------------------------------------
