@@ -213,8 +213,9 @@ def _kernel_configs(target, m, n, k, sweep, variant="w8a16"):
             else:  # wider column tiles: the activation tile is re-read once per column tile
                 bm = default.bm  # + the default tile with split-K 4: at one row, o_proj's
                 # 224 programs ran unsplit at 1.7 TB/s in the session-3 e2e profile
-                cfgs += [GpuConfig(bm, 128, 8, 4, 4), GpuConfig(bm, 128, 14, 4, 3), GpuConfig(bm, 64, 8, 4, 4),
-                         dataclasses.replace(default, splits=4)]
+                cfgs += [GpuConfig(bm, 128, 8, 4, 4), GpuConfig(bm, 128, 14, 4, 3), GpuConfig(bm, 64, 8, 4, 4)]
+                cfgs += [c for c in (dataclasses.replace(default, splits=1),  # session 3's o_proj
+                                     dataclasses.replace(default, splits=2 * default.splits)) if c != default]
                 if variant == "w8a16":
                     cfgs += [GpuConfig(bm, 128, 8, 4, 4, prescale=True), GpuConfig(bm, 256, 4, 8, 3, prescale=True)]
         return cfgs

@@ -178,9 +178,10 @@ class TpuConfig:
 def default_gpu_config(m: int, n: int, k: int, variant: str = "w8a8") -> GpuConfig:
     """Heuristic tiles (``benchmarks/kernels.py`` sweeps alternatives on a GPU).
 
-    Prefill (M >= 256): W8A8 64x128 tiles, W8A16 128x128 with the weight tile prescaled.  Small M (decode, weight-bandwidth bound): one row tile, 32-column tiles,
-    and split-K only when there are fewer programs than SMs (the float32 partial sums cost
-    ``splits * M * N * 8`` bytes of extra traffic), aiming at ~2 programs per SM."""
+    Prefill (M >= 256): W8A8 64x128 tiles, W8A16 128x128 with the weight tile prescaled.
+    Small M (decode, weight-bandwidth bound): one row tile, 32-column tiles, and split-K when there
+    are too few programs to keep the SMs streaming (the float32 partial sums cost
+    ``splits * M * N * 8`` bytes of extra traffic, next to nothing at one row)."""
     if m >= 256 and variant == "w8a16":  # 294 TFLOP/s at 4096x7168->2048 on an H200, against
         # 165-221 unscaled (benchmarks/kernels.py sweep, 2026-11-28 session 3)
         return GpuConfig(bm=128, bn=128, splits=1, num_warps=8, num_stages=3, prescale=True)
@@ -190,9 +191,15 @@ def default_gpu_config(m: int, n: int, k: int, variant: str = "w8a8") -> GpuConf
     bm = min(64, max(16, next_pow2(m)))
     bn = 32
     programs = cdiv(m, bm) * cdiv(n, bn)
+    # Up to 16 rows (one row tile): aim at ~4 programs per SM. In the H200 profile of a batch-1
+    # decode step (session 3; kernels matched to layers by call counts and times) one-row
+    # weights streamed at 0.7 / 1.4-1.7 / 2.2-2.3 TB/s with 144 / 224-320 / 576-768 programs.
+    # Larger M keeps ~2 per SM (its activation tile is re-read once per column tile). Not yet
+    # measured as a default: benchmarks/kernels.py sweeps it against the old choice.
+    per_sm, cap = (4, 16) if bm == 16 else (2, 8)
     splits = 1
-    if programs < _GPU_NUM_SMS:
-        splits = max(1, min(cdiv(k, QBLOCK), cdiv(2 * _GPU_NUM_SMS, programs), 8))
+    if programs < per_sm * _GPU_NUM_SMS:
+        splits = max(1, min(cdiv(k, QBLOCK), cdiv(per_sm * _GPU_NUM_SMS, programs), cap))
     return GpuConfig(bm=bm, bn=bn, splits=splits, num_warps=4, num_stages=4)
 
 
