@@ -337,8 +337,8 @@ def _grouped_configs(target, m, e, n, k, fp8, sweep):
                          GpuGroupedConfig(bm=64, bn=256, bk=64, num_warps=8, num_stages=3, prescale=True)]
             else:  # session 3: per-block scaling beat prescaling at 512 rows; next: split-K (more
                 # programs when few experts have rows: 1.3 TB/s at batch 1 in the e2e profile)
-                cfgs += [GpuGroupedConfig(bm=16, bn=64, bk=128, num_warps=4, num_stages=4, splits=sp)
-                         for sp in (2, 4, 8)]
+                cfgs += [c for c in (GpuGroupedConfig(bm=16, bn=64, bk=128, num_warps=4, num_stages=4, splits=sp)
+                                     for sp in (1, 2, 4, 8)) if c != cfgs[0]]
                 cfgs += [GpuGroupedConfig(bm=16, bn=128, bk=128, num_warps=4, num_stages=4, splits=4),
                          GpuGroupedConfig(bm=16, bn=32, bk=128, num_warps=4, num_stages=4)]
         return cfgs

@@ -134,6 +134,10 @@ class GpuGroupedConfig:
     splits: int = 1
 
 
+#: Streaming multiprocessors on an H100/H200 (sizes split-K for few-row decode only).
+_GPU_NUM_SMS = 132
+
+
 def default_gpu_grouped_config(m: int, e: int, n: int, k: int, fp8: bool) -> GpuGroupedConfig:
     rows_per_expert = max(1, m // max(1, e))
     bm = min(128, max(16, next_pow2(rows_per_expert)))
@@ -146,8 +150,16 @@ def default_gpu_grouped_config(m: int, e: int, n: int, k: int, fp8: bool) -> Gpu
         # H200 (benchmarks/kernels.py sweep, 2026-11-28 session 3); decode-sized groups keep the
         # per-block scaling (2979 against 2533-2638 GB/s prescaled at 512 rows)
         return GpuGroupedConfig(bm=bm, bn=bn, bk=64, num_warps=warps, num_stages=stages, prescale=True)
-    return GpuGroupedConfig(bm=bm, bn=bn, bk=128 if fp8 else 64, num_warps=warps,
-                            num_stages=stages)
+    bk = 128 if fp8 else 64
+    # Few experts with rows (batch-1 decode: 8 rows, 8 experts): split K until ~4 programs per SM
+    # stream weights. Session 3's H200 profile read those 8 experts at 1.3 TB/s with 256 working
+    # programs, and one-row dense GEMMs were faster the more programs they had (see
+    # fp8_gemm.default_gpu_config). Not yet measured as a default; kernels.py sweeps it.
+    working = min(e, m) * cdiv(n, bn)
+    splits = 1
+    if bm == 16 and working < 4 * _GPU_NUM_SMS:
+        splits = max(1, min(cdiv(k, bk), cdiv(4 * _GPU_NUM_SMS, working), 8))
+    return GpuGroupedConfig(bm=bm, bn=bn, bk=bk, num_warps=warps, num_stages=stages, splits=splits)
 
 
 @dataclasses.dataclass(frozen=True)
