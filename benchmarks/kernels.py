@@ -50,13 +50,14 @@ from kernels_pallas.mla_decode import mla_decode, mla_decode_gpu, mla_decode_ref
 F8 = jnp.float8_e4m3fn
 BF16 = jnp.bfloat16
 
-FULL_DENSE = [("prefill", 4096, 7168, 2048), ("prefill", 4096, 2048, 7168),
+# Unmeasured shapes first: a GPU step cut off by its time limit loses the shapes after it.
+FULL_DENSE = [("decode 1 row", 1, 16384, 7168),  # batch-1 o_proj: the largest one-row FP8 GEMM
               ("decode", 64, 7168, 2048), ("decode", 64, 2048, 7168),
-              ("decode 1 row", 1, 16384, 7168)]  # batch-1 o_proj: the largest one-row FP8 GEMM
-FULL_GROUPED = [("prefill", 32768, 256, 7168, 4096), ("decode", 512, 256, 7168, 4096),
-                ("decode", 8, 256, 7168, 2048)]  # the last: one token's 8 experts (batch-1 gate_proj)
+              ("prefill", 4096, 7168, 2048), ("prefill", 4096, 2048, 7168)]
+FULL_GROUPED = [("decode", 8, 256, 7168, 2048),  # one token's 8 experts (batch-1 gate_proj)
+                ("decode", 512, 256, 7168, 4096), ("prefill", 32768, 256, 7168, 4096)]
+FULL_MLA = [("decode", 1, 128, 4096), ("decode", 64, 128, 4096)]  # B, heads, cache length (L=512, R=64)
 SMALL_DENSE = [("prefill", 128, 384, 256), ("decode", 8, 256, 384)]
-FULL_MLA = [("decode", 64, 128, 4096), ("decode", 1, 128, 4096)]  # B, heads, cache length (L=512, R=64)
 SMALL_MLA = [("decode", 2, 16, 100)]
 SMALL_GROUPED = [("prefill", 128, 4, 256, 256), ("decode", 16, 8, 256, 256)]
 
