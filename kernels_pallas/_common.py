@@ -12,6 +12,8 @@ QBLOCK = 128
 #: Largest finite float8_e4m3fn value.
 E4M3_MAX = 448.0
 FP8_DTYPE = jnp.float8_e4m3fn
+#: Streaming multiprocessors on an H100/H200: sizes split-K / split-T heuristics of the GPU kernels.
+GPU_NUM_SMS = 132
 
 
 def cdiv(a: int, b: int) -> int:

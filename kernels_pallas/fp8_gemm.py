@@ -41,8 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, QBLOCK, and_masks, cdiv, dequantize_blocks,
-                                   flatten_rows, masked_load, next_pow2, round_up)
+from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, GPU_NUM_SMS, QBLOCK, and_masks, cdiv,
+                                   dequantize_blocks, flatten_rows, masked_load, next_pow2, round_up)
 
 __all__ = [
     "quantize_act_1x128",
@@ -149,9 +149,6 @@ def w8a8_matmul_ref(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *,
 # Kernel configuration
 # ---------------------------------------------------------------------------------------------------
 
-#: Streaming multiprocessors on an H100/H200; used only to size split-K for small-M (decode) shapes.
-_GPU_NUM_SMS = 132
-
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
@@ -198,8 +195,8 @@ def default_gpu_config(m: int, n: int, k: int, variant: str = "w8a8") -> GpuConf
     # measured as a default: benchmarks/kernels.py sweeps it against the old choice.
     per_sm, cap = (4, 16) if bm == 16 else (2, 8)
     splits = 1
-    if programs < per_sm * _GPU_NUM_SMS:
-        splits = max(1, min(cdiv(k, QBLOCK), cdiv(per_sm * _GPU_NUM_SMS, programs), cap))
+    if programs < per_sm * GPU_NUM_SMS:
+        splits = max(1, min(cdiv(k, QBLOCK), cdiv(per_sm * GPU_NUM_SMS, programs), cap))
     return GpuConfig(bm=bm, bn=bn, splits=splits, num_warps=4, num_stages=4)
 
 

@@ -36,8 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import (QBLOCK, and_masks, cdiv, dequantize_blocks, is_fp8, masked_load, next_pow2,
-                                   round_up)
+from kernels_pallas._common import (GPU_NUM_SMS, QBLOCK, and_masks, cdiv, dequantize_blocks, is_fp8,
+                                   masked_load, next_pow2, round_up)
 
 __all__ = ["grouped_matmul_ref", "grouped_matmul"]
 
@@ -134,10 +134,6 @@ class GpuGroupedConfig:
     splits: int = 1
 
 
-#: Streaming multiprocessors on an H100/H200 (sizes split-K for few-row decode only).
-_GPU_NUM_SMS = 132
-
-
 def default_gpu_grouped_config(m: int, e: int, n: int, k: int, fp8: bool) -> GpuGroupedConfig:
     rows_per_expert = max(1, m // max(1, e))
     bm = min(128, max(16, next_pow2(rows_per_expert)))
@@ -157,8 +153,8 @@ def default_gpu_grouped_config(m: int, e: int, n: int, k: int, fp8: bool) -> Gpu
     # fp8_gemm.default_gpu_config). Not yet measured as a default; kernels.py sweeps it.
     working = min(e, m) * cdiv(n, bn)
     splits = 1
-    if bm == 16 and working < 4 * _GPU_NUM_SMS:
-        splits = max(1, min(cdiv(k, bk), cdiv(4 * _GPU_NUM_SMS, working), 8))
+    if bm == 16 and working < 4 * GPU_NUM_SMS:
+        splits = max(1, min(cdiv(k, bk), cdiv(4 * GPU_NUM_SMS, working), 8))
     return GpuGroupedConfig(bm=bm, bn=bn, bk=bk, num_warps=warps, num_stages=stages, splits=splits)
 
 

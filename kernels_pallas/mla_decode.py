@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import cdiv, next_pow2
+from kernels_pallas._common import GPU_NUM_SMS, cdiv, next_pow2
 
 __all__ = ["mla_decode_ref", "mla_decode"]
 
@@ -148,19 +148,15 @@ def _combine_splits(acc_SBHL, m_SBH, sum_SBH):
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 
-#: Streaming multiprocessors on an H100/H200 (sizes the split-T heuristic only).
-_GPU_NUM_SMS = 132
-
-
 def default_splits(batch: int, head_blocks: int, cache_len: int) -> int:
     """Split-T chunks for the GPU kernel: none while ``batch x head_blocks`` programs fill half the
     SMs; below that, enough chunks for ~2 programs per SM, at most 16 and each >= 256 tokens.
     Batch 1 with 128 heads and a 4096-token cache is otherwise 2 programs on 132 SMs, each walking
     the whole cache (untuned guess; ``benchmarks/kernels.py`` sweeps ``splits`` at B=64)."""
     programs = batch * head_blocks
-    if 2 * programs >= _GPU_NUM_SMS:
+    if 2 * programs >= GPU_NUM_SMS:
         return 1
-    return max(1, min(16, cache_len // 256, cdiv(2 * _GPU_NUM_SMS, programs)))
+    return max(1, min(16, cache_len // 256, cdiv(2 * GPU_NUM_SMS, programs)))
 
 
 def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
