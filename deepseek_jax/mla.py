@@ -23,21 +23,12 @@ import kernels_pallas
 
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.norm import RMSNorm
-from deepseek_jax.quant import Linear, Precision
+from deepseek_jax.quant import Linear, Precision, einsum32
 from deepseek_jax.rope import Rope
 
 _NEG = -1e30  # finite "minus infinity" for masked scores: a fully masked pad row stays NaN-free
 # Absorbed calls with at most this many new tokens per row go through the decode kernel per token.
 _KERNEL_MAX_NEW = 4
-
-
-def _einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``einsum`` with float32 accumulation. On CPU the operands are widened to float32 first:
-    XLA's CPU batched dot lacks bf16 x bf16 -> f32, and bf16 products are exact in float32, so
-    the result is the same as a bf16 dot accumulating in float32."""
-    if jax.default_backend() == "cpu":
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
 def write_cache(cache_BSC: jax.Array, new_BTC: jax.Array, pos_BT: jax.Array, layer=None) -> jax.Array:
@@ -132,8 +123,8 @@ class MLA(nnx.Module):
         w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
         if not absorbed:
             c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
-            k_nope = _einsum32("btl,hnl->bthn", c, w_kvb[:, :N]).astype(dtype)
-            v = _einsum32("btl,hal->btha", c, w_kvb[:, N:]).astype(dtype)
+            k_nope = einsum32("btl,hnl->bthn", c, w_kvb[:, :N]).astype(dtype)
+            v = einsum32("btl,hal->btha", c, w_kvb[:, N:]).astype(dtype)
             # One score product over [nope | rope] (192 wide), not two [B, H, T, S] float32
             # products added: at a 4K prompt each is 8.6 GB per layer (the H200 profile of a
             # real-width prefill: ~15 of ~35 ms per layer go to the scores and softmax). Saving
@@ -145,14 +136,14 @@ class MLA(nnx.Module):
                 o_BTHA = kernels_pallas.causal_attention(q_BTHK, k_BSHK, v, scale=self.scale,
                                                          impl=self.prec.kernels).astype(dtype)
             else:
-                s = _einsum32("bthk,bshk->bhts", q_BTHK, k_BSHK)
+                s = einsum32("bthk,bshk->bhts", q_BTHK, k_BSHK)
                 mask = pos_BT[:, None, :] <= pos_BT[:, :, None]
                 p = self._softmax(s, mask).astype(dtype)
-                o_BTHA = _einsum32("bhts,bsha->btha", p, v).astype(dtype)
+                o_BTHA = einsum32("bhts,bsha->btha", p, v).astype(dtype)
         else:
             if cache_BSC is None:
                 raise ValueError("absorbed attention needs a cache")
-            q_lat = _einsum32("bthn,hnl->bthl", q_nope, w_kvb[:, :N]).astype(dtype)
+            q_lat = einsum32("bthn,hnl->bthl", q_nope, w_kvb[:, :N]).astype(dtype)
             if T <= _KERNEL_MAX_NEW:
                 # One new token per row (decode), or a few (speculative verification on GPU/TPU;
                 # the reference backend took the one-token-at-a-time branch above): the MLA
@@ -169,11 +160,11 @@ class MLA(nnx.Module):
                 kv = cache_BSC if layer is None else jax.lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
                 kv = kv.astype(dtype)
                 # one score product with [q_lat | q_pe] over the whole entry [c | k_pe]
-                s = _einsum32("bthc,bsc->bhts", jnp.concatenate([q_lat, q_pe.astype(dtype)], -1), kv)
+                s = einsum32("bthc,bsc->bhts", jnp.concatenate([q_lat, q_pe.astype(dtype)], -1), kv)
                 c = kv[..., :L]
                 mask = jnp.arange(kv.shape[1])[None, None, :] <= pos_BT[:, :, None]
                 p = self._softmax(s, mask).astype(dtype)
-                o_lat = _einsum32("bhts,bsl->bthl", p, c).astype(dtype)
-            o_BTHA = _einsum32("bthl,hal->btha", o_lat, w_kvb[:, N:]).astype(dtype)
+                o_lat = einsum32("bhts,bsl->bthl", p, c).astype(dtype)
+            o_BTHA = einsum32("bthl,hal->btha", o_lat, w_kvb[:, N:]).astype(dtype)
         out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))
         return out, cache_BSC

@@ -78,6 +78,15 @@ def _expand_scales(s: jax.Array, n: int, k: int) -> jax.Array:
     return s[..., :n, :k]
 
 
+def einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum`` with float32 accumulation. On CPU the operands are widened to float32 first:
+    XLA's CPU batched dot lacks bf16 x bf16 -> f32, and bf16 products are exact in float32, so
+    the result is the same as a bf16 dot accumulating in float32."""
+    if jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+
 def dequantize(wq: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
     """``W[i, j] = float(Wq[i, j]) * S[i // 128, j // 128]`` for any leading dims."""
     n, k = wq.shape[-2:]

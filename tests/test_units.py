@@ -169,3 +169,47 @@ def test_precision_rejects_unknown_modes(kw, needle):
     from deepseek_jax.quant import Precision
     with pytest.raises(ValueError, match=needle):
         Precision(**kw)
+
+
+# ---- MoE dispatch forms ------------------------------------------------------------------------
+def _moe_case(seed, M=6, D=40, F=24, E=8, K=3, layers=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, D)).astype(np.float32)
+    ws = [rng.standard_normal((layers * E, F, D)) * 0.2, rng.standard_normal((layers * E, F, D)) * 0.2,
+          rng.standard_normal((layers * E, D, F)) * 0.2]
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(M)]).astype(np.int32)
+    idx[0] = idx[1]  # two tokens on the same experts
+    w = rng.random((M, K)).astype(np.float32)
+    return x, [w_.astype(np.float32) for w_ in ws], idx, w
+
+
+def test_every_expert_moe_matches_a_per_token_loop():
+    """The dense all-experts form of the CPU MoE against a numpy loop over tokens and choices."""
+    from deepseek_jax.moe import every_expert_moe
+    from deepseek_jax.quant import Precision
+    x, (wg, wu, wd), idx, w = _moe_case(0)
+    y = every_expert_moe(((jnp.asarray(wg), None), (jnp.asarray(wu), None), (jnp.asarray(wd), None)),
+                         jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), Precision(dtype=jnp.float32), 8)
+    ref = np.zeros_like(x, dtype=np.float64)
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = idx[t, k]
+            g, u = wg[e] @ x[t].astype(np.float64), wu[e] @ x[t].astype(np.float64)
+            ref[t] += w[t, k] * (wd[e] @ (g / (1 + np.exp(-g)) * u))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_expert_moe_rounds_like_the_sorted_form(dtype):
+    """FP8 experts read at a layer offset, in float32 and bfloat16: the all-experts form (CPU, when
+    the choices cover the experts) and the sorted grouped-GEMM form agree to rounding order."""
+    from deepseek_jax.moe import every_expert_moe, sorted_moe
+    from deepseek_jax.quant import Precision
+    x, ws, idx, w = _moe_case(1, M=5, D=136, F=72, E=8, K=2, layers=2)
+    arrays = tuple(quantize(jnp.asarray(a)) for a in ws)
+    args = (arrays, jnp.asarray(x, dtype), jnp.asarray(idx), jnp.asarray(w), Precision(dtype=dtype), 8)
+    a = np.asarray(every_expert_moe(*args, expert_offset=jnp.int32(8)), np.float32)
+    b = np.asarray(sorted_moe(*args, expert_offset=jnp.int32(8)), np.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+    assert not np.allclose(a, np.asarray(sorted_moe(*args, expert_offset=jnp.int32(0)), np.float32), atol=1e-3)
