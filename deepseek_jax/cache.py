@@ -15,13 +15,25 @@ from deepseek_jax.config import DeepSeekConfig
 
 
 class LatentCache(NamedTuple):
-    dense: jax.Array | None   # [L_dense, B, S, C]
+    dense: jax.Array | None   # [L_dense, B, S, C] (per_layer(): a tuple of [B, S, C])
     moe: jax.Array | None     # [L_moe, B, S, C]
 
     @property
     def max_len(self) -> int:
         arr = self.moe if self.moe is not None else self.dense
-        return arr.shape[2]
+        return arr[0].shape[1] if isinstance(arr, tuple) else arr.shape[2]
+
+    def per_layer(self) -> "LatentCache":
+        """Each stack as a tuple of per-layer arrays (what ``DeepSeekV3(unstacked=...)`` reads and
+        writes without slicing); :meth:`stacked` undoes it."""
+        def split(a):
+            return a if a is None or isinstance(a, tuple) else tuple(a[i] for i in range(a.shape[0]))
+        return LatentCache(split(self.dense), split(self.moe))
+
+    def stacked(self) -> "LatentCache":
+        def join(a):
+            return jnp.stack(a) if isinstance(a, tuple) else a
+        return LatentCache(join(self.dense), join(self.moe))
 
     @classmethod
     def zeros(cls, cfg: DeepSeekConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> "LatentCache":

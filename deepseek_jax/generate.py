@@ -157,9 +157,10 @@ def _draw(logits_BV, keys_B, step, knobs: _Knobs, greedy: bool, filtered: bool):
                   temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p)
 
 
-def _prefill(graphdef, greedy: bool, filtered: bool, S: int, params, ids_BP, lens_B, end_B, active_B,
-             seed, knobs: _Knobs, keep_hidden: bool = False):
-    """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``)."""
+def _prefill(graphdef, greedy: bool, filtered: bool, per_layer: bool, S: int, params, ids_BP, lens_B, end_B,
+             active_B, seed, knobs: _Knobs, keep_hidden: bool = False):
+    """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``).
+    ``per_layer``: the state's cache is per layer (see :func:`_decode`)."""
     model: DeepSeekV3 = nnx.merge(graphdef, params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
@@ -175,13 +176,18 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, params, ids_BP, len
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | (knobs.stop & (tok_B == knobs.eos)) | (lens_B >= end_B)
-    state = DecodeState(out.cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
+    cache = out.cache.per_layer() if per_layer else out.cache
+    state = DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
     return (state, out.hidden) if keep_hidden else state
 
 
-def _decode(graphdef, greedy: bool, filtered: bool, params, state: DecodeState, limit,
-            knobs: _Knobs) -> DecodeState:
+def _decode(graphdef, greedy: bool, filtered: bool, per_layer: bool, params, state: DecodeState, limit,
+             knobs: _Knobs) -> DecodeState:
+    """Decode steps until ``limit`` or every row is done. ``per_layer`` (small models on CPU): the
+    layers run from per-layer weights cut once per call, outside the loop, over a per-layer cache
+    (see :meth:`DeepSeekV3.unstacked`)."""
     rows = jnp.arange(state.buf_BS.shape[0])
+    unstacked = nnx.merge(graphdef, params).unstacked() if per_layer else None
 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done_B)
@@ -189,7 +195,7 @@ def _decode(graphdef, greedy: bool, filtered: bool, params, state: DecodeState, 
     def body(s: DecodeState):
         model: DeepSeekV3 = nnx.merge(graphdef, params)
         tok_B = s.buf_BS[rows, s.cur_B]
-        out = model(tok_B[:, None], s.cur_B[:, None], cache=s.cache, absorbed=True)
+        out = model(tok_B[:, None], s.cur_B[:, None], cache=s.cache, absorbed=True, unstacked=unstacked)
         new_B = _draw(out.logits[:, 0], s.keys_B, s.step, knobs, greedy, filtered)
         cur_B = jnp.where(s.done_B, s.cur_B, s.cur_B + 1)
         buf_BS = s.buf_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.buf_BS[rows, cur_B], new_B))
@@ -266,10 +272,10 @@ def _verify(logits_B2V, draft_B, q_BV, keys_B, knobs: _Knobs, greedy: bool, filt
     return t1, t2, ok
 
 
-def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, params, ids_BP, lens_B, end_B, active_B,
-                  seed, knobs: _Knobs) -> SpecState:
-    st = _prefill(graphdef, greedy, filtered, S, params, ids_BP, lens_B, end_B, active_B, seed, knobs,
-                  keep_hidden=True)
+def _prefill_spec(graphdef, greedy: bool, filtered: bool, per_layer: bool, S: int, params, ids_BP, lens_B,
+                  end_B, active_B, seed, knobs: _Knobs) -> SpecState:
+    st = _prefill(graphdef, greedy, filtered, per_layer, S, params, ids_BP, lens_B, end_B, active_B, seed,
+                  knobs, keep_hidden=True)
     state, hidden_BPD = st
     model: DeepSeekV3 = nnx.merge(graphdef, params)
     B, P = ids_BP.shape
@@ -287,9 +293,10 @@ def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, params, ids_BP
                      state.done_B, state.keys_B, state.step, zeros, zeros)
 
 
-def _decode_spec(graphdef, greedy: bool, filtered: bool, params, state: SpecState, limit,
+def _decode_spec(graphdef, greedy: bool, filtered: bool, per_layer: bool, params, state: SpecState, limit,
                  knobs: _Knobs) -> SpecState:
     rows = jnp.arange(state.buf_BS.shape[0])
+    unstacked = nnx.merge(graphdef, params).unstacked() if per_layer else None
 
     def cond(s: SpecState):
         return (s.step < limit) & ~jnp.all(s.done_B)
@@ -299,7 +306,8 @@ def _decode_spec(graphdef, greedy: bool, filtered: bool, params, state: SpecStat
         cur, d = s.cur_B, s.draft_B
         pos_B2 = jnp.stack([cur, cur + 1], axis=1)
         ids_B2 = jnp.stack([s.buf_BS[rows, cur], d], axis=1)
-        out = model(ids_B2, pos_B2, cache=s.cache, absorbed=True)      # verify: 2 tokens per row
+        out = model(ids_B2, pos_B2, cache=s.cache, absorbed=True,       # verify: 2 tokens per row
+                    unstacked=unstacked)
         t1, t2, ok = _verify(out.logits, d, s.q_BV, _fold(s.keys_B, s.step), knobs, greedy, filtered)
         active = ~s.done_B
         first_ends = knobs.stop & (t1 == knobs.eos)
@@ -333,20 +341,21 @@ _AUTO_DEQUANTIZE_BYTES = 8 << 30
 
 
 def _executables(graphdef, key: tuple, params, prefill_args, knobs):
-    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative)``, and
-    the seconds spent compiling (0 on a cache hit)."""
+    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative,
+    per_layer)``, and the seconds spent compiling (0 on a cache hit)."""
     leaves = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(params))
     full_key = (graphdef, jax.tree.structure(params), leaves, key)
     hit = _EXECUTABLES.get(full_key)
     if hit is not None:
         return hit, 0.0
-    _, _, S, greedy, filtered, spec = key
+    _, _, S, greedy, filtered, spec, per_layer = key
     prefill_fn, decode_fn = (_prefill_spec, _decode_spec) if spec else (_prefill, _decode)
     t0 = time.perf_counter()
-    pre = jax.jit(lambda p, *a: prefill_fn(graphdef, greedy, filtered, S, p, *a))
+    pre = jax.jit(lambda p, *a: prefill_fn(graphdef, greedy, filtered, per_layer, S, p, *a))
     pre_c = pre.lower(params, *prefill_args, knobs).compile()
     state_shape = jax.eval_shape(pre, params, *prefill_args, knobs)
-    dec = jax.jit(lambda p, st, lim, kn: decode_fn(graphdef, greedy, filtered, p, st, lim, kn), donate_argnums=1)
+    dec = jax.jit(lambda p, st, lim, kn: decode_fn(graphdef, greedy, filtered, per_layer, p, st, lim, kn),
+                  donate_argnums=1)
     dec_c = dec.lower(params, state_shape, jnp.int32(0), knobs).compile()
     if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
         _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
@@ -355,30 +364,9 @@ def _executables(graphdef, key: tuple, params, prefill_args, knobs):
 
 
 _ROPES: dict = {}
-#: The generator's executables unroll the layer scans of dequantized models with at most this
-#: many layers (compile time grows with the layer count; the gain is per-step overhead).
-_UNROLL_MAX_LAYERS = 8
-
-
-def _unrolled_split(model: DeepSeekV3):
-    """``nnx.split`` of ``model``, sharing its arrays, with the layer scans unrolled when the model
-    is small (``scan_unroll`` = the layer count). Unrolled, each layer's weights are static slices
-    of loop-invariant parameters, so XLA (CPU) no longer re-slices them (nor gathers routed-expert
-    rows out of an ``[L, E, ...]`` stack) at every decode step. Test config A, batch 8, float32,
-    2-core CPU, alternating processes: 369-417 us per decode step unrolled vs 404-595 us scanned
-    (9 rounds each); batch 1 unchanged (81-86 vs 81-97 us). ``gen.model`` itself stays scanned
-    (its logits stay bit-identical to the FP8 model's; the unrolled graph rounds differently)."""
-    cfg, prec = model.cfg, model.prec
-    if prec.scan_unroll != 1 or cfg.num_hidden_layers > _UNROLL_MAX_LAYERS:
-        return nnx.split(model)
-    # An int, not True: True == 1 would make this graph compare equal to the scanned one, and
-    # the executable cache (_EXECUTABLES) is keyed by the graph. unroll >= length: no loop.
-    prec = dataclasses.replace(prec, scan_unroll=max(2, cfg.num_hidden_layers))
-    with_mtp = model.mtp is not None
-    twin = nnx.eval_shape(lambda: DeepSeekV3(cfg, prec=prec, rngs=nnx.Rngs(0), with_mtp=with_mtp))
-    twin.rope = _ROPES.setdefault(cfg, twin.rope)
-    graphdef, _ = nnx.split(twin)
-    return graphdef, nnx.state(model)
+#: Dequantized models with at most this many layers decode from per-layer weights and cache
+#: (``per_layer`` in :func:`_decode`): tracing grows with the layer count, the gain is per step.
+_PER_LAYER_MAX_LAYERS = 8
 
 
 def dequantized_model(model: DeepSeekV3) -> DeepSeekV3:
@@ -438,7 +426,9 @@ class Generator:
         # The dequantized copy is private and never changes: split it once (nnx.split walks the
         # module graph, ~2 ms per call on the demo model). "as-is" splits at every call, so that a
         # caller's weight updates are seen.
-        self._split = _unrolled_split(self.model) if weights == "dequantize" else None
+        self._split = nnx.split(self.model) if weights == "dequantize" else None
+        # Test config A on a 2-core CPU, against the scanned layers: 1.2x the batch-8 decode rate.
+        self._per_layer = weights == "dequantize" and model.cfg.num_hidden_layers <= _PER_LAYER_MAX_LAYERS
         self.tokenizer = tokenizer
         cfg = model.cfg
         self.vocab_size = cfg.vocab_size
@@ -545,8 +535,8 @@ class Generator:
         knobs = _Knobs(jnp.int32(eos), jnp.bool_(stop_at_eos), temp, top_k, top_p)
         prefill_args = (jnp.asarray(ids), jnp.asarray(lens_b), jnp.asarray(end_b), jnp.asarray(active),
                         jnp.uint32(int(seed) & 0xFFFFFFFF))
-        (pre, dec), stats.compile_s = _executables(graphdef, (Bb, Pb, S, sampling.greedy, sampling.filtered, spec),
-                                                   params, prefill_args, knobs)
+        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, self._per_layer)
+        (pre, dec), stats.compile_s = _executables(graphdef, key, params, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 
         t0 = time.perf_counter()

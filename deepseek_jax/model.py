@@ -121,6 +121,42 @@ def weights_in_place(layers) -> bool:
     return lin.fp8 and kb.resolve_impl(lin.prec.kernels) in ("pallas_gpu", "pallas_tpu")
 
 
+class Unstacked(NamedTuple):
+    """:meth:`DeepSeekV3.unstacked`: per group of stacked layers, ``(graphdef, [state of layer 0,
+    layer 1, ...])`` or None."""
+    dense: tuple | None
+    moe: tuple | None
+
+
+def unstack(layers) -> tuple:
+    """``(graphdef, [state of layer 0, layer 1, ...])``: stacked layers cut by static slices."""
+    graphdef, state = nnx.split(layers)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return graphdef, [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
+
+
+def _run_unstacked(unstacked, h_BTD, pos_BT, rope, cache_LBSC, absorbed):
+    """:func:`_scan_layers` over :func:`unstack`'s per-layer states, as a Python loop. The cache
+    is the stack ``[L, B, S, C]`` or a tuple of per-layer ``[B, S, C]`` arrays (returned alike)."""
+    graphdef, states = unstacked
+    all_stats = []
+    per_layer_cache = isinstance(cache_LBSC, (list, tuple))
+    if per_layer_cache:
+        cache_LBSC = list(cache_LBSC)
+    for i, st in enumerate(states):
+        layer = nnx.merge(graphdef, st)
+        if per_layer_cache:
+            h_BTD, cache_LBSC[i], stats = layer(h_BTD, pos_BT, rope, cache_LBSC[i], absorbed)
+        else:
+            h_BTD, cache_LBSC, stats = layer(h_BTD, pos_BT, rope, cache_LBSC, absorbed,
+                                             cache_layer=None if cache_LBSC is None else i)
+        all_stats.append(stats)
+    if per_layer_cache:
+        cache_LBSC = tuple(cache_LBSC)
+    stats = None if all_stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
+    return h_BTD, cache_LBSC, stats
+
+
 def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False):
     """Runs stacked layers with ``lax.scan``; returns (h, updated cache, stacked stats)."""
     if weights_in_place(layers):
@@ -213,12 +249,15 @@ class DeepSeekV3(nnx.Module):
         self.remat = False
 
     def __call__(self, ids_BT: jax.Array, pos_BT: jax.Array | None = None, *,
-                 cache: LatentCache | None = None, absorbed: bool = False, logits: bool = True) -> Output:
+                 cache: LatentCache | None = None, absorbed: bool = False, logits: bool = True,
+                 unstacked: "Unstacked | None" = None) -> Output:
         """Runs the main model.
 
         ``pos_BT`` defaults to ``0..T-1`` per row. With a ``cache``, the new tokens' latent entries
         are written at ``pos_BT``; ``absorbed=True`` attends over the cache (decode), otherwise
-        among the call's own tokens (prefill from position 0).
+        among the call's own tokens (prefill from position 0). ``unstacked``: this model's
+        :meth:`unstacked` layers, run in that form (the cache may then be per layer, see
+        :meth:`LatentCache.per_layer`).
         """
         B, T = ids_BT.shape
         dtype = self.prec.dtype
@@ -228,14 +267,35 @@ class DeepSeekV3(nnx.Module):
         dense_c = cache.dense if cache is not None else None
         moe_c = cache.moe if cache is not None else None
         stats = None
+
+        def run(layers, name, h, c):
+            if unstacked is not None:
+                return _run_unstacked(getattr(unstacked, name), h, pos_BT, self.rope, c, absorbed)
+            return _scan_layers(layers, h, pos_BT, self.rope, c, absorbed, self.remat)
+
         if self.dense_layers is not None:
-            h, dense_c, _ = _scan_layers(self.dense_layers, h, pos_BT, self.rope, dense_c, absorbed, self.remat)
+            h, dense_c, _ = run(self.dense_layers, "dense", h, dense_c)
         if self.moe_layers is not None:
-            h, moe_c, stats = _scan_layers(self.moe_layers, h, pos_BT, self.rope, moe_c, absorbed, self.remat)
+            h, moe_c, stats = run(self.moe_layers, "moe", h, moe_c)
         h = self.norm(h)
         new_cache = cache._replace(dense=dense_c, moe=moe_c) if cache is not None else None
         out_logits = self.lm_head(h, dtype) if logits else None
         return Output(out_logits, h, new_cache, stats)
+
+    def unstacked(self) -> "Unstacked":
+        """The stacked layers cut into per-layer weights (static slices), for
+        ``__call__(unstacked=...)``: the layers then run as straight-line code, each reading its
+        own arrays.
+
+        For a loop of small steps (CPU decoding of a small model): compute this once outside the
+        loop. Inside a ``while_loop`` body, a layer's slice of a stacked weight is copied at every
+        iteration wherever it feeds a dot (XLA's CPU backend neither hoists nor aliases it), and
+        so is its slice of a stacked cache; separate arrays are read where they are. Test config A,
+        batch 8 on a 2-core CPU: 1.17x the decode rate with per-layer weights and cache (both),
+        1.04x with per-layer weights alone.
+        """
+        return Unstacked(None if self.dense_layers is None else unstack(self.dense_layers),
+                         None if self.moe_layers is None else unstack(self.moe_layers))
 
     def mtp_forward(self, hidden_BTD: jax.Array, next_ids_BT: jax.Array, pos_BT: jax.Array | None = None, *,
                     cache_BSC: jax.Array | None = None, absorbed: bool = False):

@@ -338,16 +338,18 @@ def test_cli_chat_needs_tokenizer(ckpt_a, capsys):
     assert_one_line_error(code, err, command="chat", contains="tokenizer.json")
 
 
-def test_small_models_decode_with_unrolled_layers(ckpt_a, monkeypatch):
-    """The CPU engine compiles a small dequantized model with its layer scans unrolled (faster
-    decode steps) and generates the same tokens as with the scanned layers."""
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_small_models_decode_from_per_layer_weights(ckpt_a, monkeypatch, speculative):
+    """The CPU engine decodes a small dequantized model from per-layer weights and a per-layer
+    cache (faster steps) and generates the same tokens as from the stacked, scanned layers."""
     from deepseek_jax import generate
-    model = dj.load(ckpt_a, dtype="float32")
+    model = dj.load(ckpt_a, dtype="float32", mtp=True)
     prompts = [[5, 9, 17, 3], [7, 7, 2, 40, 11, 6], [100, 3], [8, 1, 9]]
     gen = Generator(model)
-    assert gen.model.prec.scan_unroll == 1  # the generator's own model stays scanned
-    assert gen._split[0] != generate.nnx.split(gen.model)[0]  # the executables' graph is unrolled
-    unrolled = gen.generate(prompts, max_new_tokens=12, stop_at_eos=False)
-    monkeypatch.setattr(generate, "_UNROLL_MAX_LAYERS", 0)
-    scanned = Generator(model).generate(prompts, max_new_tokens=12, stop_at_eos=False)
-    assert [r.output_ids for r in unrolled] == [r.output_ids for r in scanned]
+    assert gen._per_layer
+    per_layer = gen.generate(prompts, max_new_tokens=12, stop_at_eos=False, speculative=speculative)
+    monkeypatch.setattr(generate, "_PER_LAYER_MAX_LAYERS", 0)
+    stacked_gen = Generator(model)
+    assert not stacked_gen._per_layer
+    stacked = stacked_gen.generate(prompts, max_new_tokens=12, stop_at_eos=False, speculative=speculative)
+    assert [r.output_ids for r in per_layer] == [r.output_ids for r in stacked]

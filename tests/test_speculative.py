@@ -128,7 +128,8 @@ def test_streaming_matches(gen_c):
 
 
 # ---- the loop invariant: caches hold what a fresh pass over the decided tokens computes ------------
-def test_caches_match_a_fresh_pass(gen_c):
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_caches_match_a_fresh_pass(gen_c, per_layer):
     model = gen_c.model
     graphdef, params = nnx.split(model)
     B, P, S = 4, 32, 64
@@ -139,12 +140,14 @@ def test_caches_match_a_fresh_pass(gen_c):
     lens = np.array([len(p) for p in prompts], np.int32)
     end = np.minimum(lens + 12, S - 1).astype(np.int32)
     knobs = _Knobs(jnp.int32(9), jnp.bool_(False), jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
-    pre = jax.jit(partial(_prefill_spec, graphdef, True, False, S))
-    dec = jax.jit(partial(_decode_spec, graphdef, True, False))
+    pre = jax.jit(partial(_prefill_spec, graphdef, True, False, per_layer, S))
+    dec = jax.jit(partial(_decode_spec, graphdef, True, False, per_layer))
     for limit in (3, 6):   # stop mid-way, while rows sit at different positions
         st = pre(params, jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(end), jnp.ones(B, bool),
                  jnp.uint32(0), knobs)
         st = dec(params, st, jnp.int32(limit), knobs)
+        assert isinstance(st.cache.moe, tuple) == per_layer
+        st = st._replace(cache=st.cache.stacked())
         buf, cur, draft = np.asarray(st.buf_BS), np.asarray(st.cur_B), np.asarray(st.draft_B)
         assert len(set(cur.tolist())) > 1, cur            # rows advanced by different amounts
         for r in range(B):
@@ -160,15 +163,15 @@ def test_caches_match_a_fresh_pass(gen_c):
             assert draft[r] == int(jnp.argmax(model.mtp_head(x[0, c - 1])))
 
 
-@pytest.mark.parametrize("T", [2, 3])
-def test_verify_pass_equals_one_token_passes(model, T):
+@pytest.mark.parametrize("T,B", [(2, 2), (3, 2), (2, 8)])
+def test_verify_pass_equals_one_token_passes(model, T, B):
     """A few new tokens per row through the absorbed form (what a verify step runs) give the
     numbers of the same tokens fed one at a time (what plain decoding runs), bit for bit on the
-    reference backend, and the same cache."""
-    B, P, S = 2, 6, 16
-    ids = jnp.asarray(np.arange(B * (P + T)).reshape(B, P + T) % model.cfg.vocab_size, jnp.int32)
+    reference backend, and the same cache. (B=8: the MoE runs every expert on every token.)"""
+    P, S = 6, 16
+    ids = jnp.asarray(np.arange(B * (P + T)).reshape(B, P + T) * 7 % model.cfg.vocab_size, jnp.int32)
     cache = model(ids[:, :P], cache=LatentCache.zeros(model.cfg, B, S, jnp.float32)).cache
-    pos = jnp.broadcast_to(jnp.arange(P, P + T, dtype=jnp.int32), (B, T)) + jnp.array([[0], [3]])
+    pos = jnp.broadcast_to(jnp.arange(P, P + T, dtype=jnp.int32), (B, T)) + jnp.arange(B)[:, None] % 4
     run = jax.jit(lambda i, p, c: model(i, p, cache=c, absorbed=True))
     got = run(ids[:, P:], pos, cache)
     c, logits, hidden = cache, [], []
