@@ -72,26 +72,29 @@ def pass_costs(gen, prompt, rounds):
     from deepseek_jax import generate as G
     from deepseek_jax.cache import LatentCache
 
-    graphdef, params = nnx.split(gen.model)
+    graphdef, params = gen._split or G._as_is(gen.model)   # G.Weights: what the executables take
     cfg, n, S = gen.model.cfg, 200, 32
     cache = LatentCache.zeros(cfg, 1, S, dtype=gen.model.prec.dtype)
+    if params.layers is not None:   # the generator decodes from per-layer weights and cache
+        cache = cache.per_layer()
     mcache = jnp.zeros((1, S, cfg.latent_dim), gen.model.prec.dtype)
 
     def main_pass(T):
         def f(params, c):
             def body(i, c):
-                model = nnx.merge(graphdef, params)
+                model = nnx.merge(graphdef, params.params)
                 pos = (5 + i % 8 + jnp.arange(T, dtype=jnp.int32))[None]
-                out = model((pos * 7) % cfg.vocab_size, pos, cache=c, absorbed=True)
+                out = model((pos * 7) % cfg.vocab_size, pos, cache=c, absorbed=True, unstacked=params.layers)
                 # (Float 0 * x is not folded away, so the last layer's FFN and the head still run.)
-                return out.cache._replace(dense=out.cache.dense + 0.0 * jnp.max(out.logits))
+                leaves, tree = jax.tree.flatten(out.cache)
+                return jax.tree.unflatten(tree, [leaves[0] + 0.0 * jnp.max(out.logits)] + leaves[1:])
             return jax.lax.fori_loop(0, n, body, c)
         return jax.jit(f).lower(params, cache).compile(), cache
 
     def mtp_pass(T):
         def f(params, c):
             def body(i, c):
-                model = nnx.merge(graphdef, params)
+                model = nnx.merge(graphdef, params.params)
                 pos = (5 + i % 8 + jnp.arange(T, dtype=jnp.int32))[None]
                 h = jnp.full((1, T, cfg.hidden_size), 0.1, c.dtype) + c[0, 0, 0]
                 x, c, _ = model.mtp_hidden(h, (pos * 7) % cfg.vocab_size, pos, cache_BSC=c, absorbed=True)

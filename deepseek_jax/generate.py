@@ -77,7 +77,7 @@ from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.quant import dequantize
 from deepseek_jax.sampling import GREEDY, SamplingParams, filter_logits, row_keys, sample
 
-__all__ = ["Generator", "GenerationStats", "Result", "length_bucket", "batch_bucket"]
+__all__ = ["Generator", "GenerationStats", "Result", "Weights", "length_bucket", "batch_bucket"]
 
 #: ``stream(row, new_ids)``: called with each row's newly generated ids as they arrive.
 StreamFn = Callable[[int, list[int]], None]
@@ -157,11 +157,21 @@ def _draw(logits_BV, keys_B, step, knobs: _Knobs, greedy: bool, filtered: bool):
                   temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p)
 
 
-def _prefill(graphdef, greedy: bool, filtered: bool, per_layer: bool, S: int, params, ids_BP, lens_B, end_B,
+class Weights(NamedTuple):
+    """What the executables take: the model's parameters and, for a small model on CPU, its
+    layers' weights as per-layer arrays (:meth:`DeepSeekV3.unstacked`), made once by the
+    generator. With ``layers``, decoding runs the layers from them over a per-layer cache
+    (:meth:`LatentCache.per_layer`): XLA's CPU backend otherwise copies each layer's slice of
+    the stacked weights and cache at every step. Test config A, batch 8, 2-core CPU: ~1.2x."""
+    params: Any
+    layers: Any = None
+
+
+def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
              active_B, seed, knobs: _Knobs, keep_hidden: bool = False):
-    """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``).
-    ``per_layer``: the state's cache is per layer (see :func:`_decode`)."""
-    model: DeepSeekV3 = nnx.merge(graphdef, params)
+    """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``);
+    with ``weights.layers``, the state's cache is per layer."""
+    model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
     cache = LatentCache.zeros(model.cfg, B, S, dtype=dtype)
@@ -176,26 +186,23 @@ def _prefill(graphdef, greedy: bool, filtered: bool, per_layer: bool, S: int, pa
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | (knobs.stop & (tok_B == knobs.eos)) | (lens_B >= end_B)
-    cache = out.cache.per_layer() if per_layer else out.cache
+    cache = out.cache if weights.layers is None else out.cache.per_layer()
     state = DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
     return (state, out.hidden) if keep_hidden else state
 
 
-def _decode(graphdef, greedy: bool, filtered: bool, per_layer: bool, params, state: DecodeState, limit,
-             knobs: _Knobs) -> DecodeState:
-    """Decode steps until ``limit`` or every row is done. ``per_layer`` (small models on CPU): the
-    layers run from per-layer weights cut once per call, outside the loop, over a per-layer cache
-    (see :meth:`DeepSeekV3.unstacked`)."""
+def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: DecodeState, limit,
+            knobs: _Knobs) -> DecodeState:
+    """Decode steps until ``limit`` or every row is done."""
     rows = jnp.arange(state.buf_BS.shape[0])
-    unstacked = nnx.merge(graphdef, params).unstacked() if per_layer else None
 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done_B)
 
     def body(s: DecodeState):
-        model: DeepSeekV3 = nnx.merge(graphdef, params)
+        model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
         tok_B = s.buf_BS[rows, s.cur_B]
-        out = model(tok_B[:, None], s.cur_B[:, None], cache=s.cache, absorbed=True, unstacked=unstacked)
+        out = model(tok_B[:, None], s.cur_B[:, None], cache=s.cache, absorbed=True, unstacked=weights.layers)
         new_B = _draw(out.logits[:, 0], s.keys_B, s.step, knobs, greedy, filtered)
         cur_B = jnp.where(s.done_B, s.cur_B, s.cur_B + 1)
         buf_BS = s.buf_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.buf_BS[rows, cur_B], new_B))
@@ -272,12 +279,12 @@ def _verify(logits_B2V, draft_B, q_BV, keys_B, knobs: _Knobs, greedy: bool, filt
     return t1, t2, ok
 
 
-def _prefill_spec(graphdef, greedy: bool, filtered: bool, per_layer: bool, S: int, params, ids_BP, lens_B,
-                  end_B, active_B, seed, knobs: _Knobs) -> SpecState:
-    st = _prefill(graphdef, greedy, filtered, per_layer, S, params, ids_BP, lens_B, end_B, active_B, seed,
-                  knobs, keep_hidden=True)
+def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
+                  active_B, seed, knobs: _Knobs) -> SpecState:
+    st = _prefill(graphdef, greedy, filtered, S, weights, ids_BP, lens_B, end_B, active_B, seed, knobs,
+                  keep_hidden=True)
     state, hidden_BPD = st
-    model: DeepSeekV3 = nnx.merge(graphdef, params)
+    model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
     # MTP row i: hidden h_i with token i+1 (the first new token for the last prompt row).
@@ -293,21 +300,20 @@ def _prefill_spec(graphdef, greedy: bool, filtered: bool, per_layer: bool, S: in
                      state.done_B, state.keys_B, state.step, zeros, zeros)
 
 
-def _decode_spec(graphdef, greedy: bool, filtered: bool, per_layer: bool, params, state: SpecState, limit,
+def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state: SpecState, limit,
                  knobs: _Knobs) -> SpecState:
     rows = jnp.arange(state.buf_BS.shape[0])
-    unstacked = nnx.merge(graphdef, params).unstacked() if per_layer else None
 
     def cond(s: SpecState):
         return (s.step < limit) & ~jnp.all(s.done_B)
 
     def body(s: SpecState):
-        model: DeepSeekV3 = nnx.merge(graphdef, params)
+        model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
         cur, d = s.cur_B, s.draft_B
         pos_B2 = jnp.stack([cur, cur + 1], axis=1)
         ids_B2 = jnp.stack([s.buf_BS[rows, cur], d], axis=1)
         out = model(ids_B2, pos_B2, cache=s.cache, absorbed=True,       # verify: 2 tokens per row
-                    unstacked=unstacked)
+                    unstacked=weights.layers)
         t1, t2, ok = _verify(out.logits, d, s.q_BV, _fold(s.keys_B, s.step), knobs, greedy, filtered)
         active = ~s.done_B
         first_ends = knobs.stop & (t1 == knobs.eos)
@@ -341,21 +347,20 @@ _AUTO_DEQUANTIZE_BYTES = 8 << 30
 
 
 def _executables(graphdef, key: tuple, params, prefill_args, knobs):
-    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative,
-    per_layer)``, and the seconds spent compiling (0 on a cache hit)."""
+    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative)`` and
+    :class:`Weights` ``params``, and the seconds spent compiling (0 on a cache hit)."""
     leaves = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(params))
     full_key = (graphdef, jax.tree.structure(params), leaves, key)
     hit = _EXECUTABLES.get(full_key)
     if hit is not None:
         return hit, 0.0
-    _, _, S, greedy, filtered, spec, per_layer = key
+    _, _, S, greedy, filtered, spec = key
     prefill_fn, decode_fn = (_prefill_spec, _decode_spec) if spec else (_prefill, _decode)
     t0 = time.perf_counter()
-    pre = jax.jit(lambda p, *a: prefill_fn(graphdef, greedy, filtered, per_layer, S, p, *a))
+    pre = jax.jit(lambda p, *a: prefill_fn(graphdef, greedy, filtered, S, p, *a))
     pre_c = pre.lower(params, *prefill_args, knobs).compile()
     state_shape = jax.eval_shape(pre, params, *prefill_args, knobs)
-    dec = jax.jit(lambda p, st, lim, kn: decode_fn(graphdef, greedy, filtered, per_layer, p, st, lim, kn),
-                  donate_argnums=1)
+    dec = jax.jit(lambda p, st, lim, kn: decode_fn(graphdef, greedy, filtered, p, st, lim, kn), donate_argnums=1)
     dec_c = dec.lower(params, state_shape, jnp.int32(0), knobs).compile()
     if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
         _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
@@ -365,8 +370,20 @@ def _executables(graphdef, key: tuple, params, prefill_args, knobs):
 
 _ROPES: dict = {}
 #: Dequantized models with at most this many layers decode from per-layer weights and cache
-#: (``per_layer`` in :func:`_decode`): tracing grows with the layer count, the gain is per step.
+#: (:class:`Weights`): tracing grows with the layer count, the gain is per step.
 _PER_LAYER_MAX_LAYERS = 8
+#: ... and whose stacked layers take at most this much (the per-layer copy doubles them).
+_PER_LAYER_MAX_BYTES = 1 << 30
+
+
+def _layer_bytes(model: DeepSeekV3) -> int:
+    layers = [m for m in (model.dense_layers, model.moe_layers) if m is not None]
+    return sum(x.nbytes for m in layers for x in jax.tree.leaves(nnx.state(m)))
+
+
+def _as_is(model: DeepSeekV3):
+    graphdef, params = nnx.split(model)
+    return graphdef, Weights(params)
 
 
 def dequantized_model(model: DeepSeekV3) -> DeepSeekV3:
@@ -424,11 +441,15 @@ class Generator:
         self.weights = weights
         self.model = dequantized_model(model) if weights == "dequantize" else model
         # The dequantized copy is private and never changes: split it once (nnx.split walks the
-        # module graph, ~2 ms per call on the demo model). "as-is" splits at every call, so that a
-        # caller's weight updates are seen.
-        self._split = nnx.split(self.model) if weights == "dequantize" else None
-        # Test config A on a 2-core CPU, against the scanned layers: 1.2x the batch-8 decode rate.
-        self._per_layer = weights == "dequantize" and model.cfg.num_hidden_layers <= _PER_LAYER_MAX_LAYERS
+        # module graph, ~2 ms per call on the demo model), and cut a small one's layers into
+        # per-layer weights once (see Weights). "as-is" splits at every call, so that a caller's
+        # weight updates are seen.
+        self._split = None
+        if weights == "dequantize":
+            graphdef, params = nnx.split(self.model)
+            per_layer = (model.cfg.num_hidden_layers <= _PER_LAYER_MAX_LAYERS
+                         and _layer_bytes(self.model) <= _PER_LAYER_MAX_BYTES)
+            self._split = graphdef, Weights(params, self.model.unstacked() if per_layer else None)
         self.tokenizer = tokenizer
         cfg = model.cfg
         self.vocab_size = cfg.vocab_size
@@ -530,12 +551,12 @@ class Generator:
         lens_b[:B], end_b[:B], active[:B] = lens, lens + budgets - 1, True
         stats.buckets = (Bb, Pb, S)
 
-        graphdef, params = self._split or nnx.split(self.model)
+        graphdef, params = self._split or _as_is(self.model)
         temp, top_k, top_p = sampling.traced()
         knobs = _Knobs(jnp.int32(eos), jnp.bool_(stop_at_eos), temp, top_k, top_p)
         prefill_args = (jnp.asarray(ids), jnp.asarray(lens_b), jnp.asarray(end_b), jnp.asarray(active),
                         jnp.uint32(int(seed) & 0xFFFFFFFF))
-        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, self._per_layer)
+        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec)
         (pre, dec), stats.compile_s = _executables(graphdef, key, params, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 

@@ -122,23 +122,23 @@ def weights_in_place(layers) -> bool:
 
 
 class Unstacked(NamedTuple):
-    """:meth:`DeepSeekV3.unstacked`: per group of stacked layers, ``(graphdef, [state of layer 0,
-    layer 1, ...])`` or None."""
-    dense: tuple | None
-    moe: tuple | None
+    """:meth:`DeepSeekV3.unstacked`: the states of each stacked layer group, one per layer."""
+    dense: list | None
+    moe: list | None
 
 
-def unstack(layers) -> tuple:
-    """``(graphdef, [state of layer 0, layer 1, ...])``: stacked layers cut by static slices."""
-    graphdef, state = nnx.split(layers)
+def unstack(layers) -> list:
+    """``[state of layer 0, layer 1, ...]``: stacked layers cut by static slices."""
+    state = nnx.state(layers)
     n = jax.tree.leaves(state)[0].shape[0]
-    return graphdef, [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
+    return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
 
 
-def _run_unstacked(unstacked, h_BTD, pos_BT, rope, cache_LBSC, absorbed):
-    """:func:`_scan_layers` over :func:`unstack`'s per-layer states, as a Python loop. The cache
-    is the stack ``[L, B, S, C]`` or a tuple of per-layer ``[B, S, C]`` arrays (returned alike)."""
-    graphdef, states = unstacked
+def _run_unstacked(layers, states, h_BTD, pos_BT, rope, cache_LBSC, absorbed):
+    """:func:`_scan_layers` with :func:`unstack`'s per-layer states of ``layers``, as a Python
+    loop. The cache is the stack ``[L, B, S, C]`` or a tuple of per-layer ``[B, S, C]`` arrays
+    (returned alike)."""
+    graphdef = nnx.graphdef(layers)
     all_stats = []
     per_layer_cache = isinstance(cache_LBSC, (list, tuple))
     if per_layer_cache:
@@ -250,7 +250,7 @@ class DeepSeekV3(nnx.Module):
 
     def __call__(self, ids_BT: jax.Array, pos_BT: jax.Array | None = None, *,
                  cache: LatentCache | None = None, absorbed: bool = False, logits: bool = True,
-                 unstacked: "Unstacked | None" = None) -> Output:
+                 unstacked: Unstacked | None = None) -> Output:
         """Runs the main model.
 
         ``pos_BT`` defaults to ``0..T-1`` per row. With a ``cache``, the new tokens' latent entries
@@ -270,7 +270,7 @@ class DeepSeekV3(nnx.Module):
 
         def run(layers, name, h, c):
             if unstacked is not None:
-                return _run_unstacked(getattr(unstacked, name), h, pos_BT, self.rope, c, absorbed)
+                return _run_unstacked(layers, getattr(unstacked, name), h, pos_BT, self.rope, c, absorbed)
             return _scan_layers(layers, h, pos_BT, self.rope, c, absorbed, self.remat)
 
         if self.dense_layers is not None:
@@ -282,13 +282,13 @@ class DeepSeekV3(nnx.Module):
         out_logits = self.lm_head(h, dtype) if logits else None
         return Output(out_logits, h, new_cache, stats)
 
-    def unstacked(self) -> "Unstacked":
-        """The stacked layers cut into per-layer weights (static slices), for
+    def unstacked(self) -> Unstacked:
+        """The stacked layers' weights cut into per-layer arrays (static slices, a copy), for
         ``__call__(unstacked=...)``: the layers then run as straight-line code, each reading its
-        own arrays.
+        own arrays. A pytree of arrays: pass it to a jitted function beside the parameters.
 
-        For a loop of small steps (CPU decoding of a small model): compute this once outside the
-        loop. Inside a ``while_loop`` body, a layer's slice of a stacked weight is copied at every
+        For a loop of small steps (CPU decoding of a small model): make it once, outside the loop.
+        Inside a ``while_loop`` body, a layer's slice of a stacked weight is copied at every
         iteration wherever it feeds a dot (XLA's CPU backend neither hoists nor aliases it), and
         so is its slice of a stacked cache; separate arrays are read where they are. Test config A,
         batch 8 on a 2-core CPU: 1.17x the decode rate with per-layer weights and cache (both),

@@ -154,18 +154,23 @@ class MoE(nnx.Module):
 #: :func:`every_expert_moe` is used while its ``[tokens, experts, moe_intermediate]`` activations
 #: stay under this many elements (256 MiB in float32).
 _EVERY_EXPERT_MAX_ELEMENTS = 1 << 26
+#: Tokens per row up to which the MoE form is chosen per position (mla._KERNEL_MAX_NEW: what a
+#: speculative verification pass feeds).
+_FEW_TOKENS = 4
 
 
 def local_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array, prec: Precision,
               n_experts: int, expert_offset: jax.Array | None = None, seq_len: int = 1) -> jax.Array:
     """All experts on this device: :func:`sorted_moe`, or on the reference backend (CPU), once the
-    choices of one position's tokens cover the experts (``(M / seq_len) * K >= E``, rows of
-    ``seq_len`` tokens each), :func:`every_expert_moe` (see there). The switch looks at the batch,
-    not at the sequence length, so that a speculative verification pass over a few tokens per row
-    computes each token as one-token decoding of the same batch does."""
+    tokens' choices cover the experts (``M*K >= E``), :func:`every_expert_moe` (see there).
+
+    With a few tokens per row (``seq_len <= 4``: decoding, speculative verification) the switch
+    counts one position's tokens (``M / seq_len``), not all of them, so that a verification pass
+    computes each token exactly as one-token decoding of the same batch does."""
     M, K = idx_MK.shape
     F = arrays[0][0].shape[-2]
-    if (M // seq_len * K >= n_experts and M * n_experts * F <= _EVERY_EXPERT_MAX_ELEMENTS
+    tokens = M // seq_len if seq_len <= _FEW_TOKENS else M
+    if (tokens * K >= n_experts and M * n_experts * F <= _EVERY_EXPERT_MAX_ELEMENTS
             and kernels_pallas.backend.split_impl(prec.kernels)[0] == "ref"):
         return every_expert_moe(arrays, x_MD, idx_MK, w_MK, prec, n_experts, expert_offset)
     return sorted_moe(arrays, x_MD, idx_MK, w_MK, prec, n_experts, expert_offset)

@@ -36,3 +36,18 @@ def test_kernel_benchmark_small(tmp_path):
     assert {x["shape"].split()[0] for x in kernel_rows} == {"prefill", "decode"}
     assert not [x for x in kernel_rows if x["failed"]]
     assert all(float(x["err"].split()[0]) < 3e-2 for x in kernel_rows)  # bf16-level agreement
+
+
+def test_speculative_benchmark_small(tmp_path):
+    """benchmarks/speculative.py on two prompts, with the per-pass costs (which build the
+    generator's executables and passes from its own weights and cache layout)."""
+    out = tmp_path / "spec.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speculative.py"), "--prompts", "2",
+                        "--batch", "1", "--rounds", "1", "--passes", "--json"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    (row,) = res["rows"]
+    assert row["identical"] and row["new_tokens"] > 0 and 0 < row["acceptance"] <= 1
+    costs = res["pass_costs_us"]
+    assert len(costs) == 12 and all(v > 0 for v in costs.values())

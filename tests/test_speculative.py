@@ -24,7 +24,7 @@ import deepseek_jax as dj
 from deepseek_jax import cli
 from deepseek_jax.cache import LatentCache
 from deepseek_jax.errors import DeepSeekError
-from deepseek_jax.generate import Generator, _decode_spec, _Knobs, _prefill_spec, _verify
+from deepseek_jax.generate import Generator, Weights, _decode_spec, _Knobs, _prefill_spec, _verify
 from deepseek_jax.sampling import SamplingParams
 
 # Five prompts of different lengths: batch bucket 8, prompt bucket 32.
@@ -132,6 +132,7 @@ def test_streaming_matches(gen_c):
 def test_caches_match_a_fresh_pass(gen_c, per_layer):
     model = gen_c.model
     graphdef, params = nnx.split(model)
+    weights = Weights(params, model.unstacked() if per_layer else None)
     B, P, S = 4, 32, 64
     prompts = PROMPTS[:4]
     ids = np.zeros((B, P), np.int32)
@@ -140,12 +141,12 @@ def test_caches_match_a_fresh_pass(gen_c, per_layer):
     lens = np.array([len(p) for p in prompts], np.int32)
     end = np.minimum(lens + 12, S - 1).astype(np.int32)
     knobs = _Knobs(jnp.int32(9), jnp.bool_(False), jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
-    pre = jax.jit(partial(_prefill_spec, graphdef, True, False, per_layer, S))
-    dec = jax.jit(partial(_decode_spec, graphdef, True, False, per_layer))
+    pre = jax.jit(partial(_prefill_spec, graphdef, True, False, S))
+    dec = jax.jit(partial(_decode_spec, graphdef, True, False))
     for limit in (3, 6):   # stop mid-way, while rows sit at different positions
-        st = pre(params, jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(end), jnp.ones(B, bool),
+        st = pre(weights, jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(end), jnp.ones(B, bool),
                  jnp.uint32(0), knobs)
-        st = dec(params, st, jnp.int32(limit), knobs)
+        st = dec(weights, st, jnp.int32(limit), knobs)
         assert isinstance(st.cache.moe, tuple) == per_layer
         st = st._replace(cache=st.cache.stacked())
         buf, cur, draft = np.asarray(st.buf_BS), np.asarray(st.cur_B), np.asarray(st.draft_B)
