@@ -72,7 +72,8 @@ def pass_costs(gen, prompt, rounds):
     from deepseek_jax import generate as G
     from deepseek_jax.cache import LatentCache
 
-    graphdef, params = gen._split or G._as_is(gen.model)   # G.Weights: what the executables take
+    prep = gen._prepared or G._as_is(gen.model)   # what the generator's executables take
+    graphdef, params = prep.graphdef, prep.weights
     cfg, n, S = gen.model.cfg, 200, 32
     cache = LatentCache.zeros(cfg, 1, S, dtype=gen.model.prec.dtype)
     if params.layers is not None:   # the generator decodes from per-layer weights and cache
@@ -108,23 +109,23 @@ def pass_costs(gen, prompt, rounds):
     knobs = G._Knobs(jnp.int32(gen.eos_id), jnp.bool_(False), *G.GREEDY.traced())   # eos ignored
     args = (jnp.asarray(ids), jnp.asarray([P], np.int32), jnp.asarray([S - 1], np.int32),
             jnp.asarray([True]), jnp.uint32(0))
-    exe = {spec: G._executables(graphdef, (1, 16, S, True, False, spec), params, args, knobs)[0]
+    exe = {spec: G._executables(prep, (1, 16, S, True, False, spec), args, knobs)[0]
            for spec in (False, True)}
     passes = {f"main pass, {T} new token{'s' if T > 1 else ''}": main_pass(T) for T in (1, 2, 3, 4)}
     passes.update({f"MTP pass, {T} row{'s' if T > 1 else ''}": mtp_pass(T) for T in (1, 2)})
 
     def call(spec, limit):
         pre, dec = exe[spec]
-        st = jax.block_until_ready(pre(params, *args, knobs))
+        st = jax.block_until_ready(pre(prep.leaves, *args, knobs))
         t0 = time.perf_counter()
         if limit is not None:
-            st = dec(params, st, jnp.int32(limit), knobs)
+            st = dec(prep.leaves, st, jnp.int32(limit), knobs)
             jax.device_get((st.buf_BS, st.cur_B, st.done_B, st.step))
         return time.perf_counter() - t0
 
     def prefill(spec):
         t0 = time.perf_counter()
-        jax.block_until_ready(exe[spec][0](params, *args, knobs))
+        jax.block_until_ready(exe[spec][0](prep.leaves, *args, knobs))
         return time.perf_counter() - t0
 
     best = {}

@@ -170,13 +170,15 @@ class Weights(NamedTuple):
 def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
              active_B, seed, knobs: _Knobs, keep_hidden: bool = False):
     """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``);
-    with ``weights.layers``, the state's cache is per layer."""
+    with ``weights.layers``, the layers run from them and the state's cache is per layer."""
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
     cache = LatentCache.zeros(model.cfg, B, S, dtype=dtype)
+    if weights.layers is not None:
+        cache = cache.per_layer()
     pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    out = model(ids_BP, pos_BP, cache=cache, absorbed=False, logits=False)
+    out = model(ids_BP, pos_BP, cache=cache, absorbed=False, logits=False, unstacked=weights.layers)
     h_B1D = jnp.take_along_axis(out.hidden, (lens_B - 1)[:, None, None], axis=1)
     logits_BV = model.lm_head(h_B1D, dtype)[:, 0]
     keys_B = row_keys(seed, B)
@@ -186,8 +188,7 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, i
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | (knobs.stop & (tok_B == knobs.eos)) | (lens_B >= end_B)
-    cache = out.cache if weights.layers is None else out.cache.per_layer()
-    state = DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
+    state = DecodeState(out.cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
     return (state, out.hidden) if keep_hidden else state
 
 
@@ -346,22 +347,61 @@ _MAX_EXECUTABLES = 64
 _AUTO_DEQUANTIZE_BYTES = 8 << 30
 
 
-def _executables(graphdef, key: tuple, params, prefill_args, knobs):
-    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative)`` and
-    :class:`Weights` ``params``, and the seconds spent compiling (0 on a cache hit)."""
-    leaves = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(params))
-    full_key = (graphdef, jax.tree.structure(params), leaves, key)
+class _Prepared(NamedTuple):
+    """A model split for the executables: they take ``leaves``, the :class:`Weights` flattened.
+    A list of arrays crosses the call boundary at C++ speed; the ``nnx.State`` pytree costs
+    ~2.5 us of Python per array at every call (demo model, 101 arrays: a decode call with no
+    step 545 -> 299 us, a prefill 1007 -> 756 us)."""
+    graphdef: Any
+    weights: Weights
+    treedef: Any
+    leaves: list
+    ident: "_Ident"    # what the executables are compiled for (part of their cache key)
+
+
+class _Ident:
+    """``(graphdef, treedef, (shape, dtype, sharding) per leaf)`` with its hash computed once:
+    hashing a graphdef walks the module graph in Python (~1.5 ms per generate call on the demo
+    model before this)."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+        self._hash = hash(parts)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, _Ident) and self._hash == other._hash and self.parts == other.parts)
+
+
+def _prepare(graphdef, weights: Weights) -> _Prepared:
+    leaves, treedef = jax.tree.flatten(weights)
+    signature = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+    return _Prepared(graphdef, weights, treedef, leaves, _Ident(graphdef, treedef, signature))
+
+
+def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
+    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative)``,
+    taking ``prep.leaves``, and the seconds spent compiling (0 on a cache hit)."""
+    graphdef, treedef = prep.graphdef, prep.treedef
+    full_key = (prep.ident, key)
     hit = _EXECUTABLES.get(full_key)
     if hit is not None:
         return hit, 0.0
     _, _, S, greedy, filtered, spec = key
     prefill_fn, decode_fn = (_prefill_spec, _decode_spec) if spec else (_prefill, _decode)
+
+    def weights(leaves):
+        return jax.tree.unflatten(treedef, leaves)
+
     t0 = time.perf_counter()
-    pre = jax.jit(lambda p, *a: prefill_fn(graphdef, greedy, filtered, S, p, *a))
-    pre_c = pre.lower(params, *prefill_args, knobs).compile()
-    state_shape = jax.eval_shape(pre, params, *prefill_args, knobs)
-    dec = jax.jit(lambda p, st, lim, kn: decode_fn(graphdef, greedy, filtered, p, st, lim, kn), donate_argnums=1)
-    dec_c = dec.lower(params, state_shape, jnp.int32(0), knobs).compile()
+    pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a))
+    pre_c = pre.lower(prep.leaves, *prefill_args, knobs).compile()
+    state_shape = jax.eval_shape(pre, prep.leaves, *prefill_args, knobs)
+    dec = jax.jit(lambda w, st, lim, kn: decode_fn(graphdef, greedy, filtered, weights(w), st, lim, kn),
+                  donate_argnums=1)
+    dec_c = dec.lower(prep.leaves, state_shape, np.int32(0), knobs).compile()
     if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
         _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
     _EXECUTABLES[full_key] = (pre_c, dec_c)
@@ -381,9 +421,9 @@ def _layer_bytes(model: DeepSeekV3) -> int:
     return sum(x.nbytes for m in layers for x in jax.tree.leaves(nnx.state(m)))
 
 
-def _as_is(model: DeepSeekV3):
+def _as_is(model: DeepSeekV3) -> _Prepared:
     graphdef, params = nnx.split(model)
-    return graphdef, Weights(params)
+    return _prepare(graphdef, Weights(params))
 
 
 def dequantized_model(model: DeepSeekV3) -> DeepSeekV3:
@@ -440,16 +480,16 @@ class Generator:
                                        and _dequantized_bytes(model) <= _AUTO_DEQUANTIZE_BYTES) else "as-is"
         self.weights = weights
         self.model = dequantized_model(model) if weights == "dequantize" else model
-        # The dequantized copy is private and never changes: split it once (nnx.split walks the
-        # module graph, ~2 ms per call on the demo model), and cut a small one's layers into
-        # per-layer weights once (see Weights). "as-is" splits at every call, so that a caller's
-        # weight updates are seen.
-        self._split = None
+        # The dequantized copy is private and never changes: split and flatten it once (nnx.split
+        # walks the module graph, ~2 ms per call on the demo model; see _Prepared for the
+        # flattening), and cut a small one's layers into per-layer weights once (see Weights).
+        # "as-is" splits at every call, so that a caller's weight updates are seen.
+        self._prepared = None
         if weights == "dequantize":
             graphdef, params = nnx.split(self.model)
             per_layer = (model.cfg.num_hidden_layers <= _PER_LAYER_MAX_LAYERS
                          and _layer_bytes(self.model) <= _PER_LAYER_MAX_BYTES)
-            self._split = graphdef, Weights(params, self.model.unstacked() if per_layer else None)
+            self._prepared = _prepare(graphdef, Weights(params, self.model.unstacked() if per_layer else None))
         self.tokenizer = tokenizer
         cfg = model.cfg
         self.vocab_size = cfg.vocab_size
@@ -551,13 +591,15 @@ class Generator:
         lens_b[:B], end_b[:B], active[:B] = lens, lens + budgets - 1, True
         stats.buckets = (Bb, Pb, S)
 
-        graphdef, params = self._split or _as_is(self.model)
+        prep = self._prepared or _as_is(self.model)
+        params = prep.leaves
         temp, top_k, top_p = sampling.traced()
-        knobs = _Knobs(jnp.int32(eos), jnp.bool_(stop_at_eos), temp, top_k, top_p)
-        prefill_args = (jnp.asarray(ids), jnp.asarray(lens_b), jnp.asarray(end_b), jnp.asarray(active),
-                        jnp.uint32(int(seed) & 0xFFFFFFFF))
+        # (numpy inputs: the executables copy them in at C++ speed; jnp.asarray dispatches an op
+        # per array, ~50 us each.)
+        knobs = _Knobs(np.int32(eos), np.bool_(stop_at_eos), temp, top_k, top_p)
+        prefill_args = (ids, lens_b, end_b, active, np.uint32(int(seed) & 0xFFFFFFFF))
         key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec)
-        (pre, dec), stats.compile_s = _executables(graphdef, key, params, prefill_args, knobs)
+        (pre, dec), stats.compile_s = _executables(prep, key, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 
         t0 = time.perf_counter()
@@ -579,7 +621,7 @@ class Generator:
 
         if stream is None:
             if max_steps > 1:
-                state = dec(params, state, jnp.int32(max_steps), knobs)
+                state = dec(params, state, np.int32(max_steps), knobs)
             # (Speculative: the draft counters come back in the same transfer.)
             buf, cur, done, steps, *counts = jax.device_get(
                 (state.buf_BS, state.cur_B, state.done_B, state.step)
@@ -590,7 +632,7 @@ class Generator:
                 emit(buf, cur, done)
                 if int(steps) >= max_steps or done[:B].all():
                     break
-                state = dec(params, state, jnp.int32(min(int(steps) + chunk, max_steps)), knobs)
+                state = dec(params, state, np.int32(min(int(steps) + chunk, max_steps)), knobs)
         stats.decode_s = time.perf_counter() - t1
         stats.steps = int(steps)
         if spec:

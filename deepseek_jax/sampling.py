@@ -21,6 +21,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deepseek_jax.errors import DeepSeekError
 
@@ -61,9 +62,10 @@ class SamplingParams:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
     def traced(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(temperature, top_k, top_p)`` as device scalars (dynamic arguments of compiled code)."""
+        """``(temperature, top_k, top_p)`` as typed scalars (dynamic arguments of compiled code;
+        numpy, which a compiled call takes without dispatching an op per value)."""
         t = float(self.temperature) if self.temperature > 0 else 1.0
-        return (jnp.float32(t), jnp.int32(int(self.top_k)), jnp.float32(float(self.top_p)))
+        return (np.float32(t), np.int32(int(self.top_k)), np.float32(float(self.top_p)))
 
 
 GREEDY = SamplingParams()

@@ -346,10 +346,10 @@ def test_small_models_decode_from_per_layer_weights(ckpt_a, monkeypatch, specula
     model = dj.load(ckpt_a, dtype="float32", mtp=True)
     prompts = [[5, 9, 17, 3], [7, 7, 2, 40, 11, 6], [100, 3], [8, 1, 9]]
     gen = Generator(model)
-    assert gen._split[1].layers is not None
+    assert gen._prepared.weights.layers is not None
     per_layer = gen.generate(prompts, max_new_tokens=12, stop_at_eos=False, speculative=speculative)
     monkeypatch.setattr(generate, "_PER_LAYER_MAX_LAYERS", 0)
     stacked_gen = Generator(model)
-    assert stacked_gen._split[1].layers is None
+    assert stacked_gen._prepared.weights.layers is None
     stacked = stacked_gen.generate(prompts, max_new_tokens=12, stop_at_eos=False, speculative=speculative)
     assert [r.output_ids for r in per_layer] == [r.output_ids for r in stacked]
