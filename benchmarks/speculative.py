@@ -119,7 +119,7 @@ def pass_costs(gen, prompt, rounds):
         st = jax.block_until_ready(pre(prep.leaves, *args, knobs))
         t0 = time.perf_counter()
         if limit is not None:
-            st = dec(prep.leaves, st, jnp.int32(limit), knobs)
+            st = dec(prep.leaves, st, np.int32(limit), knobs)   # (numpy, as the generator passes it)
             jax.device_get((st.buf_BS, st.cur_B, st.done_B, st.step))
         return time.perf_counter() - t0
 
