@@ -11,7 +11,8 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   sampling numbers (temperature, k, p, seed, eos id) are traced, never static.
 * **Weights.** On CPU (no FP8 arithmetic) FP8 weights are dequantized once into the compute
   dtype when the generator is built (``weights="auto"``), not at every decode step: the same
-  numbers, several times faster per token.
+  numbers, several times faster per token. A small such model's layers are also cut into
+  per-layer arrays once, and prefill and decode run them over a per-layer cache (:class:`Weights`).
 * **Prefill.** One naive-MLA pass over the right-padded prompts at positions ``0..Pb-1`` writes
   the latent cache (pad tokens sit at positions after every real token, so no real token sees
   them, and decode overwrites them before it can); each row's first new token is drawn from the
@@ -160,7 +161,7 @@ def _draw(logits_BV, keys_B, step, knobs: _Knobs, greedy: bool, filtered: bool):
 class Weights(NamedTuple):
     """What the executables take: the model's parameters and, for a small model on CPU, its
     layers' weights as per-layer arrays (:meth:`DeepSeekV3.unstacked`), made once by the
-    generator. With ``layers``, decoding runs the layers from them over a per-layer cache
+    generator. With ``layers``, prefill and decode run the layers from them over a per-layer cache
     (:meth:`LatentCache.per_layer`): XLA's CPU backend otherwise copies each layer's slice of
     the stacked weights and cache at every step. Test config A, batch 8, 2-core CPU: ~1.2x."""
     params: Any
