@@ -200,7 +200,7 @@ def every_expert_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: ja
     rows) or ``ragged_dot`` (which XLA's CPU backend lowers to a masked product over all experts
     for every *assignment*, ``K`` times this). Rounds like the routed form: each GEMM's output in
     the compute dtype, the weighting in the compute dtype, the sum over experts in float32.
-    Test config A on a 2-core CPU (16 experts, top-4, batch-8 decode): 1.10-1.12x the step rate
+    Test config A on a 2-core CPU (16 experts, top-4, batch-8 decode): 1.07-1.12x the step rate
     of the gather form; at batch 1 (4 assignments for 16 experts) it is slower, hence the switch
     in :func:`local_moe`.
     """
