@@ -134,27 +134,17 @@ def unstack(layers) -> list:
     return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
 
 
-def _run_unstacked(layers, states, h_BTD, pos_BT, rope, cache_LBSC, absorbed):
+def _run_unstacked(layers, states, h_BTD, pos_BT, rope, cache_layers, absorbed):
     """:func:`_scan_layers` with :func:`unstack`'s per-layer states of ``layers``, as a Python
-    loop. The cache is the stack ``[L, B, S, C]`` or a tuple of per-layer ``[B, S, C]`` arrays
-    (returned alike)."""
+    loop over a per-layer cache (a tuple of ``[B, S, C]``, see ``LatentCache.per_layer``, or None)."""
     graphdef = nnx.graphdef(layers)
+    caches = [None] * len(states) if cache_layers is None else list(cache_layers)
     all_stats = []
-    per_layer_cache = isinstance(cache_LBSC, (list, tuple))
-    if per_layer_cache:
-        cache_LBSC = list(cache_LBSC)
     for i, st in enumerate(states):
-        layer = nnx.merge(graphdef, st)
-        if per_layer_cache:
-            h_BTD, cache_LBSC[i], stats = layer(h_BTD, pos_BT, rope, cache_LBSC[i], absorbed)
-        else:
-            h_BTD, cache_LBSC, stats = layer(h_BTD, pos_BT, rope, cache_LBSC, absorbed,
-                                             cache_layer=None if cache_LBSC is None else i)
+        h_BTD, caches[i], stats = nnx.merge(graphdef, st)(h_BTD, pos_BT, rope, caches[i], absorbed)
         all_stats.append(stats)
-    if per_layer_cache:
-        cache_LBSC = tuple(cache_LBSC)
     stats = None if all_stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
-    return h_BTD, cache_LBSC, stats
+    return h_BTD, None if cache_layers is None else tuple(caches), stats
 
 
 def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False):
@@ -256,8 +246,8 @@ class DeepSeekV3(nnx.Module):
         ``pos_BT`` defaults to ``0..T-1`` per row. With a ``cache``, the new tokens' latent entries
         are written at ``pos_BT``; ``absorbed=True`` attends over the cache (decode), otherwise
         among the call's own tokens (prefill from position 0). ``unstacked``: this model's
-        :meth:`unstacked` layers, run in that form (the cache may then be per layer, see
-        :meth:`LatentCache.per_layer`).
+        :meth:`unstacked` layers, run in that form over a per-layer cache
+        (:meth:`LatentCache.per_layer`).
         """
         B, T = ids_BT.shape
         dtype = self.prec.dtype

@@ -25,6 +25,7 @@ from flax import nnx
 import kernels_pallas
 
 from deepseek_jax.config import DeepSeekConfig
+from deepseek_jax.mla import _KERNEL_MAX_NEW  # the few-token (decode / verify) path's limit
 from deepseek_jax.mlp import MLP
 from deepseek_jax.quant import Linear, Precision, dequantize, einsum32, grouped_matmul
 from deepseek_jax import expert_parallel
@@ -154,9 +155,6 @@ class MoE(nnx.Module):
 #: :func:`every_expert_moe` is used while its ``[tokens, experts, moe_intermediate]`` activations
 #: stay under this many elements (256 MiB in float32).
 _EVERY_EXPERT_MAX_ELEMENTS = 1 << 26
-#: Tokens per row up to which the MoE form is chosen per position (mla._KERNEL_MAX_NEW: what a
-#: speculative verification pass feeds).
-_FEW_TOKENS = 4
 
 
 def local_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array, prec: Precision,
@@ -169,7 +167,7 @@ def local_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
     computes each token exactly as one-token decoding of the same batch does."""
     M, K = idx_MK.shape
     F = arrays[0][0].shape[-2]
-    tokens = M // seq_len if seq_len <= _FEW_TOKENS else M
+    tokens = M // seq_len if seq_len <= _KERNEL_MAX_NEW else M
     if (tokens * K >= n_experts and M * n_experts * F <= _EVERY_EXPERT_MAX_ELEMENTS
             and kernels_pallas.backend.split_impl(prec.kernels)[0] == "ref"):
         return every_expert_moe(arrays, x_MD, idx_MK, w_MK, prec, n_experts, expert_offset)
