@@ -50,4 +50,9 @@ def test_speculative_benchmark_small(tmp_path):
     (row,) = res["rows"]
     assert row["identical"] and row["new_tokens"] > 0 and 0 < row["acceptance"] <= 1
     costs = res["pass_costs_us"]
-    assert len(costs) == 12 and all(v > 0 for v in costs.values())
+    assert len(costs) == 12
+    # Timed directly: positive. A loop iteration is a difference of two timings (16 iterations less
+    # the fixed cost), which one round on a loaded 2-core machine can push below zero.
+    derived = {k for k in costs if k.endswith("loop iteration")}
+    assert len(derived) == 2 and all(v == v and abs(v) < 1e7 for v in (costs[k] for k in derived))
+    assert all(v > 0 for k, v in costs.items() if k not in derived)
