@@ -16,7 +16,13 @@ FP8 weights are made on the device (no files). Measured side by side in one run:
   attention is not flash-style), against the FP8 GEMM roofline (2 x active parameters x tokens
   over the fp8 dot throughput measured in the same run);
 * HF transformers' ``deepseek_v3`` on the same config in bf16 (random weights) as the peer:
-  decode ms/step at the same batch sizes (``--no-hf`` skips it).
+  decode ms/step at the same batch sizes (``--no-hf`` skips it);
+* the :class:`~deepseek_jax.generate.Generator` itself (``--rows generator``; the model then has
+  its MTP layer at real width too): compiled prefill and on-device decode loop, plain and with
+  MTP speculative decoding, ms per decode-loop iteration at batch 1 and 16. Random weights make
+  the drafts' acceptance meaningless, but a speculative iteration costs the same whatever is
+  accepted (it always verifies 2 tokens and runs the MTP on 2 rows), so the table gives the
+  speed-up that DeepSeek's reported acceptance (85-90%) would reach: ``(1 + a) x plain / spec``.
 
 Prints one table with ratios; ``--json FILE`` saves the rows.
 """
@@ -49,17 +55,19 @@ from deepseek_jax.synthetic import tiny_config  # noqa: E402
 from benchmarks._profile import device_op_table, print_table  # noqa: E402
 
 
-def bench_config(layers: int, small: bool) -> DeepSeekConfig:
+def bench_config(layers: int, small: bool, mtp: bool = False) -> DeepSeekConfig:
     if small:
-        return DeepSeekConfig.from_hub_dict(dict(tiny_config(num_hidden_layers=layers, num_nextn_predict_layers=0),
+        return DeepSeekConfig.from_hub_dict(dict(tiny_config(num_hidden_layers=layers,
+                                                             num_nextn_predict_layers=int(mtp)),
                                                  quantization_config={"quant_method": "fp8"}))
     return load_config("deepseek-v3-671b").replace(num_hidden_layers=layers, first_k_dense_replace=1,
-                                                   num_nextn_predict_layers=0)
+                                                   num_nextn_predict_layers=int(mtp))
 
 
 def random_model(cfg: DeepSeekConfig, key, prec: Precision | None = None):
-    """Random FP8 model made leaf by leaf on the device (peak memory: one leaf's bf16 draft)."""
-    model = abstract_model(cfg, prec or Precision(dtype=jnp.bfloat16), with_mtp=False)
+    """Random FP8 model made leaf by leaf on the device (peak memory: one leaf's bf16 draft), with
+    the MTP layer when the config has one."""
+    model = abstract_model(cfg, prec or Precision(dtype=jnp.bfloat16), with_mtp=cfg.num_nextn_predict_layers > 0)
     graphdef, state = nnx.split(model)
     flat = list(nnx.to_flat_state(state))
     leaves = []
@@ -81,6 +89,12 @@ def random_model(cfg: DeepSeekConfig, key, prec: Precision | None = None):
 
         leaves.append(make(k))
     return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(a)) for (p, v), a in zip(flat, leaves)]))
+
+
+def same_weights(model, prec: Precision):
+    """``model``'s weights (no copy) under another :class:`Precision`."""
+    other = abstract_model(model.cfg, prec, with_mtp=model.mtp is not None)
+    return nnx.merge(nnx.split(other)[0], nnx.split(model)[1])
 
 
 def timed(fn, *args, reps: int = 5):
@@ -117,6 +131,8 @@ def step_bytes(cfg: DeepSeekConfig, model, batch: int, context: int, touched_exp
     for path, v in nnx.to_flat_state(state):
         nb = math.prod(v.shape) * np.dtype(v.dtype).itemsize
         p = [str(x) for x in path]
+        if p[0] == "mtp":  # not part of a plain decode step
+            continue
         if "experts" in p and "shared_experts" not in p:
             expert += nb  # counted below, only the experts the batch routes to
             continue
@@ -207,6 +223,32 @@ def bench_prefill(cfg, model, tokens: int, chunk: int, profile: bool = False):
     return t, prof
 
 
+def bench_generator(model, batch: int, prompt_len: int, new_tokens: int, reps: int = 3) -> dict:
+    """The Generator on ``batch`` random prompts of ``prompt_len`` tokens, ``new_tokens`` each (eos
+    ignored), plain and MTP speculative: best of ``reps`` calls after a compiling one. Returns
+    ms per decode-loop iteration (decode time over iterations; prefill draws the first token),
+    decode tokens/s, prefill ms, iterations and the speculative acceptance."""
+    from deepseek_jax.generate import Generator
+
+    gen = Generator(model, weights="as-is")
+    prompts = np.random.default_rng(batch).integers(2, model.cfg.vocab_size, (batch, prompt_len)).tolist()
+    out = {}
+    for spec in (None, "mtp"):
+        gen.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False, speculative=spec)  # compiles
+        best = None
+        for _ in range(reps):
+            gen.generate(prompts, max_new_tokens=new_tokens, stop_at_eos=False, speculative=spec)
+            st = gen.last_stats
+            if best is None or st.decode_s < best.decode_s:
+                best = st
+        it = max(best.steps - 1, 1)
+        out[spec or "plain"] = dict(iter_ms=best.decode_s / it * 1e3, iterations=it,
+                                    decode_tok_s=(best.new_tokens - batch) / best.decode_s,
+                                    prefill_ms=best.prefill_s * 1e3,
+                                    acceptance=best.accepted / best.drafted if best.drafted else None)
+    return out
+
+
 def hf_decode_ms(cfg: DeepSeekConfig, batches, context: int, small: bool):
     """HF transformers deepseek_v3 in bf16, random weights: median ms per decode step."""
     import torch
@@ -281,6 +323,13 @@ def main(argv=None) -> int:
                          "(Precision.scan_unroll; default none: no gain on the H200 in session 3)")
     ap.add_argument("--compare-flash", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the first prefill length with Precision.prefill_attention='flash'")
+    ap.add_argument("--rows", default="decode,prefill,generator",
+                    help="which rows: decode (with the HF peer), prefill, generator (default all three)")
+    ap.add_argument("--gen-batches", default=None, help="Generator batch sizes (default 1,16; small: 1,2)")
+    ap.add_argument("--gen-prompt", type=int, default=None,
+                    help="Generator prompt tokens (default 1024; small: 16): its prefill is one naive pass "
+                         "over the whole batch, whose scores grow with batch x prompt^2")
+    ap.add_argument("--gen-tokens", type=int, default=None, help="Generator new tokens (default 64; small: 8)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
@@ -293,7 +342,17 @@ def main(argv=None) -> int:
     profile = [] if a.profile == "none" else [int(x) for x in (a.profile or ("1" if small else "1,16")).split(",")]
     unroll = [int(x) for x in a.unroll_batches.split(",")] if a.unroll_batches not in (None, "none") else []
     hf_batches = [int(x) for x in (a.hf_batches or ("1,4" if small else "1,16")).split(",")]
-    cfg = bench_config(a.layers, small)
+    what = set(a.rows.split(","))
+    if not what or what - {"decode", "prefill", "generator"}:
+        ap.error(f"--rows {a.rows!r}: expected a comma list of decode, prefill, generator")
+    if "decode" not in what:
+        batches, unroll, a.compare_in_place, a.no_hf = [], [], False, True
+    if "prefill" not in what:
+        prefills = []
+    gen_batches = [int(x) for x in (a.gen_batches or ("1,2" if small else "1,16")).split(",")] \
+        if "generator" in what else []
+    gen_prompt, gen_tokens = a.gen_prompt or (16 if small else 1024), a.gen_tokens or (8 if small else 64)
+    cfg = bench_config(a.layers, small, mtp=bool(gen_batches))
     if a.hf_only:  # runs in its own process: torch and XLA would otherwise fight over GPU memory
         print(json.dumps(hf_decode_ms(cfg, hf_batches, context, small)))
         return 0
@@ -334,8 +393,7 @@ def main(argv=None) -> int:
             save()
     if a.compare_in_place and weights_in_place(model.moe_layers):
         # the same weights with per-layer slices (the 2026-11-28 behaviour), batch 1, side by side
-        sliced = abstract_model(cfg, Precision(dtype=jnp.bfloat16, weights_in_place=False), with_mtp=False)
-        sliced = nnx.merge(nnx.split(sliced)[0], nnx.split(model)[1])
+        sliced = same_weights(model, Precision(dtype=jnp.bfloat16, weights_in_place=False))
         t, _, touched = bench_decode(cfg, sliced, 1, context, key)
         roof = step_bytes(cfg, model, 1, context, touched) / bw
         rows.append(dict(kind="decode_sliced", batch=1, context=context, ms=t * 1e3, tok_s=1 / t,
@@ -346,8 +404,7 @@ def main(argv=None) -> int:
         del sliced
     if unroll:  # the same weights, the layer loop as straight-line code: loop / launch overhead
         prec = model.moe_layers.self_attn.kv_b_proj.prec
-        unrolled = abstract_model(cfg, dataclasses.replace(prec, scan_unroll=True), with_mtp=False)
-        unrolled = nnx.merge(nnx.split(unrolled)[0], nnx.split(model)[1])
+        unrolled = same_weights(model, dataclasses.replace(prec, scan_unroll=True))
         for b in unroll:
             t, _, touched = bench_decode(cfg, unrolled, b, context, key)
             roof = step_bytes(cfg, model, b, context, touched) / bw
@@ -376,8 +433,7 @@ def main(argv=None) -> int:
             save()
         if T == prefills[0] and a.compare_flash:  # the same weights, flash attention, side by side
             prec = model.moe_layers.self_attn.kv_b_proj.prec
-            flash = abstract_model(cfg, dataclasses.replace(prec, prefill_attention="flash"), with_mtp=False)
-            flash = nnx.merge(nnx.split(flash)[0], nnx.split(model)[1])
+            flash = same_weights(model, dataclasses.replace(prec, prefill_attention="flash"))
             try:  # an untried kernel: a failure is a row, not the end of the run
                 t, _ = bench_prefill(cfg, flash, T, min(chunk if T <= 8192 else long_chunk, T))
             except Exception as e:  # noqa: BLE001 - report whatever the compiler or runtime raised
@@ -388,6 +444,25 @@ def main(argv=None) -> int:
                 print(f"{'prefill T=%d, flash' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
             save()
             del flash
+    for b in gen_batches:
+        try:  # the speculative loop at real width is new on a GPU: a failure is a row
+            g = bench_generator(model, b, gen_prompt, gen_tokens)
+        except Exception as e:  # noqa: BLE001 - report whatever the compiler or runtime raised
+            rows.append(dict(kind="generator", batch=b, failed=f"{type(e).__name__}: {e}"[:300]))
+            save()
+            print(f"{'generator B=%d' % b:<26} failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        for mode, r in g.items():
+            rows.append(dict(kind="generator", batch=b, mode=mode, prompt=gen_prompt, new_tokens=gen_tokens,
+                             tok_s=r["decode_tok_s"], **r))
+            print(f"{'generator B=%d, %s' % (b, mode):<26}{r['iter_ms']:>10.3f}ms{r['decode_tok_s']:>12,.0f}"
+                  f"   (per decode-loop iteration; prompt {gen_prompt}, {r['iterations']} iterations, "
+                  f"prefill {r['prefill_ms']:.1f} ms)")
+        save()
+        ratio = g["mtp"]["iter_ms"] / g["plain"]["iter_ms"]
+        print(f"#   MTP iteration / plain iteration = {ratio:.2f}: speed-up at acceptance 0.85 / 0.90 = "
+              f"{1.85 / ratio:.2f}x / {1.90 / ratio:.2f}x (random weights here: measured acceptance "
+              f"{g['mtp']['acceptance'] or 0:.0%}, not meaningful)")
     return 0
 
 

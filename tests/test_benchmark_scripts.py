@@ -14,11 +14,14 @@ def test_e2e_benchmark_small(tmp_path):
     out = tmp_path / "e2e.json"
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "e2e_gpu.py"), "--small", "--no-hf", "--layers", "2", "--batches", "2", "--prefill", "32",
-                        "--profile", "2", "--unroll-batches", "2", "--json", str(out)], capture_output=True, text=True, timeout=600, env=env)
+                        "--profile", "2", "--unroll-batches", "2", "--gen-batches", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(out))["rows"]
-    assert {r["kind"] for r in rows} == {"decode", "decode_unrolled", "prefill", "prefill_flash"}
+    assert {r["kind"] for r in rows} == {"decode", "decode_unrolled", "prefill", "prefill_flash", "generator"}
     assert all(r["tok_s"] > 0 for r in rows)
+    gen = {r["mode"]: r for r in rows if r["kind"] == "generator"}   # the Generator, plain and MTP
+    assert set(gen) == {"plain", "mtp"} and all(r["iter_ms"] > 0 and r["iterations"] == 7 for r in gen.values())
     prof = rows[0]["profile"]  # the per-kernel table read back from the profiler's trace
     assert prof["busy_us"] > 0 and prof["kernels"] and all(us >= 0 for _, us, _ in prof["kernels"])
 
