@@ -286,9 +286,41 @@ def bench_dense(cases, *, impl, reps, sweep, key):
                     print(f"  sweep {shape} {variant} {r.note}: "
                           f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s  {r.gbps:.0f} GB/s'}")
             rows.append(best)
+        if target == "gpu":
+            rows += _mgpu_rows(shape, m, n, k, x, wq, ws, chk8, flops, b_fp8, reps, interpret,
+                               sweep=sweep_here and m >= 256)
         del x, wq, ws, w_bf16, xq, xs
     _set_ratios(rows, "XLA bf16 dot")
     return rows
+
+
+def _mgpu_rows(shape, m, n, k, x, wq, ws, chk8, flops, b_fp8, reps, interpret, sweep):
+    """The Mosaic GPU W8A8 kernel (kernels_pallas/fp8_gemm_mgpu.py; wgmma, per-K-block scale
+    promotion), default tiles and (``sweep``) alternatives; its best row. Not yet run on a GPU
+    before the 2026-11-29 session: a failure to compile is a row."""
+    from kernels_pallas.fp8_gemm_mgpu import MgpuConfig, supported, w8a8_matmul_mgpu
+    cfgs = [MgpuConfig()]
+    if sweep:
+        cfgs += [MgpuConfig(bm=128), MgpuConfig(max_concurrent_steps=6), MgpuConfig(bn=64),
+                 MgpuConfig(grid_tile_width=16)]
+    best = None
+    for cfg in cfgs:
+        if not supported(m, n, k, cfg):
+            continue
+
+        def run(a, b, c, cfg=cfg):
+            aq, as_ = quantize_act_1x128(a)
+            return w8a8_matmul_mgpu(aq, as_, b, c, out_dtype=BF16, cfg=cfg, interpret=interpret)
+
+        tmp = []
+        r = measure(tmp, shape, "kernel w8a8 mosaic_gpu", run, (x, wq, ws), flops=flops, nbytes=b_fp8, reps=reps,
+                    check=chk8, note=_cfg_str(cfg) + (" (interpret)" if interpret else ""), quick=interpret)
+        if len(cfgs) > 1:
+            print(f"  sweep {shape} mosaic_gpu {r.note}: "
+                  f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s'}")
+        if best is None or (r.ms is not None and (best.ms is None or r.ms < best.ms)):
+            best = r
+    return [best] if best is not None else []
 
 
 def _cfg_str(cfg):

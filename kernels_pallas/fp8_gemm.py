@@ -25,6 +25,8 @@ Kernels:
   programs stream the weight.
 * TPU (``impl="pallas_tpu"``): Mosaic TPU ``BlockSpec`` pipeline over ``(M, N, K)`` tiles with a VMEM
   float32 accumulator; the e4m3 tiles are widened to bf16 in VMEM (exact) for the MXU.
+* GPU, W8A8 with ``$DEEPSEEK_JAX_W8A8_GPU=mosaic_gpu``: the Mosaic GPU kernel of
+  :mod:`kernels_pallas.fp8_gemm_mgpu` (wgmma, per-K-block promotion) where it tiles the shape.
 * ``impl="interpret"`` / ``"interpret_gpu"`` / ``"interpret_tpu"`` run either one in the Pallas
   interpreter (CPU tests).
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -431,6 +434,25 @@ def _layer_of(wq, ws, layer):
     return lax.dynamic_index_in_dim(wq, layer, 0, False), lax.dynamic_index_in_dim(ws, layer, 0, False)
 
 
+#: Which kernel W8A8 takes on a GPU: "triton" (this module's, measured on the H200) or "mosaic_gpu"
+#: (:mod:`kernels_pallas.fp8_gemm_mgpu`: wgmma with per-K-block promotion, for shapes it tiles;
+#: correct in the Mosaic GPU interpreter and lowered for CUDA on CPU, not yet timed on a GPU).
+W8A8_GPU_ENV = "DEEPSEEK_JAX_W8A8_GPU"
+
+
+def w8a8_gpu_kernel() -> str:
+    """``$DEEPSEEK_JAX_W8A8_GPU`` (default "triton"); an unknown value is a one-line error."""
+    v = os.environ.get(W8A8_GPU_ENV, "triton").strip().lower() or "triton"
+    if v not in ("triton", "mosaic_gpu"):
+        raise ValueError(f"${W8A8_GPU_ENV}={v!r}: expected triton or mosaic_gpu")
+    return v
+
+
+def _mgpu_supported(m: int, n: int, k: int) -> bool:
+    from kernels_pallas.fp8_gemm_mgpu import supported
+    return supported(m, n, k)
+
+
 def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=None):
     _check_weight(x_MK, wq_NK, ws_nk, layer)
     target, interpret = backend.split_impl(impl)
@@ -446,7 +468,12 @@ def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=Non
         xq, xs = quantize_act_1x128(x2)
     else:
         xq, xs = x2, None
-    if target == "gpu":
+    if target == "gpu" and quantize_x and w8a8_gpu_kernel() == "mosaic_gpu" and _mgpu_supported(x2.shape[0], n, x2.shape[1]):
+        from kernels_pallas.fp8_gemm_mgpu import w8a8_matmul_mgpu
+        if layer is not None:
+            wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
+        y = w8a8_matmul_mgpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret)
+    elif target == "gpu":
         y = scaled_matmul_gpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret, layer=layer)
     else:
         y = scaled_matmul_tpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret)

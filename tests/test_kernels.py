@@ -382,6 +382,76 @@ def test_fp8_gpu_prefill_default_tiles(interpret):
     _assert_close(y8, w8a8_matmul_ref(x, wq, ws), jnp.float32)
 
 
+@pytest.mark.parametrize("cfg_kw", [{}, {"bm": 128}, {"bn": 64, "max_concurrent_steps": 2}],
+                         ids=["default", "bm128", "bn64"])
+@pytest.mark.parametrize("interpret", COMPILED)
+def test_fp8_mosaic_gpu_kernel_matches_ref(cfg_kw, interpret):
+    """The Mosaic GPU W8A8 kernel (wgmma, per-K-block promotion; JAX's Mosaic GPU interpreter on
+    CPU) against the W8A8 reference: M not a multiple of the row tile (70 and 1 rows), large,
+    tiny and all-zero activation blocks, zero weight blocks, several tiles in both directions."""
+    from kernels_pallas.fp8_gemm_mgpu import MgpuConfig, w8a8_matmul_mgpu
+    cfg = MgpuConfig(**cfg_kw)
+    rng = np.random.default_rng(15)
+    n, k = 256, 384
+    wq, ws = make_fp8_weight(rng, n, k, zero_blocks=((1, 2),))
+    for m in (70, 1):
+        x = _activations(rng, m, k, jnp.float32, "mixed" if m > 2 else "normal")
+        xq, xs = quantize_act_1x128(x)
+        y = w8a8_matmul_mgpu(xq, xs, wq, ws, out_dtype=jnp.float32, cfg=cfg, interpret=interpret)
+        assert y.shape == (m, n) and y.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(y)))
+        _assert_close(y, w8a8_matmul_ref(x, wq, ws), jnp.float32)
+    y16 = w8a8_matmul_mgpu(xq, xs, wq, ws, cfg=cfg, interpret=interpret)   # bf16 out by default
+    assert y16.dtype == jnp.bfloat16
+    _assert_close(y16, w8a8_matmul_ref(x, wq, ws), jnp.bfloat16)
+
+
+def test_fp8_mosaic_gpu_kernel_rejects_shapes_it_does_not_tile():
+    from kernels_pallas.fp8_gemm_mgpu import supported, w8a8_matmul_mgpu
+    rng = np.random.default_rng(16)
+    wq, ws = make_fp8_weight(rng, 200, 333)
+    xq, xs = quantize_act_1x128(_activations(rng, 4, 333, jnp.float32))
+    assert not supported(4, 200, 333) and supported(4, 256, 384)
+    with pytest.raises(ValueError, match="unsupported shape M=4 N=200 K=333"):
+        w8a8_matmul_mgpu(xq, xs, wq, ws, interpret=True)
+
+
+def test_w8a8_takes_the_mosaic_gpu_kernel_when_asked(monkeypatch):
+    """``$DEEPSEEK_JAX_W8A8_GPU=mosaic_gpu``: the GPU W8A8 path (what ``Precision(fp8_mode="w8a8")``
+    calls) runs the wgmma kernel where it tiles the shape and the Triton kernel elsewhere."""
+    rng = np.random.default_rng(17)
+    wq, ws = make_fp8_weight(rng, 256, 384)
+    x = _activations(rng, 5, 384, jnp.float32, "mixed")
+    call = lambda a, b, c: w8a8_matmul(a, b, c, impl="interpret_gpu")  # noqa: E731
+    assert "wgmma" not in str(jax.make_jaxpr(call)(x, wq, ws))       # default: Triton
+    monkeypatch.setenv("DEEPSEEK_JAX_W8A8_GPU", "mosaic_gpu")
+    jax.clear_caches()   # (read when tracing: a process sets it before its first call)
+    assert "wgmma" in str(jax.make_jaxpr(call)(x, wq, ws))
+    _assert_close(call(x, wq, ws), w8a8_matmul_ref(x, wq, ws, out_dtype=jnp.float32), jnp.float32)
+    wq2, ws2 = make_fp8_weight(rng, 200, 333)                           # not tiled: Triton
+    x2 = _activations(rng, 5, 333, jnp.float32)
+    assert "wgmma" not in str(jax.make_jaxpr(call)(x2, wq2, ws2))
+    monkeypatch.setenv("DEEPSEEK_JAX_W8A8_GPU", "cutlass")
+    jax.clear_caches()
+    with pytest.raises(ValueError, match="DEEPSEEK_JAX_W8A8_GPU='cutlass': expected triton or mosaic_gpu"):
+        call(x, wq, ws)
+
+
+@pytest.mark.parametrize("m", [4096, 64])
+def test_fp8_mosaic_gpu_kernel_lowers_for_the_gpu(m):
+    """Lowering for CUDA runs on a CPU-only host (``jax.export``): Pallas → Mosaic GPU, with its
+    layout inference, shared-memory transforms and pipeline, at the model's shapes. What it
+    cannot check is the final PTX compile, which needs a GPU."""
+    from jax import export
+
+    from kernels_pallas.fp8_gemm_mgpu import w8a8_matmul_mgpu
+    n, k = 2048, 7168
+    args = (jax.ShapeDtypeStruct((m, k), F8), jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+            jax.ShapeDtypeStruct((n, k), F8), jax.ShapeDtypeStruct((n // 128, k // 128), jnp.float32))
+    exp = export.export(jax.jit(w8a8_matmul_mgpu), platforms=["cuda"])(*args)
+    text = exp.mlir_module()
+    assert "mosaic_gpu" in text and exp.out_avals[0].shape == (m, n)
+
+
 def test_fp8_tpu_kernel_multi_tile():
     rng = np.random.default_rng(13)
     m, n, k = 40, 300, 512
