@@ -15,12 +15,13 @@
 #      kernels, once more with DEEPSEEK_JAX_KERNELS=ref.
 #   3. the Generator at real width with its MTP layer: ms per decode-loop iteration, plain and MTP
 #      speculative, batch 1 then 16 (what a speculative step costs against a plain one)
-#   4. benchmarks/kernels.py --only dense: FP8 GEMM at the SPEC §11 shapes, now with the Mosaic GPU
-#      W8A8 kernel (kernels_pallas/fp8_gemm_mgpu.py: never compiled on a GPU before; swept at prefill)
-#   5. compiled-kernel tests against the references (session 3: 17 passed, then the step's limit;
-#      they include the Mosaic GPU kernel's, compiled)
-#   6-7. benchmarks/kernels.py: grouped GEMM, MLA decode, with the sweeps of docs/benchmarks.md's
-#      "changed after this run" list.
+#   4-5. benchmarks/kernels.py --only dense / grouped at the SPEC §11 shapes, now with the Mosaic
+#      GPU kernels (kernels_pallas/fp8_gemm_mgpu.py, grouped_gemm_mgpu.py: W8A8 and bf16 wgmma,
+#      never compiled on a GPU before; swept at prefill) beside the Triton ones
+#   6. compiled-kernel tests against the references (session 3: 17 passed, then the step's limit;
+#      they include the Mosaic GPU kernels', compiled)
+#   7. benchmarks/kernels.py --only mla, with the sweeps of docs/benchmarks.md's "changed after
+#      this run" list.
 # The first 2026-11-28 run took 454 s with the old order and sweeps (two steps hit their limits);
 # the second (session 3) 463 s, e2e 170 s of it, the tests and three kernel tables at their limits.
 cd "$(dirname "$0")/.." || exit 1
@@ -60,9 +61,9 @@ fi
 # the Generator itself at real width (its MTP layer too): plain vs speculative iteration cost, B=1 then 16
 step generator 100 "$PY" benchmarks/e2e_gpu.py $SMALL --rows generator --json "$OUT_DIR/generator.json"
 step bench_dense 75 "$PY" benchmarks/kernels.py $SMALL --only dense --reps 3 --json "$OUT_DIR/bench_dense.json"
+step bench_grouped 90 "$PY" benchmarks/kernels.py $SMALL --only grouped --reps 3 --json "$OUT_DIR/bench_grouped.json"
 step tests 75 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs -W "ignore::DeprecationWarning" \
     -k "pallas_gpu or compiled"
-step bench_grouped 70 "$PY" benchmarks/kernels.py $SMALL --only grouped --reps 3 --json "$OUT_DIR/bench_grouped.json"
 step bench_mla 40 "$PY" benchmarks/kernels.py $SMALL --only mla --reps 3 --json "$OUT_DIR/bench_mla.json"
 
 {

@@ -40,7 +40,7 @@ from jax import lax  # noqa: E402
 
 from kernels_pallas import backend  # noqa: E402
 from kernels_pallas._common import dequantize_blocks  # noqa: E402
-from kernels_pallas.fp8_gemm import (GpuConfig, quantize_act_1x128,  # noqa: E402
+from kernels_pallas.fp8_gemm import (GpuConfig, _w8a8_from_quantized_ref, quantize_act_1x128,  # noqa: E402
                                      scaled_matmul_gpu, scaled_matmul_tpu, w8a8_matmul_ref,
                                      w8a16_matmul_ref)
 from kernels_pallas.grouped_gemm import (GpuGroupedConfig, gmm_gpu,  # noqa: E402
@@ -301,8 +301,9 @@ def _mgpu_rows(shape, m, n, k, x, wq, ws, chk8, flops, b_fp8, reps, interpret, s
     from kernels_pallas.fp8_gemm_mgpu import MgpuConfig, supported, w8a8_matmul_mgpu
     cfgs = [MgpuConfig()]
     if sweep:
-        cfgs += [MgpuConfig(bm=128), MgpuConfig(max_concurrent_steps=6), MgpuConfig(bn=64),
-                 MgpuConfig(grid_tile_width=16)]
+        cfgs += [MgpuConfig(warp_specialized=True), MgpuConfig(warp_specialized=True, max_concurrent_steps=6),
+                 MgpuConfig(warp_specialized=True, grid_tile_width=16),
+                 MgpuConfig(bm=128), MgpuConfig(max_concurrent_steps=6), MgpuConfig(bn=64)]
     best = None
     for cfg in cfgs:
         if not supported(m, n, k, cfg):
@@ -340,9 +341,10 @@ def _group_sizes(key, m, e):
     return jnp.bincount(ids, length=e).astype(jnp.int32)
 
 
-def _grouped_check(y, x, w, ws, sizes, n_check=4):
+def _grouped_check(y, x, w, ws, sizes, n_check=4, w8a8=None):
     """Relative error on a few experts with rows, against x[rows] @ dequant(w[e]).T in float32
-    (the full ragged_dot reference does not fit in memory at 256 experts)."""
+    (the full ragged_dot reference does not fit in memory at 256 experts); ``w8a8=(xq, xs)``:
+    against the W8A8 block GEMM of those rows instead."""
     sizes_np = np.asarray(sizes)
     starts = np.cumsum(sizes_np) - sizes_np
     nonempty = np.nonzero(sizes_np)[0]
@@ -350,6 +352,11 @@ def _grouped_check(y, x, w, ws, sizes, n_check=4):
     num = den = 0.0
     for g in pick:
         s, c = int(starts[g]), int(sizes_np[g])
+        if w8a8 is not None:
+            ref = _w8a8_from_quantized_ref(w8a8[0][s:s + c], w8a8[1][s:s + c], w[g], ws[g])
+            num += float(jnp.sum((y[s:s + c].astype(jnp.float32) - ref) ** 2))
+            den += float(jnp.sum(ref ** 2))
+            continue
         wg = dequantize_blocks(w[g], ws[g]) if ws is not None else w[g].astype(jnp.float32)
         ref = jnp.dot(x[s:s + c].astype(jnp.float32), wg.astype(x.dtype).astype(jnp.float32).T,
                       precision=lax.Precision.HIGHEST)
@@ -452,9 +459,55 @@ def bench_grouped(cases, *, impl, reps, sweep, key):
                         print(f"  sweep {shape} {r.method} {_cfg_str(cfg)}: "
                               f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s  {r.gbps:.0f} GB/s'}")
                 rows.append(best)
+        if target == "gpu":
+            rows += _mgpu_grouped_rows(shape, m, e, n, k, x, w_bf16, wq, ws, sizes, flops, b_bf16, b_fp8,
+                                       reps, interpret, note_t, sweep=sweep and phase == "prefill")
         del x, w_bf16, wq, ws
     _set_ratios(rows, "XLA bf16 dot")
     return rows
+
+
+def _mgpu_grouped_rows(shape, m, e, n, k, x, w_bf16, wq, ws, sizes, flops, b_bf16, b_fp8, reps, interpret,
+                       note_t, sweep):
+    """The Mosaic GPU grouped kernel (kernels_pallas/grouped_gemm_mgpu.py), bf16 and W8A8 (x
+    quantized 1x128 inside the timed call); best row of each. Not run on a GPU before 2026-11-29:
+    a failure to compile is a row."""
+    from kernels_pallas.grouped_gemm_mgpu import MgpuGroupedConfig, gmm_mgpu, grouped_supported
+    out = []
+    xq, xs = quantize_act_1x128(x)
+    for fp8 in (False, True):
+        cfgs = [MgpuGroupedConfig()]
+        if sweep:
+            cfgs += [MgpuGroupedConfig(bm=128), MgpuGroupedConfig(max_concurrent_steps=6),
+                     MgpuGroupedConfig(grid_tile_width=16)] + ([] if fp8 else [MgpuGroupedConfig(bk=128)])
+        best = None
+        for cfg in cfgs:
+            if not grouped_supported(m, n, k, fp8, cfg):
+                continue
+            if fp8:
+                def run(a, b, c, s, cfg=cfg):
+                    aq, as_ = quantize_act_1x128(a)
+                    return gmm_mgpu(aq, b, s, x_scale=as_, w_scale=c, out_dtype=BF16, cfg=cfg, interpret=interpret)
+                args, nbytes = (x, wq, ws, sizes), b_fp8
+                check = lambda y: _grouped_check(y, x, wq, ws, sizes, w8a8=(xq, xs))  # noqa: E731
+            else:
+                def run(a, b, s, cfg=cfg):
+                    return gmm_mgpu(a, b, s, out_dtype=BF16, cfg=cfg, interpret=interpret)
+                args, nbytes = (x, w_bf16, sizes), b_bf16
+                check = lambda y: _grouped_check(y, x, w_bf16, None, sizes)  # noqa: E731
+            tmp = []
+            r = measure(tmp, shape, f"kernel {'w8a8' if fp8 else 'bf16'} mosaic_gpu", run, args, flops=flops,
+                        nbytes=nbytes, reps=reps, check=check,
+                        note="; ".join([note_t, _cfg_str(cfg)]) + (" (interpret)" if interpret else ""),
+                        quick=interpret)
+            if len(cfgs) > 1:
+                print(f"  sweep {shape} {r.method} {_cfg_str(cfg)}: "
+                      f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s'}")
+            if best is None or (r.ms is not None and (best.ms is None or r.ms < best.ms)):
+                best = r
+        if best is not None:
+            out.append(best)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,3 +80,13 @@ def tpu_interpret_arg(interpret: bool):
     from jax.experimental.pallas import tpu as pltpu
 
     return pltpu.InterpretParams()
+
+
+def gpu_kernel_family(env_var: str) -> str:
+    """Which kernel family a GPU op takes, from ``$env_var``: "triton" (default; measured on the
+    H200) or "mosaic_gpu" (the wgmma kernels, opt-in until measured). Read when a function is
+    traced, so a process sets it before its first call; an unknown value is a one-line error."""
+    v = os.environ.get(env_var, "triton").strip().lower() or "triton"
+    if v not in ("triton", "mosaic_gpu"):
+        raise ValueError(f"${env_var}={v!r}: expected triton or mosaic_gpu")
+    return v

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -441,11 +440,8 @@ W8A8_GPU_ENV = "DEEPSEEK_JAX_W8A8_GPU"
 
 
 def w8a8_gpu_kernel() -> str:
-    """``$DEEPSEEK_JAX_W8A8_GPU`` (default "triton"); an unknown value is a one-line error."""
-    v = os.environ.get(W8A8_GPU_ENV, "triton").strip().lower() or "triton"
-    if v not in ("triton", "mosaic_gpu"):
-        raise ValueError(f"${W8A8_GPU_ENV}={v!r}: expected triton or mosaic_gpu")
-    return v
+    """``$DEEPSEEK_JAX_W8A8_GPU`` (default "triton"), see :func:`backend.gpu_kernel_family`."""
+    return backend.gpu_kernel_family(W8A8_GPU_ENV)
 
 
 def _mgpu_supported(m: int, n: int, k: int) -> bool:

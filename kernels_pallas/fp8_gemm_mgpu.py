@@ -50,6 +50,10 @@ class MgpuConfig:
     bn: int = 128                 # columns per tile: 64 or 128 (inside one 128-wide scale block)
     max_concurrent_steps: int = 4  # TMA pipeline stages in shared memory
     grid_tile_width: int = 4      # planar snake: row tiles visited per column sweep
+    # Warp specialization (as DeepGEMM and JAX's Hopper matmul example do): a memory warpgroup
+    # issues the TMA copies while two compute warpgroups each own `bm` rows of a [2*bm, bn] tile,
+    # so copies, MMAs and the promotion of one warpgroup overlap the other's.
+    warp_specialized: bool = False
 
 
 def supported(m: int, n: int, k: int, cfg: MgpuConfig = MgpuConfig()) -> bool:
@@ -78,14 +82,18 @@ def w8a8_matmul_mgpu(xq_MK: jax.Array, xs_Mk: jax.Array, wq_NK: jax.Array, ws_nk
         raise ValueError(f"w8a8_matmul_mgpu: unsupported shape M={m} N={n} K={k} for {cfg} "
                          f"(K a multiple of 128, N of bn, bn dividing 128, bm of 64)")
     bm, bn = cfg.bm, cfg.bn
-    mp = round_up(m, bm)
+    cta_bm = 2 * bm if cfg.warp_specialized else bm   # rows per program's tile
+    mp = round_up(m, cta_bm)
     if mp != m:  # zero rows (scale 0): their outputs are computed and cut off
         xq_MK = jnp.pad(xq_MK, ((0, mp - m), (0, 0)))
         xs_Mk = jnp.pad(xs_Mk, ((0, mp - m), (0, 0)))
     kb = k // QBLOCK
     xs_kM = xs_Mk.astype(jnp.float32).T                                       # [K/128, Mp]
     ws_kN = jnp.repeat(ws_nk.astype(jnp.float32).T, QBLOCK, axis=1)[:, :n]    # [K/128, N]
-    grid_m, grid_n = mp // bm, n // bn
+    grid_m, grid_n = mp // cta_bm, n // bn
+    if cfg.warp_specialized:
+        return _warp_specialized(xq_MK, wq_NK, xs_kM, ws_kN, m, mp, n, kb, grid_m, grid_n, out_dtype, cfg,
+                                 interpret)
 
     def body(x_g, w_g, xs_g, ws_g, o_g):
         @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
@@ -129,6 +137,73 @@ def w8a8_matmul_mgpu(xq_MK: jax.Array, xs_Mk: jax.Array, wq_NK: jax.Array, ws_nk
     return out[:m] if mp != m else out
 
 
+def _warp_specialized(xq_MK, wq_NK, xs_kM, ws_kN, m, mp, n, kb, grid_m, grid_n, out_dtype, cfg, interpret):
+    """:func:`w8a8_matmul_mgpu` with ``cfg.warp_specialized``: per program, tiles of ``[2*bm, bn]``;
+    warpgroups 0 and 1 compute (rows ``wg*bm ...``), warpgroup 2 runs the TMA pipeline."""
+    plgpu = _plgpu()
+    bm, bn = cfg.bm, cfg.bn
+    cta_bm = 2 * bm
+
+    def pipeline(step, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            step, grid=(kb,), memory_registers=40,
+            in_specs=[plgpu.BlockSpec((cta_bm, QBLOCK), lambda j: (0, j)),
+                      plgpu.BlockSpec((bn, QBLOCK), lambda j: (0, j)),
+                      plgpu.BlockSpec((1, cta_bm), lambda j: (j, 0)),
+                      plgpu.BlockSpec((1, bn), lambda j: (j, 0))],
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
+            compute_context=context)
+
+    def body(x_g, w_g, xs_g, ws_g, o_g):
+        def views(mi, ni):
+            return (x_g.at[pl.ds(mi * cta_bm, cta_bm)], w_g.at[pl.ds(ni * bn, bn)],
+                    xs_g.at[:, pl.ds(mi * cta_bm, cta_bm)], ws_g.at[:, pl.ds(ni * bn, bn)])
+
+        ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the body
+
+        @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*views(0, 0)),
+                           o_s=plgpu.SMEM((2, bm, bn), out_dtype), collective_axes="wg")
+        def _scope(allocs, o_s):
+            wg = jax.lax.axis_index("wg")
+
+            @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+            def _tile(info):
+                mi, ni = plgpu.planar_snake(info.index[0], (grid_m, grid_n), 1, cfg.grid_tile_width)
+                rows = pl.ds(wg * bm, bm)
+
+                def step(_, x_s, w_s, xs_s, ws_s, total):
+                    def mma(acc_ref):
+                        plgpu.wgmma(acc_ref, x_s.at[rows], w_s.transpose((1, 0)))
+                        plgpu.wgmma_wait(0)
+                        return acc_ref[...]
+                    part = pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.float32))
+                    return total + part * xs_s[0, rows][:, None] * ws_s[0][None, :]
+
+                def context(run):
+                    total = run(plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA))
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's store
+                    o_s[wg] = total.astype(out_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_s.at[wg], o_g.at[pl.ds(mi * cta_bm + wg * bm, bm),
+                                                                pl.ds(ni * bn, bn)])
+
+                pipeline(step, context)(*views(mi, ni), allocations=allocs)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        grid=(min(GPU_NUM_SMS, grid_m * grid_n),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+    )
+    out = kernel(xq_MK, wq_NK, xs_kM, ws_kN)
+    return out[:m] if mp != m else out
+
+
 def _self_check():  # pragma: no cover - a manual smoke run: python -m kernels_pallas.fp8_gemm_mgpu
     from kernels_pallas.fp8_gemm import _w8a8_from_quantized_ref, quantize_act_1x128
     kx, kw, ks = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -136,9 +211,12 @@ def _self_check():  # pragma: no cover - a manual smoke run: python -m kernels_p
     xq, xs = quantize_act_1x128(jax.random.normal(kx, (m, k), jnp.float32))
     wq = (jax.random.normal(kw, (n, k), jnp.float32) * 50).astype(FP8_DTYPE)
     ws = jax.random.uniform(ks, (cdiv(n, QBLOCK), k // QBLOCK), jnp.float32, 1e-3, 2e-3)
-    got = w8a8_matmul_mgpu(xq, xs, wq, ws, out_dtype=jnp.float32, interpret=True)
     ref = _w8a8_from_quantized_ref(xq, xs, wq, ws)
-    print("max abs err", float(jnp.max(jnp.abs(got - ref))), "ref max", float(jnp.max(jnp.abs(ref))))
+    for ws_ in (False, True):
+        got = w8a8_matmul_mgpu(xq, xs, wq, ws, out_dtype=jnp.float32, cfg=MgpuConfig(warp_specialized=ws_),
+                               interpret=True)
+        print("warp_specialized", ws_, "max abs err", float(jnp.max(jnp.abs(got - ref))),
+              "ref max", float(jnp.max(jnp.abs(ref))))
 
 
 if __name__ == "__main__":
