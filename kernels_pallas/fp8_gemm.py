@@ -464,7 +464,8 @@ def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=Non
         xq, xs = quantize_act_1x128(x2)
     else:
         xq, xs = x2, None
-    if target == "gpu" and quantize_x and w8a8_gpu_kernel() == "mosaic_gpu" and _mgpu_supported(x2.shape[0], n, x2.shape[1]):
+    if (target == "gpu" and quantize_x and w8a8_gpu_kernel() == "mosaic_gpu"
+            and _mgpu_supported(x2.shape[0], n, x2.shape[1])):
         from kernels_pallas.fp8_gemm_mgpu import w8a8_matmul_mgpu
         if layer is not None:
             wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)

@@ -6,7 +6,8 @@ This one is written for Mosaic GPU (``plgpu``), the Pallas backend that emits Ho
 MMA (``wgmma``) and TMA copies directly:
 
 * grid: one program per SM (:data:`~kernels_pallas._common.GPU_NUM_SMS`) looping over the output
-  tiles ``[bm, bn]`` (``plgpu.nd_loop``, row tiles minor so neighbours share weight tiles in L2);
+  tiles ``[bm, bn]`` (``plgpu.nd_loop`` in ``plgpu.planar_snake`` order, ``grid_tile_width`` wide,
+  so that programs running together share operand tiles in L2);
 * per tile, a TMA pipeline (``plgpu.emit_pipeline``, ``max_concurrent_steps`` stages in shared
   memory) over the 128-wide K blocks streams ``xq [bm, 128]``, ``wq [bn, 128]`` (both e4m3, both
   K-major as fp8 ``wgmma`` requires: the weight tile is fed transposed, ``[N, K]`` being the Hub
@@ -20,12 +21,17 @@ Scale layouts made by the wrapper (small arrays): ``xs`` transposed to ``[K/128,
 weight scales expanded along N to ``[K/128, N]`` (one float per output column per K block), so
 each K step reads two contiguous vectors that broadcast along the tile's rows and columns.
 
+With ``MgpuConfig(warp_specialized=True)`` (:func:`_warp_specialized`) a program's tile is
+``[2*bm, bn]``: a memory warpgroup runs the TMA pipeline and two compute warpgroups own ``bm`` rows
+each, as in DeepGEMM.
+
 Shapes: K a multiple of 128, N a multiple of ``bn`` (64 or 128, inside one 128-wide scale block);
-M is padded to ``bm`` by the wrapper. The model's projections satisfy these; others go to the
+M is padded to the tile's rows by the wrapper. The model's projections satisfy these; others go to the
 Triton kernel (:func:`supported`).
 
-Status: correct in JAX's Mosaic GPU interpreter on CPU (``tests/test_kernels.py``). Not yet
-compiled or timed on a GPU: ``benchmarks/kernels.py --only dense`` times it beside the others.
+Status: exact in JAX's Mosaic GPU interpreter on CPU, and lowered for CUDA on CPU (``jax.export``,
+which runs Mosaic's layout inference), both forms (``tests/test_kernels.py``). Not yet compiled
+to PTX or timed on a GPU: ``benchmarks/kernels.py --only dense`` times it beside the others.
 """
 
 from __future__ import annotations
