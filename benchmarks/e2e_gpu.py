@@ -330,6 +330,9 @@ def main(argv=None) -> int:
                     help="Generator prompt tokens (default 1024; small: 16): its prefill is one naive pass "
                          "over the whole batch, whose scores grow with batch x prompt^2")
     ap.add_argument("--gen-tokens", type=int, default=None, help="Generator new tokens (default 64; small: 8)")
+    ap.add_argument("--compare-mosaic", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the first prefill length with the Mosaic GPU grouped kernel "
+                         "(DEEPSEEK_JAX_GROUPED_GPU=mosaic_gpu: W8A16 experts dequantized in a wgmma kernel)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
@@ -444,6 +447,20 @@ def main(argv=None) -> int:
                 print(f"{'prefill T=%d, flash' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
             save()
             del flash
+        if T == prefills[0] and a.compare_mosaic:  # the same weights, the routed experts' GEMMs on
+            # kernels_pallas/grouped_gemm_mgpu.py (read when tracing: a fresh jit picks it up)
+            os.environ["DEEPSEEK_JAX_GROUPED_GPU"] = "mosaic_gpu"
+            try:
+                t, _ = bench_prefill(cfg, model, T, min(chunk if T <= 8192 else long_chunk, T))
+            except Exception as e:  # noqa: BLE001 - never run on a GPU before: a failure is a row
+                rows.append(dict(kind="prefill_mosaic_grouped", tokens=T, failed=f"{type(e).__name__}: {e}"[:300]))
+                print(f"{'prefill T=%d, mosaic grp' % T:<26} failed: {type(e).__name__}: {str(e)[:200]}")
+            else:
+                rows.append(dict(kind="prefill_mosaic_grouped", tokens=T, s=t, tok_s=T / t, roofline_s=roof))
+                print(f"{'prefill T=%d, mosaic grp' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
+            finally:
+                del os.environ["DEEPSEEK_JAX_GROUPED_GPU"]
+            save()
     for b in gen_batches:
         try:  # the speculative loop at real width is new on a GPU: a failure is a row
             g = bench_generator(model, b, gen_prompt, gen_tokens)

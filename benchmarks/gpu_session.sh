@@ -11,7 +11,8 @@
 #   1. environment
 #   2. benchmarks/e2e_gpu.py: real-width 1 dense + 3 MoE layers, decode/prefill vs roofline and HF,
 #      per-kernel device-time profiles (decode B=1/16, prefill 4K), batch 1 with per-layer weight
-#      slices and prefill 4K with flash attention side by side; if it fails with the Pallas
+#      slices, and prefill 4K with flash attention and with the Mosaic GPU grouped kernel
+#      (DEEPSEEK_JAX_GROUPED_GPU=mosaic_gpu), side by side; if it fails with the Pallas
 #      kernels, once more with DEEPSEEK_JAX_KERNELS=ref.
 #   3. the Generator at real width with its MTP layer: ms per decode-loop iteration, plain and MTP
 #      speculative, batch 1 then 16 (what a speculative step costs against a plain one)

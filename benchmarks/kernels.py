@@ -469,35 +469,41 @@ def bench_grouped(cases, *, impl, reps, sweep, key):
 
 def _mgpu_grouped_rows(shape, m, e, n, k, x, w_bf16, wq, ws, sizes, flops, b_bf16, b_fp8, reps, interpret,
                        note_t, sweep):
-    """The Mosaic GPU grouped kernel (kernels_pallas/grouped_gemm_mgpu.py), bf16 and W8A8 (x
-    quantized 1x128 inside the timed call); best row of each. Not run on a GPU before 2026-11-29:
-    a failure to compile is a row."""
+    """The Mosaic GPU grouped kernel (kernels_pallas/grouped_gemm_mgpu.py) in bf16, W8A16 (the
+    model's FP8 experts: weight tiles dequantized in the kernel) and W8A8 (x quantized 1x128 inside
+    the timed call); best row of each. Not run on a GPU before 2026-11-29: a failure to compile is
+    a row."""
     from kernels_pallas.grouped_gemm_mgpu import MgpuGroupedConfig, gmm_mgpu, grouped_supported
     out = []
     xq, xs = quantize_act_1x128(x)
-    for fp8 in (False, True):
+    for mode in ("bf16", "w8a16", "w8a8"):
         cfgs = [MgpuGroupedConfig()]
         if sweep:
             cfgs += [MgpuGroupedConfig(bm=128), MgpuGroupedConfig(max_concurrent_steps=6),
-                     MgpuGroupedConfig(grid_tile_width=16)] + ([] if fp8 else [MgpuGroupedConfig(bk=128)])
+                     MgpuGroupedConfig(grid_tile_width=16)] + ([] if mode == "w8a8" else [MgpuGroupedConfig(bk=128)])
         best = None
         for cfg in cfgs:
-            if not grouped_supported(m, n, k, fp8, cfg):
+            if not grouped_supported(m, n, k, mode != "bf16", cfg):
                 continue
-            if fp8:
+            if mode == "w8a8":
                 def run(a, b, c, s, cfg=cfg):
                     aq, as_ = quantize_act_1x128(a)
                     return gmm_mgpu(aq, b, s, x_scale=as_, w_scale=c, out_dtype=BF16, cfg=cfg, interpret=interpret)
                 args, nbytes = (x, wq, ws, sizes), b_fp8
                 check = lambda y: _grouped_check(y, x, wq, ws, sizes, w8a8=(xq, xs))  # noqa: E731
+            elif mode == "w8a16":
+                def run(a, b, c, s, cfg=cfg):
+                    return gmm_mgpu(a, b, s, w_scale=c, out_dtype=BF16, cfg=cfg, interpret=interpret)
+                args, nbytes = (x, wq, ws, sizes), b_fp8
+                check = lambda y: _grouped_check(y, x, wq, ws, sizes)  # noqa: E731
             else:
                 def run(a, b, s, cfg=cfg):
                     return gmm_mgpu(a, b, s, out_dtype=BF16, cfg=cfg, interpret=interpret)
                 args, nbytes = (x, w_bf16, sizes), b_bf16
                 check = lambda y: _grouped_check(y, x, w_bf16, None, sizes)  # noqa: E731
             tmp = []
-            r = measure(tmp, shape, f"kernel {'w8a8' if fp8 else 'bf16'} mosaic_gpu", run, args, flops=flops,
-                        nbytes=nbytes, reps=reps, check=check,
+            r = measure(tmp, shape, f"kernel {mode} mosaic_gpu", run, args, flops=flops, nbytes=nbytes,
+                        reps=reps, check=check,
                         note="; ".join([note_t, _cfg_str(cfg)]) + (" (interpret)" if interpret else ""),
                         quick=interpret)
             if len(cfgs) > 1:

@@ -618,18 +618,24 @@ def tgmm_tpu(x_MK, dy_MN, group_sizes_E, *, out_dtype, interpret=False,
 # ---------------------------------------------------------------------------------------------------
 
 
-#: bf16 grouped forward on a GPU: "triton" (this module's kernel, measured on the H200) or
-#: "mosaic_gpu" (:mod:`kernels_pallas.grouped_gemm_mgpu`, wgmma; where it tiles the shape; not yet
-#: timed on a GPU). FP8 experts (W8A16) and the backward pass keep the Triton kernels.
+#: The grouped forward on a GPU with bf16 activations: "triton" (this module's kernel, measured on
+#: the H200) or "mosaic_gpu" (:mod:`kernels_pallas.grouped_gemm_mgpu`, wgmma, where it tiles the
+#: shape; not yet timed on a GPU): bf16 experts, and FP8 experts (W8A16, dequantized in the kernel)
+#: from :data:`MGPU_FP8_MIN_ROWS` rows on. The backward pass keeps the Triton kernels.
 GROUPED_GPU_ENV = "DEEPSEEK_JAX_GROUPED_GPU"
+#: The Mosaic GPU kernel expands FP8 weight scales along N at every call (235 MB at 256 experts,
+#: 7168→4096): worth it for a prefill-sized call, not for decode, which keeps the Triton kernel.
+MGPU_FP8_MIN_ROWS = 1024
 
 
 def _gmm_impl(x, w, gs, ws, off, *, w_co, out_dtype, target, interpret):
-    if (target == "gpu" and not w_co and x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16
+    if (target == "gpu" and not w_co and x.dtype == jnp.bfloat16
             and backend.gpu_kernel_family(GROUPED_GPU_ENV) == "mosaic_gpu"):
         from kernels_pallas.grouped_gemm_mgpu import gmm_mgpu, grouped_supported
-        if grouped_supported(x.shape[0], w.shape[1], x.shape[1], fp8=False):
-            return gmm_mgpu(x, w, gs, out_dtype=out_dtype, expert_offset=off, interpret=interpret)
+        fp8 = is_fp8(w.dtype)
+        if ((w.dtype == jnp.bfloat16 or (fp8 and x.shape[0] >= MGPU_FP8_MIN_ROWS))
+                and grouped_supported(x.shape[0], w.shape[1], x.shape[1], fp8=fp8)):
+            return gmm_mgpu(x, w, gs, w_scale=ws, out_dtype=out_dtype, expert_offset=off, interpret=interpret)
     fn = gmm_gpu if target == "gpu" else gmm_tpu
     return fn(x, w, gs, w_scale=ws, w_co=w_co, out_dtype=out_dtype, interpret=interpret,
               expert_offset=off)

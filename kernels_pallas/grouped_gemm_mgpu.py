@@ -1,4 +1,4 @@
-"""Grouped expert GEMM for Hopper on Mosaic GPU (``wgmma``): bf16, and W8A8 with block scales.
+"""Grouped expert GEMM for Hopper on Mosaic GPU (``wgmma``): bf16, W8A16 and W8A8 (block scales).
 
 Rows of ``x [M, K]`` are sorted by expert, ``group_sizes [E]`` rows per expert (zeros allowed,
 rows past the groups get zeros), expert weights ``w [E', N, K]`` (the Hub's ``[out, in]``; with
@@ -6,6 +6,10 @@ rows past the groups get zeros), expert weights ``w [E', N, K]`` (the Hub's ``[o
 
 * **bf16**: ``y = x @ w[g].T`` with float32 accumulation straight in the ``wgmma`` accumulator
   over 64-wide K steps.
+* **W8A16** (the model's FP8 experts): bf16 ``x``, e4m3 ``w`` with 128x128 scales ``ws``; each
+  weight tile is dequantized in registers (e4m3 → float32 x its block scale → bf16, the rounding of
+  :func:`~kernels_pallas.grouped_gemm.grouped_matmul_ref`), written to shared memory and fed to a
+  bf16 ``wgmma``; float32 accumulation over 64-wide K steps.
 * **W8A8**: e4m3 ``xq`` with 1x128 scales ``xs [M, K/128]``, e4m3 ``w`` with 128x128 scales
   ``ws [E', N/128, K/128]``: per 128-wide K block a fresh accumulator, promoted in registers as
   ``total += acc * xs[rows, kb] * ws[g, cols // 128, kb]`` (as :mod:`kernels_pallas.fp8_gemm_mgpu`
@@ -19,13 +23,14 @@ tile's own rows are stored with a ladder of power-of-two TMA stores (a store's s
 the block's other rows are computed and dropped. The per-tile numbers go to shared memory once
 per program; each program (one per SM) loops over (row tile, column tile) pairs.
 
-The wrapper makes two layouts: the activation scales transposed, ``[K/128, M]``, and the
-weight scales expanded along N, ``[E', K/128, N]``. The second is ``E' x K/128 x N x 4`` bytes
-(235 MB for 256 experts at 7168→4096) written at every call: ~2% of a 32K-row prefill call, and
-far too much for decode-sized calls, which keep the Triton kernel.
+The wrapper makes the scale layouts (FP8 modes): the activation scales transposed,
+``[K/128, M]`` (W8A8), and the weight scales expanded along N, ``[E', K/128, N]``. The latter is
+``E' x K/128 x N x 4`` bytes (235 MB for 256 experts at 7168→4096) written at every call: ~2% of a
+32K-row prefill call, and far too much for decode-sized calls, which keep the Triton kernel
+(``grouped_gemm.MGPU_FP8_MIN_ROWS``).
 
 Status: exact in JAX's Mosaic GPU interpreter on CPU against the references, and lowered for
-CUDA on CPU (``tests/test_kernels.py``). Not yet compiled or timed on a GPU.
+CUDA on CPU, all three modes (``tests/test_kernels.py``). Not yet compiled or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -105,6 +110,21 @@ def _block_tile_schedule(group_sizes_E, m: int, bm: int):
             jnp.where(valid, r1, 0))
 
 
+def _mode(x_dtype, w_dtype, x_scale, w_scale) -> str:
+    """"bf16", "w8a8" or "w8a16" from the operands; anything else is a one-line error."""
+    if is_fp8(w_dtype) and w_scale is None:
+        raise ValueError("gmm_mgpu: e4m3 weights need w_scale")
+    if is_fp8(x_dtype) and is_fp8(w_dtype) and x_scale is not None:
+        return "w8a8"
+    if x_dtype == jnp.bfloat16 and is_fp8(w_dtype) and x_scale is None:
+        return "w8a16"
+    if x_dtype == jnp.bfloat16 and w_dtype == jnp.bfloat16:
+        return "bf16"
+    raise ValueError(f"gmm_mgpu: unsupported operands x {jnp.dtype(x_dtype).name}"
+                     f"{' with x_scale' if x_scale is not None else ''}, w {jnp.dtype(w_dtype).name}: expected "
+                     "bf16 x bf16, bf16 x e4m3 (W8A16) or e4m3 x e4m3 with x_scale (W8A8)")
+
+
 def _plgpu():
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported lazily
     return plgpu
@@ -113,20 +133,20 @@ def _plgpu():
 def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jnp.bfloat16,
              expert_offset=None, cfg: MgpuGroupedConfig = MgpuGroupedConfig(), interpret: bool = False):
     """``[M, K] x [E', N, K] → [M, N]`` grouped (see the module doc). bf16: ``x`` and ``w`` bf16;
-    W8A8: e4m3 ``x`` with ``x_scale [M, K/128]`` and e4m3 ``w`` with ``w_scale [E', N/128, K/128]``."""
+    W8A16: bf16 ``x``, e4m3 ``w`` with ``w_scale [E', N/128, K/128]``; W8A8: e4m3 ``x`` with
+    ``x_scale [M, K/128]`` and e4m3 ``w`` with ``w_scale``."""
     plgpu = _plgpu()
     m, k = x_MK.shape
     e = group_sizes_E.shape[0]
     n = w.shape[1]
-    fp8 = is_fp8(w.dtype)
-    if fp8 != is_fp8(x_MK.dtype) or (fp8 and (x_scale is None or w_scale is None)):
-        raise ValueError("gmm_mgpu: W8A8 needs e4m3 x and w with x_scale and w_scale; bf16 needs both bf16")
-    if not fp8 and (x_MK.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16):
-        raise ValueError(f"gmm_mgpu: bf16 operands expected, got {x_MK.dtype} and {w.dtype}")
-    if not grouped_supported(m, n, k, fp8, cfg):
+    mode = _mode(x_MK.dtype, w.dtype, x_scale, w_scale)
+    fp8 = mode == "w8a8"
+    if not grouped_supported(m, n, k, mode != "bf16", cfg):
         raise ValueError(f"gmm_mgpu: unsupported shape M={m} N={n} K={k} for {cfg}")
     bm, bn = cfg.bm, cfg.bn
     bk = QBLOCK if fp8 else cfg.bk
+    if mode == "w8a16" and QBLOCK % bk:
+        raise ValueError(f"gmm_mgpu: W8A16 needs bk dividing {QBLOCK}, got {bk}")
     mp = -(-m // bm) * bm
     if mp != m:  # whole row blocks: every TMA window lies inside x
         x_MK = jnp.pad(x_MK, ((0, mp - m), (0, 0)))
@@ -144,6 +164,7 @@ def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jn
     args = [meta, x_MK, w]
     if fp8:
         args.append(x_scale.astype(jnp.float32).T)                                # [kb, Mp]
+    if mode != "bf16":
         ws_t = jnp.swapaxes(w_scale.astype(jnp.float32), 1, 2)                   # [E', kb, N/128]
         args.append(jnp.repeat(ws_t, QBLOCK, axis=2)[:, :, :n])                  # [E', kb, N]
 
@@ -157,6 +178,8 @@ def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jn
         plgpu.barrier_wait(bar)
         if fp8:
             xs_g, ws_g, o_g = rest
+        elif mode == "w8a16":
+            ws_g, o_g = rest
         else:
             (o_g,) = rest
 
@@ -203,6 +226,28 @@ def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jn
                         max_concurrent_steps=cfg.max_concurrent_steps,
                         init_carry=plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA),
                     )(x_g, w_e, xs_g, ws_g)
+
+                if mode == "w8a16":
+                    def w8a16_scope(acc_ref, wb_s):
+                        def step(_, x_s, w_s, ws_s):
+                            # the dequantized weight tile, rounded as the reference rounds it
+                            wb_s[...] = (w_s[...].astype(jnp.float32) * ws_s[0, 0][:, None]).astype(x_s.dtype)
+                            plgpu.commit_smem()
+                            plgpu.wgmma(acc_ref, x_s, wb_s.transpose((1, 0)))
+                            plgpu.wgmma_wait(0)   # wb_s is rewritten by the next step
+
+                        plgpu.emit_pipeline(
+                            step, grid=(k // bk,),
+                            in_specs=[plgpu.BlockSpec((bm, bk), lambda j: (b, j)),
+                                      plgpu.BlockSpec((bn, bk), lambda j: (ni, j)),
+                                      plgpu.BlockSpec((1, 1, bn), lambda j: (gw, j * bk // QBLOCK, ni))],
+                            max_concurrent_steps=cfg.max_concurrent_steps,
+                        )(x_g, w_e, ws_g)
+                        return acc_ref[...]
+                    return pl.run_scoped(
+                        lambda wb_s: pl.run_scoped(lambda acc_ref: w8a16_scope(acc_ref, wb_s),
+                                                   plgpu.ACC((bm, bn), jnp.float32)),
+                        plgpu.SMEM((bn, bk), x_g.dtype))
 
                 def acc_scope(acc_ref):
                     plgpu.emit_pipeline(
@@ -252,6 +297,9 @@ def _self_check():  # pragma: no cover - manual: python -m kernels_pallas.groupe
     xq, xs = quantize_act_1x128(x)
     wq = (wf * 1000).astype(FP8_DTYPE)
     ws = jnp.full((e, n // 128, k // 128), 1e-3, jnp.float32)
+    got16 = gmm_mgpu(x.astype(jnp.bfloat16), wq, sizes, w_scale=ws, out_dtype=jnp.float32, interpret=True)
+    ref16 = grouped_matmul_ref(x.astype(jnp.bfloat16), wq, sizes, w_scale=ws, out_dtype=jnp.float32)
+    print("w8a16 max abs err", float(jnp.max(jnp.abs(got16 - ref16))), "ref max", float(jnp.max(jnp.abs(ref16))))
     got8 = gmm_mgpu(xq, wq, sizes, x_scale=xs, w_scale=ws, out_dtype=jnp.float32, interpret=True)
     ref8 = grouped_w8a8_ref(xq, xs, wq, ws, sizes)
     print("w8a8 max abs err", float(jnp.max(jnp.abs(got8 - ref8))), "ref max", float(jnp.max(jnp.abs(ref8))))

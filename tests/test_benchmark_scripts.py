@@ -18,7 +18,8 @@ def test_e2e_benchmark_small(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(out))["rows"]
-    assert {r["kind"] for r in rows} == {"decode", "decode_unrolled", "prefill", "prefill_flash", "generator"}
+    assert {r["kind"] for r in rows} == {"decode", "decode_unrolled", "prefill", "prefill_flash",
+                                         "prefill_mosaic_grouped", "generator"}
     assert all(r["tok_s"] > 0 for r in rows)
     gen = {r["mode"]: r for r in rows if r["kind"] == "generator"}   # the Generator, plain and MTP
     assert set(gen) == {"plain", "mtp"} and all(r["iter_ms"] > 0 and r["iterations"] == 7 for r in gen.values())

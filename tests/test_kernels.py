@@ -689,6 +689,10 @@ def test_grouped_mosaic_gpu_kernel_matches_ref(case, interpret):
                   interpret=interpret)
     ref8 = grouped_w8a8_ref(xq, xs, wq, ws, sizes, expert_offset=2)
     _assert_close(y8, ref8, jnp.float32)
+    # W8A16 (the model's FP8 experts): the weight tile dequantized in the kernel, as the reference
+    # dequantizes it, then a bf16 wgmma
+    y16 = gmm_mgpu(xb, wq, sizes, w_scale=ws, expert_offset=2, out_dtype=jnp.float32, interpret=interpret)
+    _assert_close(y16, grouped_matmul_ref(xb, wq[2:], sizes, w_scale=ws[2:], out_dtype=jnp.float32), jnp.float32)
     x_deq = np.asarray(xq, np.float32) * np.repeat(np.asarray(xs), 128, axis=1)[:, :k]
     w_deq = np.stack([np_dequant(wq[g], ws[g]) for g in range(2, e + 2)])
     assert rel_err(ref8, _np_grouped(x_deq, w_deq, sizes)) < F32_TOL
@@ -717,13 +721,16 @@ def test_grouped_mosaic_gpu_kernel_rejects_what_it_does_not_take():
     x = jnp.ones((5, 200), jnp.bfloat16)
     with pytest.raises(ValueError, match="unsupported shape M=5 N=128 K=200"):
         gmm_mgpu(x, jnp.ones((2, 128, 200), jnp.bfloat16), sizes, interpret=True)
-    with pytest.raises(ValueError, match="W8A8 needs e4m3 x and w"):
-        gmm_mgpu(x.astype(F8), jnp.ones((2, 128, 200), F8), sizes, interpret=True)
+    with pytest.raises(ValueError, match="e4m3 weights need w_scale"):
+        gmm_mgpu(x, jnp.ones((2, 128, 256), F8), sizes, interpret=True)
+    with pytest.raises(ValueError, match="unsupported operands x float8_e4m3fn, w float8_e4m3fn"):
+        gmm_mgpu(x.astype(F8), jnp.ones((2, 128, 200), F8), sizes, w_scale=jnp.ones((2, 1, 2)), interpret=True)
 
 
 def test_grouped_matmul_takes_the_mosaic_gpu_kernel_when_asked(monkeypatch):
-    """``$DEEPSEEK_JAX_GROUPED_GPU=mosaic_gpu``: the bf16 grouped forward on a GPU runs the wgmma
-    kernel (gradients still come from the Triton backward kernels); FP8 experts keep Triton."""
+    """``$DEEPSEEK_JAX_GROUPED_GPU=mosaic_gpu``: the grouped forward on a GPU runs the wgmma kernel
+    (gradients still come from the Triton backward kernels), for FP8 experts only from
+    ``MGPU_FP8_MIN_ROWS`` rows on."""
     rng = np.random.default_rng(33)
     sizes = jnp.asarray([30, 0, 40], jnp.int32)
     x = jnp.asarray(rng.standard_normal((70, 128)), jnp.bfloat16)
@@ -738,14 +745,20 @@ def test_grouped_matmul_takes_the_mosaic_gpu_kernel_when_asked(monkeypatch):
     ref_loss = lambda a, b: jnp.sum(grouped_matmul_ref(a, b, sizes, out_dtype=jnp.float32) ** 2)  # noqa: E731
     for got, want in zip(jax.grad(loss, (0, 1))(x, w), jax.grad(ref_loss, (0, 1))(x, w)):
         _assert_close(got, want, jnp.bfloat16)
+    # FP8 experts (W8A16): the wgmma kernel from MGPU_FP8_MIN_ROWS rows on (decode keeps Triton)
     wq, ws = _expert_weights(rng, 3, 128, 128, True, jnp.float32)
-    assert "wgmma" not in str(jax.make_jaxpr(
-        lambda a: grouped_matmul(a, wq, sizes, w_scale=ws, impl="interpret_gpu"))(x))
+    call8 = lambda a: grouped_matmul(a, wq, sizes, w_scale=ws, impl="interpret_gpu", out_dtype=jnp.float32)  # noqa: E731
+    assert "wgmma" not in str(jax.make_jaxpr(call8)(x))              # 70 rows < 1024
+    import kernels_pallas.grouped_gemm as gg
+    monkeypatch.setattr(gg, "MGPU_FP8_MIN_ROWS", 64)
+    jax.clear_caches()
+    assert "wgmma" in str(jax.make_jaxpr(call8)(x))
+    _assert_close(call8(x), grouped_matmul_ref(x, wq, sizes, w_scale=ws, out_dtype=jnp.float32), jnp.float32)
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "w8a8"])
+@pytest.mark.parametrize("mode", ["bf16", "w8a16", "w8a8"])
 @pytest.mark.parametrize("m", [32768, 512])
-def test_grouped_mosaic_gpu_kernel_lowers_for_the_gpu(fp8, m):
+def test_grouped_mosaic_gpu_kernel_lowers_for_the_gpu(mode, m):
     """Lowered for CUDA on the CPU host (``jax.export``) at SPEC §11's grouped shapes: Mosaic's
     layout inference and TMA limits are checked here (in-kernel row offsets, 16-byte strides and
     at most 256 elements per copied dimension each failed here before this kernel's layout)."""
@@ -753,13 +766,16 @@ def test_grouped_mosaic_gpu_kernel_lowers_for_the_gpu(fp8, m):
 
     from kernels_pallas.grouped_gemm_mgpu import gmm_mgpu
     e, n, k = 256, 4096, 7168
-    dt = F8 if fp8 else jnp.bfloat16
-    args = [jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((e, n, k), dt),
+    xdt, wdt = {"bf16": (jnp.bfloat16,) * 2, "w8a16": (jnp.bfloat16, F8), "w8a8": (F8, F8)}[mode]
+    args = [jax.ShapeDtypeStruct((m, k), xdt), jax.ShapeDtypeStruct((e, n, k), wdt),
             jax.ShapeDtypeStruct((e,), jnp.int32)]
-    if fp8:
-        args += [jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
-                 jax.ShapeDtypeStruct((e, n // 128, k // 128), jnp.float32)]
+    ws = jax.ShapeDtypeStruct((e, n // 128, k // 128), jnp.float32)
+    if mode == "w8a8":
+        args += [jax.ShapeDtypeStruct((m, k // 128), jnp.float32), ws]
         fn = lambda x, w, g, xs, ws: gmm_mgpu(x, w, g, x_scale=xs, w_scale=ws)  # noqa: E731
+    elif mode == "w8a16":
+        args += [ws]
+        fn = lambda x, w, g, ws: gmm_mgpu(x, w, g, w_scale=ws)  # noqa: E731
     else:
         fn = gmm_mgpu
     exp = export.export(jax.jit(fn), platforms=["cuda"])(*args)
