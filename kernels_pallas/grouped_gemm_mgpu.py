@@ -8,8 +8,9 @@ rows past the groups get zeros), expert weights ``w [E', N, K]`` (the Hub's ``[o
   over 64-wide K steps.
 * **W8A16** (the model's FP8 experts): bf16 ``x``, e4m3 ``w`` with 128x128 scales ``ws``; each
   weight tile is dequantized in registers (e4m3 → float32 x its block scale → bf16, the rounding of
-  :func:`~kernels_pallas.grouped_gemm.grouped_matmul_ref`), written to shared memory and fed to a
-  bf16 ``wgmma``; float32 accumulation over 64-wide K steps.
+  :func:`~kernels_pallas.grouped_gemm.grouped_matmul_ref`), written to one of two shared-memory
+  slots and fed to a bf16 ``wgmma`` (a step's conversion overlaps the previous step's MMA);
+  float32 accumulation over 64-wide K steps.
 * **W8A8**: e4m3 ``xq`` with 1x128 scales ``xs [M, K/128]``, e4m3 ``w`` with 128x128 scales
   ``ws [E', N/128, K/128]``: per 128-wide K block a fresh accumulator, promoted in registers as
   ``total += acc * xs[rows, kb] * ws[g, cols // 128, kb]`` (as :mod:`kernels_pallas.fp8_gemm_mgpu`
@@ -229,25 +230,31 @@ def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jn
 
                 if mode == "w8a16":
                     def w8a16_scope(acc_ref, wb_s):
-                        def step(_, x_s, w_s, ws_s):
-                            # the dequantized weight tile, rounded as the reference rounds it
-                            wb_s[...] = (w_s[...].astype(jnp.float32) * ws_s[0, 0][:, None]).astype(x_s.dtype)
+                        def step(idx, x_s, w_s, ws_s):
+                            # The dequantized weight tile, rounded as the reference rounds it, in one
+                            # of two shared-memory slots: this step's conversion overlaps the
+                            # previous step's wgmma, which reads the other slot.
+                            slot = wb_s.at[idx[0] % 2]
+                            slot[...] = (w_s[...].astype(jnp.float32) * ws_s[0, 0][:, None]).astype(x_s.dtype)
                             plgpu.commit_smem()
-                            plgpu.wgmma(acc_ref, x_s, wb_s.transpose((1, 0)))
-                            plgpu.wgmma_wait(0)   # wb_s is rewritten by the next step
+                            plgpu.wgmma(acc_ref, x_s, slot.transpose((1, 0)))
+                            plgpu.wgmma_wait(1)   # the previous step's wgmma (the other slot) is done
 
                         plgpu.emit_pipeline(
                             step, grid=(k // bk,),
-                            in_specs=[plgpu.BlockSpec((bm, bk), lambda j: (b, j)),
+                            # (x_s is read by a wgmma still in flight when the step returns:
+                            # its buffer is released one step late)
+                            in_specs=[plgpu.BlockSpec((bm, bk), lambda j: (b, j), delay_release=1),
                                       plgpu.BlockSpec((bn, bk), lambda j: (ni, j)),
                                       plgpu.BlockSpec((1, 1, bn), lambda j: (gw, j * bk // QBLOCK, ni))],
                             max_concurrent_steps=cfg.max_concurrent_steps,
                         )(x_g, w_e, ws_g)
+                        plgpu.wgmma_wait(0)
                         return acc_ref[...]
                     return pl.run_scoped(
                         lambda wb_s: pl.run_scoped(lambda acc_ref: w8a16_scope(acc_ref, wb_s),
                                                    plgpu.ACC((bm, bn), jnp.float32)),
-                        plgpu.SMEM((bn, bk), x_g.dtype))
+                        plgpu.SMEM((2, bn, bk), x_g.dtype))
 
                 def acc_scope(acc_ref):
                     plgpu.emit_pipeline(
