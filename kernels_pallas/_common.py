@@ -75,3 +75,52 @@ def masked_load(ref, mask):
     if mask is None:
         return plgpu_triton.load(ref)
     return plgpu_triton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+# ---- helpers of the Mosaic GPU kernels (fp8_gemm_mgpu, grouped_gemm_mgpu) ---------------------
+
+
+def plgpu_module():
+    """``jax.experimental.pallas.mosaic_gpu``, imported when a Mosaic GPU kernel is built."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu
+
+
+def mgpu_zeros(shape) -> jax.Array:
+    """A float32 zero tile in the ``wgmma`` accumulator layout (a carry or an all-zero output)."""
+    plgpu = plgpu_module()
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def mgpu_persistent_kernel(body, out_shape, tiles: int, *, interpret: bool, warpgroups: int | None = None):
+    """``plgpu.kernel`` with one program per SM (at most ``tiles``; axis "sm"), Warpgroup lowering
+    semantics, ``warpgroups`` threads named "wg" when given, and JAX's Mosaic GPU interpreter when
+    ``interpret``."""
+    plgpu = plgpu_module()
+    threads = {} if warpgroups is None else dict(num_threads=warpgroups, thread_name="wg")
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(*out_shape),
+        grid=(min(GPU_NUM_SMS, tiles),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        **threads,
+    )
+
+
+def mgpu_block_product(x_ref, w_ref, shape) -> jax.Array:
+    """``x_ref @ w_ref.T`` of one K block into a fresh float32 ``wgmma`` accumulator of ``shape``,
+    waited for and read back (the per-K-block products that the W8A8 kernels scale). ``w_ref`` is
+    ``[N, K]``: fed transposed, which makes it K-major, the only form e4m3 ``wgmma`` takes."""
+    plgpu = plgpu_module()
+
+    from jax.experimental import pallas as pl
+
+    def mma(acc_ref):
+        plgpu.wgmma(acc_ref, x_ref, w_ref.transpose((1, 0)))
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    return pl.run_scoped(mma, plgpu.ACC(shape, jnp.float32))

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels_pallas._common import FP8_DTYPE, GPU_NUM_SMS, QBLOCK, cdiv, round_up
+from kernels_pallas._common import (FP8_DTYPE, QBLOCK, cdiv, mgpu_block_product, mgpu_persistent_kernel,
+                                   mgpu_zeros, plgpu_module, round_up)
 
 __all__ = ["MgpuConfig", "supported", "w8a8_matmul_mgpu"]
 
@@ -67,10 +68,6 @@ def supported(m: int, n: int, k: int, cfg: MgpuConfig = MgpuConfig()) -> bool:
     return k % QBLOCK == 0 and n % cfg.bn == 0 and QBLOCK % cfg.bn == 0 and cfg.bm % 64 == 0 and m > 0
 
 
-def _plgpu():
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # imported lazily: GPU-only module
-    return plgpu
-
 
 def w8a8_matmul_mgpu(xq_MK: jax.Array, xs_Mk: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *,
                      out_dtype=jnp.bfloat16, cfg: MgpuConfig = MgpuConfig(), interpret: bool = False
@@ -79,7 +76,7 @@ def w8a8_matmul_mgpu(xq_MK: jax.Array, xs_Mk: jax.Array, wq_NK: jax.Array, ws_nk
     ``out_dtype`` out). ``xq_MK`` e4m3 ``[M, K]``, ``xs_Mk`` float32 ``[M, K/128]``, ``wq_NK`` e4m3
     ``[N, K]``, ``ws_nk`` float32 ``[ceil(N/128), K/128]``. ``interpret``: JAX's Mosaic GPU
     interpreter (CPU)."""
-    plgpu = _plgpu()
+    plgpu = plgpu_module()
     m, k = xq_MK.shape
     n = wq_NK.shape[0]
     if xq_MK.dtype != FP8_DTYPE or wq_NK.dtype != FP8_DTYPE:
@@ -107,11 +104,7 @@ def w8a8_matmul_mgpu(xq_MK: jax.Array, xs_Mk: jax.Array, wq_NK: jax.Array, ws_nk
             mi, ni = plgpu.planar_snake(info.index[0], (grid_m, grid_n), 1, cfg.grid_tile_width)
 
             def step(_, x_s, w_s, xs_s, ws_s, total):
-                def mma(acc_ref):
-                    plgpu.wgmma(acc_ref, x_s, w_s.transpose((1, 0)))
-                    plgpu.wgmma_wait(0)
-                    return acc_ref[...]
-                part = pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.float32))
+                part = mgpu_block_product(x_s, w_s, (bm, bn))
                 return total + part * xs_s[0][:, None] * ws_s[0][None, :]
 
             total = plgpu.emit_pipeline(
@@ -121,7 +114,7 @@ def w8a8_matmul_mgpu(xq_MK: jax.Array, xs_Mk: jax.Array, wq_NK: jax.Array, ws_nk
                           plgpu.BlockSpec((1, bm), lambda j: (j, mi)),
                           plgpu.BlockSpec((1, bn), lambda j: (j, ni))],
                 max_concurrent_steps=cfg.max_concurrent_steps,
-                init_carry=plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA),
+                init_carry=mgpu_zeros((bm, bn)),
             )(x_g, w_g, xs_g, ws_g)
 
             @functools.partial(pl.run_scoped, o_s=plgpu.SMEM((bm, bn), out_dtype))
@@ -131,14 +124,7 @@ def w8a8_matmul_mgpu(xq_MK: jax.Array, xs_Mk: jax.Array, wq_NK: jax.Array, ws_nk
                 plgpu.copy_smem_to_gmem(o_s, o_g.at[pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
-        grid=(min(GPU_NUM_SMS, grid_m * grid_n),),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )
+    kernel = mgpu_persistent_kernel(body, ((mp, n), out_dtype), grid_m * grid_n, interpret=interpret)
     out = kernel(xq_MK, wq_NK, xs_kM, ws_kN)
     return out[:m] if mp != m else out
 
@@ -146,7 +132,7 @@ def w8a8_matmul_mgpu(xq_MK: jax.Array, xs_Mk: jax.Array, wq_NK: jax.Array, ws_nk
 def _warp_specialized(xq_MK, wq_NK, xs_kM, ws_kN, m, mp, n, kb, grid_m, grid_n, out_dtype, cfg, interpret):
     """:func:`w8a8_matmul_mgpu` with ``cfg.warp_specialized``: per program, tiles of ``[2*bm, bn]``;
     warpgroups 0 and 1 compute (rows ``wg*bm ...``), warpgroup 2 runs the TMA pipeline."""
-    plgpu = _plgpu()
+    plgpu = plgpu_module()
     bm, bn = cfg.bm, cfg.bn
     cta_bm = 2 * bm
 
@@ -178,15 +164,11 @@ def _warp_specialized(xq_MK, wq_NK, xs_kM, ws_kN, m, mp, n, kb, grid_m, grid_n, 
                 rows = pl.ds(wg * bm, bm)
 
                 def step(_, x_s, w_s, xs_s, ws_s, total):
-                    def mma(acc_ref):
-                        plgpu.wgmma(acc_ref, x_s.at[rows], w_s.transpose((1, 0)))
-                        plgpu.wgmma_wait(0)
-                        return acc_ref[...]
-                    part = pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.float32))
+                    part = mgpu_block_product(x_s.at[rows], w_s, (bm, bn))
                     return total + part * xs_s[0, rows][:, None] * ws_s[0][None, :]
 
                 def context(run):
-                    total = run(plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA))
+                    total = run(mgpu_zeros((bm, bn)))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's store
                     o_s[wg] = total.astype(out_dtype)
                     plgpu.commit_smem()
@@ -196,16 +178,8 @@ def _warp_specialized(xq_MK, wq_NK, xs_kM, ws_kN, m, mp, n, kb, grid_m, grid_n, 
                 pipeline(step, context)(*views(mi, ni), allocations=allocs)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
-        grid=(min(GPU_NUM_SMS, grid_m * grid_n),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )
+    kernel = mgpu_persistent_kernel(body, ((mp, n), out_dtype), grid_m * grid_n, interpret=interpret,
+                                    warpgroups=3)
     out = kernel(xq_MK, wq_NK, xs_kM, ws_kN)
     return out[:m] if mp != m else out
 

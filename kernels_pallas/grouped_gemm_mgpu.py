@@ -39,12 +39,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas._common import FP8_DTYPE, GPU_NUM_SMS, QBLOCK, is_fp8
+from kernels_pallas._common import (FP8_DTYPE, QBLOCK, is_fp8, mgpu_block_product, mgpu_persistent_kernel,
+                                   mgpu_zeros, plgpu_module)
 
 __all__ = ["MgpuGroupedConfig", "grouped_supported", "gmm_mgpu", "grouped_w8a8_ref"]
 
@@ -126,17 +126,13 @@ def _mode(x_dtype, w_dtype, x_scale, w_scale) -> str:
                      "bf16 x bf16, bf16 x e4m3 (W8A16) or e4m3 x e4m3 with x_scale (W8A8)")
 
 
-def _plgpu():
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only module, imported lazily
-    return plgpu
-
 
 def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jnp.bfloat16,
              expert_offset=None, cfg: MgpuGroupedConfig = MgpuGroupedConfig(), interpret: bool = False):
     """``[M, K] x [E', N, K] → [M, N]`` grouped (see the module doc). bf16: ``x`` and ``w`` bf16;
     W8A16: bf16 ``x``, e4m3 ``w`` with ``w_scale [E', N/128, K/128]``; W8A8: e4m3 ``x`` with
     ``x_scale [M, K/128]`` and e4m3 ``w`` with ``w_scale``."""
-    plgpu = _plgpu()
+    plgpu = plgpu_module()
     m, k = x_MK.shape
     e = group_sizes_E.shape[0]
     n = w.shape[1]
@@ -211,11 +207,7 @@ def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jn
             def compute():
                 if fp8:
                     def step(_, x_s, w_s, xs_s, ws_s, total):
-                        def mma(acc_ref):
-                            plgpu.wgmma(acc_ref, x_s, w_s.transpose((1, 0)))
-                            plgpu.wgmma_wait(0)
-                            return acc_ref[...]
-                        part = pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.float32))
+                        part = mgpu_block_product(x_s, w_s, (bm, bn))
                         return total + part * xs_s[0][:, None] * ws_s[0, 0][None, :]
 
                     return plgpu.emit_pipeline(
@@ -225,7 +217,7 @@ def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jn
                                   plgpu.BlockSpec((1, bm), lambda j: (j, b)),
                                   plgpu.BlockSpec((1, 1, bn), lambda j: (gw, j, ni))],
                         max_concurrent_steps=cfg.max_concurrent_steps,
-                        init_carry=plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA),
+                        init_carry=mgpu_zeros((bm, bn)),
                     )(x_g, w_e, xs_g, ws_g)
 
                 if mode == "w8a16":
@@ -273,18 +265,10 @@ def gmm_mgpu(x_MK, w, group_sizes_E, *, x_scale=None, w_scale=None, out_dtype=jn
 
             @pl.when((row1 > row0) & (g == e))  # rows past the groups: zeros
             def _():
-                _store(plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA),
+                _store(mgpu_zeros((bm, bn)),
                        row0 - b * bm, row1 - row0, row0, ni)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
-        grid=(min(GPU_NUM_SMS, num_t * grid_n),),
-        grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )
-    out = kernel(*args)
+    out = mgpu_persistent_kernel(body, ((mp, n), out_dtype), num_t * grid_n, interpret=interpret)(*args)
     return out[:m] if mp != m else out
 
 
