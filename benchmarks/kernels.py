@@ -286,7 +286,7 @@ def bench_dense(cases, *, impl, reps, sweep, key):
                     print(f"  sweep {shape} {variant} {r.note}: "
                           f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s  {r.gbps:.0f} GB/s'}")
             rows.append(best)
-        if target == "gpu":
+        if target == "gpu" and (not interpret or phase == "prefill"):  # (interpreted: one shape is the smoke test)
             rows += _mgpu_rows(shape, m, n, k, x, wq, ws, chk8, flops, b_fp8, reps, interpret,
                                sweep=sweep_here and m >= 256)
         del x, wq, ws, w_bf16, xq, xs
@@ -459,7 +459,7 @@ def bench_grouped(cases, *, impl, reps, sweep, key):
                         print(f"  sweep {shape} {r.method} {_cfg_str(cfg)}: "
                               f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s  {r.gbps:.0f} GB/s'}")
                 rows.append(best)
-        if target == "gpu":
+        if target == "gpu" and (not interpret or phase == "prefill"):
             rows += _mgpu_grouped_rows(shape, m, e, n, k, x, w_bf16, wq, ws, sizes, flops, b_bf16, b_fp8,
                                        reps, interpret, note_t, sweep=sweep and phase == "prefill")
         del x, w_bf16, wq, ws
