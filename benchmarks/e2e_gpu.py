@@ -14,7 +14,9 @@ FP8 weights are made on the device (no files). Measured side by side in one run:
   lm_head) over the HBM bandwidth measured in the same run (a large on-device copy);
 * prefill tokens/s at 4K and 32K prompt tokens (32K in 4K chunks over the cache: prefill
   attention is not flash-style), against the FP8 GEMM roofline (2 x active parameters x tokens
-  over the fp8 dot throughput measured in the same run);
+  over the fp8 dot throughput measured in the same run); the first length also with flash
+  prefill attention (``--compare-flash``) and with the routed experts on the Mosaic GPU grouped
+  kernel (``--compare-mosaic``), side by side;
 * HF transformers' ``deepseek_v3`` on the same config in bf16 (random weights) as the peer:
   decode ms/step at the same batch sizes (``--no-hf`` skips it);
 * the :class:`~deepseek_jax.generate.Generator` itself (``--rows generator``; the model then has
@@ -449,6 +451,7 @@ def main(argv=None) -> int:
             del flash
         if T == prefills[0] and a.compare_mosaic:  # the same weights, the routed experts' GEMMs on
             # kernels_pallas/grouped_gemm_mgpu.py (read when tracing: a fresh jit picks it up)
+            before = os.environ.get("DEEPSEEK_JAX_GROUPED_GPU")
             os.environ["DEEPSEEK_JAX_GROUPED_GPU"] = "mosaic_gpu"
             try:
                 t, _ = bench_prefill(cfg, model, T, min(chunk if T <= 8192 else long_chunk, T))
@@ -459,7 +462,10 @@ def main(argv=None) -> int:
                 rows.append(dict(kind="prefill_mosaic_grouped", tokens=T, s=t, tok_s=T / t, roofline_s=roof))
                 print(f"{'prefill T=%d, mosaic grp' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
             finally:
-                del os.environ["DEEPSEEK_JAX_GROUPED_GPU"]
+                if before is None:  # the rows after this one run as the caller asked
+                    del os.environ["DEEPSEEK_JAX_GROUPED_GPU"]
+                else:
+                    os.environ["DEEPSEEK_JAX_GROUPED_GPU"] = before
             save()
     for b in gen_batches:
         try:  # the speculative loop at real width is new on a GPU: a failure is a row
