@@ -195,8 +195,10 @@ class Linear(nnx.Module):
 def grouped_matmul(w: jax.Array, scale: jax.Array | None, x_MK: jax.Array, group_sizes_E: jax.Array,
                    prec: Precision, expert_offset: jax.Array | None = None) -> jax.Array:
     """Rows of ``x`` sorted by expert times stacked ``[E, N, K]`` weights (FP8 if ``scale``); with
-    ``expert_offset``, ``w`` holds more experts and group ``g`` uses ``w[expert_offset + g]``."""
+    ``expert_offset``, ``w`` holds more experts and group ``g`` uses ``w[expert_offset + g]``.
+    FP8 weights with ``prec.fp8_mode == "w8a8"``: the rows are quantized 1x128 as well (W8A8)."""
     dtype = prec.dtype
     w = w if scale is not None else w.astype(dtype)
     return kernels_pallas.grouped_matmul(x_MK.astype(dtype), w, group_sizes_E, w_scale=scale,
-                                         out_dtype=dtype, impl=prec.kernels, expert_offset=expert_offset)
+                                         out_dtype=dtype, impl=prec.kernels, expert_offset=expert_offset,
+                                         quantize_x=scale is not None and prec.fp8_mode == "w8a8")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -628,6 +629,35 @@ GROUPED_GPU_ENV = "DEEPSEEK_JAX_GROUPED_GPU"
 MGPU_FP8_MIN_ROWS = 1024
 
 
+def dequantize_act_1x128(xq_MK: jax.Array, xs_Mk: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """``xq * xs`` per 1x128 block (the inverse of ``quantize_act_1x128``, up to its rounding)."""
+    k = xq_MK.shape[-1]
+    s = jnp.repeat(xs_Mk.astype(jnp.float32), QBLOCK, axis=-1)[..., :k]
+    return (xq_MK.astype(jnp.float32) * s).astype(dtype)
+
+
+def fake_quantize_act_1x128(x_MK: jax.Array, dtype=None) -> jax.Array:
+    """``x`` rounded the way W8A8 sees it: quantized per 1x128 block to e4m3, then scaled back.
+    A dot of this with dequantized weights is the W8A8 block GEMM up to float32 summation order."""
+    from kernels_pallas.fp8_gemm import quantize_act_1x128
+    return dequantize_act_1x128(*quantize_act_1x128(x_MK), x_MK.dtype if dtype is None else dtype)
+
+
+def _gmm_w8a8_impl(x, w, gs, ws, off, *, out_dtype, target, interpret):
+    """W8A8 forward: ``x`` quantized 1x128 here. On a GPU the Mosaic GPU W8A8 kernel (e4m3
+    ``wgmma``, the only grouped W8A8 kernel) where it tiles the shape; elsewhere the W8A16 kernels on
+    the fake-quantized rows (the same numbers up to float32 summation order, no speed gained)."""
+    from kernels_pallas.fp8_gemm import quantize_act_1x128
+    xq, xs = quantize_act_1x128(x)
+    if target == "gpu" and os.environ.get(GROUPED_GPU_ENV, "").strip().lower() != "triton":
+        from kernels_pallas.grouped_gemm_mgpu import gmm_mgpu, grouped_supported
+        if grouped_supported(x.shape[0], w.shape[1], x.shape[1], fp8=True):
+            return gmm_mgpu(xq, w, gs, x_scale=xs, w_scale=ws, out_dtype=out_dtype, expert_offset=off,
+                            interpret=interpret)
+    return _gmm_impl(dequantize_act_1x128(xq, xs, x.dtype), w, gs, ws, off, w_co=False,
+                     out_dtype=out_dtype, target=target, interpret=interpret)
+
+
 def _gmm_impl(x, w, gs, ws, off, *, w_co, out_dtype, target, interpret):
     if (target == "gpu" and not w_co and x.dtype == jnp.bfloat16
             and backend.gpu_kernel_family(GROUPED_GPU_ENV) == "mosaic_gpu"):
@@ -646,19 +676,23 @@ def _tgmm_impl(x, dy, gs, *, out_dtype, target, interpret):
     return fn(x, dy, gs, out_dtype=out_dtype, interpret=interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _gmm_with_vjp(x, w, gs, ws, off, out_dtype, target, interpret):
-    return _gmm_impl(x, w, gs, ws, off, w_co=False, out_dtype=out_dtype, target=target,
-                     interpret=interpret)
+def _gmm_forward(x, w, gs, ws, off, out_dtype, target, interpret, quantize_x):
+    fn = _gmm_w8a8_impl if quantize_x else functools.partial(_gmm_impl, w_co=False)
+    return fn(x, w, gs, ws, off, out_dtype=out_dtype, target=target, interpret=interpret)
 
 
-def _gmm_fwd(x, w, gs, ws, off, out_dtype, target, interpret):
-    y = _gmm_impl(x, w, gs, ws, off, w_co=False, out_dtype=out_dtype, target=target,
-                  interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _gmm_with_vjp(x, w, gs, ws, off, out_dtype, target, interpret, quantize_x):
+    return _gmm_forward(x, w, gs, ws, off, out_dtype, target, interpret, quantize_x)
+
+
+def _gmm_fwd(x, w, gs, ws, off, out_dtype, target, interpret, quantize_x):
+    y = _gmm_forward(x, w, gs, ws, off, out_dtype, target, interpret, quantize_x)
     return y, (x, w, gs, ws, off)
 
 
-def _gmm_bwd(out_dtype, target, interpret, res, dy):
+def _gmm_bwd(out_dtype, target, interpret, quantize_x, res, dy):
+    # W8A8 (quantize_x): dx as if the quantization were the identity (straight-through)
     x, w, gs, ws, off = res
     fp8 = is_fp8(w.dtype)
     dy_c = dy.astype(x.dtype) if fp8 else dy
@@ -678,8 +712,14 @@ _gmm_with_vjp.defvjp(_gmm_fwd, _gmm_bwd)
 
 def grouped_matmul(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, *,
                    w_scale: jax.Array | None = None, out_dtype=None, impl: str = "auto",
-                   expert_offset: jax.Array | int | None = None) -> jax.Array:
+                   expert_offset: jax.Array | int | None = None, quantize_x: bool = False) -> jax.Array:
     """Grouped matmul ``[M, K] x [E, N, K] → [M, N]`` (rows sorted by expert; see module doc).
+
+    ``quantize_x`` (FP8 weights only): W8A8, the rows quantized 1x128 to e4m3 on the fly as the
+    dense ``w8a8_matmul`` does, and the block GEMM of the quantized operands (on a GPU the Mosaic
+    GPU e4m3 ``wgmma`` kernel where it tiles the shape; the reference and other backends compute
+    the same product from the fake-quantized rows). The backward treats the quantization as the
+    identity.
 
     ``impl`` picks the Pallas kernel or :func:`grouped_matmul_ref` (see :mod:`kernels_pallas.backend`).
     Differentiable w.r.t. ``x`` and, for bf16/f32 weights, ``w`` (custom VJP; FP8 weights are frozen).
@@ -691,16 +731,22 @@ def grouped_matmul(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, *,
     slices (``lax.dynamic_slice``).
     """
     _check_args(x_MK, w, group_sizes_E, w_scale, stacked=expert_offset is not None)
+    if quantize_x and not is_fp8(w.dtype):
+        raise ValueError(f"grouped_matmul: quantize_x (W8A8) needs float8_e4m3fn weights, got {w.dtype}")
     target, interpret = backend.split_impl(impl)
     e = group_sizes_E.shape[0]
     if expert_offset is not None and target == "ref":
         w = lax.dynamic_slice_in_dim(w, expert_offset, e, 0)
         w_scale = None if w_scale is None else lax.dynamic_slice_in_dim(w_scale, expert_offset, e, 0)
     if target == "ref":
+        if quantize_x:  # float32 rows: the products of e4m3 values and scales, unrounded;
+            out_dtype = x_MK.dtype if out_dtype is None else out_dtype  # straight-through gradient
+            x32 = x_MK.astype(jnp.float32)
+            x_MK = x32 + lax.stop_gradient(fake_quantize_act_1x128(x32) - x32)
         return grouped_matmul_ref(x_MK, w, group_sizes_E, w_scale=w_scale, out_dtype=out_dtype)
     out_dtype = jnp.dtype(x_MK.dtype if out_dtype is None else out_dtype)
     if x_MK.shape[0] == 0:
         return jnp.zeros((0, w.shape[1]), out_dtype)
     off = jnp.asarray(0 if expert_offset is None else expert_offset, jnp.int32)
     return _gmm_with_vjp(x_MK, w, group_sizes_E.astype(jnp.int32), w_scale, off, out_dtype, target,
-                         interpret)
+                         interpret, bool(quantize_x))

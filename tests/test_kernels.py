@@ -756,6 +756,40 @@ def test_grouped_matmul_takes_the_mosaic_gpu_kernel_when_asked(monkeypatch):
     _assert_close(call8(x), grouped_matmul_ref(x, wq, sizes, w_scale=ws, out_dtype=jnp.float32), jnp.float32)
 
 
+def test_grouped_matmul_w8a8_quantizes_the_rows(monkeypatch):
+    """``quantize_x=True`` (the model's experts with ``fp8_mode="w8a8"``): the reference, the GPU
+    path (the Mosaic GPU e4m3 wgmma kernel where it tiles the shape, Triton on the fake-quantized
+    rows where it does not, or when ``$DEEPSEEK_JAX_GROUPED_GPU=triton``) and the TPU path all
+    equal the W8A8 block GEMM of the quantized operands (``grouped_w8a8_ref``), read at an expert
+    offset; the gradient w.r.t. ``x`` is the W8A16 one (straight-through)."""
+    from kernels_pallas.grouped_gemm_mgpu import grouped_w8a8_ref
+    rng = np.random.default_rng(34)
+    sizes = jnp.asarray([30, 0, 40], jnp.int32)
+    x = _activations(rng, 72, 256, jnp.float32, "mixed")
+    pairs = [make_fp8_weight(rng, 128, 256) for _ in range(4)]
+    wq, ws = jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+    want = grouped_w8a8_ref(*quantize_act_1x128(x), wq, ws, sizes, expert_offset=1)
+    w16 = grouped_matmul_ref(x, wq[1:], sizes, w_scale=ws[1:], out_dtype=jnp.float32)
+    assert rel_err(want, w16) > 1e-3                               # the quantization is visible
+    call = lambda a, impl: grouped_matmul(a, wq, sizes, w_scale=ws, impl=impl,  # noqa: E731
+                                          out_dtype=jnp.float32, expert_offset=1, quantize_x=True)
+    assert rel_err(call(x, "ref"), want) < F32_TOL
+    assert "wgmma" in str(jax.make_jaxpr(lambda a: call(a, "interpret_gpu"))(x))
+    assert rel_err(call(x, "interpret_gpu"), want) < F32_TOL
+    assert rel_err(call(x, "interpret_tpu"), want) < F32_TOL
+    monkeypatch.setenv("DEEPSEEK_JAX_GROUPED_GPU", "triton")
+    jax.clear_caches()
+    assert "wgmma" not in str(jax.make_jaxpr(lambda a: call(a, "interpret_gpu"))(x))
+    assert rel_err(call(x, "interpret_gpu"), want) < F32_TOL
+    for impl in ("ref", "interpret_gpu"):
+        g = jax.grad(lambda a: jnp.sum(call(a, impl) * w16))(x)
+        g16 = jax.grad(lambda a: jnp.sum(grouped_matmul_ref(a, wq[1:], sizes, w_scale=ws[1:],
+                                                            out_dtype=jnp.float32) * w16))(x)
+        _assert_close(g, g16, jnp.float32)
+    with pytest.raises(ValueError, match="quantize_x \\(W8A8\\) needs float8_e4m3fn weights"):
+        grouped_matmul(x, wq[1:].astype(jnp.float32), sizes, quantize_x=True, impl="ref")
+
+
 @pytest.mark.parametrize("mode", ["bf16", "w8a16", "w8a8"])
 @pytest.mark.parametrize("m", [32768, 512])
 def test_grouped_mosaic_gpu_kernel_lowers_for_the_gpu(mode, m):

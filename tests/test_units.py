@@ -199,17 +199,23 @@ def test_every_expert_moe_matches_a_per_token_loop():
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fp8_mode", ["w8a16", "w8a8"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_every_expert_moe_rounds_like_the_sorted_form(dtype):
-    """FP8 experts read at a layer offset, in float32 and bfloat16: the all-experts form (CPU, when
-    the choices cover the experts) and the sorted grouped-GEMM form agree to rounding order."""
+def test_every_expert_moe_rounds_like_the_sorted_form(dtype, fp8_mode):
+    """FP8 experts read at a layer offset, in float32 and bfloat16, W8A16 and W8A8: the all-experts
+    form (CPU, when the choices cover the experts) and the sorted grouped-GEMM form agree to
+    rounding order; W8A8 (rows quantized 1x128 before each GEMM) differs measurably from W8A16."""
     from deepseek_jax.moe import every_expert_moe, sorted_moe
     from deepseek_jax.quant import Precision
     x, ws, idx, w = _moe_case(1, M=5, D=136, F=72, E=8, K=2, layers=2)
     arrays = tuple(quantize(jnp.asarray(a)) for a in ws)
-    args = (arrays, jnp.asarray(x, dtype), jnp.asarray(idx), jnp.asarray(w), Precision(dtype=dtype), 8)
+    prec = Precision(dtype=dtype, fp8_mode=fp8_mode)
+    args = (arrays, jnp.asarray(x, dtype), jnp.asarray(idx), jnp.asarray(w), prec, 8)
     a = np.asarray(every_expert_moe(*args, expert_offset=jnp.int32(8)), np.float32)
     b = np.asarray(sorted_moe(*args, expert_offset=jnp.int32(8)), np.float32)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
     assert not np.allclose(a, np.asarray(sorted_moe(*args, expert_offset=jnp.int32(0)), np.float32), atol=1e-3)
+    if fp8_mode == "w8a8" and dtype == jnp.float32:
+        w16 = np.asarray(sorted_moe(arrays, *args[1:4], Precision(dtype=dtype), 8, expert_offset=jnp.int32(8)))
+        assert np.abs(b - w16).max() > 1e-3 * np.abs(w16).max()
