@@ -15,8 +15,9 @@ FP8 weights are made on the device (no files). Measured side by side in one run:
 * prefill tokens/s at 4K and 32K prompt tokens (32K in 4K chunks over the cache: prefill
   attention is not flash-style), against the FP8 GEMM roofline (2 x active parameters x tokens
   over the fp8 dot throughput measured in the same run); the first length also with flash
-  prefill attention (``--compare-flash``) and with the routed experts on the Mosaic GPU grouped
-  kernel (``--compare-mosaic``), side by side;
+  prefill attention (``--compare-flash``), with the routed experts on the Mosaic GPU grouped
+  kernel (``--compare-mosaic``) and in W8A8 on the Mosaic GPU e4m3 kernels (``--compare-w8a8``),
+  side by side;
 * HF transformers' ``deepseek_v3`` on the same config in bf16 (random weights) as the peer:
   decode ms/step at the same batch sizes (``--no-hf`` skips it);
 * the :class:`~deepseek_jax.generate.Generator` itself (``--rows generator``; the model then has
@@ -32,6 +33,7 @@ Prints one table with ratios; ``--json FILE`` saves the rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -304,6 +306,35 @@ def run_hf_peer(argv) -> dict[int, float]:
     return {int(k): v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
 
 
+def prefill_variants(a) -> list[tuple[str, str, dict, dict]]:
+    """The first prefill length again with one choice changed: (row kind, label, Precision
+    changes, environment variables)."""
+    out = []
+    if a.compare_flash:  # JAX's Triton flash attention instead of materialized float32 scores
+        out.append(("prefill_flash", "flash", dict(prefill_attention="flash"), {}))
+    if a.compare_mosaic:  # the routed experts' W8A16 GEMMs on kernels_pallas/grouped_gemm_mgpu.py
+        out.append(("prefill_mosaic_grouped", "mosaic grp", {}, {"DEEPSEEK_JAX_GROUPED_GPU": "mosaic_gpu"}))
+    if a.compare_w8a8:  # activations quantized 1x128: e4m3 wgmma for the experts and dense layers
+        out.append(("prefill_w8a8_mosaic", "w8a8 mosaic", dict(fp8_mode="w8a8"),
+                    {"DEEPSEEK_JAX_W8A8_GPU": "mosaic_gpu"}))
+    return out
+
+
+@contextlib.contextmanager
+def env_set(env: dict):
+    """Set environment variables for a block, then restore what the caller had."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="tiny config on CPU (smoke test)")
@@ -335,6 +366,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-mosaic", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the first prefill length with the Mosaic GPU grouped kernel "
                          "(DEEPSEEK_JAX_GROUPED_GPU=mosaic_gpu: W8A16 experts dequantized in a wgmma kernel)")
+    ap.add_argument("--compare-w8a8", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the first prefill length in fp8_mode='w8a8' with the Mosaic GPU "
+                         "kernels (e4m3 wgmma: grouped W8A8 experts, DEEPSEEK_JAX_W8A8_GPU=mosaic_gpu)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
@@ -436,37 +470,22 @@ def main(argv=None) -> int:
             rows[-1]["profile"] = dict(busy_us=prof[1], wall_us=prof[2],
                                        kernels=[list(r) for r in prof[0][:40]])
             save()
-        if T == prefills[0] and a.compare_flash:  # the same weights, flash attention, side by side
+        if T == prefills[0]:  # the same weights, one choice changed per row, side by side
             prec = model.moe_layers.self_attn.kv_b_proj.prec
-            flash = same_weights(model, dataclasses.replace(prec, prefill_attention="flash"))
-            try:  # an untried kernel: a failure is a row, not the end of the run
-                t, _ = bench_prefill(cfg, flash, T, min(chunk if T <= 8192 else long_chunk, T))
-            except Exception as e:  # noqa: BLE001 - report whatever the compiler or runtime raised
-                rows.append(dict(kind="prefill_flash", tokens=T, failed=f"{type(e).__name__}: {e}"[:300]))
-                print(f"{'prefill T=%d, flash' % T:<26} failed: {type(e).__name__}: {str(e)[:200]}")
-            else:
-                rows.append(dict(kind="prefill_flash", tokens=T, s=t, tok_s=T / t, roofline_s=roof))
-                print(f"{'prefill T=%d, flash' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
-            save()
-            del flash
-        if T == prefills[0] and a.compare_mosaic:  # the same weights, the routed experts' GEMMs on
-            # kernels_pallas/grouped_gemm_mgpu.py (read when tracing: a fresh jit picks it up)
-            before = os.environ.get("DEEPSEEK_JAX_GROUPED_GPU")
-            os.environ["DEEPSEEK_JAX_GROUPED_GPU"] = "mosaic_gpu"
-            try:
-                t, _ = bench_prefill(cfg, model, T, min(chunk if T <= 8192 else long_chunk, T))
-            except Exception as e:  # noqa: BLE001 - never run on a GPU before: a failure is a row
-                rows.append(dict(kind="prefill_mosaic_grouped", tokens=T, failed=f"{type(e).__name__}: {e}"[:300]))
-                print(f"{'prefill T=%d, mosaic grp' % T:<26} failed: {type(e).__name__}: {str(e)[:200]}")
-            else:
-                rows.append(dict(kind="prefill_mosaic_grouped", tokens=T, s=t, tok_s=T / t, roofline_s=roof))
-                print(f"{'prefill T=%d, mosaic grp' % T:<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s{t / roof:>12.2f}")
-            finally:
-                if before is None:  # the rows after this one run as the caller asked
-                    del os.environ["DEEPSEEK_JAX_GROUPED_GPU"]
+            for kind, label, changes, env in prefill_variants(a):
+                m2 = same_weights(model, dataclasses.replace(prec, **changes)) if changes else model
+                try:  # untried kernels: a failure is a row, not the end of the run
+                    with env_set(env):  # read when tracing: a fresh jit picks it up
+                        t, _ = bench_prefill(cfg, m2, T, min(chunk if T <= 8192 else long_chunk, T))
+                except Exception as e:  # noqa: BLE001 - report whatever the compiler or runtime raised
+                    rows.append(dict(kind=kind, tokens=T, failed=f"{type(e).__name__}: {e}"[:300]))
+                    print(f"{'prefill T=%d, %s' % (T, label):<26} failed: {type(e).__name__}: {str(e)[:200]}")
                 else:
-                    os.environ["DEEPSEEK_JAX_GROUPED_GPU"] = before
-            save()
+                    rows.append(dict(kind=kind, tokens=T, s=t, tok_s=T / t, roofline_s=roof))
+                    print(f"{'prefill T=%d, %s' % (T, label):<26}{t:>11.3f}s{T / t:>12,.0f}{roof:>11.3f}s"
+                          f"{t / roof:>12.2f}")
+                save()
+                del m2
     for b in gen_batches:
         try:  # the speculative loop at real width is new on a GPU: a failure is a row
             g = bench_generator(model, b, gen_prompt, gen_tokens)

@@ -90,3 +90,30 @@ def gpu_kernel_family(env_var: str) -> str:
     if v not in ("triton", "mosaic_gpu"):
         raise ValueError(f"${env_var}={v!r}: expected triton or mosaic_gpu")
     return v
+
+
+def export_for_gpu(fn, *args, device_kind: str = "NVIDIA H200", num_cores: int = 132):
+    """``jax.export`` of ``jax.jit(fn)(*args)`` for CUDA, on any host (no GPU needed): the Pallas
+    kernels are lowered for ``device_kind`` (Triton kernels to Triton IR for its compute
+    capability, Mosaic GPU kernels through Mosaic's layout inference and TMA checks), so a shape,
+    layout or routing error shows up here rather than on a lent GPU. What it cannot check is the
+    final PTX compile. ``args`` may be ``jax.ShapeDtypeStruct``s. Returns the ``Exported``."""
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    mesh = AbstractMesh((1,), ("gpu",), abstract_device=AbstractDevice(device_kind, num_cores, "gpu"))
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    with use_abstract_mesh(mesh):
+        return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
+
+
+def exported_kernels(exp) -> dict[str, int]:
+    """Kernel counts in an :func:`export_for_gpu` result: Triton kernels by their Pallas name, and
+    ``"mosaic_gpu"`` for the Mosaic GPU custom calls."""
+    import collections
+    import re
+
+    text = exp.mlir_module()
+    counts = collections.Counter(re.findall(r'xla\.gpu\.triton\(.*?name = "(\w+)"', text))
+    counts["mosaic_gpu"] = len(re.findall(r"custom_call @mosaic_gpu", text))
+    return dict(counts)
