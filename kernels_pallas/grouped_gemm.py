@@ -625,7 +625,8 @@ def tgmm_tpu(x_MK, dy_MN, group_sizes_E, *, out_dtype, interpret=False,
 #: from :data:`MGPU_FP8_MIN_ROWS` rows on. The backward pass keeps the Triton kernels.
 GROUPED_GPU_ENV = "DEEPSEEK_JAX_GROUPED_GPU"
 #: The Mosaic GPU kernel expands FP8 weight scales along N at every call (235 MB at 256 experts,
-#: 7168→4096): worth it for a prefill-sized call, not for decode, which keeps the Triton kernel.
+#: 7168→4096): worth it for a prefill-sized call, not for decode, which keeps the Triton kernel
+#: (W8A16 and W8A8 alike).
 MGPU_FP8_MIN_ROWS = 1024
 
 
@@ -644,12 +645,14 @@ def fake_quantize_act_1x128(x_MK: jax.Array, dtype=None) -> jax.Array:
 
 
 def _gmm_w8a8_impl(x, w, gs, ws, off, *, out_dtype, target, interpret):
-    """W8A8 forward: ``x`` quantized 1x128 here. On a GPU the Mosaic GPU W8A8 kernel (e4m3
-    ``wgmma``, the only grouped W8A8 kernel) where it tiles the shape; elsewhere the W8A16 kernels on
-    the fake-quantized rows (the same numbers up to float32 summation order, no speed gained)."""
+    """W8A8 forward: ``x`` quantized 1x128 here. On a GPU, from ``MGPU_FP8_MIN_ROWS`` rows on, the
+    Mosaic GPU W8A8 kernel (e4m3 ``wgmma``, the only grouped W8A8 kernel) where it tiles the shape;
+    otherwise the W8A16 kernels on the fake-quantized rows (the same numbers up to float32
+    summation order; decode keeps the Triton kernel, which reads only the touched experts' scales)."""
     from kernels_pallas.fp8_gemm import quantize_act_1x128
     xq, xs = quantize_act_1x128(x)
-    if target == "gpu" and os.environ.get(GROUPED_GPU_ENV, "").strip().lower() != "triton":
+    if (target == "gpu" and x.shape[0] >= MGPU_FP8_MIN_ROWS
+            and os.environ.get(GROUPED_GPU_ENV, "").strip().lower() != "triton"):
         from kernels_pallas.grouped_gemm_mgpu import gmm_mgpu, grouped_supported
         if grouped_supported(x.shape[0], w.shape[1], x.shape[1], fp8=True):
             return gmm_mgpu(xq, w, gs, x_scale=xs, w_scale=ws, out_dtype=out_dtype, expert_offset=off,

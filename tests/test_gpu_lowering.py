@@ -60,15 +60,16 @@ def _export(cfg, prec, batch, tokens, decode):
     return export_for_gpu(run, state, cache, ids)
 
 
-@pytest.mark.parametrize("batch", [1, 16])
-def test_decode_step_lowers_with_the_gpu_kernels(cfg, on_gpu, batch):
+@pytest.mark.parametrize("batch,fp8_mode", [(1, "w8a16"), (16, "w8a16"), (16, "w8a8")])
+def test_decode_step_lowers_with_the_gpu_kernels(cfg, on_gpu, batch, fp8_mode):
     """One absorbed decode step over the 4096-token cache: the dense and attention projections on
-    the W8A16 GEMM kernel, the routed experts on the grouped kernel, attention on the MLA decode
-    kernel (split-T at these batch sizes)."""
-    exp = _export(cfg, Precision(dtype=jnp.bfloat16), batch, 1, decode=True)
+    the FP8 GEMM kernel, the routed experts on the Triton grouped kernel (in W8A8 too: the Mosaic
+    GPU kernel's scale expansion is for prefill-sized calls), attention on the MLA decode kernel
+    (split-T at these batch sizes)."""
+    exp = _export(cfg, Precision(dtype=jnp.bfloat16, fp8_mode=fp8_mode), batch, 1, decode=True)
     k = exported_kernels(exp)
     assert k.get("grouped_gemm_gpu") == 3 and k.get("mla_decode_gpu_split") == 2, k
-    assert k.get("w8a16_gemm_gpu", 0) >= 10, k
+    assert k.get(f"{fp8_mode}_gemm_gpu", 0) >= 10 and k["mosaic_gpu"] == 0, k
     assert exp.out_avals[0].shape == (batch, 1, cfg.vocab_size)
 
 

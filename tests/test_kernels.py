@@ -758,10 +758,12 @@ def test_grouped_matmul_takes_the_mosaic_gpu_kernel_when_asked(monkeypatch):
 
 def test_grouped_matmul_w8a8_quantizes_the_rows(monkeypatch):
     """``quantize_x=True`` (the model's experts with ``fp8_mode="w8a8"``): the reference, the GPU
-    path (the Mosaic GPU e4m3 wgmma kernel where it tiles the shape, Triton on the fake-quantized
-    rows where it does not, or when ``$DEEPSEEK_JAX_GROUPED_GPU=triton``) and the TPU path all
-    equal the W8A8 block GEMM of the quantized operands (``grouped_w8a8_ref``), read at an expert
-    offset; the gradient w.r.t. ``x`` is the W8A16 one (straight-through)."""
+    path (the Mosaic GPU e4m3 wgmma kernel from ``MGPU_FP8_MIN_ROWS`` rows on where it tiles the
+    shape; Triton on the fake-quantized rows below that, where it does not tile, or with
+    ``$DEEPSEEK_JAX_GROUPED_GPU=triton``) and the TPU path all equal the W8A8 block GEMM of the
+    quantized operands (``grouped_w8a8_ref``), read at an expert offset; the gradient w.r.t. ``x``
+    is the W8A16 one (straight-through)."""
+    import kernels_pallas.grouped_gemm as gg
     from kernels_pallas.grouped_gemm_mgpu import grouped_w8a8_ref
     rng = np.random.default_rng(34)
     sizes = jnp.asarray([30, 0, 40], jnp.int32)
@@ -774,6 +776,10 @@ def test_grouped_matmul_w8a8_quantizes_the_rows(monkeypatch):
     call = lambda a, impl: grouped_matmul(a, wq, sizes, w_scale=ws, impl=impl,  # noqa: E731
                                           out_dtype=jnp.float32, expert_offset=1, quantize_x=True)
     assert rel_err(call(x, "ref"), want) < F32_TOL
+    assert "wgmma" not in str(jax.make_jaxpr(lambda a: call(a, "interpret_gpu"))(x))  # 72 < 1024 rows
+    assert rel_err(call(x, "interpret_gpu"), want) < F32_TOL
+    monkeypatch.setattr(gg, "MGPU_FP8_MIN_ROWS", 64)
+    jax.clear_caches()
     assert "wgmma" in str(jax.make_jaxpr(lambda a: call(a, "interpret_gpu"))(x))
     assert rel_err(call(x, "interpret_gpu"), want) < F32_TOL
     assert rel_err(call(x, "interpret_tpu"), want) < F32_TOL
