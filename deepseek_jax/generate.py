@@ -16,7 +16,10 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
 * **Prefill.** One naive-MLA pass over the right-padded prompts at positions ``0..Pb-1`` writes
   the latent cache (pad tokens sit at positions after every real token, so no real token sees
   them, and decode overwrites them before it can); each row's first new token is drawn from the
-  logits at its own last prompt position (``lm_head`` runs on those ``B`` rows only).
+  logits at its own last prompt position (``lm_head`` runs on those ``B`` rows only). A long
+  prompt goes in chunks (``prefill_chunk``): the first naive, the rest absorbed over the cache
+  written so far, in a ``fori_loop`` inside the same executable, so the attention scores are
+  ``[B, H, chunk, S]`` instead of ``[B, H, Pb, Pb]``.
 * **Decode.** A ``jax.lax.while_loop`` runs one absorbed-MLA step per iteration for all rows at
   their own positions: feed the last token, draw the next, write it into a ``[Bb, S]`` token
   buffer indexed by absolute position. A row is done at eos (unless ``stop_at_eos=False``) or
@@ -119,6 +122,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     buckets: tuple[int, int, int] = (0, 0, 0)   # (Bb, Pb, S)
+    prefill_chunk: int | None = None  # prompt tokens per prefill chunk (None: one pass)
     speculative: str | None = None  # "mtp" when the call used speculative decoding
     drafted: int = 0               # speculative: drafts that could have been used, summed over rows
     accepted: int = 0              # speculative: drafts the main model accepted
@@ -168,20 +172,83 @@ class Weights(NamedTuple):
     layers: Any = None
 
 
+def prefill_chunk_for(batch: int, prompt: int, cache_len: int, heads: int, chunk: int | str | None,
+                      budget_bytes: int = 2 << 30) -> int | None:
+    """The static prefill chunk for a bucketed call (``None``: the whole prompt in one pass).
+
+    The naive pass over ``P`` prompt tokens materializes ``[B, H, P, P]`` float32 scores per
+    layer (8.6 GB at one 4K prompt with DeepSeek-V3's 128 heads; 137 GB at 16K). In chunks of
+    ``C`` tokens, the first chunk runs naive and each later one runs the absorbed form over the
+    cache written so far, with ``[B, H, C, S]`` scores. ``chunk="auto"`` chunks only when the
+    one-pass scores would exceed ``budget_bytes``, with the largest power-of-two chunk (>= 64)
+    whose scores stay within it; an int asks for that chunk. Either way the chunk is cut to a
+    power of two dividing ``P`` (prompt buckets are 2^k or 3 x 2^k)."""
+    if chunk is None:
+        return None
+    if chunk == "auto":
+        if batch * heads * prompt * prompt * 4 <= budget_bytes:
+            return None
+        c = 64
+        while c * 2 < prompt and batch * heads * (c * 2) * cache_len * 4 <= budget_bytes:
+            c *= 2
+    else:
+        c = 1 << (int(chunk).bit_length() - 1)   # a power of two <= chunk
+    while prompt % c:
+        c //= 2
+    return None if c >= prompt else c
+
+
+def _prompt_pass(fn, cache, P: int, chunk: int | None, lens_B, keep_all: bool):
+    """Run ``fn(start, size, cache, absorbed) -> (hidden [B, size, D], cache)`` over a prompt of
+    ``P`` tokens: in one naive pass, or (``chunk``) a naive first chunk and then the rest chunk by
+    chunk in a ``fori_loop``, absorbed over the cache. Returns the cache, each row's hidden state
+    at its last prompt token ``[B, D]`` and, with ``keep_all``, every hidden state ``[B, P, D]``."""
+    last_B = lens_B - 1
+    if chunk is None:
+        h_BPD, cache = fn(jnp.int32(0), P, cache, False)
+        h_BD = jnp.take_along_axis(h_BPD, last_B[:, None, None], axis=1)[:, 0]
+        return cache, h_BD, (h_BPD if keep_all else None)
+    h_BCD, cache = fn(jnp.int32(0), chunk, cache, False)
+    h_BD = jnp.take_along_axis(h_BCD, jnp.clip(last_B, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+    all_BPD = None
+    if keep_all:
+        all_BPD = jnp.zeros((h_BCD.shape[0], P, h_BCD.shape[2]), h_BCD.dtype).at[:, :chunk].set(h_BCD)
+
+    def body(i, carry):
+        cache, h_BD, all_BPD = carry
+        start = i * chunk
+        h_BCD, cache = fn(start, chunk, cache, True)
+        idx_B = last_B - start
+        inside_B = (idx_B >= 0) & (idx_B < chunk)
+        h_here = jnp.take_along_axis(h_BCD, jnp.clip(idx_B, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        h_BD = jnp.where(inside_B[:, None], h_here, h_BD)
+        if all_BPD is not None:
+            all_BPD = jax.lax.dynamic_update_slice_in_dim(all_BPD, h_BCD, start, axis=1)
+        return cache, h_BD, all_BPD
+
+    return jax.lax.fori_loop(1, P // chunk, body, (cache, h_BD, all_BPD))
+
+
 def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
-             active_B, seed, knobs: _Knobs, keep_hidden: bool = False):
+             active_B, seed, knobs: _Knobs, keep_hidden: bool = False, chunk: int | None = None):
     """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``);
-    with ``weights.layers``, the layers run from them and the state's cache is per layer."""
+    with ``weights.layers``, the layers run from them and the state's cache is per layer;
+    ``chunk``: the prompt in chunks of that many tokens (see :func:`prefill_chunk_for`)."""
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
     cache = LatentCache.zeros(model.cfg, B, S, dtype=dtype)
     if weights.layers is not None:
         cache = cache.per_layer()
-    pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    out = model(ids_BP, pos_BP, cache=cache, absorbed=False, logits=False, unstacked=weights.layers)
-    h_B1D = jnp.take_along_axis(out.hidden, (lens_B - 1)[:, None, None], axis=1)
-    logits_BV = model.lm_head(h_B1D, dtype)[:, 0]
+
+    def run(start, n, cache, absorbed):
+        ids = jax.lax.dynamic_slice_in_dim(ids_BP, start, n, axis=1)
+        pos = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (B, n))
+        out = model(ids, pos, cache=cache, absorbed=absorbed, logits=False, unstacked=weights.layers)
+        return out.hidden, out.cache
+
+    cache, h_BD, hidden_BPD = _prompt_pass(run, cache, P, chunk, lens_B, keep_hidden)
+    logits_BV = model.lm_head(h_BD[:, None], dtype)[:, 0]
     keys_B = row_keys(seed, B)
     tok_B = _draw(logits_BV, keys_B, jnp.int32(0), knobs, greedy, filtered)
     tok_B = jnp.where(active_B, tok_B, knobs.eos)
@@ -189,8 +256,8 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, i
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | (knobs.stop & (tok_B == knobs.eos)) | (lens_B >= end_B)
-    state = DecodeState(out.cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
-    return (state, out.hidden) if keep_hidden else state
+    state = DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
+    return (state, hidden_BPD) if keep_hidden else state
 
 
 def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: DecodeState, limit,
@@ -282,19 +349,25 @@ def _verify(logits_B2V, draft_B, q_BV, keys_B, knobs: _Knobs, greedy: bool, filt
 
 
 def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
-                  active_B, seed, knobs: _Knobs) -> SpecState:
+                  active_B, seed, knobs: _Knobs, chunk: int | None = None) -> SpecState:
     st = _prefill(graphdef, greedy, filtered, S, weights, ids_BP, lens_B, end_B, active_B, seed, knobs,
-                  keep_hidden=True)
+                  keep_hidden=True, chunk=chunk)
     state, hidden_BPD = st
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
     # MTP row i: hidden h_i with token i+1 (the first new token for the last prompt row).
     nxt_BP = jnp.pad(state.buf_BS, ((0, 0), (0, 1)))[:, 1:P + 1]
-    pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+
+    def run(start, n, cache, absorbed):
+        h = jax.lax.dynamic_slice_in_dim(hidden_BPD, start, n, axis=1)
+        nxt = jax.lax.dynamic_slice_in_dim(nxt_BP, start, n, axis=1)
+        pos = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (B, n))
+        x, cache, _ = model.mtp_hidden(h, nxt, pos, cache_BSC=cache, absorbed=absorbed)
+        return x, cache
+
     mtp_cache = jnp.zeros((B, S, model.cfg.latent_dim), dtype)
-    x_BPD, mtp_cache, _ = model.mtp_hidden(hidden_BPD, nxt_BP, pos_BP, cache_BSC=mtp_cache, absorbed=False)
-    x_BD = jnp.take_along_axis(x_BPD, (lens_B - 1)[:, None, None], axis=1)[:, 0]
+    mtp_cache, x_BD, _ = _prompt_pass(run, mtp_cache, P, chunk, lens_B, keep_all=False)
     # (Key parent 0xFFFFFFFF: never a step index, so no key is both used and derived from.)
     draft_B, q_BV = _draft(model, x_BD, state.keys_B, jnp.uint32(0xFFFFFFFF), knobs, greedy, filtered)
     zeros = jnp.zeros((B,), jnp.int32)
@@ -383,21 +456,22 @@ def _prepare(graphdef, weights: Weights) -> _Prepared:
 
 
 def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
-    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative)``,
+    """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative,
+    prefill chunk)``,
     taking ``prep.leaves``, and the seconds spent compiling (0 on a cache hit)."""
     graphdef, treedef = prep.graphdef, prep.treedef
     full_key = (prep.ident, key)
     hit = _EXECUTABLES.get(full_key)
     if hit is not None:
         return hit, 0.0
-    _, _, S, greedy, filtered, spec = key
+    _, _, S, greedy, filtered, spec, chunk = key
     prefill_fn, decode_fn = (_prefill_spec, _decode_spec) if spec else (_prefill, _decode)
 
     def weights(leaves):
         return jax.tree.unflatten(treedef, leaves)
 
     t0 = time.perf_counter()
-    pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a))
+    pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a, chunk=chunk))
     pre_c = pre.lower(prep.leaves, *prefill_args, knobs).compile()
     state_shape = jax.eval_shape(pre, prep.leaves, *prefill_args, knobs)
     dec = jax.jit(lambda w, st, lim, kn: decode_fn(graphdef, greedy, filtered, weights(w), st, lim, kn),
@@ -469,12 +543,20 @@ class Generator:
     being trained can keep using the generator); "dequantize" works from a copy with the FP8
     weights dequantized once (a snapshot: build a new generator after changing the weights);
     "auto" picks "dequantize" on CPU for W8A16 models whose dense copy stays under 8 GiB.
+    ``prefill_chunk``: prompts in chunks of this many tokens (a power of two >= 16), "auto"
+    (default: only when one naive pass would hold over 2 GiB of attention scores, e.g. a 4K prompt
+    at DeepSeek-V3's 128 heads) or None (always one pass); see :func:`prefill_chunk_for`.
     """
 
     def __init__(self, model: DeepSeekV3, tokenizer=None, *, max_len: int | None = None,
-                 stream_chunk: int = 8, weights: str = "auto"):
+                 stream_chunk: int = 8, weights: str = "auto", prefill_chunk: int | str | None = "auto"):
         if weights not in ("auto", "as-is", "dequantize"):
             raise DeepSeekError(f"weights {weights!r}: expected auto|as-is|dequantize")
+        if not (prefill_chunk is None or prefill_chunk == "auto"
+                or (isinstance(prefill_chunk, (int, np.integer)) and not isinstance(prefill_chunk, bool)
+                    and prefill_chunk >= 16)):
+            raise DeepSeekError(f"prefill_chunk {prefill_chunk!r}: expected an integer >= 16, 'auto' or None")
+        self.prefill_chunk = prefill_chunk
         if weights == "auto":
             weights = "dequantize" if (jax.default_backend() == "cpu" and model.cfg.fp8
                                        and model.prec.fp8_mode == "w8a16"
@@ -599,7 +681,9 @@ class Generator:
         # per array, ~50 us each.)
         knobs = _Knobs(np.int32(eos), np.bool_(stop_at_eos), temp, top_k, top_p)
         prefill_args = (ids, lens_b, end_b, active, np.uint32(int(seed) & 0xFFFFFFFF))
-        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec)
+        chunk = prefill_chunk_for(Bb, Pb, S, self.model.cfg.num_attention_heads, self.prefill_chunk)
+        stats.prefill_chunk = chunk
+        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, chunk)
         (pre, dec), stats.compile_s = _executables(prep, key, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 

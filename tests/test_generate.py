@@ -209,6 +209,20 @@ def test_cli_generate_json_ids(ckpt_a, greedy, capsys):
         assert row["finish_reason"] == "length" and row["text"] is None
 
 
+def test_cli_generate_prefill_chunk(ckpt_a, greedy, capsys):
+    """``--prefill-chunk 16``: the 9-token prompt fits one chunk of its 16-token bucket, so the
+    chunk is cut away; a prompt of 20 tokens (bucket 32) runs in two chunks and generates what
+    ``--prefill-chunk none`` does."""
+    outs = []
+    for chunk in ("16", "none"):
+        code, out, _ = run_cli(capsys, "generate", ckpt_a, "--prompt-ids", ",".join(map(str, range(3, 23))),
+                               "--prompt-ids", ",".join(map(str, PROMPTS[1])), "--max-new-tokens", 8,
+                               "--temperature", 0, "--ignore-eos", "--json", "--prefill-chunk", chunk)
+        assert code == 0
+        outs.append([json.loads(line)["output_ids"] for line in out.splitlines()])
+    assert outs[0] == outs[1] and outs[0][1] == greedy[1].output_ids[:8]
+
+
 def test_cli_generate_streams_ids(ckpt_a, greedy, capsys):
     code, out, err = run_cli(capsys, "generate", ckpt_a, "--prompt-ids", "0, 5, 17, 42", "--max-new-tokens", N,
                              "--temperature", 0, "--ignore-eos")
@@ -228,6 +242,7 @@ def test_cli_generate_streams_ids(ckpt_a, greedy, capsys):
     (["--prompt-ids", "1", "--top-k", "-2"], "top-k"),
     (["--prompt", "hello"], "tokenizer.json"),
     (["--input-file", "/nonexistent/prompts.txt"], "cannot read"),
+    (["--prompt-ids", "1", "--prefill-chunk", "7"], "--prefill-chunk"),
 ])
 def test_cli_generate_bad_input(ckpt_a, capsys, args, contains):
     code, _, err = run_cli(capsys, "generate", ckpt_a, *args)
@@ -353,3 +368,39 @@ def test_small_models_decode_from_per_layer_weights(ckpt_a, monkeypatch, specula
     assert stacked_gen._prepared.weights.layers is None
     stacked = stacked_gen.generate(prompts, max_new_tokens=12, stop_at_eos=False, speculative=speculative)
     assert [r.output_ids for r in per_layer] == [r.output_ids for r in stacked]
+
+
+@pytest.mark.parametrize("speculative,weights", [(None, "auto"), ("mtp", "auto"), (None, "as-is")])
+def test_chunked_prefill_gives_the_one_pass_tokens(ckpt_a, speculative, weights):
+    """A prompt prefilled in 16-token chunks (the first naive, the rest absorbed over the cache,
+    in a loop inside the executable) generates what one naive pass does: prompts shorter than a
+    chunk, ending exactly at a chunk's end, and spanning three chunks, in one batch; plain and
+    speculative (the MTP's own prompt pass is chunked too); per-layer and stacked FP8 weights."""
+    model = dj.load(ckpt_a, dtype="float32", mtp=True)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(2, 250, n).tolist() for n in (40, 16, 5, 33)]
+    kw = dict(max_new_tokens=10, stop_at_eos=False, speculative=speculative)
+    one = Generator(model, weights=weights, prefill_chunk=None)
+    want = one.generate(prompts, **kw)
+    assert one.last_stats.prefill_chunk is None and one.last_stats.buckets[1] == 64
+    chunked = Generator(model, weights=weights, prefill_chunk=16)
+    got = chunked.generate(prompts, **kw)
+    assert chunked.last_stats.prefill_chunk == 16
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+
+
+def test_prefill_chunk_choice():
+    """``prefill_chunk_for``: "auto" keeps one pass while the naive scores fit the budget and
+    otherwise takes the largest power-of-two chunk whose scores fit; chunks always divide the
+    prompt bucket; bad values are one-line errors."""
+    from deepseek_jax.generate import prefill_chunk_for
+    assert prefill_chunk_for(8, 64, 128, 4, "auto") is None                 # tiny: one pass
+    c = prefill_chunk_for(1, 4096, 8192, 128, "auto")                        # DeepSeek-V3, 4K prompt
+    assert c == 512 and 128 * c * 8192 * 4 <= 2 << 30 < 128 * 2 * c * 8192 * 4
+    assert prefill_chunk_for(1, 32768, 32768, 128, "auto") == 128
+    assert prefill_chunk_for(1, 384, 512, 4, 256) == 128                     # 384 = 3 x 128
+    assert prefill_chunk_for(1, 128, 128, 4, 100) == 64 and prefill_chunk_for(1, 64, 64, 4, 100) is None
+    assert prefill_chunk_for(1, 64, 64, 4, None) is None
+    for bad in (8, 0, "big", 16.0, True):
+        with pytest.raises(dj.DeepSeekError, match="prefill_chunk"):
+            Generator.__new__(Generator).__init__(None, prefill_chunk=bad)

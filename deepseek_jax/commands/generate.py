@@ -34,6 +34,24 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, 
                    help="speculative decoding: 'mtp' loads the checkpoint's MTP layer, which drafts one token "
                         "ahead for the main model to verify (greedy output unchanged; sampling keeps the "
                         "same distribution)")
+    p.add_argument("--prefill-chunk", default="auto", metavar="N",
+                   help="prefill prompts in chunks of N tokens (a power of two >= 16; 'auto' (default): only "
+                        "when one pass would hold over 2 GiB of attention scores; 'none': always one pass)")
+
+
+def prefill_chunk_from_args(args: argparse.Namespace | None):
+    """``--prefill-chunk`` as :class:`~deepseek_jax.generate.Generator` takes it."""
+    text = str(getattr(args, "prefill_chunk", "auto"))
+    t = text.strip().lower()
+    if t in ("auto", "none"):
+        return None if t == "none" else "auto"
+    try:
+        n = int(t)
+    except ValueError:
+        n = 0
+    if n < 16:
+        raise DeepSeekError(f"--prefill-chunk: expected an integer >= 16, 'auto' or 'none', got {text!r}")
+    return n
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -63,6 +81,7 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
     import deepseek_jax as dj
     from deepseek_jax.generate import Generator
 
+    prefill_chunk = prefill_chunk_from_args(args)
     mesh = runtime.init(args) if args is not None and hasattr(args, "mesh") else None
     if mesh is not None:
         stack = getattr(args, "exit_stack", None)  # set by cli.main: the mesh lasts as long as the command
@@ -82,7 +101,7 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
             raise DeepSeekError(f"--speculative mtp: {ckpt} has no MTP layer to draft with "
                                 "(num_nextn_predict_layers = 0 or its tensors are missing)") from None
         raise
-    return Generator(model, tokenizer)
+    return Generator(model, tokenizer, prefill_chunk=prefill_chunk)
 
 
 def timing_line(stats) -> str:
