@@ -13,6 +13,8 @@ Kernels (online softmax, one pass over the cache; blocks past a sequence's lengt
 
 * GPU (Triton-lowered Pallas): grid ``(sequence, head block)``; each program loops over the sequence's
   ``bt``-token cache blocks up to its length (masked loads), all its heads at once.
+* GPU, opt-in (``$DEEPSEEK_JAX_MLA_GPU=mosaic_gpu``): the Mosaic GPU ``wgmma`` kernel of
+  :mod:`kernels_pallas.mla_decode_mgpu` where it tiles the shape and the batch fills the GPU.
 * TPU (Mosaic TPU): grid ``(sequence, cache block)``, all heads per step, float32 running max / sum /
   accumulator in VMEM; the cache ``BlockSpec`` index is clamped to the sequence's last block via the
   scalar-prefetched lengths, so steps past the length cause no DMA and skip compute.
@@ -290,13 +292,33 @@ def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
     )(lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
 
 
+#: ``$DEEPSEEK_JAX_MLA_GPU=mosaic_gpu``: the Mosaic GPU kernel (:mod:`kernels_pallas.mla_decode_mgpu`,
+#: opt-in until a GPU session has timed it) where it tiles the shape and the batch gives it at
+#: least this many CTAs (one per sequence and 64 heads, no split-T); the Triton kernel otherwise.
+MLA_GPU_ENV = "DEEPSEEK_JAX_MLA_GPU"
+MGPU_MIN_PROGRAMS = GPU_NUM_SMS // 2
+
+
+def _mosaic_gpu_takes(q_lat_BHL, q_pe_BHR, cache_BSC) -> bool:
+    if backend.gpu_kernel_family(MLA_GPU_ENV) != "mosaic_gpu":
+        return False
+    from kernels_pallas.mla_decode_mgpu import supported
+    b, h, l = q_lat_BHL.shape
+    return (b * (h // 64) >= MGPU_MIN_PROGRAMS and q_lat_BHL.dtype == cache_BSC.dtype == q_pe_BHR.dtype
+            and supported(b, h, l, q_pe_BHR.shape[2], cache_BSC.shape[-2], cache_BSC.dtype))
+
+
 def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lora_rank: int,
                impl: str = "auto", layer=None) -> jax.Array:
     """Absorbed MLA decode attention → ``o_BHL`` float32 (see module doc); ``impl`` as in
     :mod:`kernels_pallas.backend`.  ``layer`` (int or traced): ``cache`` is several layers'
     ``[L, B, S, C]`` stack and layer ``layer``'s is attended over (read in place by the GPU
-    kernel; the reference and TPU paths take a dynamic slice)."""
+    kernels; the reference and TPU paths take a dynamic slice)."""
     target, interpret = backend.split_impl(impl)
+    if target == "gpu" and _mosaic_gpu_takes(q_lat_BHL, q_pe_BHR, cache_BSC):
+        from kernels_pallas.mla_decode_mgpu import mla_decode_mgpu
+        return mla_decode_mgpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
+                               kv_lora_rank=kv_lora_rank, layer=layer, interpret=interpret)
     if layer is not None:
         if cache_BSC.ndim != 4:
             raise ValueError(f"with layer=, the cache must be [L, B, S, C], got {cache_BSC.shape}")

@@ -37,7 +37,7 @@ def cfg():
 def on_gpu(monkeypatch):
     """``impl="auto"`` resolves as on a GPU host (what the model picks there)."""
     monkeypatch.setenv("DEEPSEEK_JAX_KERNELS", "pallas_gpu")
-    for var in ("DEEPSEEK_JAX_GROUPED_GPU", "DEEPSEEK_JAX_W8A8_GPU"):
+    for var in ("DEEPSEEK_JAX_GROUPED_GPU", "DEEPSEEK_JAX_W8A8_GPU", "DEEPSEEK_JAX_MLA_GPU"):
         monkeypatch.delenv(var, raising=False)
     jax.clear_caches()
     yield monkeypatch
@@ -71,6 +71,15 @@ def test_decode_step_lowers_with_the_gpu_kernels(cfg, on_gpu, batch, fp8_mode):
     assert k.get("grouped_gemm_gpu") == 3 and k.get("mla_decode_gpu_split") == 2, k
     assert k.get(f"{fp8_mode}_gemm_gpu", 0) >= 10 and k["mosaic_gpu"] == 0, k
     assert exp.out_avals[0].shape == (batch, 1, cfg.vocab_size)
+
+
+def test_decode_step_lowers_with_the_mosaic_gpu_mla_kernel(cfg, on_gpu):
+    """``$DEEPSEEK_JAX_MLA_GPU=mosaic_gpu`` at batch 64: attention on the Mosaic GPU wgmma kernel
+    (the cache stack read in place), one call per layer, no Triton MLA kernel left."""
+    on_gpu.setenv("DEEPSEEK_JAX_MLA_GPU", "mosaic_gpu")
+    exp = _export(cfg, Precision(dtype=jnp.bfloat16), 64, 1, decode=True)
+    k = exported_kernels(exp)
+    assert k["mosaic_gpu"] == 2 and not any(name.startswith("mla_decode_gpu") for name in k), k
 
 
 PREFILL_VARIANTS = {
