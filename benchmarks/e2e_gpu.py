@@ -18,6 +18,8 @@ FP8 weights are made on the device (no files). Measured side by side in one run:
   prefill attention (``--compare-flash``), with the routed experts on the Mosaic GPU grouped
   kernel (``--compare-mosaic``) and in W8A8 on the Mosaic GPU e4m3 kernels (``--compare-w8a8``),
   side by side;
+* decode at the first batch >= 64 with attention on the Mosaic GPU MLA kernel
+  (``--compare-mosaic-mla``), side by side;
 * HF transformers' ``deepseek_v3`` on the same config in bf16 (random weights) as the peer:
   decode ms/step at the same batch sizes (``--no-hf`` skips it);
 * the :class:`~deepseek_jax.generate.Generator` itself (``--rows generator``; the model then has
@@ -369,6 +371,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-w8a8", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the first prefill length in fp8_mode='w8a8' with the Mosaic GPU "
                          "kernels (e4m3 wgmma: grouped W8A8 experts, DEEPSEEK_JAX_W8A8_GPU=mosaic_gpu)")
+    ap.add_argument("--compare-mosaic-mla", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the first decode batch >= 64 with the Mosaic GPU MLA kernel "
+                         "(DEEPSEEK_JAX_MLA_GPU=mosaic_gpu)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
@@ -454,6 +459,21 @@ def main(argv=None) -> int:
             print(f"{'decode B=%d, unrolled' % b:<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
                   f"{t / roof:>12.2f}{(h or float('nan')):>10.2f}{(h / 1e3 / t if h else float('nan')):>8.1f}")
         del unrolled
+    for b in ([x for x in batches if x >= 64][:1] if a.compare_mosaic_mla else []):
+        # the same weights, attention on the Mosaic GPU MLA kernel (kernels_pallas/mla_decode_mgpu.py)
+        try:  # never compiled on a GPU before: a failure is a row, not the end of the run
+            with env_set({"DEEPSEEK_JAX_MLA_GPU": "mosaic_gpu"}):
+                t, _, touched = bench_decode(cfg, model, b, context, key)
+        except Exception as e:  # noqa: BLE001 - report whatever the compiler or runtime raised
+            rows.append(dict(kind="decode_mosaic_mla", batch=b, failed=f"{type(e).__name__}: {e}"[:300]))
+            print(f"{'decode B=%d, mosaic mla' % b:<26} failed: {type(e).__name__}: {str(e)[:200]}")
+        else:
+            roof = step_bytes(cfg, model, b, context, touched) / bw
+            rows.append(dict(kind="decode_mosaic_mla", batch=b, context=context, ms=t * 1e3, tok_s=b / t,
+                             roofline_ms=roof * 1e3))
+            print(f"{'decode B=%d, mosaic mla' % b:<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
+                  f"{t / roof:>12.2f}")
+        save()
     active = (cfg.num_hidden_layers * (cfg.hidden_size * cfg.hidden_size * 6)  # rough attention share
               + (cfg.num_moe_layers * (cfg.num_experts_per_tok + cfg.n_shared_experts)
                  * 3 * cfg.hidden_size * cfg.moe_intermediate_size)

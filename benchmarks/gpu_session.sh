@@ -11,18 +11,18 @@
 #   1. environment
 #   2. benchmarks/e2e_gpu.py: real-width 1 dense + 3 MoE layers, decode/prefill vs roofline and HF,
 #      per-kernel device-time profiles (decode B=1/16, prefill 4K), batch 1 with per-layer weight
-#      slices, and prefill 4K with flash attention and with the Mosaic GPU grouped kernel
-#      (DEEPSEEK_JAX_GROUPED_GPU=mosaic_gpu), side by side; if it fails with the Pallas
-#      kernels, once more with DEEPSEEK_JAX_KERNELS=ref.
-#   3. the Generator at real width with its MTP layer: ms per decode-loop iteration, plain and MTP
-#      speculative, batch 1 then 16 (what a speculative step costs against a plain one)
-#   4-5. benchmarks/kernels.py --only dense / grouped at the SPEC §11 shapes, now with the Mosaic
+#      slices, decode B=64 with the Mosaic GPU MLA kernel, and prefill 4K with flash attention,
+#      with the Mosaic GPU grouped kernel and in W8A8 on the Mosaic GPU e4m3 kernels, side by
+#      side; if it fails with the Pallas kernels, once more with DEEPSEEK_JAX_KERNELS=ref.
+#   3. benchmarks/kernels.py --only mla: the Mosaic GPU MLA decode kernel (never compiled on a GPU
+#      before; kernels_pallas/mla_decode_mgpu.py) first, then the Triton one and its sweeps
+#   4-5. benchmarks/kernels.py --only grouped / dense at the SPEC §11 shapes, with the Mosaic
 #      GPU kernels (kernels_pallas/fp8_gemm_mgpu.py, grouped_gemm_mgpu.py: W8A8 and bf16 wgmma,
 #      never compiled on a GPU before; swept at prefill) beside the Triton ones
-#   6. compiled-kernel tests against the references (session 3: 17 passed, then the step's limit;
+#   6. the Generator at real width with its MTP layer: ms per decode-loop iteration, plain and MTP
+#      speculative, batch 1 then 16 (what a speculative step costs against a plain one)
+#   7. compiled-kernel tests against the references (session 3: 17 passed, then the step's limit;
 #      they include the Mosaic GPU kernels', compiled)
-#   7. benchmarks/kernels.py --only mla, with the sweeps of docs/benchmarks.md's "changed after
-#      this run" list.
 # The first 2026-11-28 run took 454 s with the old order and sweeps (two steps hit their limits);
 # the second (session 3) 463 s, e2e 170 s of it, the tests and three kernel tables at their limits.
 cd "$(dirname "$0")/.." || exit 1
@@ -52,20 +52,20 @@ step() {  # step NAME SECONDS CMD...   (limit clipped to the deadline)
 step env 15 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; \
     $PY -c 'import jax, jaxlib, flax, torch, transformers; print(\"jax\", jax.__version__, \"jaxlib\", jaxlib.__version__, \"flax\", flax.__version__, \"torch\", torch.__version__, \"transformers\", transformers.__version__, jax.devices())'"
 # end to end first: it measures the in-place weights (batch 1 also with per-layer slices, side by side)
-step e2e 250 "$PY" benchmarks/e2e_gpu.py $SMALL --rows decode,prefill --json "$OUT_DIR/e2e.json"
+step e2e 270 "$PY" benchmarks/e2e_gpu.py $SMALL --rows decode,prefill --json "$OUT_DIR/e2e.json"
 rc=$?
 if ((rc != 0 && rc != 124)); then  # failed (not just slow): the jnp paths, for numbers at all
     DEEPSEEK_JAX_KERNELS=ref step e2e_ref 120 "$PY" benchmarks/e2e_gpu.py $SMALL --no-hf --no-compare-in-place \
         --unroll-batches none --profile none \
         --batches 1,16 --prefill 4096 --json "$OUT_DIR/e2e_ref.json"
 fi
+step bench_mla 45 "$PY" benchmarks/kernels.py $SMALL --only mla --reps 3 --json "$OUT_DIR/bench_mla.json"
+step bench_grouped 90 "$PY" benchmarks/kernels.py $SMALL --only grouped --reps 3 --json "$OUT_DIR/bench_grouped.json"
+step bench_dense 75 "$PY" benchmarks/kernels.py $SMALL --only dense --reps 3 --json "$OUT_DIR/bench_dense.json"
 # the Generator itself at real width (its MTP layer too): plain vs speculative iteration cost, B=1 then 16
 step generator 100 "$PY" benchmarks/e2e_gpu.py $SMALL --rows generator --json "$OUT_DIR/generator.json"
-step bench_dense 75 "$PY" benchmarks/kernels.py $SMALL --only dense --reps 3 --json "$OUT_DIR/bench_dense.json"
-step bench_grouped 90 "$PY" benchmarks/kernels.py $SMALL --only grouped --reps 3 --json "$OUT_DIR/bench_grouped.json"
-step tests 75 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs -W "ignore::DeprecationWarning" \
-    -k "pallas_gpu or compiled"
-step bench_mla 40 "$PY" benchmarks/kernels.py $SMALL --only mla --reps 3 --json "$OUT_DIR/bench_mla.json"
+step tests 75 "$PY" -m pytest tests/test_kernels.py tests/test_mla_mgpu.py -q -p no:cacheprovider -rs \
+    -W "ignore::DeprecationWarning" -k "pallas_gpu or compiled"
 
 {
     echo

@@ -56,7 +56,7 @@ FULL_DENSE = [("decode 1 row", 1, 16384, 7168),  # batch-1 o_proj: the largest o
               ("prefill", 4096, 7168, 2048), ("prefill", 4096, 2048, 7168)]
 FULL_GROUPED = [("decode", 8, 256, 7168, 2048),  # one token's 8 experts (batch-1 gate_proj)
                 ("decode", 512, 256, 7168, 4096), ("prefill", 32768, 256, 7168, 4096)]
-FULL_MLA = [("decode", 1, 128, 4096), ("decode", 64, 128, 4096)]  # B, heads, cache length (L=512, R=64)
+FULL_MLA = [("decode", 64, 128, 4096), ("decode", 1, 128, 4096)]  # B, heads, cache length (L=512, R=64)
 SMALL_DENSE = [("prefill", 128, 384, 256), ("decode", 8, 256, 384)]
 SMALL_MLA = [("decode", 2, 16, 100)]
 SMALL_GROUPED = [("prefill", 128, 4, 256, 256), ("decode", 16, 8, 256, 256)]
@@ -552,6 +552,14 @@ def bench_mla(cases, *, impl, reps, sweep, key):
                 (ql, qp, cache, lens), flops=flops, nbytes=nbytes, reps=reps, check=chk)
         if target == "ref":
             continue
+        if target == "gpu":  # first: the Mosaic GPU wgmma kernel (kernels_pallas/mla_decode_mgpu.py), where it tiles
+            from kernels_pallas.mla_decode_mgpu import mla_decode_mgpu, supported
+            if supported(b, h, l, r, t, BF16):
+                fn = lambda a, c, d, e: mla_decode_mgpu(a, c, d, e, scale=scale, kv_lora_rank=l,  # noqa: E731
+                                                        interpret=interpret)
+                measure(rows, shape, "kernel mosaic_gpu", fn, (ql, qp, cache, lens), flops=flops,
+                        nbytes=nbytes, reps=reps, check=chk, quick=interpret,
+                        note="default" + (" (interpret)" if interpret else ""))
         cfgs = [{}]
         if target == "gpu" and sweep:
             # 2026-11-28 H200: 64-head blocks (now the default) beat 32 and 16; next: split-T,
