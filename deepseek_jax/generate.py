@@ -681,9 +681,9 @@ class Generator:
         # per array, ~50 us each.)
         knobs = _Knobs(np.int32(eos), np.bool_(stop_at_eos), temp, top_k, top_p)
         prefill_args = (ids, lens_b, end_b, active, np.uint32(int(seed) & 0xFFFFFFFF))
-        chunk = prefill_chunk_for(Bb, Pb, S, self.model.cfg.num_attention_heads, self.prefill_chunk)
-        stats.prefill_chunk = chunk
-        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, chunk)
+        p_chunk = prefill_chunk_for(Bb, Pb, S, self.model.cfg.num_attention_heads, self.prefill_chunk)
+        stats.prefill_chunk = p_chunk
+        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, p_chunk)
         (pre, dec), stats.compile_s = _executables(prep, key, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 

@@ -13,13 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_e2e_benchmark_small(tmp_path):
     out = tmp_path / "e2e.json"
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "e2e_gpu.py"), "--small", "--no-hf", "--layers", "2", "--batches", "2", "--prefill", "32",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "e2e_gpu.py"), "--small", "--no-hf", "--layers", "2", "--batches", "2,64", "--prefill", "32",
                         "--profile", "2", "--unroll-batches", "2", "--gen-batches", "1", "--json", str(out)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(out))["rows"]
-    assert {r["kind"] for r in rows} == {"decode", "decode_unrolled", "prefill", "prefill_flash",
-                                         "prefill_mosaic_grouped", "generator"}
+    assert {r["kind"] for r in rows} == {"decode", "decode_unrolled", "decode_mosaic_mla", "prefill",
+                                         "prefill_flash", "prefill_mosaic_grouped", "prefill_w8a8_mosaic",
+                                         "generator"}
     assert all(r["tok_s"] > 0 for r in rows)
     gen = {r["mode"]: r for r in rows if r["kind"] == "generator"}   # the Generator, plain and MTP
     assert set(gen) == {"plain", "mtp"} and all(r["iter_ms"] > 0 and r["iterations"] == 7 for r in gen.values())

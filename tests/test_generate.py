@@ -387,6 +387,9 @@ def test_chunked_prefill_gives_the_one_pass_tokens(ckpt_a, speculative, weights)
     got = chunked.generate(prompts, **kw)
     assert chunked.last_stats.prefill_chunk == 16
     assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    streamed = [[] for _ in prompts]   # streaming (decode in chunks of 3 steps) after a chunked prefill
+    chunked.generate(prompts, stream=lambda row, ids: streamed[row].extend(ids), stream_chunk=3, **kw)
+    assert streamed == [r.output_ids for r in want]
 
 
 def test_prefill_chunk_choice():
