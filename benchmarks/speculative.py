@@ -109,7 +109,7 @@ def pass_costs(gen, prompt, rounds):
     knobs = G._Knobs(jnp.int32(gen.eos_id), jnp.bool_(False), *G.GREEDY.traced())   # eos ignored
     args = (jnp.asarray(ids), jnp.asarray([P], np.int32), jnp.asarray([S - 1], np.int32),
             jnp.asarray([True]), jnp.uint32(0))
-    exe = {spec: G._executables(prep, (1, 16, S, True, False, spec), args, knobs)[0]
+    exe = {spec: G._executables(prep, (1, 16, S, True, False, spec, None, None), args, knobs)[0]
            for spec in (False, True)}
     passes = {f"main pass, {T} new token{'s' if T > 1 else ''}": main_pass(T) for T in (1, 2, 3, 4)}
     passes.update({f"MTP pass, {T} row{'s' if T > 1 else ''}": mtp_pass(T) for T in (1, 2)})

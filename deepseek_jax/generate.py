@@ -19,7 +19,9 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   logits at its own last prompt position (``lm_head`` runs on those ``B`` rows only). A long
   prompt goes in chunks (``prefill_chunk``): the first naive, the rest absorbed over the cache
   written so far, in a ``fori_loop`` inside the same executable, so the attention scores are
-  ``[B, H, chunk, S]`` instead of ``[B, H, Pb, Pb]``.
+  ``[B, H, chunk, S]`` instead of ``[B, H, Pb, Pb]``. With ``reuse_prefix`` (chat), a
+  single-prompt call keeps its cache, and the next one that starts with the same tokens runs
+  only the rest, absorbed over that cache (:func:`_prefill_continue`).
 * **Decode.** A ``jax.lax.while_loop`` runs one absorbed-MLA step per iteration for all rows at
   their own positions: feed the last token, draw the next, write it into a ``[Bb, S]`` token
   buffer indexed by absolute position. A row is done at eos (unless ``stop_at_eos=False``) or
@@ -123,6 +125,7 @@ class GenerationStats:
     decode_s: float = 0.0
     buckets: tuple[int, int, int] = (0, 0, 0)   # (Bb, Pb, S)
     prefill_chunk: int | None = None  # prompt tokens per prefill chunk (None: one pass)
+    reused_prefix: int = 0         # prompt tokens whose cache entries came from the last call
     speculative: str | None = None  # "mtp" when the call used speculative decoding
     drafted: int = 0               # speculative: drafts that could have been used, summed over rows
     accepted: int = 0              # speculative: drafts the main model accepted
@@ -173,7 +176,7 @@ class Weights(NamedTuple):
 
 
 def prefill_chunk_for(batch: int, prompt: int, cache_len: int, heads: int, chunk: int | str | None,
-                      budget_bytes: int = 2 << 30) -> int | None:
+                      budget_bytes: int = 2 << 30, over_cache: bool = False) -> int | None:
     """The static prefill chunk for a bucketed call (``None``: the whole prompt in one pass).
 
     The naive pass over ``P`` prompt tokens materializes ``[B, H, P, P]`` float32 scores per
@@ -182,11 +185,12 @@ def prefill_chunk_for(batch: int, prompt: int, cache_len: int, heads: int, chunk
     cache written so far, with ``[B, H, C, S]`` scores. ``chunk="auto"`` chunks only when the
     one-pass scores would exceed ``budget_bytes``, with the largest power-of-two chunk (>= 64)
     whose scores stay within it; an int asks for that chunk. Either way the chunk is cut to a
-    power of two dividing ``P`` (prompt buckets are 2^k or 3 x 2^k)."""
+    power of two dividing ``P`` (prompt buckets are 2^k or 3 x 2^k). ``over_cache``: the prompt
+    continues a cached prefix, so even one pass attends over the cache (``[B, H, P, S]``)."""
     if chunk is None:
         return None
     if chunk == "auto":
-        if batch * heads * prompt * prompt * 4 <= budget_bytes:
+        if batch * heads * prompt * (cache_len if over_cache else prompt) * 4 <= budget_bytes:
             return None
         c = 64
         while c * 2 < prompt and batch * heads * (c * 2) * cache_len * 4 <= budget_bytes:
@@ -198,17 +202,18 @@ def prefill_chunk_for(batch: int, prompt: int, cache_len: int, heads: int, chunk
     return None if c >= prompt else c
 
 
-def _prompt_pass(fn, cache, P: int, chunk: int | None, lens_B, keep_all: bool):
-    """Run ``fn(start, size, cache, absorbed) -> (hidden [B, size, D], cache)`` over a prompt of
-    ``P`` tokens: in one naive pass, or (``chunk``) a naive first chunk and then the rest chunk by
-    chunk in a ``fori_loop``, absorbed over the cache. Returns the cache, each row's hidden state
-    at its last prompt token ``[B, D]`` and, with ``keep_all``, every hidden state ``[B, P, D]``."""
-    last_B = lens_B - 1
+def _prompt_pass(fn, cache, P: int, chunk: int | None, last_B, keep_all: bool, absorbed_first: bool = False):
+    """Run ``fn(start, size, cache, absorbed) -> (hidden [B, size, D], cache)`` over ``P`` tokens:
+    in one naive pass, or (``chunk``) a naive first chunk and then the rest chunk by chunk in a
+    ``fori_loop``, absorbed over the cache (``absorbed_first``: the first pass absorbed too, for
+    tokens that continue a cached prefix). Returns the cache, each row's hidden state at its
+    token ``last_B`` (an index into the ``P``) ``[B, D]`` and, with ``keep_all``, every hidden
+    state ``[B, P, D]``."""
     if chunk is None:
-        h_BPD, cache = fn(jnp.int32(0), P, cache, False)
+        h_BPD, cache = fn(jnp.int32(0), P, cache, absorbed_first)
         h_BD = jnp.take_along_axis(h_BPD, last_B[:, None, None], axis=1)[:, 0]
         return cache, h_BD, (h_BPD if keep_all else None)
-    h_BCD, cache = fn(jnp.int32(0), chunk, cache, False)
+    h_BCD, cache = fn(jnp.int32(0), chunk, cache, absorbed_first)
     h_BD = jnp.take_along_axis(h_BCD, jnp.clip(last_B, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
     all_BPD = None
     if keep_all:
@@ -247,8 +252,17 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, i
         out = model(ids, pos, cache=cache, absorbed=absorbed, logits=False, unstacked=weights.layers)
         return out.hidden, out.cache
 
-    cache, h_BD, hidden_BPD = _prompt_pass(run, cache, P, chunk, lens_B, keep_hidden)
-    logits_BV = model.lm_head(h_BD[:, None], dtype)[:, 0]
+    cache, h_BD, hidden_BPD = _prompt_pass(run, cache, P, chunk, lens_B - 1, keep_hidden)
+    state = _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered)
+    return (state, hidden_BPD) if keep_hidden else state
+
+
+def _first_state(model: DeepSeekV3, h_BD, cache, S: int, ids_BP, lens_B, end_B, active_B, seed, knobs: _Knobs,
+                 greedy: bool, filtered: bool) -> DecodeState:
+    """The decode state after a prompt: the first new token drawn from each row's last hidden
+    state ``h_BD``, the token buffer holding the prompts ``ids_BP`` and that token."""
+    B, P = ids_BP.shape
+    logits_BV = model.lm_head(h_BD[:, None], model.prec.dtype)[:, 0]
     keys_B = row_keys(seed, B)
     tok_B = _draw(logits_BV, keys_B, jnp.int32(0), knobs, greedy, filtered)
     tok_B = jnp.where(active_B, tok_B, knobs.eos)
@@ -256,8 +270,37 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, i
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | (knobs.stop & (tok_B == knobs.eos)) | (lens_B >= end_B)
-    state = DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
-    return (state, hidden_BPD) if keep_hidden else state
+    return DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
+
+
+def _resize_positions(cache, S: int):
+    """A latent cache (any layout: stacked or per layer) cut or zero-padded to ``S`` positions."""
+    def one(a):
+        n = a.shape[-2]
+        if n >= S:
+            return a[..., :S, :]
+        return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, S - n), (0, 0)])
+    return jax.tree.map(one, cache)
+
+
+def _prefill_continue(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, cache, sfx_BQ, start,
+                      ids_BP, lens_B, end_B, active_B, seed, knobs: _Knobs, chunk: int | None = None) -> DecodeState:
+    """Prefill that continues a cached prefix: ``cache`` (a previous call's, any length) holds
+    positions ``< start`` of these prompts; the suffix tokens ``sfx_BQ`` (right-padded) run at
+    positions ``start..`` absorbed over it, in chunks when ``chunk``. ``ids_BP``: the whole
+    prompts, for the token buffer."""
+    model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
+    B, Q = sfx_BQ.shape
+    cache = _resize_positions(cache, S)
+
+    def run(rel, n, cache, absorbed):
+        ids = jax.lax.dynamic_slice_in_dim(sfx_BQ, rel, n, axis=1)
+        pos = jnp.broadcast_to(start + rel + jnp.arange(n, dtype=jnp.int32), (B, n))
+        out = model(ids, pos, cache=cache, absorbed=True, logits=False, unstacked=weights.layers)
+        return out.hidden, out.cache
+
+    cache, h_BD, _ = _prompt_pass(run, cache, Q, chunk, lens_B - 1 - start, False, absorbed_first=True)
+    return _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered)
 
 
 def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: DecodeState, limit,
@@ -367,7 +410,7 @@ def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, weights: Weigh
         return x, cache
 
     mtp_cache = jnp.zeros((B, S, model.cfg.latent_dim), dtype)
-    mtp_cache, x_BD, _ = _prompt_pass(run, mtp_cache, P, chunk, lens_B, keep_all=False)
+    mtp_cache, x_BD, _ = _prompt_pass(run, mtp_cache, P, chunk, lens_B - 1, keep_all=False)
     # (Key parent 0xFFFFFFFF: never a step index, so no key is both used and derived from.)
     draft_B, q_BV = _draft(model, x_BD, state.keys_B, jnp.uint32(0xFFFFFFFF), knobs, greedy, filtered)
     zeros = jnp.zeros((B,), jnp.int32)
@@ -411,6 +454,34 @@ def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state
                          s.drafted_B + useful.astype(jnp.int32), s.accepted_B + (useful & ok).astype(jnp.int32))
 
     return jax.lax.while_loop(cond, body, state)
+
+
+#: A kept cache is reused from this many shared leading tokens on (fewer: a fresh prefill).
+MIN_REUSED_PREFIX = 16
+
+
+class _Kept(NamedTuple):
+    """What a ``reuse_prefix`` generator keeps from its last single-prompt call: the tokens whose
+    latent-cache entries are written, and the cache itself (on device)."""
+    ident: Any
+    ids: list
+    cache: Any
+
+
+def _reusable(kept: _Kept | None, prep, prompt: list[int]) -> int:
+    """How many leading tokens of ``prompt`` the kept cache covers (0: none worth reusing). At
+    least the last prompt token is always recomputed: its logits draw the first new token."""
+    if kept is None or kept.ident != prep.ident:
+        return 0
+    n = min(len(kept.ids), len(prompt) - 1)
+    k = 0
+    while k < n and kept.ids[k] == prompt[k]:
+        k += 1
+    return k if k >= MIN_REUSED_PREFIX else 0
+
+
+def _cache_len(cache) -> int:
+    return jax.tree.leaves(cache)[0].shape[-2]
 
 
 # Compiled (prefill, decode) pairs, shared by every Generator of the process: keyed by the model's
@@ -457,15 +528,18 @@ def _prepare(graphdef, weights: Weights) -> _Prepared:
 
 def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
     """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative,
-    prefill chunk)``,
+    prefill chunk, continuation)`` (continuation: None, or the suffix bucket and the cached
+    cache's length for :func:`_prefill_continue`),
     taking ``prep.leaves``, and the seconds spent compiling (0 on a cache hit)."""
     graphdef, treedef = prep.graphdef, prep.treedef
     full_key = (prep.ident, key)
     hit = _EXECUTABLES.get(full_key)
     if hit is not None:
         return hit, 0.0
-    _, _, S, greedy, filtered, spec, chunk = key
+    _, _, S, greedy, filtered, spec, chunk, cont = key
     prefill_fn, decode_fn = (_prefill_spec, _decode_spec) if spec else (_prefill, _decode)
+    if cont is not None:   # (suffix bucket, cached positions): the prefill continues a cached prefix
+        prefill_fn = _prefill_continue
 
     def weights(leaves):
         return jax.tree.unflatten(treedef, leaves)
@@ -546,10 +620,15 @@ class Generator:
     ``prefill_chunk``: prompts in chunks of this many tokens (a power of two >= 16), "auto"
     (default: only when one naive pass would hold over 2 GiB of attention scores, e.g. a 4K prompt
     at DeepSeek-V3's 128 heads) or None (always one pass); see :func:`prefill_chunk_for`.
+    ``reuse_prefix`` (what ``chat`` uses): after a single-prompt call the generator keeps its
+    latent cache, and the next single-prompt call that starts with the same tokens (at least
+    :data:`MIN_REUSED_PREFIX`) prefills only the rest, over that cache. Keep it off while the
+    model's weights change between calls (the kept cache would be stale).
     """
 
     def __init__(self, model: DeepSeekV3, tokenizer=None, *, max_len: int | None = None,
-                 stream_chunk: int = 8, weights: str = "auto", prefill_chunk: int | str | None = "auto"):
+                 stream_chunk: int = 8, weights: str = "auto", prefill_chunk: int | str | None = "auto",
+                 reuse_prefix: bool = False):
         if weights not in ("auto", "as-is", "dequantize"):
             raise DeepSeekError(f"weights {weights!r}: expected auto|as-is|dequantize")
         if not (prefill_chunk is None or prefill_chunk == "auto"
@@ -557,6 +636,8 @@ class Generator:
                     and prefill_chunk >= 16)):
             raise DeepSeekError(f"prefill_chunk {prefill_chunk!r}: expected an integer >= 16, 'auto' or None")
         self.prefill_chunk = prefill_chunk
+        self.reuse_prefix = bool(reuse_prefix)
+        self._kept: _Kept | None = None
         if weights == "auto":
             weights = "dequantize" if (jax.default_backend() == "cpu" and model.cfg.fp8
                                        and model.prec.fp8_mode == "w8a16"
@@ -661,8 +742,17 @@ class Generator:
         if max_new_tokens == 0:
             return [Result(p, [], "length") for p in prompts]
 
+        prep = self._prepared or _as_is(self.model)
+        keep = self.reuse_prefix and B == 1 and not spec
+        kept, self._kept = self._kept, None   # (a failing call leaves nothing stale behind)
+        k = _reusable(kept, prep, prompts[0]) if keep else 0
+        Q = length_bucket(int(lens[0]) - k) if k else 0
+        if k and k + Q > self.max_len:    # the suffix bucket would run past the model's length
+            k = Q = 0
+        stats.reused_prefix = k
+
         Bb = batch_bucket(B)
-        S = min(length_bucket(int((lens + budgets).max())), self.max_len)
+        S = min(length_bucket(max(int((lens + budgets).max()), k + Q)), self.max_len)
         Pb = min(length_bucket(int(lens.max())), S)
         ids = np.zeros((Bb, Pb), np.int32)
         lens_b = np.ones(Bb, np.int32)
@@ -674,16 +764,24 @@ class Generator:
         lens_b[:B], end_b[:B], active[:B] = lens, lens + budgets - 1, True
         stats.buckets = (Bb, Pb, S)
 
-        prep = self._prepared or _as_is(self.model)
         params = prep.leaves
         temp, top_k, top_p = sampling.traced()
         # (numpy inputs: the executables copy them in at C++ speed; jnp.asarray dispatches an op
         # per array, ~50 us each.)
         knobs = _Knobs(np.int32(eos), np.bool_(stop_at_eos), temp, top_k, top_p)
         prefill_args = (ids, lens_b, end_b, active, np.uint32(int(seed) & 0xFFFFFFFF))
-        p_chunk = prefill_chunk_for(Bb, Pb, S, self.model.cfg.num_attention_heads, self.prefill_chunk)
+        heads = self.model.cfg.num_attention_heads
+        cont = None
+        if k:   # continue the kept cache: only the suffix is prefilled, absorbed over it
+            sfx = np.zeros((Bb, Q), np.int32)
+            sfx[0, :int(lens[0]) - k] = prompts[0][k:]
+            cont = (Q, _cache_len(kept.cache))
+            prefill_args = (kept.cache, sfx, np.int32(k)) + prefill_args
+            p_chunk = prefill_chunk_for(Bb, Q, S, heads, self.prefill_chunk, over_cache=True)
+        else:
+            p_chunk = prefill_chunk_for(Bb, Pb, S, heads, self.prefill_chunk)
         stats.prefill_chunk = p_chunk
-        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, p_chunk)
+        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, p_chunk, cont)
         (pre, dec), stats.compile_s = _executables(prep, key, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 
@@ -724,6 +822,8 @@ class Generator:
             drafted, accepted = counts if stream is None else jax.device_get((state.drafted_B, state.accepted_B))
             stats.drafted, stats.accepted = int(drafted[:B].sum()), int(accepted[:B].sum())
 
+        if keep:   # the cache holds the entries of positions < cur: the prompt and all but the last token
+            self._kept = _Kept(prep.ident, buf[0, :int(cur[0])].tolist(), state.cache)
         results = []
         for r, p in enumerate(prompts):
             out = buf[r, lens[r]:cur[r] + 1].tolist()

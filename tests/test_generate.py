@@ -334,18 +334,24 @@ def test_cli_chat_piped(demo, monkeypatch, capsys):
 
     d, _ = demo
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\nHello\n/clear\nHello\n/exit\nnever read\n"))
-    code, out, err = run_cli(capsys, "chat", d, "--max-new-tokens", 6, "--temperature", 0)
+    system = "You are a small model that adds numbers."
+    code, out, err = run_cli(capsys, "chat", d, "--max-new-tokens", 6, "--temperature", 0, "--system", system,
+                             "--verbose")
     assert code == 0, err
     tok = Tokenizer.from_dir(d)
     gen = Generator(dj.load(d, mtp=False), tok)
-    first = gen.generate([tok.encode_chat([{"role": "user", "content": "Hello"}])], max_new_tokens=6)[0]
+    sys_msg = [{"role": "system", "content": system}]
+    first = gen.generate([tok.encode_chat(sys_msg + [{"role": "user", "content": "Hello"}])], max_new_tokens=6)[0]
     r1 = tok.decode(first.output_ids)
-    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": r1},
-               {"role": "user", "content": "Hello"}]
+    history = sys_msg + [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": r1},
+                         {"role": "user", "content": "Hello"}]
     r2 = tok.decode(gen.generate([tok.encode_chat(history)], max_new_tokens=6)[0].output_ids)
-    # Second turn sees the history; after /clear the first turn repeats; /exit stops reading.
+    # Second turn sees the history (prefilling only what the first turn's cache lacks: the same
+    # reply as a fresh prefill gives); after /clear the first turn repeats; /exit stops reading.
     assert out == f"{r1}\n{r2}\n{r1}\n"
     assert "history cleared" in err
+    timings = [ln for ln in err.splitlines() if "tokens/s" in ln]
+    assert len(timings) == 3 and "from the last turn's cache" in timings[1]
 
 
 def test_cli_chat_needs_tokenizer(ckpt_a, capsys):
@@ -407,3 +413,32 @@ def test_prefill_chunk_choice():
     for bad in (8, 0, "big", 16.0, True):
         with pytest.raises(dj.DeepSeekError, match="prefill_chunk"):
             Generator.__new__(Generator).__init__(None, prefill_chunk=bad)
+
+
+def test_reused_prefix_gives_the_fresh_tokens(ckpt_a):
+    """``reuse_prefix=True`` (chat): a single-prompt call that starts with the last call's prompt
+    and reply prefills only the rest, absorbed over the kept cache, and generates what a fresh
+    generator does; a prompt with no shared start, a batch, or a speculative call prefill from
+    scratch (and a batch or speculative call drops the kept cache)."""
+    model = dj.load(ckpt_a, dtype="float32", mtp=True)
+    rng = np.random.default_rng(6)
+    fresh, gen = Generator(model), Generator(model, reuse_prefix=True)
+    kw = dict(max_new_tokens=10, stop_at_eos=False)
+    prompt = rng.integers(2, 250, 30).tolist()
+    for turn in range(2):
+        got = gen.generate([prompt], **kw)[0]
+        assert got.output_ids == fresh.generate([prompt], **kw)[0].output_ids, turn
+        assert gen.last_stats.reused_prefix == (0 if turn == 0 else prev_len + 10 - 1), turn
+        prev_len = len(prompt)
+        prompt = prompt + got.output_ids + rng.integers(2, 250, 7).tolist()   # the next "turn"
+    streamed = []   # streaming over a continued prefill
+    got = gen.generate([prompt], stream=lambda row, ids: streamed.extend(ids), stream_chunk=4, **kw)[0]
+    assert gen.last_stats.reused_prefix == prev_len + 10 - 1 and streamed == got.output_ids
+    assert got.output_ids == fresh.generate([prompt], **kw)[0].output_ids
+    other = rng.integers(2, 250, 40).tolist()
+    gen.generate([other], **kw)
+    assert gen.last_stats.reused_prefix == 0
+    gen.generate([other + [7] * 3, other], **kw)      # a batch: no reuse, nothing kept
+    assert gen.last_stats.reused_prefix == 0 and gen._kept is None
+    gen.generate([other + [7] * 3], speculative="mtp", **kw)
+    assert gen.last_stats.reused_prefix == 0 and gen._kept is None

@@ -2,8 +2,10 @@
 
 Reads stdin line by line (so it also works with piped input): each non-empty line is a user
 turn; ``/clear`` forgets the conversation, ``/exit`` (or end of input) quits. The whole history
-is rendered through the tokenizer's chat template at every turn and generated from; replies go
-to stdout as they stream, notices and timings to stderr. A turn that cannot run (say, the
+is rendered through the tokenizer's chat template at every turn and generated from, but only
+the tokens the last turn's latent cache does not already hold are prefilled
+(``Generator(reuse_prefix=True)``); replies go to stdout as they stream, notices and timings
+to stderr. A turn that cannot run (say, the
 conversation no longer fits the model's length) prints its error and the session goes on.
 """
 
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.ckpt, required=True)
     if not tokenizer.chat_template:
         raise DeepSeekError(f"{args.ckpt}: tokenizer_config.json has no chat_template; chat needs one")
-    gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
+    # each turn's prompt starts with the last one's prompt and reply: prefill only what is new
+    gen = load_generator(args.ckpt, args.dtype, tokenizer, args, reuse_prefix=True)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     interactive = sys.stdin.isatty()

@@ -73,9 +73,11 @@ def load_tokenizer(ckpt: str, *, required: bool):
     return Tokenizer.from_dir(ckpt)
 
 
-def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | None = None):
+def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | None = None,
+                   reuse_prefix: bool = False):
     """The engine over the checkpoint; with runtime flags in ``args`` (``--mesh``, multi-host),
-    the model is loaded sharded and the rest of the command runs under that mesh."""
+    the model is loaded sharded and the rest of the command runs under that mesh.
+    ``reuse_prefix``: see :class:`~deepseek_jax.generate.Generator` (chat)."""
     import jax
 
     import deepseek_jax as dj
@@ -101,7 +103,7 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
             raise DeepSeekError(f"--speculative mtp: {ckpt} has no MTP layer to draft with "
                                 "(num_nextn_predict_layers = 0 or its tensors are missing)") from None
         raise
-    return Generator(model, tokenizer, prefill_chunk=prefill_chunk)
+    return Generator(model, tokenizer, prefill_chunk=prefill_chunk, reuse_prefix=reuse_prefix)
 
 
 def timing_line(stats) -> str:
@@ -111,8 +113,10 @@ def timing_line(stats) -> str:
         rate = stats.acceptance_rate
         spec_part = (f", speculative {stats.speculative}: {stats.accepted}/{stats.drafted} drafts accepted"
                      + (f" ({rate:.0%})" if rate is not None else "") + f", {stats.steps} steps")
+    reuse_part = (f", {stats.reused_prefix} of {stats.prompt_tokens} prompt tokens from the last turn's cache"
+                  if stats.reused_prefix else "")
     return (f"[{stats.new_tokens} tokens in {stats.prefill_s + stats.decode_s:.2f} s: "
-            f"{stats.tokens_per_s:,.1f} tokens/s, batch {stats.batch}{compile_part}{spec_part}]")
+            f"{stats.tokens_per_s:,.1f} tokens/s, batch {stats.batch}{compile_part}{spec_part}{reuse_part}]")
 
 
 # ---- generate ----------------------------------------------------------------------------------
