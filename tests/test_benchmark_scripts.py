@@ -61,3 +61,12 @@ def test_speculative_benchmark_small(tmp_path):
     derived = {k for k in costs if k.endswith("loop iteration")}
     assert len(derived) == 2 and all(v == v and abs(v) < 1e7 for v in (costs[k] for k in derived))
     assert all(v > 0 for k, v in costs.items() if k not in derived)
+
+
+def test_chat_prefix_benchmark_small():
+    """benchmarks/chat_prefix.py at one short history: it runs and asserts the reuse itself."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "chat_prefix.py"), "--histories", "40",
+                        "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = [ln for ln in r.stdout.splitlines() if ln.startswith("| 44 |")]
+    assert len(row) == 1 and row[0].endswith("x |")

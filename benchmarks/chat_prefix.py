@@ -1,0 +1,70 @@
+"""Chat turns on CPU: prefill time with the last turn's cache reused against a fresh prefill.
+
+A tiny random FP8 model (``tiny_config`` with 2048 positions), float32. For each history length,
+one call generates 4 tokens after a history of H random tokens; the next "turn" appends 20 new
+tokens. ``Generator(reuse_prefix=True)`` prefills only those (absorbed over the kept cache);
+a plain generator prefills the whole H + 24. Both run in alternation, ``--repeats`` rounds after a
+warm-up, best prefill time each (the machines here are noisy).
+
+    .venv/bin/python benchmarks/chat_prefix.py [--histories 200,1000] [--repeats 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--histories", default="200,1000")
+    ap.add_argument("--new", type=int, default=20, help="new tokens in the next turn")
+    ap.add_argument("--repeats", type=int, default=6)
+    args = ap.parse_args(argv)
+
+    import jax
+
+    import deepseek_jax as dj
+    from deepseek_jax.generate import Generator
+    from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
+
+    cfg = tiny_config(max_position_embeddings=2048)
+    ckpt = random_hub_checkpoint(os.path.join(tempfile.mkdtemp(prefix="chat_prefix_"), "ckpt"), cfg, seed=1)
+    model = dj.load(ckpt, dtype="float32")
+    rng = np.random.default_rng(0)
+    kw = dict(max_new_tokens=4, stop_at_eos=False)
+    print(f"date {datetime.date.today().isoformat()} · jax {jax.__version__} · {os.cpu_count()} CPU cores · "
+          f"tiny_config (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers), float32, "
+          f"best of {args.repeats}")
+    print()
+    print("| history tokens | new tokens | prefill, cache reused (ms) | prefill, fresh (ms) | speed-up |")
+    print("|---:|---:|---:|---:|---:|")
+    for hist in (int(h) for h in args.histories.split(",")):
+        base = rng.integers(2, cfg["vocab_size"], hist).tolist()
+        new = rng.integers(2, cfg["vocab_size"], args.new).tolist()
+        reuse, fresh = Generator(model, reuse_prefix=True), Generator(model)
+        t_reuse, t_fresh = [], []
+        for _ in range(args.repeats + 1):
+            reuse._kept = None                       # every round: the same first turn, then the next
+            first = reuse.generate([base], **kw)[0]
+            prompt = base + first.output_ids + new
+            reuse.generate([prompt], **kw)
+            assert reuse.last_stats.reused_prefix == hist + kw["max_new_tokens"] - 1
+            t_reuse.append(reuse.last_stats.prefill_s)
+            fresh.generate([prompt], **kw)
+            t_fresh.append(fresh.last_stats.prefill_s)
+        a, b = min(t_reuse[1:]), min(t_fresh[1:])
+        print(f"| {hist + kw['max_new_tokens']} | {args.new} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
