@@ -33,6 +33,8 @@ class Plan:
     decode_args: int        # what XLA counts as the decode step's arguments (weights+cache+inputs)
     device: str
     capacity: float
+    prefill_tokens: int = 0         # the prompt bucket the prefill was compiled for
+    prefill_chunk: int | None = None  # its chunk (the generator's policy), None: one pass
 
     @property
     def peak(self) -> int:
@@ -47,7 +49,9 @@ class Plan:
                 ("weights / device", _fmt(self.weights)),
                 ("weights, whole model", _fmt(self.weights_total)),
                 ("latent cache / device", _fmt(self.cache)),
-                ("prefill temporaries / device", _fmt(self.prefill_temp)),
+                ("prefill temporaries / device", _fmt(self.prefill_temp)
+                 + (f"  ({self.prefill_tokens} tokens in chunks of {self.prefill_chunk})"
+                    if self.prefill_chunk else "")),
                 ("decode temporaries / device", _fmt(self.decode_temp)),
                 ("peak / device", _fmt(self.peak)),
                 (f"{self.device} memory", _fmt(int(self.capacity))),
@@ -76,7 +80,10 @@ def shard_bytes(shape, dtype, spec, mesh_shape) -> int:
 
 def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "ep_tp", batch: int = 1,
               max_len: int = 4096, prompt_len: int | None = None, prefill_batch: int = 1, device: str = "h200",
-              compile_steps: bool = True) -> Plan:
+              compile_steps: bool = True, prefill_chunk: int | str | None = "auto") -> Plan:
+    """``prefill_chunk``: as :class:`~deepseek_jax.generate.Generator` takes it; the prefill is
+    compiled the way the generator runs it (the prompt padded to its length bucket, in chunks
+    when the policy chunks it)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -86,6 +93,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     from deepseek_jax import sharding
     from deepseek_jax.cache import LatentCache
     from deepseek_jax.checkpoint import abstract_model
+    from deepseek_jax.generate import _prompt_pass, length_bucket, prefill_chunk_for
     from deepseek_jax.quant import Precision
 
     if device not in DEVICES:
@@ -111,6 +119,9 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     cache = sum(shard_bytes(a.shape, a.dtype, sharding.cache_spec(mesh_shape, rule_table, a.shape), mesh_shape)
                 for a in jax.tree.leaves(cache_abs))
     decode_temp = prefill_temp = decode_args = 0
+    T = min(length_bucket(prompt_len or min(max_len, 4096)), max_len)
+    Bp = min(prefill_batch, batch)
+    chunk = prefill_chunk_for(Bp, T, max_len, cfg.num_attention_heads, prefill_chunk)
     if compile_steps:
         sharding.attach_mesh(model, mesh, rules)
         graphdef, state = nnx.split(model)
@@ -124,21 +135,27 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
             out = nnx.merge(graphdef, st)(ids, pos, cache=c, absorbed=True)
             return out.logits, out.cache
 
-        def prefill(st, c, ids):
-            out = nnx.merge(graphdef, st)(ids, cache=c, logits=False)
-            return out.hidden[:, -1], out.cache
+        def prefill(st, c, ids):   # as the generator's prefill runs it (generate._prefill)
+            m = nnx.merge(graphdef, st)
+
+            def run(start, n, cache, absorbed):
+                x = jax.lax.dynamic_slice_in_dim(ids, start, n, axis=1)
+                pos = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), x.shape)
+                out = m(x, pos, cache=cache, absorbed=absorbed, logits=False)
+                return out.hidden, out.cache
+
+            cache, h, _ = _prompt_pass(run, c, T, chunk, jnp.full((ids.shape[0],), T - 1, jnp.int32), False)
+            return h, cache
 
         # FP8 leaves enter as raw bytes (the layer scan bitcasts them back per layer), so XLA's
         # CPU backend does not widen the whole stacked f8 weights to f16: a CPU-only artefact.
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.uint8)
                              if a.dtype == jnp.float8_e4m3fn else a, state)
-        T = prompt_len or min(max_len, 4096)
         ids_sds = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
         with jax.set_mesh(mesh):
             dec = jax.jit(decode, in_shardings=(st_sh, c_sh, tok_sh, tok_sh), donate_argnums=(1,)).lower(
                 state, cache_abs, ids_sds, ids_sds).compile()
             # Prefill: ``prefill_batch`` prompts of ``T`` tokens into the batch-``batch`` cache's rows.
-            Bp = min(prefill_batch, batch)
             cache_pre = jax.eval_shape(lambda: LatentCache.zeros(cfg, Bp, max_len, jnp.bfloat16))
             cp_sh = jax.tree.map(lambda a: NamedSharding(mesh, sharding.cache_spec(mesh_shape, rule_table, a.shape)),
                                  cache_pre)
@@ -149,4 +166,4 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         decode_temp, prefill_temp = int(dm.temp_size_in_bytes), int(pm.temp_size_in_bytes)
         decode_args = int(dm.argument_size_in_bytes)
     return Plan(dict(mesh_shape), weights, total, cache, decode_temp, prefill_temp, decode_args, device,
-                DEVICES[device])
+                DEVICES[device], T, chunk)

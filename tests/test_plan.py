@@ -72,3 +72,17 @@ def test_plan_bad_input(capsys):
     assert cli.main(["plan", "--config", "nope", "--mesh", "expert=2"]) == 2
     assert "nope" in capsys.readouterr().err
     assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--device", "abacus", "--no-compile"]) == 2
+
+
+def test_plan_compiles_the_prefill_the_generator_runs():
+    """``--prefill-chunk``: the prefill is compiled as the generator runs it. In 32-token chunks
+    a 256-token prompt's attention scores are [H, 32, 256] instead of [H, 256, 256], and XLA's
+    temporaries of the compiled prefill shrink accordingly; "auto" keeps one pass at this size."""
+    common = ("--config", "tiny", "--mesh", "data=1,expert=1,model=1", "--max-len", "256", "--prompt-len", "200")
+    one = _plan_json(*common, "--prefill-chunk", "none")
+    chunked = _plan_json(*common, "--prefill-chunk", "32")
+    auto = _plan_json(*common)
+    assert one["prefill_tokens"] == chunked["prefill_tokens"] == 256     # 200 pads to its bucket
+    assert one["prefill_chunk"] is None and auto["prefill_chunk"] is None and chunked["prefill_chunk"] == 32
+    assert chunked["prefill_temp"] < one["prefill_temp"]
+    assert chunked["decode_temp"] == one["decode_temp"]

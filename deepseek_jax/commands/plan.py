@@ -21,8 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight format (default: the config's: fp8 when it has quantization_config)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--max-len", type=int, default=4096, help="cache length per sequence")
-    p.add_argument("--prompt-len", type=int, default=None, help="prefill length (default min(max-len, 4096))")
+    p.add_argument("--prompt-len", type=int, default=None, help="prefill length (default min(max-len, 4096); compiled at its length bucket, as generate pads it)")
     p.add_argument("--prefill-batch", type=int, default=1, help="prompts prefilled together (default 1)")
+    p.add_argument("--prefill-chunk", default="auto", metavar="N",
+                   help="the prefill as generate runs it: in chunks of N tokens, 'auto' (default: when one pass "
+                        "would hold over 2 GiB of attention scores) or 'none'")
     p.add_argument("--device", default="h200", help="h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4")
     p.add_argument("--no-compile", action="store_true", help="weights and cache only (seconds instead of minutes)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -47,16 +50,20 @@ def run(args: argparse.Namespace) -> int:
     except Exception:  # noqa: BLE001 - already initialised: make_plan checks the count
         pass
     from deepseek_jax.plan import make_plan
+    from deepseek_jax.commands.generate import prefill_chunk_from_args
+    chunk = prefill_chunk_from_args(args)
     plan = make_plan(cfg, sizes, rules=args.rules, batch=args.batch, max_len=args.max_len,
-                     prompt_len=args.prompt_len, prefill_batch=args.prefill_batch, device=args.device, compile_steps=not args.no_compile)
+                     prompt_len=args.prompt_len, prefill_batch=args.prefill_batch, device=args.device,
+                     compile_steps=not args.no_compile, prefill_chunk=chunk)
     if args.json:
         print(json.dumps({"mesh": plan.mesh, "weights": plan.weights, "weights_total": plan.weights_total,
                           "cache": plan.cache, "prefill_temp": plan.prefill_temp, "decode_temp": plan.decode_temp,
                           "decode_args": plan.decode_args, "peak": plan.peak, "device": plan.device,
-                          "capacity": plan.capacity, "fits": plan.fits}))
+                          "capacity": plan.capacity, "fits": plan.fits, "prefill_tokens": plan.prefill_tokens,
+                          "prefill_chunk": plan.prefill_chunk}))
     else:
         print(f"{cfg.num_hidden_layers} layers, {'FP8' if cfg.fp8 else 'BF16'} weights, decode batch {args.batch}, "
-              f"max-len {args.max_len}, prefill {args.prefill_batch} x {args.prompt_len or min(args.max_len, 4096)} "
-              f"tokens, rules {args.rules}")
+              f"max-len {args.max_len}, prefill {args.prefill_batch} x {plan.prefill_tokens} tokens"
+              f"{f' in chunks of {plan.prefill_chunk}' if plan.prefill_chunk else ''}, rules {args.rules}")
         print(plan.table())
     return 0
