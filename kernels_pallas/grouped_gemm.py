@@ -654,8 +654,9 @@ def _gmm_w8a8_impl(x, w, gs, ws, off, *, out_dtype, target, interpret):
     summation order; decode keeps the Triton kernel, which reads only the touched experts' scales)."""
     from kernels_pallas.fp8_gemm import quantize_act_1x128
     xq, xs = quantize_act_1x128(x)
+    asked = os.environ.get(GROUPED_GPU_ENV, "").strip()   # unset: Mosaic GPU, the only W8A8 kernel
     if (target == "gpu" and x.shape[0] >= MGPU_FP8_MIN_ROWS
-            and os.environ.get(GROUPED_GPU_ENV, "").strip().lower() != "triton"):
+            and (not asked or backend.gpu_kernel_family(GROUPED_GPU_ENV) == "mosaic_gpu")):
         from kernels_pallas.grouped_gemm_mgpu import gmm_mgpu, grouped_supported
         if grouped_supported(x.shape[0], w.shape[1], x.shape[1], fp8=True):
             return gmm_mgpu(xq, w, gs, x_scale=xs, w_scale=ws, out_dtype=out_dtype, expert_offset=off,

@@ -792,6 +792,10 @@ def test_grouped_matmul_w8a8_quantizes_the_rows(monkeypatch):
         g16 = jax.grad(lambda a: jnp.sum(grouped_matmul_ref(a, wq[1:], sizes, w_scale=ws[1:],
                                                             out_dtype=jnp.float32) * w16))(x)
         _assert_close(g, g16, jnp.float32)
+    monkeypatch.setenv("DEEPSEEK_JAX_GROUPED_GPU", "cutlass")
+    jax.clear_caches()
+    with pytest.raises(ValueError, match="DEEPSEEK_JAX_GROUPED_GPU='cutlass': expected triton or mosaic_gpu"):
+        call(x, "interpret_gpu")
     with pytest.raises(ValueError, match="quantize_x \\(W8A8\\) needs float8_e4m3fn weights"):
         grouped_matmul(x, wq[1:].astype(jnp.float32), sizes, quantize_x=True, impl="ref")
 
