@@ -107,3 +107,28 @@ def test_prefill_4k_lowers_with_the_gpu_kernels(cfg, on_gpu, variant):
     if variant == "w8a8_mosaic":
         assert k.get("grouped_gemm_gpu", 0) == 0 and k.get("w8a8_gemm_gpu", 0) >= 1, k
     assert exp.out_avals[0].shape == (1, cfg.hidden_size)
+
+
+def test_generator_chunked_prefill_lowers(cfg, on_gpu):
+    """The generator's prefill of a 4096-token prompt into an 8192-position cache in chunks of 512
+    (what ``prefill_chunk="auto"`` picks at 128 heads): a naive first chunk, then the absorbed
+    multi-token form over the cache in a loop; and the continuation of a cached prefix
+    (``reuse_prefix``, what ``chat`` runs)."""
+    import numpy as np
+
+    from deepseek_jax import generate as G
+    graphdef, state = nnx.split(abstract_model(cfg, Precision(dtype=jnp.bfloat16)))
+    S, P = 2 * CONTEXT, CONTEXT
+    sds = jax.ShapeDtypeStruct
+    knobs = G._Knobs(*(sds((), np.asarray(v).dtype) for v in (np.int32(1), np.bool_(True), *G.GREEDY.traced())))
+    row = (sds((1,), jnp.int32), sds((1,), jnp.int32), sds((1,), jnp.bool_), sds((), jnp.uint32))
+    assert G.prefill_chunk_for(1, P, S, cfg.num_attention_heads, "auto") == 512
+    pre = lambda st, ids, *a: G._prefill(graphdef, True, False, S, G.Weights(st), ids, *a, chunk=512)  # noqa: E731
+    exp = export_for_gpu(pre, state, sds((1, P), jnp.int32), *row, knobs)
+    assert exported_kernels(exp).get("grouped_gemm_gpu", 0) == 6     # naive chunk + the loop body
+    cache = jax.eval_shape(lambda: LatentCache.zeros(cfg, 1, CONTEXT, jnp.bfloat16))
+    cont = lambda st, c, sfx, k, ids, *a: G._prefill_continue(graphdef, True, False, S, G.Weights(st), c, sfx, k,  # noqa: E731
+                                                              ids, *a, chunk=None)
+    exp = export_for_gpu(cont, state, cache, sds((1, 256), jnp.int32), sds((), jnp.int32), sds((1, P), jnp.int32),
+                         *row, knobs)
+    assert exp.out_avals[0].shape == (1, 1, S, cfg.latent_dim)   # the dense layer's cache, resized to S
