@@ -74,6 +74,10 @@ def _expert_of_rows(group_sizes_E: jax.Array, m: int) -> jax.Array:
     return jnp.sum(ends_E[None, :] <= rows_M[:, None], axis=1, dtype=jnp.int32)
 
 
+#: The reference's few-row gather path holds at most this many gathered weight elements.
+_GATHER_MAX_ELEMENTS = 1 << 28
+
+
 def grouped_matmul_ref(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, *,
                        w_scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
     """Reference grouped matmul via ``jax.lax.ragged_dot`` → ``[M, N]`` (``out_dtype`` default x.dtype).
@@ -85,12 +89,13 @@ def grouped_matmul_ref(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, 
     out_dtype = x_MK.dtype if out_dtype is None else out_dtype
     cdt = _compute_dtype(x_MK, w)
     M, E = x_MK.shape[0], w.shape[0]
-    if M <= E:
+    if M <= 4 * E and M * w.shape[1] * w.shape[2] <= _GATHER_MAX_ELEMENTS:
         # Few rows (decode): gather each row's expert weight instead of a dense masked product
         # over all experts (what ragged_dot lowers to on CPU); only touched experts are read.
-        # The gathered [M, N, K] is at most the size of the dequantized stack ragged_dot needs
-        # anyway (it was M <= 4E: 4x that stack, 5.3 instead of 1.3 GiB of decode temporaries
-        # per device in the 671B plan on a v5p-64 at batch 16).
+        # (4E: a speculative verification pass of up to 4 tokens per row takes the same path as
+        # one-token decoding, so their numbers are identical.) The gathered [M, N, K] weights
+        # are capped: uncapped, the 671B plan on a v5p-64 at batch 16 had 5.26 instead of 0.83
+        # GiB of decode temporaries per device.
         expert_M = _expert_of_rows(group_sizes_E, M)
         e = jnp.minimum(expert_M, E - 1)
         w_MNK = dequantize_blocks(w[e], w_scale[e]) if is_fp8(w.dtype) else w[e]

@@ -1068,6 +1068,24 @@ def test_grouped_ref_gather_path_edge_groups():
         assert np.all(got[sum(sizes):] == 0.0)
 
 
+def test_grouped_ref_gather_path_is_capped(monkeypatch):
+    """The few-row gather holds ``[M, N, K]`` weights: past ``_GATHER_MAX_ELEMENTS`` the reference
+    takes ``ragged_dot`` instead (same numbers), so a large model's decode does not gather GBs."""
+    import importlib
+    gg = importlib.import_module("kernels_pallas.grouped_gemm")
+    rng = np.random.default_rng(8)
+    E, N, K, M = 4, 8, 16, 6
+    x, w = jnp.asarray(rng.normal(size=(M, K)), jnp.float32), jnp.asarray(rng.normal(size=(E, N, K)), jnp.float32)
+    sizes = jnp.asarray([2, 0, 3, 1], jnp.int32)
+    call = lambda a, b: grouped_matmul_ref(a, b, sizes)  # noqa: E731
+    assert "ragged_dot" not in str(jax.make_jaxpr(call)(x, w))
+    small = np.asarray(call(x, w))
+    monkeypatch.setattr(gg, "_GATHER_MAX_ELEMENTS", M * N * K - 1)
+    jax.clear_caches()   # (make_jaxpr reuses its trace of the same function otherwise)
+    assert "ragged_dot" in str(jax.make_jaxpr(call)(x, w))
+    np.testing.assert_allclose(np.asarray(call(x, w)), small, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("m", [6, 31, 32, 33, 90])  # around the gather / ragged_dot switch (M <= 4E)
 @pytest.mark.parametrize("fp8", [False, True])
 def test_grouped_ref_paths_agree_with_numpy(m, fp8):
