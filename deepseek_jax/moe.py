@@ -216,10 +216,11 @@ def every_expert_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: ja
     x_MD = x_MD.astype(dtype)
     # W8A8: the rows each GEMM sees, as kernels_pallas.grouped_matmul(quantize_x=True) sees them
     # (float32 rows and weights: the products of e4m3 values and scales, unrounded)
-    quant = (functools.partial(kernels_pallas.grouped_gemm.fake_quantize_act_1x128, dtype=jnp.float32)
+    quant = (functools.partial(kernels_pallas.fake_quantize_act_1x128, dtype=jnp.float32)
              if w8a8 else lambda a: a)
-    g_MEF = einsum32("md,efd->mef", quant(x_MD), wg_EFD).astype(dtype)
-    u_MEF = einsum32("md,efd->mef", quant(x_MD), wu_EFD).astype(dtype)
+    xq_MD = quant(x_MD)
+    g_MEF = einsum32("md,efd->mef", xq_MD, wg_EFD).astype(dtype)
+    u_MEF = einsum32("md,efd->mef", xq_MD, wu_EFD).astype(dtype)
     y_MED = einsum32("mef,edf->med", quant(jax.nn.silu(g_MEF) * u_MEF), wd_EDF).astype(dtype)
     M = x_MD.shape[0]
     c_ME = jnp.zeros((M, n_experts), jnp.float32).at[jnp.arange(M)[:, None], idx_MK].add(w_MK)

@@ -81,6 +81,19 @@ def quantize_act_1x128(x_MK: jax.Array) -> tuple[jax.Array, jax.Array]:
     return xq, xs.astype(jnp.float32)
 
 
+def dequantize_act_1x128(xq_MK: jax.Array, xs_Mk: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """``xq * xs`` per 1x128 block (the inverse of ``quantize_act_1x128``, up to its rounding)."""
+    k = xq_MK.shape[-1]
+    s = jnp.repeat(xs_Mk.astype(jnp.float32), QBLOCK, axis=-1)[..., :k]
+    return (xq_MK.astype(jnp.float32) * s).astype(dtype)
+
+
+def fake_quantize_act_1x128(x_MK: jax.Array, dtype=None) -> jax.Array:
+    """``x`` rounded the way W8A8 sees it: quantized per 1x128 block to e4m3, then scaled back.
+    A dot of this with dequantized weights is the W8A8 block GEMM up to float32 summation order."""
+    return dequantize_act_1x128(*quantize_act_1x128(x_MK), x_MK.dtype if dtype is None else dtype)
+
+
 def _check_weight(x_MK, wq_NK, ws_nk, layer=None):
     if layer is not None:  # [L, N, K] stack of several layers' weights, one used
         if wq_NK.ndim != 3 or ws_nk.ndim != 3 or wq_NK.shape[0] != ws_nk.shape[0]:

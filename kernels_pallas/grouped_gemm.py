@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 from kernels_pallas import backend
 from kernels_pallas._common import (GPU_NUM_SMS, QBLOCK, and_masks, cdiv, dequantize_blocks, is_fp8,
                                    masked_load, next_pow2, round_up)
+from kernels_pallas.fp8_gemm import dequantize_act_1x128, fake_quantize_act_1x128, quantize_act_1x128
 
 __all__ = ["grouped_matmul_ref", "grouped_matmul"]
 
@@ -638,26 +639,12 @@ GROUPED_GPU_ENV = "DEEPSEEK_JAX_GROUPED_GPU"
 MGPU_FP8_MIN_ROWS = 1024
 
 
-def dequantize_act_1x128(xq_MK: jax.Array, xs_Mk: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """``xq * xs`` per 1x128 block (the inverse of ``quantize_act_1x128``, up to its rounding)."""
-    k = xq_MK.shape[-1]
-    s = jnp.repeat(xs_Mk.astype(jnp.float32), QBLOCK, axis=-1)[..., :k]
-    return (xq_MK.astype(jnp.float32) * s).astype(dtype)
-
-
-def fake_quantize_act_1x128(x_MK: jax.Array, dtype=None) -> jax.Array:
-    """``x`` rounded the way W8A8 sees it: quantized per 1x128 block to e4m3, then scaled back.
-    A dot of this with dequantized weights is the W8A8 block GEMM up to float32 summation order."""
-    from kernels_pallas.fp8_gemm import quantize_act_1x128
-    return dequantize_act_1x128(*quantize_act_1x128(x_MK), x_MK.dtype if dtype is None else dtype)
-
-
 def _gmm_w8a8_impl(x, w, gs, ws, off, *, out_dtype, target, interpret):
     """W8A8 forward: ``x`` quantized 1x128 here. On a GPU, from ``MGPU_FP8_MIN_ROWS`` rows on, the
     Mosaic GPU W8A8 kernel (e4m3 ``wgmma``, the only grouped W8A8 kernel) where it tiles the shape;
     otherwise the W8A16 kernels on the fake-quantized rows (the same numbers up to float32
-    summation order; decode keeps the Triton kernel, which reads only the touched experts' scales)."""
-    from kernels_pallas.fp8_gemm import quantize_act_1x128
+    summation order, the rows rounded to ``x``'s dtype; decode keeps the Triton kernel, which reads
+    only the touched experts' scales)."""
     xq, xs = quantize_act_1x128(x)
     asked = os.environ.get(GROUPED_GPU_ENV, "").strip()   # unset: Mosaic GPU, the only W8A8 kernel
     if (target == "gpu" and x.shape[0] >= MGPU_FP8_MIN_ROWS
@@ -730,8 +717,8 @@ def grouped_matmul(x_MK: jax.Array, w: jax.Array, group_sizes_E: jax.Array, *,
     ``quantize_x`` (FP8 weights only): W8A8, the rows quantized 1x128 to e4m3 on the fly as the
     dense ``w8a8_matmul`` does, and the block GEMM of the quantized operands (on a GPU the Mosaic
     GPU e4m3 ``wgmma`` kernel where it tiles the shape; the reference and other backends compute
-    the same product from the fake-quantized rows). The backward treats the quantization as the
-    identity.
+    the same product from the fake-quantized rows, float32 in the reference, ``x``'s dtype in the
+    kernels). The backward treats the quantization as the identity.
 
     ``impl`` picks the Pallas kernel or :func:`grouped_matmul_ref` (see :mod:`kernels_pallas.backend`).
     Differentiable w.r.t. ``x`` and, for bf16/f32 weights, ``w`` (custom VJP; FP8 weights are frozen).
