@@ -217,7 +217,7 @@ def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
     tile_start = tile_end - ntiles
     num = cdiv(m, bm) + min(e, m) + 1
     t = jnp.arange(num, dtype=jnp.int32)
-    g = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)  # empty experts are skipped
+    g = jnp.searchsorted(tile_end, t, side="right", method="compare_all").astype(jnp.int32)  # empty experts are skipped
     valid = g <= e
     gc = jnp.minimum(g, e)
     r0 = starts[gc] + (t - tile_start[gc]) * bm
@@ -412,7 +412,7 @@ def _tpu_gmm_schedule(group_sizes_E, mp: int, tm: int):
     t = jnp.arange(num, dtype=jnp.int32)
     valid = t < cum[-1]
     t_eff = jnp.where(valid, t, cum[-1] - 1)
-    g = jnp.minimum(jnp.searchsorted(cum, t_eff, side="right"), e).astype(jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(cum, t_eff, side="right", method="compare_all"), e).astype(jnp.int32)
     m_tile = (first_tile[g] + t_eff - vstart[g]).astype(jnp.int32)
     w_group = jnp.maximum(lax.cummax(jnp.where(g < e, g, -1), axis=0), 0).astype(jnp.int32)
     return g, m_tile, w_group, valid.astype(jnp.int32), starts.astype(jnp.int32), ends.astype(jnp.int32)
@@ -550,7 +550,7 @@ def _tpu_tgmm_schedule(group_sizes_E, mp: int, tm: int):
     t = jnp.arange(num, dtype=jnp.int32)
     valid = t < cum[-1]
     t_eff = jnp.where(valid, t, cum[-1] - 1)
-    g = jnp.minimum(jnp.searchsorted(cum, t_eff, side="right"), e - 1).astype(jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(cum, t_eff, side="right", method="compare_all"), e - 1).astype(jnp.int32)
     m_tile = (first_tile[g] + t_eff - vstart[g]).astype(jnp.int32)
     prev_g = jnp.concatenate([jnp.full((1,), -1, jnp.int32), g[:-1]])
     next_g = jnp.concatenate([g[1:], jnp.full((1,), -1, jnp.int32)])

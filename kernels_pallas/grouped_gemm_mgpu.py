@@ -101,7 +101,7 @@ def _block_tile_schedule(group_sizes_E, m: int, bm: int):
     tile_end = jnp.cumsum(ntiles)
     tile_start = tile_end - ntiles
     t = jnp.arange(-(-m // bm) + min(e, m) + 1, dtype=jnp.int32)
-    g = jnp.searchsorted(tile_end, t, side="right").astype(jnp.int32)  # empty groups skipped
+    g = jnp.searchsorted(tile_end, t, side="right", method="compare_all").astype(jnp.int32)  # empty groups skipped
     valid = g <= e
     gc = jnp.minimum(g, e)
     blk = first[gc] + t - tile_start[gc]
