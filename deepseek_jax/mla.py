@@ -114,11 +114,13 @@ class MLA(nnx.Module):
                                     absorbed=True, layer=layer)
                 outs.append(o)
             return jnp.concatenate(outs, axis=1), cache_BSC
-        cos, sin = rope.cos_sin(pos_BT)
-        q_nope, q_pe = self._query(x_BTD, cos, sin, rope)
-        new_BTC = self.latent_entries(x_BTD, cos, sin, rope)
+        with jax.named_scope("qkv"):
+            cos, sin = rope.cos_sin(pos_BT)
+            q_nope, q_pe = self._query(x_BTD, cos, sin, rope)
+            new_BTC = self.latent_entries(x_BTD, cos, sin, rope)
         if cache_BSC is not None:
-            cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT, layer)
+            with jax.named_scope("cache_write"):
+                cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT, layer)
         H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
         w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
         if not absorbed:
@@ -166,5 +168,6 @@ class MLA(nnx.Module):
                 p = self._softmax(s, mask).astype(dtype)
                 o_lat = einsum32("bhts,bsl->bthl", p, c).astype(dtype)
             o_BTHA = einsum32("bthl,hal->btha", o_lat, w_kvb[:, N:]).astype(dtype)
-        out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))
+        with jax.named_scope("o_proj"):
+            out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))
         return out, cache_BSC

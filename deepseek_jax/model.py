@@ -61,13 +61,15 @@ class DecoderLayer(nnx.Module):
                  cache_layer=None):
         """``layer_idx``: experts read in place (see ``MoE``); ``cache_layer``: ``cache_BSC`` is the
         scanned layers' whole ``[L, B, S, C]`` cache and this is that layer (see ``MLA``)."""
-        a, cache_BSC = self.self_attn(self.input_layernorm(h_BTD), pos_BT, rope,
-                                      cache_BSC=cache_BSC, absorbed=absorbed, layer=cache_layer)
+        with jax.named_scope("attn"):
+            a, cache_BSC = self.self_attn(self.input_layernorm(h_BTD), pos_BT, rope,
+                                          cache_BSC=cache_BSC, absorbed=absorbed, layer=cache_layer)
         h_BTD = h_BTD + a
-        if self.moe:
-            f, stats = self.mlp(self.post_attention_layernorm(h_BTD), layer_idx)
-        else:
-            f, stats = self.mlp(self.post_attention_layernorm(h_BTD)), None
+        with jax.named_scope("moe" if self.moe else "mlp"):
+            if self.moe:
+                f, stats = self.mlp(self.post_attention_layernorm(h_BTD), layer_idx)
+            else:
+                f, stats = self.mlp(self.post_attention_layernorm(h_BTD)), None
         return h_BTD + f, cache_BSC, stats
 
 
@@ -253,7 +255,8 @@ class DeepSeekV3(nnx.Module):
         dtype = self.prec.dtype
         if pos_BT is None:
             pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        h = self.embed_tokens(ids_BT, dtype)
+        with jax.named_scope("embed"):
+            h = self.embed_tokens(ids_BT, dtype)
         dense_c = cache.dense if cache is not None else None
         moe_c = cache.moe if cache is not None else None
         stats = None
@@ -267,9 +270,10 @@ class DeepSeekV3(nnx.Module):
             h, dense_c, _ = run(self.dense_layers, "dense", h, dense_c)
         if self.moe_layers is not None:
             h, moe_c, stats = run(self.moe_layers, "moe", h, moe_c)
-        h = self.norm(h)
+        with jax.named_scope("lm_head"):
+            h = self.norm(h)
+            out_logits = self.lm_head(h, dtype) if logits else None
         new_cache = cache._replace(dense=dense_c, moe=moe_c) if cache is not None else None
-        out_logits = self.lm_head(h, dtype) if logits else None
         return Output(out_logits, h, new_cache, stats)
 
     def unstacked(self) -> Unstacked:

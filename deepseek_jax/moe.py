@@ -49,14 +49,23 @@ def route(logits_TE: jax.Array, bias_E: jax.Array, cfg: DeepSeekConfig) -> Routi
     s = jax.nn.sigmoid(logits_TE.astype(jnp.float32))
     sb = s + bias_E.astype(jnp.float32)
     group_score_TG = jnp.sum(jax.lax.top_k(sb.reshape(T, G, E // G), 2)[0], axis=-1)
-    _, top_groups = jax.lax.top_k(group_score_TG, cfg.topk_group)
-    keep_TG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], top_groups].set(True)
-    keep_TE = jnp.repeat(keep_TG, E // G, axis=1)
+    keep_TE = jnp.repeat(_top_k_mask(group_score_TG, cfg.topk_group), E // G, axis=1)
     _, idx = jax.lax.top_k(jnp.where(keep_TE, sb, -jnp.inf), K)
     w = jnp.take_along_axis(s, idx, axis=1)
     if cfg.norm_topk_prob:
         w = w / jnp.sum(w, axis=-1, keepdims=True)
     return Routing(idx.astype(jnp.int32), w * cfg.routed_scaling_factor, s)
+
+
+def _top_k_mask(x_TG: jax.Array, k: int) -> jax.Array:
+    """``[T, G]`` bool: the entries ``lax.top_k(x, k)`` picks (ties to the lower index), by rank:
+    ``g`` is kept when fewer than ``k`` entries come before it. Elementwise compares and one sum,
+    which XLA fuses with their neighbours; ``top_k`` and a scatter of its indices are two more GPU
+    kernels per MoE layer at decode."""
+    g = jnp.arange(x_TG.shape[-1])
+    before = (x_TG[:, None, :] > x_TG[:, :, None]) | ((x_TG[:, None, :] == x_TG[:, :, None])
+                                                      & (g[None, :] < g[:, None]))
+    return jnp.sum(before, axis=-1) < k
 
 
 class MoEStats(NamedTuple):
@@ -129,7 +138,8 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
         x_MD = x_BTD.reshape(B * T, D).astype(dtype)
-        r = self.gate(x_MD, cfg)
+        with jax.named_scope("router"):
+            r = self.gate(x_MD, cfg)
 
         if layer_idx is not None:
             y_MD = local_moe(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec, E,
@@ -140,8 +150,14 @@ class MoE(nnx.Module):
         else:
             y_MD = local_moe(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec, E, seq_len=T)
         if self.shared_experts is not None:
-            y_MD = y_MD + self.shared_experts(x_MD)
+            with jax.named_scope("shared_experts"):
+                y_MD = y_MD + self.shared_experts(x_MD)
+        return y_MD.reshape(B, T, D), _moe_stats(r, B, T, E, K)
 
+
+def _moe_stats(r: Routing, B: int, T: int, E: int, K: int) -> MoEStats:
+    """Expert load and the sequence-wise balance term (see :class:`MoEStats`)."""
+    with jax.named_scope("moe_stats"):
         # Statistics: expert load, and the sequence-wise balance term of the technical report:
         # f_e = E/(K T) * #tokens of the row choosing e, P_e = mean_t of normalised scores.
         load_E = jnp.bincount(r.idx_TK.reshape(-1), length=E).astype(jnp.float32)
@@ -150,7 +166,7 @@ class MoE(nnx.Module):
         s_BTE = r.scores_TE.reshape(B, T, E)
         p_BE = jnp.mean(s_BTE / jnp.sum(s_BTE, -1, keepdims=True), axis=1)
         balance = jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
-        return y_MD.reshape(B, T, D), MoEStats(load_E, balance, r.idx_TK.reshape(B, T, K))
+        return MoEStats(load_E, balance, r.idx_TK.reshape(B, T, K))
 
 
 #: :func:`every_expert_moe` is used while its ``[tokens, experts, moe_intermediate]`` activations
@@ -179,14 +195,18 @@ def sorted_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Arra
                n_experts: int, expert_offset: jax.Array | None = None) -> jax.Array:
     """:func:`local_moe` by sorting: assignments sorted by expert, grouped GEMMs, scatter-add."""
     M, K = idx_MK.shape
-    expert_A = idx_MK.reshape(-1)
-    order_A = jnp.argsort(expert_A, stable=True)
-    token_A = order_A // K
-    group_sizes_E = jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
-    y_AD = experts_apply(arrays, x_MD[token_A], group_sizes_E, prec, expert_offset)
-    y_AD = y_AD * w_MK.reshape(-1)[order_A][:, None].astype(y_AD.dtype)
-    y = jnp.zeros((M, x_MD.shape[-1]), jnp.float32).at[token_A].add(y_AD.astype(jnp.float32))
-    return y.astype(prec.dtype)
+    with jax.named_scope("dispatch"):
+        expert_A = idx_MK.reshape(-1)
+        order_A = jnp.argsort(expert_A, stable=True)
+        token_A = order_A // K
+        group_sizes_E = jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
+        x_AD = x_MD[token_A]
+    with jax.named_scope("experts"):
+        y_AD = experts_apply(arrays, x_AD, group_sizes_E, prec, expert_offset)
+    with jax.named_scope("combine"):
+        y_AD = y_AD * w_MK.reshape(-1)[order_A][:, None].astype(y_AD.dtype)
+        y = jnp.zeros((M, x_MD.shape[-1]), jnp.float32).at[token_A].add(y_AD.astype(jnp.float32))
+        return y.astype(prec.dtype)
 
 
 def every_expert_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array, prec: Precision,

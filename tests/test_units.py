@@ -133,6 +133,18 @@ def test_router_matches_independent_loop_with_negative_biases():
         np.testing.assert_allclose(np.asarray(r.weight_TK)[t][order], w[t][ref_order], rtol=1e-5)
 
 
+def test_group_mask_is_top_k_by_rank_with_ties():
+    """The router's group selection by rank equals ``lax.top_k``'s pick, ties included (equal
+    scores go to the lower index), on scores with many ties."""
+    from deepseek_jax.moe import _top_k_mask
+    x = jnp.asarray(np.random.default_rng(5).integers(0, 4, size=(300, 8)).astype(np.float32))
+    for k in (1, 3, 4, 8):
+        _, top = jax.lax.top_k(x, k)
+        want = np.zeros(x.shape, bool)
+        np.put_along_axis(want, np.asarray(top), True, axis=1)
+        np.testing.assert_array_equal(np.asarray(_top_k_mask(x, k)), want)
+
+
 def test_masked_groups_get_minus_inf_not_zero():
     """All biased scores negative: with 0-masking the dropped group's experts would win."""
     cfg = DeepSeekConfig.from_hub_dict(tiny_config(n_routed_experts=4, n_group=2, topk_group=1,
