@@ -162,19 +162,13 @@ def expected_touched(cfg: DeepSeekConfig, batch: int) -> float:
 DECODE_STEPS = 8
 
 
-def bench_decode(cfg, model, batch: int, context: int, key, profile: bool = False):
-    """Time per decode step (median over calls of :data:`DECODE_STEPS` steps, each step's argmax
-    fed back as the next token), the mean number of distinct routed experts a step read per MoE
-    layer (for the roofline: random weights need not route like uniform choice), and with
-    ``profile`` the per-kernel device time per step (``benchmarks/_profile.py``)."""
-    graphdef, state = nnx.split(model)
-    cache = LatentCache.zeros(cfg, batch, context, jnp.bfloat16)
-    cache = jax.tree.map(lambda a: jax.random.normal(key, a.shape, jnp.bfloat16) * 0.1, cache)
-    ids = jax.random.randint(jax.random.fold_in(key, 7), (batch, 1), 0, cfg.vocab_size, jnp.int32)
+def decode_loop(graphdef, cfg: DeepSeekConfig, batch: int, context: int):
+    """``steps(state, cache, ids) -> (ids, touched)``: :data:`DECODE_STEPS` decode steps over the
+    last positions of a ``context``-token cache in a ``fori_loop``, each step's argmax fed back,
+    and the mean number of distinct experts each MoE layer read per step."""
     pos0 = max(0, context - 1 - DECODE_STEPS)  # the last steps of a full cache
     n_moe = cfg.num_moe_layers
 
-    @jax.jit
     def steps(state, cache, ids):
         m = nnx.merge(graphdef, state)
 
@@ -191,6 +185,19 @@ def bench_decode(cfg, model, batch: int, context: int, key, profile: bool = Fals
                                             (cache, ids, jnp.zeros((n_moe,), jnp.float32)))
         return ids, touched / DECODE_STEPS
 
+    return steps
+
+
+def bench_decode(cfg, model, batch: int, context: int, key, profile: bool = False):
+    """Time per decode step (median over calls of :data:`DECODE_STEPS` steps, each step's argmax
+    fed back as the next token), the mean number of distinct routed experts a step read per MoE
+    layer (for the roofline: random weights need not route like uniform choice), and with
+    ``profile`` the per-kernel device time per step (``benchmarks/_profile.py``)."""
+    graphdef, state = nnx.split(model)
+    cache = LatentCache.zeros(cfg, batch, context, jnp.bfloat16)
+    cache = jax.tree.map(lambda a: jax.random.normal(key, a.shape, jnp.bfloat16) * 0.1, cache)
+    ids = jax.random.randint(jax.random.fold_in(key, 7), (batch, 1), 0, cfg.vocab_size, jnp.int32)
+    steps = jax.jit(decode_loop(graphdef, cfg, batch, context))
     t = timed(steps, state, cache, ids) / DECODE_STEPS
     touched = np.asarray(steps(state, cache, ids)[1])
     prof = (device_op_table(steps, (state, cache, ids), steps=2, per_call=DECODE_STEPS)
@@ -198,17 +205,11 @@ def bench_decode(cfg, model, batch: int, context: int, key, profile: bool = Fals
     return t, prof, float(touched.mean()) if touched.size else 0.0
 
 
-def bench_prefill(cfg, model, tokens: int, chunk: int, profile: bool = False):
-    """One prompt of ``tokens``: the first ``chunk`` by the naive form, the rest chunk by chunk over
-    the latent cache (absorbed form) in a ``fori_loop``, so one compiled chunk serves any length."""
-    graphdef, state = nnx.split(model)
-    cache = LatentCache.zeros(cfg, 1, tokens, jnp.bfloat16)
-    # random tokens: a prompt of one repeated token makes every position identical, so all tokens
-    # route to the same 8 experts (the 2026-11-28 session-3 run measured that degenerate case)
-    ids = jax.random.randint(jax.random.PRNGKey(11), (1, tokens), 0, cfg.vocab_size, jnp.int32)
+def prefill_chunks(graphdef, tokens: int, chunk: int):
+    """``prefill(state, cache, ids) -> last hidden``: a ``tokens``-token prompt, the first ``chunk``
+    by the naive form, the rest ``chunk`` at a time over the cache (absorbed) in a ``fori_loop``."""
     n = tokens // chunk
 
-    @jax.jit
     def prefill(state, cache, ids):
         m = nnx.merge(graphdef, state)
         out = m(ids[:, :chunk], cache=cache, logits=False)
@@ -224,6 +225,18 @@ def bench_prefill(cfg, model, tokens: int, chunk: int, profile: bool = False):
         _, h = jax.lax.fori_loop(1, n, body, (out.cache, out.hidden[:, -1]))
         return h
 
+    return prefill
+
+
+def bench_prefill(cfg, model, tokens: int, chunk: int, profile: bool = False):
+    """One prompt of ``tokens``: the first ``chunk`` by the naive form, the rest chunk by chunk over
+    the latent cache (absorbed form) in a ``fori_loop``, so one compiled chunk serves any length."""
+    graphdef, state = nnx.split(model)
+    cache = LatentCache.zeros(cfg, 1, tokens, jnp.bfloat16)
+    # random tokens: a prompt of one repeated token makes every position identical, so all tokens
+    # route to the same 8 experts (the 2026-11-28 session-3 run measured that degenerate case)
+    ids = jax.random.randint(jax.random.PRNGKey(11), (1, tokens), 0, cfg.vocab_size, jnp.int32)
+    prefill = jax.jit(prefill_chunks(graphdef, tokens, chunk))
     t = timed(prefill, state, cache, ids, reps=2)
     prof = device_op_table(prefill, (state, cache, ids), steps=1) if profile else None
     return t, prof

@@ -1,0 +1,156 @@
+"""Compile for an H200 on this host: the real-width decode step's kernel launches, and every
+Pallas GPU kernel at the SPEC §11 shapes.
+
+    pip install --no-deps --target .gpu_aot jax-cuda13-pjrt==0.11.2 jax-cuda13-plugin==0.11.2   # once
+    PYTHONPATH=. python benchmarks/gpu_compile.py                       # decode B=1 and 16, kernels
+    PYTHONPATH=. python benchmarks/gpu_compile.py --batches 1 --prefill 4096 --by kind --no-kernels
+
+No GPU needed: XLA compiles the programs ``benchmarks/e2e_gpu.py`` times (the reduced-depth model
+at real width, ``--layers`` 4 = 1 dense + 3 MoE; the decode steps in an on-device loop; a prefill
+in chunks) for the H200 of :data:`kernels_pallas.aot.H200_TARGET` (see :mod:`kernels_pallas.aot`),
+with the GPU kernels the model picks there. For each program it prints the kernel launches per
+decode step (or per prefill) by the model's named scopes (``--by scope``: router, dispatch,
+experts, attn, ...) or by kind (``--by kind``: Pallas kernels by name, XLA fusions by kind,
+copies), the launches per MoE layer, and the compiled program's temporary memory.
+
+A batch-1 decode step is launch-bound: on the 2026-11-28 H200 run its 338 kernels left the GPU
+idle 14% of the step and ~300 of them were small XLA fusions (``docs/benchmarks.md``). This count
+is how a change to the decode step is judged without a GPU.
+
+The kernel table (``--no-kernels`` skips it) compiles each Pallas GPU kernel the model uses, with
+the configuration it picks, at the shapes of ``benchmarks/kernels.py`` (and the grouped GEMM's
+backward), through XLA's Triton-to-PTX compile for sm_90: a tile that asks for more shared memory
+than the H200 has fails here, as it failed on the lent GPU (the MLA kernel's 128-head, 32-token
+blocks, the table's last row, a configuration that must fail). ``--json FILE`` saves both tables
+(``tests/test_aot_compile.py`` checks them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _plugins_first(argv) -> None:
+    """Make the CUDA plugin importable before jax starts (``--plugins DIR``, default ``.gpu_aot``)."""
+    d = os.path.join(ROOT, ".gpu_aot")
+    for i, a in enumerate(argv):
+        if a == "--plugins" and i + 1 < len(argv):
+            d = argv[i + 1]
+        elif a.startswith("--plugins="):
+            d = a.split("=", 1)[1]
+    if os.path.isdir(d):
+        sys.path.insert(0, os.path.abspath(d))
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no cuDNN on a CPU host
+    os.environ.setdefault("DEEPSEEK_JAX_KERNELS", "pallas_gpu")     # what impl="auto" picks on a GPU
+
+
+_plugins_first(sys.argv[1:])
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.e2e_gpu import DECODE_STEPS, bench_config, decode_loop, prefill_chunks  # noqa: E402
+from deepseek_jax.cache import LatentCache  # noqa: E402
+from deepseek_jax.checkpoint import abstract_model  # noqa: E402
+from deepseek_jax.errors import DeepSeekError  # noqa: E402
+from deepseek_jax.quant import Precision  # noqa: E402
+from kernels_pallas import aot  # noqa: E402
+
+#: The model's named scopes (``jax.named_scope`` in ``deepseek_jax``), innermost wins.
+SCOPES = ("embed", "qkv", "cache_write", "attn", "o_proj", "mlp", "router", "dispatch", "experts", "combine",
+          "shared_experts", "moe_stats", "moe", "lm_head")
+
+
+def program_launches(name: str, fn, args, per: int, layer_loop: str | None, n_moe: int) -> dict:
+    """Compile ``fn(*args)`` for the H200 and count its launches, per ``per`` (decode steps);
+    ``layer_loop``: the loop path of the MoE layers' scan body (``"while8/while3"``), for the
+    launches per MoE layer (everything inside it, loops within a layer included)."""
+    t = time.perf_counter()
+    compiled = aot.compile_for_gpu(fn, *args)
+    seconds = time.perf_counter() - t
+    items = aot.launches(compiled.as_text())
+    total = sum(i.count for i in items) / per
+    scopes = {k: v / per for k, v in aot.tally(items, lambda i: aot.scope_of(i.op_name, SCOPES)).items()}
+    kinds = {k: v / per for k, v in aot.tally(items, lambda i: i.kind).items()}
+    moe_body = (sum(i.count for i in items if (i.loops + "/").startswith(layer_loop + "/")) / per / n_moe
+                if layer_loop else None)
+    loops = sorted({i.loops for i in items})
+    mem = compiled.memory_analysis()
+    return dict(program=name, launches=total, per_moe_layer=moe_body, scopes=scopes, kinds=kinds, loops=loops,
+                temp_gib=mem.temp_size_in_bytes / 2**30, compile_s=seconds)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--plugins", default=".gpu_aot", help="directory holding the CUDA plugin wheels' files")
+    ap.add_argument("--layers", type=int, default=4, help="1 dense + (layers-1) MoE layers at real width (>= 3)")
+    ap.add_argument("--batches", default="1,16", help="decode batch sizes ('' for none)")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--prefill", type=int, default=0, help="also a prefill of this many tokens (0: none)")
+    ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (as benchmarks/e2e_gpu.py)")
+    ap.add_argument("--fp8-mode", default="w8a16", choices=("w8a16", "w8a8"))
+    ap.add_argument("--by", default="scope", choices=("scope", "kind"))
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel compile table")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    if not aot.available("gpu"):
+        try:
+            aot.compile_for_gpu(lambda: None)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    batches = [int(b) for b in a.batches.split(",") if b.strip()]
+    if a.layers < 3 or a.prefill < 0 or any(b < 1 for b in batches):
+        raise DeepSeekError("--layers must be >= 3 (two MoE layers make a loop), --prefill >= 0, batches >= 1")
+
+    cfg = bench_config(a.layers, small=False)
+    graphdef, state = nnx.split(abstract_model(cfg, Precision(dtype=jnp.bfloat16, fp8_mode=a.fp8_mode)))
+    sds = jax.ShapeDtypeStruct
+    rows = []
+    for b in batches:
+        cache = jax.eval_shape(lambda b=b: LatentCache.zeros(cfg, b, a.context, jnp.bfloat16))
+        rows.append(program_launches(f"decode B={b} ctx={a.context}", decode_loop(graphdef, cfg, b, a.context),
+                                     (state, cache, sds((b, 1), jnp.int32)), DECODE_STEPS,
+                                     f"while{DECODE_STEPS}/while{cfg.num_moe_layers}", cfg.num_moe_layers))
+    if a.prefill:
+        chunk = min(a.chunk, a.prefill)
+        cache = jax.eval_shape(lambda: LatentCache.zeros(cfg, 1, a.prefill, jnp.bfloat16))
+        rows.append(program_launches(f"prefill T={a.prefill}", prefill_chunks(graphdef, a.prefill, chunk),
+                                     (state, cache, sds((1, a.prefill), jnp.int32)), 1, None, cfg.num_moe_layers))
+
+    print(f"# jax {jax.__version__}, compiled for {aot.DEVICE_KIND} on {jax.devices()[0].platform} "
+          f"(no GPU), {a.layers} layers (1 dense), fp8_mode {a.fp8_mode}; launches per decode step / per prefill")
+    print(f"{'program':24s} {'launches':>9s} {'per MoE layer':>14s} {'temp GiB':>9s} {'compile s':>10s}")
+    for r in rows:
+        per_layer = "" if r["per_moe_layer"] is None else f"{r['per_moe_layer']:.1f}"
+        print(f"{r['program']:24s} {r['launches']:9.1f} {per_layer:>14s} {r['temp_gib']:9.2f} "
+              f"{r['compile_s']:10.1f}")
+    key = "scopes" if a.by == "scope" else "kinds"
+    names = list(dict.fromkeys(k for r in rows for k in r[key]))
+    print(f"\n{a.by:28s} " + " ".join(f"{r['program'][:16]:>16s}" for r in rows))
+    for n in names:
+        print(f"{n:28s} " + " ".join(f"{r[key].get(n, 0.0):16.1f}" for r in rows))
+    kernels = [] if a.no_kernels else aot.compile_kernels("gpu")
+    if kernels:
+        aot.print_kernels(kernels, "sm_90")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(jax=jax.__version__, device=aot.DEVICE_KIND, layers=a.layers, rows=rows,
+                           kernels=kernels), f, indent=1)
+    return 1 if any(k["must_fail"] == k["compiled"] for k in kernels) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DeepSeekError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

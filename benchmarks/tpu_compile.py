@@ -1,0 +1,123 @@
+"""Compile for TPUs on this host: every Pallas TPU kernel at the SPEC §11 shapes, and the real-width
+model's decode step and prefill, through libtpu's compiler (Mosaic included).
+
+    pip install --no-deps --target .tpu_aot "libtpu==0.0.48.*"     # once: jax 0.11.2's libtpu
+    PYTHONPATH=. python benchmarks/tpu_compile.py                    # v5p, v6e, TPU7x
+    PYTHONPATH=. python benchmarks/tpu_compile.py --topologies v5p:2x2x1 --model
+
+No TPU is reachable from this project, so the TPU path's kernels were run only in the Pallas TPU
+interpreter. Here XLA compiles them for real TPU generations (``kernels_pallas.aot``): the Mosaic
+compiler checks each kernel's tiling, layouts and VMEM use for that chip, so a kernel that a TPU
+would reject fails here. Per topology it prints each kernel (``aot.kernel_checks("tpu")``; the last
+row is a tile too big for VMEM, which must fail). ``--model`` also compiles the programs
+``benchmarks/e2e_gpu.py`` times (1 dense + 3 MoE layers at real width: 8 decode steps at batch 1
+and 64 over a 4096-token cache, and a 4096-token prefill in 1024-token chunks) for one chip of the
+first topology, with the TPU kernels the model picks there, and prints the Pallas kernels each
+program holds and its temporary memory. ``--json FILE`` saves the rows
+(``tests/test_aot_compile.py`` checks them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _plugins_first(argv) -> None:
+    """Make libtpu importable before jax starts (``--plugins DIR``, default ``.tpu_aot``)."""
+    d = os.path.join(ROOT, ".tpu_aot")
+    for i, a in enumerate(argv):
+        if a == "--plugins" and i + 1 < len(argv):
+            d = argv[i + 1]
+        elif a.startswith("--plugins="):
+            d = a.split("=", 1)[1]
+    if os.path.isdir(d):
+        sys.path.insert(0, os.path.abspath(d))
+    os.environ.setdefault("DEEPSEEK_JAX_KERNELS", "pallas_tpu")      # what impl="auto" picks on a TPU
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")           # quiets libtpu's host probing
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+_plugins_first(sys.argv[1:])
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks.e2e_gpu import DECODE_STEPS, bench_config, decode_loop, prefill_chunks  # noqa: E402
+from deepseek_jax.cache import LatentCache  # noqa: E402
+from deepseek_jax.checkpoint import abstract_model  # noqa: E402
+from deepseek_jax.quant import Precision  # noqa: E402
+from kernels_pallas import aot  # noqa: E402
+
+
+def model_programs(topology: str, context: int = 4096, prefill: int = 4096, chunk: int = 1024) -> list[dict]:
+    """The e2e programs compiled for one chip of ``topology``: Pallas kernel counts, temp memory."""
+    import collections
+    import re
+
+    cfg = bench_config(4, small=False)
+    graphdef, state = nnx.split(abstract_model(cfg, Precision(dtype=jnp.bfloat16)))
+    sds = jax.ShapeDtypeStruct
+    progs = []
+    for b in (1, 64):
+        cache = jax.eval_shape(lambda b=b: LatentCache.zeros(cfg, b, context, jnp.bfloat16))
+        progs.append((f"decode B={b} ctx={context} ({DECODE_STEPS} steps)", decode_loop(graphdef, cfg, b, context),
+                      (state, cache, sds((b, 1), jnp.int32))))
+    cache = jax.eval_shape(lambda: LatentCache.zeros(cfg, 1, prefill, jnp.bfloat16))
+    progs.append((f"prefill T={prefill} (chunks of {chunk})", prefill_chunks(graphdef, prefill, chunk),
+                  (state, cache, sds((1, prefill), jnp.int32))))
+    rows = []
+    for name, fn, args in progs:
+        t = time.perf_counter()
+        c = aot.compile_for_tpu(fn, *args, topology=topology)
+        text = c.as_text()
+        kernels = collections.Counter(re.findall(r'custom_call_target="tpu_custom_call".*?op_name="[^"]*/(\w+)/pallas_call',
+                                                 text))
+        rows.append(dict(program=name, kernels=dict(kernels), temp_gib=c.memory_analysis().temp_size_in_bytes / 2**30,
+                         compile_s=time.perf_counter() - t))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--plugins", default=".tpu_aot", help="directory holding libtpu's files")
+    ap.add_argument("--topologies", default="v5p:2x2x1,v6e:2x2,tpu7x:2x2x1")
+    ap.add_argument("--model", action="store_true", help="also the real-width decode and prefill programs")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    topologies = [t.strip() for t in a.topologies.split(",") if t.strip()]
+    for t in topologies:
+        if not aot.available("tpu", t):
+            try:
+                aot.compile_for_tpu(lambda: None, topology=t)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+    print(f"# jax {jax.__version__}, compiled on {jax.devices()[0].platform} (no TPU)")
+    out = dict(jax=jax.__version__, kernels={}, model=[])
+    for t in topologies:
+        rows = aot.compile_kernels("tpu", t)
+        out["kernels"][t] = rows
+        aot.print_kernels(rows, f"{t}, {aot._tpu_meshes(t)[1].device_kind}")
+    if a.model:
+        out["model"] = model_programs(topologies[0])
+        print(f"\n{'program (one chip of ' + topologies[0] + ')':44s} {'temp GiB':>9s} {'compile s':>10s}  Pallas kernels")
+        for r in out["model"]:
+            ks = ", ".join(f"{k} x{v}" for k, v in sorted(r["kernels"].items()))
+            print(f"{r['program']:44s} {r['temp_gib']:9.2f} {r['compile_s']:10.1f}  {ks}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    bad = any(k["must_fail"] == k["compiled"] for rows in out["kernels"].values() for k in rows)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Compile for an H200 or a TPU on a host without one, and count the kernels a program launches.
+
+XLA compiles for an accelerator it does not have ("deviceless" compilation) when that platform's
+PJRT plugin is importable. :func:`compile_for_gpu` builds a one-GPU topology from
+:data:`H200_TARGET`; :func:`compile_for_tpu` takes one chip of a TPU topology (``"v5p:2x2x1"``,
+``"v6e:2x2"``, ``"tpu7x:2x2x1"``). Either lowers ``fn`` for that device (the Pallas kernels for
+its generation) and runs XLA's whole compiler for it: fusion, scheduling, the Triton kernels'
+compile to PTX with their shared-memory checks on a GPU, the Mosaic kernels' compile with their
+VMEM and tiling checks on a TPU, buffer assignment. The result is the program the device would
+run, minus the autotuning that needs it.
+
+:func:`launches` reads a compiled GPU program's HLO and counts the kernel launches one call makes,
+loop trip counts included (the decode step's layer ``scan`` and the generator's decode loop are
+``while`` loops with known trip counts). On the 2026-11-28 H200 run the profiler counted 338
+kernels per batch-1 decode step of the 4-layer real-width model; this count gave 339.5 for the same
+code, without a GPU. :func:`kernel_checks` lists each Pallas kernel at the SPEC §11 shapes, with a
+configuration that must fail (too big for the device) as a control.
+
+The plugins are wheels of the installed jax's version, put somewhere importable and imported
+before jax starts (each platform in its own process)::
+
+    pip install --no-deps --target .gpu_aot jax-cuda13-pjrt==0.11.2 jax-cuda13-plugin==0.11.2
+    PYTHONPATH=.gpu_aot JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python ...    # no cuDNN to check here
+    pip install --no-deps --target .tpu_aot "libtpu==0.0.48.*"           # jax 0.11.2's libtpu
+    PYTHONPATH=.tpu_aot python ...
+
+``.ci/run`` does this; ``tests/test_aot_compile.py``, ``benchmarks/gpu_compile.py`` and
+``benchmarks/tpu_compile.py`` use it. Without a plugin, compiling for its platform is a one-line
+error and the tests skip.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import re
+from typing import NamedTuple
+
+import jax
+
+#: The H200 as XLA's GPU compiler sees it (``stream_executor.GpuTargetConfigProto`` text): 132
+#: SMs of compute capability 9.0, 227 KiB of opt-in shared memory per block, 141 GB of HBM
+#: (143,771 MiB reported by the lent H200's driver 580.159.04, CUDA 13, cuDNN 9).
+H200_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 150755098624
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 }
+runtime_version { major: 13 minor: 0 }
+device_description_str: "NVIDIA H200"
+"""
+
+DEVICE_KIND = "NVIDIA H200"
+NUM_CORES = 132
+
+
+def _no_compiler(platform: str, e: Exception, hint: str) -> RuntimeError:
+    return RuntimeError(f"compile_for_{platform}: no {platform.upper()} compiler in this process "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint} "
+                        "(see kernels_pallas/aot.py)")
+
+
+@functools.cache
+def _gpu_meshes():
+    from jax.experimental import topologies
+    from jax.sharding import AbstractDevice
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
+    except Exception as e:  # NotImplementedError without the plugin; RuntimeError from its init
+        raise _no_compiler("gpu", e, f"make jax-cuda13-pjrt and jax-cuda13-plugin=={jax.__version__} importable "
+                           "before jax starts, with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1") from None
+    return topo.devices[:1], AbstractDevice(DEVICE_KIND, NUM_CORES, "gpu")
+
+
+@functools.cache
+def _tpu_meshes(topology: str):
+    from jax.experimental import topologies
+    from jax.sharding import AbstractDevice
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:
+        raise _no_compiler("tpu", e, f"make jax {jax.__version__}'s libtpu importable before jax starts, "
+                           f"and name a topology it knows ({topology!r})") from None
+    return topo.devices[:1], AbstractDevice(topo.devices[0].device_kind, 1, "tpu")
+
+
+def available(platform: str = "gpu", topology: str = "v5p:2x2x1") -> bool:
+    """Whether :func:`compile_for_gpu` (``platform="gpu"``) or :func:`compile_for_tpu` can run here."""
+    try:
+        _gpu_meshes() if platform == "gpu" else _tpu_meshes(topology)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _compile(devices, abstract_device, fn, args):
+    import numpy as np
+    from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec, use_abstract_mesh
+
+    rep = NamedSharding(Mesh(np.array(devices), ("d",)), PartitionSpec())
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), args)
+    # The Pallas lowerings ask the context for the device kind (compute capability, TPU version).
+    abstract = AbstractMesh((1,), ("d",), axis_types=(AxisType.Auto,), abstract_device=abstract_device)
+    with use_abstract_mesh(abstract):
+        lowered = jax.jit(fn).lower(*args)
+    return lowered.compile()
+
+
+def compile_for_gpu(fn, *args):
+    """``jax.jit(fn).lower(*args).compile()`` for one H200, on any host. ``args`` are arrays or
+    ``jax.ShapeDtypeStruct``s (pytrees of them; ``None`` leaves pass through); returns the
+    ``jax.stages.Compiled``, whose ``as_text()`` is the optimized GPU HLO and
+    ``memory_analysis()`` its buffer sizes."""
+    return _compile(*_gpu_meshes(), fn, args)
+
+
+def compile_for_tpu(fn, *args, topology: str = "v5p:2x2x1"):
+    """As :func:`compile_for_gpu`, for one chip of the TPU ``topology``."""
+    return _compile(*_tpu_meshes(topology), fn, args)
+
+
+class Launch(NamedTuple):
+    """One instruction of the compiled program that launches a kernel."""
+
+    count: float    # launches per call of the program (trip counts of the loops around it)
+    loops: str      # the loops it sits in, outermost first: "while8/while3" = 8 x 3 trips
+    kind: str       # "pallas:<kernel>", "mosaic_gpu", "fusion:<kind>", "copy", "custom-call:<target>", ...
+    name: str       # the HLO instruction
+    op_name: str    # the JAX source path (with named scopes), "" if XLA made it up
+
+
+#: Instructions that launch nothing: bookkeeping, control flow (counted through its bodies), and
+#: the ``-done`` half of async pairs (the ``-start`` half is the launch).
+_NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+              "after-all", "opt-barrier", "partition-id", "replica-id", "add-dependency", "domain",
+              "fusion-done", "copy-done", "async-done", "all-reduce-done", "all-gather-done",
+              "collective-permute-done", "send-done", "recv-done"}
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
+# the opcode follows the result shape: "f32[8]{0} fusion(", "(s32[], ...) while(", "s32[] constant("
+_OPCODE = re.compile(r"(?:^|[\]}) ])([a-z][a-z0-9\-]*)\(")
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]:
+    comps: dict[str, list[tuple[str, str, str]]] = {}
+    cur = entry = None
+    for line in hlo.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            cur = m.group(2)
+            comps[cur] = []
+            if m.group(1):
+                entry = cur
+            continue
+        if line.startswith("}"):
+            cur = None
+            continue
+        if cur is None:
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            rest = m.group(2)
+            op = _OPCODE.search(rest)
+            comps[cur].append((m.group(1), op.group(1) if op else "?", line))
+    if entry is None:
+        raise ValueError("launches: no ENTRY computation in this HLO text")
+    return comps, entry
+
+
+def _kind(op: str, line: str, op_name: str) -> str:
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        target = target.group(1) if target else "?"
+        if "triton" in target:
+            m = re.search(r"/(\w+)/pallas_call", op_name)
+            return f"pallas:{m.group(1) if m else '?'}"
+        if target.startswith("mosaic_gpu"):
+            return "mosaic_gpu"
+        return f"custom-call:{target}"
+    if op in ("fusion", "fusion-start"):
+        if "__triton" in line:            # an XLA-generated Triton fusion (a dot XLA tiled itself)
+            return "fusion:triton"
+        if "__cublas" in line or "__cudnn" in line:
+            return "fusion:library"
+        m = re.search(r"kind=(\w+)", line)
+        return f"fusion:{m.group(1)[1:].lower() if m else '?'}"
+    return op
+
+
+def launches(hlo: str) -> list[Launch]:
+    """The kernel launches of one call of the compiled program whose optimized HLO is ``hlo``
+    (``compiled.as_text()``), with the trip counts of known-trip-count loops multiplied in (a loop
+    without one counts once, its condition included)."""
+    comps, entry = _computations(hlo)
+    out: list[Launch] = []
+
+    def walk(comp: str, mult: float, loops: str):
+        for name, op, line in comps[comp]:
+            if op == "while":
+                body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                if trips:
+                    n = int(trips.group(1))
+                    walk(body, mult * n, f"{loops}/while{n}")
+                else:
+                    walk(body, mult, f"{loops}/while?")
+                    walk(re.search(r"condition=%([\w.\-]+)", line).group(1), mult, f"{loops}/while?")
+            elif op == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                names = re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else \
+                    re.findall(r"(?:true|false)_computation=%([\w.\-]+)", line)
+                for b in names:   # every branch counted: an upper bound
+                    walk(b, mult, f"{loops}/cond")
+            elif op == "call":
+                walk(re.search(r"to_apply=%([\w.\-]+)", line).group(1), mult, loops)
+            elif op not in _NO_LAUNCH:
+                src = re.search(r'op_name="([^"]*)"', line)
+                src = src.group(1) if src else ""
+                out.append(Launch(mult, loops.lstrip("/"), _kind(op, line, src), name, src))
+
+    walk(entry, 1.0, "")
+    return out
+
+
+def scope_of(op_name: str, scopes) -> str:
+    """The innermost of ``scopes`` (named scopes, e.g. the model's) on ``op_name``'s path, else
+    ``"other"``."""
+    parts = op_name.split("/")
+    for p in reversed(parts):
+        if p in scopes:
+            return p
+    return "other"
+
+
+def tally(items: list[Launch], key) -> dict[str, float]:
+    """Launches per call summed by ``key(launch)``, largest first."""
+    acc: dict[str, float] = collections.defaultdict(float)
+    for it in items:
+        acc[key(it)] += it.count
+    return dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
+    """``(name, fn, args, must_fail)`` for :func:`compile_for_gpu` / :func:`compile_for_tpu`: each
+    Pallas kernel of ``platform`` ("gpu" or "tpu") at the SPEC §11 shapes (those of
+    ``benchmarks/kernels.py``), called as the model calls it (``impl="pallas_<platform>"``, its
+    default configuration), the grouped GEMM's backward, and last a configuration too big for the
+    device, which must fail: the MLA kernel's 128-head, 32-token blocks on the GPU (262,144 bytes
+    of shared memory: the configuration and the message with which the lent H200 refused it on
+    2026-11-28), 256 MiB of VMEM scratch on a TPU."""
+    import jax.numpy as jnp
+
+    import kernels_pallas as kp
+    from kernels_pallas.mla_decode import mla_decode_gpu
+
+    sds, bf16, f8, f32, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32, jnp.int32
+    impl = f"pallas_{platform}"
+
+    def blocks(n, k):
+        return -(-n // 128), -(-k // 128)
+
+    def dense(name, m, k, n, fn):
+        return (f"{name} {m}x{k}->{n}", lambda x, w, s: fn(x, w, s, impl=impl),
+                (sds((m, k), bf16), sds((n, k), f8), sds(blocks(n, k), f32)), False)
+
+    def grouped(m, e, k, n, fp8):
+        ws = sds((e, *blocks(n, k)), f32) if fp8 else None
+        return (f"grouped {'fp8' if fp8 else 'bf16'} {m} rows/{e} experts {k}->{n}",
+                lambda x, w, ws, g: kp.grouped_matmul(x, w, g, w_scale=ws, impl=impl),
+                (sds((m, k), bf16), sds((e, n, k), f8 if fp8 else bf16), ws, sds((e,), i32)), False)
+
+    def grouped_grad(m, e, k, n):
+        def loss(x, w, g):
+            return jnp.sum(kp.grouped_matmul(x, w, g, impl=impl).astype(f32))
+        return (f"grouped bf16 backward {m} rows/{e} experts {k}->{n}", jax.grad(loss, argnums=(0, 1)),
+                (sds((m, k), bf16), sds((e, n, k), bf16), sds((e,), i32)), False)
+
+    def mla(b, t):
+        return (f"mla decode B={b} T={t}",
+                lambda q, p, c, n: kp.mla_decode(q, p, c, n, scale=0.07, kv_lora_rank=512, impl=impl),
+                (sds((b, 128, 512), bf16), sds((b, 128, 64), bf16), sds((b, t, 576), bf16), sds((b,), i32)), False)
+
+    checks = [dense("w8a16", 1, 16384, 7168, kp.w8a16_matmul), dense("w8a16", 64, 7168, 2048, kp.w8a16_matmul),
+              dense("w8a16", 4096, 7168, 2048, kp.w8a16_matmul), dense("w8a8", 64, 7168, 2048, kp.w8a8_matmul),
+              dense("w8a8", 4096, 7168, 2048, kp.w8a8_matmul),
+              grouped(8, 256, 7168, 2048, True), grouped(512, 256, 7168, 4096, True),
+              grouped(32768, 256, 7168, 4096, True), grouped(32768, 256, 7168, 4096, False),
+              grouped_grad(4096, 16, 2048, 1024), mla(1, 4096), mla(64, 4096)]
+    if platform == "gpu":
+        checks.append(("flash prefill 4096 tokens, 128 heads, 192/128",
+                       lambda q, k, v: kp.causal_attention(q, k, v, scale=0.07, impl=impl),
+                       (sds((1, 4096, 128, 192), bf16), sds((1, 4096, 128, 192), bf16),
+                        sds((1, 4096, 128, 128), bf16)), False))
+        checks.append(("mla decode B=64 T=4096, 128 heads x 32 tokens (too big)",
+                       lambda q, p, c, n: mla_decode_gpu(q, p, c, n, scale=0.07, kv_lora_rank=512, block_h=128,
+                                                         block_t=32),
+                       checks[-2][2], True))
+    else:
+        checks.append(("a kernel holding 256 MiB of VMEM scratch (too big)", _vmem_hog,
+                       (sds((8, 128), f32),), True))
+    return checks
+
+
+def _vmem_hog(x):
+    """A Pallas TPU kernel whose scratch (256 MiB) no TPU's VMEM holds (64-128 MiB): the TPU
+    control. (An FP8 GEMM with 4096x4096x7168 tiles fails too, but only after ~4 minutes of
+    compiling its unrolled body.)"""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    def kernel(x_ref, o_ref, scratch_ref):
+        o_ref[...] = x_ref[...] + scratch_ref[:8, :128]
+
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          scratch_shapes=[pltpu.VMEM((32768, 2048), x.dtype)])(x)
+
+
+def compile_kernels(platform: str, topology: str = "v5p:2x2x1") -> list[dict]:
+    """:func:`kernel_checks` compiled: ``kernel``, ``compiled``, ``must_fail``, ``error`` (one line),
+    ``compile_s`` per check."""
+    import time
+
+    rows = []
+    for name, fn, args, must_fail in kernel_checks(platform):
+        t = time.perf_counter()
+        try:
+            if platform == "gpu":
+                compile_for_gpu(fn, *args)
+            else:
+                compile_for_tpu(fn, *args, topology=topology)
+            error = ""
+        except Exception as e:  # noqa: BLE001 - the table reports it
+            error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        rows.append(dict(kernel=name, compiled=not error, must_fail=must_fail, error=error,
+                         compile_s=time.perf_counter() - t))
+    return rows
+
+
+def print_kernels(rows: list[dict], target: str) -> None:
+    print(f"\n{'kernel (compiled for ' + target + ')':64s} {'result':>8s} {'s':>5s}")
+    for k in rows:
+        result = "compiled" if k["compiled"] else "failed"
+        note = " (expected)" if k["must_fail"] and not k["compiled"] else \
+            " (UNEXPECTED)" if k["must_fail"] == k["compiled"] else ""
+        print(f"{k['kernel']:64s} {result:>8s} {k['compile_s']:5.1f}{note}" + (f"  {k['error']}" if k["error"] else ""))
