@@ -88,6 +88,31 @@ def program_launches(name: str, fn, args, per: int, layer_loop: str | None, n_mo
                 temp_gib=mem.temp_size_in_bytes / 2**30, compile_s=seconds)
 
 
+def generator_decode(cfg, graphdef, state, batch: int, context: int) -> dict:
+    """The :class:`~deepseek_jax.generate.Generator`'s own decode loop (greedy, the default
+    sampling), as it runs after a prompt: a ``while_loop`` until the budget or every row's stop.
+    Its trip count is not known to XLA, so the count is one iteration's launches (and its
+    condition's), i.e. per decode step."""
+    import numpy as np
+
+    from deepseek_jax import generate as G
+    from deepseek_jax.sampling import row_keys
+
+    sds = jax.ShapeDtypeStruct
+    cache = jax.eval_shape(lambda: LatentCache.zeros(cfg, batch, context, jnp.bfloat16))
+    keys = jax.eval_shape(lambda: row_keys(jnp.uint32(0), batch))
+    i32, b = jnp.int32, sds((batch,), jnp.bool_)
+    dstate = G.DecodeState(cache, sds((batch, context), i32), sds((batch,), i32), sds((batch,), i32), b, keys,
+                           sds((), i32))
+    knobs = G._Knobs(*(sds((), np.asarray(v).dtype) for v in (np.int32(1), np.bool_(True), *G.GREEDY.traced())))
+
+    def decode(params, dstate, limit, knobs):
+        return G._decode(graphdef, True, False, G.Weights(params), dstate, limit, knobs)
+
+    return program_launches(f"generator B={batch} ctx={context}", decode, (state, dstate, sds((), i32), knobs), 1,
+                            "while?/while" + str(cfg.num_moe_layers), cfg.num_moe_layers)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plugins", default=".gpu_aot", help="directory holding the CUDA plugin wheels' files")
@@ -95,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,16", help="decode batch sizes ('' for none)")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--prefill", type=int, default=0, help="also a prefill of this many tokens (0: none)")
+    ap.add_argument("--generator", action="store_true",
+                    help="also the Generator's own decode loop (greedy) at each batch size")
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (as benchmarks/e2e_gpu.py)")
     ap.add_argument("--fp8-mode", default="w8a16", choices=("w8a16", "w8a8"))
     ap.add_argument("--by", default="scope", choices=("scope", "kind"))
@@ -120,6 +147,8 @@ def main(argv=None) -> int:
         rows.append(program_launches(f"decode B={b} ctx={a.context}", decode_loop(graphdef, cfg, b, a.context),
                                      (state, cache, sds((b, 1), jnp.int32)), DECODE_STEPS,
                                      f"while{DECODE_STEPS}/while{cfg.num_moe_layers}", cfg.num_moe_layers))
+    if a.generator:
+        rows += [generator_decode(cfg, graphdef, state, b, a.context) for b in batches]
     if a.prefill:
         chunk = min(a.chunk, a.prefill)
         cache = jax.eval_shape(lambda: LatentCache.zeros(cfg, 1, a.prefill, jnp.bfloat16))

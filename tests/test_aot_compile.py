@@ -97,7 +97,7 @@ def _run(tmp_path_factory, script, plugins, *args):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    return _run(tmp_path_factory, "benchmarks/gpu_compile.py", PLUGINS, "--batches", "1,16")
+    return _run(tmp_path_factory, "benchmarks/gpu_compile.py", PLUGINS, "--batches", "1,16", "--generator")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,18 @@ def test_decode_step_launches_within_budget(report, batch):
     # FP8 projections on the W8A16 kernel (q_a, q_b, kv_a, o in every layer; shared experts / MLP)
     assert kinds["pallas:grouped_gemm_gpu"] == 9 and kinds["pallas:mla_decode_gpu_split"] == 4, kinds
     assert kinds["pallas:w8a16_gemm_gpu"] == 28, kinds
+
+
+@needs_plugin
+@pytest.mark.parametrize("batch", [1, 16])
+def test_generator_decode_loop_launches_within_budget(report, batch):
+    """The Generator's own greedy decode loop (a while loop until done, so one iteration is
+    counted): the same per-step budget as the benchmark's loop, which also computes the routing
+    statistics (the generator's are dead code and compiled away)."""
+    row = {r["program"]: r for r in report["rows"]}[f"generator B={batch} ctx=4096"]
+    assert row["launches"] <= DECODE_BUDGET[batch], row["scopes"]
+    assert row["scopes"].get("moe_stats", 0) == 0, row["scopes"]
+    assert set(row["loops"]) <= {"", "while?", "while?/while3"}, row["loops"]
 
 
 @needs_plugin
