@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.kernel_mesh import shard_map_mesh
 from deepseek_jax.quant import Precision
 
 
@@ -40,8 +41,11 @@ def _axes_tuple(axis) -> tuple[str, ...]:
 
 
 def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array, prec: Precision,
-              mesh, rules, *, n_experts: int) -> jax.Array:
-    """Routed-expert output ``[M, D]`` with experts sharded over the mesh."""
+              mesh, rules, *, n_experts: int, layer: jax.Array | None = None) -> jax.Array:
+    """Routed-expert output ``[M, D]`` with experts sharded over the mesh. ``layer``: the arrays
+    are all scanned layers' experts ``[L, E, ...]`` and this is the layer (traced); each shard
+    reads its ``[L, E_l, ...]`` in place (``Precision.weights_in_place``) instead of a per-layer
+    slice, which XLA copies when it feeds a Pallas call."""
     from deepseek_jax.sharding import param_spec
 
     rules = dict(rules)
@@ -52,14 +56,17 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
 
     # Expert weight specs: the same resolution that placed them (sharding.shard_model).
     names = (("mlp", "experts", "gate_proj"), ("mlp", "experts", "up_proj"), ("mlp", "experts", "down_proj"))
+    if layer is not None:   # the stacked layers' axis comes first (and is never split)
+        names = tuple(("moe_layers",) + n for n in names)
     w_specs = []
     for name, (w, s) in zip(names, arrays):
         fp8_shape = w.shape if s is not None else None
         ws = param_spec(name + ("weight",), w.shape, ms, rules, fp8_shape)
         ss = param_spec(name + ("weight_scale_inv",), s.shape, ms, rules, fp8_shape) if s is not None else None
         w_specs.append((ws, ss))
-    e_split = w_specs[0][0][0] == "expert"
-    f_split = w_specs[0][0][1] == "model"
+    lead = 0 if layer is None else 1
+    e_split = w_specs[0][0][lead] == "expert"
+    f_split = w_specs[0][0][lead + 1] == "model"
     E_l = n_experts // n_ep if e_split else n_experts
 
     # Token sharding: over the batch axes that divide M, plus ``expert`` for all-to-all mode.
@@ -73,13 +80,17 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
         tok_axes = tok_axes + ("expert",)
     tok_spec = P(tok_axes or None, None)
 
-    def body(x, idx, w, *flat):
+    def body(x, idx, w, lay, *flat):
         arr = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(3))
+        offset = None
+        if layer is not None:   # local [L, E_l, ...] -> [L * E_l, ...], a free reshape
+            arr = tuple(tuple(None if a is None else a.reshape(-1, *a.shape[2:]) for a in ws) for ws in arr)
+            offset = lay * E_l
         shard = jax.lax.axis_index("expert") if e_split and n_ep > 1 else 0
         if a2a:
-            y = _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split)
+            y = _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset)
         else:
-            y = _dispatch_replicated(arr, x, idx, w, prec, shard, E_l)
+            y = _dispatch_replicated(arr, x, idx, w, prec, shard, E_l, offset)
             axes = (("expert",) if e_split and n_ep > 1 else ()) + (("model",) if f_split else ())
             if axes:
                 y = jax.lax.psum(y, axes)
@@ -89,9 +100,9 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
     for (w, s), (ws, ss) in zip(arrays, w_specs):
         flat_args += [w, s]
         flat_specs += [ws, ss]
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, *flat_specs),
+    fn = jax.shard_map(body, mesh=shard_map_mesh(mesh), in_specs=(tok_spec, tok_spec, tok_spec, P(), *flat_specs),
                        out_specs=tok_spec, check_vma=False)
-    return fn(x_MD, idx_MK, w_MK, *flat_args)
+    return fn(x_MD, idx_MK, w_MK, jnp.asarray(0 if layer is None else layer, jnp.int32), *flat_args)
 
 
 def _combine(y_AD, w_A, token_A, m: int, dtype):
@@ -99,7 +110,7 @@ def _combine(y_AD, w_A, token_A, m: int, dtype):
     return jnp.zeros((m, y_AD.shape[-1]), jnp.float32).at[token_A].add(y).astype(dtype)
 
 
-def _dispatch_replicated(arr, x, idx, w, prec, shard, E_l):
+def _dispatch_replicated(arr, x, idx, w, prec, shard, E_l, offset=None):
     """Every expert shard sees the same tokens and handles the assignments to its experts."""
     from deepseek_jax.moe import experts_apply
 
@@ -109,11 +120,11 @@ def _dispatch_replicated(arr, x, idx, w, prec, shard, E_l):
     order = jnp.argsort(key, stable=True)
     sizes = jnp.bincount(key, length=E_l + 1)[:E_l].astype(jnp.int32)
     token = order // K
-    y = experts_apply(arr, x[token], sizes, prec)  # rows past sum(sizes) are zeros
+    y = experts_apply(arr, x[token], sizes, prec, offset)  # rows past sum(sizes) are zeros
     return _combine(y, w.reshape(-1)[order], token, m, prec.dtype)
 
 
-def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split):
+def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset=None):
     """Send each assignment's row to the shard owning its expert, compute, send back."""
     from deepseek_jax.moe import experts_apply
 
@@ -135,7 +146,7 @@ def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split):
 
     order2 = jnp.argsort(recv_e, stable=True)           # empty slots (E_l) sort last
     sizes = jnp.bincount(recv_e, length=E_l + 1)[:E_l].astype(jnp.int32)
-    y_sorted = experts_apply(arr, recv_x[order2], sizes, prec)
+    y_sorted = experts_apply(arr, recv_x[order2], sizes, prec, offset)
     y = jnp.zeros_like(y_sorted).at[order2].set(y_sorted)
     if f_split:
         y = jax.lax.psum(y, "model")

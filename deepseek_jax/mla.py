@@ -15,11 +15,14 @@ Rows are right-padded, so pad tokens sit after every real token and are never vi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import kernels_pallas
+from deepseek_jax import kernel_mesh
 
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.norm import RMSNorm
@@ -63,6 +66,7 @@ class MLA(nnx.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                 fp8=fp8, prec=prec, rngs=rngs)
         self.o_proj = Linear(H * cfg.v_head_dim, D, fp8=fp8, prec=prec, rngs=rngs)
+        self.placement = None   # set by sharding.attach_mesh: kernel calls then run per shard
 
     # ---- pieces shared by both forms -------------------------------------------------------
     def _query(self, x_BTD, cos, sin, rope: Rope):
@@ -135,8 +139,10 @@ class MLA(nnx.Module):
             q_BTHK = jnp.concatenate([q_nope, q_pe.astype(dtype)], -1)
             k_BSHK = jnp.concatenate([k_nope, k_pe_BSHR.astype(dtype)], -1)
             if self.prec.prefill_attention == "flash":  # causal by index (see Precision)
-                o_BTHA = kernels_pallas.causal_attention(q_BTHK, k_BSHK, v, scale=self.scale,
-                                                         impl=self.prec.kernels).astype(dtype)
+                attn = kernels_pallas.causal_attention
+                if self.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
+                    attn = functools.partial(kernel_mesh.causal_attention, attn, pl=self.placement)
+                o_BTHA = attn(q_BTHK, k_BSHK, v, scale=self.scale, impl=self.prec.kernels).astype(dtype)
             else:
                 s = einsum32("bthk,bshk->bhts", q_BTHK, k_BSHK)
                 mask = pos_BT[:, None, :] <= pos_BT[:, :, None]
@@ -153,10 +159,12 @@ class MLA(nnx.Module):
                 # position, so that a verified token is computed like the same token in plain
                 # decoding.
                 lengths_BT = jnp.minimum(pos_BT + 1, cache_BSC.shape[-2])
+                decode = kernels_pallas.mla_decode
+                if self.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
+                    decode = functools.partial(kernel_mesh.mla_decode, decode, pl=self.placement)
                 o_lat = jnp.stack([
-                    kernels_pallas.mla_decode(q_lat[:, t], q_pe[:, t], cache_BSC, lengths_BT[:, t],
-                                              scale=self.scale, kv_lora_rank=L, impl=self.prec.kernels,
-                                              layer=layer)
+                    decode(q_lat[:, t], q_pe[:, t], cache_BSC, lengths_BT[:, t], scale=self.scale,
+                           kv_lora_rank=L, impl=self.prec.kernels, layer=layer)
                     for t in range(T)], axis=1).astype(dtype)
             else:  # several new tokens (chunked prefill over an existing cache)
                 kv = cache_BSC if layer is None else jax.lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)

@@ -141,12 +141,16 @@ class MoE(nnx.Module):
         with jax.named_scope("router"):
             r = self.gate(x_MD, cfg)
 
-        if layer_idx is not None:
+        if self.mesh is not None and (expert_parallel.is_distributed(self.mesh) or (
+                self.mesh.size > 1 and kernels_pallas.backend.split_impl(self.prec.kernels)[0] != "ref")):
+            # experts split over the mesh, or the grouped GEMM kernel on any multi-device mesh (a
+            # Pallas call must run inside a shard_map: see deepseek_jax.kernel_mesh); with
+            # ``layer_idx`` the experts are all layers' [L, E, ...], read in place
+            y_MD = expert_parallel.moe_apply(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec,
+                                             self.mesh, self.rules, n_experts=E, layer=layer_idx)
+        elif layer_idx is not None:
             y_MD = local_moe(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec, E,
                              expert_offset=layer_idx * E, seq_len=T)
-        elif self.mesh is not None and expert_parallel.is_distributed(self.mesh):
-            y_MD = expert_parallel.moe_apply(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec,
-                                             self.mesh, self.rules, n_experts=E)
         else:
             y_MD = local_moe(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec, E, seq_len=T)
         if self.shared_experts is not None:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels_pallas
+from deepseek_jax import kernel_mesh
 
 BLOCK = 128
 FP8 = jnp.float8_e4m3fn
@@ -156,6 +157,7 @@ class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, fp8: bool, prec: Precision,
                  rngs: nnx.Rngs, stack: tuple[int, ...] = (), param_dtype=jnp.bfloat16):
         self.in_features, self.out_features, self.fp8, self.prec = in_features, out_features, fp8, prec
+        self.placement = None   # set by sharding.attach_mesh: kernel calls then run per shard
         shape = (*stack, out_features, in_features)
         w = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(in_features)
         if fp8:
@@ -190,8 +192,12 @@ class Linear(nnx.Module):
         x = x.astype(dtype)
         if self.fp8:
             fn = kernels_pallas.w8a8_matmul if self.prec.fp8_mode == "w8a8" else kernels_pallas.w8a16_matmul
-            return fn(x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype,
-                      impl=_dense_impl(self.prec, x.size // x.shape[-1]), layer=self._stacked_layer())
+            impl = _dense_impl(self.prec, x.size // x.shape[-1])
+            if self.placement is not None and kernel_mesh.uses_kernel(impl):
+                return kernel_mesh.linear(fn, x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype,
+                                          impl=impl, layer=self._stacked_layer(), pl=self.placement)
+            return fn(x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype, impl=impl,
+                      layer=self._stacked_layer())
         w = self.weight[...].astype(dtype)
         y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32,
                        precision=jax.lax.Precision.HIGHEST)

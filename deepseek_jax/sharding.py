@@ -201,16 +201,30 @@ def shard_model(model, mesh: Mesh, rules: Mapping[str, object] | str = "ep_tp"):
 
 
 def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "ep_tp"):
-    """Tells the MoE layers which mesh and rules their expert-parallel dispatch runs on."""
+    """Tells the MoE layers which mesh and rules their expert-parallel dispatch runs on, and the
+    FP8 linears and attention where their kernel operands live, so that their Pallas calls run
+    per shard (:mod:`deepseek_jax.kernel_mesh`; on a one-device mesh or ``None``, unset)."""
     from flax import nnx
 
+    from deepseek_jax.kernel_mesh import Placement
+    from deepseek_jax.mla import MLA
     from deepseek_jax.moe import MoE
+    from deepseek_jax.quant import Linear
 
     rules = RULES[rules] if isinstance(rules, str) else rules
-    for _, m in nnx.iter_modules(model):
+    items = tuple(sorted(rules.items()))
+    sharded = mesh is not None and mesh.size > 1
+    specs = model_param_specs(model, dict(mesh.shape), rules) if sharded else {}
+    for path, m in nnx.iter_modules(model):
+        p = tuple(str(x) for x in path)
         if isinstance(m, MoE):
             m.mesh = mesh
-            m.rules = tuple(sorted(rules.items())) if mesh is not None else None
+            m.rules = items if mesh is not None else None
+        elif isinstance(m, Linear):
+            m.placement = (Placement(mesh, items, specs[p + ("weight",)], specs[p + ("weight_scale_inv",)])
+                           if sharded and m.fp8 else None)
+        elif isinstance(m, MLA):
+            m.placement = Placement(mesh, items) if sharded else None
     return model
 
 
