@@ -62,6 +62,7 @@ from deepseek_jax.cache import LatentCache  # noqa: E402
 from deepseek_jax.checkpoint import abstract_model  # noqa: E402
 from deepseek_jax.errors import DeepSeekError  # noqa: E402
 from deepseek_jax.quant import Precision  # noqa: E402
+from benchmarks import _mesh_compile as mesh_compile  # noqa: E402
 from kernels_pallas import aot  # noqa: E402
 
 #: The model's named scopes (``jax.named_scope`` in ``deepseek_jax``), innermost wins.
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8-mode", default="w8a16", choices=("w8a16", "w8a8"))
     ap.add_argument("--by", default="scope", choices=("scope", "kind"))
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel compile table")
+    ap.add_argument("--meshes", default="", help="';'-separated meshes to compile the real-width decode step on "
+                    "(e.g. 'data=4;model=4;expert=4'), --mesh-devices devices each")
+    ap.add_argument("--mesh-devices", type=int, default=4)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if not aot.available("gpu"):
@@ -170,11 +174,14 @@ def main(argv=None) -> int:
     kernels = [] if a.no_kernels else aot.compile_kernels("gpu")
     if kernels:
         aot.print_kernels(kernels, "sm_90")
+    meshes = [mesh_compile.sharded_decode("gpu", m.strip(), a.mesh_devices) for m in a.meshes.split(";") if m.strip()]
+    if meshes:
+        mesh_compile.print_rows(meshes, f"{a.mesh_devices} x {aot.DEVICE_KIND}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(jax=jax.__version__, device=aot.DEVICE_KIND, layers=a.layers, rows=rows,
-                           kernels=kernels), f, indent=1)
-    return 1 if any(k["must_fail"] == k["compiled"] for k in kernels) else 0
+                           kernels=kernels, meshes=meshes), f, indent=1)
+    return 1 if any(k["must_fail"] == k["compiled"] for k in kernels) or not all(m["compiled"] for m in meshes) else 0
 
 
 if __name__ == "__main__":

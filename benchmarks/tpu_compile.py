@@ -54,6 +54,7 @@ from benchmarks.e2e_gpu import DECODE_STEPS, bench_config, decode_loop, prefill_
 from deepseek_jax.cache import LatentCache  # noqa: E402
 from deepseek_jax.checkpoint import abstract_model  # noqa: E402
 from deepseek_jax.quant import Precision  # noqa: E402
+from benchmarks import _mesh_compile as mesh_compile  # noqa: E402
 from kernels_pallas import aot  # noqa: E402
 
 
@@ -90,6 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plugins", default=".tpu_aot", help="directory holding libtpu's files")
     ap.add_argument("--topologies", default="v5p:2x2x1,v6e:2x2,tpu7x:2x2x1")
     ap.add_argument("--model", action="store_true", help="also the real-width decode and prefill programs")
+    ap.add_argument("--meshes", default="", help="';'-separated meshes to compile the real-width decode step on "
+                    "(e.g. 'data=4;model=4;expert=4'), --mesh-devices devices each")
+    ap.add_argument("--mesh-devices", type=int, default=4)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     topologies = [t.strip() for t in a.topologies.split(",") if t.strip()]
@@ -112,10 +116,15 @@ def main(argv=None) -> int:
         for r in out["model"]:
             ks = ", ".join(f"{k} x{v}" for k, v in sorted(r["kernels"].items()))
             print(f"{r['program']:44s} {r['temp_gib']:9.2f} {r['compile_s']:10.1f}  {ks}")
+    out["meshes"] = [mesh_compile.sharded_decode("tpu", m.strip(), a.mesh_devices, topology=topologies[0])
+                     for m in a.meshes.split(";") if m.strip()]
+    if out["meshes"]:
+        mesh_compile.print_rows(out["meshes"], f"{a.mesh_devices} chips of {topologies[0]}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
     bad = any(k["must_fail"] == k["compiled"] for rows in out["kernels"].values() for k in rows)
+    bad = bad or not all(m["compiled"] for m in out["meshes"])
     return 1 if bad else 0
 
 

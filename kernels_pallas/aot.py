@@ -79,19 +79,19 @@ def _no_compiler(platform: str, e: Exception, hint: str) -> RuntimeError:
 
 
 @functools.cache
-def _gpu_meshes():
+def _gpu_meshes(n: int = 1):
     from jax.experimental import topologies
     from jax.sharding import AbstractDevice
     try:
-        topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
+        topo = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology=f"1x1x{n}")
     except Exception as e:  # NotImplementedError without the plugin; RuntimeError from its init
         raise _no_compiler("gpu", e, f"make jax-cuda13-pjrt and jax-cuda13-plugin=={jax.__version__} importable "
                            "before jax starts, with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1") from None
-    return topo.devices[:1], AbstractDevice(DEVICE_KIND, NUM_CORES, "gpu")
+    return topo.devices[:n], AbstractDevice(DEVICE_KIND, NUM_CORES, "gpu")
 
 
 @functools.cache
-def _tpu_meshes(topology: str):
+def _tpu_meshes(topology: str, n: int = 1):
     from jax.experimental import topologies
     from jax.sharding import AbstractDevice
     try:
@@ -99,7 +99,9 @@ def _tpu_meshes(topology: str):
     except Exception as e:
         raise _no_compiler("tpu", e, f"make jax {jax.__version__}'s libtpu importable before jax starts, "
                            f"and name a topology it knows ({topology!r})") from None
-    return topo.devices[:1], AbstractDevice(topo.devices[0].device_kind, 1, "tpu")
+    if len(topo.devices) < n:
+        raise ValueError(f"compile_for_tpu: topology {topology!r} has {len(topo.devices)} chips, not {n}")
+    return topo.devices[:n], AbstractDevice(topo.devices[0].device_kind, 1, "tpu")
 
 
 def available(platform: str = "gpu", topology: str = "v5p:2x2x1") -> bool:
@@ -135,6 +137,25 @@ def compile_for_gpu(fn, *args):
 def compile_for_tpu(fn, *args, topology: str = "v5p:2x2x1"):
     """As :func:`compile_for_gpu`, for one chip of the TPU ``topology``."""
     return _compile(*_tpu_meshes(topology), fn, args)
+
+
+def devices(platform: str, n: int, topology: str = "v5p:2x2x1"):
+    """``n`` devices to compile for (H200s, or chips of the TPU ``topology``) and the
+    ``AbstractDevice`` naming them, for :func:`compile_sharded`."""
+    return _gpu_meshes(n) if platform == "gpu" else _tpu_meshes(topology, n)
+
+
+def compile_sharded(fn, args, mesh, abstract_device):
+    """``jax.jit(fn).lower(*args).compile()`` with ``args`` (``ShapeDtypeStruct``s carrying
+    ``NamedSharding``s) placed on ``mesh``, a ``jax.sharding.Mesh`` of :func:`devices`: the
+    program XLA would run on that many devices (collectives included)."""
+    from jax.sharding import AbstractMesh, use_abstract_mesh
+
+    abstract = AbstractMesh(tuple(mesh.shape.values()), tuple(mesh.axis_names), axis_types=mesh.axis_types,
+                            abstract_device=abstract_device)
+    with jax.set_mesh(mesh), use_abstract_mesh(abstract):
+        lowered = jax.jit(fn).lower(*args)
+    return lowered.compile()
 
 
 class Launch(NamedTuple):
