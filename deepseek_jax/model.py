@@ -109,9 +109,9 @@ def weights_in_place(layers) -> bool:
     """Whether :func:`_scan_layers` passes these stacked layers' FP8 weights whole (all layers)
     plus a layer index instead of scanning over per-layer slices: routed experts as ``[L*E, ...]``
     at offset ``layer * E``, other FP8 linears as ``[L, out, in]`` (``quant.scan_layer``).  See
-    ``Precision.weights_in_place``. On a mesh of more than one device the routed experts stay
-    ``[L, E, ...]`` (sharded over ``expert``) and the expert-parallel ``shard_map`` reads its
-    local ``[L, E_l, ...]`` in place."""
+    ``Precision.weights_in_place``. Where the MoE runs in the expert-parallel ``shard_map``
+    (:meth:`MoE.in_shard_map`) the routed experts stay ``[L, E, ...]`` (split over ``expert``)
+    and each shard reads its local ``[L, E_l, ...]`` in place."""
     lin = layers.self_attn.kv_b_proj
     if lin.prec.weights_in_place is not None:
         return lin.prec.weights_in_place
@@ -155,7 +155,7 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False)
         # linears keep [L, out, in] and read layer i (``quant.scan_layer``).
         graphdef, experts, whole, state = nnx.split(layers, _is_routed_expert, _is_fp8_linear, ...)
         moe = getattr(layers, "mlp", None)
-        if not (isinstance(moe, MoE) and moe.mesh is not None and moe.mesh.size > 1):
+        if not (isinstance(moe, MoE) and moe.in_shard_map()):   # there: [L, E_l, ...] per shard
             experts = jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), experts)
     else:
         graphdef, state = nnx.split(layers)

@@ -131,6 +131,15 @@ class MoE(nnx.Module):
         self.mesh = None
         self.rules = None
 
+    def in_shard_map(self) -> bool:
+        """Whether the routed experts run in the expert-parallel ``shard_map``: experts split over
+        the mesh, or the grouped GEMM kernel on any multi-device mesh (a Pallas call cannot be
+        split by GSPMD: see :mod:`deepseek_jax.kernel_mesh`)."""
+        if self.mesh is None:
+            return False
+        return expert_parallel.is_distributed(self.mesh) or (
+            self.mesh.size > 1 and kernels_pallas.backend.split_impl(self.prec.kernels)[0] != "ref")
+
     def __call__(self, x_BTD: jax.Array, layer_idx: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
         """``layer_idx``: set when the experts hold all scanned layers' weights ``[L*E, ...]``
         (``Precision.weights_in_place``); this layer's experts start at ``layer_idx * E``."""
@@ -141,11 +150,7 @@ class MoE(nnx.Module):
         with jax.named_scope("router"):
             r = self.gate(x_MD, cfg)
 
-        if self.mesh is not None and (expert_parallel.is_distributed(self.mesh) or (
-                self.mesh.size > 1 and kernels_pallas.backend.split_impl(self.prec.kernels)[0] != "ref")):
-            # experts split over the mesh, or the grouped GEMM kernel on any multi-device mesh (a
-            # Pallas call must run inside a shard_map: see deepseek_jax.kernel_mesh); with
-            # ``layer_idx`` the experts are all layers' [L, E, ...], read in place
+        if self.in_shard_map():   # with ``layer_idx`` the experts are all layers' [L, E, ...]
             y_MD = expert_parallel.moe_apply(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec,
                                              self.mesh, self.rules, n_experts=E, layer=layer_idx)
         elif layer_idx is not None:
