@@ -33,25 +33,10 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._plugins import plugins_first  # noqa: E402  (os and sys only)
 
-
-def _plugins_first(argv) -> None:
-    """Make the CUDA plugin importable before jax starts (``--plugins DIR``, default ``.gpu_aot``)."""
-    d = os.path.join(ROOT, ".gpu_aot")
-    for i, a in enumerate(argv):
-        if a == "--plugins" and i + 1 < len(argv):
-            d = argv[i + 1]
-        elif a.startswith("--plugins="):
-            d = a.split("=", 1)[1]
-    if os.path.isdir(d):
-        sys.path.insert(0, os.path.abspath(d))
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no cuDNN on a CPU host
-    os.environ.setdefault("DEEPSEEK_JAX_KERNELS", "pallas_gpu")     # what impl="auto" picks on a GPU
-
-
-_plugins_first(sys.argv[1:])
-sys.path.insert(0, ROOT)
+plugins_first("gpu", sys.argv[1:])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

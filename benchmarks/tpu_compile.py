@@ -25,26 +25,10 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._plugins import plugins_first  # noqa: E402  (os and sys only)
 
-
-def _plugins_first(argv) -> None:
-    """Make libtpu importable before jax starts (``--plugins DIR``, default ``.tpu_aot``)."""
-    d = os.path.join(ROOT, ".tpu_aot")
-    for i, a in enumerate(argv):
-        if a == "--plugins" and i + 1 < len(argv):
-            d = argv[i + 1]
-        elif a.startswith("--plugins="):
-            d = a.split("=", 1)[1]
-    if os.path.isdir(d):
-        sys.path.insert(0, os.path.abspath(d))
-    os.environ.setdefault("DEEPSEEK_JAX_KERNELS", "pallas_tpu")      # what impl="auto" picks on a TPU
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")           # quiets libtpu's host probing
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-
-
-_plugins_first(sys.argv[1:])
-sys.path.insert(0, ROOT)
+plugins_first("tpu", sys.argv[1:])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -25,6 +25,7 @@ from flax import nnx
 
 import kernels_pallas
 
+from deepseek_jax import kernel_mesh
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.mla import _KERNEL_MAX_NEW  # the few-token (decode / verify) path's limit
 from deepseek_jax.mlp import MLP
@@ -138,7 +139,7 @@ class MoE(nnx.Module):
         if self.mesh is None:
             return False
         return expert_parallel.is_distributed(self.mesh) or (
-            self.mesh.size > 1 and kernels_pallas.backend.split_impl(self.prec.kernels)[0] != "ref")
+            self.mesh.size > 1 and kernel_mesh.uses_kernel(self.prec.kernels))
 
     def __call__(self, x_BTD: jax.Array, layer_idx: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
         """``layer_idx``: set when the experts hold all scanned layers' weights ``[L*E, ...]``
