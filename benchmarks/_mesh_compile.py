@@ -63,6 +63,13 @@ def sharded_decode(platform: str, mesh_text: str, n: int, *, topology: str = "v5
                 kernels=len(re.findall(r'custom_call_target="(?:__gpu\$xla\.gpu\.triton|tpu_custom_call|mosaic_gpu)', text)))
 
 
+def add_arguments(ap) -> None:
+    """``--meshes`` and ``--mesh-devices`` for ``gpu_compile.py`` / ``tpu_compile.py``."""
+    ap.add_argument("--meshes", default="", help="';'-separated meshes to compile the real-width decode step on "
+                    "(e.g. 'data=4;model=4;expert=4'), --mesh-devices devices each")
+    ap.add_argument("--mesh-devices", type=int, default=4)
+
+
 def print_rows(rows: list[dict], target: str) -> None:
     print(f"\n{'decode step on a mesh (' + target + ')':44s} {'result':>8s} {'temp GiB':>9s} {'all-gathers':>12s} "
           f"{'kernels':>8s}")

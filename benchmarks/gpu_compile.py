@@ -112,16 +112,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8-mode", default="w8a16", choices=("w8a16", "w8a8"))
     ap.add_argument("--by", default="scope", choices=("scope", "kind"))
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel compile table")
-    ap.add_argument("--meshes", default="", help="';'-separated meshes to compile the real-width decode step on "
-                    "(e.g. 'data=4;model=4;expert=4'), --mesh-devices devices each")
-    ap.add_argument("--mesh-devices", type=int, default=4)
+    mesh_compile.add_arguments(ap)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    if not aot.available("gpu"):
-        try:
-            aot.compile_for_gpu(lambda: None)
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
+    try:
+        aot.require("gpu")
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     batches = [int(b) for b in a.batches.split(",") if b.strip()]
     if a.layers < 3 or a.prefill < 0 or any(b < 1 for b in batches):

@@ -75,19 +75,16 @@ def main(argv=None) -> int:
     ap.add_argument("--plugins", default=".tpu_aot", help="directory holding libtpu's files")
     ap.add_argument("--topologies", default="v5p:2x2x1,v6e:2x2,tpu7x:2x2x1")
     ap.add_argument("--model", action="store_true", help="also the real-width decode and prefill programs")
-    ap.add_argument("--meshes", default="", help="';'-separated meshes to compile the real-width decode step on "
-                    "(e.g. 'data=4;model=4;expert=4'), --mesh-devices devices each")
-    ap.add_argument("--mesh-devices", type=int, default=4)
+    mesh_compile.add_arguments(ap)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     topologies = [t.strip() for t in a.topologies.split(",") if t.strip()]
-    for t in topologies:
-        if not aot.available("tpu", t):
-            try:
-                aot.compile_for_tpu(lambda: None, topology=t)
-            except RuntimeError as e:
-                print(f"error: {e}", file=sys.stderr)
-            return 2
+    try:
+        for t in topologies:
+            aot.require("tpu", t)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"# jax {jax.__version__}, compiled on {jax.devices()[0].platform} (no TPU)")
     out = dict(jax=jax.__version__, kernels={}, model=[])
     for t in topologies:

@@ -104,10 +104,16 @@ def _tpu_meshes(topology: str, n: int = 1):
     return topo.devices[:n], AbstractDevice(topo.devices[0].device_kind, 1, "tpu")
 
 
+def require(platform: str = "gpu", topology: str = "v5p:2x2x1") -> None:
+    """Raises the one-line ``RuntimeError`` naming what is missing unless ``platform``'s compiler
+    (and the TPU ``topology``) is available in this process."""
+    _gpu_meshes() if platform == "gpu" else _tpu_meshes(topology)
+
+
 def available(platform: str = "gpu", topology: str = "v5p:2x2x1") -> bool:
     """Whether :func:`compile_for_gpu` (``platform="gpu"``) or :func:`compile_for_tpu` can run here."""
     try:
-        _gpu_meshes() if platform == "gpu" else _tpu_meshes(topology)
+        require(platform, topology)
     except RuntimeError:
         return False
     return True
