@@ -4,6 +4,7 @@ Pallas GPU kernel at the SPEC §11 shapes.
     pip install --no-deps --target .gpu_aot jax-cuda13-pjrt==0.11.2 jax-cuda13-plugin==0.11.2   # once
     PYTHONPATH=. python benchmarks/gpu_compile.py                       # decode B=1 and 16, kernels
     PYTHONPATH=. python benchmarks/gpu_compile.py --batches 1 --prefill 4096 --by kind --no-kernels
+    PYTHONPATH=. python benchmarks/gpu_compile.py --by traffic --no-kernels     # MB moved per step
 
 No GPU needed: XLA compiles the programs ``benchmarks/e2e_gpu.py`` times (the reduced-depth model
 at real width, ``--layers`` 4 = 1 dense + 3 MoE; the decode steps in an on-device loop; a prefill
@@ -11,7 +12,10 @@ in chunks) for the H200 of :data:`kernels_pallas.aot.H200_TARGET` (see :mod:`ker
 with the GPU kernels the model picks there. For each program it prints the kernel launches per
 decode step (or per prefill) by the model's named scopes (``--by scope``: router, dispatch,
 experts, attn, ...) or by kind (``--by kind``: Pallas kernels by name, XLA fusions by kind,
-copies), the launches per MoE layer, and the compiled program's temporary memory.
+copies), the launches per MoE layer, and the compiled program's temporary memory. ``--by traffic``
+prints instead the megabytes per step that XLA's own kernels (fusions, copies, cuBLAS) move, by
+scope, and the launches moving the most (bytes from the HLO's shapes, see
+:func:`kernels_pallas.aot.launches`): where a step moves more than its weights and cache need.
 
 A batch-1 decode step is launch-bound: on the 2026-11-28 H200 run its 338 kernels left the GPU
 idle 14% of the step and ~300 of them were small XLA fusions (``docs/benchmarks.md``). This count
@@ -28,6 +32,7 @@ blocks, the table's last row, a configuration that must fail). ``--json FILE`` s
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -50,6 +55,9 @@ from deepseek_jax.quant import Precision  # noqa: E402
 from benchmarks import _mesh_compile as mesh_compile  # noqa: E402
 from kernels_pallas import aot  # noqa: E402
 
+#: XLA launches listed by bytes moved (``--by traffic``).
+TOP = 8
+
 #: The model's named scopes (``jax.named_scope`` in ``deepseek_jax``), innermost wins.
 SCOPES = ("embed", "qkv", "cache_write", "attn", "o_proj", "mlp", "router", "dispatch", "experts", "combine",
           "shared_experts", "moe_stats", "moe", "lm_head")
@@ -70,8 +78,16 @@ def program_launches(name: str, fn, args, per: int, layer_loop: str | None, n_mo
                 if layer_loop else None)
     loops = sorted({i.loops for i in items})
     mem = compiled.memory_analysis()
+    xla = [i for i in items if not i.kind.startswith(("pallas:", "mosaic_gpu"))]
+    mb = collections.defaultdict(float)
+    for i in xla:
+        mb[aot.scope_of(i.op_name, SCOPES)] += i.count * (i.read + i.written) / per / 1e6
+    top = sorted(xla, key=lambda i: -i.count * (i.read + i.written))[:TOP]
     return dict(program=name, launches=total, per_moe_layer=moe_body, scopes=scopes, kinds=kinds, loops=loops,
-                temp_gib=mem.temp_size_in_bytes / 2**30, compile_s=seconds)
+                temp_gib=mem.temp_size_in_bytes / 2**30, compile_s=seconds,
+                xla_mb=dict(sorted(mb.items(), key=lambda kv: -kv[1])),
+                xla_top=[dict(name=i.name, kind=i.kind, scope=aot.scope_of(i.op_name, SCOPES),
+                              per_step=i.count / per, read_mb=i.read / 1e6, written_mb=i.written / 1e6) for i in top])
 
 
 def generator_decode(cfg, graphdef, state, batch: int, context: int) -> dict:
@@ -110,7 +126,8 @@ def main(argv=None) -> int:
                     help="also the Generator's own decode loop (greedy) at each batch size")
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (as benchmarks/e2e_gpu.py)")
     ap.add_argument("--fp8-mode", default="w8a16", choices=("w8a16", "w8a8"))
-    ap.add_argument("--by", default="scope", choices=("scope", "kind"))
+    ap.add_argument("--by", default="scope", choices=("scope", "kind", "traffic"),
+                    help="launches by named scope or by kind, or the MB XLA's own kernels move by scope")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel compile table")
     mesh_compile.add_arguments(ap)
     ap.add_argument("--json", default=None)
@@ -148,11 +165,19 @@ def main(argv=None) -> int:
         per_layer = "" if r["per_moe_layer"] is None else f"{r['per_moe_layer']:.1f}"
         print(f"{r['program']:24s} {r['launches']:9.1f} {per_layer:>14s} {r['temp_gib']:9.2f} "
               f"{r['compile_s']:10.1f}")
-    key = "scopes" if a.by == "scope" else "kinds"
+    key = {"scope": "scopes", "kind": "kinds", "traffic": "xla_mb"}[a.by]
     names = list(dict.fromkeys(k for r in rows for k in r[key]))
-    print(f"\n{a.by:28s} " + " ".join(f"{r['program'][:16]:>16s}" for r in rows))
+    title = "MB by XLA kernels, scope" if a.by == "traffic" else a.by
+    print(f"\n{title:28s} " + " ".join(f"{r['program'][:16]:>16s}" for r in rows))
     for n in names:
         print(f"{n:28s} " + " ".join(f"{r[key].get(n, 0.0):16.1f}" for r in rows))
+    if a.by == "traffic":
+        for r in rows:
+            print(f"\n{r['program']}: the XLA launches moving the most bytes (MB per launch)")
+            print(f"{'launch':32s} {'kind':16s} {'scope':14s} {'per step':>8s} {'read':>8s} {'written':>8s}")
+            for t in r["xla_top"]:
+                print(f"{t['name'][:32]:32s} {t['kind'][:16]:16s} {t['scope']:14s} {t['per_step']:8.2f} "
+                      f"{t['read_mb']:8.1f} {t['written_mb']:8.1f}")
     kernels = [] if a.no_kernels else aot.compile_kernels("gpu")
     if kernels:
         aot.print_kernels(kernels, "sm_90")

@@ -16,6 +16,8 @@
 #      side; if it fails with the Pallas kernels, once more with DEEPSEEK_JAX_KERNELS=ref.
 #   3. benchmarks/kernels.py --only mla: the Mosaic GPU MLA decode kernel (never compiled on a GPU
 #      before; kernels_pallas/mla_decode_mgpu.py) first, then the Triton one and its sweeps
+#   3b. benchmarks/kernels.py --only absorb: MLA's absorbed products through kv_b_proj's FP8 weight
+#      (kernels_pallas/mla_absorb.py, never timed) against XLA's dequantize + einsum
 #   4-5. benchmarks/kernels.py --only grouped / dense at the SPEC §11 shapes, with the Mosaic
 #      GPU kernels (kernels_pallas/fp8_gemm_mgpu.py, grouped_gemm_mgpu.py: W8A8 and bf16 wgmma,
 #      never compiled on a GPU before; swept at prefill) beside the Triton ones
@@ -60,6 +62,8 @@ if ((rc != 0 && rc != 124)); then  # failed (not just slow): the jnp paths, for 
         --batches 1,16 --prefill 4096 --json "$OUT_DIR/e2e_ref.json"
 fi
 step bench_mla 45 "$PY" benchmarks/kernels.py $SMALL --only mla --reps 3 --json "$OUT_DIR/bench_mla.json"
+# MLA's absorbed products (kernels_pallas/mla_absorb.py, new, never timed): kernel vs XLA, B=1/16/64; table in the log
+step bench_absorb 30 "$PY" benchmarks/kernels.py $SMALL --only absorb --reps 3
 step bench_grouped 90 "$PY" benchmarks/kernels.py $SMALL --only grouped --reps 3 --json "$OUT_DIR/bench_grouped.json"
 step bench_dense 75 "$PY" benchmarks/kernels.py $SMALL --only dense --reps 3 --json "$OUT_DIR/bench_dense.json"
 # the Generator itself at real width (its MTP layer too): plain vs speculative iteration cost, B=1 then 16

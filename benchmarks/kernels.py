@@ -45,6 +45,7 @@ from kernels_pallas.fp8_gemm import (GpuConfig, _w8a8_from_quantized_ref, quanti
                                      w8a16_matmul_ref)
 from kernels_pallas.grouped_gemm import (GpuGroupedConfig, gmm_gpu,  # noqa: E402
                                          gmm_tpu)
+from kernels_pallas.mla_absorb import mla_absorb, mla_absorb_ref  # noqa: E402
 from kernels_pallas.mla_decode import mla_decode, mla_decode_gpu, mla_decode_ref  # noqa: E402
 
 F8 = jnp.float8_e4m3fn
@@ -60,6 +61,9 @@ FULL_MLA = [("decode", 64, 128, 4096), ("decode", 1, 128, 4096)]  # B, heads, ca
 SMALL_DENSE = [("prefill", 128, 384, 256), ("decode", 8, 256, 384)]
 SMALL_MLA = [("decode", 2, 16, 100)]
 SMALL_GROUPED = [("prefill", 128, 4, 256, 256), ("decode", 16, 8, 256, 256)]
+#: MLA's absorbed products (kernels_pallas.mla_absorb): rows, heads, latent (nope = v = 128), layers
+FULL_ABSORB = [("decode", 1, 128, 512, 3), ("decode", 16, 128, 512, 3), ("decode", 64, 128, 512, 3)]
+SMALL_ABSORB = [("decode", 3, 4, 256, 2)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,6 +594,46 @@ def bench_mla(cases, *, impl, reps, sweep, key):
 
 
 # ----------------------------------------------------------------------------------------------
+# MLA's absorbed products through kv_b_proj's FP8 weight
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_absorb(cases, *, impl, reps, key):
+    """``q_nope -> q_lat`` (W_UK) and ``o_lat -> o`` (W_UV) of one layer of a ``[layers, H * 256, L]``
+    e4m3 stack: the kernel against XLA's product of the dequantized weight (the model's path
+    before the kernel). GB/s counts the half of the layer's weight a product needs, x and out."""
+    rows = []
+    nope = 128
+    for phase, m, h, lat, layers in cases:
+        _, wq, ws = _random_weights(jax.random.fold_in(key, m), (layers, h * 2 * nope, lat))
+        for part in ("k", "v"):
+            shape = f"{phase} W_U{part.upper()} B={m} H={h} L={lat}"
+            width_in, width_out = (nope, lat) if part == "k" else (lat, nope)
+            x = jax.random.normal(jax.random.fold_in(key, 7), (m, 1, h, width_in), jnp.float32).astype(BF16)
+            lay = jnp.int32(layers - 1)
+            ref = jax.jit(functools.partial(mla_absorb_ref, part=part, nope=nope))(
+                x.astype(jnp.float32), wq, ws, layer=lay)
+            chk = lambda o, ref=ref: f"{rel_err(o, ref):.1e}"  # noqa: E731
+            flops = 2.0 * m * h * nope * lat
+            nbytes = h * nope * lat + (m * h * (width_in + width_out)) * 2
+            measure(rows, shape, "XLA: dequantize + einsum (before)",
+                    lambda a, b, c, part=part: mla_absorb_ref(a, b, c, part=part, nope=nope, layer=lay),
+                    (x, wq, ws), flops=flops, nbytes=nbytes, reps=reps, check=chk)
+            if backend.split_impl(impl)[0] == "tpu":
+                continue
+            interpret = backend.split_impl(impl)[1]
+            measure(rows, shape, "kernel", lambda a, b, c, part=part: mla_absorb(
+                        a, b, c, part=part, nope=nope, layer=lay, impl=impl),
+                    (x, wq, ws), flops=flops, nbytes=nbytes, reps=reps, check=chk, quick=interpret,
+                    note="default" + (" (interpret)" if interpret else ""))
+    for row in rows:  # the ratio column is against XLA's product here
+        base = next((x.ms for x in rows if x.shape == row.shape and x.method.startswith("XLA")), None)
+        if base and row.ms:
+            row.vs_bf16 = base / row.ms
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -599,7 +643,7 @@ def main(argv=None):
                     help="kernel impl (default: the backend's Pallas kernel; on CPU the interpreter)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
     ap.add_argument("--no-sweep", action="store_true", help="only the default tile config")
-    ap.add_argument("--only", choices=["dense", "grouped", "mla"], default=None)
+    ap.add_argument("--only", choices=["dense", "grouped", "mla", "absorb"], default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
 
@@ -631,6 +675,12 @@ def main(argv=None):
         print_table("MLA absorbed decode attention (bf16 latent cache [c | k_pe], L=512, R=64; "
                     "'x XLA bf16' here = vs the plain-jnp version; GB/s = cache + q read, o written)",
                     rows)
+        all_rows += rows
+    if args.only in (None, "absorb"):
+        rows = bench_absorb(SMALL_ABSORB if args.small else FULL_ABSORB, impl=impl, reps=reps,
+                            key=jax.random.fold_in(key, 3))
+        print_table("MLA's absorbed products, kv_b_proj e4m3 [3 layers, H*256, L] read in place "
+                    "('x XLA bf16' here = vs XLA's dequantize + einsum; GB/s = the half weight + x + out)", rows)
         all_rows += rows
     if args.json:
         with open(args.json, "w") as f:

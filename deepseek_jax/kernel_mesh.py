@@ -15,6 +15,7 @@ kernel calls run per shard, with the operands split as they are placed (the shar
   ``o_proj``, ``down_proj``) gives partial products, summed over that axis in float32; rows split
   over the batch axes where they divide.
 * MLA decode: heads split as ``q_b_proj``'s output is, rows as the latent cache's batch.
+* MLA's absorbed products (``kernels_pallas.mla_absorb``): heads as ``kv_b_proj``'s rows.
 * flash prefill attention (GPU): rows over the batch axes, heads as above.
 
 The MoE's grouped GEMM already runs inside the expert-parallel ``shard_map``
@@ -98,6 +99,40 @@ def linear(kernel, x, w, s, *, layer, out_dtype, impl: str, pl: Placement):
         return jax.lax.psum(y, k_ax).astype(out_dtype) if k_ax else y
 
     return _shard_map(body, pl, tuple(specs), P(*lead, n_ax))(*args)
+
+
+def mla_absorb(kernel, x, w, s, *, part: str, layer, pl: Placement, **kw):
+    """``kernel(x, w, s, part=, layer=, **kw)`` (``kernels_pallas.mla_absorb``, ``x`` ``[B, T, H, I]``)
+    per shard: heads as ``kv_b_proj``'s output rows are split, rows over the batch axes; a split of
+    its latent (input) dim splits ``q_lat``'s columns (``part="k"``) or sums partial products in
+    float32 (``part="v"``). A head split that would cut a head in two is left to GSPMD (the
+    reference)."""
+    w_spec, s_spec = tuple(pl.weight_spec), tuple(pl.scale_spec)
+    if w.ndim == len(w_spec) - 1:  # a scan handed this layer's slice of a stacked weight
+        w_spec, s_spec = w_spec[1:], s_spec[1:]
+    r_ax, k_ax = w_spec[-2], w_spec[-1]
+    if x.shape[-2] % math.prod(pl.mesh.shape[a] for a in _flat(r_ax)):
+        import kernels_pallas
+
+        return kernels_pallas.mla_absorb_ref(x, w, s, part=part, layer=layer, **{
+            k: v for k, v in kw.items() if k != "impl"})
+    b_ax = _split(pl, "batch", x.shape[0], _used(w_spec))
+    lead = (b_ax,) + (None,) * (x.ndim - 3)
+    x_spec = P(*lead, r_ax, None if part == "k" else k_ax)
+    args, specs = [x, w, s], [x_spec, P(*w_spec), P(*s_spec)]
+    if layer is not None:
+        args.append(jnp.asarray(layer, jnp.int32))
+        specs.append(P())
+    out_dtype = kw.pop("out_dtype", None) or x.dtype
+    partial = part == "v" and k_ax is not None
+
+    def body(x, w, s, *layer):
+        y = kernel(x, w, s, part=part, layer=layer[0] if layer else None,
+                   out_dtype=jnp.float32 if partial else out_dtype, **kw)
+        return jax.lax.psum(y, k_ax).astype(out_dtype) if partial else y
+
+    out_spec = P(*lead, r_ax, k_ax if part == "k" else None)
+    return _shard_map(body, pl, tuple(specs), out_spec)(*args)
 
 
 def mla_decode(kernel, q_lat_BHL, q_pe_BHR, cache, lengths_B, *, layer, pl: Placement, **kw):

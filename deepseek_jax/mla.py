@@ -89,6 +89,17 @@ class MLA(nnx.Module):
         s = jnp.where(mask_BTS[:, None], s_BHTS.astype(jnp.float32) * self.scale, _NEG)
         return jax.nn.softmax(s, axis=-1)
 
+    def _absorb(self, x_BTHI, part: str) -> jax.Array:
+        """``q_nope → q_lat`` (``part="k"``, ``W_UK``) or ``o_lat → o`` (``"v"``, ``W_UV``) through
+        ``kv_b_proj``'s weight as stored (``kernels_pallas.mla_absorb``: a GPU kernel reading the FP8
+        weight in place; XLA's own products wrote float32 copies of it, ~9x its bytes at batch 1)."""
+        kvb = self.kv_b_proj
+        fn = kernels_pallas.mla_absorb
+        if kvb.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
+            fn = functools.partial(kernel_mesh.mla_absorb, fn, pl=kvb.placement)
+        return fn(x_BTHI, kvb.weight[...], kvb.weight_scale_inv[...] if kvb.fp8 else None, part=part,
+                  nope=self.nope, layer=kvb._stacked_layer(), out_dtype=self.prec.dtype, impl=self.prec.kernels)
+
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, rope: Rope, *,
                  cache_BSC: jax.Array | None = None, absorbed: bool = False, layer=None):
@@ -126,8 +137,8 @@ class MLA(nnx.Module):
             with jax.named_scope("cache_write"):
                 cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT, layer)
         H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
-        w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
         if not absorbed:
+            w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
             c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
             k_nope = einsum32("btl,hnl->bthn", c, w_kvb[:, :N]).astype(dtype)
             v = einsum32("btl,hal->btha", c, w_kvb[:, N:]).astype(dtype)
@@ -151,7 +162,7 @@ class MLA(nnx.Module):
         else:
             if cache_BSC is None:
                 raise ValueError("absorbed attention needs a cache")
-            q_lat = einsum32("bthn,hnl->bthl", q_nope, w_kvb[:, :N]).astype(dtype)
+            q_lat = self._absorb(q_nope.astype(dtype), "k")
             if T <= _KERNEL_MAX_NEW:
                 # One new token per row (decode), or a few (speculative verification on GPU/TPU;
                 # the reference backend took the one-token-at-a-time branch above): the MLA
@@ -175,7 +186,7 @@ class MLA(nnx.Module):
                 mask = jnp.arange(kv.shape[1])[None, None, :] <= pos_BT[:, :, None]
                 p = self._softmax(s, mask).astype(dtype)
                 o_lat = einsum32("bhts,bsl->bthl", p, c).astype(dtype)
-            o_BTHA = einsum32("bthl,hal->btha", o_lat, w_kvb[:, N:]).astype(dtype)
+            o_BTHA = self._absorb(o_lat, "v")
         with jax.named_scope("o_proj"):
             out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))
         return out, cache_BSC

@@ -1,5 +1,5 @@
-"""Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode,
-flash causal attention for prefill).
+"""Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode and its
+absorbed products, flash causal attention for prefill).
 
 Self-contained: imports jax only, never ``deepseek_jax``.  Every public function has a plain-jnp
 reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas" | "pallas_gpu" |
@@ -11,6 +11,7 @@ from kernels_pallas.flash_prefill import causal_attention, causal_attention_ref
 from kernels_pallas.fp8_gemm import (fake_quantize_act_1x128, quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref,
                                      w8a16_matmul, w8a16_matmul_ref)
 from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
+from kernels_pallas.mla_absorb import mla_absorb, mla_absorb_ref
 from kernels_pallas.mla_decode import mla_decode, mla_decode_ref
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "w8a8_matmul",
     "grouped_matmul_ref",
     "grouped_matmul",
+    "mla_absorb_ref",
+    "mla_absorb",
     "mla_decode_ref",
     "mla_decode",
     "causal_attention_ref",

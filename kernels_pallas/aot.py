@@ -172,6 +172,8 @@ class Launch(NamedTuple):
     kind: str       # "pallas:<kernel>", "mosaic_gpu", "fusion:<kind>", "copy", "custom-call:<target>", ...
     name: str       # the HLO instruction
     op_name: str    # the JAX source path (with named scopes), "" if XLA made it up
+    read: int = 0       # bytes it reads from memory per launch (see :func:`launches`)
+    written: int = 0    # bytes it writes per launch
 
 
 #: Instructions that launch nothing: bookkeeping, control flow (counted through its bodies), and
@@ -181,20 +183,52 @@ _NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
               "fusion-done", "copy-done", "async-done", "all-reduce-done", "all-gather-done",
               "collective-permute-done", "send-done", "recv-done"}
 
-_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) (.*)\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
 # the opcode follows the result shape: "f32[8]{0} fusion(", "(s32[], ...) while(", "s32[] constant("
 _OPCODE = re.compile(r"(?:^|[\]}) ])([a-z][a-z0-9\-]*)\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_PARAM = re.compile(r"([\w.\-]+): ((?:\([^()]*\))|(?:[a-z]+[0-9a-z]*\[[0-9,]*\]))")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5}
 
 
-def _computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]:
-    comps: dict[str, list[tuple[str, str, str]]] = {}
+def _nbytes(shape: str) -> int:
+    """Bytes of an HLO shape string (a tuple's elements summed; layouts ignored)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        size = _BYTES.get(dtype, 1 if dtype.startswith("f8") else 0)
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        total += size
+    return int(total)
+
+
+class _Instr(NamedTuple):
+    op: str
+    line: str
+    shape: str            # the result shape's text
+    operands: tuple       # operand names
+
+
+def _operands(rest: str, m: re.Match) -> tuple:
+    depth, i = 0, m.end() - 1
+    for j in range(i, len(rest)):
+        depth += {"(": 1, ")": -1}.get(rest[j], 0)
+        if depth == 0:
+            return tuple(re.findall(r"%([\w.\-]+)", rest[i:j]))
+    return ()
+
+
+def _computations(hlo: str) -> tuple[dict[str, dict[str, _Instr]], str]:
+    comps: dict[str, dict[str, _Instr]] = {}
     cur = entry = None
     for line in hlo.splitlines():
         m = _COMPUTATION.match(line)
         if m:
             cur = m.group(2)
-            comps[cur] = []
+            # a fused computation's header names its parameters' shapes
+            comps[cur] = {name: _Instr("parameter", "", shape, ()) for name, shape in _PARAM.findall(m.group(3))}
             if m.group(1):
                 entry = cur
             continue
@@ -207,10 +241,64 @@ def _computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]
         if m:
             rest = m.group(2)
             op = _OPCODE.search(rest)
-            comps[cur].append((m.group(1), op.group(1) if op else "?", line))
+            comps[cur][m.group(1)] = _Instr(op.group(1) if op else "?", line, rest[:op.start(1)] if op else "",
+                                            _operands(rest, op) if op else ())
     if entry is None:
         raise ValueError("launches: no ENTRY computation in this HLO text")
     return comps, entry
+
+
+#: Ops through which a fused parameter is read only in part: the bytes read are their results'.
+_PARTIAL_READS = {"dynamic-slice", "slice", "gather"}
+#: Ops that write only their update into an operand they alias (in place): (operand, update) index.
+_IN_PLACE = {"dynamic-update-slice": (0, 1), "scatter": (0, 2)}
+
+
+def _fusion_traffic(comp: dict[str, _Instr]) -> tuple[int, int]:
+    """``(read, written)`` bytes of one launch of a fused computation: a parameter read through
+    slices or a gather counts the sliced bytes; an in-place update (the root, or a tuple root's
+    element, a dynamic-update-slice or scatter into a parameter) writes its update and does not
+    read the buffer it updates."""
+    users: dict[str, list[str]] = {n: [] for n in comp}
+    root = None
+    for n, ins in comp.items():
+        for o in ins.operands:
+            users.setdefault(o, []).append(n)
+        if ins.line.lstrip().startswith("ROOT "):
+            root = n
+    params = [n for n, i in comp.items() if i.op == "parameter" and i.line]
+    outs = list(comp[root].operands) if root and comp[root].op == "tuple" else [root]
+    written, aliased = 0, set()
+    for o in outs:
+        ins = comp.get(o)
+        if ins is None:
+            continue
+        if ins.op in _IN_PLACE:
+            buf, upd = _IN_PLACE[ins.op]
+            src = ins.operands[buf]
+            while comp[src].op == "bitcast":
+                src = comp[src].operands[0]
+            if comp[src].op == "parameter":
+                aliased.add(src)
+            written += _nbytes(comp[ins.operands[upd]].shape)
+        else:
+            written += _nbytes(ins.shape)
+
+    def read_through(n: str) -> int:
+        total = 0
+        for u in users.get(n, []):
+            ins = comp[u]
+            if ins.op == "bitcast":
+                total += read_through(u)
+            elif ins.op in _PARTIAL_READS and ins.operands[0] == n:
+                total += _nbytes(ins.shape)
+            elif ins.op in _IN_PLACE and ins.operands[_IN_PLACE[ins.op][0]] == n:
+                continue
+            else:
+                return _nbytes(comp[n].shape)
+        return min(total, _nbytes(comp[n].shape))
+
+    return sum(read_through(n) for n in params), written
 
 
 def _kind(op: str, line: str, op_name: str) -> str:
@@ -236,12 +324,29 @@ def _kind(op: str, line: str, op_name: str) -> str:
 def launches(hlo: str) -> list[Launch]:
     """The kernel launches of one call of the compiled program whose optimized HLO is ``hlo``
     (``compiled.as_text()``), with the trip counts of known-trip-count loops multiplied in (a loop
-    without one counts once, its condition included)."""
+    without one counts once, its condition included).
+
+    Each launch carries the bytes it moves, from the shapes alone (no caches, no device):
+    an XLA fusion reads each operand whole, or only the slices or gathered rows it takes of it, and
+    writes its results, or only the update of a result it updates in place; any other launch (a
+    copy, a library or Pallas call) reads all its operands and writes all its results. For a Pallas
+    kernel that is an upper bound: the grouped GEMM gets every layer's experts and reads those that
+    got rows."""
     comps, entry = _computations(hlo)
     out: list[Launch] = []
 
+    def traffic(comp: dict[str, _Instr], ins: _Instr) -> tuple[int, int]:
+        if ins.op in ("fusion", "fusion-start"):
+            called = re.search(r"calls=%([\w.\-]+)", ins.line)
+            if called and called.group(1) in comps:
+                return _fusion_traffic(comps[called.group(1)])
+        return sum(_nbytes(comp[o].shape) for o in ins.operands if o in comp), _nbytes(ins.shape)
+
     def walk(comp: str, mult: float, loops: str):
-        for name, op, line in comps[comp]:
+        for name, ins in comps[comp].items():
+            op, line = ins.op, ins.line
+            if not line:          # a parameter named in the computation's header
+                continue
             if op == "while":
                 body = re.search(r"body=%([\w.\-]+)", line).group(1)
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
@@ -262,7 +367,8 @@ def launches(hlo: str) -> list[Launch]:
             elif op not in _NO_LAUNCH:
                 src = re.search(r'op_name="([^"]*)"', line)
                 src = src.group(1) if src else ""
-                out.append(Launch(mult, loops.lstrip("/"), _kind(op, line, src), name, src))
+                out.append(Launch(mult, loops.lstrip("/"), _kind(op, line, src), name, src,
+                                  *traffic(comps[comp], ins)))
 
     walk(entry, 1.0, "")
     return out
@@ -332,7 +438,14 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
               grouped(8, 256, 7168, 2048, True), grouped(512, 256, 7168, 4096, True),
               grouped(32768, 256, 7168, 4096, True), grouped(32768, 256, 7168, 4096, False),
               grouped_grad(4096, 16, 2048, 1024), mla(1, 4096), mla(64, 4096)]
+    mla_args = checks[-1][2]
     if platform == "gpu":
+        for b, part in ((1, "k"), (1, "v"), (64, "k"), (64, "v")):   # kv_b_proj of a 3-layer stack in place
+            checks.append((f"mla absorb {part} B={b}, 128 heads, kv_b in place",
+                           lambda x, w, s, lay, part=part: kp.mla_absorb(x, w, s, part=part, nope=128, layer=lay,
+                                                                         impl=impl),
+                           (sds((b, 1, 128, 128 if part == "k" else 512), bf16), sds((3, 128 * 256, 512), f8),
+                            sds((3, 256, 4), f32), sds((), i32)), False))
         checks.append(("flash prefill 4096 tokens, 128 heads, 192/128",
                        lambda q, k, v: kp.causal_attention(q, k, v, scale=0.07, impl=impl),
                        (sds((1, 4096, 128, 192), bf16), sds((1, 4096, 128, 192), bf16),
@@ -340,7 +453,7 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
         checks.append(("mla decode B=64 T=4096, 128 heads x 32 tokens (too big)",
                        lambda q, p, c, n: mla_decode_gpu(q, p, c, n, scale=0.07, kv_lora_rank=512, block_h=128,
                                                          block_t=32),
-                       checks[-2][2], True))
+                       mla_args, True))
     else:
         checks.append(("a kernel holding 256 MiB of VMEM scratch (too big)", _vmem_hog,
                        (sds((8, 128), f32),), True))

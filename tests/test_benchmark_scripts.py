@@ -41,6 +41,7 @@ def test_kernel_benchmark_small(tmp_path):
     assert {x["shape"].split()[0] for x in kernel_rows} == {"prefill", "decode"}
     assert not [x for x in kernel_rows if x["failed"]]
     assert all(float(x["err"].split()[0]) < 3e-2 for x in kernel_rows)  # bf16-level agreement
+    assert {x["shape"].split()[1] for x in kernel_rows if "W_U" in x["shape"]} == {"W_UK", "W_UV"}
 
 
 def test_speculative_benchmark_small(tmp_path):

@@ -920,6 +920,87 @@ def test_mla_gpu_batch1_splits_by_default(interpret):
     _assert_close(o, mla_decode_ref(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128), jnp.float32)
 
 
+# -------------------------------------------------------------------------------------------------
+# MLA's absorbed products through kv_b_proj's FP8 weight
+# -------------------------------------------------------------------------------------------------
+
+
+def _kvb_stack(rng, layers, h, nope, v_dim, lat):
+    """``layers`` kv_b weights ``[H (N + A), L]`` e4m3 with block scales: layer 1 holds huge and
+    tiny blocks and an all-zero block, the others NaN scales (a kernel that reads them fails)."""
+    rows = h * (nope + v_dim)
+    wq, ws = zip(*(make_fp8_weight(rng, rows, lat, zero_blocks=[(1, 0)]) for _ in range(layers)))
+    ws = jnp.stack(ws)
+    ws = ws.at[1, 0].multiply(1e4).at[1, -1].multiply(1e-4)
+    ws = ws.at[0].set(jnp.nan).at[2:].set(jnp.nan)
+    return jnp.stack(wq), ws
+
+
+def np_absorb(x, wq, ws, part, nope):
+    """float64 per-head products (the module doc of kernels_pallas.mla_absorb)."""
+    w = np_dequant(wq, ws)
+    h = x.shape[-2]
+    w = w.reshape(h, -1, w.shape[-1])
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    if part == "k":
+        return np.einsum("...hn,hnl->...hl", x, w[:, :nope])
+    return np.einsum("...hl,hal->...ha", x, w[:, nope:])
+
+
+@pytest.mark.parametrize("part", ["k", "v"])
+def test_mla_absorb_ref_matches_numpy(part):
+    from kernels_pallas.mla_absorb import mla_absorb_ref
+    rng = np.random.default_rng(40)
+    wq, ws = _kvb_stack(rng, 3, 3, 128, 128, 256)
+    x = jnp.asarray(rng.standard_normal((2, 3, 3, 128 if part == "k" else 256)), jnp.float32)
+    y = mla_absorb_ref(x, wq, ws, part=part, nope=128, layer=1)
+    assert y.shape == (2, 3, 3, 256 if part == "k" else 128)
+    assert rel_err(y, np_absorb(x, wq[1], ws[1], part, 128)) < F32_TOL
+
+
+@pytest.mark.parametrize("interpret", COMPILED)
+@pytest.mark.parametrize("part", ["k", "v"])
+@pytest.mark.parametrize("m,dtype", [(1, jnp.bfloat16), (5, jnp.float32), (70, jnp.bfloat16)],
+                         ids=["1_bf16", "5_f32", "70_bf16"])
+def test_mla_absorb_gpu_kernel_matches_ref(interpret, part, m, dtype):
+    """The GPU kernel against the float64 product: rows not a multiple of the row tile (16 / 64),
+    one layer of a stack read in place (the others NaN), huge, tiny and all-zero scale blocks,
+    N = A = 128 with two 128-blocks of the latent, 3 heads."""
+    from kernels_pallas.mla_absorb import mla_absorb_gpu
+    rng = np.random.default_rng(41 + m)
+    wq, ws = _kvb_stack(rng, 3, 3, 128, 128, 256)
+    x = jnp.asarray(rng.standard_normal((m, 1, 3, 128 if part == "k" else 256)), dtype)
+    y = jax.jit(lambda x, wq, ws, l: mla_absorb_gpu(x, wq, ws, part=part, nope=128, layer=l,
+                                                    out_dtype=jnp.float32, interpret=interpret))(
+        x, wq, ws, jnp.int32(1))
+    assert y.shape == (m, 1, 3, 256 if part == "k" else 128)
+    _assert_close(y, np_absorb(x, wq[1], ws[1], part, 128), dtype)
+
+
+def test_mla_absorb_dispatch_and_errors():
+    """``impl`` picks the GPU kernel only where it applies (FP8, 128-multiple widths); other shapes,
+    the TPU and unquantized weights take the reference; bad shapes are one-line errors."""
+    from kernels_pallas import mla_absorb, mla_absorb_ref
+    rng = np.random.default_rng(42)
+    x = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
+    wq, ws = make_fp8_weight(rng, 4 * (16 + 32), 64)
+    for impl in ("interpret_gpu", "interpret_tpu", "ref"):  # N = 16: no kernel, no error
+        got = mla_absorb(x, wq, ws, part="k", nope=16, impl=impl)
+        assert np.array_equal(np.asarray(got), np.asarray(mla_absorb_ref(x, wq, ws, part="k", nope=16)))
+    dense = jnp.asarray(rng.standard_normal((4 * 48, 64)), jnp.float32)
+    assert rel_err(mla_absorb(x, dense, None, part="k", nope=16, impl="interpret_gpu"),
+                   np.einsum("bthn,hnl->bthl", np.asarray(x, np.float64),
+                             np.asarray(dense, np.float64).reshape(4, 48, 64)[:, :16])) < F32_TOL
+    with pytest.raises(ValueError, match="part must be"):
+        mla_absorb(x, wq, ws, part="q", nope=16)
+    with pytest.raises(ValueError, match=r"takes x \[\.\.\., 4, 64\]"):
+        mla_absorb(x, wq, ws, part="v", nope=16)
+    with pytest.raises(ValueError, match="are not 4 heads"):
+        mla_absorb(x, wq, ws, part="k", nope=60)
+    with pytest.raises(ValueError, match=r"layers, R, L\]"):
+        mla_absorb(x, wq, ws, part="k", nope=16, layer=0)
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_flash_prefill_matches_ref(impl, dtype):
@@ -1001,6 +1082,13 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
             jax.jit(split).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
                                  S((b, t, 576), jnp.bfloat16), S((b,), jnp.int32)
                                  ).lower(lowering_platforms=(platform,))
+            from kernels_pallas import mla_absorb
+            for bb, part in ((1, "k"), (64, "v")):  # MLA's absorbed products, kv_b_proj read in place
+                absorb = lambda x, wq, ws, l, part=part: mla_absorb(x, wq, ws, part=part, nope=128, layer=l,
+                                                                    impl=impl)
+                jax.jit(absorb).trace(S((bb, 1, h, 128 if part == "k" else 512), jnp.bfloat16),
+                                      S((3, h * 256, 512), F8), S((3, h * 2, 4), jnp.float32),
+                                      S((), jnp.int32)).lower(lowering_platforms=(platform,))
         for m, k, n in cases:
             args = (S((m, k), jnp.bfloat16), S((n, k), F8), S((-(-n // 128), -(-k // 128)), jnp.float32))
             jax.jit(dense).trace(*args).lower(lowering_platforms=(platform,))

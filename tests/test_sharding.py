@@ -119,6 +119,38 @@ def test_fp8_linear_kernel_per_shard(split):
     assert rel(np.asarray(got), np.asarray(want)) < 1e-6
 
 
+@pytest.mark.parametrize("split", ["heads", "heads_and_latent"])
+@pytest.mark.parametrize("part", ["k", "v"])
+def test_mla_absorb_kernel_per_shard(part, split):
+    """``kernel_mesh.mla_absorb``: the interpreted GPU kernel per shard with ``kv_b_proj``'s heads
+    over ``model`` (and its latent dim over ``expert``: ``q_lat``'s columns split, or ``o``'s
+    partial products summed), rows over ``data``, a layer of a stack read in place; equals the
+    reference on the whole arrays."""
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import kernels_pallas as kp
+    from deepseek_jax import kernel_mesh
+    from deepseek_jax.kernel_mesh import Placement
+    from deepseek_jax.quant import quantize
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs JAX_NUM_CPU_DEVICES=8")
+    mesh = sharding.make_mesh(sharding.parse_mesh("data=2,expert=2,model=2", 8))
+    rng = np.random.default_rng(5)
+    H, N, A, L = 4, 128, 128, 256
+    wq, ws = quantize(jnp.asarray(rng.normal(size=(2, H * (N + A), L)) * 0.05, jnp.float32))
+    x = jnp.asarray(rng.normal(size=(4, 1, H, N if part == "k" else L)), jnp.float32)
+    spec = P(None, "model", "expert" if split == "heads_and_latent" else None)
+    pl = Placement(mesh, tuple(sorted(sharding.RULES["ep_tp"].items())), spec, spec)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda x, w, s: kernel_mesh.mla_absorb(
+            kp.mla_absorb, x, w, s, part=part, nope=N, layer=1, out_dtype=jnp.float32,
+            impl="interpret_gpu", pl=pl))(x, wq, ws)
+    want = kp.mla_absorb_ref(x, wq, ws, part=part, nope=N, layer=1)
+    assert rel(np.asarray(got), np.asarray(want)) < 1e-6
+
+
 def test_mla_decode_kernel_per_shard():
     """``kernel_mesh.mla_decode``: rows as the stacked latent cache's batch (``data``), heads over
     ``model``, the layer read in place; equals the reference on the whole arrays."""

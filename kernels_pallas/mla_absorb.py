@@ -1,0 +1,194 @@
+"""MLA's absorbed products with ``kv_b_proj``'s block-scaled FP8 weight read as it is stored.
+
+``kv_b_proj`` maps the latent ``c`` (``L = kv_lora_rank``) to ``[k_nope (N) | v (A)]`` per head: its
+weight ``W`` is ``[H * (N + A), L]`` (the Hub's ``[out, in]``), head ``h``'s rows
+``h (N + A) ... h (N + A) + N`` are ``W_UK[h]`` and the next ``A`` rows ``W_UV[h]``. The absorbed form
+(SPEC §3) multiplies by them per head instead of expanding the cache:
+
+* ``part="k"``: ``q_lat[m, h, l] = Σ_n x[m, h, n] · W_UK[h][n, l]``  (``x`` = ``q_nope``, ``[M, H, N]``)
+* ``part="v"``: ``out[m, h, a]  = Σ_l x[m, h, l] · W_UV[h][a, l]``  (``x`` = ``o_lat``, ``[M, H, L]``)
+
+with ``W = float(Wq) · S[row // 128, col // 128]`` and float32 accumulation.
+
+Why a kernel: XLA's GPU compiler turns these few-row, 128-batch products into a dequantization
+of the layer's whole ``kv_b_proj`` plus a transpose, writing float32 or bf16 copies of the weight
+and reading them back. Compiled for an H200 (``kernels_pallas.aot``), the real-width decode step
+moved ~152 MB per layer for them at batch 1 and ~90 MB at batch 16, against the 16.8 MB of the
+FP8 weight (``benchmarks/gpu_compile.py --traffic``).
+
+* GPU (Triton-lowered Pallas): ``part="k"``: grid ``(head, 128 output columns, row tile)``, one
+  ``[N, 128]`` weight tile per program, its block scales applied to each 128-row partial product;
+  ``part="v"``: grid ``(head, 128 output columns, row tile)``, a loop over the latent's 128-wide
+  blocks (``x @ Wᵀ``, as the W8A16 GEMM). The weight of a stacked ``[layers, H (N + A), L]``
+  array is read in place (``layer=``). Needs ``N``, ``A``, ``L`` multiples of 128 (DeepSeek-V3:
+  128, 128, 512) and an FP8 weight; other shapes take the reference.
+* TPU: the reference (XLA's einsum); no Mosaic TPU kernel yet.
+* The reference dequantizes the layer's weight to ``x.dtype`` and multiplies with float32
+  accumulation: the model's own numbers before this kernel, unchanged on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu_triton
+
+from kernels_pallas import backend
+from kernels_pallas._common import QBLOCK, cdiv, dequantize_blocks, is_fp8, masked_load, next_pow2
+
+__all__ = ["mla_absorb_ref", "mla_absorb"]
+
+PARTS = ("k", "v")
+
+
+def _check(x_MHI, wq, ws, part, nope, layer):
+    if part not in PARTS:
+        raise ValueError(f"mla_absorb: part must be 'k' or 'v', got {part!r}")
+    stacked = layer is not None
+    if wq.ndim != 2 + stacked:
+        raise ValueError(f"mla_absorb: expected a {'[layers, R, L]' if stacked else '[R, L]'} kv_b weight"
+                         f"{' (layer= given)' if stacked else ''}, got shape {tuple(wq.shape)}")
+    if x_MHI.ndim < 2:
+        raise ValueError(f"mla_absorb: x must be [..., heads, width], got shape {tuple(x_MHI.shape)}")
+    rows, lat = wq.shape[-2:]
+    h = x_MHI.shape[-2]
+    if rows % h or not 0 < nope < rows // h:
+        raise ValueError(f"mla_absorb: kv_b weight rows {rows} are not {h} heads of nope {nope} + v")
+    width = nope if part == "k" else lat
+    if x_MHI.shape[-1] != width:
+        raise ValueError(f"mla_absorb: part {part!r} takes x [..., {h}, {width}], got {tuple(x_MHI.shape)}")
+    if ws is not None:
+        want = (*wq.shape[:-2], cdiv(rows, QBLOCK), cdiv(lat, QBLOCK))
+        if tuple(ws.shape) != want:
+            raise ValueError(f"mla_absorb: scale shape {tuple(ws.shape)} != {want} for weight {tuple(wq.shape)}")
+
+
+def mla_absorb_ref(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None) -> jax.Array:
+    """Plain-jnp reference: ``[..., H, N]`` → ``[..., H, L]`` (``part="k"``) or ``[..., H, L]`` →
+    ``[..., H, A]`` (``part="v"``) in ``out_dtype`` (default ``x.dtype``). ``ws=None``: ``wq`` is
+    an unquantized weight. ``layer``: ``wq``/``ws`` are stacks of layers, this one is used."""
+    _check(x_MHI, wq, ws, part, nope, layer)
+    if layer is not None:
+        wq = lax.dynamic_index_in_dim(wq, layer, 0, False)
+        ws = None if ws is None else lax.dynamic_index_in_dim(ws, layer, 0, False)
+    dtype = x_MHI.dtype
+    w = (wq if ws is None else dequantize_blocks(wq, ws)).astype(dtype)
+    h = x_MHI.shape[-2]
+    w_HRL = w.reshape(h, -1, w.shape[-1])
+    if part == "k":
+        spec, w_part = "...hn,hnl->...hl", w_HRL[:, :nope]
+    else:
+        spec, w_part = "...hl,hal->...ha", w_HRL[:, nope:]
+
+    def dot(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+
+    if dtype == jnp.float32:
+        y = dot(x_MHI, w_part)
+    else:
+        # XLA's CPU batched dot has no bf16 x bf16 -> f32: widen there (bf16 products are exact in
+        # float32, so the sums are a bf16 dot's with float32 accumulation); the branch is taken by
+        # the platform the program is lowered for
+        y = lax.platform_dependent(x_MHI, w_part, default=dot,
+                                   cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)))
+    return y.astype(out_dtype or dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU kernel (Triton-lowered Pallas)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dot(a, b, nt: bool, precision):
+    dims = (((1,), (1,)), ((), ())) if nt else (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _gpu_absorb_kernel(l_ref, x_ref, wq_ref, ws_ref, o_ref, *, part, m, bm, nope, v_dim, lat, cdt):
+    """One ``[bm, 128]`` output tile of head ``h``: ``x_ref`` ``[M, H * I]``, ``wq_ref``
+    ``[layers, H (N + A), L]`` e4m3, ``ws_ref`` its scales, ``o_ref`` ``[M, H * O]``."""
+    layer = l_ref[0]
+    h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row0 = i * bm
+    rows = row0 + jnp.arange(bm)
+    row_ok = (rows < m)[:, None] if m % bm else None
+    head_row0 = h * (nope + v_dim)
+    precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+    width_in = nope if part == "k" else lat
+    width_out = lat if part == "k" else v_dim
+
+    def block(kb, acc):
+        """Adds the product over the k-th 128-wide block of the contracted dim."""
+        k0 = pl.multiple_of(kb * QBLOCK, QBLOCK)
+        x = masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(h * width_in + k0, QBLOCK)], row_ok).astype(cdt)
+        if part == "k":   # W_UK rows = contracted (n), columns = output (l)
+            w = plgpu_triton.load(wq_ref.at[layer, pl.ds(head_row0 + k0, QBLOCK), pl.ds(j * QBLOCK, QBLOCK)])
+            s = ws_ref[layer, head_row0 // QBLOCK + kb, j]
+            return acc + _dot(x, w.astype(cdt), False, precision) * s
+        # W_UV rows = output (a), columns = contracted (l)
+        w = plgpu_triton.load(wq_ref.at[layer, pl.ds(head_row0 + nope + j * QBLOCK, QBLOCK), pl.ds(k0, QBLOCK)])
+        s = ws_ref[layer, (head_row0 + nope) // QBLOCK + j, kb]
+        return acc + _dot(x, w.astype(cdt), True, precision) * s
+
+    acc = lax.fori_loop(0, width_in // QBLOCK, block, jnp.zeros((bm, QBLOCK), jnp.float32))
+    out = o_ref.at[pl.ds(row0, bm), pl.ds(h * width_out + j * QBLOCK, QBLOCK)]
+    val = acc.astype(o_ref.dtype)
+    if row_ok is None:
+        plgpu_triton.store(out, val)
+    else:
+        plgpu_triton.store(out, val, mask=row_ok)
+
+
+def kernel_takes(x_MHI, wq, ws, nope: int) -> bool:
+    """Whether the GPU kernel computes this product (FP8 weight, 128-multiple widths)."""
+    rows, lat = wq.shape[-2:]
+    v_dim = rows // x_MHI.shape[-2] - nope
+    return (ws is not None and is_fp8(wq.dtype) and x_MHI.dtype in (jnp.bfloat16, jnp.float32)
+            and nope % QBLOCK == 0 and v_dim % QBLOCK == 0 and lat % QBLOCK == 0)
+
+
+def mla_absorb_gpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None,
+                   interpret: bool = False, num_warps: int = 4, num_stages: int = 3) -> jax.Array:
+    """The GPU kernel (see module doc); arguments as :func:`mla_absorb_ref`."""
+    _check(x_MHI, wq, ws, part, nope, layer)
+    if layer is None:
+        wq, ws = wq[None], ws[None]
+    l_1 = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
+    *lead, h, width_in = x_MHI.shape
+    rows, lat = wq.shape[-2:]
+    v_dim = rows // h - nope
+    m = 1
+    for d in lead:
+        m *= d
+    width_out = lat if part == "k" else v_dim
+    out_dtype = out_dtype or x_MHI.dtype
+    if m == 0:
+        return jnp.zeros((*lead, h, width_out), out_dtype)
+    bm = min(64, max(16, next_pow2(m)))
+    kernel = functools.partial(_gpu_absorb_kernel, part=part, m=m, bm=bm, nope=nope, v_dim=v_dim, lat=lat,
+                               cdt=x_MHI.dtype)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, h * width_out), out_dtype),
+        grid=(h, width_out // QBLOCK, cdiv(m, bm)),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"mla_absorb_{part}_gpu",
+    )(l_1, x_MHI.reshape(m, h * width_in), wq, ws)
+    return y.reshape(*lead, h, width_out)
+
+
+def mla_absorb(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None,
+               impl: str = "auto") -> jax.Array:
+    """``q_nope → q_lat`` (``part="k"``) or ``o_lat → o`` (``part="v"``) through ``kv_b_proj``'s
+    weight ``wq`` (e4m3 with block scales ``ws``, or unquantized with ``ws=None``), see the module
+    doc; ``impl`` as in :mod:`kernels_pallas.backend` (TPU and unsupported shapes: the reference)."""
+    target, interpret = backend.split_impl(impl)
+    if target == "gpu" and kernel_takes(x_MHI, wq, ws, nope):
+        return mla_absorb_gpu(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype,
+                              interpret=interpret)
+    return mla_absorb_ref(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype)
