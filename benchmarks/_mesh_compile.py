@@ -1,8 +1,11 @@
 """The real-width decode step compiled for several GPUs or TPU chips (``gpu_compile.py`` and
-``tpu_compile.py --meshes``): does it compile on that mesh, and what collectives does it hold."""
+``tpu_compile.py --meshes``): does it compile on that mesh, and what collectives does it hold. Also
+what both scripts read from a compiled program: the bytes XLA's own ops move, by the model's
+named scopes."""
 
 from __future__ import annotations
 
+import collections
 import re
 import time
 
@@ -17,6 +20,26 @@ from deepseek_jax.cache import LatentCache
 from deepseek_jax.checkpoint import abstract_model
 from deepseek_jax.quant import Precision
 from kernels_pallas import aot
+
+
+#: The model's named scopes (``jax.named_scope`` in ``deepseek_jax``), innermost wins.
+SCOPES = ("embed", "qkv", "cache_write", "attn", "o_proj", "mlp", "router", "dispatch", "experts", "combine",
+          "shared_experts", "moe_stats", "moe", "lm_head")
+
+
+def xla_traffic(items: list, per: float, top: int = 8) -> dict:
+    """From :func:`kernels_pallas.aot.launches` of a program: the MB per ``per`` (decode steps) that
+    XLA's own ops (not the Pallas kernels) move by scope, the MB they write, and the ``top`` ops
+    moving the most."""
+    xla = [i for i in items if not i.kind.startswith(("pallas:", "mosaic_gpu"))]
+    mb = collections.defaultdict(float)
+    for i in xla:
+        mb[aot.scope_of(i.op_name, SCOPES)] += i.count * (i.read + i.written) / per / 1e6
+    biggest = sorted(xla, key=lambda i: -i.count * (i.read + i.written))[:top]
+    return dict(xla_mb=dict(sorted(mb.items(), key=lambda kv: -kv[1])),
+                xla_written_mb=sum(i.count * i.written for i in xla) / per / 1e6,
+                xla_top=[dict(name=i.name, kind=i.kind, scope=aot.scope_of(i.op_name, SCOPES), per_step=i.count / per,
+                              read_mb=i.read / 1e6, written_mb=i.written / 1e6) for i in biggest])
 
 
 def sharded_decode(platform: str, mesh_text: str, n: int, *, topology: str = "v5p:2x2x1", layers: int = 3,

@@ -14,7 +14,10 @@ PLATFORMS = {
                          "DEEPSEEK_JAX_KERNELS": "pallas_gpu"}),   # what impl="auto" picks on a GPU
     "tpu": (".tpu_aot", {"DEEPSEEK_JAX_KERNELS": "pallas_tpu",     # what impl="auto" picks on a TPU
                          "TPU_ACCELERATOR_TYPE": "v5p-8",          # quiets libtpu's host probing
-                         "TPU_WORKER_HOSTNAMES": "localhost"}),
+                         "TPU_WORKER_HOSTNAMES": "localhost",
+                         # no TPU is opened: two compiling processes (pytest -n 2, a script next
+                         # to the tests) must not refuse each other libtpu's lock file
+                         "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}),
 }
 
 

@@ -32,7 +32,6 @@ blocks, the table's last row, a configuration that must fail). ``--json FILE`` s
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -55,12 +54,7 @@ from deepseek_jax.quant import Precision  # noqa: E402
 from benchmarks import _mesh_compile as mesh_compile  # noqa: E402
 from kernels_pallas import aot  # noqa: E402
 
-#: XLA launches listed by bytes moved (``--by traffic``).
-TOP = 8
-
-#: The model's named scopes (``jax.named_scope`` in ``deepseek_jax``), innermost wins.
-SCOPES = ("embed", "qkv", "cache_write", "attn", "o_proj", "mlp", "router", "dispatch", "experts", "combine",
-          "shared_experts", "moe_stats", "moe", "lm_head")
+SCOPES = mesh_compile.SCOPES
 
 
 def program_launches(name: str, fn, args, per: int, layer_loop: str | None, n_moe: int) -> dict:
@@ -78,16 +72,8 @@ def program_launches(name: str, fn, args, per: int, layer_loop: str | None, n_mo
                 if layer_loop else None)
     loops = sorted({i.loops for i in items})
     mem = compiled.memory_analysis()
-    xla = [i for i in items if not i.kind.startswith(("pallas:", "mosaic_gpu"))]
-    mb = collections.defaultdict(float)
-    for i in xla:
-        mb[aot.scope_of(i.op_name, SCOPES)] += i.count * (i.read + i.written) / per / 1e6
-    top = sorted(xla, key=lambda i: -i.count * (i.read + i.written))[:TOP]
     return dict(program=name, launches=total, per_moe_layer=moe_body, scopes=scopes, kinds=kinds, loops=loops,
-                temp_gib=mem.temp_size_in_bytes / 2**30, compile_s=seconds,
-                xla_mb=dict(sorted(mb.items(), key=lambda kv: -kv[1])),
-                xla_top=[dict(name=i.name, kind=i.kind, scope=aot.scope_of(i.op_name, SCOPES),
-                              per_step=i.count / per, read_mb=i.read / 1e6, written_mb=i.written / 1e6) for i in top])
+                temp_gib=mem.temp_size_in_bytes / 2**30, compile_s=seconds, **mesh_compile.xla_traffic(items, per))
 
 
 def generator_decode(cfg, graphdef, state, batch: int, context: int) -> dict:

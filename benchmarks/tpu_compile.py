@@ -13,7 +13,8 @@ row is a tile too big for VMEM, which must fail). ``--model`` also compiles the 
 ``benchmarks/e2e_gpu.py`` times (1 dense + 3 MoE layers at real width: 8 decode steps at batch 1
 and 64 over a 4096-token cache, and a 4096-token prefill in 1024-token chunks) for one chip of the
 first topology, with the TPU kernels the model picks there, and prints the Pallas kernels each
-program holds and its temporary memory. ``--json FILE`` saves the rows
+program holds, its temporary memory and the megabytes XLA's own ops move per step (a weight or
+cache slice copied for a kernel shows there). ``--json FILE`` saves the rows
 (``tests/test_aot_compile.py`` checks them).
 """
 
@@ -65,8 +66,9 @@ def model_programs(topology: str, context: int = 4096, prefill: int = 4096, chun
         text = c.as_text()
         kernels = collections.Counter(re.findall(r'custom_call_target="tpu_custom_call".*?op_name="[^"]*/(\w+)/pallas_call',
                                                  text))
+        per = DECODE_STEPS if name.startswith("decode") else 1
         rows.append(dict(program=name, kernels=dict(kernels), temp_gib=c.memory_analysis().temp_size_in_bytes / 2**30,
-                         compile_s=time.perf_counter() - t))
+                         compile_s=time.perf_counter() - t, **mesh_compile.xla_traffic(aot.launches(text), per)))
     return rows
 
 
@@ -93,10 +95,18 @@ def main(argv=None) -> int:
         aot.print_kernels(rows, f"{t}, {aot._tpu_meshes(t)[1].device_kind}")
     if a.model:
         out["model"] = model_programs(topologies[0])
-        print(f"\n{'program (one chip of ' + topologies[0] + ')':44s} {'temp GiB':>9s} {'compile s':>10s}  Pallas kernels")
+        print(f"\n{'program (one chip of ' + topologies[0] + ')':44s} {'temp GiB':>9s} {'compile s':>10s} "
+              f"{'XLA MB':>8s} {'written':>8s}  Pallas kernels")
         for r in out["model"]:
             ks = ", ".join(f"{k} x{v}" for k, v in sorted(r["kernels"].items()))
-            print(f"{r['program']:44s} {r['temp_gib']:9.2f} {r['compile_s']:10.1f}  {ks}")
+            print(f"{r['program']:44s} {r['temp_gib']:9.2f} {r['compile_s']:10.1f} {sum(r['xla_mb'].values()):8.0f} "
+                  f"{r['xla_written_mb']:8.0f}  {ks}")
+        print("XLA MB / written: what XLA's own ops (not the Pallas kernels) move and write per decode step / "
+              "per prefill, from the HLO's shapes (kernels_pallas.aot.launches); by scope:")
+        names = list(dict.fromkeys(k for r in out["model"] for k in r["xla_mb"]))
+        print(f"{'scope':16s} " + " ".join(f"{r['program'][:14]:>14s}" for r in out["model"]))
+        for n in names:
+            print(f"{n:16s} " + " ".join(f"{r['xla_mb'].get(n, 0.0):14.1f}" for r in out["model"]))
     out["meshes"] = [mesh_compile.sharded_decode("tpu", m.strip(), a.mesh_devices, topology=topologies[0])
                      for m in a.meshes.split(";") if m.strip()]
     if out["meshes"]:

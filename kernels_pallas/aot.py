@@ -305,7 +305,7 @@ def _kind(op: str, line: str, op_name: str) -> str:
     if op == "custom-call":
         target = re.search(r'custom_call_target="([^"]*)"', line)
         target = target.group(1) if target else "?"
-        if "triton" in target:
+        if "triton" in target or target == "tpu_custom_call":   # a Pallas kernel (Triton / Mosaic TPU)
             m = re.search(r"/(\w+)/pallas_call", op_name)
             return f"pallas:{m.group(1) if m else '?'}"
         if target.startswith("mosaic_gpu"):
@@ -321,17 +321,32 @@ def _kind(op: str, line: str, op_name: str) -> str:
     return op
 
 
+def _counted_loop(cond: dict[str, _Instr]):
+    """A match whose group 1 is the trip count of a loop whose condition is ``counter < constant``
+    (a scan's or ``fori_loop``'s from 0: the TPU compiler does not annotate known trip counts)."""
+    root = next((i for i in cond.values() if i.line.lstrip().startswith("ROOT ")), None)
+    if root is None or root.op != "compare" or "direction=LT" not in root.line or len(root.operands) != 2:
+        return None
+    a, b = (cond.get(o) for o in root.operands)
+    if a is None or b is None or a.op != "get-tuple-element" or b.op != "constant":
+        return None
+    return re.search(r"constant\((\d+)\)", b.line)
+
+
 def launches(hlo: str) -> list[Launch]:
     """The kernel launches of one call of the compiled program whose optimized HLO is ``hlo``
     (``compiled.as_text()``), with the trip counts of known-trip-count loops multiplied in (a loop
-    without one counts once, its condition included).
+    without one counts once, its condition included). The GPU compiler annotates trip counts; for
+    the TPU's loops a condition ``counter < constant`` is taken as that many trips (scans and
+    ``fori_loop``s count from 0). On a TPU a "launch" is an HLO op of the program (no kernel
+    launches there): count them for bytes, not for launch overhead.
 
     Each launch carries the bytes it moves, from the shapes alone (no caches, no device):
     an XLA fusion reads each operand whole, or only the slices or gathered rows it takes of it, and
-    writes its results, or only the update of a result it updates in place; any other launch (a
-    copy, a library or Pallas call) reads all its operands and writes all its results. For a Pallas
-    kernel that is an upper bound: the grouped GEMM gets every layer's experts and reads those that
-    got rows."""
+    writes its results, or only the update of a result it updates in place (an unfused in-place
+    update reads and writes its update); any other launch (a copy, a library or Pallas call) reads
+    all its operands and writes all its results. For a Pallas kernel that is an upper bound: the
+    grouped GEMM gets every layer's experts and reads those that got rows."""
     comps, entry = _computations(hlo)
     out: list[Launch] = []
 
@@ -340,6 +355,9 @@ def launches(hlo: str) -> list[Launch]:
             called = re.search(r"calls=%([\w.\-]+)", ins.line)
             if called and called.group(1) in comps:
                 return _fusion_traffic(comps[called.group(1)])
+        if ins.op in _IN_PLACE:   # an unfused in-place update: reads and writes its update
+            upd = _nbytes(comp[ins.operands[_IN_PLACE[ins.op][1]]].shape)
+            return upd, upd
         return sum(_nbytes(comp[o].shape) for o in ins.operands if o in comp), _nbytes(ins.shape)
 
     def walk(comp: str, mult: float, loops: str):
@@ -349,13 +367,14 @@ def launches(hlo: str) -> list[Launch]:
                 continue
             if op == "while":
                 body = re.search(r"body=%([\w.\-]+)", line).group(1)
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                cond = re.search(r"condition=%([\w.\-]+)", line).group(1)
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line) or _counted_loop(comps[cond])
                 if trips:
                     n = int(trips.group(1))
                     walk(body, mult * n, f"{loops}/while{n}")
                 else:
                     walk(body, mult, f"{loops}/while?")
-                    walk(re.search(r"condition=%([\w.\-]+)", line).group(1), mult, f"{loops}/while?")
+                    walk(cond, mult, f"{loops}/while?")
             elif op == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", line)
                 names = re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else \
@@ -439,13 +458,21 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
               grouped(32768, 256, 7168, 4096, True), grouped(32768, 256, 7168, 4096, False),
               grouped_grad(4096, 16, 2048, 1024), mla(1, 4096), mla(64, 4096)]
     mla_args = checks[-1][2]
+    # the decode step's calls: one layer of a 3-layer stack read in place
+    checks.append(("w8a16 1x16384->7168, layer of a stack", lambda x, w, s, lay: kp.w8a16_matmul(
+        x, w, s, impl=impl, layer=lay), (sds((1, 16384), bf16), sds((3, 7168, 16384), f8),
+                                         sds((3, *blocks(7168, 16384)), f32), sds((), i32)), False))
+    checks.append(("mla decode B=1 T=4096, layer of a stack", lambda q, p, c, n, lay: kp.mla_decode(
+        q, p, c, n, scale=0.07, kv_lora_rank=512, impl=impl, layer=lay),
+        (sds((1, 128, 512), bf16), sds((1, 128, 64), bf16), sds((3, 1, 4096, 576), bf16), sds((1,), i32),
+         sds((), i32)), False))
+    for b, part in ((1, "k"), (1, "v"), (64, "k"), (64, "v")):   # MLA's absorbed products, kv_b_proj in place
+        checks.append((f"mla absorb {part} B={b}, 128 heads, kv_b of a stack",
+                       lambda x, w, s, lay, part=part: kp.mla_absorb(x, w, s, part=part, nope=128, layer=lay,
+                                                                     impl=impl),
+                       (sds((b, 1, 128, 128 if part == "k" else 512), bf16), sds((3, 128 * 256, 512), f8),
+                        sds((3, 256, 4), f32), sds((), i32)), False))
     if platform == "gpu":
-        for b, part in ((1, "k"), (1, "v"), (64, "k"), (64, "v")):   # kv_b_proj of a 3-layer stack in place
-            checks.append((f"mla absorb {part} B={b}, 128 heads, kv_b in place",
-                           lambda x, w, s, lay, part=part: kp.mla_absorb(x, w, s, part=part, nope=128, layer=lay,
-                                                                         impl=impl),
-                           (sds((b, 1, 128, 128 if part == "k" else 512), bf16), sds((3, 128 * 256, 512), f8),
-                            sds((3, 256, 4), f32), sds((), i32)), False))
         checks.append(("flash prefill 4096 tokens, 128 heads, 192/128",
                        lambda q, k, v: kp.causal_attention(q, k, v, scale=0.07, impl=impl),
                        (sds((1, 4096, 128, 192), bf16), sds((1, 4096, 128, 192), bf16),

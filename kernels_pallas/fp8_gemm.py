@@ -356,12 +356,13 @@ def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
 def _tpu_scaled_gemm_kernel(*refs, n_sub, nk, has_xs, cdt):
     """Grid (M/bm, N/bn, K/bk); K innermost ("arbitrary") accumulating in a VMEM f32 scratch.
 
-    refs: x [bm, bk], [xs [n_sub, bm, 1]], wq [bn, bk], ws [n_sub, 1, bn], out [bm, bn], acc.
+    refs: layer [1] (scalar prefetch: it picks the weight's block of a layer stack), x [bm, bk],
+    [xs [n_sub, bm, 1]], wq [bn, bk], ws [n_sub, 1, bn], out [bm, bn], acc.
     """
     if has_xs:
-        x_ref, xs_ref, wq_ref, ws_ref, o_ref, acc_ref = refs
+        _, x_ref, xs_ref, wq_ref, ws_ref, o_ref, acc_ref = refs
     else:
-        x_ref, wq_ref, ws_ref, o_ref, acc_ref = refs
+        _, x_ref, wq_ref, ws_ref, o_ref, acc_ref = refs
         xs_ref = None
     kk = pl.program_id(2)
 
@@ -387,14 +388,21 @@ def _tpu_scaled_gemm_kernel(*refs, n_sub, nk, has_xs, cdt):
 
 
 def scaled_matmul_tpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
-                      config: TpuConfig | None = None):
-    """TPU kernel, same contract as :func:`scaled_matmul_gpu`.  Rows are padded to the row tile and K
-    to a multiple of 128 (zeros; only weights with K % 128 != 0 are copied, none in DeepSeek-V3);
-    a ragged last N tile is left to Pallas (its out-of-range columns are dropped)."""
+                      config: TpuConfig | None = None, layer=None):
+    """TPU kernel, same contract as :func:`scaled_matmul_gpu` (``layer``: the weight of a layer stack
+    read in place, its block index taken from a scalar-prefetched layer; only that layer's scales
+    are sliced).  Rows are padded to the row tile and K to a multiple of 128 (zeros; only weights
+    with K % 128 != 0 are copied, none in DeepSeek-V3); a ragged last N tile is left to Pallas (its
+    out-of-range columns are dropped)."""
     from jax.experimental.pallas import tpu as pltpu
 
+    if layer is None:
+        wq_NK = wq_NK[None]
+    else:
+        ws_nk = lax.dynamic_index_in_dim(ws_nk, layer, 0, False)
+    l_1 = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     m, k = x_MK.shape
-    n = wq_NK.shape[0]
+    n = wq_NK.shape[1]
     cfg = config or default_tpu_config(m, n, k)
     bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
     kp = round_up(k, QBLOCK)
@@ -406,28 +414,31 @@ def scaled_matmul_tpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
     if mp != m or kp != k:
         x_MK = jnp.pad(x_MK, [(0, mp - m), (0, kp - k)])
     if kp != k:
-        wq_NK = jnp.pad(wq_NK, [(0, 0), (0, kp - k)])
+        wq_NK = jnp.pad(wq_NK, [(0, 0), (0, 0), (0, kp - k)])
     # per-column weight scales, K-block major: [kb, 1, N] (tiny next to the weight)
     ws_k1N = jnp.repeat(ws_nk.astype(jnp.float32), QBLOCK, axis=0)[:n].T[:, None, :]
     cdt = jnp.bfloat16 if has_xs else x_MK.dtype
-    in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk))]
-    args = [x_MK]
+    in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk, lay: (i, kk))]
+    args = [l_1, x_MK]
     if has_xs:
         xs_kM1 = jnp.pad(xs_Mk.astype(jnp.float32), [(0, mp - m), (0, 0)]).T[:, :, None]
-        in_specs.append(pl.BlockSpec((n_sub, bm, 1), lambda i, j, kk: (kk, i, 0)))
+        in_specs.append(pl.BlockSpec((n_sub, bm, 1), lambda i, j, kk, lay: (kk, i, 0)))
         args.append(xs_kM1)
-    in_specs += [pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk)),
-                 pl.BlockSpec((n_sub, 1, bn), lambda i, j, kk: (kk, 0, j))]
+    in_specs += [pl.BlockSpec((None, bn, bk), lambda i, j, kk, lay: (lay[0], j, kk)),
+                 pl.BlockSpec((n_sub, 1, bn), lambda i, j, kk, lay: (kk, 0, j))]
     args += [wq_NK, ws_k1N]
     nk = kp // bk
     kernel = functools.partial(_tpu_scaled_gemm_kernel, n_sub=n_sub, nk=nk, has_xs=has_xs, cdt=cdt)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype),
-        grid=(mp // bm, cdiv(n, bn), nk),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(mp // bm, cdiv(n, bn), nk),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk, lay: (i, j)),
+            scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=backend.tpu_interpret_arg(interpret),
@@ -465,9 +476,6 @@ def _mgpu_supported(m: int, n: int, k: int) -> bool:
 def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=None):
     _check_weight(x_MK, wq_NK, ws_nk, layer)
     target, interpret = backend.split_impl(impl)
-    if layer is not None and target != "gpu":  # the TPU kernel takes one layer's weight (a slice)
-        wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
-        layer = None
     out_dtype = x_MK.dtype if out_dtype is None else out_dtype
     x2, lead = flatten_rows(x_MK)
     n = wq_NK.shape[-2]
@@ -486,7 +494,7 @@ def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=Non
     elif target == "gpu":
         y = scaled_matmul_gpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret, layer=layer)
     else:
-        y = scaled_matmul_tpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret)
+        y = scaled_matmul_tpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret, layer=layer)
     return y.reshape(*lead, n)
 
 
@@ -495,7 +503,7 @@ def w8a16_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dty
     """``x @ dequant(Wq, S).T`` (W8A16).  ``x [..., K]`` → ``[..., N]``; ``impl`` picks the Pallas
     kernel or :func:`w8a16_matmul_ref` (see :mod:`kernels_pallas.backend`).  ``layer``: ``wq``/``ws``
     are ``[L, N, K]``/``[L, nb, kb]`` stacks and that layer's weight is used (read in place by
-    the GPU kernel; the reference and TPU paths slice it)."""
+    the GPU and TPU kernels; the reference slices it)."""
     if backend.resolve_impl(impl) == "ref":
         if layer is not None:
             _check_weight(x_MK, wq_NK, ws_nk, layer)

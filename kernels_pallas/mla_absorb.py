@@ -14,7 +14,7 @@ Why a kernel: XLA's GPU compiler turns these few-row, 128-batch products into a 
 of the layer's whole ``kv_b_proj`` plus a transpose, writing float32 or bf16 copies of the weight
 and reading them back. Compiled for an H200 (``kernels_pallas.aot``), the real-width decode step
 moved ~152 MB per layer for them at batch 1 and ~90 MB at batch 16, against the 16.8 MB of the
-FP8 weight (``benchmarks/gpu_compile.py --traffic``).
+FP8 weight (``benchmarks/gpu_compile.py --by traffic``).
 
 * GPU (Triton-lowered Pallas): ``part="k"``: grid ``(head, 128 output columns, row tile)``, one
   ``[N, 128]`` weight tile per program, its block scales applied to each 128-row partial product;
@@ -22,7 +22,11 @@ FP8 weight (``benchmarks/gpu_compile.py --traffic``).
   blocks (``x @ Wᵀ``, as the W8A16 GEMM). The weight of a stacked ``[layers, H (N + A), L]``
   array is read in place (``layer=``). Needs ``N``, ``A``, ``L`` multiples of 128 (DeepSeek-V3:
   128, 128, 512) and an FP8 weight; other shapes take the reference.
-* TPU: the reference (XLA's einsum); no Mosaic TPU kernel yet.
+* TPU (Mosaic TPU): grid ``(row tile, head, 128-row block of W_UK / W_UV)``, the weight's
+  ``[128, L]`` row blocks DMA'd from the layer stack in place (block index from a
+  scalar-prefetched layer), the layer's block scales scalar-prefetched to SMEM. XLA's TPU
+  compiler had done as the GPU's: compiled for a v5p chip, ~318 MB per layer per batch-1 step of
+  reshapes, broadcasts and f32 copies of the weight.
 * The reference dequantizes the layer's weight to ``x.dtype`` and multiplies with float32
   accumulation: the model's own numbers before this kernel, unchanged on CPU.
 """
@@ -143,6 +147,100 @@ def _gpu_absorb_kernel(l_ref, x_ref, wq_ref, ws_ref, o_ref, *, part, m, bm, nope
         plgpu_triton.store(out, val, mask=row_ok)
 
 
+# ---------------------------------------------------------------------------------------------------
+# TPU kernel (Mosaic TPU)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tpu_absorb_kernel(lay_ref, s_ref, x_ref, w_ref, o_ref, *acc, part, nope, v_dim, lat, cdt):
+    """``part="k"``: grid (row tile, head, 128-row block of W_UK) accumulating ``[bm, L]``;
+    ``part="v"``: grid (row tile, head, 128-row block of W_UV), one ``[bm, 128]`` output block.
+    ``s_ref``: this layer's block scales (SMEM), ``x_ref`` ``[bm, 128]`` / ``[bm, L]``, ``w_ref``
+    ``[128, L]`` e4m3."""
+    h, r = pl.program_id(1), pl.program_id(2)
+    srow = (h * (nope + v_dim) + (0 if part == "k" else nope)) // QBLOCK + r
+    precision = lax.Precision.HIGHEST if jnp.dtype(cdt) == jnp.float32 else None
+    x = x_ref[...].astype(cdt)
+    if part == "k":
+        (acc_ref,) = acc
+
+        @pl.when(r == 0)
+        def _init():
+            acc_ref[...] = jnp.zeros_like(acc_ref)
+
+        for c in range(lat // QBLOCK):  # static lane-aligned 128-column blocks, each its scale
+            w = w_ref[:, c * QBLOCK:(c + 1) * QBLOCK].astype(cdt)
+            acc_ref[:, c * QBLOCK:(c + 1) * QBLOCK] += _dot(x, w, False, precision) * s_ref[srow, c]
+
+        @pl.when(r == pl.num_programs(2) - 1)
+        def _store():
+            o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+        return
+    out = jnp.zeros(o_ref.shape, jnp.float32)
+    for c in range(lat // QBLOCK):
+        w = w_ref[:, c * QBLOCK:(c + 1) * QBLOCK].astype(cdt)
+        out = out + _dot(x[:, c * QBLOCK:(c + 1) * QBLOCK], w, True, precision) * s_ref[srow, c]
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def mla_absorb_tpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None,
+                   interpret: bool = False, block_m: int = 256) -> jax.Array:
+    """The TPU kernel (arguments as :func:`mla_absorb_ref`): the weight of a layer stack read in
+    place in ``[128, L]`` row blocks (block index from a scalar-prefetched layer), that layer's
+    block scales scalar-prefetched to SMEM, rows padded to a multiple of 16."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    _check(x_MHI, wq, ws, part, nope, layer)
+    if layer is None:
+        wq = wq[None]
+    else:
+        ws = lax.dynamic_index_in_dim(ws, layer, 0, False)
+    lay = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
+    *lead, h, width_in = x_MHI.shape
+    rows, lat = wq.shape[-2:]
+    v_dim = rows // h - nope
+    m = 1
+    for d in lead:
+        m *= d
+    width_out = lat if part == "k" else v_dim
+    out_dtype = out_dtype or x_MHI.dtype
+    if m == 0:
+        return jnp.zeros((*lead, h, width_out), out_dtype)
+    bm = min(block_m, -(-m // 16) * 16)
+    mp = -(-m // bm) * bm
+    x2 = x_MHI.reshape(m, h * width_in)
+    if mp != m:
+        x2 = jnp.pad(x2, [(0, mp - m), (0, 0)])
+    head_blocks = (nope + v_dim) // QBLOCK
+    if part == "k":
+        nr = nope // QBLOCK
+        in_specs = [pl.BlockSpec((bm, QBLOCK), lambda i, hh, r, lay, s: (i, hh * nr + r)),
+                    pl.BlockSpec((None, QBLOCK, lat), lambda i, hh, r, lay, s: (lay[0], hh * head_blocks + r, 0))]
+        out_spec = pl.BlockSpec((bm, lat), lambda i, hh, r, lay, s: (i, hh))
+        scratch = [pltpu.VMEM((bm, lat), jnp.float32)]
+        sem = ("parallel", "parallel", "arbitrary")
+    else:
+        nr = v_dim // QBLOCK
+        in_specs = [pl.BlockSpec((bm, lat), lambda i, hh, r, lay, s: (i, hh)),
+                    pl.BlockSpec((None, QBLOCK, lat),
+                                 lambda i, hh, r, lay, s: (lay[0], hh * head_blocks + nope // QBLOCK + r, 0))]
+        out_spec = pl.BlockSpec((bm, QBLOCK), lambda i, hh, r, lay, s: (i, hh * nr + r))
+        scratch = []
+        sem = ("parallel", "parallel", "parallel")
+    kernel = functools.partial(_tpu_absorb_kernel, part=part, nope=nope, v_dim=v_dim, lat=lat, cdt=x_MHI.dtype)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, h * width_out), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(mp // bm, h, nr), in_specs=in_specs, out_specs=out_spec,
+            scratch_shapes=scratch),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=sem),
+        interpret=backend.tpu_interpret_arg(interpret),
+        name=f"mla_absorb_{part}_tpu",
+    )(lay, ws.astype(jnp.float32), x2, wq)
+    return y[:m].reshape(*lead, h, width_out)
+
+
 def kernel_takes(x_MHI, wq, ws, nope: int) -> bool:
     """Whether the GPU kernel computes this product (FP8 weight, 128-multiple widths)."""
     rows, lat = wq.shape[-2:]
@@ -188,7 +286,7 @@ def mla_absorb(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=Non
     weight ``wq`` (e4m3 with block scales ``ws``, or unquantized with ``ws=None``), see the module
     doc; ``impl`` as in :mod:`kernels_pallas.backend` (TPU and unsupported shapes: the reference)."""
     target, interpret = backend.split_impl(impl)
-    if target == "gpu" and kernel_takes(x_MHI, wq, ws, nope):
-        return mla_absorb_gpu(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype,
-                              interpret=interpret)
+    if target != "ref" and kernel_takes(x_MHI, wq, ws, nope):
+        fn = mla_absorb_gpu if target == "gpu" else mla_absorb_tpu
+        return fn(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype, interpret=interpret)
     return mla_absorb_ref(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype)

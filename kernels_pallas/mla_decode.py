@@ -218,7 +218,7 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
 _LANES = 128
 
 
-def _tpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, m_ref, s_ref, acc_ref, *, l, bt, scale):
+def _tpu_mla_kernel(len_ref, _lay_ref, ql_ref, qp_ref, c_ref, o_ref, m_ref, s_ref, acc_ref, *, l, bt, scale):
     b, j = pl.program_id(0), pl.program_id(1)
     n = len_ref[b]
 
@@ -257,31 +257,35 @@ def _tpu_mla_kernel(len_ref, ql_ref, qp_ref, c_ref, o_ref, m_ref, s_ref, acc_ref
 
 
 def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
-                   interpret=False, block_t: int = 128):
-    """TPU kernel; all heads per grid step, ``block_t`` tokens per step."""
+                   interpret=False, block_t: int = 128, layer=None):
+    """TPU kernel; all heads per grid step, ``block_t`` tokens per step. ``layer``: the cache is an
+    ``[L, B, S, C]`` stack and layer ``layer``'s is read in place (a scalar-prefetched index)."""
     from jax.experimental.pallas import tpu as pltpu
 
+    if layer is None:
+        cache_BSC = cache_BSC[None]
+    lay = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     bsz, h, l = q_lat_BHL.shape
     r = q_pe_BHR.shape[2]
-    s_len, c_dim = cache_BSC.shape[1:]
+    s_len, c_dim = cache_BSC.shape[2:]
     bt = min(block_t, s_len)
     nblk = cdiv(s_len, bt)
 
-    def cache_map(b, j, lens):  # clamp to the last block holding tokens: no DMA past the length
+    def cache_map(b, j, lens, lay):  # clamp to the last block holding tokens: no DMA past the length
         last = jnp.maximum((lens[b] + bt - 1) // bt - 1, 0)
-        return b, jnp.minimum(j, last), 0
+        return lay[0], b, jnp.minimum(j, last), 0
 
     kernel = functools.partial(_tpu_mla_kernel, l=l, bt=bt, scale=scale)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, h, l), jnp.float32),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
+            num_scalar_prefetch=2,
             grid=(bsz, nblk),
-            in_specs=[pl.BlockSpec((None, h, l), lambda b, j, lens: (b, 0, 0)),
-                      pl.BlockSpec((None, h, r), lambda b, j, lens: (b, 0, 0)),
-                      pl.BlockSpec((None, bt, c_dim), cache_map)],
-            out_specs=pl.BlockSpec((None, h, l), lambda b, j, lens: (b, 0, 0)),
+            in_specs=[pl.BlockSpec((None, h, l), lambda b, j, lens, lay: (b, 0, 0)),
+                      pl.BlockSpec((None, h, r), lambda b, j, lens, lay: (b, 0, 0)),
+                      pl.BlockSpec((None, None, bt, c_dim), cache_map)],
+            out_specs=pl.BlockSpec((None, h, l), lambda b, j, lens, lay: (b, 0, 0)),
             scratch_shapes=[pltpu.VMEM((h, _LANES), jnp.float32),
                             pltpu.VMEM((h, _LANES), jnp.float32),
                             pltpu.VMEM((h, l), jnp.float32)],
@@ -289,7 +293,7 @@ def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=backend.tpu_interpret_arg(interpret),
         name="mla_decode_tpu",
-    )(lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
+    )(lengths_B.astype(jnp.int32), lay, q_lat_BHL, q_pe_BHR, cache_BSC)
 
 
 #: ``$DEEPSEEK_JAX_MLA_GPU=mosaic_gpu``: the Mosaic GPU kernel (:mod:`kernels_pallas.mla_decode_mgpu`,
@@ -313,7 +317,7 @@ def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lo
     """Absorbed MLA decode attention → ``o_BHL`` float32 (see module doc); ``impl`` as in
     :mod:`kernels_pallas.backend`.  ``layer`` (int or traced): ``cache`` is several layers'
     ``[L, B, S, C]`` stack and layer ``layer``'s is attended over (read in place by the GPU
-    kernels; the reference and TPU paths take a dynamic slice)."""
+    and TPU kernels; the reference takes a dynamic slice)."""
     target, interpret = backend.split_impl(impl)
     if target == "gpu" and _mosaic_gpu_takes(q_lat_BHL, q_pe_BHR, cache_BSC):
         from kernels_pallas.mla_decode_mgpu import mla_decode_mgpu
@@ -322,10 +326,11 @@ def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lo
     if layer is not None:
         if cache_BSC.ndim != 4:
             raise ValueError(f"with layer=, the cache must be [L, B, S, C], got {cache_BSC.shape}")
-        if target == "gpu":
+        if target != "ref":
             _check(q_lat_BHL, q_pe_BHR, cache_BSC[0], lengths_B, kv_lora_rank)
-            return mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
-                                  kv_lora_rank=kv_lora_rank, interpret=interpret, layer=layer)
+            fn = mla_decode_gpu if target == "gpu" else mla_decode_tpu
+            return fn(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
+                      interpret=interpret, layer=layer)
         cache_BSC = lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
     _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank)
     if target == "ref":

@@ -958,28 +958,29 @@ def test_mla_absorb_ref_matches_numpy(part):
     assert rel_err(y, np_absorb(x, wq[1], ws[1], part, 128)) < F32_TOL
 
 
-@pytest.mark.parametrize("interpret", COMPILED)
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("part", ["k", "v"])
 @pytest.mark.parametrize("m,dtype", [(1, jnp.bfloat16), (5, jnp.float32), (70, jnp.bfloat16)],
                          ids=["1_bf16", "5_f32", "70_bf16"])
-def test_mla_absorb_gpu_kernel_matches_ref(interpret, part, m, dtype):
-    """The GPU kernel against the float64 product: rows not a multiple of the row tile (16 / 64),
-    one layer of a stack read in place (the others NaN), huge, tiny and all-zero scale blocks,
-    N = A = 128 with two 128-blocks of the latent, 3 heads."""
-    from kernels_pallas.mla_absorb import mla_absorb_gpu
+def test_mla_absorb_kernels_match_ref(impl, part, m, dtype):
+    """The GPU and TPU kernels against the float64 product: rows not a multiple of the row tile
+    (GPU 16 / 64, TPU 16), one layer of a stack read in place (the others NaN), huge, tiny and
+    all-zero scale blocks, N = A = 128 with two 128-blocks of the latent, 3 heads."""
+    from kernels_pallas import mla_absorb
     rng = np.random.default_rng(41 + m)
     wq, ws = _kvb_stack(rng, 3, 3, 128, 128, 256)
     x = jnp.asarray(rng.standard_normal((m, 1, 3, 128 if part == "k" else 256)), dtype)
-    y = jax.jit(lambda x, wq, ws, l: mla_absorb_gpu(x, wq, ws, part=part, nope=128, layer=l,
-                                                    out_dtype=jnp.float32, interpret=interpret))(
-        x, wq, ws, jnp.int32(1))
+    fn = jax.jit(lambda x, wq, ws, l: mla_absorb(x, wq, ws, part=part, nope=128, layer=l, out_dtype=jnp.float32,
+                                                 impl=impl))
+    assert f"mla_absorb_{part}_" in str(jax.make_jaxpr(fn)(x, wq, ws, jnp.int32(1)))   # the kernel, not the ref
+    y = fn(x, wq, ws, jnp.int32(1))
     assert y.shape == (m, 1, 3, 256 if part == "k" else 128)
     _assert_close(y, np_absorb(x, wq[1], ws[1], part, 128), dtype)
 
 
 def test_mla_absorb_dispatch_and_errors():
-    """``impl`` picks the GPU kernel only where it applies (FP8, 128-multiple widths); other shapes,
-    the TPU and unquantized weights take the reference; bad shapes are one-line errors."""
+    """``impl`` picks a kernel only where it applies (FP8, 128-multiple widths); other shapes and
+    unquantized weights take the reference; bad shapes are one-line errors."""
     from kernels_pallas import mla_absorb, mla_absorb_ref
     rng = np.random.default_rng(42)
     x = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
@@ -1082,13 +1083,13 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
             jax.jit(split).trace(S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
                                  S((b, t, 576), jnp.bfloat16), S((b,), jnp.int32)
                                  ).lower(lowering_platforms=(platform,))
-            from kernels_pallas import mla_absorb
-            for bb, part in ((1, "k"), (64, "v")):  # MLA's absorbed products, kv_b_proj read in place
-                absorb = lambda x, wq, ws, l, part=part: mla_absorb(x, wq, ws, part=part, nope=128, layer=l,
-                                                                    impl=impl)
-                jax.jit(absorb).trace(S((bb, 1, h, 128 if part == "k" else 512), jnp.bfloat16),
-                                      S((3, h * 256, 512), F8), S((3, h * 2, 4), jnp.float32),
-                                      S((), jnp.int32)).lower(lowering_platforms=(platform,))
+        from kernels_pallas import mla_absorb
+        for bb, part in ((1, "k"), (64, "v")):  # MLA's absorbed products, kv_b_proj read in place
+            absorb = lambda x, wq, ws, l, part=part: mla_absorb(x, wq, ws, part=part, nope=128, layer=l,
+                                                                impl=impl)
+            jax.jit(absorb).trace(S((bb, 1, h, 128 if part == "k" else 512), jnp.bfloat16),
+                                  S((3, h * 256, 512), F8), S((3, h * 2, 4), jnp.float32),
+                                  S((), jnp.int32)).lower(lowering_platforms=(platform,))
         for m, k, n in cases:
             args = (S((m, k), jnp.bfloat16), S((n, k), F8), S((-(-n // 128), -(-k // 128)), jnp.float32))
             jax.jit(dense).trace(*args).lower(lowering_platforms=(platform,))

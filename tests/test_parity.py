@@ -121,11 +121,10 @@ def test_weights_read_in_place_match_hf(case, kernels):
         assert rel(got, case["ref"][:, :24]) <= 1e-4
 
 
-def test_absorbed_kernels_at_deepseek_head_widths_match_hf(tmp_path):
-    """Heads as wide as DeepSeek-V3's (nope = v = 128, a 256-wide latent: whole 128-blocks), so the
-    absorbed products take the GPU kernel (``kernels_pallas.mla_absorb``, in the interpreter) with
-    ``kv_b_proj``'s FP8 weight read in place in the layer scan, as on a GPU: decode logits against
-    HF's."""
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory):
+    """A checkpoint with heads as wide as DeepSeek-V3's (nope = v = 128, a 256-wide latent: whole
+    128-blocks) and HF's logits for it."""
     from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
 
     cfg = tiny_config(vocab_size=200, hidden_size=128, intermediate_size=192, moe_intermediate_size=64,
@@ -133,11 +132,19 @@ def test_absorbed_kernels_at_deepseek_head_widths_match_hf(tmp_path):
                       q_lora_rank=None, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=16,
                       v_head_dim=128, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
                       n_shared_experts=1, max_position_embeddings=64, rope_scaling=None)
-    ckpt = random_hub_checkpoint(tmp_path, cfg, seed=3)
+    ckpt = random_hub_checkpoint(tmp_path_factory.mktemp("wide_heads"), cfg, seed=3)
     hf, _ = hf_ref.hf_model(ckpt)
-    ids = _ids(cfg["vocab_size"], 2, 12, seed=8)
-    ref, _ = hf_ref.hf_logits(hf, ids)
-    m = load_hub(ckpt, prec=Precision(kernels="interpret_gpu", weights_in_place=True))
-    got = scoring.logits(m, ids, mode="decode", prefill=6)
+    ids = _ids(cfg["vocab_size"], 2, 8, seed=8)
+    return ckpt, ids, hf_ref.hf_logits(hf, ids)[0]
+
+
+@pytest.mark.parametrize("kernels", ["interpret_gpu", "interpret_tpu"])
+def test_absorbed_kernels_at_deepseek_head_widths_match_hf(wide_heads, kernels):
+    """At DeepSeek-V3's head widths the absorbed products take the GPU or TPU kernel
+    (``kernels_pallas.mla_absorb``, in the interpreter), with every FP8 weight and the latent cache
+    read in place in the layer scan, as on a GPU or TPU: decode logits against HF's."""
+    ckpt, ids, ref = wide_heads
+    m = load_hub(ckpt, prec=Precision(kernels=kernels, weights_in_place=True))
+    got = scoring.logits(m, ids, mode="decode", prefill=4)
     assert rel(got, ref) <= 1e-4
     assert (got.argmax(-1) == ref.argmax(-1)).all()
