@@ -180,12 +180,16 @@ class MLA(nnx.Module):
             else:  # several new tokens (chunked prefill over an existing cache)
                 kv = cache_BSC if layer is None else jax.lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
                 kv = kv.astype(dtype)
-                # one score product with [q_lat | q_pe] over the whole entry [c | k_pe]
-                s = einsum32("bthc,bsc->bhts", jnp.concatenate([q_lat, q_pe.astype(dtype)], -1), kv)
+                # one score product with [q_lat | q_pe] over the whole entry [c | k_pe], in the
+                # [B, T, H, S] order the product comes out in: [B, H, T, S] cost a transpose of
+                # the float32 scores (2.1 GB written and read per 1K-token chunk per layer at a
+                # 4K cache, compiled for an H200)
+                s = einsum32("bthc,bsc->bths", jnp.concatenate([q_lat, q_pe.astype(dtype)], -1), kv)
                 c = kv[..., :L]
                 mask = jnp.arange(kv.shape[1])[None, None, :] <= pos_BT[:, :, None]
-                p = self._softmax(s, mask).astype(dtype)
-                o_lat = einsum32("bhts,bsl->bthl", p, c).astype(dtype)
+                s = jnp.where(mask[:, :, None], s.astype(jnp.float32) * self.scale, _NEG)
+                p = jax.nn.softmax(s, axis=-1).astype(dtype)
+                o_lat = einsum32("bths,bsl->bthl", p, c).astype(dtype)
             o_BTHA = self._absorb(o_lat, "v")
         with jax.named_scope("o_proj"):
             out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))

@@ -56,6 +56,9 @@ DECODE_BUDGET = {1: 225, 16: 232}
 #: and 36.5: the MLA kernel's split-T partial sums; 172 and 126 when XLA computed the absorbed
 #: products itself, writing float32 / bf16 copies of ``kv_b_proj``'s weight).
 ATTN_XLA_MB_PER_LAYER = {1: 8, 16: 48}
+#: GB XLA's own ops in the attention move in a 4096-token prefill in 1024-token chunks (measured
+#: 93.7; 148.4 when the chunks' [B, H, T, S] float32 scores were transposed from [B, T, H, S]).
+PREFILL_ATTN_XLA_GB = 110
 #: MB XLA's own ops write per decode step on one v5p chip (measured 266 and 822).
 TPU_WRITTEN_MB = {1: 400, 64: 1100}
 #: Launches per MoE layer per step (measured 60 / 62; 102 / 104 before).
@@ -124,7 +127,7 @@ def _run(tmp_path_factory, script, plugins, *args):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     return _run(tmp_path_factory, "benchmarks/gpu_compile.py", PLUGINS, "--batches", "1,16", "--generator",
-                "--meshes", MESHES)
+                "--prefill", "4096", "--meshes", MESHES)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +163,16 @@ def test_decode_attention_moves_no_weight_copies(report, batch):
     row = {r["program"]: r for r in report["rows"]}[f"decode B={batch} ctx=4096"]
     per_layer = row["xla_mb"].get("attn", 0.0) / 4
     assert per_layer <= ATTN_XLA_MB_PER_LAYER[batch], row["xla_top"]
+
+
+@needs_plugin
+def test_chunked_prefill_attention_transposes_no_scores(report):
+    """A 4K prompt in 1K chunks: the later chunks' absorbed attention has float32 scores
+    ``[1, 128, 1024, 4096]`` (2.1 GB) per layer. Computed in the order the product gives them
+    (``[B, T, H, S]``), they are written once and read once by the softmax; as ``[B, H, T, S]``,
+    XLA also transposed them (2.1 GB read and written again per chunk and layer)."""
+    row = {r["program"]: r for r in report["rows"]}["prefill T=4096"]
+    assert row["xla_mb"]["attn"] / 1e3 <= PREFILL_ATTN_XLA_GB, row["xla_top"]
 
 
 @needs_plugin
