@@ -112,6 +112,9 @@ def main(argv=None) -> int:
                     help="also the Generator's own decode loop (greedy) at each batch size")
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (as benchmarks/e2e_gpu.py)")
     ap.add_argument("--fp8-mode", default="w8a16", choices=("w8a16", "w8a8"))
+    ap.add_argument("--prefill-attention", default="plain",
+                    help="Precision.prefill_attention of the prefill rows, comma-separated: plain, flash "
+                         "(the flash kernels, the chunks' over the cache too)")
     ap.add_argument("--by", default="scope", choices=("scope", "kind", "traffic"),
                     help="launches by named scope or by kind, or the MB XLA's own kernels move by scope")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel compile table")
@@ -128,6 +131,9 @@ def main(argv=None) -> int:
         raise DeepSeekError("--layers must be >= 3 (two MoE layers make a loop), --prefill >= 0, batches >= 1")
 
     cfg = bench_config(a.layers, small=False)
+    modes = [m.strip() for m in a.prefill_attention.split(",") if m.strip()]
+    if not modes or any(m not in ("plain", "flash") for m in modes):
+        raise DeepSeekError(f"--prefill-attention: plain and/or flash, got {a.prefill_attention!r}")
     graphdef, state = nnx.split(abstract_model(cfg, Precision(dtype=jnp.bfloat16, fp8_mode=a.fp8_mode)))
     sds = jax.ShapeDtypeStruct
     rows = []
@@ -138,11 +144,14 @@ def main(argv=None) -> int:
                                      f"while{DECODE_STEPS}/while{cfg.num_moe_layers}", cfg.num_moe_layers))
     if a.generator:
         rows += [generator_decode(cfg, graphdef, state, b, a.context) for b in batches]
-    if a.prefill:
+    for mode in modes if a.prefill else ():
         chunk = min(a.chunk, a.prefill)
         cache = jax.eval_shape(lambda: LatentCache.zeros(cfg, 1, a.prefill, jnp.bfloat16))
-        rows.append(program_launches(f"prefill T={a.prefill}", prefill_chunks(graphdef, a.prefill, chunk),
-                                     (state, cache, sds((1, a.prefill), jnp.int32)), 1, None, cfg.num_moe_layers))
+        gd = nnx.graphdef(abstract_model(cfg, Precision(dtype=jnp.bfloat16, fp8_mode=a.fp8_mode,
+                                                        prefill_attention=mode)))
+        rows.append(program_launches(f"prefill T={a.prefill}" + (" flash" if mode == "flash" else ""),
+                                     prefill_chunks(gd, a.prefill, chunk), (state, cache, sds((1, a.prefill), jnp.int32)),
+                                     1, None, cfg.num_moe_layers))
 
     print(f"# jax {jax.__version__}, compiled for {aot.DEVICE_KIND} on {jax.devices()[0].platform} "
           f"(no GPU), {a.layers} layers (1 dense), fp8_mode {a.fp8_mode}; launches per decode step / per prefill")

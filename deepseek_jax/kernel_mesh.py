@@ -16,7 +16,8 @@ kernel calls run per shard, with the operands split as they are placed (the shar
   over the batch axes where they divide.
 * MLA decode: heads split as ``q_b_proj``'s output is, rows as the latent cache's batch.
 * MLA's absorbed products (``kernels_pallas.mla_absorb``): heads as ``kv_b_proj``'s rows.
-* flash prefill attention (GPU): rows over the batch axes, heads as above.
+* flash prefill attention (GPU), and a prefill chunk's over the cache: rows over the batch axes,
+  heads as above.
 
 The MoE's grouped GEMM already runs inside the expert-parallel ``shard_map``
 (:mod:`deepseek_jax.expert_parallel`). The jnp reference path (CPU) is left to GSPMD.
@@ -163,6 +164,16 @@ def causal_attention(kernel, q_BTHK, k_BTHK, v_BTHA, *, pl: Placement, **kw):
     h_ax = _split(pl, "heads", q_BTHK.shape[2], set(_flat(b_ax)))
     spec = P(b_ax, None, h_ax, None)
     return _shard_map(lambda q, k, v: kernel(q, k, v, **kw), pl, (spec, spec, spec), spec)(q_BTHK, k_BTHK, v_BTHA)
+
+
+def cached_attention(kernel, q_nope, q_pe, kv, k_pe, q_pos, *, pl: Placement, **kw):
+    """``kernel(q_nope, q_pe, kv, k_pe, q_pos, **kw)`` (``kernels_pallas.cached_attention``) per
+    shard: rows over the batch axes, heads by the ``heads`` rule (``k_pe`` is shared by the heads)."""
+    b_ax = _split(pl, "batch", q_nope.shape[0], set())
+    h_ax = _split(pl, "heads", q_nope.shape[2], set(_flat(b_ax)))
+    spec = P(b_ax, None, h_ax, None)
+    specs = (spec, spec, spec, P(b_ax, None, None), P(b_ax, None))
+    return _shard_map(lambda *a: kernel(*a, **kw), pl, specs, spec)(q_nope, q_pe, kv, k_pe, q_pos)
 
 
 def uses_kernel(impl: str) -> bool:

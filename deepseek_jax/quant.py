@@ -49,7 +49,9 @@ class Precision:
       scores ``[B, H, T, T]`` masked by position. "flash": ``kernels_pallas.causal_attention``
       (a flash kernel on GPU, the plain form elsewhere), causal by token index, which is the
       same mask when each row's positions increase by one along the call (prefill of right-padded
-      prompts, scoring, training). Not measured on a GPU yet.
+      prompts, scoring, training); and a prefill chunk over an existing cache in the naive form
+      too (``kernels_pallas.cached_attention``, by position) instead of the absorbed form. Not
+      measured on a GPU yet.
     """
 
     dtype: jnp.dtype = jnp.float32

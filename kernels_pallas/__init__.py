@@ -7,7 +7,8 @@ reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas"
 """
 
 from kernels_pallas.backend import default_impl, resolve_impl
-from kernels_pallas.flash_prefill import causal_attention, causal_attention_ref
+from kernels_pallas.flash_prefill import (cached_attention, cached_attention_ref, causal_attention,
+                                          causal_attention_ref)
 from kernels_pallas.fp8_gemm import (fake_quantize_act_1x128, quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref,
                                      w8a16_matmul, w8a16_matmul_ref)
 from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
@@ -29,6 +30,8 @@ __all__ = [
     "mla_absorb",
     "mla_decode_ref",
     "mla_decode",
+    "cached_attention_ref",
+    "cached_attention",
     "causal_attention_ref",
     "causal_attention",
 ]

@@ -23,16 +23,18 @@ TPU has no kernel here: ``impl`` resolving to TPU or the reference uses the refe
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from kernels_pallas import backend
 from kernels_pallas._common import next_pow2, round_up
 
-__all__ = ["causal_attention_ref", "causal_attention"]
+__all__ = ["causal_attention_ref", "causal_attention", "cached_attention_ref", "cached_attention"]
 
 
 def _check(q_BTHK, k_BTHK, v_BTHA):
@@ -84,3 +86,122 @@ def causal_attention(q_BTHK, k_BTHK, v_BTHA, *, scale: float, impl: str = "auto"
     o = mha(q, k, v, None, sm_scale=scale, causal=True, block_sizes=BlockSizes(block_q=blk, block_k=blk),
             interpret=interpret)
     return o[:, :t, :, :a]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A chunk of new tokens attending over the cache before it (chunked prefill), by position
+# ---------------------------------------------------------------------------------------------------
+
+_NEG = -1e30  # finite "minus infinity": a fully masked block gives no inf - inf
+
+
+def _check_cached(q_nope, q_pe, kv, k_pe, q_pos):
+    b, t, h, n = q_nope.shape
+    s = kv.shape[1]
+    r = q_pe.shape[-1]
+    if q_pe.shape != (b, t, h, r) or kv.ndim != 4 or kv.shape[:3] != (b, s, h) or kv.shape[3] <= n \
+            or k_pe.shape != (b, s, r):
+        raise ValueError(f"cached_attention: expected q_nope [B, T, H, N], q_pe [B, T, H, R], kv [B, S, H, N + A], "
+                         f"k_pe [B, S, R]; got {q_nope.shape}, {q_pe.shape}, {kv.shape}, {k_pe.shape}")
+    if q_pos.shape != (b, t):
+        raise ValueError(f"cached_attention: expected q_pos [{b}, {t}], got {q_pos.shape}")
+
+
+def cached_attention_ref(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float) -> jax.Array:
+    """Plain jnp, float32. ``kv`` is ``kv_b_proj``'s expansion of the cache's latents, per head
+    ``[k_nope (N) | v (A)]`` side by side as it comes out; ``k_pe`` one rope key per token shared
+    by the heads (MLA). ``o[b, t, h] = Σ_{s <= q_pos[b, t]} softmax_s(scale · (q_nope · k_nope[s] +
+    q_pe · k_pe[s])) v[s]`` → ``[B, T, H, A]`` in ``q_nope``'s dtype."""
+    _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
+    f32, hp = jnp.float32, lax.Precision.HIGHEST
+    n = q_nope.shape[-1]
+    s = (jnp.einsum("bthn,bshn->bths", q_nope.astype(f32), kv[..., :n].astype(f32), precision=hp)
+         + jnp.einsum("bthr,bsr->bths", q_pe.astype(f32), k_pe.astype(f32), precision=hp)) * scale
+    visible = jnp.arange(kv.shape[1])[None, None, :] <= q_pos[:, :, None]
+    p = jax.nn.softmax(jnp.where(visible[:, :, None], s, -jnp.inf), axis=-1)
+    return jnp.einsum("bths,bsha->btha", p, kv[..., n:].astype(f32), precision=hp).astype(q_nope.dtype)
+
+
+def _gpu_cached_kernel(pos_ref, qn_ref, qp_ref, kv_ref, kp_ref, o_ref, *, t, s_len, n, bq, bk, scale):
+    """One (sequence, head, ``bq`` queries) program: online softmax over ``bk``-key blocks up to the
+    block holding its last query's position (keys past a query's position masked); ``k_nope`` and
+    ``v`` read from their columns of ``kv`` (no slice copies)."""
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    from kernels_pallas._common import masked_load
+
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    a = o_ref.shape[-1]
+    q0 = i * bq
+    row_ok = q0 + jnp.arange(bq) < t
+    pos = plgpu_triton.load(pos_ref.at[b, pl.ds(q0, bq)], mask=row_ok, other=-1)
+    qn = masked_load(qn_ref.at[b, pl.ds(q0, bq), h, :], row_ok[:, None])
+    qp = masked_load(qp_ref.at[b, pl.ds(q0, bq), h, :], row_ok[:, None])
+    precision = lax.Precision.HIGHEST if qn.dtype == jnp.float32 else None
+    dims = (((1,), (1,)), ((), ()))
+    hi = jnp.minimum(jnp.max(pos) + 1, s_len)
+
+    def body(j, carry):
+        m, l, acc = carry
+        k0 = j * bk
+        keys = k0 + jnp.arange(bk)
+        k_ok = keys < s_len
+        kn = masked_load(kv_ref.at[b, pl.ds(k0, bk), h, pl.ds(0, n)], k_ok[:, None])
+        vv = masked_load(kv_ref.at[b, pl.ds(k0, bk), h, pl.ds(n, a)], k_ok[:, None])
+        kp = masked_load(kp_ref.at[b, pl.ds(k0, bk), :], k_ok[:, None])
+        sc = (lax.dot_general(qn, kn, dims, precision=precision, preferred_element_type=jnp.float32)
+              + lax.dot_general(qp, kp, dims, precision=precision, preferred_element_type=jnp.float32)) * scale
+        visible = (keys[None, :] <= pos[:, None]) & k_ok[None, :]
+        sc = jnp.where(visible, sc, _NEG)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(visible, jnp.exp(sc - m_new[:, None]), 0.0)
+        acc = acc * alpha[:, None] + lax.dot(p.astype(vv.dtype), vv, precision=precision,
+                                             preferred_element_type=jnp.float32)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+    init = (jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, a), jnp.float32))
+    _, l, acc = lax.fori_loop(0, (hi + bk - 1) // bk, body, init)
+    out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+    plgpu_triton.store(o_ref.at[b, pl.ds(q0, bq), h, :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+
+
+def cached_attention_gpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpret: bool = False,
+                         block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2):
+    """The GPU kernel (arguments as :func:`cached_attention_ref`): grid ``(B, H, T / block_q)``; each
+    program reads the keys up to its last query's position, so the later queries of a chunk see
+    the whole cache and nothing after it is read. Head sizes must be powers of two (MLA: 128 /
+    64 / 128)."""
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
+    b, t, h, n = q_nope.shape
+    s_len = kv.shape[1]
+    a = kv.shape[-1] - n
+    bq = min(block_q, max(16, next_pow2(t)))
+    bk = min(block_k, max(16, next_pow2(s_len)))
+    kernel = functools.partial(_gpu_cached_kernel, t=t, s_len=s_len, n=n, bq=bq, bk=bk, scale=scale)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, t, h, a), q_nope.dtype),
+        grid=(b, h, -(-t // bq)),
+        compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="cached_attention_gpu",
+    )(q_pos.astype(jnp.int32), q_nope, q_pe, kv.astype(q_nope.dtype), k_pe.astype(q_nope.dtype))
+
+
+def _pow2(*dims) -> bool:
+    return all(d == next_pow2(d) for d in dims)
+
+
+def cached_attention(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, impl: str = "auto") -> jax.Array:
+    """New tokens (a prefill chunk) attending over the cache written so far, by position (see
+    :func:`cached_attention_ref`); ``impl`` as in :mod:`kernels_pallas.backend`. The GPU kernel
+    where the head sizes are powers of two; elsewhere (TPU, CPU) the reference."""
+    _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
+    target, interpret = backend.split_impl(impl)
+    n = q_nope.shape[-1]
+    if target == "gpu" and _pow2(n, q_pe.shape[-1], kv.shape[-1] - n):
+        return cached_attention_gpu(q_nope, q_pe, kv, k_pe, q_pos, scale=scale, interpret=interpret)
+    return cached_attention_ref(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)

@@ -59,6 +59,8 @@ ATTN_XLA_MB_PER_LAYER = {1: 8, 16: 48}
 #: GB XLA's own ops in the attention move in a 4096-token prefill in 1024-token chunks (measured
 #: 93.7; 148.4 when the chunks' [B, H, T, S] float32 scores were transposed from [B, T, H, S]).
 PREFILL_ATTN_XLA_GB = 110
+#: The same with ``prefill_attention="flash"`` (measured 6.8).
+FLASH_PREFILL_ATTN_XLA_GB = 10
 #: MB XLA's own ops write per decode step on one v5p chip (measured 266 and 822).
 TPU_WRITTEN_MB = {1: 400, 64: 1100}
 #: Launches per MoE layer per step (measured 60 / 62; 102 / 104 before).
@@ -127,7 +129,7 @@ def _run(tmp_path_factory, script, plugins, *args):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     return _run(tmp_path_factory, "benchmarks/gpu_compile.py", PLUGINS, "--batches", "1,16", "--generator",
-                "--prefill", "4096", "--meshes", MESHES)
+                "--prefill", "4096", "--prefill-attention", "plain,flash", "--meshes", MESHES)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +175,16 @@ def test_chunked_prefill_attention_transposes_no_scores(report):
     XLA also transposed them (2.1 GB read and written again per chunk and layer)."""
     row = {r["program"]: r for r in report["rows"]}["prefill T=4096"]
     assert row["xla_mb"]["attn"] / 1e3 <= PREFILL_ATTN_XLA_GB, row["xla_top"]
+
+
+@needs_plugin
+def test_flash_prefill_chunks_write_no_scores(report):
+    """``prefill_attention="flash"``: the later chunks expand the cache by ``kv_b_proj`` and run
+    ``kernels_pallas.cached_attention``; the attention's XLA ops then move the expansion, not
+    scores (measured 6.8 GB against 93.7 plain), and the program holds the kernel."""
+    row = {r["program"]: r for r in report["rows"]}["prefill T=4096 flash"]
+    assert row["xla_mb"]["attn"] / 1e3 <= FLASH_PREFILL_ATTN_XLA_GB, row["xla_top"]
+    assert row["kinds"].get("pallas:cached_attention_gpu", 0) >= 4, row["kinds"]
 
 
 @needs_plugin

@@ -1002,6 +1002,54 @@ def test_mla_absorb_dispatch_and_errors():
         mla_absorb(x, wq, ws, part="k", nope=16, layer=0)
 
 
+def np_cached_attention(qn, qp, kv, kp, pos, scale):
+    """float64: each query over the keys up to its position (MLA: one rope key per token)."""
+    qn, qp, kv, kp = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (qn, qp, kv, kp))
+    kn, v = kv[..., :qn.shape[-1]], kv[..., qn.shape[-1]:]
+    s = (np.einsum("bthn,bshn->bths", qn, kn) + np.einsum("bthr,bsr->bths", qp, kp)) * scale
+    visible = np.arange(kn.shape[1])[None, None, None, :] <= np.asarray(pos)[:, :, None, None]
+    s = np.where(visible, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bths,bsha->btha", p / p.sum(-1, keepdims=True), v)
+
+
+def _cached_inputs(rng, dtype, b=2, t=21, h=3, s=70):
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    # row 0: a chunk at positions 40..60 (the cache ends mid-block at 70); row 1 right-padded
+    # (positions 3..17, then pads at position 2: they see 3 keys)
+    pos = jnp.asarray([np.arange(t) + 40, np.r_[np.arange(15) + 3, np.full(t - 15, 2)]], jnp.int32)
+    return f(b, t, h, 32), f(b, t, h, 16), f(b, s, h, 32 + 64), f(b, s, 16), pos
+
+
+@pytest.mark.parametrize("impl", ["ref"] + KERNEL_IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_cached_attention_matches_numpy(impl, dtype):
+    """A prefill chunk over the cache by position: T = 21 queries (not a multiple of the query
+    block), S = 70 keys (not a multiple of the key block), a right-padded row, large scores."""
+    from kernels_pallas import cached_attention
+    rng = np.random.default_rng(50)
+    qn, qp, kv, kp, pos = _cached_inputs(rng, dtype)
+    kv = kv.at[0, 44:46, :, :32].multiply(30.0)   # a few large scores: the online softmax must rescale
+    o = jax.jit(lambda *a: cached_attention(*a, scale=0.1, impl=impl))(qn, qp, kv, kp, pos)
+    assert o.shape == (2, 21, 3, 64) and o.dtype == dtype
+    _assert_close(o, np_cached_attention(qn, qp, kv, kp, pos, 0.1), dtype)
+
+
+def test_cached_attention_kernel_blocks_and_errors():
+    """Smaller blocks than the defaults (several query and key blocks per row), and bad shapes
+    as one-line errors."""
+    from kernels_pallas import cached_attention
+    from kernels_pallas.flash_prefill import cached_attention_gpu
+    rng = np.random.default_rng(51)
+    qn, qp, kv, kp, pos = _cached_inputs(rng, jnp.float32)
+    o = cached_attention_gpu(qn, qp, kv, kp, pos, scale=0.1, interpret=True, block_q=16, block_k=16)
+    _assert_close(o, np_cached_attention(qn, qp, kv, kp, pos, 0.1), jnp.float32)
+    with pytest.raises(ValueError, match="cached_attention: expected q_nope"):
+        cached_attention(qn, qp, kv, kp[:, :, None], pos, scale=0.1)
+    with pytest.raises(ValueError, match=r"expected q_pos \[2, 21\]"):
+        cached_attention(qn, qp, kv, kp, pos[:, :3], scale=0.1)
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_flash_prefill_matches_ref(impl, dtype):

@@ -148,3 +148,23 @@ def test_absorbed_kernels_at_deepseek_head_widths_match_hf(wide_heads, kernels):
     got = scoring.logits(m, ids, mode="decode", prefill=4)
     assert rel(got, ref) <= 1e-4
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("kernels", ["ref", "interpret_gpu"])
+def test_flash_chunk_over_the_cache_matches_hf(wide_heads, kernels):
+    """``prefill_attention="flash"``: a prefill chunk over the cache written so far runs the naive
+    form (the cache's latents expanded by ``kv_b_proj``) through ``kernels_pallas.cached_attention``
+    (the GPU kernel in the interpreter, or its reference), with the FP8 weights and the cache read
+    in place in the layer scan: the chunk's logits against HF's."""
+    import jax.numpy as jnp
+
+    from deepseek_jax.cache import LatentCache
+    ckpt, ids, ref = wide_heads
+    m = load_hub(ckpt, prec=Precision(kernels=kernels, weights_in_place=True, prefill_attention="flash"))
+    B, T = ids.shape
+    k, n = 3, T - 3
+    cache = m(jnp.asarray(ids[:, :k]), cache=LatentCache.zeros(m.cfg, B, T + 2, jnp.float32)).cache
+    pos = jnp.broadcast_to(jnp.arange(k, T, dtype=jnp.int32), (B, n))
+    got = np.asarray(m(jnp.asarray(ids[:, k:]), pos, cache=cache, absorbed=True).logits)
+    assert rel(got, ref[:, k:]) <= 1e-4
+    assert (got.argmax(-1) == ref[:, k:].argmax(-1)).all()

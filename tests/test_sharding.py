@@ -151,6 +151,31 @@ def test_mla_absorb_kernel_per_shard(part, split):
     assert rel(np.asarray(got), np.asarray(want)) < 1e-6
 
 
+def test_cached_attention_kernel_per_shard():
+    """``kernel_mesh.cached_attention``: a prefill chunk over the cache, rows over ``data``, heads
+    over ``model`` (the rope key shared by the heads whole on each), the interpreted GPU kernel
+    per shard; equals the reference on the whole arrays."""
+    import jax.numpy as jnp
+
+    import kernels_pallas as kp
+    from deepseek_jax.kernel_mesh import Placement, cached_attention
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs JAX_NUM_CPU_DEVICES=8")
+    mesh = sharding.make_mesh(sharding.parse_mesh("data=2,expert=2,model=2", 8))
+    rng = np.random.default_rng(6)
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    B, T, H, S = 2, 9, 4, 40
+    args = (f(B, T, H, 32), f(B, T, H, 16), f(B, S, H, 64), f(B, S, 16),
+            jnp.asarray([np.arange(T) + 20, np.arange(T) + 31], jnp.int32))
+    pl = Placement(mesh, tuple(sorted(sharding.RULES["ep_tp"].items())))
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda *a: cached_attention(kp.cached_attention, *a, pl=pl, scale=0.1,
+                                                  impl="interpret_gpu"))(*args)
+    want = kp.cached_attention_ref(*args, scale=0.1)
+    assert rel(np.asarray(got), np.asarray(want)) < 1e-5
+
+
 def test_mla_decode_kernel_per_shard():
     """``kernel_mesh.mla_decode``: rows as the stacked latent cache's batch (``data``), heads over
     ``model``, the layer read in place; equals the reference on the whole arrays."""
