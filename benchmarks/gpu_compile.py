@@ -5,6 +5,7 @@ Pallas GPU kernel at the SPEC §11 shapes.
     PYTHONPATH=. python benchmarks/gpu_compile.py                       # decode B=1 and 16, kernels
     PYTHONPATH=. python benchmarks/gpu_compile.py --batches 1 --prefill 4096 --by kind --no-kernels
     PYTHONPATH=. python benchmarks/gpu_compile.py --by traffic --no-kernels     # MB moved per step
+    PYTHONPATH=. python benchmarks/gpu_compile.py --batches "" --prefill 4096 --prefill-attention plain,flash --by traffic
 
 No GPU needed: XLA compiles the programs ``benchmarks/e2e_gpu.py`` times (the reduced-depth model
 at real width, ``--layers`` 4 = 1 dense + 3 MoE; the decode steps in an on-device loop; a prefill

@@ -138,13 +138,14 @@ def wide_heads(tmp_path_factory):
     return ckpt, ids, hf_ref.hf_logits(hf, ids)[0]
 
 
-@pytest.mark.parametrize("kernels", ["interpret_gpu", "interpret_tpu"])
-def test_absorbed_kernels_at_deepseek_head_widths_match_hf(wide_heads, kernels):
-    """At DeepSeek-V3's head widths the absorbed products take the GPU or TPU kernel
+def test_absorbed_kernels_at_deepseek_head_widths_match_hf(wide_heads):
+    """At DeepSeek-V3's head widths the absorbed products take the GPU kernel
     (``kernels_pallas.mla_absorb``, in the interpreter), with every FP8 weight and the latent cache
-    read in place in the layer scan, as on a GPU or TPU: decode logits against HF's."""
+    read in place in the layer scan, as on a GPU: decode logits against HF's. (The TPU kernels'
+    in-place layer reads are checked kernel by kernel in tests/test_kernels.py; the whole model
+    in the TPU interpreter took 35 s more.)"""
     ckpt, ids, ref = wide_heads
-    m = load_hub(ckpt, prec=Precision(kernels=kernels, weights_in_place=True))
+    m = load_hub(ckpt, prec=Precision(kernels="interpret_gpu", weights_in_place=True))
     got = scoring.logits(m, ids, mode="decode", prefill=4)
     assert rel(got, ref) <= 1e-4
     assert (got.argmax(-1) == ref.argmax(-1)).all()
