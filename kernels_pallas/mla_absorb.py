@@ -34,6 +34,7 @@ FP8 weight (``benchmarks/gpu_compile.py --by traffic``).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,14 @@ def _check(x_MHI, wq, ws, part, nope, layer):
         want = (*wq.shape[:-2], cdiv(rows, QBLOCK), cdiv(lat, QBLOCK))
         if tuple(ws.shape) != want:
             raise ValueError(f"mla_absorb: scale shape {tuple(ws.shape)} != {want} for weight {tuple(wq.shape)}")
+
+
+def _geometry(x_MHI, wq, part: str, nope: int):
+    """``(lead dims, heads, x width, latent, v width, rows, out width)`` of a product."""
+    *lead, h, width_in = x_MHI.shape
+    rows, lat = wq.shape[-2:]
+    v_dim = rows // h - nope
+    return tuple(lead), h, width_in, lat, v_dim, math.prod(lead), lat if part == "k" else v_dim
 
 
 def mla_absorb_ref(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None) -> jax.Array:
@@ -196,13 +205,7 @@ def mla_absorb_tpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
     else:
         ws = lax.dynamic_index_in_dim(ws, layer, 0, False)
     lay = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
-    *lead, h, width_in = x_MHI.shape
-    rows, lat = wq.shape[-2:]
-    v_dim = rows // h - nope
-    m = 1
-    for d in lead:
-        m *= d
-    width_out = lat if part == "k" else v_dim
+    lead, h, width_in, lat, v_dim, m, width_out = _geometry(x_MHI, wq, part, nope)
     out_dtype = out_dtype or x_MHI.dtype
     if m == 0:
         return jnp.zeros((*lead, h, width_out), out_dtype)
@@ -256,13 +259,7 @@ def mla_absorb_gpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
     if layer is None:
         wq, ws = wq[None], ws[None]
     l_1 = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
-    *lead, h, width_in = x_MHI.shape
-    rows, lat = wq.shape[-2:]
-    v_dim = rows // h - nope
-    m = 1
-    for d in lead:
-        m *= d
-    width_out = lat if part == "k" else v_dim
+    lead, h, width_in, lat, v_dim, m, width_out = _geometry(x_MHI, wq, part, nope)
     out_dtype = out_dtype or x_MHI.dtype
     if m == 0:
         return jnp.zeros((*lead, h, width_out), out_dtype)
