@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels_pallas
+from kernels_pallas._common import einsum32  # noqa: F401  (the model's float32-accumulating einsum)
 from deepseek_jax import kernel_mesh
 
 BLOCK = 128
@@ -79,21 +80,6 @@ def _expand_scales(s: jax.Array, n: int, k: int) -> jax.Array:
     """``[..., ceil(N/128), ceil(K/128)]`` -> ``[..., N, K]`` (edge blocks cut to size)."""
     s = jnp.repeat(jnp.repeat(s, BLOCK, axis=-2), BLOCK, axis=-1)
     return s[..., :n, :k]
-
-
-def einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``einsum`` with float32 accumulation. On CPU the operands are widened to float32 first:
-    XLA's CPU batched dot lacks bf16 x bf16 -> f32, and bf16 products are exact in float32, so
-    the result is the same as a bf16 dot accumulating in float32. The branch is taken by the
-    platform the program is lowered for (``lax.platform_dependent``), not the host's default
-    backend, so a program compiled here for a GPU or TPU (``kernels_pallas.aot``) gets theirs."""
-    def dot(a, b):
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-
-    if a.dtype == b.dtype == jnp.float32:
-        return dot(a, b)
-    return jax.lax.platform_dependent(a, b, cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)),
-                                      default=dot)
 
 
 def dequantize(wq: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -56,6 +56,21 @@ def flatten_rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
     return x.reshape(math.prod(lead), x.shape[-1]), lead
 
 
+def einsum32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum`` with float32 accumulation. On CPU the operands are widened to float32 first:
+    XLA's CPU batched dot lacks bf16 x bf16 -> f32, and bf16 products are exact in float32, so
+    the result is the same as a bf16 dot accumulating in float32. The branch is taken by the
+    platform the program is lowered for (``lax.platform_dependent``), not the host's default
+    backend, so a program compiled here for a GPU or TPU (``kernels_pallas.aot``) gets theirs."""
+    def dot(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+    if a.dtype == b.dtype == jnp.float32:
+        return dot(a, b)
+    return jax.lax.platform_dependent(a, b, cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)),
+                                      default=dot)
+
+
 # ---- helpers of the Triton-lowered GPU kernels -------------------------------------------------
 
 

@@ -268,19 +268,13 @@ def _fusion_traffic(comp: dict[str, _Instr]) -> tuple[int, int]:
             root = n
     params = [n for n, i in comp.items() if i.op == "parameter" and i.line]
     outs = list(comp[root].operands) if root and comp[root].op == "tuple" else [root]
-    written, aliased = 0, set()
+    written = 0
     for o in outs:
         ins = comp.get(o)
         if ins is None:
             continue
         if ins.op in _IN_PLACE:
-            buf, upd = _IN_PLACE[ins.op]
-            src = ins.operands[buf]
-            while comp[src].op == "bitcast":
-                src = comp[src].operands[0]
-            if comp[src].op == "parameter":
-                aliased.add(src)
-            written += _nbytes(comp[ins.operands[upd]].shape)
+            written += _nbytes(comp[ins.operands[_IN_PLACE[ins.op][1]]].shape)
         else:
             written += _nbytes(ins.shape)
 

@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import QBLOCK, cdiv, dequantize_blocks, is_fp8, masked_load, next_pow2
+from kernels_pallas._common import QBLOCK, cdiv, dequantize_blocks, einsum32, is_fp8, masked_load, next_pow2
 
 __all__ = ["mla_absorb_ref", "mla_absorb"]
 
@@ -93,21 +93,9 @@ def mla_absorb_ref(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
     h = x_MHI.shape[-2]
     w_HRL = w.reshape(h, -1, w.shape[-1])
     if part == "k":
-        spec, w_part = "...hn,hnl->...hl", w_HRL[:, :nope]
+        y = einsum32("...hn,hnl->...hl", x_MHI, w_HRL[:, :nope])
     else:
-        spec, w_part = "...hl,hal->...ha", w_HRL[:, nope:]
-
-    def dot(a, b):
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
-
-    if dtype == jnp.float32:
-        y = dot(x_MHI, w_part)
-    else:
-        # XLA's CPU batched dot has no bf16 x bf16 -> f32: widen there (bf16 products are exact in
-        # float32, so the sums are a bf16 dot's with float32 accumulation); the branch is taken by
-        # the platform the program is lowered for
-        y = lax.platform_dependent(x_MHI, w_part, default=dot,
-                                   cpu=lambda a, b: dot(a.astype(jnp.float32), b.astype(jnp.float32)))
+        y = einsum32("...hl,hal->...ha", x_MHI, w_HRL[:, nope:])
     return y.astype(out_dtype or dtype)
 
 
