@@ -11,7 +11,8 @@ compiler checks each kernel's tiling, layouts and VMEM use for that chip, so a k
 would reject fails here. Per topology it prints each kernel (``aot.kernel_checks("tpu")``; the last
 row is a tile too big for VMEM, which must fail). ``--model`` also compiles the programs
 ``benchmarks/e2e_gpu.py`` times (1 dense + 3 MoE layers at real width: 8 decode steps at batch 1
-and 64 over a 4096-token cache, and a 4096-token prefill in 1024-token chunks) for one chip of the
+and 64 over a 4096-token cache, and a 4096-token prefill in 1024-token chunks, with the plain and
+the flash prefill attention) for one chip of the
 first topology, with the TPU kernels the model picks there, and prints the Pallas kernels each
 program holds, its temporary memory and the megabytes XLA's own ops move per step (a weight or
 cache slice copied for a kernel shows there). ``--json FILE`` saves the rows
@@ -43,8 +44,10 @@ from benchmarks import _mesh_compile as mesh_compile  # noqa: E402
 from kernels_pallas import aot  # noqa: E402
 
 
-def model_programs(topology: str, context: int = 4096, prefill: int = 4096, chunk: int = 1024) -> list[dict]:
-    """The e2e programs compiled for one chip of ``topology``: Pallas kernel counts, temp memory."""
+def model_programs(topology: str, context: int = 4096, prefill: int = 4096, chunk: int = 1024,
+                   prefill_attention: tuple[str, ...] = ("plain", "flash")) -> list[dict]:
+    """The e2e programs compiled for one chip of ``topology``: Pallas kernel counts, temp memory;
+    the prefill with each ``Precision.prefill_attention``."""
     import collections
     import re
 
@@ -57,8 +60,10 @@ def model_programs(topology: str, context: int = 4096, prefill: int = 4096, chun
         progs.append((f"decode B={b} ctx={context} ({DECODE_STEPS} steps)", decode_loop(graphdef, cfg, b, context),
                       (state, cache, sds((b, 1), jnp.int32))))
     cache = jax.eval_shape(lambda: LatentCache.zeros(cfg, 1, prefill, jnp.bfloat16))
-    progs.append((f"prefill T={prefill} (chunks of {chunk})", prefill_chunks(graphdef, prefill, chunk),
-                  (state, cache, sds((1, prefill), jnp.int32))))
+    for mode in prefill_attention:
+        gd = nnx.graphdef(abstract_model(cfg, Precision(dtype=jnp.bfloat16, prefill_attention=mode)))
+        progs.append((f"prefill T={prefill}{' flash' if mode == 'flash' else ''} (chunks of {chunk})",
+                      prefill_chunks(gd, prefill, chunk), (state, cache, sds((1, prefill), jnp.int32))))
     rows = []
     for name, fn, args in progs:
         t = time.perf_counter()

@@ -100,6 +100,17 @@ class MLA(nnx.Module):
         return fn(x_BTHI, kvb.weight[...], kvb.weight_scale_inv[...] if kvb.fp8 else None, part=part,
                   nope=self.nope, layer=kvb._stacked_layer(), out_dtype=self.prec.dtype, impl=self.prec.kernels)
 
+    def _cached_attention(self, q_nope, q_pe, kvb, k_pe, pos_BT) -> jax.Array:
+        """``kernels_pallas.cached_attention`` (per shard on a mesh) over keys ``kvb``, kv_b_proj's
+        output ``[B, S, H * (N + A)]``, and their rope keys ``k_pe`` ``[B, S, R]``."""
+        dtype = self.prec.dtype
+        attn = kernels_pallas.cached_attention
+        if self.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
+            attn = functools.partial(kernel_mesh.cached_attention, attn, pl=self.placement)
+        kvb = kvb.reshape(*kvb.shape[:2], self.num_heads, self.nope + self.v_dim)
+        return attn(q_nope.astype(dtype), q_pe.astype(dtype), kvb, k_pe.astype(dtype), pos_BT,
+                    scale=self.scale, impl=self.prec.kernels).astype(dtype)
+
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, rope: Rope, *,
                  cache_BSC: jax.Array | None = None, absorbed: bool = False, layer=None):
@@ -137,7 +148,15 @@ class MLA(nnx.Module):
             with jax.named_scope("cache_write"):
                 cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT, layer)
         H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
-        if not absorbed:
+        flash_target = (kernels_pallas.backend.split_impl(self.prec.kernels)[0]
+                        if self.prec.prefill_attention == "flash" else None)
+        if not absorbed and flash_target == "tpu":
+            # TPU: the call's own tokens through the flash kernel of a chunk over the cache (below),
+            # with token indices for positions: causal by index, as the GPU's flash kernel is
+            c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
+            idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), pos_BT.shape)
+            o_BTHA = self._cached_attention(q_nope, q_pe, self.kv_b_proj(c.astype(dtype)), k_pe, idx_BT)
+        elif not absorbed:
             w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
             c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
             k_nope = einsum32("btl,hnl->bthn", c, w_kvb[:, :N]).astype(dtype)
@@ -159,19 +178,15 @@ class MLA(nnx.Module):
                 mask = pos_BT[:, None, :] <= pos_BT[:, :, None]
                 p = self._softmax(s, mask).astype(dtype)
                 o_BTHA = einsum32("bhts,bsha->btha", p, v).astype(dtype)
-        elif T > _KERNEL_MAX_NEW and cache_BSC is not None and self.prec.prefill_attention == "flash":
+        elif T > _KERNEL_MAX_NEW and cache_BSC is not None and flash_target is not None:
             # A prefill chunk over the cache written so far, as DeepSeek prefills: the cache's
             # latents expanded per head by kv_b_proj (the naive form) and a flash kernel by
             # position (kernels_pallas.cached_attention). The absorbed form below costs ~3x the
             # FLOPs at a 4K cache and writes [B, T, H, S] float32 scores (2.1 GB per 1K-token
             # chunk per layer).
             kv = cache_BSC if layer is None else jax.lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
-            kvb = self.kv_b_proj(kv[..., :L].astype(dtype)).reshape(*kv.shape[:2], H, N + A)
-            attn = kernels_pallas.cached_attention
-            if self.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
-                attn = functools.partial(kernel_mesh.cached_attention, attn, pl=self.placement)
-            o_BTHA = attn(q_nope.astype(dtype), q_pe.astype(dtype), kvb, kv[..., L:].astype(dtype), pos_BT,
-                          scale=self.scale, impl=self.prec.kernels).astype(dtype)
+            o_BTHA = self._cached_attention(q_nope, q_pe, self.kv_b_proj(kv[..., :L].astype(dtype)), kv[..., L:],
+                                            pos_BT)
         else:
             if cache_BSC is None:
                 raise ValueError("absorbed attention needs a cache")

@@ -47,12 +47,12 @@ class Precision:
       body; ``True``: straight-line code, compile time grows with the depth). A knob for
       measuring launch and loop overhead on accelerators (``benchmarks/e2e_gpu.py`` times both).
     prefill_attention: the naive form's attention among a call's tokens. "plain" (default): float32
-      scores ``[B, H, T, T]`` masked by position. "flash": ``kernels_pallas.causal_attention``
-      (a flash kernel on GPU, the plain form elsewhere), causal by token index, which is the
-      same mask when each row's positions increase by one along the call (prefill of right-padded
-      prompts, scoring, training); and a prefill chunk over an existing cache in the naive form
-      too (``kernels_pallas.cached_attention``, by position) instead of the absorbed form. Not
-      measured on a GPU yet.
+      scores ``[B, H, T, T]`` masked by position. "flash": a flash kernel, causal by token index,
+      which is the same mask when each row's positions increase by one along the call (prefill of
+      right-padded prompts, scoring, training): on GPU ``kernels_pallas.causal_attention``, on TPU
+      ``kernels_pallas.cached_attention`` over the call's own keys, the plain form on CPU; and a
+      prefill chunk over an existing cache in the naive form too (``kernels_pallas.cached_attention``,
+      by position) instead of the absorbed form. Not timed on a GPU or TPU yet.
     """
 
     dtype: jnp.dtype = jnp.float32

@@ -466,11 +466,11 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
                                                                      impl=impl),
                        (sds((b, 1, 128, 128 if part == "k" else 512), bf16), sds((3, 128 * 256, 512), f8),
                         sds((3, 256, 4), f32), sds((), i32)), False))
+    checks.append(("cached attention: 1024 new tokens over 4096, 128 heads, 128+64/128",
+                   lambda qn, qp, kv, kpe, pos: kp.cached_attention(qn, qp, kv, kpe, pos, scale=0.07, impl=impl),
+                   (sds((1, 1024, 128, 128), bf16), sds((1, 1024, 128, 64), bf16), sds((1, 4096, 128, 256), bf16),
+                    sds((1, 4096, 64), bf16), sds((1, 1024), i32)), False))
     if platform == "gpu":
-        checks.append(("cached attention: 1024 new tokens over 4096, 128 heads, 128+64/128",
-                       lambda qn, qp, kv, kpe, pos: kp.cached_attention(qn, qp, kv, kpe, pos, scale=0.07, impl=impl),
-                       (sds((1, 1024, 128, 128), bf16), sds((1, 1024, 128, 64), bf16), sds((1, 4096, 128, 256), bf16),
-                        sds((1, 4096, 64), bf16), sds((1, 1024), i32)), False))
         checks.append(("flash prefill 4096 tokens, 128 heads, 192/128",
                        lambda q, k, v: kp.causal_attention(q, k, v, scale=0.07, impl=impl),
                        (sds((1, 4096, 128, 192), bf16), sds((1, 4096, 128, 192), bf16),

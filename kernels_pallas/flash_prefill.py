@@ -18,7 +18,9 @@ positions ``0..T-1``).
   out of every real token's window). The scores are ``[B, H, T, T]`` float32 otherwise: 8.6 GB
   per layer at a 4K prompt with DeepSeek-V3's 128 heads.
 
-TPU has no kernel here: ``impl`` resolving to TPU or the reference uses the reference.
+:func:`causal_attention` has no TPU kernel (its ``impl`` resolving to TPU uses the reference);
+on a TPU the model runs the naive prefill through :func:`cached_attention`'s TPU kernel instead
+(MLA's ``q_nope`` / ``q_pe`` / ``kv_b_proj`` output as they come, positions = token indices).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from jax.experimental import pallas as pl
 from kernels_pallas import backend
 from kernels_pallas._common import next_pow2, round_up
 
-__all__ = ["causal_attention_ref", "causal_attention", "cached_attention_ref", "cached_attention"]
+__all__ = ["causal_attention_ref", "causal_attention", "cached_attention_ref", "cached_attention",
+           "cached_attention_tpu"]
 
 
 def _check(q_BTHK, k_BTHK, v_BTHA):
@@ -198,10 +201,142 @@ def _pow2(*dims) -> bool:
 def cached_attention(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, impl: str = "auto") -> jax.Array:
     """New tokens (a prefill chunk) attending over the cache written so far, by position (see
     :func:`cached_attention_ref`); ``impl`` as in :mod:`kernels_pallas.backend`. The GPU kernel
-    where the head sizes are powers of two; elsewhere (TPU, CPU) the reference."""
+    where the head sizes are powers of two, the TPU kernel where they are multiples of 128
+    (:func:`tpu_takes`; any size in the interpreter), the reference elsewhere. Differentiable:
+    a kernel's backward is the reference's (float32 scores: memory as the plain form's)."""
     _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
     target, interpret = backend.split_impl(impl)
     n = q_nope.shape[-1]
     if target == "gpu" and _pow2(n, q_pe.shape[-1], kv.shape[-1] - n):
-        return cached_attention_gpu(q_nope, q_pe, kv, k_pe, q_pos, scale=scale, interpret=interpret)
-    return cached_attention_ref(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)
+        kernel = functools.partial(cached_attention_gpu, interpret=interpret)
+    elif target == "tpu" and (interpret or tpu_takes(q_nope, kv)):
+        kernel = functools.partial(cached_attention_tpu, interpret=interpret)
+    else:
+        return cached_attention_ref(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)
+    return _with_ref_grad(kernel, scale)(q_nope, q_pe, kv, k_pe, q_pos)
+
+
+def _with_ref_grad(kernel, scale: float):
+    """``kernel`` forward, :func:`cached_attention_ref`'s VJP backward (the positions get none)."""
+
+    @jax.custom_vjp
+    def attn(q_nope, q_pe, kv, k_pe, q_pos):
+        return kernel(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)
+
+    def fwd(*args):
+        return attn(*args), args
+
+    def bwd(args, g):
+        q_pos = args[-1]
+        _, vjp = jax.vjp(lambda *a: cached_attention_ref(*a, q_pos, scale=scale), *args[:-1])
+        return (*vjp(g), None)
+
+    attn.defvjp(fwd, bwd)
+    return attn
+
+
+# ---------------------------------------------------------------------------------------------------
+# TPU kernel (Mosaic TPU) for cached_attention
+# ---------------------------------------------------------------------------------------------------
+
+_LANES = 128
+
+
+def _tpu_cached_kernel(hi_ref, pos_ref, qn_ref, qp_ref, kv_ref, kp_ref, o_ref, m_ref, l_ref, acc_ref, *,
+                       n, s_len, bk, scale):
+    """One (sequence, head, ``bq`` queries, ``bk`` keys) step of an online softmax: ``qn_ref``
+    ``[bq, N]``, ``qp_ref`` ``[bq, R]``, ``kv_ref`` ``[bk, N + A]`` (this head's ``[k_nope | v]``),
+    ``kp_ref`` ``[bk, R]``, ``pos_ref`` ``[bq, 1]``. ``hi_ref`` (SMEM): each query block's last
+    visible key; key blocks after it are skipped (and not fetched: see the index map)."""
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full_like(m_ref, _NEG)
+        l_ref[...] = jnp.zeros_like(l_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(j * bk <= hi_ref[b, i])
+    def _step():
+        kv = kv_ref[...]
+        prec = lax.Precision.HIGHEST if kv.dtype == jnp.float32 else None
+        dims = (((1,), (1,)), ((), ()))
+        s = (lax.dot_general(qn_ref[...], kv[:, :n], dims, precision=prec, preferred_element_type=jnp.float32)
+             + lax.dot_general(qp_ref[...], kp_ref[...], dims, precision=prec, preferred_element_type=jnp.float32))
+        keys = j * bk + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        visible = (keys <= pos_ref[...]) & (keys < s_len)
+        s = jnp.where(visible, s * scale, _NEG)
+        m_prev = m_ref[:, :1]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        alpha = jnp.exp(m_prev - m_new)
+        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+        l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+        acc_ref[...] = acc_ref[...] * alpha + jnp.dot(p.astype(kv.dtype), kv[:, n:], precision=prec,
+                                                      preferred_element_type=jnp.float32)
+        m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        tot = l_ref[:, :1]
+        o_ref[...] = jnp.where(tot > 0, acc_ref[...] / jnp.where(tot > 0, tot, 1.0), 0.0).astype(o_ref.dtype)
+
+
+def tpu_takes(q_nope, kv) -> bool:
+    """Whether the compiled TPU kernel reads these shapes in place: Mosaic tiles a block's last dim
+    by 128 lanes, and the kernel takes one head's ``N`` / ``N + A`` columns of the token-major
+    arrays as such a block (DeepSeek-V3: 128 and 256)."""
+    n, w = q_nope.shape[-1], kv.shape[-1]
+    return n % _LANES == 0 and (w - n) % _LANES == 0
+
+
+def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpret: bool = False,
+                         block_q: int = 256, block_k: int = 512) -> jax.Array:
+    """The TPU kernel (arguments as :func:`cached_attention_ref`). Grid ``(B, H, T / block_q,
+    S / block_k)``, the key axis sequential. ``q_nope``, ``kv`` and the output are read and
+    written in their token-major ``[B, T, H * width]`` layout, one head's columns per block (no
+    transposes; compiled, the widths must be multiples of 128: :func:`tpu_takes`); ``q_pe``
+    (64 wide) is transposed to heads-major. Key blocks past a query block's last position are
+    neither computed nor fetched (their block index is clamped to the last visible one, which
+    Pallas does not fetch again). ``T`` and ``S`` are padded to the blocks (padded queries see
+    nothing, padded keys are masked)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
+    b, t, h, n = q_nope.shape
+    s_len, w = kv.shape[1], kv.shape[-1]
+    a, r = w - n, q_pe.shape[-1]
+    dt = q_nope.dtype
+    bq = min(block_q, round_up(t, 16))
+    bk = min(block_k, round_up(s_len, _LANES))
+    tp, sp = round_up(t, bq), round_up(s_len, bk)
+    nq, nk = tp // bq, sp // bk
+    pos = jnp.pad(q_pos.astype(jnp.int32), [(0, 0), (0, tp - t)], constant_values=-1)
+    hi = jnp.minimum(jnp.max(pos.reshape(b, nq, bq), axis=-1), s_len - 1)   # [B, nQ]: last visible key
+
+    def pad(x, axis, size):
+        return jnp.pad(x, [(0, size - x.shape[axis]) if d == axis else (0, 0) for d in range(x.ndim)])
+
+    def key_block(bb, i, j, hi):   # clamped: no fetch past the block holding the last visible key
+        return jnp.minimum(j, jnp.maximum(hi[bb, i], 0) // bk)
+
+    kernel = functools.partial(_tpu_cached_kernel, n=n, s_len=s_len, bk=bk, scale=scale)
+    o = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, tp, h * a), dt),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b, h, nq, nk),
+            in_specs=[pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, hi: (bb, i, 0)),
+                      pl.BlockSpec((None, bq, n), lambda bb, hh, i, j, hi: (bb, i, hh)),
+                      pl.BlockSpec((None, None, bq, r), lambda bb, hh, i, j, hi: (bb, hh, i, 0)),
+                      pl.BlockSpec((None, bk, w), lambda bb, hh, i, j, hi: (bb, key_block(bb, i, j, hi), hh)),
+                      pl.BlockSpec((None, bk, r), lambda bb, hh, i, j, hi: (bb, key_block(bb, i, j, hi), 0))],
+            out_specs=pl.BlockSpec((None, bq, a), lambda bb, hh, i, j, hi: (bb, i, hh)),
+            scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32), pltpu.VMEM((bq, _LANES), jnp.float32),
+                            pltpu.VMEM((bq, a), jnp.float32)]),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=backend.tpu_interpret_arg(interpret),
+        name="cached_attention_tpu",
+    )(hi, pos[..., None], pad(q_nope, 1, tp).reshape(b, tp, h * n), pad(q_pe.transpose(0, 2, 1, 3), 2, tp),
+      pad(kv.astype(dt), 1, sp).reshape(b, sp, h * w), pad(k_pe.astype(dt), 1, sp))
+    return o[:, :t].reshape(b, t, h, a)

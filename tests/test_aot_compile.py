@@ -63,6 +63,9 @@ PREFILL_ATTN_XLA_GB = 110
 FLASH_PREFILL_ATTN_XLA_GB = 10
 #: MB XLA's own ops write per decode step on one v5p chip (measured 266 and 822).
 TPU_WRITTEN_MB = {1: 400, 64: 1100}
+#: GB XLA's own ops in the attention move in that prefill on one v5p chip with
+#: ``prefill_attention="flash"`` (the TPU flash kernel; measured 1.8, against 122.6 plain).
+TPU_FLASH_PREFILL_ATTN_XLA_GB = 4
 #: Launches per MoE layer per step (measured 60 / 62; 102 / 104 before).
 MOE_LAYER_BUDGET = {1: 62, 16: 64}
 
@@ -246,6 +249,20 @@ def test_tpu_decode_step_copies_no_weights_or_cache(tpu_report, batch):
     and 822 now (822 includes the benchmark loop's one copy of its input cache, 151 MB a step)."""
     row = {r["program"].split(" (")[0]: r for r in tpu_report["model"]}[f"decode B={batch} ctx=4096"]
     assert row["xla_written_mb"] <= TPU_WRITTEN_MB[batch], row["xla_top"]
+
+
+@needs_libtpu
+def test_tpu_flash_prefill_writes_no_scores(tpu_report):
+    """A 4096-token prefill in 1024-token chunks on one v5p chip with ``prefill_attention="flash"``:
+    the first chunk and the later ones (over the cache) run ``cached_attention_tpu`` reading
+    ``kv_b_proj``'s output in its token-major layout. The plain form moved 122.6 GB in the
+    attention's XLA ops (float32 scores, softmax, transposes) with 4.58 GiB of temporaries."""
+    rows = {r["program"].split(" (")[0]: r for r in tpu_report["model"]}
+    flash, plain = rows["prefill T=4096 flash"], rows["prefill T=4096"]
+    assert flash["kernels"].get("cached_attention_tpu", 0) >= 2, flash["kernels"]
+    assert "cached_attention_tpu" not in plain["kernels"], plain["kernels"]
+    assert flash["xla_mb"]["attn"] / 1e3 <= TPU_FLASH_PREFILL_ATTN_XLA_GB, flash["xla_top"]
+    assert flash["temp_gib"] < plain["temp_gib"] / 2, (flash["temp_gib"], plain["temp_gib"])
 
 
 @needs_libtpu

@@ -1039,15 +1039,43 @@ def test_cached_attention_kernel_blocks_and_errors():
     """Smaller blocks than the defaults (several query and key blocks per row), and bad shapes
     as one-line errors."""
     from kernels_pallas import cached_attention
-    from kernels_pallas.flash_prefill import cached_attention_gpu
+    from kernels_pallas.flash_prefill import cached_attention_gpu, cached_attention_tpu
     rng = np.random.default_rng(51)
     qn, qp, kv, kp, pos = _cached_inputs(rng, jnp.float32)
     o = cached_attention_gpu(qn, qp, kv, kp, pos, scale=0.1, interpret=True, block_q=16, block_k=16)
     _assert_close(o, np_cached_attention(qn, qp, kv, kp, pos, 0.1), jnp.float32)
+    # the TPU kernel: 2 query blocks of 16, 3 key blocks of 128 over a 300-token cache; row 0's
+    # first query block ends at position 256, the first key of the third block (an off-by-one in
+    # the skip or the fetch clamp loses it); row 1 never reaches the third block
+    qn, qp, kv, kp, _ = _cached_inputs(rng, jnp.float32, s=300)
+    pos = jnp.asarray([np.arange(21) + 241, np.r_[np.arange(15) + 150, np.full(6, -1)]], jnp.int32)
+    o = cached_attention_tpu(qn, qp, kv, kp, pos, scale=0.1, interpret=True, block_q=16, block_k=128)
+    with np.errstate(invalid="ignore"):   # row 1's padded queries: NaN in float64, compared below
+        want = np_cached_attention(qn, qp, kv, kp, pos, 0.1)
+    _assert_close(o[1, :15], want[1, :15], jnp.float32)
+    _assert_close(o[0], want[0], jnp.float32)
+    assert not np.asarray(o[1, 15:]).any()   # queries that see no key: zeros, not NaN
     with pytest.raises(ValueError, match="cached_attention: expected q_nope"):
         cached_attention(qn, qp, kv, kp[:, :, None], pos, scale=0.1)
     with pytest.raises(ValueError, match=r"expected q_pos \[2, 21\]"):
         cached_attention(qn, qp, kv, kp, pos[:, :3], scale=0.1)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_cached_attention_grad_is_the_references(impl):
+    """The kernels have no backward of their own: ``cached_attention`` differentiates through the
+    reference (training with ``prefill_attention="flash"`` runs the TPU kernel in the naive form)."""
+    from kernels_pallas import cached_attention
+    qn, qp, kv, kp, pos = _cached_inputs(np.random.default_rng(52), jnp.float32)
+    pos = jnp.maximum(pos, 0)
+
+    def loss(impl):
+        return lambda *a: jnp.sum(jnp.sin(cached_attention(*a, pos, scale=0.1, impl=impl)))
+
+    want = jax.grad(loss("ref"), argnums=(0, 1, 2, 3))(qn, qp, kv, kp)
+    got = jax.grad(loss(impl), argnums=(0, 1, 2, 3))(qn, qp, kv, kp)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

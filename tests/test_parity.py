@@ -151,12 +151,13 @@ def test_absorbed_kernels_at_deepseek_head_widths_match_hf(wide_heads):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("kernels", ["ref", "interpret_gpu"])
+@pytest.mark.parametrize("kernels", ["ref", "interpret_gpu", "interpret_tpu"])
 def test_flash_chunk_over_the_cache_matches_hf(wide_heads, kernels):
     """``prefill_attention="flash"``: a prefill chunk over the cache written so far runs the naive
     form (the cache's latents expanded by ``kv_b_proj``) through ``kernels_pallas.cached_attention``
-    (the GPU kernel in the interpreter, or its reference), with the FP8 weights and the cache read
-    in place in the layer scan: the chunk's logits against HF's."""
+    (the GPU or TPU kernel in the interpreter, or its reference), with the FP8 weights and the
+    cache read in place in the layer scan: the chunk's logits against HF's. On a TPU the first
+    chunk (no cache before it) runs the same kernel."""
     import jax.numpy as jnp
 
     from deepseek_jax.cache import LatentCache

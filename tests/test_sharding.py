@@ -151,10 +151,12 @@ def test_mla_absorb_kernel_per_shard(part, split):
     assert rel(np.asarray(got), np.asarray(want)) < 1e-6
 
 
-def test_cached_attention_kernel_per_shard():
+@pytest.mark.parametrize("impl", ["interpret_gpu", "interpret_tpu"])
+def test_cached_attention_kernel_per_shard(impl):
     """``kernel_mesh.cached_attention``: a prefill chunk over the cache, rows over ``data``, heads
-    over ``model`` (the rope key shared by the heads whole on each), the interpreted GPU kernel
-    per shard; equals the reference on the whole arrays."""
+    over ``model`` (the rope key shared by the heads whole on each), the interpreted GPU or TPU
+    kernel per shard (the TPU one takes each shard's heads as columns of ``[B, S, H * W]``);
+    equals the reference on the whole arrays."""
     import jax.numpy as jnp
 
     import kernels_pallas as kp
@@ -171,7 +173,7 @@ def test_cached_attention_kernel_per_shard():
     pl = Placement(mesh, tuple(sorted(sharding.RULES["ep_tp"].items())))
     with jax.set_mesh(mesh):
         got = jax.jit(lambda *a: cached_attention(kp.cached_attention, *a, pl=pl, scale=0.1,
-                                                  impl="interpret_gpu"))(*args)
+                                                  impl=impl))(*args)
     want = kp.cached_attention_ref(*args, scale=0.1)
     assert rel(np.asarray(got), np.asarray(want)) < 1e-5
 
