@@ -58,12 +58,14 @@ from kernels_pallas import aot  # noqa: E402
 SCOPES = mesh_compile.SCOPES
 
 
-def program_launches(name: str, fn, args, per: int, layer_loop: str | None, n_moe: int) -> dict:
-    """Compile ``fn(*args)`` for the H200 and count its launches, per ``per`` (decode steps);
+def program_launches(name: str, fn, args, per: int, layer_loop: str | None, n_moe: int,
+                     donate: tuple[int, ...] = ()) -> dict:
+    """Compile ``fn(*args)`` (``donate``: its donated arguments) for the H200 and count its
+    launches, per ``per`` (decode steps);
     ``layer_loop``: the loop path of the MoE layers' scan body (``"while8/while3"``), for the
     launches per MoE layer (everything inside it, loops within a layer included)."""
     t = time.perf_counter()
-    compiled = aot.compile_for_gpu(fn, *args)
+    compiled = aot.compile_for_gpu(fn, *args, donate=donate)
     seconds = time.perf_counter() - t
     items = aot.launches(compiled.as_text())
     total = sum(i.count for i in items) / per
@@ -142,7 +144,8 @@ def main(argv=None) -> int:
         cache = jax.eval_shape(lambda b=b: LatentCache.zeros(cfg, b, a.context, jnp.bfloat16))
         rows.append(program_launches(f"decode B={b} ctx={a.context}", decode_loop(graphdef, cfg, b, a.context),
                                      (state, cache, sds((b, 1), jnp.int32)), DECODE_STEPS,
-                                     f"while{DECODE_STEPS}/while{cfg.num_moe_layers}", cfg.num_moe_layers))
+                                     f"while{DECODE_STEPS}/while{cfg.num_moe_layers}", cfg.num_moe_layers,
+                                     donate=(1,)))
     if a.generator:
         rows += [generator_decode(cfg, graphdef, state, b, a.context) for b in batches]
     for mode in modes if a.prefill else ():

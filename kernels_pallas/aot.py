@@ -119,7 +119,7 @@ def available(platform: str = "gpu", topology: str = "v5p:2x2x1") -> bool:
     return True
 
 
-def _compile(devices, abstract_device, fn, args):
+def _compile(devices, abstract_device, fn, args, donate=()):
     import numpy as np
     from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec, use_abstract_mesh
 
@@ -128,21 +128,21 @@ def _compile(devices, abstract_device, fn, args):
     # The Pallas lowerings ask the context for the device kind (compute capability, TPU version).
     abstract = AbstractMesh((1,), ("d",), axis_types=(AxisType.Auto,), abstract_device=abstract_device)
     with use_abstract_mesh(abstract):
-        lowered = jax.jit(fn).lower(*args)
+        lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
     return lowered.compile()
 
 
-def compile_for_gpu(fn, *args):
-    """``jax.jit(fn).lower(*args).compile()`` for one H200, on any host. ``args`` are arrays or
-    ``jax.ShapeDtypeStruct``s (pytrees of them; ``None`` leaves pass through); returns the
-    ``jax.stages.Compiled``, whose ``as_text()`` is the optimized GPU HLO and
-    ``memory_analysis()`` its buffer sizes."""
-    return _compile(*_gpu_meshes(), fn, args)
+def compile_for_gpu(fn, *args, donate: tuple[int, ...] = ()):
+    """``jax.jit(fn, donate_argnums=donate).lower(*args).compile()`` for one H200, on any host.
+    ``args`` are arrays or ``jax.ShapeDtypeStruct``s (pytrees of them; ``None`` leaves pass
+    through); returns the ``jax.stages.Compiled``, whose ``as_text()`` is the optimized GPU HLO
+    and ``memory_analysis()`` its buffer sizes."""
+    return _compile(*_gpu_meshes(), fn, args, donate)
 
 
-def compile_for_tpu(fn, *args, topology: str = "v5p:2x2x1"):
+def compile_for_tpu(fn, *args, topology: str = "v5p:2x2x1", donate: tuple[int, ...] = ()):
     """As :func:`compile_for_gpu`, for one chip of the TPU ``topology``."""
-    return _compile(*_tpu_meshes(topology), fn, args)
+    return _compile(*_tpu_meshes(topology), fn, args, donate)
 
 
 def devices(platform: str, n: int, topology: str = "v5p:2x2x1"):
