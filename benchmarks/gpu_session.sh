@@ -18,6 +18,7 @@
 #      before; kernels_pallas/mla_decode_mgpu.py) first, then the Triton one and its sweeps
 #   3b. benchmarks/kernels.py --only absorb: MLA's absorbed products through kv_b_proj's FP8 weight
 #      (kernels_pallas/mla_absorb.py, never timed) against XLA's dequantize + einsum
+#   3c. benchmarks/kernels.py --only router: the router kernel (kernels_pallas/moe_router.py) vs XLA
 #   4-5. benchmarks/kernels.py --only grouped / dense at the SPEC §11 shapes, with the Mosaic
 #      GPU kernels (kernels_pallas/fp8_gemm_mgpu.py, grouped_gemm_mgpu.py: W8A8 and bf16 wgmma,
 #      never compiled on a GPU before; swept at prefill) beside the Triton ones
@@ -64,6 +65,8 @@ fi
 step bench_mla 45 "$PY" benchmarks/kernels.py $SMALL --only mla --reps 3 --json "$OUT_DIR/bench_mla.json"
 # MLA's absorbed products (kernels_pallas/mla_absorb.py, new, never timed): kernel vs XLA, B=1/16/64; table in the log
 step bench_absorb 30 "$PY" benchmarks/kernels.py $SMALL --only absorb --reps 3
+# the MoE router's selection (kernels_pallas/moe_router.py, new, never timed): one kernel vs XLA's 8 launches, T=1/16/64/256
+step bench_router 20 "$PY" benchmarks/kernels.py $SMALL --only router --reps 3
 step bench_grouped 90 "$PY" benchmarks/kernels.py $SMALL --only grouped --reps 3 --json "$OUT_DIR/bench_grouped.json"
 step bench_dense 75 "$PY" benchmarks/kernels.py $SMALL --only dense --reps 3 --json "$OUT_DIR/bench_dense.json"
 # the Generator itself at real width (its MTP layer too): plain vs speculative iteration cost, B=1 then 16

@@ -47,6 +47,7 @@ from kernels_pallas.grouped_gemm import (GpuGroupedConfig, gmm_gpu,  # noqa: E40
                                          gmm_tpu)
 from kernels_pallas.mla_absorb import mla_absorb, mla_absorb_ref  # noqa: E402
 from kernels_pallas.mla_decode import mla_decode, mla_decode_gpu, mla_decode_ref  # noqa: E402
+from kernels_pallas.moe_router import moe_route, moe_route_gpu, moe_route_ref  # noqa: E402
 
 F8 = jnp.float8_e4m3fn
 BF16 = jnp.bfloat16
@@ -64,6 +65,10 @@ SMALL_GROUPED = [("prefill", 128, 4, 256, 256), ("decode", 16, 8, 256, 256)]
 #: MLA's absorbed products (kernels_pallas.mla_absorb): rows, heads, latent (nope = v = 128), layers
 FULL_ABSORB = [("decode", 1, 128, 512, 3), ("decode", 16, 128, 512, 3), ("decode", 64, 128, 512, 3)]
 SMALL_ABSORB = [("decode", 3, 4, 256, 2)]
+#: the MoE router's selection (kernels_pallas.moe_route): tokens, at DeepSeek-V3's routing config
+FULL_ROUTER = [("decode", 1), ("decode", 16), ("decode", 64), ("decode", 256)]
+SMALL_ROUTER = [("decode", 1), ("decode", 37)]
+ROUTER_V3 = dict(n_group=8, topk_group=4, top_k=8, norm_topk_prob=True, scaling=2.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -634,6 +639,47 @@ def bench_absorb(cases, *, impl, reps, key):
 
 
 # ----------------------------------------------------------------------------------------------
+# the MoE router's selection
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_router(cases, *, impl, reps, sweep, key):
+    """The noaux_tc selection on float32 logits ``[T, 256]`` (DeepSeek-V3: 8 groups, 4 kept,
+    top-8): the kernel (one launch) against XLA's route (the reference jitted: 8 launches on an
+    H200), indices checked equal in the same run (the error column: the weights' relative error
+    against XLA's, 1.0 when any index differs). GB/s: logits + bias read, scores + idx + weights
+    written."""
+    rows = []
+    target, interpret = backend.split_impl(impl)
+    E, K = 256, ROUTER_V3["top_k"]
+    for phase, t in cases:
+        shape = f"{phase} router T={t} E={E}"
+        k1, k2 = jax.random.split(jax.random.fold_in(key, t))
+        x = jax.random.normal(k1, (t, E), jnp.float32)
+        b = jax.random.uniform(k2, (E,), jnp.float32, -0.05, 0.05)
+        ref = jax.jit(functools.partial(moe_route_ref, **ROUTER_V3))(x, b)
+        chk = lambda o, ref=ref: (f"{rel_err(o[1], ref[1]):.1e} idx equal"  # noqa: E731
+                                  if np.array_equal(np.asarray(o[0]), np.asarray(ref[0])) else "1.0e+00 IDX DIFFER")
+        nbytes = (2 * t * E + E + 2 * t * K) * 4
+        flops = 10.0 * t * E   # nominal: a few compares and adds per expert
+        measure(rows, shape, "XLA: route (before)", lambda a, c: moe_route_ref(a, c, **ROUTER_V3), (x, b),
+                flops=flops, nbytes=nbytes, reps=reps, check=chk)
+        if target != "gpu":
+            continue
+        cfgs = [{}]
+        if sweep and t == cases[-1][1]:   # the default: one row per program on one warp (see moe_router);
+            cfgs.append(dict(block_t=4, num_warps=4))   # one alternative, last (the session step is short)
+        for cfg in cfgs:
+            fn = (functools.partial(moe_route_gpu, interpret=interpret, **cfg, **ROUTER_V3) if cfg
+                  else functools.partial(moe_route, impl=impl, **ROUTER_V3))
+            measure(rows, shape, "kernel", fn, (x, b), flops=flops, nbytes=nbytes, reps=reps, check=chk,
+                    quick=interpret, note=(",".join(f"{k}={v}" for k, v in cfg.items()) or "default")
+                    + (" (interpret)" if interpret else ""))
+    _set_ratios(rows, "XLA: route (before)")   # the ratio column is against XLA's route here
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -643,7 +689,7 @@ def main(argv=None):
                     help="kernel impl (default: the backend's Pallas kernel; on CPU the interpreter)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
     ap.add_argument("--no-sweep", action="store_true", help="only the default tile config")
-    ap.add_argument("--only", choices=["dense", "grouped", "mla", "absorb"], default=None)
+    ap.add_argument("--only", choices=["dense", "grouped", "mla", "absorb", "router"], default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
 
@@ -681,6 +727,12 @@ def main(argv=None):
                             key=jax.random.fold_in(key, 3))
         print_table("MLA's absorbed products, kv_b_proj e4m3 [3 layers, H*256, L] read in place "
                     "('x XLA bf16' here = vs XLA's dequantize + einsum; GB/s = the half weight + x + out)", rows)
+        all_rows += rows
+    if args.only in (None, "router"):
+        rows = bench_router(SMALL_ROUTER if args.small else FULL_ROUTER, impl=impl, reps=reps, sweep=sweep,
+                            key=jax.random.fold_in(key, 4))
+        print_table("MoE router selection, float32 logits [T, 256], 8 groups / 4 kept / top-8 "
+                    "('x XLA bf16' here = vs XLA's route; err: indices equal to XLA's)", rows)
         all_rows += rows
     if args.json:
         with open(args.json, "w") as f:

@@ -176,6 +176,14 @@ def cached_attention(kernel, q_nope, q_pe, kv, k_pe, q_pos, *, pl: Placement, **
     return _shard_map(lambda *a: kernel(*a, **kw), pl, specs, spec)(q_nope, q_pe, kv, k_pe, q_pos)
 
 
+def moe_route(kernel, logits_TE, bias_E, *, pl: Placement, **kw):
+    """``kernel(logits, bias, **kw)`` (``kernels_pallas.moe_route``, logits ``[T, E]``) per shard:
+    the tokens (rows) over the batch axes where they divide, the experts and the bias whole."""
+    t_ax = _split(pl, "batch", logits_TE.shape[0], set())
+    rows = P(t_ax, None)
+    return _shard_map(lambda x, b: kernel(x, b, **kw), pl, (rows, P(None)), (rows, rows, rows))(logits_TE, bias_E)
+
+
 def uses_kernel(impl: str) -> bool:
     """Whether ``impl`` (a ``Precision.kernels`` value, resolved) runs a Pallas kernel."""
     import kernels_pallas

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels_pallas
+from kernels_pallas.moe_router import top_k_mask as _top_k_mask  # noqa: F401 (tests/test_units.py)
 
 from deepseek_jax import kernel_mesh
 from deepseek_jax.config import DeepSeekConfig
@@ -43,30 +44,17 @@ class Routing(NamedTuple):
     scores_TE: jax.Array   # unbiased sigmoid scores (float32), for the balance loss
 
 
-def route(logits_TE: jax.Array, bias_E: jax.Array, cfg: DeepSeekConfig) -> Routing:
-    """The noaux_tc selection of SPEC §5 on float32 router logits."""
-    T, E = logits_TE.shape
-    G, K = cfg.n_group, cfg.num_experts_per_tok
-    s = jax.nn.sigmoid(logits_TE.astype(jnp.float32))
-    sb = s + bias_E.astype(jnp.float32)
-    group_score_TG = jnp.sum(jax.lax.top_k(sb.reshape(T, G, E // G), 2)[0], axis=-1)
-    keep_TE = jnp.repeat(_top_k_mask(group_score_TG, cfg.topk_group), E // G, axis=1)
-    _, idx = jax.lax.top_k(jnp.where(keep_TE, sb, -jnp.inf), K)
-    w = jnp.take_along_axis(s, idx, axis=1)
-    if cfg.norm_topk_prob:
-        w = w / jnp.sum(w, axis=-1, keepdims=True)
-    return Routing(idx.astype(jnp.int32), w * cfg.routed_scaling_factor, s)
-
-
-def _top_k_mask(x_TG: jax.Array, k: int) -> jax.Array:
-    """``[T, G]`` bool: the entries ``lax.top_k(x, k)`` picks (ties to the lower index), by rank:
-    ``g`` is kept when fewer than ``k`` entries come before it. Elementwise compares and one sum,
-    which XLA fuses with their neighbours; ``top_k`` and a scatter of its indices are two more GPU
-    kernels per MoE layer at decode."""
-    g = jnp.arange(x_TG.shape[-1])
-    before = (x_TG[:, None, :] > x_TG[:, :, None]) | ((x_TG[:, None, :] == x_TG[:, :, None])
-                                                      & (g[None, :] < g[:, None]))
-    return jnp.sum(before, axis=-1) < k
+def route(logits_TE: jax.Array, bias_E: jax.Array, cfg: DeepSeekConfig, impl: str = "ref",
+          placement: kernel_mesh.Placement | None = None) -> Routing:
+    """The noaux_tc selection of SPEC §5 on float32 router logits: ``kernels_pallas.moe_route``
+    (one GPU kernel for what XLA ran as 8 launches; the jnp reference elsewhere), per shard of
+    the tokens when ``placement`` is given (:func:`kernel_mesh.moe_route`)."""
+    fn = kernels_pallas.moe_route
+    if placement is not None and kernels_pallas.backend.split_impl(impl)[0] == "gpu":  # TPU: the reference
+        fn = functools.partial(kernel_mesh.moe_route, fn, pl=placement)
+    return Routing(*fn(logits_TE, bias_E, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                       top_k=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                       scaling=cfg.routed_scaling_factor, impl=impl))
 
 
 class MoEStats(NamedTuple):
@@ -83,10 +71,13 @@ class Router(nnx.Module):
         self.weight = nnx.Param((jax.random.normal(rngs.params(), (E, D)) / math.sqrt(D)).astype(jnp.bfloat16))
         self.e_score_correction_bias = RouterBias(jnp.zeros((E,), jnp.float32))
 
-    def __call__(self, x_TD: jax.Array, cfg: DeepSeekConfig) -> Routing:
+    def __call__(self, x_TD: jax.Array, cfg: DeepSeekConfig, impl: str = "ref",
+                 placement: kernel_mesh.Placement | None = None) -> Routing:
+        """``impl``: the kernels' choice (``Precision.kernels``); ``placement``: run the selection
+        kernel per shard of the tokens (see :func:`route`)."""
         logits = jnp.dot(x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32).T,
                          precision=jax.lax.Precision.HIGHEST)
-        return route(logits, self.e_score_correction_bias[...], cfg)
+        return route(logits, self.e_score_correction_bias[...], cfg, impl, placement)
 
 
 class Experts(nnx.Module):
@@ -149,7 +140,9 @@ class MoE(nnx.Module):
         E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
         x_MD = x_BTD.reshape(B * T, D).astype(dtype)
         with jax.named_scope("router"):
-            r = self.gate(x_MD, cfg)
+            placement = (kernel_mesh.Placement(self.mesh, self.rules)
+                         if self.mesh is not None and self.mesh.size > 1 else None)
+            r = self.gate(x_MD, cfg, self.prec.kernels, placement)
 
         if self.in_shard_map():   # with ``layer_idx`` the experts are all layers' [L, E, ...]
             y_MD = expert_parallel.moe_apply(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec,

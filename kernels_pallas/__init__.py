@@ -14,6 +14,7 @@ from kernels_pallas.fp8_gemm import (fake_quantize_act_1x128, quantize_act_1x128
 from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
 from kernels_pallas.mla_absorb import mla_absorb, mla_absorb_ref
 from kernels_pallas.mla_decode import mla_decode, mla_decode_ref
+from kernels_pallas.moe_router import moe_route, moe_route_ref
 
 __all__ = [
     "default_impl",
@@ -30,6 +31,8 @@ __all__ = [
     "mla_absorb",
     "mla_decode_ref",
     "mla_decode",
+    "moe_route_ref",
+    "moe_route",
     "cached_attention_ref",
     "cached_attention",
     "causal_attention_ref",

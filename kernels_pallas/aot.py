@@ -471,6 +471,10 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
                    (sds((1, 1024, 128, 128), bf16), sds((1, 1024, 128, 64), bf16), sds((1, 4096, 128, 256), bf16),
                     sds((1, 4096, 64), bf16), sds((1, 1024), i32)), False))
     if platform == "gpu":
+        checks.append(("moe router T=64, 256 experts (8 groups, 4 kept, top-8)",
+                       lambda x, b: kp.moe_route(x, b, n_group=8, topk_group=4, top_k=8, norm_topk_prob=True,
+                                                 scaling=2.5, impl=impl),
+                       (sds((64, 256), f32), sds((256,), f32)), False))
         checks.append(("flash prefill 4096 tokens, 128 heads, 192/128",
                        lambda q, k, v: kp.causal_attention(q, k, v, scale=0.07, impl=impl),
                        (sds((1, 4096, 128, 192), bf16), sds((1, 4096, 128, 192), bf16),
