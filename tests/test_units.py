@@ -211,6 +211,29 @@ def test_every_expert_moe_matches_a_per_token_loop():
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [5, 200])
+def test_combine_gather_and_scatter_forms_agree(tokens):
+    """``moe.combine``: below ``GATHER_COMBINE_MIN_TOKENS`` a scatter-add, from it on a gather of
+    each token's rows; both against a numpy loop over tokens and choices, in bfloat16 (products
+    rounded to bf16, sums in float32), with the assignments' sorted order as the dispatch makes it."""
+    from deepseek_jax.moe import GATHER_COMBINE_MIN_TOKENS, combine
+    assert (tokens >= GATHER_COMBINE_MIN_TOKENS) == (tokens == 200)
+    rng = np.random.default_rng(9)
+    K, D, E = 3, 24, 7
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)]).astype(np.int32)
+    w = rng.random((tokens, K)).astype(np.float32)
+    order = np.argsort(idx.reshape(-1), kind="stable")
+    y_AD = jnp.asarray(rng.standard_normal((tokens * K, D)), jnp.bfloat16)   # rows in sorted order
+    got = np.asarray(combine(y_AD, jnp.asarray(order), jnp.asarray(w), jnp.float32))
+    y = np.asarray(y_AD.astype(jnp.float32))
+    want = np.zeros((tokens, D))
+    for slot, a in enumerate(order):
+        t, k = divmod(a, K)
+        want[t] += np.asarray((y_AD[slot] * jnp.asarray(w[t, k], jnp.bfloat16)).astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got, (y.reshape(tokens, K, D) * w[..., None]).sum(1), atol=1e-2)  # the order matters
+
+
 @pytest.mark.parametrize("fp8_mode", ["w8a16", "w8a8"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_every_expert_moe_rounds_like_the_sorted_form(dtype, fp8_mode):
