@@ -163,13 +163,22 @@ def _moe_stats(r: Routing, B: int, T: int, E: int, K: int) -> MoEStats:
     with jax.named_scope("moe_stats"):
         # Statistics: expert load, and the sequence-wise balance term of the technical report:
         # f_e = E/(K T) * #tokens of the row choosing e, P_e = mean_t of normalised scores.
-        load_E = jnp.bincount(r.idx_TK.reshape(-1), length=E).astype(jnp.float32)
+        load_E = expert_counts(r.idx_TK.reshape(-1), E).astype(jnp.float32)
         chosen_BTE = jax.nn.one_hot(r.idx_TK, E, dtype=jnp.float32).sum(-2).reshape(B, T, E)
         f_BE = chosen_BTE.sum(1) * (E / (K * T))
         s_BTE = r.scores_TE.reshape(B, T, E)
         p_BE = jnp.mean(s_BTE / jnp.sum(s_BTE, -1, keepdims=True), axis=1)
         balance = jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
         return MoEStats(load_E, balance, r.idx_TK.reshape(B, T, K))
+
+
+def expert_counts(expert_A: jax.Array, n_experts: int) -> jax.Array:
+    """``[n_experts]`` int32: how many of the assignments ``expert_A`` chose each expert. At decode
+    sizes a compare-and-sum (one fused reduction; XLA's GPU ``bincount`` is a scatter plus a
+    zero-filled buffer and its copy: 3 launches per MoE layer), else ``bincount``."""
+    if expert_A.size * n_experts <= 1 << 22:
+        return jnp.sum(expert_A[:, None] == jnp.arange(n_experts, dtype=expert_A.dtype), axis=0, dtype=jnp.int32)
+    return jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
 
 
 #: :func:`every_expert_moe` is used while its ``[tokens, experts, moe_intermediate]`` activations
@@ -202,7 +211,7 @@ def sorted_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Arra
         expert_A = idx_MK.reshape(-1)
         order_A = jnp.argsort(expert_A, stable=True)
         token_A = order_A // K
-        group_sizes_E = jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
+        group_sizes_E = expert_counts(expert_A, n_experts)
         x_AD = x_MD[token_A]
     with jax.named_scope("experts"):
         y_AD = experts_apply(arrays, x_AD, group_sizes_E, prec, expert_offset)

@@ -211,6 +211,16 @@ def test_every_expert_moe_matches_a_per_token_loop():
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [40, 20000])
+def test_expert_counts_both_forms(n):
+    """``moe.expert_counts``: the compare-and-sum form (decode sizes) and ``bincount`` (above
+    2**22 compares) count the same, experts never chosen included."""
+    from deepseek_jax.moe import expert_counts
+    a = np.random.default_rng(n).integers(0, 250, n).astype(np.int32)   # experts 250..255 never chosen
+    got = np.asarray(expert_counts(jnp.asarray(a), 256))
+    assert got.dtype == np.int32 and (got == np.bincount(a, minlength=256)).all()
+
+
 @pytest.mark.parametrize("tokens", [5, 200])
 def test_combine_gather_and_scatter_forms_agree(tokens):
     """``moe.combine``: below ``GATHER_COMBINE_MIN_TOKENS`` a scatter-add, from it on a gather of
