@@ -160,7 +160,6 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False)
     else:
         graphdef, state = nnx.split(layers)
         experts = whole = None
-    n_layers = jax.tree.leaves(state)[0].shape[0]
     # FP8 weights cross the loop boundary as raw bytes and become e4m3 again per layer: XLA's
     # CPU backend otherwise widens every stacked f8 array to f16 before the loop (a copy of all
     # layers' weights at twice their size); on GPU/TPU the bitcasts are free.
@@ -170,9 +169,10 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False)
     # [L, B, S, C] stack and attends over its layer by index. As a scanned input/output instead,
     # every step would copy each layer's cache out and assemble a fresh stack (two full passes
     # over the cache per decode step, the largest array a decode step touches at long context).
-    def body(carry, xs):
-        h, cache = carry
-        st, i = xs
+    # The layer index rides in the carry: scanned over as an input, each step's index is a
+    # dynamic slice of an arange, one more GPU launch per layer.
+    def body(carry, st):
+        h, cache, i = carry
         st = jax.tree.map(_from_bytes, st)
         c_layer = None if cache is None else i
         if experts is None:
@@ -183,12 +183,13 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False)
             with scan_layer(i):
                 h, cache, stats = layer(h, pos_BT, rope, cache, absorbed, cache_layer=c_layer,
                                         layer_idx=i if isinstance(getattr(layer, "mlp", None), MoE) else None)
-        return (h, cache), stats
+        return (h, cache, i + 1), stats
 
     if remat:
         body = jax.checkpoint(body)
-    (h_BTD, cache_LBSC), stats = jax.lax.scan(
-        body, (h_BTD, cache_LBSC), (state, jnp.arange(n_layers, dtype=jnp.int32)),
+    n_layers = layers.self_attn.kv_b_proj.weight[...].shape[0]
+    (h_BTD, cache_LBSC, _), stats = jax.lax.scan(
+        body, (h_BTD, cache_LBSC, jnp.int32(0)), state, length=n_layers,
         unroll=layers.self_attn.kv_b_proj.prec.scan_unroll)
     return h_BTD, cache_LBSC, stats
 
