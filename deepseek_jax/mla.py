@@ -23,6 +23,7 @@ from flax import nnx
 
 import kernels_pallas
 from deepseek_jax import kernel_mesh
+from kernels_pallas.mla_decode import SplitT, combine_splits
 
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.norm import RMSNorm
@@ -92,13 +93,21 @@ class MLA(nnx.Module):
     def _absorb(self, x_BTHI, part: str) -> jax.Array:
         """``q_nope → q_lat`` (``part="k"``, ``W_UK``) or ``o_lat → o`` (``"v"``, ``W_UV``) through
         ``kv_b_proj``'s weight as stored (``kernels_pallas.mla_absorb``: a GPU kernel reading the FP8
-        weight in place; XLA's own products wrote float32 copies of it, ~9x its bytes at batch 1)."""
+        weight in place; XLA's own products wrote float32 copies of it, ~9x its bytes at batch 1).
+        ``x_BTHI`` may be the decode kernel's unmerged split-T partials of ``o_lat`` (a
+        ``kernels_pallas.mla_decode.SplitT``, ``[S, B, T, H, L]``, part "v"): the absorb kernel
+        merges them, cast to the compute dtype as ``o_lat.astype(dtype)`` would be."""
         kvb = self.kv_b_proj
         fn = kernels_pallas.mla_absorb
+        kw = {}
+        if isinstance(x_BTHI, SplitT):
+            kw["dtype"] = self.prec.dtype
         if kvb.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
+            if kw:  # the decode branch folds only off a mesh; were it ever handed one, merge here
+                x_BTHI, kw = combine_splits(x_BTHI).astype(self.prec.dtype), {}
             fn = functools.partial(kernel_mesh.mla_absorb, fn, pl=kvb.placement)
         return fn(x_BTHI, kvb.weight[...], kvb.weight_scale_inv[...] if kvb.fp8 else None, part=part,
-                  nope=self.nope, layer=kvb._stacked_layer(), out_dtype=self.prec.dtype, impl=self.prec.kernels)
+                  nope=self.nope, layer=kvb._stacked_layer(), out_dtype=self.prec.dtype, impl=self.prec.kernels, **kw)
 
     def _cached_attention(self, q_nope, q_pe, kvb, k_pe, pos_BT) -> jax.Array:
         """``kernels_pallas.cached_attention`` (per shard on a mesh) over keys ``kvb``, kv_b_proj's
@@ -199,12 +208,23 @@ class MLA(nnx.Module):
                 # decoding.
                 lengths_BT = jnp.minimum(pos_BT + 1, cache_BSC.shape[-2])
                 decode = kernels_pallas.mla_decode
+                per_shard = kernel_mesh.uses_kernel(self.prec.kernels) and (
+                    self.placement is not None or self.kv_b_proj.placement is not None)
                 if self.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
                     decode = functools.partial(kernel_mesh.mla_decode, decode, pl=self.placement)
-                o_lat = jnp.stack([
-                    decode(q_lat[:, t], q_pe[:, t], cache_BSC, lengths_BT[:, t], scale=self.scale,
-                           kv_lora_rank=L, impl=self.prec.kernels, layer=layer)
-                    for t in range(T)], axis=1).astype(dtype)
+                # Off a mesh, where the GPU kernel splits the cache (small batches), its partial
+                # softmax states go unmerged to the W_UV absorb kernel, which merges them in its
+                # prologue: no XLA merge (3 launches per layer) and no o_lat round trip. Each
+                # verified token (T > 1) is merged there too, as plain decoding merges it. On a
+                # mesh (kernels per shard) the decode returns o_lat merged, as other paths do.
+                outs = [decode(q_lat[:, t], q_pe[:, t], cache_BSC, lengths_BT[:, t], scale=self.scale,
+                               kv_lora_rank=L, impl=self.prec.kernels, layer=layer,
+                               **({} if per_shard else {"merge": False}))
+                        for t in range(T)]
+                if isinstance(outs[0], SplitT):   # [S, B, T, H, L] partials
+                    o_lat = SplitT(*(jnp.stack(parts, axis=2) for parts in zip(*outs)))
+                else:
+                    o_lat = jnp.stack(outs, axis=1).astype(dtype)
             else:  # several new tokens (chunked prefill over an existing cache)
                 kv = cache_BSC if layer is None else jax.lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
                 kv = kv.astype(dtype)

@@ -29,6 +29,22 @@ FP8 weight (``benchmarks/gpu_compile.py --by traffic``).
   reshapes, broadcasts and f32 copies of the weight.
 * The reference dequantizes the layer's weight to ``x.dtype`` and multiplies with float32
   accumulation: the model's own numbers before this kernel, unchanged on CPU.
+
+``part="v"`` also takes ``x`` as the split-T decode kernel's unmerged partial softmax states
+(:class:`kernels_pallas.mla_decode.SplitT`: ``acc [S, ..., H, L]``, ``m`` and ``l [S, ..., H]``,
+from ``mla_decode(..., merge=False)``): the product is that of the merged ``o_lat [..., H, L]``
+(:func:`~kernels_pallas.mla_decode.combine_splits`, float32) cast to the compute dtype ``dtype``.
+The GPU kernel merges in its prologue (per row tile and head: the ``S`` maxima and sums, then per
+128-wide latent block the weighted sum of the ``S`` accumulator tiles over the denominator, cast
+as ``o_lat.astype(dtype)`` is); the TPU kernel and the reference merge in XLA first. At batch 1
+and 16 this takes the merge's XLA ops (3 launches per layer) and ``o_lat``'s round trip through
+memory out of the decode step.
+
+``dtype`` (every entry point): the compute dtype: ``x`` (or the merged ``o_lat``) is cast to it and
+the weight dequantized to it; default ``x.dtype``, float32 for a ``SplitT`` (the merged ``o_lat``'s
+dtype). So ``mla_absorb(parts, ...)`` computes ``mla_absorb(combine_splits(parts), ...)`` and
+``mla_absorb(x, dtype=d, ...)`` computes ``mla_absorb(x.astype(d), ...)``; ``out_dtype`` defaults
+to ``dtype``.
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
 from kernels_pallas._common import QBLOCK, cdiv, dequantize_blocks, einsum32, is_fp8, masked_load, next_pow2
+from kernels_pallas.mla_decode import SplitT, combine_splits
 
 __all__ = ["mla_absorb_ref", "mla_absorb"]
 
@@ -72,6 +89,27 @@ def _check(x_MHI, wq, ws, part, nope, layer):
             raise ValueError(f"mla_absorb: scale shape {tuple(ws.shape)} != {want} for weight {tuple(wq.shape)}")
 
 
+def _unpack(x, part: str, dtype):
+    """``x`` (an array or a :class:`SplitT`) → ``(x_like, parts, cdt)``: ``x_like`` has the
+    product's input shape ``[..., H, I]`` (for a ``SplitT`` a ``ShapeDtypeStruct`` of the merged
+    ``o_lat``), ``parts`` the ``SplitT`` or ``None``, ``cdt`` the compute dtype."""
+    if not isinstance(x, SplitT):
+        return x, None, jnp.dtype(dtype or x.dtype)
+    if part != "v":
+        raise ValueError(f"mla_absorb: split-T partials (SplitT) are o_lat's, for part='v'; got part={part!r}")
+    acc, m, l = x
+    if acc.ndim < 3 or acc.shape[0] < 1 or tuple(m.shape) != tuple(acc.shape[:-1]) or tuple(l.shape) != tuple(m.shape):
+        raise ValueError(f"mla_absorb: SplitT must be acc [S, ..., H, L], m and l [S, ..., H]; got acc "
+                         f"{tuple(acc.shape)}, m {tuple(m.shape)}, l {tuple(l.shape)}")
+    cdt = jnp.dtype(dtype or jnp.float32)
+    return jax.ShapeDtypeStruct(tuple(acc.shape[1:]), cdt), x, cdt
+
+
+def _merged(x, parts, cdt):
+    """The product's input as an array: ``x``, or the merged partials, in the compute dtype."""
+    return (x if parts is None else combine_splits(parts)).astype(cdt)
+
+
 def _geometry(x_MHI, wq, part: str, nope: int):
     """``(lead dims, heads, x width, latent, v width, rows, out width)`` of a product."""
     *lead, h, width_in = x_MHI.shape
@@ -80,15 +118,18 @@ def _geometry(x_MHI, wq, part: str, nope: int):
     return tuple(lead), h, width_in, lat, v_dim, math.prod(lead), lat if part == "k" else v_dim
 
 
-def mla_absorb_ref(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None) -> jax.Array:
+def mla_absorb_ref(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None, dtype=None) -> jax.Array:
     """Plain-jnp reference: ``[..., H, N]`` → ``[..., H, L]`` (``part="k"``) or ``[..., H, L]`` →
-    ``[..., H, A]`` (``part="v"``) in ``out_dtype`` (default ``x.dtype``). ``ws=None``: ``wq`` is
-    an unquantized weight. ``layer``: ``wq``/``ws`` are stacks of layers, this one is used."""
-    _check(x_MHI, wq, ws, part, nope, layer)
+    ``[..., H, A]`` (``part="v"``; ``x`` may be a :class:`SplitT`, merged here) in ``out_dtype``
+    (default ``dtype``), computed in ``dtype`` (see the module doc; default ``x.dtype``).
+    ``ws=None``: ``wq`` is an unquantized weight. ``layer``: ``wq``/``ws`` are stacks of layers,
+    this one is used."""
+    x_like, parts, dtype = _unpack(x_MHI, part, dtype)
+    _check(x_like, wq, ws, part, nope, layer)
+    x_MHI = _merged(x_MHI, parts, dtype)
     if layer is not None:
         wq = lax.dynamic_index_in_dim(wq, layer, 0, False)
         ws = None if ws is None else lax.dynamic_index_in_dim(ws, layer, 0, False)
-    dtype = x_MHI.dtype
     w = (wq if ws is None else dequantize_blocks(wq, ws)).astype(dtype)
     h = x_MHI.shape[-2]
     w_HRL = w.reshape(h, -1, w.shape[-1])
@@ -109,9 +150,15 @@ def _dot(a, b, nt: bool, precision):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _gpu_absorb_kernel(l_ref, x_ref, wq_ref, ws_ref, o_ref, *, part, m, bm, nope, v_dim, lat, cdt):
+def _gpu_absorb_kernel(l_ref, *refs, part, m, bm, nope, v_dim, lat, cdt, splits):
     """One ``[bm, 128]`` output tile of head ``h``: ``x_ref`` ``[M, H * I]``, ``wq_ref``
-    ``[layers, H (N + A), L]`` e4m3, ``ws_ref`` its scales, ``o_ref`` ``[M, H * O]``."""
+    ``[layers, H (N + A), L]`` e4m3, ``ws_ref`` its scales, ``o_ref`` ``[M, H * O]``.
+    With ``splits`` (``part="v"``), ``x_ref`` is three refs, split-T partial states: ``acc``
+    ``[S, M, H * L]``, maxima ``m`` and sums ``[S, M, H]``, merged here tile by tile."""
+    if splits is None:
+        x_ref, wq_ref, ws_ref, o_ref = refs
+    else:
+        acc_ref, mx_ref, sum_ref, wq_ref, ws_ref, o_ref = refs
     layer = l_ref[0]
     h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     row0 = i * bm
@@ -122,10 +169,33 @@ def _gpu_absorb_kernel(l_ref, x_ref, wq_ref, ws_ref, o_ref, *, part, m, bm, nope
     width_in = nope if part == "k" else lat
     width_out = lat if part == "k" else v_dim
 
+    if splits is not None:
+        # the merge's prologue (combine_splits, per row of the tile): M = max_s m_s, then the
+        # denominator Σ_s e^{m_s - M} l_s; the latent blocks' weighted sums follow in load_x
+        row_ok1 = None if row_ok is None else row_ok[:, 0]
+        part_m = lambda s: masked_load(mx_ref.at[s, pl.ds(row0, bm), h], row_ok1)   # [bm]
+        mx = lax.fori_loop(0, splits, lambda s, a: jnp.maximum(a, part_m(s)), jnp.full((bm,), -jnp.inf, jnp.float32))
+        den = lax.fori_loop(0, splits, lambda s, d: d + masked_load(sum_ref.at[s, pl.ds(row0, bm), h], row_ok1)
+                            * jnp.exp(part_m(s) - mx), jnp.zeros((bm,), jnp.float32))
+        has = (den > 0)[:, None]
+        den = jnp.where(den > 0, den, 1.0)[:, None]
+
+    def load_x(k0):
+        """The ``[bm, 128]`` input tile at latent / nope column ``k0``, in the compute dtype."""
+        if splits is None:
+            return masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(h * width_in + k0, QBLOCK)], row_ok).astype(cdt)
+
+        def add(s, num):
+            a = masked_load(acc_ref.at[s, pl.ds(row0, bm), pl.ds(h * lat + k0, QBLOCK)], row_ok)
+            return num + a * jnp.exp(part_m(s) - mx)[:, None]
+
+        num = lax.fori_loop(0, splits, add, jnp.zeros((bm, QBLOCK), jnp.float32))
+        return jnp.where(has, num / den, 0.0).astype(cdt)   # o_lat.astype(dtype), as the reference
+
     def block(kb, acc):
         """Adds the product over the k-th 128-wide block of the contracted dim."""
         k0 = pl.multiple_of(kb * QBLOCK, QBLOCK)
-        x = masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(h * width_in + k0, QBLOCK)], row_ok).astype(cdt)
+        x = load_x(k0)
         if part == "k":   # W_UK rows = contracted (n), columns = output (l)
             w = plgpu_triton.load(wq_ref.at[layer, pl.ds(head_row0 + k0, QBLOCK), pl.ds(j * QBLOCK, QBLOCK)])
             s = ws_ref[layer, head_row0 // QBLOCK + kb, j]
@@ -180,21 +250,25 @@ def _tpu_absorb_kernel(lay_ref, s_ref, x_ref, w_ref, o_ref, *acc, part, nope, v_
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def mla_absorb_tpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None,
+def mla_absorb_tpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None, dtype=None,
                    interpret: bool = False, block_m: int = 256) -> jax.Array:
     """The TPU kernel (arguments as :func:`mla_absorb_ref`): the weight of a layer stack read in
     place in ``[128, L]`` row blocks (block index from a scalar-prefetched layer), that layer's
-    block scales scalar-prefetched to SMEM, rows padded to a multiple of 16."""
+    block scales scalar-prefetched to SMEM, rows padded to a multiple of 16. A :class:`SplitT`
+    ``x`` is merged and cast to ``dtype`` in XLA first."""
     from jax.experimental.pallas import tpu as pltpu
 
-    _check(x_MHI, wq, ws, part, nope, layer)
+    x_like, parts, cdt = _unpack(x_MHI, part, dtype)
+    _check(x_like, wq, ws, part, nope, layer)
+    if parts is not None:
+        x_MHI = _merged(x_MHI, parts, cdt)
     if layer is None:
         wq = wq[None]
     else:
         ws = lax.dynamic_index_in_dim(ws, layer, 0, False)
     lay = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     lead, h, width_in, lat, v_dim, m, width_out = _geometry(x_MHI, wq, part, nope)
-    out_dtype = out_dtype or x_MHI.dtype
+    out_dtype = out_dtype or cdt
     if m == 0:
         return jnp.zeros((*lead, h, width_out), out_dtype)
     bm = min(block_m, -(-m // 16) * 16)
@@ -218,7 +292,7 @@ def mla_absorb_tpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
         out_spec = pl.BlockSpec((bm, QBLOCK), lambda i, hh, r, lay, s: (i, hh * nr + r))
         scratch = []
         sem = ("parallel", "parallel", "parallel")
-    kernel = functools.partial(_tpu_absorb_kernel, part=part, nope=nope, v_dim=v_dim, lat=lat, cdt=x_MHI.dtype)
+    kernel = functools.partial(_tpu_absorb_kernel, part=part, nope=nope, v_dim=v_dim, lat=lat, cdt=cdt)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, h * width_out), out_dtype),
@@ -233,27 +307,35 @@ def mla_absorb_tpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
 
 
 def kernel_takes(x_MHI, wq, ws, nope: int) -> bool:
-    """Whether the GPU kernel computes this product (FP8 weight, 128-multiple widths)."""
+    """Whether the GPU kernel computes this product (FP8 weight, 128-multiple widths); ``x_MHI``'s
+    dtype is the compute dtype (an array or a ``ShapeDtypeStruct``)."""
     rows, lat = wq.shape[-2:]
     v_dim = rows // x_MHI.shape[-2] - nope
     return (ws is not None and is_fp8(wq.dtype) and x_MHI.dtype in (jnp.bfloat16, jnp.float32)
             and nope % QBLOCK == 0 and v_dim % QBLOCK == 0 and lat % QBLOCK == 0)
 
 
-def mla_absorb_gpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None,
+def mla_absorb_gpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None, dtype=None,
                    interpret: bool = False, num_warps: int = 4, num_stages: int = 3) -> jax.Array:
-    """The GPU kernel (see module doc); arguments as :func:`mla_absorb_ref`."""
-    _check(x_MHI, wq, ws, part, nope, layer)
+    """The GPU kernel (see module doc); arguments as :func:`mla_absorb_ref`. A :class:`SplitT`
+    ``x`` is merged in the kernel's prologue (its ``S`` chunks need not be a power of two)."""
+    x_like, parts, cdt = _unpack(x_MHI, part, dtype)
+    _check(x_like, wq, ws, part, nope, layer)
     if layer is None:
         wq, ws = wq[None], ws[None]
     l_1 = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
-    lead, h, width_in, lat, v_dim, m, width_out = _geometry(x_MHI, wq, part, nope)
-    out_dtype = out_dtype or x_MHI.dtype
+    lead, h, width_in, lat, v_dim, m, width_out = _geometry(x_like, wq, part, nope)
+    out_dtype = out_dtype or cdt
     if m == 0:
         return jnp.zeros((*lead, h, width_out), out_dtype)
     bm = min(64, max(16, next_pow2(m)))
+    if parts is None:
+        splits, xs = None, (x_MHI.reshape(m, h * width_in),)
+    else:
+        splits = parts.acc.shape[0]
+        xs = (parts.acc.reshape(splits, m, h * lat), parts.m.reshape(splits, m, h), parts.l.reshape(splits, m, h))
     kernel = functools.partial(_gpu_absorb_kernel, part=part, m=m, bm=bm, nope=nope, v_dim=v_dim, lat=lat,
-                               cdt=x_MHI.dtype)
+                               cdt=cdt, splits=splits)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, h * width_out), out_dtype),
@@ -261,17 +343,20 @@ def mla_absorb_gpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
         compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"mla_absorb_{part}_gpu",
-    )(l_1, x_MHI.reshape(m, h * width_in), wq, ws)
+    )(l_1, *xs, wq, ws)
     return y.reshape(*lead, h, width_out)
 
 
-def mla_absorb(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None,
+def mla_absorb(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype=None, dtype=None,
                impl: str = "auto") -> jax.Array:
-    """``q_nope → q_lat`` (``part="k"``) or ``o_lat → o`` (``part="v"``) through ``kv_b_proj``'s
-    weight ``wq`` (e4m3 with block scales ``ws``, or unquantized with ``ws=None``), see the module
-    doc; ``impl`` as in :mod:`kernels_pallas.backend` (TPU and unsupported shapes: the reference)."""
+    """``q_nope → q_lat`` (``part="k"``) or ``o_lat → o`` (``part="v"``; ``x`` an array or the
+    split-T partials of ``o_lat``, a :class:`SplitT`) through ``kv_b_proj``'s weight ``wq`` (e4m3
+    with block scales ``ws``, or unquantized with ``ws=None``), computed in ``dtype``, see the
+    module doc; ``impl`` as in :mod:`kernels_pallas.backend` (unsupported shapes: the reference)."""
     target, interpret = backend.split_impl(impl)
-    if target != "ref" and kernel_takes(x_MHI, wq, ws, nope):
+    x_like, _, cdt = _unpack(x_MHI, part, dtype)
+    if target != "ref" and kernel_takes(jax.ShapeDtypeStruct(tuple(x_like.shape), cdt), wq, ws, nope):
         fn = mla_absorb_gpu if target == "gpu" else mla_absorb_tpu
-        return fn(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype, interpret=interpret)
-    return mla_absorb_ref(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype)
+        return fn(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype, dtype=dtype,
+                  interpret=interpret)
+    return mla_absorb_ref(x_MHI, wq, ws, part=part, nope=nope, layer=layer, out_dtype=out_dtype, dtype=dtype)

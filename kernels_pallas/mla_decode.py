@@ -18,11 +18,18 @@ Kernels (online softmax, one pass over the cache; blocks past a sequence's lengt
 * TPU (Mosaic TPU): grid ``(sequence, cache block)``, all heads per step, float32 running max / sum /
   accumulator in VMEM; the cache ``BlockSpec`` index is clamped to the sequence's last block via the
   scalar-prefetched lengths, so steps past the length cause no DMA and skip compute.
+
+Split-T (flash-decoding, the GPU kernel's ``splits > 1``): each of ``S`` token chunks is its own
+program writing its partial softmax state, a :class:`SplitT`; :func:`combine_splits` merges them.
+``mla_decode(..., merge=False)`` hands the state back unmerged where the split-T kernel ran, so
+that the next kernel merges it in its prologue (``kernels_pallas.mla_absorb(part="v")`` does: the
+merge's XLA ops and the ``o_lat`` round trip through memory go away).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +40,37 @@ from jax.experimental.pallas import triton as plgpu_triton
 from kernels_pallas import backend
 from kernels_pallas._common import GPU_NUM_SMS, cdiv, next_pow2
 
-__all__ = ["mla_decode_ref", "mla_decode"]
+__all__ = ["mla_decode_ref", "mla_decode", "SplitT", "combine_splits"]
 
 _NEG = -1e30  # finite "minus infinity" for the running max (avoids inf - inf)
+
+
+class SplitT(NamedTuple):
+    """Split-T partial softmax states of MLA decode attention, ``S`` token chunks (a pytree).
+
+    * ``acc`` ``[S, ..., H, L]`` float32: chunk ``s``'s unnormalized ``Σ_t e^{s_t - m_s} c_t``
+    * ``m`` ``[S, ..., H]`` float32: its running max ``m_s`` of the scaled scores (``-1e30`` for a
+      chunk with no token: past the sequence's length)
+    * ``l`` ``[S, ..., H]`` float32: its softmax denominator ``Σ_t e^{s_t - m_s}`` (0 when empty)
+
+    ``...`` are the lead dims of the merged ``o_lat`` ``[..., H, L]`` (``[B]`` from the kernel; the
+    model adds its token axis, ``[B, 1]``). :func:`combine_splits` merges them."""
+
+    acc: jax.Array
+    m: jax.Array
+    l: jax.Array
+
+
+def combine_splits(parts: SplitT) -> jax.Array:
+    """Merges split-T partial states (:class:`SplitT`) → ``o_lat [..., H, L]`` float32:
+    ``o = Σ_s e^{m_s - M} acc_s / Σ_s e^{m_s - M} l_s`` with ``M = max_s m_s``; a row whose
+    denominator is 0 (every chunk empty) gives 0."""
+    acc_SHL, m_SH, l_SH = parts
+    mx = jnp.max(m_SH, axis=0)
+    w = jnp.exp(m_SH - mx[None])
+    num = jnp.sum(acc_SHL * w[..., None], axis=0)
+    den = jnp.sum(l_SH * w, axis=0)
+    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 
 def _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank):
@@ -81,7 +116,7 @@ def _gpu_mla_kernel(lay_ref, len_ref, ql_ref, qp_ref, c_ref, o_ref, *part_refs, 
                     chunk):
     """One (sequence, head block[, token chunk]).  With ``chunk`` (split-T), the program covers
     tokens ``[s*chunk, (s+1)*chunk)`` and writes its unnormalized accumulator, running max and sum
-    (``o_ref``, ``part_refs``) for :func:`_combine_splits`."""
+    (``o_ref``, ``part_refs``): a :class:`SplitT` for :func:`combine_splits`."""
     b, hb = pl.program_id(0), pl.program_id(1)
     layer = lay_ref[0]  # c_ref is [L, B, S, C]: this call's layer, read in place
     n = len_ref[b]
@@ -141,15 +176,6 @@ def _gpu_mla_kernel(lay_ref, len_ref, ql_ref, qp_ref, c_ref, o_ref, *part_refs, 
         plgpu_triton.store(o_ref.at[b, pl.ds(h0, bh), :], o.astype(o_ref.dtype), mask=h_ok[:, None])
 
 
-def _combine_splits(acc_SBHL, m_SBH, sum_SBH):
-    """Merge split-T partial softmax states: ``o = Σ_s e^{m_s - M} acc_s / Σ_s e^{m_s - M} sum_s``."""
-    mx = jnp.max(m_SBH, axis=0)
-    w = jnp.exp(m_SBH - mx[None])
-    num = jnp.sum(acc_SBHL * w[..., None], axis=0)
-    den = jnp.sum(sum_SBH * w, axis=0)
-    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
-
-
 def default_splits(batch: int, head_blocks: int, cache_len: int) -> int:
     """Split-T chunks for the GPU kernel: none while ``batch x head_blocks`` programs fill half the
     SMs; below that, enough chunks for ~2 programs per SM, at most 16 and each >= 256 tokens.
@@ -163,13 +189,16 @@ def default_splits(batch: int, head_blocks: int, cache_len: int) -> int:
 
 def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
                    interpret=False, block_h: int | None = None, block_t: int = 64,
-                   num_warps: int = 8, num_stages: int = 2, splits: int | None = None, layer=None):
+                   num_warps: int = 8, num_stages: int = 2, splits: int | None = None, layer=None,
+                   merge: bool = True):
     """GPU kernel; heads in blocks of ``block_h`` (the cache of a sequence is read once per head
     block, the later reads mostly from L2), tokens in blocks of ``block_t``.  ``splits > 1``
     (flash-decoding): the cache length is cut into that many chunks, each its own program, and the
     partial softmax states are merged afterwards (more programs in flight when B x head blocks is
     small against the 132 SMs; costs ``splits x B x H x (L + 2)`` float32 written and read).
-    ``splits=None``: :func:`default_splits`."""
+    ``splits=None``: :func:`default_splits`. ``merge=False``: where the split-T kernel runs, its
+    :class:`SplitT` is returned unmerged (``[S, B, H, L]``, ``[S, B, H]`` x 2; ``S`` may be fewer
+    than ``splits``: chunks are whole token blocks); otherwise ``o_BHL`` as with ``merge=True``."""
     bsz, h, l = q_lat_BHL.shape
     r = q_pe_BHR.shape[2]
     if splits is None:
@@ -195,7 +224,8 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
             interpret=interpret,
             name="mla_decode_gpu_split",
         )(lay, lengths_B.astype(jnp.int32), q_lat_BHL, q_pe_BHR, cache_BSC)
-        return _combine_splits(acc, m, ssum)
+        parts = SplitT(acc, m, ssum)
+        return combine_splits(parts) if merge else parts
     # 64-head blocks: 701 GB/s at B=64, H=128, T=4096 on an H200 against 384 GB/s with 32
     # (benchmarks/kernels.py, 2026-11-28; docs/benchmarks.md); 64-token blocks: 957-959 GB/s
     # against 700-705 with 32 (two runs, session 3)
@@ -313,11 +343,17 @@ def _mosaic_gpu_takes(q_lat_BHL, q_pe_BHR, cache_BSC) -> bool:
 
 
 def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lora_rank: int,
-               impl: str = "auto", layer=None) -> jax.Array:
+               impl: str = "auto", layer=None, merge: bool = True) -> jax.Array | SplitT:
     """Absorbed MLA decode attention → ``o_BHL`` float32 (see module doc); ``impl`` as in
     :mod:`kernels_pallas.backend`.  ``layer`` (int or traced): ``cache`` is several layers'
     ``[L, B, S, C]`` stack and layer ``layer``'s is attended over (read in place by the GPU
-    and TPU kernels; the reference takes a dynamic slice)."""
+    and TPU kernels; the reference takes a dynamic slice).
+
+    ``merge=False``: where the Triton GPU kernel runs split-T (:func:`default_splits` > 1: small
+    batches), the result is its :class:`SplitT` unmerged, for a consumer that merges it
+    (``kernels_pallas.mla_absorb(part="v")``, or :func:`combine_splits`); every other path (no
+    split, the reference, TPU, Mosaic GPU) returns ``o_BHL`` as with ``merge=True``. A caller
+    checks ``isinstance(result, SplitT)``."""
     target, interpret = backend.split_impl(impl)
     if target == "gpu" and _mosaic_gpu_takes(q_lat_BHL, q_pe_BHR, cache_BSC):
         from kernels_pallas.mla_decode_mgpu import mla_decode_mgpu
@@ -328,14 +364,18 @@ def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lo
             raise ValueError(f"with layer=, the cache must be [L, B, S, C], got {cache_BSC.shape}")
         if target != "ref":
             _check(q_lat_BHL, q_pe_BHR, cache_BSC[0], lengths_B, kv_lora_rank)
-            fn = mla_decode_gpu if target == "gpu" else mla_decode_tpu
-            return fn(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
-                      interpret=interpret, layer=layer)
+            if target == "gpu":
+                return mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
+                                      kv_lora_rank=kv_lora_rank, interpret=interpret, layer=layer, merge=merge)
+            return mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
+                                  interpret=interpret, layer=layer)
         cache_BSC = lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
     _check(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, kv_lora_rank)
     if target == "ref":
         return mla_decode_ref(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
                               kv_lora_rank=kv_lora_rank)
-    fn = mla_decode_gpu if target == "gpu" else mla_decode_tpu
-    return fn(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
-              interpret=interpret)
+    if target == "gpu":
+        return mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
+                              interpret=interpret, merge=merge)
+    return mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
+                          interpret=interpret)
