@@ -181,7 +181,16 @@ def moe_route(kernel, logits_TE, bias_E, *, pl: Placement, **kw):
     the tokens (rows) over the batch axes where they divide, the experts and the bias whole."""
     t_ax = _split(pl, "batch", logits_TE.shape[0], set())
     rows = P(t_ax, None)
-    return _shard_map(lambda x, b: kernel(x, b, **kw), pl, (rows, P(None)), (rows, rows, rows))(logits_TE, bias_E)
+    layer = kw.pop("layer", None)
+    args, specs = [logits_TE, bias_E], [rows, P(*(None,) * bias_E.ndim)]
+    if layer is not None:   # the bias is all layers' [L, E], read at the layer in place
+        args.append(jnp.asarray(layer, jnp.int32))
+        specs.append(P())
+
+    def body(x, b, *layer):
+        return kernel(x, b, layer=layer[0] if layer else None, **kw)
+
+    return _shard_map(body, pl, tuple(specs), (rows, rows, rows))(*args)
 
 
 def uses_kernel(impl: str) -> bool:

@@ -49,9 +49,10 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: DeepSeekConfig, *, moe: bool, prec: Precision, rngs: nnx.Rngs):
         self.moe = moe
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=prec.dtype, kernels=prec.kernels)
         self.self_attn = MLA(cfg, prec=prec, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=prec.dtype,
+                                                kernels=prec.kernels)
         if moe:
             self.mlp = MoE(cfg, prec=prec, rngs=rngs)
         else:
@@ -64,12 +65,12 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("attn"):
             a, cache_BSC = self.self_attn(self.input_layernorm(h_BTD), pos_BT, rope,
                                           cache_BSC=cache_BSC, absorbed=absorbed, layer=cache_layer)
-        h_BTD = h_BTD + a
         with jax.named_scope("moe" if self.moe else "mlp"):
+            h_BTD, x_BTD = self.post_attention_layernorm(h_BTD, residual=a)   # h + a, and its norm
             if self.moe:
-                f, stats = self.mlp(self.post_attention_layernorm(h_BTD), layer_idx)
+                f, stats = self.mlp(x_BTD, layer_idx)
             else:
-                f, stats = self.mlp(self.post_attention_layernorm(h_BTD)), None
+                f, stats = self.mlp(x_BTD), None
         return h_BTD + f, cache_BSC, stats
 
 
@@ -98,9 +99,17 @@ def _is_routed_expert(path, _value) -> bool:
     return len(path) >= 2 and path[0] == "mlp" and path[1] == "experts"
 
 
+#: Small per-layer parameters that GPU kernels read (``kernels_pallas.rms_norm``,
+#: ``moe_route``): with ``weights_in_place`` they are read at the layer's index too, since a
+#: per-layer slice feeding a Pallas call is one more launch per layer each.
+_KERNEL_PARAMS = {("input_layernorm", "weight"), ("post_attention_layernorm", "weight"),
+                  ("gate", "e_score_correction_bias")}
+
+
 def _is_fp8_linear(path, value) -> bool:
-    """An FP8 linear's weight or block scale (read in place by layer, see ``quant.scan_layer``)."""
-    if path[-1] == "weight_scale_inv":
+    """An FP8 linear's weight or block scale, or one of :data:`_KERNEL_PARAMS` (read in place by
+    layer, see ``quant.scan_layer``)."""
+    if path[-1] == "weight_scale_inv" or tuple(path[-2:]) in _KERNEL_PARAMS:
         return True
     return path[-1] == "weight" and getattr(value, "dtype", None) == jnp.float8_e4m3fn
 

@@ -30,7 +30,7 @@ from deepseek_jax import kernel_mesh
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.mla import _KERNEL_MAX_NEW  # the few-token (decode / verify) path's limit
 from deepseek_jax.mlp import MLP
-from deepseek_jax.quant import Linear, Precision, dequantize, einsum32, grouped_matmul
+from deepseek_jax.quant import Linear, Precision, dequantize, einsum32, grouped_matmul, scan_layer_index
 from deepseek_jax import expert_parallel
 
 
@@ -45,16 +45,17 @@ class Routing(NamedTuple):
 
 
 def route(logits_TE: jax.Array, bias_E: jax.Array, cfg: DeepSeekConfig, impl: str = "ref",
-          placement: kernel_mesh.Placement | None = None) -> Routing:
+          placement: kernel_mesh.Placement | None = None, layer=None) -> Routing:
     """The noaux_tc selection of SPEC §5 on float32 router logits: ``kernels_pallas.moe_route``
     (one GPU kernel for what XLA ran as 8 launches; the jnp reference elsewhere), per shard of
-    the tokens when ``placement`` is given (:func:`kernel_mesh.moe_route`)."""
+    the tokens when ``placement`` is given (:func:`kernel_mesh.moe_route`). ``layer``: ``bias_E``
+    is all scanned layers' ``[L, E]`` and this layer's is used (read in place)."""
     fn = kernels_pallas.moe_route
     if placement is not None and kernels_pallas.backend.split_impl(impl)[0] == "gpu":  # TPU: the reference
         fn = functools.partial(kernel_mesh.moe_route, fn, pl=placement)
     return Routing(*fn(logits_TE, bias_E, n_group=cfg.n_group, topk_group=cfg.topk_group,
                        top_k=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
-                       scaling=cfg.routed_scaling_factor, impl=impl))
+                       scaling=cfg.routed_scaling_factor, layer=layer, impl=impl))
 
 
 class MoEStats(NamedTuple):
@@ -77,7 +78,8 @@ class Router(nnx.Module):
         kernel per shard of the tokens (see :func:`route`)."""
         logits = jnp.dot(x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32).T,
                          precision=jax.lax.Precision.HIGHEST)
-        return route(logits, self.e_score_correction_bias[...], cfg, impl, placement)
+        bias = self.e_score_correction_bias[...]   # [L, E] with Precision.weights_in_place
+        return route(logits, bias, cfg, impl, placement, scan_layer_index() if bias.ndim == 2 else None)
 
 
 class Experts(nnx.Module):

@@ -135,6 +135,11 @@ def scan_layer(i: jax.Array):
         _SCAN_LAYER.reset(token)
 
 
+def scan_layer_index():
+    """The layer index of the enclosing :func:`scan_layer` block (trace time), or None."""
+    return _SCAN_LAYER.get()
+
+
 class Linear(nnx.Module):
     """``y = x Wᵀ`` with the Hub's ``[out, in]`` weight, FP8 block-scaled or plain.
 

@@ -209,6 +209,7 @@ def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "e
     from deepseek_jax.kernel_mesh import Placement
     from deepseek_jax.mla import MLA
     from deepseek_jax.moe import MoE
+    from deepseek_jax.norm import RMSNorm
     from deepseek_jax.quant import Linear
 
     rules = RULES[rules] if isinstance(rules, str) else rules
@@ -223,7 +224,7 @@ def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "e
         elif isinstance(m, Linear):
             m.placement = (Placement(mesh, items, specs[p + ("weight",)], specs[p + ("weight_scale_inv",)])
                            if sharded and m.fp8 else None)
-        elif isinstance(m, MLA):
+        elif isinstance(m, (MLA, RMSNorm)):
             m.placement = Placement(mesh, items) if sharded else None
     return model
 

@@ -15,6 +15,7 @@ from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
 from kernels_pallas.mla_absorb import mla_absorb, mla_absorb_ref
 from kernels_pallas.mla_decode import mla_decode, mla_decode_ref
 from kernels_pallas.moe_router import moe_route, moe_route_ref
+from kernels_pallas.rms_norm import rms_norm, rms_norm_ref
 
 __all__ = [
     "default_impl",
@@ -33,6 +34,8 @@ __all__ = [
     "mla_decode",
     "moe_route_ref",
     "moe_route",
+    "rms_norm_ref",
+    "rms_norm",
     "cached_attention_ref",
     "cached_attention",
     "causal_attention_ref",

@@ -475,6 +475,9 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
                        lambda x, b: kp.moe_route(x, b, n_group=8, topk_group=4, top_k=8, norm_topk_prob=True,
                                                  scaling=2.5, impl=impl),
                        (sds((64, 256), f32), sds((256,), f32)), False))
+        checks.append(("residual add + rms norm 4096x7168, a layer's weight of a stack",
+                       lambda x, r, w, lay: kp.rms_norm(x, w, eps=1e-6, residual=r, layer=lay, impl=impl),
+                       (sds((4096, 7168), bf16), sds((4096, 7168), bf16), sds((3, 7168), bf16), sds((), i32)), False))
         checks.append(("flash prefill 4096 tokens, 128 heads, 192/128",
                        lambda q, k, v: kp.causal_attention(q, k, v, scale=0.07, impl=impl),
                        (sds((1, 4096, 128, 192), bf16), sds((1, 4096, 128, 192), bf16),

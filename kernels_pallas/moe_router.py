@@ -53,12 +53,14 @@ class _Opts(NamedTuple):
     scaling: float
 
 
-def _check(logits_TE, bias_E, o: _Opts) -> None:
+def _check(logits_TE, bias_E, o: _Opts, layer=None) -> None:
     if logits_TE.ndim != 2:
         raise ValueError(f"moe_route: logits must be [tokens, experts], got shape {tuple(logits_TE.shape)}")
     E = logits_TE.shape[1]
-    if tuple(bias_E.shape) != (E,):
-        raise ValueError(f"moe_route: bias shape {tuple(bias_E.shape)} != ({E},) for logits {tuple(logits_TE.shape)}")
+    if bias_E.ndim != 1 + (layer is not None) or bias_E.shape[-1] != E:
+        want = f"[layers, {E}] (layer= given)" if layer is not None else f"({E},)"
+        raise ValueError(f"moe_route: bias shape {tuple(bias_E.shape)}, expected {want} for logits "
+                         f"{tuple(logits_TE.shape)}")
     if o.n_group < 1 or E % o.n_group:
         raise ValueError(f"moe_route: n_group={o.n_group} does not divide the {E} experts")
     if E // o.n_group < 2:
@@ -105,11 +107,14 @@ def _route_ref(logits_TE, bias_E, o: _Opts):
 
 
 def moe_route_ref(logits_TE, bias_E, *, n_group: int, topk_group: int, top_k: int, norm_topk_prob: bool,
-                  scaling: float):
+                  scaling: float, layer=None):
     """Plain-jnp reference (see the module doc): ``(idx [T, K] int32, weight [T, K] float32,
-    scores [T, E] float32)``."""
+    scores [T, E] float32)``. ``layer``: ``bias_E`` is a stack of layers' biases ``[L, E]``, this
+    one is used."""
     o = _Opts(n_group, topk_group, top_k, bool(norm_topk_prob), float(scaling))
-    _check(logits_TE, bias_E, o)
+    _check(logits_TE, bias_E, o, layer)
+    if layer is not None:
+        bias_E = lax.dynamic_index_in_dim(bias_E, layer, 0, False)
     return _route_ref(logits_TE, bias_E, o)
 
 
@@ -118,8 +123,9 @@ def moe_route_ref(logits_TE, bias_E, *, n_group: int, topk_group: int, top_k: in
 # ---------------------------------------------------------------------------------------------------
 
 
-def _gpu_route_kernel(x_ref, b_ref, idx_ref, w_ref, s_ref, *, t, bt, o: _Opts):
-    """Rows ``i * bt ...`` of ``x_ref`` ``[T, E]`` logits, ``b_ref`` ``[1, E]`` bias; writes
+def _gpu_route_kernel(l_ref, x_ref, b_ref, idx_ref, w_ref, s_ref, *, t, bt, o: _Opts):
+    """Rows ``i * bt ...`` of ``x_ref`` ``[T, E]`` logits, ``b_ref`` ``[layers, E]`` biases (layer
+    ``l_ref[0]``'s used); writes
     ``idx_ref`` / ``w_ref`` ``[T, K]`` and ``s_ref`` ``[T, E]``."""
     E = x_ref.shape[1]
     per = E // o.n_group
@@ -127,7 +133,7 @@ def _gpu_route_kernel(x_ref, b_ref, idx_ref, w_ref, s_ref, *, t, bt, o: _Opts):
     rows_ok = (row0 + jnp.arange(bt) < t)[:, None] if t % bt else None   # [bt, 1]; None: a whole tile
     x = masked_load(x_ref.at[pl.ds(row0, bt), :], rows_ok)
     s = jax.nn.sigmoid(x.astype(jnp.float32))
-    sb = s + plgpu_triton.load(b_ref).astype(jnp.float32)
+    sb = s + plgpu_triton.load(b_ref.at[pl.ds(l_ref[0], 1), :]).astype(jnp.float32)
     col = lax.broadcasted_iota(jnp.int32, (bt, E), 1)
     group = col // per
     neg = jnp.float32(-jnp.inf)
@@ -174,7 +180,7 @@ def _gpu_route_kernel(x_ref, b_ref, idx_ref, w_ref, s_ref, *, t, bt, o: _Opts):
         store(w_ref.at[pl.ds(row0, bt), pl.ds(k, 1)], (w[k] * o.scaling)[:, None], rows_ok)
 
 
-def _gpu_call(logits_TE, bias_E, o: _Opts, interpret: bool, block_t: int, num_warps: int):
+def _gpu_call(logits_TE, bias_LE, lay, o: _Opts, interpret: bool, block_t: int, num_warps: int):
     T, E = logits_TE.shape
     K = o.top_k
     bt = max(1, min(block_t, next_pow2(T)))
@@ -187,24 +193,24 @@ def _gpu_call(logits_TE, bias_E, o: _Opts, interpret: bool, block_t: int, num_wa
         compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="moe_route_gpu",
-    )(logits_TE, bias_E.reshape(1, E))
+    )(lay, logits_TE, bias_LE)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _route_gpu(logits_TE, bias_E, o, interpret, block_t, num_warps):
-    return _gpu_call(logits_TE, bias_E, o, interpret, block_t, num_warps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _route_gpu(logits_TE, bias_LE, lay, o, interpret, block_t, num_warps):
+    return _gpu_call(logits_TE, bias_LE, lay, o, interpret, block_t, num_warps)
 
 
-def _route_gpu_fwd(logits_TE, bias_E, o, interpret, block_t, num_warps):
-    out = _gpu_call(logits_TE, bias_E, o, interpret, block_t, num_warps)
-    return out, (logits_TE, bias_E, out[0])
+def _route_gpu_fwd(logits_TE, bias_LE, lay, o, interpret, block_t, num_warps):
+    out = _gpu_call(logits_TE, bias_LE, lay, o, interpret, block_t, num_warps)
+    return out, (logits_TE, bias_LE, out[0])
 
 
 def _route_gpu_bwd(o, interpret, block_t, num_warps, res, ct):
     """The reference's gradient at the kernel's indices (the bias steers selection only)."""
-    logits_TE, bias_E, idx_TK = res
+    logits_TE, bias_LE, idx_TK = res
     _, vjp = jax.vjp(lambda x: _weights(x, idx_TK, o), logits_TE)
-    return vjp((ct[1], ct[2]))[0], jnp.zeros_like(bias_E)
+    return vjp((ct[1], ct[2]))[0], jnp.zeros_like(bias_LE), None
 
 
 _route_gpu.defvjp(_route_gpu_fwd, _route_gpu_bwd)
@@ -216,11 +222,11 @@ def gpu_takes(E: int) -> bool:
 
 
 def moe_route_gpu(logits_TE, bias_E, *, n_group: int, topk_group: int, top_k: int, norm_topk_prob: bool,
-                  scaling: float, interpret: bool = False, block_t: int = 1, num_warps: int = 1):
-    """The GPU kernel (see the module doc); arguments as :func:`moe_route_ref`. ``block_t``: rows
-    per program (clipped to the next power of two of ``T``)."""
+                  scaling: float, layer=None, interpret: bool = False, block_t: int = 1, num_warps: int = 1):
+    """The GPU kernel (see the module doc); arguments as :func:`moe_route_ref` (a layer's bias of
+    a stack read in place). ``block_t``: rows per program (clipped to the next power of two of ``T``)."""
     o = _Opts(n_group, topk_group, top_k, bool(norm_topk_prob), float(scaling))
-    _check(logits_TE, bias_E, o)
+    _check(logits_TE, bias_E, o, layer)
     T, E = logits_TE.shape
     if not gpu_takes(E):
         raise ValueError(f"moe_route_gpu: {E} experts is not a power of two (moe_route takes the reference)")
@@ -228,15 +234,18 @@ def moe_route_gpu(logits_TE, bias_E, *, n_group: int, topk_group: int, top_k: in
         raise ValueError(f"moe_route_gpu: block_t={block_t} must be a power of two")
     if T == 0:
         return (jnp.zeros((0, top_k), jnp.int32), jnp.zeros((0, top_k), jnp.float32), jnp.zeros((0, E), jnp.float32))
-    return _route_gpu(logits_TE, bias_E, o, bool(interpret), int(block_t), int(num_warps))
+    lay = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
+    bias_LE = bias_E[None] if layer is None else bias_E
+    return _route_gpu(logits_TE, bias_LE, lay, o, bool(interpret), int(block_t), int(num_warps))
 
 
 def moe_route(logits_TE, bias_E, *, n_group: int, topk_group: int, top_k: int, norm_topk_prob: bool,
-              scaling: float, impl: str = "auto"):
+              scaling: float, layer=None, impl: str = "auto"):
     """The noaux_tc routing of ``logits_TE`` ``[T, E]`` (see the module doc); ``impl`` as in
     :mod:`kernels_pallas.backend`: the GPU kernel on GPU targets (``E`` a power of two), the
     reference on TPU and CPU."""
-    kw = dict(n_group=n_group, topk_group=topk_group, top_k=top_k, norm_topk_prob=norm_topk_prob, scaling=scaling)
+    kw = dict(n_group=n_group, topk_group=topk_group, top_k=top_k, norm_topk_prob=norm_topk_prob, scaling=scaling,
+              layer=layer)
     target, interpret = backend.split_impl(impl)
     if target == "gpu" and gpu_takes(logits_TE.shape[-1]):
         return moe_route_gpu(logits_TE, bias_E, interpret=interpret, **kw)
