@@ -14,6 +14,8 @@
 #      slices, decode B=64 with the Mosaic GPU MLA kernel, and prefill 4K with flash attention,
 #      with the Mosaic GPU grouped kernel and in W8A8 on the Mosaic GPU e4m3 kernels, side by
 #      side; if it fails with the Pallas kernels, once more with DEEPSEEK_JAX_KERNELS=ref.
+#   2b. the decode rows at batch 1 and 16 again with XLA's command buffers (CUDA graphs) for the
+#      while loops too (--xla_gpu_enable_command_buffer=...,WHILE,CONDITIONAL): launch gaps
 #   3. benchmarks/kernels.py --only mla: the Mosaic GPU MLA decode kernel (never compiled on a GPU
 #      before; kernels_pallas/mla_decode_mgpu.py) first, then the Triton one and its sweeps
 #   3b. benchmarks/kernels.py --only absorb: MLA's absorbed products through kv_b_proj's FP8 weight
@@ -62,6 +64,12 @@ if ((rc != 0 && rc != 124)); then  # failed (not just slow): the jnp paths, for 
         --unroll-batches none --profile none \
         --batches 1,16 --prefill 4096 --json "$OUT_DIR/e2e_ref.json"
 fi
+# the decode loop as CUDA graphs: XLA's command buffers with WHILE / CONDITIONAL added (the batch-1
+# step is launch-bound: 14% idle and ~300 small kernels in session 3's profile), beside the plain run
+CMDBUF="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF --xla_gpu_graph_min_graph_size=1" step e2e_cmdbuf 60 "$PY" benchmarks/e2e_gpu.py $SMALL \
+    --rows decode --batches 1,16 --no-hf --no-compare-in-place --unroll-batches none --profile none \
+    --no-compare-mosaic-mla --json "$OUT_DIR/e2e_cmdbuf.json"
 step bench_mla 45 "$PY" benchmarks/kernels.py $SMALL --only mla --reps 3 --json "$OUT_DIR/bench_mla.json"
 # MLA's absorbed products (kernels_pallas/mla_absorb.py, new, never timed): kernel vs XLA, B=1/16/64; table in the log
 step bench_absorb 30 "$PY" benchmarks/kernels.py $SMALL --only absorb --reps 3
