@@ -67,7 +67,7 @@ fi
 # the decode loop as CUDA graphs: XLA's command buffers with WHILE / CONDITIONAL added (the batch-1
 # step is launch-bound: 14% idle and ~300 small kernels in session 3's profile), beside the plain run
 CMDBUF="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF --xla_gpu_graph_min_graph_size=1" step e2e_cmdbuf 60 "$PY" benchmarks/e2e_gpu.py $SMALL \
+XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF --xla_gpu_graph_min_graph_size=1" step e2e_cmdbuf 75 "$PY" benchmarks/e2e_gpu.py $SMALL \
     --rows decode --batches 1,16 --no-hf --no-compare-in-place --unroll-batches none --profile none \
     --no-compare-mosaic-mla --json "$OUT_DIR/e2e_cmdbuf.json"
 step bench_mla 45 "$PY" benchmarks/kernels.py $SMALL --only mla --reps 3 --json "$OUT_DIR/bench_mla.json"
