@@ -58,7 +58,7 @@ class MLA(nnx.Module):
         qk = H * cfg.qk_head_dim
         if cfg.q_lora_rank:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, fp8=fp8, prec=prec, rngs=rngs)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype=prec.dtype)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype=prec.dtype, kernels=prec.kernels)
             self.q_b_proj = Linear(cfg.q_lora_rank, qk, fp8=fp8, prec=prec, rngs=rngs)
         else:
             self.q_proj = Linear(D, qk, fp8=fp8, prec=prec, rngs=rngs)
@@ -72,7 +72,8 @@ class MLA(nnx.Module):
     # ---- pieces shared by both forms -------------------------------------------------------
     def _query(self, x_BTD, cos, sin, rope: Rope):
         if self.cfg.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+            # q_a_proj's split-K partials (batch-1 decode) summed by the norm's kernel
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD, sum_splits=False)))
         else:
             q = self.q_proj(x_BTD)
         q_BTHK = q.reshape(*q.shape[:-1], self.num_heads, self.nope + self.rope_dim)
@@ -122,7 +123,7 @@ class MLA(nnx.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, rope: Rope, *,
-                 cache_BSC: jax.Array | None = None, absorbed: bool = False, layer=None):
+                 cache_BSC: jax.Array | None = None, absorbed: bool = False, layer=None, sum_splits: bool = True):
         """Returns ``(out_BTD, cache_BSC)``; the cache (if given) gets the new tokens written.
 
         ``absorbed=False``: naive form among this call's tokens (the cache is only written).
@@ -130,6 +131,8 @@ class MLA(nnx.Module):
         prefill continuing an existing cache). Both compute the same function.
         ``layer``: the cache is the scanned layers' whole ``[L, B, S, C]`` stack, this is layer
         ``layer`` (traced); it is written and read in place and returned whole.
+        ``sum_splits=False``: the output may be ``o_proj``'s unsummed split-K partials
+        (``kernels_pallas.SplitK``, see ``Linear``), for the next norm's kernel to sum.
         """
         dtype = self.prec.dtype
         T = x_BTD.shape[1]
@@ -240,5 +243,5 @@ class MLA(nnx.Module):
                 o_lat = einsum32("bths,bsl->bthl", p, c).astype(dtype)
             o_BTHA = self._absorb(o_lat, "v")
         with jax.named_scope("o_proj"):
-            out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A))
+            out = self.o_proj(o_BTHA.reshape(*o_BTHA.shape[:2], H * A), sum_splits=sum_splits)
         return out, cache_BSC

@@ -63,8 +63,8 @@ class DecoderLayer(nnx.Module):
         """``layer_idx``: experts read in place (see ``MoE``); ``cache_layer``: ``cache_BSC`` is the
         scanned layers' whole ``[L, B, S, C]`` cache and this is that layer (see ``MLA``)."""
         with jax.named_scope("attn"):
-            a, cache_BSC = self.self_attn(self.input_layernorm(h_BTD), pos_BT, rope,
-                                          cache_BSC=cache_BSC, absorbed=absorbed, layer=cache_layer)
+            a, cache_BSC = self.self_attn(self.input_layernorm(h_BTD), pos_BT, rope, cache_BSC=cache_BSC,
+                                          absorbed=absorbed, layer=cache_layer, sum_splits=False)
         with jax.named_scope("moe" if self.moe else "mlp"):
             h_BTD, x_BTD = self.post_attention_layernorm(h_BTD, residual=a)   # h + a, and its norm
             if self.moe:
@@ -102,7 +102,7 @@ def _is_routed_expert(path, _value) -> bool:
 #: Small per-layer parameters that GPU kernels read (``kernels_pallas.rms_norm``,
 #: ``moe_route``): with ``weights_in_place`` they are read at the layer's index too, since a
 #: per-layer slice feeding a Pallas call is one more launch per layer each.
-_KERNEL_PARAMS = {("input_layernorm", "weight"), ("post_attention_layernorm", "weight"),
+_KERNEL_PARAMS = {("input_layernorm", "weight"), ("post_attention_layernorm", "weight"), ("q_a_layernorm", "weight"),
                   ("gate", "e_score_correction_bias")}
 
 

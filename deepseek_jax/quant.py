@@ -180,17 +180,21 @@ class Linear(nnx.Module):
             return dequantize(w, s, dtype)
         return self.weight[...].astype(dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, sum_splits: bool = True):
+        """``x Wᵀ`` in the compute dtype. ``sum_splits=False``: where the W8A16 GPU kernel splits the
+        contraction (few rows), its float32 partials unsummed (``kernels_pallas.SplitK``), for a
+        consumer kernel to sum (``RMSNorm`` does); any other path returns the array."""
         dtype = self.prec.dtype
         x = x.astype(dtype)
         if self.fp8:
-            fn = kernels_pallas.w8a8_matmul if self.prec.fp8_mode == "w8a8" else kernels_pallas.w8a16_matmul
+            w8a8 = self.prec.fp8_mode == "w8a8"
+            fn = kernels_pallas.w8a8_matmul if w8a8 else kernels_pallas.w8a16_matmul
             impl = _dense_impl(self.prec, x.size // x.shape[-1])
             if self.placement is not None and kernel_mesh.uses_kernel(impl):
                 return kernel_mesh.linear(fn, x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype,
                                           impl=impl, layer=self._stacked_layer(), pl=self.placement)
             return fn(x, self.weight[...], self.weight_scale_inv[...], out_dtype=dtype, impl=impl,
-                      layer=self._stacked_layer())
+                      layer=self._stacked_layer(), **({} if w8a8 or sum_splits else {"sum_splits": False}))
         w = self.weight[...].astype(dtype)
         y = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32,
                        precision=jax.lax.Precision.HIGHEST)

@@ -6,6 +6,7 @@ reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas"
 "pallas_tpu" | "interpret" | "interpret_gpu" | "interpret_tpu"); see :mod:`kernels_pallas.backend`.
 """
 
+from kernels_pallas._common import SplitK
 from kernels_pallas.backend import default_impl, resolve_impl
 from kernels_pallas.flash_prefill import (cached_attention, cached_attention_ref, causal_attention,
                                           causal_attention_ref)
@@ -18,6 +19,7 @@ from kernels_pallas.moe_router import moe_route, moe_route_ref
 from kernels_pallas.rms_norm import rms_norm, rms_norm_ref
 
 __all__ = [
+    "SplitK",
     "default_impl",
     "resolve_impl",
     "quantize_act_1x128",

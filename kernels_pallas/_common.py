@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,19 @@ def and_masks(a, b):
     if b is None:
         return a
     return a & b
+
+
+class SplitK(NamedTuple):
+    """A GEMM's split-K partial products ``[S, ..., N]`` (float32), not yet summed: what
+    ``w8a16_matmul(..., sum_splits=False)`` returns where its GPU kernel split the contraction, for
+    a consumer kernel to sum (``kernels_pallas.rms_norm`` does) instead of an XLA launch."""
+
+    parts: jax.Array
+
+
+def summed(x, dtype):
+    """``x``, or a :class:`SplitK`'s sum rounded to ``dtype`` (what the GEMM would have returned)."""
+    return jnp.sum(x.parts, axis=0).astype(dtype) if isinstance(x, SplitK) else x
 
 
 def masked_load(ref, mask):

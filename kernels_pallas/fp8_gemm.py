@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, GPU_NUM_SMS, QBLOCK, and_masks, cdiv,
+from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, GPU_NUM_SMS, QBLOCK, SplitK, and_masks, cdiv,
                                    dequantize_blocks, flatten_rows, masked_load, next_pow2, round_up)
 
 __all__ = [
@@ -310,11 +310,12 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
 
 
 def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
-                      config: GpuConfig | None = None, layer=None):
+                      config: GpuConfig | None = None, layer=None, sum_splits: bool = True):
     """GPU kernel: ``x [M, K]`` (e4m3 with ``xs_Mk`` scales → W8A8, or bf16/f32 with ``xs_Mk=None`` →
     W8A16) times block-scaled e4m3 ``wq [N, K]`` → ``[M, N]`` in ``out_dtype``.  With ``layer``
     (int or traced int32), ``wq``/``ws`` are ``[L, N, K]``/``[L, nb, kb]`` stacks and layer
-    ``layer``'s weight is read in place (no slice is materialized)."""
+    ``layer``'s weight is read in place (no slice is materialized). ``sum_splits=False``: where
+    the configuration splits K, the float32 partials unsummed (a :class:`SplitK`)."""
     if layer is None:
         wq_NK, ws_nk = wq_NK[None], ws_nk[None]
     l_1 = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
@@ -344,7 +345,7 @@ def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
         name="w8a8_gemm_gpu" if has_xs else "w8a16_gemm_gpu",
     )(*args)
     if splits > 1:
-        y = jnp.sum(y, axis=0).astype(out_dtype)
+        return SplitK(y) if not sum_splits else jnp.sum(y, axis=0).astype(out_dtype)
     return y
 
 
@@ -473,7 +474,7 @@ def _mgpu_supported(m: int, n: int, k: int) -> bool:
     return supported(m, n, k)
 
 
-def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=None):
+def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=None, sum_splits=True):
     _check_weight(x_MK, wq_NK, ws_nk, layer)
     target, interpret = backend.split_impl(impl)
     out_dtype = x_MK.dtype if out_dtype is None else out_dtype
@@ -492,24 +493,30 @@ def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=Non
             wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
         y = w8a8_matmul_mgpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret)
     elif target == "gpu":
-        y = scaled_matmul_gpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret, layer=layer)
+        y = scaled_matmul_gpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret, layer=layer,
+                              sum_splits=sum_splits)
+        if isinstance(y, SplitK):
+            return SplitK(y.parts.reshape(y.parts.shape[0], *lead, n))
     else:
         y = scaled_matmul_tpu(xq, xs, wq_NK, ws_nk, out_dtype=out_dtype, interpret=interpret, layer=layer)
     return y.reshape(*lead, n)
 
 
 def w8a16_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dtype=None,
-                 impl: str = "auto", layer: jax.Array | int | None = None) -> jax.Array:
+                 impl: str = "auto", layer: jax.Array | int | None = None, sum_splits: bool = True):
     """``x @ dequant(Wq, S).T`` (W8A16).  ``x [..., K]`` → ``[..., N]``; ``impl`` picks the Pallas
     kernel or :func:`w8a16_matmul_ref` (see :mod:`kernels_pallas.backend`).  ``layer``: ``wq``/``ws``
     are ``[L, N, K]``/``[L, nb, kb]`` stacks and that layer's weight is used (read in place by
-    the GPU and TPU kernels; the reference slices it)."""
+    the GPU and TPU kernels; the reference slices it). ``sum_splits=False``: where the GPU kernel
+    splits K (few rows), its float32 partials come back unsummed as a :class:`SplitK` ``[S, ..., N]``
+    for the consumer to sum (:func:`kernels_pallas.rms_norm` takes them); elsewhere the array."""
     if backend.resolve_impl(impl) == "ref":
         if layer is not None:
             _check_weight(x_MK, wq_NK, ws_nk, layer)
             wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
         return w8a16_matmul_ref(x_MK, wq_NK, ws_nk, out_dtype=out_dtype)
-    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=False, layer=layer)
+    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=False, layer=layer,
+                          sum_splits=sum_splits)
 
 
 def w8a8_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dtype=None,

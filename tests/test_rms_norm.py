@@ -70,28 +70,66 @@ def test_kernel_gradient_is_the_references():
         np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=1e-5, atol=1e-6)
 
 
+def test_split_k_partials_summed_in_the_kernel():
+    """A one-row W8A16 GEMM that splits K hands back its float32 partials (``sum_splits=False``),
+    and the norm kernel sums them, as ``x`` and as the residual, like the summed GEMM output."""
+    import kernels_pallas as kp
+    from kernels_pallas import SplitK
+    from deepseek_jax.quant import quantize
+
+    rng = np.random.default_rng(5)
+    wq, ws = quantize(jnp.asarray(rng.standard_normal((256, 2048)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((1, 1, 2048)), jnp.bfloat16)
+    parts = kp.w8a16_matmul(x, wq, ws, out_dtype=jnp.bfloat16, impl="interpret_gpu", sum_splits=False)
+    assert isinstance(parts, SplitK) and parts.parts.shape[0] > 1 and parts.parts.shape[1:] == (1, 1, 256)
+    y = kp.w8a16_matmul(x, wq, ws, out_dtype=jnp.bfloat16, impl="interpret_gpu")
+    np.testing.assert_array_equal(np.asarray(jnp.sum(parts.parts, 0).astype(jnp.bfloat16), np.float32),
+                                  np.asarray(y, np.float32))
+    w = jnp.asarray(rng.standard_normal(256), jnp.bfloat16)
+    h0 = jnp.asarray(rng.standard_normal((1, 1, 256)), jnp.bfloat16)
+    f = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    for impl in ("interpret_gpu", "ref"):
+        got = rms_norm(parts, w, eps=1e-6, out_dtype=jnp.bfloat16, impl=impl)
+        np.testing.assert_array_equal(f(got), f(rms_norm_ref(y, w, eps=1e-6)))
+        h, n = rms_norm(h0, w, eps=1e-6, residual=parts, impl=impl)
+        h_want, n_want = rms_norm_ref(h0, w, eps=1e-6, residual=y)
+        np.testing.assert_array_equal(f(h), f(h_want))
+        np.testing.assert_array_equal(f(n), f(n_want))
+
+
 def test_decoder_layer_runs_its_norms_on_the_kernel(monkeypatch):
-    """A decoder layer with ``Precision(kernels="interpret_gpu")`` calls the kernel for its input
-    norm and, with the residual add, its post-attention norm; its output equals the reference
-    layer's."""
+    """A decoder layer with ``Precision(kernels="interpret_gpu")`` at batch-1 decode shapes where
+    the GPU GEMMs split K (``q_a_proj``, ``o_proj``): the kernel runs its input norm, MLA's
+    ``q_a_layernorm`` on ``q_a_proj``'s unsummed partials, and the post-attention add + norm with
+    ``o_proj``'s partials as the residual; the layer's output is the reference layer's."""
+    import sys
+
     from flax import nnx
 
-    import sys
-    from deepseek_jax.config import load_config
+    from deepseek_jax.config import DeepSeekConfig
     from deepseek_jax.model import DecoderLayer
     from deepseek_jax.quant import Precision
     from deepseek_jax.rope import Rope
+    from deepseek_jax.synthetic import tiny_config
+    from kernels_pallas import SplitK
 
-    cfg = load_config("tiny")
-    R = sys.modules["kernels_pallas.rms_norm"]   # the package exports the function under the same name
-    calls = []
+    cfg = DeepSeekConfig.from_hub_dict(dict(tiny_config(hidden_size=512, q_lora_rank=256, num_attention_heads=2,
+                                                         num_key_value_heads=2, v_head_dim=128, intermediate_size=256),
+                                            quantization_config={"quant_method": "fp8"}))
+    R = sys.modules["kernels_pallas.rms_norm"]
+    seen = []
     real = R.rms_norm_gpu
-    monkeypatch.setattr(R, "rms_norm_gpu", lambda *a, **k: calls.append(k.get("residual") is not None) or real(*a, **k))
+
+    def spy(x, *a, residual=None, **k):
+        seen.append((isinstance(x, SplitK), isinstance(residual, SplitK)))
+        return real(x, *a, residual=residual, **k)
+
+    monkeypatch.setattr(R, "rms_norm_gpu", spy)
     outs = []
     for kernels in ("ref", "interpret_gpu"):
         layer = DecoderLayer(cfg, moe=False, prec=Precision(kernels=kernels), rngs=nnx.Rngs(0))
-        x = jax.random.normal(jax.random.key(1), (2, 5, cfg.hidden_size))
-        pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
-        outs.append(np.asarray(layer(x, pos, Rope(cfg))[0]))
-    assert sorted(calls) == [False, True]
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        x = jax.random.normal(jax.random.key(1), (1, 1, cfg.hidden_size))
+        cache = jax.random.normal(jax.random.key(2), (1, 8, cfg.latent_dim)) * 0.5
+        outs.append(np.asarray(layer(x, jnp.full((1, 1), 3), Rope(cfg), cache, absorbed=True)[0]))
+    assert sorted(seen) == [(False, False), (False, True), (True, False)], seen
+    np.testing.assert_allclose(outs[1], outs[0], rtol=2e-5, atol=2e-5)

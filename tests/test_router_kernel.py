@@ -56,6 +56,18 @@ def test_kernel_matches_reference(T, E, kw, block_t, bias):
         assert not np.array_equal(np.asarray(kp.moe_route_ref(x, jnp.zeros_like(b), **kw)[0]), np.asarray(want[0]))
 
 
+def test_kernel_reads_a_layer_of_a_bias_stack():
+    """``layer=``: the bias is all scanned layers' ``[L, E]`` (``Precision.weights_in_place``) and
+    the kernel reads that layer's row in place; the other rows differ enough to change the choice."""
+    x, b = _inputs(7, 5, 256)
+    stack = jnp.stack([b - 1.0, b, b + jnp.linspace(1.0, 0.0, 256)])
+    want = kp.moe_route_ref(x, b, **V3)
+    _assert_same(moe_route_gpu(x, stack, layer=jnp.int32(1), interpret=True, **V3), want)
+    _assert_same(kp.moe_route(x, stack, layer=jnp.int32(1), impl="ref", **V3), want)
+    other = moe_route_gpu(x, stack, layer=jnp.int32(2), interpret=True, **V3)[0]
+    assert not np.array_equal(np.asarray(other), np.asarray(want[0]))
+
+
 def test_kernel_ties_go_to_the_lower_index():
     """Logits from {0, 1, 2}: equal scores within groups, equal group scores, equal candidates;
     ``lax.top_k`` (the reference) takes the lower index each time, so must the kernel."""
