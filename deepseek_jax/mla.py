@@ -23,7 +23,7 @@ from flax import nnx
 
 import kernels_pallas
 from deepseek_jax import kernel_mesh
-from kernels_pallas.mla_decode import SplitT, combine_splits
+from kernels_pallas.mla_decode import SplitT
 
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.norm import RMSNorm
@@ -100,15 +100,11 @@ class MLA(nnx.Module):
         merges them, cast to the compute dtype as ``o_lat.astype(dtype)`` would be."""
         kvb = self.kv_b_proj
         fn = kernels_pallas.mla_absorb
-        kw = {}
-        if isinstance(x_BTHI, SplitT):
-            kw["dtype"] = self.prec.dtype
         if kvb.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
-            if kw:  # the decode branch folds only off a mesh; were it ever handed one, merge here
-                x_BTHI, kw = combine_splits(x_BTHI).astype(self.prec.dtype), {}
-            fn = functools.partial(kernel_mesh.mla_absorb, fn, pl=kvb.placement)
+            fn = functools.partial(kernel_mesh.mla_absorb, fn, pl=kvb.placement)   # never a SplitT: see decode
         return fn(x_BTHI, kvb.weight[...], kvb.weight_scale_inv[...] if kvb.fp8 else None, part=part,
-                  nope=self.nope, layer=kvb._stacked_layer(), out_dtype=self.prec.dtype, impl=self.prec.kernels, **kw)
+                  nope=self.nope, layer=kvb._stacked_layer(), out_dtype=self.prec.dtype, impl=self.prec.kernels,
+                  **({"dtype": self.prec.dtype} if isinstance(x_BTHI, SplitT) else {}))
 
     def _cached_attention(self, q_nope, q_pe, kvb, k_pe, pos_BT) -> jax.Array:
         """``kernels_pallas.cached_attention`` (per shard on a mesh) over keys ``kvb``, kv_b_proj's

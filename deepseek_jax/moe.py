@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels_pallas
-from kernels_pallas.moe_router import top_k_mask as _top_k_mask  # noqa: F401 (tests/test_units.py)
 
 from deepseek_jax import kernel_mesh
 from deepseek_jax.config import DeepSeekConfig

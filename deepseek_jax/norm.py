@@ -1,5 +1,5 @@
-"""RMSNorm computed in float32 (SPEC §2): ``w * x / sqrt(mean(x^2) + eps)``; the math is
-``kernels_pallas.rms_norm_ref``'s, on a GPU one kernel (``kernels_pallas.rms_norm``)."""
+"""RMSNorm computed in float32 (SPEC §2): ``w * x / sqrt(mean(x^2) + eps)``: the module over
+``kernels_pallas.rms_norm`` (its reference's math; on a GPU one kernel)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels_pallas
-from kernels_pallas.rms_norm import rms_norm_ref
-
-
-def rms_norm(x: jax.Array, w: jax.Array, eps: float, dtype) -> jax.Array:
-    return rms_norm_ref(x, w, eps=eps, out_dtype=dtype)
+from deepseek_jax.quant import scan_layer_index
 
 
 class RMSNorm(nnx.Module):
@@ -29,8 +25,6 @@ class RMSNorm(nnx.Module):
         """``norm(x)``, or with ``residual`` the pair ``(x + residual, norm(x + residual))``. A
         weight of all scanned layers ``[L, D]`` (``Precision.weights_in_place``) is read at the
         enclosing ``quant.scan_layer``'s index."""
-        from deepseek_jax.quant import scan_layer_index
-
         w = self.weight[...]
         layer = scan_layer_index() if w.ndim == 2 else None
         impl = self.kernels if self.placement is None else "ref"

@@ -1,5 +1,5 @@
 """Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode and its
-absorbed products, flash causal attention for prefill).
+absorbed products, flash attention for prefill, the MoE router's selection, RMSNorm with a residual add).
 
 Self-contained: imports jax only, never ``deepseek_jax``.  Every public function has a plain-jnp
 reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas" | "pallas_gpu" |

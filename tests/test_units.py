@@ -136,7 +136,7 @@ def test_router_matches_independent_loop_with_negative_biases():
 def test_group_mask_is_top_k_by_rank_with_ties():
     """The router's group selection by rank equals ``lax.top_k``'s pick, ties included (equal
     scores go to the lower index), on scores with many ties."""
-    from deepseek_jax.moe import _top_k_mask
+    from kernels_pallas.moe_router import top_k_mask as _top_k_mask
     x = jnp.asarray(np.random.default_rng(5).integers(0, 4, size=(300, 8)).astype(np.float32))
     for k in (1, 3, 4, 8):
         _, top = jax.lax.top_k(x, k)
