@@ -97,14 +97,16 @@ class MLA(nnx.Module):
         weight in place; XLA's own products wrote float32 copies of it, ~9x its bytes at batch 1).
         ``x_BTHI`` may be the decode kernel's unmerged split-T partials of ``o_lat`` (a
         ``kernels_pallas.mla_decode.SplitT``, ``[S, B, T, H, L]``, part "v"): the absorb kernel
-        merges them, cast to the compute dtype as ``o_lat.astype(dtype)`` would be."""
+        merges them. Either way it is cast to the compute dtype as it is loaded, as
+        ``x.astype(dtype)`` would be (the decode kernel's float32 ``o_lat`` at batch 64 cost a
+        convert launch per layer and 25 MB written and read)."""
         kvb = self.kv_b_proj
         fn = kernels_pallas.mla_absorb
         if kvb.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
             fn = functools.partial(kernel_mesh.mla_absorb, fn, pl=kvb.placement)   # never a SplitT: see decode
         return fn(x_BTHI, kvb.weight[...], kvb.weight_scale_inv[...] if kvb.fp8 else None, part=part,
-                  nope=self.nope, layer=kvb._stacked_layer(), out_dtype=self.prec.dtype, impl=self.prec.kernels,
-                  **({"dtype": self.prec.dtype} if isinstance(x_BTHI, SplitT) else {}))
+                  nope=self.nope, layer=kvb._stacked_layer(), out_dtype=self.prec.dtype, dtype=self.prec.dtype,
+                  impl=self.prec.kernels)
 
     def _cached_attention(self, q_nope, q_pe, kvb, k_pe, pos_BT) -> jax.Array:
         """``kernels_pallas.cached_attention`` (per shard on a mesh) over keys ``kvb``, kv_b_proj's
@@ -222,8 +224,8 @@ class MLA(nnx.Module):
                         for t in range(T)]
                 if isinstance(outs[0], SplitT):   # [S, B, T, H, L] partials
                     o_lat = SplitT(*(jnp.stack(parts, axis=2) for parts in zip(*outs)))
-                else:
-                    o_lat = jnp.stack(outs, axis=1).astype(dtype)
+                else:   # float32: the absorb kernel casts it as it loads (a convert launch less)
+                    o_lat = jnp.stack(outs, axis=1)
             else:  # several new tokens (chunked prefill over an existing cache)
                 kv = cache_BSC if layer is None else jax.lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
                 kv = kv.astype(dtype)

@@ -103,6 +103,23 @@ def test_absorb_of_split_t_matches_merged(impl, s, rows, dtype):
         assert "mla_absorb_v_gpu" in jaxpr and "reduce_max" not in jaxpr
 
 
+@pytest.mark.parametrize("impl", ["interpret_gpu", "interpret_tpu", "ref"])
+def test_absorb_casts_a_float32_o_lat_as_it_loads(impl):
+    """The merged path (batch 64 and up, and meshes) hands the decode kernel's float32 ``o_lat`` to
+    the absorb with ``dtype=bf16``: the same numbers as casting it first (that the compiled GPU
+    program then has no convert of it is checked in ``tests/test_aot_compile.py``, batch 64)."""
+    rng = np.random.default_rng(11)
+    wq, ws = kvb_weight(rng)
+    # magnitudes whose bf16 rounding matters: a float32 product would differ from the bf16 one
+    o_lat = jnp.asarray(rng.standard_normal((5, 1, H, LAT)) * (1 + 1e-3 * rng.standard_normal((5, 1, H, LAT))),
+                        jnp.float32)
+    fused = jax.jit(lambda x, wq, ws: mla_absorb(x, wq, ws, part="v", nope=NOPE, dtype=jnp.bfloat16, impl=impl))
+    y = fused(o_lat, wq, ws)
+    want = mla_absorb(o_lat.astype(jnp.bfloat16), wq, ws, part="v", nope=NOPE, impl=impl)
+    assert y.dtype == jnp.bfloat16
+    assert rel_err(y, want) == 0.0
+
+
 def test_split_t_bad_inputs_are_one_line_errors():
     rng = np.random.default_rng(3)
     wq, ws = kvb_weight(rng)
