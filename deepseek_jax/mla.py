@@ -87,6 +87,15 @@ class MLA(nnx.Module):
         k_pe = rope.apply(kv[..., self.latent:], cos, sin)
         return jnp.concatenate([c, k_pe.astype(c.dtype)], axis=-1)
 
+    def _writes_by_kernel(self, layer) -> bool:
+        """Whether a decode step's new cache entries go through ``kernels_pallas.write_latent`` (one
+        GPU launch per layer for ``kv_a_layernorm``, the rope of ``k_pe`` and the cache write; XLA
+        took 4-5): GPU kernels, off a mesh, and the norm weight stacked like the cache (a scanned
+        layer's, ``Precision.weights_in_place``) or neither stacked."""
+        stacked_w = self.kv_a_layernorm.weight[...].ndim == 2
+        return (kernels_pallas.backend.split_impl(self.prec.kernels)[0] == "gpu" and self.placement is None
+                and self.kv_a_proj_with_mqa.placement is None and stacked_w == (layer is not None))
+
     def _softmax(self, s_BHTS, mask_BTS):
         s = jnp.where(mask_BTS[:, None], s_BHTS.astype(jnp.float32) * self.scale, _NEG)
         return jax.nn.softmax(s, axis=-1)
@@ -150,13 +159,22 @@ class MLA(nnx.Module):
                                     absorbed=True, layer=layer)
                 outs.append(o)
             return jnp.concatenate(outs, axis=1), cache_BSC
+        entry_kernel = absorbed and T <= _KERNEL_MAX_NEW and cache_BSC is not None and self._writes_by_kernel(layer)
         with jax.named_scope("qkv"):
             cos, sin = rope.cos_sin(pos_BT)
             q_nope, q_pe = self._query(x_BTD, cos, sin, rope)
-            new_BTC = self.latent_entries(x_BTD, cos, sin, rope)
+            new_BTC = None if entry_kernel else self.latent_entries(x_BTD, cos, sin, rope)
         if cache_BSC is not None:
             with jax.named_scope("cache_write"):
-                cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT, layer)
+                if entry_kernel:
+                    # decode on a GPU: kv_a's output (its split-K partials at batch 1) to the
+                    # cache through one kernel that norms, ropes and writes in place
+                    ln = self.kv_a_layernorm
+                    cache_BSC = kernels_pallas.write_latent(
+                        cache_BSC, self.kv_a_proj_with_mqa(x_BTD, sum_splits=False), ln.weight[...], pos_BT,
+                        rope.inv_freq, mult=rope.mult, eps=ln.eps, dtype=dtype, layer=layer, impl=self.prec.kernels)
+                else:
+                    cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT, layer)
         H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
         flash_target = (kernels_pallas.backend.split_impl(self.prec.kernels)[0]
                         if self.prec.prefill_attention == "flash" else None)

@@ -100,10 +100,10 @@ def _is_routed_expert(path, _value) -> bool:
 
 
 #: Small per-layer parameters that GPU kernels read (``kernels_pallas.rms_norm``,
-#: ``moe_route``): with ``weights_in_place`` they are read at the layer's index too, since a
+#: ``moe_route``, ``write_latent``): with ``weights_in_place`` they are read at the layer's index too, since a
 #: per-layer slice feeding a Pallas call is one more launch per layer each.
 _KERNEL_PARAMS = {("input_layernorm", "weight"), ("post_attention_layernorm", "weight"), ("q_a_layernorm", "weight"),
-                  ("gate", "e_score_correction_bias")}
+                  ("kv_a_layernorm", "weight"), ("gate", "e_score_correction_bias")}
 
 
 def _is_fp8_linear(path, value) -> bool:

@@ -1,5 +1,5 @@
 """Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode and its
-absorbed products, flash attention for prefill, the MoE router's selection, RMSNorm with a residual add).
+absorbed products, flash attention for prefill, the MoE router's selection, RMSNorm with a residual add, MLA's cache entries).
 
 Self-contained: imports jax only, never ``deepseek_jax``.  Every public function has a plain-jnp
 reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas" | "pallas_gpu" |
@@ -13,6 +13,7 @@ from kernels_pallas.flash_prefill import (cached_attention, cached_attention_ref
 from kernels_pallas.fp8_gemm import (fake_quantize_act_1x128, quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref,
                                      w8a16_matmul, w8a16_matmul_ref)
 from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
+from kernels_pallas.latent_write import write_latent, write_latent_ref
 from kernels_pallas.mla_absorb import mla_absorb, mla_absorb_ref
 from kernels_pallas.mla_decode import mla_decode, mla_decode_ref
 from kernels_pallas.moe_router import moe_route, moe_route_ref

@@ -478,6 +478,15 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
         checks.append(("residual add + rms norm 4096x7168, a layer's weight of a stack",
                        lambda x, r, w, lay: kp.rms_norm(x, w, eps=1e-6, residual=r, layer=lay, impl=impl),
                        (sds((4096, 7168), bf16), sds((4096, 7168), bf16), sds((3, 7168), bf16), sds((), i32)), False))
+        inv_freq = (1.0 / 10000 ** (jnp.arange(32, dtype=f32) / 32)).astype(f32)
+        for b, splits in ((1, 14), (64, None)):   # MLA's new cache entries, a layer of a stack in place
+            kv = sds((14, b, 1, 576), f32) if splits else sds((b, 1, 576), bf16)
+            checks.append((f"latent cache write B={b}{', split-K partials' if splits else ''}, a layer of a stack",
+                           lambda c, kv, w, pos, lay, splits=splits: kp.write_latent(
+                               c, kp.SplitK(kv) if splits else kv, w, pos, inv_freq, mult=1.0, eps=1e-6,
+                               dtype=bf16, layer=lay, impl=impl),
+                           (sds((3, b, 4096, 576), bf16), kv, sds((3, 512), bf16), sds((b, 1), i32), sds((), i32)),
+                           False))
         checks.append(("flash prefill 4096 tokens, 128 heads, 192/128",
                        lambda q, k, v: kp.causal_attention(q, k, v, scale=0.07, impl=impl),
                        (sds((1, 4096, 128, 192), bf16), sds((1, 4096, 128, 192), bf16),
