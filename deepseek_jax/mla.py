@@ -71,14 +71,14 @@ class MLA(nnx.Module):
 
     # ---- pieces shared by both forms -------------------------------------------------------
     def _query(self, x_BTD, cos, sin, rope: Rope):
+        """``(q [B, T, H, N + R] as projected, roped q_pe [B, T, H, R])``."""
         if self.cfg.q_lora_rank:
             # q_a_proj's split-K partials (batch-1 decode) summed by the norm's kernel
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD, sum_splits=False)))
         else:
             q = self.q_proj(x_BTD)
         q_BTHK = q.reshape(*q.shape[:-1], self.num_heads, self.nope + self.rope_dim)
-        q_nope, q_pe = q_BTHK[..., :self.nope], q_BTHK[..., self.nope:]
-        return q_nope, rope.apply(q_pe, cos[..., None, :], sin[..., None, :])
+        return q_BTHK, rope.apply(q_BTHK[..., self.nope:], cos[..., None, :], sin[..., None, :])
 
     def latent_entries(self, x_BTD, cos, sin, rope: Rope) -> jax.Array:
         """The cache entries ``[c | roped k_pe]`` ``[B, T, L+R]`` of the new tokens."""
@@ -162,7 +162,8 @@ class MLA(nnx.Module):
         entry_kernel = absorbed and T <= _KERNEL_MAX_NEW and cache_BSC is not None and self._writes_by_kernel(layer)
         with jax.named_scope("qkv"):
             cos, sin = rope.cos_sin(pos_BT)
-            q_nope, q_pe = self._query(x_BTD, cos, sin, rope)
+            q_proj_BTHK, q_pe = self._query(x_BTD, cos, sin, rope)
+            q_nope = q_proj_BTHK[..., :self.nope]
             new_BTC = None if entry_kernel else self.latent_entries(x_BTD, cos, sin, rope)
         if cache_BSC is not None:
             with jax.named_scope("cache_write"):
@@ -218,7 +219,8 @@ class MLA(nnx.Module):
         else:
             if cache_BSC is None:
                 raise ValueError("absorbed attention needs a cache")
-            q_lat = self._absorb(q_nope.astype(dtype), "k")
+            # the whole query: the W_UK kernel reads its q_nope columns in place (no slice launch)
+            q_lat = self._absorb(q_proj_BTHK.astype(dtype), "k")
             if T <= _KERNEL_MAX_NEW:
                 # One new token per row (decode), or a few (speculative verification on GPU/TPU;
                 # the reference backend took the one-token-at-a-time branch above): the MLA

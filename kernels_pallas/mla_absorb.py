@@ -5,7 +5,9 @@ weight ``W`` is ``[H * (N + A), L]`` (the Hub's ``[out, in]``), head ``h``'s row
 ``h (N + A) ... h (N + A) + N`` are ``W_UK[h]`` and the next ``A`` rows ``W_UV[h]``. The absorbed form
 (SPEC §3) multiplies by them per head instead of expanding the cache:
 
-* ``part="k"``: ``q_lat[m, h, l] = Σ_n x[m, h, n] · W_UK[h][n, l]``  (``x`` = ``q_nope``, ``[M, H, N]``)
+* ``part="k"``: ``q_lat[m, h, l] = Σ_n x[m, h, n] · W_UK[h][n, l]``  (``x`` = ``q_nope``, ``[M, H, N]``,
+  or the whole query ``[M, H, N + R]``, whose first ``N`` columns per head are ``q_nope``: the GPU
+  kernel reads them in place, with no XLA slice before it)
 * ``part="v"``: ``out[m, h, a]  = Σ_l x[m, h, l] · W_UV[h][a, l]``  (``x`` = ``o_lat``, ``[M, H, L]``)
 
 with ``W = float(Wq) · S[row // 128, col // 128]`` and float32 accumulation.
@@ -80,9 +82,11 @@ def _check(x_MHI, wq, ws, part, nope, layer):
     h = x_MHI.shape[-2]
     if rows % h or not 0 < nope < rows // h:
         raise ValueError(f"mla_absorb: kv_b weight rows {rows} are not {h} heads of nope {nope} + v")
-    width = nope if part == "k" else lat
-    if x_MHI.shape[-1] != width:
-        raise ValueError(f"mla_absorb: part {part!r} takes x [..., {h}, {width}], got {tuple(x_MHI.shape)}")
+    if part == "k" and x_MHI.shape[-1] < nope:
+        raise ValueError(f"mla_absorb: part 'k' takes q_nope [..., {h}, {nope}] (or the query [..., {h}, "
+                         f"{nope} + rope], its first {nope} columns), got {tuple(x_MHI.shape)}")
+    if part == "v" and x_MHI.shape[-1] != lat:
+        raise ValueError(f"mla_absorb: part 'v' takes x [..., {h}, {lat}], got {tuple(x_MHI.shape)}")
     if ws is not None:
         want = (*wq.shape[:-2], cdiv(rows, QBLOCK), cdiv(lat, QBLOCK))
         if tuple(ws.shape) != want:
@@ -127,6 +131,8 @@ def mla_absorb_ref(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
     x_like, parts, dtype = _unpack(x_MHI, part, dtype)
     _check(x_like, wq, ws, part, nope, layer)
     x_MHI = _merged(x_MHI, parts, dtype)
+    if part == "k":
+        x_MHI = x_MHI[..., :nope]
     if layer is not None:
         wq = lax.dynamic_index_in_dim(wq, layer, 0, False)
         ws = None if ws is None else lax.dynamic_index_in_dim(ws, layer, 0, False)
@@ -150,11 +156,13 @@ def _dot(a, b, nt: bool, precision):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _gpu_absorb_kernel(l_ref, *refs, part, m, bm, nope, v_dim, lat, cdt, splits):
+def _gpu_absorb_kernel(l_ref, *refs, part, m, bm, nope, v_dim, lat, cdt, splits, x_head):
     """One ``[bm, 128]`` output tile of head ``h``: ``x_ref`` ``[M, H * I]``, ``wq_ref``
     ``[layers, H (N + A), L]`` e4m3, ``ws_ref`` its scales, ``o_ref`` ``[M, H * O]``.
     With ``splits`` (``part="v"``), ``x_ref`` is three refs, split-T partial states: ``acc``
-    ``[S, M, H * L]``, maxima ``m`` and sums ``[S, M, H]``, merged here tile by tile."""
+    ``[S, M, H * L]``, maxima ``m`` and sums ``[S, M, H]``, merged here tile by tile. ``x_head``:
+    ``x``'s columns per head (``I``; for ``part="k"`` the query's ``N + R``, of which the first
+    ``N`` are used)."""
     if splits is None:
         x_ref, wq_ref, ws_ref, o_ref = refs
     else:
@@ -183,7 +191,7 @@ def _gpu_absorb_kernel(l_ref, *refs, part, m, bm, nope, v_dim, lat, cdt, splits)
     def load_x(k0):
         """The ``[bm, 128]`` input tile at latent / nope column ``k0``, in the compute dtype."""
         if splits is None:
-            return masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(h * width_in + k0, QBLOCK)], row_ok).astype(cdt)
+            return masked_load(x_ref.at[pl.ds(row0, bm), pl.ds(h * x_head + k0, QBLOCK)], row_ok).astype(cdt)
 
         def add(s, num):
             a = masked_load(acc_ref.at[s, pl.ds(row0, bm), pl.ds(h * lat + k0, QBLOCK)], row_ok)
@@ -262,6 +270,8 @@ def mla_absorb_tpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
     _check(x_like, wq, ws, part, nope, layer)
     if parts is not None:
         x_MHI = _merged(x_MHI, parts, cdt)
+    if part == "k":   # the query's first N columns per head (XLA's TPU compiler fuses the slice)
+        x_MHI = x_MHI[..., :nope]
     if layer is None:
         wq = wq[None]
     else:
@@ -335,7 +345,7 @@ def mla_absorb_gpu(x_MHI, wq, ws, *, part: str, nope: int, layer=None, out_dtype
         splits = parts.acc.shape[0]
         xs = (parts.acc.reshape(splits, m, h * lat), parts.m.reshape(splits, m, h), parts.l.reshape(splits, m, h))
     kernel = functools.partial(_gpu_absorb_kernel, part=part, m=m, bm=bm, nope=nope, v_dim=v_dim, lat=lat,
-                               cdt=cdt, splits=splits)
+                               cdt=cdt, splits=splits, x_head=width_in)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, h * width_out), out_dtype),

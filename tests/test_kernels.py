@@ -978,6 +978,22 @@ def test_mla_absorb_kernels_match_ref(impl, part, m, dtype):
     _assert_close(y, np_absorb(x, wq[1], ws[1], part, 128), dtype)
 
 
+@pytest.mark.parametrize("impl", [*KERNEL_IMPLS, "ref"])
+def test_mla_absorb_k_takes_the_whole_query(impl):
+    """``part="k"`` given the query as projected, ``[..., H, N + R]``: the product of its first N
+    columns per head (the GPU kernel reads them in place); the rope columns (NaN here) are not
+    touched. 5 rows (a partial row tile), 3 heads, one layer of a stack."""
+    from kernels_pallas import mla_absorb
+    rng = np.random.default_rng(43)
+    wq, ws = _kvb_stack(rng, 3, 3, 128, 128, 256)
+    q = rng.standard_normal((5, 1, 3, 128 + 64)).astype(np.float32)
+    q[..., 128:] = np.nan
+    y = jax.jit(lambda x, wq, ws, l: mla_absorb(x, wq, ws, part="k", nope=128, layer=l, out_dtype=jnp.float32,
+                                                impl=impl))(jnp.asarray(q), wq, ws, jnp.int32(1))
+    assert y.shape == (5, 1, 3, 256)
+    _assert_close(y, np_absorb(q[..., :128], wq[1], ws[1], "k", 128), jnp.float32)
+
+
 def test_mla_absorb_dispatch_and_errors():
     """``impl`` picks a kernel only where it applies (FP8, 128-multiple widths); other shapes and
     unquantized weights take the reference; bad shapes are one-line errors."""
@@ -996,6 +1012,8 @@ def test_mla_absorb_dispatch_and_errors():
         mla_absorb(x, wq, ws, part="q", nope=16)
     with pytest.raises(ValueError, match=r"takes x \[\.\.\., 4, 64\]"):
         mla_absorb(x, wq, ws, part="v", nope=16)
+    with pytest.raises(ValueError, match=r"takes q_nope \[\.\.\., 4, 20\]"):
+        mla_absorb(x, wq, ws, part="k", nope=20)
     with pytest.raises(ValueError, match="are not 4 heads"):
         mla_absorb(x, wq, ws, part="k", nope=60)
     with pytest.raises(ValueError, match=r"layers, R, L\]"):
