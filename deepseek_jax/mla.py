@@ -227,7 +227,6 @@ class MLA(nnx.Module):
                 # decode kernel once per new token, each query seeing the cache up to its own
                 # position, so that a verified token is computed like the same token in plain
                 # decoding.
-                lengths_BT = jnp.minimum(pos_BT + 1, cache_BSC.shape[-2])
                 decode = kernels_pallas.mla_decode
                 per_shard = kernel_mesh.uses_kernel(self.prec.kernels) and (
                     self.placement is not None or self.kv_b_proj.placement is not None)
@@ -238,8 +237,9 @@ class MLA(nnx.Module):
                 # prologue: no XLA merge (3 launches per layer) and no o_lat round trip. Each
                 # verified token (T > 1) is merged there too, as plain decoding merges it. On a
                 # mesh (kernels per shard) the decode returns o_lat merged, as other paths do.
-                outs = [decode(q_lat[:, t], q_pe[:, t], cache_BSC, lengths_BT[:, t], scale=self.scale,
-                               kv_lora_rank=L, impl=self.prec.kernels, layer=layer,
+                # lengths pos + 1 (clamped to the cache), added by the GPU kernel itself
+                outs = [decode(q_lat[:, t], q_pe[:, t], cache_BSC, pos_BT[:, t], scale=self.scale,
+                               kv_lora_rank=L, impl=self.prec.kernels, layer=layer, length_offset=1,
                                **({} if per_shard else {"merge": False}))
                         for t in range(T)]
                 if isinstance(outs[0], SplitT):   # [S, B, T, H, L] partials

@@ -113,13 +113,14 @@ def mla_decode_ref(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float,
 
 
 def _gpu_mla_kernel(lay_ref, len_ref, ql_ref, qp_ref, c_ref, o_ref, *part_refs, h, l, r, bh, bt, scale,
-                    chunk):
+                    chunk, offset):
     """One (sequence, head block[, token chunk]).  With ``chunk`` (split-T), the program covers
     tokens ``[s*chunk, (s+1)*chunk)`` and writes its unnormalized accumulator, running max and sum
-    (``o_ref``, ``part_refs``): a :class:`SplitT` for :func:`combine_splits`."""
+    (``o_ref``, ``part_refs``): a :class:`SplitT` for :func:`combine_splits`. The sequence's length
+    is ``len_ref[b] + offset``, at most the cache's."""
     b, hb = pl.program_id(0), pl.program_id(1)
     layer = lay_ref[0]  # c_ref is [L, B, S, C]: this call's layer, read in place
-    n = len_ref[b]
+    n = jnp.minimum(len_ref[b] + offset, c_ref.shape[2])
     t_lo = 0
     if chunk is not None:
         sp = pl.program_id(2)
@@ -190,7 +191,7 @@ def default_splits(batch: int, head_blocks: int, cache_len: int) -> int:
 def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
                    interpret=False, block_h: int | None = None, block_t: int = 64,
                    num_warps: int = 8, num_stages: int = 2, splits: int | None = None, layer=None,
-                   merge: bool = True):
+                   merge: bool = True, length_offset: int = 0):
     """GPU kernel; heads in blocks of ``block_h`` (the cache of a sequence is read once per head
     block, the later reads mostly from L2), tokens in blocks of ``block_t``.  ``splits > 1``
     (flash-decoding): the cache length is cut into that many chunks, each its own program, and the
@@ -198,7 +199,8 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
     small against the 132 SMs; costs ``splits x B x H x (L + 2)`` float32 written and read).
     ``splits=None``: :func:`default_splits`. ``merge=False``: where the split-T kernel runs, its
     :class:`SplitT` is returned unmerged (``[S, B, H, L]``, ``[S, B, H]`` x 2; ``S`` may be fewer
-    than ``splits``: chunks are whole token blocks); otherwise ``o_BHL`` as with ``merge=True``."""
+    than ``splits``: chunks are whole token blocks); otherwise ``o_BHL`` as with ``merge=True``.
+    ``length_offset``: see :func:`mla_decode` (added, and clamped to the cache, in the kernel)."""
     bsz, h, l = q_lat_BHL.shape
     r = q_pe_BHR.shape[2]
     if splits is None:
@@ -212,7 +214,7 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
         splits = cdiv(s_len, chunk)
         bh = block_h or min(64, max(16, next_pow2(h)))
         kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale,
-                                   chunk=chunk)
+                                   chunk=chunk, offset=int(length_offset))
         f32 = jnp.float32
         acc, m, ssum = pl.pallas_call(
             kernel,
@@ -230,7 +232,8 @@ def mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
     # (benchmarks/kernels.py, 2026-11-28; docs/benchmarks.md); 64-token blocks: 957-959 GB/s
     # against 700-705 with 32 (two runs, session 3)
     bh = block_h or min(64, max(16, next_pow2(h)))
-    kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale, chunk=None)
+    kernel = functools.partial(_gpu_mla_kernel, h=h, l=l, r=r, bh=bh, bt=block_t, scale=scale, chunk=None,
+                               offset=int(length_offset))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, h, l), jnp.float32),
@@ -343,7 +346,7 @@ def _mosaic_gpu_takes(q_lat_BHL, q_pe_BHR, cache_BSC) -> bool:
 
 
 def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lora_rank: int,
-               impl: str = "auto", layer=None, merge: bool = True) -> jax.Array | SplitT:
+               impl: str = "auto", layer=None, merge: bool = True, length_offset: int = 0) -> jax.Array | SplitT:
     """Absorbed MLA decode attention → ``o_BHL`` float32 (see module doc); ``impl`` as in
     :mod:`kernels_pallas.backend`.  ``layer`` (int or traced): ``cache`` is several layers'
     ``[L, B, S, C]`` stack and layer ``layer``'s is attended over (read in place by the GPU
@@ -353,8 +356,16 @@ def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lo
     batches), the result is its :class:`SplitT` unmerged, for a consumer that merges it
     (``kernels_pallas.mla_absorb(part="v")``, or :func:`combine_splits`); every other path (no
     split, the reference, TPU, Mosaic GPU) returns ``o_BHL`` as with ``merge=True``. A caller
-    checks ``isinstance(result, SplitT)``."""
+    checks ``isinstance(result, SplitT)``.
+
+    ``length_offset``: the lengths are ``min(lengths_B + length_offset, S)``: the decode step passes
+    its query positions with offset 1 (a query sees the cache up to its own position), which the
+    Triton GPU kernel adds itself; elsewhere XLA does, before the call (on a GPU that add was a
+    launch per layer of its own)."""
     target, interpret = backend.split_impl(impl)
+    if length_offset and not (target == "gpu" and not _mosaic_gpu_takes(q_lat_BHL, q_pe_BHR, cache_BSC)):
+        lengths_B = jnp.minimum(lengths_B + length_offset, cache_BSC.shape[-2])
+        length_offset = 0
     if target == "gpu" and _mosaic_gpu_takes(q_lat_BHL, q_pe_BHR, cache_BSC):
         from kernels_pallas.mla_decode_mgpu import mla_decode_mgpu
         return mla_decode_mgpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
@@ -366,7 +377,8 @@ def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lo
             _check(q_lat_BHL, q_pe_BHR, cache_BSC[0], lengths_B, kv_lora_rank)
             if target == "gpu":
                 return mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale,
-                                      kv_lora_rank=kv_lora_rank, interpret=interpret, layer=layer, merge=merge)
+                                      kv_lora_rank=kv_lora_rank, interpret=interpret, layer=layer, merge=merge,
+                                      length_offset=length_offset)
             return mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
                                   interpret=interpret, layer=layer)
         cache_BSC = lax.dynamic_index_in_dim(cache_BSC, layer, 0, False)
@@ -376,6 +388,6 @@ def mla_decode(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale: float, kv_lo
                               kv_lora_rank=kv_lora_rank)
     if target == "gpu":
         return mla_decode_gpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
-                              interpret=interpret, merge=merge)
+                              interpret=interpret, merge=merge, length_offset=length_offset)
     return mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, scale=scale, kv_lora_rank=kv_lora_rank,
                           interpret=interpret)

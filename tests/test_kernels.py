@@ -884,6 +884,28 @@ def test_mla_layer_of_a_cache_stack(impl):
         mla_decode(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128, impl=impl, layer=0)
 
 
+@pytest.mark.parametrize("impl", ["ref"] + KERNEL_IMPLS)
+@pytest.mark.parametrize("splits", [None, 3])
+def test_mla_length_offset_takes_query_positions(impl, splits):
+    """``length_offset=1`` with query positions (what the model's decode passes): lengths
+    ``min(pos + 1, S)``; a position at or past the cache's end sees the whole cache, -1 sees
+    nothing. The GPU kernel (split-T or not) adds and clamps them itself."""
+    from kernels_pallas.mla_decode import mla_decode_gpu
+    rng = np.random.default_rng(34)
+    ql, qp, cache, _ = _mla_inputs(rng, 4, 12, 128, 64, 70, jnp.float32, [70, 0, 1, 33])
+    pos = jnp.asarray([69, -1, 100, 32], jnp.int32)
+    want = mla_decode_ref(ql, qp, cache, jnp.asarray([70, 0, 70, 33], jnp.int32), scale=0.05, kv_lora_rank=128)
+    if splits is None:
+        o = mla_decode(ql, qp, cache, pos, scale=0.05, kv_lora_rank=128, impl=impl, length_offset=1)
+    elif impl in ("interpret_gpu", "pallas_gpu"):
+        o = mla_decode_gpu(ql, qp, cache, pos, scale=0.05, kv_lora_rank=128, interpret=impl == "interpret_gpu",
+                           block_h=8, block_t=16, splits=splits, length_offset=1)
+    else:
+        pytest.skip("split-T is the GPU kernel's")
+    _assert_close(o, want, jnp.float32)
+    assert np.all(np.asarray(o[1]) == 0.0)
+
+
 @pytest.mark.parametrize("interpret", COMPILED)
 @pytest.mark.parametrize("splits,block_h", [(3, 16), (5, 8)])
 def test_mla_gpu_split_t_matches_ref(interpret, splits, block_h):
