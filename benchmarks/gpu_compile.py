@@ -100,8 +100,10 @@ def generator_decode(cfg, graphdef, state, batch: int, context: int) -> dict:
     def decode(params, dstate, limit, knobs):
         return G._decode(graphdef, True, False, G.Weights(params), dstate, limit, knobs)
 
+    # the loop state (the cache) donated, as Generator compiles it: otherwise the program copies the
+    # cache on entry, a per-call copy that this count would report as per step
     return program_launches(f"generator B={batch} ctx={context}", decode, (state, dstate, sds((), i32), knobs), 1,
-                            "while?/while" + str(cfg.num_moe_layers), cfg.num_moe_layers)
+                            "while?/while" + str(cfg.num_moe_layers), cfg.num_moe_layers, donate=(1,))
 
 
 def main(argv=None) -> int:
