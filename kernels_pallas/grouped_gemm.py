@@ -227,10 +227,37 @@ def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
     return g, r0, r1
 
 
-def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, tw_ref, x_ref, w_ref, *rest, e, n, c, bm, bn, bk, w_co,
+def _kernel_tile(gs_ref, t, *, e: int, m: int, bm: int):
+    """:func:`_gpu_tile_schedule`'s row tile ``t``, computed by the program itself from the group
+    sizes ``gs_ref`` ``[e]`` (``e`` a power of two) → ``(g, r0, r1)``: in XLA the schedule was ~5
+    launches per MoE layer (a concatenate, a cumsum, the compare-and-sum, selects), here a few
+    vector ops on ``e`` lanes in each program."""
+    lane = jnp.arange(e, dtype=jnp.int32)
+    sizes = plgpu_triton.load(gs_ref.at[pl.ds(0, e)]).astype(jnp.int32)
+    ntiles = (sizes + bm - 1) // bm
+    tile_end = jnp.cumsum(ntiles)
+    g = jnp.sum((tile_end <= t).astype(jnp.int32))       # searchsorted(tile_end, t, side="right")
+    pick = lambda v: jnp.sum(jnp.where(lane == g, v, 0))  # noqa: E731  (v[g], 0 for g == e)
+    filled = jnp.sum(sizes)
+    tail = jnp.maximum(m - filled, 0)                       # rows past the groups: group e, zeros
+    tail_t0 = jnp.sum(ntiles)
+    is_tail = g == e
+    start = jnp.where(is_tail, filled, pick(jnp.cumsum(sizes) - sizes))
+    size = jnp.where(is_tail, tail, pick(sizes))
+    tile0 = jnp.where(is_tail, tail_t0, pick(tile_end - ntiles))
+    r0 = start + (t - tile0) * bm
+    r1 = jnp.minimum(start + size, r0 + bm)
+    used = r1 > r0                                          # the tail's tiles past its rows: unused
+    g = jnp.where(used, g, e + 1)
+    return g, jnp.where(used, r0, 0), jnp.where(used, r1, 0)
+
+
+def _gpu_gmm_kernel(gs_ref, off_ref, x_ref, w_ref, *rest, e, e_w, m, n, c, bm, bn, bk, w_co,
                     fp8, cdt, prescale=False, steps_per_split=None):
     """One (row tile, column tile): y[r0:r1, cols] = x[r0:r1] @ W[tw] (contracting over c), where
-    ``tw = g + expert_offset`` names the tile's expert in a possibly larger stack of weights.
+    ``tw = g + expert_offset`` names the tile's expert in a possibly larger stack of weights. The
+    tile's group and rows come from the group sizes ``gs_ref`` (``e`` of them, zero-padded to a
+    power of two past the ``e_w`` real ones), ``off_ref`` ``[1]`` the expert offset.
 
     w_ref: [E', O, C] (``w_co=False``, the Hub layout) or [E', C, O] (``w_co=True``, used for dx);
     FP8: scale ref [E', O/128, C/128] or [E', C/128, O/128] accordingly.
@@ -240,10 +267,8 @@ def _gpu_gmm_kernel(tg_ref, tr0_ref, tr1_ref, tw_ref, x_ref, w_ref, *rest, e, n,
     else:
         (o_ref,) = rest
     t, j = pl.program_id(0), pl.program_id(1)
-    g = tg_ref[t]
-    gw = tw_ref[t]
-    r0 = tr0_ref[t]
-    r1 = tr1_ref[t]
+    g, r0, r1 = _kernel_tile(gs_ref, t, e=e, m=m, bm=bm)
+    gw = jnp.minimum(g, e_w - 1) + off_ref[0]
     col0 = j * bn
     rows = r0 + jnp.arange(bm)
     row_ok = rows < r1
@@ -321,20 +346,25 @@ def gmm_gpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, inte
     bk = (cfg.bk if prescale else QBLOCK) if fp8 else cfg.bk
     if prescale and QBLOCK % bk:
         raise ValueError(f"prescaled FP8 needs bk dividing {QBLOCK}, got {bk}")
-    tg, tr0, tr1 = _gpu_tile_schedule(group_sizes_E, m, cfg.bm)
-    tw = jnp.minimum(tg, e - 1) + (0 if expert_offset is None else jnp.asarray(expert_offset, jnp.int32))
+    # the row tiles' schedule is computed by each program from the group sizes (_kernel_tile), as
+    # _gpu_tile_schedule computes it; the sizes zero-padded to a power of two (DeepSeek-V3's 256 are)
+    ep = next_pow2(e)
+    gs = group_sizes_E.astype(jnp.int32)
+    gs = gs if ep == e else jnp.pad(gs, (0, ep - e))
+    off = jnp.reshape(jnp.asarray(0 if expert_offset is None else expert_offset, jnp.int32), (1,))
+    n_tiles = cdiv(m, cfg.bm) + min(e, m) + 1
     nsteps = cdiv(c, bk)
     steps_per_split = cdiv(nsteps, max(1, cfg.splits))
     splits = cdiv(nsteps, steps_per_split)
-    kernel = functools.partial(_gpu_gmm_kernel, e=e, n=o, c=c, bm=cfg.bm, bn=cfg.bn, bk=bk,
+    kernel = functools.partial(_gpu_gmm_kernel, e=ep, e_w=e, m=m, n=o, c=c, bm=cfg.bm, bn=cfg.bn, bk=bk,
                                w_co=w_co, fp8=fp8, cdt=cdt, prescale=prescale,
                                steps_per_split=steps_per_split if splits > 1 else None)
-    args = (tg, tr0, tr1, tw, x_MC, w) + ((w_scale.astype(jnp.float32),) if fp8 else ())
+    args = (gs, off, x_MC, w) + ((w_scale.astype(jnp.float32),) if fp8 else ())
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((splits, m, o) if splits > 1 else (m, o),
                                        jnp.float32 if splits > 1 else out_dtype),
-        grid=(tg.shape[0], cdiv(o, cfg.bn)) + ((splits,) if splits > 1 else ()),
+        grid=(n_tiles, cdiv(o, cfg.bn)) + ((splits,) if splits > 1 else ()),
         compiler_params=plgpu_triton.CompilerParams(num_warps=cfg.num_warps,
                                                     num_stages=cfg.num_stages),
         interpret=interpret,

@@ -617,6 +617,39 @@ def test_grouped_schedules_skip_empty_experts():
     assert set(np.asarray(g_t)[np.asarray(valid) == 1].tolist()) == {1, 4, 7, 8}
 
 
+@pytest.mark.parametrize("sizes,m,bm", [
+    ([0, 2, 0, 0, 3, 0, 0, 1], 8, 16),            # decode: two tail rows
+    ([0, 20, 0, 24, 1, 0, 0, 0], 45, 16),         # no tail; empty experts first and last
+    ([16, 0, 17, 0, 0, 0, 0, 31], 70, 16),        # whole tiles, a tail of 6
+    ([0] * 8, 5, 16),                             # every row in the tail
+    ([3] * 16, 48, 32),                           # every expert, partial tiles
+])
+def test_gpu_kernel_computes_the_tile_schedule_as_xla_does(sizes, m, bm):
+    """The GPU grouped kernel's programs compute their own row tile from the group sizes
+    (``_kernel_tile``); in the Pallas interpreter that equals ``_gpu_tile_schedule`` (XLA's) for
+    every used tile, and an unused tile has no rows."""
+    from jax.experimental import pallas as pl
+    from kernels_pallas.grouped_gemm import _kernel_tile
+    from kernels_pallas._common import cdiv
+
+    sizes = jnp.asarray(sizes, jnp.int32)
+    e = sizes.shape[0]
+    want_g, want_r0, want_r1 = (np.asarray(a) for a in _gpu_tile_schedule(sizes, m, bm))
+    n = cdiv(m, bm) + min(e, m) + 1
+
+    def kernel(gs_ref, o_ref):
+        t = pl.program_id(0)
+        g, r0, r1 = _kernel_tile(gs_ref, t, e=e, m=m, bm=bm)
+        o_ref[t, 0], o_ref[t, 1], o_ref[t, 2] = g, r0, r1
+
+    got = np.asarray(pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((n, 3), jnp.int32), grid=(n,),
+                                    interpret=True)(sizes))
+    used = want_r1 > want_r0
+    assert (got[:, 2] > got[:, 1]).tolist() == used.tolist()
+    assert (got[used] == np.stack([want_g, want_r0, want_r1], 1)[used]).all()
+    assert (got[~used][:, 0] > e).all()
+
+
 def test_grouped_decode_schedules_are_bounded_by_rows():
     """Fewer rows than experts (decode): the static schedules are sized by the rows, not by the 256
     experts (a GPU call at 8 rows launches 10 row tiles, not 258)."""
