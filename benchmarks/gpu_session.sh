@@ -27,7 +27,8 @@
 #   6. the Generator at real width with its MTP layer: ms per decode-loop iteration, plain and MTP
 #      speculative, batch 1 then 16 (what a speculative step costs against a plain one)
 #   7. compiled-kernel tests against the references (session 3: 17 passed, then the step's limit;
-#      they include the Mosaic GPU kernels', compiled)
+#      they include the Mosaic GPU kernels', compiled), the cache-entry kernel's first
+#      (kernels_pallas/latent_write.py: never run on a GPU; the decode step's cache goes through it)
 # The first 2026-11-28 run took 454 s with the old order and sweeps (two steps hit their limits);
 # the second (session 3) 463 s, e2e 170 s of it, the tests and three kernel tables at their limits.
 cd "$(dirname "$0")/.." || exit 1
@@ -79,7 +80,7 @@ step bench_grouped 90 "$PY" benchmarks/kernels.py $SMALL --only grouped --reps 3
 step bench_dense 75 "$PY" benchmarks/kernels.py $SMALL --only dense --reps 3 --json "$OUT_DIR/bench_dense.json"
 # the Generator itself at real width (its MTP layer too): plain vs speculative iteration cost, B=1 then 16
 step generator 100 "$PY" benchmarks/e2e_gpu.py $SMALL --rows generator --json "$OUT_DIR/generator.json"
-step tests 75 "$PY" -m pytest tests/test_kernels.py tests/test_mla_mgpu.py -q -p no:cacheprovider -rs \
+step tests 75 "$PY" -m pytest tests/test_latent_write.py tests/test_kernels.py tests/test_mla_mgpu.py -q -p no:cacheprovider -rs \
     -W "ignore::DeprecationWarning" -k "pallas_gpu or compiled"
 
 {

@@ -17,6 +17,11 @@ from kernels_pallas.latent_write import kernel_takes
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
+ON_GPU = jax.default_backend() == "gpu"
+#: the GPU kernel in the interpreter, and compiled where a GPU is present (benchmarks/gpu_session.sh)
+IMPLS = ["interpret_gpu", pytest.param("pallas_gpu", marks=pytest.mark.skipif(
+    not ON_GPU, reason="the compiled GPU kernel needs a GPU"))]
+
 LAT, ROPE, S = 32, 16, 12
 EPS, MULT = 1e-6, 1.2
 INV_FREQ = (1.0 / 10000.0 ** (np.arange(0, ROPE, 2) / ROPE)).astype(np.float32)
@@ -54,12 +59,13 @@ def case(rng, b, t, dtype, layers, splits):
 @pytest.mark.parametrize("layers,splits", [(None, None), (3, None), (3, 5), (None, 2)],
                          ids=["plain", "stack", "stack_splitk", "splitk"])
 @pytest.mark.parametrize("b,t", [(4, 1), (3, 2)], ids=["decode", "verify2"])
-def test_kernel_matches_numpy_and_reference(dtype, layers, splits, b, t):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel_matches_numpy_and_reference(impl, dtype, layers, splits, b, t):
     rng = np.random.default_rng(b * 10 + t + (layers or 0) + (splits or 0))
     cache, kv, w, pos = case(rng, b, t, dtype, layers, splits)
     layer = None if layers is None else jnp.int32(1)
     kw = dict(mult=MULT, eps=EPS, dtype=dtype, layer=layer)
-    got = jax.jit(lambda c, kv, w, p: write_latent(c, kv, w, p, INV_FREQ, impl="interpret_gpu", **kw))(cache, kv, w, pos)
+    got = jax.jit(lambda c, kv, w, p: write_latent(c, kv, w, p, INV_FREQ, impl=impl, **kw))(cache, kv, w, pos)
     ref = write_latent_ref(cache, kv, w, pos, INV_FREQ, **kw)
     assert got.shape == cache.shape and got.dtype == cache.dtype
     g, r, c0 = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (got, ref, cache))
