@@ -229,7 +229,8 @@ def combine(y_AD: jax.Array, order_A: jax.Array, w_MK: jax.Array, dtype) -> jax.
     (token, choice) assignments) weighted by ``w_MK`` and summed per token → ``[M, D]``: each
     product rounded to ``y``'s dtype, the sum over a token's choices in float32.
 
-    Few tokens (decode): a float32 scatter-add of the weighted rows, one kernel. From
+    One token: the sum of its weighted rows. Few tokens (decode): a float32 scatter-add of the
+    weighted rows (its zeroed buffer a launch of its own on a GPU). From
     :data:`GATHER_COMBINE_MIN_TOKENS` on: each assignment's sorted slot (a scatter of ``A`` ints),
     then one fusion that gathers a token's ``K`` rows, weights and sums them. Compiled for a v5p
     chip, a 1024-token prefill chunk's scatter-add moved ~1.1 GB per MoE layer (float32 copies
@@ -237,6 +238,15 @@ def combine(y_AD: jax.Array, order_A: jax.Array, w_MK: jax.Array, dtype) -> jax.
     once (117 MB) and writes ``[M, D]``."""
     M, K = w_MK.shape
     A, D = y_AD.shape
+    if M == 1:
+        # One token (batch-1 decode): every row is its own, so a sum instead of a scatter into a
+        # zeroed buffer (on an H200 3 launches -> 1), added in the sorted order as the scatter-add
+        # adds them on CPU: the same bits as a speculative pass's scatter for the same token.
+        rows = (y_AD * w_MK.reshape(-1)[order_A][:, None].astype(y_AD.dtype)).astype(jnp.float32)
+        acc = rows[0]
+        for a in range(1, A):
+            acc = acc + rows[a]
+        return acc[None].astype(dtype)
     if M < GATHER_COMBINE_MIN_TOKENS:
         y_AD = y_AD * w_MK.reshape(-1)[order_A][:, None].astype(y_AD.dtype)
         y = jnp.zeros((M, D), jnp.float32).at[order_A // K].add(y_AD.astype(jnp.float32))

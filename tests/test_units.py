@@ -221,10 +221,10 @@ def test_expert_counts_both_forms(n):
     assert got.dtype == np.int32 and (got == np.bincount(a, minlength=256)).all()
 
 
-@pytest.mark.parametrize("tokens", [5, 200])
+@pytest.mark.parametrize("tokens", [1, 5, 200])
 def test_combine_gather_and_scatter_forms_agree(tokens):
-    """``moe.combine``: below ``GATHER_COMBINE_MIN_TOKENS`` a scatter-add, from it on a gather of
-    each token's rows; both against a numpy loop over tokens and choices, in bfloat16 (products
+    """``moe.combine``: one token a sum of its rows, below ``GATHER_COMBINE_MIN_TOKENS`` a
+    scatter-add, from it on a gather of each token's rows; all against a numpy loop over tokens and choices, in bfloat16 (products
     rounded to bf16, sums in float32), with the assignments' sorted order as the dispatch makes it."""
     from deepseek_jax.moe import GATHER_COMBINE_MIN_TOKENS, combine
     assert (tokens >= GATHER_COMBINE_MIN_TOKENS) == (tokens == 200)
@@ -242,6 +242,18 @@ def test_combine_gather_and_scatter_forms_agree(tokens):
         want[t] += np.asarray((y_AD[slot] * jnp.asarray(w[t, k], jnp.bfloat16)).astype(jnp.float32), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert not np.allclose(got, (y.reshape(tokens, K, D) * w[..., None]).sum(1), atol=1e-2)  # the order matters
+    if tokens == 1:
+        # the same bits as the scatter-add (a speculative pass's form for this token): 8 choices of
+        # magnitudes e^±6, where another order of the float32 additions gives other bits
+        K, D = 8, 512
+        order = jnp.asarray(rng.permutation(K).astype(np.int32))
+        w = jnp.asarray(rng.random((1, K)), jnp.float32)
+        y_AD = jnp.asarray(rng.standard_normal((K, D)) * np.exp(rng.standard_normal((K, 1)) * 3), jnp.bfloat16)
+        rows = (y_AD * w.reshape(-1)[order][:, None].astype(jnp.bfloat16)).astype(jnp.float32)
+        scattered = jnp.zeros((1, D), jnp.float32).at[order // K].add(rows)
+        got = combine(y_AD, order, w, jnp.float32)
+        assert (np.asarray(got) == np.asarray(scattered)).all()
+        assert (np.asarray(got) != np.asarray(rows[::-1].sum(0))).any()   # the check can fail
 
 
 @pytest.mark.parametrize("fp8_mode", ["w8a16", "w8a8"])
