@@ -202,11 +202,18 @@ def _group_offsets(group_sizes_E):
 # ---------------------------------------------------------------------------------------------------
 
 
+def _num_row_tiles(m: int, e: int, bm: int) -> int:
+    """The GPU kernel's static row-tile count ``ceil(M/bm) + min(E, M) + 1``: at most min(E, M)
+    experts have rows, each adding at most one partial tile, so a decode call (8 rows, 256
+    experts) launches 10 row tiles, not 258."""
+    return cdiv(m, bm) + min(e, m) + 1
+
+
 def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
-    """Group-aligned row tiles.  Returns int32 arrays [T]: expert (E = the zero tail, > E = unused),
-    first row, end row (end == first for unused tiles).  T = ceil(M/bm) + min(E, M) + 1 is static:
-    at most min(E, M) experts have rows, each adding at most one partial tile, so a decode call
-    (8 rows, 256 experts) launches 10 row tiles, not 258."""
+    """Group-aligned row tiles, in XLA: the reference of the schedule that the GPU kernel's
+    programs compute themselves (:func:`_kernel_tile`).  Returns int32 arrays
+    [:func:`_num_row_tiles`]: expert (E = the zero tail, > E = unused), first row, end row (end ==
+    first for unused tiles)."""
     e = group_sizes_E.shape[0]
     sizes = group_sizes_E.astype(jnp.int32)
     tail = jnp.maximum(m - jnp.sum(sizes), 0)
@@ -215,8 +222,7 @@ def _gpu_tile_schedule(group_sizes_E, m: int, bm: int):
     ntiles = (sizes_ext + bm - 1) // bm
     tile_end = jnp.cumsum(ntiles)
     tile_start = tile_end - ntiles
-    num = cdiv(m, bm) + min(e, m) + 1
-    t = jnp.arange(num, dtype=jnp.int32)
+    t = jnp.arange(_num_row_tiles(m, e, bm), dtype=jnp.int32)
     g = jnp.searchsorted(tile_end, t, side="right", method="compare_all").astype(jnp.int32)  # empty experts are skipped
     valid = g <= e
     gc = jnp.minimum(g, e)
@@ -352,7 +358,7 @@ def gmm_gpu(x_MC, w, group_sizes_E, *, w_scale=None, w_co=False, out_dtype, inte
     gs = group_sizes_E.astype(jnp.int32)
     gs = gs if ep == e else jnp.pad(gs, (0, ep - e))
     off = jnp.reshape(jnp.asarray(0 if expert_offset is None else expert_offset, jnp.int32), (1,))
-    n_tiles = cdiv(m, cfg.bm) + min(e, m) + 1
+    n_tiles = _num_row_tiles(m, e, cfg.bm)
     nsteps = cdiv(c, bk)
     steps_per_split = cdiv(nsteps, max(1, cfg.splits))
     splits = cdiv(nsteps, steps_per_split)

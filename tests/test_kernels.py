@@ -629,13 +629,12 @@ def test_gpu_kernel_computes_the_tile_schedule_as_xla_does(sizes, m, bm):
     (``_kernel_tile``); in the Pallas interpreter that equals ``_gpu_tile_schedule`` (XLA's) for
     every used tile, and an unused tile has no rows."""
     from jax.experimental import pallas as pl
-    from kernels_pallas.grouped_gemm import _kernel_tile
-    from kernels_pallas._common import cdiv
+    from kernels_pallas.grouped_gemm import _kernel_tile, _num_row_tiles
 
     sizes = jnp.asarray(sizes, jnp.int32)
     e = sizes.shape[0]
     want_g, want_r0, want_r1 = (np.asarray(a) for a in _gpu_tile_schedule(sizes, m, bm))
-    n = cdiv(m, bm) + min(e, m) + 1
+    n = _num_row_tiles(m, e, bm)
 
     def kernel(gs_ref, o_ref):
         t = pl.program_id(0)
