@@ -157,6 +157,26 @@ def mla_decode(kernel, q_lat_BHL, q_pe_BHR, cache, lengths_B, *, layer, pl: Plac
     return _shard_map(body, pl, tuple(specs), P(b_ax, h_ax, None))(*args)
 
 
+def store_latent(kernel, cache, new_BTC, pos_BT, *, layer, pl: Placement, **kw):
+    """``kernel(cache, new, pos, layer=, **kw)`` (``kernels_pallas.store_latent``) per shard: the
+    cache as placed, the entries and positions by its batch split (each row's cache is local)."""
+    from deepseek_jax.sharding import cache_spec
+
+    stacked = cache.ndim == 4
+    c_spec = tuple(cache_spec(dict(pl.mesh.shape), pl.rule, cache.shape if stacked else (1, *cache.shape)))
+    b_ax = c_spec[1]
+    own = P(*(c_spec if stacked else c_spec[1:]))
+    args, specs = [cache, new_BTC, pos_BT], [own, P(b_ax, None, c_spec[3]), P(b_ax, None)]
+    if layer is not None:
+        args.append(jnp.asarray(layer, jnp.int32))
+        specs.append(P())
+
+    def body(c, new, pos, *layer):
+        return kernel(c, new, pos, layer=layer[0] if layer else None, **kw)
+
+    return _shard_map(body, pl, tuple(specs), own)(*args)
+
+
 def causal_attention(kernel, q_BTHK, k_BTHK, v_BTHA, *, pl: Placement, **kw):
     """``kernel(q, k, v, **kw)`` (``kernels_pallas.causal_attention``) per shard: rows over the
     batch axes, heads by the ``heads`` rule."""

@@ -35,17 +35,6 @@ _NEG = -1e30  # finite "minus infinity" for masked scores: a fully masked pad ro
 _KERNEL_MAX_NEW = 4
 
 
-def write_cache(cache_BSC: jax.Array, new_BTC: jax.Array, pos_BT: jax.Array, layer=None) -> jax.Array:
-    """Writes each row's new latent entries at that row's positions (out-of-range writes drop).
-    With ``layer``, ``cache`` is all layers' ``[L, B, S, C]`` and layer ``layer``'s entries are
-    written (a scatter into the stack: in place inside the scan, no copy of a layer's cache)."""
-    if layer is not None:
-        b = jnp.arange(cache_BSC.shape[1])[:, None]
-        return cache_BSC.at[layer, b, pos_BT].set(new_BTC.astype(cache_BSC.dtype), mode="drop")
-    b = jnp.arange(cache_BSC.shape[0])[:, None]
-    return cache_BSC.at[b, pos_BT].set(new_BTC.astype(cache_BSC.dtype), mode="drop")
-
-
 class MLA(nnx.Module):
     def __init__(self, cfg: DeepSeekConfig, *, prec: Precision, rngs: nnx.Rngs):
         D, H = cfg.hidden_size, cfg.num_attention_heads
@@ -95,6 +84,20 @@ class MLA(nnx.Module):
         stacked_w = self.kv_a_layernorm.weight[...].ndim == 2
         return (kernels_pallas.backend.split_impl(self.prec.kernels)[0] == "gpu" and self.placement is None
                 and self.kv_a_proj_with_mqa.placement is None and stacked_w == (layer is not None))
+
+    def _store(self, cache_BSC, new_BTC, pos_BT, layer, *, decode: bool):
+        """Writes each row's new entries ``new_BTC`` at its positions (out-of-range writes drop)
+        into the cache (with ``layer``: the layers' whole ``[L, B, S, C]`` stack, written in place
+        inside the scan). ``decode`` (a few new tokens per row): through
+        ``kernels_pallas.store_latent``, per shard on a mesh; on a TPU that is a kernel writing
+        into the cache as a TPU lays it out (XLA's scatter there made XLA transpose the whole
+        cache around each layer's write). A prefill's many tokens: XLA's scatter."""
+        if not decode:
+            return kernels_pallas.store_latent_ref(cache_BSC, new_BTC, pos_BT, layer=layer)
+        store = kernels_pallas.store_latent
+        if self.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
+            store = functools.partial(kernel_mesh.store_latent, store, pl=self.placement)
+        return store(cache_BSC, new_BTC, pos_BT, layer=layer, impl=self.prec.kernels)
 
     def _softmax(self, s_BHTS, mask_BTS):
         s = jnp.where(mask_BTS[:, None], s_BHTS.astype(jnp.float32) * self.scale, _NEG)
@@ -175,7 +178,7 @@ class MLA(nnx.Module):
                         cache_BSC, self.kv_a_proj_with_mqa(x_BTD, sum_splits=False), ln.weight[...], pos_BT,
                         rope.inv_freq, mult=rope.mult, eps=ln.eps, dtype=dtype, layer=layer, impl=self.prec.kernels)
                 else:
-                    cache_BSC = write_cache(cache_BSC, new_BTC, pos_BT, layer)
+                    cache_BSC = self._store(cache_BSC, new_BTC, pos_BT, layer, decode=absorbed and T <= _KERNEL_MAX_NEW)
         H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
         flash_target = (kernels_pallas.backend.split_impl(self.prec.kernels)[0]
                         if self.prec.prefill_attention == "flash" else None)

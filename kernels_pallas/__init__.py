@@ -13,7 +13,7 @@ from kernels_pallas.flash_prefill import (cached_attention, cached_attention_ref
 from kernels_pallas.fp8_gemm import (fake_quantize_act_1x128, quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref,
                                      w8a16_matmul, w8a16_matmul_ref)
 from kernels_pallas.grouped_gemm import grouped_matmul, grouped_matmul_ref
-from kernels_pallas.latent_write import write_latent, write_latent_ref
+from kernels_pallas.latent_write import store_latent, store_latent_ref, write_latent, write_latent_ref
 from kernels_pallas.mla_absorb import mla_absorb, mla_absorb_ref
 from kernels_pallas.mla_decode import mla_decode, mla_decode_ref
 from kernels_pallas.moe_router import moe_route, moe_route_ref
@@ -43,4 +43,8 @@ __all__ = [
     "cached_attention",
     "causal_attention_ref",
     "causal_attention",
+    "write_latent_ref",
+    "write_latent",
+    "store_latent_ref",
+    "store_latent",
 ]

@@ -496,6 +496,10 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
                                                          block_t=32),
                        mla_args, True))
     else:
+        checks.append(("latent cache store B=64, a layer of a stack (transposed in place)",
+                       lambda c, new, pos, lay: kp.store_latent(c, new, pos, layer=lay, impl=impl),
+                       (sds((3, 64, 4096, 576), bf16), sds((64, 1, 576), bf16), sds((64, 1), i32), sds((), i32)),
+                       False))
         checks.append(("a kernel holding 256 MiB of VMEM scratch (too big)", _vmem_hog,
                        (sds((8, 128), f32),), True))
     return checks

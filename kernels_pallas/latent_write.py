@@ -21,6 +21,10 @@ output), the norm's weight and the cache of a scanned layer stack read at ``laye
 
 * GPU (Triton-lowered Pallas): the kernel. Forward only (decode; training never writes a cache).
 * TPU and CPU: the reference (XLA's TPU compiler fuses these; launch overhead is a GPU cost).
+
+:func:`store_latent` writes entries already made (a TPU decode step's, or a prefill's): XLA's
+scatter, or on a TPU a kernel that writes into the cache in the layout a TPU keeps it in (see
+:func:`store_latent_tpu`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from jax.experimental import pallas as pl
 from kernels_pallas import backend
 from kernels_pallas._common import SplitK, summed
 
-__all__ = ["write_latent_ref", "write_latent"]
+__all__ = ["write_latent_ref", "write_latent", "store_latent_ref", "store_latent"]
 
 
 def _check(cache, kv, w, pos, inv_freq, layer):
@@ -83,12 +87,123 @@ def write_latent_ref(cache, kv, w, pos, inv_freq, *, mult: float, eps: float, dt
     k = kv[..., lat:].astype(jnp.float32).reshape(*kv.shape[:-1], -1, 2)
     k0, k1 = k[..., 0], k[..., 1]
     k_pe = jnp.stack([k0 * cos - k1 * sin, k0 * sin + k1 * cos], axis=-1).reshape(*kv.shape[:-1], -1).astype(dtype)
-    new = jnp.concatenate([c, k_pe], axis=-1).astype(cache.dtype)
+    return store_latent_ref(cache, jnp.concatenate([c, k_pe], axis=-1), pos, layer=layer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finished entries into the cache: XLA's scatter, or on a TPU a kernel over the cache as a TPU stores it
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_store(cache, new, pos, layer):
+    if cache.ndim != 3 + (layer is not None):
+        want = "[layers, B, S, C] (layer= given)" if layer is not None else "[B, S, C]"
+        raise ValueError(f"store_latent: expected a {want} cache, got shape {tuple(cache.shape)}")
+    if new.ndim != 3 or tuple(new.shape[:2]) != tuple(pos.shape) or new.shape[0] != cache.shape[-3] \
+            or new.shape[2] != cache.shape[-1]:
+        raise ValueError(f"store_latent: entries [B, T, C] must match positions [B, T] and the cache's "
+                         f"batch and width; got entries {tuple(new.shape)}, positions {tuple(pos.shape)}, cache "
+                         f"{tuple(cache.shape)}")
+
+
+def store_latent_ref(cache, new, pos, *, layer=None):
+    """``cache`` (``[B, S, C]``, or with ``layer`` all layers' ``[layers, B, S, C]``) with the
+    entries ``new`` ``[B, T, C]`` written at positions ``pos`` ``[B, T]`` (a negative position
+    counts from the end, as a NumPy index; one out of range is dropped): XLA's scatter."""
+    _check_store(cache, new, pos, layer)
+    new = new.astype(cache.dtype)
     if layer is not None:
         b = jnp.arange(cache.shape[1])[:, None]
         return cache.at[layer, b, pos].set(new, mode="drop")
     b = jnp.arange(cache.shape[0])[:, None]
     return cache.at[b, pos].set(new, mode="drop")
+
+
+def _tpu_store_kernel(p_ref, _l_ref, new_ref, cache_in, cache_ref, *, s_len, bt):
+    """One sequence's entry ``new_ref`` ``[C, 1]`` into its cache block ``[C, bt]`` (the cache
+    transposed, tokens along the lanes; the output block aliases the input's)."""
+    p = p_ref[pl.program_id(0)]
+    at = jnp.where(p < 0, p + s_len, p)
+    keep = (at >= 0) & (at < s_len)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, bt), 1)
+    hit = (lane == jnp.clip(at, 0, s_len - 1) % bt) & keep
+    cache_ref[...] = jnp.where(hit, new_ref[...].astype(cache_ref.dtype), cache_in[...])
+
+
+#: lanes of one TPU vector register: the narrowest cache block the TPU kernel can write
+_LANES = 128
+#: the largest whole-row block (``[C, S]``) the TPU kernel takes where S is not a multiple of 128
+_MAX_ROW_BLOCK_BYTES = 4 << 20
+
+
+def tpu_store_block(s_len: int, width: int, itemsize: int) -> int | None:
+    """Tokens per block of the TPU store kernel for an ``S``-token cache: 128 where they divide
+    ``S``, else the whole row ``S`` (a block dimension must be a multiple of 128 or the whole
+    dimension) while it is at most 4 MiB; None beyond (XLA's scatter writes such a cache)."""
+    if s_len % _LANES == 0:
+        return _LANES
+    return s_len if s_len * width * itemsize <= _MAX_ROW_BLOCK_BYTES else None
+
+
+def store_latent_tpu(cache, new, pos, *, layer=None, interpret: bool = False):
+    """The TPU kernel; arguments and result as :func:`store_latent_ref`.
+
+    A TPU stores the cache ``[.., S, C]`` transposed (its default layout for an array whose minor
+    dimension, C = 576, is not a multiple of 128, puts S minor), and ``kernels_pallas.mla_decode``
+    reads it that way. XLA's TPU scatter instead wants the written window (C) minor: a scatter
+    into the cache made XLA transpose the whole stacked cache around every layer's write. Here
+    each sequence's entry goes into the ``[C, 128]`` block of the transposed view that holds its
+    position, read, patched and written back in place (the cache is the aliased output): 147 KB
+    read and written per sequence and token at C = 576 in bfloat16, where the transposes moved
+    the whole cache."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    _check_store(cache, new, pos, layer)
+    stacked = layer is not None
+    c4 = cache if stacked else cache[None]
+    s_len, width = c4.shape[2], c4.shape[3]
+    bt = tpu_store_block(s_len, width, c4.dtype.itemsize)
+    if bt is None:
+        raise ValueError(f"store_latent_tpu: a {s_len}-token cache (not a multiple of {_LANES}) with "
+                         f"{width * c4.dtype.itemsize}-byte entries is too big for one block")
+    lay = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
+
+    def block(b, p_ref, l_ref):
+        p = p_ref[b]
+        at = jnp.clip(jnp.where(p < 0, p + s_len, p), 0, s_len - 1)
+        return l_ref[0], b, 0, at // bt
+
+    call = pl.pallas_call(
+        functools.partial(_tpu_store_kernel, s_len=s_len, bt=bt),
+        out_shape=jax.ShapeDtypeStruct((*c4.shape[:2], width, s_len), c4.dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(c4.shape[1],),
+            in_specs=[pl.BlockSpec((None, width, 1), lambda b, p_ref, l_ref: (b, 0, 0)),
+                      pl.BlockSpec((None, None, width, bt), block)],
+            out_specs=pl.BlockSpec((None, None, width, bt), block),
+        ),
+        input_output_aliases={3: 0},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=backend.tpu_interpret_arg(interpret),
+        name="store_latent_tpu",
+    )
+    c_t = jnp.swapaxes(c4, -1, -2)   # free on a TPU: the layout it already has
+    for t in range(pos.shape[1]):    # T new tokens per row (decode: 1); one call each
+        c_t = call(pos[:, t].astype(jnp.int32), lay, new[:, t, :, None], c_t)
+    out = jnp.swapaxes(c_t, -1, -2)
+    return out if stacked else out[0]
+
+
+def store_latent(cache, new, pos, *, layer=None, impl: str = "auto"):
+    """Writes finished entries ``new`` ``[B, T, C]`` into ``cache`` at ``pos`` (see
+    :func:`store_latent_ref`); ``impl`` as in :mod:`kernels_pallas.backend`: the TPU kernel on TPU
+    targets (:func:`store_latent_tpu`; a cache whose length is not a multiple of 128 and whose rows
+    are over 4 MiB takes the scatter), XLA's scatter elsewhere."""
+    target, interpret = backend.split_impl(impl)
+    if target == "tpu" and tpu_store_block(cache.shape[-2], cache.shape[-1], cache.dtype.itemsize):
+        return store_latent_tpu(cache, new, pos, layer=layer, interpret=interpret)
+    return store_latent_ref(cache, new, pos, layer=layer)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Kernels (online softmax, one pass over the cache; blocks past a sequence's lengt
   :mod:`kernels_pallas.mla_decode_mgpu` where it tiles the shape and the batch fills the GPU.
 * TPU (Mosaic TPU): grid ``(sequence, cache block)``, all heads per step, float32 running max / sum /
   accumulator in VMEM; the cache ``BlockSpec`` index is clamped to the sequence's last block via the
-  scalar-prefetched lengths, so steps past the length cause no DMA and skip compute.
+  scalar-prefetched lengths, so steps past the length cause no DMA and skip compute. It reads the
+  cache as the TPU stores it, transposed (tokens minor; see :func:`mla_decode_tpu`).
 
 Split-T (flash-decoding, the GPU kernel's ``splits > 1``): each of ``S`` token chunks is its own
 program writing its partial softmax state, a :class:`SplitT`; :func:`combine_splits` merges them.
@@ -263,24 +264,23 @@ def _tpu_mla_kernel(len_ref, _lay_ref, ql_ref, qp_ref, c_ref, o_ref, m_ref, s_re
 
     @pl.when(j * bt < n)
     def _step():
-        t_ok = j * bt + lax.broadcasted_iota(jnp.int32, (bt, 1), 0) < n  # [bt, 1]
+        # the block is the cache transposed, [C, bt]: tokens along the lanes
+        t_ok = j * bt + lax.broadcasted_iota(jnp.int32, (1, bt), 1) < n  # [1, bt]
         blk = c_ref[...]
-        c = jnp.where(t_ok, blk[:, :l], 0).astype(blk.dtype)  # [bt, L]; rows past n may be garbage
-        kp = jnp.where(t_ok, blk[:, l:], 0).astype(blk.dtype)  # [bt, R]
-        dims = (((1,), (1,)), ((), ()))
+        c = jnp.where(t_ok, blk[:l, :], 0).astype(blk.dtype)  # [L, bt]; tokens past n may be garbage
+        kp = blk[l:, :]  # [R, bt]: a garbage score is masked below, and its p is 0
         prec = lax.Precision.HIGHEST if blk.dtype == jnp.float32 else None
-        s = (lax.dot_general(ql_ref[...], c, dims, precision=prec, preferred_element_type=jnp.float32)
-             + lax.dot_general(qp_ref[...], kp, dims, precision=prec,
-                               preferred_element_type=jnp.float32)) * scale
-        t_row = j * bt + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(t_row < n, s, -jnp.inf)  # [H, bt]
+        s = (jnp.dot(ql_ref[...], c, precision=prec, preferred_element_type=jnp.float32)
+             + jnp.dot(qp_ref[...], kp, precision=prec, preferred_element_type=jnp.float32)) * scale
+        s = jnp.where(t_ok, s, -jnp.inf)  # [H, bt]
         m_prev = m_ref[:, :1]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.exp(s - m_new)
         s_ref[...] = s_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        acc_ref[...] = acc_ref[...] * alpha + jnp.dot(p.astype(c.dtype), c, precision=prec,
-                                                      preferred_element_type=jnp.float32)
+        pv = lax.dot_general(p.astype(c.dtype), c, (((1,), (1,)), ((), ())), precision=prec,
+                             preferred_element_type=jnp.float32)  # [H, L]
+        acc_ref[...] = acc_ref[...] * alpha + pv
         m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
 
     @pl.when(j == pl.num_programs(1) - 1)
@@ -289,10 +289,23 @@ def _tpu_mla_kernel(len_ref, _lay_ref, ql_ref, qp_ref, c_ref, o_ref, m_ref, s_re
         o_ref[...] = jnp.where(tot > 0, acc_ref[...] / jnp.where(tot > 0, tot, 1.0), 0.0)
 
 
+#: tokens per grid step of the TPU kernel. A step costs ~0.35 us of fixed overhead (the Pallas TPU
+#: pipelining guide's figure); a 128-token block moves 147 KB, ~55 ns of HBM time at v5p's 2.76 TB/s,
+#: so short blocks would leave the kernel overhead-bound. 512 tokens: 590 KB per block.
+TPU_BLOCK_T = 512
+
+
 def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_rank,
-                   interpret=False, block_t: int = 128, layer=None):
-    """TPU kernel; all heads per grid step, ``block_t`` tokens per step. ``layer``: the cache is an
-    ``[L, B, S, C]`` stack and layer ``layer``'s is read in place (a scalar-prefetched index)."""
+                   interpret=False, block_t: int = TPU_BLOCK_T, layer=None):
+    """TPU kernel; all heads per grid step, ``block_t`` tokens per step (a multiple of 128, or
+    at least the cache length). ``layer``: the cache is an ``[L, B, S, C]`` stack and layer
+    ``layer``'s is read in place (a scalar-prefetched index).
+
+    The kernel reads the cache transposed, ``[.., C, S]``: that is how a TPU stores it. Its
+    default layout for an array whose minor dimension is not a multiple of 128 (C = 576) puts
+    the next dimension (S) minor instead, so ``swapaxes`` here is free (a bitcast), where a
+    row-major ``[S, C]`` operand made XLA transpose the whole cache into and out of every decode
+    program, and padded each 576-wide row to 640 lanes."""
     from jax.experimental.pallas import tpu as pltpu
 
     if layer is None:
@@ -301,12 +314,14 @@ def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
     bsz, h, l = q_lat_BHL.shape
     r = q_pe_BHR.shape[2]
     s_len, c_dim = cache_BSC.shape[2:]
-    bt = min(block_t, s_len)
+    if block_t % _LANES:
+        raise ValueError(f"mla_decode_tpu: block_t={block_t} must be a multiple of {_LANES}")
+    bt = s_len if s_len <= block_t else block_t
     nblk = cdiv(s_len, bt)
 
     def cache_map(b, j, lens, lay):  # clamp to the last block holding tokens: no DMA past the length
         last = jnp.maximum((lens[b] + bt - 1) // bt - 1, 0)
-        return lay[0], b, jnp.minimum(j, last), 0
+        return lay[0], b, 0, jnp.minimum(j, last)
 
     kernel = functools.partial(_tpu_mla_kernel, l=l, bt=bt, scale=scale)
     return pl.pallas_call(
@@ -317,7 +332,7 @@ def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
             grid=(bsz, nblk),
             in_specs=[pl.BlockSpec((None, h, l), lambda b, j, lens, lay: (b, 0, 0)),
                       pl.BlockSpec((None, h, r), lambda b, j, lens, lay: (b, 0, 0)),
-                      pl.BlockSpec((None, None, bt, c_dim), cache_map)],
+                      pl.BlockSpec((None, None, c_dim, bt), cache_map)],
             out_specs=pl.BlockSpec((None, h, l), lambda b, j, lens, lay: (b, 0, 0)),
             scratch_shapes=[pltpu.VMEM((h, _LANES), jnp.float32),
                             pltpu.VMEM((h, _LANES), jnp.float32),
@@ -326,7 +341,7 @@ def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=backend.tpu_interpret_arg(interpret),
         name="mla_decode_tpu",
-    )(lengths_B.astype(jnp.int32), lay, q_lat_BHL, q_pe_BHR, cache_BSC)
+    )(lengths_B.astype(jnp.int32), lay, q_lat_BHL, q_pe_BHR, jnp.swapaxes(cache_BSC, -1, -2))
 
 
 #: ``$DEEPSEEK_JAX_MLA_GPU=mosaic_gpu``: the Mosaic GPU kernel (:mod:`kernels_pallas.mla_decode_mgpu`,

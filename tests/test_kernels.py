@@ -903,6 +903,24 @@ def test_mla_kernel_matches_ref(impl, dtype):
     assert np.all(np.asarray(o[1]) == 0.0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_mla_tpu_kernel_blocks(dtype):
+    """The TPU kernel over several 128-token blocks of the transposed cache: T = 300 (a partial
+    last block), lengths on a block boundary, mid-block, one token and empty; every entry past a
+    row's length NaN (never read into the result)."""
+    from kernels_pallas.mla_decode import mla_decode_tpu
+    rng = np.random.default_rng(34)
+    lens = [300, 128, 129, 1, 0, 257]
+    ql, qp, cache, lens_B = _mla_inputs(rng, 6, 16, 128, 64, 300, dtype, lens)
+    past = np.arange(300)[None, :, None] >= np.asarray(lens)[:, None, None]
+    poisoned = jnp.where(past, jnp.nan, cache).astype(dtype)
+    o = mla_decode_tpu(ql, qp, poisoned, lens_B, scale=0.05, kv_lora_rank=128, interpret=True, block_t=128)
+    _assert_close(o, mla_decode_ref(ql, qp, cache, lens_B, scale=0.05, kv_lora_rank=128), dtype)
+    assert np.all(np.asarray(o[4]) == 0.0)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        mla_decode_tpu(ql, qp, cache, lens_B, scale=0.05, kv_lora_rank=128, interpret=True, block_t=96)
+
+
 @pytest.mark.parametrize("impl", ["ref"] + KERNEL_IMPLS)
 def test_mla_layer_of_a_cache_stack(impl):
     """``layer=``: attend over one layer of an [L, B, S, C] cache (the others NaN: never read)."""

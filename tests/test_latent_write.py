@@ -121,3 +121,58 @@ def test_bad_inputs_are_one_line_errors(bad, needle):
             write_latent(args["cache"], args["kv"], args["w"], args["pos"], args["inv"], mult=1.0, eps=EPS,
                          layer=jnp.int32(0), impl=impl)
         assert "\n" not in str(e.value)
+
+
+# ---- store_latent: finished entries into the cache (the TPU kernel writes the transposed cache) ----
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("s_len,layers,t", [(384, 3, 1), (384, None, 2), (300, 2, 1), (40, 2, 1)],
+                         ids=["blocks_stack", "verify2", "row_block", "short_cache"])
+def test_tpu_store_kernel_matches_numpy(dtype, s_len, layers, t):
+    """The TPU kernel in the TPU interpreter: S = 384 (three 128-token blocks), 300 (not a multiple
+    of 128: whole-row blocks) or 40; positions in each block, the last slot, -1 (the last slot,
+    as a NumPy index), and past the end (dropped); a layer of a stack written, the others not."""
+    from kernels_pallas.latent_write import tpu_store_block
+    assert tpu_store_block(s_len, 48, 4) == (128 if s_len % 128 == 0 else s_len)
+    from kernels_pallas import store_latent, store_latent_ref
+    rng = np.random.default_rng(s_len + t + (layers or 0))
+    b, width = 5, 48
+    cache = jnp.asarray(rng.standard_normal(((layers or 1), b, s_len, width)), dtype)
+    cache = cache if layers else cache[0]
+    new = jnp.asarray(rng.standard_normal((b, t, width)), dtype)
+    cols = [[0, 1], [s_len - 1, s_len], [-1, 127 % s_len], [s_len + 5, 2], [129 % s_len, 290 % s_len]]
+    pos = jnp.asarray(np.array(cols)[:, :t], jnp.int32)
+    layer = None if layers is None else jnp.int32(1)
+    got = jax.jit(lambda c, n, p: store_latent(c, n, p, layer=layer, impl="interpret_tpu"))(cache, new, pos)
+    want = np.array(cache, np.float32)
+    view = want[1] if layers else want
+    for i in range(b):
+        for j in range(t):
+            p = int(pos[i, j])
+            if -s_len <= p < s_len:
+                view[i, p] = np.asarray(new[i, j], np.float32)
+    assert got.shape == cache.shape and got.dtype == cache.dtype
+    assert (np.asarray(got, np.float32) == want).all()
+    ref = store_latent_ref(cache, new, pos, layer=layer)
+    assert (np.asarray(ref, np.float32) == want).all()
+
+
+@pytest.mark.parametrize("impl", ["interpret_tpu", "ref"])
+def test_store_bad_inputs_are_one_line_errors(impl):
+    from kernels_pallas import store_latent
+    cache = jnp.zeros((2, 2, S, 48))
+    for kw, needle in ((dict(new=jnp.zeros((2, 1, 40))), "entries"), (dict(layer=None), "cache")):
+        args = dict(new=jnp.zeros((2, 1, 48)), layer=jnp.int32(0))
+        args.update(kw)
+        with pytest.raises(ValueError, match=needle) as e:
+            store_latent(cache, args["new"], jnp.zeros((2, 1), jnp.int32), layer=args["layer"], impl=impl)
+        assert "\n" not in str(e.value)
+
+
+def test_tpu_store_block_sizes():
+    """128-token blocks where they divide S (the Generator's caches from 384 tokens on: 384, 512,
+    768, ...), whole rows up to 4 MiB otherwise (192, 300), and beyond that XLA's scatter."""
+    from kernels_pallas.latent_write import tpu_store_block
+    assert tpu_store_block(4096, 576, 2) == 128 and tpu_store_block(163840, 576, 2) == 128
+    assert tpu_store_block(192, 576, 2) == 192 and tpu_store_block(16, 576, 2) == 16
+    assert tpu_store_block(4100, 576, 2) is None
