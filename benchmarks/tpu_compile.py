@@ -14,8 +14,10 @@ row is a tile too big for VMEM, which must fail). ``--model`` also compiles the 
 and 64 over a 4096-token cache, and a 4096-token prefill in 1024-token chunks, with the plain and
 the flash prefill attention) for one chip of the
 first topology, with the TPU kernels the model picks there, and prints the Pallas kernels each
-program holds, its temporary memory and the megabytes XLA's own ops move per step (a weight or
-cache slice copied for a kernel shows there). ``--json FILE`` saves the rows
+program holds, their grid steps per decode step (``aot.grid_steps``: each step of a Mosaic kernel
+has a fixed cost besides its DMA and compute, the TPU's analogue of GPU launches), its temporary
+memory and the megabytes XLA's own ops move per step (a weight or cache slice copied for a kernel
+shows there). ``--json FILE`` saves the rows
 (``tests/test_aot_compile.py`` checks them).
 """
 
@@ -72,8 +74,11 @@ def model_programs(topology: str, context: int = 4096, prefill: int = 4096, chun
         kernels = collections.Counter(re.findall(r'custom_call_target="tpu_custom_call".*?op_name="[^"]*/(\w+)/pallas_call',
                                                  text))
         per = DECODE_STEPS if name.startswith("decode") else 1
+        steps = aot.grid_steps(fn, *args, topology=topology)
         rows.append(dict(program=name, kernels=dict(kernels), temp_gib=c.memory_analysis().temp_size_in_bytes / 2**30,
-                         compile_s=time.perf_counter() - t, **mesh_compile.xla_traffic(aot.launches(text), per)))
+                         compile_s=time.perf_counter() - t,
+                         grid_steps={k: v[1] / per for k, v in sorted(steps.items())},
+                         **mesh_compile.xla_traffic(aot.launches(text), per)))
     return rows
 
 
@@ -101,11 +106,14 @@ def main(argv=None) -> int:
     if a.model:
         out["model"] = model_programs(topologies[0])
         print(f"\n{'program (one chip of ' + topologies[0] + ')':44s} {'temp GiB':>9s} {'compile s':>10s} "
-              f"{'XLA MB':>8s} {'written':>8s}  Pallas kernels")
+              f"{'XLA MB':>8s} {'written':>8s} {'grid steps':>10s}  Pallas kernels")
         for r in out["model"]:
             ks = ", ".join(f"{k} x{v}" for k, v in sorted(r["kernels"].items()))
             print(f"{r['program']:44s} {r['temp_gib']:9.2f} {r['compile_s']:10.1f} {sum(r['xla_mb'].values()):8.0f} "
-                  f"{r['xla_written_mb']:8.0f}  {ks}")
+                  f"{r['xla_written_mb']:8.0f} {sum(r['grid_steps'].values()):10.0f}  {ks}")
+        print("grid steps: the Pallas kernels' grid steps per decode step / per prefill (aot.grid_steps), by kernel:")
+        for r in out["model"]:
+            print(f"  {r['program']:42s} " + ", ".join(f"{k} {v:.0f}" for k, v in r["grid_steps"].items()))
         print("XLA MB / written: what XLA's own ops (not the Pallas kernels) move and write per decode step / "
               "per prefill, from the HLO's shapes (kernels_pallas.aot.launches); by scope:")
         names = list(dict.fromkeys(k for r in out["model"] for k in r["xla_mb"]))

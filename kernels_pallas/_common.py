@@ -25,6 +25,25 @@ def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b
 
 
+def tpu_tile(total: int, cap: int, min_tiles: int = 1) -> int | None:
+    """The largest multiple of 128 that divides ``total``, is at most ``cap`` and leaves at least
+    ``min_tiles`` tiles (a TPU kernel's lane-dim tile: whole 128-lane vregs, no ragged last
+    tile); None if there is none. DeepSeek-V3's 7168 gives 1792 under a cap of 2048."""
+    t = (min(cap, total // min_tiles) // QBLOCK) * QBLOCK
+    while t >= QBLOCK and total % t:
+        t -= QBLOCK
+    return t if t >= QBLOCK else None
+
+
+#: Weight-tile caps of the TPU GEMM kernels: rows x columns of a tile read per grid step. Each grid
+#: step of a Mosaic kernel costs a fixed overhead besides its DMA and MXU work, so a weight-bound
+#: call (decode: few rows) wants few large steps, up to 2048 x 2048 (4 MiB of e4m3, 8 MiB double
+#: buffered); a compute-bound one (prefill) 1024 x 1024. At least two tiles along the output stay
+#: on the "parallel" grid axis, which a chip's two TensorCores (v4, v5p) split.
+TPU_DECODE_TILE_CAP = 2048
+TPU_PREFILL_TILE_CAP = 1024
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -37,6 +37,7 @@ import re
 from typing import NamedTuple
 
 import jax
+import jax.extend
 
 #: The H200 as XLA's GPU compiler sees it (``stream_executor.GpuTargetConfigProto`` text): 132
 #: SMs of compute capability 9.0, 227 KiB of opt-in shared memory per block, 141 GB of HBM
@@ -130,6 +131,42 @@ def _compile(devices, abstract_device, fn, args, donate=()):
     with use_abstract_mesh(abstract):
         lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
     return lowered.compile()
+
+
+def _pallas_grid_steps(jaxpr, mult: int, out: dict) -> None:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            grid = eqn.params["grid_mapping"].grid
+            steps = 1
+            for g in grid:
+                steps *= g if isinstance(g, int) else 0   # a dynamic grid dimension: not counted
+            calls, total = out.get(str(eqn.params["name"]), (0, 0))
+            out[str(eqn.params["name"])] = (calls + mult, total + mult * steps)
+            continue
+        inner = mult * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else (v,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    _pallas_grid_steps(sub.jaxpr, inner, out)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    _pallas_grid_steps(sub, inner, out)
+
+
+def grid_steps(fn, *args, topology: str = "v5p:2x2x1") -> dict[str, tuple[int, int]]:
+    """``{kernel name: (calls, grid steps)}`` of the Pallas kernels ``fn(*args)`` runs when traced
+    for one chip of the TPU ``topology`` (the kernels the model picks there), with scan trip counts
+    multiplied in (a ``while_loop`` body counts once). A Mosaic kernel runs its grid steps one after
+    another on a TensorCore (two share the parallel axes on v4 / v5p), each with a fixed cost
+    besides its DMA and compute, so this count is the TPU's analogue of GPU kernel launches."""
+    from jax.sharding import AbstractMesh, AxisType, use_abstract_mesh
+
+    _, abstract_device = _tpu_meshes(topology)
+    abstract = AbstractMesh((1,), ("d",), axis_types=(AxisType.Auto,), abstract_device=abstract_device)
+    with use_abstract_mesh(abstract):
+        closed = jax.make_jaxpr(fn)(*args)
+    out: dict[str, tuple[int, int]] = {}
+    _pallas_grid_steps(closed.jaxpr, 1, out)
+    return out
 
 
 def compile_for_gpu(fn, *args, donate: tuple[int, ...] = ()):

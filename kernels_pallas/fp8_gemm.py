@@ -44,7 +44,8 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
 from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, GPU_NUM_SMS, QBLOCK, SplitK, and_masks, cdiv,
-                                   dequantize_blocks, flatten_rows, masked_load, next_pow2, round_up)
+                                   TPU_DECODE_TILE_CAP, TPU_PREFILL_TILE_CAP, dequantize_blocks, flatten_rows,
+                                   masked_load, next_pow2, round_up, tpu_tile)
 
 __all__ = [
     "quantize_act_1x128",
@@ -215,17 +216,16 @@ def default_gpu_config(m: int, n: int, k: int, variant: str = "w8a8") -> GpuConf
     return GpuConfig(bm=bm, bn=bn, splits=splits, num_warps=4, num_stages=4)
 
 
-def _largest_dividing(total: int, candidates) -> int | None:
-    for c in candidates:
-        if total % c == 0:
-            return c
-    return None
-
-
 def default_tpu_config(m: int, n: int, k: int) -> TpuConfig:
+    """Tiles of the TPU kernel (not timed on a TPU: none is reachable here): up to 2048 x 2048
+    weight tiles at <= 64 rows (decode streams the weight; 4 MiB of e4m3 per grid step), 1024 x
+    1024 above, with >= 2 column tiles for the two TensorCores of a v5p chip. Before: 512 x 512
+    (256 KB per step; a batch-1 decode step of the real-width model then ran 4,832 of this
+    kernel's grid steps, 392 now: ``benchmarks/tpu_compile.py``)."""
     kp = round_up(k, QBLOCK)
-    bk = _largest_dividing(kp, (512, 256, 128))
-    bn = _largest_dividing(n, (512, 256, 128)) or (n if n < 128 else 128)
+    cap = TPU_DECODE_TILE_CAP if m <= 64 else TPU_PREFILL_TILE_CAP
+    bk = tpu_tile(kp, cap)
+    bn = tpu_tile(n, cap, min_tiles=2) or tpu_tile(n, cap) or (n if n <= cap else QBLOCK)
     bm = min(256, round_up(m, 32))
     return TpuConfig(bm=bm, bn=bn, bk=bk)
 

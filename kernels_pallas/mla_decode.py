@@ -289,9 +289,9 @@ def _tpu_mla_kernel(len_ref, _lay_ref, ql_ref, qp_ref, c_ref, o_ref, m_ref, s_re
         o_ref[...] = jnp.where(tot > 0, acc_ref[...] / jnp.where(tot > 0, tot, 1.0), 0.0)
 
 
-#: tokens per grid step of the TPU kernel. A step costs ~0.35 us of fixed overhead (the Pallas TPU
-#: pipelining guide's figure); a 128-token block moves 147 KB, ~55 ns of HBM time at v5p's 2.76 TB/s,
-#: so short blocks would leave the kernel overhead-bound. 512 tokens: 590 KB per block.
+#: tokens per grid step of the TPU kernel. Each grid step has a fixed cost besides its DMA; a
+#: 128-token block moves only 147 KB, ~55 ns of HBM time at v5p's 2.76 TB/s, so short blocks would
+#: leave the kernel bound by its step count. 512 tokens: 590 KB per block (not timed: no TPU here).
 TPU_BLOCK_T = 512
 
 

@@ -67,6 +67,10 @@ FLASH_PREFILL_ATTN_XLA_GB = 10
 #: MB XLA's own ops write per decode step on one v5p chip (measured 306 and 689; 822 at batch 64
 #: when XLA's scatter wrote the cache and the program transposed the whole cache in and out).
 TPU_WRITTEN_MB = {1: 400, 64: 760}
+#: Grid steps of the Pallas kernels per decode step on one v5p chip (aot.grid_steps; measured
+#: 1,032 and 18,360; 14,460 and 139,200 with 512 x 512 weight tiles, one head per MLA absorb step
+#: and the grouped GEMM's visits bounded by the padded rows).
+TPU_GRID_STEPS = {1: 1300, 64: 21000}
 #: GB XLA's own ops in the attention move in that prefill on one v5p chip with
 #: ``prefill_attention="flash"`` (the TPU flash kernel; measured 1.8, against 122.6 plain).
 TPU_FLASH_PREFILL_ATTN_XLA_GB = 4
@@ -272,6 +276,17 @@ def test_tpu_decode_step_copies_no_weights_or_cache(tpu_report, batch):
     # (copy-start: XLA prefetching a weight into VMEM, a read the step makes anyway)
     big = [t for t in row["xla_top"] if t["written_mb"] >= cache_layer_mb and t["kind"] != "copy-start"]
     assert not big, big
+
+
+@needs_libtpu
+@pytest.mark.parametrize("batch", [1, 64])
+def test_tpu_decode_step_grid_steps_within_budget(tpu_report, batch):
+    """A Mosaic kernel runs its grid one step after another, each step with a fixed cost besides
+    its DMA: the FP8 GEMMs stream the weights in tiles of up to 2048 x 2048 at decode (4 MiB per
+    step, 1024 x 1024 at prefill). With 512 x 512 tiles (256 KB per step) a batch-64 step ran
+    139,200 grid steps, 131,040 of them in the grouped GEMMs."""
+    row = {r["program"].split(" (")[0]: r for r in tpu_report["model"]}[f"decode B={batch} ctx=4096"]
+    assert sum(row["grid_steps"].values()) <= TPU_GRID_STEPS[batch], row["grid_steps"]
 
 
 @needs_libtpu

@@ -15,6 +15,7 @@ Interpret mode is slow, so shapes are small; anything slower is ``@pytest.mark.s
 from __future__ import annotations
 
 import functools
+import math
 
 import ml_dtypes
 import numpy as np
@@ -467,6 +468,30 @@ def test_fp8_tpu_kernel_multi_tile():
     _assert_close(y, w8a16_matmul_ref(x, wq, ws), jnp.float32)
 
 
+def test_tpu_default_tiles():
+    """Decode shapes get weight tiles up to 2048 x 2048 (multiples of 128 dividing the dims: 7168
+    -> 1792), >= 2 output tiles; prefill 1024 x 1024; a dim with no such divisor is one tile."""
+    from kernels_pallas.fp8_gemm import default_tpu_config
+    from kernels_pallas.grouped_gemm import default_tpu_grouped_config
+    assert default_tpu_config(1, 7168, 16384) == TpuConfig(bm=32, bn=1792, bk=2048)    # o_proj
+    assert default_tpu_config(1, 2048, 7168) == TpuConfig(bm=32, bn=1024, bk=1792)     # shared gate
+    assert default_tpu_config(1, 576, 7168).bn == 576                                  # kv_a: 4.5 x 128
+    assert default_tpu_config(4096, 7168, 2048) == TpuConfig(bm=256, bn=1024, bk=1024)
+    assert default_tpu_grouped_config(8, 2048, 7168) == TpuGroupedConfig(tm=16, tk=1792, tn=1024)
+    assert default_tpu_grouped_config(32768, 4096, 7168) == TpuGroupedConfig(tm=128, tk=1024, tn=1024)
+
+
+def test_fp8_tpu_kernel_default_decode_tiles():
+    """The TPU kernel with its default tiles at a decode shape: 1792-wide K steps (14 scale blocks
+    each, two steps) and 1024-wide column tiles."""
+    rng = np.random.default_rng(14)
+    m, n, k = 3, 2048, 3584
+    x = _activations(rng, m, k, jnp.float32)
+    wq, ws = make_fp8_weight(rng, n, k)
+    y = scaled_matmul_tpu(x, None, wq, ws, out_dtype=jnp.float32, interpret=True)
+    _assert_close(y, w8a16_matmul_ref(x, wq, ws), jnp.float32)
+
+
 # grouped GEMM ----------------------------------------------------------------------------------
 
 
@@ -605,6 +630,18 @@ def test_grouped_tpu_tilings():
     _assert_close(y, grouped_matmul_ref(x, w, sizes, w_scale=ws), jnp.float32)
 
 
+def test_grouped_tpu_default_decode_tiles():
+    """The grouped TPU kernel with its default tiles at a decode shape (8 rows over 6 experts, two
+    with none): a 1792-wide contraction tile of 14 scale blocks, two 1024-wide output tiles."""
+    rng = np.random.default_rng(24)
+    m, e, n, k = 8, 6, 2048, 3584
+    sizes = jnp.asarray([3, 0, 2, 1, 0, 2], jnp.int32)
+    x = _activations(rng, m, k, jnp.float32)
+    w, ws = _expert_weights(rng, e, n, k, True, jnp.float32)
+    y = gmm_tpu(x, w, sizes, w_scale=ws, out_dtype=jnp.float32, interpret=True)
+    _assert_close(y, grouped_matmul_ref(x, w, sizes, w_scale=ws), jnp.float32)
+
+
 def test_grouped_schedules_skip_empty_experts():
     """Decode: tiles (GPU) and weight block indices (TPU) name only experts that got rows."""
     sizes = jnp.asarray([0, 2, 0, 0, 3, 0, 0, 1], jnp.int32)
@@ -612,7 +649,7 @@ def test_grouped_schedules_skip_empty_experts():
     g, r0, r1 = _gpu_tile_schedule(sizes, m, 16)
     used = set(np.asarray(g)[np.asarray(r1) > np.asarray(r0)].tolist())
     assert used == {1, 4, 7, 8}  # 8 = the zero tail
-    g_t, mt, wg, valid, _, _ = _tpu_gmm_schedule(sizes, 16, 16)
+    g_t, mt, wg, valid, _, _ = _tpu_gmm_schedule(sizes, m, 16, 16)
     assert set(np.asarray(wg).tolist()) <= {1, 4, 7}
     assert set(np.asarray(g_t)[np.asarray(valid) == 1].tolist()) == {1, 4, 7, 8}
 
@@ -651,11 +688,12 @@ def test_gpu_kernel_computes_the_tile_schedule_as_xla_does(sizes, m, bm):
 
 def test_grouped_decode_schedules_are_bounded_by_rows():
     """Fewer rows than experts (decode): the static schedules are sized by the rows, not by the 256
-    experts (a GPU call at 8 rows launches 10 row tiles, not 258)."""
+    experts (a GPU call at 8 rows launches 10 row tiles, not 258; a TPU call runs 9 row-tile visits
+    per weight tile, not 17 as when bounded by the padded rows)."""
     sizes = jnp.zeros((256,), jnp.int32).at[jnp.asarray([3, 40, 41, 200, 255])].set(
         jnp.asarray([2, 1, 1, 3, 1]))
     assert _gpu_tile_schedule(sizes, 8, 16)[0].shape[0] == 1 + 8 + 1
-    assert _tpu_gmm_schedule(sizes, 16, 16)[0].shape[0] == 1 + 16
+    assert _tpu_gmm_schedule(sizes, 8, 16, 16)[0].shape[0] == 1 + 8
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -1047,6 +1085,26 @@ def test_mla_absorb_kernels_match_ref(impl, part, m, dtype):
     assert f"mla_absorb_{part}_" in str(jax.make_jaxpr(fn)(x, wq, ws, jnp.int32(1)))   # the kernel, not the ref
     y = fn(x, wq, ws, jnp.int32(1))
     assert y.shape == (m, 1, 3, 256 if part == "k" else 128)
+    _assert_close(y, np_absorb(x, wq[1], ws[1], part, 128), dtype)
+
+
+@pytest.mark.parametrize("part", ["k", "v"])
+@pytest.mark.parametrize("h,m,dtype", [(32, 5, jnp.float32), (24, 70, jnp.bfloat16)], ids=["32h_f32", "24h_bf16"])
+def test_mla_absorb_tpu_heads_per_step(part, h, m, dtype):
+    """The TPU kernel's several heads per grid step (16 of 32 heads, or 8 of 24: the largest
+    divisor of H up to 16), N = A = 128, a layer of a stack in place (the others NaN), huge,
+    tiny and all-zero scale blocks, against float64."""
+    from kernels_pallas.mla_absorb import mla_absorb_tpu
+    rng = np.random.default_rng(44 + h)
+    wq, ws = _kvb_stack(rng, 3, h, 128, 128, 256)
+    x = jnp.asarray(rng.standard_normal((m, 1, h, 128 if part == "k" else 256)), dtype)
+    fn = jax.jit(lambda x, wq, ws, l: mla_absorb_tpu(x, wq, ws, part=part, nope=128, layer=l,
+                                                     out_dtype=jnp.float32, interpret=True))
+    grids = [e.params["grid_mapping"].grid for e in jax.make_jaxpr(fn)(x, wq, ws, jnp.int32(1)).jaxpr.eqns[0]
+             .params["jaxpr"].eqns if e.primitive.name == "pallas_call"]
+    assert grids == [(1, h // math.gcd(h, 16))], grids
+    y = fn(x, wq, ws, jnp.int32(1))
+    assert y.shape == (m, 1, h, 256 if part == "k" else 128)
     _assert_close(y, np_absorb(x, wq[1], ws[1], part, 128), dtype)
 
 
