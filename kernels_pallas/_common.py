@@ -59,6 +59,17 @@ def expand_block_scale(s_nk: jax.Array, n: int, k: int) -> jax.Array:
     return jnp.repeat(s, QBLOCK, axis=-1)[..., :k]
 
 
+def expand_block_row(s_1b, col0, width: int):
+    """``[1, nb]`` per-128-column-block scales → ``[1, width]`` per-column scales for columns
+    ``col0 .. col0 + width`` (inside a TPU kernel: a 0/1 expansion matmul, no lane repeats;
+    columns past the last block get 0)."""
+    nb = s_1b.shape[1]
+    blk = jax.lax.broadcasted_iota(jnp.int32, (nb, width), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (nb, width), 1) + col0
+    expand = (blk == col // QBLOCK).astype(jnp.float32)
+    return jnp.dot(s_1b, expand, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
 def dequantize_blocks(wq_NK: jax.Array, ws_nk: jax.Array) -> jax.Array:
     """Block-scaled e4m3 weights → float32 (``W[n,k] = Wq[n,k] * S[n//128, k//128]``).
     Leading dims (experts) are carried through."""

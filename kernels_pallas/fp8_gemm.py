@@ -44,7 +44,8 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
 from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, GPU_NUM_SMS, QBLOCK, SplitK, and_masks, cdiv,
-                                   TPU_DECODE_TILE_CAP, TPU_PREFILL_TILE_CAP, dequantize_blocks, flatten_rows,
+                                   TPU_DECODE_TILE_CAP, TPU_PREFILL_TILE_CAP, dequantize_blocks, expand_block_row,
+                                   flatten_rows,
                                    masked_load, next_pow2, round_up, tpu_tile)
 
 __all__ = [
@@ -354,11 +355,12 @@ def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
 # ---------------------------------------------------------------------------------------------------
 
 
-def _tpu_scaled_gemm_kernel(*refs, n_sub, nk, has_xs, cdt):
+def _tpu_scaled_gemm_kernel(*refs, n_sub, nk, bn, has_xs, cdt):
     """Grid (M/bm, N/bn, K/bk); K innermost ("arbitrary") accumulating in a VMEM f32 scratch.
 
     refs: layer [1] (scalar prefetch: it picks the weight's block of a layer stack), x [bm, bk],
-    [xs [n_sub, bm, 1]], wq [bn, bk], ws [n_sub, 1, bn], out [bm, bn], acc.
+    [xs [n_sub, bm, 1]], wq [bn, bk], ws [n_sub, 1, nb] (the K blocks' scales of every 128-column
+    block, expanded to this tile's columns here), out [bm, bn], acc.
     """
     if has_xs:
         _, x_ref, xs_ref, wq_ref, ws_ref, o_ref, acc_ref = refs
@@ -377,7 +379,7 @@ def _tpu_scaled_gemm_kernel(*refs, n_sub, nk, has_xs, cdt):
         a = x_ref[:, t * QBLOCK:(t + 1) * QBLOCK].astype(cdt)
         b = wq_ref[:, t * QBLOCK:(t + 1) * QBLOCK].astype(cdt)
         part = _dot_nt(a, b, precision)
-        scale = ws_ref[t]  # [1, bn]
+        scale = expand_block_row(ws_ref[t], pl.program_id(1) * bn, bn)  # [1, bn]
         if has_xs:
             scale = xs_ref[t] * scale  # [bm, 1] * [1, bn]
         acc = acc + part * scale
@@ -416,8 +418,9 @@ def scaled_matmul_tpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
         x_MK = jnp.pad(x_MK, [(0, mp - m), (0, kp - k)])
     if kp != k:
         wq_NK = jnp.pad(wq_NK, [(0, 0), (0, 0), (0, kp - k)])
-    # per-column weight scales, K-block major: [kb, 1, N] (tiny next to the weight)
-    ws_k1N = jnp.repeat(ws_nk.astype(jnp.float32), QBLOCK, axis=0)[:n].T[:, None, :]
+    # the weight's block scales, K-block major: [kb, 1, nb], expanded per tile in the kernel (XLA
+    # expanded them to [kb, 1, N] per call: 3.7 MB written and read for o_proj's 117 MB)
+    ws_k1b = ws_nk.astype(jnp.float32).T[:, None, :]
     cdt = jnp.bfloat16 if has_xs else x_MK.dtype
     in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk, lay: (i, kk))]
     args = [l_1, x_MK]
@@ -426,10 +429,10 @@ def scaled_matmul_tpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
         in_specs.append(pl.BlockSpec((n_sub, bm, 1), lambda i, j, kk, lay: (kk, i, 0)))
         args.append(xs_kM1)
     in_specs += [pl.BlockSpec((None, bn, bk), lambda i, j, kk, lay: (lay[0], j, kk)),
-                 pl.BlockSpec((n_sub, 1, bn), lambda i, j, kk, lay: (kk, 0, j))]
-    args += [wq_NK, ws_k1N]
+                 pl.BlockSpec((n_sub, 1, ws_k1b.shape[2]), lambda i, j, kk, lay: (kk, 0, 0))]
+    args += [wq_NK, ws_k1b]
     nk = kp // bk
-    kernel = functools.partial(_tpu_scaled_gemm_kernel, n_sub=n_sub, nk=nk, has_xs=has_xs, cdt=cdt)
+    kernel = functools.partial(_tpu_scaled_gemm_kernel, n_sub=n_sub, nk=nk, bn=bn, has_xs=has_xs, cdt=cdt)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype),

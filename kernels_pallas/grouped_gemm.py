@@ -37,7 +37,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import (GPU_NUM_SMS, QBLOCK, and_masks, cdiv, dequantize_blocks, is_fp8,
+from kernels_pallas._common import (GPU_NUM_SMS, QBLOCK, and_masks, cdiv, dequantize_blocks, expand_block_row,
+                                   is_fp8,
                                    TPU_DECODE_TILE_CAP, TPU_PREFILL_TILE_CAP, masked_load, next_pow2, round_up,
                                    tpu_tile)
 from kernels_pallas.fp8_gemm import dequantize_act_1x128, fake_quantize_act_1x128, quantize_act_1x128
@@ -464,16 +465,6 @@ def _tpu_gmm_schedule(group_sizes_E, m: int, mp: int, tm: int):
     return g, m_tile, w_group, valid.astype(jnp.int32), starts.astype(jnp.int32), ends.astype(jnp.int32)
 
 
-def _expand_block_row(s_1b, col0, tn: int):
-    """[1, nb] per-128-column-block scales → [1, tn] per-column scales for columns col0..col0+tn
-    (a 0/1 expansion matmul; avoids lane repeats)."""
-    nb = s_1b.shape[1]
-    blk = lax.broadcasted_iota(jnp.int32, (nb, tn), 0)
-    col = lax.broadcasted_iota(jnp.int32, (nb, tn), 1) + col0
-    expand = (blk == col // QBLOCK).astype(jnp.float32)
-    return jnp.dot(s_1b, expand, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
 def _tpu_gmm_kernel(g_ref, mt_ref, wg_ref, valid_ref, st_ref, en_ref, sg_ref, x_ref, w_ref, *rest, e,
                     nk, tm, tn, tk, w_co, fp8, cdt):
     if fp8:
@@ -503,7 +494,7 @@ def _tpu_gmm_kernel(g_ref, mt_ref, wg_ref, valid_ref, st_ref, en_ref, sg_ref, x_
             a = x_ref[:, sl].astype(cdt)
             b = (w_ref[sl, :] if w_co else w_ref[:, sl]).astype(cdt)
             part = lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-            acc = acc + part * _expand_block_row(s_ref[sub], n_i * tn, tn)
+            acc = acc + part * expand_block_row(s_ref[sub], n_i * tn, tn)
         acc_ref[...] = acc
 
     @pl.when(valid & (k_i == nk - 1))
