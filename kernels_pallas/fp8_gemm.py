@@ -43,10 +43,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, GPU_NUM_SMS, QBLOCK, SplitK, and_masks, cdiv,
-                                   TPU_DECODE_TILE_CAP, TPU_PREFILL_TILE_CAP, dequantize_blocks, expand_block_row,
-                                   flatten_rows,
-                                   masked_load, next_pow2, round_up, tpu_tile)
+from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, GPU_NUM_SMS, QBLOCK, TPU_DECODE_TILE_CAP,
+                                   TPU_PREFILL_TILE_CAP, SplitK, and_masks, cdiv, dequantize_blocks,
+                                   expand_block_row, flatten_rows, masked_load, next_pow2, round_up, tpu_tile)
 
 __all__ = [
     "quantize_act_1x128",

@@ -37,10 +37,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
-from kernels_pallas._common import (GPU_NUM_SMS, QBLOCK, and_masks, cdiv, dequantize_blocks, expand_block_row,
-                                   is_fp8,
-                                   TPU_DECODE_TILE_CAP, TPU_PREFILL_TILE_CAP, masked_load, next_pow2, round_up,
-                                   tpu_tile)
+from kernels_pallas._common import (GPU_NUM_SMS, QBLOCK, TPU_DECODE_TILE_CAP, TPU_PREFILL_TILE_CAP, and_masks,
+                                   cdiv, dequantize_blocks, expand_block_row, is_fp8, masked_load, next_pow2,
+                                   round_up, tpu_tile)
 from kernels_pallas.fp8_gemm import dequantize_act_1x128, fake_quantize_act_1x128, quantize_act_1x128
 
 __all__ = ["grouped_matmul_ref", "grouped_matmul"]

@@ -26,12 +26,11 @@ FP8 weight (``benchmarks/gpu_compile.py --by traffic``).
   128, 128, 512) and an FP8 weight; other shapes take the reference.
 * TPU (Mosaic TPU): grid ``(row tile, head, 128-row block of W_UK / W_UV)``, the weight's
   ``[128, L]`` row blocks DMA'd from the layer stack in place (block index from a
-  scalar-prefetched layer), the layer's block scales scalar-prefetched to SMEM. Where a head's
-  W_UK / W_UV is one 128-row block (DeepSeek-V3's N = A = 128), 16 heads per grid step instead
-  (grid ``(row tile, head group)``): each step of a Mosaic kernel has a fixed cost, and one
-  head's block is only 64 KiB of e4m3. XLA's TPU
+  scalar-prefetched layer), the layer's block scales scalar-prefetched to SMEM. XLA's TPU
   compiler had done as the GPU's: compiled for a v5p chip, ~318 MB per layer per batch-1 step of
-  reshapes, broadcasts and f32 copies of the weight.
+  reshapes, broadcasts and f32 copies of the weight. Where a head's W_UK / W_UV is one 128-row
+  block (DeepSeek-V3's N = A = 128), 16 heads per grid step instead (grid ``(row tile, head
+  group)``): each step of a Mosaic kernel has a fixed cost, and one head's block is only 64 KiB.
 * The reference dequantizes the layer's weight to ``x.dtype`` and multiplies with float32
   accumulation: the model's own numbers before this kernel, unchanged on CPU.
 
@@ -262,8 +261,8 @@ def _tpu_absorb_kernel(lay_ref, s_ref, x_ref, w_ref, o_ref, *acc, part, nope, v_
 
 
 def _tpu_absorb_heads_kernel(lay_ref, s_ref, x_ref, w_ref, o_ref, *, part, g_heads, head_blocks, nope, lat, cdt):
-    """``G`` heads per grid step (their 128-row weight blocks are 128 rows each: N = A = 128):
-    grid (row tile, head group); ``x_ref`` ``[bm, G * 128]`` (``part="k"``) or ``[bm, G * L]``,
+    """``G`` heads per grid step, for heads whose W_UK and W_UV are one 128-row block each (N = A =
+    128): grid (row tile, head group); ``x_ref`` ``[bm, G * 128]`` (``part="k"``) or ``[bm, G * L]``,
     ``w_ref`` ``[G, 128, L]`` e4m3 (each head's W_UK or W_UV), ``o_ref`` ``[bm, G * L]`` or
     ``[bm, G * 128]``."""
     hg = pl.program_id(1)
