@@ -151,17 +151,27 @@ def test_caches_match_a_fresh_pass(gen_c, per_layer):
         st = st._replace(cache=st.cache.stacked())
         buf, cur, draft = np.asarray(st.buf_BS), np.asarray(st.cur_B), np.asarray(st.draft_B)
         assert len(set(cur.tolist())) > 1, cur            # rows advanced by different amounts
+        # One fresh causal pass over every row's whole buffer: its entries before a row's ``cur``
+        # depend only on the decided tokens there (what lies beyond is never looked at).
+        dense, moe, mtp_cache, x = _fresh_pass(model, jnp.asarray(buf))
         for r in range(B):
             c = int(cur[r])
-            seq = jnp.asarray(buf[r:r + 1, :c + 1])
-            ref = model(seq[:, :c], cache=LatentCache.zeros(model.cfg, 1, S, jnp.float32))
-            for got, want in ((st.cache.dense, ref.cache.dense), (st.cache.moe, ref.cache.moe)):
-                np.testing.assert_allclose(np.asarray(got[:, r, :c]), np.asarray(want[:, 0, :c]), atol=2e-5)
-            x, mtp_cache, _ = model.mtp_hidden(ref.hidden, seq[:, 1:c + 1],
-                                               cache_BSC=jnp.zeros((1, S, model.cfg.latent_dim), jnp.float32))
-            np.testing.assert_allclose(np.asarray(st.mtp_cache[r, :c]), np.asarray(mtp_cache[0, :c]), atol=2e-5)
+            for got, want in ((st.cache.dense, dense), (st.cache.moe, moe)):
+                np.testing.assert_allclose(np.asarray(got[:, r, :c]), np.asarray(want[:, r, :c]), atol=2e-5)
+            np.testing.assert_allclose(np.asarray(st.mtp_cache[r, :c]), np.asarray(mtp_cache[r, :c]), atol=2e-5)
             # The pending draft is the MTP's guess from row cur-1 (always 0 for this drafter).
-            assert draft[r] == int(jnp.argmax(model.mtp_head(x[0, c - 1])))
+            assert draft[r] == int(jnp.argmax(model.mtp_head(x[r, c - 1])))
+
+
+@nnx.jit
+def _fresh_pass(model, buf_BS):
+    """The main model over ``buf[:, :S-1]`` from an empty cache, then the MTP over its hidden
+    states and the next tokens: both caches and the MTP's hidden rows."""
+    B, S = buf_BS.shape
+    ref = model(buf_BS[:, :-1], cache=LatentCache.zeros(model.cfg, B, S, jnp.float32))
+    x, mtp_cache, _ = model.mtp_hidden(ref.hidden, buf_BS[:, 1:],
+                                       cache_BSC=jnp.zeros((B, S, model.cfg.latent_dim), jnp.float32))
+    return ref.cache.dense, ref.cache.moe, mtp_cache, x
 
 
 @pytest.mark.parametrize("T,B", [(2, 2), (3, 2), (2, 8)])
