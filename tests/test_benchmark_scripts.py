@@ -28,6 +28,19 @@ def test_e2e_benchmark_small(tmp_path):
     assert prof["busy_us"] > 0 and prof["kernels"] and all(us >= 0 for _, us, _ in prof["kernels"])
 
 
+def test_e2e_hf_peer_small():
+    """The HF transformers peer of benchmarks/e2e_gpu.py (its subprocess mode): run as a script,
+    the benchmarks folder is on ``sys.path`` first, where its kernels.py shadowed the ``kernels``
+    package transformers imports, and the peer failed ("cannot import name 'CUDAProperties'")."""
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "e2e_gpu.py"), "--small", "--layers", "2",
+                        "--rows", "decode", "--batches", "1", "--hf-batches", "1", "--hf-only"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ms = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(ms) == {"1"} and ms["1"] > 0
+
+
 def test_kernel_benchmark_small(tmp_path):
     """benchmarks/kernels.py at tiny shapes in the CPU interpreters: every table runs and each
     kernel row agrees with its reference (the GPU session runs the same code at full shapes)."""
