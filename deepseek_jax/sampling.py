@@ -1,9 +1,10 @@
 """Next-token sampling: greedy, temperature, top-k and top-p (nucleus), seeded and reproducible.
 
-:class:`SamplingParams` holds the user's settings; ``temperature <= 0`` means greedy. Inside the
-compiled decode loop the numbers (temperature, k, p) are traced values, so changing them never
-recompiles; only two booleans are static: whether to sample at all (``greedy``) and whether a
-top-k/top-p filter is needed (``filtered``, which costs one sort of the vocabulary per step).
+:class:`SamplingParams` holds the user's settings; a temperature below 1e-5 (0 included) means
+greedy. Inside the compiled decode loop the numbers (temperature, k, p) are traced values, so
+changing them never recompiles; only two booleans are static: whether to sample at all
+(``greedy``) and whether a top-k/top-p filter is needed (``filtered``, which costs one sort of
+the vocabulary per step).
 
 Order of operations (the usual one): divide the logits by the temperature, keep the ``top_k``
 largest, then keep the smallest prefix of those (by probability, descending) whose mass reaches
@@ -28,11 +29,17 @@ from deepseek_jax.errors import DeepSeekError
 __all__ = ["SamplingParams", "GREEDY", "filter_logits", "sample", "row_keys"]
 
 
+#: Temperatures below this sample greedily (as vLLM's sampling epsilon does).
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen.
 
-    temperature: ``<= 0`` means greedy (argmax); otherwise logits are divided by it.
+    temperature: below :data:`MIN_TEMPERATURE` (0 included) means greedy (argmax); otherwise
+      logits are divided by it. (Smaller positive values round to 0 in float32 arithmetic, where
+      1e-38 is subnormal and flushed to zero, and the division gave NaN logits and token 0.)
     top_k: keep the ``k`` most likely tokens (0 = no limit).
     top_p: keep the smallest set of most likely tokens whose probability reaches ``p``, in (0, 1].
     """
@@ -54,7 +61,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def filtered(self) -> bool:
@@ -64,7 +71,7 @@ class SamplingParams:
     def traced(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(temperature, top_k, top_p)`` as typed scalars (dynamic arguments of compiled code;
         numpy, which a compiled call takes without dispatching an op per value)."""
-        t = float(self.temperature) if self.temperature > 0 else 1.0
+        t = 1.0 if self.greedy else float(self.temperature)
         return (np.float32(t), np.int32(int(self.top_k)), np.float32(float(self.top_p)))
 
 

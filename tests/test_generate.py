@@ -109,6 +109,11 @@ def test_top_k_1_and_temperature_0_are_greedy(gen, greedy):
     p0 = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False,
                       sampling=SamplingParams(temperature=1.0, top_p=1e-6), seed=5)
     assert [r.output_ids for r in p0] == want
+    # a tiny temperature is near-greedy: logits / 1e-38 overflowed float32 (inf - inf = NaN in the
+    # softmax) and drew token 0 and 1 instead
+    for sp in (SamplingParams(temperature=1e-38), SamplingParams(temperature=1e-40, top_p=0.9, top_k=5)):
+        tiny = gen.generate(PROMPTS, max_new_tokens=N, stop_at_eos=False, sampling=sp, seed=6)
+        assert [r.output_ids for r in tiny] == want
 
 
 def test_seeded_sampling(gen, greedy):
