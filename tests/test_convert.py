@@ -407,6 +407,23 @@ def test_bad_input_one_line_error(case, ckpt_a, tmp_path, capsys):
         assert not out.exists()  # the source is validated before anything is written
 
 
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_output_path_under_a_file_is_one_line(command, ckpt_a, tmp_path, capsys):
+    """An output folder that cannot be made (a file where a parent folder should be): one line
+    naming the path, exit status 2 (it was a NotADirectoryError traceback)."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    src = ckpt_a
+    if command == "export":   # from an Orbax checkpoint
+        src = str(tmp_path / "orbax")
+        assert main(["convert", ckpt_a, src]) == 0
+        capsys.readouterr()
+    rc = main([command, src, str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "afile" in lines[0] and lines[0].startswith(f"deepseek-jax {command}: error"), lines
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_fp8_from_bf16_source_is_an_error(ckpt_a_bf16, tmp_path, capsys):
     assert main(["convert", ckpt_a_bf16, str(tmp_path / "o"), "--dtype", "fp8"]) == 2
     assert "needs an FP8 checkpoint" in capsys.readouterr().err
