@@ -854,7 +854,9 @@ class _Ckpt:
         try:
             return ts.open(spec, open=True, read=True, context=ctx).result()
         except Exception as e:
-            raise _err(f"{self.path}: cannot open array {array} ({e})") from None
+            # tensorstore appends its whole JSON spec to the message: keep the reason only
+            reason = str(e).split(" [tensorstore_spec=")[0].splitlines()[0] if str(e) else type(e).__name__
+            raise _err(f"{self.path}: cannot open array {array} ({reason})") from None
 
 
 def _open_ckpt(path: str | os.PathLike[str]) -> _Ckpt:

@@ -40,10 +40,13 @@ def init(args: argparse.Namespace):
 
     coord = args.coordinator or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
     if coord or args.distributed == "auto":
-        nproc = args.num_processes or _env_int("DEEPSEEK_JAX_NUM_PROCESSES")
+        nproc = args.num_processes if args.num_processes is not None else _env_int("DEEPSEEK_JAX_NUM_PROCESSES")
         pid = args.process_id if args.process_id is not None else _env_int("DEEPSEEK_JAX_PROCESS_ID")
         if coord and (nproc is None or pid is None):
             raise DeepSeekError("--coordinator needs --num-processes and --process-id (or the env vars)")
+        if nproc is not None and (nproc < 1 or (pid is not None and pid >= nproc)):
+            raise DeepSeekError(f"{nproc} processes with process id {pid}: expected 1 or more processes "
+                                "and an id below their number")
         try:
             jax.distributed.initialize(coordinator_address=coord, num_processes=nproc, process_id=pid,
                                        heartbeat_timeout_seconds=args.heartbeat_timeout,

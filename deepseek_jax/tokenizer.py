@@ -155,7 +155,7 @@ class Tokenizer:
         if not tok_file.is_file():
             raise DeepSeekError(
                 f"no tokenizer.json in {directory}: text prompts need it "
-                "(or pass token ids with --prompt-ids)"
+                "(the generate command also takes token ids: --prompt-ids)"
             )
         try:
             raw = tok_file.read_bytes()

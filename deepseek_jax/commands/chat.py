@@ -1,28 +1,38 @@
 """``deepseek-jax chat CKPT``: interactive multi-turn chat with history, streamed replies.
 
 Reads stdin line by line (so it also works with piped input): each non-empty line is a user
-turn; ``/clear`` forgets the conversation, ``/exit`` (or end of input) quits. The whole history
+turn; ``/clear`` forgets the conversation, ``/exit`` (or end of input) quits; any other line
+starting with ``/`` and a word is an unknown command (start a message with ``//`` to send a
+leading ``/``). The whole history
 is rendered through the tokenizer's chat template at every turn and generated from, but only
 the tokens the last turn's latent cache does not already hold are prefilled
 (``Generator(reuse_prefix=True)``); replies go to stdout as they stream, notices and timings
 to stderr. A turn that cannot run (say, the
-conversation no longer fits the model's length) prints its error and the session goes on.
+conversation no longer fits the model's length: ``/clear`` starts over) prints its error and the
+session goes on; the exit status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 from deepseek_jax import runtime
-from deepseek_jax.commands.generate import add_sampling_args, load_generator, load_tokenizer, sampling_from_args
+from deepseek_jax.commands.generate import (add_sampling_args, check_runtime_args, load_generator, load_tokenizer,
+                                            sampling_from_args)
 from deepseek_jax.errors import DeepSeekError
+
+COMMANDS = ("/clear", "/exit")
+_COMMAND_RE = re.compile(r"/[A-Za-z][\w-]*")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="interactive multi-turn chat (/clear, /exit)",
                        description="Chat with a checkpoint: one user message per input line; /clear resets "
-                                   "the history, /exit quits.")
+                                   "the history, /exit quits (start a message with // to send a leading /). "
+                                   "Exits with status 1 if a turn failed.")
     p.add_argument("ckpt", help="checkpoint directory with tokenizer.json and a chat template")
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
     add_sampling_args(p)
@@ -35,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from deepseek_jax.commands.generate import timing_line
 
     sampling = sampling_from_args(args)
+    check_runtime_args(args)
+    if os.path.isdir(args.ckpt) and not os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")):
+        raise DeepSeekError(f"no tokenizer.json in {args.ckpt}: chat needs the checkpoint's tokenizer "
+                            "(tokenizer.json and a chat template)")
     tokenizer = load_tokenizer(args.ckpt, required=True)
     if not tokenizer.chat_template:
         raise DeepSeekError(f"{args.ckpt}: tokenizer_config.json has no chat_template; chat needs one")
@@ -43,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     interactive = sys.stdin.isatty()
-    turn = 0
+    turn = failed = 0
     while True:
         if interactive:
             sys.stdout.write(">>> ")
@@ -54,9 +68,19 @@ def run(args: argparse.Namespace) -> int:
         text = line.strip()
         if not text:
             continue
-        if text == "/exit":
-            break
-        if text == "/clear":
+        if text.startswith("//"):
+            text = text[1:]       # an escaped leading slash: a message, not a command
+        elif _COMMAND_RE.fullmatch(text.split()[0]):
+            cmd = text.split()[0]
+            if cmd not in COMMANDS:
+                print(f"unknown command {cmd} (commands: {', '.join(COMMANDS)}; start a message with // to "
+                      "send a leading /)", file=sys.stderr)
+                continue
+            if text != cmd:
+                print(f"{cmd} takes no arguments", file=sys.stderr)
+                continue
+            if cmd == "/exit":
+                break
             history = list(start)
             print("[history cleared]", file=sys.stderr)
             continue
@@ -71,9 +95,18 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             prompt = tokenizer.encode_chat(messages)
+            if len(prompt) >= gen.max_len:
+                failed += 1
+                more = len(history) > len(start)   # earlier turns: /clear makes room
+                what = "the conversation is too long" if more else "this message is too long"
+                print(f"deepseek-jax chat: error: {what}: {len(prompt)} tokens{' with this message' if more else ''}"
+                      f", at most {gen.max_len - 1} fit the model's max length {gen.max_len}"
+                      f"{'; /clear to start over' if more else ''}", file=sys.stderr)
+                continue
             result = gen.generate([prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
                                   seed=args.seed + turn, stream=stream, speculative=args.speculative)[0]
         except DeepSeekError as e:
+            failed += 1
             print(f"deepseek-jax chat: error: {e}", file=sys.stderr)
             continue
         sys.stdout.write(decoder.flush() + "\n")
@@ -82,4 +115,7 @@ def run(args: argparse.Namespace) -> int:
             print(timing_line(gen.last_stats), file=sys.stderr)
         history = messages + [{"role": "assistant", "content": tokenizer.decode(result.output_ids)}]
         turn += 1
+    if failed:
+        print(f"deepseek-jax chat: {failed} turn(s) failed", file=sys.stderr)
+        return 1
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from deepseek_jax import runtime
@@ -25,7 +26,7 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, 
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                    help=f"new tokens per prompt at most (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=temperature, metavar="T",
-                   help=f"sampling temperature; <= 0 means greedy (default {temperature})")
+                   help=f"sampling temperature; below 1e-5 (0 included) means greedy (default {temperature})")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same samples")
@@ -35,7 +36,8 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, 
                         "ahead for the main model to verify (greedy output unchanged; sampling keeps the "
                         "same distribution)")
     p.add_argument("--prefill-chunk", default="auto", metavar="N",
-                   help="prefill prompts in chunks of N tokens (a power of two >= 16; 'auto' (default): only "
+                   help="prefill prompts in chunks of N tokens (a power of two >= 16: 16, 32, 64...; 'auto' "
+                        "(default): only "
                         "when one pass would hold over 2 GiB of attention scores; 'none': always one pass)")
 
 
@@ -49,9 +51,30 @@ def prefill_chunk_from_args(args: argparse.Namespace | None):
         n = int(t)
     except ValueError:
         n = 0
-    if n < 16:
-        raise DeepSeekError(f"--prefill-chunk: expected an integer >= 16, 'auto' or 'none', got {text!r}")
+    if n < 16 or n & (n - 1):
+        raise DeepSeekError(f"--prefill-chunk: expected a power of two >= 16 (16, 32, 64, ...), 'auto' or "
+                            f"'none', got {text!r}")
     return n
+
+
+def check_runtime_args(args: argparse.Namespace) -> None:
+    """Rejects multi-host flags that make no sense, before anything is loaded (the flags of
+    :func:`deepseek_jax.runtime.add_args`)."""
+    nproc, pid = getattr(args, "num_processes", None), getattr(args, "process_id", None)
+    hb = getattr(args, "heartbeat_timeout", 30)
+    if hb is not None and hb <= 0:
+        raise DeepSeekError(f"--heartbeat-timeout must be > 0 seconds, got {hb}")
+    if nproc is not None and nproc < 1:
+        raise DeepSeekError(f"--num-processes must be >= 1, got {nproc}")
+    if pid is not None and pid < 0:
+        raise DeepSeekError(f"--process-id must be >= 0, got {pid}")
+    if nproc is not None and pid is not None and pid >= nproc:
+        raise DeepSeekError(f"--process-id {pid} is out of range for --num-processes {nproc} (0..{nproc - 1})")
+    coord = getattr(args, "coordinator", None) or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
+    if (nproc is not None or pid is not None) and not coord and getattr(args, "distributed", "off") != "auto":
+        given = "--num-processes" if nproc is not None else "--process-id"
+        raise DeepSeekError(f"{given} needs --coordinator HOST:PORT (or --distributed auto); without it "
+                            "this would run as one process")
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -84,6 +107,8 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
     from deepseek_jax.generate import Generator
 
     prefill_chunk = prefill_chunk_from_args(args)
+    if args is not None and hasattr(args, "mesh"):
+        check_runtime_args(args)
     mesh = runtime.init(args) if args is not None and hasattr(args, "mesh") else None
     if mesh is not None:
         stack = getattr(args, "exit_stack", None)  # set by cli.main: the mesh lasts as long as the command
@@ -142,9 +167,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_ids(text: str) -> list[int]:
-    parts = [t for t in text.replace(",", " ").split()]
-    if not parts:
+    """``"1,2,3"`` (or ``"1, 2, 3"`` / ``"1 2 3"``) -> ids; an empty item (``"1,,2"``) is an error."""
+    if not text.strip():
         raise DeepSeekError("--prompt-ids: empty prompt")
+    parts = re.split(r"\s*,\s*|\s+", text.strip())
+    if "" in parts:
+        raise DeepSeekError(f"--prompt-ids: {text!r} has an empty item (expected comma-separated integers "
+                            "such as 1,2,3)")
     try:
         return [int(t) for t in parts]
     except ValueError:
@@ -175,8 +204,24 @@ def _encode(tokenizer, texts: list[str], chat: bool | None) -> list[list[int]]:
     return out
 
 
+def length_cap_notice(max_len: int, prompts: list[list[int]], max_new_tokens: int) -> str | None:
+    """A one-line note when the model's max length leaves some prompt fewer than
+    ``max_new_tokens`` new tokens (``None`` when it does not)."""
+    rooms = [max_len - len(p) for p in prompts]
+    capped = [i for i, r in enumerate(rooms) if 0 < r < max_new_tokens]
+    if not capped:
+        return None
+    if len(prompts) == 1:
+        return (f"note: --max-new-tokens {max_new_tokens} capped at {rooms[0]}: the prompt has {len(prompts[0])} "
+                f"tokens and the model's max length is {max_len}")
+    i = min(capped, key=lambda j: rooms[j])
+    return (f"note: --max-new-tokens {max_new_tokens} capped for {len(capped)} of {len(prompts)} prompts by the "
+            f"model's max length {max_len} (prompt {i}: at most {rooms[i]} new tokens)")
+
+
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
+    check_runtime_args(args)
     if args.prompt_ids:
         prompts = [parse_ids(s) for s in args.prompt_ids]
         tokenizer = load_tokenizer(args.ckpt, required=False)
@@ -187,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
               stop_at_eos=not args.ignore_eos, speculative=args.speculative)
+    note = length_cap_notice(gen.max_len, prompts, args.max_new_tokens)
+    if note:
+        print(note, file=sys.stderr)
 
     if len(prompts) == 1 and not args.json:
         decoder = tokenizer.stream_decoder() if tokenizer else None

@@ -20,13 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp8", "bf16"), default=None,
                    help="weight format (default: the config's: fp8 when it has quantization_config)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--max-len", type=int, default=4096, help="cache length per sequence")
-    p.add_argument("--prompt-len", type=int, default=None, help="prefill length (default min(max-len, 4096); compiled at its length bucket, as generate pads it)")
-    p.add_argument("--prefill-batch", type=int, default=1, help="prompts prefilled together (default 1)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="cache length per sequence (default: min(4096, the config's max_position_embeddings))")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="prefill length, 1..max-len (default: min(max-len, 4096); compiled at its length bucket, as "
+                        "generate pads it)")
+    p.add_argument("--prefill-batch", type=int, default=1,
+                   help="prompts prefilled together, 1..--batch (default 1)")
     p.add_argument("--prefill-chunk", default="auto", metavar="N",
-                   help="the prefill as generate runs it: in chunks of N tokens, 'auto' (default: when one pass "
+                   help="the prefill as generate runs it: in chunks of N tokens (a power of two >= 16), 'auto' "
+                        "(default: when one pass "
                         "would hold over 2 GiB of attention scores) or 'none'")
-    p.add_argument("--device", default="h200", help="h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4")
+    p.add_argument("--device", default="h200",
+                   help="memory to fit: h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4|cpu (default h200)")
     p.add_argument("--no-compile", action="store_true", help="weights and cache only (seconds instead of minutes)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
@@ -36,11 +42,26 @@ def run(args: argparse.Namespace) -> int:
     from deepseek_jax.config import load_config
     from deepseek_jax.sharding import MESH_AXES, parse_mesh
 
-    if args.batch < 1 or args.max_len < 1:
-        raise DeepSeekError("--batch and --max-len must be positive")
+    for flag, value in (("--batch", args.batch), ("--max-len", args.max_len), ("--prompt-len", args.prompt_len),
+                        ("--prefill-batch", args.prefill_batch)):
+        if value is not None and value < 1:
+            raise DeepSeekError(f"{flag} must be >= 1, got {value}")
+    if args.prefill_batch > args.batch:
+        raise DeepSeekError(f"--prefill-batch {args.prefill_batch} exceeds --batch {args.batch} (prompts are "
+                            "prefilled into the decode batch's rows)")
+    if args.prompt_len is not None and args.max_len is not None and args.prompt_len > args.max_len:
+        raise DeepSeekError(f"--prompt-len {args.prompt_len} exceeds --max-len {args.max_len}")
     cfg = load_config(args.config)
     if args.dtype:
         cfg = cfg.replace(fp8=args.dtype == "fp8")
+    if args.max_len is None:
+        args.max_len = min(4096, cfg.max_position_embeddings)
+        if args.prompt_len is not None and args.prompt_len > args.max_len:
+            raise DeepSeekError(f"--prompt-len {args.prompt_len} exceeds the default --max-len {args.max_len} "
+                                "(the config's max_position_embeddings)")
+    elif args.max_len > cfg.max_position_embeddings:
+        raise DeepSeekError(f"--max-len {args.max_len} exceeds the config's max_position_embeddings "
+                            f"{cfg.max_position_embeddings}")
     sizes = parse_mesh(args.mesh, 1 << 30)
     n = math.prod(sizes[a] for a in MESH_AXES)
     import jax

@@ -1,14 +1,16 @@
 """``deepseek-jax train --config CONFIG --data FILE|synthetic:<task> --steps N --out DIR``.
 
 Writes under ``--out``: ``ckpt/`` (Orbax train state every ``--save-every`` steps and at the end),
-``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings) and ``hub/`` (the
-final model in the Hub layout with the tokenizer files: ``deepseek-jax score OUT/hub`` works).
+``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings), ``eval.json``
+(held-out metrics, unless ``--eval-batches 0``) and ``hub/`` (the final model in the Hub layout with
+the tokenizer files: ``deepseek-jax score OUT/hub`` works).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -19,8 +21,9 @@ from deepseek_jax.errors import DeepSeekError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (CE + MTP + balance loss, aux-loss-free routing bias)",
                        description="Trains a DeepSeek-V3-shaped model in float (FP8 quantization of the config "
-                                   "is ignored) on a synthetic task or a text file, with Orbax checkpoints "
-                                   "and a final Hub-layout export.")
+                                   "is ignored) on a synthetic task or a text file. Writes under --out: ckpt/ "
+                                   "(Orbax checkpoints), metrics.jsonl, run.json, eval.json (held-out "
+                                   "metrics) and hub/ (the final model in the Hub layout).")
     p.add_argument("--config", help="preset name, config.json or checkpoint directory (model shape)")
     p.add_argument("--init", help="start from the weights of this Hub checkpoint (FP8 is dequantized) "
                                   "instead of a random initialisation; its config is used if --config is absent")
@@ -49,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the trained parameters (default float32)")
     p.add_argument("--export-fp8", action="store_true", help="export OUT/hub with 128x128 block-FP8 linear weights")
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches evaluated at the end (default 4)")
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help="held-out batches evaluated at the end, into OUT/eval.json (default 4; 0: none)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the package's tiny tokenizer)")
     p.add_argument("--data-parallel", type=int, default=1, metavar="N",
                    help="shard each batch over the first N devices, parameters replicated (default 1)")
@@ -63,9 +67,36 @@ def _check_same(what: str, saved, now) -> None:
                             + (f" (differs in {', '.join(sorted(map(str, diff))[:5])})" if diff else ""))
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Rejects nonsensical numeric flags before anything is loaded or written."""
+    def bad(flag: str, value, want: str) -> DeepSeekError:
+        return DeepSeekError(f"{flag} must be {want}, got {value}")
+
+    for flag, value, lo in (("--steps", args.steps, 0), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0),
+                            ("--save-every", args.save_every, 0), ("--eval-batches", args.eval_batches, 0),
+                            ("--data-parallel", args.data_parallel, 1)):
+        if value is not None and value < lo:
+            raise bad(flag, value, f">= {lo}")
+    if args.seq_len is not None and args.seq_len < 4:
+        raise bad("--seq-len", args.seq_len, ">= 4")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise bad("--lr", args.lr, "a positive number")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise bad("--min-lr-ratio", args.min_lr_ratio, "in [0, 1]")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--mtp-weight", args.mtp_weight),
+                        ("--balance-alpha", args.balance_alpha), ("--bias-gamma", args.bias_gamma)):
+        if not (math.isfinite(value) and value >= 0):
+            raise bad(flag, value, "a number >= 0")
+    if math.isnan(args.clip):
+        raise bad("--clip", args.clip, "a number (<= 0 disables clipping)")
+    if args.batch % args.data_parallel:
+        raise DeepSeekError(f"--batch {args.batch} must be a multiple of --data-parallel {args.data_parallel}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DeepSeekError(f"--out: {args.out} exists and is not a directory")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.steps < 0 or args.batch <= 0:
-        raise DeepSeekError("--steps must be >= 0 and --batch > 0")
+    _check_numbers(args)
     if not args.config and not args.init:
         raise DeepSeekError("give --config (model shape) or --init (a checkpoint to start from)")
 
@@ -103,6 +134,14 @@ def run(args: argparse.Namespace) -> int:
                        weight_decay=args.weight_decay, clip_norm=args.clip, mtp_weight=args.mtp_weight,
                        balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, remat=args.remat)
 
+    n_dev = args.data_parallel
+    mesh = None
+    if n_dev > jax.device_count():
+        raise DeepSeekError(f"--data-parallel {n_dev}: this process has only {jax.device_count()} device(s)")
+    if n_dev > 1:
+        mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.devices()[:n_dev])
+
     out = os.path.abspath(args.out)
     ckpt_dir = os.path.join(out, "ckpt")
     os.makedirs(out, exist_ok=True)
@@ -118,16 +157,6 @@ def run(args: argparse.Namespace) -> int:
         meta = Trainer.read_metadata(ckpt_dir)
         _check_same("model config", meta.get("model_config"), json.loads(json.dumps(model_cfg)))
         _check_same("data / batch / seq-len / seed", meta.get("data"), describe)
-
-    n_dev = args.data_parallel
-    mesh = None
-    if n_dev < 1 or n_dev > jax.device_count():
-        raise DeepSeekError(f"--data-parallel {n_dev}: this process has {jax.device_count()} device(s)")
-    if n_dev > 1:
-        if args.batch % n_dev:
-            raise DeepSeekError(f"--batch {args.batch} must be a multiple of --data-parallel {n_dev}")
-        mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                             devices=jax.devices()[:n_dev])
 
     t0 = time.perf_counter()
     if args.init:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+from deepseek_jax.errors import DeepSeekError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,9 +21,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from deepseek_jax import orbax_ckpt
 
+    if args.against is not None:   # a bad source fails now, not after the checkpoint's checksums
+        _check_source(args.against)
     s = orbax_ckpt.verify(args.ckpt, against=args.against, progress=not args.quiet)
     msg = f"OK: {s['params']} parameters ({s['bytes'] / 1e9:.2f} GB) match the manifest"
     if args.against:
         msg += f"; {s['compared_tensors']} tensors equal those of {args.against}"
     print(msg)
     return 0
+
+
+def _check_source(path: str) -> None:
+    from deepseek_jax.hub import HubReader
+
+    if not os.path.isdir(path):
+        raise DeepSeekError(f"--against: {path} is not a directory")
+    try:
+        with HubReader(path):
+            pass
+    except DeepSeekError as e:
+        raise DeepSeekError(f"--against: {e}") from None

@@ -1,0 +1,180 @@
+"""Bad command-line input gives one clear line (exit 2) before any model is loaded or file written.
+
+Most cases here fail in the argument checks, so no model loads; the few that run one use the tiny
+``ckpt_a`` or the shipped demo model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from deepseek_jax import cli
+from deepseek_jax.commands.demo import demo_checkpoint
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_error(rc, err, needle):
+    assert rc == 2, err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def ids_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ids") / "ids.npy"
+    np.save(p, np.arange(1, 10, dtype=np.int32)[None])   # [1, 9]
+    return str(p)
+
+
+# ---- score --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, needle", [
+    (["--out", "{tmp}/nodir/x.npy"], "--out: directory"),
+    (["--logprobs", "{tmp}/nodir/lp.npy"], "--logprobs: directory"),
+    (["--out", "{tmp}"], "--out: {tmp} is a directory"),
+    (["--out", "{tmp}/same.npy", "--logprobs", "{tmp}/same.npy"], "same file"),
+    (["--out", "{tmp}/o.npy", "--prefill", "4"], "--prefill 4 needs --mode decode"),
+    (["--out", "{tmp}/o.npy", "--mode", "decode", "--prefill", "-1"], "--prefill must be >= 0"),
+    (["--out", "{tmp}/o.npy", "--mode", "decode", "--prefill", "10"], "--prefill 10 exceeds"),
+    (["--out", "{tmp}/o.npy", "--mtp", "--mode", "decode"], "--mtp"),
+    (["--out", "{tmp}/o.npy", "--num-processes", "2"], "--num-processes needs --coordinator"),
+    (["--out", "{tmp}/o.npy", "--heartbeat-timeout", "0"], "--heartbeat-timeout must be > 0"),
+])
+def test_score_bad_flags(extra, needle, ckpt_a, ids_file, tmp_path, capsys):
+    tmp = str(tmp_path)
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, *[a.format(tmp=tmp) for a in extra])
+    assert_error(rc, err, needle.format(tmp=tmp))
+    assert os.listdir(tmp_path) == []   # nothing written
+
+
+def test_score_writes_exactly_the_given_paths(ckpt_a, ids_file, tmp_path, capsys):
+    out, lp = tmp_path / "logits.txt", tmp_path / "lp"
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", out, "--logprobs", lp)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["logits.txt", "lp"]
+    assert np.load(out).shape == (1, 9, 256) and np.load(lp).shape == (1, 8)
+
+
+# ---- plan ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, needle", [
+    (["--prefill-batch", "0"], "--prefill-batch must be >= 1"),
+    (["--prefill-batch", "2"], "--prefill-batch 2 exceeds --batch 1"),
+    (["--prompt-len", "0"], "--prompt-len must be >= 1"),
+    (["--prompt-len", "9999"], "--prompt-len 9999 exceeds the default --max-len 256"),
+    (["--max-len", "64", "--prompt-len", "65"], "--prompt-len 65 exceeds --max-len 64"),
+    (["--max-len", "0"], "--max-len must be >= 1"),
+    (["--max-len", "4096"], "--max-len 4096 exceeds"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--prefill-chunk", "24"], "--prefill-chunk: expected a power of two"),
+    (["--prefill-chunk", "17"], "--prefill-chunk: expected a power of two"),
+])
+def test_plan_bad_flags(extra, needle, capsys):
+    rc, _, err = run_cli(capsys, "plan", "--config", "tiny", "--mesh", "expert=1", "--no-compile", *extra)
+    assert_error(rc, err, needle)
+
+
+@pytest.mark.parametrize("config, max_len", [("tiny", 256), ("demo", 128)])
+def test_plan_default_max_len_fits_the_config(config, max_len, capsys):
+    rc, out, err = run_cli(capsys, "plan", "--config", config, "--mesh", "expert=1", "--no-compile", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["prefill_tokens"] == max_len
+
+
+# ---- generate -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, needle", [
+    (["--prompt-ids", "1,,2"], "empty item"),
+    (["--prompt-ids", "1,2,"], "empty item"),
+    (["--prompt-ids", "1", "--prefill-chunk", "24"], "--prefill-chunk"),
+    (["--prompt-ids", "1", "--num-processes", "2"], "--num-processes needs --coordinator"),
+    (["--prompt-ids", "1", "--process-id", "1"], "--process-id needs --coordinator"),
+    (["--prompt-ids", "1", "--heartbeat-timeout", "-1"], "--heartbeat-timeout must be > 0"),
+    (["--prompt-ids", "1", "--num-processes", "0", "--process-id", "0", "--coordinator", "h:1"],
+     "--num-processes must be >= 1"),
+    (["--prompt-ids", "1", "--num-processes", "2", "--process-id", "2", "--coordinator", "h:1"],
+     "--process-id 2 is out of range"),
+])
+def test_generate_bad_flags(extra, needle, ckpt_a, capsys):
+    rc, _, err = run_cli(capsys, "generate", ckpt_a, *extra)
+    assert_error(rc, err, needle)
+
+
+def test_generate_notes_the_length_cap(ckpt_a, capsys):
+    rc, out, err = run_cli(capsys, "generate", ckpt_a, "--prompt-ids", ",".join(["3"] * 250),
+                           "--max-new-tokens", "20", "--temperature", "0", "--ignore-eos")
+    assert rc == 0, err
+    assert "--max-new-tokens 20 capped at 6" in err and len(out.split()) == 6
+
+
+# ---- train --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, needle", [
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr"),
+    (["--warmup", "-5"], "--warmup must be >= 0"),
+    (["--data-parallel", "0"], "--data-parallel must be >= 1"),
+    (["--seq-len", "0"], "--seq-len must be >= 4"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio must be in [0, 1]"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--eval-batches", "-1"], "--eval-batches"),
+    (["--save-every", "-1"], "--save-every"),
+    (["--batch", "3", "--data-parallel", "2"], "--batch 3 must be a multiple of --data-parallel 2"),
+])
+def test_train_bad_flags(extra, needle, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "train", "--config", "tiny", "--data", "synthetic:copy", "--steps", "1",
+                         "--out", out, *extra)
+    assert_error(rc, err, needle)
+    assert not out.exists()
+
+
+# ---- chat / verify ------------------------------------------------------------------------------
+def test_chat_without_tokenizer_names_no_foreign_flag(ckpt_a, capsys):
+    rc, _, err = run_cli(capsys, "chat", ckpt_a)
+    assert_error(rc, err, "tokenizer.json")
+    assert "--prompt-ids" not in err
+
+
+def test_chat_commands_and_overflow(monkeypatch, capsys):
+    lines = ["/bogus", "/clear now", "12+30", "9+9 " * 30, "/exit"]   # 122 tokens alone, 132 after 12+30
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    rc, out, err = run_cli(capsys, "chat", demo_checkpoint(), "--max-new-tokens", "4", "--temperature", "0")
+    assert rc == 1, err
+    assert "unknown command /bogus (commands: /clear, /exit" in err
+    assert "/clear takes no arguments" in err
+    assert "the conversation is too long" in err and "/clear to start over" in err
+    assert len(out.splitlines()) == 1   # only 12+30 was sent to the model
+
+
+def test_verify_checks_against_first(ckpt_a, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "verify", ckpt_a, "--against", tmp_path / "nothere", "--quiet")
+    assert_error(rc, err, "--against:")
+
+
+def test_verify_names_a_missing_array_in_one_short_line(ckpt_a, tmp_path, capsys):
+    """An array folder gone from an Orbax checkpoint: its name and tensorstore's reason, without the
+    ~500-character JSON spec tensorstore appends to its message."""
+    orb = tmp_path / "orb"
+    assert cli.main(["convert", ckpt_a, str(orb)]) == 0
+    capsys.readouterr()
+    gone = sorted(p for p in os.listdir(orb) if p.endswith(".weight.value"))[0]
+    import shutil
+    shutil.rmtree(orb / gone)
+    rc, _, err = run_cli(capsys, "verify", orb)
+    line = err.strip().splitlines()[-1]
+    assert rc == 2 and gone in line and "tensorstore_spec" not in line and len(line) < 400, err
+
+
+def test_distributed_env_zero_processes(monkeypatch, ids_file, ckpt_a, tmp_path, capsys):
+    """``DEEPSEEK_JAX_NUM_PROCESSES=0`` was read as "not given" (``0 or ...``)."""
+    monkeypatch.setenv("DEEPSEEK_JAX_NUM_PROCESSES", "0")
+    monkeypatch.setenv("DEEPSEEK_JAX_PROCESS_ID", "0")
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", tmp_path / "o.npy",
+                         "--coordinator", "127.0.0.1:1")
+    assert_error(rc, err, "0 processes")
