@@ -21,35 +21,61 @@ __all__ = ["load", "load_config", "init_random", "logits", "mtp_logits", "token_
            "precision"]
 
 
+def check_kernels(kernels: str = "auto") -> str:
+    """Validates a ``kernels=`` value and the ``$DEEPSEEK_JAX_KERNELS`` variable (which decides
+    what ``"auto"`` means) up front, as one-line :class:`DeepSeekError`s; returns ``kernels``
+    normalised. Without this a bad name would surface only when the first call is traced."""
+    from kernels_pallas import backend
+
+    if kernels is None:
+        raise DeepSeekError(f"kernels None unsupported (expected one of {'|'.join(backend.IMPLS)})")
+    try:
+        kernels = backend.check_impl(kernels)
+    except ValueError:
+        raise DeepSeekError(f"kernels {kernels!r} unsupported (expected one of {'|'.join(backend.IMPLS)})") from None
+    try:
+        backend.env_impl()
+    except ValueError as e:
+        raise DeepSeekError(str(e)) from None
+    return kernels
+
+
 def precision(dtype: str = "float32", fp8_mode: str = "w8a16", kernels: str = "auto") -> Precision:
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DeepSeekError(f"dtype {dtype!r} unsupported (float32|bfloat16)")
-    if fp8_mode not in ("w8a16", "w8a8"):
+    if not isinstance(fp8_mode, str) or fp8_mode not in ("w8a16", "w8a8"):
         raise DeepSeekError(f"fp8 mode {fp8_mode!r} unsupported (w8a16|w8a8)")
-    return Precision(dtype=DTYPES[dtype], fp8_mode=fp8_mode, kernels=kernels)
+    return Precision(dtype=DTYPES[dtype], fp8_mode=fp8_mode, kernels=check_kernels(kernels))
 
 
 def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str = "w8a16",
-         kernels: str = "auto", mtp: bool | None = None, mesh=None, rules: str = "ep_tp") -> DeepSeekV3:
+         kernels: str = "auto", mtp: bool | None = None, mesh=None, rules="ep_tp") -> DeepSeekV3:
     """Loads a checkpoint directory: the Hub layout (config.json + safetensors) or an Orbax
     checkpoint written by ``deepseek-jax convert`` (detected by its files).
 
     ``mtp=None`` loads the MTP module when the checkpoint has it; ``True`` requires it.
     ``mesh``: a ``jax.sharding.Mesh`` (see ``sharding.make_mesh``); parameters are then created
     directly sharded by the ``rules`` preset, each process reading only what its devices hold.
+    ``rules``: a preset name of ``sharding.RULES`` ("ep_tp", "ep_dp") or a mapping of logical
+    axis -> mesh axis. ``kernels``: one of ``kernels_pallas.backend.IMPLS``. Every argument (and
+    ``$DEEPSEEK_JAX_KERNELS``) is checked here, before anything is read.
     """
     from deepseek_jax import sharding
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise DeepSeekError(f"checkpoint: path must be a string or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DeepSeekError(f"checkpoint: {path} is not a directory")
+    if mtp is not None and not isinstance(mtp, bool):
+        raise DeepSeekError(f"mtp must be True, False or None, got {mtp!r}")
     prec = precision(dtype, fp8_mode, kernels)
+    rules = sharding.resolve_rules(rules, mesh)   # a bad preset name / mesh fails here, before any reading
     if orbax_ckpt.is_orbax_checkpoint(path):
         shardings = None
         if mesh is not None:
             cfg = DeepSeekConfig.from_json_file(path)
-            specs = sharding.model_param_specs(abstract_model(cfg, prec, True), dict(mesh.shape),
-                                               sharding.RULES[rules])
+            specs = sharding.model_param_specs(abstract_model(cfg, prec, True), dict(mesh.shape), rules)
             shardings = lambda p: sharding.named(mesh, specs[tuple(p)])  # noqa: E731
         model = orbax_ckpt.restore(path, prec=prec, with_mtp=mtp, shardings=shardings)
         if mesh is not None:

@@ -144,6 +144,7 @@ def load_hub(path: str | os.PathLike[str], *, prec: Precision = Precision(), wit
     """
     from deepseek_jax import sharding
 
+    rules = sharding.resolve_rules(rules, mesh)
     reader = HubReader(os.fspath(path))
     try:
         cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)
@@ -151,7 +152,7 @@ def load_hub(path: str | os.PathLike[str], *, prec: Precision = Precision(), wit
             with_mtp = bool(cfg.num_nextn_predict_layers) and \
                 f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in reader
         abstract = abstract_model(cfg, prec, with_mtp)
-        specs = sharding.model_param_specs(abstract, dict(mesh.shape), sharding.RULES.get(rules, rules)) \
+        specs = sharding.model_param_specs(abstract, dict(mesh.shape), rules) \
             if mesh is not None else None
         graphdef, state = nnx.split(abstract)
         flat = nnx.to_flat_state(state)

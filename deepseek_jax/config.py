@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -25,6 +26,24 @@ _REQUIRED_INT = (
     "num_hidden_layers", "num_attention_heads", "n_routed_experts", "num_experts_per_tok",
     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
 )
+
+
+# Optional fields checked by ``validate`` (with the defaults of DeepSeekConfig).
+_OPTIONAL_INT = ("first_k_dense_replace", "moe_layer_freq", "n_shared_experts", "n_group", "topk_group",
+                 "max_position_embeddings", "num_nextn_predict_layers", "bos_token_id", "eos_token_id")
+_POSITIVE_FLOAT = ("routed_scaling_factor", "rope_theta", "rms_norm_eps")
+_BOOL = ("norm_topk_prob", "attention_bias", "tie_word_embeddings")
+_STR = ("scoring_func", "topk_method", "hidden_act")
+
+
+def _is_int(v: Any) -> bool:
+    """A JSON integer (``True``/``False`` are not numbers here)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A JSON number, integer or float (not a bool, string or null)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,16 +156,23 @@ class DeepSeekConfig:
         kw["rope_scaling"] = scaling
         qc = d.get("quantization_config")
         if qc:
+            if not isinstance(qc, dict):
+                raise DeepSeekError(f"config: quantization_config = {qc!r}: must be an object or null")
             if qc.get("quant_method") != "fp8":
                 raise DeepSeekError(
                     f"config: quantization_config.quant_method {qc.get('quant_method')!r} unsupported (want 'fp8')")
             if qc.get("fmt", "e4m3") != "e4m3":
                 raise DeepSeekError(f"config: quantization_config.fmt {qc.get('fmt')!r} unsupported (want 'e4m3')")
             kw["fp8"] = True
-            kw["weight_block_size"] = tuple(qc.get("weight_block_size", (128, 128)))
+            wbs = qc.get("weight_block_size", (128, 128))
+            if not isinstance(wbs, (list, tuple)) or not all(_is_int(b) for b in wbs):
+                raise DeepSeekError(f"config: quantization_config.weight_block_size = {wbs!r}: "
+                                    "must be a list of two integers ([128, 128])")
+            kw["weight_block_size"] = tuple(wbs)
         eos = kw.get("eos_token_id")
         if isinstance(eos, list):
-            kw["eos_token_id"] = int(eos[0]) if eos else 1
+            # The first id is the one generation stops at; validate() checks its type and range.
+            kw["eos_token_id"] = eos[0] if eos else 1
         kw["extra"] = {k: v for k, v in d.items() if k not in known}
         cfg = cls(**kw)
         cfg.validate()
@@ -192,15 +218,30 @@ class DeepSeekConfig:
         def bad(field: str, why: str) -> DeepSeekError:
             return DeepSeekError(f"config: {field} = {getattr(self, field, None)!r}: {why}")
 
-        for f in _REQUIRED_INT + ("first_k_dense_replace", "n_shared_experts", "n_group", "topk_group",
-                                  "max_position_embeddings", "num_nextn_predict_layers"):
+        # Types first (a JSON null, string or bool where a number belongs), so that no later
+        # comparison or the model itself meets a wrong type.
+        for f in _REQUIRED_INT + _OPTIONAL_INT:
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if not _is_int(v):
                 raise bad(f, "must be an integer")
-            if v < 0 or (v == 0 and f in _REQUIRED_INT + ("n_group", "topk_group")):
+            if v < 0:
+                raise bad(f, "must be >= 0")
+            if v == 0 and f in _REQUIRED_INT + ("n_group", "topk_group", "max_position_embeddings"):
                 raise bad(f, "must be positive")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or self.q_lora_rank <= 0):
             raise bad("q_lora_rank", "must be a positive integer or null")
+        for f in _POSITIVE_FLOAT:
+            v = getattr(self, f)
+            if not _is_number(v):
+                raise bad(f, "must be a number")
+            if not (math.isfinite(v) and v > 0):
+                raise bad(f, "must be a positive, finite number")
+        for f in _BOOL:
+            if not isinstance(getattr(self, f), bool):
+                raise bad(f, "must be true or false")
+        for f in _STR:
+            if not isinstance(getattr(self, f), str):
+                raise bad(f, "must be a string")
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         if self.scoring_func != "sigmoid":
@@ -222,8 +263,6 @@ class DeepSeekConfig:
             raise bad("n_group", "each group needs >= 2 experts (group score is the sum of the top 2)")
         if self.num_experts_per_tok > self.topk_group * per_group:
             raise bad("num_experts_per_tok", "exceeds the experts left after group selection")
-        if self.rms_norm_eps <= 0:
-            raise bad("rms_norm_eps", "must be positive")
         if self.fp8 and tuple(self.weight_block_size) != (128, 128):
             raise bad("weight_block_size", "only [128, 128] blocks are supported")
         if not (0 <= self.bos_token_id < self.vocab_size):
@@ -231,7 +270,13 @@ class DeepSeekConfig:
         if not (0 <= self.eos_token_id < self.vocab_size):
             raise bad("eos_token_id", f"outside vocab [0, {self.vocab_size})")
         rs = self.rope_scaling
+        if rs is not None and not isinstance(rs, RopeScaling):
+            raise bad("rope_scaling", "must be a RopeScaling or None")
         if rs is not None:
+            for f in dataclasses.fields(RopeScaling):
+                v = getattr(rs, f.name)
+                if not _is_number(v) or not math.isfinite(v):
+                    raise DeepSeekError(f"config: rope_scaling.{f.name} = {v!r}: must be a finite number")
             if rs.factor <= 0:
                 raise DeepSeekError(f"config: rope_scaling.factor = {rs.factor!r}: must be positive")
             if rs.original_max_position_embeddings <= 0:
@@ -247,7 +292,7 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     else:
         theta = d.get("rope_theta", 10000.0)
         scaling = d.get("rope_scaling")
-    if not isinstance(theta, (int, float)) or theta <= 0:
+    if not _is_number(theta) or not math.isfinite(theta) or theta <= 0:
         raise DeepSeekError(f"config: rope_theta = {theta!r}: must be a positive number")
     if not scaling:
         return float(theta), None
@@ -258,22 +303,33 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return float(theta), None
     if kind != "yarn":
         raise DeepSeekError(f"config: rope_scaling.type = {kind!r}: only 'yarn' is supported")
-    try:
-        rs = RopeScaling(
-            factor=float(scaling.get("factor", 1.0)),
-            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 4096)),
-            beta_fast=float(scaling.get("beta_fast", 32.0)),
-            beta_slow=float(scaling.get("beta_slow", 1.0)),
-            mscale=float(scaling.get("mscale", 1.0) or 1.0),
-            mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0) or 0.0),
-        )
-    except (TypeError, ValueError) as e:
-        raise DeepSeekError(f"config: rope_scaling has a non-numeric field ({e})") from None
+
+    def num(key: str, default: float, null_ok: bool = False) -> float:
+        v = scaling.get(key, default)
+        if v is None and null_ok:  # the Hub writes mscale / mscale_all_dim as null for "unset"
+            return default
+        if not _is_number(v) or not math.isfinite(v):
+            raise DeepSeekError(f"config: rope_scaling.{key} = {v!r}: must be a number")
+        return float(v)
+
+    opm = num("original_max_position_embeddings", 4096)
+    if opm != int(opm):
+        raise DeepSeekError(f"config: rope_scaling.original_max_position_embeddings = {opm!r}: must be an integer")
+    rs = RopeScaling(
+        factor=num("factor", 1.0),
+        original_max_position_embeddings=int(opm),
+        beta_fast=num("beta_fast", 32.0),
+        beta_slow=num("beta_slow", 1.0),
+        mscale=num("mscale", 1.0, null_ok=True) or 1.0,
+        mscale_all_dim=num("mscale_all_dim", 0.0, null_ok=True),
+    )
     return float(theta), rs
 
 
 def configs_dir() -> str:
-    """The repository's ``configs/`` folder (presets)."""
+    """The presets folder: ``deepseek_jax/configs`` in an installed wheel (``pyproject.toml`` maps
+    the repository's top-level ``configs/`` there), else the repository's ``configs/`` (a source
+    checkout or an editable install)."""
     here = os.path.dirname(os.path.abspath(__file__))
     for cand in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
         if os.path.isdir(cand):
@@ -283,9 +339,14 @@ def configs_dir() -> str:
 
 def load_config(name_or_path: str) -> DeepSeekConfig:
     """A preset name (``deepseek-v3-671b``), a ``.json`` path, or a checkpoint directory."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise DeepSeekError(f"config: expected a preset name or a path, got {type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
     if os.path.exists(name_or_path):
         return DeepSeekConfig.from_json_file(name_or_path)
     cand = os.path.join(configs_dir(), name_or_path if name_or_path.endswith(".json") else name_or_path + ".json")
     if os.path.exists(cand):
         return DeepSeekConfig.from_json_file(cand)
-    raise DeepSeekError(f"config: {name_or_path!r} is neither a file, a directory nor a preset in configs/")
+    presets = sorted(f[:-5] for f in os.listdir(configs_dir()) if f.endswith(".json"))
+    raise DeepSeekError(f"config: {name_or_path!r} is neither a file, a directory nor a preset "
+                        f"(presets: {', '.join(presets)})")

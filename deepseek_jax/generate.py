@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -607,6 +607,33 @@ def _dequantized_bytes(model: DeepSeekV3) -> int:
     return sum(x.size * size for x in jax.tree.leaves(nnx.state(model)) if x.dtype == jnp.float8_e4m3fn)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_stream_chunk(stream_chunk) -> int:
+    if not _is_int(stream_chunk) or stream_chunk < 1:
+        raise DeepSeekError(f"stream_chunk must be an integer >= 1, got {stream_chunk!r}")
+    return int(stream_chunk)
+
+
+def _as_sampling(sampling) -> SamplingParams:
+    """``sampling=`` of :meth:`Generator.generate`: None (greedy), a :class:`SamplingParams` or a
+    dict of its fields (``{"temperature": 0.7, "top_p": 0.9}``), validated."""
+    if sampling is None:
+        return GREEDY
+    if isinstance(sampling, Mapping):
+        fields = [f.name for f in dataclasses.fields(SamplingParams)]
+        unknown = [k for k in sampling if k not in fields]
+        if unknown:
+            raise DeepSeekError(f"sampling: unknown field {unknown[0]!r} (fields: {', '.join(fields)})")
+        sampling = SamplingParams(**sampling)
+    if not isinstance(sampling, SamplingParams):
+        raise DeepSeekError(f"sampling must be a SamplingParams, a dict of its fields or None, "
+                            f"got {type(sampling).__name__}")
+    return sampling.validate()
+
+
 class Generator:
     """Batched generation with a pre-allocated latent cache and a compiled decode loop.
 
@@ -658,12 +685,11 @@ class Generator:
         cfg = model.cfg
         self.vocab_size = cfg.vocab_size
         limit = cfg.max_position_embeddings
-        if max_len is not None and not 2 <= max_len <= limit:
-            raise DeepSeekError(f"max_len {max_len} outside [2, {limit}] (max_position_embeddings)")
+        if max_len is not None and (not _is_int(max_len) or not 2 <= max_len <= limit):
+            raise DeepSeekError(f"max_len must be an integer in [2, {limit}] (max_position_embeddings), "
+                                f"got {max_len!r}")
         self.max_len = int(max_len or limit)
-        if stream_chunk < 1:
-            raise DeepSeekError(f"stream_chunk must be >= 1, got {stream_chunk}")
-        self.stream_chunk = int(stream_chunk)
+        self.stream_chunk = _check_stream_chunk(stream_chunk)
         self.eos_id = int(cfg.eos_token_id)
         self._compiles = 0
         self.last_stats = GenerationStats()
@@ -702,13 +728,14 @@ class Generator:
         return out
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, prompts_ids, *, max_new_tokens: int = 200, sampling: SamplingParams | None = None,
+    def generate(self, prompts_ids, *, max_new_tokens: int = 200, sampling: SamplingParams | dict | None = None,
                  seed: int = 0, stop_at_eos: bool = True, eos_id: int | None = None,
                  stream: StreamFn | None = None, stream_chunk: int | None = None,
                  speculative: str | None = None) -> list[Result]:
         """Generates up to ``max_new_tokens`` per prompt (fewer where the max length cuts in).
 
-        ``sampling`` defaults to greedy; ``seed`` makes sampling reproducible. ``eos_id``
+        ``sampling`` (a :class:`SamplingParams` or a dict of its fields) defaults to greedy;
+        ``seed`` makes sampling reproducible. ``eos_id``
         overrides the config's eos. ``stream(row, new_ids)`` is called with each row's new
         tokens every ``stream_chunk`` decode steps. ``speculative="mtp"``: the model's MTP module
         drafts a token ahead and the main model verifies it (see the module docstring; needs a
@@ -724,15 +751,17 @@ class Generator:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 0:
             raise DeepSeekError(f"max-new-tokens must be an integer >= 0, got {max_new_tokens!r}")
-        sampling = (sampling or GREEDY).validate()
+        sampling = _as_sampling(sampling)
+        if eos_id is not None and not _is_int(eos_id):
+            raise DeepSeekError(f"eos_id must be an integer token id or None, got {eos_id!r}")
         eos = self.eos_id if eos_id is None else int(eos_id)
         if not 0 <= eos < self.vocab_size:
             raise DeepSeekError(f"eos id {eos} is outside the vocab [0, {self.vocab_size})")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not _is_int(seed):
             raise DeepSeekError(f"seed must be an integer, got {seed!r}")
-        chunk = int(stream_chunk or self.stream_chunk)
-        if chunk < 1:
-            raise DeepSeekError(f"stream_chunk must be >= 1, got {chunk}")
+        if stream is not None and not callable(stream):
+            raise DeepSeekError(f"stream must be a callable stream(row, new_ids) or None, got {type(stream).__name__}")
+        chunk = self.stream_chunk if stream_chunk is None else _check_stream_chunk(stream_chunk)
 
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int32)
@@ -861,9 +890,13 @@ class Generator:
         tok = self._need_tokenizer()
         if isinstance(texts, str):
             texts = [texts]
+        if not isinstance(texts, Sequence) or isinstance(texts, bytes) or not texts:
+            raise DeepSeekError("prompts: expected a string or a non-empty list of strings")
         prompts = []
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t:
+            if not isinstance(t, str):
+                raise DeepSeekError(f"prompt {i}: expected a string, got {type(t).__name__}")
+            if not t:
                 raise DeepSeekError(f"prompt {i} is empty")
             prompts.append(self.encode_prompt(t, chat))
         id_stream = None

@@ -104,7 +104,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     if jax.device_count() < n:
         raise DeepSeekError(f"plan needs {n} (fake) devices, this process has {jax.device_count()}")
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
-    rule_table = sharding.RULES[rules]
+    rule_table = sharding.resolve_rules(rules)
     prec = Precision(dtype=jnp.bfloat16)
     model = abstract_model(cfg, prec, with_mtp=False)
     specs = sharding.model_param_specs(model, mesh_shape, rule_table)

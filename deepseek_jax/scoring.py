@@ -19,7 +19,12 @@ from deepseek_jax.model import DeepSeekV3
 
 def check_ids(model: DeepSeekV3, ids) -> np.ndarray:
     """Validates a ``[B, T]`` integer id array against the model's vocab and positions."""
-    ids = np.asarray(ids)
+    _check_model(model)
+    try:
+        ids = np.asarray(ids)
+    except ValueError:
+        raise DeepSeekError("ids: expected a [batch, length] array; rows of different lengths "
+                            "(pad them, or score them separately)") from None
     if ids.dtype.kind not in "iu":
         raise DeepSeekError(f"ids: expected integer token ids, got dtype {ids.dtype}")
     if ids.ndim == 1:
@@ -35,6 +40,11 @@ def check_ids(model: DeepSeekV3, ids) -> np.ndarray:
         raise DeepSeekError(f"ids: length {ids.shape[1]} exceeds max_position_embeddings "
                             f"{model.cfg.max_position_embeddings}")
     return ids.astype(np.int32)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, DeepSeekV3):
+        raise DeepSeekError(f"model: expected a DeepSeekV3 (from dj.load), got {type(model).__name__}")
 
 
 def to_host(x) -> np.ndarray:
@@ -86,34 +96,80 @@ def logits(model: DeepSeekV3, ids, *, mode: str = "prefill", prefill: int = 0) -
     ``prefill`` tokens in one pass writing the latent cache, then one token at a time through the
     absorbed MLA path.
     """
+    if mode not in ("prefill", "decode"):
+        raise DeepSeekError(f"logits: mode {mode!r} unknown (prefill|decode)")
+    if isinstance(prefill, bool) or not isinstance(prefill, (int, np.integer)):
+        raise DeepSeekError(f"logits: prefill must be an integer, got {prefill!r}")
     ids = check_ids(model, ids)
     if mode == "prefill":
         return to_host(_prefill_logits(model, jnp.asarray(ids))[0])
-    if mode != "decode":
-        raise DeepSeekError(f"score: unknown mode {mode!r} (prefill|decode)")
     if not 0 <= prefill <= ids.shape[1]:
-        raise DeepSeekError(f"score: --prefill {prefill} outside [0, {ids.shape[1]}]")
-    return to_host(_decode_logits(model, jnp.asarray(ids), prefill))
+        raise DeepSeekError(f"logits: prefill {prefill} outside [0, {ids.shape[1]}] (the sequence length)")
+    return to_host(_decode_logits(model, jnp.asarray(ids), int(prefill)))
 
 
 def mtp_logits(model: DeepSeekV3, ids) -> np.ndarray:
     """``[B, T-1, V]``: row i is the MTP module's prediction of token i+2."""
-    ids = check_ids(model, ids)
+    _check_model(model)
     if model.mtp is None:
-        raise DeepSeekError("score: --mtp needs a checkpoint with the MTP layer (num_nextn_predict_layers >= 1)")
+        raise DeepSeekError("mtp_logits: this model has no MTP module; load it with mtp=True "
+                            "(the checkpoint needs its MTP layer, num_nextn_predict_layers >= 1)")
+    ids = check_ids(model, ids)
     if ids.shape[1] < 2:
-        raise DeepSeekError("score: --mtp needs sequences of at least 2 tokens")
+        raise DeepSeekError(f"mtp_logits: ids must have at least 2 tokens per row, got {ids.shape[1]}")
     ids_j = jnp.asarray(ids)
     _, hidden = _prefill_logits(model, ids_j)
     return to_host(_mtp(model, ids_j, hidden))
 
 
 def token_logprobs(logits_BTV: np.ndarray, ids_BT: np.ndarray, offset: int = 1) -> np.ndarray:
-    """``log p(ids[:, i + offset] | ...)`` from ``logits[:, i]``: ``[B, T - offset]`` float32."""
+    """``log p(ids[:, i + offset] | ...)`` from ``logits[:, i]``: ``[B, T - offset]`` float32.
+
+    ``logits`` ``[B, L, V]`` and ``ids`` ``[B, T]`` come from the same call: ``L == T`` (what
+    :func:`logits` returns, ``offset=1``) or ``L == T - offset + 1`` (:func:`mtp_logits`' ``T - 1``
+    rows with ``offset=2``); the last row's prediction, past the end of ``ids``, is unused.
+    """
+    logits_BTV, ids_BT = _check_logprob_args(logits_BTV, ids_BT, offset)
     lg = jnp.asarray(logits_BTV[:, : ids_BT.shape[1] - offset], jnp.float32)
     lp = jax.nn.log_softmax(lg, axis=-1)
     tgt = jnp.asarray(ids_BT[:, offset:])
     return np.asarray(jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0])
+
+
+def _check_logprob_args(logits, ids, offset):
+    """The shape/dtype checks of :func:`token_logprobs`, as one-line :class:`DeepSeekError`s."""
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 1:
+        raise DeepSeekError(f"token_logprobs: offset must be an integer >= 1, got {offset!r}")
+    if not hasattr(logits, "shape") or not hasattr(logits, "dtype"):
+        logits = np.asarray(logits)
+    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+        ids = np.asarray(ids)
+    if len(logits.shape) != 3:
+        raise DeepSeekError(f"token_logprobs: logits must be [batch, length, vocab], got shape {list(logits.shape)}")
+    if np.dtype(logits.dtype).kind != "f" and logits.dtype != jnp.bfloat16:
+        raise DeepSeekError(f"token_logprobs: logits must be floating point, got dtype {logits.dtype}")
+    if len(ids.shape) != 2:
+        raise DeepSeekError(f"token_logprobs: ids must be [batch, length], got shape {list(ids.shape)}")
+    if np.dtype(ids.dtype).kind not in "iu":
+        raise DeepSeekError(f"token_logprobs: ids must be integer token ids, got dtype {ids.dtype}")
+    (B, L, V), (Bi, T) = logits.shape, ids.shape
+    if B != Bi:
+        raise DeepSeekError(f"token_logprobs: logits batch {B} != ids batch {Bi} "
+                            f"(logits {list(logits.shape)}, ids {list(ids.shape)})")
+    if offset > T:
+        raise DeepSeekError(f"token_logprobs: offset {offset} exceeds the ids length {T}")
+    if L not in (T, T - offset + 1):
+        want = f"{T}" if offset == 1 else f"{T} or {T - offset + 1}"
+        raise DeepSeekError(f"token_logprobs: logits length {L} does not match ids length {T} "
+                            f"(want {want} positions for offset={offset}; logits {list(logits.shape)}, "
+                            f"ids {list(ids.shape)})")
+    ids_np = np.asarray(ids)
+    bad = (ids_np < 0) | (ids_np >= V)
+    if bad.any():
+        b, t = np.argwhere(bad)[0]
+        raise DeepSeekError(f"token_logprobs: token id {int(ids_np[b, t])} at [{b}, {t}] is outside the "
+                            f"logits' vocab [0, {V})")
+    return logits, ids_np
 
 
 def perplexity(logprobs_BT: np.ndarray) -> np.ndarray:

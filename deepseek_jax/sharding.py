@@ -38,6 +38,49 @@ RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
 }
 RULES["ep_dp"] = dict(RULES["ep_tp"], batch=("data", "expert"))
 
+
+def resolve_rules(rules, mesh=None) -> dict[str, str | tuple[str, ...] | None]:
+    """The rules table for ``rules``: a preset name (a key of :data:`RULES`) or a mapping
+    ``{logical axis: mesh axis | tuple of mesh axes | None}`` (axes left out are replicated).
+    With a ``mesh``, also checks it is a ``jax.sharding.Mesh`` that has every mesh axis the
+    rules name. Anything else is a one-line :class:`DeepSeekError`, raised before any work."""
+    presets = ", ".join(repr(k) for k in RULES)
+    if isinstance(rules, str):
+        if rules not in RULES:
+            raise DeepSeekError(f"rules {rules!r}: unknown preset (expected one of {presets}, "
+                                "or a mapping of logical axis -> mesh axis)")
+        table = RULES[rules]
+    elif isinstance(rules, Mapping):
+        table = {}
+        for k, v in rules.items():
+            if not isinstance(k, str):
+                raise DeepSeekError(f"rules: logical axis {k!r} must be a string")
+            if isinstance(v, list):
+                v = tuple(v)
+            if not (v is None or isinstance(v, str)
+                    or (isinstance(v, tuple) and v and all(isinstance(a, str) for a in v))):
+                raise DeepSeekError(f"rules[{k!r}] = {v!r}: expected a mesh axis name, a tuple of them, or None")
+            for a in (v,) if isinstance(v, str) else v or ():
+                if a not in MESH_AXES:
+                    raise DeepSeekError(f"rules[{k!r}] = {v!r}: unknown mesh axis {a!r} "
+                                        f"(axes: {', '.join(MESH_AXES)})")
+            table[k] = v
+    else:
+        raise DeepSeekError(f"rules: expected a preset name ({presets}) or a mapping of logical axis -> "
+                            f"mesh axis, got {type(rules).__name__}")
+    if mesh is not None:
+        if not isinstance(mesh, Mesh):
+            raise DeepSeekError(f"mesh: expected a jax.sharding.Mesh (see sharding.make_mesh), "
+                                f"got {type(mesh).__name__}")
+        names = tuple(mesh.axis_names)
+        for k, v in table.items():
+            for a in (v,) if isinstance(v, str) else v or ():
+                if a not in names:
+                    raise DeepSeekError(f"mesh: has no axis {a!r}, which rules[{k!r}] uses "
+                                        f"(mesh axes: {', '.join(map(str, names))}; make it with sharding.make_mesh)")
+    return table
+
+
 # Parameter name (last two path parts, or one for a bare leaf) -> logical axes of the
 # unstacked tensor in the Hub's [out, in] layout.
 _PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -153,12 +196,16 @@ def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
     if not text:
         return default_mesh_shape(n_devices)
     sizes = {a: 1 for a in MESH_AXES}
+    seen = set()
     for part in text.split(","):
         if "=" not in part:
             raise DeepSeekError(f"--mesh: {part!r} is not AXIS=SIZE (axes: data, expert, model)")
         k, v = (s.strip() for s in part.split("=", 1))
         if k not in sizes:
             raise DeepSeekError(f"--mesh: unknown axis {k!r} (axes: data, expert, model)")
+        if k in seen:
+            raise DeepSeekError(f"--mesh: axis {k} given twice in {text!r}")
+        seen.add(k)
         if not v.isdigit() or int(v) < 1:
             raise DeepSeekError(f"--mesh: size of {k} must be a positive integer, got {v!r}")
         sizes[k] = int(v)
@@ -189,7 +236,7 @@ def shard_model(model, mesh: Mesh, rules: Mapping[str, object] | str = "ep_tp"):
     """Places every parameter of ``model`` on ``mesh`` by the rules (in place); returns it."""
     from flax import nnx
 
-    rules = RULES[rules] if isinstance(rules, str) else rules
+    rules = resolve_rules(rules, mesh)
     specs = model_param_specs(model, dict(mesh.shape), rules)
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
@@ -212,7 +259,7 @@ def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "e
     from deepseek_jax.norm import RMSNorm
     from deepseek_jax.quant import Linear
 
-    rules = RULES[rules] if isinstance(rules, str) else rules
+    rules = resolve_rules(rules, mesh)
     items = tuple(sorted(rules.items()))
     sharded = mesh is not None and mesh.size > 1
     specs = model_param_specs(model, dict(mesh.shape), rules) if sharded else {}

@@ -38,21 +38,39 @@ def _backend_kernel() -> str:
 
 def default_impl() -> str:
     """What ``impl="auto"`` resolves to right now (environment variable, then backend)."""
-    env = os.environ.get(ENV_VAR, "").strip().lower()
-    if env and env != "auto":
+    env = env_impl()
+    if env is not None:
         return resolve_impl(env)
     backend = _backend_kernel()
     return "ref" if backend == "interpret" else backend
 
 
+def env_impl() -> str | None:
+    """``$DEEPSEEK_JAX_KERNELS`` normalised (``None`` when unset, empty or ``auto``). Raises a
+    one-line ``ValueError`` naming the variable for a value that is not a kernel impl name."""
+    raw = os.environ.get(ENV_VAR, "")
+    env = raw.strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in IMPLS:
+        raise ValueError(f"${ENV_VAR}={raw!r}: unknown kernel impl; expected one of {', '.join(IMPLS)}")
+    return env
+
+
+def check_impl(impl) -> str:
+    """``impl`` normalised (lower case) if it is one of :data:`IMPLS`, else a one-line
+    ``ValueError`` naming it. Resolves nothing (safe before any backend is initialised)."""
+    if impl is None:
+        return "auto"
+    if not isinstance(impl, str) or impl.strip().lower() not in IMPLS:
+        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {', '.join(IMPLS)}")
+    return impl.strip().lower()
+
+
 def resolve_impl(impl: str | None = "auto") -> str:
     """Normalise ``impl`` to one of ``ref``, ``pallas_gpu``, ``pallas_tpu``, ``interpret_gpu``,
     ``interpret_tpu``.  Raises ``ValueError`` for an unknown name."""
-    if impl is None:
-        impl = "auto"
-    impl = impl.strip().lower()
-    if impl not in IMPLS:
-        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {', '.join(IMPLS)}")
+    impl = check_impl(impl)
     if impl == "auto":
         return default_impl()
     if impl == "pallas":

@@ -236,7 +236,8 @@ def test_fp8_scales_follow_their_weights():
 
 
 @pytest.mark.parametrize("text,needle", [("data=3,model=3", "devices"), ("foo=8", "unknown axis"),
-                                         ("data=x", "positive integer"), ("data", "AXIS=SIZE")])
+                                         ("data=x", "positive integer"), ("data", "AXIS=SIZE"),
+                                         ("data=1,data=1", "given twice")])
 def test_mesh_flag_errors(text, needle):
     with pytest.raises(DeepSeekError, match=needle):
         sharding.parse_mesh(text, 8)
