@@ -9,6 +9,7 @@ the tokenizer files: ``deepseek-jax score OUT/hub`` works).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -173,8 +174,8 @@ def run(args: argparse.Namespace) -> int:
           f"step {start}/{args.steps} on {n_dev} device(s); data {describe['data']} batch {args.batch} x "
           f"{data.seq_len} tokens")
 
-    run_info = {"argv": {k: v for k, v in vars(args).items() if k != "func"}, "train_config": __import__("dataclasses").asdict(tcfg),
-                "data": describe, "model_config": model_cfg}
+    run_info = {"argv": {k: v for k, v in vars(args).items() if k != "func"},
+                "train_config": dataclasses.asdict(tcfg), "data": describe, "model_config": model_cfg}
     with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
         json.dump(run_info, f, indent=2, default=str)
     metrics_path = os.path.join(out, "metrics.jsonl")
