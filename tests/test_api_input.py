@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 
 import jax
 import numpy as np
@@ -191,17 +190,31 @@ def test_generator_accepts_sampling_dict(model_a):
 
 
 # ---- packaging -----------------------------------------------------------------------------------
-def test_wheel_ships_presets_and_assets():
-    """The top-level configs/ goes into the wheel as deepseek_jax/configs (package data), next to
-    the demo model assets; configs_dir() looks there first."""
-    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-        st = tomllib.load(f)["tool"]["setuptools"]
-    assert "deepseek_jax.configs" in st["packages"] and st["package-dir"]["deepseek_jax.configs"] == "configs"
-    assert "*.json" in st["package-data"]["deepseek_jax.configs"]
-    assert "assets/**/*" in st["package-data"]["deepseek_jax"]
-    for pkg in ("deepseek_jax", "deepseek_jax.commands", "kernels_pallas", "deepseek_jax.assets.demo_model"):
-        assert pkg in st["packages"]
-    assert os.path.isfile(os.path.join(configs_dir(), "deepseek-v3-671b.json"))
+def test_wheel_ships_presets_and_assets(tmp_path):
+    """A non-editable install could not find the presets ("configs/ directory not found"): the
+    wheel, built from a copy of the sources, carries the top-level configs/ as deepseek_jax/configs,
+    the demo model's assets and the commands package."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "configs", "deepseek_jax", "kernels_pallas"):
+        copy = shutil.copytree if os.path.isdir(os.path.join(REPO, name)) else shutil.copy
+        copy(os.path.join(REPO, name), src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    presets = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".json"))
+    assert presets and all(f"deepseek_jax/configs/{f}" in names for f in presets), sorted(names)
+    assert "deepseek_jax/commands/generate.py" in names and "kernels_pallas/fp8_gemm.py" in names
+    assert any(n.startswith("deepseek_jax/assets/demo_model/") for n in names)
+    assert any(n.startswith("deepseek_jax/assets/tiny_tokenizer/") for n in names)
 
 
 def test_configs_dir_finds_installed_presets(tmp_path, monkeypatch):
