@@ -245,7 +245,11 @@ class HubReader:
             with open(path, encoding="utf-8") as f:
                 cfg = json.load(f)
         except FileNotFoundError:
-            raise _error(f"{path}: config file not found") from None
+            run = os.path.dirname(os.path.dirname(os.path.abspath(self.path)))
+            hint = ""
+            if os.path.isfile(os.path.join(run, "run.json")):   # OUT/ckpt/STEP of `deepseek-jax train`
+                hint = f" (a training state; the trained model to load is {os.path.join(run, 'hub')})"
+            raise _error(f"{path}: config file not found{hint}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _error(f"{path}: cannot read config, not valid JSON ({e})") from None
         if not isinstance(cfg, dict):

@@ -1189,7 +1189,8 @@ def _compare_against(ck: _Ckpt, plan: list[_Param], stores, hf_dir: str, manifes
                 want = deq
             if got.dtype != want.dtype or got.shape != want.shape or \
                     not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
-                raise _err(f"{ck.path}: parameter {p.key}{list(idx)} differs from {hf_dir} tensor {name}")
+                where = f"{p.key}{list(idx)}" if idx else p.key   # a layer of a stack, or the whole array
+                raise _err(f"{ck.path}: parameter {where} differs from {hf_dir} tensor {name}")
             n += 1
             bar.update(got.nbytes)
         return n

@@ -28,8 +28,8 @@ class Plan:
     weights: int            # bytes per device (max over devices)
     weights_total: int      # bytes of the whole model
     cache: int              # latent cache bytes per device
-    decode_temp: int        # XLA temporaries of one decode step
-    prefill_temp: int       # XLA temporaries of the prefill
+    decode_temp: int | None   # XLA temporaries of one decode step (None: not compiled)
+    prefill_temp: int | None  # XLA temporaries of the prefill (None: not compiled)
     decode_args: int        # what XLA counts as the decode step's arguments (weights+cache+inputs)
     device: str
     capacity: float
@@ -38,7 +38,8 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        return self.weights + self.cache + max(self.decode_temp, self.prefill_temp)
+        """Weights + cache + the larger temporaries (none counted when not compiled)."""
+        return self.weights + self.cache + max(self.decode_temp or 0, self.prefill_temp or 0)
 
     @property
     def fits(self) -> bool:
@@ -53,15 +54,15 @@ class Plan:
                  + (f"  ({self.prefill_tokens} tokens in chunks of {self.prefill_chunk})"
                     if self.prefill_chunk else "")),
                 ("decode temporaries / device", _fmt(self.decode_temp)),
-                ("peak / device", _fmt(self.peak)),
+                ("peak / device" + (" (no temporaries)" if self.decode_temp is None else ""), _fmt(self.peak)),
                 (f"{self.device} memory", _fmt(int(self.capacity))),
                 ("fits", "yes" if self.fits else "NO")]
         w = max(len(r[0]) for r in rows)
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-def _fmt(n: int) -> str:
-    return f"{n / GiB:10.2f} GiB  ({n:,} B)"
+def _fmt(n: int | None) -> str:
+    return "  not computed (--no-compile)" if n is None else f"{n / GiB:10.2f} GiB  ({n:,} B)"
 
 
 def shard_bytes(shape, dtype, spec, mesh_shape) -> int:
@@ -118,7 +119,8 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     cache_abs = jax.eval_shape(lambda: LatentCache.zeros(cfg, batch, max_len, jnp.bfloat16))
     cache = sum(shard_bytes(a.shape, a.dtype, sharding.cache_spec(mesh_shape, rule_table, a.shape), mesh_shape)
                 for a in jax.tree.leaves(cache_abs))
-    decode_temp = prefill_temp = decode_args = 0
+    decode_temp = prefill_temp = None
+    decode_args = 0
     T = min(length_bucket(prompt_len or min(max_len, 4096)), max_len)
     Bp = min(prefill_batch, batch)
     chunk = prefill_chunk_for(Bp, T, max_len, cfg.num_attention_heads, prefill_chunk)

@@ -38,6 +38,9 @@ def test_671b_on_16_h200_matches_hand_count():
     hand = _hand_count(lambda n: 16 if ".mlp.experts." in n else 1)
     assert abs(plan["weights"] - hand) / hand < 0.02
     assert plan["weights"] < 141e9
+    # nothing compiled: no temporaries reported as if measured (they were 0)
+    assert plan["decode_temp"] is None and plan["prefill_temp"] is None
+    assert plan["peak"] == plan["weights"] + plan["cache"]
 
 
 def test_671b_on_v5p_64_matches_hand_count():

@@ -311,3 +311,8 @@ def test_train_cli_and_resume(init_dir, tmp_path, capsys):
         assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []
     assert Tokenizer.from_dir(hub).vocab_size == CFG["vocab_size"]
     assert json.load(open(out / "eval.json"))["step"] == 6
+    assert "exit_stack" not in json.load(open(out / "run.json"))["argv"]
+    # a step's training state is not a model: the error points at OUT/hub
+    np.save(out / "ids.npy", np.ones((1, 4), np.int32))
+    assert main(["score", str(out / "ckpt" / "6"), "--ids", str(out / "ids.npy"), "--out", str(out / "x.npy")]) == 2
+    assert f"the trained model to load is {hub}" in capsys.readouterr().err

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
           f"step {start}/{args.steps} on {n_dev} device(s); data {describe['data']} batch {args.batch} x "
           f"{data.seq_len} tokens")
 
-    run_info = {"argv": {k: v for k, v in vars(args).items() if k != "func"},
+    run_info = {"argv": {k: v for k, v in vars(args).items() if k not in ("func", "exit_stack")},
                 "train_config": dataclasses.asdict(tcfg), "data": describe, "model_config": model_cfg}
     with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
         json.dump(run_info, f, indent=2, default=str)
