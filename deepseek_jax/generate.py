@@ -78,6 +78,7 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax.cache import LatentCache
+from deepseek_jax.config import _is_int  # a JSON-style integer: int or numpy integer, not bool
 from deepseek_jax.errors import DeepSeekError
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.quant import dequantize
@@ -605,10 +606,6 @@ def dequantized_model(model: DeepSeekV3) -> DeepSeekV3:
 def _dequantized_bytes(model: DeepSeekV3) -> int:
     size = jnp.dtype(model.prec.dtype).itemsize
     return sum(x.size * size for x in jax.tree.leaves(nnx.state(model)) if x.dtype == jnp.float8_e4m3fn)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _check_stream_chunk(stream_chunk) -> int:

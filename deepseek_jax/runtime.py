@@ -32,21 +32,40 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="seconds without a peer's heartbeat before this process exits with an error")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Rejects multi-host settings that make no sense (the flags of :func:`add_args`, or the
+    environment variables), before anything is loaded. :func:`init` calls it too."""
+    hb = args.heartbeat_timeout
+    if hb is not None and hb <= 0:
+        raise DeepSeekError(f"--heartbeat-timeout must be > 0 seconds, got {hb}")
+    nproc = args.num_processes if args.num_processes is not None else _env_int("DEEPSEEK_JAX_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else _env_int("DEEPSEEK_JAX_PROCESS_ID")
+    if nproc is not None and nproc < 1:
+        raise DeepSeekError(f"--num-processes must be >= 1, got {nproc}")
+    if pid is not None and pid < 0:
+        raise DeepSeekError(f"--process-id must be >= 0, got {pid}")
+    if nproc is not None and pid is not None and pid >= nproc:
+        raise DeepSeekError(f"--process-id {pid} is out of range for --num-processes {nproc} (0..{nproc - 1})")
+    coord = args.coordinator or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
+    if (args.num_processes is not None or args.process_id is not None) and not coord and args.distributed != "auto":
+        given = "--num-processes" if args.num_processes is not None else "--process-id"
+        raise DeepSeekError(f"{given} needs --coordinator HOST:PORT (or --distributed auto); without it "
+                            "this would run as one process")
+
+
 def init(args: argparse.Namespace):
     """Initialises multi-host JAX if asked, then returns the mesh (or ``None`` for one device)."""
     import jax
 
     from deepseek_jax import sharding
 
+    check_args(args)
     coord = args.coordinator or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
     if coord or args.distributed == "auto":
         nproc = args.num_processes if args.num_processes is not None else _env_int("DEEPSEEK_JAX_NUM_PROCESSES")
         pid = args.process_id if args.process_id is not None else _env_int("DEEPSEEK_JAX_PROCESS_ID")
         if coord and (nproc is None or pid is None):
             raise DeepSeekError("--coordinator needs --num-processes and --process-id (or the env vars)")
-        if nproc is not None and (nproc < 1 or (pid is not None and pid >= nproc)):
-            raise DeepSeekError(f"{nproc} processes with process id {pid}: expected 1 or more processes "
-                                "and an id below their number")
         try:
             jax.distributed.initialize(coordinator_address=coord, num_processes=nproc, process_id=pid,
                                        heartbeat_timeout_seconds=args.heartbeat_timeout,

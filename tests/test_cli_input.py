@@ -177,4 +177,4 @@ def test_distributed_env_zero_processes(monkeypatch, ids_file, ckpt_a, tmp_path,
     monkeypatch.setenv("DEEPSEEK_JAX_PROCESS_ID", "0")
     rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", tmp_path / "o.npy",
                          "--coordinator", "127.0.0.1:1")
-    assert_error(rc, err, "0 processes")
+    assert_error(rc, err, "--num-processes must be >= 1")

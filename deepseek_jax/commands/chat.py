@@ -20,8 +20,7 @@ import re
 import sys
 
 from deepseek_jax import runtime
-from deepseek_jax.commands.generate import (add_sampling_args, check_runtime_args, load_generator, load_tokenizer,
-                                            sampling_from_args)
+from deepseek_jax.commands.generate import add_sampling_args, load_generator, load_tokenizer, sampling_from_args
 from deepseek_jax.errors import DeepSeekError
 
 COMMANDS = ("/clear", "/exit")
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from deepseek_jax.commands.generate import timing_line
 
     sampling = sampling_from_args(args)
-    check_runtime_args(args)
+    runtime.check_args(args)
     if os.path.isdir(args.ckpt) and not os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")):
         raise DeepSeekError(f"no tokenizer.json in {args.ckpt}: chat needs the checkpoint's tokenizer "
                             "(tokenizer.json and a chat template)")

@@ -57,26 +57,6 @@ def prefill_chunk_from_args(args: argparse.Namespace | None):
     return n
 
 
-def check_runtime_args(args: argparse.Namespace) -> None:
-    """Rejects multi-host flags that make no sense, before anything is loaded (the flags of
-    :func:`deepseek_jax.runtime.add_args`)."""
-    nproc, pid = getattr(args, "num_processes", None), getattr(args, "process_id", None)
-    hb = getattr(args, "heartbeat_timeout", 30)
-    if hb is not None and hb <= 0:
-        raise DeepSeekError(f"--heartbeat-timeout must be > 0 seconds, got {hb}")
-    if nproc is not None and nproc < 1:
-        raise DeepSeekError(f"--num-processes must be >= 1, got {nproc}")
-    if pid is not None and pid < 0:
-        raise DeepSeekError(f"--process-id must be >= 0, got {pid}")
-    if nproc is not None and pid is not None and pid >= nproc:
-        raise DeepSeekError(f"--process-id {pid} is out of range for --num-processes {nproc} (0..{nproc - 1})")
-    coord = getattr(args, "coordinator", None) or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
-    if (nproc is not None or pid is not None) and not coord and getattr(args, "distributed", "off") != "auto":
-        given = "--num-processes" if nproc is not None else "--process-id"
-        raise DeepSeekError(f"{given} needs --coordinator HOST:PORT (or --distributed auto); without it "
-                            "this would run as one process")
-
-
 def sampling_from_args(args: argparse.Namespace):
     from deepseek_jax.sampling import SamplingParams
 
@@ -107,8 +87,6 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
     from deepseek_jax.generate import Generator
 
     prefill_chunk = prefill_chunk_from_args(args)
-    if args is not None and hasattr(args, "mesh"):
-        check_runtime_args(args)
     mesh = runtime.init(args) if args is not None and hasattr(args, "mesh") else None
     if mesh is not None:
         stack = getattr(args, "exit_stack", None)  # set by cli.main: the mesh lasts as long as the command
@@ -221,7 +199,7 @@ def length_cap_notice(max_len: int, prompts: list[list[int]], max_new_tokens: in
 
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
-    check_runtime_args(args)
+    runtime.check_args(args)
     if args.prompt_ids:
         prompts = [parse_ids(s) for s in args.prompt_ids]
         tokenizer = load_tokenizer(args.ckpt, required=False)

@@ -9,7 +9,6 @@ import os
 import numpy as np
 
 from deepseek_jax import runtime
-from deepseek_jax.commands.generate import check_runtime_args
 from deepseek_jax.errors import DeepSeekError
 
 
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise DeepSeekError(f"--prefill {args.prefill} needs --mode decode (prefill mode scores in one pass)")
     if args.prefill < 0:
         raise DeepSeekError(f"--prefill must be >= 0, got {args.prefill}")
-    check_runtime_args(args)
+    runtime.check_args(args)
     ids = _read_ids(args.ids)
     if ids.ndim in (1, 2) and args.prefill > ids.shape[-1]:
         raise DeepSeekError(f"--prefill {args.prefill} exceeds the {ids.shape[-1]} tokens per row of --ids")
