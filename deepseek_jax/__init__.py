@@ -9,6 +9,7 @@ The small public API (the CLI and the notebooks use nothing else)::
     logits = dj.logits(model, ids, mode="decode")    # token by token over the latent cache
     mtp = dj.mtp_logits(model, ids)                  # [B, T-1, V]: row i predicts token i+2
     lp = dj.token_logprobs(logits, ids)              # [B, T-1] log p(t_{i+1} | t_<=i)
+    ins = dj.internals(model, ids)                   # every layer's hidden states, every token's experts
 
 Shape-suffix glossary used in array names throughout (``x_BTD``, ``w_ENK``):
     B batch · T new tokens · S cache positions · D hidden · H heads · N/K out/in dims of a
@@ -30,6 +31,7 @@ _LAZY = {
     "DeepSeekConfig": "deepseek_jax.config", "DeepSeekV3": "deepseek_jax.model",
     "Precision": "deepseek_jax.quant",
     "demo_checkpoint": "deepseek_jax.commands.demo",
+    "internals": "deepseek_jax.introspect", "Internals": "deepseek_jax.introspect",
 }
 
 __all__ = ["DeepSeekError", *_LAZY]
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from deepseek_jax.api import init_random, load, load_config  # noqa: F401
     from deepseek_jax.commands.demo import demo_checkpoint  # noqa: F401
     from deepseek_jax.config import DeepSeekConfig  # noqa: F401
+    from deepseek_jax.introspect import Internals, internals  # noqa: F401
     from deepseek_jax.model import DeepSeekV3  # noqa: F401
     from deepseek_jax.quant import Precision  # noqa: F401
     from deepseek_jax.scoring import logits, mtp_logits, perplexity, token_logprobs  # noqa: F401

@@ -131,6 +131,39 @@ class MLA(nnx.Module):
         return attn(q_nope.astype(dtype), q_pe.astype(dtype), kvb, k_pe.astype(dtype), pos_BT,
                     scale=self.scale, impl=self.prec.kernels).astype(dtype)
 
+    def _naive_qkv(self, q_nope, q_pe, new_BTC):
+        """The naive form's per-head ``q [B, T, H, N+R]``, ``k [B, S, H, N+R]`` and ``v [B, S, H, A]``
+        from the queries and the latent entries ``[c | roped k_pe]`` (expanded by ``kv_b_proj``)."""
+        dtype = self.prec.dtype
+        H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
+        w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
+        c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
+        k_nope = einsum32("btl,hnl->bthn", c, w_kvb[:, :N]).astype(dtype)
+        v = einsum32("btl,hal->btha", c, w_kvb[:, N:]).astype(dtype)
+        # One score product over [nope | rope] (192 wide), not two [B, H, T, S] float32
+        # products added: at a 4K prompt each is 8.6 GB per layer (the H200 profile of a
+        # real-width prefill: ~15 of ~35 ms per layer go to the scores and softmax). Saving
+        # the second product and the sum is not measured on a GPU yet.
+        k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], H, k_pe.shape[-1]))
+        q_BTHK = jnp.concatenate([q_nope, q_pe.astype(dtype)], -1)
+        k_BSHK = jnp.concatenate([k_nope, k_pe_BSHR.astype(dtype)], -1)
+        return q_BTHK, k_BSHK, v
+
+    def _naive_probs(self, q_BTHK, k_BSHK, pos_BT) -> jax.Array:
+        """float32 causal softmax probabilities ``[B, H, T, S]`` among the call's tokens."""
+        s = einsum32("bthk,bshk->bhts", q_BTHK, k_BSHK)
+        return self._softmax(s, pos_BT[:, None, :] <= pos_BT[:, :, None])
+
+    def attention_probs(self, x_BTD: jax.Array, pos_BT: jax.Array, rope: Rope) -> jax.Array:
+        """float32 ``[B, H, T, T]``: each head's attention weights among ``x``'s tokens (the
+        attention input, after ``input_layernorm``), as the naive form computes them; for
+        studying the model (``dj.internals(..., attention=True)``)."""
+        cos, sin = rope.cos_sin(pos_BT)
+        q_proj_BTHK, q_pe = self._query(x_BTD, cos, sin, rope)
+        q_BTHK, k_BSHK, _ = self._naive_qkv(q_proj_BTHK[..., :self.nope], q_pe,
+                                            self.latent_entries(x_BTD, cos, sin, rope))
+        return self._naive_probs(q_BTHK, k_BSHK, pos_BT)
+
     # ---- forward ---------------------------------------------------------------------------
     def __call__(self, x_BTD: jax.Array, pos_BT: jax.Array, rope: Rope, *,
                  cache_BSC: jax.Array | None = None, absorbed: bool = False, layer=None, sum_splits: bool = True):
@@ -189,26 +222,14 @@ class MLA(nnx.Module):
             idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), pos_BT.shape)
             o_BTHA = self._cached_attention(q_nope, q_pe, self.kv_b_proj(c.astype(dtype)), k_pe, idx_BT)
         elif not absorbed:
-            w_kvb = self.kv_b_proj.dense_weight(dtype).reshape(H, N + A, L)
-            c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
-            k_nope = einsum32("btl,hnl->bthn", c, w_kvb[:, :N]).astype(dtype)
-            v = einsum32("btl,hal->btha", c, w_kvb[:, N:]).astype(dtype)
-            # One score product over [nope | rope] (192 wide), not two [B, H, T, S] float32
-            # products added: at a 4K prompt each is 8.6 GB per layer (the H200 profile of a
-            # real-width prefill: ~15 of ~35 ms per layer go to the scores and softmax). Saving
-            # the second product and the sum is not measured on a GPU yet.
-            k_pe_BSHR = jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], H, k_pe.shape[-1]))
-            q_BTHK = jnp.concatenate([q_nope, q_pe.astype(dtype)], -1)
-            k_BSHK = jnp.concatenate([k_nope, k_pe_BSHR.astype(dtype)], -1)
+            q_BTHK, k_BSHK, v = self._naive_qkv(q_nope, q_pe, new_BTC)
             if self.prec.prefill_attention == "flash":  # causal by index (see Precision)
                 attn = kernels_pallas.causal_attention
                 if self.placement is not None and kernel_mesh.uses_kernel(self.prec.kernels):
                     attn = functools.partial(kernel_mesh.causal_attention, attn, pl=self.placement)
                 o_BTHA = attn(q_BTHK, k_BSHK, v, scale=self.scale, impl=self.prec.kernels).astype(dtype)
             else:
-                s = einsum32("bthk,bshk->bhts", q_BTHK, k_BSHK)
-                mask = pos_BT[:, None, :] <= pos_BT[:, :, None]
-                p = self._softmax(s, mask).astype(dtype)
+                p = self._naive_probs(q_BTHK, k_BSHK, pos_BT).astype(dtype)
                 o_BTHA = einsum32("bhts,bsha->btha", p, v).astype(dtype)
         elif T > _KERNEL_MAX_NEW and cache_BSC is not None and flash_target is not None:
             # A prefill chunk over the cache written so far, as DeepSeek prefills: the cache's

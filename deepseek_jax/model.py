@@ -141,21 +141,23 @@ def unstack(layers) -> list:
     return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
 
 
-def _run_unstacked(layers, states, h_BTD, pos_BT, rope, cache_layers, absorbed):
+def _run_unstacked(layers, states, h_BTD, pos_BT, rope, cache_layers, absorbed, collect=False):
     """:func:`_scan_layers` with :func:`unstack`'s per-layer states of ``layers``, as a Python
     loop over a per-layer cache (a tuple of ``[B, S, C]``, see ``LatentCache.per_layer``, or None)."""
     graphdef = nnx.graphdef(layers)
     caches = [None] * len(states) if cache_layers is None else list(cache_layers)
-    all_stats = []
+    all_stats, all_h = [], []
     for i, st in enumerate(states):
         h_BTD, caches[i], stats = nnx.merge(graphdef, st)(h_BTD, pos_BT, rope, caches[i], absorbed)
         all_stats.append(stats)
+        all_h.append(h_BTD)
     stats = None if all_stats[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
-    return h_BTD, None if cache_layers is None else tuple(caches), stats
+    return h_BTD, None if cache_layers is None else tuple(caches), stats, jnp.stack(all_h) if collect else None
 
 
-def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False):
-    """Runs stacked layers with ``lax.scan``; returns (h, updated cache, stacked stats)."""
+def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False, collect=False):
+    """Runs stacked layers with ``lax.scan``; returns (h, updated cache, stacked stats, and with
+    ``collect`` every layer's output ``[L, B, T, D]``, else None)."""
     if weights_in_place(layers):
         # The FP8 weights stay outside the scanned inputs: each step's slice of a scanned input
         # feeding a custom call (a Pallas kernel) is materialized, i.e. a copy of the layer's
@@ -192,15 +194,15 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False)
             with scan_layer(i):
                 h, cache, stats = layer(h, pos_BT, rope, cache, absorbed, cache_layer=c_layer,
                                         layer_idx=i if isinstance(getattr(layer, "mlp", None), MoE) else None)
-        return (h, cache, i + 1), stats
+        return (h, cache, i + 1), (stats, h if collect else None)
 
     if remat:
         body = jax.checkpoint(body)
     n_layers = layers.self_attn.kv_b_proj.weight[...].shape[0]
-    (h_BTD, cache_LBSC, _), stats = jax.lax.scan(
+    (h_BTD, cache_LBSC, _), (stats, h_LBTD) = jax.lax.scan(
         body, (h_BTD, cache_LBSC, jnp.int32(0)), state, length=n_layers,
         unroll=layers.self_attn.kv_b_proj.prec.scan_unroll)
-    return h_BTD, cache_LBSC, stats
+    return h_BTD, cache_LBSC, stats, h_LBTD
 
 
 class MTPLayer(DecoderLayer):
@@ -230,7 +232,8 @@ class Output(NamedTuple):
     logits: jax.Array | None        # [B, T, V] float32
     hidden: jax.Array               # [B, T, D] after the final norm (what MTP consumes)
     cache: LatentCache | None
-    moe_stats: MoEStats | None      # stacked over MoE layers: load [Lm, E], balance [Lm], idx [Lm, B, T, K]
+    moe_stats: MoEStats | None      # stacked over MoE layers: load [Lm, E], balance [Lm], idx [Lm, B, T, K]...
+    layer_hidden: jax.Array | None = None   # [L, B, T, D]: each decoder layer's output (layer_outputs=True)
 
 
 class DeepSeekV3(nnx.Module):
@@ -250,14 +253,15 @@ class DeepSeekV3(nnx.Module):
 
     def __call__(self, ids_BT: jax.Array, pos_BT: jax.Array | None = None, *,
                  cache: LatentCache | None = None, absorbed: bool = False, logits: bool = True,
-                 unstacked: Unstacked | None = None) -> Output:
+                 unstacked: Unstacked | None = None, layer_outputs: bool = False) -> Output:
         """Runs the main model.
 
         ``pos_BT`` defaults to ``0..T-1`` per row. With a ``cache``, the new tokens' latent entries
         are written at ``pos_BT``; ``absorbed=True`` attends over the cache (decode), otherwise
         among the call's own tokens (prefill from position 0). ``unstacked``: this model's
         :meth:`unstacked` layers, run in that form over a per-layer cache
-        (:meth:`LatentCache.per_layer`).
+        (:meth:`LatentCache.per_layer`). ``layer_outputs``: also return every decoder layer's
+        output (the residual stream, before the final norm) as ``Output.layer_hidden``.
         """
         B, T = ids_BT.shape
         dtype = self.prec.dtype
@@ -267,22 +271,26 @@ class DeepSeekV3(nnx.Module):
             h = self.embed_tokens(ids_BT, dtype)
         dense_c = cache.dense if cache is not None else None
         moe_c = cache.moe if cache is not None else None
-        stats = None
+        stats, per_layer = None, []
 
         def run(layers, name, h, c):
             if unstacked is not None:
-                return _run_unstacked(layers, getattr(unstacked, name), h, pos_BT, self.rope, c, absorbed)
-            return _scan_layers(layers, h, pos_BT, self.rope, c, absorbed, self.remat)
+                return _run_unstacked(layers, getattr(unstacked, name), h, pos_BT, self.rope, c, absorbed,
+                                      layer_outputs)
+            return _scan_layers(layers, h, pos_BT, self.rope, c, absorbed, self.remat, layer_outputs)
 
         if self.dense_layers is not None:
-            h, dense_c, _ = run(self.dense_layers, "dense", h, dense_c)
+            h, dense_c, _, h_L = run(self.dense_layers, "dense", h, dense_c)
+            per_layer.append(h_L)
         if self.moe_layers is not None:
-            h, moe_c, stats = run(self.moe_layers, "moe", h, moe_c)
+            h, moe_c, stats, h_L = run(self.moe_layers, "moe", h, moe_c)
+            per_layer.append(h_L)
         with jax.named_scope("lm_head"):
             h = self.norm(h)
             out_logits = self.lm_head(h, dtype) if logits else None
         new_cache = cache._replace(dense=dense_c, moe=moe_c) if cache is not None else None
-        return Output(out_logits, h, new_cache, stats)
+        layer_hidden = jnp.concatenate(per_layer) if layer_outputs else None
+        return Output(out_logits, h, new_cache, stats, layer_hidden)
 
     def unstacked(self) -> Unstacked:
         """The stacked layers' weights cut into per-layer arrays (static slices, a copy), for

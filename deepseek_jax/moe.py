@@ -63,6 +63,8 @@ class MoEStats(NamedTuple):
     load_E: jax.Array       # tokens routed to each expert (float32 counts; pad tokens included)
     balance: jax.Array      # sequence-wise balance loss term sum_e f_e P_e, averaged over rows
     idx_BTK: jax.Array      # chosen experts per token
+    weight_BTK: jax.Array   # their combine weights (float32, x routed_scaling_factor)
+    scores_BTE: jax.Array   # unbiased sigmoid affinities of every expert (float32)
 
 
 class Router(nnx.Module):
@@ -170,7 +172,7 @@ def _moe_stats(r: Routing, B: int, T: int, E: int, K: int) -> MoEStats:
         s_BTE = r.scores_TE.reshape(B, T, E)
         p_BE = jnp.mean(s_BTE / jnp.sum(s_BTE, -1, keepdims=True), axis=1)
         balance = jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
-        return MoEStats(load_E, balance, r.idx_TK.reshape(B, T, K))
+        return MoEStats(load_E, balance, r.idx_TK.reshape(B, T, K), r.weight_TK.reshape(B, T, K), s_BTE)
 
 
 def expert_counts(expert_A: jax.Array, n_experts: int) -> jax.Array:

@@ -49,6 +49,37 @@ def test_score_outputs(ckpt_a, ids_file, tmp_path, capsys):
     assert rc == 0 and np.load(out).shape == (2, 8, 256)
 
 
+def test_score_internals(ckpt_a, ids_file, tmp_path, capsys):
+    """--internals writes dj.internals' arrays at exactly the path given; the logits of the same pass."""
+    import deepseek_jax as dj
+    path, out = tmp_path / "routing.data", tmp_path / "logits.npy"     # not .npz: no suffix is added
+    rc, _, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--internals", str(path), "--out", str(out))
+    assert rc == 0 and sorted(os.listdir(tmp_path)) == ["logits.npy", "routing.data"]
+    got = np.load(path)
+    ids = np.load(ids_file)
+    model = load(ckpt_a)
+    ref = dj.internals(model, ids)
+    assert sorted(got.files) == sorted(set(ref._fields) - {"logits", "attention"})
+    for k in got.files:  # the CLI's program may fuse differently: float32 rounding apart
+        want = np.asarray(getattr(ref, k))
+        assert got[k].dtype == want.dtype and got[k].shape == want.shape, k
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-5, err_msg=k)
+        else:
+            np.testing.assert_array_equal(got[k], want, err_msg=k)
+    np.testing.assert_allclose(np.load(out), scoring.logits(model, ids), atol=1e-5)
+    rc, _, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--internals", str(path), "--attention")
+    assert rc == 0
+    np.testing.assert_allclose(np.load(path)["attention"], dj.internals(model, ids, attention=True).attention,
+                               atol=1e-5)
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out), "--attention")
+    assert rc == 2 and "--internals" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--internals", str(path), "--mtp")
+    assert rc == 2 and "--internals" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--internals", str(out), "--out", str(out))
+    assert rc == 2 and "same file" in err
+
+
 def _copy_without(src: str, dst: str, drop: str) -> str:
     """A copy of a Hub checkpoint with one tensor left out (index and shards rewritten)."""
     with HubReader(src) as r:

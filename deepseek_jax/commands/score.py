@@ -1,4 +1,5 @@
-"""``deepseek-jax score CKPT --ids IN.npy --out OUT.npy``: logits, MTP logits, log-probs."""
+"""``deepseek-jax score CKPT --ids IN.npy --out OUT.npy``: logits, MTP logits, log-probs, and the
+model's internals (hidden states, routing)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--logprobs", help="file for per-token log-probs [B, T-1] (log p(t_i+1 | t_<=i)), in .npy "
                                       "format, written at exactly this path")
+    p.add_argument("--internals", metavar="FILE.npz",
+                   help="also write every layer's hidden states and every MoE layer's routing (dj.internals: "
+                        "hidden [L+1, B, T, D], final_hidden, experts / expert_weights [Lm, B, T, K], "
+                        "expert_scores [Lm, B, T, E], moe_layers) to this .npz, at exactly this path; prefill mode")
+    p.add_argument("--attention", action="store_true",
+                   help="with --internals: also every layer's attention weights, attention [L, B, H, T, T] "
+                        "(L * B * H * T^2 float32: 8 GB for DeepSeek-V3 at T=512)")
     p.add_argument("--json", action="store_true", help="print per-row mean log-prob and perplexity as JSON")
     runtime.add_args(p)
     p.set_defaults(func=run)
@@ -65,6 +73,15 @@ def _save(flag: str, path: str, array: np.ndarray) -> None:
         raise DeepSeekError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
 
 
+def _save_npz(flag: str, path: str, arrays: dict) -> None:
+    """``np.savez`` into exactly ``path`` (given a name, it would append ``.npz``)."""
+    try:
+        with open(path, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    except OSError as e:
+        raise DeepSeekError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -72,13 +89,21 @@ def run(args: argparse.Namespace) -> int:
 
     import deepseek_jax as dj
 
-    if not (args.out or args.logprobs or args.json):
-        raise DeepSeekError("nothing to write: give --out, --logprobs or --json")
-    for flag, path in (("--out", args.out), ("--logprobs", args.logprobs)):
-        if path:
-            _check_output(flag, path)
-    if args.out and args.logprobs and os.path.abspath(args.out) == os.path.abspath(args.logprobs):
-        raise DeepSeekError(f"--out and --logprobs are the same file {args.out}")
+    if not (args.out or args.logprobs or args.json or args.internals):
+        raise DeepSeekError("nothing to write: give --out, --logprobs, --internals or --json")
+    outputs = [(flag, path) for flag, path in (("--out", args.out), ("--logprobs", args.logprobs),
+                                                ("--internals", args.internals)) if path]
+    for flag, path in outputs:
+        _check_output(flag, path)
+    for i, (flag, path) in enumerate(outputs):
+        for flag2, path2 in outputs[i + 1:]:
+            if os.path.abspath(path) == os.path.abspath(path2):
+                raise DeepSeekError(f"{flag} and {flag2} are the same file {path}")
+    if args.attention and not args.internals:
+        raise DeepSeekError("--attention is written into the --internals file: give --internals FILE.npz")
+    if args.internals and (args.mtp or args.mode != "prefill"):
+        raise DeepSeekError("--internals comes from one prefill pass of the main model: "
+                            "--mtp / --mode decode do not apply")
     if args.mtp and (args.mode != "prefill" or args.prefill):
         raise DeepSeekError("--mtp scores in one pass: --mode decode / --prefill do not apply")
     if args.prefill and args.mode != "decode":
@@ -96,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         if args.mtp:
             logits = dj.mtp_logits(model, ids)
             offset = 2
+        elif args.internals:  # the same pass gives the logits
+            ins = dj.internals(model, ids, attention=args.attention)
+            logits, offset = ins.logits, 1
         else:
             logits = dj.logits(model, ids, mode=args.mode, prefill=args.prefill)
             offset = 1
@@ -106,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         _save("--out", args.out, logits.astype(np.float32))
     if args.logprobs:
         _save("--logprobs", args.logprobs, lp)
+    if args.internals:
+        _save_npz("--internals", args.internals,
+                  {k: v for k, v in ins._asdict().items() if k != "logits" and v is not None})
     if args.json:
         for b in range(ids.shape[0]):
             print(json.dumps({"row": b, "tokens_scored": int(lp.shape[1]),
