@@ -122,6 +122,88 @@ def mtp_logits(model: DeepSeekV3, ids) -> np.ndarray:
     return to_host(_mtp(model, ids_j, hidden))
 
 
+#: Positions per lm_head call in :func:`sequence_logprobs` (bounds the ``[B, chunk, V]`` logits).
+_HEAD_CHUNK = 256
+#: Shortest padded length of :func:`sequence_logprobs` (shorter buckets would compile more often).
+_MIN_BUCKET = 16
+
+
+@nnx.jit
+def _next_token_logprobs(model: DeepSeekV3, ids_BT):
+    """``[B, T]`` float32: position t's log-prob of ``ids[:, t + 1]`` (the last column's target is
+    ``ids[:, 0]``, a placeholder). The head runs over ``_HEAD_CHUNK`` positions at a time, so the
+    ``[B, T, V]`` logits (8.5 GB at B=8, T=2048 and DeepSeek-V3's vocab) never exist at once."""
+    B, T = ids_BT.shape
+    hidden = model(ids_BT, logits=False).hidden
+    tgt_BT = jnp.roll(ids_BT, -1, axis=1)
+    c = min(T, _HEAD_CHUNK)
+
+    def chunk(xs):
+        h_BcD, t_Bc = xs
+        logits = model.lm_head(h_BcD, model.prec.dtype)
+        picked = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    Tp = -(-T // c) * c   # a length over the largest power-of-two bucket may not divide
+    hidden = jnp.pad(hidden, ((0, 0), (0, Tp - T), (0, 0)))
+    tgt_BT = jnp.pad(tgt_BT, ((0, 0), (0, Tp - T)))
+    h_NBcD = jnp.moveaxis(hidden.reshape(B, Tp // c, c, -1), 1, 0)
+    t_NBc = jnp.moveaxis(tgt_BT.reshape(B, Tp // c, c), 1, 0)
+    return jnp.moveaxis(jax.lax.map(chunk, (h_NBcD, t_NBc)), 0, 1).reshape(B, Tp)[:, :T]
+
+
+def _bucket(n: int, limit: int) -> int:
+    """The padded length of an ``n``-token sequence: a power of two >= ``_MIN_BUCKET``, at most
+    ``limit`` (then a multiple of ``_MIN_BUCKET`` or the limit itself)."""
+    b = max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+    if b <= limit:
+        return b
+    return min(limit, -(-n // _MIN_BUCKET) * _MIN_BUCKET)
+
+
+def sequence_logprobs(model: DeepSeekV3, seqs, *, batch_size: int = 8) -> list[np.ndarray]:
+    """Log-probs of sequences of any lengths: for each sequence of ``n`` token ids, the float32
+    ``[n - 1]`` array of ``log p(t_i+1 | t_<=i)``, in the input order.
+
+    Sequences are sorted by length, grouped ``batch_size`` at a time and right-padded to a
+    power-of-two length (at least 16, at most ``max_position_embeddings``). The padding is exact:
+    attention is causal and no token is dropped by the router, so a real token never depends on
+    the pads after it. One compile per padded length; log-probs are taken on the device, so only
+    ``[B, T]`` floats come back (not ``[B, T, V]`` logits).
+    """
+    _check_model(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise DeepSeekError(f"sequence_logprobs: batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__len__"):
+        raise DeepSeekError("sequence_logprobs: seqs must be a list of token-id sequences")
+    if len(seqs) == 0:
+        raise DeepSeekError("sequence_logprobs: seqs is empty")
+    rows = []
+    for i, seq in enumerate(seqs):
+        try:
+            a = np.asarray(seq)
+            if a.ndim != 1:
+                raise DeepSeekError(f"expected a 1-D list of token ids, got shape {list(a.shape)}")
+            rows.append(check_ids(model, a)[0])
+        except DeepSeekError as e:
+            raise DeepSeekError(f"sequence_logprobs: sequence {i}: {str(e).removeprefix('ids: ')}") from None
+        except ValueError:
+            raise DeepSeekError(f"sequence_logprobs: sequence {i}: not a flat list of token ids") from None
+    limit = model.cfg.max_position_embeddings
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[np.ndarray | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        group = order[start:start + batch_size]
+        T = _bucket(len(rows[group[-1]]), limit)
+        batch = np.zeros((batch_size, T), np.int32)
+        for r, i in enumerate(group):
+            batch[r, :len(rows[i])] = rows[i]
+        lp = to_host(_next_token_logprobs(model, jnp.asarray(batch)))
+        for r, i in enumerate(group):
+            out[i] = lp[r, :len(rows[i]) - 1].astype(np.float32)
+    return out
+
+
 def token_logprobs(logits_BTV: np.ndarray, ids_BT: np.ndarray, offset: int = 1) -> np.ndarray:
     """``log p(ids[:, i + offset] | ...)`` from ``logits[:, i]``: ``[B, T - offset]`` float32.
 

@@ -1,5 +1,5 @@
 """``deepseek-jax score CKPT --ids IN.npy --out OUT.npy``: logits, MTP logits, log-probs, and the
-model's internals (hidden states, routing)."""
+model's internals (hidden states, routing); ``--text-file``: each line's log-prob and perplexity."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Writes float32 logits [B, T, V] of int ids [B, T] (or MTP logits "
                                    "[B, T-1, V] with --mtp).")
     p.add_argument("ckpt", help="checkpoint directory (Hub layout or Orbax)")
-    p.add_argument("--ids", required=True, help=".npy file of int token ids [B, T] (or [T])")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ids", help=".npy file of int token ids [B, T] (or [T])")
+    src.add_argument("--text-file", metavar="FILE",
+                     help="score each line of a UTF-8 text file (blank lines skipped), encoded by the checkpoint's "
+                          "tokenizer: prints per-line and total log-prob and perplexity (JSON lines with --json); "
+                          "lines of any length, batched by length (--batch-size)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="with --text-file: lines per batch (default 8)")
     p.add_argument("--out", help="file for float32 logits, in .npy format, written at exactly this path (its "
                                  "directory must exist)")
     p.add_argument("--mode", choices=("prefill", "decode"), default="prefill",
@@ -82,6 +89,72 @@ def _save_npz(flag: str, path: str, arrays: dict) -> None:
         raise DeepSeekError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
 
 
+def _read_lines(path: str) -> list[tuple[int, str]]:
+    """The non-blank lines with their 1-based line numbers in the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i + 1, line) for i, line in enumerate(f.read().splitlines()) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DeepSeekError(f"--text-file: cannot read {path}: {' '.join(str(reason).split())}") from None
+    if not lines:
+        raise DeepSeekError(f"--text-file: {path} holds no text (only blank lines)")
+    return lines
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token" + ("" if n == 1 else "s")
+
+
+def _run_text(args: argparse.Namespace) -> int:
+    """``--text-file``: each line's log-probs (:func:`deepseek_jax.scoring.sequence_logprobs`)."""
+    import contextlib
+
+    import jax
+
+    import deepseek_jax as dj
+    from deepseek_jax.commands.generate import load_tokenizer
+
+    for flag, bad in (("--out", args.out), ("--logprobs", args.logprobs), ("--internals", args.internals),
+                      ("--mtp", args.mtp), ("--mode decode", args.mode != "prefill"), ("--prefill", args.prefill),
+                      ("--attention", args.attention)):
+        if bad:
+            raise DeepSeekError(f"{flag} does not apply to --text-file (lines of different lengths): "
+                                "it prints each line's log-prob and perplexity (--json for JSON lines)")
+    if args.batch_size < 1:
+        raise DeepSeekError(f"--batch-size must be >= 1, got {args.batch_size}")
+    runtime.check_args(args)
+    lines = _read_lines(args.text_file)
+    tokenizer = load_tokenizer(args.ckpt, required=True)
+    seqs = [tokenizer.encode(text) for _, text in lines]
+    mesh = runtime.init(args)
+    model = dj.load(args.ckpt, dtype=args.dtype, mesh=mesh, rules=args.rules)
+    limit = model.cfg.max_position_embeddings
+    for (lineno, _), s in zip(lines, seqs):
+        if len(s) > limit:
+            raise DeepSeekError(f"--text-file: line {lineno} is {len(s)} tokens, over the model's "
+                                f"max_position_embeddings {limit}")
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        lps = dj.scoring.sequence_logprobs(model, seqs, batch_size=args.batch_size)
+    if not runtime.is_main():
+        return 0
+    total = sum(float(lp.sum(dtype=np.float64)) for lp in lps)
+    n = sum(len(lp) for lp in lps)
+    for (lineno, _), lp in zip(lines, lps):
+        row = {"line": lineno, "tokens_scored": len(lp),
+               "mean_logprob": float(lp.mean()) if len(lp) else None,
+               "perplexity": float(dj.perplexity(lp)) if len(lp) else None}
+        print(json.dumps(row) if args.json else
+              f"line {lineno}: {_tokens(len(lp))}" + (f", mean log p {row['mean_logprob']:.4f}, perplexity "
+                                                   f"{row['perplexity']:.4g}" if len(lp) else ""))
+    summary = {"lines": len(lps), "tokens_scored": n, "mean_logprob": total / n if n else None,
+               "perplexity": float(np.exp(-total / n)) if n else None}
+    print(json.dumps({"total": summary}) if args.json else
+          f"total: {len(lps)} lines, {_tokens(n)}" + (f", mean log p {total / n:.4f}, perplexity "
+                                                    f"{np.exp(-total / n):.4g}" if n else ""))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -89,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
 
     import deepseek_jax as dj
 
+    if args.text_file is not None:
+        return _run_text(args)
     if not (args.out or args.logprobs or args.json or args.internals):
         raise DeepSeekError("nothing to write: give --out, --logprobs, --internals or --json")
     outputs = [(flag, path) for flag, path in (("--out", args.out), ("--logprobs", args.logprobs),
