@@ -53,6 +53,23 @@ def test_two_processes_match_one(ckpt_a, ids_path, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_two_processes_internals_match_one(ckpt_a, ids_path, tmp_path):
+    """score --internals --attention on 2 processes: the arrays gathered from both hosts."""
+    import deepseek_jax as dj
+    from deepseek_jax.api import load
+
+    out = tmp_path / "ins.npz"
+    procs = _launch(["score", ckpt_a, "--ids", ids_path, "--internals", str(out), "--attention",
+                     "--mesh", "data=2,expert=4"])
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    got = np.load(out)
+    ref = dj.internals(load(ckpt_a), np.load(ids_path), attention=True)
+    np.testing.assert_array_equal(got["experts"], ref.experts)
+    for k in ("hidden", "final_hidden", "expert_weights", "expert_scores", "attention"):
+        np.testing.assert_allclose(got[k], getattr(ref, k), rtol=1e-4, atol=1e-4, err_msg=k)
+
+
 def test_dead_peer_makes_the_other_exit(ckpt_a, ids_path, tmp_path):
     """Process 1 dies right after joining; process 0 must fail within the heartbeat bound."""
     out = tmp_path / "out.npy"

@@ -117,3 +117,27 @@ def test_score_text_file_bad_input(tmp_path, capsys, extra, content, needle):
 def test_score_text_file_missing(capsys):
     assert cli.main(["score", dj.demo_checkpoint(), "--text-file", "/nonexistent/lines.txt"]) == 2
     assert "--text-file: cannot read /nonexistent/lines.txt" in capsys.readouterr().err
+
+
+def test_on_a_mesh_equal_one_device(ckpt_a, model_a):
+    """Sharded on data=2, expert=2, model=2 (8 CPU devices): sequence_logprobs and dj.internals
+    as on one device; batches that do not divide the data axis (3 rows) included."""
+    import jax
+
+    from deepseek_jax.sharding import make_mesh
+    if len(jax.devices()) < 8:
+        pytest.skip("needs JAX_NUM_CPU_DEVICES=8")
+    mesh = make_mesh({"data": 2, "expert": 2, "model": 2})
+    sharded = dj.load(ckpt_a, mesh=mesh)
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(0, 256, n).tolist() for n in (9, 30, 3)]
+    ids = rng.integers(0, 256, (3, 12))
+    with jax.set_mesh(mesh):
+        got = sequence_logprobs(sharded, seqs, batch_size=3)
+        ins = dj.internals(sharded, ids, attention=True)
+    for g, r in zip(got, sequence_logprobs(model_a, seqs, batch_size=3)):
+        np.testing.assert_allclose(g, r, rtol=0, atol=2e-5)
+    ref = dj.internals(model_a, ids, attention=True)
+    np.testing.assert_array_equal(ins.experts, ref.experts)
+    for k in ("hidden", "expert_weights", "attention", "logits"):
+        np.testing.assert_allclose(getattr(ins, k), getattr(ref, k), rtol=1e-4, atol=1e-4, err_msg=k)
