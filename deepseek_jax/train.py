@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import shutil
 from functools import partial
 from typing import Any, NamedTuple
@@ -80,6 +81,7 @@ class TrainConfig:
     bias_gamma: float = 1e-3      # γ (0: routing biases frozen)
     remat: bool = False           # rematerialise each scanned layer in the backward pass
     tie_mtp: bool = True          # MTP embedding / head = the main ones
+    trainable: str | None = None  # regex: only parameters whose path it matches are trained (None: all)
 
     def _hyper(self) -> dict[str, jax.Array]:
         """The numeric settings as float32 scalars: traced, not compiled in, so runs that differ
@@ -208,6 +210,34 @@ _TIED_PATHS = {copy for _, copy in _TIES}
 
 def _is_tied_copy(path, _value) -> bool:
     return tuple(str(p) for p in path) in _TIED_PATHS
+
+
+def param_path(path) -> str:
+    """A parameter's name as :attr:`TrainConfig.trainable` matches it: ``moe_layers/self_attn/q_a_proj/weight``."""
+    return "/".join(str(p) for p in path)
+
+
+def trained_predicate(pattern: str | None, model: DeepSeekV3):
+    """``path -> bool``: whether :attr:`TrainConfig.trainable` trains the parameter at ``path``
+    (every one for ``None``; else those whose :func:`param_path` ``re.search``-matches). Raises
+    :class:`DeepSeekError` for a bad pattern or one that matches no parameter."""
+    if pattern is None:
+        return lambda path: True
+    if not isinstance(pattern, str) or not pattern:
+        raise DeepSeekError(f"trainable: expected a non-empty regular expression, got {pattern!r}")
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise DeepSeekError(f"trainable: {pattern!r} is not a regular expression ({e})") from None
+
+    def is_trained(path) -> bool:
+        return bool(rx.search(param_path(path)))
+
+    names = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)) if not _is_tied_copy(p, None)]
+    if not any(is_trained(p) for p in names):
+        shown = ", ".join(param_path(p) for p in names[:6])
+        raise DeepSeekError(f"trainable: {pattern!r} matches no parameter (names look like: {shown}, ...)")
+    return is_trained
 
 
 def cast_params(model: DeepSeekV3, dtype=jnp.float32) -> DeepSeekV3:
@@ -385,8 +415,19 @@ class Trainer:
         model.remat = tcfg.remat
         self.tie = bool(tcfg.tie_mtp and model.mtp is not None)
         self.cfg = model.cfg
-        graphdef, tied, params, biases, rest = nnx.split(
-            model, _is_tied_copy if self.tie else nnx.Nothing, nnx.Param, RouterBias, ...)
+        is_trained = trained_predicate(tcfg.trainable, model)
+        by_copy = {copy: source for source, copy in _TIES}
+        tie = self.tie
+
+        def tied_copy(path, value) -> bool:   # follows its source, where that is trained
+            return tie and _is_tied_copy(path, value) and is_trained(by_copy[tuple(str(p) for p in path)])
+
+        def train(path, value) -> bool:
+            return isinstance(value, nnx.Param) and not (tie and _is_tied_copy(path, value)) and is_trained(path)
+
+        # Parameters ``trainable`` does not match go with ``rest``: merged into the model, not
+        # differentiated, no optimizer state.
+        graphdef, tied, params, biases, rest = nnx.split(model, tied_copy, train, RouterBias, ...)
         self.key = _graph_key(model, graphdef)
         copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731 (state is donated)
         params, tied, biases, rest = copy(params), copy(tied), copy(biases), copy(rest)
@@ -395,6 +436,14 @@ class Trainer:
         state = TrainState(jnp.zeros((), jnp.int32), params, tied, biases, rest,
                            make_optimizer(tcfg).init(params))
         self.state = self._place(state)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trained, all)`` parameter counts (the tied MTP copies not counted twice)."""
+        size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
+        frozen = nnx.state(_merge(self.key, self.state), nnx.Param)
+        frozen_count = sum(int(v[...].size) for p, v in nnx.to_flat_state(frozen)
+                           if not (self.tie and _is_tied_copy(p, v)))
+        return size(self.state.params), frozen_count
 
     # ---- placement ----------------------------------------------------------------------------
     def _place(self, state: TrainState) -> TrainState:

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-gamma", type=float, default=1e-3, help="γ, routing-bias update speed; 0 disables "
                                                                   "(default 1e-3)")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
+    p.add_argument("--trainable", metavar="REGEX",
+                   help="train only the parameters whose name (e.g. moe_layers/self_attn/q_a_proj/weight) "
+                        "matches this regular expression, e.g. 'self_attn|norm'; the others stay as loaded, "
+                        "with no gradient or optimizer state (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
@@ -65,7 +69,8 @@ def _check_same(what: str, saved, now) -> None:
     if saved != now:
         diff = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k)] if isinstance(saved, dict) else []
         raise DeepSeekError(f"--resume: the checkpoint was made with a different {what}"
-                            + (f" (differs in {', '.join(sorted(map(str, diff))[:5])})" if diff else ""))
+                            + (f" (differs in {', '.join(sorted(map(str, diff))[:5])})" if diff else "")
+                            + ("" if isinstance(saved, dict) else f": {saved!r}, now {now!r}"))
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -100,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
     _check_numbers(args)
     if not args.config and not args.init:
         raise DeepSeekError("give --config (model shape) or --init (a checkpoint to start from)")
+    if args.trainable is not None:   # a bad pattern fails now, not after loading the model
+        import re
+        try:
+            re.compile(args.trainable)
+        except re.error as e:
+            raise DeepSeekError(f"--trainable: {args.trainable!r} is not a regular expression ({e})") from None
 
     import jax
     import jax.numpy as jnp
@@ -133,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=warmup, min_lr_ratio=args.min_lr_ratio,
                        weight_decay=args.weight_decay, clip_norm=args.clip, mtp_weight=args.mtp_weight,
-                       balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, remat=args.remat)
+                       balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, remat=args.remat,
+                       trainable=args.trainable)
 
     n_dev = args.data_parallel
     mesh = None
@@ -158,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         meta = Trainer.read_metadata(ckpt_dir)
         _check_same("model config", meta.get("model_config"), json.loads(json.dumps(model_cfg)))
         _check_same("data / batch / seq-len / seed", meta.get("data"), describe)
+        _check_same("--trainable", (meta.get("train_config") or {}).get("trainable"), args.trainable)
 
     t0 = time.perf_counter()
     if args.init:
@@ -167,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype), jnp.dtype(args.param_dtype))
     trainer = Trainer(model, tcfg, mesh=mesh)
     del model
+    if args.trainable is not None:
+        trained, total = trainer.parameter_counts()
+        print(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.1f}%): those matching "
+              f"--trainable {args.trainable!r}")
     if args.resume:
         trainer.restore(ckpt_dir)
     start = trainer.step
