@@ -12,6 +12,8 @@ For studying the model rather than running it::
 
 One prefill pass (naive MLA), the same computation as :func:`deepseek_jax.logits`; the per-layer
 outputs are collected from the layer scan. Everything comes back as numpy float32 / int32.
+``deepseek-jax score --internals FILE.npz`` writes the same arrays (:func:`internals_arrays`);
+:func:`load_internals` reads them back.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ from flax import nnx
 
 from deepseek_jax.errors import DeepSeekError
 from deepseek_jax.model import DeepSeekV3
-from deepseek_jax.scoring import check_ids, to_host
+from deepseek_jax.scoring import _check_model, check_ids, to_host
 
 
 class Internals(NamedTuple):
     hidden: np.ndarray          # [L+1, B, T, D]: the embeddings, then every decoder layer's output
     final_hidden: np.ndarray    # [B, T, D]: the last layer's output after the final RMSNorm
-    logits: np.ndarray          # [B, T, V]: the same logits as dj.logits
+    logits: np.ndarray | None   # [B, T, V]: the same logits as dj.logits (None from load_internals)
     experts: np.ndarray         # [Lm, B, T, K] int32: routed experts per token, by decreasing weight
-    expert_weights: np.ndarray  # [Lm, B, T, K]: their combine weights (normalised, x routed_scaling_factor)
+    expert_weights: np.ndarray  # [Lm, B, T, K]: their combine weights, x routed_scaling_factor (and
+                                # normalised to sum 1 before it, if the config's norm_topk_prob)
     expert_scores: np.ndarray   # [Lm, B, T, E]: every expert's sigmoid affinity (before the balancing bias)
     moe_layers: tuple[int, ...]  # the checkpoint layer index of each row of experts / weights / scores
     attention: np.ndarray | None = None  # [L, B, H, T, T]: each head's attention weights (attention=True)
@@ -85,12 +88,14 @@ def _run(model: DeepSeekV3, ids_BT, attention: bool = False):
 def internals(model: DeepSeekV3, ids, *, attention: bool = False) -> Internals:
     """Hidden states and routing of one prefill pass over ``ids`` (``[B, T]`` or ``[T]``); see
     :class:`Internals`. Memory: ``hidden`` is ``(L+1) * B * T * D`` float32 on the host (62 x 7168
-    x 4 bytes, 1.8 MB per token for DeepSeek-V3). ``attention=True`` adds every layer's attention
-    weights, ``L * B * H * T * T`` float32 (DeepSeek-V3: 31 KB per token pair, 8 GB at T = 512)."""
-    if not isinstance(attention, bool):
+    x 4 bytes, 1.8 MB per token for DeepSeek-V3), and on the device once more in the compute dtype
+    and once in float32. ``attention=True`` adds every layer's attention weights,
+    ``L * B * H * T * T`` float32, all layers at once on the device too (DeepSeek-V3: 31 KB per
+    token pair, 8 GB at T = 512)."""
+    if not isinstance(attention, (bool, np.bool_)):
         raise DeepSeekError(f"internals: attention must be True or False, got {attention!r}")
     ids = check_ids(model, ids)
-    hidden, final, logits, routing, probs = _run(model, jnp.asarray(ids), attention)
+    hidden, final, logits, routing, probs = _run(model, jnp.asarray(ids), bool(attention))
     cfg = model.cfg
     moe_layers = tuple(range(cfg.num_dense_layers, cfg.num_hidden_layers))
     B, T = ids.shape
@@ -110,23 +115,72 @@ def _lens(model: DeepSeekV3, hidden_NTD):
                        hidden_NTD)
 
 
+def _check_internals(fn: str, ins) -> Internals:
+    if not isinstance(ins, Internals):
+        raise DeepSeekError(f"{fn}: expected the Internals of dj.internals (or load_internals), "
+                            f"got {type(ins).__name__}")
+    return ins
+
+
 def logit_lens(model: DeepSeekV3, ins: Internals) -> np.ndarray:
     """``[L+1, B, T, V]`` float32: the final norm and ``lm_head`` applied to every entry of
     ``ins.hidden`` (the "logit lens": what each layer's residual stream would predict if the
-    model stopped there). The last entry is ``ins.logits``."""
-    if not isinstance(ins, Internals):
-        raise DeepSeekError(f"logit_lens: expected the Internals of dj.internals, got {type(ins).__name__}")
-    if ins.hidden.shape[-1] != model.cfg.hidden_size:
-        raise DeepSeekError(f"logit_lens: hidden size {ins.hidden.shape[-1]} is not this model's "
-                            f"{model.cfg.hidden_size}")
-    return to_host(_lens(model, jnp.asarray(ins.hidden)))
+    model stopped there). The last entry is ``ins.logits``. Memory: ``(L+1) * B * T * V`` float32
+    on the device and the host, 32 MB per token for DeepSeek-V3 (62 x 129,280 x 4 bytes): pass
+    an ``Internals`` cut to the positions wanted (``ins._replace(hidden=ins.hidden[:, :, -8:])``)."""
+    _check_model(model)
+    ins = _check_internals("logit_lens", ins)
+    cfg = model.cfg
+    h = ins.hidden
+    if not isinstance(h, np.ndarray) or h.ndim != 4 or h.dtype.kind != "f":
+        raise DeepSeekError(f"logit_lens: ins.hidden must be a float [L+1, B, T, D] array, got "
+                            f"{type(h).__name__} {list(getattr(h, 'shape', []))}")
+    if h.shape[0] != cfg.num_hidden_layers + 1 or h.shape[-1] != cfg.hidden_size:
+        raise DeepSeekError(f"logit_lens: ins.hidden is {list(h.shape)}: not this model's "
+                            f"[{cfg.num_hidden_layers + 1}, B, T, {cfg.hidden_size}] (another model's internals?)")
+    if ins.logits is not None and np.shape(ins.logits)[-1] != cfg.vocab_size:
+        raise DeepSeekError(f"logit_lens: ins.logits has vocab {np.shape(ins.logits)[-1]}, this model "
+                            f"{cfg.vocab_size} (another model's internals?)")
+    return to_host(_lens(model, jnp.asarray(h)))
 
 
 def expert_histogram(ins: Internals) -> np.ndarray:
-    """``[Lm, E]`` int: how many of the tokens each MoE layer sent to each expert."""
-    E = ins.expert_scores.shape[-1]
-    return np.array([np.bincount(layer.reshape(-1), minlength=E) for layer in ins.experts], dtype=np.int64
-                    ).reshape(len(ins.experts), E)
+    """``[Lm, E]`` int64: how many of the tokens each MoE layer sent to each expert."""
+    ins = _check_internals("expert_histogram", ins)
+    experts, E = np.asarray(ins.experts), np.shape(ins.expert_scores)[-1]
+    if experts.ndim != 4 or experts.dtype.kind not in "iu":
+        raise DeepSeekError(f"expert_histogram: ins.experts must be integer [Lm, B, T, K], got "
+                            f"{experts.dtype} {list(experts.shape)}")
+    if experts.size and (experts.min() < 0 or experts.max() >= E):
+        raise DeepSeekError(f"expert_histogram: expert ids must be in [0, {E}), found "
+                            f"{int(experts.min())}..{int(experts.max())}")
+    return np.array([np.bincount(layer.reshape(-1), minlength=E) for layer in experts], dtype=np.int64
+                    ).reshape(len(experts), E)
 
 
-__all__ = ["Internals", "internals", "logit_lens", "expert_histogram"]
+def internals_arrays(ins: Internals) -> dict[str, np.ndarray]:
+    """The arrays ``score --internals`` writes to its .npz: every field but ``logits`` (the
+    ``--out`` file holds them), ``attention`` only when computed, ``moe_layers`` as int32."""
+    out = {k: v for k, v in ins._asdict().items() if k != "logits" and v is not None}
+    out["moe_layers"] = np.asarray(ins.moe_layers, np.int32)
+    return out
+
+
+def load_internals(path) -> Internals:
+    """The :class:`Internals` of a ``score --internals`` file (``logits`` None: see
+    :func:`internals_arrays`), for :func:`logit_lens` and :func:`expert_histogram`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DeepSeekError(f"load_internals: {path} is not a readable .npz file ({e})") from None
+    need = set(Internals._fields) - {"logits", "attention"}
+    if need - set(arrays):
+        raise DeepSeekError(f"load_internals: {path} lacks {', '.join(sorted(need - set(arrays)))} "
+                            "(not written by score --internals?)")
+    arrays["moe_layers"] = tuple(int(i) for i in arrays["moe_layers"])
+    return Internals(logits=None, attention=arrays.pop("attention", None),
+                     **{k: arrays[k] for k in need})
+
+
+__all__ = ["Internals", "internals", "logit_lens", "expert_histogram", "internals_arrays", "load_internals"]

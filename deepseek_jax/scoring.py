@@ -25,12 +25,15 @@ def check_ids(model: DeepSeekV3, ids) -> np.ndarray:
     except ValueError:
         raise DeepSeekError("ids: expected a [batch, length] array; rows of different lengths "
                             "(pad them, or score them separately)") from None
-    if ids.dtype.kind not in "iu":
-        raise DeepSeekError(f"ids: expected integer token ids, got dtype {ids.dtype}")
+    except jax.errors.TracerArrayConversionError:
+        raise DeepSeekError("ids: a traced array: these functions run their own jitted programs, call "
+                            "them outside jax.jit") from None
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
         raise DeepSeekError(f"ids: expected a non-empty [batch, length] array, got shape {list(ids.shape)}")
+    if ids.dtype.kind not in "iu":
+        raise DeepSeekError(f"ids: expected integer token ids, got dtype {ids.dtype}")
     V = model.cfg.vocab_size
     bad = (ids < 0) | (ids >= V)
     if bad.any():

@@ -3,6 +3,8 @@ transformers' ``deepseek_v3`` (float32, CPU) read through forward hooks on its o
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -132,3 +134,31 @@ def test_dense_only_model_and_bad_input():
         dj.internals(model, [[0, 1]], attention="yes")
     with pytest.raises(dj.DeepSeekError, match="expected the Internals"):
         logit_lens(model, ins.hidden)
+    with pytest.raises(dj.DeepSeekError, match="expected a DeepSeekV3"):
+        logit_lens(None, ins)
+    assert dj.internals(model, [3, 1], attention=np.True_).attention is not None
+    with pytest.raises(dj.DeepSeekError, match="non-empty"):
+        dj.internals(model, [])
+    with pytest.raises(dj.DeepSeekError, match="outside jax.jit"):
+        jax.jit(lambda i: dj.internals(model, i).hidden)(jnp.zeros((1, 2), jnp.int32))
+    with pytest.raises(dj.DeepSeekError, match="expected the Internals"):
+        expert_histogram(ins.experts)
+    with pytest.raises(dj.DeepSeekError, match=r"ins.hidden must be a float \[L\+1, B, T, D\]"):
+        logit_lens(model, ins._replace(hidden=ins.hidden[0]))
+    bad = ins._replace(experts=np.full((1, 1, 3, cfg.num_experts_per_tok), cfg.n_routed_experts, np.int32),
+                       expert_scores=np.zeros((1, 1, 3, cfg.n_routed_experts), np.float32))
+    with pytest.raises(dj.DeepSeekError, match="expert ids must be in"):
+        expert_histogram(bad)
+
+
+def test_logit_lens_refuses_another_models_internals(case):
+    """Same hidden size, other depth and vocab: caught, not silently projected."""
+    model, ids, ins, _, _ = case
+    cfg = model.cfg
+    other = dj.init_random(DeepSeekConfig.from_hub_dict(tiny_config(
+        hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size + 8, num_hidden_layers=cfg.num_hidden_layers + 1,
+        first_k_dense_replace=1, num_nextn_predict_layers=0)))
+    with pytest.raises(dj.DeepSeekError, match="another model's internals"):
+        logit_lens(other, ins)
+    with pytest.raises(dj.DeepSeekError, match="another model's internals"):   # depth alike, vocab not
+        logit_lens(other, ins._replace(hidden=np.concatenate([ins.hidden, ins.hidden[:1]])))

@@ -60,14 +60,20 @@ def test_score_internals(ckpt_a, ids_file, tmp_path, capsys):
     model = load(ckpt_a)
     ref = dj.internals(model, ids)
     assert sorted(got.files) == sorted(set(ref._fields) - {"logits", "attention"})
+    assert got["moe_layers"].dtype == np.int32 and got["experts"].dtype == np.int32
     for k in got.files:  # the CLI's program may fuse differently: float32 rounding apart
-        want = np.asarray(getattr(ref, k))
+        want = np.asarray(getattr(ref, k), np.int32 if k == "moe_layers" else None)
         assert got[k].dtype == want.dtype and got[k].shape == want.shape, k
         if want.dtype.kind == "f":
             np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-5, err_msg=k)
         else:
             np.testing.assert_array_equal(got[k], want, err_msg=k)
     np.testing.assert_allclose(np.load(out), scoring.logits(model, ids), atol=1e-5)
+    from deepseek_jax.introspect import expert_histogram, load_internals, logit_lens
+    back = load_internals(path)
+    assert back.logits is None and back.attention is None and back.moe_layers == ref.moe_layers
+    np.testing.assert_array_equal(expert_histogram(back), expert_histogram(ref))
+    np.testing.assert_allclose(logit_lens(model, back), logit_lens(model, ref), rtol=1e-5, atol=1e-4)
     rc, _, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--internals", str(path), "--attention")
     assert rc == 0
     np.testing.assert_allclose(np.load(path)["attention"], dj.internals(model, ids, attention=True).attention,
@@ -78,6 +84,33 @@ def test_score_internals(ckpt_a, ids_file, tmp_path, capsys):
     assert rc == 2 and "--internals" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--internals", str(out), "--out", str(out))
     assert rc == 2 and "same file" in err
+
+
+def test_score_writes_all_or_nothing(ckpt_a, ids_file, tmp_path, capsys, monkeypatch):
+    """A failing write (here: the disk fills during the .npz) leaves every output as it was, with no
+    partial file; an output that names the --ids input, even through a link, is refused up front."""
+    out, ins = tmp_path / "logits.npy", tmp_path / "ins.npz"
+    out.write_bytes(b"old logits")
+    ins.write_bytes(b"old internals")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", full)
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out), "--internals", str(ins))
+    assert rc == 2 and "--internals: cannot write" in err and "No space left" in err
+    assert out.read_bytes() == b"old logits" and ins.read_bytes() == b"old internals"
+    assert sorted(os.listdir(tmp_path)) == ["ins.npz", "logits.npy"]
+    monkeypatch.undo()
+
+    link = tmp_path / "ids_link.npy"
+    link.symlink_to(ids_file)
+    for argv in (["--out", ids_file], ["--internals", str(link)], ["--logprobs", str(link)]):
+        rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, *argv)
+        assert rc == 2 and "is the --ids input" in err, err
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out), "--internals",
+                         str(tmp_path / "." / "logits.npy"))
+    assert rc == 2 and "same file" in err
+    assert np.load(ids_file).dtype == np.int32          # the input is intact
 
 
 def _copy_without(src: str, dst: str, drop: str) -> str:

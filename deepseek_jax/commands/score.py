@@ -4,8 +4,11 @@ model's internals (hidden states, routing); ``--text-file``: each line's log-pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -71,22 +74,48 @@ def _check_output(flag: str, path: str) -> None:
         raise DeepSeekError(f"{flag}: cannot write {path} (permission denied)")
 
 
-def _save(flag: str, path: str, array: np.ndarray) -> None:
-    """``np.save`` into exactly ``path`` (``np.save(path)`` would append ``.npy``)."""
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (links and ``./`` resolved; hard links where both exist)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
     try:
-        with open(path, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-    except OSError as e:
-        raise DeepSeekError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
-def _save_npz(flag: str, path: str, arrays: dict) -> None:
-    """``np.savez`` into exactly ``path`` (given a name, it would append ``.npz``)."""
+def _write_all(files: list[tuple[str, str, Callable]]) -> None:
+    """Writes every ``(flag, path, write(fileobj))`` to a temporary file beside its path, then
+    renames them all into place: a failure (disk full, a file size limit) leaves no half-written
+    output and every existing file as it was."""
+    done: list[tuple[str, str]] = []
     try:
-        with open(path, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    except OSError as e:
-        raise DeepSeekError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
+        for flag, path, write in files:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                                       suffix=".partial")
+            done.append((tmp, path))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+            except OSError as e:
+                raise DeepSeekError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
+        for tmp, path in done:
+            os.replace(tmp, path)
+        done = []
+    finally:
+        for tmp, _ in done:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _npy(array: np.ndarray) -> Callable:
+    """Writes ``array`` in .npy format (into exactly the path given: ``np.save(path)`` would append ``.npy``)."""
+    return lambda f: np.save(f, array, allow_pickle=False)
+
+
+def _npz(arrays: dict) -> Callable:
+    """Writes ``arrays`` in .npz format (``np.savez(name)`` would append ``.npz``)."""
+    return lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 def _read_lines(path: str) -> list[tuple[int, str]]:
@@ -108,7 +137,6 @@ def _tokens(n: int) -> str:
 
 def _run_text(args: argparse.Namespace) -> int:
     """``--text-file``: each line's log-probs (:func:`deepseek_jax.scoring.sequence_logprobs`)."""
-    import contextlib
 
     import jax
 
@@ -156,7 +184,6 @@ def _run_text(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import contextlib
 
     import jax
 
@@ -172,8 +199,10 @@ def run(args: argparse.Namespace) -> int:
         _check_output(flag, path)
     for i, (flag, path) in enumerate(outputs):
         for flag2, path2 in outputs[i + 1:]:
-            if os.path.abspath(path) == os.path.abspath(path2):
+            if _same_file(path, path2):
                 raise DeepSeekError(f"{flag} and {flag2} are the same file {path}")
+        if _same_file(path, args.ids):
+            raise DeepSeekError(f"{flag} {path} is the --ids input: it would be overwritten")
     if args.attention and not args.internals:
         raise DeepSeekError("--attention is written into the --internals file: give --internals FILE.npz")
     if args.internals and (args.mtp or args.mode != "prefill"):
@@ -205,13 +234,15 @@ def run(args: argparse.Namespace) -> int:
     lp = dj.token_logprobs(logits, ids, offset=offset)
     if not runtime.is_main():
         return 0
+    files = []
     if args.out:
-        _save("--out", args.out, logits.astype(np.float32))
+        files.append(("--out", args.out, _npy(logits.astype(np.float32))))
     if args.logprobs:
-        _save("--logprobs", args.logprobs, lp)
+        files.append(("--logprobs", args.logprobs, _npy(lp)))
     if args.internals:
-        _save_npz("--internals", args.internals,
-                  {k: v for k, v in ins._asdict().items() if k != "logits" and v is not None})
+        from deepseek_jax.introspect import internals_arrays
+        files.append(("--internals", args.internals, _npz(internals_arrays(ins))))
+    _write_all(files)
     if args.json:
         for b in range(ids.shape[0]):
             print(json.dumps({"row": b, "tokens_scored": int(lp.shape[1]),
