@@ -439,11 +439,9 @@ class Trainer:
 
     def parameter_counts(self) -> tuple[int, int]:
         """``(trained, all)`` parameter counts (the tied MTP copies not counted twice)."""
-        size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
-        frozen = nnx.state(_merge(self.key, self.state), nnx.Param)
-        frozen_count = sum(int(v[...].size) for p, v in nnx.to_flat_state(frozen)
-                           if not (self.tie and _is_tied_copy(p, v)))
-        return size(self.state.params), frozen_count
+        every = nnx.state(_merge(self.key, self.state), nnx.Param)
+        total = sum(int(v[...].size) for p, v in nnx.to_flat_state(every) if not (self.tie and _is_tied_copy(p, v)))
+        return sum(int(x.size) for x in jax.tree.leaves(self.state.params)), total
 
     # ---- placement ----------------------------------------------------------------------------
     def _place(self, state: TrainState) -> TrainState:
