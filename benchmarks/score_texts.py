@@ -1,0 +1,108 @@
+"""Scoring a corpus of texts of mixed lengths on CPU: ``dj.sequence_logprobs`` (batched by length
+bucket, log-probs taken on the device) against scoring each text alone with ``dj.logits`` +
+``dj.token_logprobs`` and against HF transformers' model on each text alone, side by side.
+
+All three run the test suite's tiny random FP8 checkpoint (config A: 256-token vocab, 256
+positions) in float32, HF loaded the way ``tests/hf_ref.py`` loads it. The corpus: ``--texts``
+random token sequences with lengths drawn uniformly from 2 to ``--max-len``. After a warm-up pass
+(which compiles every length bucket, and every length for the one-at-a-time path), the three run in
+alternation ``--repeats`` times and each keeps its best time. The per-token log-probs are compared
+between them as a check.
+
+    .venv/bin/python benchmarks/score_texts.py [--texts 64] [--max-len 200] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# not this folder itself: its kernels.py would shadow the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--texts", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true")
+    a = ap.parse_args(argv)
+
+    import jax
+
+    import deepseek_jax as dj
+    from deepseek_jax.synthetic import random_hub_checkpoint
+    from tests.conftest import CONFIG_A
+
+    ckpt = random_hub_checkpoint(os.path.join(tempfile.mkdtemp(prefix="score_bench_"), "ckpt_a"), CONFIG_A,
+                                 seed=1, max_shard_bytes=200_000, bias_range=(0.0, 0.5))
+    model = dj.load(ckpt, dtype="float32")
+    rng = np.random.default_rng(0)
+    max_len = min(a.max_len, model.cfg.max_position_embeddings)
+    seqs = [rng.integers(0, model.cfg.vocab_size, int(n)).tolist()
+            for n in rng.integers(2, max_len + 1, a.texts)]
+    n_tokens = sum(len(s) - 1 for s in seqs)
+
+    def batched():
+        return dj.sequence_logprobs(model, seqs, batch_size=a.batch_size)
+
+    def alone():
+        out = []
+        for s in seqs:
+            ids = np.array([s], np.int32)
+            out.append(dj.token_logprobs(dj.logits(model, ids), ids)[0])
+        return out
+
+    engines = {"sequence_logprobs": batched, "one at a time (dj.logits)": alone}
+    if not a.no_hf:
+        import torch
+
+        from tests.hf_ref import hf_model
+        hf, _ = hf_model(ckpt)
+
+        def hf_alone():
+            out = []
+            with torch.no_grad():
+                for s in seqs:
+                    ids = torch.tensor([s])
+                    lp = torch.log_softmax(hf(input_ids=ids).logits[0, :-1].float(), -1)
+                    out.append(lp.gather(-1, ids[0, 1:, None])[:, 0].numpy())
+            return out
+        engines["HF transformers, one at a time"] = hf_alone
+
+    results, best = {}, {}
+    for name, fn in engines.items():   # warm-up: every compile happens here
+        t = time.perf_counter()
+        results[name] = fn()
+        print(f"# warm-up {name}: {time.perf_counter() - t:.1f} s", flush=True)
+    for _ in range(a.repeats):
+        for name, fn in engines.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+
+    ref = results["one at a time (dj.logits)"]
+    print(f"\n{datetime.date.today()} · jax {jax.__version__} · {platform.machine()}, {os.cpu_count()} CPUs · "
+          f"{a.texts} texts, 2-{max_len} tokens ({n_tokens} scored) · batch size {a.batch_size} · best of {a.repeats}")
+    base = best["sequence_logprobs"]
+    print(f"{'engine':<34}{'s':>9}{'tokens/s':>11}{'x slower than batched':>24}{'max |dlogp| vs ours alone':>28}")
+    for name in engines:
+        diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(results[name], ref))
+        print(f"{name:<34}{best[name]:>9.3f}{n_tokens / best[name]:>11,.0f}{best[name] / base:>24.2f}{diff:>28.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
