@@ -180,10 +180,29 @@ class Linear(nnx.Module):
             return dequantize(w, s, dtype)
         return self.weight[...].astype(dtype)
 
+    def lora_delta(self, x: jax.Array) -> jax.Array | None:
+        """The LoRA adapter's ``scale * (x Aᵀ) Bᵀ`` in the compute dtype, or None without one
+        (``deepseek_jax.lora.add_lora`` sets ``lora_a [r, in]``, ``lora_b [out, r]``, ``lora_scale``)."""
+        a = getattr(self, "lora_a", None)
+        if a is None:
+            return None
+        dtype = self.prec.dtype
+        r = jnp.einsum("...k,rk->...r", x.astype(dtype), a[...].astype(dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum("...r,nr->...n", r.astype(dtype), self.lora_b[...].astype(dtype),
+                       preferred_element_type=jnp.float32)
+        return (y * self.lora_scale).astype(dtype)
+
     def __call__(self, x: jax.Array, sum_splits: bool = True):
-        """``x Wᵀ`` in the compute dtype. ``sum_splits=False``: where the W8A16 GPU kernel splits the
-        contraction (few rows), its float32 partials unsummed (``kernels_pallas.SplitK``), for a
-        consumer kernel to sum (``RMSNorm`` does); any other path returns the array."""
+        """``x Wᵀ`` in the compute dtype (plus a LoRA adapter's delta where one is attached).
+        ``sum_splits=False``: where the W8A16 GPU kernel splits the contraction (few rows), its
+        float32 partials unsummed (``kernels_pallas.SplitK``), for a consumer kernel to sum
+        (``RMSNorm`` does); any other path returns the array."""
+        delta = self.lora_delta(x)
+        if delta is not None:
+            return (self._base(x, sum_splits=True) + delta).astype(self.prec.dtype)
+        return self._base(x, sum_splits)
+
+    def _base(self, x: jax.Array, sum_splits: bool):
         dtype = self.prec.dtype
         x = x.astype(dtype)
         if self.fp8:

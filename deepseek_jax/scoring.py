@@ -168,11 +168,13 @@ def sequence_logprobs(model: DeepSeekV3, seqs, *, batch_size: int = 8) -> list[n
     """Log-probs of sequences of any lengths: for each sequence of ``n`` token ids, the float32
     ``[n - 1]`` array of ``log p(t_i+1 | t_<=i)``, in the input order.
 
-    Sequences are sorted by length, grouped ``batch_size`` at a time and right-padded to a
-    power-of-two length (at least 16, at most ``max_position_embeddings``). The padding is exact:
-    attention is causal and no token is dropped by the router, so a real token never depends on
-    the pads after it. One compile per padded length; log-probs are taken on the device, so only
-    ``[B, T]`` floats come back (not ``[B, T, V]`` logits).
+    Sequences are sorted by length, grouped ``batch_size`` at a time (fewer sequences: their
+    number rounded up to a power of two) and right-padded to a power-of-two length (at least 16, at
+    most ``max_position_embeddings``). Attention is causal and no token is dropped by the router,
+    so a real token never depends on the pads after it: in float32 the padding changes nothing
+    beyond rounding (~1e-5); in bfloat16 the padded shapes change how XLA blocks the matmuls, and
+    a log-prob can move by ~0.1. One compile per padded length; log-probs are taken on the device,
+    so only ``[B, T]`` floats come back (not ``[B, T, V]`` logits).
     """
     _check_model(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -195,10 +197,12 @@ def sequence_logprobs(model: DeepSeekV3, seqs, *, batch_size: int = 8) -> list[n
     limit = model.cfg.max_position_embeddings
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list[np.ndarray | None] = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        group = order[start:start + batch_size]
+    # rows per call: batch_size, or fewer sequences rounded up to a power of two
+    B = min(int(batch_size), 1 << (len(rows) - 1).bit_length())
+    for start in range(0, len(order), B):
+        group = order[start:start + B]
         T = _bucket(len(rows[group[-1]]), limit)
-        batch = np.zeros((batch_size, T), np.int32)
+        batch = np.zeros((B, T), np.int32)
         for r, i in enumerate(group):
             batch[r, :len(rows[i])] = rows[i]
         lp = to_host(_next_token_logprobs(model, jnp.asarray(batch)))

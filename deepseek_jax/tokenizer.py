@@ -154,8 +154,8 @@ class Tokenizer:
         tok_file = directory / "tokenizer.json"
         if not tok_file.is_file():
             raise DeepSeekError(
-                f"no tokenizer.json in {directory}: text prompts need it "
-                "(the generate command also takes token ids: --prompt-ids)"
+                f"no tokenizer.json in {directory}: text needs it "
+                "(generate also takes token ids: --prompt-ids; score: --ids)"
             )
         try:
             raw = tok_file.read_bytes()

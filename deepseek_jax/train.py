@@ -116,8 +116,19 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def _clip_by_global_norm(max_norm) -> optax.GradientTransformation:
+    """optax's global-norm clip, in each gradient's own dtype (optax's selects between a bfloat16
+    gradient and its float32 rescaled copy, and fails for bfloat16 parameters)."""
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        factor = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-30), 1.0)
+        return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _make_tx(hp, clip: bool) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(hp["clip_norm"])] if clip else []
+    parts = [_clip_by_global_norm(hp["clip_norm"])] if clip else []
     parts.append(optax.adamw(partial(learning_rate, hp), b1=hp["b1"], b2=hp["b2"], eps=hp["adam_eps"],
                              weight_decay=hp["weight_decay"], mask=_decay_mask))
     return optax.chain(*parts)
@@ -217,10 +228,11 @@ def param_path(path) -> str:
     return "/".join(str(p) for p in path)
 
 
-def trained_predicate(pattern: str | None, model: DeepSeekV3):
+def trained_predicate(pattern: str | None, model: DeepSeekV3, tie: bool = True):
     """``path -> bool``: whether :attr:`TrainConfig.trainable` trains the parameter at ``path``
     (every one for ``None``; else those whose :func:`param_path` ``re.search``-matches). Raises
-    :class:`DeepSeekError` for a bad pattern or one that matches no parameter."""
+    :class:`DeepSeekError` for a bad pattern or one that matches no parameter (with ``tie``, the
+    MTP copies of the embedding and head are not parameters of their own)."""
     if pattern is None:
         return lambda path: True
     if not isinstance(pattern, str) or not pattern:
@@ -233,8 +245,12 @@ def trained_predicate(pattern: str | None, model: DeepSeekV3):
     def is_trained(path) -> bool:
         return bool(rx.search(param_path(path)))
 
-    names = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)) if not _is_tied_copy(p, None)]
+    every = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    names = [p for p in every if not (tie and _is_tied_copy(p, None))]
     if not any(is_trained(p) for p in names):
+        if any(is_trained(p) for p in every):
+            raise DeepSeekError(f"trainable: {pattern!r} matches only the MTP copies of embed_tokens / lm_head, "
+                                "which follow the main ones: match embed_tokens/weight or lm_head/weight")
         shown = ", ".join(param_path(p) for p in names[:6])
         raise DeepSeekError(f"trainable: {pattern!r} matches no parameter (names look like: {shown}, ...)")
     return is_trained
@@ -249,6 +265,25 @@ def cast_params(model: DeepSeekV3, dtype=jnp.float32) -> DeepSeekV3:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     return nnx.merge(graphdef, params, rest)
+
+
+def _check_fp8_frozen(model: DeepSeekV3, pattern: str | None) -> None:
+    """An FP8 model trains only what is not FP8 (LoRA adapters, norms, the router...): its FP8
+    weights and their block scales must stay frozen, and the matmuls through them must be the
+    reference ones (the Pallas FP8 GEMMs have no backward)."""
+    import kernels_pallas.backend as kb   # noqa: PLC0415
+    if pattern is None:
+        raise DeepSeekError("this model holds FP8 weights, which are not trainable: train a subset that "
+                            "excludes them (TrainConfig.trainable, e.g. LoRA adapters: lora.LORA_PATTERN), "
+                            "or load a float copy (train.load_float_model)")
+    is_trained = trained_predicate(pattern, model)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if (var[...].dtype == jnp.float8_e4m3fn or str(path[-1]) == "weight_scale_inv") and is_trained(path):
+            raise DeepSeekError(f"trainable {pattern!r} matches {param_path(path)}, an FP8 weight or its "
+                                "block scale: FP8 weights stay frozen (train LoRA adapters instead)")
+    if kb.resolve_impl(model.prec.kernels) != "ref":
+        raise DeepSeekError("training through FP8 weights needs the reference matmuls: load the model "
+                            "with kernels='ref' (the Pallas FP8 GEMMs have no backward)")
 
 
 class TrainState(NamedTuple):
@@ -268,7 +303,8 @@ _GRAPHDEFS: dict[tuple, Any] = {}
 
 
 def _graph_key(model: DeepSeekV3, graphdef) -> tuple:
-    key = ("DeepSeekV3", model.cfg, model.prec, bool(model.remat), model.mtp is not None)
+    from deepseek_jax.lora import lora_signature   # noqa: PLC0415
+    key = ("DeepSeekV3", model.cfg, model.prec, bool(model.remat), model.mtp is not None, lora_signature(model))
     _GRAPHDEFS.setdefault(key, graphdef)
     return key
 
@@ -334,13 +370,14 @@ def model_logits(model: DeepSeekV3, ids_BT) -> tuple[np.ndarray, np.ndarray | No
     return np.asarray(logits), None if mtp is None else np.asarray(mtp)
 
 
-def _update_biases(biases, aux, gamma):
-    """``bias += γ sign(mean load - load)`` per router, from this step's loads."""
+def _update_biases(biases, aux, gamma, frozen: tuple = ()):
+    """``bias += γ sign(mean load - load)`` per router, from this step's loads; the routers of the
+    top-level groups in ``frozen`` (``moe_layers``, ``mtp``) keep theirs."""
     flat = []
     for path, var in nnx.to_flat_state(biases):
         top = str(path[0])
         load = aux["moe_load"] if top == "moe_layers" else aux["mtp_load"] if top == "mtp" else None
-        if load is None or tuple(load.shape) != tuple(var.shape):
+        if load is None or top in frozen or tuple(load.shape) != tuple(var.shape):
             flat.append((path, var))
             continue
         delta = gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
@@ -356,14 +393,14 @@ def _sync_tied(tied, params):
     return nnx.from_flat_state(flat)
 
 
-@partial(jax.jit, static_argnames=("static", "mesh"), donate_argnames=("state",))
-def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh):
+@partial(jax.jit, static_argnames=("static", "mesh", "frozen"), donate_argnames=("state",))
+def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh, frozen: tuple = ()):
     clip, tie, _ = static
     tx = _make_tx(coefs, clip)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    biases = _update_biases(state.biases, aux, coefs["bias_gamma"])
+    biases = _update_biases(state.biases, aux, coefs["bias_gamma"], frozen)
     tied = _sync_tied(state.tied, params) if tie else state.tied
     new = TrainState(state.step + 1, params, tied, biases, state.rest, opt_state)
     new = _constrain(new, mesh, P())
@@ -405,7 +442,7 @@ class Trainer:
     def __init__(self, model: DeepSeekV3, tcfg: TrainConfig = TrainConfig(), *, mesh: Mesh | None = None,
                  data_axis: str = "data"):
         if model.cfg.fp8:
-            raise DeepSeekError("FP8 weights are not trainable: use a config with fp8=False")
+            _check_fp8_frozen(model, tcfg.trainable)
         if mesh is not None:
             if data_axis not in mesh.axis_names:
                 raise DeepSeekError(f"mesh has no axis {data_axis!r} (axes {mesh.axis_names})")
@@ -415,9 +452,12 @@ class Trainer:
         model.remat = tcfg.remat
         self.tie = bool(tcfg.tie_mtp and model.mtp is not None)
         self.cfg = model.cfg
-        is_trained = trained_predicate(tcfg.trainable, model)
+        is_trained = trained_predicate(tcfg.trainable, model, tie=self.tie)
         by_copy = {copy: source for source, copy in _TIES}
         tie = self.tie
+        # A router keeps its balancing bias where its gate weight is frozen: a subset fine-tune
+        # leaves the rest of the model as loaded.
+        self.frozen_routers = tuple(g for g in ("moe_layers", "mtp") if not is_trained((g, "mlp", "gate", "weight")))
 
         def tied_copy(path, value) -> bool:   # follows its source, where that is trained
             return tie and _is_tied_copy(path, value) and is_trained(by_copy[tuple(str(p) for p in path)])
@@ -478,7 +518,8 @@ class Trainer:
         batch = self._batch(batch)
         coefs = self.tcfg._hyper()
         loss, aux, grads = _loss_and_grads(self.state, self.state.params, batch, coefs, **self._kw())
-        self.state, metrics = _apply(self.state, grads, loss, aux, coefs, static=self.tcfg._static(), mesh=self.mesh)
+        self.state, metrics = _apply(self.state, grads, loss, aux, coefs, static=self.tcfg._static(), mesh=self.mesh,
+                                     frozen=self.frozen_routers)
         return metrics
 
     def loss_and_grads(self, batch, params=None):

@@ -114,6 +114,23 @@ def test_score_text_file_bad_input(tmp_path, capsys, extra, content, needle):
     assert not (tmp_path / "x.npy").exists()
 
 
+def test_score_text_file_lines_end_at_newlines_only(tmp_path, capsys):
+    """Form feeds and U+2028 stay inside their line, CRLF ends one, a BOM is not text."""
+    demo = dj.demo_checkpoint()
+    path = tmp_path / "lines.txt"
+    path.write_bytes("\ufeffone\x0cstill one\r\ntwo\u2028still two\n\nthree".encode("utf-8"))
+    assert cli.main(["score", demo, "--text-file", str(path), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    tok = Tokenizer.from_dir(demo)
+    assert [r["line"] for r in rows[:-1]] == [1, 2, 4]
+    texts = ["one\x0cstill one", "two\u2028still two", "three"]
+    assert [r["tokens_scored"] for r in rows[:-1]] == [len(tok.encode(t)) - 1 for t in texts]
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.zeros((1, 4), np.int32))
+    assert cli.main(["score", demo, "--ids", str(ids), "--json", "--batch-size", "4"]) == 2
+    assert "--batch-size applies to --text-file" in capsys.readouterr().err
+
+
 def test_score_text_file_missing(capsys):
     assert cli.main(["score", dj.demo_checkpoint(), "--text-file", "/nonexistent/lines.txt"]) == 2
     assert "--text-file: cannot read /nonexistent/lines.txt" in capsys.readouterr().err

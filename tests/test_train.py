@@ -370,3 +370,37 @@ def test_train_cli_trainable(init_dir, tmp_path, capsys):
     assert main(args[:-1] + ["(", "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "--trainable: '(' is not a regular expression" in err and len(err.strip().splitlines()) == 1
+    assert main(args[:-1] + ["no_such_param", "--out", str(tmp_path / "other")]) == 2   # found after loading
+    assert "matches no parameter" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()          # no empty OUT left behind
+
+
+def test_subset_leaves_frozen_routers_and_bf16_params(init_dir, data):
+    """With a subset trained, a router whose gate is frozen keeps its balancing bias (the rest of
+    the model stays as loaded); bfloat16 parameters train with gradient clipping; the MTP copies
+    are trainable when untied, and a pattern matching only tied copies says so."""
+    from flax import nnx
+
+    from deepseek_jax.errors import DeepSeekError
+
+    def biases(trainer):
+        return {str(p[0]): np.asarray(v[...]) for p, v in nnx.to_flat_state(trainer.state.biases)}
+
+    for pattern, moved in (("self_attn", set()), ("moe_layers/mlp/gate", {"moe_layers"}), (None, {"moe_layers", "mtp"})):
+        t = Trainer(fresh_model(init_dir), TrainConfig(**{**TCFG.__dict__, "trainable": pattern, "bias_gamma": 0.01}))
+        before = biases(t)
+        run(t, data, 2)
+        after = biases(t)
+        assert {k for k in after if not np.array_equal(after[k], before[k])} == moved, pattern
+
+    t = Trainer(cast_params(fresh_model(init_dir), jnp.bfloat16),
+                TrainConfig(**{**TCFG.__dict__, "trainable": "self_attn", "clip_norm": 1e-3}))
+    hist = run(t, data, 2)
+    assert np.isfinite([m["loss"] for m in hist]).all() and hist[0]["grad_norm"] > 1e-3
+    assert {x.dtype for x in jax.tree.leaves(t.state.params)} == {jnp.dtype(jnp.bfloat16)}
+
+    untied = Trainer(fresh_model(init_dir), TrainConfig(**{**TCFG.__dict__, "tie_mtp": False,
+                                                          "trainable": "mtp/embed_tokens"}))
+    assert untied.parameter_counts()[0] == CFG["vocab_size"] * CFG["hidden_size"]
+    with pytest.raises(DeepSeekError, match="matches only the MTP copies"):
+        Trainer(fresh_model(init_dir), TrainConfig(**{**TCFG.__dict__, "trainable": "mtp/embed_tokens"}))

@@ -26,9 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--text-file", metavar="FILE",
                      help="score each line of a UTF-8 text file (blank lines skipped), encoded by the checkpoint's "
                           "tokenizer: prints per-line and total log-prob and perplexity (JSON lines with --json); "
-                          "lines of any length, batched by length (--batch-size)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N",
-                   help="with --text-file: lines per batch (default 8)")
+                          "lines of different lengths (each up to max_position_embeddings tokens), batched by "
+                          "length (--batch-size)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="with --text-file: lines per batch at most (default 8)")
     p.add_argument("--out", help="file for float32 logits, in .npy format, written at exactly this path (its "
                                  "directory must exist)")
     p.add_argument("--mode", choices=("prefill", "decode"), default="prefill",
@@ -120,9 +121,10 @@ def _npz(arrays: dict) -> Callable:
 
 def _read_lines(path: str) -> list[tuple[int, str]]:
     """The non-blank lines with their 1-based line numbers in the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [(i + 1, line) for i, line in enumerate(f.read().splitlines()) if line.strip()]
+    try:   # lines end at \n (\r\n too) only: str.splitlines would also split at form feeds and U+2028
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            raw = f.read().split("\n")
+        lines = [(i + 1, line.removesuffix("\r")) for i, line in enumerate(raw) if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise DeepSeekError(f"--text-file: cannot read {path}: {' '.join(str(reason).split())}") from None
@@ -149,6 +151,7 @@ def _run_text(args: argparse.Namespace) -> int:
         if bad:
             raise DeepSeekError(f"{flag} does not apply to --text-file (lines of different lengths): "
                                 "it prints each line's log-prob and perplexity (--json for JSON lines)")
+    args.batch_size = 8 if args.batch_size is None else args.batch_size
     if args.batch_size < 1:
         raise DeepSeekError(f"--batch-size must be >= 1, got {args.batch_size}")
     runtime.check_args(args)
@@ -191,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.text_file is not None:
         return _run_text(args)
+    if args.batch_size is not None:
+        raise DeepSeekError("--batch-size applies to --text-file (--ids is scored as one batch)")
     if not (args.out or args.logprobs or args.json or args.internals):
         raise DeepSeekError("nothing to write: give --out, --logprobs, --internals or --json")
     outputs = [(flag, path) for flag, path in (("--out", args.out), ("--logprobs", args.logprobs),

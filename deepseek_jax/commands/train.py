@@ -113,14 +113,11 @@ def run(args: argparse.Namespace) -> int:
             raise DeepSeekError(f"--trainable: {args.trainable!r} is not a regular expression ({e})") from None
 
     import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
 
-    from deepseek_jax import api
     from deepseek_jax.config import DeepSeekConfig, load_config
     from deepseek_jax.tasks import load_tokenizer, make_dataset
     from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
-    from deepseek_jax.train import TrainConfig, Trainer, cast_params, export_hub, load_float_model
+    from deepseek_jax.train import TrainConfig
 
     tok_dir = args.tokenizer or TINY_TOKENIZER_DIR
     tok = load_tokenizer(tok_dir)
@@ -157,7 +154,25 @@ def run(args: argparse.Namespace) -> int:
 
     out = os.path.abspath(args.out)
     ckpt_dir = os.path.join(out, "ckpt")
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
+    try:
+        return _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev)
+    except BaseException:
+        if created and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)   # a run that failed before writing anything leaves no empty OUT
+        raise
+
+
+def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) -> int:
+    """The run proper, once the settings are checked and OUT exists."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from deepseek_jax import api
+    from deepseek_jax.train import Trainer, cast_params, export_hub, load_float_model
+
     existing = Trainer.latest_step(ckpt_dir)
     if args.resume and existing is None:
         raise DeepSeekError(f"--resume: no checkpoint in {ckpt_dir}")
