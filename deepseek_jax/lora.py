@@ -35,13 +35,13 @@ from deepseek_jax.quant import Linear, dequantize
 LORA_PATTERN = r"/lora_[ab]$"
 #: MLA's projections that go through ``Linear.__call__`` (``q_proj`` where ``q_lora_rank`` is null).
 DEFAULT_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "o_proj")
-_ALLOWED = DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")
+TARGET_NAMES = DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")
 
 
 def _targets(model: DeepSeekV3, targets) -> list[tuple[tuple, Linear]]:
-    bad = sorted(set(targets) - set(_ALLOWED))
+    bad = sorted(set(targets) - set(TARGET_NAMES))
     if bad:
-        raise DeepSeekError(f"add_lora: no adapter for {', '.join(bad)} (choose from {', '.join(_ALLOWED)}; "
+        raise DeepSeekError(f"add_lora: no adapter for {', '.join(bad)} (choose from {', '.join(TARGET_NAMES)}; "
                             "kv_b_proj and the routed experts are not called as plain linears)")
     return [(tuple(str(p) for p in path), node) for path, node in nnx.iter_graph(model)
             if isinstance(node, Linear) and path and path[-1] in targets and "experts" != str(path[-2])]
@@ -98,7 +98,7 @@ def merge_lora(model: DeepSeekV3) -> DeepSeekV3:
     src = {tuple(str(p) for p in path): v[...] for path, v in nnx.to_flat_state(nnx.state(model))}
     deltas = {path + ("weight",): lin.lora_scale * jnp.einsum("...nr,...rk->...nk", lin.lora_b[...],
                                                                 lin.lora_a[...])
-              for path, lin in _targets(model, _ALLOWED) if getattr(lin, "lora_a", None) is not None}
+              for path, lin in _targets(model, TARGET_NAMES) if getattr(lin, "lora_a", None) is not None}
     flat = []
     for path, var in nnx.to_flat_state(want):
         key = tuple(str(p) for p in path)

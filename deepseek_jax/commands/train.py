@@ -46,6 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-gamma", type=float, default=1e-3, help="γ, routing-bias update speed; 0 disables "
                                                                   "(default 1e-3)")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
+    p.add_argument("--lora-rank", type=int, metavar="R",
+                   help="with --init: fine-tune LoRA adapters of rank R on MLA's projections, the checkpoint's "
+                        "weights frozen as loaded (FP8 ones stay FP8); OUT/hub gets them merged in")
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale alpha / rank (default alpha = 2 x rank)")
+    p.add_argument("--lora-targets", metavar="NAMES",
+                   help="comma-separated linear names to adapt (default q_a_proj,q_b_proj,q_proj,"
+                        "kv_a_proj_with_mqa,o_proj; gate_proj,up_proj,down_proj add the dense MLPs and shared experts)")
     p.add_argument("--trainable", metavar="REGEX",
                    help="train only the parameters whose name (e.g. moe_layers/self_attn/q_a_proj/weight) "
                         "matches this regular expression, e.g. 'self_attn|norm'; the others stay as loaded, "
@@ -105,6 +112,15 @@ def run(args: argparse.Namespace) -> int:
     _check_numbers(args)
     if not args.config and not args.init:
         raise DeepSeekError("give --config (model shape) or --init (a checkpoint to start from)")
+    if args.lora_rank is not None and not args.init:
+        raise DeepSeekError("--lora-rank adapts a trained model: give --init CKPT")
+    if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
+        raise DeepSeekError("--lora-alpha / --lora-targets need --lora-rank")
+    if args.lora_rank is not None and args.param_dtype != "float32":
+        raise DeepSeekError("--param-dtype applies to a float copy being trained: LoRA adapters are float32 "
+                            "and the checkpoint's weights stay as loaded")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise DeepSeekError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.trainable is not None:   # a bad pattern fails now, not after loading the model
         import re
         try:
@@ -115,10 +131,16 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from deepseek_jax.config import DeepSeekConfig, load_config
+    from deepseek_jax.lora import LORA_PATTERN, TARGET_NAMES
     from deepseek_jax.tasks import load_tokenizer, make_dataset
     from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
     from deepseek_jax.train import TrainConfig
 
+    if args.lora_targets is not None:
+        bad = sorted({t.strip() for t in args.lora_targets.split(",")} - set(TARGET_NAMES))
+        if bad:
+            raise DeepSeekError(f"--lora-targets: no adapter for {', '.join(map(repr, bad))} "
+                                f"(choose from {', '.join(TARGET_NAMES)})")
     tok_dir = args.tokenizer or TINY_TOKENIZER_DIR
     tok = load_tokenizer(tok_dir)
     if args.config:
@@ -142,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=warmup, min_lr_ratio=args.min_lr_ratio,
                        weight_decay=args.weight_decay, clip_norm=args.clip, mtp_weight=args.mtp_weight,
                        balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, remat=args.remat,
-                       trainable=args.trainable)
+                       trainable=args.trainable if args.trainable is not None or args.lora_rank is None
+                       else LORA_PATTERN)
 
     n_dev = args.data_parallel
     mesh = None
@@ -171,6 +194,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     from tqdm import tqdm
 
     from deepseek_jax import api
+    from deepseek_jax.lora import DEFAULT_TARGETS, add_lora, merge_lora
     from deepseek_jax.train import Trainer, cast_params, export_hub, load_float_model
 
     existing = Trainer.latest_step(ckpt_dir)
@@ -181,21 +205,34 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
                             "choose another --out")
     model_cfg = cfg.to_hub_dict()
     describe = data.describe()
+    lora_info = None
+    if args.lora_rank is not None:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets \
+            else DEFAULT_TARGETS
+        lora_info = {"rank": args.lora_rank, "alpha": args.lora_alpha if args.lora_alpha is not None
+                     else 2.0 * args.lora_rank, "targets": list(targets)}
     if args.resume:
         meta = Trainer.read_metadata(ckpt_dir)
         _check_same("model config", meta.get("model_config"), json.loads(json.dumps(model_cfg)))
         _check_same("data / batch / seq-len / seed", meta.get("data"), describe)
-        _check_same("--trainable", (meta.get("train_config") or {}).get("trainable"), args.trainable)
+        _check_same("--trainable", (meta.get("train_config") or {}).get("trainable"), tcfg.trainable)
+        _check_same("LoRA setting (--lora-rank / --lora-alpha / --lora-targets)", meta.get("lora"), lora_info)
 
     t0 = time.perf_counter()
-    if args.init:
+    if lora_info is not None:   # the checkpoint as it is (FP8 kept, frozen) plus adapters
+        model = api.load(args.init, dtype=args.dtype, kernels="ref")
+        n = add_lora(model, rank=lora_info["rank"], alpha=lora_info["alpha"], targets=lora_info["targets"],
+                     seed=args.seed)
+        print(f"LoRA: rank {lora_info['rank']}, alpha {lora_info['alpha']:g}, on {n} weight matrices "
+              f"({', '.join(lora_info['targets'])})")
+    elif args.init:
         model = load_float_model(args.init, prec=api.precision(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
                                  cfg=cfg)
     else:
         model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype), jnp.dtype(args.param_dtype))
     trainer = Trainer(model, tcfg, mesh=mesh)
     del model
-    if args.trainable is not None:
+    if tcfg.trainable is not None:
         trained, total = trainer.parameter_counts()
         print(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.1f}%): those matching "
               f"--trainable {args.trainable!r}")
@@ -218,7 +255,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     with open(metrics_path, "w", encoding="utf-8") as f:
         f.writelines(kept)
 
-    meta = {"data": describe, "model_config": model_cfg}
+    meta = {"data": describe, "model_config": model_cfg, "lora": lora_info}
 
     def save():
         trainer.save(ckpt_dir, meta)
@@ -269,6 +306,9 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     hub_dir = os.path.join(out, "hub")
     if os.path.isdir(hub_dir):
         shutil.rmtree(hub_dir)
-    export_hub(trainer.model(), hub_dir, fp8=args.export_fp8, tokenizer_dir=tok_dir)
+    final = trainer.model()
+    if lora_info is not None or final.cfg.fp8:   # adapters folded into float weights (FP8 ones dequantized)
+        final = merge_lora(final)
+    export_hub(final, hub_dir, fp8=args.export_fp8, tokenizer_dir=tok_dir)
     print(f"saved {ckpt_dir} (step {trainer.step}) and {hub_dir} ({'FP8' if args.export_fp8 else 'BF16'})")
     return 0
