@@ -6,7 +6,7 @@ layers get stacked adapters). ``Linear.__call__`` adds the delta on every path t
 (prefill, decode, the MTP layer). ``TrainConfig(trainable=LORA_PATTERN)`` then trains the adapters
 alone, and :func:`merge_lora` folds them into float weights for ``train.export_hub``::
 
-    model = dj.load(ckpt, kernels="ref")          # FP8 weights stay e4m3
+    model = dj.load(ckpt)                         # FP8 weights stay e4m3
     n = lora.add_lora(model, rank=8)
     trainer = Trainer(model, TrainConfig(trainable=lora.LORA_PATTERN))
     ...

@@ -269,9 +269,7 @@ def cast_params(model: DeepSeekV3, dtype=jnp.float32) -> DeepSeekV3:
 
 def _check_fp8_frozen(model: DeepSeekV3, pattern: str | None) -> None:
     """An FP8 model trains only what is not FP8 (LoRA adapters, norms, the router...): its FP8
-    weights and their block scales must stay frozen, and the matmuls through them must be the
-    reference ones (the Pallas FP8 GEMMs have no backward)."""
-    import kernels_pallas.backend as kb   # noqa: PLC0415
+    weights and their block scales stay frozen (the FP8 GEMMs' backward gives ``dx`` only)."""
     if pattern is None:
         raise DeepSeekError("this model holds FP8 weights, which are not trainable: train a subset that "
                             "excludes them (TrainConfig.trainable, e.g. LoRA adapters: lora.LORA_PATTERN), "
@@ -281,9 +279,6 @@ def _check_fp8_frozen(model: DeepSeekV3, pattern: str | None) -> None:
         if (var[...].dtype == jnp.float8_e4m3fn or str(path[-1]) == "weight_scale_inv") and is_trained(path):
             raise DeepSeekError(f"trainable {pattern!r} matches {param_path(path)}, an FP8 weight or its "
                                 "block scale: FP8 weights stay frozen (train LoRA adapters instead)")
-    if kb.resolve_impl(model.prec.kernels) != "ref":
-        raise DeepSeekError("training through FP8 weights needs the reference matmuls: load the model "
-                            "with kernels='ref' (the Pallas FP8 GEMMs have no backward)")
 
 
 class TrainState(NamedTuple):

@@ -504,6 +504,40 @@ def _scaled_matmul(x_MK, wq_NK, ws_nk, *, out_dtype, impl, quantize_x, layer=Non
     return y.reshape(*lead, n)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _kernel_matmul(x_MK, wq_NK, ws_nk, layer, out_dtype, impl, quantize_x, sum_splits):
+    """The block-scaled GEMM (a kernel, or for ``impl="ref"`` the W8A8 reference) with a backward
+    for ``x`` (the Pallas calls have none of their own): ``dx = dy @ dequant(W)``. For W8A8 that
+    is the straight-through gradient of the rounding of ``x`` to e4m3, on every backend alike. The
+    weights are frozen: no cotangent for them (LoRA or a subset fine-tune over FP8 weights)."""
+    if backend.resolve_impl(impl) == "ref":   # W8A8 only: W8A16's reference differentiates as it is
+        if layer is not None:
+            _check_weight(x_MK, wq_NK, ws_nk, layer)
+            wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
+        return w8a8_matmul_ref(x_MK, wq_NK, ws_nk, out_dtype=out_dtype)
+    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=quantize_x, layer=layer,
+                          sum_splits=sum_splits)
+
+
+def _kernel_matmul_fwd(x_MK, wq_NK, ws_nk, layer, out_dtype, impl, quantize_x, sum_splits):
+    y = _kernel_matmul(x_MK, wq_NK, ws_nk, layer, out_dtype, impl, quantize_x, sum_splits)
+    return y, (wq_NK, ws_nk, layer, jnp.zeros((0,), x_MK.dtype))
+
+
+def _kernel_matmul_bwd(out_dtype, impl, quantize_x, sum_splits, res, dy):
+    wq_NK, ws_nk, layer, x_like = res
+    if isinstance(dy, SplitK):
+        raise NotImplementedError("no gradient through a split-K GEMM's unsummed partials (few-row decode)")
+    if layer is not None:
+        wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
+    w_NK = dequantize_blocks(wq_NK, ws_nk).astype(dy.dtype)
+    dx = jnp.einsum("...n,nk->...k", dy, w_NK, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    return dx.astype(x_like.dtype), None, None, None
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
 def w8a16_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dtype=None,
                  impl: str = "auto", layer: jax.Array | int | None = None, sum_splits: bool = True):
     """``x @ dequant(Wq, S).T`` (W8A16).  ``x [..., K]`` → ``[..., N]``; ``impl`` picks the Pallas
@@ -517,17 +551,12 @@ def w8a16_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dty
             _check_weight(x_MK, wq_NK, ws_nk, layer)
             wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
         return w8a16_matmul_ref(x_MK, wq_NK, ws_nk, out_dtype=out_dtype)
-    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=False, layer=layer,
-                          sum_splits=sum_splits)
+    return _kernel_matmul(x_MK, wq_NK, ws_nk, layer, out_dtype, impl, False, sum_splits)
 
 
 def w8a8_matmul(x_MK: jax.Array, wq_NK: jax.Array, ws_nk: jax.Array, *, out_dtype=None,
                 impl: str = "auto", layer: jax.Array | int | None = None) -> jax.Array:
     """W8A8 block GEMM (``x`` quantized 1x128 on the fly).  ``x [..., K]`` → ``[..., N]``; ``impl``
-    picks the Pallas kernel or :func:`w8a8_matmul_ref`; ``layer`` as in :func:`w8a16_matmul`."""
-    if backend.resolve_impl(impl) == "ref":
-        if layer is not None:
-            _check_weight(x_MK, wq_NK, ws_nk, layer)
-            wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
-        return w8a8_matmul_ref(x_MK, wq_NK, ws_nk, out_dtype=out_dtype)
-    return _scaled_matmul(x_MK, wq_NK, ws_nk, out_dtype=out_dtype, impl=impl, quantize_x=True, layer=layer)
+    picks the Pallas kernel or :func:`w8a8_matmul_ref`; ``layer`` as in :func:`w8a16_matmul`. Its
+    gradient for ``x`` is the straight-through ``dy @ dequant(W)`` whatever ``impl``."""
+    return _kernel_matmul(x_MK, wq_NK, ws_nk, layer, out_dtype, impl, True, True)

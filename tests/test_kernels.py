@@ -1419,3 +1419,26 @@ def test_grouped_ref_paths_agree_with_numpy(m, fp8):
         w_use, w_np = jnp.asarray(w), w
     got = np.asarray(grouped_matmul_ref(jnp.asarray(x), w_use, jnp.asarray(sizes), w_scale=scale))
     np.testing.assert_allclose(got, np_grouped(x, w_np, sizes), rtol=2e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("impl", ["interpret_gpu", "interpret_tpu"])
+@pytest.mark.parametrize("layer", [None, 1])
+def test_fp8_gemm_gradient_for_x(impl, layer):
+    """The Pallas FP8 GEMMs' backward (a custom_vjp: ``dx = dy @ dequant(W)``, the weights frozen):
+    W8A16 equal to differentiating its reference; W8A8 the straight-through gradient on every
+    backend, the reference included. Partial 128-blocks, leading batch dims, a layer stack."""
+    from kernels_pallas._common import dequantize_blocks
+    from deepseek_jax.quant import quantize
+    wq, ws = quantize(jax.random.normal(jax.random.PRNGKey(0), (2, 200, 300)) * 0.1)
+    W, S = (wq[1], ws[1]) if layer is None else (wq, ws)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 300))
+    r = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 200))
+
+    def grad(fn, kernels):
+        return np.asarray(jax.grad(lambda x: jnp.sum(fn(x, W, S, impl=kernels, layer=layer) * r))(x))
+
+    ref = grad(w8a16_matmul, "ref")
+    np.testing.assert_allclose(grad(w8a16_matmul, impl), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    ste = np.asarray(jnp.einsum("...n,nk->...k", r, dequantize_blocks(wq[1], ws[1])))
+    for kernels in ("ref", impl):
+        np.testing.assert_allclose(grad(w8a8_matmul, kernels), ste, rtol=0, atol=1e-6 * np.abs(ste).max())

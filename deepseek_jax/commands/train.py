@@ -220,7 +220,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
 
     t0 = time.perf_counter()
     if lora_info is not None:   # the checkpoint as it is (FP8 kept, frozen) plus adapters
-        model = api.load(args.init, dtype=args.dtype, kernels="ref")
+        model = api.load(args.init, dtype=args.dtype)
         n = add_lora(model, rank=lora_info["rank"], alpha=lora_info["alpha"], targets=lora_info["targets"],
                      seed=args.seed)
         print(f"LoRA: rank {lora_info['rank']}, alpha {lora_info['alpha']:g}, on {n} weight matrices "
