@@ -581,7 +581,7 @@ def dequantized_model(model: DeepSeekV3) -> DeepSeekV3:
     (``W = Wq * S``, the exact W8A16 weights), with the MTP module if ``model`` has one (the
     speculative drafter); other parameters are shared. Same numbers as the FP8 model, no
     per-step dequantization; 4x (float32) or 2x (bf16) the memory of the FP8 weights. What CPU
-    generation uses (CPUs have no FP8 arithmetic)."""
+    generation uses (CPUs have no FP8 arithmetic). LoRA adapters are folded into the weights."""
     cfg, prec = model.cfg, model.prec
     if not cfg.fp8:
         return model
@@ -593,12 +593,17 @@ def dequantized_model(model: DeepSeekV3) -> DeepSeekV3:
     twin.rope = _ROPES.setdefault(dense_cfg, twin.rope)
     graphdef, abstract = nnx.split(twin)
     src = dict(nnx.to_flat_state(nnx.state(model)))
+    from deepseek_jax.lora import lora_deltas   # noqa: PLC0415
+    deltas = lora_deltas(model)   # LoRA adapters are folded into the dense weights
     flat = []
     for path, var in nnx.to_flat_state(abstract):
         scale = src.get(path[:-1] + ("weight_scale_inv",))
         value = src[path][...]
+        delta = deltas.get(tuple(str(p) for p in path)) if path[-1] == "weight" else None
         if path[-1] == "weight" and scale is not None:
-            value = dequantize(value, scale[...], prec.dtype)
+            value = dequantize(value, scale[...], jnp.float32 if delta is not None else prec.dtype)
+        if delta is not None:
+            value = (value.astype(jnp.float32) + delta).astype(prec.dtype)
         flat.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

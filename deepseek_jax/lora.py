@@ -39,37 +39,52 @@ TARGET_NAMES = DEFAULT_TARGETS + ("gate_proj", "up_proj", "down_proj")
 
 
 def _targets(model: DeepSeekV3, targets) -> list[tuple[tuple, Linear]]:
-    bad = sorted(set(targets) - set(TARGET_NAMES))
-    if bad:
-        raise DeepSeekError(f"add_lora: no adapter for {', '.join(bad)} (choose from {', '.join(TARGET_NAMES)}; "
-                            "kv_b_proj and the routed experts are not called as plain linears)")
     return [(tuple(str(p) for p in path), node) for path, node in nnx.iter_graph(model)
             if isinstance(node, Linear) and path and path[-1] in targets and "experts" != str(path[-2])]
 
 
-def add_lora(model: DeepSeekV3, *, rank: int = 8, alpha: float | None = None, targets=DEFAULT_TARGETS,
+def add_lora(model: DeepSeekV3, *, rank: int = 8, alpha: float | None = None, targets=None,
              seed: int = 0) -> int:
     """Attaches float32 LoRA adapters of rank ``rank`` (scale ``alpha / rank``, ``alpha`` defaulting
     to ``2 * rank``) to the ``targets`` linears of every layer, in place; returns how many weight
-    matrices got one (a stacked weight of L layers counts L)."""
+    matrices got one (a stacked weight of L layers counts L). ``targets``: names of
+    :data:`TARGET_NAMES` (default :data:`DEFAULT_TARGETS`, those of them the model has); a name
+    given explicitly must exist in the model. Everything is checked before anything is attached."""
     if not isinstance(model, DeepSeekV3):
         raise DeepSeekError(f"add_lora: expected a DeepSeekV3, got {type(model).__name__}")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise DeepSeekError(f"add_lora: rank must be an integer >= 1, got {rank!r}")
     alpha = 2.0 * rank if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(alpha) or alpha <= 0:
         raise DeepSeekError(f"add_lora: alpha must be a positive number, got {alpha!r}")
-    found = _targets(model, tuple(targets))
-    if not found:
-        raise DeepSeekError(f"add_lora: this model has no {', '.join(targets)} to adapt")
-    if any(getattr(lin, "lora_a", None) is not None for _, lin in found):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise DeepSeekError(f"add_lora: seed must be an integer, got {seed!r}")
+    explicit = targets is not None
+    if isinstance(targets, str) or (explicit and not all(isinstance(t, str) for t in targets)):
+        raise DeepSeekError(f"add_lora: targets must be a list of names, got {targets!r}")
+    targets = tuple(targets) if explicit else DEFAULT_TARGETS
+    if not targets:
+        raise DeepSeekError("add_lora: targets is empty")
+    bad = sorted(set(targets) - set(TARGET_NAMES))
+    if bad:
+        raise DeepSeekError(f"add_lora: no adapter for {', '.join(bad)} (choose from {', '.join(TARGET_NAMES)}; "
+                            "kv_b_proj and the routed experts are not called as plain linears)")
+    if _adapted(model):
         raise DeepSeekError("add_lora: the model already has LoRA adapters")
-    key = jax.random.PRNGKey(seed)
+    found = _targets(model, targets)
+    present = {path[-1] for path, _ in found}
+    missing = [t for t in targets if t not in present]
+    if not found or (explicit and missing):
+        raise DeepSeekError(f"add_lora: this model has no {', '.join(missing or targets)} to adapt")
+    for path, lin in found:
+        *stack, n, k = lin.weight[...].shape
+        if rank > min(n, k):
+            raise DeepSeekError(f"add_lora: rank {rank} exceeds the {n}x{k} weight of {'/'.join(path)}")
+    key = jax.random.PRNGKey(int(seed))
     count = 0
     for i, (_, lin) in enumerate(found):
         *stack, n, k = lin.weight[...].shape
-        if rank > min(n, k):
-            raise DeepSeekError(f"add_lora: rank {rank} exceeds the {n}x{k} weight it would adapt")
         a = jax.random.normal(jax.random.fold_in(key, i), (*stack, rank, k), jnp.float32) / math.sqrt(k)
         lin.lora_a = nnx.Param(a)
         lin.lora_b = nnx.Param(jnp.zeros((*stack, n, rank), jnp.float32))
@@ -78,12 +93,30 @@ def add_lora(model: DeepSeekV3, *, rank: int = 8, alpha: float | None = None, ta
     return count
 
 
+def adapted_names(model: DeepSeekV3) -> list[str]:
+    """The linear names that carry adapters (``["q_a_proj", "o_proj", ...]``), in target order."""
+    names = {path[-1] for path, _ in _adapted(model)}
+    return [t for t in TARGET_NAMES if t in names]
+
+
 def lora_signature(model: DeepSeekV3) -> tuple:
     """What distinguishes this model's graph from the same config without (or with other)
     adapters: ``((path, rank, scale), ...)``, empty without adapters."""
-    return tuple((tuple(str(p) for p in path), int(node.lora_a[...].shape[-2]), node.lora_scale)
-                 for path, node in nnx.iter_graph(model)
-                 if isinstance(node, Linear) and getattr(node, "lora_a", None) is not None)
+    if not isinstance(model, DeepSeekV3):
+        raise DeepSeekError(f"lora_signature: expected a DeepSeekV3, got {type(model).__name__}")
+    return tuple((path, int(node.lora_a[...].shape[-2]), node.lora_scale) for path, node in _adapted(model))
+
+
+def lora_deltas(model: DeepSeekV3) -> dict[tuple[str, ...], jax.Array]:
+    """``{weight path: scale * B @ A}`` (float32, stacked like the weight) of every adapter."""
+    return {path + ("weight",): lin.lora_scale * jnp.einsum("...nr,...rk->...nk", lin.lora_b[...].astype(jnp.float32),
+                                                            lin.lora_a[...].astype(jnp.float32))
+            for path, lin in _adapted(model)}
+
+
+def _adapted(model) -> list[tuple[tuple[str, ...], Linear]]:
+    return [(tuple(str(p) for p in path), node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, Linear) and getattr(node, "lora_a", None) is not None]
 
 
 def merge_lora(model: DeepSeekV3) -> DeepSeekV3:
@@ -96,9 +129,7 @@ def merge_lora(model: DeepSeekV3) -> DeepSeekV3:
     cfg = model.cfg.replace(fp8=False)
     graphdef, want = nnx.split(abstract_model(cfg, model.prec, with_mtp=model.mtp is not None))
     src = {tuple(str(p) for p in path): v[...] for path, v in nnx.to_flat_state(nnx.state(model))}
-    deltas = {path + ("weight",): lin.lora_scale * jnp.einsum("...nr,...rk->...nk", lin.lora_b[...],
-                                                                lin.lora_a[...])
-              for path, lin in _targets(model, TARGET_NAMES) if getattr(lin, "lora_a", None) is not None}
+    deltas = lora_deltas(model)
     flat = []
     for path, var in nnx.to_flat_state(want):
         key = tuple(str(p) for p in path)

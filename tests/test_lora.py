@@ -24,6 +24,8 @@ CFG = tiny_config(vocab_size=512, hidden_size=32, intermediate_size=64, moe_inte
                   num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
                   q_lora_rank=32, kv_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                   topk_group=1, max_position_embeddings=64)
+#: every target this config has (q-LoRA: no q_proj)
+ALL_HERE = [t for t in lora.TARGET_NAMES if t != "q_proj"]
 TCFG = TrainConfig(steps=20, lr=1e-2, warmup=2, trainable=lora.LORA_PATTERN, bias_gamma=0.01)
 
 
@@ -48,7 +50,7 @@ def test_adapters_on_every_path_and_merge(fp8_dir):
     base = dj.logits(dj.load(fp8_dir, kernels="ref"), ids)
     model = adapted(fp8_dir)
     np.testing.assert_array_equal(dj.logits(model, ids), base)       # B = 0: the model as loaded
-    model = adapted(fp8_dir, b_scale=0.3, targets=lora.TARGET_NAMES)
+    model = adapted(fp8_dir, b_scale=0.3, targets=ALL_HERE)
     got = dj.logits(model, ids)
     assert np.abs(got - base).max() > 0.1                              # the adapters act
     np.testing.assert_allclose(dj.logits(model, ids, mode="decode", prefill=4), got, rtol=0, atol=1e-4)
@@ -118,6 +120,22 @@ def test_gradients_through_the_kernels_equal_the_reference(fp8_dir):
             assert err < 1e-5, (kernels, name, err)
 
 
+def test_generator_applies_the_adapters(fp8_dir):
+    """The Generator's default on CPU dequantizes FP8 weights once: the adapters are folded in, so
+    greedy tokens are the adapted model's (as-is, plain and speculative, and dj.logits agree)."""
+    from deepseek_jax.generate import Generator
+    model = adapted(fp8_dir, b_scale=0.3)
+    prompt = [[3, 17, 99, 4, 250]]
+    auto = Generator(model).generate(prompt, max_new_tokens=6, stop_at_eos=False)[0].output_ids
+    as_is = Generator(model, weights="as-is").generate(prompt, max_new_tokens=6, stop_at_eos=False)[0].output_ids
+    spec = Generator(model).generate(prompt, max_new_tokens=6, stop_at_eos=False, speculative="mtp")[0].output_ids
+    base = Generator(dj.load(fp8_dir)).generate(prompt, max_new_tokens=6, stop_at_eos=False)[0].output_ids
+    ids = list(prompt[0])
+    for _ in range(6):
+        ids.append(int(dj.logits(model, [ids])[0, -1].argmax()))
+    assert list(auto) == list(as_is) == list(spec) == ids[5:] != list(base)
+
+
 def test_errors(fp8_dir):
     model = dj.load(fp8_dir, kernels="ref")
     with pytest.raises(DeepSeekError, match="FP8 weights, which are not trainable"):
@@ -128,9 +146,17 @@ def test_errors(fp8_dir):
                        ({"alpha": -1.0}, "alpha must be"), ({"rank": 100}, "exceeds")):
         with pytest.raises(DeepSeekError, match=needle):
             lora.add_lora(model, **kw)
+    with pytest.raises(DeepSeekError, match="rank 17 exceeds the 32x16 weight"):   # nothing attached then
+        lora.add_lora(model, rank=17, targets=ALL_HERE)
+    assert lora.lora_signature(model) == ()
+    with pytest.raises(DeepSeekError, match="no q_proj to adapt"):          # named explicitly, absent
+        lora.add_lora(model, rank=2, targets=["q_proj", "o_proj"])
+    with pytest.raises(DeepSeekError, match="targets must be a list"):
+        lora.add_lora(model, rank=2, targets="o_proj")
     lora.add_lora(model, rank=2)
+    assert lora.adapted_names(model) == ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]
     with pytest.raises(DeepSeekError, match="already has LoRA"):
-        lora.add_lora(model, rank=2)
+        lora.add_lora(model, rank=2, targets=["gate_proj"])
 
 
 def test_train_cli_lora(fp8_dir, tmp_path, capsys):
@@ -161,3 +187,9 @@ def test_train_cli_lora(fp8_dir, tmp_path, capsys):
     assert main([a for a in args if a != "--lora-rank" and a != "4"] + ["--lora-alpha", "3",
                                                                         "--out", str(tmp_path / "y")]) == 2
     assert "need --lora-rank" in capsys.readouterr().err
+    assert main(args + ["--config", fp8_dir, "--out", str(tmp_path / "z")]) == 2
+    assert "--config does not apply with --lora-rank" in capsys.readouterr().err
+    # --trainable adds to the adapters
+    assert main(args[:-2] + ["--trainable", "norm", "--out", str(tmp_path / "n")]) == 0
+    trained = json.load(open(tmp_path / "n" / "run.json"))["train_config"]["trainable"]
+    assert trained == lora.LORA_PATTERN + "|norm"

@@ -22,12 +22,14 @@ from deepseek_jax.errors import DeepSeekError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (CE + MTP + balance loss, aux-loss-free routing bias)",
                        description="Trains a DeepSeek-V3-shaped model in float (FP8 quantization of the config "
-                                   "is ignored) on a synthetic task or a text file. Writes under --out: ckpt/ "
+                                   "is ignored; with --lora-rank, LoRA adapters over --init's weights as loaded, "
+                                   "FP8 kept) on a synthetic task or a text file. Writes under --out: ckpt/ "
                                    "(Orbax checkpoints), metrics.jsonl, run.json, eval.json (held-out "
                                    "metrics) and hub/ (the final model in the Hub layout).")
     p.add_argument("--config", help="preset name, config.json or checkpoint directory (model shape)")
-    p.add_argument("--init", help="start from the weights of this Hub checkpoint (FP8 is dequantized) "
-                                  "instead of a random initialisation; its config is used if --config is absent")
+    p.add_argument("--init", help="start from the weights of this Hub checkpoint (FP8 is dequantized, but kept "
+                                  "with --lora-rank) instead of a random initialisation; its config is used if "
+                                  "--config is absent")
     p.add_argument("--data", required=True, help="synthetic:addition|reverse|copy[:key=value,...] or a text file "
                                                  "(one document per line)")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps (length of the schedule)")
@@ -48,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
     p.add_argument("--lora-rank", type=int, metavar="R",
                    help="with --init: fine-tune LoRA adapters of rank R on MLA's projections, the checkpoint's "
-                        "weights frozen as loaded (FP8 ones stay FP8); OUT/hub gets them merged in")
+                        "weights frozen as loaded (FP8 ones stay FP8; --trainable adds parameters to train); "
+                        "OUT/hub gets them merged in")
     p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale alpha / rank (default alpha = 2 x rank)")
     p.add_argument("--lora-targets", metavar="NAMES",
                    help="comma-separated linear names to adapt (default q_a_proj,q_b_proj,q_proj,"
@@ -117,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
         raise DeepSeekError("--lora-alpha / --lora-targets need --lora-rank")
     if args.lora_rank is not None and args.param_dtype != "float32":
-        raise DeepSeekError("--param-dtype applies to a float copy being trained: LoRA adapters are float32 "
-                            "and the checkpoint's weights stay as loaded")
+        raise DeepSeekError("--param-dtype does not apply with --lora-rank: the adapters are float32 and the "
+                            "checkpoint's weights keep their dtypes")
+    if args.lora_rank is not None and args.config:
+        raise DeepSeekError("--config does not apply with --lora-rank: the model is --init's checkpoint as it is")
     if args.lora_rank is not None and args.lora_rank < 1:
         raise DeepSeekError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.trainable is not None:   # a bad pattern fails now, not after loading the model
@@ -164,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=warmup, min_lr_ratio=args.min_lr_ratio,
                        weight_decay=args.weight_decay, clip_norm=args.clip, mtp_weight=args.mtp_weight,
                        balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, remat=args.remat,
-                       trainable=args.trainable if args.trainable is not None or args.lora_rank is None
-                       else LORA_PATTERN)
+                       trainable=args.trainable if args.lora_rank is None
+                       else LORA_PATTERN if args.trainable is None else f"{LORA_PATTERN}|{args.trainable}")
 
     n_dev = args.data_parallel
     mesh = None
@@ -194,7 +199,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     from tqdm import tqdm
 
     from deepseek_jax import api
-    from deepseek_jax.lora import DEFAULT_TARGETS, add_lora, merge_lora
+    from deepseek_jax.lora import add_lora, adapted_names, merge_lora
     from deepseek_jax.train import Trainer, cast_params, export_hub, load_float_model
 
     existing = Trainer.latest_step(ckpt_dir)
@@ -207,24 +212,22 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     describe = data.describe()
     lora_info = None
     if args.lora_rank is not None:
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets \
-            else DEFAULT_TARGETS
+        targets = None if args.lora_targets is None else [t.strip() for t in args.lora_targets.split(",")]
         lora_info = {"rank": args.lora_rank, "alpha": args.lora_alpha if args.lora_alpha is not None
-                     else 2.0 * args.lora_rank, "targets": list(targets)}
+                     else 2.0 * args.lora_rank, "targets": targets or "default"}
     if args.resume:
         meta = Trainer.read_metadata(ckpt_dir)
         _check_same("model config", meta.get("model_config"), json.loads(json.dumps(model_cfg)))
         _check_same("data / batch / seq-len / seed", meta.get("data"), describe)
-        _check_same("--trainable", (meta.get("train_config") or {}).get("trainable"), tcfg.trainable)
         _check_same("LoRA setting (--lora-rank / --lora-alpha / --lora-targets)", meta.get("lora"), lora_info)
+        _check_same("--trainable", (meta.get("train_config") or {}).get("trainable"), tcfg.trainable)
 
     t0 = time.perf_counter()
     if lora_info is not None:   # the checkpoint as it is (FP8 kept, frozen) plus adapters
         model = api.load(args.init, dtype=args.dtype)
-        n = add_lora(model, rank=lora_info["rank"], alpha=lora_info["alpha"], targets=lora_info["targets"],
-                     seed=args.seed)
+        n = add_lora(model, rank=lora_info["rank"], alpha=lora_info["alpha"], targets=targets, seed=args.seed)
         print(f"LoRA: rank {lora_info['rank']}, alpha {lora_info['alpha']:g}, on {n} weight matrices "
-              f"({', '.join(lora_info['targets'])})")
+              f"({', '.join(adapted_names(model))})")
     elif args.init:
         model = load_float_model(args.init, prec=api.precision(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
                                  cfg=cfg)
@@ -235,7 +238,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     if tcfg.trainable is not None:
         trained, total = trainer.parameter_counts()
         print(f"training {trained:,} of {total:,} parameters ({100 * trained / total:.1f}%): those matching "
-              f"--trainable {args.trainable!r}")
+              f"{tcfg.trainable!r}")
     if args.resume:
         trainer.restore(ckpt_dir)
     start = trainer.step
