@@ -24,8 +24,9 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   only the rest, absorbed over that cache (:func:`_prefill_continue`).
 * **Decode.** A ``jax.lax.while_loop`` runs one absorbed-MLA step per iteration for all rows at
   their own positions: feed the last token, draw the next, write it into a ``[Bb, S]`` token
-  buffer indexed by absolute position. A row is done at eos (unless ``stop_at_eos=False``) or
-  when its budget is spent; a done row stays frozen at its last position (it recomputes the same
+  buffer indexed by absolute position. A row is done at eos (unless ``stop_at_eos=False``), at
+  one of the call's ``stop_token_ids`` (a traced ``[16]`` array padded with -1), or when its
+  budget is spent; a done row stays frozen at its last position (it recomputes the same
   step, whose results are discarded), and the loop exits when every row is done or a step limit
   is reached. No host round trip happens inside the loop.
 * **Streaming.** The step limit is a traced argument, so the *same* compiled decode executable
@@ -37,6 +38,11 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   and unchunked runs draw the same tokens), at the cost of one host sync per ``stream_chunk``
   tokens. Host callbacks from inside the loop (``io_callback``) were the alternative: they sync
   on every token and tie the loop to an ordered host effect, which is worse on accelerators.
+* **Stop strings** (:meth:`Generator.generate_text` with ``stop=``) are text, so they are found
+  on the host: the loop runs in chunks as for streaming, each row's new tokens are detokenized
+  after each chunk, and a row whose text now holds a stop string is marked done in the loop
+  state (``done_B``) before the next chunk, so the loop ends once every row is done. Without
+  stop strings nothing changes (no extra host round trip).
 * **Speculative decoding** (``speculative="mtp"``, SPEC §6). The MTP module drafts one token
   ahead, the main model verifies it, and a row advances by 1 or 2 tokens per step, still in
   one compiled ``while_loop`` with per-row positions. The MTP layer keeps its own latent cache
@@ -58,7 +64,8 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   A rejected draft leaves stale entries at position ``cur+1`` in both caches; they are at the
   new ``cur`` and are overwritten by the next step before any query can see them (a query at
   position ``i`` attends to ``<= i``, and each step writes before it attends). A row stops at eos
-  or at its length budget exactly (the bonus token is dropped when the first one ends the row).
+  (or a stop token id) or at its length budget exactly (the bonus token is dropped when the first
+  one ends the row).
   Greedy output equals non-speculative greedy output (the same argmax of the same model at
   every position); sampled output has the same distribution (not the same draws: the random
   stream differs). ``last_stats`` counts drafts (steps where a second token was possible) and
@@ -84,10 +91,17 @@ from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.quant import dequantize
 from deepseek_jax.sampling import GREEDY, SamplingParams, filter_logits, row_keys, sample
 
-__all__ = ["Generator", "GenerationStats", "Result", "Weights", "length_bucket", "batch_bucket"]
+__all__ = ["Generator", "GenerationStats", "Result", "Weights", "length_bucket", "batch_bucket",
+           "MAX_STOP_TOKEN_IDS"]
 
 #: ``stream(row, new_ids)``: called with each row's newly generated ids as they arrive.
 StreamFn = Callable[[int, list[int]], None]
+
+#: At most this many ``stop_token_ids`` per call: they travel as a fixed-size traced array
+#: (padded with -1), so changing them never recompiles.
+MAX_STOP_TOKEN_IDS = 16
+_NO_STOP_IDS = np.full(MAX_STOP_TOKEN_IDS, -1, np.int32)
+_NO_STOP_IDS.setflags(write=False)
 
 
 def length_bucket(n: int, minimum: int = 16) -> int:
@@ -106,8 +120,11 @@ def batch_bucket(n: int) -> int:
 @dataclasses.dataclass
 class Result:
     prompt_ids: list[int]
-    output_ids: list[int]          # the new tokens, eos (when it ended the row) not included
-    finish_reason: str             # "eos" | "length"
+    # The new tokens; eos or a stop token id that ended the row is not included. A row ended
+    # by a stop *string* (generate_text) keeps the tokens up to and including the one whose text
+    # completed it (``text`` is cut right before the string).
+    output_ids: list[int]
+    finish_reason: str             # "eos" | "stop" (a stop token id or stop string) | "length"
     text: str | None = None        # decoded output (generate_text / CLI), else None
 
     def to_json(self) -> dict[str, Any]:
@@ -153,12 +170,19 @@ class DecodeState(NamedTuple):
 
 
 class _Knobs(NamedTuple):
-    """Traced per-call settings (changing them never recompiles)."""
+    """Traced per-call settings (changing them never recompiles). ``stop``: whether eos ends a
+    row; ``stop_ids``: further ids that end a row, int32 ``[MAX_STOP_TOKEN_IDS]`` padded with -1."""
     eos: jax.Array
     stop: jax.Array
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    stop_ids: Any = _NO_STOP_IDS
+
+
+def _ends(tok_B, knobs: _Knobs):
+    """Rows whose token ``tok_B`` ends them: eos (when ``knobs.stop``) or a stop token id."""
+    return (knobs.stop & (tok_B == knobs.eos)) | jnp.any(tok_B[:, None] == knobs.stop_ids[None, :], axis=1)
 
 
 def _draw(logits_BV, keys_B, step, knobs: _Knobs, greedy: bool, filtered: bool):
@@ -270,7 +294,7 @@ def _first_state(model: DeepSeekV3, h_BD, cache, S: int, ids_BP, lens_B, end_B, 
     n = min(P, S)
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
-    done_B = ~active_B | (knobs.stop & (tok_B == knobs.eos)) | (lens_B >= end_B)
+    done_B = ~active_B | _ends(tok_B, knobs) | (lens_B >= end_B)
     return DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
 
 
@@ -319,7 +343,7 @@ def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: Dec
         new_B = _draw(out.logits[:, 0], s.keys_B, s.step, knobs, greedy, filtered)
         cur_B = jnp.where(s.done_B, s.cur_B, s.cur_B + 1)
         buf_BS = s.buf_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.buf_BS[rows, cur_B], new_B))
-        done_B = s.done_B | (knobs.stop & (new_B == knobs.eos)) | (cur_B >= s.end_B)
+        done_B = s.done_B | _ends(new_B, knobs) | (cur_B >= s.end_B)
         return DecodeState(out.cache, buf_BS, cur_B, s.end_B, done_B, s.keys_B, s.step + 1)
 
     return jax.lax.while_loop(cond, body, state)
@@ -435,7 +459,7 @@ def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state
                     unstacked=weights.layers)
         t1, t2, ok = _verify(out.logits, d, s.q_BV, _fold(s.keys_B, s.step), knobs, greedy, filtered)
         active = ~s.done_B
-        first_ends = knobs.stop & (t1 == knobs.eos)
+        first_ends = _ends(t1, knobs)
         room2 = cur + 1 < s.end_B
         two = ok & ~first_ends & room2
         # MTP rows cur, cur+1 (their next tokens t1, t2); the next draft from the last decided row.
@@ -448,7 +472,7 @@ def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state
         buf = buf.at[rows, p2].set(t2, mode="drop")
         new_cur = jnp.where(active, cur + 1 + two.astype(jnp.int32), cur)
         last = jnp.where(two, t2, t1)
-        done = s.done_B | (knobs.stop & (last == knobs.eos) & active) | (new_cur >= s.end_B)
+        done = s.done_B | (_ends(last, knobs) & active) | (new_cur >= s.end_B)
         useful = active & ~first_ends & room2
         return SpecState(out.cache, mtp_cache, buf, new_cur, jnp.where(active, new_d, d),
                          jnp.where(active[:, None], q_BV, s.q_BV), s.end_B, done, s.keys_B, s.step + 1,
@@ -613,6 +637,82 @@ def _dequantized_bytes(model: DeepSeekV3) -> int:
     return sum(x.size * size for x in jax.tree.leaves(nnx.state(model)) if x.dtype == jnp.float8_e4m3fn)
 
 
+def _check_stop(stop) -> list[str]:
+    """``stop=`` of :meth:`Generator.generate_text`: None, a string or a list of non-empty strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, Sequence) or isinstance(stop, bytes):
+        raise DeepSeekError(f"stop: expected a string or a list of strings, got {type(stop).__name__}")
+    out = []
+    for s in stop:
+        if not isinstance(s, str):
+            raise DeepSeekError(f"stop: {s!r} is not a string")
+        if not s:
+            raise DeepSeekError("stop: a stop string must not be empty")
+        if s not in out:
+            out.append(s)
+    return out
+
+
+class _StopText:
+    """One row's text as it is generated (generate_text with stop strings): detokenized token by
+    token, watched for the stop strings, and streamed without anything that is or may become part
+    of one."""
+
+    def __init__(self, decoder, stops: Sequence[str]):
+        self.decoder, self.stops = decoder, list(stops)
+        self.longest = max(map(len, self.stops))
+        self.text = ""       # the text so far
+        self.n = 0           # ids fed
+        self.cut: int | None = None   # where the earliest stop string starts, once one is found
+        self.kept = 0        # ids up to the one whose text completed it
+        self.sent = 0        # characters streamed
+
+    def _add(self, piece: str) -> bool:
+        start = max(0, len(self.text) - self.longest + 1)   # a new occurrence ends in the new piece
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.cut, self.kept = min(hits), self.n
+        return bool(hits)
+
+    def feed(self, ids: Sequence[int]) -> bool:
+        """Adds the row's new ids (up to a stop string); True once the text holds one."""
+        for t in ids:
+            if self.cut is not None:
+                break
+            self.n += 1
+            piece = self.decoder.feed(t)
+            if piece:
+                self._add(piece)
+        return self.cut is not None
+
+    def finish(self) -> str:
+        """The row's final text (the decoder's held-back rest included), cut at a stop string."""
+        if self.cut is None:
+            rest = self.decoder.flush()
+            if rest:
+                self._add(rest)
+            self.longest = 0   # nothing is held back any more
+        return self.text if self.cut is None else self.text[:self.cut]
+
+    def send(self, stream: Callable[[int, str], None], row: int) -> None:
+        """Streams what is safe: up to a found stop string, else all but the longest suffix that
+        begins some stop string."""
+        end = self.cut
+        if end is None:
+            end = len(self.text)
+            for k in range(min(self.longest - 1, len(self.text) - self.sent), 0, -1):
+                if any(s.startswith(self.text[-k:]) for s in self.stops):
+                    end -= k
+                    break
+        if end > self.sent:
+            stream(row, self.text[self.sent:end])
+            self.sent = end
+
+
 def _check_stream_chunk(stream_chunk) -> int:
     if not _is_int(stream_chunk) or stream_chunk < 1:
         raise DeepSeekError(f"stream_chunk must be an integer >= 1, got {stream_chunk!r}")
@@ -729,19 +829,48 @@ class Generator:
             out.append(ids)
         return out
 
+    def _check_stop_token_ids(self, ids) -> np.ndarray:
+        """``stop_token_ids`` as the traced knob: int32 ``[MAX_STOP_TOKEN_IDS]``, padded with -1."""
+        if ids is None:
+            return _NO_STOP_IDS
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist() if ids.ndim == 1 else ids
+        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
+            raise DeepSeekError(f"stop_token_ids: expected a list of token ids, got {type(ids).__name__}")
+        out = []
+        for t in ids:
+            if not _is_int(t):
+                raise DeepSeekError(f"stop_token_ids: {t!r} is not an integer token id")
+            if not 0 <= int(t) < self.vocab_size:
+                raise DeepSeekError(f"stop token id {int(t)} is outside the vocab [0, {self.vocab_size})")
+            if int(t) not in out:
+                out.append(int(t))
+        if len(out) > MAX_STOP_TOKEN_IDS:
+            raise DeepSeekError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} distinct ids, got {len(out)}")
+        arr = np.full(MAX_STOP_TOKEN_IDS, -1, np.int32)
+        arr[:len(out)] = out
+        return arr
+
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompts_ids, *, max_new_tokens: int = 200, sampling: SamplingParams | dict | None = None,
                  seed: int = 0, stop_at_eos: bool = True, eos_id: int | None = None,
                  stream: StreamFn | None = None, stream_chunk: int | None = None,
-                 speculative: str | None = None) -> list[Result]:
+                 speculative: str | None = None, stop_token_ids: Sequence[int] | None = None,
+                 _watch: Callable[[int, list[int]], bool] | None = None) -> list[Result]:
         """Generates up to ``max_new_tokens`` per prompt (fewer where the max length cuts in).
 
         ``sampling`` (a :class:`SamplingParams` or a dict of its fields) defaults to greedy;
         ``seed`` makes sampling reproducible. ``eos_id``
-        overrides the config's eos. ``stream(row, new_ids)`` is called with each row's new
-        tokens every ``stream_chunk`` decode steps. ``speculative="mtp"``: the model's MTP module
+        overrides the config's eos. ``stop_token_ids``: up to :data:`MAX_STOP_TOKEN_IDS` further
+        ids that end a row as eos does (even with ``stop_at_eos=False``), checked inside the
+        compiled loop (changing them never recompiles); the stop token is not in
+        ``output_ids`` and the finish reason is ``"stop"``. ``stream(row, new_ids)`` is called
+        with each row's new tokens every ``stream_chunk`` decode steps. ``speculative="mtp"``: the model's MTP module
         drafts a token ahead and the main model verifies it (see the module docstring; needs a
         model with its MTP module). Returns one :class:`Result` per prompt.
+
+        (``_watch(row, new_ids) -> bool``, internal: like ``stream``, and True ends the row; it
+        runs the loop in chunks. :meth:`generate_text` finds stop strings with it.)
         """
         if speculative not in (None, "none", "mtp"):
             raise DeepSeekError(f"speculative {speculative!r}: expected 'mtp' or None")
@@ -764,6 +893,8 @@ class Generator:
         if stream is not None and not callable(stream):
             raise DeepSeekError(f"stream must be a callable stream(row, new_ids) or None, got {type(stream).__name__}")
         chunk = self.stream_chunk if stream_chunk is None else _check_stream_chunk(stream_chunk)
+        stop_ids = self._check_stop_token_ids(stop_token_ids)
+        stop_set = frozenset() if stop_ids is _NO_STOP_IDS else set(stop_ids.tolist()) - {-1}
 
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int32)
@@ -799,7 +930,7 @@ class Generator:
         temp, top_k, top_p = sampling.traced()
         # (numpy inputs: the executables copy them in at C++ speed; jnp.asarray dispatches an op
         # per array, ~50 us each.)
-        knobs = _Knobs(np.int32(eos), np.bool_(stop_at_eos), temp, top_k, top_p)
+        knobs = _Knobs(np.int32(eos), np.bool_(stop_at_eos), temp, top_k, top_p, stop_ids)
         prefill_args = (ids, lens_b, end_b, active, np.uint32(int(seed) & 0xFFFFFFFF))
         heads = self.model.cfg.num_attention_heads
         cont = None
@@ -824,16 +955,27 @@ class Generator:
         max_steps = int(budgets.max())
         emitted = lens.copy()   # next position to stream, per row
 
+        def ended(tok: int) -> bool:   # a token that ended its (done) row and is not output
+            return (stop_at_eos and tok == eos) or tok in stop_set
+
         def emit(buf, cur, done):
+            """Streams each row's new tokens; returns the rows ``_watch`` ended (or None)."""
+            ended_rows = None
             for r in range(B):
                 stop = int(cur[r]) + 1
-                if stop_at_eos and done[r] and buf[r, cur[r]] == eos:
+                if done[r] and ended(int(buf[r, cur[r]])):
                     stop -= 1
                 if stop > emitted[r]:
-                    stream(r, buf[r, emitted[r]:stop].tolist())
+                    new = buf[r, emitted[r]:stop].tolist()
                     emitted[r] = stop
+                    if _watch is not None and _watch(r, new):
+                        ended_rows = np.zeros(done.shape, bool) if ended_rows is None else ended_rows
+                        ended_rows[r] = True
+                    if stream is not None:
+                        stream(r, new)
+            return ended_rows
 
-        if stream is None:
+        if stream is None and _watch is None:
             if max_steps > 1:
                 state = dec(params, state, np.int32(max_steps), knobs)
             # (Speculative: the draft counters come back in the same transfer.)
@@ -843,14 +985,18 @@ class Generator:
         else:
             while True:
                 buf, cur, done, steps = jax.device_get((state.buf_BS, state.cur_B, state.done_B, state.step))
-                emit(buf, cur, done)
+                stopped = emit(buf, cur, done)
+                if stopped is not None:   # stop strings: those rows are done (the loop skips them)
+                    done = done | stopped
+                    state = state._replace(done_B=jax.device_put(done, state.done_B.sharding))
                 if int(steps) >= max_steps or done[:B].all():
                     break
                 state = dec(params, state, np.int32(min(int(steps) + chunk, max_steps)), knobs)
         stats.decode_s = time.perf_counter() - t1
         stats.steps = int(steps)
         if spec:
-            drafted, accepted = counts if stream is None else jax.device_get((state.drafted_B, state.accepted_B))
+            drafted, accepted = counts if stream is None and _watch is None else \
+                jax.device_get((state.drafted_B, state.accepted_B))
             stats.drafted, stats.accepted = int(drafted[:B].sum()), int(accepted[:B].sum())
 
         if keep:   # the cache holds the entries of positions < cur: the prompt and all but the last token
@@ -861,6 +1007,8 @@ class Generator:
             reason = "length"
             if stop_at_eos and out and out[-1] == eos:
                 out, reason = out[:-1], "eos"
+            elif out and out[-1] in stop_set and done[r]:
+                out, reason = out[:-1], "stop"
             results.append(Result(p, out, reason))
         stats.new_tokens = sum(len(r.output_ids) for r in results)
         return results
@@ -884,10 +1032,17 @@ class Generator:
         return tok.encode(text)
 
     def generate_text(self, texts: str | Sequence[str], *, chat: bool | None = None,
-                      stream: Callable[[int, str], None] | None = None, **kw) -> list[Result]:
+                      stream: Callable[[int, str], None] | None = None, stop: str | Sequence[str] | None = None,
+                      **kw) -> list[Result]:
         """Like :meth:`generate` from text prompts; each result carries ``text``.
 
-        ``stream(row, text_piece)`` receives decoded text as it completes.
+        ``stream(row, text_piece)`` receives decoded text as it completes. ``stop``: a string or
+        a list of (non-empty) strings; a row ends once its text holds one of them. Its ``text``
+        is cut right before the earliest occurrence, its ``output_ids`` keep the tokens up to and
+        including the one whose text completed that string, and its finish reason is ``"stop"``.
+        Found on the host: the loop then runs in chunks of ``stream_chunk`` steps (the tokens of
+        a row that run past its stop string within a chunk are dropped). Text that is or may
+        become part of a stop string is never streamed: the pieces always add up to ``text``.
         """
         tok = self._need_tokenizer()
         if isinstance(texts, str):
@@ -901,6 +1056,9 @@ class Generator:
             if not t:
                 raise DeepSeekError(f"prompt {i} is empty")
             prompts.append(self.encode_prompt(t, chat))
+        stops = _check_stop(stop)
+        if stops:
+            return self._generate_text_ids(prompts, stream=stream, stops=stops, **kw)
         id_stream = None
         if stream is not None:
             decoders = [tok.stream_decoder() for _ in prompts]
@@ -917,4 +1075,34 @@ class Generator:
                     stream(r, rest)
         for r in results:
             r.text = tok.decode(r.output_ids)
+        return results
+
+    def _generate_text_ids(self, prompts, *, stream: Callable[[int, str], None] | None = None,
+                           stops: Sequence[str] = (), **kw) -> list[Result]:
+        """:meth:`generate` of token-id prompts with each result's ``text`` and stop strings
+        ``stops`` (see :meth:`generate_text`; the ``generate --stop`` command uses it)."""
+        tok = self._need_tokenizer()
+        stops = _check_stop(stops)
+        if not stops:
+            raise DeepSeekError("stop: expected at least one stop string")
+        if stream is not None and not callable(stream):
+            raise DeepSeekError(f"stream must be a callable stream(row, text) or None, got {type(stream).__name__}")
+        prompts = self._check_prompts(prompts)
+        texts = [_StopText(tok.stream_decoder(), stops) for _ in prompts]
+
+        def watch(row: int, ids: list[int]) -> bool:
+            t = texts[row]
+            hit = t.feed(ids)
+            if stream is not None:
+                t.send(stream, row)
+            return hit
+
+        results = self.generate(prompts, _watch=watch, **kw)
+        for row, (r, t) in enumerate(zip(results, texts)):
+            r.text = t.finish()
+            if t.cut is not None:
+                r.output_ids, r.finish_reason = r.output_ids[:t.kept], "stop"
+            if stream is not None:
+                t.send(stream, row)
+        self.last_stats.new_tokens = sum(len(r.output_ids) for r in results)
         return results

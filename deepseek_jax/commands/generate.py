@@ -3,7 +3,9 @@
 One prompt (and no ``--json``): the completion streams to stdout as it is generated. Several
 prompts (``--input-file``, one per line, or repeated ``--prompt``/``--prompt-ids``) run as one
 batch. ``--json`` prints one object per prompt: ``{"prompt_ids", "output_ids", "text",
-"finish_reason"}`` (``text`` is null when the checkpoint has no tokenizer).
+"finish_reason"}`` (``text`` is null when the checkpoint has no tokenizer). ``--stop TEXT`` and
+``--stop-token-id ID`` (both repeatable) end a row like eos does, with finish reason ``"stop"``:
+the text is cut before the stop string (never streamed), the stop token id is not output.
 
 The helpers here (sampling flags, tokenizer loading, the timing line) are shared by ``chat``
 and ``demo``.
@@ -139,6 +141,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="encode text prompts as they are (bos per the tokenizer config)")
     add_sampling_args(p)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at eos: always generate --max-new-tokens")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end a prompt's completion at this text, which is cut off (repeatable; needs the "
+                        "tokenizer); the token ids up to the one that completed it are kept")
+    p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", dest="stop_token_ids",
+                   help="end a prompt's completion at this token id, which is not output (repeatable, at most "
+                        "16; also with --ignore-eos)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, no streaming")
     runtime.add_args(p)
     p.set_defaults(func=run)
@@ -197,22 +205,56 @@ def length_cap_notice(max_len: int, prompts: list[list[int]], max_new_tokens: in
             f"model's max length {max_len} (prompt {i}: at most {rooms[i]} new tokens)")
 
 
+def check_stop_args(args: argparse.Namespace) -> None:
+    """``--stop`` / ``--stop-token-id``: the checks that need no model (the vocab range is the
+    generator's)."""
+    from deepseek_jax.generate import MAX_STOP_TOKEN_IDS
+
+    if any(s == "" for s in args.stop or ()):
+        raise DeepSeekError("--stop: the stop text must not be empty")
+    ids = args.stop_token_ids or []
+    if any(i < 0 for i in ids):
+        raise DeepSeekError(f"--stop-token-id: expected token ids >= 0, got {min(ids)}")
+    if len(set(ids)) > MAX_STOP_TOKEN_IDS:
+        raise DeepSeekError(f"--stop-token-id: at most {MAX_STOP_TOKEN_IDS} distinct ids, got {len(set(ids))}")
+
+
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     runtime.check_args(args)
+    check_stop_args(args)
     if args.prompt_ids:
         prompts = [parse_ids(s) for s in args.prompt_ids]
         tokenizer = load_tokenizer(args.ckpt, required=False)
+        if args.stop and tokenizer is None:
+            raise DeepSeekError(f"--stop needs the checkpoint's tokenizer: no tokenizer.json in {args.ckpt} "
+                                "(use --stop-token-id)")
     else:
         texts = args.prompt if args.prompt else read_prompt_file(args.input_file)
         tokenizer = load_tokenizer(args.ckpt, required=True)
         prompts = _encode(tokenizer, texts, args.chat)
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
+    gen._check_stop_token_ids(args.stop_token_ids)   # (the vocab range) before any notice
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-              stop_at_eos=not args.ignore_eos, speculative=args.speculative)
+              stop_at_eos=not args.ignore_eos, speculative=args.speculative, stop_token_ids=args.stop_token_ids)
     note = length_cap_notice(gen.max_len, prompts, args.max_new_tokens)
     if note:
         print(note, file=sys.stderr)
+
+    if args.stop:   # stop strings: the generator finds them in the text (and streams it)
+        def write(row: int, piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        streamed = len(prompts) == 1 and not args.json
+        results = gen._generate_text_ids(prompts, stops=args.stop, stream=write if streamed else None, **kw)
+        if streamed:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        else:
+            _print_results(args, tokenizer, results)
+        print(timing_line(gen.last_stats), file=sys.stderr)
+        return 0
 
     if len(prompts) == 1 and not args.json:
         decoder = tokenizer.stream_decoder() if tokenizer else None
@@ -232,11 +274,16 @@ def run(args: argparse.Namespace) -> int:
     results = gen.generate(prompts, **kw)
     for r in results:
         r.text = tokenizer.decode(r.output_ids) if tokenizer else None
+    _print_results(args, tokenizer, results)
+    print(timing_line(gen.last_stats), file=sys.stderr)
+    return 0
+
+
+def _print_results(args: argparse.Namespace, tokenizer, results) -> None:
+    for r in results:
         if args.json:
             print(json.dumps(r.to_json(), ensure_ascii=False))
         else:
             prompt = tokenizer.decode(r.prompt_ids) if tokenizer else " ".join(map(str, r.prompt_ids))
             out = r.text if tokenizer else " ".join(map(str, r.output_ids))
             print(f"Prompt: {prompt}\nCompletion: {out}\n[{r.finish_reason}]\n")
-    print(timing_line(gen.last_stats), file=sys.stderr)
-    return 0
