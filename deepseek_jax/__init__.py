@@ -10,6 +10,7 @@ The small public API (the CLI and the notebooks use nothing else)::
     mtp = dj.mtp_logits(model, ids)                  # [B, T-1, V]: row i predicts token i+2
     lp = dj.token_logprobs(logits, ids)              # [B, T-1] log p(t_{i+1} | t_<=i)
     lps = dj.sequence_logprobs(model, [ids_a, ids_b])  # sequences of any lengths: a [n-1] array each
+    lls = dj.loglikelihood(model, [(ctx, cont)])     # log p(cont | ctx), is_greedy: multiple-choice eval
     ins = dj.internals(model, ids)                   # every layer's hidden states, every token's experts
 
 Shape-suffix glossary used in array names throughout (``x_BTD``, ``w_ENK``):
@@ -29,7 +30,8 @@ _LAZY = {
     "load": "deepseek_jax.api", "load_config": "deepseek_jax.api", "init_random": "deepseek_jax.api",
     "logits": "deepseek_jax.scoring", "mtp_logits": "deepseek_jax.scoring",
     "token_logprobs": "deepseek_jax.scoring", "perplexity": "deepseek_jax.scoring",
-    "sequence_logprobs": "deepseek_jax.scoring",
+    "sequence_logprobs": "deepseek_jax.scoring", "loglikelihood": "deepseek_jax.scoring",
+    "Likelihood": "deepseek_jax.scoring",
     "DeepSeekConfig": "deepseek_jax.config", "DeepSeekV3": "deepseek_jax.model",
     "Precision": "deepseek_jax.quant",
     "demo_checkpoint": "deepseek_jax.commands.demo",
@@ -55,4 +57,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from deepseek_jax.introspect import Internals, internals  # noqa: F401
     from deepseek_jax.model import DeepSeekV3  # noqa: F401
     from deepseek_jax.quant import Precision  # noqa: F401
-    from deepseek_jax.scoring import logits, mtp_logits, perplexity, sequence_logprobs, token_logprobs  # noqa: F401
+    from deepseek_jax.scoring import (  # noqa: F401
+        Likelihood, logits, loglikelihood, mtp_logits, perplexity, sequence_logprobs, token_logprobs)

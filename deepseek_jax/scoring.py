@@ -1,4 +1,5 @@
-"""Scoring: full-sequence logits (prefill or token-by-token decode), MTP logits, log-probs.
+"""Scoring: full-sequence logits (prefill or token-by-token decode), MTP logits, log-probs, and
+conditional log-likelihoods (:func:`loglikelihood`).
 
 This is the interface the parity checks use (``deepseek-jax score``); keep it stable.
 """
@@ -6,6 +7,7 @@ This is the interface the parity checks use (``deepseek-jax score``); keep it st
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,11 +133,13 @@ _HEAD_CHUNK = 256
 _MIN_BUCKET = 16
 
 
-@nnx.jit
-def _next_token_logprobs(model: DeepSeekV3, ids_BT):
-    """``[B, T]`` float32: position t's log-prob of ``ids[:, t + 1]`` (the last column's target is
-    ``ids[:, 0]``, a placeholder). The head runs over ``_HEAD_CHUNK`` positions at a time, so the
-    ``[B, T, V]`` logits (8.5 GB at B=8, T=2048 and DeepSeek-V3's vocab) never exist at once."""
+@partial(nnx.jit, static_argnames=("greedy",))
+def _next_token_scores(model: DeepSeekV3, ids_BT, greedy: bool = False):
+    """Position t's log-prob of ``ids[:, t + 1]``, ``[B, T]`` float32, and with ``greedy`` also
+    whether that token is the argmax of position t's logits (``[B, T]`` bool; ``None`` without).
+    The last column's target is ``ids[:, 0]``, a placeholder. The head runs over ``_HEAD_CHUNK``
+    positions at a time, so the ``[B, T, V]`` logits (8.5 GB at B=8, T=2048 and DeepSeek-V3's
+    vocab) never exist at once."""
     B, T = ids_BT.shape
     hidden = model(ids_BT, logits=False).hidden
     tgt_BT = jnp.roll(ids_BT, -1, axis=1)
@@ -145,14 +149,20 @@ def _next_token_logprobs(model: DeepSeekV3, ids_BT):
         h_BcD, t_Bc = xs
         logits = model.lm_head(h_BcD, model.prec.dtype)
         picked = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
+        lp = picked - jax.nn.logsumexp(logits, axis=-1)
+        if not greedy:
+            return lp
+        # argmax: the first index among equal maxima, as greedy decoding (sampling.py) picks it
+        return lp, jnp.argmax(logits, axis=-1).astype(t_Bc.dtype) == t_Bc
 
     Tp = -(-T // c) * c   # a length over the largest power-of-two bucket may not divide
     hidden = jnp.pad(hidden, ((0, 0), (0, Tp - T), (0, 0)))
     tgt_BT = jnp.pad(tgt_BT, ((0, 0), (0, Tp - T)))
     h_NBcD = jnp.moveaxis(hidden.reshape(B, Tp // c, c, -1), 1, 0)
     t_NBc = jnp.moveaxis(tgt_BT.reshape(B, Tp // c, c), 1, 0)
-    return jnp.moveaxis(jax.lax.map(chunk, (h_NBcD, t_NBc)), 0, 1).reshape(B, Tp)[:, :T]
+    out = jax.lax.map(chunk, (h_NBcD, t_NBc))
+    unchunk = lambda x_NBc: jnp.moveaxis(x_NBc, 0, 1).reshape(B, Tp)[:, :T]  # noqa: E731
+    return (unchunk(out[0]), unchunk(out[1])) if greedy else (unchunk(out), None)
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -162,6 +172,47 @@ def _bucket(n: int, limit: int) -> int:
     if b <= limit:
         return b
     return min(limit, -(-n // _MIN_BUCKET) * _MIN_BUCKET)
+
+
+def _check_batch_size(fn: str, batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise DeepSeekError(f"{fn}: batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def _check_seq(model: DeepSeekV3, seq, what: str) -> np.ndarray:
+    """One flat sequence of token ids as int32 (vocab and length checked); errors name ``what``."""
+    try:
+        a = np.asarray(seq)
+        if a.ndim != 1:
+            raise DeepSeekError(f"expected a 1-D list of token ids, got shape {list(a.shape)}")
+        return check_ids(model, a)[0]
+    except DeepSeekError as e:
+        raise DeepSeekError(f"{what}: {str(e).removeprefix('ids: ')}") from None
+    except ValueError:
+        raise DeepSeekError(f"{what}: not a flat list of token ids") from None
+
+
+def _score_rows(model: DeepSeekV3, rows: list[np.ndarray], batch_size: int, greedy: bool):
+    """Every row's ``(log-probs [n-1], argmax flags [n-1] or None)``, in the input order: rows
+    sorted by length, ``batch_size`` at a time (fewer rows: their number rounded up to a power of
+    two), right-padded to :func:`_bucket`'s length; one compile per padded length."""
+    limit = model.cfg.max_position_embeddings
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list = [None] * len(rows)
+    B = min(int(batch_size), 1 << (len(rows) - 1).bit_length())
+    for start in range(0, len(order), B):
+        group = order[start:start + B]
+        T = _bucket(len(rows[group[-1]]), limit)
+        batch = np.zeros((B, T), np.int32)
+        for r, i in enumerate(group):
+            batch[r, :len(rows[i])] = rows[i]
+        lp, gr = _next_token_scores(model, jnp.asarray(batch), greedy=greedy)
+        lp = to_host(lp)
+        gr = to_host(gr) if greedy else None
+        for r, i in enumerate(group):
+            n = len(rows[i]) - 1
+            out[i] = (lp[r, :n].astype(np.float32), gr[r, :n].astype(bool) if greedy else None)
+    return out
 
 
 def sequence_logprobs(model: DeepSeekV3, seqs, *, batch_size: int = 8) -> list[np.ndarray]:
@@ -176,38 +227,65 @@ def sequence_logprobs(model: DeepSeekV3, seqs, *, batch_size: int = 8) -> list[n
     a log-prob can move by ~0.1. One compile per padded length; log-probs are taken on the device,
     so only ``[B, T]`` floats come back (not ``[B, T, V]`` logits).
     """
+    fn = "sequence_logprobs"
     _check_model(model)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise DeepSeekError(f"sequence_logprobs: batch_size must be an integer >= 1, got {batch_size!r}")
+    _check_batch_size(fn, batch_size)
     if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__len__"):
-        raise DeepSeekError("sequence_logprobs: seqs must be a list of token-id sequences")
+        raise DeepSeekError(f"{fn}: seqs must be a list of token-id sequences")
     if len(seqs) == 0:
-        raise DeepSeekError("sequence_logprobs: seqs is empty")
-    rows = []
-    for i, seq in enumerate(seqs):
-        try:
-            a = np.asarray(seq)
-            if a.ndim != 1:
-                raise DeepSeekError(f"expected a 1-D list of token ids, got shape {list(a.shape)}")
-            rows.append(check_ids(model, a)[0])
-        except DeepSeekError as e:
-            raise DeepSeekError(f"sequence_logprobs: sequence {i}: {str(e).removeprefix('ids: ')}") from None
-        except ValueError:
-            raise DeepSeekError(f"sequence_logprobs: sequence {i}: not a flat list of token ids") from None
+        raise DeepSeekError(f"{fn}: seqs is empty")
+    rows = [_check_seq(model, seq, f"{fn}: sequence {i}") for i, seq in enumerate(seqs)]
+    return [lp for lp, _ in _score_rows(model, rows, batch_size, greedy=False)]
+
+
+class Likelihood(NamedTuple):
+    """One :func:`loglikelihood` request's result."""
+
+    #: ``sum log p(continuation | context)`` over the continuation's tokens (float64 sum of float32 terms)
+    logprob: float
+    #: whether every continuation token is the argmax of the logits before it (greedy decoding
+    #: from the context would produce exactly the continuation; ties go to the lowest id, as in decoding)
+    is_greedy: bool
+    #: the continuation's length in tokens
+    tokens: int
+    #: ``[tokens]`` float32: each continuation token's log-prob
+    token_logprobs: np.ndarray
+
+
+def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8) -> list[Likelihood]:
+    """Conditional log-likelihoods, the lm-evaluation-harness primitive: for each
+    ``(context_ids, continuation_ids)`` pair (each a non-empty 1-D list or array of token ids), the
+    :class:`Likelihood` of the continuation after the context, in the input order.
+
+    ``is_greedy`` is argmax equality at every continuation position (``argmax(logits) == token``,
+    the first index among equal maxima, exactly the token greedy decoding would pick), computed on
+    the device beside the log-probs. ``context + continuation`` is scored as one sequence of at
+    most ``max_position_embeddings`` tokens (nothing is truncated), batched by length as in
+    :func:`sequence_logprobs` (same buckets and compiles; only ``[B, T]`` values come back).
+    """
+    fn = "loglikelihood"
+    _check_model(model)
+    _check_batch_size(fn, batch_size)
+    if isinstance(requests, (str, bytes)) or not hasattr(requests, "__len__"):
+        raise DeepSeekError(f"{fn}: requests must be a list of (context_ids, continuation_ids) pairs")
+    if len(requests) == 0:
+        raise DeepSeekError(f"{fn}: requests is empty")
+    rows, n_ctx = [], []
     limit = model.cfg.max_position_embeddings
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out: list[np.ndarray | None] = [None] * len(rows)
-    # rows per call: batch_size, or fewer sequences rounded up to a power of two
-    B = min(int(batch_size), 1 << (len(rows) - 1).bit_length())
-    for start in range(0, len(order), B):
-        group = order[start:start + B]
-        T = _bucket(len(rows[group[-1]]), limit)
-        batch = np.zeros((B, T), np.int32)
-        for r, i in enumerate(group):
-            batch[r, :len(rows[i])] = rows[i]
-        lp = to_host(_next_token_logprobs(model, jnp.asarray(batch)))
-        for r, i in enumerate(group):
-            out[i] = lp[r, :len(rows[i]) - 1].astype(np.float32)
+    for i, req in enumerate(requests):
+        if isinstance(req, (str, bytes, dict)) or not hasattr(req, "__len__") or len(req) != 2:
+            raise DeepSeekError(f"{fn}: request {i}: expected a (context_ids, continuation_ids) pair")
+        ctx = _check_seq(model, req[0], f"{fn}: request {i}: context")
+        cont = _check_seq(model, req[1], f"{fn}: request {i}: continuation")
+        if len(ctx) + len(cont) > limit:
+            raise DeepSeekError(f"{fn}: request {i}: context + continuation is {len(ctx) + len(cont)} tokens, "
+                                f"over max_position_embeddings {limit}")
+        rows.append(np.concatenate([ctx, cont]))
+        n_ctx.append(len(ctx))
+    out = []
+    for (lp, gr), c in zip(_score_rows(model, rows, batch_size, greedy=True), n_ctx):
+        lp, gr = lp[c - 1:], gr[c - 1:]      # position t predicts token t + 1
+        out.append(Likelihood(float(lp.sum(dtype=np.float64)), bool(gr.all()), len(lp), lp))
     return out
 
 

@@ -1,5 +1,6 @@
 """``deepseek-jax score CKPT --ids IN.npy --out OUT.npy``: logits, MTP logits, log-probs, and the
-model's internals (hidden states, routing); ``--text-file``: each line's log-prob and perplexity."""
+model's internals (hidden states, routing); ``--text-file``: each line's log-prob and perplexity;
+``--pairs``: conditional log-likelihoods of (context, continuation) pairs (multiple-choice eval)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "tokenizer: prints per-line and total log-prob and perplexity (JSON lines with --json); "
                           "lines of different lengths (each up to max_position_embeddings tokens), batched by "
                           "length (--batch-size)")
+    src.add_argument("--pairs", metavar="FILE.jsonl",
+                     help="conditional log-likelihoods (multiple-choice eval, as lm-evaluation-harness): each "
+                          "non-blank line a JSON object with \"context\" and \"continuation\" strings (encoded by "
+                          "the checkpoint's tokenizer, the continuation without bos) or \"context_ids\" and "
+                          "\"continuation_ids\" int lists; prints each line's log p(continuation | context), "
+                          "whether greedy decoding gives exactly the continuation, and its tokens, then a total "
+                          "(JSON lines with --json)")
     p.add_argument("--batch-size", type=int, metavar="N",
-                   help="with --text-file: lines per batch at most (default 8)")
+                   help="with --text-file / --pairs: sequences per batch at most (default 8)")
     p.add_argument("--out", help="file for float32 logits, in .npy format, written at exactly this path (its "
                                  "directory must exist)")
     p.add_argument("--mode", choices=("prefill", "decode"), default="prefill",
@@ -119,7 +127,7 @@ def _npz(arrays: dict) -> Callable:
     return lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
-def _read_lines(path: str) -> list[tuple[int, str]]:
+def _read_lines(path: str, flag: str = "--text-file") -> list[tuple[int, str]]:
     """The non-blank lines with their 1-based line numbers in the file."""
     try:   # lines end at \n (\r\n too) only: str.splitlines would also split at form feeds and U+2028
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -127,14 +135,28 @@ def _read_lines(path: str) -> list[tuple[int, str]]:
         lines = [(i + 1, line.removesuffix("\r")) for i, line in enumerate(raw) if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise DeepSeekError(f"--text-file: cannot read {path}: {' '.join(str(reason).split())}") from None
+        raise DeepSeekError(f"{flag}: cannot read {path}: {' '.join(str(reason).split())}") from None
     if not lines:
-        raise DeepSeekError(f"--text-file: {path} holds no text (only blank lines)")
+        raise DeepSeekError(f"{flag}: {path} holds no text (only blank lines)")
     return lines
 
 
 def _tokens(n: int) -> str:
     return f"{n} token" + ("" if n == 1 else "s")
+
+
+def _check_line_args(args: argparse.Namespace, source: str, prints: str) -> None:
+    """The flags of --ids that do not apply to ``source`` (--text-file / --pairs); --batch-size's default."""
+    for flag, bad in (("--out", args.out), ("--logprobs", args.logprobs), ("--internals", args.internals),
+                      ("--mtp", args.mtp), ("--mode decode", args.mode != "prefill"), ("--prefill", args.prefill),
+                      ("--attention", args.attention)):
+        if bad:
+            raise DeepSeekError(f"{flag} does not apply to {source} (lines of different lengths): "
+                                f"it prints {prints} (--json for JSON lines)")
+    args.batch_size = 8 if args.batch_size is None else args.batch_size
+    if args.batch_size < 1:
+        raise DeepSeekError(f"--batch-size must be >= 1, got {args.batch_size}")
+    runtime.check_args(args)
 
 
 def _run_text(args: argparse.Namespace) -> int:
@@ -145,16 +167,7 @@ def _run_text(args: argparse.Namespace) -> int:
     import deepseek_jax as dj
     from deepseek_jax.commands.generate import load_tokenizer
 
-    for flag, bad in (("--out", args.out), ("--logprobs", args.logprobs), ("--internals", args.internals),
-                      ("--mtp", args.mtp), ("--mode decode", args.mode != "prefill"), ("--prefill", args.prefill),
-                      ("--attention", args.attention)):
-        if bad:
-            raise DeepSeekError(f"{flag} does not apply to --text-file (lines of different lengths): "
-                                "it prints each line's log-prob and perplexity (--json for JSON lines)")
-    args.batch_size = 8 if args.batch_size is None else args.batch_size
-    if args.batch_size < 1:
-        raise DeepSeekError(f"--batch-size must be >= 1, got {args.batch_size}")
-    runtime.check_args(args)
+    _check_line_args(args, "--text-file", "each line's log-prob and perplexity")
     lines = _read_lines(args.text_file)
     tokenizer = load_tokenizer(args.ckpt, required=True)
     seqs = [tokenizer.encode(text) for _, text in lines]
@@ -186,6 +199,100 @@ def _run_text(args: argparse.Namespace) -> int:
     return 0
 
 
+_PAIR_KEYS = (("context", "continuation"), ("context_ids", "continuation_ids"))
+
+
+def _parse_pairs(lines: list[tuple[int, str]]) -> list[tuple[int, object, object, bool]]:
+    """Each line's ``(line number, context, continuation, is_text)``: strings, or id lists (ints
+    checked here, the vocab once the model's config is read)."""
+    out = []
+    for lineno, line in lines:
+        where = f"--pairs: line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DeepSeekError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DeepSeekError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        has = [all(k in obj for k in keys) for keys in _PAIR_KEYS]
+        if all(has):
+            raise DeepSeekError(f"{where}: give either \"context\"/\"continuation\" or \"context_ids\"/"
+                                "\"continuation_ids\", not both")
+        if not any(has):
+            raise DeepSeekError(f"{where}: expected keys \"context\" and \"continuation\" (strings) or "
+                                f"\"context_ids\" and \"continuation_ids\" (int lists), got {sorted(obj)}")
+        text = has[0]
+        vals = []
+        for k in _PAIR_KEYS[0 if text else 1]:
+            v = obj[k]
+            if text:
+                if not isinstance(v, str):
+                    raise DeepSeekError(f"{where}: \"{k}\" must be a string, got {type(v).__name__}")
+            elif not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+                raise DeepSeekError(f"{where}: \"{k}\" must be a list of integer token ids")
+            elif not v:
+                raise DeepSeekError(f"{where}: \"{k}\" is empty")
+            vals.append(v)
+        if text and vals[1] == "":
+            raise DeepSeekError(f"{where}: \"continuation\" is empty")
+        out.append((lineno, vals[0], vals[1], text))
+    return out
+
+
+def _run_pairs(args: argparse.Namespace) -> int:
+    """``--pairs``: conditional log-likelihoods (:func:`deepseek_jax.scoring.loglikelihood`)."""
+
+    import jax
+
+    import deepseek_jax as dj
+    from deepseek_jax.commands.generate import load_tokenizer
+
+    _check_line_args(args, "--pairs", "each pair's log-likelihood and is_greedy")
+    pairs = _parse_pairs(_read_lines(args.pairs, "--pairs"))
+    tokenizer = None
+    if any(text for *_, text in pairs):
+        if not os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")) and os.path.isdir(args.ckpt):
+            line = next(lineno for lineno, *_, text in pairs if text)
+            raise DeepSeekError(f"--pairs: line {line} holds text, but {args.ckpt} has no tokenizer.json "
+                                "(give \"context_ids\" / \"continuation_ids\" instead)")
+        tokenizer = load_tokenizer(args.ckpt, required=True)
+    requests = []
+    for lineno, ctx, cont, text in pairs:
+        if text:
+            ctx, cont = tokenizer.encode(ctx), tokenizer.encode(cont, add_bos=False)
+            for k, ids in (("context", ctx), ("continuation", cont)):
+                if not ids:
+                    raise DeepSeekError(f"--pairs: line {lineno}: \"{k}\" encodes to no tokens")
+        requests.append((ctx, cont))
+    mesh = runtime.init(args)
+    model = dj.load(args.ckpt, dtype=args.dtype, mesh=mesh, rules=args.rules)
+    V, limit = model.cfg.vocab_size, model.cfg.max_position_embeddings
+    for (lineno, *_), (ctx, cont) in zip(pairs, requests):
+        for k, ids in (("context", ctx), ("continuation", cont)):
+            bad = [t for t in ids if not 0 <= t < V]
+            if bad:
+                raise DeepSeekError(f"--pairs: line {lineno}: {k} token id {bad[0]} is outside the vocab [0, {V})")
+        if len(ctx) + len(cont) > limit:
+            raise DeepSeekError(f"--pairs: line {lineno} is {len(ctx) + len(cont)} tokens (context + continuation), "
+                                f"over the model's max_position_embeddings {limit}")
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        results = dj.loglikelihood(model, requests, batch_size=args.batch_size)
+    if not runtime.is_main():
+        return 0
+    for (lineno, *_), r in zip(pairs, results):
+        row = {"line": lineno, "logprob": r.logprob, "is_greedy": r.is_greedy, "tokens": r.tokens}
+        print(json.dumps(row) if args.json else
+              f"line {lineno}: log p {r.logprob:.4f} over {_tokens(r.tokens)}"
+              + (", greedy" if r.is_greedy else ", not greedy"))
+    n, greedy = len(results), sum(r.is_greedy for r in results)
+    total = sum(r.logprob for r in results)
+    summary = {"requests": n, "greedy": greedy, "greedy_accuracy": greedy / n, "logprob": total,
+               "tokens": sum(r.tokens for r in results)}
+    print(json.dumps({"total": summary}) if args.json else
+          f"total: {n} pairs, {greedy} greedy ({greedy / n:.2%}), log p {total:.4f} over {_tokens(summary['tokens'])}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
 
     import jax
@@ -194,8 +301,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.text_file is not None:
         return _run_text(args)
+    if args.pairs is not None:
+        return _run_pairs(args)
     if args.batch_size is not None:
-        raise DeepSeekError("--batch-size applies to --text-file (--ids is scored as one batch)")
+        raise DeepSeekError("--batch-size applies to --text-file and --pairs (--ids is scored as one batch)")
     if not (args.out or args.logprobs or args.json or args.internals):
         raise DeepSeekError("nothing to write: give --out, --logprobs, --internals or --json")
     outputs = [(flag, path) for flag, path in (("--out", args.out), ("--logprobs", args.logprobs),
