@@ -1,0 +1,245 @@
+"""A backend for EleutherAI's lm-evaluation-harness (``pip install lm_eval``).
+
+    import lm_eval
+    from deepseek_jax.harness import DeepSeekLM
+
+    lm = DeepSeekLM("path/to/checkpoint", batch_size=8)      # Hub layout or Orbax, with tokenizer.json
+    lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
+
+or from the shell, through lm_eval's own command line with this backend registered::
+
+    python -m deepseek_jax.harness --model deepseek_jax --model_args pretrained=DIR,batch_size=8 --tasks ...
+
+The three request kinds map onto this package's batched, compiled paths:
+
+- ``loglikelihood`` (multiple choice): :func:`deepseek_jax.scoring.loglikelihood` -- one prefill
+  pass per batch, log-probs and greedy checks taken on the device. Tokenization follows the
+  harness's causal-LM convention (``TemplateLM``): the context's trailing spaces move to the
+  continuation, context + continuation is encoded whole and split at the context's length, and an
+  empty context is the bos token.
+- ``loglikelihood_rolling`` (perplexity): the text as lm_eval's disjoint rolling windows of at most
+  ``max_length`` tokens, after the bos token.
+- ``generate_until``: :class:`deepseek_jax.generate.Generator` with the request's ``until`` strings as
+  stop strings (and eos), greedy unless ``do_sample`` (then ``temperature``, ``top_p``, ``top_k``).
+
+A context longer than ``max_length`` (default: the config's ``max_position_embeddings``, at most
+4096 here unless given) is cut on the left, as the harness's own backends do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from deepseek_jax.errors import DeepSeekError
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as err:   # an optional dependency: say which one
+    raise DeepSeekError(f"deepseek_jax.harness needs lm-evaluation-harness: pip install 'lm_eval>=0.4.13' "
+                        f"({err})") from None
+
+_GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed"}
+_DEFAULT_MAX_LENGTH = 4096
+
+
+def _positive(name: str, value) -> int:
+    """An int >= 1, from an int or (as lm_eval's --model_args give them) a string of digits."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())) \
+            or int(value) < 1:
+        raise DeepSeekError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class DeepSeekLM(TemplateLM):
+    """lm_eval's ``LM`` over a deepseek_jax model.
+
+    ``pretrained``: a checkpoint directory (loaded with :func:`deepseek_jax.load`, ``dtype``), or
+    pass ``model=`` (a loaded :class:`DeepSeekV3`) and ``tokenizer=`` (a
+    :class:`deepseek_jax.tokenizer.Tokenizer`) instead. ``batch_size``: sequences per compiled
+    pass. ``max_length``: the longest sequence a request may feed the model. ``max_gen_toks``:
+    new tokens of a ``generate_until`` request that does not say. lm_eval's ``--device`` and
+    ``--max_batch_size`` are accepted and ignored: JAX runs on its default backend (or the mesh
+    the model was loaded on).
+    """
+
+    def __init__(self, pretrained: str | os.PathLike[str] | None = None, *, model=None, tokenizer=None,
+                 dtype: str = "float32", batch_size: int | str = 8, max_length: int | str | None = None,
+                 max_gen_toks: int | str = 256, seed: int | str = 0, device: Any = None,
+                 max_batch_size: Any = None, **unknown: Any) -> None:
+        super().__init__()
+        if unknown:
+            raise DeepSeekError(f"DeepSeekLM: unknown argument(s) {', '.join(sorted(unknown))} (expected "
+                                "pretrained, dtype, batch_size, max_length, max_gen_toks, seed)")
+        import deepseek_jax as dj
+        from deepseek_jax.generate import Generator
+        from deepseek_jax.tokenizer import Tokenizer
+
+        if (pretrained is None) == (model is None):
+            raise DeepSeekError("DeepSeekLM: give either pretrained=DIR or model= (with tokenizer=)")
+        if model is None:
+            model = dj.load(pretrained, dtype=dtype)
+            if tokenizer is None:
+                tokenizer = Tokenizer.from_dir(pretrained)
+        if tokenizer is None:
+            raise DeepSeekError("DeepSeekLM: model= needs tokenizer= (a deepseek_jax.tokenizer.Tokenizer)")
+        if str(batch_size).startswith("auto"):
+            batch_size = 8
+        self.batch_size = _positive("batch_size", batch_size)
+        limit = model.cfg.max_position_embeddings
+        self.max_length = (min(limit, _DEFAULT_MAX_LENGTH) if max_length is None
+                           else _positive("max_length", max_length))
+        if self.max_length > limit:
+            raise DeepSeekError(f"max_length {self.max_length} exceeds the model's max_position_embeddings {limit}")
+        self.max_gen_toks = _positive("max_gen_toks", max_gen_toks)
+        self.seed = int(seed)
+        self.model, self.tokenizer = model, tokenizer
+        self._generator = Generator(model, tokenizer, max_len=max(self.max_length, 2))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+        """lm_eval's constructor path; ``--model_args`` win over its own ``--batch_size`` etc."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
+        from lm_eval.utils import simple_parse_args_string
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    # ---- tokenization (TemplateLM's hooks) ------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.model.cfg.eos_token_id)
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return self.eot_token_id if bos is None else int(bos)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
+        if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
+            add_special_tokens = False      # the text already carries its bos
+        return self.tokenizer.encode(string, add_bos=add_special_tokens)
+
+    @property
+    def _bos_text(self) -> str | None:
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return bos if isinstance(bos, str) and bos else None
+
+    def tok_decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "deepseek_jax"
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None
+
+    # ---- the three request kinds -----------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
+        from deepseek_jax.scoring import loglikelihood
+
+        pairs = []
+        for i, (_, ctx, cont) in enumerate(requests):
+            ctx, cont = list(ctx), list(cont)
+            if not cont:
+                raise DeepSeekError(f"loglikelihood request {i}: the continuation encodes to no tokens")
+            keep = self.max_length + 1 - len(cont)   # positions fed: len(ctx) + len(cont) - 1
+            if keep < 1:
+                raise DeepSeekError(f"loglikelihood request {i}: the continuation alone has {len(cont)} "
+                                    f"tokens, more than max_length {self.max_length}")
+            pairs.append((ctx[-keep:], cont))
+        out = loglikelihood(self.model, pairs, batch_size=self.batch_size)
+        return [(float(r.logprob), bool(r.is_greedy)) for r in out]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for i, req in enumerate(requests):
+            (text,) = req.args
+            ids = self.tok_encode(text, add_special_tokens=False)
+            if not ids:
+                raise DeepSeekError(f"loglikelihood_rolling request {i}: the text encodes to no tokens")
+            for w in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                    context_len=1)):
+                windows.append((None, *w))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows)
+        total = [0.0] * len(requests)
+        for i, (lp, _) in zip(owner, scores):
+            total[i] += lp
+        return total
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from deepseek_jax.sampling import SamplingParams
+
+        groups: dict[str, list[int]] = {}
+        settings = []
+        for i, req in enumerate(requests):
+            context, kwargs = req.args
+            s = self._gen_settings(i, kwargs)
+            settings.append(s)
+            groups.setdefault(repr(sorted(s.items())), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        for rows in groups.values():
+            s = settings[rows[0]]
+            budget = s["max_gen_toks"]
+            if budget >= self.max_length:
+                raise DeepSeekError(f"generate_until: max_gen_toks {budget} leaves no room for a context "
+                                    f"within max_length {self.max_length}")
+            sampling = (SamplingParams(s["temperature"], top_k=s["top_k"], top_p=s["top_p"]) if s["do_sample"]
+                        else SamplingParams(0.0))
+            for b in range(0, len(rows), self.batch_size):
+                chunk = rows[b:b + self.batch_size]
+                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - budget):] for i in chunk]
+                kw = dict(max_new_tokens=budget, sampling=sampling, seed=s["seed"])
+                if s["until"]:    # stop strings, matched on the host (generate --stop's path)
+                    res = self._generator._generate_text_ids(prompts, stops=s["until"], **kw)
+                else:
+                    res = self._generator.generate(prompts, **kw)
+                for i, r in zip(chunk, res):
+                    out[i] = r.text if r.text is not None else self.tokenizer.decode(r.output_ids)
+        return out
+
+    def _gen_settings(self, i: int, kwargs: Any) -> dict[str, Any]:
+        if not isinstance(kwargs, dict):
+            raise DeepSeekError(f"generate_until request {i}: expected a dict of generation settings, "
+                                f"got {type(kwargs).__name__}")
+        bad = sorted(set(kwargs) - _GEN_KEYS - {"max_new_tokens"})
+        if bad:
+            raise DeepSeekError(f"generate_until request {i}: unsupported generation setting(s) "
+                                f"{', '.join(bad)} (supported: {', '.join(sorted(_GEN_KEYS))})")
+        until = kwargs.get("until") or []
+        if isinstance(until, str):
+            until = [until]
+        if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+            raise DeepSeekError(f"generate_until request {i}: 'until' must be a string or a list of strings")
+        until = [u for u in until if u]     # (eos ends a row anyway)
+        temperature = float(kwargs.get("temperature", 1.0 if kwargs.get("do_sample") else 0.0))
+        do_sample = bool(kwargs.get("do_sample", temperature > 0)) and temperature > 0
+        return {"until": until, "do_sample": do_sample, "temperature": temperature,
+                "top_p": float(kwargs.get("top_p", 1.0)), "top_k": int(kwargs.get("top_k", 0) or 0),
+                "max_gen_toks": _positive("max_gen_toks", kwargs.get("max_gen_toks",
+                                                                    kwargs.get("max_new_tokens", self.max_gen_toks))),
+                "seed": int(kwargs.get("seed", self.seed))}
+
+
+def main() -> None:
+    """lm_eval's command line with the ``deepseek_jax`` backend registered."""
+    from lm_eval.__main__ import cli_evaluate
+    cli_evaluate()
+
+
+if __name__ == "__main__":   # `python -m deepseek_jax.harness`: register under the module's real name
+    import deepseek_jax.harness
+    deepseek_jax.harness.main()
+else:
+    register_model("deepseek_jax")(DeepSeekLM)
