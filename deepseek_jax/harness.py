@@ -145,20 +145,36 @@ class DeepSeekLM(TemplateLM):
 
     # ---- the three request kinds -----------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
+        from tqdm import tqdm
+
         from deepseek_jax.scoring import loglikelihood
 
+        # A request feeds its tokens but the last; the model also runs over that one here, so
+        # at most max_position_embeddings tokens in all (one context token fewer than HF's
+        # backend keeps, and only when max_length is the model's whole length).
+        total = min(self.max_length + 1, self.model.cfg.max_position_embeddings)
         pairs = []
         for i, (_, ctx, cont) in enumerate(requests):
             ctx, cont = list(ctx), list(cont)
             if not cont:
                 raise DeepSeekError(f"loglikelihood request {i}: the continuation encodes to no tokens")
-            keep = self.max_length + 1 - len(cont)   # positions fed: len(ctx) + len(cont) - 1
+            keep = total - len(cont)
             if keep < 1:
                 raise DeepSeekError(f"loglikelihood request {i}: the continuation alone has {len(cont)} "
-                                    f"tokens, more than max_length {self.max_length}")
+                                    f"tokens; at most {total - 1} fit (max_length {self.max_length})")
             pairs.append((ctx[-keep:], cont))
-        out = loglikelihood(self.model, pairs, batch_size=self.batch_size)
-        return [(float(r.logprob), bool(r.is_greedy)) for r in out]
+        # By length, in slices of a few batches: the progress bar moves, and each slice still
+        # pads little (dj.loglikelihood sorts and buckets within it).
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        step = 16 * self.batch_size
+        out: list = [None] * len(pairs)
+        with tqdm(total=len(pairs), disable=disable_tqdm, desc="deepseek_jax loglikelihood") as bar:
+            for start in range(0, len(order), step):
+                part = order[start:start + step]
+                for i, r in zip(part, loglikelihood(self.model, [pairs[i] for i in part], batch_size=self.batch_size)):
+                    out[i] = (float(r.logprob), bool(r.is_greedy))
+                bar.update(len(part))
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []

@@ -63,6 +63,21 @@ def test_loglikelihood_matches_hf(ours, hf):
     assert flags[0] and not flags[1]          # the right sum is the greedy answer, the wrong one is not
 
 
+def test_loglikelihood_at_the_models_whole_length(demo, ours, hf):
+    """max_length = max_position_embeddings: a longer request keeps that many tokens in all (HF's
+    backend keeps one more, fed but for its last); equal to HF's at max_length - 1."""
+    from lm_eval.models.huggingface import HFLM
+    limit = ours.model.cfg.max_position_embeddings
+    full = DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, batch_size=2, max_length=limit)
+    hf_short = HFLM(pretrained=hf.model, tokenizer=hf.tokenizer, batch_size=2, device="cpu", max_length=limit - 1)
+    ctx = _chat(ours, "+".join(str(i) for i in range(1, 60)))
+    assert len(ours.tok_encode(ctx)) > limit
+    inst = [Instance("loglikelihood", {}, (ctx, "1770"), 0), Instance("loglikelihood", {}, (ctx, "17"), 1)]
+    got, want = full.loglikelihood(inst, disable_tqdm=True), hf_short.loglikelihood(inst, disable_tqdm=True)
+    for (lp, greedy), (hlp, hgreedy) in zip(got, want):
+        assert lp == pytest.approx(hlp, abs=1e-4, rel=1e-5) and greedy == hgreedy
+
+
 def test_loglikelihood_rolling_matches_hf(ours, hf):
     texts = ["846+483=1329", "a text long enough to need more than one window of " + "digits 0123456789 " * 4]
     inst = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
