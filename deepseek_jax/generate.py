@@ -70,6 +70,13 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   every position); sampled output has the same distribution (not the same draws: the random
   stream differs). ``last_stats`` counts drafts (steps where a second token was possible) and
   accepted drafts.
+* **Log-probs** (``logprobs=True``): each generated token's log-probability under the model's
+  own next-token distribution (``log_softmax`` of the raw logits: temperature 1, no top-k/top-p),
+  the number :func:`deepseek_jax.sequence_logprobs` gives for that position. Taken on the device
+  from the logits that drew the token (the prefill's for the first, each decode step's, and
+  speculatively the verifier's for both positions) into a float32 ``[Bb, S]`` buffer ``lp_BS`` by
+  absolute position beside ``buf_BS``; it comes to the host with the tokens. A static switch
+  (part of the executables' key): without it the state has no such buffer and nothing changes.
 """
 
 from __future__ import annotations
@@ -126,10 +133,16 @@ class Result:
     output_ids: list[int]
     finish_reason: str             # "eos" | "stop" (a stop token id or stop string) | "length"
     text: str | None = None        # decoded output (generate_text / CLI), else None
+    # With ``logprobs=True``: one float per ``output_ids`` token, its log-probability under the
+    # model's raw next-token distribution (temperature 1, unfiltered); else None.
+    logprobs: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"prompt_ids": self.prompt_ids, "output_ids": self.output_ids, "text": self.text,
-                "finish_reason": self.finish_reason}
+        out = {"prompt_ids": self.prompt_ids, "output_ids": self.output_ids, "text": self.text,
+               "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        return out
 
 
 @dataclasses.dataclass
@@ -167,6 +180,7 @@ class DecodeState(NamedTuple):
     done_B: jax.Array      # bool
     keys_B: jax.Array      # per-row PRNG keys
     step: jax.Array        # tokens drawn so far per row (int32 scalar)
+    lp_BS: Any = None      # logprobs: float32 log-prob of each generated token by position, else None
 
 
 class _Knobs(NamedTuple):
@@ -188,6 +202,13 @@ def _ends(tok_B, knobs: _Knobs):
 def _draw(logits_BV, keys_B, step, knobs: _Knobs, greedy: bool, filtered: bool):
     return sample(logits_BV, keys_B, step, greedy=greedy, filtered=filtered,
                   temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p)
+
+
+def _token_logprob(logits_BV, tok_B):
+    """``log_softmax(logits)[tok]`` per row, float32 ``[B]``: the raw distribution's log-prob."""
+    lg = logits_BV.astype(jnp.float32)
+    picked = jnp.take_along_axis(lg, tok_B[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(lg, axis=-1)
 
 
 class Weights(NamedTuple):
@@ -260,10 +281,12 @@ def _prompt_pass(fn, cache, P: int, chunk: int | None, last_B, keep_all: bool, a
 
 
 def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
-             active_B, seed, knobs: _Knobs, keep_hidden: bool = False, chunk: int | None = None):
+             active_B, seed, knobs: _Knobs, keep_hidden: bool = False, chunk: int | None = None,
+             logprobs: bool = False):
     """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``);
     with ``weights.layers``, the layers run from them and the state's cache is per layer;
-    ``chunk``: the prompt in chunks of that many tokens (see :func:`prefill_chunk_for`)."""
+    ``chunk``: the prompt in chunks of that many tokens (see :func:`prefill_chunk_for`);
+    ``logprobs``: the state carries the generated tokens' log-probs (``lp_BS``)."""
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
@@ -278,14 +301,16 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, i
         return out.hidden, out.cache
 
     cache, h_BD, hidden_BPD = _prompt_pass(run, cache, P, chunk, lens_B - 1, keep_hidden)
-    state = _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered)
+    state = _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered,
+                         logprobs)
     return (state, hidden_BPD) if keep_hidden else state
 
 
 def _first_state(model: DeepSeekV3, h_BD, cache, S: int, ids_BP, lens_B, end_B, active_B, seed, knobs: _Knobs,
-                 greedy: bool, filtered: bool) -> DecodeState:
+                 greedy: bool, filtered: bool, logprobs: bool = False) -> DecodeState:
     """The decode state after a prompt: the first new token drawn from each row's last hidden
-    state ``h_BD``, the token buffer holding the prompts ``ids_BP`` and that token."""
+    state ``h_BD``, the token buffer holding the prompts ``ids_BP`` and that token (and with
+    ``logprobs`` its log-prob, in a float32 ``[B, S]`` buffer at the same position)."""
     B, P = ids_BP.shape
     logits_BV = model.lm_head(h_BD[:, None], model.prec.dtype)[:, 0]
     keys_B = row_keys(seed, B)
@@ -295,7 +320,10 @@ def _first_state(model: DeepSeekV3, h_BD, cache, S: int, ids_BP, lens_B, end_B, 
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | _ends(tok_B, knobs) | (lens_B >= end_B)
-    return DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1))
+    lp_BS = None
+    if logprobs:
+        lp_BS = jnp.zeros((B, S), jnp.float32).at[rows, lens_B].set(_token_logprob(logits_BV, tok_B), mode="drop")
+    return DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1), lp_BS)
 
 
 def _resize_positions(cache, S: int):
@@ -309,7 +337,8 @@ def _resize_positions(cache, S: int):
 
 
 def _prefill_continue(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, cache, sfx_BQ, start,
-                      ids_BP, lens_B, end_B, active_B, seed, knobs: _Knobs, chunk: int | None = None) -> DecodeState:
+                      ids_BP, lens_B, end_B, active_B, seed, knobs: _Knobs, chunk: int | None = None,
+                      logprobs: bool = False) -> DecodeState:
     """Prefill that continues a cached prefix: ``cache`` (a previous call's, any length) holds
     positions ``< start`` of these prompts; the suffix tokens ``sfx_BQ`` (right-padded) run at
     positions ``start..`` absorbed over it, in chunks when ``chunk``. ``ids_BP``: the whole
@@ -325,12 +354,14 @@ def _prefill_continue(graphdef, greedy: bool, filtered: bool, S: int, weights: W
         return out.hidden, out.cache
 
     cache, h_BD, _ = _prompt_pass(run, cache, Q, chunk, lens_B - 1 - start, False, absorbed_first=True)
-    return _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered)
+    return _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered,
+                        logprobs)
 
 
 def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: DecodeState, limit,
             knobs: _Knobs) -> DecodeState:
-    """Decode steps until ``limit`` or every row is done."""
+    """Decode steps until ``limit`` or every row is done (recording log-probs when the state
+    has an ``lp_BS`` buffer: a static property of its structure)."""
     rows = jnp.arange(state.buf_BS.shape[0])
 
     def cond(s: DecodeState):
@@ -344,7 +375,11 @@ def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: Dec
         cur_B = jnp.where(s.done_B, s.cur_B, s.cur_B + 1)
         buf_BS = s.buf_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.buf_BS[rows, cur_B], new_B))
         done_B = s.done_B | _ends(new_B, knobs) | (cur_B >= s.end_B)
-        return DecodeState(out.cache, buf_BS, cur_B, s.end_B, done_B, s.keys_B, s.step + 1)
+        lp_BS = None
+        if s.lp_BS is not None:
+            lp_B = _token_logprob(out.logits[:, 0], new_B)
+            lp_BS = s.lp_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.lp_BS[rows, cur_B], lp_B))
+        return DecodeState(out.cache, buf_BS, cur_B, s.end_B, done_B, s.keys_B, s.step + 1, lp_BS)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -363,6 +398,7 @@ class SpecState(NamedTuple):
     step: jax.Array        # 1 + loop iterations (int32 scalar)
     drafted_B: jax.Array   # int32 per row
     accepted_B: jax.Array  # int32 per row
+    lp_BS: Any = None      # logprobs: as DecodeState.lp_BS (the verifier's log-probs), else None
 
 
 def _probs(logits_BV, knobs: _Knobs, filtered: bool):
@@ -417,9 +453,9 @@ def _verify(logits_B2V, draft_B, q_BV, keys_B, knobs: _Knobs, greedy: bool, filt
 
 
 def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
-                  active_B, seed, knobs: _Knobs, chunk: int | None = None) -> SpecState:
+                  active_B, seed, knobs: _Knobs, chunk: int | None = None, logprobs: bool = False) -> SpecState:
     st = _prefill(graphdef, greedy, filtered, S, weights, ids_BP, lens_B, end_B, active_B, seed, knobs,
-                  keep_hidden=True, chunk=chunk)
+                  keep_hidden=True, chunk=chunk, logprobs=logprobs)
     state, hidden_BPD = st
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
@@ -440,7 +476,7 @@ def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, weights: Weigh
     draft_B, q_BV = _draft(model, x_BD, state.keys_B, jnp.uint32(0xFFFFFFFF), knobs, greedy, filtered)
     zeros = jnp.zeros((B,), jnp.int32)
     return SpecState(state.cache, mtp_cache, state.buf_BS, state.cur_B, draft_B, q_BV, state.end_B,
-                     state.done_B, state.keys_B, state.step, zeros, zeros)
+                     state.done_B, state.keys_B, state.step, zeros, zeros, state.lp_BS)
 
 
 def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state: SpecState, limit,
@@ -474,9 +510,14 @@ def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state
         last = jnp.where(two, t2, t1)
         done = s.done_B | (_ends(last, knobs) & active) | (new_cur >= s.end_B)
         useful = active & ~first_ends & room2
+        lp = None
+        if s.lp_BS is not None:   # the verifier's raw log-probs of t1 (position cur+1) and t2 (cur+2)
+            lp = s.lp_BS.at[rows, cur + 1].set(
+                jnp.where(active, _token_logprob(out.logits[:, 0], t1), s.lp_BS[rows, cur + 1]), mode="drop")
+            lp = lp.at[rows, p2].set(_token_logprob(out.logits[:, 1], t2), mode="drop")
         return SpecState(out.cache, mtp_cache, buf, new_cur, jnp.where(active, new_d, d),
                          jnp.where(active[:, None], q_BV, s.q_BV), s.end_B, done, s.keys_B, s.step + 1,
-                         s.drafted_B + useful.astype(jnp.int32), s.accepted_B + (useful & ok).astype(jnp.int32))
+                         s.drafted_B + useful.astype(jnp.int32), s.accepted_B + (useful & ok).astype(jnp.int32), lp)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -553,15 +594,17 @@ def _prepare(graphdef, weights: Weights) -> _Prepared:
 
 def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
     """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative,
-    prefill chunk, continuation)`` (continuation: None, or the suffix bucket and the cached
-    cache's length for :func:`_prefill_continue`),
+    prefill chunk, continuation[, logprobs])`` (continuation: None, or the suffix bucket and the
+    cached cache's length for :func:`_prefill_continue`; logprobs: the state records the
+    generated tokens' log-probs, False when left out),
     taking ``prep.leaves``, and the seconds spent compiling (0 on a cache hit)."""
     graphdef, treedef = prep.graphdef, prep.treedef
     full_key = (prep.ident, key)
     hit = _EXECUTABLES.get(full_key)
     if hit is not None:
         return hit, 0.0
-    _, _, S, greedy, filtered, spec, chunk, cont = key
+    _, _, S, greedy, filtered, spec, chunk, cont, *rest = key
+    lp = bool(rest[0]) if rest else False
     prefill_fn, decode_fn = (_prefill_spec, _decode_spec) if spec else (_prefill, _decode)
     if cont is not None:   # (suffix bucket, cached positions): the prefill continues a cached prefix
         prefill_fn = _prefill_continue
@@ -570,7 +613,7 @@ def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
         return jax.tree.unflatten(treedef, leaves)
 
     t0 = time.perf_counter()
-    pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a, chunk=chunk))
+    pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a, chunk=chunk, logprobs=lp))
     pre_c = pre.lower(prep.leaves, *prefill_args, knobs).compile()
     state_shape = jax.eval_shape(pre, prep.leaves, *prefill_args, knobs)
     dec = jax.jit(lambda w, st, lim, kn: decode_fn(graphdef, greedy, filtered, weights(w), st, lim, kn),
@@ -856,6 +899,7 @@ class Generator:
                  seed: int = 0, stop_at_eos: bool = True, eos_id: int | None = None,
                  stream: StreamFn | None = None, stream_chunk: int | None = None,
                  speculative: str | None = None, stop_token_ids: Sequence[int] | None = None,
+                 logprobs: bool = False,
                  _watch: Callable[[int, list[int]], bool] | None = None) -> list[Result]:
         """Generates up to ``max_new_tokens`` per prompt (fewer where the max length cuts in).
 
@@ -867,7 +911,11 @@ class Generator:
         ``output_ids`` and the finish reason is ``"stop"``. ``stream(row, new_ids)`` is called
         with each row's new tokens every ``stream_chunk`` decode steps. ``speculative="mtp"``: the model's MTP module
         drafts a token ahead and the main model verifies it (see the module docstring; needs a
-        model with its MTP module). Returns one :class:`Result` per prompt.
+        model with its MTP module). ``logprobs=True``: each result's ``logprobs`` holds one float
+        per ``output_ids`` token, its log-probability under the model's raw next-token
+        distribution (``log_softmax`` of the logits: temperature 1, no top-k/top-p, whatever
+        ``sampling`` is), computed in the compiled loop (its own executables; calls without it
+        are unchanged). Returns one :class:`Result` per prompt.
 
         (``_watch(row, new_ids) -> bool``, internal: like ``stream``, and True ends the row; it
         runs the loop in chunks. :meth:`generate_text` finds stop strings with it.)
@@ -895,6 +943,9 @@ class Generator:
         chunk = self.stream_chunk if stream_chunk is None else _check_stream_chunk(stream_chunk)
         stop_ids = self._check_stop_token_ids(stop_token_ids)
         stop_set = frozenset() if stop_ids is _NO_STOP_IDS else set(stop_ids.tolist()) - {-1}
+        if not isinstance(logprobs, (bool, np.bool_)):
+            raise DeepSeekError(f"logprobs must be True or False, got {logprobs!r}")
+        logprobs = bool(logprobs)
 
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int32)
@@ -902,7 +953,7 @@ class Generator:
         stats = GenerationStats(batch=B, prompt_tokens=int(lens.sum()), speculative="mtp" if spec else None)
         self.last_stats = stats
         if max_new_tokens == 0:
-            return [Result(p, [], "length") for p in prompts]
+            return [Result(p, [], "length", logprobs=[] if logprobs else None) for p in prompts]
 
         prep = self._prepared or _as_is(self.model)
         keep = self.reuse_prefix and B == 1 and not spec
@@ -943,7 +994,7 @@ class Generator:
         else:
             p_chunk = prefill_chunk_for(Bb, Pb, S, heads, self.prefill_chunk)
         stats.prefill_chunk = p_chunk
-        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, p_chunk, cont)
+        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, p_chunk, cont, logprobs)
         (pre, dec), stats.compile_s = _executables(prep, key, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 
@@ -978,13 +1029,14 @@ class Generator:
         if stream is None and _watch is None:
             if max_steps > 1:
                 state = dec(params, state, np.int32(max_steps), knobs)
-            # (Speculative: the draft counters come back in the same transfer.)
-            buf, cur, done, steps, *counts = jax.device_get(
-                (state.buf_BS, state.cur_B, state.done_B, state.step)
+            # (Speculative: the draft counters come back in the same transfer; so do log-probs.)
+            buf, cur, done, steps, lp, *counts = jax.device_get(
+                (state.buf_BS, state.cur_B, state.done_B, state.step, state.lp_BS)
                 + ((state.drafted_B, state.accepted_B) if spec else ()))
         else:
             while True:
-                buf, cur, done, steps = jax.device_get((state.buf_BS, state.cur_B, state.done_B, state.step))
+                buf, cur, done, steps, lp = jax.device_get(
+                    (state.buf_BS, state.cur_B, state.done_B, state.step, state.lp_BS))
                 stopped = emit(buf, cur, done)
                 if stopped is not None:   # stop strings: those rows are done (the loop skips them)
                     done = done | stopped
@@ -1009,7 +1061,8 @@ class Generator:
                 out, reason = out[:-1], "eos"
             elif out and out[-1] in stop_set and done[r]:
                 out, reason = out[:-1], "stop"
-            results.append(Result(p, out, reason))
+            results.append(Result(p, out, reason,
+                                  logprobs=lp[r, lens[r]:lens[r] + len(out)].tolist() if logprobs else None))
         stats.new_tokens = sum(len(r.output_ids) for r in results)
         return results
 
@@ -1102,6 +1155,8 @@ class Generator:
             r.text = t.finish()
             if t.cut is not None:
                 r.output_ids, r.finish_reason = r.output_ids[:t.kept], "stop"
+                if r.logprobs is not None:
+                    r.logprobs = r.logprobs[:t.kept]
             if stream is not None:
                 t.send(stream, row)
         self.last_stats.new_tokens = sum(len(r.output_ids) for r in results)

@@ -6,6 +6,8 @@ batch. ``--json`` prints one object per prompt: ``{"prompt_ids", "output_ids", "
 "finish_reason"}`` (``text`` is null when the checkpoint has no tokenizer). ``--stop TEXT`` and
 ``--stop-token-id ID`` (both repeatable) end a row like eos does, with finish reason ``"stop"``:
 the text is cut before the stop string (never streamed), the stop token id is not output.
+``--logprobs`` (needs ``--json``) adds ``"logprobs"``: one float per output id, its log-probability
+under the model's raw next-token distribution (temperature 1, no top-k/top-p filtering).
 
 The helpers here (sampling flags, tokenizer loading, the timing line) are shared by ``chat``
 and ``demo``.
@@ -148,6 +150,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="end a prompt's completion at this token id, which is not output (repeatable, at most "
                         "16; also with --ignore-eos)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt, no streaming")
+    p.add_argument("--logprobs", action="store_true",
+                   help="with --json: add \"logprobs\", each output token's log-probability under the model's "
+                        "raw next-token distribution (temperature 1, no top-k/top-p)")
     runtime.add_args(p)
     p.set_defaults(func=run)
 
@@ -223,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     runtime.check_args(args)
     check_stop_args(args)
+    if args.logprobs and not args.json:
+        raise DeepSeekError("--logprobs needs --json (the log-probs are printed in the JSON objects)")
     if args.prompt_ids:
         prompts = [parse_ids(s) for s in args.prompt_ids]
         tokenizer = load_tokenizer(args.ckpt, required=False)
@@ -236,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
     gen._check_stop_token_ids(args.stop_token_ids)   # (the vocab range) before any notice
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-              stop_at_eos=not args.ignore_eos, speculative=args.speculative, stop_token_ids=args.stop_token_ids)
+              stop_at_eos=not args.ignore_eos, speculative=args.speculative, stop_token_ids=args.stop_token_ids,
+              logprobs=args.logprobs)
     note = length_cap_notice(gen.max_len, prompts, args.max_new_tokens)
     if note:
         print(note, file=sys.stderr)
