@@ -212,12 +212,24 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Encode ``text``; prepend bos if ``add_bos`` (default: the config's ``add_bos_token``).
+        """Encode ``text``; prepend bos if ``add_bos`` (default: the config's ``add_bos_token``,
+        unless ``text`` already starts with the bos token's text, e.g. a rendered chat template).
 
         Special-token strings inside ``text`` (e.g. ``<｜User｜>``) map to their ids.
         """
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
-        if self.add_bos_token if add_bos is None else add_bos:
+        try:
+            ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:   # the Rust side takes only str, and only UTF-8-encodable str
+            if not isinstance(text, str):
+                raise DeepSeekError(f"text to encode must be a string, got {type(text).__name__}") from None
+            bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+            if bad is None:
+                raise
+            raise DeepSeekError(f"text holds a lone surrogate {text[bad]!r} at character {bad}: "
+                                "not valid Unicode text") from None
+        if add_bos is None:
+            add_bos = self.add_bos_token and not text.startswith(self.bos_token)
+        if add_bos:
             ids.insert(0, self.bos_id)
         return ids
 

@@ -75,8 +75,18 @@ def test_encode_bos_handling(tok: Tokenizer) -> None:
     plain = tok.encode("hello", add_bos=False)
     assert tok.encode("hello", add_bos=True) == [0] + plain
     assert tok.encode("hello") == [0] + plain  # config says add_bos_token: true
+    # text that already starts with bos (a rendered chat template) gets no second one by default
+    assert tok.encode(BOS + "hello") == [0] + plain
+    assert tok.encode(BOS + "hello", add_bos=True) == [0, 0] + plain
     assert tok.decode([0] + plain) == "hello"
     assert tok.decode([0] + plain, skip_special=False) == BOS + "hello"
+
+
+def test_encode_bad_text(tok: Tokenizer) -> None:
+    with pytest.raises(DeepSeekError, match=r"lone surrogate '\\ud800' at character 5"):
+        tok.encode("caf\u00e9 \ud800")
+    with pytest.raises(DeepSeekError, match="must be a string, got bytes"):
+        tok.encode(b"hello")
 
 
 def test_merges_compress_english(tok: Tokenizer) -> None:
