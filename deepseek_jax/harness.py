@@ -46,6 +46,25 @@ _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_
 _DEFAULT_MAX_LENGTH = 4096
 
 
+def _integer(name: str, value) -> int:
+    """An int, from an int or (as lm_eval's arguments give them) a string of one."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise DeepSeekError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _number(name: str, value) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise DeepSeekError(f"{name} must be a number, got {value!r}") from None
+
+
 def _positive(name: str, value) -> int:
     """An int >= 1, from an int or (as lm_eval's --model_args give them) a string of digits."""
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())) \
@@ -61,14 +80,15 @@ class DeepSeekLM(TemplateLM):
     pass ``model=`` (a loaded :class:`DeepSeekV3`) and ``tokenizer=`` (a
     :class:`deepseek_jax.tokenizer.Tokenizer`) instead. ``batch_size``: sequences per compiled
     pass. ``max_length``: the longest sequence a request may feed the model. ``max_gen_toks``:
-    new tokens of a ``generate_until`` request that does not say. lm_eval's ``--device`` and
+    new tokens of a ``generate_until`` request that does not say (default 256, or half of
+    ``max_length`` when that is less). lm_eval's ``--device`` and
     ``--max_batch_size`` are accepted and ignored: JAX runs on its default backend (or the mesh
     the model was loaded on).
     """
 
     def __init__(self, pretrained: str | os.PathLike[str] | None = None, *, model=None, tokenizer=None,
                  dtype: str = "float32", batch_size: int | str = 8, max_length: int | str | None = None,
-                 max_gen_toks: int | str = 256, seed: int | str = 0, device: Any = None,
+                 max_gen_toks: int | str | None = None, seed: int | str = 0, device: Any = None,
                  max_batch_size: Any = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
@@ -94,8 +114,9 @@ class DeepSeekLM(TemplateLM):
                            else _positive("max_length", max_length))
         if self.max_length > limit:
             raise DeepSeekError(f"max_length {self.max_length} exceeds the model's max_position_embeddings {limit}")
-        self.max_gen_toks = _positive("max_gen_toks", max_gen_toks)
-        self.seed = int(seed)
+        self.max_gen_toks = (min(256, max(self.max_length // 2, 1)) if max_gen_toks is None
+                             else _positive("max_gen_toks", max_gen_toks))
+        self.seed = _integer("seed", seed)
         self.model, self.tokenizer = model, tokenizer
         self._generator = Generator(model, tokenizer, max_len=max(self.max_length, 2))
 
@@ -121,14 +142,8 @@ class DeepSeekLM(TemplateLM):
         return self.eot_token_id if bos is None else int(bos)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
-        if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
-            add_special_tokens = False      # the text already carries its bos
+        # (None: bos per the tokenizer config, and none added to text that starts with it)
         return self.tokenizer.encode(string, add_bos=add_special_tokens)
-
-    @property
-    def _bos_text(self) -> str | None:
-        bos = getattr(self.tokenizer, "bos_token", None)
-        return bos if isinstance(bos, str) and bos else None
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
@@ -180,15 +195,15 @@ class DeepSeekLM(TemplateLM):
         windows, owner = [], []
         for i, req in enumerate(requests):
             (text,) = req.args
-            ids = self.tok_encode(text, add_special_tokens=False)
-            if not ids:
-                raise DeepSeekError(f"loglikelihood_rolling request {i}: the text encodes to no tokens")
+            ids = self.tok_encode(text, add_special_tokens=False)   # (no tokens: no windows, log p 0)
+            # Windows of at most max_length predicted tokens after one of context, fed but for the
+            # last: so one fewer than max_length when that is the model's whole length.
+            width = min(self.max_length, self.model.cfg.max_position_embeddings - 1)
             for w in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                    context_len=1)):
+                    token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=width, context_len=1)):
                 windows.append((None, *w))
                 owner.append(i)
-        scores = self._loglikelihood_tokens(windows)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm) if windows else []
         total = [0.0] * len(requests)
         for i, (lp, _) in zip(owner, scores):
             total[i] += lp
@@ -239,23 +254,36 @@ class DeepSeekLM(TemplateLM):
         if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
             raise DeepSeekError(f"generate_until request {i}: 'until' must be a string or a list of strings")
         until = [u for u in until if u]     # (eos ends a row anyway)
-        temperature = float(kwargs.get("temperature", 1.0 if kwargs.get("do_sample") else 0.0))
+        where = f"generate_until request {i}"
+        temperature = _number(f"{where}: temperature",
+                              kwargs.get("temperature", 1.0 if kwargs.get("do_sample") else 0.0))
         do_sample = bool(kwargs.get("do_sample", temperature > 0)) and temperature > 0
         return {"until": until, "do_sample": do_sample, "temperature": temperature,
-                "top_p": float(kwargs.get("top_p", 1.0)), "top_k": int(kwargs.get("top_k", 0) or 0),
-                "max_gen_toks": _positive("max_gen_toks", kwargs.get("max_gen_toks",
-                                                                    kwargs.get("max_new_tokens", self.max_gen_toks))),
-                "seed": int(kwargs.get("seed", self.seed))}
+                "top_p": _number(f"{where}: top_p", kwargs.get("top_p", 1.0)),
+                "top_k": _integer(f"{where}: top_k", kwargs.get("top_k", 0) or 0),
+                "max_gen_toks": _positive(f"{where}: max_gen_toks", kwargs.get(
+                    "max_gen_toks", kwargs.get("max_new_tokens", self.max_gen_toks))),
+                "seed": _integer(f"{where}: seed", kwargs.get("seed", self.seed))}
 
 
-def main() -> None:
-    """lm_eval's command line with the ``deepseek_jax`` backend registered."""
+def main() -> int:
+    """lm_eval's command line with the ``deepseek_jax`` backend registered; errors a user can
+    cause end it with one line (exit 2), as the deepseek-jax commands do."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except DeepSeekError as e:
+        print(f"deepseek_jax.harness: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":   # `python -m deepseek_jax.harness`: register under the module's real name
+    import sys
+
     import deepseek_jax.harness
-    deepseek_jax.harness.main()
+    sys.exit(deepseek_jax.harness.main())
 else:
     register_model("deepseek_jax")(DeepSeekLM)

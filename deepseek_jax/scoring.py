@@ -185,6 +185,8 @@ def _check_seq(model: DeepSeekV3, seq, what: str) -> np.ndarray:
         a = np.asarray(seq)
         if a.ndim != 1:
             raise DeepSeekError(f"expected a 1-D list of token ids, got shape {list(a.shape)}")
+        if a.size == 0:
+            raise DeepSeekError("empty: no token ids")
         return check_ids(model, a)[0]
     except DeepSeekError as e:
         raise DeepSeekError(f"{what}: {str(e).removeprefix('ids: ')}") from None

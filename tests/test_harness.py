@@ -78,12 +78,23 @@ def test_loglikelihood_at_the_models_whole_length(demo, ours, hf):
         assert lp == pytest.approx(hlp, abs=1e-4, rel=1e-5) and greedy == hgreedy
 
 
-def test_loglikelihood_rolling_matches_hf(ours, hf):
-    texts = ["846+483=1329", "a text long enough to need more than one window of " + "digits 0123456789 " * 4]
+def test_loglikelihood_rolling_matches_hf(demo, ours, hf):
+    texts = ["846+483=1329", "a text long enough to need more than one window of " + "digits 0123456789 " * 4, ""]
     inst = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     assert len(ours.tok_encode(texts[1], add_special_tokens=False)) > 2 * MAX_LENGTH
     got, want = ours.loglikelihood_rolling(inst, disable_tqdm=True), hf.loglikelihood_rolling(inst, disable_tqdm=True)
     assert got == pytest.approx(want, abs=1e-3, rel=1e-5)
+    assert got[2] == 0.0                          # an empty document: no windows
+    # the default max_length is the demo model's whole length: windows one token narrower (what
+    # the model can take with the one context token), as HF's backend at max_length - 1
+    from lm_eval.models.huggingface import HFLM
+    limit = ours.model.cfg.max_position_embeddings
+    full = DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, batch_size=2)
+    hf_short = HFLM(pretrained=hf.model, tokenizer=hf.tokenizer, batch_size=2, device="cpu", max_length=limit - 1)
+    inst = [Instance("loglikelihood_rolling", {}, ("846+483=1329 " * 30,), 0)]
+    assert len(ours.tok_encode(inst[0].args[0], add_special_tokens=False)) > 2 * limit
+    assert full.loglikelihood_rolling(inst, disable_tqdm=True) == pytest.approx(
+        hf_short.loglikelihood_rolling(inst, disable_tqdm=True), abs=1e-3, rel=1e-5)
 
 
 def test_bad_arguments(demo, ours):
@@ -95,6 +106,8 @@ def test_bad_arguments(demo, ours):
         DeepSeekLM(demo, max_length=10 ** 6)
     with pytest.raises(DeepSeekError, match="either pretrained=DIR or model="):
         DeepSeekLM()
+    with pytest.raises(DeepSeekError, match="seed must be an integer, got 'abc'"):
+        DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, seed="abc")
     with pytest.raises(DeepSeekError, match="continuation alone has"):
         ours.loglikelihood([Instance("loglikelihood", {}, ("1", "9" * 40), 0)], disable_tqdm=True)
 
@@ -124,6 +137,14 @@ def test_lm_eval_command_line(demo, tmp_path):
     [result] = list((tmp_path / "out").rglob("results_*.json"))
     acc = json.loads(result.read_text())["results"]["demo_addition"]["acc,none"]
     assert acc == 1.0, r.stdout[-2000:]
+    # a user's mistake ends the command with one line, not a traceback
+    r = subprocess.run([sys.executable, "-m", "deepseek_jax.harness", "--model", "deepseek_jax",
+                        "--model_args", f"pretrained={demo},batch_size=abc", "--tasks", "demo_addition",
+                        "--include_path", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == \
+        "deepseek_jax.harness: error: batch_size must be a positive integer, got 'abc'"
+    assert "Traceback" not in r.stderr
 
 
 def test_generate_until_matches_hf(ours, hf):
@@ -145,3 +166,17 @@ def test_generate_until_bad_settings(ours):
         ours.generate_until([Instance("generate_until", {}, ("1+1", {"num_beams": 4}), 0)], disable_tqdm=True)
     with pytest.raises(DeepSeekError, match="'until' must be a string or a list of strings"):
         ours.generate_until([Instance("generate_until", {}, ("1+1", {"until": [3]}), 0)], disable_tqdm=True)
+    for key, value, what in (("temperature", "abc", "a number"), ("top_k", "abc", "an integer"),
+                             ("seed", "x", "an integer"), ("max_gen_toks", 0, "a positive integer")):
+        with pytest.raises(DeepSeekError, match=f"request 0: {key} must be {what}"):
+            ours.generate_until([Instance("generate_until", {}, ("1+1", {key: value, "do_sample": True}), 0)],
+                                disable_tqdm=True)
+
+
+def test_generate_until_default_budget_fits(ours):
+    """Without max_gen_toks a request gets 256 new tokens at most, or half of max_length."""
+    lm = DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer)    # max_length: the demo's 128
+    assert lm.max_gen_toks == 64
+    [text] = lm.generate_until([Instance("generate_until", {}, (_chat(ours, "50+563"), {"until": ["\n"]}), 0)],
+                               disable_tqdm=True)
+    assert text == "613"

@@ -151,7 +151,7 @@ def _check_line_args(args: argparse.Namespace, source: str, prints: str) -> None
                       ("--mtp", args.mtp), ("--mode decode", args.mode != "prefill"), ("--prefill", args.prefill),
                       ("--attention", args.attention)):
         if bad:
-            raise DeepSeekError(f"{flag} does not apply to {source} (lines of different lengths): "
+            raise DeepSeekError(f"{flag} does not apply to {source}: "
                                 f"it prints {prints} (--json for JSON lines)")
     args.batch_size = 8 if args.batch_size is None else args.batch_size
     if args.batch_size < 1:
@@ -289,7 +289,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
     summary = {"requests": n, "greedy": greedy, "greedy_accuracy": greedy / n, "logprob": total,
                "tokens": sum(r.tokens for r in results)}
     print(json.dumps({"total": summary}) if args.json else
-          f"total: {n} pairs, {greedy} greedy ({greedy / n:.2%}), log p {total:.4f} over {_tokens(summary['tokens'])}")
+          f"total: {n} pair{'' if n == 1 else 's'}, {greedy} greedy ({greedy / n:.2%}), log p {total:.4f} over {_tokens(summary['tokens'])}")
     return 0
 
 
