@@ -13,7 +13,8 @@ or from the shell, through lm_eval's own command line with this backend register
 The three request kinds map onto this package's batched, compiled paths:
 
 - ``loglikelihood`` (multiple choice): :func:`deepseek_jax.scoring.loglikelihood` -- one prefill
-  pass per batch, log-probs and greedy checks taken on the device. Tokenization follows the
+  pass per batch, log-probs and greedy checks taken on the device; the one-token answers of a
+  question share one row (one pass instead of one per answer). Tokenization follows the
   harness's causal-LM convention (``TemplateLM``): the context's trailing spaces move to the
   continuation, context + continuation is encoded whole and split at the context's length, and an
   empty context is the bos token.
@@ -179,8 +180,10 @@ class DeepSeekLM(TemplateLM):
                                     f"tokens; at most {total - 1} fit (max_length {self.max_length})")
             pairs.append((ctx[-keep:], cont))
         # By length, in slices of a few batches: the progress bar moves, and each slice still
-        # pads little (dj.loglikelihood sorts and buckets within it).
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        # pads little (dj.loglikelihood sorts and buckets within it). Requests equal but for the
+        # last token sort together, so that they share a row (one-token answers of a question).
+        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]) + len(pairs[i][1]),
+                                                         pairs[i][0] + pairs[i][1][:-1]))
         step = 16 * self.batch_size
         out: list = [None] * len(pairs)
         with tqdm(total=len(pairs), disable=disable_tqdm, desc="deepseek_jax loglikelihood") as bar:

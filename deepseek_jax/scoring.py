@@ -134,14 +134,26 @@ _MIN_BUCKET = 16
 
 
 @partial(nnx.jit, static_argnames=("greedy",))
-def _next_token_scores(model: DeepSeekV3, ids_BT, greedy: bool = False):
+def _next_token_scores(model: DeepSeekV3, ids_BT, greedy: bool = False, alt=None):
     """Position t's log-prob of ``ids[:, t + 1]``, ``[B, T]`` float32, and with ``greedy`` also
     whether that token is the argmax of position t's logits (``[B, T]`` bool; ``None`` without).
     The last column's target is ``ids[:, 0]``, a placeholder. The head runs over ``_HEAD_CHUNK``
     positions at a time, so the ``[B, T, V]`` logits (8.5 GB at B=8, T=2048 and DeepSeek-V3's
-    vocab) never exist at once."""
+    vocab) never exist at once.
+
+    ``alt = (pos_B, tok_BK)``: also the log-probs of K other tokens at one position per row
+    (``[B, K]`` float32) and whether each is that position's argmax (``[B, K]`` bool): the other
+    last tokens of :func:`loglikelihood` requests that share everything before them."""
     B, T = ids_BT.shape
     hidden = model(ids_BT, logits=False).hidden
+    alt_out = ()
+    if alt is not None:
+        pos_B, tok_BK = alt
+        h_BD = jnp.take_along_axis(hidden, pos_B[:, None, None], axis=1)[:, 0]
+        logits_BV = model.lm_head(h_BD[:, None], model.prec.dtype)[:, 0]
+        picked = jnp.take_along_axis(logits_BV, tok_BK, axis=-1)
+        alt_out = (picked - jax.nn.logsumexp(logits_BV, axis=-1, keepdims=True),
+                   jnp.argmax(logits_BV, axis=-1)[:, None].astype(tok_BK.dtype) == tok_BK)
     tgt_BT = jnp.roll(ids_BT, -1, axis=1)
     c = min(T, _HEAD_CHUNK)
 
@@ -162,7 +174,7 @@ def _next_token_scores(model: DeepSeekV3, ids_BT, greedy: bool = False):
     t_NBc = jnp.moveaxis(tgt_BT.reshape(B, Tp // c, c), 1, 0)
     out = jax.lax.map(chunk, (h_NBcD, t_NBc))
     unchunk = lambda x_NBc: jnp.moveaxis(x_NBc, 0, 1).reshape(B, Tp)[:, :T]  # noqa: E731
-    return (unchunk(out[0]), unchunk(out[1])) if greedy else (unchunk(out), None)
+    return ((unchunk(out[0]), unchunk(out[1])) if greedy else (unchunk(out), None)) + alt_out
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -194,26 +206,42 @@ def _check_seq(model: DeepSeekV3, seq, what: str) -> np.ndarray:
         raise DeepSeekError(f"{what}: not a flat list of token ids") from None
 
 
-def _score_rows(model: DeepSeekV3, rows: list[np.ndarray], batch_size: int, greedy: bool):
+def _score_rows(model: DeepSeekV3, rows: list[np.ndarray], batch_size: int, greedy: bool,
+                alts: list[list[int]] | None = None):
     """Every row's ``(log-probs [n-1], argmax flags [n-1] or None)``, in the input order: rows
     sorted by length, ``batch_size`` at a time (fewer rows: their number rounded up to a power of
-    two), right-padded to :func:`_bucket`'s length; one compile per padded length."""
+    two), right-padded to :func:`_bucket`'s length; one compile per padded length.
+
+    ``alts`` (with ``greedy``): per row, other tokens to score in place of its last one; each
+    row's tuple then also holds their ``(log-probs [k], argmax flags [k])``."""
     limit = model.cfg.max_position_embeddings
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list = [None] * len(rows)
     B = min(int(batch_size), 1 << (len(rows) - 1).bit_length())
+    K = 0 if alts is None else 1 << max(0, max(map(len, alts)) - 1).bit_length()   # a power of two
     for start in range(0, len(order), B):
         group = order[start:start + B]
         T = _bucket(len(rows[group[-1]]), limit)
         batch = np.zeros((B, T), np.int32)
         for r, i in enumerate(group):
             batch[r, :len(rows[i])] = rows[i]
-        lp, gr = _next_token_scores(model, jnp.asarray(batch), greedy=greedy)
+        alt = None
+        if K:
+            pos, toks = np.zeros(B, np.int32), np.zeros((B, K), np.int32)
+            for r, i in enumerate(group):
+                pos[r] = len(rows[i]) - 2
+                toks[r, :len(alts[i])] = alts[i]
+            alt = (jnp.asarray(pos), jnp.asarray(toks))
+        lp, gr, *alt_out = _next_token_scores(model, jnp.asarray(batch), greedy=greedy, alt=alt)
         lp = to_host(lp)
         gr = to_host(gr) if greedy else None
+        alt_lp, alt_gr = (to_host(alt_out[0]), to_host(alt_out[1])) if K else (None, None)
         for r, i in enumerate(group):
             n = len(rows[i]) - 1
             out[i] = (lp[r, :n].astype(np.float32), gr[r, :n].astype(bool) if greedy else None)
+            if K:
+                k = len(alts[i])
+                out[i] += (alt_lp[r, :k].astype(np.float32), alt_gr[r, :k].astype(bool))
     return out
 
 
@@ -254,7 +282,7 @@ class Likelihood(NamedTuple):
     token_logprobs: np.ndarray
 
 
-def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8) -> list[Likelihood]:
+def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8, share: bool = True) -> list[Likelihood]:
     """Conditional log-likelihoods, the lm-evaluation-harness primitive: for each
     ``(context_ids, continuation_ids)`` pair (each a non-empty 1-D list or array of token ids), the
     :class:`Likelihood` of the continuation after the context, in the input order.
@@ -264,6 +292,11 @@ def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8) -> list[L
     the device beside the log-probs. ``context + continuation`` is scored as one sequence of at
     most ``max_position_embeddings`` tokens (nothing is truncated), batched by length as in
     :func:`sequence_logprobs` (same buckets and compiles; only ``[B, T]`` values come back).
+
+    ``share``: requests that differ only in their last token (multiple choice with one-token
+    answers, e.g. " A" / " B" / " C" / " D" after the same question) run as one row, whose pass
+    also scores the other last tokens at that position: a question with four such answers costs
+    one row instead of four. ``share=False`` runs every request as its own row.
     """
     fn = "loglikelihood"
     _check_model(model)
@@ -284,8 +317,27 @@ def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8) -> list[L
                                 f"over max_position_embeddings {limit}")
         rows.append(np.concatenate([ctx, cont]))
         n_ctx.append(len(ctx))
+    # Rows: one per set of requests equal but for the last token (and with the same context length).
+    first: dict[tuple, int] = {}
+    owner = []                            # request -> the row (the first request of its set)
+    for i, (row, c) in enumerate(zip(rows, n_ctx)):
+        owner.append(first.setdefault((c, row[:-1].tobytes()), i) if share else i)
+    if len(set(owner)) == len(rows):      # nothing shared: each request its own row
+        scored = _score_rows(model, rows, batch_size, greedy=True)
+        parts = [(lp, gr) for lp, gr in scored]
+    else:
+        members: dict[int, list[int]] = {}
+        for i, h in enumerate(owner):
+            members.setdefault(h, []).append(i)
+        heads = list(members)
+        scored = _score_rows(model, [rows[h] for h in heads], batch_size, greedy=True,
+                             alts=[[int(rows[i][-1]) for i in members[h]] for h in heads])
+        parts = [None] * len(rows)
+        for h, (lp, gr, alt_lp, alt_gr) in zip(heads, scored):
+            for j, i in enumerate(members[h]):   # the shared tokens' scores, then its own last one
+                parts[i] = (np.append(lp[:-1], alt_lp[j]), np.append(gr[:-1], alt_gr[j]))
     out = []
-    for (lp, gr), c in zip(_score_rows(model, rows, batch_size, greedy=True), n_ctx):
+    for (lp, gr), c in zip(parts, n_ctx):
         lp, gr = lp[c - 1:], gr[c - 1:]      # position t predicts token t + 1
         out.append(Likelihood(float(lp.sum(dtype=np.float64)), bool(gr.all()), len(lp), lp))
     return out

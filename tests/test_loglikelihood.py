@@ -83,6 +83,28 @@ def test_matches_hf(ckpt_a, model_a):
     assert flags == [False, True, False, False, False, True]
 
 
+def test_shared_rows_equal_separate_rows(model_a):
+    """Requests that differ only in their last token share one row (multiple choice with one-token
+    answers): the same numbers as each request scored as its own row. Sets of 1, 2, 3 and 5
+    requests (5: an 8-wide slot of other tokens), multi-token continuations sharing all but the
+    last token, the same last token under two contexts, batches of 2 rows."""
+    V = model_a.cfg.vocab_size
+    rng = np.random.default_rng(5)
+    r = lambda n: rng.integers(0, V, n).tolist()  # noqa: E731
+    q1, q2, q3 = r(7), r(20), r(3)
+    requests = [(q1, [t]) for t in r(5)]                               # five one-token answers
+    requests += [(q2, [4, 9, t]) for t in r(3)]                        # three, sharing [4, 9]
+    requests += [(q3, [t]) for t in r(2)] + [(r(11), r(2))]            # two; one alone
+    requests += [(q1 + [5], [6]), (q1, [5, 6])]                        # same tokens, split apart
+    rng.shuffle(requests)
+    shared = loglikelihood(model_a, requests, batch_size=2)
+    alone = loglikelihood(model_a, requests, batch_size=2, share=False)
+    for i, (a, b) in enumerate(zip(shared, alone)):
+        assert a.tokens == b.tokens and a.is_greedy == b.is_greedy, i
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=0, atol=2e-5, err_msg=str(i))
+        assert abs(a.logprob - b.logprob) <= 5e-5, i
+
+
 @pytest.mark.parametrize("requests, kw, needle", [
     ([], {}, "requests is empty"),
     ("1 2", {}, "requests must be a list"),
