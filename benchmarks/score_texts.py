@@ -9,7 +9,12 @@ random token sequences with lengths drawn uniformly from 2 to ``--max-len``. Aft
 alternation ``--repeats`` times and each keeps its best time. The per-token log-probs are compared
 between them as a check.
 
-    .venv/bin/python benchmarks/score_texts.py [--texts 64] [--max-len 200] [--batch-size 8]
+A second table scores multiple choice: ``--questions`` random contexts (2 to ``--max-len`` - 1
+tokens), each with 4 one-token answers, by ``dj.loglikelihood`` (answers sharing one row, and each
+request as its own row) and by HF's model (one pass per request, and one per question reading the
+4 answers from its last position). ``--questions 0`` skips it.
+
+    .venv/bin/python benchmarks/score_texts.py [--texts 64] [--max-len 200] [--batch-size 8] [--questions 32]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--questions", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     a = ap.parse_args(argv)
 
@@ -82,17 +88,20 @@ def main(argv=None) -> int:
             return out
         engines["HF transformers, one at a time"] = hf_alone
 
-    results, best = {}, {}
-    for name, fn in engines.items():   # warm-up: every compile happens here
-        t = time.perf_counter()
-        results[name] = fn()
-        print(f"# warm-up {name}: {time.perf_counter() - t:.1f} s", flush=True)
-    for _ in range(a.repeats):
+    def race(engines):   # warm-up (every compile), then alternate, best of --repeats
+        results, best = {}, {}
         for name, fn in engines.items():
             t = time.perf_counter()
-            fn()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+            results[name] = fn()
+            print(f"# warm-up {name}: {time.perf_counter() - t:.1f} s", flush=True)
+        for _ in range(a.repeats):
+            for name, fn in engines.items():
+                t = time.perf_counter()
+                fn()
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+        return results, best
 
+    results, best = race(engines)
     ref = results["one at a time (dj.logits)"]
     print(f"\n{datetime.date.today()} · jax {jax.__version__} · {platform.machine()}, {os.cpu_count()} CPUs · "
           f"{a.texts} texts, 2-{max_len} tokens ({n_tokens} scored) · batch size {a.batch_size} · best of {a.repeats}")
@@ -101,6 +110,44 @@ def main(argv=None) -> int:
     for name in engines:
         diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(results[name], ref))
         print(f"{name:<34}{best[name]:>9.3f}{n_tokens / best[name]:>11,.0f}{best[name] / base:>24.2f}{diff:>28.1e}")
+    if a.questions <= 0:
+        return 0
+
+    requests = []
+    for n in rng.integers(2, max_len, a.questions):
+        ctx = rng.integers(0, model.cfg.vocab_size, int(n)).tolist()
+        requests += [(ctx, [int(t)]) for t in rng.choice(model.cfg.vocab_size, 4, replace=False)]
+    mc = {"loglikelihood, answers share a row": lambda: [r.logprob for r in dj.loglikelihood(
+              model, requests, batch_size=a.batch_size)],
+          "loglikelihood, a row per request": lambda: [r.logprob for r in dj.loglikelihood(
+              model, requests, batch_size=a.batch_size, share=False)]}
+    if not a.no_hf:
+        def hf_per_request():
+            out = []
+            with torch.no_grad():
+                for ctx, cont in requests:
+                    logits = hf(input_ids=torch.tensor([ctx + cont])).logits[0, len(ctx) - 1].float()
+                    out.append(float(torch.log_softmax(logits, -1)[cont[0]]))
+            return out
+
+        def hf_per_question():
+            out = []
+            with torch.no_grad():
+                for q in range(0, len(requests), 4):
+                    ctx = requests[q][0]
+                    lsm = torch.log_softmax(hf(input_ids=torch.tensor([ctx])).logits[0, -1].float(), -1)
+                    out += [float(lsm[cont[0]]) for _, cont in requests[q:q + 4]]
+            return out
+        mc["HF transformers, a pass per request"] = hf_per_request
+        mc["HF transformers, a pass per question"] = hf_per_question
+    results, best = race(mc)
+    base = best["loglikelihood, answers share a row"]
+    ref = results["loglikelihood, a row per request"]
+    print(f"\nmultiple choice: {a.questions} questions x 4 one-token answers ({len(requests)} requests)")
+    print(f"{'engine':<40}{'s':>9}{'requests/s':>12}{'x slower than shared':>22}{'max |dlogp| vs a row each':>28}")
+    for name in mc:
+        diff = float(np.abs(np.asarray(results[name]) - np.asarray(ref)).max())
+        print(f"{name:<40}{best[name]:>9.3f}{len(requests) / best[name]:>12,.0f}{best[name] / base:>22.2f}{diff:>28.1e}")
     return 0
 
 
