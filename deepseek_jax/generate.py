@@ -77,6 +77,12 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   speculatively the verifier's for both positions) into a float32 ``[Bb, S]`` buffer ``lp_BS`` by
   absolute position beside ``buf_BS``; it comes to the host with the tokens. A static switch
   (part of the executables' key): without it the state has no such buffer and nothing changes.
+  ``top_logprobs=K`` (1..20, implies ``logprobs``) adds the ``K`` most likely tokens of each
+  generated position under the same raw distribution: ``jax.lax.top_k`` of the same float32
+  logits (most likely first, ties lowest id first, so a greedy token is the first entry), minus
+  their ``logsumexp``, into an int32 and a float32 ``[Bb, S, K]`` buffer (``top_ids_BSK``,
+  ``top_lp_BSK``) written where ``lp_BS`` is. ``K`` is static (part of the key); with ``K = 0``
+  the state has neither buffer and the programs are those of ``logprobs`` alone.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ from deepseek_jax.quant import dequantize
 from deepseek_jax.sampling import GREEDY, SamplingParams, filter_logits, row_keys, sample
 
 __all__ = ["Generator", "GenerationStats", "Result", "Weights", "length_bucket", "batch_bucket",
-           "MAX_STOP_TOKEN_IDS"]
+           "MAX_STOP_TOKEN_IDS", "MAX_TOP_LOGPROBS"]
 
 #: ``stream(row, new_ids)``: called with each row's newly generated ids as they arrive.
 StreamFn = Callable[[int, list[int]], None]
@@ -109,6 +115,9 @@ StreamFn = Callable[[int, list[int]], None]
 MAX_STOP_TOKEN_IDS = 16
 _NO_STOP_IDS = np.full(MAX_STOP_TOKEN_IDS, -1, np.int32)
 _NO_STOP_IDS.setflags(write=False)
+
+#: ``top_logprobs`` asks for at most this many alternatives per token (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 
 
 def length_bucket(n: int, minimum: int = 16) -> int:
@@ -136,12 +145,18 @@ class Result:
     # With ``logprobs=True``: one float per ``output_ids`` token, its log-probability under the
     # model's raw next-token distribution (temperature 1, unfiltered); else None.
     logprobs: list[float] | None = None
+    # With ``top_logprobs=K > 0``: per ``output_ids`` token, the ``K`` most likely ``(token id,
+    # log-prob)`` pairs of its position under that same distribution, most likely first (ties:
+    # lowest id first); else None.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {"prompt_ids": self.prompt_ids, "output_ids": self.output_ids, "text": self.text,
                "finish_reason": self.finish_reason}
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.top_logprobs is not None:   # [[id, logprob], ...] per output token
+            out["top_logprobs"] = [[[i, v] for i, v in pos] for pos in self.top_logprobs]
         return out
 
 
@@ -181,6 +196,8 @@ class DecodeState(NamedTuple):
     keys_B: jax.Array      # per-row PRNG keys
     step: jax.Array        # tokens drawn so far per row (int32 scalar)
     lp_BS: Any = None      # logprobs: float32 log-prob of each generated token by position, else None
+    top_ids_BSK: Any = None  # top_logprobs K > 0: int32 [B, S, K] the K most likely ids by position, else None
+    top_lp_BSK: Any = None   # ... and their float32 log-probs
 
 
 class _Knobs(NamedTuple):
@@ -209,6 +226,17 @@ def _token_logprob(logits_BV, tok_B):
     lg = logits_BV.astype(jnp.float32)
     picked = jnp.take_along_axis(lg, tok_B[:, None], axis=-1)[:, 0]
     return picked - jax.nn.logsumexp(lg, axis=-1)
+
+
+def _token_top_logprobs(logits_BV, tok_B, k: int):
+    """``(log-prob of tok [B], top-k ids int32 [B, k], their log-probs [B, k])`` of the raw
+    distribution: ``jax.lax.top_k`` of the float32 logits (stable: ties lowest id first, as
+    ``argmax`` picks), minus the same ``logsumexp`` as :func:`_token_logprob`."""
+    lg = logits_BV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(lg, axis=-1)
+    picked = jnp.take_along_axis(lg, tok_B[:, None], axis=-1)[:, 0]
+    vals_Bk, ids_Bk = jax.lax.top_k(lg, k)
+    return picked - lse, ids_Bk.astype(jnp.int32), vals_Bk - lse[:, None]
 
 
 class Weights(NamedTuple):
@@ -282,11 +310,12 @@ def _prompt_pass(fn, cache, P: int, chunk: int | None, last_B, keep_all: bool, a
 
 def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
              active_B, seed, knobs: _Knobs, keep_hidden: bool = False, chunk: int | None = None,
-             logprobs: bool = False):
+             logprobs: bool = False, top_logprobs: int = 0):
     """The prefill state (and, with ``keep_hidden``, the prompt's hidden states ``[B, P, D]``);
     with ``weights.layers``, the layers run from them and the state's cache is per layer;
     ``chunk``: the prompt in chunks of that many tokens (see :func:`prefill_chunk_for`);
-    ``logprobs``: the state carries the generated tokens' log-probs (``lp_BS``)."""
+    ``logprobs``: the state carries the generated tokens' log-probs (``lp_BS``), and with
+    ``top_logprobs`` > 0 their positions' most likely tokens (``top_ids_BSK``, ``top_lp_BSK``)."""
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
     dtype = model.prec.dtype
@@ -302,15 +331,16 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, i
 
     cache, h_BD, hidden_BPD = _prompt_pass(run, cache, P, chunk, lens_B - 1, keep_hidden)
     state = _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered,
-                         logprobs)
+                         logprobs, top_logprobs)
     return (state, hidden_BPD) if keep_hidden else state
 
 
 def _first_state(model: DeepSeekV3, h_BD, cache, S: int, ids_BP, lens_B, end_B, active_B, seed, knobs: _Knobs,
-                 greedy: bool, filtered: bool, logprobs: bool = False) -> DecodeState:
+                 greedy: bool, filtered: bool, logprobs: bool = False, top_logprobs: int = 0) -> DecodeState:
     """The decode state after a prompt: the first new token drawn from each row's last hidden
     state ``h_BD``, the token buffer holding the prompts ``ids_BP`` and that token (and with
-    ``logprobs`` its log-prob, in a float32 ``[B, S]`` buffer at the same position)."""
+    ``logprobs`` its log-prob, in a float32 ``[B, S]`` buffer at the same position; with
+    ``top_logprobs`` K > 0 also that position's K most likely ids and log-probs, ``[B, S, K]``)."""
     B, P = ids_BP.shape
     logits_BV = model.lm_head(h_BD[:, None], model.prec.dtype)[:, 0]
     keys_B = row_keys(seed, B)
@@ -320,10 +350,15 @@ def _first_state(model: DeepSeekV3, h_BD, cache, S: int, ids_BP, lens_B, end_B, 
     rows = jnp.arange(B)
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | _ends(tok_B, knobs) | (lens_B >= end_B)
-    lp_BS = None
-    if logprobs:
+    lp_BS = top_ids = top_lp = None
+    if logprobs and top_logprobs:
+        lp_B, ids_BK, vals_BK = _token_top_logprobs(logits_BV, tok_B, top_logprobs)
+        lp_BS = jnp.zeros((B, S), jnp.float32).at[rows, lens_B].set(lp_B, mode="drop")
+        top_ids = jnp.zeros((B, S, top_logprobs), jnp.int32).at[rows, lens_B].set(ids_BK, mode="drop")
+        top_lp = jnp.zeros((B, S, top_logprobs), jnp.float32).at[rows, lens_B].set(vals_BK, mode="drop")
+    elif logprobs:
         lp_BS = jnp.zeros((B, S), jnp.float32).at[rows, lens_B].set(_token_logprob(logits_BV, tok_B), mode="drop")
-    return DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1), lp_BS)
+    return DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1), lp_BS, top_ids, top_lp)
 
 
 def _resize_positions(cache, S: int):
@@ -338,7 +373,7 @@ def _resize_positions(cache, S: int):
 
 def _prefill_continue(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, cache, sfx_BQ, start,
                       ids_BP, lens_B, end_B, active_B, seed, knobs: _Knobs, chunk: int | None = None,
-                      logprobs: bool = False) -> DecodeState:
+                      logprobs: bool = False, top_logprobs: int = 0) -> DecodeState:
     """Prefill that continues a cached prefix: ``cache`` (a previous call's, any length) holds
     positions ``< start`` of these prompts; the suffix tokens ``sfx_BQ`` (right-padded) run at
     positions ``start..`` absorbed over it, in chunks when ``chunk``. ``ids_BP``: the whole
@@ -355,13 +390,14 @@ def _prefill_continue(graphdef, greedy: bool, filtered: bool, S: int, weights: W
 
     cache, h_BD, _ = _prompt_pass(run, cache, Q, chunk, lens_B - 1 - start, False, absorbed_first=True)
     return _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered,
-                        logprobs)
+                        logprobs, top_logprobs)
 
 
 def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: DecodeState, limit,
             knobs: _Knobs) -> DecodeState:
     """Decode steps until ``limit`` or every row is done (recording log-probs when the state
-    has an ``lp_BS`` buffer: a static property of its structure)."""
+    has an ``lp_BS`` buffer, and top log-probs when it has ``top_ids_BSK``: static properties of
+    its structure)."""
     rows = jnp.arange(state.buf_BS.shape[0])
 
     def cond(s: DecodeState):
@@ -375,11 +411,17 @@ def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: Dec
         cur_B = jnp.where(s.done_B, s.cur_B, s.cur_B + 1)
         buf_BS = s.buf_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.buf_BS[rows, cur_B], new_B))
         done_B = s.done_B | _ends(new_B, knobs) | (cur_B >= s.end_B)
-        lp_BS = None
-        if s.lp_BS is not None:
+        lp_BS = top_ids = top_lp = None
+        if s.top_ids_BSK is not None:
+            lp_B, ids_BK, vals_BK = _token_top_logprobs(out.logits[:, 0], new_B, s.top_ids_BSK.shape[-1])
+            lp_BS = s.lp_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.lp_BS[rows, cur_B], lp_B))
+            top_ids = s.top_ids_BSK.at[rows, cur_B].set(
+                jnp.where(s.done_B[:, None], s.top_ids_BSK[rows, cur_B], ids_BK))
+            top_lp = s.top_lp_BSK.at[rows, cur_B].set(jnp.where(s.done_B[:, None], s.top_lp_BSK[rows, cur_B], vals_BK))
+        elif s.lp_BS is not None:
             lp_B = _token_logprob(out.logits[:, 0], new_B)
             lp_BS = s.lp_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.lp_BS[rows, cur_B], lp_B))
-        return DecodeState(out.cache, buf_BS, cur_B, s.end_B, done_B, s.keys_B, s.step + 1, lp_BS)
+        return DecodeState(out.cache, buf_BS, cur_B, s.end_B, done_B, s.keys_B, s.step + 1, lp_BS, top_ids, top_lp)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -399,6 +441,8 @@ class SpecState(NamedTuple):
     drafted_B: jax.Array   # int32 per row
     accepted_B: jax.Array  # int32 per row
     lp_BS: Any = None      # logprobs: as DecodeState.lp_BS (the verifier's log-probs), else None
+    top_ids_BSK: Any = None  # top_logprobs: as DecodeState's (from the verifier's logits), else None
+    top_lp_BSK: Any = None
 
 
 def _probs(logits_BV, knobs: _Knobs, filtered: bool):
@@ -453,9 +497,10 @@ def _verify(logits_B2V, draft_B, q_BV, keys_B, knobs: _Knobs, greedy: bool, filt
 
 
 def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
-                  active_B, seed, knobs: _Knobs, chunk: int | None = None, logprobs: bool = False) -> SpecState:
+                  active_B, seed, knobs: _Knobs, chunk: int | None = None, logprobs: bool = False,
+                  top_logprobs: int = 0) -> SpecState:
     st = _prefill(graphdef, greedy, filtered, S, weights, ids_BP, lens_B, end_B, active_B, seed, knobs,
-                  keep_hidden=True, chunk=chunk, logprobs=logprobs)
+                  keep_hidden=True, chunk=chunk, logprobs=logprobs, top_logprobs=top_logprobs)
     state, hidden_BPD = st
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
@@ -476,7 +521,8 @@ def _prefill_spec(graphdef, greedy: bool, filtered: bool, S: int, weights: Weigh
     draft_B, q_BV = _draft(model, x_BD, state.keys_B, jnp.uint32(0xFFFFFFFF), knobs, greedy, filtered)
     zeros = jnp.zeros((B,), jnp.int32)
     return SpecState(state.cache, mtp_cache, state.buf_BS, state.cur_B, draft_B, q_BV, state.end_B,
-                     state.done_B, state.keys_B, state.step, zeros, zeros, state.lp_BS)
+                     state.done_B, state.keys_B, state.step, zeros, zeros, state.lp_BS, state.top_ids_BSK,
+                     state.top_lp_BSK)
 
 
 def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state: SpecState, limit,
@@ -510,14 +556,27 @@ def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state
         last = jnp.where(two, t2, t1)
         done = s.done_B | (_ends(last, knobs) & active) | (new_cur >= s.end_B)
         useful = active & ~first_ends & room2
-        lp = None
-        if s.lp_BS is not None:   # the verifier's raw log-probs of t1 (position cur+1) and t2 (cur+2)
+        lp = top_ids = top_lp = None
+        if s.top_ids_BSK is not None:   # as below, with each position's top-K ids and log-probs
+            K = s.top_ids_BSK.shape[-1]
+            lp1, ids1, vals1 = _token_top_logprobs(out.logits[:, 0], t1, K)
+            lp2, ids2, vals2 = _token_top_logprobs(out.logits[:, 1], t2, K)
+            lp = s.lp_BS.at[rows, cur + 1].set(jnp.where(active, lp1, s.lp_BS[rows, cur + 1]), mode="drop")
+            lp = lp.at[rows, p2].set(lp2, mode="drop")
+            top_ids = s.top_ids_BSK.at[rows, cur + 1].set(
+                jnp.where(active[:, None], ids1, s.top_ids_BSK[rows, cur + 1]), mode="drop")
+            top_ids = top_ids.at[rows, p2].set(ids2, mode="drop")
+            top_lp = s.top_lp_BSK.at[rows, cur + 1].set(
+                jnp.where(active[:, None], vals1, s.top_lp_BSK[rows, cur + 1]), mode="drop")
+            top_lp = top_lp.at[rows, p2].set(vals2, mode="drop")
+        elif s.lp_BS is not None:   # the verifier's raw log-probs of t1 (position cur+1) and t2 (cur+2)
             lp = s.lp_BS.at[rows, cur + 1].set(
                 jnp.where(active, _token_logprob(out.logits[:, 0], t1), s.lp_BS[rows, cur + 1]), mode="drop")
             lp = lp.at[rows, p2].set(_token_logprob(out.logits[:, 1], t2), mode="drop")
         return SpecState(out.cache, mtp_cache, buf, new_cur, jnp.where(active, new_d, d),
                          jnp.where(active[:, None], q_BV, s.q_BV), s.end_B, done, s.keys_B, s.step + 1,
-                         s.drafted_B + useful.astype(jnp.int32), s.accepted_B + (useful & ok).astype(jnp.int32), lp)
+                         s.drafted_B + useful.astype(jnp.int32), s.accepted_B + (useful & ok).astype(jnp.int32), lp,
+                         top_ids, top_lp)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -594,9 +653,10 @@ def _prepare(graphdef, weights: Weights) -> _Prepared:
 
 def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
     """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative,
-    prefill chunk, continuation[, logprobs])`` (continuation: None, or the suffix bucket and the
-    cached cache's length for :func:`_prefill_continue`; logprobs: the state records the
-    generated tokens' log-probs, False when left out),
+    prefill chunk, continuation[, logprobs[, top_logprobs]])`` (continuation: None, or the suffix
+    bucket and the cached cache's length for :func:`_prefill_continue`; logprobs: the state
+    records the generated tokens' log-probs, False when left out; top_logprobs: K > 0 records
+    their positions' K most likely tokens too (with logprobs), 0 when left out),
     taking ``prep.leaves``, and the seconds spent compiling (0 on a cache hit)."""
     graphdef, treedef = prep.graphdef, prep.treedef
     full_key = (prep.ident, key)
@@ -605,6 +665,7 @@ def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
         return hit, 0.0
     _, _, S, greedy, filtered, spec, chunk, cont, *rest = key
     lp = bool(rest[0]) if rest else False
+    top = int(rest[1]) if len(rest) > 1 and lp else 0
     prefill_fn, decode_fn = (_prefill_spec, _decode_spec) if spec else (_prefill, _decode)
     if cont is not None:   # (suffix bucket, cached positions): the prefill continues a cached prefix
         prefill_fn = _prefill_continue
@@ -613,7 +674,8 @@ def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
         return jax.tree.unflatten(treedef, leaves)
 
     t0 = time.perf_counter()
-    pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a, chunk=chunk, logprobs=lp))
+    pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a, chunk=chunk,
+                                           logprobs=lp, top_logprobs=top))
     pre_c = pre.lower(prep.leaves, *prefill_args, knobs).compile()
     state_shape = jax.eval_shape(pre, prep.leaves, *prefill_args, knobs)
     dec = jax.jit(lambda w, st, lim, kn: decode_fn(graphdef, greedy, filtered, weights(w), st, lim, kn),
@@ -899,7 +961,7 @@ class Generator:
                  seed: int = 0, stop_at_eos: bool = True, eos_id: int | None = None,
                  stream: StreamFn | None = None, stream_chunk: int | None = None,
                  speculative: str | None = None, stop_token_ids: Sequence[int] | None = None,
-                 logprobs: bool = False,
+                 logprobs: bool = False, top_logprobs: int = 0,
                  _watch: Callable[[int, list[int]], bool] | None = None) -> list[Result]:
         """Generates up to ``max_new_tokens`` per prompt (fewer where the max length cuts in).
 
@@ -915,7 +977,12 @@ class Generator:
         per ``output_ids`` token, its log-probability under the model's raw next-token
         distribution (``log_softmax`` of the logits: temperature 1, no top-k/top-p, whatever
         ``sampling`` is), computed in the compiled loop (its own executables; calls without it
-        are unchanged). Returns one :class:`Result` per prompt.
+        are unchanged). ``top_logprobs=K`` (an integer in 0..:data:`MAX_TOP_LOGPROBS`; K > 0
+        implies ``logprobs=True``): each result's ``top_logprobs`` also holds, per ``output_ids``
+        token, the K most likely ``(token id, log-prob)`` pairs of its position under that same
+        distribution, most likely first (ties: lowest id first; the sampled token is among them
+        whenever its rank is below K, and a greedy token comes first); K is static (its own
+        executables). Returns one :class:`Result` per prompt.
 
         (``_watch(row, new_ids) -> bool``, internal: like ``stream``, and True ends the row; it
         runs the loop in chunks. :meth:`generate_text` finds stop strings with it.)
@@ -945,7 +1012,11 @@ class Generator:
         stop_set = frozenset() if stop_ids is _NO_STOP_IDS else set(stop_ids.tolist()) - {-1}
         if not isinstance(logprobs, (bool, np.bool_)):
             raise DeepSeekError(f"logprobs must be True or False, got {logprobs!r}")
-        logprobs = bool(logprobs)
+        if not _is_int(top_logprobs) or not 0 <= top_logprobs <= min(MAX_TOP_LOGPROBS, self.vocab_size):
+            raise DeepSeekError(f"top_logprobs must be an integer in [0, {min(MAX_TOP_LOGPROBS, self.vocab_size)}], "
+                                f"got {top_logprobs!r}")
+        top = int(top_logprobs)
+        logprobs = bool(logprobs) or top > 0   # top log-probs come with the chosen tokens' log-probs
 
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int32)
@@ -953,7 +1024,8 @@ class Generator:
         stats = GenerationStats(batch=B, prompt_tokens=int(lens.sum()), speculative="mtp" if spec else None)
         self.last_stats = stats
         if max_new_tokens == 0:
-            return [Result(p, [], "length", logprobs=[] if logprobs else None) for p in prompts]
+            return [Result(p, [], "length", logprobs=[] if logprobs else None, top_logprobs=[] if top else None)
+                    for p in prompts]
 
         prep = self._prepared or _as_is(self.model)
         keep = self.reuse_prefix and B == 1 and not spec
@@ -994,7 +1066,7 @@ class Generator:
         else:
             p_chunk = prefill_chunk_for(Bb, Pb, S, heads, self.prefill_chunk)
         stats.prefill_chunk = p_chunk
-        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, p_chunk, cont, logprobs)
+        key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, p_chunk, cont, logprobs, top)
         (pre, dec), stats.compile_s = _executables(prep, key, prefill_args, knobs)
         self._compiles += stats.compile_s > 0
 
@@ -1030,9 +1102,9 @@ class Generator:
             if max_steps > 1:
                 state = dec(params, state, np.int32(max_steps), knobs)
             # (Speculative: the draft counters come back in the same transfer; so do log-probs.)
-            buf, cur, done, steps, lp, *counts = jax.device_get(
-                (state.buf_BS, state.cur_B, state.done_B, state.step, state.lp_BS)
-                + ((state.drafted_B, state.accepted_B) if spec else ()))
+            buf, cur, done, steps, lp, top_ids, top_lp, *counts = jax.device_get(
+                (state.buf_BS, state.cur_B, state.done_B, state.step, state.lp_BS, state.top_ids_BSK,
+                 state.top_lp_BSK) + ((state.drafted_B, state.accepted_B) if spec else ()))
         else:
             while True:
                 buf, cur, done, steps, lp = jax.device_get(
@@ -1044,6 +1116,8 @@ class Generator:
                 if int(steps) >= max_steps or done[:B].all():
                     break
                 state = dec(params, state, np.int32(min(int(steps) + chunk, max_steps)), knobs)
+            # (the top log-probs, [Bb, S, K] twice, once at the end rather than with every chunk)
+            top_ids, top_lp = jax.device_get((state.top_ids_BSK, state.top_lp_BSK))
         stats.decode_s = time.perf_counter() - t1
         stats.steps = int(steps)
         if spec:
@@ -1061,8 +1135,11 @@ class Generator:
                 out, reason = out[:-1], "eos"
             elif out and out[-1] in stop_set and done[r]:
                 out, reason = out[:-1], "stop"
-            results.append(Result(p, out, reason,
-                                  logprobs=lp[r, lens[r]:lens[r] + len(out)].tolist() if logprobs else None))
+            span = slice(lens[r], lens[r] + len(out))
+            results.append(Result(p, out, reason, logprobs=lp[r, span].tolist() if logprobs else None,
+                                  top_logprobs=[list(zip(i, v)) for i, v in zip(top_ids[r, span].tolist(),
+                                                                                top_lp[r, span].tolist())]
+                                  if top else None))
         stats.new_tokens = sum(len(r.output_ids) for r in results)
         return results
 
@@ -1157,6 +1234,8 @@ class Generator:
                 r.output_ids, r.finish_reason = r.output_ids[:t.kept], "stop"
                 if r.logprobs is not None:
                     r.logprobs = r.logprobs[:t.kept]
+                if r.top_logprobs is not None:
+                    r.top_logprobs = r.top_logprobs[:t.kept]
             if stream is not None:
                 t.send(stream, row)
         self.last_stats.new_tokens = sum(len(r.output_ids) for r in results)

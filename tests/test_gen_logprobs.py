@@ -3,7 +3,9 @@
 Each generated token's log-prob must be the number :func:`deepseek_jax.sequence_logprobs` gives
 for that position of prompt + output (the raw distribution: temperature 1, no top-k/top-p),
 whatever the decoding mode: greedy, sampled, streamed, speculative, with stop strings, rows
-ending at eos or at their length.
+ending at eos or at their length. Top log-probs (``top_logprobs=K``, ``--top-logprobs K``): the
+K most likely tokens of each such position, ``jax.lax.top_k`` of the ``log_softmax`` of
+:func:`deepseek_jax.logits` over prompt + output.
 
 All on the shipped demo model (byte-level tokenizer). Few compilations: the calls fall into the
 buckets batch 4, prompt 16, cache 32 (cache 16 for the eos/length mix).
@@ -106,19 +108,25 @@ def test_off_by_default_and_same_tokens(gen, prompts, greedy):
     gen.generate(prompts, **KW)
     gen.generate(prompts, logprobs=True, **KW)
     assert gen.compile_count == n
-    base = (4, 16, 32, True, False, False, None, None)
-    outs = {}
-    for (ident, key), (pre, _) in G._EXECUTABLES.items():
-        if ident == (gen._prepared or G._as_is(gen.model)).ident and key[:8] == base:
-            outs[key[8:]] = jax.tree.leaves(pre.out_info)
-    assert set(outs) == {(False,), (True,)}
-    extra = len(outs[(True,)]) - len(outs[(False,)])
+    outs = prefill_outputs(gen, (4, 16, 32, True, False, False, None, None))   # key[8:]: (logprobs, top K)
+    assert {(False, 0), (True, 0)} <= set(outs)
+    extra = len(outs[(True, 0)]) - len(outs[(False, 0)])
     assert extra == 1
-    assert any(o.shape == (4, 32) and o.dtype == np.float32 for o in outs[(True,)])
-    assert not any(o.dtype == np.float32 and o.shape == (4, 32) for o in outs[(False,)])
+    assert any(o.shape == (4, 32) and o.dtype == np.float32 for o in outs[(True, 0)])
+    assert not any(o.dtype == np.float32 and o.shape == (4, 32) for o in outs[(False, 0)])
     # max_new_tokens=0: an empty list when asked for
     assert gen.generate(prompts, max_new_tokens=0, logprobs=True)[0].logprobs == []
     assert gen.generate(prompts, max_new_tokens=0)[0].logprobs is None
+
+
+def prefill_outputs(gen, base) -> dict:
+    """The cached prefill executables of ``gen``'s model whose key starts with ``base``: their
+    output leaves, by the rest of the key."""
+    outs = {}
+    for (ident, key), (pre, _) in G._EXECUTABLES.items():
+        if ident == (gen._prepared or G._as_is(gen.model)).ident and key[:len(base)] == base:
+            outs[key[len(base):]] = jax.tree.leaves(pre.out_info)
+    return outs
 
 
 def test_sampled_logprobs_are_the_raw_distribution(model, gen, prompts, greedy):
@@ -217,3 +225,185 @@ def test_cli_logprobs_needs_json(capsys):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and out == "" and len(lines) == 1, err
     assert lines[0].startswith("deepseek-jax generate: error: --logprobs needs --json"), lines[0]
+
+
+# ---- top log-probs ---------------------------------------------------------------------------
+K = 5
+
+
+@pytest.fixture(scope="module")
+def top_greedy(gen, prompts):
+    """Greedy with ``top_logprobs=K`` (which implies ``logprobs``), the buckets of ``greedy``."""
+    res = gen.generate(prompts, top_logprobs=K, **KW)
+    assert gen.last_stats.buckets == (4, 16, 32)
+    return res
+
+
+def raw_logp(model, prompts, results) -> list[np.ndarray]:
+    """Per row, ``log_softmax(dj.logits(prompt + output))`` at the positions that drew the output
+    tokens, float32 ``[len(output), V]``."""
+    seqs = [p + r.output_ids for p, r in zip(prompts, results)]
+    ids = np.zeros((len(seqs), max(map(len, seqs))), np.int32)   # right padding: no effect on earlier positions
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = s
+    logp = np.asarray(jax.nn.log_softmax(dj.logits(model, ids).astype(np.float32), axis=-1))
+    return [logp[b, len(p) - 1:len(p) - 1 + len(r.output_ids)] for b, (p, r) in enumerate(zip(prompts, results))]
+
+
+def check_top(model, prompts, results, k=K, atol=ATOL):
+    """Each result's ``top_logprobs`` is ``jax.lax.top_k`` of the reference log-probs at every
+    output position: the values within ``atol``, every listed id's own reference log-prob within
+    ``atol``, and the ids exactly wherever the reference order is clear (no two of its k + 1 best
+    within ``2 atol``: a near tie may swap between two ways of computing the logits). The chosen
+    token is listed, with its ``logprobs`` value exactly, whenever its rank is below k."""
+    clear = listed = 0
+    for b, (r, ref) in enumerate(zip(results, raw_logp(model, prompts, results))):
+        assert isinstance(r.top_logprobs, list) and len(r.top_logprobs) == len(r.output_ids), b
+        ref_v, ref_i = (np.asarray(a) for a in jax.lax.top_k(ref, k + 1))
+        for j, (tok, top) in enumerate(zip(r.output_ids, r.top_logprobs)):
+            assert len(top) == k and all(type(i) is int and type(v) is float for i, v in top), (b, j)
+            ids, vals = [i for i, _ in top], np.array([v for _, v in top])
+            assert len(set(ids)) == k and np.all(np.diff(vals) <= 0), (b, j, top)
+            np.testing.assert_allclose(vals, ref_v[j, :k], atol=atol, rtol=0, err_msg=f"row {b} pos {j}")
+            np.testing.assert_allclose(vals, ref[j, ids], atol=atol, rtol=0, err_msg=f"row {b} pos {j}")
+            if np.all(-np.diff(ref_v[j]) > 2 * atol):
+                clear += 1
+                assert ids == ref_i[j, :k].tolist(), (b, j, top, ref_i[j])
+            if ref[j, tok] > ref_v[j, k - 1] + atol:    # rank < k
+                listed += 1
+                assert (tok, r.logprobs[j]) in top, (b, j, tok, top)
+            if tok in ids:
+                assert top[ids.index(tok)][1] == r.logprobs[j], (b, j)
+    n = sum(len(r.output_ids) for r in results)
+    assert clear >= n // 2, (clear, n)     # the exact-order check covers most positions
+    return listed
+
+
+def test_top_logprobs_greedy_match_top_k(model, prompts, greedy, top_greedy):
+    """Greedy: the tokens and log-probs are those of ``logprobs=True`` alone, each position's
+    list is the top-k of the raw distribution, and its first entry is the chosen token."""
+    assert [r.output_ids for r in top_greedy] == [r.output_ids for r in greedy]
+    for r, g in zip(top_greedy, greedy):
+        np.testing.assert_allclose(r.logprobs, g.logprobs, atol=1e-6, rtol=0)
+        assert [top[0] for top in r.top_logprobs] == list(zip(r.output_ids, r.logprobs))
+    assert check_top(model, prompts, top_greedy) == len(prompts) * N
+
+
+def test_top_logprobs_sampled(model, gen, prompts, greedy):
+    """Sampled (temperature 0.7, top-p 0.9): the lists are still the raw distribution's, and
+    a sampled token that is not the most likely one is listed where it ranks."""
+    res = gen.generate(prompts, sampling=SamplingParams(0.7, top_p=0.9), seed=3, top_logprobs=K, **KW)
+    assert [r.output_ids for r in res] != [r.output_ids for r in greedy]
+    check(model, prompts, res)
+    assert check_top(model, prompts, res) > 0
+    assert any(top[0][0] != tok and tok in [i for i, _ in top]
+               for r in res for tok, top in zip(r.output_ids, r.top_logprobs))
+
+
+def test_top_logprobs_speculative(model, gen, prompts, top_greedy):
+    """MTP speculative greedy: the verifier's lists at both positions (accepted draft and bonus
+    token) match plain decoding's."""
+    res = gen.generate(prompts, speculative="mtp", top_logprobs=K, **KW)
+    assert gen.last_stats.accepted > 0 and gen.last_stats.steps < N
+    assert [r.output_ids for r in res] == [r.output_ids for r in top_greedy]
+    check(model, prompts, res)
+    check_top(model, prompts, res)
+    for r, g in zip(res, top_greedy):
+        np.testing.assert_allclose([[v for _, v in t] for t in r.top_logprobs],
+                                   [[v for _, v in t] for t in g.top_logprobs], atol=ATOL, rtol=0)
+        assert [t[0] for t in r.top_logprobs] == list(zip(r.output_ids, r.logprobs))
+
+
+def test_top_logprobs_stop_strings_and_streaming(model, gen, prompts, top_greedy):
+    """A stop string cuts the lists with ``output_ids``; ``generate_text`` passes ``top_logprobs``.
+    Streamed in chunks, the lists are the same as in one go."""
+    streamed = gen.generate(prompts, top_logprobs=K, stream=lambda row, ids: None, stream_chunk=3, **KW)
+    assert [r.top_logprobs for r in streamed] == [r.top_logprobs for r in top_greedy]
+    stop = gen.tokenizer.decode(top_greedy[0].output_ids)[2:5]
+    res = gen.generate_text(TEXTS, stop=[stop], top_logprobs=K, stream_chunk=N, **KW)
+    assert res[0].finish_reason == "stop" and 0 < len(res[0].output_ids) < N
+    for r, g in zip(res, top_greedy):
+        n = len(r.output_ids)
+        assert r.output_ids == g.output_ids[:n] and len(r.top_logprobs) == len(r.logprobs) == n
+        assert r.top_logprobs == g.top_logprobs[:n] and r.logprobs == g.logprobs[:n]
+    assert res[0].to_json()["top_logprobs"] == [[list(p) for p in t] for t in res[0].top_logprobs]
+    check_top(model, prompts, res)
+
+
+def test_top_logprobs_off_by_default_json_and_executables(gen, prompts, greedy, top_greedy):
+    """Off by default (and with ``logprobs=True`` alone, or K = 0): ``None`` and no JSON key.
+    K > 0 implies ``logprobs``. JSON: ``[id, logprob]`` pairs after ``"logprobs"``. K is part of
+    the executables' key: its state holds exactly two arrays more than ``logprobs`` alone, the
+    int32 and float32 ``[Bb, S, K]`` buffers; K = 0 reuses the ``logprobs`` executables."""
+    assert all(r.top_logprobs is None for r in greedy)
+    n = gen.compile_count
+    for kw in (dict(), dict(top_logprobs=0), dict(logprobs=True, top_logprobs=0)):
+        res = gen.generate(prompts, **kw, **KW)
+        assert all(r.top_logprobs is None for r in res)
+        assert "top_logprobs" not in res[0].to_json()
+    res = gen.generate(prompts, logprobs=False, top_logprobs=K, **KW)   # implied
+    assert [r.logprobs for r in res] == [r.logprobs for r in top_greedy]
+    assert [r.top_logprobs for r in res] == [r.top_logprobs for r in top_greedy]
+    assert gen.compile_count == n
+    js = top_greedy[1].to_json()
+    assert list(js) == ["prompt_ids", "output_ids", "text", "finish_reason", "logprobs", "top_logprobs"]
+    assert js["top_logprobs"] == [[[i, v] for i, v in t] for t in top_greedy[1].top_logprobs]
+    assert json.loads(json.dumps(js)) == js
+    assert all(len(t) == K and all(len(p) == 2 for p in t) for t in js["top_logprobs"])
+    outs = prefill_outputs(gen, (4, 16, 32, True, False, False, None, None))
+    assert {(True, 0), (True, K)} <= set(outs)
+    assert len(outs[(True, K)]) - len(outs[(True, 0)]) == 2
+    assert sorted(str(o.dtype) for o in outs[(True, K)] if o.shape == (4, 32, K)) == ["float32", "int32"]
+    assert not any(o.shape == (4, 32, K) for o in outs[(True, 0)])
+    empty = gen.generate(prompts, max_new_tokens=0, top_logprobs=K)[0]
+    assert empty.top_logprobs == [] and empty.logprobs == []
+    assert gen.generate(prompts, max_new_tokens=0, logprobs=True)[0].top_logprobs is None
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 2.5, "3", True, None, np.float32(4)])
+def test_bad_top_logprobs_value(gen, prompts, bad):
+    with pytest.raises(DeepSeekError, match=r"top_logprobs must be an integer in \[0, 20\]") as e:
+        gen.generate(prompts, max_new_tokens=2, top_logprobs=bad)
+    assert "\n" not in str(e.value)
+
+
+def test_top_logprobs_numpy_int_and_max(model, gen, prompts):
+    """A numpy integer is an integer; K = 20 (the most) works (one row, batch bucket 1)."""
+    res = gen.generate(prompts[:1], max_new_tokens=3, stop_at_eos=False, top_logprobs=np.int64(20))
+    assert len(res[0].top_logprobs) == 3 and all(len(t) == 20 for t in res[0].top_logprobs)
+    check_top(model, prompts[:1], res, k=20)
+
+
+def test_cli_top_logprobs_json(top_greedy, capsys):
+    """``--top-logprobs K --json`` adds both keys (``--logprobs`` implied)."""
+    argv = ["generate", dj.demo_checkpoint(), "--max-new-tokens", N, "--temperature", 0, "--ignore-eos", "--json",
+            "--top-logprobs", K]
+    for t in TEXTS:
+        argv += ["--prompt", t]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [list(row) for row in rows] == [["prompt_ids", "output_ids", "text", "finish_reason", "logprobs",
+                                            "top_logprobs"]] * 3
+    assert [row["output_ids"] for row in rows] == [r.output_ids for r in top_greedy]
+    for row, r in zip(rows, top_greedy):
+        np.testing.assert_allclose(row["logprobs"], r.logprobs, atol=ATOL, rtol=0)
+        assert [[i for i, _ in t] for t in row["top_logprobs"]][:3] == [[i for i, _ in t] for t in r.top_logprobs][:3]
+        np.testing.assert_allclose([[v for _, v in t] for t in row["top_logprobs"]],
+                                   [[v for _, v in t] for t in r.top_logprobs], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("21", "--top-logprobs: expected an integer in 0..20, got '21'"),
+    ("-1", "--top-logprobs: expected an integer in 0..20, got '-1'"),
+    ("2.5", "--top-logprobs: expected an integer in 0..20, got '2.5'"),
+    ("x", "--top-logprobs: expected an integer in 0..20, got 'x'"),
+    ("3", "--top-logprobs needs --json"),
+])
+def test_cli_top_logprobs_errors(capsys, value, message):
+    extra = [] if "json" in message else ["--json"]
+    code, out, err = run_cli(capsys, "generate", dj.demo_checkpoint(), "--prompt", "1+1", "--top-logprobs", value,
+                             *extra)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith(f"deepseek-jax generate: error: {message}"), lines[0]

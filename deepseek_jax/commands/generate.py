@@ -8,6 +8,8 @@ batch. ``--json`` prints one object per prompt: ``{"prompt_ids", "output_ids", "
 the text is cut before the stop string (never streamed), the stop token id is not output.
 ``--logprobs`` (needs ``--json``) adds ``"logprobs"``: one float per output id, its log-probability
 under the model's raw next-token distribution (temperature 1, no top-k/top-p filtering).
+``--top-logprobs K`` (0-20, needs ``--json``, implies ``--logprobs``) adds ``"top_logprobs"``: per
+output id, the K most likely ``[id, logprob]`` pairs of its position under that distribution.
 
 The helpers here (sampling flags, tokenizer loading, the timing line) are shared by ``chat``
 and ``demo``.
@@ -153,6 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logprobs", action="store_true",
                    help="with --json: add \"logprobs\", each output token's log-probability under the model's "
                         "raw next-token distribution (temperature 1, no top-k/top-p)")
+    p.add_argument("--top-logprobs", default=None, metavar="K",
+                   help="with --json: add \"top_logprobs\", each output token position's K (0-20) most likely "
+                        "[id, logprob] pairs under that same distribution, most likely first (implies --logprobs)")
     runtime.add_args(p)
     p.set_defaults(func=run)
 
@@ -224,12 +229,28 @@ def check_stop_args(args: argparse.Namespace) -> None:
         raise DeepSeekError(f"--stop-token-id: at most {MAX_STOP_TOKEN_IDS} distinct ids, got {len(set(ids))}")
 
 
+def top_logprobs_from_args(args: argparse.Namespace) -> int:
+    """``--top-logprobs K`` as an int (0 when not given); an integer in 0..MAX_TOP_LOGPROBS."""
+    from deepseek_jax.generate import MAX_TOP_LOGPROBS
+
+    text = getattr(args, "top_logprobs", None)
+    if text is None:
+        return 0
+    k = int(text) if re.fullmatch(r"\s*\d+\s*", str(text)) else -1
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise DeepSeekError(f"--top-logprobs: expected an integer in 0..{MAX_TOP_LOGPROBS}, got {text!r}")
+    return k
+
+
 def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     runtime.check_args(args)
     check_stop_args(args)
+    top_logprobs = top_logprobs_from_args(args)
     if args.logprobs and not args.json:
         raise DeepSeekError("--logprobs needs --json (the log-probs are printed in the JSON objects)")
+    if top_logprobs and not args.json:
+        raise DeepSeekError("--top-logprobs needs --json (the top log-probs are printed in the JSON objects)")
     if args.prompt_ids:
         prompts = [parse_ids(s) for s in args.prompt_ids]
         tokenizer = load_tokenizer(args.ckpt, required=False)
@@ -244,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     gen._check_stop_token_ids(args.stop_token_ids)   # (the vocab range) before any notice
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
               stop_at_eos=not args.ignore_eos, speculative=args.speculative, stop_token_ids=args.stop_token_ids,
-              logprobs=args.logprobs)
+              logprobs=args.logprobs or top_logprobs > 0, top_logprobs=top_logprobs)
     note = length_cap_notice(gen.max_len, prompts, args.max_new_tokens)
     if note:
         print(note, file=sys.stderr)
