@@ -228,15 +228,13 @@ def _token_logprob(logits_BV, tok_B):
     return picked - jax.nn.logsumexp(lg, axis=-1)
 
 
-def _token_top_logprobs(logits_BV, tok_B, k: int):
-    """``(log-prob of tok [B], top-k ids int32 [B, k], their log-probs [B, k])`` of the raw
-    distribution: ``jax.lax.top_k`` of the float32 logits (stable: ties lowest id first, as
-    ``argmax`` picks), minus the same ``logsumexp`` as :func:`_token_logprob`."""
+def _top_logprobs(logits_BV, k: int):
+    """``(top-k ids int32 [B, k], their log-probs [B, k])`` of the raw distribution:
+    ``jax.lax.top_k`` of the float32 logits (stable: ties lowest id first, as ``argmax`` picks),
+    minus the ``logsumexp`` of :func:`_token_logprob` (XLA computes it once for both)."""
     lg = logits_BV.astype(jnp.float32)
-    lse = jax.nn.logsumexp(lg, axis=-1)
-    picked = jnp.take_along_axis(lg, tok_B[:, None], axis=-1)[:, 0]
     vals_Bk, ids_Bk = jax.lax.top_k(lg, k)
-    return picked - lse, ids_Bk.astype(jnp.int32), vals_Bk - lse[:, None]
+    return ids_Bk.astype(jnp.int32), vals_Bk - jax.nn.logsumexp(lg, axis=-1)[:, None]
 
 
 class Weights(NamedTuple):
@@ -351,13 +349,12 @@ def _first_state(model: DeepSeekV3, h_BD, cache, S: int, ids_BP, lens_B, end_B, 
     buf_BS = jnp.zeros((B, S), jnp.int32).at[:, :n].set(ids_BP[:, :n]).at[rows, lens_B].set(tok_B, mode="drop")
     done_B = ~active_B | _ends(tok_B, knobs) | (lens_B >= end_B)
     lp_BS = top_ids = top_lp = None
+    if logprobs:
+        lp_BS = jnp.zeros((B, S), jnp.float32).at[rows, lens_B].set(_token_logprob(logits_BV, tok_B), mode="drop")
     if logprobs and top_logprobs:
-        lp_B, ids_BK, vals_BK = _token_top_logprobs(logits_BV, tok_B, top_logprobs)
-        lp_BS = jnp.zeros((B, S), jnp.float32).at[rows, lens_B].set(lp_B, mode="drop")
+        ids_BK, vals_BK = _top_logprobs(logits_BV, top_logprobs)
         top_ids = jnp.zeros((B, S, top_logprobs), jnp.int32).at[rows, lens_B].set(ids_BK, mode="drop")
         top_lp = jnp.zeros((B, S, top_logprobs), jnp.float32).at[rows, lens_B].set(vals_BK, mode="drop")
-    elif logprobs:
-        lp_BS = jnp.zeros((B, S), jnp.float32).at[rows, lens_B].set(_token_logprob(logits_BV, tok_B), mode="drop")
     return DecodeState(cache, buf_BS, lens_B, end_B, done_B, keys_B, jnp.int32(1), lp_BS, top_ids, top_lp)
 
 
@@ -412,15 +409,14 @@ def _decode(graphdef, greedy: bool, filtered: bool, weights: Weights, state: Dec
         buf_BS = s.buf_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.buf_BS[rows, cur_B], new_B))
         done_B = s.done_B | _ends(new_B, knobs) | (cur_B >= s.end_B)
         lp_BS = top_ids = top_lp = None
-        if s.top_ids_BSK is not None:
-            lp_B, ids_BK, vals_BK = _token_top_logprobs(out.logits[:, 0], new_B, s.top_ids_BSK.shape[-1])
+        if s.lp_BS is not None:
+            lp_B = _token_logprob(out.logits[:, 0], new_B)
             lp_BS = s.lp_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.lp_BS[rows, cur_B], lp_B))
+        if s.top_ids_BSK is not None:
+            ids_BK, vals_BK = _top_logprobs(out.logits[:, 0], s.top_ids_BSK.shape[-1])
             top_ids = s.top_ids_BSK.at[rows, cur_B].set(
                 jnp.where(s.done_B[:, None], s.top_ids_BSK[rows, cur_B], ids_BK))
             top_lp = s.top_lp_BSK.at[rows, cur_B].set(jnp.where(s.done_B[:, None], s.top_lp_BSK[rows, cur_B], vals_BK))
-        elif s.lp_BS is not None:
-            lp_B = _token_logprob(out.logits[:, 0], new_B)
-            lp_BS = s.lp_BS.at[rows, cur_B].set(jnp.where(s.done_B, s.lp_BS[rows, cur_B], lp_B))
         return DecodeState(out.cache, buf_BS, cur_B, s.end_B, done_B, s.keys_B, s.step + 1, lp_BS, top_ids, top_lp)
 
     return jax.lax.while_loop(cond, body, state)
@@ -557,22 +553,20 @@ def _decode_spec(graphdef, greedy: bool, filtered: bool, weights: Weights, state
         done = s.done_B | (_ends(last, knobs) & active) | (new_cur >= s.end_B)
         useful = active & ~first_ends & room2
         lp = top_ids = top_lp = None
-        if s.top_ids_BSK is not None:   # as below, with each position's top-K ids and log-probs
+        if s.lp_BS is not None:   # the verifier's raw log-probs of t1 (position cur+1) and t2 (cur+2)
+            lp = s.lp_BS.at[rows, cur + 1].set(
+                jnp.where(active, _token_logprob(out.logits[:, 0], t1), s.lp_BS[rows, cur + 1]), mode="drop")
+            lp = lp.at[rows, p2].set(_token_logprob(out.logits[:, 1], t2), mode="drop")
+        if s.top_ids_BSK is not None:   # and each of those positions' top-K ids and log-probs
             K = s.top_ids_BSK.shape[-1]
-            lp1, ids1, vals1 = _token_top_logprobs(out.logits[:, 0], t1, K)
-            lp2, ids2, vals2 = _token_top_logprobs(out.logits[:, 1], t2, K)
-            lp = s.lp_BS.at[rows, cur + 1].set(jnp.where(active, lp1, s.lp_BS[rows, cur + 1]), mode="drop")
-            lp = lp.at[rows, p2].set(lp2, mode="drop")
+            ids1, vals1 = _top_logprobs(out.logits[:, 0], K)
+            ids2, vals2 = _top_logprobs(out.logits[:, 1], K)
             top_ids = s.top_ids_BSK.at[rows, cur + 1].set(
                 jnp.where(active[:, None], ids1, s.top_ids_BSK[rows, cur + 1]), mode="drop")
             top_ids = top_ids.at[rows, p2].set(ids2, mode="drop")
             top_lp = s.top_lp_BSK.at[rows, cur + 1].set(
                 jnp.where(active[:, None], vals1, s.top_lp_BSK[rows, cur + 1]), mode="drop")
             top_lp = top_lp.at[rows, p2].set(vals2, mode="drop")
-        elif s.lp_BS is not None:   # the verifier's raw log-probs of t1 (position cur+1) and t2 (cur+2)
-            lp = s.lp_BS.at[rows, cur + 1].set(
-                jnp.where(active, _token_logprob(out.logits[:, 0], t1), s.lp_BS[rows, cur + 1]), mode="drop")
-            lp = lp.at[rows, p2].set(_token_logprob(out.logits[:, 1], t2), mode="drop")
         return SpecState(out.cache, mtp_cache, buf, new_cur, jnp.where(active, new_d, d),
                          jnp.where(active[:, None], q_BV, s.q_BV), s.end_B, done, s.keys_B, s.step + 1,
                          s.drafted_B + useful.astype(jnp.int32), s.accepted_B + (useful & ok).astype(jnp.int32), lp,

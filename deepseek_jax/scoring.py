@@ -186,9 +186,17 @@ def _bucket(n: int, limit: int) -> int:
     return min(limit, -(-n // _MIN_BUCKET) * _MIN_BUCKET)
 
 
-def _check_batch_size(fn: str, batch_size) -> None:
+def _check_call(fn: str, model, items, what: str, batch_size) -> None:
+    """The checks :func:`sequence_logprobs` and :func:`loglikelihood` share: the model, a
+    non-empty list ``items`` (``what`` names its elements), ``batch_size``."""
+    _check_model(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise DeepSeekError(f"{fn}: batch_size must be an integer >= 1, got {batch_size!r}")
+    name = "seqs" if fn == "sequence_logprobs" else "requests"
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__len__"):
+        raise DeepSeekError(f"{fn}: {name} must be a list of {what}")
+    if len(items) == 0:
+        raise DeepSeekError(f"{fn}: {name} is empty")
 
 
 def _check_seq(model: DeepSeekV3, seq, what: str) -> np.ndarray:
@@ -258,12 +266,7 @@ def sequence_logprobs(model: DeepSeekV3, seqs, *, batch_size: int = 8) -> list[n
     so only ``[B, T]`` floats come back (not ``[B, T, V]`` logits).
     """
     fn = "sequence_logprobs"
-    _check_model(model)
-    _check_batch_size(fn, batch_size)
-    if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__len__"):
-        raise DeepSeekError(f"{fn}: seqs must be a list of token-id sequences")
-    if len(seqs) == 0:
-        raise DeepSeekError(f"{fn}: seqs is empty")
+    _check_call(fn, model, seqs, "token-id sequences", batch_size)
     rows = [_check_seq(model, seq, f"{fn}: sequence {i}") for i, seq in enumerate(seqs)]
     return [lp for lp, _ in _score_rows(model, rows, batch_size, greedy=False)]
 
@@ -299,12 +302,7 @@ def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8, share: bo
     one row instead of four. ``share=False`` runs every request as its own row.
     """
     fn = "loglikelihood"
-    _check_model(model)
-    _check_batch_size(fn, batch_size)
-    if isinstance(requests, (str, bytes)) or not hasattr(requests, "__len__"):
-        raise DeepSeekError(f"{fn}: requests must be a list of (context_ids, continuation_ids) pairs")
-    if len(requests) == 0:
-        raise DeepSeekError(f"{fn}: requests is empty")
+    _check_call(fn, model, requests, "(context_ids, continuation_ids) pairs", batch_size)
     rows, n_ctx = [], []
     limit = model.cfg.max_position_embeddings
     for i, req in enumerate(requests):
