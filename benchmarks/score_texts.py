@@ -14,7 +14,15 @@ tokens), each with 4 one-token answers, by ``dj.loglikelihood`` (answers sharing
 request as its own row) and by HF's model (one pass per request, and one per question reading the
 4 answers from its last position). ``--questions 0`` skips it.
 
+A third table scores multiple choice with answers of several tokens (as HellaSwag's or ARC's):
+``--long-questions`` random contexts (``--max-len`` / 4 to ``--max-len`` / 2 tokens), each with 4
+answers of 2 to ``--max-len`` / 8 tokens, by ``dj.loglikelihood`` (each context computed once and
+cached for its answers, and a row per request) and by HF's model (a pass per request, and the
+context's ``past_key_values`` computed once and copied for each answer). ``--long-questions 0``
+skips it.
+
     .venv/bin/python benchmarks/score_texts.py [--texts 64] [--max-len 200] [--batch-size 8] [--questions 32]
+        [--long-questions 32]
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -43,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--questions", type=int, default=32)
+    ap.add_argument("--long-questions", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     a = ap.parse_args(argv)
 
@@ -110,9 +120,16 @@ def main(argv=None) -> int:
     for name in engines:
         diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(results[name], ref))
         print(f"{name:<34}{best[name]:>9.3f}{n_tokens / best[name]:>11,.0f}{best[name] / base:>24.2f}{diff:>28.1e}")
-    if a.questions <= 0:
-        return 0
+    if a.questions > 0:
+        multiple_choice(a, model, rng, race, hf if not a.no_hf else None)
+    if a.long_questions > 0:
+        long_answers(a, model, rng, race, hf if not a.no_hf else None)
+    return 0
 
+
+def multiple_choice(a, model, rng, race, hf) -> None:
+    import deepseek_jax as dj
+    max_len = min(a.max_len, model.cfg.max_position_embeddings)
     requests = []
     for n in rng.integers(2, max_len, a.questions):
         ctx = rng.integers(0, model.cfg.vocab_size, int(n)).tolist()
@@ -121,7 +138,9 @@ def main(argv=None) -> int:
               model, requests, batch_size=a.batch_size)],
           "loglikelihood, a row per request": lambda: [r.logprob for r in dj.loglikelihood(
               model, requests, batch_size=a.batch_size, share=False)]}
-    if not a.no_hf:
+    if hf is not None:
+        import torch
+
         def hf_per_request():
             out = []
             with torch.no_grad():
@@ -148,7 +167,59 @@ def main(argv=None) -> int:
     for name in mc:
         diff = float(np.abs(np.asarray(results[name]) - np.asarray(ref)).max())
         print(f"{name:<40}{best[name]:>9.3f}{len(requests) / best[name]:>12,.0f}{best[name] / base:>22.2f}{diff:>28.1e}")
-    return 0
+
+
+
+def long_answers(a, model, rng, race, hf) -> None:
+    import deepseek_jax as dj
+    max_len = min(a.max_len, model.cfg.max_position_embeddings)
+    V = model.cfg.vocab_size
+    requests = []
+    for n in rng.integers(max_len // 4, max_len // 2 + 1, a.long_questions):
+        ctx = rng.integers(0, V, int(n)).tolist()
+        requests += [(ctx, rng.integers(0, V, int(m)).tolist()) for m in rng.integers(2, max_len // 8 + 1, 4)]
+    n_tokens = sum(len(c) + len(x) for c, x in requests)
+    mc = {"loglikelihood, context cached once": lambda: [r.logprob for r in dj.loglikelihood(
+              model, requests, batch_size=a.batch_size)],
+          "loglikelihood, a row per request": lambda: [r.logprob for r in dj.loglikelihood(
+              model, requests, batch_size=a.batch_size, share=False)]}
+    if hf is not None:
+        import copy
+
+        import torch
+
+        def hf_score(logits, cont):
+            lp = torch.log_softmax(logits.double(), -1)
+            return float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum())
+
+        def hf_per_request():
+            with torch.no_grad():
+                return [hf_score(hf(input_ids=torch.tensor([ctx + cont])).logits[0, len(ctx) - 1:-1], cont)
+                        for ctx, cont in requests]
+
+        def hf_cached_context():   # past_key_values: the name transformers 5.x still takes (with a warning)
+            out = []
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                for q in range(0, len(requests), 4):
+                    ctx = requests[q][0]
+                    first = hf(input_ids=torch.tensor([ctx]), use_cache=True)
+                    for _, cont in requests[q:q + 4]:
+                        rest = hf(input_ids=torch.tensor([cont[:-1]]), use_cache=True,
+                                  past_key_values=copy.deepcopy(first.past_key_values)).logits[0]
+                        out.append(hf_score(torch.cat([first.logits[0, -1:], rest]), cont))
+            return out
+        mc["HF transformers, a pass per request"] = hf_per_request
+        mc["HF transformers, context cached (KV copy)"] = hf_cached_context
+    results, best = race(mc)
+    base = best["loglikelihood, context cached once"]
+    ref = results["loglikelihood, a row per request"]
+    print(f"\nmultiple choice: {a.long_questions} questions x 4 answers of 2-{max_len // 8} tokens "
+          f"({len(requests)} requests, {n_tokens} context + answer tokens)")
+    print(f"{'engine':<42}{'s':>9}{'requests/s':>12}{'x slower than cached':>22}{'max |dlogp| vs a row each':>28}")
+    for name in mc:
+        diff = float(np.abs(np.asarray(results[name]) - np.asarray(ref)).max())
+        print(f"{name:<42}{best[name]:>9.3f}{len(requests) / best[name]:>12,.0f}{best[name] / base:>22.2f}{diff:>28.1e}")
 
 
 if __name__ == "__main__":

@@ -133,27 +133,13 @@ _HEAD_CHUNK = 256
 _MIN_BUCKET = 16
 
 
-@partial(nnx.jit, static_argnames=("greedy",))
-def _next_token_scores(model: DeepSeekV3, ids_BT, greedy: bool = False, alt=None):
-    """Position t's log-prob of ``ids[:, t + 1]``, ``[B, T]`` float32, and with ``greedy`` also
-    whether that token is the argmax of position t's logits (``[B, T]`` bool; ``None`` without).
-    The last column's target is ``ids[:, 0]``, a placeholder. The head runs over ``_HEAD_CHUNK``
-    positions at a time, so the ``[B, T, V]`` logits (8.5 GB at B=8, T=2048 and DeepSeek-V3's
-    vocab) never exist at once.
-
-    ``alt = (pos_B, tok_BK)``: also the log-probs of K other tokens at one position per row
-    (``[B, K]`` float32) and whether each is that position's argmax (``[B, K]`` bool): the other
-    last tokens of :func:`loglikelihood` requests that share everything before them."""
+def _head_scores(model: DeepSeekV3, hidden_BTD, ids_BT, greedy: bool):
+    """Position t's log-prob of ``ids[:, t + 1]`` from the final hidden states, ``[B, T]`` float32,
+    and with ``greedy`` also whether that token is the argmax of position t's logits (``[B, T]``
+    bool; ``None`` without). The last column's target is ``ids[:, 0]``, a placeholder. The head
+    runs over ``_HEAD_CHUNK`` positions at a time, so the ``[B, T, V]`` logits (8.5 GB at B=8,
+    T=2048 and DeepSeek-V3's vocab) never exist at once."""
     B, T = ids_BT.shape
-    hidden = model(ids_BT, logits=False).hidden
-    alt_out = ()
-    if alt is not None:
-        pos_B, tok_BK = alt
-        h_BD = jnp.take_along_axis(hidden, pos_B[:, None, None], axis=1)[:, 0]
-        logits_BV = model.lm_head(h_BD[:, None], model.prec.dtype)[:, 0]
-        picked = jnp.take_along_axis(logits_BV, tok_BK, axis=-1)
-        alt_out = (picked - jax.nn.logsumexp(logits_BV, axis=-1, keepdims=True),
-                   jnp.argmax(logits_BV, axis=-1)[:, None].astype(tok_BK.dtype) == tok_BK)
     tgt_BT = jnp.roll(ids_BT, -1, axis=1)
     c = min(T, _HEAD_CHUNK)
 
@@ -168,13 +154,60 @@ def _next_token_scores(model: DeepSeekV3, ids_BT, greedy: bool = False, alt=None
         return lp, jnp.argmax(logits, axis=-1).astype(t_Bc.dtype) == t_Bc
 
     Tp = -(-T // c) * c   # a length over the largest power-of-two bucket may not divide
-    hidden = jnp.pad(hidden, ((0, 0), (0, Tp - T), (0, 0)))
+    hidden = jnp.pad(hidden_BTD, ((0, 0), (0, Tp - T), (0, 0)))
     tgt_BT = jnp.pad(tgt_BT, ((0, 0), (0, Tp - T)))
     h_NBcD = jnp.moveaxis(hidden.reshape(B, Tp // c, c, -1), 1, 0)
     t_NBc = jnp.moveaxis(tgt_BT.reshape(B, Tp // c, c), 1, 0)
     out = jax.lax.map(chunk, (h_NBcD, t_NBc))
     unchunk = lambda x_NBc: jnp.moveaxis(x_NBc, 0, 1).reshape(B, Tp)[:, :T]  # noqa: E731
-    return ((unchunk(out[0]), unchunk(out[1])) if greedy else (unchunk(out), None)) + alt_out
+    return (unchunk(out[0]), unchunk(out[1])) if greedy else (unchunk(out), None)
+
+
+def _alt_scores(model: DeepSeekV3, hidden_BTD, pos_B, tok_BK):
+    """The log-probs of K tokens per row at one position per row (``[B, K]`` float32), and whether
+    each is that position's argmax (``[B, K]`` bool)."""
+    h_BD = jnp.take_along_axis(hidden_BTD, pos_B[:, None, None], axis=1)[:, 0]
+    logits_BV = model.lm_head(h_BD[:, None], model.prec.dtype)[:, 0]
+    picked = jnp.take_along_axis(logits_BV, tok_BK, axis=-1)
+    return (picked - jax.nn.logsumexp(logits_BV, axis=-1, keepdims=True),
+            jnp.argmax(logits_BV, axis=-1)[:, None].astype(tok_BK.dtype) == tok_BK)
+
+
+@partial(nnx.jit, static_argnames=("greedy",))
+def _next_token_scores(model: DeepSeekV3, ids_BT, greedy: bool = False, alt=None):
+    """:func:`_head_scores` of one prefill pass over ``ids``.
+
+    ``alt = (pos_B, tok_BK)``: also :func:`_alt_scores` of K other tokens at one position per
+    row: the other last tokens of :func:`loglikelihood` requests that share everything before them."""
+    hidden = model(ids_BT, logits=False).hidden
+    return _head_scores(model, hidden, ids_BT, greedy) + (() if alt is None else _alt_scores(model, hidden, *alt))
+
+
+@partial(nnx.jit, static_argnames=("max_len",))
+def _context_pass(model: DeepSeekV3, ids_BT, last_B, first_BK, max_len: int):
+    """Prefill of right-padded contexts into a fresh ``max_len`` latent cache; returns the cache and
+    :func:`_alt_scores` of each row's candidate first continuation tokens ``first_BK`` at its last
+    context position ``last_B``."""
+    cache = LatentCache.zeros(model.cfg, ids_BT.shape[0], max_len, dtype=model.prec.dtype)
+    out = model(ids_BT, cache=cache, logits=False)
+    return (out.cache,) + _alt_scores(model, out.hidden, last_B, first_BK)
+
+
+@nnx.jit
+def _continuation_pass(model: DeepSeekV3, cache: LatentCache, row_B, ids_BT, start_B):
+    """Continuations over the contexts :func:`_context_pass` cached: row b is ``ids[b]`` at
+    positions ``start[b]...`` after context ``row[b]`` of ``cache`` (each row gets a copy of its
+    context's entries, so several continuations of one context never see each other); returns
+    :func:`_head_scores` (greedy) of the continuation tokens."""
+    cache = jax.tree.map(lambda c_LBSC: c_LBSC[:, row_B], cache)
+    pos_BT = start_B[:, None] + jnp.arange(ids_BT.shape[1], dtype=jnp.int32)
+    hidden = model(ids_BT, pos_BT, cache=cache, absorbed=True, logits=False).hidden
+    return _head_scores(model, hidden, ids_BT, greedy=True)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for 0)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -225,8 +258,8 @@ def _score_rows(model: DeepSeekV3, rows: list[np.ndarray], batch_size: int, gree
     limit = model.cfg.max_position_embeddings
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out: list = [None] * len(rows)
-    B = min(int(batch_size), 1 << (len(rows) - 1).bit_length())
-    K = 0 if alts is None else 1 << max(0, max(map(len, alts)) - 1).bit_length()   # a power of two
+    B = min(int(batch_size), _pow2(len(rows)))
+    K = 0 if alts is None else _pow2(max(map(len, alts)))
     for start in range(0, len(order), B):
         group = order[start:start + B]
         T = _bucket(len(rows[group[-1]]), limit)
@@ -285,6 +318,81 @@ class Likelihood(NamedTuple):
     token_logprobs: np.ndarray
 
 
+def _score_shared_contexts(model: DeepSeekV3, groups: list[tuple[np.ndarray, list[np.ndarray]]],
+                           batch_size: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Per ``(context, continuations)`` group, each continuation's ``(log-probs [m], argmax flags
+    [m])``, the context computed once: :func:`_context_pass` prefills ``batch_size`` contexts into
+    a latent cache and scores every continuation's first token at the last context position;
+    :func:`_continuation_pass` runs the continuations of two or more tokens, ``batch_size`` rows at
+    a time, each over a copy of its context's cache entries. Compiles: one per padded context
+    length and cache length, and one per padded continuation length and cache length."""
+    limit = model.cfg.max_position_embeddings
+    order = sorted(range(len(groups)), key=lambda g: len(groups[g][0]) + max(map(len, groups[g][1])))
+    B = min(int(batch_size), _pow2(len(groups)))
+    K = _pow2(max(len(conts) for _, conts in groups))
+    batches = [order[s:s + B] for s in range(0, len(order), B)]
+    long_rows = [[(r, j) for r, g in enumerate(batch) for j, c in enumerate(groups[g][1]) if len(c) > 1]
+                 for batch in batches]
+    R = min(int(batch_size), _pow2(max(map(len, long_rows))))   # continuation rows per pass
+    out: list = [[None] * len(conts) for _, conts in groups]
+    for batch, rows in zip(batches, long_rows):
+        n_max = max(len(groups[g][0]) for g in batch)
+        m_max = max(len(c) for g in batch for c in groups[g][1])
+        T_cont = _bucket(m_max, limit)
+        # every padded continuation position must land in the cache, beyond its row's real tokens
+        S = max(_bucket(n_max + T_cont, limit), -(-(n_max + T_cont) // _MIN_BUCKET) * _MIN_BUCKET)
+        ids = np.zeros((B, _bucket(n_max, limit)), np.int32)
+        last, first = np.zeros(B, np.int32), np.zeros((B, K), np.int32)
+        for r, g in enumerate(batch):
+            ctx, conts = groups[g]
+            ids[r, :len(ctx)], last[r] = ctx, len(ctx) - 1
+            first[r, :len(conts)] = [c[0] for c in conts]
+        cache, first_lp, first_gr = _context_pass(model, jnp.asarray(ids), jnp.asarray(last), jnp.asarray(first),
+                                                  max_len=S)
+        first_lp, first_gr = to_host(first_lp), to_host(first_gr)
+        for r, g in enumerate(batch):
+            for j, c in enumerate(groups[g][1]):
+                out[g][j] = (first_lp[r, j:j + 1].astype(np.float32), first_gr[r, j:j + 1].astype(bool))
+        for s in range(0, len(rows), R):
+            chunk = rows[s:s + R]
+            row, start = np.zeros(R, np.int32), np.zeros(R, np.int32)
+            cont_ids = np.zeros((R, T_cont), np.int32)
+            for b, (r, j) in enumerate(chunk):
+                ctx, conts = groups[batch[r]]
+                row[b], start[b] = r, len(ctx)
+                cont_ids[b, :len(conts[j])] = conts[j]
+            lp, gr = _continuation_pass(model, cache, jnp.asarray(row), jnp.asarray(cont_ids), jnp.asarray(start))
+            lp, gr = to_host(lp), to_host(gr)
+            for b, (r, j) in enumerate(chunk):   # column t scores token t + 1
+                m = len(groups[batch[r]][1][j])
+                lp0, gr0 = out[batch[r]][j]
+                out[batch[r]][j] = (np.append(lp0, lp[b, :m - 1]), np.append(gr0, gr[b, :m - 1].astype(bool)))
+    return out
+
+
+def _score_rows_shared_last(model: DeepSeekV3, rows: list[np.ndarray], n_ctx: list[int], batch_size: int,
+                            share: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each ``context + continuation`` row's ``(log-probs, argmax flags)`` of its positions, rows
+    that are equal but for their last token (``share``) scored as one row."""
+    first: dict[tuple, int] = {}
+    owner = []                            # request -> the row (the first request of its set)
+    for i, (row, c) in enumerate(zip(rows, n_ctx)):
+        owner.append(first.setdefault((c, row[:-1].tobytes()), i) if share else i)
+    if len(set(owner)) == len(rows):      # nothing shared: each request its own row
+        return [(lp, gr) for lp, gr in _score_rows(model, rows, batch_size, greedy=True)]
+    members: dict[int, list[int]] = {}
+    for i, h in enumerate(owner):
+        members.setdefault(h, []).append(i)
+    heads = list(members)
+    scored = _score_rows(model, [rows[h] for h in heads], batch_size, greedy=True,
+                         alts=[[int(rows[i][-1]) for i in members[h]] for h in heads])
+    parts: list = [None] * len(rows)
+    for h, (lp, gr, alt_lp, alt_gr) in zip(heads, scored):
+        for j, i in enumerate(members[h]):   # the shared tokens' scores, then its own last one
+            parts[i] = (np.append(lp[:-1], alt_lp[j]), np.append(gr[:-1], alt_gr[j]))
+    return parts
+
+
 def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8, share: bool = True) -> list[Likelihood]:
     """Conditional log-likelihoods, the lm-evaluation-harness primitive: for each
     ``(context_ids, continuation_ids)`` pair (each a non-empty 1-D list or array of token ids), the
@@ -292,18 +400,26 @@ def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8, share: bo
 
     ``is_greedy`` is argmax equality at every continuation position (``argmax(logits) == token``,
     the first index among equal maxima, exactly the token greedy decoding would pick), computed on
-    the device beside the log-probs. ``context + continuation`` is scored as one sequence of at
-    most ``max_position_embeddings`` tokens (nothing is truncated), batched by length as in
-    :func:`sequence_logprobs` (same buckets and compiles; only ``[B, T]`` values come back).
+    the device beside the log-probs. ``context + continuation`` is at most
+    ``max_position_embeddings`` tokens (nothing is truncated); requests are batched by length as in
+    :func:`sequence_logprobs` (only ``[B, T]`` values come back, never ``[B, T, V]`` logits).
 
-    ``share``: requests that differ only in their last token (multiple choice with one-token
-    answers, e.g. " A" / " B" / " C" / " D" after the same question) run as one row, whose pass
-    also scores the other last tokens at that position: a question with four such answers costs
-    one row instead of four. ``share=False`` runs every request as its own row.
+    ``share`` (the default) computes a context once for all the requests that continue it:
+
+    * when every continuation of a context is one token (multiple choice with one-token answers,
+      e.g. " A" / " B" / " C" / " D"), the context and its answers run as one row whose pass scores
+      all the answers at its last position: four answers cost one row instead of four;
+    * otherwise (answers of several tokens, as in HellaSwag or ARC) the context is prefilled once
+      into the latent cache and its continuations run over copies of that cache, each at the
+      positions after the context. The continuation pass is the absorbed MLA form that chunked
+      prefill uses: the same function as one pass over ``context + continuation``, equal to it
+      within float32 rounding (~1e-5).
+
+    ``share=False`` runs every request as its own ``context + continuation`` row.
     """
     fn = "loglikelihood"
     _check_call(fn, model, requests, "(context_ids, continuation_ids) pairs", batch_size)
-    rows, n_ctx = [], []
+    ctxs, conts = [], []
     limit = model.cfg.max_position_embeddings
     for i, req in enumerate(requests):
         if isinstance(req, (str, bytes, dict)) or not hasattr(req, "__len__") or len(req) != 2:
@@ -313,32 +429,28 @@ def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8, share: bo
         if len(ctx) + len(cont) > limit:
             raise DeepSeekError(f"{fn}: request {i}: context + continuation is {len(ctx) + len(cont)} tokens, "
                                 f"over max_position_embeddings {limit}")
-        rows.append(np.concatenate([ctx, cont]))
-        n_ctx.append(len(ctx))
-    # Rows: one per set of requests equal but for the last token (and with the same context length).
-    first: dict[tuple, int] = {}
-    owner = []                            # request -> the row (the first request of its set)
-    for i, (row, c) in enumerate(zip(rows, n_ctx)):
-        owner.append(first.setdefault((c, row[:-1].tobytes()), i) if share else i)
-    if len(set(owner)) == len(rows):      # nothing shared: each request its own row
-        scored = _score_rows(model, rows, batch_size, greedy=True)
-        parts = [(lp, gr) for lp, gr in scored]
-    else:
-        members: dict[int, list[int]] = {}
-        for i, h in enumerate(owner):
-            members.setdefault(h, []).append(i)
-        heads = list(members)
-        scored = _score_rows(model, [rows[h] for h in heads], batch_size, greedy=True,
-                             alts=[[int(rows[i][-1]) for i in members[h]] for h in heads])
-        parts = [None] * len(rows)
-        for h, (lp, gr, alt_lp, alt_gr) in zip(heads, scored):
-            for j, i in enumerate(members[h]):   # the shared tokens' scores, then its own last one
-                parts[i] = (np.append(lp[:-1], alt_lp[j]), np.append(gr[:-1], alt_gr[j]))
-    out = []
-    for (lp, gr), c in zip(parts, n_ctx):
-        lp, gr = lp[c - 1:], gr[c - 1:]      # position t predicts token t + 1
-        out.append(Likelihood(float(lp.sum(dtype=np.float64)), bool(gr.all()), len(lp), lp))
-    return out
+        ctxs.append(ctx)
+        conts.append(cont)
+    # contexts continued by two or more requests, one of them longer than a token: cached once
+    groups: list[list[int]] = []
+    if share:
+        by_ctx: dict[bytes, list[int]] = {}
+        for i, ctx in enumerate(ctxs):
+            by_ctx.setdefault(ctx.tobytes(), []).append(i)
+        groups = [g for g in by_ctx.values() if len(g) > 1 and any(len(conts[i]) > 1 for i in g)]
+    parts: list = [None] * len(requests)   # per request: (log-probs, argmax flags) of its continuation
+    if groups:
+        scored = _score_shared_contexts(model, [(ctxs[g[0]], [conts[i] for i in g]) for g in groups], batch_size)
+        for g, res in zip(groups, scored):
+            for i, lp_gr in zip(g, res):
+                parts[i] = lp_gr
+    rest = [i for i in range(len(requests)) if parts[i] is None]
+    if rest:
+        rows = [np.concatenate([ctxs[i], conts[i]]) for i in rest]
+        n_ctx = [len(ctxs[i]) for i in rest]
+        for i, c, (lp, gr) in zip(rest, n_ctx, _score_rows_shared_last(model, rows, n_ctx, batch_size, share)):
+            parts[i] = (lp[c - 1:], gr[c - 1:])      # position t predicts token t + 1
+    return [Likelihood(float(lp.sum(dtype=np.float64)), bool(gr.all()), len(lp), lp) for lp, gr in parts]
 
 
 def token_logprobs(logits_BTV: np.ndarray, ids_BT: np.ndarray, offset: int = 1) -> np.ndarray:

@@ -87,16 +87,17 @@ def test_chat_prefix_benchmark_small():
 
 
 def test_score_texts_benchmark_small():
-    """benchmarks/score_texts.py on 6 short texts with its HF peer: it runs, and the three engines'
-    log-probs agree (its last column)."""
+    """benchmarks/score_texts.py on 6 short texts with its HF peer: it runs, and the engines'
+    log-probs agree (the last column of each of its three tables)."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "score_texts.py"), "--texts", "6",
-                        "--max-len", "24", "--repeats", "1", "--questions", "3"],
+                        "--max-len", "24", "--repeats", "1", "--questions", "3", "--long-questions", "2"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    texts, choice = r.stdout.split("multiple choice:")
+    texts, choice, long = r.stdout.split("multiple choice:")
     rows = {ln[:34].strip(): ln.split() for ln in texts.splitlines()
             if ln.startswith(("sequence_logprobs", "one at a time", "HF transformers"))}
     assert len(rows) == 3, r.stdout
     assert all(float(cols[-1]) < 1e-4 for cols in rows.values()), r.stdout
-    rows = [ln.split() for ln in choice.splitlines() if ln.startswith(("loglikelihood", "HF transformers"))]
-    assert len(rows) == 4 and all(float(cols[-1]) < 1e-4 for cols in rows), r.stdout
+    for table in (choice, long):
+        rows = [ln.split() for ln in table.splitlines() if ln.startswith(("loglikelihood", "HF transformers"))]
+        assert len(rows) == 4 and all(float(cols[-1]) < 1e-4 for cols in rows), r.stdout

@@ -105,6 +105,39 @@ def test_shared_rows_equal_separate_rows(model_a):
         assert abs(a.logprob - b.logprob) <= 5e-5, i
 
 
+def test_cached_contexts_equal_separate_rows(model_a, monkeypatch):
+    """Contexts continued by several answers of several tokens are prefilled once into the latent
+    cache, their answers run over copies of it: the same numbers as each request scored as its own
+    row. Answers of 1, 2, 16 and 17 tokens (two continuation buckets), 1 to 6 answers per context
+    (continuation passes of 2 rows, several per context batch), a one-token context, a duplicate
+    request, a context whose padded answers run past ``max_position_embeddings``, and contexts
+    with one answer or only one-token answers beside them (scored as rows)."""
+    from deepseek_jax import scoring
+    V, limit = model_a.cfg.vocab_size, model_a.cfg.max_position_embeddings
+    rng = np.random.default_rng(8)
+    r = lambda n: rng.integers(0, V, n).tolist()  # noqa: E731
+    q1, q2, q3, q4, edge = r(7), r(30), r(1), r(12), r(limit - 17)
+    requests = [(q1, r(n)) for n in (1, 2, 16, 17, 3, 1)]                       # six answers
+    requests += [(q2, r(2)), (q2, r(5))] + [(q3, r(4)), (q3, r(1))]             # two each
+    requests += [(q3, requests[-2][1]), (edge, r(17)), (edge, r(2))]            # a duplicate; the edge
+    requests += [(q4, [t]) for t in r(3)] + [(r(9), r(6))]                      # rows: shared last token; alone
+    rng.shuffle(requests)
+    calls, real = [], scoring._context_pass
+
+    def recorded(model, ids_BT, *args, **kw):   # the real pass; records its batch shape
+        calls.append(ids_BT.shape)
+        return real(model, ids_BT, *args, **kw)
+    monkeypatch.setattr(scoring, "_context_pass", recorded)
+    cached = loglikelihood(model_a, requests, batch_size=2)
+    assert [b for b, _ in calls] == [2, 2], calls      # q1, q2, q3 and edge, two contexts a pass
+    alone = loglikelihood(model_a, requests, batch_size=2, share=False)
+    assert len(calls) == 2
+    for i, (a, b) in enumerate(zip(cached, alone)):
+        assert a.tokens == b.tokens == len(requests[i][1]) and a.is_greedy == b.is_greedy, i
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=0, atol=3e-5, err_msg=str(i))
+        assert abs(a.logprob - b.logprob) <= 2e-4, i
+
+
 @pytest.mark.parametrize("requests, kw, needle", [
     ([], {}, "requests is empty"),
     ("1 2", {}, "requests must be a list"),
