@@ -13,8 +13,9 @@ or from the shell, through lm_eval's own command line with this backend register
 The three request kinds map onto this package's batched, compiled paths:
 
 - ``loglikelihood`` (multiple choice): :func:`deepseek_jax.scoring.loglikelihood` -- one prefill
-  pass per batch, log-probs and greedy checks taken on the device; the one-token answers of a
-  question share one row (one pass instead of one per answer). Tokenization follows the
+  pass per batch, log-probs and greedy checks taken on the device; a question's context is
+  computed once for all its answers (one-token answers share one row; longer answers run over
+  copies of the context's latent cache). Tokenization follows the
   harness's causal-LM convention (``TemplateLM``): the context's trailing spaces move to the
   continuation, context + continuation is encoded whole and split at the context's length, and an
   empty context is the bos token.
@@ -25,11 +26,29 @@ The three request kinds map onto this package's batched, compiled paths:
 
 A context longer than ``max_length`` (default: the config's ``max_position_embeddings``, at most
 4096 here unless given) is cut on the left, as the harness's own backends do.
+
+Multi-host (SPMD, as ``deepseek-jax score``/``generate``): the same command runs on every host,
+with ``coordinator``, ``num_processes``, ``process_id`` in ``--model_args`` (or the
+``DEEPSEEK_JAX_*`` environment variables, or ``distributed=auto``), and the model is loaded over
+the mesh of all hosts' devices (``mesh``, ``rules``). lm_eval's own multi-process mode is data
+parallel: each rank builds only its slice of the documents (``Task.build_all_requests(rank=,
+world_size=)``), runs them alone, and the metrics are gathered with torch collectives. That cannot
+drive one model sharded over every host, whose compiled calls must run on all processes at once
+with the same shapes. So every process reports rank 0 and world size 1 to lm_eval, builds all the
+requests and runs every batch together with its peers. lm_eval's ``simple_evaluate`` returns
+``None`` on a process that is not rank 0, and its command line then prints and writes nothing;
+``python -m deepseek_jax.harness`` makes it return ``None`` on every process but JAX's process 0,
+so only that one prints the table and writes ``--output_path`` (results, ``--log_samples``).
+From Python, ``simple_evaluate`` returns the results on every process: write them on process 0.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +64,11 @@ except ImportError as err:   # an optional dependency: say which one
 
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed"}
 _DEFAULT_MAX_LENGTH = 4096
+# --model_args of the mesh and of multi-host runs -> the deepseek-jax flags they stand for
+# (deepseek_jax/runtime.py, whose messages name the flags; the harness's name the arguments).
+_HOST_ARGS = {"coordinator": "--coordinator", "num_processes": "--num-processes", "process_id": "--process-id",
+              "distributed": "--distributed", "heartbeat_timeout": "--heartbeat-timeout", "mesh": "--mesh",
+              "rules": "--rules"}
 
 
 def _integer(name: str, value) -> int:
@@ -74,6 +98,46 @@ def _positive(name: str, value) -> int:
     return int(value)
 
 
+_HOST_DEFAULTS = {"mesh": None, "rules": "ep_tp", "coordinator": None, "num_processes": None, "process_id": None,
+                  "distributed": "off", "heartbeat_timeout": 30}
+
+
+def _host_args(**kw: Any) -> argparse.Namespace:
+    """The mesh and multi-host arguments, checked, as the namespace :func:`runtime.init` takes."""
+    for name in ("mesh", "coordinator"):
+        if kw[name] is not None and not (isinstance(kw[name], str) and kw[name]):
+            what = "AXIS=SIZE,... (quoted on lm_eval's command line: mesh='data=2,expert=4')" if name == "mesh" \
+                else "HOST:PORT"
+            raise DeepSeekError(f"{name} must be {what}, got {kw[name]!r}")
+    for name, choices in (("rules", ("ep_tp", "ep_dp")), ("distributed", ("off", "auto"))):
+        if kw[name] not in choices:
+            raise DeepSeekError(f"{name} must be one of {', '.join(choices)}, got {kw[name]!r}")
+    for name in ("num_processes", "process_id", "heartbeat_timeout"):
+        if kw[name] is not None:
+            kw[name] = _integer(name, kw[name])
+    return argparse.Namespace(**kw)
+
+
+def _init_mesh(hosts: argparse.Namespace):
+    """:func:`deepseek_jax.runtime.init` (``jax.distributed.initialize`` when asked, then the mesh
+    of all processes' devices) when a mesh or more than one process is asked for; otherwise
+    ``None``: one device. runtime's messages name its flags; these, the arguments."""
+    import jax
+
+    from deepseek_jax import runtime
+    try:
+        runtime.check_args(hosts)
+        if (hosts.mesh is None and not hosts.coordinator and hosts.distributed == "off"
+                and not os.environ.get("DEEPSEEK_JAX_COORDINATOR") and not jax.distributed.is_initialized()):
+            return None
+        return runtime.init(hosts)
+    except DeepSeekError as e:
+        msg = str(e)
+        for name, flag in _HOST_ARGS.items():
+            msg = msg.replace(flag, name)
+        raise DeepSeekError(msg) from None
+
+
 class DeepSeekLM(TemplateLM):
     """lm_eval's ``LM`` over a deepseek_jax model.
 
@@ -85,26 +149,53 @@ class DeepSeekLM(TemplateLM):
     ``max_length`` when that is less). lm_eval's ``--device`` and
     ``--max_batch_size`` are accepted and ignored: JAX runs on its default backend (or the mesh
     the model was loaded on).
+
+    With ``pretrained``, devices and hosts as ``deepseek-jax generate``'s flags: ``mesh``
+    (``"data=2,expert=4"``; default: one device, or all devices on ``expert`` when there is more
+    than one process), ``rules`` (``ep_tp``, ``ep_dp``), and for a multi-host run ``coordinator``
+    (``HOST:PORT`` of process 0), ``num_processes``, ``process_id`` (or the environment variables
+    ``DEEPSEEK_JAX_COORDINATOR``, ``DEEPSEEK_JAX_NUM_PROCESSES``, ``DEEPSEEK_JAX_PROCESS_ID``),
+    ``distributed`` (``auto``: JAX finds the cluster), ``heartbeat_timeout`` (30 s). Every process
+    runs every request, and lm_eval sees one process of rank 0: see the module's docstring.
     """
 
     def __init__(self, pretrained: str | os.PathLike[str] | None = None, *, model=None, tokenizer=None,
                  dtype: str = "float32", batch_size: int | str = 8, max_length: int | str | None = None,
                  max_gen_toks: int | str | None = None, seed: int | str = 0, device: Any = None,
-                 max_batch_size: Any = None, **unknown: Any) -> None:
+                 max_batch_size: Any = None, mesh: str | None = None, rules: str = "ep_tp",
+                 coordinator: str | None = None, num_processes: int | str | None = None,
+                 process_id: int | str | None = None, distributed: str = "off",
+                 heartbeat_timeout: int | str = 30, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise DeepSeekError(f"DeepSeekLM: unknown argument(s) {', '.join(sorted(unknown))} (expected "
-                                "pretrained, dtype, batch_size, max_length, max_gen_toks, seed)")
+                                f"pretrained, dtype, batch_size, max_length, max_gen_toks, seed, "
+                                f"{', '.join(_HOST_ARGS)})")
+        import jax
+
         import deepseek_jax as dj
         from deepseek_jax.generate import Generator
         from deepseek_jax.tokenizer import Tokenizer
 
         if (pretrained is None) == (model is None):
             raise DeepSeekError("DeepSeekLM: give either pretrained=DIR or model= (with tokenizer=)")
+        # lm_eval's data parallelism (world_size > 1) deals each rank a slice of the documents; here
+        # every process runs every request on the one mesh, so lm_eval sees one process, rank 0.
+        self._rank, self._world_size = 0, 1
+        hosts = _host_args(mesh=mesh, rules=rules, coordinator=coordinator, num_processes=num_processes,
+                           process_id=process_id, distributed=distributed, heartbeat_timeout=heartbeat_timeout)
+        self._mesh = None
         if model is None:
-            model = dj.load(pretrained, dtype=dtype)
+            self._mesh = _init_mesh(hosts)
+            model = dj.load(pretrained, dtype=dtype, mesh=self._mesh, rules=hosts.rules)
             if tokenizer is None:
                 tokenizer = Tokenizer.from_dir(pretrained)
+        else:
+            given = [k for k, v in vars(hosts).items() if v != _HOST_DEFAULTS[k]]
+            if given:
+                raise DeepSeekError(f"DeepSeekLM: {', '.join(given)} apply to pretrained=DIR; a model= runs as "
+                                    "it was loaded (on its mesh, after your own jax.distributed.initialize)")
+        self._main = jax.process_index() == 0     # the one that shows progress
         if tokenizer is None:
             raise DeepSeekError("DeepSeekLM: model= needs tokenizer= (a deepseek_jax.tokenizer.Tokenizer)")
         if str(batch_size).startswith("auto"):
@@ -119,7 +210,13 @@ class DeepSeekLM(TemplateLM):
                              else _positive("max_gen_toks", max_gen_toks))
         self.seed = _integer("seed", seed)
         self.model, self.tokenizer = model, tokenizer
-        self._generator = Generator(model, tokenizer, max_len=max(self.max_length, 2))
+        with self._on_mesh():
+            self._generator = Generator(model, tokenizer, max_len=max(self.max_length, 2))
+
+    def _on_mesh(self):
+        """The mesh the model was loaded on, for the length of a call (as the commands set it)."""
+        import jax
+        return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
@@ -180,15 +277,26 @@ class DeepSeekLM(TemplateLM):
                                     f"tokens; at most {total - 1} fit (max_length {self.max_length})")
             pairs.append((ctx[-keep:], cont))
         # By length, in slices of a few batches: the progress bar moves, and each slice still
-        # pads little (dj.loglikelihood sorts and buckets within it). Requests equal but for the
-        # last token sort together, so that they share a row (one-token answers of a question).
-        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]) + len(pairs[i][1]),
-                                                         pairs[i][0] + pairs[i][1][:-1]))
+        # pads little (dj.loglikelihood sorts and buckets within it). The requests of one context
+        # (a question's answers) sort together and never straddle two slices, so that the
+        # context is computed once for them (dj.loglikelihood's sharing).
+        by_ctx: dict[tuple, list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            by_ctx.setdefault(tuple(ctx), []).append(i)
+        groups = sorted(by_ctx.values(), key=lambda g: (len(pairs[g[0]][0]) + max(len(pairs[i][1]) for i in g),
+                                                        pairs[g[0]][0]))
         step = 16 * self.batch_size
+        parts, part = [], []
+        for g in groups:
+            part += g
+            if len(part) >= step:
+                parts.append(part)
+                part = []
+        parts += [part] if part else []
         out: list = [None] * len(pairs)
-        with tqdm(total=len(pairs), disable=disable_tqdm, desc="deepseek_jax loglikelihood") as bar:
-            for start in range(0, len(order), step):
-                part = order[start:start + step]
+        with tqdm(total=len(pairs), disable=disable_tqdm or not self._main, desc="deepseek_jax loglikelihood") as bar, \
+                self._on_mesh():
+            for part in parts:
                 for i, r in zip(part, loglikelihood(self.model, [pairs[i] for i in part], batch_size=self.batch_size)):
                     out[i] = (float(r.logprob), bool(r.is_greedy))
                 bar.update(len(part))
@@ -223,24 +331,25 @@ class DeepSeekLM(TemplateLM):
             settings.append(s)
             groups.setdefault(repr(sorted(s.items())), []).append(i)
         out: list[str | None] = [None] * len(requests)
-        for rows in groups.values():
-            s = settings[rows[0]]
-            budget = s["max_gen_toks"]
-            if budget >= self.max_length:
-                raise DeepSeekError(f"generate_until: max_gen_toks {budget} leaves no room for a context "
-                                    f"within max_length {self.max_length}")
-            sampling = (SamplingParams(s["temperature"], top_k=s["top_k"], top_p=s["top_p"]) if s["do_sample"]
-                        else SamplingParams(0.0))
-            for b in range(0, len(rows), self.batch_size):
-                chunk = rows[b:b + self.batch_size]
-                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - budget):] for i in chunk]
-                kw = dict(max_new_tokens=budget, sampling=sampling, seed=s["seed"])
-                if s["until"]:    # stop strings, matched on the host (generate --stop's path)
-                    res = self._generator._generate_text_ids(prompts, stops=s["until"], **kw)
-                else:
-                    res = self._generator.generate(prompts, **kw)
-                for i, r in zip(chunk, res):
-                    out[i] = r.text if r.text is not None else self.tokenizer.decode(r.output_ids)
+        with self._on_mesh():
+            for rows in groups.values():
+                s = settings[rows[0]]
+                budget = s["max_gen_toks"]
+                if budget >= self.max_length:
+                    raise DeepSeekError(f"generate_until: max_gen_toks {budget} leaves no room for a context "
+                                        f"within max_length {self.max_length}")
+                sampling = (SamplingParams(s["temperature"], top_k=s["top_k"], top_p=s["top_p"]) if s["do_sample"]
+                            else SamplingParams(0.0))
+                for b in range(0, len(rows), self.batch_size):
+                    chunk = rows[b:b + self.batch_size]
+                    prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - budget):] for i in chunk]
+                    kw = dict(max_new_tokens=budget, sampling=sampling, seed=s["seed"])
+                    if s["until"]:    # stop strings, matched on the host (generate --stop's path)
+                        res = self._generator._generate_text_ids(prompts, stops=s["until"], **kw)
+                    else:
+                        res = self._generator.generate(prompts, **kw)
+                    for i, r in zip(chunk, res):
+                        out[i] = r.text if r.text is not None else self.tokenizer.decode(r.output_ids)
         return out
 
     def _gen_settings(self, i: int, kwargs: Any) -> dict[str, Any]:
@@ -269,12 +378,44 @@ class DeepSeekLM(TemplateLM):
                 "seed": _integer(f"{where}: seed", kwargs.get("seed", self.seed))}
 
 
+def _multi_host_asked(model: Any, model_args: Any) -> bool:
+    """Whether ``simple_evaluate``'s arguments run this backend on more than one process."""
+    if model != "deepseek_jax":
+        return False
+    if isinstance(model_args, str):
+        from lm_eval.utils import simple_parse_args_string
+        model_args = simple_parse_args_string(model_args)
+    args = model_args if isinstance(model_args, dict) else {}
+    return bool(args.get("coordinator") or args.get("distributed") == "auto"
+                or os.environ.get("DEEPSEEK_JAX_COORDINATOR"))
+
+
+def _results_on_process_0(simple_evaluate):
+    """lm_eval's ``simple_evaluate``, which returns ``None`` on the processes that are not its rank 0
+    (lm_eval's command line then prints and writes nothing there): here on every process but
+    JAX's process 0, since each reports rank 0 to lm_eval (every process runs every request)."""
+    @functools.wraps(simple_evaluate)
+    def on_process_0(*args, **kw):
+        import jax
+        if kw.get("use_cache") and _multi_host_asked(kw.get("model"), kw.get("model_args")):
+            raise DeepSeekError("--use_cache is not supported on more than one process (each host would keep its "
+                                "own cache and could send the model other requests than its peers)")
+        results = simple_evaluate(*args, **kw)
+        if jax.distributed.is_initialized() and jax.process_index() != 0:
+            return None
+        return results
+    return on_process_0
+
+
 def main() -> int:
     """lm_eval's command line with the ``deepseek_jax`` backend registered; errors a user can
-    cause end it with one line (exit 2), as the deepseek-jax commands do."""
-    import sys
-
+    cause end it with one line (exit 2), as the deepseek-jax commands do. On more than one
+    process only process 0 prints the results and writes ``--output_path``."""
+    import lm_eval
     from lm_eval.__main__ import cli_evaluate
+
+    # (lm_eval's command line imports simple_evaluate from the package when it runs)
+    lm_eval.simple_evaluate = _results_on_process_0(lm_eval.simple_evaluate)
     try:
         cli_evaluate()
     except DeepSeekError as e:
@@ -284,8 +425,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":   # `python -m deepseek_jax.harness`: register under the module's real name
-    import sys
-
     import deepseek_jax.harness
     sys.exit(deepseek_jax.harness.main())
 else:
