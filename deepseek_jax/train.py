@@ -394,6 +394,10 @@ def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh, f
     tx = _make_tx(coefs, clip)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # The optimizer state keeps its dtypes (AdamW's moments in the parameter dtype): the traced
+    # float32 b1 promotes bfloat16 parameters' first moment to float32, which changed the state's
+    # types after the first step (both programs compiled again, the moment not updated in place).
+    opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
     params = optax.apply_updates(state.params, updates)
     biases = _update_biases(state.biases, aux, coefs["bias_gamma"], frozen)
     tied = _sync_tied(state.tied, params) if tie else state.tied

@@ -12,8 +12,8 @@ positions ``0..T-1``).
 * GPU (``impl="pallas_gpu"`` / ``"interpret_gpu"``): JAX's own Triton-lowered Pallas flash
   attention (``jax.experimental.pallas.ops.gpu.attention.mha``, deprecated in jax 0.11 for
   tokamax, which the GPU machine here lacks; online softmax, never
-  materializes the scores; it has a backward). It wants one head size for q, k and v and a
-  sequence length divisible by its blocks, so ``v`` is zero-padded to K (the padded output
+  materializes the scores; its backward is a Triton kernel too). It wants one head size for q, k
+  and v and a sequence length divisible by its blocks, so ``v`` is zero-padded to K (the padded output
   columns are dropped) and T is padded with tokens after the real ones (causality keeps them
   out of every real token's window). The scores are ``[B, H, T, T]`` float32 otherwise: 8.6 GB
   per layer at a 4K prompt with DeepSeek-V3's 128 heads.
@@ -86,7 +86,13 @@ def causal_attention(q_BTHK, k_BTHK, v_BTHA, *, scale: float, impl: str = "auto"
     q = jnp.pad(q_BTHK, pad_t[:3] + [(0, d - kd)])
     k = jnp.pad(k_BTHK, pad_t[:3] + [(0, d - kd)])
     v = jnp.pad(v_BTHA.astype(q.dtype), pad_t[:3] + [(0, d - a)])
-    o = mha(q, k, v, None, sm_scale=scale, causal=True, block_sizes=BlockSizes(block_q=blk, block_k=blk),
+    # The backward's blocks too: without them mha's backward (a fused dq / dk / dv Triton kernel)
+    # refuses to trace ("Backward block sizes must all be set"), i.e. training could not use it.
+    # 32, jax's default, divides the padded length (or is cut to it).
+    bwd = min(32, blk)
+    o = mha(q, k, v, None, sm_scale=scale, causal=True,
+            block_sizes=BlockSizes(block_q=blk, block_k=blk, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd,
+                                   block_kv_dq=bwd),
             interpret=interpret)
     return o[:, :t, :, :a]
 

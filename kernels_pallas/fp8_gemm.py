@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -309,6 +310,14 @@ def _gpu_scaled_gemm_kernel(*refs, m, n, k, bm, bn, kb_per_split, splits, has_xs
         plgpu_triton.store(o_view, val, mask=out_mask)
 
 
+def _k_splits(k: int, cfg: GpuConfig) -> tuple[int, int]:
+    """``(K blocks per split, splits)`` of the GPU kernel under ``cfg``: split ``s`` sums the
+    128-wide K blocks ``[s * per, (s + 1) * per)`` (the last one cut at ``K``)."""
+    nkb = cdiv(k, QBLOCK)
+    kb_per_split = cdiv(nkb, max(1, cfg.splits))
+    return kb_per_split, cdiv(nkb, kb_per_split)
+
+
 def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
                       config: GpuConfig | None = None, layer=None, sum_splits: bool = True):
     """GPU kernel: ``x [M, K]`` (e4m3 with ``xs_Mk`` scales → W8A8, or bf16/f32 with ``xs_Mk=None`` →
@@ -323,9 +332,7 @@ def scaled_matmul_gpu(x_MK, xs_Mk, wq_NK, ws_nk, *, out_dtype, interpret=False,
     n = wq_NK.shape[1]
     has_xs = xs_Mk is not None
     cfg = config or default_gpu_config(m, n, k, "w8a8" if has_xs else "w8a16")
-    nkb = cdiv(k, QBLOCK)
-    kb_per_split = cdiv(nkb, max(1, cfg.splits))
-    splits = cdiv(nkb, kb_per_split)
+    kb_per_split, splits = _k_splits(k, cfg)
     cdt = jnp.float8_e4m3fn if has_xs else x_MK.dtype
     kernel = functools.partial(_gpu_scaled_gemm_kernel, m=m, n=n, k=k, bm=cfg.bm, bn=cfg.bn,
                                kb_per_split=kb_per_split, splits=splits, has_xs=has_xs, cdt=cdt,
@@ -526,12 +533,27 @@ def _kernel_matmul_fwd(x_MK, wq_NK, ws_nk, layer, out_dtype, impl, quantize_x, s
 
 def _kernel_matmul_bwd(out_dtype, impl, quantize_x, sum_splits, res, dy):
     wq_NK, ws_nk, layer, x_like = res
-    if isinstance(dy, SplitK):
-        raise NotImplementedError("no gradient through a split-K GEMM's unsummed partials (few-row decode)")
     if layer is not None:
         wq_NK, ws_nk = _layer_of(wq_NK, ws_nk, layer)
-    w_NK = dequantize_blocks(wq_NK, ws_nk).astype(dy.dtype)
-    dx = jnp.einsum("...n,nk->...k", dy, w_NK, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    w_NK = dequantize_blocks(wq_NK, ws_nk)
+    hi = lax.Precision.HIGHEST
+    if isinstance(dy, SplitK):
+        # Unsummed split-K partials (the GPU kernel with few rows, sum_splits=False): partial s is
+        # x[..., K_s] @ W[:, K_s].T, so dx[..., K_s] = dy_s @ W[:, K_s] (the same K ranges as the
+        # forward's default configuration, which is what made the partials).
+        parts = dy.parts
+        n, k = w_NK.shape
+        m = math.prod(parts.shape[1:-1])
+        per, splits = _k_splits(k, default_gpu_config(m, n, k, "w8a16"))
+        if splits != parts.shape[0]:
+            raise ValueError(f"w8a16_matmul backward: {parts.shape[0]} split-K partials, the kernel makes {splits}")
+        w_NK = w_NK.astype(parts.dtype)
+        step = per * QBLOCK
+        dx = jnp.concatenate([jnp.einsum("...n,nk->...k", parts[s], w_NK[:, s * step:(s + 1) * step],
+                                         preferred_element_type=jnp.float32, precision=hi)
+                              for s in range(splits)], axis=-1)
+        return dx.astype(x_like.dtype), None, None, None
+    dx = jnp.einsum("...n,nk->...k", dy, w_NK.astype(dy.dtype), preferred_element_type=jnp.float32, precision=hi)
     return dx.astype(x_like.dtype), None, None, None
 
 

@@ -17,7 +17,10 @@ to be importable before jax starts) and check:
   MLA kernel's 128-head, 32-token blocks ask an H200 for 262,144 bytes of shared memory, the
   message the lent H200 gave for them on 2026-11-28, and 256 MiB of VMEM scratch fits no TPU;
 * the model's TPU programs hold the TPU kernels (no TPU is reachable here: until now the TPU path
-  ran only in the Pallas interpreter).
+  ran only in the Pallas interpreter);
+* one training step (``benchmarks/train_compile.py``: the ``Trainer``'s ``loss_and_grads`` and
+  ``apply`` programs) compiles for an H200 and for one v5p chip, full training of a BF16 model and
+  LoRA over FP8 weights, with the device's Pallas kernels in the forward and the backward.
 
 The wheels go to ``.gpu_aot/`` and ``.tpu_aot/`` (``.ci/run`` puts them there; or
 ``$DEEPSEEK_JAX_GPU_AOT`` / ``$DEEPSEEK_JAX_TPU_AOT``); without them those tests skip. The launch
@@ -78,6 +81,13 @@ TPU_FLASH_PREFILL_ATTN_XLA_GB = 4
 #: Launches per MoE layer per step (measured 29 / 34; 39 / 44 at the start of session 10, 59 / 62
 #: at the start of session 9, 102 / 104 before session 7).
 MOE_LAYER_BUDGET = {1: 31, 16: 36}
+#: The train steps compiled here (``benchmarks/train_compile.py``): 1 dense + 1 MoE layer at the
+#: script's small width (hidden 1024, DeepSeek-V3's head sizes, 16 experts), no MTP layer, one
+#: 128-token row, flash attention. The LoRA model's ``q_a_proj`` has no adapter: with 128 rows the
+#: GPU's FP8 GEMM hands its split-K partials to the norm kernel unsummed, and the step
+#: differentiates through them.
+TRAIN_ARGS = ("--layers", "2", "--no-mtp", "--batch", "1", "--seq", "128", "--prefill-attention", "flash",
+              "--lora-targets", "q_b_proj,kv_a_proj_with_mqa,o_proj,gate_proj,up_proj,down_proj")
 
 
 def test_launch_census_multiplies_trip_counts():
@@ -327,3 +337,67 @@ def test_decode_step_on_gpu_meshes_gathers_no_weights(report):
     assert all(r["compiled"] for r in rows.values()), [r["error"] for r in rows.values()]
     assert rows["model=4"]["all_gathers"] == 0 and rows["data=4"]["all_gathers"] == 0, rows
     assert all(r["temp_gib"] < 0.5 for r in rows.values()), rows
+
+
+def _train_report(tmp_path_factory, platform, plugins):
+    return _run(tmp_path_factory, "benchmarks/train_compile.py", plugins, "--platform", platform, *TRAIN_ARGS)
+
+
+def _train_step(report, case):
+    """``(loss_and_grads row, its forward kernels, its backward kernels)`` of ``case``, after
+    checking that both programs compiled and that the optimizer's holds no kernel and writes the
+    whole donated train state in place (with BF16 parameters AdamW's first moment came out
+    float32, in new buffers, and the state's types changed after the first step)."""
+    rows = {r["program"]: r for r in report["rows"] if r["case"] == case}
+    assert set(rows) == {"loss_and_grads", "apply"} and all(r["compiled"] for r in rows.values()), \
+        [(case, r["program"], r["error"]) for r in rows.values()]
+    step, apply = rows["loss_and_grads"], rows["apply"]
+    assert not apply["kernels_fwd"] and not apply["kernels_bwd"], apply
+    assert apply["alias_gib"] > 0 and apply["output_gib"] - apply["alias_gib"] < 1e-3, apply
+    assert 0 < step["peak_gib"] < 1 and 0 < apply["peak_gib"] < 1, (step, apply)
+    return step, step["kernels_fwd"], step["kernels_bwd"]
+
+
+@needs_plugin
+def test_train_steps_compile_for_an_h200_with_the_gpu_kernels(tmp_path_factory):
+    """One optimizer step (the ``Trainer``'s two programs) compiled for an H200. Full training of
+    a BF16 model: the routed experts on the grouped GEMM (gate, up, down) and, in the backward,
+    its ``dx`` (the same kernel reading the weights transposed) and ``dw`` kernels; the router's
+    selection and the norms on their kernels (their backwards are the references'); attention on
+    the Triton flash kernel forward and backward (the backward's unset block sizes made the step
+    fail to trace). LoRA over frozen FP8 weights: the projections on the W8A16 kernel (their
+    backward for ``x`` XLA's ``dy @ dequant(W)``, through ``q_a_proj``'s split-K partials too,
+    which raised NotImplementedError), the FP8 experts' ``dx`` on the grouped kernel and no
+    ``dw``; only the adapters train. The HLO holds a scanned layer's body once: counts are per
+    program, not per layer. With ``--kernels ref`` every kernel assertion here fails."""
+    report = _train_report(tmp_path_factory, "gpu", PLUGINS)
+    step, fwd, bwd = _train_step(report, "full")
+    assert fwd.get("grouped_gemm_gpu") == 3 and fwd.get("moe_route_gpu", 0) >= 1, fwd
+    assert fwd.get("rms_norm_gpu", 0) >= 2 and fwd.get("add_rms_norm_gpu", 0) >= 1, fwd
+    assert bwd.get("grouped_gemm_gpu") == 3 and bwd.get("grouped_gemm_dw_gpu") == 3, bwd
+    assert fwd.get("mha_forward") == 2 and bwd.get("mha_backward") == 2, (fwd, bwd)
+    assert "w8a16_gemm_gpu" not in fwd, fwd   # BF16 weights: XLA's dots
+    assert step["trained_params"] > 3e7
+    step, fwd, bwd = _train_step(report, "lora")
+    assert fwd.get("w8a16_gemm_gpu", 0) >= 10 and fwd.get("grouped_gemm_gpu") == 3, fwd
+    assert bwd.get("grouped_gemm_gpu") == 3 and "grouped_gemm_dw_gpu" not in bwd, bwd
+    assert bwd.get("mha_backward") == 2, bwd
+    assert 0 < step["trained_params"] < 1e6
+
+
+@needs_libtpu
+def test_train_steps_compile_for_a_tpu_chip_with_the_tpu_kernels(tmp_path_factory):
+    """The same two steps for one v5p chip: the grouped TPU kernel forward, ``dx`` and ``dw``
+    (megablox ``gmm`` / ``tgmm``; no ``dw`` for the FP8 experts), the FP8 projections on the TPU
+    FP8 GEMM, the flash attention on the TPU's ``cached_attention`` kernel (its backward the
+    reference's)."""
+    report = _train_report(tmp_path_factory, "tpu", TPU_PLUGIN)
+    step, fwd, bwd = _train_step(report, "full")
+    assert fwd.get("grouped_gemm_tpu") == 3 and fwd.get("cached_attention_tpu") == 2, fwd
+    assert bwd.get("grouped_gemm_tpu") == 3 and bwd.get("grouped_gemm_dw_tpu") == 3, bwd
+    assert step["trained_params"] > 3e7
+    step, fwd, bwd = _train_step(report, "lora")
+    assert fwd.get("w8a16_gemm_tpu", 0) >= 10 and fwd.get("grouped_gemm_tpu") == 3, fwd
+    assert fwd.get("cached_attention_tpu") == 2, fwd
+    assert bwd.get("grouped_gemm_tpu") == 3 and "grouped_gemm_dw_tpu" not in bwd, bwd
+    assert 0 < step["trained_params"] < 1e6

@@ -1442,3 +1442,72 @@ def test_fp8_gemm_gradient_for_x(impl, layer):
     ste = np.asarray(jnp.einsum("...n,nk->...k", r, dequantize_blocks(wq[1], ws[1])))
     for kernels in ("ref", impl):
         np.testing.assert_allclose(grad(w8a8_matmul, kernels), ste, rtol=0, atol=1e-6 * np.abs(ste).max())
+
+
+@pytest.mark.parametrize("layer", [None, 1])
+def test_fp8_gemm_split_k_partials_gradient(layer):
+    """With few rows the W8A16 GPU kernel splits K and ``sum_splits=False`` returns the unsummed
+    partials (``SplitK``) for the next norm kernel to sum: MLA's ``q_a_proj`` and ``o_proj``. A train
+    step differentiates through them where those linears carry no LoRA adapter (``--lora-targets
+    q_b_proj``, ``--trainable norm`` over FP8 weights), which raised NotImplementedError: partial
+    ``s`` is ``x[..., K_s] @ W[:, K_s].T``, so ``dx[..., K_s] = dy_s @ W[:, K_s]``. Checked with a
+    consumer that weighs each partial differently, and through the RMSNorm kernel that sums them."""
+    from kernels_pallas import SplitK, rms_norm
+    from kernels_pallas._common import dequantize_blocks
+    from kernels_pallas.fp8_gemm import _k_splits, default_gpu_config
+    from deepseek_jax.quant import quantize
+    m, n, k = 3, 128, 600
+    wq, ws = quantize(jax.random.normal(jax.random.PRNGKey(0), (2, n, k)) * 0.1)
+    W, S = (wq[1], ws[1]) if layer is None else (wq, ws)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, m, k))
+    per, splits = _k_splits(k, default_gpu_config(m, n, k, "w8a16"))
+    assert splits > 1
+    step = per * 128
+    w = dequantize_blocks(wq[1], ws[1])
+    c = jax.random.normal(jax.random.PRNGKey(2), (splits, 1, m, n))
+
+    def by_kernel(x):
+        y = w8a16_matmul(x, W, S, impl="interpret_gpu", layer=layer, sum_splits=False)
+        assert isinstance(y, SplitK) and y.parts.shape == (splits, 1, m, n)
+        return jnp.sum(y.parts * c)
+
+    def by_hand(x):
+        return sum(jnp.sum((x[..., s * step:(s + 1) * step] @ w[:, s * step:(s + 1) * step].T) * c[s])
+                   for s in range(splits))
+
+    want = np.asarray(jax.grad(by_hand)(x))
+    np.testing.assert_allclose(np.asarray(jax.grad(by_kernel)(x)), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # as the model uses them: summed by the RMSNorm kernel, against the references
+    g = jax.random.normal(jax.random.PRNGKey(3), (n,))
+    r = jax.random.normal(jax.random.PRNGKey(4), (1, m, n))
+
+    def normed(kernels, sum_splits):
+        def f(x):
+            y = w8a16_matmul(x, W, S, impl=kernels, layer=layer, sum_splits=sum_splits)
+            return jnp.sum(rms_norm(y, g, eps=1e-6, impl=kernels) * r)
+        return np.asarray(jax.grad(f)(x))
+
+    want = normed("ref", True)
+    np.testing.assert_allclose(normed("interpret_gpu", False), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_flash_prefill_gradient_is_the_references():
+    """``causal_attention``'s GPU flash kernel (jax's Triton ``mha``) under ``jax.grad``: its
+    backward is a Triton kernel that needs its own block sizes, which were unset, so a train step
+    with ``Precision(prefill_attention="flash")`` on a GPU failed to trace ("Backward block sizes
+    must all be set"). T = 21 and 70 pad to the blocks; MLA-like 160 / 128 head sizes."""
+    from kernels_pallas import causal_attention
+    rng = np.random.default_rng(41)
+    for t, kd, a, block in ((21, 24, 16, 8), (70, 160, 128, None)):
+        q, k = (jnp.asarray(rng.standard_normal((2, t, 2, kd)), jnp.float32) for _ in range(2))
+        v = jnp.asarray(rng.standard_normal((2, t, 2, a)), jnp.float32)
+        c = jnp.asarray(rng.standard_normal((2, t, 2, a)), jnp.float32)
+        kw = {} if block is None else {"block": block}
+
+        def grads(impl):
+            f = lambda q, k, v: jnp.sum(causal_attention(q, k, v, scale=0.3, impl=impl, **kw) * c)  # noqa: E731
+            return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+        for got, want in zip(grads("interpret_gpu"), grads("ref")):
+            want = np.asarray(want)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())

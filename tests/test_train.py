@@ -398,6 +398,10 @@ def test_subset_leaves_frozen_routers_and_bf16_params(init_dir, data):
     hist = run(t, data, 2)
     assert np.isfinite([m["loss"] for m in hist]).all() and hist[0]["grad_norm"] > 1e-3
     assert {x.dtype for x in jax.tree.leaves(t.state.params)} == {jnp.dtype(jnp.bfloat16)}
+    # AdamW's moments stay bfloat16 (the first came out float32: the state's types changed after
+    # a step, so both programs compiled again and the moment was not updated in place)
+    assert {x.dtype for x in jax.tree.leaves(t.state.opt_state)
+            if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.bfloat16)}
 
     untied = Trainer(fresh_model(init_dir), TrainConfig(**{**TCFG.__dict__, "tie_mtp": False,
                                                           "trainable": "mtp/embed_tokens"}))
