@@ -323,9 +323,11 @@ def _score_shared_contexts(model: DeepSeekV3, groups: list[tuple[np.ndarray, lis
     """Per ``(context, continuations)`` group, each continuation's ``(log-probs [m], argmax flags
     [m])``, the context computed once: :func:`_context_pass` prefills ``batch_size`` contexts into
     a latent cache and scores every continuation's first token at the last context position;
-    :func:`_continuation_pass` runs the continuations of two or more tokens, ``batch_size`` rows at
-    a time, each over a copy of its context's cache entries. Compiles: one per padded context
-    length and cache length, and one per padded continuation length and cache length."""
+    :func:`_continuation_pass` runs the continuations of two or more tokens, each over a copy of its
+    context's cache entries, in passes of about as many tokens as a context pass (``batch_size``
+    rows, up to 4x as many when the padded continuations are that much shorter than the padded
+    contexts; the cache copies then hold up to 4x the context pass's cache). Compiles: one per
+    padded context length and cache length, and one per continuation pass shape and cache length."""
     limit = model.cfg.max_position_embeddings
     order = sorted(range(len(groups)), key=lambda g: len(groups[g][0]) + max(map(len, groups[g][1])))
     B = min(int(batch_size), _pow2(len(groups)))
@@ -333,7 +335,7 @@ def _score_shared_contexts(model: DeepSeekV3, groups: list[tuple[np.ndarray, lis
     batches = [order[s:s + B] for s in range(0, len(order), B)]
     long_rows = [[(r, j) for r, g in enumerate(batch) for j, c in enumerate(groups[g][1]) if len(c) > 1]
                  for batch in batches]
-    R = min(int(batch_size), _pow2(max(map(len, long_rows))))   # continuation rows per pass
+    R_max = _pow2(max(map(len, long_rows)))
     out: list = [[None] * len(conts) for _, conts in groups]
     for batch, rows in zip(batches, long_rows):
         n_max = max(len(groups[g][0]) for g in batch)
@@ -341,7 +343,10 @@ def _score_shared_contexts(model: DeepSeekV3, groups: list[tuple[np.ndarray, lis
         T_cont = _bucket(m_max, limit)
         # every padded continuation position must land in the cache, beyond its row's real tokens
         S = max(_bucket(n_max + T_cont, limit), -(-(n_max + T_cont) // _MIN_BUCKET) * _MIN_BUCKET)
-        ids = np.zeros((B, _bucket(n_max, limit)), np.int32)
+        T_ctx = _bucket(n_max, limit)
+        # continuation rows per pass: about as many tokens as a context pass (up to 4x the rows)
+        R = min(R_max, B * min(4, max(1, T_ctx // T_cont)))
+        ids = np.zeros((B, T_ctx), np.int32)
         last, first = np.zeros(B, np.int32), np.zeros((B, K), np.int32)
         for r, g in enumerate(batch):
             ctx, conts = groups[g]

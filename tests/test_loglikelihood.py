@@ -109,7 +109,7 @@ def test_cached_contexts_equal_separate_rows(model_a, monkeypatch):
     """Contexts continued by several answers of several tokens are prefilled once into the latent
     cache, their answers run over copies of it: the same numbers as each request scored as its own
     row. Answers of 1, 2, 16 and 17 tokens (two continuation buckets), 1 to 6 answers per context
-    (continuation passes of 2 rows, several per context batch), a one-token context, a duplicate
+    (continuation passes of 2 to 8 rows, several per context batch), a one-token context, a duplicate
     request, a context whose padded answers run past ``max_position_embeddings``, and contexts
     with one answer or only one-token answers beside them (scored as rows)."""
     from deepseek_jax import scoring
