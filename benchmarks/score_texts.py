@@ -179,6 +179,7 @@ def long_answers(a, model, rng, race, hf) -> None:
         ctx = rng.integers(0, V, int(n)).tolist()
         requests += [(ctx, rng.integers(0, V, int(m)).tolist()) for m in rng.integers(2, max_len // 8 + 1, 4)]
     n_tokens = sum(len(c) + len(x) for c, x in requests)
+    n_once = sum(len(requests[q][0]) for q in range(0, len(requests), 4)) + sum(len(x) for _, x in requests)
     mc = {"loglikelihood, context cached once": lambda: [r.logprob for r in dj.loglikelihood(
               model, requests, batch_size=a.batch_size)],
           "loglikelihood, a row per request": lambda: [r.logprob for r in dj.loglikelihood(
@@ -215,7 +216,7 @@ def long_answers(a, model, rng, race, hf) -> None:
     base = best["loglikelihood, context cached once"]
     ref = results["loglikelihood, a row per request"]
     print(f"\nmultiple choice: {a.long_questions} questions x 4 answers of 2-{max_len // 8} tokens "
-          f"({len(requests)} requests, {n_tokens} context + answer tokens)")
+          f"({len(requests)} requests; {n_tokens} context + answer tokens, {n_once} with each context once)")
     print(f"{'engine':<42}{'s':>9}{'requests/s':>12}{'x slower than cached':>22}{'max |dlogp| vs a row each':>28}")
     for name in mc:
         diff = float(np.abs(np.asarray(results[name]) - np.asarray(ref)).max())
