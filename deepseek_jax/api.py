@@ -40,16 +40,25 @@ def check_kernels(kernels: str = "auto") -> str:
     return kernels
 
 
-def precision(dtype: str = "float32", fp8_mode: str = "w8a16", kernels: str = "auto") -> Precision:
+#: ``prefill_attention=`` values (see :class:`~deepseek_jax.quant.Precision`).
+PREFILL_ATTENTION = ("plain", "flash")
+
+
+def precision(dtype: str = "float32", fp8_mode: str = "w8a16", kernels: str = "auto",
+              prefill_attention: str = "plain") -> Precision:
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DeepSeekError(f"dtype {dtype!r} unsupported (float32|bfloat16)")
     if not isinstance(fp8_mode, str) or fp8_mode not in ("w8a16", "w8a8"):
         raise DeepSeekError(f"fp8 mode {fp8_mode!r} unsupported (w8a16|w8a8)")
-    return Precision(dtype=DTYPES[dtype], fp8_mode=fp8_mode, kernels=check_kernels(kernels))
+    if not isinstance(prefill_attention, str) or prefill_attention not in PREFILL_ATTENTION:
+        raise DeepSeekError(f"prefill attention {prefill_attention!r} unsupported ({'|'.join(PREFILL_ATTENTION)})")
+    return Precision(dtype=DTYPES[dtype], fp8_mode=fp8_mode, kernels=check_kernels(kernels),
+                     prefill_attention=prefill_attention)
 
 
 def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str = "w8a16",
-         kernels: str = "auto", mtp: bool | None = None, mesh=None, rules="ep_tp") -> DeepSeekV3:
+         kernels: str = "auto", mtp: bool | None = None, mesh=None, rules="ep_tp",
+         prefill_attention: str = "plain") -> DeepSeekV3:
     """Loads a checkpoint directory: the Hub layout (config.json + safetensors) or an Orbax
     checkpoint written by ``deepseek-jax convert`` (detected by its files).
 
@@ -57,8 +66,11 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
     ``mesh``: a ``jax.sharding.Mesh`` (see ``sharding.make_mesh``); parameters are then created
     directly sharded by the ``rules`` preset, each process reading only what its devices hold.
     ``rules``: a preset name of ``sharding.RULES`` ("ep_tp", "ep_dp") or a mapping of logical
-    axis -> mesh axis. ``kernels``: one of ``kernels_pallas.backend.IMPLS``. Every argument (and
-    ``$DEEPSEEK_JAX_KERNELS``) is checked here, before anything is read.
+    axis -> mesh axis. ``kernels``: one of ``kernels_pallas.backend.IMPLS``.
+    ``prefill_attention``: ``"plain"`` (float32 ``[B, heads, T, T]`` scores among a call's tokens)
+    or ``"flash"`` (a flash kernel on a GPU or TPU, which never holds them: long prompts, scoring,
+    training; the plain form on CPU). Every argument (and ``$DEEPSEEK_JAX_KERNELS``) is checked
+    here, before anything is read.
     """
     from deepseek_jax import sharding
 
@@ -69,7 +81,7 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
         raise DeepSeekError(f"checkpoint: {path} is not a directory")
     if mtp is not None and not isinstance(mtp, bool):
         raise DeepSeekError(f"mtp must be True, False or None, got {mtp!r}")
-    prec = precision(dtype, fp8_mode, kernels)
+    prec = precision(dtype, fp8_mode, kernels, prefill_attention)
     rules = sharding.resolve_rules(rules, mesh)   # a bad preset name / mesh fails here, before any reading
     if orbax_ckpt.is_orbax_checkpoint(path):
         shardings = None
@@ -87,9 +99,10 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
     return model
 
 
-def init_random(cfg: DeepSeekConfig, *, seed: int = 0, dtype: str = "float32", with_mtp: bool = True) -> DeepSeekV3:
+def init_random(cfg: DeepSeekConfig, *, seed: int = 0, dtype: str = "float32", with_mtp: bool = True,
+                prefill_attention: str = "plain") -> DeepSeekV3:
     """A randomly initialised model (compiled initialisation: seconds even for deep configs)."""
-    prec = precision(dtype)
+    prec = precision(dtype, prefill_attention=prefill_attention)
 
     @nnx.jit
     def make():

@@ -150,7 +150,8 @@ class DeepSeekLM(TemplateLM):
     ``--max_batch_size`` are accepted and ignored: JAX runs on its default backend (or the mesh
     the model was loaded on).
 
-    With ``pretrained``, devices and hosts as ``deepseek-jax generate``'s flags: ``mesh``
+    With ``pretrained``: ``prefill_attention`` (``plain`` or ``flash``, as ``dj.load`` takes it),
+    and devices and hosts as ``deepseek-jax generate``'s flags: ``mesh``
     (``"data=2,expert=4"``; default: one device, or all devices on ``expert`` when there is more
     than one process), ``rules`` (``ep_tp``, ``ep_dp``), and for a multi-host run ``coordinator``
     (``HOST:PORT`` of process 0), ``num_processes``, ``process_id`` (or the environment variables
@@ -165,11 +166,11 @@ class DeepSeekLM(TemplateLM):
                  max_batch_size: Any = None, mesh: str | None = None, rules: str = "ep_tp",
                  coordinator: str | None = None, num_processes: int | str | None = None,
                  process_id: int | str | None = None, distributed: str = "off",
-                 heartbeat_timeout: int | str = 30, **unknown: Any) -> None:
+                 heartbeat_timeout: int | str = 30, prefill_attention: str = "plain", **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise DeepSeekError(f"DeepSeekLM: unknown argument(s) {', '.join(sorted(unknown))} (expected "
-                                f"pretrained, dtype, batch_size, max_length, max_gen_toks, seed, "
+                                f"pretrained, dtype, prefill_attention, batch_size, max_length, max_gen_toks, seed, "
                                 f"{', '.join(_HOST_ARGS)})")
         import jax
 
@@ -187,11 +188,13 @@ class DeepSeekLM(TemplateLM):
         self._mesh = None
         if model is None:
             self._mesh = _init_mesh(hosts)
-            model = dj.load(pretrained, dtype=dtype, mesh=self._mesh, rules=hosts.rules)
+            model = dj.load(pretrained, dtype=dtype, mesh=self._mesh, rules=hosts.rules,
+                            prefill_attention=prefill_attention)
             if tokenizer is None:
                 tokenizer = Tokenizer.from_dir(pretrained)
         else:
             given = [k for k, v in vars(hosts).items() if v != _HOST_DEFAULTS[k]]
+            given += ["prefill_attention"] if prefill_attention != "plain" else []
             if given:
                 raise DeepSeekError(f"DeepSeekLM: {', '.join(given)} apply to pretrained=DIR; a model= runs as "
                                     "it was loaded (on its mesh, after your own jax.distributed.initialize)")

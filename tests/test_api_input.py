@@ -115,6 +115,7 @@ def test_load_other_arguments(ckpt_a):
     _raises(lambda: dj.load(ckpt_a, dtype="fp16"), "dtype", "'fp16'")
     _raises(lambda: dj.load(ckpt_a, fp8_mode="w4a16"), "fp8", "'w4a16'")
     _raises(lambda: dj.load(ckpt_a, mtp="yes"), "mtp", "'yes'")
+    _raises(lambda: dj.load(ckpt_a, prefill_attention="fast"), "prefill attention", "'fast'", "plain|flash")
     _raises(lambda: dj.load(123), "path", "int")
 
 

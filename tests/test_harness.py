@@ -108,6 +108,11 @@ def test_bad_arguments(demo, ours):
         DeepSeekLM()
     with pytest.raises(DeepSeekError, match="seed must be an integer, got 'abc'"):
         DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, seed="abc")
+    with pytest.raises(DeepSeekError, match="prefill attention 'fast' unsupported"):
+        DeepSeekLM(demo, prefill_attention="fast")
+    with pytest.raises(DeepSeekError, match="prefill_attention apply to pretrained"):
+        DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, prefill_attention="flash")
+    assert DeepSeekLM(demo, prefill_attention="flash").model.prec.prefill_attention == "flash"
     with pytest.raises(DeepSeekError, match="continuation alone has"):
         ours.loglikelihood([Instance("loglikelihood", {}, ("1", "9" * 40), 0)], disable_tqdm=True)
 

@@ -49,6 +49,31 @@ def test_score_outputs(ckpt_a, ids_file, tmp_path, capsys):
     assert rc == 0 and np.load(out).shape == (2, 8, 256)
 
 
+def test_score_flash_prefill_attention(ckpt_a, ids_file, tmp_path, capsys, monkeypatch):
+    """``--prefill-attention flash`` reaches the model: with the GPU kernels interpreted
+    (``$DEEPSEEK_JAX_KERNELS=interpret_gpu``) the flash kernel runs and the logits equal the plain
+    form's; without the flag it does not run."""
+    import kernels_pallas
+    calls, real = [], kernels_pallas.causal_attention
+
+    def recorded(q, *args, **kw):   # the real kernel; records its query's shape
+        calls.append(q.shape)
+        return real(q, *args, **kw)
+    monkeypatch.setattr(kernels_pallas, "causal_attention", recorded)
+    monkeypatch.setenv("DEEPSEEK_JAX_KERNELS", "interpret_gpu")
+    ids = np.load(ids_file)
+    out = tmp_path / "logits.npy"
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out), "--prefill-attention", "flash")
+    assert rc == 0, err
+    assert calls and all(s[:2] == ids.shape for s in calls), calls
+    monkeypatch.delenv("DEEPSEEK_JAX_KERNELS")
+    ref = scoring.logits(load(ckpt_a), ids)
+    assert np.linalg.norm(np.load(out) - ref) / np.linalg.norm(ref) < 1e-4
+    calls.clear()
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out))
+    assert rc == 0 and not calls, err
+
+
 def test_score_internals(ckpt_a, ids_file, tmp_path, capsys):
     """--internals writes dj.internals' arrays at exactly the path given; the logits of the same pass."""
     import deepseek_jax as dj

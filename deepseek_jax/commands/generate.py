@@ -28,6 +28,15 @@ from deepseek_jax.errors import DeepSeekError
 
 
 # ---- shared by generate / chat / demo --------------------------------------------------------
+def add_prefill_attention_arg(p: argparse.ArgumentParser) -> None:
+    """``--prefill-attention`` (also score and train): ``dj.load(prefill_attention=...)``."""
+    p.add_argument("--prefill-attention", choices=("plain", "flash"), default="plain",
+                   help="attention among a pass's own tokens: 'plain' (default) holds float32 [heads, T, T] "
+                        "scores; 'flash' runs a flash kernel on a GPU (Triton) or TPU (Mosaic), which never "
+                        "holds them (long prompts and texts); on CPU it is the plain form. Not timed on a "
+                        "GPU or TPU yet")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, temperature: float = 0.2) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                    help=f"new tokens per prompt at most (default {max_new_tokens})")
@@ -37,6 +46,7 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, 
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same samples")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    add_prefill_attention_arg(p)
     p.add_argument("--speculative", choices=("mtp",), default=None,
                    help="speculative decoding: 'mtp' loads the checkpoint's MTP layer, which drafts one token "
                         "ahead for the main model to verify (greedy output unchanged; sampling keeps the "
@@ -106,7 +116,8 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
     rules = getattr(args, "rules", "ep_tp")
     spec = getattr(args, "speculative", None) == "mtp"
     try:
-        model = dj.load(ckpt, dtype=dtype, mtp=spec, mesh=mesh, rules=rules)
+        model = dj.load(ckpt, dtype=dtype, mtp=spec, mesh=mesh, rules=rules,
+                        prefill_attention=getattr(args, "prefill_attention", "plain"))
     except DeepSeekError as e:
         if spec and "no MTP layer" in str(e):
             raise DeepSeekError(f"--speculative mtp: {ckpt} has no MTP layer to draft with "

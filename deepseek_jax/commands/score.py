@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from deepseek_jax import runtime
+from deepseek_jax.commands.generate import add_prefill_attention_arg
 from deepseek_jax.errors import DeepSeekError
 
 
@@ -46,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --mode decode only: tokens prefilled in one pass first (default 0)")
     p.add_argument("--mtp", action="store_true", help="write the MTP module's logits [B, T-1, V] (row i predicts i+2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    add_prefill_attention_arg(p)
     p.add_argument("--logprobs", help="file for per-token log-probs [B, T-1] (log p(t_i+1 | t_<=i)), in .npy "
                                       "format, written at exactly this path")
     p.add_argument("--internals", metavar="FILE.npz",
@@ -172,7 +174,8 @@ def _run_text(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.ckpt, required=True)
     seqs = [tokenizer.encode(text) for _, text in lines]
     mesh = runtime.init(args)
-    model = dj.load(args.ckpt, dtype=args.dtype, mesh=mesh, rules=args.rules)
+    model = dj.load(args.ckpt, dtype=args.dtype, mesh=mesh, rules=args.rules,
+                    prefill_attention=args.prefill_attention)
     limit = model.cfg.max_position_embeddings
     for (lineno, _), s in zip(lines, seqs):
         if len(s) > limit:
@@ -265,7 +268,8 @@ def _run_pairs(args: argparse.Namespace) -> int:
                     raise DeepSeekError(f"--pairs: line {lineno}: \"{k}\" encodes to no tokens")
         requests.append((ctx, cont))
     mesh = runtime.init(args)
-    model = dj.load(args.ckpt, dtype=args.dtype, mesh=mesh, rules=args.rules)
+    model = dj.load(args.ckpt, dtype=args.dtype, mesh=mesh, rules=args.rules,
+                    prefill_attention=args.prefill_attention)
     V, limit = model.cfg.vocab_size, model.cfg.max_position_embeddings
     for (lineno, *_), (ctx, cont) in zip(pairs, requests):
         for k, ids in (("context", ctx), ("continuation", cont)):
@@ -333,7 +337,8 @@ def run(args: argparse.Namespace) -> int:
     if ids.ndim in (1, 2) and args.prefill > ids.shape[-1]:
         raise DeepSeekError(f"--prefill {args.prefill} exceeds the {ids.shape[-1]} tokens per row of --ids")
     mesh = runtime.init(args)
-    model = dj.load(args.ckpt, dtype=args.dtype, mtp=True if args.mtp else None, mesh=mesh, rules=args.rules)
+    model = dj.load(args.ckpt, dtype=args.dtype, mtp=True if args.mtp else None, mesh=mesh, rules=args.rules,
+                    prefill_attention=args.prefill_attention)
     ids = dj.scoring.check_ids(model, ids)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         if args.mtp:

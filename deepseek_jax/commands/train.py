@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 
+from deepseek_jax.commands.generate import add_prefill_attention_arg
 from deepseek_jax.errors import DeepSeekError
 
 
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    add_prefill_attention_arg(p)
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the trained parameters (default float32)")
     p.add_argument("--export-fp8", action="store_true", help="export OUT/hub with 128x128 block-FP8 linear weights")
@@ -224,15 +226,16 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
 
     t0 = time.perf_counter()
     if lora_info is not None:   # the checkpoint as it is (FP8 kept, frozen) plus adapters
-        model = api.load(args.init, dtype=args.dtype)
+        model = api.load(args.init, dtype=args.dtype, prefill_attention=args.prefill_attention)
         n = add_lora(model, rank=lora_info["rank"], alpha=lora_info["alpha"], targets=targets, seed=args.seed)
         print(f"LoRA: rank {lora_info['rank']}, alpha {lora_info['alpha']:g}, on {n} weight matrices "
               f"({', '.join(adapted_names(model))})")
     elif args.init:
-        model = load_float_model(args.init, prec=api.precision(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
-                                 cfg=cfg)
+        model = load_float_model(args.init, prec=api.precision(args.dtype, prefill_attention=args.prefill_attention),
+                                 param_dtype=jnp.dtype(args.param_dtype), cfg=cfg)
     else:
-        model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype), jnp.dtype(args.param_dtype))
+        model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype,
+                                            prefill_attention=args.prefill_attention), jnp.dtype(args.param_dtype))
     trainer = Trainer(model, tcfg, mesh=mesh)
     del model
     if tcfg.trainable is not None:
