@@ -12,8 +12,10 @@ warm-up, best prefill time each (the machines here are noisy).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import os
+import shutil
 import sys
 import tempfile
 
@@ -37,7 +39,9 @@ def main(argv=None) -> int:
     from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
 
     cfg = tiny_config(max_position_embeddings=2048)
-    ckpt = random_hub_checkpoint(os.path.join(tempfile.mkdtemp(prefix="chat_prefix_"), "ckpt"), cfg, seed=1)
+    tmp = tempfile.mkdtemp(prefix="chat_prefix_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    ckpt = random_hub_checkpoint(os.path.join(tmp, "ckpt"), cfg, seed=1)
     model = dj.load(ckpt, dtype="float32")
     rng = np.random.default_rng(0)
     kw = dict(max_new_tokens=4, stop_at_eos=False)

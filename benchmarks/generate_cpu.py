@@ -16,9 +16,11 @@ sanity check (both are greedy on the same weights).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +55,7 @@ def main() -> int:
 
     thread_options = [int(t) for t in args.threads.split(",")]
     tmp = tempfile.mkdtemp(prefix="gen_bench_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     ckpt = random_hub_checkpoint(os.path.join(tmp, "ckpt_a"), CONFIG_A, seed=1, max_shard_bytes=200_000,
                                  bias_range=(0.0, 0.5))
     ours = Generator(dj.load(ckpt, dtype="float32"))

@@ -28,9 +28,11 @@ skips it.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -62,7 +64,9 @@ def main(argv=None) -> int:
     from deepseek_jax.synthetic import random_hub_checkpoint
     from tests.conftest import CONFIG_A
 
-    ckpt = random_hub_checkpoint(os.path.join(tempfile.mkdtemp(prefix="score_bench_"), "ckpt_a"), CONFIG_A,
+    tmp = tempfile.mkdtemp(prefix="score_bench_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    ckpt = random_hub_checkpoint(os.path.join(tmp, "ckpt_a"), CONFIG_A,
                                  seed=1, max_shard_bytes=200_000, bias_range=(0.0, 0.5))
     model = dj.load(ckpt, dtype="float32")
     rng = np.random.default_rng(0)
