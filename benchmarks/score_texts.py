@@ -163,14 +163,8 @@ def multiple_choice(a, model, rng, race, hf) -> None:
             return out
         mc["HF transformers, a pass per request"] = hf_per_request
         mc["HF transformers, a pass per question"] = hf_per_question
-    results, best = race(mc)
-    base = best["loglikelihood, answers share a row"]
-    ref = results["loglikelihood, a row per request"]
-    print(f"\nmultiple choice: {a.questions} questions x 4 one-token answers ({len(requests)} requests)")
-    print(f"{'engine':<40}{'s':>9}{'requests/s':>12}{'x slower than shared':>22}{'max |dlogp| vs a row each':>28}")
-    for name in mc:
-        diff = float(np.abs(np.asarray(results[name]) - np.asarray(ref)).max())
-        print(f"{name:<40}{best[name]:>9.3f}{len(requests) / best[name]:>12,.0f}{best[name] / base:>22.2f}{diff:>28.1e}")
+    choice_table(race, mc, len(requests), "shared",
+                 f"{a.questions} questions x 4 one-token answers ({len(requests)} requests)")
 
 
 
@@ -216,16 +210,23 @@ def long_answers(a, model, rng, race, hf) -> None:
             return out
         mc["HF transformers, a pass per request"] = hf_per_request
         mc["HF transformers, context cached (KV copy)"] = hf_cached_context
-    results, best = race(mc)
-    base = best["loglikelihood, context cached once"]
-    ref = results["loglikelihood, a row per request"]
-    print(f"\nmultiple choice: {a.long_questions} questions x 4 answers of 2-{max_len // 8} tokens "
-          f"({len(requests)} requests; {n_tokens} context + answer tokens, {n_once} with each context once)")
-    print(f"{'engine':<42}{'s':>9}{'requests/s':>12}{'x slower than cached':>22}{'max |dlogp| vs a row each':>28}")
-    for name in mc:
-        diff = float(np.abs(np.asarray(results[name]) - np.asarray(ref)).max())
-        print(f"{name:<42}{best[name]:>9.3f}{len(requests) / best[name]:>12,.0f}{best[name] / base:>22.2f}{diff:>28.1e}")
+    choice_table(race, mc, len(requests), "cached",
+                 f"{a.long_questions} questions x 4 answers of 2-{max_len // 8} tokens ({len(requests)} requests; "
+                 f"{n_tokens} context + answer tokens, {n_once} with each context once)")
 
+
+def choice_table(race, engines, n_requests: int, base_word: str, title: str) -> None:
+    """Races the engines (the first is the base; "a row per request" is the reference of the
+    last column) and prints their table of summed log-prob results."""
+    results, best = race(engines)
+    base = best[next(iter(engines))]
+    ref = results["loglikelihood, a row per request"]
+    print(f"\nmultiple choice: {title}")
+    print(f"{'engine':<42}{'s':>9}{'requests/s':>12}{'x slower than ' + base_word:>22}"
+          f"{'max |dlogp| vs a row each':>28}")
+    for name in engines:
+        diff = float(np.abs(np.asarray(results[name]) - np.asarray(ref)).max())
+        print(f"{name:<42}{best[name]:>9.3f}{n_requests / best[name]:>12,.0f}{best[name] / base:>22.2f}{diff:>28.1e}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -210,13 +210,32 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _bucket(n: int, limit: int) -> int:
-    """The padded length of an ``n``-token sequence: a power of two >= ``_MIN_BUCKET``, at most
+def _bucket(n: int, limit: int, least: int = _MIN_BUCKET) -> int:
+    """The padded length of an ``n``-token sequence: a power of two >= ``least``, at most
     ``limit`` (then a multiple of ``_MIN_BUCKET`` or the limit itself)."""
-    b = max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+    b = max(least, 1 << (n - 1).bit_length())
     if b <= limit:
         return b
     return min(limit, -(-n // _MIN_BUCKET) * _MIN_BUCKET)
+
+
+#: Shortest padded length of a continuation pass (answers are often a few tokens).
+_MIN_CONT_BUCKET = 4
+
+
+def _rows_per_context_row(n_ctx: int, m_max: int, limit: int) -> int:
+    """Continuation rows per context row of :func:`_score_shared_contexts`' passes: about as many
+    tokens as a context pass holds, at most 4x its rows."""
+    return min(4, _bucket(n_ctx, limit) // _bucket(m_max, limit, _MIN_CONT_BUCKET))
+
+
+def _worth_caching(n_ctx: int, conts: list[np.ndarray], limit: int) -> bool:
+    """Whether a context continued by ``conts`` (some longer than a token) costs fewer passes
+    cached than as a row per request: one context row plus ``k / r`` continuation rows, against
+    ``k`` rows (``r``: :func:`_rows_per_context_row`). Each cached pass also holds fewer tokens."""
+    k = len(conts)
+    r = _rows_per_context_row(n_ctx, max(map(len, conts)), limit)
+    return r >= 1 and 1 + k / r < k
 
 
 def _check_call(fn: str, model, items, what: str, batch_size) -> None:
@@ -340,12 +359,11 @@ def _score_shared_contexts(model: DeepSeekV3, groups: list[tuple[np.ndarray, lis
     for batch, rows in zip(batches, long_rows):
         n_max = max(len(groups[g][0]) for g in batch)
         m_max = max(len(c) for g in batch for c in groups[g][1])
-        T_cont = _bucket(m_max, limit)
+        T_cont = _bucket(m_max, limit, _MIN_CONT_BUCKET)
         # every padded continuation position must land in the cache, beyond its row's real tokens
         S = max(_bucket(n_max + T_cont, limit), -(-(n_max + T_cont) // _MIN_BUCKET) * _MIN_BUCKET)
         T_ctx = _bucket(n_max, limit)
-        # continuation rows per pass: about as many tokens as a context pass (up to 4x the rows)
-        R = min(R_max, B * min(4, max(1, T_ctx // T_cont)))
+        R = min(R_max, B * max(1, _rows_per_context_row(n_max, m_max, limit)))
         ids = np.zeros((B, T_ctx), np.int32)
         last, first = np.zeros(B, np.int32), np.zeros((B, K), np.int32)
         for r, g in enumerate(batch):
@@ -442,7 +460,8 @@ def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8, share: bo
         by_ctx: dict[bytes, list[int]] = {}
         for i, ctx in enumerate(ctxs):
             by_ctx.setdefault(ctx.tobytes(), []).append(i)
-        groups = [g for g in by_ctx.values() if len(g) > 1 and any(len(conts[i]) > 1 for i in g)]
+        groups = [g for g in by_ctx.values() if len(g) > 1 and any(len(conts[i]) > 1 for i in g)
+                  and _worth_caching(len(ctxs[g[0]]), [conts[i] for i in g], limit)]
     parts: list = [None] * len(requests)   # per request: (log-probs, argmax flags) of its continuation
     if groups:
         scored = _score_shared_contexts(model, [(ctxs[g[0]], [conts[i] for i in g]) for g in groups], batch_size)

@@ -108,30 +108,39 @@ def test_shared_rows_equal_separate_rows(model_a):
 def test_cached_contexts_equal_separate_rows(model_a, monkeypatch):
     """Contexts continued by several answers of several tokens are prefilled once into the latent
     cache, their answers run over copies of it: the same numbers as each request scored as its own
-    row. Answers of 1, 2, 16 and 17 tokens (two continuation buckets), 1 to 6 answers per context
-    (continuation passes of 2 to 8 rows, several per context batch), a one-token context, a duplicate
-    request, a context whose padded answers run past ``max_position_embeddings``, and contexts
-    with one answer or only one-token answers beside them (scored as rows)."""
+    row. Answers of 1, 2, 16 and 17 tokens (two continuation buckets), 2 to 6 answers per context,
+    continuation passes of 2 and 4 rows (two of them for one context), a one-token context, a
+    duplicate request, a context whose padded answers run past ``max_position_embeddings``; beside
+    them, contexts scored as rows: one with a single answer, one with one-token answers only, and
+    one whose answers are as long as it is (caching would cost more passes than it saves)."""
     from deepseek_jax import scoring
     V, limit = model_a.cfg.vocab_size, model_a.cfg.max_position_embeddings
     rng = np.random.default_rng(8)
     r = lambda n: rng.integers(0, V, n).tolist()  # noqa: E731
-    q1, q2, q3, q4, edge = r(7), r(30), r(1), r(12), r(limit - 17)
+    q1, q2, q3, q4, q5, edge = r(40), r(30), r(1), r(12), r(5), r(limit - 17)
     requests = [(q1, r(n)) for n in (1, 2, 16, 17, 3, 1)]                       # six answers
     requests += [(q2, r(2)), (q2, r(5))] + [(q3, r(4)), (q3, r(1))]             # two each
     requests += [(q3, requests[-2][1]), (edge, r(17)), (edge, r(2))]            # a duplicate; the edge
     requests += [(q4, [t]) for t in r(3)] + [(r(9), r(6))]                      # rows: shared last token; alone
+    requests += [(q5, r(12)), (q5, r(14))]                                      # rows: not worth caching
     rng.shuffle(requests)
-    calls, real = [], scoring._context_pass
+    cached_ctx, real, real_cont = [], scoring._context_pass, scoring._continuation_pass
+    cont_rows = []
 
-    def recorded(model, ids_BT, *args, **kw):   # the real pass; records its batch shape
-        calls.append(ids_BT.shape)
-        return real(model, ids_BT, *args, **kw)
+    def recorded(model, ids_BT, last_B, *args, **kw):   # the real pass; records its contexts
+        ids, last = np.asarray(ids_BT), np.asarray(last_B)
+        cached_ctx.extend(tuple(ids[b, :last[b] + 1]) for b in range(ids.shape[0]))
+        return real(model, ids_BT, last_B, *args, **kw)
+    def recorded_cont(model, cache, row_B, *args, **kw):   # the real pass; records its rows
+        cont_rows.append(row_B.shape[0])
+        return real_cont(model, cache, row_B, *args, **kw)
     monkeypatch.setattr(scoring, "_context_pass", recorded)
-    cached = loglikelihood(model_a, requests, batch_size=2)
-    assert [b for b, _ in calls] == [2, 2], calls      # q1, q2, q3 and edge, two contexts a pass
+    monkeypatch.setattr(scoring, "_continuation_pass", recorded_cont)
+    cached = loglikelihood(model_a, requests, batch_size=1)
+    assert len(cached_ctx) == 4 and set(cached_ctx) == {tuple(q) for q in (q1, q2, q3, edge)}, len(cached_ctx)
+    assert sorted(cont_rows) == [2, 2, 4, 4, 4], cont_rows   # q1 (r=2): two passes; q2, q3, edge: one
     alone = loglikelihood(model_a, requests, batch_size=2, share=False)
-    assert len(calls) == 2
+    assert len(cached_ctx) == 4
     for i, (a, b) in enumerate(zip(cached, alone)):
         assert a.tokens == b.tokens == len(requests[i][1]) and a.is_greedy == b.is_greedy, i
         np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=0, atol=3e-5, err_msg=str(i))
