@@ -44,10 +44,12 @@ def _hf_greedy(hf, ctx, n):
     return ids[len(ctx):]
 
 
-def test_matches_hf(ckpt_a, model_a):
+def test_matches_hf(ckpt_a, model_a, monkeypatch):
     """Mixed lengths in batches of 4 (two length buckets, 16 and 64), a 1-token context, 1-token and
     long continuations, HF's own greedy continuation (is_greedy True), and that continuation with
-    its last token changed (False): summed log-probs within 1e-4, is_greedy equal to HF's argmax."""
+    its last token changed (False), a context whose three answers run over its cached latents
+    (one of them HF's greedy continuation): summed log-probs within 1e-4, is_greedy equal to HF's
+    argmax."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from tests import hf_ref
@@ -67,7 +69,17 @@ def test_matches_hf(ckpt_a, model_a):
         (np.asarray(r(6), np.int64), np.asarray(r(1), np.int16)),   # numpy arrays of any int type
         (long_ctx, _hf_greedy(hf, long_ctx, 3)),    # greedy, in the long bucket
     ]
+    cached_ctx = r(60)    # three short answers after a long context: prefilled once, answers over its cache
+    requests += [(cached_ctx, _hf_greedy(hf, cached_ctx, 4)), (cached_ctx, r(5)), (cached_ctx, r(2))]
+    from deepseek_jax import scoring
+    cached, real = [], scoring._context_pass
+
+    def recorded(model, ids_BT, last_B, *args, **kw):   # the real pass; records its contexts
+        cached.extend(tuple(np.asarray(ids_BT)[b, :int(last_B[b]) + 1]) for b in range(ids_BT.shape[0]))
+        return real(model, ids_BT, last_B, *args, **kw)
+    monkeypatch.setattr(scoring, "_context_pass", recorded)
     got = loglikelihood(model_a, requests, batch_size=4)
+    assert cached == [tuple(cached_ctx)], len(cached)     # the others are scored as rows
     assert len(got) == len(requests) and all(isinstance(g, Likelihood) for g in got)
     flags = []
     for i, ((ctx, cont), g) in enumerate(zip(requests, got)):
@@ -80,7 +92,7 @@ def test_matches_hf(ckpt_a, model_a):
         assert g.is_greedy is ref_greedy, i
         assert margin.min() > 1e-3, (i, margin)     # no near-tie: the argmax is not a rounding accident
         flags.append(g.is_greedy)
-    assert flags == [False, True, False, False, False, True]
+    assert flags == [False, True, False, False, False, True, True, False, False]
 
 
 def test_shared_rows_equal_separate_rows(model_a):
