@@ -1,12 +1,19 @@
-"""Chat turns on CPU: prefill time with the last turn's cache reused against a fresh prefill.
+"""Prefix reuse on CPU: prefill time with a cached prefix against prefilling whole prompts.
 
-A tiny random FP8 model (``tiny_config`` with 2048 positions), float32. For each history length,
-one call generates 4 tokens after a history of H random tokens; the next "turn" appends 20 new
-tokens. ``Generator(reuse_prefix=True)`` prefills only those (absorbed over the kept cache);
-a plain generator prefills the whole H + 24. Both run in alternation, ``--repeats`` rounds after a
-warm-up, best prefill time each (the machines here are noisy).
+A tiny random FP8 model (``tiny_config`` with 2048 positions), float32.
 
-    .venv/bin/python benchmarks/chat_prefix.py [--histories 200,1000] [--repeats 6]
+* Chat turns: for each history length, one call generates 4 tokens after a history of H random
+  tokens; the next "turn" appends 20 new tokens. ``Generator(reuse_prefix=True)`` prefills only
+  those (absorbed over the kept cache); a plain generator prefills the whole H + 24.
+* A batch with a shared system prompt: ``--batch`` prompts, each the same P random tokens and
+  then 5-``--rest`` tokens of its own, 16 new tokens each. The default generator prefills the
+  prompt once for the batch and each row's rest over a copy of its cache (``share_prefix``);
+  ``share_prefix=False`` prefills every prompt whole. Prefill time, and the whole call's.
+
+Each pair runs in alternation, ``--repeats`` rounds after a warm-up, best time each (the
+machines here are noisy).
+
+    .venv/bin/python benchmarks/chat_prefix.py [--histories 200,1000] [--systems 200,1000] [--batch 8]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -29,6 +37,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--histories", default="200,1000")
     ap.add_argument("--new", type=int, default=20, help="new tokens in the next turn")
+    ap.add_argument("--systems", default="200,1000", help="shared system prompt lengths")
+    ap.add_argument("--batch", type=int, default=8, help="prompts per batch sharing a system prompt")
+    ap.add_argument("--rest", type=int, default=40, help="longest rest of a prompt after the system prompt")
     ap.add_argument("--repeats", type=int, default=6)
     args = ap.parse_args(argv)
 
@@ -49,6 +60,8 @@ def main(argv=None) -> int:
           f"tiny_config (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers), float32, "
           f"best of {args.repeats}")
     print()
+    print("Chat turns:")
+    print()
     print("| history tokens | new tokens | prefill, cache reused (ms) | prefill, fresh (ms) | speed-up |")
     print("|---:|---:|---:|---:|---:|")
     for hist in (int(h) for h in args.histories.split(",")):
@@ -67,6 +80,33 @@ def main(argv=None) -> int:
             t_fresh.append(fresh.last_stats.prefill_s)
         a, b = min(t_reuse[1:]), min(t_fresh[1:])
         print(f"| {hist + kw['max_new_tokens']} | {args.new} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.1f}x |")
+
+    print()
+    print(f"A batch of {args.batch} prompts sharing a system prompt, 16 new tokens each:")
+    print()
+    print("| system prompt | rests | shared | prefill, shared (ms) | prefill, whole (ms) | speed-up "
+          "| call, shared (ms) | call, whole (ms) | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    kw = dict(max_new_tokens=16, stop_at_eos=False)
+    for n in (int(h) for h in args.systems.split(",")):
+        system = rng.integers(2, cfg["vocab_size"], n).tolist()
+        prompts = [system + rng.integers(2, cfg["vocab_size"], int(r)).tolist()
+                   for r in rng.integers(5, args.rest + 1, args.batch)]
+        shared, whole = Generator(model), Generator(model, share_prefix=False)
+        times = {g: ([], []) for g in (shared, whole)}
+        outs = {}
+        for _ in range(args.repeats + 1):
+            for g in (shared, whole):
+                t0 = time.perf_counter()
+                outs[g] = [r.output_ids for r in g.generate(prompts, **kw)]
+                times[g][0].append(g.last_stats.prefill_s)
+                times[g][1].append(time.perf_counter() - t0 - g.last_stats.compile_s)
+        assert outs[shared] == outs[whole], "shared-prefix tokens differ"
+        assert shared.last_stats.shared_prefix > 0 and whole.last_stats.shared_prefix == 0
+        (ps, cs), (pw, cw) = ([min(t[1:]) for t in times[g]] for g in (shared, whole))
+        rests = [len(p) - n for p in prompts]
+        print(f"| {n} | {min(rests)}-{max(rests)} | {shared.last_stats.shared_prefix} | {ps * 1e3:.2f} | "
+              f"{pw * 1e3:.2f} | {pw / ps:.1f}x | {cs * 1e3:.2f} | {cw * 1e3:.2f} | {cw / cs:.1f}x |")
     return 0
 
 

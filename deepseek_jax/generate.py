@@ -21,7 +21,9 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   written so far, in a ``fori_loop`` inside the same executable, so the attention scores are
   ``[B, H, chunk, S]`` instead of ``[B, H, Pb, Pb]``. With ``reuse_prefix`` (chat), a
   single-prompt call keeps its cache, and the next one that starts with the same tokens runs
-  only the rest, absorbed over that cache (:func:`_prefill_continue`).
+  only the rest, absorbed over that cache (:func:`_prefill_continue`). Prompts of a batch that
+  all start with the same tokens (``share_prefix``) prefill those once, in a batch-1 program
+  (:func:`_prefill_prefix`), and their rests the same way over copies of that cache.
 * **Decode.** A ``jax.lax.while_loop`` runs one absorbed-MLA step per iteration for all rows at
   their own positions: feed the last token, draw the next, write it into a ``[Bb, S]`` token
   buffer indexed by absolute position. A row is done at eos (unless ``stop_at_eos=False``), at
@@ -172,6 +174,7 @@ class GenerationStats:
     buckets: tuple[int, int, int] = (0, 0, 0)   # (Bb, Pb, S)
     prefill_chunk: int | None = None  # prompt tokens per prefill chunk (None: one pass)
     reused_prefix: int = 0         # prompt tokens whose cache entries came from the last call
+    shared_prefix: int = 0         # leading prompt tokens every row shares, prefilled once for the batch
     speculative: str | None = None  # "mtp" when the call used speculative decoding
     drafted: int = 0               # speculative: drafts that could have been used, summed over rows
     accepted: int = 0              # speculative: drafts the main model accepted
@@ -306,6 +309,35 @@ def _prompt_pass(fn, cache, P: int, chunk: int | None, last_B, keep_all: bool, a
     return jax.lax.fori_loop(1, P // chunk, body, (cache, h_BD, all_BPD))
 
 
+def _runner(model: DeepSeekV3, weights: Weights, ids_BQ, offset=0):
+    """``run(start, n, cache, absorbed) -> (hidden [B, n, D], cache)`` for :func:`_prompt_pass`:
+    the model on tokens ``start..start+n`` of ``ids_BQ``, at positions ``offset + start..``."""
+    B = ids_BQ.shape[0]
+
+    def run(start, n, cache, absorbed):
+        ids = jax.lax.dynamic_slice_in_dim(ids_BQ, start, n, axis=1)
+        pos = jnp.broadcast_to(offset + start + jnp.arange(n, dtype=jnp.int32), (B, n))
+        out = model(ids, pos, cache=cache, absorbed=absorbed, logits=False, unstacked=weights.layers)
+        return out.hidden, out.cache
+
+    return run
+
+
+def _new_cache(model: DeepSeekV3, weights: Weights, B: int, S: int):
+    cache = LatentCache.zeros(model.cfg, B, S, dtype=model.prec.dtype)
+    return cache if weights.layers is None else cache.per_layer()
+
+
+def _prefill_prefix(graphdef, weights: Weights, ids_1P, chunk: int | None = None):
+    """The latent cache of one prompt prefix ``ids_1P`` ``[1, P]`` (``P`` positions), which every
+    row of a batch then continues (:func:`_prefill_continue` broadcasts it to the rows)."""
+    model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
+    P = ids_1P.shape[1]
+    cache, _, _ = _prompt_pass(_runner(model, weights, ids_1P), _new_cache(model, weights, 1, P), P, chunk,
+                               jnp.zeros((1,), jnp.int32), False)
+    return cache
+
+
 def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, ids_BP, lens_B, end_B,
              active_B, seed, knobs: _Knobs, keep_hidden: bool = False, chunk: int | None = None,
              logprobs: bool = False, top_logprobs: int = 0):
@@ -316,18 +348,8 @@ def _prefill(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, i
     ``top_logprobs`` > 0 their positions' most likely tokens (``top_ids_BSK``, ``top_lp_BSK``)."""
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, P = ids_BP.shape
-    dtype = model.prec.dtype
-    cache = LatentCache.zeros(model.cfg, B, S, dtype=dtype)
-    if weights.layers is not None:
-        cache = cache.per_layer()
-
-    def run(start, n, cache, absorbed):
-        ids = jax.lax.dynamic_slice_in_dim(ids_BP, start, n, axis=1)
-        pos = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (B, n))
-        out = model(ids, pos, cache=cache, absorbed=absorbed, logits=False, unstacked=weights.layers)
-        return out.hidden, out.cache
-
-    cache, h_BD, hidden_BPD = _prompt_pass(run, cache, P, chunk, lens_B - 1, keep_hidden)
+    cache, h_BD, hidden_BPD = _prompt_pass(_runner(model, weights, ids_BP), _new_cache(model, weights, B, S), P,
+                                           chunk, lens_B - 1, keep_hidden)
     state = _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered,
                          logprobs, top_logprobs)
     return (state, hidden_BPD) if keep_hidden else state
@@ -371,21 +393,18 @@ def _resize_positions(cache, S: int):
 def _prefill_continue(graphdef, greedy: bool, filtered: bool, S: int, weights: Weights, cache, sfx_BQ, start,
                       ids_BP, lens_B, end_B, active_B, seed, knobs: _Knobs, chunk: int | None = None,
                       logprobs: bool = False, top_logprobs: int = 0) -> DecodeState:
-    """Prefill that continues a cached prefix: ``cache`` (a previous call's, any length) holds
-    positions ``< start`` of these prompts; the suffix tokens ``sfx_BQ`` (right-padded) run at
+    """Prefill that continues a cached prefix: ``cache`` (any length) holds positions ``< start``
+    of these prompts (a previous call's cache, or one row's that every row shares: a cache of
+    batch 1 is broadcast to the rows); the suffix tokens ``sfx_BQ`` (right-padded) run at
     positions ``start..`` absorbed over it, in chunks when ``chunk``. ``ids_BP``: the whole
     prompts, for the token buffer."""
     model: DeepSeekV3 = nnx.merge(graphdef, weights.params)
     B, Q = sfx_BQ.shape
     cache = _resize_positions(cache, S)
-
-    def run(rel, n, cache, absorbed):
-        ids = jax.lax.dynamic_slice_in_dim(sfx_BQ, rel, n, axis=1)
-        pos = jnp.broadcast_to(start + rel + jnp.arange(n, dtype=jnp.int32), (B, n))
-        out = model(ids, pos, cache=cache, absorbed=True, logits=False, unstacked=weights.layers)
-        return out.hidden, out.cache
-
-    cache, h_BD, _ = _prompt_pass(run, cache, Q, chunk, lens_B - 1 - start, False, absorbed_first=True)
+    cache = jax.tree.map(lambda a: jnp.broadcast_to(a, a.shape[:-3] + (B,) + a.shape[-2:]), cache)
+    # (a batch's padding rows have a 1-token prompt, which ends before ``start``)
+    cache, h_BD, _ = _prompt_pass(_runner(model, weights, sfx_BQ, start), cache, Q, chunk,
+                                  jnp.maximum(lens_B - 1 - start, 0), False, absorbed_first=True)
     return _first_state(model, h_BD, cache, S, ids_BP, lens_B, end_B, active_B, seed, knobs, greedy, filtered,
                         logprobs, top_logprobs)
 
@@ -603,6 +622,35 @@ def _cache_len(cache) -> int:
     return jax.tree.leaves(cache)[0].shape[-2]
 
 
+def _prefix_floor(n: int) -> int:
+    """``n`` rounded down to a multiple of the largest power of two (>= 16) that is at most an
+    eighth of it: a few shared-prefix lengths per doubling compile, and at most an eighth is lost."""
+    g = 1 << max(4, int(n).bit_length() - 4)
+    return n // g * g
+
+
+def _shared_prefix(prompts: list[list[int]], max_len: int) -> tuple[int, int]:
+    """``(c, Q)``: every prompt starts with the same ``c`` tokens (at least
+    :data:`MIN_REUSED_PREFIX`, at least one token short of the shortest prompt, and cut by
+    :func:`_prefix_floor`), worth
+    prefilling once for the batch, and ``Q`` is the bucket of the longest prompt's rest.
+    ``(0, 0)`` when that would not save a quarter of the padded prompt tokens."""
+    lens = [len(p) for p in prompts]
+    n = min(lens) - 1
+    if len(prompts) < 2 or n < MIN_REUSED_PREFIX:
+        return 0, 0
+    heads = np.array([p[:n] for p in prompts])
+    same = (heads == heads[0]).all(axis=0)
+    c = _prefix_floor(n if same.all() else int(np.argmin(same)))
+    if c < MIN_REUSED_PREFIX:
+        return 0, 0
+    Q = length_bucket(max(lens) - c)
+    Bb, Pb = batch_bucket(len(prompts)), length_bucket(max(lens))
+    if c + Q > max_len or c + Bb * Q > 0.75 * Bb * Pb:
+        return 0, 0
+    return c, Q
+
+
 # Compiled (prefill, decode) pairs, shared by every Generator of the process: keyed by the model's
 # graph (structure, config, precision), its parameters' shapes/dtypes/shardings and the buckets.
 _EXECUTABLES: dict[tuple, tuple[Any, Any]] = {}
@@ -645,6 +693,27 @@ def _prepare(graphdef, weights: Weights) -> _Prepared:
     return _Prepared(graphdef, weights, treedef, leaves, _Ident(graphdef, treedef, signature))
 
 
+def _remember(full_key, value):
+    if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
+        _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+    _EXECUTABLES[full_key] = value
+
+
+def _prefix_executable(prep: _Prepared, ids_1P, chunk: int | None):
+    """The compiled :func:`_prefill_prefix` for this prefix length (and chunk), taking
+    ``prep.leaves``, and the seconds spent compiling it (0 on a cache hit)."""
+    full_key = (prep.ident, ("shared prefix", ids_1P.shape[1], chunk))
+    hit = _EXECUTABLES.get(full_key)
+    if hit is not None:
+        return hit[0], 0.0
+    graphdef, treedef = prep.graphdef, prep.treedef
+    t0 = time.perf_counter()
+    fn = jax.jit(lambda w, ids: _prefill_prefix(graphdef, jax.tree.unflatten(treedef, w), ids, chunk))
+    compiled = fn.lower(prep.leaves, ids_1P).compile()
+    _remember(full_key, (compiled, None))
+    return compiled, time.perf_counter() - t0
+
+
 def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
     """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative,
     prefill chunk, continuation[, logprobs[, top_logprobs]])`` (continuation: None, or the suffix
@@ -675,9 +744,7 @@ def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
     dec = jax.jit(lambda w, st, lim, kn: decode_fn(graphdef, greedy, filtered, weights(w), st, lim, kn),
                   donate_argnums=1)
     dec_c = dec.lower(prep.leaves, state_shape, np.int32(0), knobs).compile()
-    if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
-        _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
-    _EXECUTABLES[full_key] = (pre_c, dec_c)
+    _remember(full_key, (pre_c, dec_c))
     return (pre_c, dec_c), time.perf_counter() - t0
 
 
@@ -852,11 +919,16 @@ class Generator:
     latent cache, and the next single-prompt call that starts with the same tokens (at least
     :data:`MIN_REUSED_PREFIX`) prefills only the rest, over that cache. Keep it off while the
     model's weights change between calls (the kept cache would be stale).
+    ``share_prefix`` (default on): when every prompt of a batch starts with the same tokens (a
+    system prompt, few-shot examples; at least :data:`MIN_REUSED_PREFIX`, rounded down to a
+    multiple of 16, 32, 64, ..., at most an eighth of it), they are prefilled once for the batch, and each row prefills only its rest over a
+    copy of that cache; only where that saves at least a quarter of the padded prompt tokens
+    (``last_stats.shared_prefix`` says how many tokens were shared).
     """
 
     def __init__(self, model: DeepSeekV3, tokenizer=None, *, max_len: int | None = None,
                  stream_chunk: int = 8, weights: str = "auto", prefill_chunk: int | str | None = "auto",
-                 reuse_prefix: bool = False):
+                 reuse_prefix: bool = False, share_prefix: bool = True):
         if weights not in ("auto", "as-is", "dequantize"):
             raise DeepSeekError(f"weights {weights!r}: expected auto|as-is|dequantize")
         if not (prefill_chunk is None or prefill_chunk == "auto"
@@ -865,6 +937,7 @@ class Generator:
             raise DeepSeekError(f"prefill_chunk {prefill_chunk!r}: expected an integer >= 16, 'auto' or None")
         self.prefill_chunk = prefill_chunk
         self.reuse_prefix = bool(reuse_prefix)
+        self.share_prefix = bool(share_prefix)
         self._kept: _Kept | None = None
         if weights == "auto":
             weights = "dequantize" if (jax.default_backend() == "cpu" and model.cfg.fp8
@@ -1029,9 +1102,13 @@ class Generator:
         if k and k + Q > self.max_len:    # the suffix bucket would run past the model's length
             k = Q = 0
         stats.reused_prefix = k
+        shared = 0
+        if not k and self.share_prefix and B > 1 and not spec:
+            shared, Q = _shared_prefix(prompts, self.max_len)
+        stats.shared_prefix = shared
 
         Bb = batch_bucket(B)
-        S = min(length_bucket(max(int((lens + budgets).max()), k + Q)), self.max_len)
+        S = min(length_bucket(max(int((lens + budgets).max()), k + shared + Q)), self.max_len)
         Pb = min(length_bucket(int(lens.max())), S)
         ids = np.zeros((Bb, Pb), np.int32)
         lens_b = np.ones(Bb, np.int32)
@@ -1057,18 +1134,34 @@ class Generator:
             cont = (Q, _cache_len(kept.cache))
             prefill_args = (kept.cache, sfx, np.int32(k)) + prefill_args
             p_chunk = prefill_chunk_for(Bb, Q, S, heads, self.prefill_chunk, over_cache=True)
+        elif shared:   # the prefix once, then every row's rest over a copy of its cache
+            ids_1P = np.array([prompts[0][:shared]], np.int32)
+            pre_prefix, compile_s = _prefix_executable(
+                prep, ids_1P, prefill_chunk_for(1, shared, shared, heads, self.prefill_chunk))
+            t0 = time.perf_counter()
+            prefix_cache = jax.block_until_ready(pre_prefix(params, ids_1P))
+            stats.prefill_s = time.perf_counter() - t0
+            stats.compile_s += compile_s
+            self._compiles += compile_s > 0
+            sfx = np.zeros((Bb, Q), np.int32)
+            for i, p in enumerate(prompts):
+                sfx[i, :len(p) - shared] = p[shared:]
+            cont = (Q, shared)
+            prefill_args = (prefix_cache, sfx, np.int32(shared)) + prefill_args
+            p_chunk = prefill_chunk_for(Bb, Q, S, heads, self.prefill_chunk, over_cache=True)
         else:
             p_chunk = prefill_chunk_for(Bb, Pb, S, heads, self.prefill_chunk)
         stats.prefill_chunk = p_chunk
         key = (Bb, Pb, S, sampling.greedy, sampling.filtered, spec, p_chunk, cont, logprobs, top)
-        (pre, dec), stats.compile_s = _executables(prep, key, prefill_args, knobs)
-        self._compiles += stats.compile_s > 0
+        (pre, dec), compile_s = _executables(prep, key, prefill_args, knobs)
+        stats.compile_s += compile_s
+        self._compiles += compile_s > 0
 
         t0 = time.perf_counter()
         state = pre(params, *prefill_args, knobs)
         jax.block_until_ready(state)
         t1 = time.perf_counter()
-        stats.prefill_s = t1 - t0
+        stats.prefill_s += t1 - t0
         max_steps = int(budgets.max())
         emitted = lens.copy()   # next position to stream, per row
 

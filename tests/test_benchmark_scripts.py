@@ -78,12 +78,17 @@ def test_speculative_benchmark_small(tmp_path):
 
 
 def test_chat_prefix_benchmark_small():
-    """benchmarks/chat_prefix.py at one short history: it runs and asserts the reuse itself."""
+    """benchmarks/chat_prefix.py at one short history and one short system prompt: it runs, and
+    asserts the reuse itself (and that sharing the system prompt changed no token)."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "chat_prefix.py"), "--histories", "40",
-                        "--repeats", "1"], capture_output=True, text=True, timeout=600)
+                        "--systems", "40", "--batch", "4", "--repeats", "1"], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    row = [ln for ln in r.stdout.splitlines() if ln.startswith("| 44 |")]
+    chat, batch = r.stdout.split("sharing a system prompt")
+    row = [ln for ln in chat.splitlines() if ln.startswith("| 44 |")]
     assert len(row) == 1 and row[0].endswith("x |")
+    row = [ln.split("|") for ln in batch.splitlines() if ln.startswith("| 40 |")]
+    assert len(row) == 1 and row[0][3].strip() == "32" and row[0][-2].strip().endswith("x")
 
 
 def test_score_texts_benchmark_small():

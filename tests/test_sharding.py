@@ -47,6 +47,21 @@ def single(orbax_a):
     return ids, scoring.logits(m, ids), scoring.logits(m, ids, mode="decode", prefill=4), _greedy(m)
 
 
+def test_shared_prefix_on_a_mesh(orbax_a, single):
+    """A batch whose prompts share 32 leading tokens, on a data x expert x model mesh: the
+    prefix's batch-1 cache is copied to rows split over ``data``, and the greedy tokens are those
+    of whole prompts on one device."""
+    from deepseek_jax.generate import Generator
+    prompts = [[0] + list(range(3, 35)) + [7], [0] + list(range(3, 35)) + [9, 11, 12]]
+    kw = dict(max_new_tokens=6, stop_at_eos=False)
+    want = [r.output_ids for r in Generator(load(orbax_a), share_prefix=False).generate(prompts, **kw)]
+    mesh = sharding.make_mesh(sharding.parse_mesh(MESHES[3], 8))
+    with jax.set_mesh(mesh):
+        gen = Generator(load(orbax_a, mesh=mesh))
+        got = [r.output_ids for r in gen.generate(prompts, **kw)]
+    assert gen.last_stats.shared_prefix == 32 and got == want
+
+
 @pytest.mark.parametrize("mesh_text,rules", [(m, "ep_tp") for m in MESHES] + [(MESHES[2], "ep_dp")])
 def test_mesh_shapes_give_single_device_results(orbax_a, single, mesh_text, rules):
     """From the same Orbax checkpoint: logits (prefill and decode) and greedy tokens."""

@@ -123,7 +123,8 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
             raise DeepSeekError(f"--speculative mtp: {ckpt} has no MTP layer to draft with "
                                 "(num_nextn_predict_layers = 0 or its tensors are missing)") from None
         raise
-    return Generator(model, tokenizer, prefill_chunk=prefill_chunk, reuse_prefix=reuse_prefix)
+    return Generator(model, tokenizer, prefill_chunk=prefill_chunk, reuse_prefix=reuse_prefix,
+                     share_prefix=getattr(args, "share_prefix", True))
 
 
 def timing_line(stats) -> str:
@@ -135,6 +136,8 @@ def timing_line(stats) -> str:
                      + (f" ({rate:.0%})" if rate is not None else "") + f", {stats.steps} steps")
     reuse_part = (f", {stats.reused_prefix} of {stats.prompt_tokens} prompt tokens from the last turn's cache"
                   if stats.reused_prefix else "")
+    if stats.shared_prefix:
+        reuse_part += f", {stats.shared_prefix} leading prompt tokens shared by the batch (prefilled once)"
     return (f"[{stats.new_tokens} tokens in {stats.prefill_s + stats.decode_s:.2f} s: "
             f"{stats.tokens_per_s:,.1f} tokens/s, batch {stats.batch}{compile_part}{spec_part}{reuse_part}]")
 
@@ -169,6 +172,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-logprobs", default=None, metavar="K",
                    help="with --json: add \"top_logprobs\", each output token position's K (0-20) most likely "
                         "[id, logprob] pairs under that same distribution, most likely first (implies --logprobs)")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="prefill every prompt of a batch whole (default: leading tokens that all prompts share, "
+                        "e.g. a system prompt, are prefilled once for the batch)")
     runtime.add_args(p)
     p.set_defaults(func=run)
 
