@@ -363,7 +363,8 @@ def _first_state(model: DeepSeekV3, h_BD, cache, S: int, ids_BP, lens_B, end_B, 
     ``top_logprobs`` K > 0 also that position's K most likely ids and log-probs, ``[B, S, K]``)."""
     B, P = ids_BP.shape
     logits_BV = model.lm_head(h_BD[:, None], model.prec.dtype)[:, 0]
-    keys_B = row_keys(seed, B)
+    # seed: a uint32 scalar, or (seed, the batch's first row in a longer input)
+    keys_B = row_keys(seed, B) if jnp.ndim(seed) == 0 else row_keys(seed[0], B, seed[1])
     tok_B = _draw(logits_BV, keys_B, jnp.int32(0), knobs, greedy, filtered)
     tok_B = jnp.where(active_B, tok_B, knobs.eos)
     n = min(P, S)
@@ -1028,7 +1029,7 @@ class Generator:
                  seed: int = 0, stop_at_eos: bool = True, eos_id: int | None = None,
                  stream: StreamFn | None = None, stream_chunk: int | None = None,
                  speculative: str | None = None, stop_token_ids: Sequence[int] | None = None,
-                 logprobs: bool = False, top_logprobs: int = 0,
+                 logprobs: bool = False, top_logprobs: int = 0, first_row: int = 0,
                  _watch: Callable[[int, list[int]], bool] | None = None) -> list[Result]:
         """Generates up to ``max_new_tokens`` per prompt (fewer where the max length cuts in).
 
@@ -1049,7 +1050,10 @@ class Generator:
         token, the K most likely ``(token id, log-prob)`` pairs of its position under that same
         distribution, most likely first (ties: lowest id first; the sampled token is among them
         whenever its rank is below K, and a greedy token comes first); K is static (its own
-        executables). Returns one :class:`Result` per prompt.
+        executables). ``first_row``: these prompts' index in a longer input generated batch by
+        batch; row ``r`` samples with the key of row ``first_row + r``, so every batch draws what
+        one call over the whole input would (traced: no recompile). Returns one :class:`Result`
+        per prompt.
 
         (``_watch(row, new_ids) -> bool``, internal: like ``stream``, and True ends the row; it
         runs the loop in chunks. :meth:`generate_text` finds stop strings with it.)
@@ -1072,6 +1076,8 @@ class Generator:
             raise DeepSeekError(f"eos id {eos} is outside the vocab [0, {self.vocab_size})")
         if not _is_int(seed):
             raise DeepSeekError(f"seed must be an integer, got {seed!r}")
+        if not _is_int(first_row) or not 0 <= first_row < 2 ** 32:
+            raise DeepSeekError(f"first_row must be an integer >= 0, got {first_row!r}")
         if stream is not None and not callable(stream):
             raise DeepSeekError(f"stream must be a callable stream(row, new_ids) or None, got {type(stream).__name__}")
         chunk = self.stream_chunk if stream_chunk is None else _check_stream_chunk(stream_chunk)
@@ -1125,7 +1131,7 @@ class Generator:
         # (numpy inputs: the executables copy them in at C++ speed; jnp.asarray dispatches an op
         # per array, ~50 us each.)
         knobs = _Knobs(np.int32(eos), np.bool_(stop_at_eos), temp, top_k, top_p, stop_ids)
-        prefill_args = (ids, lens_b, end_b, active, np.uint32(int(seed) & 0xFFFFFFFF))
+        prefill_args = (ids, lens_b, end_b, active, np.array([int(seed) & 0xFFFFFFFF, first_row], np.uint32))
         heads = self.model.cfg.num_attention_heads
         cont = None
         if k:   # continue the kept cache: only the suffix is prefilled, absorbed over it

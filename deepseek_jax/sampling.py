@@ -98,10 +98,12 @@ def filter_logits(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
     return jnp.where(logits_BV >= thresh_B1, logits_BV, -jnp.inf)
 
 
-def row_keys(seed: jax.Array, batch: int) -> jax.Array:
-    """One key per row: ``fold_in(key(seed), row)`` (a row's key does not depend on the batch size)."""
+def row_keys(seed: jax.Array, batch: int, first_row: jax.Array | int = 0) -> jax.Array:
+    """One key per row: ``fold_in(key(seed), first_row + row)`` (a row's key does not depend on
+    the batch size; ``first_row``: the batch's first row in a longer input cut into batches)."""
     base = jax.random.key(seed)
-    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(batch, dtype=jnp.uint32))
+    rows = jnp.asarray(first_row, jnp.uint32) + jnp.arange(batch, dtype=jnp.uint32)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(rows)
 
 
 def sample(logits_BV: jax.Array, keys_B: jax.Array, step: jax.Array, *, greedy: bool, filtered: bool,

@@ -214,6 +214,25 @@ def test_cli_generate_json_ids(ckpt_a, greedy, capsys):
         assert row["finish_reason"] == "length" and row["text"] is None
 
 
+def test_cli_generate_in_batches(ckpt_a, capsys):
+    """``--batch-size 2`` over 5 sampled prompts: three batches, printed in order, and every row
+    draws what it does in one batch of 8 (row r samples with row r's key: ``first_row``)."""
+    rng = np.random.default_rng(8)
+    argv = ["generate", ckpt_a, "--max-new-tokens", 6, "--temperature", 1, "--seed", 4, "--ignore-eos", "--json"]
+    for n in (3, 9, 5, 12, 4):
+        argv += ["--prompt-ids", ",".join(map(str, rng.integers(2, 250, n)))]
+    outs, errs = [], []
+    for bs in (2, 8):
+        code, out, err = run_cli(capsys, *argv, "--batch-size", bs)
+        assert code == 0
+        outs.append([json.loads(line) for line in out.splitlines()])
+        errs.append(err)
+    assert outs[0] == outs[1] and len(outs[0]) == 5
+    assert "5 prompts in 3 batches" in errs[0] and "batch 5" in errs[1]
+    ids = [r["output_ids"] for r in outs[0]]
+    assert len({tuple(i) for i in ids}) == 5       # (sampled: rows differ)
+
+
 def test_cli_generate_prefill_chunk(ckpt_a, greedy, capsys):
     """``--prefill-chunk 16``: the 9-token prompt fits one chunk of its 16-token bucket, so the
     chunk is cut away; a prompt of 20 tokens (bucket 32) runs in two chunks and generates what
@@ -248,6 +267,7 @@ def test_cli_generate_streams_ids(ckpt_a, greedy, capsys):
     (["--prompt", "hello"], "tokenizer.json"),
     (["--input-file", "/nonexistent/prompts.txt"], "cannot read"),
     (["--prompt-ids", "1", "--prefill-chunk", "7"], "--prefill-chunk"),
+    (["--prompt-ids", "1", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_cli_generate_bad_input(ckpt_a, capsys, args, contains):
     code, _, err = run_cli(capsys, "generate", ckpt_a, *args)

@@ -127,7 +127,22 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
                      share_prefix=getattr(args, "share_prefix", True))
 
 
-def timing_line(stats) -> str:
+def total_stats(parts: list):
+    """One :class:`~deepseek_jax.generate.GenerationStats` for the calls of a run in batches
+    (``batch``: all their prompts; ``shared_prefix``: the most any batch shared)."""
+    from deepseek_jax.generate import GenerationStats
+
+    if len(parts) == 1:
+        return parts[0]
+    t = GenerationStats(speculative=parts[0].speculative)
+    for name in ("batch", "prompt_tokens", "new_tokens", "steps", "compile_s", "prefill_s", "decode_s", "drafted",
+                 "accepted"):
+        setattr(t, name, sum(getattr(p, name) for p in parts))
+    t.shared_prefix = max(p.shared_prefix for p in parts)
+    return t
+
+
+def timing_line(stats, batches: int = 1) -> str:
     compile_part = f", compile {stats.compile_s:.1f} s" if stats.compile_s else ""
     spec_part = ""
     if stats.speculative:
@@ -137,9 +152,12 @@ def timing_line(stats) -> str:
     reuse_part = (f", {stats.reused_prefix} of {stats.prompt_tokens} prompt tokens from the last turn's cache"
                   if stats.reused_prefix else "")
     if stats.shared_prefix:
-        reuse_part += f", {stats.shared_prefix} leading prompt tokens shared by the batch (prefilled once)"
+        reuse_part += (f", {stats.shared_prefix} leading prompt tokens shared by the batch (prefilled once)"
+                       if batches == 1 else
+                       f", up to {stats.shared_prefix} leading prompt tokens shared by a batch (prefilled once)")
+    batch_part = f"batch {stats.batch}" if batches == 1 else f"{stats.batch} prompts in {batches} batches"
     return (f"[{stats.new_tokens} tokens in {stats.prefill_s + stats.decode_s:.2f} s: "
-            f"{stats.tokens_per_s:,.1f} tokens/s, batch {stats.batch}{compile_part}{spec_part}{reuse_part}]")
+            f"{stats.tokens_per_s:,.1f} tokens/s, {batch_part}{compile_part}{spec_part}{reuse_part}]")
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -172,6 +190,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-logprobs", default=None, metavar="K",
                    help="with --json: add \"top_logprobs\", each output token position's K (0-20) most likely "
                         "[id, logprob] pairs under that same distribution, most likely first (implies --logprobs)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="prompts per batch (default 32): a longer input runs batch by batch, in order, each "
+                        "batch's results printed when it ends; row r samples as it would in one batch")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                    help="prefill every prompt of a batch whole (default: leading tokens that all prompts share, "
                         "e.g. a system prompt, are prefilled once for the batch)")
@@ -268,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
         raise DeepSeekError("--logprobs needs --json (the log-probs are printed in the JSON objects)")
     if top_logprobs and not args.json:
         raise DeepSeekError("--top-logprobs needs --json (the top log-probs are printed in the JSON objects)")
+    if args.batch_size < 1:
+        raise DeepSeekError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompt_ids:
         prompts = [parse_ids(s) for s in args.prompt_ids]
         tokenizer = load_tokenizer(args.ckpt, required=False)
@@ -292,15 +315,14 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        streamed = len(prompts) == 1 and not args.json
-        results = gen._generate_text_ids(prompts, stops=args.stop, stream=write if streamed else None, **kw)
-        if streamed:
+        if len(prompts) == 1 and not args.json:   # streamed
+            gen._generate_text_ids(prompts, stops=args.stop, stream=write, **kw)
             sys.stdout.write("\n")
             sys.stdout.flush()
-        else:
-            _print_results(args, tokenizer, results)
-        print(timing_line(gen.last_stats), file=sys.stderr)
-        return 0
+            print(timing_line(gen.last_stats), file=sys.stderr)
+            return 0
+        return _in_batches(args, gen, tokenizer, prompts,
+                           lambda batch, first: gen._generate_text_ids(batch, stops=args.stop, first_row=first, **kw))
 
     if len(prompts) == 1 and not args.json:
         decoder = tokenizer.stream_decoder() if tokenizer else None
@@ -317,11 +339,23 @@ def run(args: argparse.Namespace) -> int:
         print(timing_line(gen.last_stats), file=sys.stderr)
         return 0
 
-    results = gen.generate(prompts, **kw)
-    for r in results:
-        r.text = tokenizer.decode(r.output_ids) if tokenizer else None
-    _print_results(args, tokenizer, results)
-    print(timing_line(gen.last_stats), file=sys.stderr)
+    def one_batch(batch, first):
+        results = gen.generate(batch, first_row=first, **kw)
+        for r in results:
+            r.text = tokenizer.decode(r.output_ids) if tokenizer else None
+        return results
+
+    return _in_batches(args, gen, tokenizer, prompts, one_batch)
+
+
+def _in_batches(args: argparse.Namespace, gen, tokenizer, prompts, one_batch) -> int:
+    """``one_batch(prompts, first_row) -> results`` over ``--batch-size`` prompts at a time,
+    each batch's results printed when it ends; then the timing line of them all."""
+    stats = []
+    for first in range(0, len(prompts), args.batch_size):
+        _print_results(args, tokenizer, one_batch(prompts[first:first + args.batch_size], first))
+        stats.append(gen.last_stats)
+    print(timing_line(total_stats(stats), batches=len(stats)), file=sys.stderr)
     return 0
 
 
@@ -333,3 +367,4 @@ def _print_results(args: argparse.Namespace, tokenizer, results) -> None:
             prompt = tokenizer.decode(r.prompt_ids) if tokenizer else " ".join(map(str, r.prompt_ids))
             out = r.text if tokenizer else " ".join(map(str, r.output_ids))
             print(f"Prompt: {prompt}\nCompletion: {out}\n[{r.finish_reason}]\n")
+    sys.stdout.flush()
