@@ -94,7 +94,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     from deepseek_jax import sharding
     from deepseek_jax.cache import LatentCache
     from deepseek_jax.checkpoint import abstract_model
-    from deepseek_jax.generate import _prompt_pass, length_bucket, prefill_chunk_for
+    from deepseek_jax.generate import Weights, _prompt_pass, _runner, length_bucket, prefill_chunk_for
     from deepseek_jax.quant import Precision
 
     if device not in DEVICES:
@@ -138,14 +138,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
             return out.logits, out.cache
 
         def prefill(st, c, ids):   # as the generator's prefill runs it (generate._prefill)
-            m = nnx.merge(graphdef, st)
-
-            def run(start, n, cache, absorbed):
-                x = jax.lax.dynamic_slice_in_dim(ids, start, n, axis=1)
-                pos = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), x.shape)
-                out = m(x, pos, cache=cache, absorbed=absorbed, logits=False)
-                return out.hidden, out.cache
-
+            run = _runner(nnx.merge(graphdef, st), Weights(st), ids)
             cache, h, _ = _prompt_pass(run, c, T, chunk, jnp.full((ids.shape[0],), T - 1, jnp.int32), False)
             return h, cache
 
