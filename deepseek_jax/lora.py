@@ -4,13 +4,14 @@
 layer (``A [r, in]`` random, ``B [out, r]`` zero, so the model is unchanged until trained; stacked
 layers get stacked adapters). ``Linear.__call__`` adds the delta on every path that calls it
 (prefill, decode, the MTP layer). ``TrainConfig(trainable=LORA_PATTERN)`` then trains the adapters
-alone, and :func:`merge_lora` folds them into float weights for ``train.export_hub``::
+alone, and ``train.export_hub`` writes the model with them merged, tensor by tensor
+(:func:`merge_lora` makes the merged float model in memory)::
 
     model = dj.load(ckpt)                         # FP8 weights stay e4m3
     n = lora.add_lora(model, rank=8)
     trainer = Trainer(model, TrainConfig(trainable=lora.LORA_PATTERN))
     ...
-    export_hub(lora.merge_lora(trainer.model()), out_dir, fp8=True)
+    export_hub(trainer.model(), out_dir, fp8=True)
 
 Targets are names of ``Linear`` modules: by default MLA's projections but ``kv_b_proj`` (the
 absorbed decode path reads its weight in place, not through ``__call__``); ``gate_proj``,
@@ -121,8 +122,8 @@ def _adapted(model) -> list[tuple[tuple[str, ...], Linear]]:
 
 def merge_lora(model: DeepSeekV3) -> DeepSeekV3:
     """A float copy of ``model`` with every adapter folded into its weight (``W + scale * B A``,
-    FP8 weights dequantized first) and no adapters: what ``train.export_hub`` writes (as BF16,
-    or block-quantized again with ``fp8=True``). Parameters come out float32."""
+    FP8 weights dequantized first) and no adapters. Parameters come out float32: the whole model
+    in float32 in memory (``train.export_hub`` merges tensor by tensor instead)."""
     from deepseek_jax.checkpoint import abstract_model   # noqa: PLC0415 (checkpoint imports the model)
     if not isinstance(model, DeepSeekV3):
         raise DeepSeekError(f"merge_lora: expected a DeepSeekV3, got {type(model).__name__}")

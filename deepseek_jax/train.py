@@ -618,33 +618,60 @@ def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=T
     spec marks ``F8_E4M3`` is block-quantized from the float32 values with its ``weight_scale_inv``
     and ``config.json`` gets the ``quantization_config``. The tokenizer files of ``tokenizer_dir``
     (default: the tiny tokenizer; None: none) are copied next to it.
+
+    ``model`` may hold FP8 weights and LoRA adapters (:mod:`deepseek_jax.lora`): they are merged
+    tensor by tensor (one layer's, or one expert's, matrix on the host at a time: the FP8 weight
+    dequantized, ``scale * B @ A`` added), never as a whole float copy of the model. An FP8 weight
+    without an adapter is written as it is (its e4m3 bytes and scales) with ``fp8``, and
+    dequantized to BF16 without.
     """
+    from deepseek_jax.lora import _adapted   # noqa: PLC0415 (lora imports the model)
+
     out_dir = os.fspath(out_dir)
     cfg = model.cfg
-    if cfg.fp8:
-        raise DeepSeekError("export_hub: the model already holds FP8 weights; export a float model")
     hub_cfg = cfg.replace(fp8=bool(fp8)).to_hub_dict()
     hub_cfg["torch_dtype"] = "bfloat16"
     specs = hub_tensor_specs(hub_cfg, include_mtp=model.mtp is not None, fp8=bool(fp8))
+    block = tuple(cfg.weight_block_size)
+    adapters = {path + ("weight",): lin for path, lin in _adapted(model)}
+    params = dict(iter_params(model))
+
+    def host(a, idx):   # one slice of a (possibly stacked) array, on the host
+        return np.asarray(jax.device_get(a[idx]))
+
     os.makedirs(out_dir, exist_ok=True)
     written: set[str] = set()
     with HubWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}) as writer:
-        for path, var in iter_params(model):
+        for path, var in params.items():
+            if path[-1] in ("lora_a", "lora_b", "weight_scale_inv"):   # written with their weight
+                continue
             slot = hub_slot(path, cfg)
-            arr = np.asarray(jax.device_get(var[...]), np.float32)
+            arr = var[...]
+            scale = params[path[:-1] + ("weight_scale_inv",)][...] if arr.dtype == jnp.float8_e4m3fn else None
+            lin = adapters.get(path)
             for idx in np.ndindex(*slot.stack):
                 name = slot.names[idx]
                 spec = specs.get(name)
                 if spec is None:
                     raise DeepSeekError(f"export_hub: parameter {'.'.join(path)} maps to {name}, "
                                         "which the Hub layout does not have")
-                t = arr[idx]
-                if tuple(t.shape) != spec.shape:
-                    raise DeepSeekError(f"export_hub: {name} has shape {list(t.shape)}, expected {list(spec.shape)}")
+                if tuple(arr.shape[len(slot.stack):]) != spec.shape:
+                    raise DeepSeekError(f"export_hub: {name} has shape {list(arr.shape[len(slot.stack):])}, "
+                                        f"expected {list(spec.shape)}")
+                if scale is not None and lin is None and spec.dtype_name == "F8_E4M3":
+                    writer.add(name, host(arr, idx))                 # as it is: bit-exact
+                    writer.add(name + "_scale_inv", host(scale, idx).astype(np.float32))
+                    written.update((name, name + "_scale_inv"))
+                    continue
+                t = (dequantize_block_fp8_np(host(arr, idx), host(scale, idx), block) if scale is not None
+                     else host(arr, idx).astype(np.float32))
+                if lin is not None:
+                    t = t + lin.lora_scale * (host(lin.lora_b[...], idx).astype(np.float32)
+                                              @ host(lin.lora_a[...], idx).astype(np.float32))
                 if spec.dtype_name == "F8_E4M3":
-                    wq, scale = quantize_block_fp8_np(t, tuple(cfg.weight_block_size))
+                    wq, s = quantize_block_fp8_np(t, block)
                     writer.add(name, wq)
-                    writer.add(name + "_scale_inv", scale)
+                    writer.add(name + "_scale_inv", s)
                     written.update((name, name + "_scale_inv"))
                 else:
                     writer.add(name, t.astype(ml_dtypes.bfloat16 if spec.dtype_name == "BF16" else np.float32))

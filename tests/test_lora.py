@@ -8,6 +8,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -193,3 +194,39 @@ def test_train_cli_lora(fp8_dir, tmp_path, capsys):
     assert main(args[:-2] + ["--trainable", "norm", "--out", str(tmp_path / "n")]) == 0
     trained = json.load(open(tmp_path / "n" / "run.json"))["train_config"]["trainable"]
     assert trained == lora.LORA_PATTERN + "|norm"
+
+
+def test_export_merges_tensor_by_tensor(fp8_dir, tmp_path):
+    """``export_hub`` over FP8 weights with adapters merges them tensor by tensor: the BF16 export
+    equals that of :func:`lora.merge_lora`'s float model (up to one BF16 rounding step, two float32
+    summation orders), and loads with the adapted model's logits; with ``fp8=True`` the weights
+    without an adapter keep the checkpoint's e4m3 bytes and scales exactly, and the logits are
+    those of quantizing ``merge_lora``'s model."""
+    from deepseek_jax.hub import HubReader
+    from deepseek_jax.train import export_hub
+
+    model = adapted(fp8_dir, b_scale=0.3)          # MLA's projections adapted, the MLPs not
+    ids = np.random.default_rng(2).integers(0, 512, (2, 9))
+    want = dj.logits(model, ids)
+    streamed = HubReader(export_hub(model, tmp_path / "bf16", tokenizer_dir=None))
+    merged = HubReader(export_hub(lora.merge_lora(model), tmp_path / "merged", tokenizer_dir=None))
+    assert sorted(streamed.names()) == sorted(merged.names())
+    for name in merged.names():
+        a, b = streamed.get(name).astype(np.float32), merged.get(name).astype(np.float32)
+        np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-30, err_msg=name)
+    fp8 = HubReader(export_hub(model, tmp_path / "fp8", fp8=True, tokenizer_dir=None))
+    src = HubReader(fp8_dir)
+    kept = [n for n in src.names() if n.endswith("mlp.gate_proj.weight") or n.endswith("kv_b_proj.weight")]
+    assert kept and all(src.info(n).dtype == fp8.info(n).dtype == np.dtype(ml_dtypes.float8_e4m3fn) for n in kept)
+    for n in kept + [n + "_scale_inv" for n in kept]:
+        np.testing.assert_array_equal(fp8.get(n).view(np.uint8) if n in kept else fp8.get(n),
+                                      src.get(n).view(np.uint8) if n in kept else src.get(n), err_msg=n)
+    q = "model.layers.0.self_attn.q_a_proj.weight"       # adapted: merged, then quantized again
+    assert fp8.info(q).dtype == np.dtype(ml_dtypes.float8_e4m3fn)
+    assert not np.array_equal(fp8.get(q).view(np.uint8), src.get(q).view(np.uint8))
+    got = dj.logits(dj.load(str(tmp_path / "bf16"), kernels="ref"), ids)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2      # BF16 rounding of merged weights
+    # FP8: the adapted weights' new blocks cost what quantizing merge_lora's model does
+    export_hub(lora.merge_lora(model), tmp_path / "merged8", fp8=True, tokenizer_dir=None)
+    got, ref = (dj.logits(dj.load(str(tmp_path / d), kernels="ref"), ids) for d in ("fp8", "merged8"))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3

@@ -201,7 +201,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     from tqdm import tqdm
 
     from deepseek_jax import api
-    from deepseek_jax.lora import add_lora, adapted_names, merge_lora
+    from deepseek_jax.lora import add_lora, adapted_names
     from deepseek_jax.train import Trainer, cast_params, export_hub, load_float_model
 
     existing = Trainer.latest_step(ckpt_dir)
@@ -312,9 +312,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     hub_dir = os.path.join(out, "hub")
     if os.path.isdir(hub_dir):
         shutil.rmtree(hub_dir)
-    final = trainer.model()
-    if lora_info is not None or final.cfg.fp8:   # adapters folded into float weights (FP8 ones dequantized)
-        final = merge_lora(final)
-    export_hub(final, hub_dir, fp8=args.export_fp8, tokenizer_dir=tok_dir)
+    # (adapters and FP8 weights are merged tensor by tensor as they are written)
+    export_hub(trainer.model(), hub_dir, fp8=args.export_fp8, tokenizer_dir=tok_dir)
     print(f"saved {ckpt_dir} (step {trainer.step}) and {hub_dir} ({'FP8' if args.export_fp8 else 'BF16'})")
     return 0
