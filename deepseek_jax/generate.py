@@ -633,15 +633,15 @@ def _prefix_floor(n: int) -> int:
 def _shared_prefix(prompts: list[list[int]], max_len: int) -> tuple[int, int]:
     """``(c, Q)``: every prompt starts with the same ``c`` tokens (at least
     :data:`MIN_REUSED_PREFIX`, at least one token short of the shortest prompt, and cut by
-    :func:`_prefix_floor`), worth
-    prefilling once for the batch, and ``Q`` is the bucket of the longest prompt's rest.
-    ``(0, 0)`` when that would not save a quarter of the padded prompt tokens."""
+    :func:`_prefix_floor`), worth prefilling once for the batch, and ``Q`` is the bucket of the
+    longest prompt's rest. ``(0, 0)`` when that would not save a quarter of the padded prompt
+    tokens."""
     lens = [len(p) for p in prompts]
     n = min(lens) - 1
     if len(prompts) < 2 or n < MIN_REUSED_PREFIX:
         return 0, 0
-    heads = np.array([p[:n] for p in prompts])
-    same = (heads == heads[0]).all(axis=0)
+    starts = np.array([p[:n] for p in prompts])
+    same = (starts == starts[0]).all(axis=0)
     c = _prefix_floor(n if same.all() else int(np.argmin(same)))
     if c < MIN_REUSED_PREFIX:
         return 0, 0
@@ -922,9 +922,10 @@ class Generator:
     model's weights change between calls (the kept cache would be stale).
     ``share_prefix`` (default on): when every prompt of a batch starts with the same tokens (a
     system prompt, few-shot examples; at least :data:`MIN_REUSED_PREFIX`, rounded down to a
-    multiple of 16, 32, 64, ..., at most an eighth of it), they are prefilled once for the batch, and each row prefills only its rest over a
-    copy of that cache; only where that saves at least a quarter of the padded prompt tokens
-    (``last_stats.shared_prefix`` says how many tokens were shared).
+    multiple of 16, 32, 64, ..., at most an eighth of it), they are prefilled once for the
+    batch, and each row prefills only its rest over a copy of that cache; only where that saves
+    at least a quarter of the padded prompt tokens (``last_stats.shared_prefix`` says how many
+    tokens were shared).
     """
 
     def __init__(self, model: DeepSeekV3, tokenizer=None, *, max_len: int | None = None,
@@ -972,7 +973,7 @@ class Generator:
     # ---- compiled functions ----------------------------------------------------------------
     @property
     def compile_count(self) -> int:
-        """Number of (prefill, decode) executable pairs this generator had to compile."""
+        """Number of programs this generator had to compile: (prefill, decode) pairs, and shared prefixes' prefills."""
         return self._compiles
 
     # ---- validation ------------------------------------------------------------------------
