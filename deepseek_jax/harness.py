@@ -38,8 +38,11 @@ with the same shapes. So every process reports rank 0 and world size 1 to lm_eva
 requests and runs every batch together with its peers. lm_eval's ``simple_evaluate`` returns
 ``None`` on a process that is not rank 0, and its command line then prints and writes nothing;
 ``python -m deepseek_jax.harness`` makes it return ``None`` on every process but JAX's process 0,
-so only that one prints the table and writes ``--output_path`` (results, ``--log_samples``).
-From Python, ``simple_evaluate`` returns the results on every process: write them on process 0.
+so only that one prints the table and writes ``--output_path`` (results, ``--log_samples``) and
+pushes to the Hub (``--hf_hub_log_args``), and only it starts a ``--wandb_args`` or
+``--trackio_args`` run (see :func:`main`). ``--use_cache`` and ``--cache_requests`` are refused
+there (see :func:`_results_on_process_0`). From Python, ``simple_evaluate`` returns the results
+on every process: write them on process 0.
 """
 
 from __future__ import annotations
@@ -225,7 +228,9 @@ class DeepSeekLM(TemplateLM):
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
         """lm_eval's constructor path; ``--model_args`` win over its own ``--batch_size`` etc."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
-        return cls(**arg_dict, **extra)
+        lm = cls(**arg_dict, **extra)
+        _start_loggers()     # (the process index is known now: see _Process0Logger)
+        return lm
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
@@ -393,33 +398,115 @@ def _multi_host_asked(model: Any, model_args: Any) -> bool:
                 or os.environ.get("DEEPSEEK_JAX_COORDINATOR"))
 
 
+def _is_process_0() -> bool:
+    """Whether this is JAX's process 0 (or the only process)."""
+    import jax
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
 def _results_on_process_0(simple_evaluate):
     """lm_eval's ``simple_evaluate``, which returns ``None`` on the processes that are not its rank 0
     (lm_eval's command line then prints and writes nothing there): here on every process but
-    JAX's process 0, since each reports rank 0 to lm_eval (every process runs every request)."""
+    JAX's process 0, since each reports rank 0 to lm_eval (every process runs every request).
+
+    On more than one process lm_eval's caches are refused: ``use_cache`` (each host would keep
+    its own database) and ``cache_requests`` (``--cache_requests true|refresh|delete``). The
+    request cache's key names the rank and world size, which are 0 and 1 on every host here, so
+    on a shared file system the hosts would write and delete the same files at once (lm_eval's
+    delete fails on a file a peer removed first), and on local disks each host could read a
+    different, stale cache (the key names neither the seed nor the task's version) and send the
+    model other requests than its peers: compiled calls of other shapes, a hang. Having process 0
+    write and its peers read after a barrier needs a shared file system too (on local disks the
+    peers would build their own requests while process 0 reads its old ones); and the cache saves
+    only building the prompts, little beside running a sharded model. So: refused, simply.
+    """
     @functools.wraps(simple_evaluate)
     def on_process_0(*args, **kw):
-        import jax
-        if kw.get("use_cache") and _multi_host_asked(kw.get("model"), kw.get("model_args")):
-            raise DeepSeekError("--use_cache is not supported on more than one process (each host would keep its "
-                                "own cache and could send the model other requests than its peers)")
+        multi_host = _multi_host_asked(kw.get("model"), kw.get("model_args"))
+        if multi_host:
+            if kw.get("use_cache"):
+                raise DeepSeekError("--use_cache is not supported on more than one process (each host would keep "
+                                    "its own cache and could send the model other requests than its peers)")
+            if kw.get("cache_requests") or kw.get("delete_requests_cache"):
+                raise DeepSeekError("--cache_requests is not supported on more than one process (the hosts would "
+                                    "write the same cache files at once, or read different ones and send the model "
+                                    "other requests than their peers)")
+        else:
+            _start_loggers()     # (on several processes: once the model has joined its peers)
         results = simple_evaluate(*args, **kw)
-        if jax.distributed.is_initialized() and jax.process_index() != 0:
-            return None
-        return results
+        return results if _is_process_0() else None
     return on_process_0
+
+
+# Why main() replaces lm_eval's loggers: its command line (lm_eval/_cli/run.py) makes the W&B and
+# Trackio loggers, whose constructors start a run, on every process before it calls
+# simple_evaluate; but a multi-host run's process index is known only once the model has joined
+# jax.distributed, inside simple_evaluate. So it gets _Process0Logger stand-ins, which
+# _start_loggers makes into lm_eval's loggers: on one process before the evaluation, on several on
+# process 0 only, once the model is loaded (DeepSeekLM.create_from_arg_obj). lm_eval touches them
+# only where simple_evaluate returns results: process 0.
+_LOGGERS = ("WandbLogger", "TrackioLogger")
+_pending_loggers: list[_Process0Logger] = []
+
+
+class _Process0Logger:
+    """Stands for lm_eval's logger ``cls(*args, **kw)``, made by :func:`_start_loggers` on process 0
+    only; its attributes are the logger's."""
+
+    def __init__(self, cls: type, *args: Any, **kw: Any) -> None:
+        self._make, self._real = functools.partial(cls, *args, **kw), None
+        _pending_loggers.append(self)
+
+    def _start(self) -> None:
+        if self._real is None:
+            if not _is_process_0():
+                raise DeepSeekError(f"lm_eval's {self._make.func.__name__} runs on process 0 only")
+            self._real = self._make()
+
+    def __getattr__(self, name: str) -> Any:    # (only names __init__ did not set)
+        if name in ("_make", "_real"):
+            raise AttributeError(name)
+        self._start()
+        return getattr(self._real, name)
+
+
+def _start_loggers() -> None:
+    """Starts the loggers lm_eval's command line has made so far, on process 0 only."""
+    pending = list(_pending_loggers)
+    _pending_loggers.clear()
+    if _is_process_0():
+        for logger in pending:
+            logger._start()
+
+
+def _patch_lm_eval() -> None:
+    """What :func:`main` changes in lm_eval (>= 0.4.13, whose command line looks these up when
+    it runs): ``simple_evaluate`` (:func:`_results_on_process_0`) and the loggers that start a run
+    (:class:`_Process0Logger`); a logger this lm_eval lacks is left out."""
+    import importlib.util
+
+    import lm_eval
+    import lm_eval.loggers
+
+    if importlib.util.find_spec("lm_eval._cli.run") is None:   # older: names bound at import
+        raise DeepSeekError(f"python -m deepseek_jax.harness needs lm_eval>=0.4.13 (found "
+                            f"{getattr(lm_eval, '__version__', 'an older one')}): pip install -U lm_eval")
+    lm_eval.simple_evaluate = _results_on_process_0(lm_eval.simple_evaluate)
+    for name in _LOGGERS:
+        cls = getattr(lm_eval.loggers, name, None)
+        if cls is not None:
+            setattr(lm_eval.loggers, name, functools.partial(_Process0Logger, cls))
 
 
 def main() -> int:
     """lm_eval's command line with the ``deepseek_jax`` backend registered; errors a user can
     cause end it with one line (exit 2), as the deepseek-jax commands do. On more than one
-    process only process 0 prints the results and writes ``--output_path``."""
-    import lm_eval
+    process only process 0 prints the results, writes ``--output_path``, pushes to the Hub and
+    runs the ``--wandb_args`` / ``--trackio_args`` logger; lm_eval's caches are refused."""
     from lm_eval.__main__ import cli_evaluate
 
-    # (lm_eval's command line imports simple_evaluate from the package when it runs)
-    lm_eval.simple_evaluate = _results_on_process_0(lm_eval.simple_evaluate)
     try:
+        _patch_lm_eval()
         cli_evaluate()
     except DeepSeekError as e:
         print(f"deepseek_jax.harness: error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The lm-evaluation-harness backend on 2 processes x 2 CPU devices on 127.0.0.1, launched as a
 multi-host job is (the same command on every host, joined by jax.distributed): every process runs
-every request on the one mesh, only process 0 prints and writes, and the answers are those of a
-one-process run."""
+every request on the one mesh, only process 0 prints, writes and starts a W&B run, and the answers
+are those of a one-process run."""
 
 from __future__ import annotations
 
@@ -59,8 +59,32 @@ def _task(demo, path) -> None:
     datasets.load_dataset("json", data_files={"test": str(path / "data.jsonl")}, cache_dir=str(path / "cache"))
 
 
-def _harness(model_args: str, task_dir, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+# A stand-in for the wandb package (not installed, no network) under lm_eval's real WandbLogger:
+# it records which process starts a run and which finishes one.
+FAKE_WANDB = """
+import os, sys, types
+__version__ = "0.19.0"
+run = None
+
+def _mark(what):
+    open(os.path.join(os.environ["FAKE_WANDB_DIR"], f"{what}_{os.getpid()}"), "x").close()
+
+class _Run:
+    def finish(self):
+        _mark("finish")
+
+def init(**kw):
+    _mark("init")
+    return _Run()
+
+for _name in ("wandb.sdk", "wandb.sdk.lib", "wandb.sdk.lib.printer"):
+    sys.modules[_name] = types.ModuleType(_name)
+sys.modules["wandb.sdk.lib.printer"].new_printer = lambda: None
+"""
+
+
+def _harness(model_args: str, task_dir, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "deepseek_jax.harness", "--model", "deepseek_jax",
                              "--model_args", model_args, "--tasks", "demo_addition,demo_generation",
                              "--include_path", str(task_dir), *extra],
@@ -80,10 +104,17 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     _task(demo, tmp_path)
     port = _free_port()
     out = tmp_path / "out"
+    (tmp_path / "fake" / "wandb").mkdir(parents=True)
+    (tmp_path / "fake" / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    runs = tmp_path / "wandb_runs"
+    runs.mkdir()
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_WANDB_DIR": str(runs)}
     # Both processes write to the same --output_path, as hosts sharing a file system would.
     procs = [_harness(f"pretrained={demo},batch_size=8,mesh='data=2,expert=2',coordinator=127.0.0.1:{port},"
                       f"num_processes=2,process_id={i},heartbeat_timeout=10", tmp_path,
-                      "--output_path", str(out), "--log_samples") for i in range(2)]
+                      "--output_path", str(out), "--log_samples", "--wandb_args", "project=demo", env=env)
+             for i in range(2)]
     # Meanwhile the one-process reference, through lm_eval's own evaluator, on one device.
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     ref = lm_eval.simple_evaluate(model=DeepSeekLM(demo, batch_size=8), tasks=["demo_addition", "demo_generation"],
@@ -104,6 +135,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     [generated] = list(out.rglob("samples_demo_generation_*.jsonl"))
     assert "|demo_addition  |" in outs[0][0] and "|demo_generation|" in outs[0][0]
     assert "demo_" not in outs[1][0], outs[1][0][-2000:]
+    # lm_eval's W&B logger started (and finished) one run, on process 0
+    assert sorted(p.name for p in runs.iterdir()) == [f"finish_{procs[0].pid}", f"init_{procs[0].pid}"]
 
     # the metrics and every choice's log-likelihood and greedy flag: the one-process run's
     want, got = ref["results"], json.loads(result.read_text())["results"]
@@ -129,7 +162,10 @@ def test_bad_host_setting_on_the_command_line(tmp_path, monkeypatch, capsys):
     from deepseek_jax import harness
     demo = dj.demo_checkpoint()
     _task(demo, tmp_path)
-    monkeypatch.setattr(lm_eval, "simple_evaluate", lm_eval.simple_evaluate)   # main() wraps it: undone after
+    import lm_eval.loggers
+    for module, name in ((lm_eval, "simple_evaluate"), (lm_eval.loggers, "WandbLogger"),
+                         (lm_eval.loggers, "TrackioLogger")):   # main() replaces them: undone after
+        monkeypatch.setattr(module, name, getattr(module, name))
     monkeypatch.setattr(sys, "argv", ["harness", "--model", "deepseek_jax", "--model_args",
                                       f"pretrained={demo},coordinator=127.0.0.1:1,num_processes=2,process_id=2",
                                       "--tasks", "demo_addition", "--include_path", str(tmp_path)])
@@ -157,5 +193,70 @@ def test_bad_host_arguments():
     run = _results_on_process_0(lambda **kw: pytest.fail("ran"))
     with pytest.raises(DeepSeekError, match="--use_cache is not supported on more than one process"):
         run(model="deepseek_jax", model_args={"pretrained": demo, "coordinator": "h:1"}, use_cache="c")
-    assert _results_on_process_0(lambda **kw: kw)(model="deepseek_jax", model_args={}, use_cache="c") == \
-        {"model": "deepseek_jax", "model_args": {}, "use_cache": "c"}
+    # and so is --cache_requests (true|refresh|delete: these arguments): the hosts would share its files
+    import inspect
+
+    import lm_eval.evaluator
+    assert {"use_cache", "cache_requests", "delete_requests_cache"} <= \
+        set(inspect.signature(lm_eval.evaluator.simple_evaluate).parameters)
+    for flag in ("cache_requests", "delete_requests_cache"):
+        with pytest.raises(DeepSeekError, match="--cache_requests is not supported on more than one process"):
+            run(model="deepseek_jax", model_args={"pretrained": demo, "coordinator": "h:1"}, **{flag: True})
+    assert _results_on_process_0(lambda **kw: kw)(model="deepseek_jax", model_args={}, use_cache="c",
+                                                  cache_requests=True) == \
+        {"model": "deepseek_jax", "model_args": {}, "use_cache": "c", "cache_requests": True}
+
+
+def test_loggers_start_on_process_0_only(monkeypatch):
+    """main() has lm_eval's command line make stand-ins for its W&B and Trackio loggers (whose
+    constructors start a run): on one process the logger starts before the evaluation; on
+    several, on process 0 only, once the model is made (the process index is known then)."""
+    import jax
+    import lm_eval.loggers
+
+    from deepseek_jax import harness
+    events = []
+
+    class Logger:          # stands for lm_eval's WandbLogger, which cannot start a run here
+        def __init__(self, init_args, config_args):
+            events.append("logger")
+            self.run = init_args
+
+    class LM(DeepSeekLM):  # none is loaded here
+        def __init__(self, **kw):
+            events.append("model")
+
+    def simple_evaluate(model, model_args):   # as lm_eval's: makes the model, then evaluates
+        LM.create_from_arg_obj({})
+        events.append("evaluate")
+        return "results"
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    for name in ("WandbLogger", "TrackioLogger"):      # (main() replaces them: undone after)
+        monkeypatch.setattr(lm_eval.loggers, name, getattr(lm_eval.loggers, name))
+    real = lm_eval.loggers.WandbLogger
+    assert real is lm_eval.loggers.wandb_logger.WandbLogger
+    harness._patch_lm_eval()
+    stand_in = lm_eval.loggers.WandbLogger
+    assert stand_in.func is harness._Process0Logger and stand_in.args == (real,)   # lm_eval's own class
+    assert lm_eval.loggers.TrackioLogger.args == (lm_eval.loggers.trackio_logger.TrackioLogger,)
+
+    # one process: the run starts before the evaluation, as lm_eval's does
+    logger = stand_in.func(Logger, {"project": "p"}, None)
+    assert lm_eval.simple_evaluate(model="deepseek_jax", model_args={}) == "results"
+    assert events == ["logger", "model", "evaluate"] and logger.run == {"project": "p"}
+    # process 1 of 2: never
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    events.clear()
+    logger = stand_in.func(Logger, {"project": "p"}, None)
+    assert lm_eval.simple_evaluate(model="deepseek_jax", model_args={"coordinator": "h:1"}) is None
+    assert events == ["model", "evaluate"]
+    with pytest.raises(DeepSeekError, match="lm_eval's Logger runs on process 0 only"):
+        logger.run
+    # process 0 of 2: once the model is made
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    events.clear()
+    logger = stand_in.func(Logger, {"project": "p"}, None)
+    assert lm_eval.simple_evaluate(model="deepseek_jax", model_args={"coordinator": "h:1"}) == "results"
+    assert events == ["model", "logger", "evaluate"] and logger.run == {"project": "p"}
