@@ -17,9 +17,9 @@ import sys
 from deepseek_jax.errors import DeepSeekError
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser, mesh_default: str = "all devices on expert") -> None:
     g = p.add_argument_group("devices and hosts")
-    g.add_argument("--mesh", help="mesh sizes, e.g. data=2,expert=4,model=1 (default: all devices on expert)")
+    g.add_argument("--mesh", help=f"mesh sizes, e.g. data=2,expert=4,model=1 (default: {mesh_default})")
     g.add_argument("--rules", default="ep_tp", choices=("ep_tp", "ep_dp"),
                    help="sharding preset: ep_tp (experts over expert, heads over model) or ep_dp "
                         "(also batch over expert: data-parallel MLA)")
@@ -53,8 +53,10 @@ def check_args(args: argparse.Namespace) -> None:
                             "this would run as one process")
 
 
-def init(args: argparse.Namespace):
-    """Initialises multi-host JAX if asked, then returns the mesh (or ``None`` for one device)."""
+def init(args: argparse.Namespace, default_mesh=None):
+    """Initialises multi-host JAX if asked, then returns the mesh (or ``None`` for one device).
+    Without ``--mesh``, ``default_mesh(n_devices)`` gives the sizes (default: all devices on
+    ``expert``)."""
     import jax
 
     from deepseek_jax import sharding
@@ -75,7 +77,7 @@ def init(args: argparse.Namespace):
         if os.environ.get("DEEPSEEK_JAX_TEST_DIE_AFTER_INIT") == str(jax.process_index()):
             os._exit(17)  # test hook: simulates a host dying mid-run (tests/test_multihost.py)
     n = jax.device_count()
-    sizes = sharding.parse_mesh(args.mesh, n)
+    sizes = sharding.parse_mesh(args.mesh, n) if args.mesh or default_mesh is None else default_mesh(n)
     total = sizes["data"] * sizes["expert"] * sizes["model"]
     if total == 1 and jax.process_count() == 1:
         return None

@@ -180,6 +180,9 @@ def model_param_specs(model, mesh_shape: Mapping[str, int], rules: Mapping[str, 
     shapes = {p: tuple(v.shape) for p, v in flat}
     out = {}
     for p, v in flat:
+        if p[-1] in ("lora_a", "lora_b"):   # LoRA adapters (deepseek_jax.lora): small, replicated
+            out[p] = P()
+            continue
         if p[-1] == "weight_scale_inv":
             wshape = shapes[p[:-1] + ("weight",)]
         elif p[-1] == "weight" and p[:-1] + ("weight_scale_inv",) in shapes:

@@ -20,8 +20,15 @@ copies, SPEC §6).
 One step is two jitted programs: ``_loss_and_grads`` (forward + backward; shared with gradient
 checks) and ``_apply`` (global-norm clipping, AdamW with linear warmup + cosine decay, bias update,
 metrics). The compiled programs are keyed by the model's config, not by the model object, so a new
-model of the same config (a resumed run, a test) reuses them. With a ``jax.sharding.Mesh`` the batch
-is sharded over its data axis and everything else is replicated.
+model of the same config (a resumed run, a test) reuses them.
+
+On a mesh with the axes of :mod:`deepseek_jax.sharding` (``data``, ``expert``, ``model``; any of
+them may be absent, as in ``--data-parallel``'s ``("data",)``) the parameters are split by the same
+rules as for inference (routed experts over ``expert``, heads / MLP hidden / vocab over ``model``),
+each one's AdamW moments exactly as the parameter, and the batch over ``data``: a model larger
+than one device trains, and the mesh may span several hosts (``jax.distributed``; every process
+passes the same whole batch, each device gets its slice). On a mesh with other axis names the batch
+is split over ``data_axis`` and the state replicated.
 
 The Orbax checkpoint holds the whole train state (parameters, router biases, optimizer state, step);
 the data position is the step itself (datasets are pure functions of the step, see ``tasks.py``).
@@ -54,6 +61,7 @@ from deepseek_jax.hub import (HubReader, HubWriter, dequantize_block_fp8_np, hub
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.moe import RouterBias
 from deepseek_jax.quant import Precision
+from deepseek_jax.sharding import MESH_AXES, attach_mesh, model_param_specs, resolve_rules
 from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "compute_loss", "learning_rate", "make_optimizer", "model_logits",
@@ -290,6 +298,62 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+class _StateSpecs(NamedTuple):
+    """The ``PartitionSpec`` of every leaf of a :class:`TrainState` (``state``, in flattening
+    order) and of its ``params`` alone: static arguments of the jitted steps (hashable)."""
+    state: tuple
+    params: tuple
+
+
+def _state_specs(state: TrainState, model_specs: dict[tuple[str, ...], tuple[P, tuple]]) -> _StateSpecs:
+    """Each leaf's spec: a model variable's from ``model_specs`` (path -> (spec, shape)), an
+    optimizer moment's from the parameter whose path ends its own and whose shape it has,
+    anything else replicated."""
+    def spec(path, x) -> P:
+        parts = _key_parts(path)
+        for i in range(1, len(parts)) if parts[0] == "opt_state" else (1,):
+            s = model_specs.get(parts[i:])
+            if s is not None and s[1] == tuple(np.shape(x)):
+                return s[0]
+        return P()
+
+    def canonical(s: P) -> P:   # P(None, "model", None) -> P(None, "model"): as jit returns it
+        parts = list(s)
+        while parts and parts[-1] is None:
+            parts.pop()
+        return P(*parts)
+
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    specs = tuple(canonical(spec(path, x)) for path, x in flat)
+    fields = [_key_parts(path)[0] for path, _ in flat]
+    return _StateSpecs(specs, tuple(s for s, f in zip(specs, fields) if f == "params"))
+
+
+def _full_mesh(mesh: Mesh) -> Mesh:
+    """``mesh`` with the three axes of :data:`deepseek_jax.sharding.MESH_AXES` in their order (an
+    absent one of size 1), every axis Auto."""
+    names, devs = list(mesh.axis_names), np.asarray(mesh.devices)
+    for a in MESH_AXES:
+        if a not in names:
+            names.append(a)
+            devs = devs[..., None]
+    devs = devs.transpose([names.index(a) for a in MESH_AXES])
+    return Mesh(devs, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _put(x, target: NamedSharding):
+    """``x`` on ``target``: as it is when already there; across hosts from the value every
+    process holds (a host array, or an array on this process's devices) or by resharding."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, target)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.jit(lambda a: a, out_shardings=target)(x)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, target, lambda idx: host[idx])
+
+
 # The jitted programs take a hashable key (config, precision, remat, has-MTP) as static argument
 # instead of the GraphDef, whose hash includes the identity of non-array attributes such as the
 # RoPE tables (so every new model object would recompile). Equal keys mean interchangeable graphs;
@@ -297,9 +361,11 @@ class TrainState(NamedTuple):
 _GRAPHDEFS: dict[tuple, Any] = {}
 
 
-def _graph_key(model: DeepSeekV3, graphdef) -> tuple:
+def _graph_key(model: DeepSeekV3, graphdef, rules=None) -> tuple:
     from deepseek_jax.lora import lora_signature   # noqa: PLC0415
-    key = ("DeepSeekV3", model.cfg, model.prec, bool(model.remat), model.mtp is not None, lora_signature(model))
+    mesh = next((m.mesh for _, m in nnx.iter_modules(model) if getattr(m, "mesh", None) is not None), None)
+    key = ("DeepSeekV3", model.cfg, model.prec, bool(model.remat), model.mtp is not None, lora_signature(model),
+           mesh, None if rules is None else tuple(sorted(rules.items())))
     _GRAPHDEFS.setdefault(key, graphdef)
     return key
 
@@ -325,8 +391,17 @@ def _auto_mesh(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-@partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis"))
-def _loss_and_grads(state: TrainState, params, batch, coefs, *, key, tie, mesh, axis):
+def _constrain_leaves(tree, mesh: Mesh | None, specs: tuple | None):
+    """Pins every leaf of ``tree`` to its spec (``specs``: one per leaf, in flattening order)."""
+    if mesh is None or specs is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s))
+                              for x, s in zip(leaves, specs, strict=True)])
+
+
+@partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis", "specs"))
+def _loss_and_grads(state: TrainState, params, batch, coefs, *, key, tie, mesh, axis, specs=None):
     batch = _constrain(batch, mesh, P(axis))
 
     def f(p):
@@ -334,11 +409,11 @@ def _loss_and_grads(state: TrainState, params, batch, coefs, *, key, tie, mesh, 
         return compute_loss(model, batch, coefs["mtp_weight"], coefs["balance_alpha"])
 
     (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
-    return loss, aux, grads
+    return loss, aux, _constrain_leaves(grads, mesh, specs and specs.params)
 
 
-@partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis"))
-def _loss_only(state: TrainState, batch, coefs, *, key, tie, mesh, axis):
+@partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis", "specs"))
+def _loss_only(state: TrainState, batch, coefs, *, key, tie, mesh, axis, specs=None):
     batch = _constrain(batch, mesh, P(axis))
     model = _merge(key, state, tie=tie)
     return compute_loss(model, batch, coefs["mtp_weight"], coefs["balance_alpha"])
@@ -388,8 +463,9 @@ def _sync_tied(tied, params):
     return nnx.from_flat_state(flat)
 
 
-@partial(jax.jit, static_argnames=("static", "mesh", "frozen"), donate_argnames=("state",))
-def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh, frozen: tuple = ()):
+@partial(jax.jit, static_argnames=("static", "mesh", "frozen", "specs"), donate_argnames=("state",))
+def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh, frozen: tuple = (),
+           specs: "_StateSpecs | None" = None):
     clip, tie, _ = static
     tx = _make_tx(coefs, clip)
     grad_norm = optax.tree.norm(grads)
@@ -402,7 +478,7 @@ def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh, f
     biases = _update_biases(state.biases, aux, coefs["bias_gamma"], frozen)
     tied = _sync_tied(state.tied, params) if tie else state.tied
     new = TrainState(state.step + 1, params, tied, biases, state.rest, opt_state)
-    new = _constrain(new, mesh, P())
+    new = _constrain(new, mesh, P()) if specs is None else _constrain_leaves(new, mesh, specs.state)
     loads = _all_loads(aux)
     metrics = {"loss": loss, "ce": aux["ce"], "mtp_ce": aux["mtp_ce"], "balance": aux["balance"],
                "imbalance": load_imbalance(loads) if loads is not None else jnp.float32(1.0),
@@ -411,20 +487,23 @@ def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh, f
     return new, metrics
 
 
+def _key_parts(path) -> tuple[str, ...]:
+    """A pytree key path as strings, without nnx's trailing ``value``."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return tuple(p for p in parts if p != "value")
+
+
 def _flat_keys(tree) -> tuple[list[str], list[Any], Any]:
     """Flattens a pytree into readable unique string keys (for Orbax)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    keys = []
-    for path, _ in leaves:
-        parts = []
-        for k in path:
-            for attr in ("key", "name", "idx"):
-                if hasattr(k, attr):
-                    parts.append(str(getattr(k, attr)))
-                    break
-            else:
-                parts.append(str(k))
-        keys.append(".".join(p for p in parts if p != "value"))
+    keys = [".".join(_key_parts(path)) for path, _ in leaves]
     if len(set(keys)) != len(keys):
         raise AssertionError("train state keys are not unique")
     return keys, [x for _, x in leaves], treedef
@@ -436,19 +515,34 @@ class Trainer:
     >>> trainer = Trainer(cast_params(model), TrainConfig(steps=100, lr=3e-3))
     >>> for step in range(trainer.step, 100):
     ...     metrics = trainer.train_step(dataset.batch_at(step))
+
+    ``mesh``: a mesh with axes among ``data`` / ``expert`` / ``model`` (``sharding.make_mesh``)
+    splits the parameters and their optimizer state by ``rules`` (a :mod:`deepseek_jax.sharding`
+    preset or table) and each batch over ``data``; on several processes every one passes the same
+    whole batch. A mesh with other axis names splits the batch over ``data_axis`` and replicates
+    the state.
     """
 
     def __init__(self, model: DeepSeekV3, tcfg: TrainConfig = TrainConfig(), *, mesh: Mesh | None = None,
-                 data_axis: str = "data"):
+                 data_axis: str = "data", rules: Any = "ep_tp"):
         if model.cfg.fp8:
             _check_fp8_frozen(model, tcfg.trainable)
+        table = None
         if mesh is not None:
+            if not isinstance(mesh, Mesh):
+                raise DeepSeekError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
             if data_axis not in mesh.axis_names:
                 raise DeepSeekError(f"mesh has no axis {data_axis!r} (axes {mesh.axis_names})")
-            mesh = _auto_mesh(mesh)
+            if data_axis == "data" and set(mesh.axis_names) <= set(MESH_AXES):
+                mesh = _full_mesh(mesh)                 # the parameters split by the rules
+                table = resolve_rules(rules, mesh)
+            else:
+                mesh = _auto_mesh(mesh)                 # other axis names: the state replicated
         self.tcfg, self.mesh, self.axis = tcfg, mesh, data_axis
         model = nnx.clone(model)
         model.remat = tcfg.remat
+        if table is not None:
+            attach_mesh(model, mesh, table)   # expert-parallel MoE and per-shard kernels, in the graph
         self.tie = bool(tcfg.tie_mtp and model.mtp is not None)
         self.cfg = model.cfg
         is_trained = trained_predicate(tcfg.trainable, model, tie=self.tie)
@@ -467,13 +561,24 @@ class Trainer:
         # Parameters ``trainable`` does not match go with ``rest``: merged into the model, not
         # differentiated, no optimizer state.
         graphdef, tied, params, biases, rest = nnx.split(model, tied_copy, train, RouterBias, ...)
-        self.key = _graph_key(model, graphdef)
+        self.key = _graph_key(model, graphdef, table)
         copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731 (state is donated)
         params, tied, biases, rest = copy(params), copy(tied), copy(biases), copy(rest)
+        self._specs = None
+        if table is not None:
+            shape = dict(mesh.shape)
+            specs = model_param_specs(model, shape, table)
+            shapes = {tuple(str(x) for x in p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model))}
+            model_specs = {p: (spec, shapes[p]) for p, spec in specs.items()}
+            self._specs = _state_specs(TrainState(0, params, tied, biases, rest, ()), model_specs)
+            params = self._place(params, self._specs.params)   # before the optimizer: its moments
+            # (zeros like each parameter) are then made on the parameter's devices, never whole
         if self.tie:
             tied = _sync_tied(tied, params)
         state = TrainState(jnp.zeros((), jnp.int32), params, tied, biases, rest,
                            make_optimizer(tcfg).init(params))
+        if table is not None:
+            self._specs = _state_specs(state, model_specs)
         self.state = self._place(state)
 
     def parameter_counts(self) -> tuple[int, int]:
@@ -483,12 +588,15 @@ class Trainer:
         return sum(int(x.size) for x in jax.tree.leaves(self.state.params)), total
 
     # ---- placement ----------------------------------------------------------------------------
-    def _place(self, state: TrainState) -> TrainState:
-        """Commits the state to its devices (fresh and restored states then look alike to jit:
-        no recompilation after a restore)."""
+    def _place(self, tree, specs: tuple | None = None):
+        """Commits ``tree`` (the train state, or ``specs``' part of it) to its devices, each leaf
+        by its spec (fresh and restored states then look alike to jit: no recompilation after a
+        restore)."""
         if self.mesh is None:
-            return jax.device_put(state, jax.devices()[0])
-        return jax.device_put(state, NamedSharding(self.mesh, P()))
+            return jax.device_put(tree, jax.devices()[0])
+        leaves, treedef = jax.tree.flatten(tree)
+        specs = specs if specs is not None else self._specs.state if self._specs is not None else (P(),) * len(leaves)
+        return treedef.unflatten([_put(x, NamedSharding(self.mesh, s)) for x, s in zip(leaves, specs, strict=True)])
 
     def _batch(self, batch):
         from deepseek_jax.tasks import Batch
@@ -499,11 +607,12 @@ class Trainer:
             if b.ids.shape[0] % n:
                 raise DeepSeekError(f"batch size {b.ids.shape[0]} is not a multiple of the {n} devices "
                                     f"of mesh axis {self.axis!r}")
-            return jax.device_put(b, NamedSharding(self.mesh, P(self.axis)))
+            rows = NamedSharding(self.mesh, P(self.axis))
+            return jax.tree.map(lambda x: _put(x, rows), b)
         return jax.device_put(b, jax.devices()[0])
 
     def _kw(self):
-        return dict(key=self.key, tie=self.tie, mesh=self.mesh, axis=self.axis)
+        return dict(key=self.key, tie=self.tie, mesh=self.mesh, axis=self.axis, specs=self._specs)
 
     # ---- steps ----------------------------------------------------------------------------------
     @property
@@ -518,7 +627,7 @@ class Trainer:
         coefs = self.tcfg._hyper()
         loss, aux, grads = _loss_and_grads(self.state, self.state.params, batch, coefs, **self._kw())
         self.state, metrics = _apply(self.state, grads, loss, aux, coefs, static=self.tcfg._static(), mesh=self.mesh,
-                                     frozen=self.frozen_routers)
+                                     frozen=self.frozen_routers, specs=self._specs)
         return metrics
 
     def loss_and_grads(self, batch, params=None):
@@ -619,6 +728,9 @@ def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=T
     and ``config.json`` gets the ``quantization_config``. The tokenizer files of ``tokenizer_dir``
     (default: the tiny tokenizer; None: none) are copied next to it.
 
+    On several processes (a model sharded over a multi-host mesh) every process must call it:
+    each tensor is gathered by all of them, and process 0 writes.
+
     ``model`` may hold FP8 weights and LoRA adapters (:mod:`deepseek_jax.lora`): they are merged
     tensor by tensor (one layer's, or one expert's, matrix on the host at a time: the FP8 weight
     dequantized, ``scale * B @ A`` added), never as a whole float copy of the model. An FP8 weight
@@ -637,11 +749,18 @@ def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=T
     params = dict(iter_params(model))
 
     def host(a, idx):   # one slice of a (possibly stacked) array, on the host
-        return np.asarray(jax.device_get(a[idx]))
+        if a.is_fully_addressable:
+            return np.asarray(jax.device_get(a[idx]))
+        # spread over hosts: every process gathers the slice (the same calls in the same order)
+        got = _gathered_slice(a, np.asarray(idx, np.int32), NamedSharding(a.sharding.mesh, P()))
+        return np.asarray(got.addressable_data(0))
 
-    os.makedirs(out_dir, exist_ok=True)
+    main = jax.process_index() == 0   # on several processes, process 0 writes
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
     written: set[str] = set()
-    with HubWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}) as writer:
+    with (HubWriter(out_dir, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}) if main
+          else _Discard()) as writer:
         for path, var in params.items():
             if path[-1] in ("lora_a", "lora_b", "weight_scale_inv"):   # written with their weight
                 continue
@@ -679,13 +798,36 @@ def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=T
         missing = sorted(set(specs) - written)
         if missing:
             raise DeepSeekError(f"export_hub: the model has no values for {missing[:3]} ({len(missing)} tensors)")
-    write_config(out_dir, hub_cfg)
-    if tokenizer_dir is not None:
+    if main:
+        write_config(out_dir, hub_cfg)
+    if main and tokenizer_dir is not None:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             src = os.path.join(os.fspath(tokenizer_dir), f)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(out_dir, f))
+    if jax.process_count() > 1:   # the files are complete when any process returns
+        from jax.experimental import multihost_utils   # noqa: PLC0415
+        multihost_utils.sync_global_devices("deepseek_jax.export_hub")
     return out_dir
+
+
+@partial(jax.jit, static_argnames=("whole",))
+def _gathered_slice(a, idx, whole: NamedSharding):
+    """``a[idx]`` (``idx``: leading indices, traced: one program per array shape) on every device."""
+    return jax.lax.with_sharding_constraint(a[tuple(idx[k] for k in range(idx.shape[0]))], whole)
+
+
+class _Discard:
+    """A :class:`HubWriter` stand-in for the processes that do not write."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add(self, name, array) -> None:
+        pass
 
 
 def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.float32,

@@ -108,3 +108,65 @@ def test_two_processes_generate_the_same_tokens(ckpt_a):
     ref = Generator(load(ckpt_a)).generate(prompts, max_new_tokens=10, sampling=SamplingParams(temperature=0),
                                            stop_at_eos=False)
     assert got == [r.output_ids for r in ref]
+
+
+def test_two_processes_train_lora_like_one(tmp_path):
+    """``train --lora-rank`` over an FP8 checkpoint on a mesh spanning 2 processes
+    (data=2, expert=2, model=2): the FP8 weights loaded sharded, the adapters replicated, the
+    batch split over both hosts. Its per-step losses, held-out metrics and exported Hub tensors
+    equal one process on one device; only process 0 writes the files; ``--resume`` restores the
+    sharded state on both processes and exports the same tensors again."""
+    import json
+
+    from deepseek_jax.cli import main
+    from deepseek_jax.hub import HubReader
+    from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
+
+    cfg = tiny_config(vocab_size=512, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                      num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+                      q_lora_rank=32, kv_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                      topk_group=1, max_position_embeddings=64)
+    init = str(random_hub_checkpoint(tmp_path / "init", cfg, seed=4, fp8=True))
+    args = ["train", "--init", init, "--data", "synthetic:addition", "--batch", "8", "--steps", "3",
+            "--eval-batches", "1", "--lora-rank", "4", "--bias-gamma", "0.01"]
+    mesh = ["--mesh", "data=2,expert=2,model=2"]
+
+    def two(out, *extra):
+        procs = _launch(args + ["--out", str(out), *mesh, *extra])
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+        return outs
+
+    outs = two(tmp_path / "mh")
+    assert "16 devices" not in outs[0][0] and "8 devices (mesh data=2,expert=2,model=2, 2 processes)" in outs[0][0]
+    assert "step 3:" not in outs[1][0]                   # only process 0 prints
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+
+    def metrics(out):
+        return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+    got, want = metrics(tmp_path / "mh"), metrics(tmp_path / "one")
+    assert [m["step"] for m in got] == [0, 1, 2]         # one line per step: process 0 alone wrote it
+    for g, w in zip(got, want):
+        for k in ("loss", "ce", "mtp_ce", "grad_norm", "imbalance"):
+            assert abs(g[k] - w[k]) <= 1e-4 * max(1.0, abs(w[k])), (k, g, w)
+    ev_got, ev_want = (json.load(open(tmp_path / d / "eval.json")) for d in ("mh", "one"))
+    assert abs(ev_got["loss"] - ev_want["loss"]) < 1e-4
+
+    def tensors(hub):
+        r = HubReader(str(hub))
+        try:
+            return {k: r.get(k).astype(np.float32) for k in r.names()}
+        finally:
+            r.close()
+
+    a, b = tensors(tmp_path / "mh" / "hub"), tensors(tmp_path / "one" / "hub")
+    assert a.keys() == b.keys()
+    for k in a:   # BF16 exports: equal up to one BF16 rounding step of the merged weights
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-2, atol=1e-3, err_msg=k)
+    # resume: the checkpoint restored onto the 2-process mesh, nothing left to train, the same export
+    os.rename(tmp_path / "mh" / "hub", tmp_path / "hub_first")
+    two(tmp_path / "mh", "--resume", "--eval-batches", "0")
+    c = tensors(tmp_path / "mh" / "hub")
+    for k, v in tensors(tmp_path / "hub_first").items():
+        np.testing.assert_array_equal(c[k], v, err_msg=k)

@@ -408,3 +408,41 @@ def test_subset_leaves_frozen_routers_and_bf16_params(init_dir, data):
     assert untied.parameter_counts()[0] == CFG["vocab_size"] * CFG["hidden_size"]
     with pytest.raises(DeepSeekError, match="matches only the MTP copies"):
         Trainer(fresh_model(init_dir), TrainConfig(**{**TCFG.__dict__, "trainable": "mtp/embed_tokens"}))
+
+
+def test_mesh_training_equals_one_device(init_dir, data):
+    """On a data=2, expert=2, model=2 mesh of 8 devices the parameters are split by the inference
+    rules (experts over ``expert``, heads and expert hidden over ``model``), each AdamW moment
+    exactly as its parameter, the batch over ``data``; the losses and the trained parameters equal
+    one device's, the step compiles once (its output state keeps the input's shardings), and
+    ``--data-parallel``'s one-axis mesh replicates every parameter."""
+    from jax.sharding import PartitionSpec as P
+
+    from deepseek_jax import sharding
+    from deepseek_jax import train as T
+    from deepseek_jax.errors import DeepSeekError
+
+    one = Trainer(fresh_model(init_dir), TCFG)
+    mesh = sharding.make_mesh({"data": 2, "expert": 2, "model": 2})
+    multi = Trainer(fresh_model(init_dir), TCFG, mesh=mesh)
+    experts = ("moe_layers", "mlp", "experts", "gate_proj", "weight")
+    flat = {T._key_parts(p): x for p, x in jax.tree_util.tree_flatten_with_path(multi.state)[0]}
+    assert flat[("params",) + experts].sharding.spec == P(None, "expert", "model")
+    moments = [k for k in flat if k[0] == "opt_state" and k[-5:] == experts]
+    assert len(moments) == 2 and all(flat[k].sharding.spec == P(None, "expert", "model") for k in moments)
+    assert flat[("params", "moe_layers", "self_attn", "q_b_proj", "weight")].sharding.spec == P(None, "model")
+    before = T._apply._cache_size()
+    a = run(one, data, 3)
+    b = run(multi, data, 3)
+    assert T._apply._cache_size() - before <= 2       # one program per trainer, not one per step
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(y["loss"], x["loss"], rtol=1e-5)
+        np.testing.assert_allclose(y["grad_norm"], x["grad_norm"], rtol=1e-4)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(one.state.params)[0], jax.tree.leaves(multi.state.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4, err_msg=jax.tree_util.keystr(path))
+    after = {T._key_parts(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(multi.state)[0]}
+    assert after == {k: x.sharding for k, x in flat.items()}
+    dp = Trainer(fresh_model(init_dir), TCFG, mesh=jax.make_mesh((4,), ("data",), devices=jax.devices()[:4]))
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(dp.state.params))
+    with pytest.raises(DeepSeekError, match="mesh has no axis 'data'"):
+        Trainer(fresh_model(init_dir), TCFG, mesh=jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2]))

@@ -14,8 +14,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
+from deepseek_jax import runtime
 from deepseek_jax.commands.generate import add_prefill_attention_arg
 from deepseek_jax.errors import DeepSeekError
 
@@ -73,7 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out batches evaluated at the end, into OUT/eval.json (default 4; 0: none)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the package's tiny tokenizer)")
     p.add_argument("--data-parallel", type=int, default=1, metavar="N",
-                   help="shard each batch over the first N devices, parameters replicated (default 1)")
+                   help="shard each batch over the first N devices, parameters replicated (default 1; "
+                        "the same as --mesh data=N)")
+    runtime.add_args(p, mesh_default="--data-parallel's devices on data; on several processes, every device "
+                                     "on data")
     p.set_defaults(func=run)
 
 
@@ -135,7 +140,16 @@ def run(args: argparse.Namespace) -> int:
         except re.error as e:
             raise DeepSeekError(f"--trainable: {args.trainable!r} is not a regular expression ({e})") from None
 
+    if args.mesh and args.data_parallel != 1:
+        raise DeepSeekError("give --mesh or --data-parallel, not both (--data-parallel N is --mesh data=N)")
+    runtime.check_args(args)
+
     import jax
+
+    mesh = _mesh(args)
+    n_data = 1 if mesh is None else mesh.shape["data"]
+    if args.batch % n_data:
+        raise DeepSeekError(f"--batch {args.batch} must be a multiple of the mesh's data axis ({n_data})")
 
     from deepseek_jax.config import DeepSeekConfig, load_config
     from deepseek_jax.lora import LORA_PATTERN, TARGET_NAMES
@@ -174,27 +188,51 @@ def run(args: argparse.Namespace) -> int:
                        trainable=args.trainable if args.lora_rank is None
                        else LORA_PATTERN if args.trainable is None else f"{LORA_PATTERN}|{args.trainable}")
 
-    n_dev = args.data_parallel
-    mesh = None
-    if n_dev > jax.device_count():
-        raise DeepSeekError(f"--data-parallel {n_dev}: this process has only {jax.device_count()} device(s)")
-    if n_dev > 1:
-        mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                             devices=jax.devices()[:n_dev])
-
     out = os.path.abspath(args.out)
     ckpt_dir = os.path.join(out, "ckpt")
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     try:
-        return _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev)
+        return _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh)
     except BaseException:
-        if created and os.path.isdir(out) and not os.listdir(out):
+        if created and runtime.is_main() and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)   # a run that failed before writing anything leaves no empty OUT
         raise
 
 
-def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) -> int:
+def _mesh(args: argparse.Namespace):
+    """The run's mesh (``None``: one device). ``--mesh`` as the other commands read it; without
+    it, ``--data-parallel N`` devices on ``data`` (on several processes: every device on
+    ``data``). Multi-host: every process runs this same command; only process 0 prints (its
+    progress bar included) and writes files other than the checkpoints, which Orbax writes from
+    every process."""
+    import jax
+
+    from deepseek_jax import sharding
+
+    def default(n: int) -> dict[str, int]:
+        if jax.process_count() > 1:
+            if args.data_parallel != 1:
+                raise DeepSeekError("--data-parallel counts this process's devices: on several processes give "
+                                    "--mesh (default: every device on data)")
+            return {"data": n, "expert": 1, "model": 1}
+        if args.data_parallel > n:
+            raise DeepSeekError(f"--data-parallel {args.data_parallel}: this process has only {n} device(s)")
+        return {"data": args.data_parallel, "expert": 1, "model": 1}
+
+    if args.mesh:
+        sharding.parse_mesh(args.mesh, 1 << 30)   # a malformed --mesh fails before any start-up
+    mesh = runtime.init(args, default)
+    if mesh is not None:
+        stack = getattr(args, "exit_stack", None)   # set by cli.main: the mesh lasts as long as the command
+        if stack is not None:
+            stack.enter_context(jax.set_mesh(mesh))
+    if not runtime.is_main():
+        sys.stdout = open(os.devnull, "w")   # errors still reach stderr
+    return mesh
+
+
+def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     """The run proper, once the settings are checked and OUT exists."""
     import jax
     import jax.numpy as jnp
@@ -226,7 +264,8 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
 
     t0 = time.perf_counter()
     if lora_info is not None:   # the checkpoint as it is (FP8 kept, frozen) plus adapters
-        model = api.load(args.init, dtype=args.dtype, prefill_attention=args.prefill_attention)
+        model = api.load(args.init, dtype=args.dtype, prefill_attention=args.prefill_attention, mesh=mesh,
+                         rules=args.rules)
         n = add_lora(model, rank=lora_info["rank"], alpha=lora_info["alpha"], targets=targets, seed=args.seed)
         print(f"LoRA: rank {lora_info['rank']}, alpha {lora_info['alpha']:g}, on {n} weight matrices "
               f"({', '.join(adapted_names(model))})")
@@ -236,7 +275,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     else:
         model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype,
                                             prefill_attention=args.prefill_attention), jnp.dtype(args.param_dtype))
-    trainer = Trainer(model, tcfg, mesh=mesh)
+    trainer = Trainer(model, tcfg, mesh=mesh, rules=args.rules)
     del model
     if tcfg.trainable is not None:
         trained, total = trainer.parameter_counts()
@@ -245,28 +284,33 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     if args.resume:
         trainer.restore(ckpt_dir)
     start = trainer.step
+    where = ("1 device" if mesh is None else
+             f"{mesh.size} devices (mesh {','.join(f'{k}={v}' for k, v in mesh.shape.items())}"
+             + (f", {jax.process_count()} processes)" if jax.process_count() > 1 else ")"))
     print(f"model ready in {time.perf_counter() - t0:.1f}s; {'resuming at' if args.resume else 'starting at'} "
-          f"step {start}/{args.steps} on {n_dev} device(s); data {describe['data']} batch {args.batch} x "
+          f"step {start}/{args.steps} on {where}; data {describe['data']} batch {args.batch} x "
           f"{data.seq_len} tokens")
 
+    main = runtime.is_main()
     run_info = {"argv": {k: v for k, v in vars(args).items() if k not in ("func", "exit_stack")},
                 "train_config": dataclasses.asdict(tcfg), "data": describe, "model_config": model_cfg}
-    with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
-        json.dump(run_info, f, indent=2, default=str)
     metrics_path = os.path.join(out, "metrics.jsonl")
-    kept = []
-    if args.resume and os.path.exists(metrics_path):
-        with open(metrics_path, encoding="utf-8") as f:
-            kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < start]
-    with open(metrics_path, "w", encoding="utf-8") as f:
-        f.writelines(kept)
+    if main:
+        with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
+            json.dump(run_info, f, indent=2, default=str)
+        kept = []
+        if args.resume and os.path.exists(metrics_path):
+            with open(metrics_path, encoding="utf-8") as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < start]
+        with open(metrics_path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
     meta = {"data": describe, "model_config": model_cfg, "lora": lora_info}
 
     def save():
         trainer.save(ckpt_dir, meta)
 
-    bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     pending = None
     t_last, tok_rate, last = time.perf_counter(), None, None
 
@@ -279,8 +323,9 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
         t_last = now
         tok_rate = rate if tok_rate is None or step == start else 0.9 * tok_rate + 0.1 * rate
         last = m
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **m}) + "\n")
+        if main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **m}) + "\n")
         bar.set_postfix_str(f"loss {m['loss']:.3f} mtp {m['mtp_ce']:.3f} {tok_rate:,.0f} tok/s "
                             f"imb {m['imbalance']:.2f}", refresh=False)
         bar.update(1)
@@ -307,10 +352,11 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh, n_dev) ->
     if args.eval_batches > 0:
         ev = trainer.evaluate(heldout, args.eval_batches)
         print("held-out: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": trainer.step, **ev}, f, indent=2)
+        if main:
+            with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
+                json.dump({"step": trainer.step, **ev}, f, indent=2)
     hub_dir = os.path.join(out, "hub")
-    if os.path.isdir(hub_dir):
+    if main and os.path.isdir(hub_dir):
         shutil.rmtree(hub_dir)
     # (adapters and FP8 weights are merged tensor by tensor as they are written)
     export_hub(trainer.model(), hub_dir, fp8=args.export_fp8, tokenizer_dir=tok_dir)
