@@ -9,11 +9,17 @@ A tiny random FP8 model (``tiny_config`` with 2048 positions), float32.
   then 5-``--rest`` tokens of its own, 16 new tokens each. The default generator prefills the
   prompt once for the batch and each row's rest over a copy of its cache (``share_prefix``);
   ``share_prefix=False`` prefills every prompt whole. Prefill time, and the whole call's.
+* Batches of a longer input through one generator: ``--batches`` such batches in a row (each
+  with rests of its own, the same system prompt), as ``generate --batch-size`` runs them. The
+  generator keeps the shared prefix's cache, so only the first batch prefills the system prompt
+  and the others continue its cache (``last_stats.prefix_cached``); against the same generator
+  with ``forget_prefix()`` before each batch, which prefills it in every batch. Prefill time
+  summed over the batches, and the whole run's.
 
 Each pair runs in alternation, ``--repeats`` rounds after a warm-up, best time each (the
 machines here are noisy).
 
-    .venv/bin/python benchmarks/chat_prefix.py [--histories 200,1000] [--systems 200,1000] [--batch 8]
+    .venv/bin/python benchmarks/chat_prefix.py [--histories 200,1000] [--systems 200,1000] [--batch 8] [--batches 4]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default="200,1000", help="shared system prompt lengths")
     ap.add_argument("--batch", type=int, default=8, help="prompts per batch sharing a system prompt")
     ap.add_argument("--rest", type=int, default=40, help="longest rest of a prompt after the system prompt")
+    ap.add_argument("--batches", type=int, default=4, help="batches in a row through one generator (third table)")
     ap.add_argument("--repeats", type=int, default=6)
     args = ap.parse_args(argv)
 
@@ -107,6 +114,41 @@ def main(argv=None) -> int:
         rests = [len(p) - n for p in prompts]
         print(f"| {n} | {min(rests)}-{max(rests)} | {shared.last_stats.shared_prefix} | {ps * 1e3:.2f} | "
               f"{pw * 1e3:.2f} | {pw / ps:.1f}x | {cs * 1e3:.2f} | {cw * 1e3:.2f} | {cw / cs:.1f}x |")
+
+    print()
+    print(f"{args.batches} batches of {args.batch} prompts in a row through one generator, all with the same "
+          f"system prompt, 16 new tokens each: its cache kept across the batches, or prefilled in each batch:")
+    print()
+    print("| batches | system prompt | shared | prefill, kept (ms) | prefill, per batch (ms) | speed-up "
+          "| run, kept (ms) | run, per batch (ms) | speed-up |")
+    print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in (int(h) for h in args.systems.split(",")):
+        system = rng.integers(2, cfg["vocab_size"], n).tolist()
+        batches = [[system + rng.integers(2, cfg["vocab_size"], int(r)).tolist()
+                    for r in rng.integers(5, args.rest + 1, args.batch)] for _ in range(args.batches)]
+        kept, each = Generator(model), Generator(model)
+        times = {g: ([], []) for g in (kept, each)}
+        outs = {}
+        for _ in range(args.repeats + 1):
+            for g in (kept, each):
+                g.forget_prefix()
+                prefill = run = 0.0
+                outs[g], cached = [], []
+                for prompts in batches:
+                    if g is each:
+                        g.forget_prefix()
+                    t0 = time.perf_counter()
+                    outs[g].append([r.output_ids for r in g.generate(prompts, **kw)])
+                    run += time.perf_counter() - t0 - g.last_stats.compile_s
+                    prefill += g.last_stats.prefill_s
+                    cached.append(g.last_stats.prefix_cached)
+                times[g][0].append(prefill)
+                times[g][1].append(run)
+                assert cached == ([False] + [True] * (len(batches) - 1) if g is kept else [False] * len(batches))
+        assert outs[kept] == outs[each], "kept-prefix tokens differ"
+        (pk, rk), (pe, re_) = ([min(t[1:]) for t in times[g]] for g in (kept, each))
+        print(f"| {args.batches} x {args.batch} | {n} | {kept.last_stats.shared_prefix} | {pk * 1e3:.2f} | "
+              f"{pe * 1e3:.2f} | {pe / pk:.1f}x | {rk * 1e3:.2f} | {re_ * 1e3:.2f} | {re_ / rk:.1f}x |")
     return 0
 
 

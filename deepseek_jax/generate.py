@@ -23,7 +23,10 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   single-prompt call keeps its cache, and the next one that starts with the same tokens runs
   only the rest, absorbed over that cache (:func:`_prefill_continue`). Prompts of a batch that
   all start with the same tokens (``share_prefix``) prefill those once, in a batch-1 program
-  (:func:`_prefill_prefix`), and their rests the same way over copies of that cache.
+  (:func:`_prefill_prefix`), and their rests the same way over copies of that cache. The
+  generator keeps that batch-1 cache (one entry), and a later call whose prompts all start
+  with the same tokens (a batch, or a single prompt) continues it without prefilling them again
+  (:func:`_kept_prefix`).
 * **Decode.** A ``jax.lax.while_loop`` runs one absorbed-MLA step per iteration for all rows at
   their own positions: feed the last token, draw the next, write it into a ``[Bb, S]`` token
   buffer indexed by absolute position. A row is done at eos (unless ``stop_at_eos=False``), at
@@ -91,6 +94,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -175,6 +179,7 @@ class GenerationStats:
     prefill_chunk: int | None = None  # prompt tokens per prefill chunk (None: one pass)
     reused_prefix: int = 0         # prompt tokens whose cache entries came from the last call
     shared_prefix: int = 0         # leading prompt tokens every row shares, prefilled once for the batch
+    prefix_cached: bool = False    # ... whose cache was kept from an earlier call instead (not prefilled)
     speculative: str | None = None  # "mtp" when the call used speculative decoding
     drafted: int = 0               # speculative: drafts that could have been used, summed over rows
     accepted: int = 0              # speculative: drafts the main model accepted
@@ -600,11 +605,14 @@ MIN_REUSED_PREFIX = 16
 
 
 class _Kept(NamedTuple):
-    """What a ``reuse_prefix`` generator keeps from its last single-prompt call: the tokens whose
-    latent-cache entries are written, and the cache itself (on device)."""
+    """What a ``reuse_prefix`` generator keeps from its last single-prompt call, or a
+    ``share_prefix`` one from the last shared prefix it prefilled: the tokens whose latent-cache
+    entries are written, and the cache itself (on device); for the shared prefix also weak
+    references to the weights' arrays it was computed with (see :func:`_same_weights`)."""
     ident: Any
     ids: list
     cache: Any
+    weights: tuple | None = None
 
 
 def _reusable(kept: _Kept | None, prep, prompt: list[int]) -> int:
@@ -621,6 +629,24 @@ def _reusable(kept: _Kept | None, prep, prompt: list[int]) -> int:
 
 def _cache_len(cache) -> int:
     return jax.tree.leaves(cache)[0].shape[-2]
+
+
+def _weight_refs(leaves) -> tuple | None:
+    """Weak references to the weights' arrays (None when one cannot be referenced weakly)."""
+    try:
+        return tuple(weakref.ref(x) for x in leaves)
+    except TypeError:
+        return None
+
+
+def _same_weights(kept: _Kept | None, prep) -> bool:
+    """Whether ``kept`` was computed by this model with these very weight arrays: the same
+    program identity (shapes, dtypes, shardings) and, array by array, the same objects (a jax
+    array never changes, so new weights, e.g. a training step under ``weights="as-is"``, are new
+    objects; held weakly, a freed array is never taken for a new one at its address)."""
+    if kept is None or kept.weights is None or kept.ident != prep.ident or len(kept.weights) != len(prep.leaves):
+        return False
+    return all(r() is x for r, x in zip(kept.weights, prep.leaves))
 
 
 def _prefix_floor(n: int) -> int:
@@ -648,6 +674,25 @@ def _shared_prefix(prompts: list[list[int]], max_len: int) -> tuple[int, int]:
     Q = length_bucket(max(lens) - c)
     Bb, Pb = batch_bucket(len(prompts)), length_bucket(max(lens))
     if c + Q > max_len or c + Bb * Q > 0.75 * Bb * Pb:
+        return 0, 0
+    return c, Q
+
+
+def _kept_prefix(kept: _Kept | None, prep, prompts: list[list[int]], max_len: int) -> tuple[int, int]:
+    """``(c, Q)`` as :func:`_shared_prefix` gives them, for continuing the kept shared prefix
+    ``kept`` (``c`` tokens): when it was computed with these weights (:func:`_same_weights`),
+    every prompt (one or more) starts with its ``c`` tokens and has at least one more (its last
+    token draws the first new one), the longest rest's bucket ``Q`` fits the max length after
+    them, and prefilling only the rests saves a quarter of the padded prompt tokens
+    (``Q <= 0.75 Pb``: the prefix itself costs nothing). Else ``(0, 0)``."""
+    if not _same_weights(kept, prep):
+        return 0, 0
+    c, ids = len(kept.ids), kept.ids
+    if any(len(p) <= c or p[:c] != ids for p in prompts):
+        return 0, 0
+    longest = max(len(p) for p in prompts)
+    Q = length_bucket(longest - c)
+    if c + Q > max_len or Q > 0.75 * length_bucket(longest):
         return 0, 0
     return c, Q
 
@@ -925,7 +970,15 @@ class Generator:
     multiple of 16, 32, 64, ..., at most an eighth of it), they are prefilled once for the
     batch, and each row prefills only its rest over a copy of that cache; only where that saves
     at least a quarter of the padded prompt tokens (``last_stats.shared_prefix`` says how many
-    tokens were shared).
+    tokens were shared). The generator keeps the batch-1 cache of the last shared prefix it
+    prefilled (one entry: ``c`` positions of one row), and a later call whose prompts all start
+    with those ``c`` tokens (a batch, or a single prompt: the next batch of a long input, a
+    question after a batch with the same system prompt) continues that cache instead of
+    prefilling them again (``last_stats.prefix_cached``), unless the batch shares a longer prefix
+    on its own, which is then prefilled and kept instead (see :func:`_kept_prefix`). Never with
+    ``speculative``, and only while the model's weight arrays are the very ones it was computed
+    with (new weights are new arrays). It stays until another shared prefix replaces it, a
+    call fails, or :meth:`forget_prefix`.
     """
 
     def __init__(self, model: DeepSeekV3, tokenizer=None, *, max_len: int | None = None,
@@ -941,6 +994,7 @@ class Generator:
         self.reuse_prefix = bool(reuse_prefix)
         self.share_prefix = bool(share_prefix)
         self._kept: _Kept | None = None
+        self._prefix: _Kept | None = None   # the last shared prefix's batch-1 cache (share_prefix)
         if weights == "auto":
             weights = "dequantize" if (jax.default_backend() == "cpu" and model.cfg.fp8
                                        and model.prec.fp8_mode == "w8a16"
@@ -975,6 +1029,12 @@ class Generator:
     def compile_count(self) -> int:
         """Number of programs this generator had to compile: (prefill, decode) pairs, and shared prefixes' prefills."""
         return self._compiles
+
+    def forget_prefix(self) -> None:
+        """Drops the latent caches the generator keeps on the device: the last shared prefix's
+        (``share_prefix``) and the last single-prompt call's (``reuse_prefix``). The next call
+        prefills its prompts whole."""
+        self._prefix = self._kept = None
 
     # ---- validation ------------------------------------------------------------------------
     def _check_prompts(self, prompts_ids) -> list[list[int]]:
@@ -1104,15 +1164,21 @@ class Generator:
         prep = self._prepared or _as_is(self.model)
         keep = self.reuse_prefix and B == 1 and not spec
         kept, self._kept = self._kept, None   # (a failing call leaves nothing stale behind)
+        kept_prefix, self._prefix = self._prefix, None
         k = _reusable(kept, prep, prompts[0]) if keep else 0
         Q = length_bucket(int(lens[0]) - k) if k else 0
         if k and k + Q > self.max_len:    # the suffix bucket would run past the model's length
             k = Q = 0
         stats.reused_prefix = k
         shared = 0
-        if not k and self.share_prefix and B > 1 and not spec:
-            shared, Q = _shared_prefix(prompts, self.max_len)
+        if not k and self.share_prefix and not spec:
+            shared, Q = _shared_prefix(prompts, self.max_len) if B > 1 else (0, 0)
+            c, q = _kept_prefix(kept_prefix, prep, prompts, self.max_len)
+            if c and c >= shared:   # (a longer prefix the batch shares is prefilled, and kept instead)
+                shared, Q, stats.prefix_cached = c, q, True
         stats.shared_prefix = shared
+        # what to keep after the call: this call's shared prefix, else the kept one if still valid
+        keep_prefix = kept_prefix if self.share_prefix and _same_weights(kept_prefix, prep) else None
 
         Bb = batch_bucket(B)
         S = min(length_bucket(max(int((lens + budgets).max()), k + shared + Q)), self.max_len)
@@ -1141,15 +1207,20 @@ class Generator:
             cont = (Q, _cache_len(kept.cache))
             prefill_args = (kept.cache, sfx, np.int32(k)) + prefill_args
             p_chunk = prefill_chunk_for(Bb, Q, S, heads, self.prefill_chunk, over_cache=True)
-        elif shared:   # the prefix once, then every row's rest over a copy of its cache
-            ids_1P = np.array([prompts[0][:shared]], np.int32)
-            pre_prefix, compile_s = _prefix_executable(
-                prep, ids_1P, prefill_chunk_for(1, shared, shared, heads, self.prefill_chunk))
-            t0 = time.perf_counter()
-            prefix_cache = jax.block_until_ready(pre_prefix(params, ids_1P))
-            stats.prefill_s = time.perf_counter() - t0
-            stats.compile_s += compile_s
-            self._compiles += compile_s > 0
+        elif shared:   # the prefix once (or kept), then every row's rest over a copy of its cache
+            if stats.prefix_cached:
+                prefix_cache = kept_prefix.cache
+            else:
+                ids_1P = np.array([prompts[0][:shared]], np.int32)
+                pre_prefix, compile_s = _prefix_executable(
+                    prep, ids_1P, prefill_chunk_for(1, shared, shared, heads, self.prefill_chunk))
+                t0 = time.perf_counter()
+                prefix_cache = jax.block_until_ready(pre_prefix(params, ids_1P))
+                stats.prefill_s = time.perf_counter() - t0
+                stats.compile_s += compile_s
+                self._compiles += compile_s > 0
+                refs = _weight_refs(prep.leaves)
+                keep_prefix = None if refs is None else _Kept(prep.ident, prompts[0][:shared], prefix_cache, refs)
             sfx = np.zeros((Bb, Q), np.int32)
             for i, p in enumerate(prompts):
                 sfx[i, :len(p) - shared] = p[shared:]
@@ -1221,6 +1292,7 @@ class Generator:
 
         if keep:   # the cache holds the entries of positions < cur: the prompt and all but the last token
             self._kept = _Kept(prep.ident, buf[0, :int(cur[0])].tolist(), state.cache)
+        self._prefix = keep_prefix
         results = []
         for r, p in enumerate(prompts):
             out = buf[r, lens[r]:cur[r] + 1].tolist()

@@ -19,6 +19,7 @@ import pytest
 import deepseek_jax as dj
 from deepseek_jax import cli
 from deepseek_jax.commands.demo import demo_checkpoint
+from deepseek_jax.commands.generate import timing_line
 from deepseek_jax.errors import DeepSeekError
 from deepseek_jax.generate import Generator, length_bucket
 from deepseek_jax.sampling import SamplingParams, filter_logits
@@ -216,11 +217,14 @@ def test_cli_generate_json_ids(ckpt_a, greedy, capsys):
 
 def test_cli_generate_in_batches(ckpt_a, capsys):
     """``--batch-size 2`` over 5 sampled prompts: three batches, printed in order, and every row
-    draws what it does in one batch of 8 (row r samples with row r's key: ``first_row``)."""
+    draws what it does in one batch of 8 (row r samples with row r's key: ``first_row``). The
+    prompts start with the same 32-token system prompt: the first batch prefills it once, and the
+    next two (the last of one prompt) continue its kept cache, as the timing line says."""
     rng = np.random.default_rng(8)
+    system = rng.integers(2, 250, 32).tolist()
     argv = ["generate", ckpt_a, "--max-new-tokens", 6, "--temperature", 1, "--seed", 4, "--ignore-eos", "--json"]
     for n in (3, 9, 5, 12, 4):
-        argv += ["--prompt-ids", ",".join(map(str, rng.integers(2, 250, n)))]
+        argv += ["--prompt-ids", ",".join(map(str, system + rng.integers(2, 250, n).tolist()))]
     outs, errs = [], []
     for bs in (2, 8):
         code, out, err = run_cli(capsys, *argv, "--batch-size", bs)
@@ -229,6 +233,9 @@ def test_cli_generate_in_batches(ckpt_a, capsys):
         errs.append(err)
     assert outs[0] == outs[1] and len(outs[0]) == 5
     assert "5 prompts in 3 batches" in errs[0] and "batch 5" in errs[1]
+    assert "up to 32 leading prompt tokens shared by a batch (prefilled once, its cache kept for 2 later batches)" \
+        in errs[0], errs[0]
+    assert "32 leading prompt tokens shared by the batch (prefilled once)" in errs[1], errs[1]
     ids = [r["output_ids"] for r in outs[0]]
     assert len({tuple(i) for i in ids}) == 5       # (sampled: rows differ)
 
@@ -475,7 +482,9 @@ def test_shared_prefix_gives_the_unshared_tokens(ckpt_a, weights, chunk):
     each row's rest over a copy of that cache, and generates the tokens and log-probs of
     prefilling every row whole: rests of 1, 20 and 7 tokens, a padding row (3 rows in a batch of
     4), sampling, streaming, and (log-probs only) FP8 weights read as-is with the prefix and the
-    rests in 16-token chunks; prompts that share too little prefill whole."""
+    rests in 16-token chunks; prompts that share too little prefill whole. Read as-is, the next
+    batch with the same system prompt continues its kept cache, but not after a weight update
+    (new arrays): it prefills it again, from the new weights."""
     model = dj.load(ckpt_a, dtype="float32")
     rng = np.random.default_rng(7)
     system = rng.integers(2, 250, 32).tolist()
@@ -493,6 +502,17 @@ def test_shared_prefix_gives_the_unshared_tokens(ckpt_a, weights, chunk):
             np.testing.assert_allclose(np.array([r.logprobs for r in got]), np.array([r.logprobs for r in want]),
                                        atol=2e-5)
     if weights != "auto":
+        again = [system + p[32:][::-1] for p in prompts]
+        for update in (False, True):
+            if update:
+                emb = model.embed_tokens.weight
+                emb.value = emb.value * 2
+            want = whole.generate(again, **kw)
+            got = shared.generate(again, **kw)
+            assert shared.last_stats.shared_prefix == 32 and shared.last_stats.prefix_cached is not update
+            assert [r.output_ids for r in got] == [r.output_ids for r in want]
+            np.testing.assert_allclose(np.array([r.logprobs for r in got]), np.array([r.logprobs for r in want]),
+                                       atol=2e-5)
         return
     kw = dict(max_new_tokens=10, stop_at_eos=False)
     want = whole.generate(prompts, **kw)
@@ -503,3 +523,39 @@ def test_shared_prefix_gives_the_unshared_tokens(ckpt_a, weights, chunk):
     short = [system[:16] + rng.integers(2, 250, 40).tolist() for _ in range(2)]
     shared.generate(short, **kw)    # 16 shared tokens and rests of 40: a 64-token bucket either way
     assert shared.last_stats.shared_prefix == 0
+
+
+def test_kept_shared_prefix_across_calls(ckpt_a):
+    """The batch-1 cache of a batch's shared prefix is kept: the next batch (other rests) and a
+    single prompt that start with the same 32 tokens continue it without prefilling them
+    (``prefix_cached``), and generate the tokens and log-probs of prefilling every prompt whole; a
+    prefix that differs in its first token only and ``forget_prefix`` prefill afresh (the
+    executables are the test above's; its as-is case checks a weight update)."""
+    model = dj.load(ckpt_a, dtype="float32")
+    rng = np.random.default_rng(7)
+    system = rng.integers(2, 250, 32).tolist()
+    other = [system[0] % 200 + 3] + system[1:]
+    first, second = ([system + rng.integers(2, 250, n).tolist() for n in rests] for rests in ((1, 20, 7), (5, 18, 2)))
+    kw = dict(max_new_tokens=10, stop_at_eos=False, logprobs=True)
+
+    def check(gen, ref, prompts, cached, want=None):
+        want = want or ref.generate(prompts, **kw)
+        got = gen.generate(prompts, **kw)
+        assert (gen.last_stats.shared_prefix, gen.last_stats.prefix_cached) == (32, cached)
+        assert [r.output_ids for r in got] == [r.output_ids for r in want]
+        np.testing.assert_allclose(np.array([r.logprobs for r in got]), np.array([r.logprobs for r in want]),
+                                   atol=2e-5)
+        return want
+
+    whole, shared = Generator(model, share_prefix=False), Generator(model)
+    check(shared, whole, first, False)
+    want = check(shared, whole, second, True)
+    check(shared, whole, second[1:2], True, want[1:2])   # one prompt (its row of the whole batch)
+    assert "32 leading prompt tokens from an earlier batch's kept cache" in timing_line(shared.last_stats)
+    check(shared, whole, [other + p[32:] for p in second], False)
+    check(shared, whole, second, False)                  # (the kept prefix was `other`'s)
+    shared.forget_prefix()
+    assert shared._prefix is None
+    check(shared, whole, second, False)
+    assert whole._prefix is None and whole.last_stats.shared_prefix == 0
+

@@ -129,7 +129,8 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
 
 def total_stats(parts: list):
     """One :class:`~deepseek_jax.generate.GenerationStats` for the calls of a run in batches
-    (``batch``: all their prompts; ``shared_prefix``: the most any batch shared)."""
+    (``batch``: all their prompts; ``shared_prefix``: the most any batch shared;
+    ``prefix_cached``: how many batches took it from the generator's kept cache)."""
     from deepseek_jax.generate import GenerationStats
 
     if len(parts) == 1:
@@ -139,6 +140,7 @@ def total_stats(parts: list):
                  "accepted"):
         setattr(t, name, sum(getattr(p, name) for p in parts))
     t.shared_prefix = max(p.shared_prefix for p in parts)
+    t.prefix_cached = sum(bool(p.prefix_cached) for p in parts)
     return t
 
 
@@ -151,10 +153,14 @@ def timing_line(stats, batches: int = 1) -> str:
                      + (f" ({rate:.0%})" if rate is not None else "") + f", {stats.steps} steps")
     reuse_part = (f", {stats.reused_prefix} of {stats.prompt_tokens} prompt tokens from the last turn's cache"
                   if stats.reused_prefix else "")
-    if stats.shared_prefix:
-        reuse_part += (f", {stats.shared_prefix} leading prompt tokens shared by the batch (prefilled once)"
-                       if batches == 1 else
-                       f", up to {stats.shared_prefix} leading prompt tokens shared by a batch (prefilled once)")
+    if stats.shared_prefix and batches == 1:
+        reuse_part += (f", {stats.shared_prefix} leading prompt tokens from an earlier batch's kept cache "
+                       "(not prefilled)" if stats.prefix_cached else
+                       f", {stats.shared_prefix} leading prompt tokens shared by the batch (prefilled once)")
+    elif stats.shared_prefix:
+        n = int(stats.prefix_cached)
+        reuse_part += (f", up to {stats.shared_prefix} leading prompt tokens shared by a batch (prefilled once"
+                       + (f", its cache kept for {n} later batch{'es' if n > 1 else ''})" if n else ")"))
     batch_part = f"batch {stats.batch}" if batches == 1 else f"{stats.batch} prompts in {batches} batches"
     return (f"[{stats.new_tokens} tokens in {stats.prefill_s + stats.decode_s:.2f} s: "
             f"{stats.tokens_per_s:,.1f} tokens/s, {batch_part}{compile_part}{spec_part}{reuse_part}]")
@@ -195,7 +201,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "batch's results printed when it ends; row r samples as it would in one batch")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                    help="prefill every prompt of a batch whole (default: leading tokens that all prompts share, "
-                        "e.g. a system prompt, are prefilled once for the batch)")
+                        "e.g. a system prompt, are prefilled once for the batch, and their cache is kept for the "
+                        "next batches that start with them)")
     runtime.add_args(p)
     p.set_defaults(func=run)
 
