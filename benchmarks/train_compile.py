@@ -63,8 +63,9 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from deepseek_jax import lora  # noqa: E402
+from deepseek_jax import lora, sharding  # noqa: E402
 from deepseek_jax import train as T  # noqa: E402
 from deepseek_jax.config import load_config  # noqa: E402
 from deepseek_jax.model import DeepSeekV3  # noqa: E402
@@ -86,28 +87,37 @@ def train_config(width: str, layers: int, fp8: bool, mtp: bool = True):
     return cfg.replace(**SMALL) if width == "small" else cfg
 
 
-def abstract_trainer(cfg, prec: Precision, tcfg: T.TrainConfig, lora_rank: int = 0, lora_targets=None):
+def abstract_trainer(cfg, prec: Precision, tcfg: T.TrainConfig, lora_rank: int = 0, lora_targets=None,
+                     mesh=None):
     """``(trainer, state)``: a :class:`~deepseek_jax.train.Trainer` built under ``jax.eval_shape``
     (its static settings are real; its ``state`` is not to be used) and its train state as
-    ``ShapeDtypeStruct``s."""
+    ``ShapeDtypeStruct``s; on ``mesh`` (of :func:`kernels_pallas.aot.devices`), each carrying the
+    ``NamedSharding`` the Trainer gives that leaf."""
     box = {}
 
     def build():
         model = DeepSeekV3(cfg, prec=prec, rngs=nnx.Rngs(0), with_mtp=cfg.num_nextn_predict_layers > 0)
         if lora_rank:
             lora.add_lora(model, rank=lora_rank, targets=lora_targets)
-        box["trainer"] = trainer = T.Trainer(model, tcfg)
+        box["trainer"] = trainer = T.Trainer(model, tcfg, mesh=mesh)
         return trainer.state
 
     state = jax.eval_shape(build)
-    return box["trainer"], state
+    trainer = box["trainer"]
+    if trainer.mesh is not None:
+        leaves, treedef = jax.tree.flatten(state)
+        state = treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(trainer.mesh, s))
+                                   for x, s in zip(leaves, trainer._specs.state, strict=True)])
+    return trainer, state
 
 
 def step_programs(trainer, state, batch: int, seq: int):
     """``[(name, fn, args, donate)]``: the Trainer's two jitted programs of one step, with its
     static arguments."""
     sds = jax.ShapeDtypeStruct
-    b = Batch(sds((batch, seq), jnp.int32), sds((batch, seq), jnp.float32), sds((batch, seq), jnp.bool_))
+    rows = None if trainer.mesh is None else NamedSharding(trainer.mesh, P(trainer.axis))
+    b = Batch(sds((batch, seq), jnp.int32, sharding=rows), sds((batch, seq), jnp.float32, sharding=rows),
+              sds((batch, seq), jnp.bool_, sharding=rows))
     coefs = jax.eval_shape(trainer.tcfg._hyper)
     kw = trainer._kw()
 
@@ -115,10 +125,14 @@ def step_programs(trainer, state, batch: int, seq: int):
         return T._loss_and_grads(state, params, b, coefs, **kw)
 
     loss, aux, grads = jax.eval_shape(loss_and_grads, state, state.params, b, coefs)
+    if trainer.mesh is not None:   # the gradients as the step leaves them: each as its parameter
+        leaves, treedef = jax.tree.flatten(grads)
+        grads = treedef.unflatten([sds(x.shape, x.dtype, sharding=NamedSharding(trainer.mesh, s))
+                                   for x, s in zip(leaves, trainer._specs.params, strict=True)])
 
     def apply(state, grads, loss, aux, coefs):
-        return T._apply(state, grads, loss, aux, coefs, static=trainer.tcfg._static(), mesh=None,
-                        frozen=trainer.frozen_routers)
+        return T._apply(state, grads, loss, aux, coefs, static=trainer.tcfg._static(), mesh=trainer.mesh,
+                        frozen=trainer.frozen_routers, specs=trainer._specs)
 
     return [("loss_and_grads", loss_and_grads, (state, state.params, b, coefs), ()),
             ("apply", apply, (state, grads, loss, aux, coefs), (0,))]
@@ -152,12 +166,15 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"
 
 
-def compile_program(platform: str, topology: str, name: str, fn, args, donate) -> dict:
-    """Compiles ``fn(*args)`` (``donate``: its donated arguments) for the device: a report row."""
+def compile_program(platform: str, topology: str, name: str, fn, args, donate, mesh=None) -> dict:
+    """Compiles ``fn(*args)`` (``donate``: its donated arguments) for the device, or for every
+    device of ``mesh`` (``(mesh, abstract_device)``): a report row (memory per device)."""
     t = time.perf_counter()
     row = dict(program=name)
     try:
-        if platform == "gpu":
+        if mesh is not None:
+            c = aot.compile_sharded(fn, args, *mesh, donate=donate)
+        elif platform == "gpu":
             c = aot.compile_for_gpu(fn, *args, donate=donate)
         else:
             c = aot.compile_for_tpu(fn, *args, topology=topology, donate=donate)
@@ -194,9 +211,13 @@ def run_case(case: str, a) -> list[dict]:
     tcfg = T.TrainConfig(trainable=trainable, remat=a.remat)
     targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()] if a.lora_targets else None
     t = time.perf_counter()
+    mesh = None
     try:
+        if a.mesh:
+            devices, abstract_device = aot.devices(a.platform, a.mesh_devices, a.topology)
+            mesh = (sharding.make_mesh(sharding.parse_mesh(a.mesh, a.mesh_devices), devices), abstract_device)
         trainer, state = abstract_trainer(cfg, prec, tcfg, lora_rank=a.lora_rank if fp8 else 0,
-                                          lora_targets=targets)
+                                          lora_targets=targets, mesh=None if mesh is None else mesh[0])
         programs = step_programs(trainer, state, a.batch, a.seq)
     except Exception as e:  # noqa: BLE001 - a step that does not even trace is a row too
         return [dict(case=case, program="setup", compiled=False, compile_s=round(time.perf_counter() - t, 2),
@@ -204,7 +225,7 @@ def run_case(case: str, a) -> list[dict]:
     trained = sum(int(x.size) for x in jax.tree.leaves(state.params))
     rows = []
     for name, fn, args, donate in programs:
-        rows.append(dict(case=case, **compile_program(a.platform, a.topology, name, fn, args, donate),
+        rows.append(dict(case=case, **compile_program(a.platform, a.topology, name, fn, args, donate, mesh),
                          trained_params=trained))
     return rows
 
@@ -229,6 +250,10 @@ def main(argv=None) -> int:
                     help="Precision.kernels (auto: the device's Pallas kernels; ref: none)")
     ap.add_argument("--fp8-mode", default="w8a16", choices=("w8a16", "w8a8"))
     ap.add_argument("--remat", action="store_true", help="TrainConfig.remat")
+    ap.add_argument("--mesh", default=None, help="compile for a mesh of --mesh-devices devices, e.g. "
+                    "expert=8 or data=2,expert=4 (the Trainer's sharding: parameters and moments by the ep_tp "
+                    "rules, the batch over data); memory is then per device")
+    ap.add_argument("--mesh-devices", type=int, default=8)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
@@ -242,8 +267,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     target = aot.DEVICE_KIND if a.platform == "gpu" else f"one chip of {a.topology}"
+    if a.mesh:
+        target = f"{a.mesh_devices} x {aot.DEVICE_KIND if a.platform == 'gpu' else 'chips of ' + a.topology}, mesh {a.mesh}"
     rows = [r for c in cases for r in run_case(c, a)]
-    report = dict(jax=jax.__version__, platform=a.platform, target=target, width=a.width, layers=a.layers,
+    report = dict(jax=jax.__version__, platform=a.platform, target=target, mesh=a.mesh, width=a.width, layers=a.layers,
                   mtp=not a.no_mtp, batch=a.batch, seq=a.seq, kernels=a.kernels, fp8_mode=a.fp8_mode,
                   prefill_attention=a.prefill_attention, remat=a.remat, trainable=a.trainable,
                   lora_rank=a.lora_rank, lora_targets=a.lora_targets, rows=rows)

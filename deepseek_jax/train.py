@@ -344,6 +344,8 @@ def _full_mesh(mesh: Mesh) -> Mesh:
 def _put(x, target: NamedSharding):
     """``x`` on ``target``: as it is when already there; across hosts from the value every
     process holds (a host array, or an array on this process's devices) or by resharding."""
+    if isinstance(x, jax.core.Tracer):   # traced (a Trainer built under jax.eval_shape to compile)
+        return jax.lax.with_sharding_constraint(x, target)
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
         return x
     if jax.process_count() == 1:

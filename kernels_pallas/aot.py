@@ -188,16 +188,17 @@ def devices(platform: str, n: int, topology: str = "v5p:2x2x1"):
     return _gpu_meshes(n) if platform == "gpu" else _tpu_meshes(topology, n)
 
 
-def compile_sharded(fn, args, mesh, abstract_device):
+def compile_sharded(fn, args, mesh, abstract_device, donate=()):
     """``jax.jit(fn).lower(*args).compile()`` with ``args`` (``ShapeDtypeStruct``s carrying
     ``NamedSharding``s) placed on ``mesh``, a ``jax.sharding.Mesh`` of :func:`devices`: the
-    program XLA would run on that many devices (collectives included)."""
+    program XLA would run on that many devices (collectives included); ``donate``: the donated
+    arguments' positions."""
     from jax.sharding import AbstractMesh, use_abstract_mesh
 
     abstract = AbstractMesh(tuple(mesh.shape.values()), tuple(mesh.axis_names), axis_types=mesh.axis_types,
                             abstract_device=abstract_device)
     with jax.set_mesh(mesh), use_abstract_mesh(abstract):
-        lowered = jax.jit(fn).lower(*args)
+        lowered = jax.jit(fn, donate_argnums=tuple(donate)).lower(*args)
     return lowered.compile()
 
 

@@ -385,6 +385,26 @@ def test_train_steps_compile_for_an_h200_with_the_gpu_kernels(tmp_path_factory):
     assert 0 < step["trained_params"] < 1e6
 
 
+@needs_plugin
+def test_train_step_compiles_sharded_over_four_h200s(tmp_path_factory):
+    """Full training's step on a mesh of 4 H200s (``expert=2, model=2``: the ``Trainer``'s
+    sharding, parameters and AdamW moments by the ``ep_tp`` rules): the grouped GEMM's forward,
+    ``dx`` and ``dw`` kernels run per shard, the optimizer writes the donated state in place, and
+    each device holds under 0.6 of the state one device would (parameters, two moments and the
+    gradients, 8 bytes per BF16 parameter; 0.44 measured)."""
+    report = _run(tmp_path_factory, "benchmarks/train_compile.py", PLUGINS, "--platform", "gpu", "--cases", "full",
+                  "--layers", "2", "--no-mtp", "--batch", "2", "--seq", "128", "--mesh", "expert=2,model=2",
+                  "--mesh-devices", "4")
+    assert report["target"].startswith("4 x "), report["target"]
+    rows = {r["program"]: r for r in report["rows"]}
+    assert all(r["compiled"] for r in rows.values()), [(r["program"], r["error"]) for r in rows.values()]
+    step, apply = rows["loss_and_grads"], rows["apply"]
+    assert step["kernels_fwd"].get("grouped_gemm_gpu") == 3, step["kernels_fwd"]
+    assert step["kernels_bwd"].get("grouped_gemm_gpu") == 3 and step["kernels_bwd"].get("grouped_gemm_dw_gpu") == 3
+    assert apply["alias_gib"] > 0 and apply["output_gib"] - apply["alias_gib"] < 1e-3, apply
+    assert apply["argument_gib"] * 2**30 < 0.6 * 8 * apply["trained_params"], apply
+
+
 @needs_libtpu
 def test_train_steps_compile_for_a_tpu_chip_with_the_tpu_kernels(tmp_path_factory):
     """The same two steps for one v5p chip: the grouped TPU kernel forward, ``dx`` and ``dw``
