@@ -236,22 +236,39 @@ def param_path(path) -> str:
     return "/".join(str(p) for p in path)
 
 
-def trained_predicate(pattern: str | None, model: DeepSeekV3, tie: bool = True):
-    """``path -> bool``: whether :attr:`TrainConfig.trainable` trains the parameter at ``path``
-    (every one for ``None``; else those whose :func:`param_path` ``re.search``-matches). Raises
-    :class:`DeepSeekError` for a bad pattern or one that matches no parameter (with ``tie``, the
-    MTP copies of the embedding and head are not parameters of their own)."""
-    if pattern is None:
-        return lambda path: True
+def _compile_pattern(pattern) -> re.Pattern:
     if not isinstance(pattern, str) or not pattern:
         raise DeepSeekError(f"trainable: expected a non-empty regular expression, got {pattern!r}")
     try:
-        rx = re.compile(pattern)
+        return re.compile(pattern)
     except re.error as e:
         raise DeepSeekError(f"trainable: {pattern!r} is not a regular expression ({e})") from None
 
+
+def _hub_matches(rx: re.Pattern, path, cfg: DeepSeekConfig) -> np.ndarray:
+    """Per slice of the (possibly stacked) parameter at ``path``: whether ``rx`` finds its Hub
+    name (``model.layers.3.mlp.experts.17.gate_proj.weight``); a bool array of the stack's shape
+    (``[]`` for an unstacked one, all False for a parameter the Hub layout does not name)."""
+    try:
+        slot = hub_slot(tuple(str(p) for p in path), cfg)
+    except KeyError:
+        return np.zeros((), bool)
+    names = np.asarray(slot.names, dtype=object)
+    return np.vectorize(lambda n: bool(rx.search(n)), otypes=[bool])(names) if names.size else np.zeros((), bool)
+
+
+def trained_predicate(pattern: str | None, model: DeepSeekV3, tie: bool = True):
+    """``path -> bool``: whether :attr:`TrainConfig.trainable` trains the parameter at ``path``,
+    or some of its slices (every one for ``None``; else those whose :func:`param_path`, or the Hub
+    name of one of its layers / experts, ``re.search``-matches: see :func:`trained_slices`).
+    Raises :class:`DeepSeekError` for a bad pattern or one that matches no parameter (with
+    ``tie``, the MTP copies of the embedding and head are not parameters of their own)."""
+    if pattern is None:
+        return lambda path: True
+    rx = _compile_pattern(pattern)
+
     def is_trained(path) -> bool:
-        return bool(rx.search(param_path(path)))
+        return bool(rx.search(param_path(path))) or bool(_hub_matches(rx, path, model.cfg).any())
 
     every = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     names = [p for p in every if not (tie and _is_tied_copy(p, None))]
@@ -259,9 +276,28 @@ def trained_predicate(pattern: str | None, model: DeepSeekV3, tie: bool = True):
         if any(is_trained(p) for p in every):
             raise DeepSeekError(f"trainable: {pattern!r} matches only the MTP copies of embed_tokens / lm_head, "
                                 "which follow the main ones: match embed_tokens/weight or lm_head/weight")
-        shown = ", ".join(param_path(p) for p in names[:6])
-        raise DeepSeekError(f"trainable: {pattern!r} matches no parameter (names look like: {shown}, ...)")
+        shown = ", ".join(param_path(p) for p in names[:4])
+        raise DeepSeekError(f"trainable: {pattern!r} matches no parameter (names look like: {shown}, ...; "
+                            "or Hub names like model.layers.3.mlp.experts.17.up_proj.weight)")
     return is_trained
+
+
+def trained_slices(pattern: str | None, model: DeepSeekV3) -> dict[tuple[str, ...], np.ndarray]:
+    """The parameters :attr:`TrainConfig.trainable` trains only in part: ``{path: mask}``, the
+    mask a bool array over the parameter's stacked dimensions (layers, and experts for routed
+    experts) saying which slices' Hub names it matches. A parameter whose own name matches, or
+    all of whose slices do, is trained whole and is not listed."""
+    if pattern is None:
+        return {}
+    rx = _compile_pattern(pattern)
+    out = {}
+    for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if rx.search(param_path(p)):
+            continue
+        m = _hub_matches(rx, p, model.cfg)
+        if m.ndim and m.any() and not m.all():
+            out[tuple(str(x) for x in p)] = m
+    return out
 
 
 def cast_params(model: DeepSeekV3, dtype=jnp.float32) -> DeepSeekV3:
@@ -442,9 +478,10 @@ def model_logits(model: DeepSeekV3, ids_BT) -> tuple[np.ndarray, np.ndarray | No
     return np.asarray(logits), None if mtp is None else np.asarray(mtp)
 
 
-def _update_biases(biases, aux, gamma, frozen: tuple = ()):
+def _update_biases(biases, aux, gamma, frozen: tuple = (), layer_masks: dict | None = None):
     """``bias += γ sign(mean load - load)`` per router, from this step's loads; the routers of the
-    top-level groups in ``frozen`` (``moe_layers``, ``mtp``) keep theirs."""
+    top-level groups in ``frozen`` (``moe_layers``, ``mtp``) keep theirs, and so do the layers of
+    a group whose entry in ``layer_masks`` (``[layers]`` bools) is False."""
     flat = []
     for path, var in nnx.to_flat_state(biases):
         top = str(path[0])
@@ -453,8 +490,17 @@ def _update_biases(biases, aux, gamma, frozen: tuple = ()):
             flat.append((path, var))
             continue
         delta = gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        if layer_masks and top in layer_masks:
+            delta = delta * layer_masks[top][:, None]
         flat.append((path, var.replace((var[...] + delta).astype(var.dtype))))
     return nnx.from_flat_state(flat)
+
+
+def _masked(tree, masks: tuple):
+    """Each leaf times its mask (``None``: as it is), the mask's dims the leaf's leading ones."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([x if m is None else x * m.reshape(m.shape + (1,) * (x.ndim - m.ndim)).astype(x.dtype)
+                              for x, m in zip(leaves, masks, strict=True)])
 
 
 def _sync_tied(tied, params):
@@ -466,18 +512,25 @@ def _sync_tied(tied, params):
 
 
 @partial(jax.jit, static_argnames=("static", "mesh", "frozen", "specs"), donate_argnames=("state",))
-def _apply(state: TrainState, grads, loss, aux, coefs, *, static: tuple, mesh, frozen: tuple = (),
+def _apply(state: TrainState, grads, loss, aux, coefs, masks=None, *, static: tuple, mesh, frozen: tuple = (),
            specs: "_StateSpecs | None" = None):
+    """One optimizer step. ``masks``: ``(per-parameter masks or None, {group: [layers] bools})``
+    for a subset of slices of stacked parameters (:func:`trained_slices`): the other slices get
+    no gradient (nor weight decay, nor moments), and their layers' routers keep their biases."""
     clip, tie, _ = static
     tx = _make_tx(coefs, clip)
+    if masks is not None:
+        grads = _masked(grads, masks[0])
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if masks is not None:
+        updates = _masked(updates, masks[0])
     # The optimizer state keeps its dtypes (AdamW's moments in the parameter dtype): the traced
     # float32 b1 promotes bfloat16 parameters' first moment to float32, which changed the state's
     # types after the first step (both programs compiled again, the moment not updated in place).
     opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
     params = optax.apply_updates(state.params, updates)
-    biases = _update_biases(state.biases, aux, coefs["bias_gamma"], frozen)
+    biases = _update_biases(state.biases, aux, coefs["bias_gamma"], frozen, None if masks is None else masks[1])
     tied = _sync_tied(state.tied, params) if tie else state.tied
     new = TrainState(state.step + 1, params, tied, biases, state.rest, opt_state)
     new = _constrain(new, mesh, P()) if specs is None else _constrain_leaves(new, mesh, specs.state)
@@ -548,10 +601,11 @@ class Trainer:
         self.tie = bool(tcfg.tie_mtp and model.mtp is not None)
         self.cfg = model.cfg
         is_trained = trained_predicate(tcfg.trainable, model, tie=self.tie)
+        partial_masks = trained_slices(tcfg.trainable, model)
         by_copy = {copy: source for source, copy in _TIES}
         tie = self.tie
         # A router keeps its balancing bias where its gate weight is frozen: a subset fine-tune
-        # leaves the rest of the model as loaded.
+        # leaves the rest of the model as loaded (by layer, where only some layers' gates train).
         self.frozen_routers = tuple(g for g in ("moe_layers", "mtp") if not is_trained((g, "mlp", "gate", "weight")))
 
         def tied_copy(path, value) -> bool:   # follows its source, where that is trained
@@ -582,12 +636,25 @@ class Trainer:
         if table is not None:
             self._specs = _state_specs(state, model_specs)
         self.state = self._place(state)
+        self._masks = None
+        if partial_masks:
+            flat = [_key_parts(p) for p, _ in jax.tree_util.tree_flatten_with_path(self.state.params)[0]]
+            routers = {g: partial_masks[(g, "mlp", "gate", "weight")] for g in ("moe_layers",)
+                       if (g, "mlp", "gate", "weight") in partial_masks}
+            self._masks = self._place(([None if partial_masks.get(p) is None else jnp.asarray(partial_masks[p])
+                                        for p in flat], {g: jnp.asarray(m, jnp.float32) for g, m in routers.items()}),
+                                      (P(),) * (sum(p in partial_masks for p in flat) + len(routers)))
+            self._masks = (tuple(self._masks[0]), self._masks[1])
 
     def parameter_counts(self) -> tuple[int, int]:
-        """``(trained, all)`` parameter counts (the tied MTP copies not counted twice)."""
+        """``(trained, all)`` parameter counts (the tied MTP copies not counted twice; of a
+        parameter trained in part, its trained slices)."""
         every = nnx.state(_merge(self.key, self.state), nnx.Param)
         total = sum(int(v[...].size) for p, v in nnx.to_flat_state(every) if not (self.tie and _is_tied_copy(p, v)))
-        return sum(int(x.size) for x in jax.tree.leaves(self.state.params)), total
+        masks = self._masks[0] if self._masks is not None else (None,) * len(jax.tree.leaves(self.state.params))
+        trained = sum(int(x.size) if m is None else int(x.size) * int(np.asarray(m).sum()) // int(np.asarray(m).size)
+                      for x, m in zip(jax.tree.leaves(self.state.params), masks))
+        return trained, total
 
     # ---- placement ----------------------------------------------------------------------------
     def _place(self, tree, specs: tuple | None = None):
@@ -628,8 +695,8 @@ class Trainer:
         batch = self._batch(batch)
         coefs = self.tcfg._hyper()
         loss, aux, grads = _loss_and_grads(self.state, self.state.params, batch, coefs, **self._kw())
-        self.state, metrics = _apply(self.state, grads, loss, aux, coefs, static=self.tcfg._static(), mesh=self.mesh,
-                                     frozen=self.frozen_routers, specs=self._specs)
+        self.state, metrics = _apply(self.state, grads, loss, aux, coefs, self._masks, static=self.tcfg._static(),
+                                     mesh=self.mesh, frozen=self.frozen_routers, specs=self._specs)
         return metrics
 
     def loss_and_grads(self, batch, params=None):

@@ -446,3 +446,50 @@ def test_mesh_training_equals_one_device(init_dir, data):
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(dp.state.params))
     with pytest.raises(DeepSeekError, match="mesh has no axis 'data'"):
         Trainer(fresh_model(init_dir), TCFG, mesh=jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2]))
+
+
+def test_trainable_single_layers_and_experts(tmp_path, data):
+    """``trainable`` matched against Hub names picks slices of stacked parameters: layer 2's
+    attention and router, and experts 0 and 1 of every MoE layer (the MTP layer's too). Exactly
+    those slices change (weight decay included), the rest stays bit-identical, the gradient norm
+    is that of the trained slices, only layer 2's routing bias moves, and the trained-parameter
+    count counts slices."""
+    from flax import nnx
+
+    from deepseek_jax.train import param_path
+
+    init = random_hub_checkpoint(tmp_path, dict(CFG, num_hidden_layers=3), seed=5, fp8=False, bias_range=(0.0, 0.0))
+    pattern = r"layers\.2\.(self_attn|mlp\.gate\.)|experts\.[01]\."
+    tcfg = TrainConfig(**{**TCFG.__dict__, "trainable": pattern, "weight_decay": 0.1, "bias_gamma": 0.01})
+    trainer = Trainer(load_float_model(str(init)), tcfg)
+    full = Trainer(load_float_model(str(init)), TrainConfig(**{**tcfg.__dict__, "trainable": None}))
+    batch = data.batch_at(0)
+    grads = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(full.loss_and_grads(batch)[2])}
+    params = lambda t: {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(t.state.params)}  # noqa: E731
+    before, biases0 = params(trainer), jax.device_get(trainer.state.biases)
+    metrics = run(trainer, data, 2)
+    after = params(trainer)
+
+    def want(name: str, shape) -> np.ndarray:   # which slices should train (MoE stack: layers 1 and 2)
+        if "/experts/" in name:
+            m = np.arange(8) < 2
+            return m if name.startswith("mtp") else np.broadcast_to(m, (shape[0], 8))
+        if name.startswith("moe_layers") and ("self_attn" in name or "/gate/" in name):
+            return np.array([False, True])
+        return np.zeros(shape[:1] if name.startswith(("moe_layers", "dense_layers")) else (), bool)
+
+    masked_norm = 0.0
+    for name, x in before.items():
+        if name not in after:
+            continue
+        m = want(name, x.shape)
+        changed = (after[name] != x).reshape(m.shape + (-1,)).any(-1)
+        np.testing.assert_array_equal(changed, m, err_msg=name)
+        masked_norm += float((grads[name].reshape(m.shape + (-1,))[m] ** 2).sum())
+    assert set(after) == {k for k in grads if "/experts/" in k or k.startswith("moe_layers")
+                          and ("self_attn" in k or "/gate/" in k)}
+    np.testing.assert_allclose(metrics[0]["grad_norm"], np.sqrt(masked_norm), rtol=1e-5)
+    b0 = np.asarray(biases0["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...])
+    b1 = np.asarray(trainer.state.biases["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...])
+    assert (b0[0] == b1[0]).all() and (b0[1] != b1[1]).any()
+    assert trainer.parameter_counts()[0] == sum(int(x.size * want(k, x.shape).mean()) for k, x in after.items())

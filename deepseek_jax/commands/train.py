@@ -61,8 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "kv_a_proj_with_mqa,o_proj; gate_proj,up_proj,down_proj add the dense MLPs and shared experts)")
     p.add_argument("--trainable", metavar="REGEX",
                    help="train only the parameters whose name (e.g. moe_layers/self_attn/q_a_proj/weight) "
-                        "matches this regular expression, e.g. 'self_attn|norm'; the others stay as loaded, "
-                        "with no gradient or optimizer state (default: all)")
+                        "matches this regular expression, e.g. 'self_attn|norm', or the layers and experts whose "
+                        "Hub names match, e.g. 'layers\\.(58|59|60)\\.' or 'experts\\.17\\.'; the others stay as "
+                        "loaded (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
