@@ -1,4 +1,5 @@
-"""Training data: synthetic learnable tasks in the chat format, and packed plain-text files.
+"""Training data: synthetic learnable tasks in the chat format, packed plain-text files, and chat
+conversations (JSONL) for supervised fine-tuning.
 
 A dataset is a deterministic function of ``(seed, split, step)``: :meth:`Dataset.batch_at` builds the
 batch of any step from scratch, so a resumed run sees exactly the batches it would have seen
@@ -21,14 +22,27 @@ concatenated and cut into rows of ``seq_len`` tokens (the last one padded); ever
 target. Every 20th line is held out for ``split="eval"`` (when the file has at least 20 lines).
 Rows are visited in a fresh seeded permutation each epoch.
 
+Chat data (``--data FILE.jsonl``): one JSON object per non-empty line, either
+``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`` or
+``{"prompt": "...", "completion": "..."}`` (one user turn, one assistant turn). Each conversation
+is rendered with the tokenizer's chat template into one row (no packing), right-padded with the
+pad token. The loss mask covers exactly the assistant turns: their content and the eos the
+template puts after each, not the ``<｜Assistant｜>`` marker nor any system or user text. The
+default ``seq_len`` is the longest conversation's length rounded up to 8; with a shorter one the
+conversations that do not fit are left out (with a note on stderr). Every 20th conversation is held
+out for ``split="eval"`` (when there are at least 20), and conversations are visited in a fresh
+seeded permutation each epoch.
+
 This module does not import jax.
 """
 
 from __future__ import annotations
 
 import abc
-
+import hashlib
+import json
 import os
+import sys
 import zlib
 from typing import NamedTuple, Protocol
 
@@ -37,12 +51,14 @@ import numpy as np
 from deepseek_jax.errors import DeepSeekError
 from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR, Tokenizer
 
-__all__ = ["Batch", "Dataset", "SyntheticTask", "SyntheticDataset", "TextDataset", "make_dataset",
-           "load_tokenizer", "PAD_TOKEN", "TASKS"]
+__all__ = ["Batch", "Dataset", "SyntheticTask", "SyntheticDataset", "TextDataset", "ChatDataset",
+           "encode_conversation", "make_dataset", "load_tokenizer", "PAD_TOKEN", "TASKS", "CHAT_ROLES"]
 
 PAD_TOKEN = "<｜pad▁of▁sentence｜>"
 _SPLITS = {"train": 0, "eval": 1}
 _HELDOUT_MOD = 10  # one problem in ten is held out
+#: The roles a chat-data message may have (those of DeepSeek-V3's chat template).
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class Batch(NamedTuple):
@@ -318,9 +334,180 @@ class TextDataset:
                 "seed": self.seed}
 
 
+# --------------------------------------------------------------------------------------------
+# Chat conversations (JSONL)
+# --------------------------------------------------------------------------------------------
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (for error messages)."""
+    for t, name in ((bool, "a boolean"), (dict, "an object"), (list, "an array"), (str, "a string"),
+                    ((int, float), "a number")):
+        if isinstance(value, t):
+            return name
+    return "null"
+
+
+def _conversation(obj: object, where: str) -> list[dict[str, str]]:
+    """The messages of one chat-data line (``messages``, or ``prompt`` + ``completion``), checked."""
+    if not isinstance(obj, dict):
+        raise DeepSeekError(f"{where}: expected a JSON object, got {_json_type(obj)}")
+    if "messages" in obj:
+        if "prompt" in obj or "completion" in obj:
+            raise DeepSeekError(f"{where}: has both 'messages' and 'prompt'/'completion'; give one form")
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DeepSeekError(f"{where}: 'messages' must be a non-empty array of messages")
+    elif "prompt" in obj and "completion" in obj:
+        for key in ("prompt", "completion"):
+            if not isinstance(obj[key], str):
+                raise DeepSeekError(f"{where}: '{key}' must be a string, got {_json_type(obj[key])}")
+        messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+    else:
+        raise DeepSeekError(f"{where}: needs 'messages', or 'prompt' and 'completion' "
+                            f"(has {', '.join(map(repr, obj)) or 'no keys'})")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DeepSeekError(f"{where}: message {i} must be an object with string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise DeepSeekError(f"{where}: message {i} has unknown role {m['role']!r} "
+                                f"(have {', '.join(CHAT_ROLES)})")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DeepSeekError(f"{where}: no assistant message (nothing to learn)")
+    return out
+
+
+def _read_chat_file(path: str) -> tuple[list[tuple[int, list[dict[str, str]]]], bytes]:
+    """(line number, messages) of each non-empty line of a JSONL chat file, and the file's bytes."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DeepSeekError(f"--data: {path} not found") from None
+    except OSError as e:
+        raise DeepSeekError(f"--data: cannot read {path} ({e.strerror or e})") from None
+    out = []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        where = f"--data: {path} line {n}"
+        try:
+            text = line.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DeepSeekError(f"{where}: not UTF-8 text (bad byte at column {e.start + 1})") from None
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise DeepSeekError(f"{where}: not valid JSON ({detail})") from None
+        out.append((n, _conversation(obj, where)))
+    if not out:
+        raise DeepSeekError(f"--data: {path} has no conversations (no non-empty lines)")
+    return out, raw
+
+
+def encode_conversation(tok: Tokenizer, messages: list[dict[str, str]], where: str = "conversation"
+                        ) -> tuple[list[int], np.ndarray]:
+    """Token ids of a conversation rendered with the chat template, and its loss mask (bool).
+
+    The mask covers each assistant turn from just after the generation prompt (``<｜Assistant｜>``)
+    to the end of that turn's rendering (its content and the eos the template appends). Each partial
+    rendering must be a token prefix of the whole; a template for which it is not is refused rather
+    than guessed at. Errors name ``where``.
+    """
+    try:
+        ids = tok.encode_chat(messages, add_generation_prompt=False)
+        mask = np.zeros(len(ids), bool)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = tok.encode_chat(messages[:i], add_generation_prompt=True)
+            end = tok.encode_chat(messages[:i + 1], add_generation_prompt=False)
+            if ids[:len(start)] != start or ids[:len(end)] != end:
+                raise DeepSeekError(f"the chat template does not render the conversation up to message {i} as a "
+                                    "prefix of the whole, so the assistant's tokens cannot be told apart")
+            mask[len(start):len(end)] = True
+    except DeepSeekError as e:
+        raise DeepSeekError(f"{where}: {e}") from None
+    return ids, mask
+
+
+class ChatDataset:
+    """Conversations of a JSONL file, one per right-padded row; the loss is on the assistant turns only."""
+
+    def __init__(self, path: str | os.PathLike[str], tokenizer: Tokenizer | None = None, *, batch_size: int,
+                 seq_len: int | None = None, seed: int = 0, split: str = "train"):
+        if split not in _SPLITS:
+            raise DeepSeekError(f"split must be one of {list(_SPLITS)}, got {split!r}")
+        if int(batch_size) <= 0 or (seq_len is not None and int(seq_len) < 4):
+            raise DeepSeekError(f"batch size {batch_size} / seq len {seq_len}: must be positive (seq len >= 4)")
+        path = os.fspath(path)
+        self.name, self.path = path, path
+        self.tok = tokenizer or load_tokenizer()
+        self.batch_size, self.seed, self.split = int(batch_size), int(seed), split
+        self.pad_id = _pad_id(self.tok)
+        convs, raw = _read_chat_file(path)
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        mine = (range(len(convs)) if len(convs) < 20
+                else [i for i in range(len(convs)) if (i % 20 == 19) == (split == "eval")])
+        # The default length fits every conversation of both splits, so the held-out set keeps them all.
+        encoded = {i: encode_conversation(self.tok, convs[i][1], f"--data: {path} line {convs[i][0]}")
+                   for i in (range(len(convs)) if seq_len is None else mine)}
+        self.seq_len = int(seq_len) if seq_len else -(-max(len(ids) for ids, _ in encoded.values()) // 8) * 8
+        T = self.seq_len
+        fits = [i for i in mine if len(encoded[i][0]) <= T]
+        self.n_left_out = len(mine) - len(fits)
+        if not fits:
+            shortest = min(len(encoded[i][0]) for i in mine)
+            raise DeepSeekError(f"--data: none of the {len(mine)} {split} conversations of {path} fits in "
+                                f"--seq-len {T} (the shortest has {shortest} tokens)")
+        if self.n_left_out:
+            print(f"note: --data {path}: {self.n_left_out} of {len(mine)} {split} conversations are longer than "
+                  f"--seq-len {T} tokens and are left out", file=sys.stderr)
+        self.line_numbers = [convs[i][0] for i in fits]
+        self.ids = [np.asarray(encoded[i][0], np.int32) for i in fits]
+        self.masks = [encoded[i][1] for i in fits]
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            rng = np.random.default_rng([self.seed, _SPLITS[self.split], 8, epoch])
+            self._perms[epoch] = rng.permutation(len(self.ids))
+        return self._perms[epoch]
+
+    def indices_at(self, step: int) -> list[int]:
+        """Which conversations (indices into ``ids`` / ``line_numbers``) make up one step's batch."""
+        n = len(self.ids)
+        g = np.arange(self.batch_size) + int(step) * self.batch_size
+        return [int(self._perm(int(i) // n)[int(i) % n]) for i in g]
+
+    def batch_at(self, step: int) -> Batch:
+        B, T = self.batch_size, self.seq_len
+        ids = np.full((B, T), self.pad_id, np.int32)
+        mask = np.zeros((B, T), np.float32)
+        valid = np.zeros((B, T), bool)
+        for b, k in enumerate(self.indices_at(step)):
+            row = self.ids[k]
+            ids[b, :len(row)] = row
+            mask[b, :len(row)] = self.masks[k]
+            valid[b, :len(row)] = True
+        return Batch(ids, mask, valid)
+
+    def describe(self) -> dict:
+        return {"data": os.path.abspath(self.path), "format": "chat", "sha256": self.sha256,
+                "batch": self.batch_size, "seq_len": self.seq_len, "seed": self.seed,
+                "conversations": len(self.ids), "left_out": self.n_left_out}
+
+
 def make_dataset(spec: str, tokenizer: Tokenizer | None = None, *, batch_size: int, seq_len: int | None = None,
-                 seed: int = 0, split: str = "train") -> SyntheticDataset | TextDataset:
-    """``synthetic:<task>[:opts]`` or a text file path."""
+                 seed: int = 0, split: str = "train") -> SyntheticDataset | TextDataset | ChatDataset:
+    """``synthetic:<task>[:opts]``, a ``.jsonl`` file of chat conversations, or a text file path."""
     if spec.startswith("synthetic:"):
         return SyntheticDataset(spec, tokenizer, batch_size=batch_size, seq_len=seq_len, seed=seed, split=split)
+    if spec.lower().endswith(".jsonl"):
+        return ChatDataset(spec, tokenizer, batch_size=batch_size, seq_len=seq_len, seed=seed, split=split)
     return TextDataset(spec, tokenizer, batch_size=batch_size, seq_len=seq_len, seed=seed, split=split)

@@ -33,13 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", help="start from the weights of this Hub checkpoint (FP8 is dequantized, but kept "
                                   "with --lora-rank) instead of a random initialisation; its config is used if "
                                   "--config is absent")
-    p.add_argument("--data", required=True, help="synthetic:addition|reverse|copy[:key=value,...] or a text file "
-                                                 "(one document per line)")
+    p.add_argument("--data", required=True, help="synthetic:addition|reverse|copy[:key=value,...], FILE.jsonl "
+                                                 "(chat data: one {\"messages\": [...]} or {\"prompt\", "
+                                                 "\"completion\"} object per line; the loss is on the assistant "
+                                                 "turns) or a text file (one document per line)")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps (length of the schedule)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the task's longest example "
-                                               "rounded up to 8; 128 for text)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the task's or the chat file's longest "
+                                               "example rounded up to 8; 128 for text); chat conversations longer "
+                                               "than it are left out")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (default: steps/10, at most 100)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr*ratio (default 0.1)")
