@@ -62,15 +62,12 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from deepseek_jax import lora, sharding  # noqa: E402
 from deepseek_jax import train as T  # noqa: E402
 from deepseek_jax.config import load_config  # noqa: E402
-from deepseek_jax.model import DeepSeekV3  # noqa: E402
+from deepseek_jax.plan import abstract_trainer, step_programs  # noqa: E402
 from deepseek_jax.quant import Precision  # noqa: E402
-from deepseek_jax.tasks import Batch  # noqa: E402
 from kernels_pallas import aot, backend  # noqa: E402
 
 #: ``--width small``: DeepSeek-V3's head shapes (128 + 64 / 128, latent 512) and block structure
@@ -85,57 +82,6 @@ def train_config(width: str, layers: int, fp8: bool, mtp: bool = True):
     cfg = load_config("deepseek-v3-671b").replace(num_hidden_layers=layers, first_k_dense_replace=1,
                                                    num_nextn_predict_layers=int(mtp), fp8=fp8)
     return cfg.replace(**SMALL) if width == "small" else cfg
-
-
-def abstract_trainer(cfg, prec: Precision, tcfg: T.TrainConfig, lora_rank: int = 0, lora_targets=None,
-                     mesh=None):
-    """``(trainer, state)``: a :class:`~deepseek_jax.train.Trainer` built under ``jax.eval_shape``
-    (its static settings are real; its ``state`` is not to be used) and its train state as
-    ``ShapeDtypeStruct``s; on ``mesh`` (of :func:`kernels_pallas.aot.devices`), each carrying the
-    ``NamedSharding`` the Trainer gives that leaf."""
-    box = {}
-
-    def build():
-        model = DeepSeekV3(cfg, prec=prec, rngs=nnx.Rngs(0), with_mtp=cfg.num_nextn_predict_layers > 0)
-        if lora_rank:
-            lora.add_lora(model, rank=lora_rank, targets=lora_targets)
-        box["trainer"] = trainer = T.Trainer(model, tcfg, mesh=mesh)
-        return trainer.state
-
-    state = jax.eval_shape(build)
-    trainer = box["trainer"]
-    if trainer.mesh is not None:
-        leaves, treedef = jax.tree.flatten(state)
-        state = treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(trainer.mesh, s))
-                                   for x, s in zip(leaves, trainer._specs.state, strict=True)])
-    return trainer, state
-
-
-def step_programs(trainer, state, batch: int, seq: int):
-    """``[(name, fn, args, donate)]``: the Trainer's two jitted programs of one step, with its
-    static arguments."""
-    sds = jax.ShapeDtypeStruct
-    rows = None if trainer.mesh is None else NamedSharding(trainer.mesh, P(trainer.axis))
-    b = Batch(sds((batch, seq), jnp.int32, sharding=rows), sds((batch, seq), jnp.float32, sharding=rows),
-              sds((batch, seq), jnp.bool_, sharding=rows))
-    coefs = jax.eval_shape(trainer.tcfg._hyper)
-    kw = trainer._kw()
-
-    def loss_and_grads(state, params, b, coefs):
-        return T._loss_and_grads(state, params, b, coefs, **kw)
-
-    loss, aux, grads = jax.eval_shape(loss_and_grads, state, state.params, b, coefs)
-    if trainer.mesh is not None:   # the gradients as the step leaves them: each as its parameter
-        leaves, treedef = jax.tree.flatten(grads)
-        grads = treedef.unflatten([sds(x.shape, x.dtype, sharding=NamedSharding(trainer.mesh, s))
-                                   for x, s in zip(leaves, trainer._specs.params, strict=True)])
-
-    def apply(state, grads, loss, aux, coefs):
-        return T._apply(state, grads, loss, aux, coefs, static=trainer.tcfg._static(), mesh=trainer.mesh,
-                        frozen=trainer.frozen_routers, specs=trainer._specs)
-
-    return [("loss_and_grads", loss_and_grads, (state, state.params, b, coefs), ()),
-            ("apply", apply, (state, grads, loss, aux, coefs), (0,))]
 
 
 _KERNEL = re.compile(r'custom_call_target="([^"]*)"')

@@ -162,3 +162,187 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         decode_args = int(dm.argument_size_in_bytes)
     return Plan(dict(mesh_shape), weights, total, cache, decode_temp, prefill_temp, decode_args, device,
                 DEVICES[device], T, chunk)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """Per-device bytes of one training step on a mesh (:func:`make_train_plan`)."""
+    mesh: dict[str, int]
+    mode: str                  # "full" or "lora"
+    trained_params: int        # parameters trained (count, whole model)
+    trained: int               # bytes / device: the trained parameters
+    frozen: int                # bytes / device: the other weights (FP8 ones for LoRA), router biases
+    moments: int               # bytes / device: AdamW's two moments (the parameters' dtype)
+    grads: int                 # bytes / device: the gradients (as the trained parameters)
+    step_temp: int | None      # XLA temporaries of forward + backward (None: not compiled)
+    apply_temp: int | None     # XLA temporaries of the optimizer step
+    device: str
+    capacity: float
+
+    @property
+    def state(self) -> int:
+        return self.trained + self.frozen + self.moments
+
+    @property
+    def peak(self) -> int:
+        """Train state + gradients + the larger temporaries (none counted when not compiled)."""
+        return self.state + self.grads + max(self.step_temp or 0, self.apply_temp or 0)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.capacity
+
+    def table(self) -> str:
+        rows = [("mesh", " x ".join(f"{k}={v}" for k, v in self.mesh.items())),
+                ("trained parameters", f"{self.trained_params:,} ({self.mode})"),
+                ("trained weights / device", _fmt(self.trained)),
+                ("frozen weights + router biases / device", _fmt(self.frozen)),
+                ("AdamW moments / device", _fmt(self.moments)),
+                ("gradients / device", _fmt(self.grads)),
+                ("forward+backward temporaries / device", _fmt(self.step_temp)),
+                ("optimizer temporaries / device", _fmt(self.apply_temp)),
+                ("peak / device" + (" (no temporaries)" if self.step_temp is None else ""), _fmt(self.peak)),
+                (f"{self.device} memory", _fmt(int(self.capacity))),
+                ("fits", "yes" if self.fits else "NO")]
+        w = max(len(r[0]) for r in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "state": self.state, "peak": self.peak, "fits": self.fits}
+
+
+def abstract_trainer(cfg: DeepSeekConfig, prec, tcfg, *, lora_rank: int = 0, lora_targets=None, mesh=None,
+                     rules="ep_tp", param_dtype=None):
+    """``(trainer, state)``: a :class:`~deepseek_jax.train.Trainer` built under ``jax.eval_shape``
+    (nothing allocated: its static settings are real, its own ``state`` is not to be used) and
+    its train state as ``ShapeDtypeStruct``s, on ``mesh`` each carrying the ``NamedSharding``
+    the Trainer gives that leaf. ``lora_rank``: LoRA adapters (``lora.add_lora``) over the
+    model as built; ``param_dtype``: the parameters cast to it (:func:`~deepseek_jax.train.cast_params`)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from deepseek_jax import lora
+    from deepseek_jax import train as T
+    from deepseek_jax.model import DeepSeekV3
+
+    box = {}
+
+    def build():
+        model = DeepSeekV3(cfg, prec=prec, rngs=nnx.Rngs(0), with_mtp=cfg.num_nextn_predict_layers > 0)
+        if param_dtype is not None:
+            model = T.cast_params(model, param_dtype)
+        if lora_rank:
+            lora.add_lora(model, rank=lora_rank, targets=lora_targets)
+        box["trainer"] = trainer = T.Trainer(model, tcfg, mesh=mesh, rules=rules)
+        return trainer.state
+
+    state = jax.eval_shape(build)
+    trainer = box["trainer"]
+    if trainer.mesh is not None and trainer._specs is not None:
+        leaves, treedef = jax.tree.flatten(state)
+        state = treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(trainer.mesh, s))
+                                   for x, s in zip(leaves, trainer._specs.state, strict=True)])
+    return trainer, state
+
+
+def step_programs(trainer, state, batch: int, seq: int):
+    """``[(name, fn, args, donate)]``: the Trainer's two jitted programs of one step
+    (``loss_and_grads``: forward, loss, backward; ``apply``: the optimizer, state donated) with
+    its static arguments, over abstract arguments (on its mesh, sharded as it shards them)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from deepseek_jax import train as T
+    from deepseek_jax.tasks import Batch
+
+    sds = jax.ShapeDtypeStruct
+    rows = None if trainer.mesh is None else NamedSharding(trainer.mesh, P(trainer.axis))
+    b = Batch(sds((batch, seq), jnp.int32, sharding=rows), sds((batch, seq), jnp.float32, sharding=rows),
+              sds((batch, seq), jnp.bool_, sharding=rows))
+    coefs = jax.eval_shape(trainer.tcfg._hyper)
+    kw = trainer._kw()
+
+    def loss_and_grads(state, params, b, coefs):
+        return T._loss_and_grads(state, params, b, coefs, **kw)
+
+    loss, aux, grads = jax.eval_shape(loss_and_grads, state, state.params, b, coefs)
+    if trainer.mesh is not None and trainer._specs is not None:   # as the step leaves them
+        leaves, treedef = jax.tree.flatten(grads)
+        grads = treedef.unflatten([sds(x.shape, x.dtype, sharding=NamedSharding(trainer.mesh, s))
+                                   for x, s in zip(leaves, trainer._specs.params, strict=True)])
+
+    def apply(state, grads, loss, aux, coefs):
+        return T._apply(state, grads, loss, aux, coefs, static=trainer.tcfg._static(), mesh=trainer.mesh,
+                        frozen=trainer.frozen_routers, specs=trainer._specs)
+
+    return [("loss_and_grads", loss_and_grads, (state, state.params, b, coefs), ()),
+            ("apply", apply, (state, grads, loss, aux, coefs), (0,))]
+
+
+def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: str = "full", rules: str = "ep_tp",
+                    batch: int = 1, seq_len: int = 4096, lora_rank: int = 16, lora_targets=None,
+                    trainable: str | None = None, param_dtype: str = "float32", remat: bool = False,
+                    device: str = "h200", compile_steps: bool = True) -> TrainPlan:
+    """Per-device memory of training ``cfg`` on a mesh as ``deepseek-jax train`` shards it.
+
+    ``mode="full"``: every parameter (or those ``trainable`` matches) trained in ``param_dtype``,
+    the config's FP8 ignored, as ``train --config``; ``"lora"``: adapters of ``lora_rank`` over the
+    config's weights as they are (FP8 kept, frozen), as ``train --init CKPT --lora-rank R``;
+    ``remat``: layers rematerialised in the backward pass (``train --remat``). Every
+    count comes from the Trainer's shardings of its state (exact); with ``compile_steps`` the
+    step's two programs are compiled for the fake CPU mesh and their temporaries read (an estimate
+    for a GPU or TPU, as in :func:`make_plan`). ``batch`` x ``seq_len``: the tokens of one step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from deepseek_jax import lora, sharding
+    from deepseek_jax import train as T
+    from deepseek_jax.quant import Precision
+
+    if device not in DEVICES:
+        raise DeepSeekError(f"--device {device!r} unknown (one of: {', '.join(sorted(DEVICES))})")
+    if mode not in ("full", "lora"):
+        raise DeepSeekError(f"--train must be full or lora, got {mode!r}")
+    if seq_len > cfg.max_position_embeddings:
+        raise DeepSeekError(f"--seq-len {seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    n = math.prod(mesh_shape.values())
+    if jax.device_count() < n:
+        raise DeepSeekError(f"plan needs {n} (fake) devices, this process has {jax.device_count()}")
+    if batch % mesh_shape.get("data", 1):
+        raise DeepSeekError(f"--batch {batch} must be a multiple of the mesh's data axis ({mesh_shape['data']})")
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
+    prec = Precision(dtype=jnp.bfloat16)
+    if mode == "lora":
+        pattern = lora.LORA_PATTERN if trainable is None else f"{lora.LORA_PATTERN}|{trainable}"
+        tcfg = T.TrainConfig(trainable=pattern, remat=remat)
+        trainer, state = abstract_trainer(cfg, prec, tcfg, lora_rank=lora_rank, lora_targets=lora_targets,
+                                          mesh=mesh, rules=rules)
+    else:
+        tcfg = T.TrainConfig(trainable=trainable, remat=remat)
+        trainer, state = abstract_trainer(cfg.replace(fp8=False), prec, tcfg, mesh=mesh, rules=rules,
+                                          param_dtype=jnp.dtype(param_dtype))
+
+    def per_device(tree) -> int:
+        return sum(shard_bytes(x.shape, x.dtype, x.sharding.spec, mesh_shape) for x in jax.tree.leaves(tree))
+
+    trained = per_device(state.params)
+    frozen = per_device((state.tied, state.biases, state.rest))
+    moments = sum(shard_bytes(x.shape, x.dtype, x.sharding.spec, mesh_shape)
+                  for x in jax.tree.leaves(state.opt_state) if x.ndim)   # (the scalar step counts aside)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    step_temp = apply_temp = None
+    if compile_steps:
+        temps = {}
+        with jax.set_mesh(mesh):
+            for name, fn, args, donate in step_programs(trainer, state, batch, seq_len):
+                temps[name] = int(jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+                                  .memory_analysis().temp_size_in_bytes)
+        step_temp, apply_temp = temps["loss_and_grads"], temps["apply"]
+    return TrainPlan(dict(mesh_shape), mode, count, trained, frozen, moments, trained, step_temp, apply_temp,
+                     device, DEVICES[device])

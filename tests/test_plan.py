@@ -89,3 +89,69 @@ def test_plan_compiles_the_prefill_the_generator_runs():
     assert one["prefill_chunk"] is None and auto["prefill_chunk"] is None and chunked["prefill_chunk"] == 32
     assert chunked["prefill_temp"] < one["prefill_temp"]
     assert chunked["decode_temp"] == one["decode_temp"]
+
+
+def test_train_plan_equals_the_trainers_placement():
+    """``plan --train lora``, compiled: the per-device bytes it counts equal those of a real
+    ``Trainer``'s state placed on a 4-device mesh (the adapters and their moments replicated,
+    the FP8 weights split by the rules), and XLA reports temporaries for both programs."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from deepseek_jax import lora, sharding
+    from deepseek_jax.model import DeepSeekV3
+    from deepseek_jax.quant import Precision
+    from deepseek_jax.train import TrainConfig, Trainer
+
+    plan = _plan_json("--config", "tiny", "--mesh", "expert=2,model=2", "--train", "lora", "--lora-rank", "4",
+                      "--batch", "1", "--seq-len", "64")
+    cfg = load_config("tiny")
+    model = DeepSeekV3(cfg, prec=Precision(dtype=jnp.bfloat16), rngs=nnx.Rngs(0), with_mtp=cfg.num_nextn_predict_layers > 0)
+    lora.add_lora(model, rank=4)
+    trainer = Trainer(model, TrainConfig(trainable=lora.LORA_PATTERN),
+                      mesh=sharding.make_mesh({"data": 1, "expert": 2, "model": 2}, jax.devices()[:4]))
+    st = trainer.state
+    per_device = lambda tree: int(sharding.bytes_per_device(tree).max())  # noqa: E731
+    assert plan["trained"] == per_device(st.params) and plan["grads"] == plan["trained"]
+    assert plan["frozen"] == per_device((st.tied, st.biases, st.rest))
+    assert plan["moments"] == per_device([x for x in jax.tree.leaves(st.opt_state) if x.ndim])
+    assert plan["trained_params"] == sum(x.size for x in jax.tree.leaves(st.params))
+    assert plan["frozen"] < sum(x.nbytes for x in jax.tree.leaves(st.rest))   # the FP8 weights are split
+    assert plan["step_temp"] > 0 and plan["apply_temp"] is not None
+    assert plan["peak"] == plan["trained"] + plan["frozen"] + plan["moments"] + plan["grads"] + max(
+        plan["step_temp"], plan["apply_temp"])
+
+
+def test_train_plan_671b_matches_hand_count(capsys):
+    """Full BF16 training of 671B + MTP on 256 H200s (expert=32, model=8): trained bytes per device
+    = the Hub tensors' BF16 bytes / the ways each is split (the MTP layer's embedding and head
+    copies excluded: tied), AdamW moments twice that, gradients as much; inference-only flags are
+    refused."""
+    plan = _plan_json("--config", "deepseek-v3-671b", "--mesh", "expert=32,model=8", "--train", "full",
+                      "--param-dtype", "bfloat16", "--no-compile")
+    cfg = json.load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "deepseek-v3-671b.json")))
+    mtp = f"model.layers.{cfg['num_hidden_layers']}."
+
+    def split(n: str) -> int:
+        if ".mlp.experts." in n:
+            return 32 * 8
+        if any(k in n for k in ("q_b_proj", "kv_b_proj", "o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                "mlp.down_proj", "shared_experts", "embed_tokens", "lm_head", "shared_head.head")):
+            return 8
+        return 1
+
+    hand = 0.0
+    for name, spec in hub_tensor_specs(dict(cfg, quantization_config=None), include_mtp=True).items():
+        if name.endswith("e_score_correction_bias") or name.startswith(mtp) and (
+                "embed_tokens" in name or "shared_head.head" in name):
+            continue
+        hand += 2 * math.prod(spec.shape) / split(name)
+    assert abs(plan["trained"] - hand) / hand < 0.01, (plan["trained"], hand)
+    assert plan["moments"] == 2 * plan["trained"] and plan["grads"] == plan["trained"]
+    assert plan["trained_params"] > 6.8e11 and plan["fits"]
+    from deepseek_jax import cli
+    assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--train", "full", "--max-len", "64"]) == 2
+    assert "--max-len applies to inference plans" in capsys.readouterr().err
+    assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--lora-rank", "8"]) == 2
+    assert "--lora-rank applies to training" in capsys.readouterr().err

@@ -34,6 +34,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="h200",
                    help="memory to fit: h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4|cpu (default h200)")
     p.add_argument("--no-compile", action="store_true", help="weights and cache only (seconds instead of minutes)")
+    t = p.add_argument_group("training (instead of inference)")
+    t.add_argument("--train", choices=("full", "lora"), default=None,
+                   help="plan one training step as `train` shards it: full (every parameter, --param-dtype; the "
+                        "config's FP8 ignored) or lora (adapters over the config's weights, FP8 kept); --batch "
+                        "sequences of --seq-len tokens per step")
+    t.add_argument("--seq-len", type=int, default=None,
+                   help="with --train: tokens per sequence (default: min(4096, max_position_embeddings))")
+    t.add_argument("--lora-rank", type=int, default=16, help="with --train lora: adapter rank (default 16)")
+    t.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="with --train full: dtype of the trained parameters and their moments (default float32, "
+                        "as train's)")
+    t.add_argument("--remat", action="store_true", help="with --train: layers rematerialised in the backward "
+                   "pass, as train --remat")
+    t.add_argument("--trainable", metavar="REGEX", default=None,
+                   help="with --train: train only these parameters (lora: in addition to the adapters), as train's")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
@@ -41,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from deepseek_jax.config import load_config
     from deepseek_jax.sharding import MESH_AXES, parse_mesh
+
+    if args.train is not None:
+        return _run_train(args)
+    for flag, value, default in (("--seq-len", args.seq_len, None), ("--lora-rank", args.lora_rank, 16),
+                                 ("--param-dtype", args.param_dtype, "float32"), ("--trainable", args.trainable, None),
+                                 ("--remat", args.remat, False)):
+        if value != default:
+            raise DeepSeekError(f"{flag} applies to training: add --train full|lora")
 
     for flag, value in (("--batch", args.batch), ("--max-len", args.max_len), ("--prompt-len", args.prompt_len),
                         ("--prefill-batch", args.prefill_batch)):
@@ -86,5 +109,51 @@ def run(args: argparse.Namespace) -> int:
         print(f"{cfg.num_hidden_layers} layers, {'FP8' if cfg.fp8 else 'BF16'} weights, decode batch {args.batch}, "
               f"max-len {args.max_len}, prefill {args.prefill_batch} x {plan.prefill_tokens} tokens"
               f"{f' in chunks of {plan.prefill_chunk}' if plan.prefill_chunk else ''}, rules {args.rules}")
+        print(plan.table())
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """``plan --train full|lora``: :func:`deepseek_jax.plan.make_train_plan`."""
+    from deepseek_jax.config import load_config
+    from deepseek_jax.sharding import MESH_AXES, parse_mesh
+
+    for flag, value, default in (("--max-len", args.max_len, None), ("--prompt-len", args.prompt_len, None),
+                                 ("--prefill-batch", args.prefill_batch, 1), ("--prefill-chunk", args.prefill_chunk,
+                                                                              "auto")):
+        if value != default:
+            raise DeepSeekError(f"{flag} applies to inference plans, not --train (use --seq-len and --batch)")
+    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--lora-rank", args.lora_rank)):
+        if value is not None and value < 1:
+            raise DeepSeekError(f"{flag} must be >= 1, got {value}")
+    if args.trainable is not None:
+        import re
+        try:
+            re.compile(args.trainable)
+        except re.error as e:
+            raise DeepSeekError(f"--trainable: {args.trainable!r} is not a regular expression ({e})") from None
+    cfg = load_config(args.config)
+    if args.dtype:
+        cfg = cfg.replace(fp8=args.dtype == "fp8")
+    seq = args.seq_len or min(4096, cfg.max_position_embeddings)
+    sizes = parse_mesh(args.mesh, 1 << 30)
+    n = math.prod(sizes[a] for a in MESH_AXES)
+    import jax
+    try:  # a fake CPU mesh of the requested size; only possible before jax's backends start
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+    except Exception:  # noqa: BLE001 - already initialised: make_train_plan checks the count
+        pass
+    from deepseek_jax.plan import make_train_plan
+    plan = make_train_plan(cfg, sizes, mode=args.train, rules=args.rules, batch=args.batch, seq_len=seq,
+                           lora_rank=args.lora_rank, trainable=args.trainable, param_dtype=args.param_dtype,
+                           remat=args.remat, device=args.device, compile_steps=not args.no_compile)
+    if args.json:
+        print(json.dumps(plan.to_json()))
+    else:
+        weights = "FP8 (frozen) + LoRA" if args.train == "lora" and cfg.fp8 else (
+            args.param_dtype if args.train == "full" else "BF16 (frozen) + LoRA")
+        print(f"{cfg.num_hidden_layers} layers, training {args.train}: {weights}, {args.batch} x {seq} tokens per "
+              f"step{', remat' if args.remat else ''}, rules {args.rules}")
         print(plan.table())
     return 0
