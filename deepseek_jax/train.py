@@ -88,6 +88,7 @@ class TrainConfig:
     balance_alpha: float = 1e-4   # α
     bias_gamma: float = 1e-3      # γ (0: routing biases frozen)
     remat: bool = False           # rematerialise each scanned layer in the backward pass
+    grad_accum: int = 1           # microbatches per step: gradients summed, one optimizer update
     tie_mtp: bool = True          # MTP embedding / head = the main ones
     trainable: str | None = None  # regex: only parameters whose path it matches are trained (None: all)
 
@@ -444,10 +445,26 @@ def _loss_and_grads(state: TrainState, params, batch, coefs, *, key, tie, mesh, 
 
     def f(p):
         model = _merge(key, state, p, tie)
-        return compute_loss(model, batch, coefs["mtp_weight"], coefs["balance_alpha"])
+        loss, aux = compute_loss(model, batch, coefs["mtp_weight"], coefs["balance_alpha"])
+        if "scales" in coefs:   # a microbatch's share of the whole batch's loss (Trainer.train_step)
+            w = coefs["scales"]
+            loss = (w[0] * aux["ce"] + coefs["mtp_weight"] * w[1] * aux["mtp_ce"]
+                    + coefs["balance_alpha"] * w[2] * aux["balance"])
+        return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
     return loss, aux, _constrain_leaves(grads, mesh, specs and specs.params)
+
+
+@partial(jax.jit, donate_argnames=("total",))
+def _accumulate(total, loss, aux, grads, w):
+    """Adds one microbatch to the running sums of a step: its (weighted) loss and gradients, its
+    loss terms and accuracies weighted by its share (``w``: targets, MTP targets, rows, rows with
+    a target), its expert loads and token counts summed."""
+    share = {"ce": w[0], "acc": w[0], "mtp_ce": w[1], "balance": w[2], "exact": w[3]}
+    aux = {k: v if v is None else v * share[k] if k in share else v for k, v in aux.items()}
+    new = (loss, aux, grads)
+    return new if total is None else jax.tree.map(jnp.add, total, new)
 
 
 @partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis", "specs"))
@@ -691,13 +708,43 @@ class Trainer:
 
     def train_step(self, batch) -> dict[str, jax.Array]:
         """One optimizer step on ``batch``; returns device scalars (loss, ce, mtp_ce, balance,
-        imbalance, acc, exact, tokens, targets, lr, grad_norm)."""
-        batch = self._batch(batch)
+        imbalance, acc, exact, tokens, targets, lr, grad_norm).
+
+        With ``grad_accum = k`` the batch runs as ``k`` microbatches of its rows, one forward and
+        backward at a time, each weighted by its share of the batch's targets (and of its rows,
+        for the balance term), so the summed gradient is the whole batch's; then one update."""
+        k = self.tcfg.grad_accum
         coefs = self.tcfg._hyper()
-        loss, aux, grads = _loss_and_grads(self.state, self.state.params, batch, coefs, **self._kw())
+        if k == 1:
+            batch = self._batch(batch)
+            loss, aux, grads = _loss_and_grads(self.state, self.state.params, batch, coefs, **self._kw())
+        else:
+            loss, aux, grads = self._accumulated(batch, coefs, k)
         self.state, metrics = _apply(self.state, grads, loss, aux, coefs, self._masks, static=self.tcfg._static(),
                                      mesh=self.mesh, frozen=self.frozen_routers, specs=self._specs)
         return metrics
+
+    def _accumulated(self, batch, coefs, k: int):
+        """``(loss, aux, grads)`` of ``batch`` summed over ``k`` microbatches (see :meth:`train_step`)."""
+        from deepseek_jax.tasks import Batch
+        ids, mask, valid = (np.asarray(x) for x in (batch.ids, batch.loss_mask, batch.valid))
+        B = ids.shape[0]
+        if B % k:
+            raise DeepSeekError(f"batch size {B} is not a multiple of grad_accum {k}")
+        mask = mask.astype(np.float32)
+        has = mask[:, 1:].sum(1) > 0
+        totals = (max(mask[:, 1:].sum(), 1.0), max(mask[:, 2:].sum(), 1.0), float(B), max(float(has.sum()), 1.0))
+        total = None
+        for i in range(k):
+            rows = slice(i * B // k, (i + 1) * B // k)
+            part = Batch(ids[rows], mask[rows], valid[rows])
+            m = mask[rows]
+            w = np.array([max(m[:, 1:].sum(), 0.0) / totals[0], m[:, 2:].sum() / totals[1], (B // k) / totals[2],
+                          has[rows].sum() / totals[3]], np.float32)
+            out = _loss_and_grads(self.state, self.state.params, self._batch(part), {**coefs, "scales": w[:3]},
+                                  **self._kw())
+            total = _accumulate(total, *out, w)
+        return total
 
     def loss_and_grads(self, batch, params=None):
         """``(loss, aux, grads)`` at the current (or the given) parameters, without stepping."""

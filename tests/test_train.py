@@ -493,3 +493,45 @@ def test_trainable_single_layers_and_experts(tmp_path, data):
     b1 = np.asarray(trainer.state.biases["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"][...])
     assert (b0[0] == b1[0]).all() and (b0[1] != b1[1]).any()
     assert trainer.parameter_counts()[0] == sum(int(x.size * want(k, x.shape).mean()) for k, x in after.items())
+
+
+def test_gradient_accumulation_equals_the_whole_batch(runs, data, tmp_path, capsys):
+    """``grad_accum=4``: a trained model's step on 4 microbatches of 4 rows gives the whole
+    batch's loss terms, accuracies, expert loads and gradient norm (each microbatch weighted by its
+    share of the targets / rows), and the same parameters after the update; the CLI flag runs and
+    a batch that does not split is a one-line error."""
+    from flax import nnx
+
+    from deepseek_jax.cli import main
+    from deepseek_jax.train import param_path
+
+    trained = runs[TCFG.lr, GAMMA][0].model()
+    one = Trainer(trained, TCFG)
+    four = Trainer(trained, TrainConfig(**{**TCFG.__dict__, "grad_accum": 4}))
+    batch = data.batch_at(STEPS + 1)
+    # every other row keeps one target the model predicts right: exact match > 0, so the rows'
+    # shares of it are exercised too
+    right = model_logits(trained, batch.ids)[0][:, :-1].argmax(-1) == batch.ids[:, 1:]
+    mask = np.array(batch.loss_mask)
+    for r in range(0, len(mask), 2):
+        hits = np.flatnonzero(right[r] & batch.valid[r, 1:])
+        if hits.size:
+            mask[r] = 0
+            mask[r, hits[0] + 1] = 1
+    batch = batch._replace(loss_mask=mask)
+    g_one = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(one.loss_and_grads(batch)[2])}
+    g_four = four._accumulated(batch, four.tcfg._hyper(), 4)[2]
+    for p, v in nnx.to_flat_state(g_four):
+        np.testing.assert_allclose(np.asarray(v[...]), g_one[param_path(p)], rtol=1e-4, atol=1e-6,
+                                   err_msg=param_path(p))
+    a, b = (jax.device_get(t.train_step(batch)) for t in (one, four))
+    assert a["acc"] > 0.2 and a["exact"] > 0.2
+    for k in ("loss", "ce", "mtp_ce", "balance", "acc", "exact", "imbalance", "grad_norm", "tokens", "targets"):
+        np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    pa = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(one.state.params)}
+    for p, v in nnx.to_flat_state(four.state.params):   # (Adam's first step: ~lr x sign(g) where g ~ 0)
+        np.testing.assert_allclose(np.asarray(v[...]), pa[param_path(p)], atol=1e-4, err_msg=param_path(p))
+    args = ["train", "--config", "tiny", "--data", "synthetic:addition", "--steps", "1", "--eval-batches", "0",
+            "--batch", "6", "--grad-accum", "4", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert "--batch 6 must be a multiple of --grad-accum 4" in capsys.readouterr().err

@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-gamma", type=float, default=1e-3, help="γ, routing-bias update speed; 0 disables "
                                                                   "(default 1e-3)")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass (less memory)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="run each batch as K microbatches of --batch/K sequences, gradients summed (weighted by "
+                        "their targets: the whole batch's gradient), one update: the activations of a microbatch "
+                        "at a time (default 1)")
     p.add_argument("--lora-rank", type=int, metavar="R",
                    help="with --init: fine-tune LoRA adapters of rank R on MLA's projections, the checkpoint's "
                         "weights frozen as loaded (FP8 ones stay FP8; --trainable adds parameters to train); "
@@ -101,7 +105,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
     for flag, value, lo in (("--steps", args.steps, 0), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0),
                             ("--save-every", args.save_every, 0), ("--eval-batches", args.eval_batches, 0),
-                            ("--data-parallel", args.data_parallel, 1)):
+                            ("--data-parallel", args.data_parallel, 1), ("--grad-accum", args.grad_accum, 1)):
         if value is not None and value < lo:
             raise bad(flag, value, f">= {lo}")
     if args.seq_len is not None and args.seq_len < 4:
@@ -116,8 +120,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise bad(flag, value, "a number >= 0")
     if math.isnan(args.clip):
         raise bad("--clip", args.clip, "a number (<= 0 disables clipping)")
-    if args.batch % args.data_parallel:
-        raise DeepSeekError(f"--batch {args.batch} must be a multiple of --data-parallel {args.data_parallel}")
+    if args.batch % args.grad_accum:
+        raise DeepSeekError(f"--batch {args.batch} must be a multiple of --grad-accum {args.grad_accum}")
+    if (args.batch // args.grad_accum) % args.data_parallel:
+        raise DeepSeekError(f"--batch {args.batch} / --grad-accum {args.grad_accum} must be a multiple of "
+                            f"--data-parallel {args.data_parallel}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DeepSeekError(f"--out: {args.out} exists and is not a directory")
 
@@ -152,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
 
     mesh = _mesh(args)
     n_data = 1 if mesh is None else mesh.shape["data"]
-    if args.batch % n_data:
-        raise DeepSeekError(f"--batch {args.batch} must be a multiple of the mesh's data axis ({n_data})")
+    if (args.batch // args.grad_accum) % n_data:
+        raise DeepSeekError(f"--batch {args.batch}" + (f" / --grad-accum {args.grad_accum}" if args.grad_accum > 1
+                                                        else "") + f" must be a multiple of the mesh's data axis ({n_data})")
 
     from deepseek_jax.config import DeepSeekConfig, load_config
     from deepseek_jax.lora import LORA_PATTERN, TARGET_NAMES
@@ -189,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=warmup, min_lr_ratio=args.min_lr_ratio,
                        weight_decay=args.weight_decay, clip_norm=args.clip, mtp_weight=args.mtp_weight,
                        balance_alpha=args.balance_alpha, bias_gamma=args.bias_gamma, remat=args.remat,
+                       grad_accum=args.grad_accum,
                        trainable=args.trainable if args.lora_rank is None
                        else LORA_PATTERN if args.trainable is None else f"{LORA_PATTERN}|{args.trainable}")
 
@@ -293,7 +302,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
              + (f", {jax.process_count()} processes)" if jax.process_count() > 1 else ")"))
     print(f"model ready in {time.perf_counter() - t0:.1f}s; {'resuming at' if args.resume else 'starting at'} "
           f"step {start}/{args.steps} on {where}; data {describe['data']} batch {args.batch} x "
-          f"{data.seq_len} tokens")
+          f"{data.seq_len} tokens" + (f" in {args.grad_accum} microbatches" if args.grad_accum > 1 else ""))
 
     main = runtime.is_main()
     run_info = {"argv": {k: v for k, v in vars(args).items() if k not in ("func", "exit_stack")},
