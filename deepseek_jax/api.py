@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax import orbax_ckpt
+from deepseek_jax import orbax_ckpt, sharding
 from deepseek_jax.checkpoint import abstract_model, load_hub
 from deepseek_jax.config import DeepSeekConfig, load_config
 from deepseek_jax.errors import DeepSeekError
@@ -100,12 +101,24 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
 
 
 def init_random(cfg: DeepSeekConfig, *, seed: int = 0, dtype: str = "float32", with_mtp: bool = True,
-                prefill_attention: str = "plain") -> DeepSeekV3:
-    """A randomly initialised model (compiled initialisation: seconds even for deep configs)."""
+                prefill_attention: str = "plain", mesh=None, rules="ep_tp") -> DeepSeekV3:
+    """A randomly initialised model (compiled initialisation: seconds even for deep configs).
+    With a ``mesh`` every parameter is made directly in its shards by the rules (as
+    :func:`load` places them; the values do not depend on the mesh), never whole on one device."""
     prec = precision(dtype, prefill_attention=prefill_attention)
 
-    @nnx.jit
-    def make():
+    def build():
         return DeepSeekV3(cfg, prec=prec, rngs=nnx.Rngs(seed), with_mtp=with_mtp)
 
-    return make()
+    if mesh is None:
+        return nnx.jit(build)()
+    table = sharding.resolve_rules(rules, mesh)
+    abstract = nnx.eval_shape(build)
+    specs = sharding.model_param_specs(abstract, dict(mesh.shape), table)
+    graphdef, state = nnx.split(abstract)
+    out = nnx.from_flat_state([(p, v.replace(sharding.named(mesh, specs[tuple(str(x) for x in p)])))
+                               for p, v in nnx.to_flat_state(state)])
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=out)()
+    model = nnx.merge(graphdef, state)
+    sharding.attach_mesh(model, mesh, table)
+    return model

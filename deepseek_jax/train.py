@@ -38,6 +38,7 @@ the data position is the step itself (datasets are pure functions of the step, s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -383,8 +384,8 @@ def _put(x, target: NamedSharding):
     process holds (a host array, or an array on this process's devices) or by resharding."""
     if isinstance(x, jax.core.Tracer):   # traced (a Trainer built under jax.eval_shape to compile)
         return jax.lax.with_sharding_constraint(x, target)
-    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
-        return x
+    if isinstance(x, jax.Array) and x.sharding == target:   # (equivalent is not enough: a spec with
+        return x                                               # trailing Nones is another jit signature)
     if jax.process_count() == 1:
         return jax.device_put(x, target)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -947,9 +948,15 @@ class _Discard:
 
 
 def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.float32,
-                     with_mtp: bool | None = None, cfg: DeepSeekConfig | None = None) -> DeepSeekV3:
+                     with_mtp: bool | None = None, cfg: DeepSeekConfig | None = None, mesh: Mesh | None = None,
+                     rules: Any = "ep_tp") -> DeepSeekV3:
     """Loads a Hub-layout checkpoint as a trainable float model (FP8 weights dequantized,
-    parameters in ``param_dtype``): the starting point of fine-tuning."""
+    parameters in ``param_dtype``): the starting point of fine-tuning. With a ``mesh`` every
+    parameter is made directly in its shards by the rules, each process reading (and
+    dequantizing) only the layers / experts its devices hold, one matrix at a time: no host holds
+    the whole model."""
+    from deepseek_jax import sharding   # noqa: PLC0415
+
     reader = HubReader(os.fspath(path))
     try:
         cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)
@@ -958,26 +965,50 @@ def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.flo
         if with_mtp is None:
             with_mtp = bool(cfg.num_nextn_predict_layers) and \
                 f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in reader
-        graphdef, state = nnx.split(abstract_model(cfg, prec, with_mtp))
+        abstract = abstract_model(cfg, prec, with_mtp)
+        graphdef, state = nnx.split(abstract)
+        flat_state = list(nnx.to_flat_state(state))
+        table = sharding.resolve_rules(rules, mesh) if mesh is not None else None
+        specs = sharding.model_param_specs(abstract, dict(mesh.shape), table) if mesh is not None else None
+
+        def matrix(name: str, want: tuple) -> np.ndarray:   # one Hub tensor, as float32
+            if name not in reader:
+                raise DeepSeekError(f"checkpoint: missing tensor {name}")
+            a = reader.get(name)
+            if a.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+                if name + "_scale_inv" not in reader:
+                    raise DeepSeekError(f"checkpoint: missing tensor {name}_scale_inv")
+                a = dequantize_block_fp8_np(a, reader.get(name + "_scale_inv"), block)
+            if tuple(a.shape) != want:
+                raise DeepSeekError(f"checkpoint: tensor {name} has shape {list(a.shape)}, "
+                                    f"config.json implies {list(want)}")
+            return np.asarray(a, np.float32)
+
         flat = []
-        for p, var in nnx.to_flat_state(state):
-            slot = hub_slot(tuple(str(x) for x in p), cfg)
-            out = np.empty(var.shape, np.float32)
-            for idx in np.ndindex(*slot.stack):
-                name = slot.names[idx]
-                if name not in reader:
-                    raise DeepSeekError(f"checkpoint: missing tensor {name}")
-                a = reader.get(name)
-                if a.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
-                    if name + "_scale_inv" not in reader:
-                        raise DeepSeekError(f"checkpoint: missing tensor {name}_scale_inv")
-                    a = dequantize_block_fp8_np(a, reader.get(name + "_scale_inv"), block)
-                if tuple(a.shape) != tuple(out.shape[len(slot.stack):]):
-                    raise DeepSeekError(f"checkpoint: tensor {name} has shape {list(a.shape)}, "
-                                        f"config.json implies {list(out.shape[len(slot.stack):])}")
-                out[idx] = a
-            dtype = param_dtype if isinstance(var, nnx.Param) else var.dtype
-            flat.append((p, var.replace(jnp.asarray(out, dtype))))
-        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        for p, var in flat_state:
+            path_s = tuple(str(x) for x in p)
+            slot = hub_slot(path_s, cfg)
+            ns, inner_shape = len(slot.stack), tuple(var.shape[len(slot.stack):])
+            for idx in np.ndindex(*slot.stack):   # names and shapes checked before any placement
+                if slot.names[idx] not in reader:
+                    raise DeepSeekError(f"checkpoint: missing tensor {slot.names[idx]}")
+            dtype = jnp.dtype(param_dtype if isinstance(var, nnx.Param) else var.dtype)
+
+            def read(index, slot=slot, ns=ns, inner_shape=inner_shape, dtype=dtype, shape=tuple(var.shape)):
+                index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+                ranges = [range(*sl.indices(n)) for sl, n in zip(index[:ns], slot.stack)]
+                rows = [np.asarray(matrix(slot.names[ids], inner_shape)[index[ns:]], dtype)
+                        for ids in itertools.product(*ranges)]
+                return np.stack(rows).reshape(tuple(len(r) for r in ranges) + rows[0].shape)
+
+            if mesh is None:
+                value = jnp.asarray(read(()))
+            else:
+                value = jax.make_array_from_callback(tuple(var.shape), NamedSharding(mesh, specs[path_s]), read)
+            flat.append((p, var.replace(value)))
+        model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+        if mesh is not None:
+            sharding.attach_mesh(model, mesh, table)
+        return model
     finally:
         reader.close()

@@ -416,7 +416,8 @@ def test_mesh_training_equals_one_device(init_dir, data):
     exactly as its parameter, the batch over ``data``; the losses and the trained parameters equal
     one device's, the step compiles once (its output state keeps the input's shardings), and
     ``--data-parallel``'s one-axis mesh replicates every parameter."""
-    from jax.sharding import PartitionSpec as P
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from deepseek_jax import sharding
     from deepseek_jax import train as T
@@ -424,7 +425,10 @@ def test_mesh_training_equals_one_device(init_dir, data):
 
     one = Trainer(fresh_model(init_dir), TCFG)
     mesh = sharding.make_mesh({"data": 2, "expert": 2, "model": 2})
-    multi = Trainer(fresh_model(init_dir), TCFG, mesh=mesh)
+    loaded = load_float_model(init_dir, mesh=mesh)     # made in its shards, as `train --init --mesh` does
+    expert_w = loaded.moe_layers.mlp.experts.gate_proj.weight[...]
+    assert expert_w.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "expert", "model")), 4)
+    multi = Trainer(loaded, TCFG, mesh=mesh)
     experts = ("moe_layers", "mlp", "experts", "gate_proj", "weight")
     flat = {T._key_parts(p): x for p, x in jax.tree_util.tree_flatten_with_path(multi.state)[0]}
     assert flat[("params",) + experts].sharding.spec == P(None, "expert", "model")
@@ -442,6 +446,13 @@ def test_mesh_training_equals_one_device(init_dir, data):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4, err_msg=jax.tree_util.keystr(path))
     after = {T._key_parts(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(multi.state)[0]}
     assert after == {k: x.sharding for k, x in flat.items()}
+    # a random model made in its shards has the one-device model's values
+    cfg = fresh_model(init_dir).cfg
+    whole, split = api.init_random(cfg, seed=2), api.init_random(cfg, seed=2, mesh=mesh)
+    assert split.moe_layers.mlp.experts.up_proj.weight[...].sharding.is_equivalent_to(
+        NamedSharding(mesh, P(None, "expert", "model")), 4)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(nnx.state(whole))[0], jax.tree.leaves(nnx.state(split))):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=jax.tree_util.keystr(path))
     dp = Trainer(fresh_model(init_dir), TCFG, mesh=jax.make_mesh((4,), ("data",), devices=jax.devices()[:4]))
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(dp.state.params))
     with pytest.raises(DeepSeekError, match="mesh has no axis 'data'"):

@@ -284,9 +284,9 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
               f"({', '.join(adapted_names(model))})")
     elif args.init:
         model = load_float_model(args.init, prec=api.precision(args.dtype, prefill_attention=args.prefill_attention),
-                                 param_dtype=jnp.dtype(args.param_dtype), cfg=cfg)
-    else:
-        model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype,
+                                 param_dtype=jnp.dtype(args.param_dtype), cfg=cfg, mesh=mesh, rules=args.rules)
+    else:   # (on a mesh both are made in their shards: no device or host holds the whole model)
+        model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype, mesh=mesh, rules=args.rules,
                                             prefill_attention=args.prefill_attention), jnp.dtype(args.param_dtype))
     trainer = Trainer(model, tcfg, mesh=mesh, rules=args.rules)
     del model
