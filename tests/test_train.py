@@ -290,8 +290,11 @@ def test_train_cli_and_resume(init_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--init", init_dir, "--data", "synthetic:addition", "--batch", "16", "--out", str(out),
             "--steps", "6", "--lr", "1e-2", "--warmup", "3", "--bias-gamma", str(GAMMA), "--eval-batches", "1",
-            "--save-every", "3"]
+            "--save-every", "3", "--eval-every", "2"]
     assert main(args) == 0
+    evals = [json.loads(ln) for ln in open(out / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [2, 4, 6] and evals[-1] == json.load(open(out / "eval.json"))
+    assert evals[-1]["loss"] < evals[0]["loss"]
     first = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert [m["step"] for m in first] == list(range(6))
     assert first[-1]["loss"] < first[0]["loss"]
@@ -302,6 +305,9 @@ def test_train_cli_and_resume(init_dir, tmp_path, capsys):
     assert main(args + ["--resume"]) == 0
     second = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
     assert [m["step"] for m in second] == list(range(6))
+    again = [json.loads(ln) for ln in open(out / "eval.jsonl")]    # steps 2 kept, 4 and 6 evaluated again
+    assert [e["step"] for e in again] == [2, 4, 6]
+    np.testing.assert_allclose([e["loss"] for e in again], [e["loss"] for e in evals], rtol=1e-5)
     np.testing.assert_allclose([m["loss"] for m in second], [m["loss"] for m in first], rtol=1e-6)
     assert main(args[:-2] + ["--resume", "--batch", "8"]) == 2  # different data: refused
     err = capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Writes under ``--out``: ``ckpt/`` (Orbax train state every ``--save-every`` steps and at the end),
 ``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings), ``eval.json``
-(held-out metrics, unless ``--eval-batches 0``) and ``hub/`` (the final model in the Hub layout with
+(held-out metrics, unless ``--eval-batches 0``), ``eval.jsonl`` (one line per evaluation:
+every ``--eval-every`` steps and at the end) and ``hub/`` (the final model in the Hub layout with
 the tokenizer files: ``deepseek-jax score OUT/hub`` works).
 """
 
@@ -81,6 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export-fp8", action="store_true", help="export OUT/hub with 128x128 block-FP8 linear weights")
     p.add_argument("--eval-batches", type=int, default=4,
                    help="held-out batches evaluated at the end, into OUT/eval.json (default 4; 0: none)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also evaluate them every N steps; each evaluation (the final one too) is a line of "
+                        "OUT/eval.jsonl (default 0: only at the end)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the package's tiny tokenizer)")
     p.add_argument("--data-parallel", type=int, default=1, metavar="N",
                    help="shard each batch over the first N devices, parameters replicated (default 1; "
@@ -105,7 +109,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
     for flag, value, lo in (("--steps", args.steps, 0), ("--batch", args.batch, 1), ("--warmup", args.warmup, 0),
                             ("--save-every", args.save_every, 0), ("--eval-batches", args.eval_batches, 0),
-                            ("--data-parallel", args.data_parallel, 1), ("--grad-accum", args.grad_accum, 1)):
+                            ("--data-parallel", args.data_parallel, 1), ("--grad-accum", args.grad_accum, 1),
+                            ("--eval-every", args.eval_every, 0)):
         if value is not None and value < lo:
             raise bad(flag, value, f">= {lo}")
     if args.seq_len is not None and args.seq_len < 4:
@@ -120,6 +125,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise bad(flag, value, "a number >= 0")
     if math.isnan(args.clip):
         raise bad("--clip", args.clip, "a number (<= 0 disables clipping)")
+    if args.eval_every and not args.eval_batches:
+        raise DeepSeekError("--eval-every needs --eval-batches > 0")
     if args.batch % args.grad_accum:
         raise DeepSeekError(f"--batch {args.batch} must be a multiple of --grad-accum {args.grad_accum}")
     if (args.batch // args.grad_accum) % args.data_parallel:
@@ -317,6 +324,13 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
                 kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) < start]
         with open(metrics_path, "w", encoding="utf-8") as f:
             f.writelines(kept)
+        evals_path = os.path.join(out, "eval.jsonl")
+        kept = []
+        if args.resume and os.path.exists(evals_path):
+            with open(evals_path, encoding="utf-8") as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        with open(evals_path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
     meta = {"data": describe, "model_config": model_cfg, "lora": lora_info}
 
@@ -325,7 +339,17 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
 
     bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     pending = None
-    t_last, tok_rate, last = time.perf_counter(), None, None
+    t_last, tok_rate, last, held = time.perf_counter(), None, None, ""
+
+    def evaluate() -> dict:
+        """Held-out metrics at the current step, appended to OUT/eval.jsonl."""
+        nonlocal held
+        ev = trainer.evaluate(heldout, args.eval_batches)
+        held = f" held-out {ev['loss']:.3f}"
+        if main:
+            with open(os.path.join(out, "eval.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": trainer.step, **ev}) + "\n")
+        return ev
 
     def flush(item):
         nonlocal t_last, tok_rate, last
@@ -340,7 +364,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **m}) + "\n")
         bar.set_postfix_str(f"loss {m['loss']:.3f} mtp {m['mtp_ce']:.3f} {tok_rate:,.0f} tok/s "
-                            f"imb {m['imbalance']:.2f}", refresh=False)
+                            f"imb {m['imbalance']:.2f}{held}", refresh=False)
         bar.update(1)
 
     try:
@@ -353,6 +377,11 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
                 flush(pending)
                 pending = None
                 save()
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                evaluate()
         if pending is not None:
             flush(pending)
     finally:
@@ -363,7 +392,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         print(f"step {trainer.step}: loss {last['loss']:.4f} ce {last['ce']:.4f} mtp {last['mtp_ce']:.4f} "
               f"imbalance {last['imbalance']:.2f}")
     if args.eval_batches > 0:
-        ev = trainer.evaluate(heldout, args.eval_batches)
+        ev = evaluate()
         print("held-out: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         if main:
             with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
