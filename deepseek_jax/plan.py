@@ -176,7 +176,8 @@ class TrainPlan:
     trained: int               # bytes / device: the trained parameters
     frozen: int                # bytes / device: the other weights (FP8 ones for LoRA), router biases
     moments: int               # bytes / device: AdamW's two moments (the parameters' dtype)
-    grads: int                 # bytes / device: the gradients (as the trained parameters)
+    grads: int                 # bytes / device: the gradients (as the trained parameters; twice that with
+                               # gradient accumulation: the running sum and one microbatch's)
     step_temp: int | None      # XLA temporaries of forward + backward (None: not compiled)
     apply_temp: int | None     # XLA temporaries of the optimizer step
     device: str
@@ -287,13 +288,15 @@ def step_programs(trainer, state, batch: int, seq: int):
 def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: str = "full", rules: str = "ep_tp",
                     batch: int = 1, seq_len: int = 4096, lora_rank: int = 16, lora_targets=None,
                     trainable: str | None = None, param_dtype: str = "float32", remat: bool = False,
-                    device: str = "h200", compile_steps: bool = True) -> TrainPlan:
+                    grad_accum: int = 1, device: str = "h200", compile_steps: bool = True) -> TrainPlan:
     """Per-device memory of training ``cfg`` on a mesh as ``deepseek-jax train`` shards it.
 
     ``mode="full"``: every parameter (or those ``trainable`` matches) trained in ``param_dtype``,
     the config's FP8 ignored, as ``train --config``; ``"lora"``: adapters of ``lora_rank`` over the
     config's weights as they are (FP8 kept, frozen), as ``train --init CKPT --lora-rank R``;
-    ``remat``: layers rematerialised in the backward pass (``train --remat``). Every
+    ``remat``: layers rematerialised in the backward pass (``train --remat``); ``grad_accum``: the
+    batch in that many microbatches (``train --grad-accum``: one microbatch's activations, and a
+    second copy of the gradients, the running sum). Every
     count comes from the Trainer's shardings of its state (exact); with ``compile_steps`` the
     step's two programs are compiled for the fake CPU mesh and their temporaries read (an estimate
     for a GPU or TPU, as in :func:`make_plan`). ``batch`` x ``seq_len``: the tokens of one step."""
@@ -314,8 +317,12 @@ def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: st
     n = math.prod(mesh_shape.values())
     if jax.device_count() < n:
         raise DeepSeekError(f"plan needs {n} (fake) devices, this process has {jax.device_count()}")
-    if batch % mesh_shape.get("data", 1):
-        raise DeepSeekError(f"--batch {batch} must be a multiple of the mesh's data axis ({mesh_shape['data']})")
+    if batch % grad_accum:
+        raise DeepSeekError(f"--batch {batch} must be a multiple of --grad-accum {grad_accum}")
+    micro = batch // grad_accum
+    if micro % mesh_shape.get("data", 1):
+        raise DeepSeekError(f"--batch {batch}" + (f" / --grad-accum {grad_accum}" if grad_accum > 1 else "")
+                            + f" must be a multiple of the mesh's data axis ({mesh_shape['data']})")
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
     prec = Precision(dtype=jnp.bfloat16)
     if mode == "lora":
@@ -340,9 +347,9 @@ def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: st
     if compile_steps:
         temps = {}
         with jax.set_mesh(mesh):
-            for name, fn, args, donate in step_programs(trainer, state, batch, seq_len):
+            for name, fn, args, donate in step_programs(trainer, state, micro, seq_len):
                 temps[name] = int(jax.jit(fn, donate_argnums=donate).lower(*args).compile()
                                   .memory_analysis().temp_size_in_bytes)
         step_temp, apply_temp = temps["loss_and_grads"], temps["apply"]
-    return TrainPlan(dict(mesh_shape), mode, count, trained, frozen, moments, trained, step_temp, apply_temp,
-                     device, DEVICES[device])
+    return TrainPlan(dict(mesh_shape), mode, count, trained, frozen, moments, trained * (2 if grad_accum > 1 else 1),
+                     step_temp, apply_temp, device, DEVICES[device])

@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "as train's)")
     t.add_argument("--remat", action="store_true", help="with --train: layers rematerialised in the backward "
                    "pass, as train --remat")
+    t.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="with --train: --batch in K microbatches, as train --grad-accum (default 1)")
     t.add_argument("--trainable", metavar="REGEX", default=None,
                    help="with --train: train only these parameters (lora: in addition to the adapters), as train's")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_train(args)
     for flag, value, default in (("--seq-len", args.seq_len, None), ("--lora-rank", args.lora_rank, 16),
                                  ("--param-dtype", args.param_dtype, "float32"), ("--trainable", args.trainable, None),
-                                 ("--remat", args.remat, False)):
+                                 ("--remat", args.remat, False), ("--grad-accum", args.grad_accum, 1)):
         if value != default:
             raise DeepSeekError(f"{flag} applies to training: add --train full|lora")
 
@@ -123,9 +125,12 @@ def _run_train(args: argparse.Namespace) -> int:
                                                                               "auto")):
         if value != default:
             raise DeepSeekError(f"{flag} applies to inference plans, not --train (use --seq-len and --batch)")
-    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--lora-rank", args.lora_rank)):
+    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--lora-rank", args.lora_rank),
+                        ("--grad-accum", args.grad_accum)):
         if value is not None and value < 1:
             raise DeepSeekError(f"{flag} must be >= 1, got {value}")
+    if args.batch % args.grad_accum:
+        raise DeepSeekError(f"--batch {args.batch} must be a multiple of --grad-accum {args.grad_accum}")
     if args.trainable is not None:
         import re
         try:
@@ -147,13 +152,15 @@ def _run_train(args: argparse.Namespace) -> int:
     from deepseek_jax.plan import make_train_plan
     plan = make_train_plan(cfg, sizes, mode=args.train, rules=args.rules, batch=args.batch, seq_len=seq,
                            lora_rank=args.lora_rank, trainable=args.trainable, param_dtype=args.param_dtype,
-                           remat=args.remat, device=args.device, compile_steps=not args.no_compile)
+                           remat=args.remat, grad_accum=args.grad_accum, device=args.device,
+                           compile_steps=not args.no_compile)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
         weights = "FP8 (frozen) + LoRA" if args.train == "lora" and cfg.fp8 else (
             args.param_dtype if args.train == "full" else "BF16 (frozen) + LoRA")
+        micro = f" in {args.grad_accum} microbatches" if args.grad_accum > 1 else ""
         print(f"{cfg.num_hidden_layers} layers, training {args.train}: {weights}, {args.batch} x {seq} tokens per "
-              f"step{', remat' if args.remat else ''}, rules {args.rules}")
+              f"step{micro}{', remat' if args.remat else ''}, rules {args.rules}")
         print(plan.table())
     return 0
