@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 
 from deepseek_jax.errors import DeepSeekError
@@ -28,8 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _trained_model(path: str) -> str:
+    """``deepseek-jax train``'s output directory stands for the model it trained, ``OUT/hub``."""
+    hub = os.path.join(path, "hub")
+    if (os.path.isfile(os.path.join(path, "run.json")) and not os.path.isfile(os.path.join(path, "config.json"))
+            and os.path.isfile(os.path.join(hub, "config.json"))):
+        print(f"note: {path} is a training run's output: using its trained model, {hub}", file=sys.stderr)
+        return hub
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "chat", "score") and isinstance(getattr(args, "ckpt", None), str):
+        args.ckpt = _trained_model(args.ckpt)
     try:
         # Contexts a command enters for its whole run (e.g. the device mesh) close with it.
         with contextlib.ExitStack() as args.exit_stack:

@@ -249,6 +249,8 @@ class HubReader:
             hint = ""
             if os.path.isfile(os.path.join(run, "run.json")):   # OUT/ckpt/STEP of `deepseek-jax train`
                 hint = f" (a training state; the trained model to load is {os.path.join(run, 'hub')})"
+            elif os.path.isfile(os.path.join(self.path, "run.json")):   # OUT itself
+                hint = f" (a training run's output; the trained model to load is {os.path.join(self.path, 'hub')})"
             raise _error(f"{path}: config file not found{hint}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _error(f"{path}: cannot read config, not valid JSON ({e})") from None

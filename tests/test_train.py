@@ -285,6 +285,7 @@ def test_train_cli_and_resume(init_dir, tmp_path, capsys):
     import shutil
 
     from deepseek_jax.cli import main
+    from deepseek_jax.errors import DeepSeekError
     from deepseek_jax.tokenizer import Tokenizer
 
     out = tmp_path / "run"
@@ -322,6 +323,12 @@ def test_train_cli_and_resume(init_dir, tmp_path, capsys):
     np.save(out / "ids.npy", np.ones((1, 4), np.int32))
     assert main(["score", str(out / "ckpt" / "6"), "--ids", str(out / "ids.npy"), "--out", str(out / "x.npy")]) == 2
     assert f"the trained model to load is {hub}" in capsys.readouterr().err
+    # the run's directory itself stands for its trained model (a note says so); from Python, a hint
+    assert main(["score", str(out), "--ids", str(out / "ids.npy"), "--out", str(out / "x.npy")]) == 0
+    assert f"using its trained model, {hub}" in capsys.readouterr().err
+    assert np.load(out / "x.npy").shape[:2] == (1, 4)
+    with pytest.raises(DeepSeekError, match="a training run's output; the trained model to load is"):
+        api.load(str(out))
 
 
 def test_trainable_subset(init_dir, data):
