@@ -740,16 +740,24 @@ def _prepare(graphdef, weights: Weights) -> _Prepared:
 
 
 def _remember(full_key, value):
-    if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
+    if len(_EXECUTABLES) >= _MAX_EXECUTABLES:   # the least recently used goes
         _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
     _EXECUTABLES[full_key] = value
+
+
+def _recall(full_key):
+    """The cached executables of ``full_key`` (None if absent), now the most recently used."""
+    hit = _EXECUTABLES.pop(full_key, None)
+    if hit is not None:
+        _EXECUTABLES[full_key] = hit
+    return hit
 
 
 def _prefix_executable(prep: _Prepared, ids_1P, chunk: int | None):
     """The compiled :func:`_prefill_prefix` for this prefix length (and chunk), taking
     ``prep.leaves``, and the seconds spent compiling it (0 on a cache hit)."""
     full_key = (prep.ident, ("shared prefix", ids_1P.shape[1], chunk))
-    hit = _EXECUTABLES.get(full_key)
+    hit = _recall(full_key)
     if hit is not None:
         return hit[0], 0.0
     graphdef, treedef = prep.graphdef, prep.treedef
@@ -769,7 +777,7 @@ def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
     taking ``prep.leaves``, and the seconds spent compiling (0 on a cache hit)."""
     graphdef, treedef = prep.graphdef, prep.treedef
     full_key = (prep.ident, key)
-    hit = _EXECUTABLES.get(full_key)
+    hit = _recall(full_key)
     if hit is not None:
         return hit, 0.0
     _, _, S, greedy, filtered, spec, chunk, cont, *rest = key
@@ -786,9 +794,14 @@ def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
     pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a, chunk=chunk,
                                            logprobs=lp, top_logprobs=top))
     pre_c = pre.lower(prep.leaves, *prefill_args, knobs).compile()
-    state_shape = jax.eval_shape(pre, prep.leaves, *prefill_args, knobs)
+    # The decode loop takes the state as the prefill leaves it, and leaves it so (streaming feeds
+    # it back): on a mesh XLA may split a state array (the token buffer over ``expert``), and a
+    # decode compiled for the replicated default refused the prefill's output.
+    state_sh = pre_c.output_shardings
+    state_shape = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                               jax.eval_shape(pre, prep.leaves, *prefill_args, knobs), state_sh)
     dec = jax.jit(lambda w, st, lim, kn: decode_fn(graphdef, greedy, filtered, weights(w), st, lim, kn),
-                  donate_argnums=1)
+                  donate_argnums=1, out_shardings=state_sh)
     dec_c = dec.lower(prep.leaves, state_shape, np.int32(0), knobs).compile()
     _remember(full_key, (pre_c, dec_c))
     return (pre_c, dec_c), time.perf_counter() - t0
