@@ -77,3 +77,20 @@ def test_exact_match_through_convert(orbax_gen, heldout):
     spec = orbax_gen.generate(prompts, max_new_tokens=8, speculative="mtp")
     assert [r.output_ids for r in spec] == [r.output_ids for r in results]
     assert orbax_gen.last_stats.acceptance_rate >= 0.8
+
+
+def test_fine_tuning_the_shipped_model_uses_its_tokenizer(tmp_path, capsys):
+    """``train --init DEMO --lora-rank 2`` on chat data: the demo model's own tokenizer (its
+    vocabulary of 264 is smaller than the package's tiny one) is the default; the run's directory
+    then generates through its exported model."""
+    from deepseek_jax.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}", "completion": str(2 * i)}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    assert main(["train", "--init", demo_checkpoint(), "--lora-rank", "2", "--data", str(data), "--steps", "1",
+                 "--batch", "4", "--eval-batches", "0", "--out", str(out)]) == 0
+    assert Tokenizer.from_dir(out / "hub").vocab_size == Tokenizer.from_dir(demo_checkpoint()).vocab_size
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "12+30", "--chat", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]

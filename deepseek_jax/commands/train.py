@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="also evaluate them every N steps; each evaluation (the final one too) is a line of "
                         "OUT/eval.jsonl (default 0: only at the end)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the package's tiny tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --init's, when it has tokenizer.json; "
+                                       "else the package's tiny tokenizer)")
     p.add_argument("--data-parallel", type=int, default=1, metavar="N",
                    help="shard each batch over the first N devices, parameters replicated (default 1; "
                         "the same as --mesh data=N)")
@@ -181,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise DeepSeekError(f"--lora-targets: no adapter for {', '.join(map(repr, bad))} "
                                 f"(choose from {', '.join(TARGET_NAMES)})")
-    tok_dir = args.tokenizer or TINY_TOKENIZER_DIR
+    tok_dir = args.tokenizer or (args.init if args.init and os.path.isfile(os.path.join(args.init, "tokenizer.json"))
+                                 else TINY_TOKENIZER_DIR)
     tok = load_tokenizer(tok_dir)
     if args.config:
         cfg = load_config(args.config)
@@ -190,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfg.replace(fp8=False)
     if cfg.vocab_size < tok.vocab_size:
         if args.init:
-            raise DeepSeekError(f"--init model has vocab_size {cfg.vocab_size} < the tokenizer's {tok.vocab_size}")
+            raise DeepSeekError(f"--init model has vocab_size {cfg.vocab_size} < the tokenizer's {tok.vocab_size} "
+                                f"({tok_dir}): give --tokenizer the checkpoint's tokenizer directory")
         print(f"note: vocab_size {cfg.vocab_size} < the tokenizer's {tok.vocab_size}: training with "
               f"vocab_size {tok.vocab_size}")
         cfg = cfg.replace(vocab_size=tok.vocab_size)
