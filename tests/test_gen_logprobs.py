@@ -336,6 +336,10 @@ def test_top_logprobs_off_by_default_json_and_executables(gen, prompts, greedy, 
     the executables' key: its state holds exactly two arrays more than ``logprobs`` alone, the
     int32 and float32 ``[Bb, S, K]`` buffers; K = 0 reuses the ``logprobs`` executables."""
     assert all(r.top_logprobs is None for r in greedy)
+    # (the executables these calls need, used again first: other tests in this process may have
+    # pushed them out of the generator's bounded cache since)
+    for kw in (dict(), dict(logprobs=True), dict(top_logprobs=K)):
+        gen.generate(prompts, **kw, **KW)
     n = gen.compile_count
     for kw in (dict(), dict(top_logprobs=0), dict(logprobs=True, top_logprobs=0)):
         res = gen.generate(prompts, **kw, **KW)
