@@ -57,7 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deepseek_jax.config import load_config
-    from deepseek_jax.sharding import MESH_AXES, parse_mesh
 
     if args.train is not None:
         return _run_train(args)
@@ -87,14 +86,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.max_len > cfg.max_position_embeddings:
         raise DeepSeekError(f"--max-len {args.max_len} exceeds the config's max_position_embeddings "
                             f"{cfg.max_position_embeddings}")
-    sizes = parse_mesh(args.mesh, 1 << 30)
-    n = math.prod(sizes[a] for a in MESH_AXES)
-    import jax
-    try:  # a fake CPU mesh of the requested size; only possible before jax's backends start
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", n)
-    except Exception:  # noqa: BLE001 - already initialised: make_plan checks the count
-        pass
+    sizes = _fake_mesh(args.mesh)
     from deepseek_jax.plan import make_plan
     from deepseek_jax.commands.generate import prefill_chunk_from_args
     chunk = prefill_chunk_from_args(args)
@@ -118,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     """``plan --train full|lora``: :func:`deepseek_jax.plan.make_train_plan`."""
     from deepseek_jax.config import load_config
-    from deepseek_jax.sharding import MESH_AXES, parse_mesh
 
     for flag, value, default in (("--max-len", args.max_len, None), ("--prompt-len", args.prompt_len, None),
                                  ("--prefill-batch", args.prefill_batch, 1), ("--prefill-chunk", args.prefill_chunk,
@@ -141,14 +132,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dtype:
         cfg = cfg.replace(fp8=args.dtype == "fp8")
     seq = args.seq_len or min(4096, cfg.max_position_embeddings)
-    sizes = parse_mesh(args.mesh, 1 << 30)
-    n = math.prod(sizes[a] for a in MESH_AXES)
-    import jax
-    try:  # a fake CPU mesh of the requested size; only possible before jax's backends start
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", n)
-    except Exception:  # noqa: BLE001 - already initialised: make_train_plan checks the count
-        pass
+    sizes = _fake_mesh(args.mesh)
     from deepseek_jax.plan import make_train_plan
     plan = make_train_plan(cfg, sizes, mode=args.train, rules=args.rules, batch=args.batch, seq_len=seq,
                            lora_rank=args.lora_rank, trainable=args.trainable, param_dtype=args.param_dtype,
@@ -164,3 +148,19 @@ def _run_train(args: argparse.Namespace) -> int:
               f"step{micro}{', remat' if args.remat else ''}, rules {args.rules}")
         print(plan.table())
     return 0
+
+
+def _fake_mesh(text: str) -> dict[str, int]:
+    """The ``--mesh`` sizes, with this process set up to fake that many CPU devices (possible only
+    before jax's backends start; else the plan functions check the count)."""
+    import jax
+
+    from deepseek_jax.sharding import MESH_AXES, parse_mesh
+
+    sizes = parse_mesh(text, 1 << 30)
+    try:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", math.prod(sizes[a] for a in MESH_AXES))
+    except Exception:  # noqa: BLE001 - already initialised
+        pass
+    return sizes
