@@ -131,8 +131,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.batch % args.grad_accum:
         raise DeepSeekError(f"--batch {args.batch} must be a multiple of --grad-accum {args.grad_accum}")
     if (args.batch // args.grad_accum) % args.data_parallel:
-        raise DeepSeekError(f"--batch {args.batch} / --grad-accum {args.grad_accum} must be a multiple of "
-                            f"--data-parallel {args.data_parallel}")
+        raise DeepSeekError(f"--batch {args.batch}" + (f" / --grad-accum {args.grad_accum}" if args.grad_accum > 1
+                                                        else "") + f" must be a multiple of --data-parallel "
+                            f"{args.data_parallel}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DeepSeekError(f"--out: {args.out} exists and is not a directory")
 
