@@ -7,13 +7,21 @@ tokens and its ``E_l = E / n_expert`` experts (and, when the expert hidden dim i
 Two dispatch modes, chosen statically from the token count:
 
 * **all-to-all** (tokens split over ``expert`` too; prefill and large batches): each device
-  sorts its (token, expert) assignments by expert, packs them per destination shard into a
-  fixed buffer ``[n_expert, cap, D]``, ``all_to_all`` sends each shard its rows, the shard runs
-  grouped GEMMs over its local experts, and a second ``all_to_all`` returns the results to the
-  slots they came from. ``cap = tokens_local * min(K, E_l)`` is the worst case (a token's K
-  experts are distinct, so at most ``min(K, E_l)`` of them live on one shard): no token is ever
-  dropped, at inference or in training. (A ``ragged_all_to_all`` exchange that sends only the
-  filled rows is the GPU/TPU optimisation; it is not implemented on CPU, where this runs.)
+  sorts its (token, expert) assignments by expert and packs them per destination shard into a
+  buffer ``[n_expert, C, D]``; ``all_to_all`` sends each shard its rows, the shard runs grouped
+  GEMMs over its local experts, and a second ``all_to_all`` returns the results to the slots
+  they came from. No token is ever dropped, at inference or in training. ``C`` is
+  ``Precision.ep_capacity`` (default 2) times the balanced share ``tokens_local * K / n_expert``;
+  a pair with more rows than ``C`` sends them in further rounds, and every shard runs as many
+  rounds as the fullest pair of the whole mesh needs (``pmax``: one, with routing no worse than
+  2x balanced). ``ep_capacity=None`` sends everything in one round sized for the worst case,
+  ``C = tokens_local * min(K, E_l)`` (a token's K experts are distinct, so at most
+  ``min(K, E_l)`` of them live on one shard): ``n_expert * min(K, E_l) / K`` times the balanced
+  share, 16x on DeepSeek-V3's 16-shard deployment, in the buffers, the bytes sent and the rows
+  the grouped GEMM is handed. The rounds' backward pass runs the same rounds (a custom VJP:
+  a ``while`` loop has no reverse-mode derivative), recomputing their rows. (A
+  ``ragged_all_to_all``, which sends only the filled rows, is GPU/TPU only: XLA's CPU backend
+  does not implement it in jax 0.11.2.)
 * **replicated tokens** (few tokens, e.g. decode at batch 1): every expert shard sees all of
   its data shard's tokens, computes the assignments to its own experts, and the outputs are
   summed over ``expert``: DeepSeek's own demo does this (an all-reduce after the MoE).
@@ -21,9 +29,12 @@ Two dispatch modes, chosen statically from the token count:
 
 from __future__ import annotations
 
+import functools
 import math
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.kernel_mesh import shard_map_mesh
@@ -80,6 +91,8 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
         tok_axes = tok_axes + ("expert",)
     tok_spec = P(tok_axes or None, None)
 
+    sm_mesh = shard_map_mesh(mesh)
+
     def body(x, idx, w, lay, *flat):
         arr = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(3))
         offset = None
@@ -88,7 +101,7 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
             offset = lay * E_l
         shard = jax.lax.axis_index("expert") if e_split and n_ep > 1 else 0
         if a2a:
-            y = _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset)
+            y = _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset, sm_mesh.axis_names)
         else:
             y = _dispatch_replicated(arr, x, idx, w, prec, shard, E_l, offset)
             axes = (("expert",) if e_split and n_ep > 1 else ()) + (("model",) if f_split else ())
@@ -100,7 +113,7 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
     for (w, s), (ws, ss) in zip(arrays, w_specs):
         flat_args += [w, s]
         flat_specs += [ws, ss]
-    fn = jax.shard_map(body, mesh=shard_map_mesh(mesh), in_specs=(tok_spec, tok_spec, tok_spec, P(), *flat_specs),
+    fn = jax.shard_map(body, mesh=sm_mesh, in_specs=(tok_spec, tok_spec, tok_spec, P(), *flat_specs),
                        out_specs=tok_spec, check_vma=False)
     return fn(x_MD, idx_MK, w_MK, jnp.asarray(0 if layer is None else layer, jnp.int32), *flat_args)
 
@@ -124,31 +137,141 @@ def _dispatch_replicated(arr, x, idx, w, prec, shard, E_l, offset=None):
     return _combine(y, w.reshape(-1)[order], token, m, prec.dtype)
 
 
-def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset=None):
-    """Send each assignment's row to the shard owning its expert, compute, send back."""
-    from deepseek_jax.moe import experts_apply
-
+def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset=None, axes=("expert",)):
+    """Send each assignment's row to the shard owning its expert, compute, send back.
+    ``axes``: every axis of the mesh (the rounds' count is agreed over all of them)."""
     m, K = idx.shape
-    D = x.shape[-1]
-    cap = m * min(K, E_l)
+    worst = m * min(K, E_l)
+    cap = exchange_capacity(m, K, n_ep, E_l, prec.ep_capacity)
+    static = (prec, E_l, n_ep, f_split, cap, tuple(axes))   # static: hashed by the custom VJP
+    if cap >= worst:
+        return _exchange(static, arr, x, idx, w, offset)
+    return _exchange_rounds(static, arr, x, idx, w, offset)
+
+
+def exchange_capacity(m: int, K: int, n_ep: int, E_l: int, factor: float | None) -> int:
+    """Rows per (sender, receiver) pair in one all-to-all round: ``factor`` times the balanced
+    share ``m * K / n_ep``, rounded up to 8 rows, at most the worst case ``m * min(K, E_l)``."""
+    worst = m * min(K, E_l)
+    if factor is None:
+        return worst
+    return min(worst, -(-math.ceil(factor * m * K / n_ep) // 8) * 8)
+
+
+def _assignments(idx, E_l, n_ep):
+    """The (token, expert) assignments sorted by expert: their order, destination shard, slot
+    among that destination's rows, and local expert."""
+    K = idx.shape[1]
     expert_A = idx.reshape(-1)
     order = jnp.argsort(expert_A, stable=True)          # grouped by destination, then expert
     e_sorted = expert_A[order]
     dest = e_sorted // E_l
-    start = jnp.cumsum(jnp.bincount(dest, length=n_ep)) - jnp.bincount(dest, length=n_ep)
-    slot = jnp.arange(order.shape[0]) - start[dest]
-    token = order // K
+    counts = jnp.bincount(dest, length=n_ep)
+    slot = jnp.arange(order.shape[0]) - (jnp.cumsum(counts) - counts)[dest]
+    return order, order // K, dest, slot, (e_sorted % E_l).astype(jnp.int32), counts
 
-    send_x = jnp.zeros((n_ep, cap, D), x.dtype).at[dest, slot].set(x[token])
-    send_e = jnp.full((n_ep, cap), E_l, jnp.int32).at[dest, slot].set((e_sorted % E_l).astype(jnp.int32))
+
+def _round_trip(static, arr, send_x, send_e, offset):
+    """One all-to-all round: ``send_x [n_ep, cap, D]`` rows for each shard's local experts
+    ``send_e [n_ep, cap]`` (``E_l``: an empty slot) out, the experts' outputs back in the same slots."""
+    from deepseek_jax.moe import experts_apply
+
+    prec, E_l, n_ep, f_split, cap, _ = static
+    D = send_x.shape[-1]
     recv_x = jax.lax.all_to_all(send_x.reshape(n_ep * cap, D), "expert", 0, 0, tiled=True)
     recv_e = jax.lax.all_to_all(send_e.reshape(n_ep * cap), "expert", 0, 0, tiled=True)
-
     order2 = jnp.argsort(recv_e, stable=True)           # empty slots (E_l) sort last
     sizes = jnp.bincount(recv_e, length=E_l + 1)[:E_l].astype(jnp.int32)
     y_sorted = experts_apply(arr, recv_x[order2], sizes, prec, offset)
     y = jnp.zeros_like(y_sorted).at[order2].set(y_sorted)
     if f_split:
         y = jax.lax.psum(y, "model")
-    back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(n_ep, cap, D)
+    return jax.lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(n_ep, cap, D)
+
+
+def _exchange(static, arr, x, idx, w, offset):
+    """One round, every pair's buffer the worst case: each slot a row of its own."""
+    prec, E_l, n_ep, _, cap, _ = static
+    m, D = x.shape
+    order, token, dest, slot, e_loc, _ = _assignments(idx, E_l, n_ep)
+    send_x = jnp.zeros((n_ep, cap, D), x.dtype).at[dest, slot].set(x[token])
+    send_e = jnp.full((n_ep, cap), E_l, jnp.int32).at[dest, slot].set(e_loc)
+    back = _round_trip(static, arr, send_x, send_e, offset)
     return _combine(back[dest, slot], w.reshape(-1)[order], token, m, prec.dtype)
+
+
+def _round(static, arr, x_A, r, plan, offset):
+    """Round ``r`` of the exchange: each pair's slots ``[r * cap, (r + 1) * cap)`` sent, computed
+    and returned; ``[A, D]``, zero in the rows of other rounds."""
+    _, E_l, n_ep, _, cap, _ = static
+    order, token, dest, slot, e_loc = plan
+    D = x_A.shape[-1]
+    s = slot - r * cap
+    mine = (s >= 0) & (s < cap)
+    d, s = jnp.where(mine, dest, n_ep), jnp.where(mine, s, 0)   # not this round: dropped
+    send_x = jnp.zeros((n_ep, cap, D), x_A.dtype).at[d, s].set(x_A, mode="drop")
+    send_e = jnp.full((n_ep, cap), E_l, jnp.int32).at[d, s].set(e_loc, mode="drop")
+    back = _round_trip(static, arr, send_x, send_e, offset)
+    return jnp.where(mine[:, None], back[jnp.minimum(d, n_ep - 1), s], 0)
+
+
+def _plan(static, idx):
+    """The assignments (:func:`_assignments`) and the rounds the fullest pair on the mesh needs."""
+    _, E_l, n_ep, _, cap, axes = static
+    order, token, dest, slot, e_loc, counts = _assignments(idx, E_l, n_ep)
+    rounds = (jax.lax.pmax(jnp.max(counts), axes) + cap - 1) // cap
+    return (order, token, dest, slot, e_loc), rounds
+
+
+def _rounds_out(static, arr, x_A, plan, rounds, offset):
+    """Every round's rows: ``[A, D]``, in the sorted order of the assignments."""
+    out = jnp.zeros(x_A.shape[:1] + (x_A.shape[-1],), static[0].dtype)
+    return jax.lax.fori_loop(0, rounds, lambda r, acc: acc + _round(static, arr, x_A, r, plan, offset), out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _exchange_rounds(static, arr, x, idx, w, offset):
+    """:func:`_exchange` with ``cap``-row buffers, for as many rounds as the fullest pair on the
+    mesh needs (a ``while`` loop: its backward pass is written out below, round by round)."""
+    plan, rounds = _plan(static, idx)
+    out = _rounds_out(static, arr, x[plan[1]], plan, rounds, offset)
+    return _combine(out, w.reshape(-1)[plan[0]], plan[1], x.shape[0], static[0].dtype)
+
+
+@jax.tree_util.register_static
+class _Perturbed(tuple):
+    """Whether the experts' weights get a gradient (static in the residuals)."""
+
+
+def _exchange_rounds_fwd(static, arr, x, idx, w, offset):
+    arr_grad = any(p.perturbed for p in jax.tree.leaves(arr))
+    arr, x, idx, w, offset = jax.tree.map(lambda p: p.value, (arr, x, idx, w, offset))
+    return _exchange_rounds(static, arr, x, idx, w, offset), (arr, x, idx, w, offset, _Perturbed((arr_grad,)))
+
+
+def _exchange_rounds_bwd(static, res, dy):
+    """The forward's rows recomputed (for the combine weights' gradient), then round by round the
+    gradient of each round's rows: the same exchange run backwards, in the same buffers."""
+    arr, x, idx, w, offset, (arr_grad,) = res
+    dy = jnp.zeros(dy.shape, dy.dtype) if isinstance(dy, SymbolicZero) else dy
+    m = x.shape[0]
+    plan, rounds = _plan(static, idx)
+    x_A, gather_vjp = jax.vjp(lambda xx: xx[plan[1]], x)
+    out = _rounds_out(static, arr, x_A, plan, rounds, offset)
+    _, combine_vjp = jax.vjp(lambda o, ww: _combine(o, ww.reshape(-1)[plan[0]], plan[1], m, static[0].dtype), out, w)
+    d_out, dw = combine_vjp(dy)
+
+    def one_round(r, acc):
+        if arr_grad:
+            _, vjp = jax.vjp(lambda a, xa: _round(static, a, xa, r, plan, offset), arr, x_A)
+            d_arr, dx_A = vjp(d_out)
+            return jax.tree.map(jnp.add, acc[0], d_arr), acc[1] + dx_A
+        _, vjp = jax.vjp(lambda xa: _round(static, arr, xa, r, plan, offset), x_A)
+        return acc[0], acc[1] + vjp(d_out)[0]
+
+    zeros_arr = jax.tree.map(jnp.zeros_like, arr) if arr_grad else None
+    d_arr, dx_A = jax.lax.fori_loop(0, rounds, one_round, (zeros_arr, jnp.zeros_like(x_A)))
+    return d_arr, gather_vjp(dx_A)[0], None, dw, None
+
+
+_exchange_rounds.defvjp(_exchange_rounds_fwd, _exchange_rounds_bwd, symbolic_zeros=True)

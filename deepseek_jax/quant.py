@@ -46,6 +46,11 @@ class Precision:
     scan_unroll: ``unroll`` of the ``lax.scan`` over stacked layers (1: a loop, one traced layer
       body; ``True``: straight-line code, compile time grows with the depth). A knob for
       measuring launch and loop overhead on accelerators (``benchmarks/e2e_gpu.py`` times both).
+    ep_capacity: the expert-parallel all-to-all's buffer per (sender, receiver) pair, as a multiple
+      of the balanced share ``tokens * K / n_expert`` (:mod:`deepseek_jax.expert_parallel`). Rows
+      past it go in further rounds of the exchange, so no token is dropped; the rounds run while
+      any pair has rows left. None: one exchange sized for the worst case (every pair's buffer
+      ``tokens * min(K, experts per shard)``, 16x the balanced share on 16 shards of V3).
     prefill_attention: the naive form's attention among a call's tokens. "plain" (default): float32
       scores ``[B, H, T, T]`` masked by position. "flash": a flash kernel, causal by token index,
       which is the same mask when each row's positions increase by one along the call (prefill of
@@ -61,6 +66,7 @@ class Precision:
     weights_in_place: bool | None = None
     scan_unroll: int | bool = 1
     prefill_attention: Literal["plain", "flash"] = "plain"
+    ep_capacity: float | None = 2.0
 
     def __post_init__(self):
         if self.fp8_mode not in ("w8a16", "w8a8"):
@@ -68,6 +74,9 @@ class Precision:
         if self.prefill_attention not in ("plain", "flash"):
             raise ValueError(f"Precision.prefill_attention must be 'plain' or 'flash', "
                              f"got {self.prefill_attention!r}")
+        if self.ep_capacity is not None and not (isinstance(self.ep_capacity, (int, float))
+                                                 and self.ep_capacity > 0):
+            raise ValueError(f"Precision.ep_capacity must be a positive number or None, got {self.ep_capacity!r}")
 
 
 def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
