@@ -46,20 +46,23 @@ PREFILL_ATTENTION = ("plain", "flash")
 
 
 def precision(dtype: str = "float32", fp8_mode: str = "w8a16", kernels: str = "auto",
-              prefill_attention: str = "plain") -> Precision:
+              prefill_attention: str = "plain", ep_capacity: float | None = 2.0) -> Precision:
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DeepSeekError(f"dtype {dtype!r} unsupported (float32|bfloat16)")
     if not isinstance(fp8_mode, str) or fp8_mode not in ("w8a16", "w8a8"):
         raise DeepSeekError(f"fp8 mode {fp8_mode!r} unsupported (w8a16|w8a8)")
     if not isinstance(prefill_attention, str) or prefill_attention not in PREFILL_ATTENTION:
         raise DeepSeekError(f"prefill attention {prefill_attention!r} unsupported ({'|'.join(PREFILL_ATTENTION)})")
+    if ep_capacity is not None and (isinstance(ep_capacity, bool) or not isinstance(ep_capacity, (int, float))
+                                    or not ep_capacity > 0):
+        raise DeepSeekError(f"ep_capacity must be a number > 0 or None (one worst-case exchange), got {ep_capacity!r}")
     return Precision(dtype=DTYPES[dtype], fp8_mode=fp8_mode, kernels=check_kernels(kernels),
-                     prefill_attention=prefill_attention)
+                     prefill_attention=prefill_attention, ep_capacity=ep_capacity)
 
 
 def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str = "w8a16",
          kernels: str = "auto", mtp: bool | None = None, mesh=None, rules="ep_tp",
-         prefill_attention: str = "plain") -> DeepSeekV3:
+         prefill_attention: str = "plain", ep_capacity: float | None = 2.0) -> DeepSeekV3:
     """Loads a checkpoint directory: the Hub layout (config.json + safetensors) or an Orbax
     checkpoint written by ``deepseek-jax convert`` (detected by its files).
 
@@ -70,8 +73,11 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
     axis -> mesh axis. ``kernels``: one of ``kernels_pallas.backend.IMPLS``.
     ``prefill_attention``: ``"plain"`` (float32 ``[B, heads, T, T]`` scores among a call's tokens)
     or ``"flash"`` (a flash kernel on a GPU or TPU, which never holds them: long prompts, scoring,
-    training; the plain form on CPU). Every argument (and ``$DEEPSEEK_JAX_KERNELS``) is checked
-    here, before anything is read.
+    training; the plain form on CPU). ``ep_capacity``: on a mesh with experts split over
+    ``expert``, the all-to-all's buffer per pair of devices in multiples of the balanced share
+    (rows past it go in further rounds; None: one round sized for the worst case; see
+    :mod:`deepseek_jax.expert_parallel`). Every argument (and ``$DEEPSEEK_JAX_KERNELS``) is
+    checked here, before anything is read.
     """
     from deepseek_jax import sharding
 
@@ -82,7 +88,7 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
         raise DeepSeekError(f"checkpoint: {path} is not a directory")
     if mtp is not None and not isinstance(mtp, bool):
         raise DeepSeekError(f"mtp must be True, False or None, got {mtp!r}")
-    prec = precision(dtype, fp8_mode, kernels, prefill_attention)
+    prec = precision(dtype, fp8_mode, kernels, prefill_attention, ep_capacity)
     rules = sharding.resolve_rules(rules, mesh)   # a bad preset name / mesh fails here, before any reading
     if orbax_ckpt.is_orbax_checkpoint(path):
         shardings = None

@@ -16,8 +16,9 @@ Two dispatch modes, chosen statically from the token count:
   rounds as the fullest pair of the whole mesh needs (``pmax``: one, with routing no worse than
   2x balanced). ``ep_capacity=None`` sends everything in one round sized for the worst case,
   ``C = tokens_local * min(K, E_l)`` (a token's K experts are distinct, so at most
-  ``min(K, E_l)`` of them live on one shard): ``n_expert * min(K, E_l) / K`` times the balanced
-  share, 16x on DeepSeek-V3's 16-shard deployment, in the buffers, the bytes sent and the rows
+  ``min(K, E_l)`` of them live on one shard), which is also what a small exchange uses (fewer
+  than :data:`ROUNDS_MIN_ROWS` rows in that buffer): ``n_expert * min(K, E_l) / K`` times the
+  balanced share, 16x on DeepSeek-V3's 16-shard deployment, in the buffers, the bytes sent and the rows
   the grouped GEMM is handed. The rounds' backward pass runs the same rounds (a custom VJP:
   a ``while`` loop has no reverse-mode derivative), recomputing their rows. (A
   ``ragged_all_to_all``, which sends only the filled rows, is GPU/TPU only: XLA's CPU backend
@@ -143,10 +144,19 @@ def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset=None, 
     m, K = idx.shape
     worst = m * min(K, E_l)
     cap = exchange_capacity(m, K, n_ep, E_l, prec.ep_capacity)
+    if n_ep * worst < ROUNDS_MIN_ROWS:
+        cap = worst
     static = (prec, E_l, n_ep, f_split, cap, tuple(axes))   # static: hashed by the custom VJP
     if cap >= worst:
         return _exchange(static, arr, x, idx, w, offset)
     return _exchange_rounds(static, arr, x, idx, w, offset)
+
+
+#: Below this many rows in the worst-case buffer (``n_expert * tokens * min(K, E_l)``: 15 MB at
+#: V3's width in bf16) the exchange is one worst-case round: small buffers gain nothing from
+#: rounds, and on the jnp reference path XLA hoists the experts' dequantized weights out of the
+#: rounds' loop (``plan`` on a v5p-64, decode at batch 16: 3.28 GiB of temporaries, 0.83 without).
+ROUNDS_MIN_ROWS = 1024
 
 
 def exchange_capacity(m: int, K: int, n_ep: int, E_l: int, factor: float | None) -> int:

@@ -10,6 +10,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import deepseek_jax as dj
 from deepseek_jax import sharding
@@ -116,7 +117,11 @@ def test_load_other_arguments(ckpt_a):
     _raises(lambda: dj.load(ckpt_a, fp8_mode="w4a16"), "fp8", "'w4a16'")
     _raises(lambda: dj.load(ckpt_a, mtp="yes"), "mtp", "'yes'")
     _raises(lambda: dj.load(ckpt_a, prefill_attention="fast"), "prefill attention", "'fast'", "plain|flash")
+    _raises(lambda: dj.load(ckpt_a, ep_capacity=0), "ep_capacity", "0")
+    _raises(lambda: dj.load(ckpt_a, ep_capacity="2"), "ep_capacity", "'2'")
     _raises(lambda: dj.load(123), "path", "int")
+    assert all(m.prec.ep_capacity == 1.5 for _, m in nnx.iter_modules(dj.load(ckpt_a, ep_capacity=1.5))
+               if hasattr(m, "prec"))
 
 
 def test_load_rejects_bad_rules_and_mesh(ckpt_a):
