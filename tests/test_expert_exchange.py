@@ -52,9 +52,14 @@ def _loss(fn):
     return lambda arrays, x, w: jnp.sum(fn(arrays, x, w) * r)
 
 
-@pytest.mark.parametrize("mesh_text", ["data=2,expert=4,model=1", "data=1,expert=4,model=2"])
-@pytest.mark.parametrize("routing", ["balanced", "skewed"])
-@pytest.mark.parametrize("capacity", [None, 2.0, 0.5])
+DP, TP = "data=2,expert=4,model=1", "data=1,expert=4,model=2"
+
+
+@pytest.mark.parametrize("capacity,routing,mesh_text", [
+    (None, "skewed", DP),                                  # one worst-case round
+    (2.0, "balanced", DP), (2.0, "balanced", TP),          # one round of 2x buffers
+    (2.0, "skewed", DP), (2.0, "skewed", TP),              # two rounds
+    (0.5, "balanced", DP), (0.5, "skewed", TP)])           # 2-8 rounds
 def test_exchange_equals_one_device(inputs, mesh_text, routing, capacity):
     """Outputs within 1e-6 and gradients (experts' weights, rows, combine weights) within 1e-5 of
     the sorted MoE on one device, for one worst-case round and for 1-8 rounds of smaller buffers."""
