@@ -2,7 +2,7 @@
 ``Precision.ep_capacity`` x the balanced share, side by side.
 
     python benchmarks/expert_exchange.py [--tokens 2048] [--experts 64] [--top-k 8] [--hidden 512]
-        [--moe-hidden 256] [--rounds 3] [--h200 8] [--json FILE]
+        [--moe-hidden 256] [--rounds 3] [--capacities worst,4,2,1.25] [--h200 8] [--json FILE]
 
 Part 1, on this machine: 8 CPU devices (``JAX_NUM_CPU_DEVICES``), the routed experts split over
 ``expert=8`` (float32), ``--tokens`` tokens (split over the shards, as a prefill chunk is),
@@ -75,6 +75,13 @@ def _best(fn, *args, rounds: int) -> float:
     return best
 
 
+def _capacities(text: str) -> tuple:
+    caps = tuple(None if c.strip() == "worst" else float(c) for c in text.split(",") if c.strip())
+    if not caps or caps[0] is not None or any(c is not None and c <= 0 for c in caps[1:]):
+        raise SystemExit("--capacities: 'worst' first (the baseline of the ratios), then numbers > 0")
+    return caps
+
+
 def cpu_table(a) -> list[dict]:
     E, K, D, F, M = a.experts, a.top_k, a.hidden, a.moe_hidden, a.tokens
     n_ep = 8
@@ -95,7 +102,7 @@ def cpu_table(a) -> list[dict]:
         fullest = max(int(np.bincount(d, minlength=n_ep).max()) for d in dest)
         ref = None
         base = {}
-        for cap in CAPACITIES:
+        for cap in a.capacities:
             prec = Precision(ep_capacity=cap, kernels="ref")   # the jnp reference (--h200 sets the GPU's)
             c = expert_parallel.exchange_capacity(m_local, K, n_ep, E // n_ep, cap)
 
@@ -124,7 +131,7 @@ def cpu_table(a) -> list[dict]:
     return rows
 
 
-def h200_table(n: int) -> list[dict]:
+def h200_table(n: int, capacities: tuple) -> list[dict]:
     """Part 2: compiled for ``n`` H200s, not run."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -145,17 +152,13 @@ def h200_table(n: int) -> list[dict]:
     idx = sds((M, K), jnp.int32, sharding=tok)
     w = sds((M, K), jnp.float32, sharding=tok)
     rows = []
-    for cap in CAPACITIES:
+    for cap in capacities:
         prec = Precision(dtype=jnp.bfloat16, ep_capacity=cap)
 
         def fwd(arrays, x, idx, w, prec=prec):
             return expert_parallel.moe_apply(arrays, x, idx, w, prec, mesh, rules, n_experts=E)
 
-        from jax.sharding import AbstractMesh, use_abstract_mesh
-        abstract = AbstractMesh(tuple(mesh.shape.values()), tuple(mesh.axis_names), axis_types=mesh.axis_types,
-                                abstract_device=abstract_device)
-        with jax.set_mesh(mesh), use_abstract_mesh(abstract):
-            lowered = jax.jit(fwd).lower(arrays, x, idx, w)
+        lowered = aot.lower_sharded(fwd, (arrays, x, idx, w), mesh, abstract_device)
         compiled = lowered.compile()
         c = expert_parallel.exchange_capacity(M // n, K, n, E // n, cap)
         rows.append(dict(capacity=cap, rows_per_pair=c, sent_mb_per_round=_a2a_bytes(lowered.as_text()) / 1e6,
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--moe-hidden", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--capacities", type=_capacities, default=CAPACITIES,
+                    help="comma-separated Precision.ep_capacity values, 'worst' (None) first (default worst,4,2,1.25)")
     ap.add_argument("--h200", type=int, default=0, help="also compile a real-width MoE layer for this many H200s")
     ap.add_argument("--plugins", default=None, help="directory holding the CUDA plugin (default .gpu_aot)")
     ap.add_argument("--json", default=None)
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
               f"{r['fwd_bwd_speedup']:5.2f} {r['rel_err']:8.1e}")
     h200 = []
     if a.h200:
-        h200 = h200_table(a.h200)
+        h200 = h200_table(a.h200, a.capacities)
         print(f"\n# one DeepSeek-V3 MoE layer's experts, 1024-token chunk, expert={a.h200} H200s (compiled, not run)")
         print(f"{'capacity':>8s} {'rows/pair':>9s} {'sent MB / round':>15s} {'temp MB':>8s}")
         for r in h200:

@@ -193,13 +193,17 @@ def compile_sharded(fn, args, mesh, abstract_device, donate=()):
     ``NamedSharding``s) placed on ``mesh``, a ``jax.sharding.Mesh`` of :func:`devices`: the
     program XLA would run on that many devices (collectives included); ``donate``: the donated
     arguments' positions."""
+    return lower_sharded(fn, args, mesh, abstract_device, donate).compile()
+
+
+def lower_sharded(fn, args, mesh, abstract_device, donate=()):
+    """:func:`compile_sharded` before the compile: the lowered program."""
     from jax.sharding import AbstractMesh, use_abstract_mesh
 
     abstract = AbstractMesh(tuple(mesh.shape.values()), tuple(mesh.axis_names), axis_types=mesh.axis_types,
                             abstract_device=abstract_device)
     with jax.set_mesh(mesh), use_abstract_mesh(abstract):
-        lowered = jax.jit(fn, donate_argnums=tuple(donate)).lower(*args)
-    return lowered.compile()
+        return jax.jit(fn, donate_argnums=tuple(donate)).lower(*args)
 
 
 class Launch(NamedTuple):
