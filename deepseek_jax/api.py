@@ -107,11 +107,12 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
 
 
 def init_random(cfg: DeepSeekConfig, *, seed: int = 0, dtype: str = "float32", with_mtp: bool = True,
-                prefill_attention: str = "plain", mesh=None, rules="ep_tp") -> DeepSeekV3:
+                prefill_attention: str = "plain", mesh=None, rules="ep_tp",
+                ep_capacity: float | None = 2.0) -> DeepSeekV3:
     """A randomly initialised model (compiled initialisation: seconds even for deep configs).
     With a ``mesh`` every parameter is made directly in its shards by the rules (as
     :func:`load` places them; the values do not depend on the mesh), never whole on one device."""
-    prec = precision(dtype, prefill_attention=prefill_attention)
+    prec = precision(dtype, prefill_attention=prefill_attention, ep_capacity=ep_capacity)
 
     def build():
         return DeepSeekV3(cfg, prec=prec, rngs=nnx.Rngs(seed), with_mtp=with_mtp)

@@ -30,6 +30,23 @@ def add_args(p: argparse.ArgumentParser, mesh_default: str = "all devices on exp
                    help="auto: let JAX detect the cluster (TPU pod slice, SLURM, Open MPI)")
     g.add_argument("--heartbeat-timeout", type=int, default=30,
                    help="seconds without a peer's heartbeat before this process exits with an error")
+    g.add_argument("--ep-capacity", type=ep_capacity, default=2.0, metavar="X|worst",
+                   help="expert-parallel all-to-all buffer per pair of devices, in multiples of the balanced "
+                        "share (rows past it go in further rounds; none is dropped); 'worst': one round sized "
+                        "for the worst case (default 2)")
+
+
+def ep_capacity(text: str) -> float | None:
+    """``--ep-capacity``: a number > 0, or ``worst`` (``None``: one worst-case exchange)."""
+    if text.strip().lower() == "worst":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'worst', got {text!r}")
+    return value
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -183,3 +183,34 @@ def test_score_bad_input(case, needle, ckpt_a, ids_file, tmp_path, capsys):
     assert rc == 2
     assert needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_score_ep_capacity_reaches_the_exchange(ckpt_a, tmp_path, capsys, monkeypatch):
+    """``--ep-capacity`` reaches the expert-parallel all-to-all: on ``expert=8`` at 0.25 the
+    exchange runs in rounds (the rounds' function is traced), and the logits equal one device's;
+    ``--ep-capacity worst`` runs one worst-case round. A bad value is a one-line error."""
+    from deepseek_jax import expert_parallel
+    monkeypatch.setattr(expert_parallel, "ROUNDS_MIN_ROWS", 0)   # a tiny model's exchange is small
+    calls, real = [], expert_parallel._exchange_rounds
+
+    def recorded(static, *args):
+        calls.append(static[4])   # the rows per pair of a round
+        return real(static, *args)
+
+    monkeypatch.setattr(expert_parallel, "_exchange_rounds", recorded)
+    ids_path = tmp_path / "ids.npy"
+    ids = np.random.default_rng(1).integers(0, 256, (4, 16)).astype(np.int32)
+    np.save(ids_path, ids)
+    ref = scoring.logits(load(ckpt_a), ids)
+    for cap, traced in (("0.25", True), ("worst", False)):
+        calls.clear()
+        out = tmp_path / f"logits_{cap}.npy"
+        rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", str(ids_path), "--out", str(out),
+                             "--mesh", "expert=8", "--ep-capacity", cap)
+        assert rc == 0, err
+        assert bool(calls) == traced
+        got = np.load(out)
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+    with pytest.raises(SystemExit):
+        cli.main(["score", ckpt_a, "--ids", str(ids_path), "--ep-capacity", "0"])
+    assert "--ep-capacity: expected a number > 0 or 'worst', got '0'" in capsys.readouterr().err

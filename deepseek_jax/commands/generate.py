@@ -117,7 +117,8 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
     spec = getattr(args, "speculative", None) == "mtp"
     try:
         model = dj.load(ckpt, dtype=dtype, mtp=spec, mesh=mesh, rules=rules,
-                        prefill_attention=getattr(args, "prefill_attention", "plain"))
+                        prefill_attention=getattr(args, "prefill_attention", "plain"),
+                        ep_capacity=getattr(args, "ep_capacity", 2.0))
     except DeepSeekError as e:
         if spec and "no MTP layer" in str(e):
             raise DeepSeekError(f"--speculative mtp: {ckpt} has no MTP layer to draft with "

@@ -175,7 +175,7 @@ def _run_text(args: argparse.Namespace) -> int:
     seqs = [tokenizer.encode(text) for _, text in lines]
     mesh = runtime.init(args)
     model = dj.load(args.ckpt, dtype=args.dtype, mesh=mesh, rules=args.rules,
-                    prefill_attention=args.prefill_attention)
+                    prefill_attention=args.prefill_attention, ep_capacity=args.ep_capacity)
     limit = model.cfg.max_position_embeddings
     for (lineno, _), s in zip(lines, seqs):
         if len(s) > limit:
@@ -269,7 +269,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
         requests.append((ctx, cont))
     mesh = runtime.init(args)
     model = dj.load(args.ckpt, dtype=args.dtype, mesh=mesh, rules=args.rules,
-                    prefill_attention=args.prefill_attention)
+                    prefill_attention=args.prefill_attention, ep_capacity=args.ep_capacity)
     V, limit = model.cfg.vocab_size, model.cfg.max_position_embeddings
     for (lineno, *_), (ctx, cont) in zip(pairs, requests):
         for k, ids in (("context", ctx), ("continuation", cont)):
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         raise DeepSeekError(f"--prefill {args.prefill} exceeds the {ids.shape[-1]} tokens per row of --ids")
     mesh = runtime.init(args)
     model = dj.load(args.ckpt, dtype=args.dtype, mtp=True if args.mtp else None, mesh=mesh, rules=args.rules,
-                    prefill_attention=args.prefill_attention)
+                    prefill_attention=args.prefill_attention, ep_capacity=args.ep_capacity)
     ids = dj.scoring.check_ids(model, ids)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         if args.mtp:

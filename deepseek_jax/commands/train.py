@@ -289,16 +289,18 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     t0 = time.perf_counter()
     if lora_info is not None:   # the checkpoint as it is (FP8 kept, frozen) plus adapters
         model = api.load(args.init, dtype=args.dtype, prefill_attention=args.prefill_attention, mesh=mesh,
-                         rules=args.rules)
+                         rules=args.rules, ep_capacity=args.ep_capacity)
         n = add_lora(model, rank=lora_info["rank"], alpha=lora_info["alpha"], targets=targets, seed=args.seed)
         print(f"LoRA: rank {lora_info['rank']}, alpha {lora_info['alpha']:g}, on {n} weight matrices "
               f"({', '.join(adapted_names(model))})")
     elif args.init:
-        model = load_float_model(args.init, prec=api.precision(args.dtype, prefill_attention=args.prefill_attention),
+        prec = api.precision(args.dtype, prefill_attention=args.prefill_attention, ep_capacity=args.ep_capacity)
+        model = load_float_model(args.init, prec=prec,
                                  param_dtype=jnp.dtype(args.param_dtype), cfg=cfg, mesh=mesh, rules=args.rules)
     else:   # (on a mesh both are made in their shards: no device or host holds the whole model)
         model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype, mesh=mesh, rules=args.rules,
-                                            prefill_attention=args.prefill_attention), jnp.dtype(args.param_dtype))
+                                            prefill_attention=args.prefill_attention, ep_capacity=args.ep_capacity),
+                            jnp.dtype(args.param_dtype))
     trainer = Trainer(model, tcfg, mesh=mesh, rules=args.rules)
     del model
     if tcfg.trainable is not None:
