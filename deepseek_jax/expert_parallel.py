@@ -16,8 +16,8 @@ Two dispatch modes, chosen statically from the token count:
   rounds as the fullest pair of the whole mesh needs (``pmax``: one, with routing no worse than
   2x balanced). ``ep_capacity=None`` sends everything in one round sized for the worst case,
   ``C = tokens_local * min(K, E_l)`` (a token's K experts are distinct, so at most
-  ``min(K, E_l)`` of them live on one shard), which is also what a small exchange uses (fewer
-  than :data:`ROUNDS_MIN_ROWS` rows in that buffer): ``n_expert * min(K, E_l) / K`` times the
+  ``min(K, E_l)`` of them live on one shard), which is also what a small exchange (fewer than
+  :data:`ROUNDS_MIN_ROWS` rows in that buffer) and a decode step (``moe_apply(decode=True)``) use: ``n_expert * min(K, E_l) / K`` times the
   balanced share, 16x on DeepSeek-V3's 16-shard deployment, in the buffers, the bytes sent and the rows
   the grouped GEMM is handed. The rounds' backward pass runs the same rounds (a custom VJP:
   a ``while`` loop has no reverse-mode derivative), recomputing their rows. (A
@@ -53,8 +53,11 @@ def _axes_tuple(axis) -> tuple[str, ...]:
 
 
 def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array, prec: Precision,
-              mesh, rules, *, n_experts: int, layer: jax.Array | None = None) -> jax.Array:
-    """Routed-expert output ``[M, D]`` with experts sharded over the mesh. ``layer``: the arrays
+              mesh, rules, *, n_experts: int, layer: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    """Routed-expert output ``[M, D]`` with experts sharded over the mesh. ``decode``: a decode
+    (or speculative verification) step, whose all-to-all is one worst-case round: rounds are a
+    ``while`` loop in every MoE layer, and a GPU runs XLA's while loops from the host, one round
+    trip per layer per token (prefill and training amortize it over their tokens). ``layer``: the arrays
     are all scanned layers' experts ``[L, E, ...]`` and this is the layer (traced); each shard
     reads its ``[L, E_l, ...]`` in place (``Precision.weights_in_place``) instead of a per-layer
     slice, which XLA copies when it feeds a Pallas call."""
@@ -102,7 +105,8 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
             offset = lay * E_l
         shard = jax.lax.axis_index("expert") if e_split and n_ep > 1 else 0
         if a2a:
-            y = _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset, sm_mesh.axis_names)
+            y = _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset, sm_mesh.axis_names,
+                                     rounds=not decode)
         else:
             y = _dispatch_replicated(arr, x, idx, w, prec, shard, E_l, offset)
             axes = (("expert",) if e_split and n_ep > 1 else ()) + (("model",) if f_split else ())
@@ -138,13 +142,14 @@ def _dispatch_replicated(arr, x, idx, w, prec, shard, E_l, offset=None):
     return _combine(y, w.reshape(-1)[order], token, m, prec.dtype)
 
 
-def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset=None, axes=("expert",)):
+def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset=None, axes=("expert",), rounds=True):
     """Send each assignment's row to the shard owning its expert, compute, send back.
-    ``axes``: every axis of the mesh (the rounds' count is agreed over all of them)."""
+    ``axes``: every axis of the mesh (the rounds' count is agreed over all of them).
+    ``rounds=False``: one worst-case round whatever ``prec.ep_capacity`` says."""
     m, K = idx.shape
     worst = m * min(K, E_l)
     cap = exchange_capacity(m, K, n_ep, E_l, prec.ep_capacity)
-    if n_ep * worst < ROUNDS_MIN_ROWS:
+    if not rounds or n_ep * worst < ROUNDS_MIN_ROWS:
         cap = worst
     static = (prec, E_l, n_ep, f_split, cap, tuple(axes))   # static: hashed by the custom VJP
     if cap >= worst:

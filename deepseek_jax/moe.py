@@ -149,7 +149,8 @@ class MoE(nnx.Module):
 
         if self.in_shard_map():   # with ``layer_idx`` the experts are all layers' [L, E, ...]
             y_MD = expert_parallel.moe_apply(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec,
-                                             self.mesh, self.rules, n_experts=E, layer=layer_idx)
+                                             self.mesh, self.rules, n_experts=E, layer=layer_idx,
+                                             decode=T <= _KERNEL_MAX_NEW)
         elif layer_idx is not None:
             y_MD = local_moe(self.experts.arrays(), x_MD, r.idx_TK, r.weight_TK, self.prec, E,
                              expert_offset=layer_idx * E, seq_len=T)

@@ -95,3 +95,8 @@ def test_buffers_shrink_and_rounds_follow_the_routing(inputs):
         rows[cap] = set(re.findall(r"all_to_all.*: \(tensor<(\d+)x32xf32>\)", hlo))
         assert ("stablehlo.while" in hlo) == (cap is not None)
     assert rows == {None: {"256"}, 2.0: {"128"}}
+    with jax.set_mesh(mesh):   # a decode step: one worst-case round whatever the capacity
+        hlo = jax.jit(lambda xx, ii: expert_parallel.moe_apply(
+            arrays, xx, ii, w, Precision(ep_capacity=0.5), mesh, sharding.RULES["ep_tp"], n_experts=E,
+            decode=True)).lower(x, routes["skewed"]).as_text()
+    assert "stablehlo.while" not in hlo and set(re.findall(r"all_to_all.*: \(tensor<(\d+)x32xf32>\)", hlo)) == {"256"}
