@@ -10,19 +10,23 @@ Two dispatch modes, chosen statically from the token count:
   sorts its (token, expert) assignments by expert and packs them per destination shard into a
   buffer ``[n_expert, C, D]``; ``all_to_all`` sends each shard its rows, the shard runs grouped
   GEMMs over its local experts, and a second ``all_to_all`` returns the results to the slots
-  they came from. No token is ever dropped, at inference or in training. ``C`` is
-  ``Precision.ep_capacity`` (default 2) times the balanced share ``tokens_local * K / n_expert``;
-  a pair with more rows than ``C`` sends them in further rounds, and every shard runs as many
-  rounds as the fullest pair of the whole mesh needs (``pmax``: one, with routing no worse than
-  2x balanced). ``ep_capacity=None`` sends everything in one round sized for the worst case,
+  they came from. No token is ever dropped, at inference or in training.
+
+  ``C`` is ``Precision.ep_capacity`` (default 2) times the balanced share
+  ``tokens_local * K / n_expert``. A pair with more rows than ``C`` sends them in further
+  rounds, and every shard runs as many rounds as the fullest pair of the whole mesh needs
+  (``pmax``; one while routing is within 2x of balanced). The backward pass runs the same
+  rounds (a custom VJP: a ``while`` loop has no reverse-mode derivative), recomputing their rows.
+
+  ``ep_capacity=None`` sends everything in one round sized for the worst case,
   ``C = tokens_local * min(K, E_l)`` (a token's K experts are distinct, so at most
-  ``min(K, E_l)`` of them live on one shard), which is also what a small exchange (fewer than
-  :data:`ROUNDS_MIN_ROWS` rows in that buffer) and a decode step (``moe_apply(decode=True)``) use: ``n_expert * min(K, E_l) / K`` times the
-  balanced share, 16x on DeepSeek-V3's 16-shard deployment, in the buffers, the bytes sent and the rows
-  the grouped GEMM is handed. The rounds' backward pass runs the same rounds (a custom VJP:
-  a ``while`` loop has no reverse-mode derivative), recomputing their rows. (A
-  ``ragged_all_to_all``, which sends only the filled rows, is GPU/TPU only: XLA's CPU backend
-  does not implement it in jax 0.11.2.)
+  ``min(K, E_l)`` of them live on one shard): ``n_expert * min(K, E_l) / K`` times the balanced
+  share (16x on DeepSeek-V3's 16-shard deployment) in the buffers, the bytes sent and the rows
+  the grouped GEMM is handed. Small exchanges (fewer than :data:`ROUNDS_MIN_ROWS` rows in that
+  buffer) and decode steps (``moe_apply(decode=True)``) use it too.
+
+  A ``ragged_all_to_all``, which sends only the filled rows, is GPU/TPU only: XLA's CPU backend
+  does not implement it in jax 0.11.2, so nothing here could test it.
 * **replicated tokens** (few tokens, e.g. decode at batch 1): every expert shard sees all of
   its data shard's tokens, computes the assignments to its own experts, and the outputs are
   summed over ``expert``: DeepSeek's own demo does this (an all-reduce after the MoE).

@@ -100,3 +100,18 @@ def test_buffers_shrink_and_rounds_follow_the_routing(inputs):
             arrays, xx, ii, w, Precision(ep_capacity=0.5), mesh, sharding.RULES["ep_tp"], n_experts=E,
             decode=True)).lower(x, routes["skewed"]).as_text()
     assert "stablehlo.while" not in hlo and set(re.findall(r"all_to_all.*: \(tensor<(\d+)x32xf32>\)", hlo)) == {"256"}
+
+
+def test_rows_gradients_with_frozen_experts(inputs):
+    """Gradients for the rows and combine weights only (the experts frozen, as with LoRA over FP8
+    weights): the rounds' backward skips the experts' gradient and still equals one device's."""
+    arrays, x, w, routes = inputs
+    idx = routes["skewed"]
+    prec = Precision(ep_capacity=0.5)
+    mesh = sharding.make_mesh(sharding.parse_mesh(TP, 8))
+    want = jax.grad(_loss(lambda a, xx, ww: sorted_moe(a, xx, idx, ww, prec, E)), argnums=(1, 2))(arrays, x, w)
+    with jax.set_mesh(mesh):
+        fn = lambda a, xx, ww: _moe(a, xx, idx, ww, prec, mesh)   # noqa: E731
+        got = jax.jit(jax.grad(_loss(fn), argnums=(1, 2)))(arrays, x, w)
+    for g, h in zip(got, want):
+        assert rel(g, h) < 1e-5
