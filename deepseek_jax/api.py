@@ -54,8 +54,9 @@ def precision(dtype: str = "float32", fp8_mode: str = "w8a16", kernels: str = "a
     if not isinstance(prefill_attention, str) or prefill_attention not in PREFILL_ATTENTION:
         raise DeepSeekError(f"prefill attention {prefill_attention!r} unsupported ({'|'.join(PREFILL_ATTENTION)})")
     if ep_capacity is not None and (isinstance(ep_capacity, bool) or not isinstance(ep_capacity, (int, float))
-                                    or not ep_capacity > 0):
-        raise DeepSeekError(f"ep_capacity must be a number > 0 or None (one worst-case exchange), got {ep_capacity!r}")
+                                    or not 0 < ep_capacity < float("inf")):
+        raise DeepSeekError(f"ep_capacity must be a finite number > 0 or None (one worst-case exchange), "
+                            f"got {ep_capacity!r}")
     return Precision(dtype=DTYPES[dtype], fp8_mode=fp8_mode, kernels=check_kernels(kernels),
                      prefill_attention=prefill_attention, ep_capacity=ep_capacity)
 

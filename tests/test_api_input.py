@@ -119,6 +119,7 @@ def test_load_other_arguments(ckpt_a):
     _raises(lambda: dj.load(ckpt_a, prefill_attention="fast"), "prefill attention", "'fast'", "plain|flash")
     _raises(lambda: dj.load(ckpt_a, ep_capacity=0), "ep_capacity", "0")
     _raises(lambda: dj.load(ckpt_a, ep_capacity="2"), "ep_capacity", "'2'")
+    _raises(lambda: dj.load(ckpt_a, ep_capacity=float("inf")), "ep_capacity", "inf")
     _raises(lambda: dj.load(123), "path", "int")
     assert all(m.prec.ep_capacity == 1.5 for _, m in nnx.iter_modules(dj.load(ckpt_a, ep_capacity=1.5))
                if hasattr(m, "prec"))
