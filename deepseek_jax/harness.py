@@ -141,6 +141,18 @@ def _init_mesh(hosts: argparse.Namespace):
         raise DeepSeekError(msg) from None
 
 
+def _ep_capacity(value: float | str | None) -> float | None:
+    """``ep_capacity`` as lm_eval's ``--model_args`` gives it (a string) or Python does."""
+    from deepseek_jax import runtime
+
+    if isinstance(value, str):
+        try:
+            return runtime.ep_capacity(value)
+        except argparse.ArgumentTypeError as e:
+            raise DeepSeekError(f"ep_capacity: {e}") from None
+    return value   # a number or None: dj.load checks it
+
+
 class DeepSeekLM(TemplateLM):
     """lm_eval's ``LM`` over a deepseek_jax model.
 
@@ -154,7 +166,8 @@ class DeepSeekLM(TemplateLM):
     the model was loaded on).
 
     With ``pretrained``: ``prefill_attention`` (``plain`` or ``flash``, as ``dj.load`` takes it),
-    and devices and hosts as ``deepseek-jax generate``'s flags: ``mesh``
+    ``ep_capacity`` (the expert-parallel all-to-all's buffer, a number > 0 or ``worst``, as
+    ``--ep-capacity``; default 2), and devices and hosts as ``deepseek-jax generate``'s flags: ``mesh``
     (``"data=2,expert=4"``; default: one device, or all devices on ``expert`` when there is more
     than one process), ``rules`` (``ep_tp``, ``ep_dp``), and for a multi-host run ``coordinator``
     (``HOST:PORT`` of process 0), ``num_processes``, ``process_id`` (or the environment variables
@@ -169,11 +182,13 @@ class DeepSeekLM(TemplateLM):
                  max_batch_size: Any = None, mesh: str | None = None, rules: str = "ep_tp",
                  coordinator: str | None = None, num_processes: int | str | None = None,
                  process_id: int | str | None = None, distributed: str = "off",
-                 heartbeat_timeout: int | str = 30, prefill_attention: str = "plain", **unknown: Any) -> None:
+                 heartbeat_timeout: int | str = 30, prefill_attention: str = "plain",
+                 ep_capacity: float | str | None = 2.0, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise DeepSeekError(f"DeepSeekLM: unknown argument(s) {', '.join(sorted(unknown))} (expected "
-                                f"pretrained, dtype, prefill_attention, batch_size, max_length, max_gen_toks, seed, "
+                                f"pretrained, dtype, prefill_attention, ep_capacity, batch_size, max_length, "
+                                f"max_gen_toks, seed, "
                                 f"{', '.join(_HOST_ARGS)})")
         import jax
 
@@ -192,12 +207,13 @@ class DeepSeekLM(TemplateLM):
         if model is None:
             self._mesh = _init_mesh(hosts)
             model = dj.load(pretrained, dtype=dtype, mesh=self._mesh, rules=hosts.rules,
-                            prefill_attention=prefill_attention)
+                            prefill_attention=prefill_attention, ep_capacity=_ep_capacity(ep_capacity))
             if tokenizer is None:
                 tokenizer = Tokenizer.from_dir(pretrained)
         else:
             given = [k for k, v in vars(hosts).items() if v != _HOST_DEFAULTS[k]]
             given += ["prefill_attention"] if prefill_attention != "plain" else []
+            given += ["ep_capacity"] if ep_capacity != 2.0 else []
             if given:
                 raise DeepSeekError(f"DeepSeekLM: {', '.join(given)} apply to pretrained=DIR; a model= runs as "
                                     "it was loaded (on its mesh, after your own jax.distributed.initialize)")

@@ -113,6 +113,12 @@ def test_bad_arguments(demo, ours):
     with pytest.raises(DeepSeekError, match="prefill_attention apply to pretrained"):
         DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, prefill_attention="flash")
     assert DeepSeekLM(demo, prefill_attention="flash").model.prec.prefill_attention == "flash"
+    with pytest.raises(DeepSeekError, match="ep_capacity: expected a number > 0 or 'worst', got '0'"):
+        DeepSeekLM(demo, ep_capacity="0")
+    with pytest.raises(DeepSeekError, match="ep_capacity apply to pretrained"):
+        DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, ep_capacity="worst")
+    assert DeepSeekLM(demo, ep_capacity="0.5").model.prec.ep_capacity == 0.5   # as --model_args passes it
+    assert DeepSeekLM(demo, ep_capacity="worst").model.prec.ep_capacity is None
     with pytest.raises(DeepSeekError, match="continuation alone has"):
         ours.loglikelihood([Instance("loglikelihood", {}, ("1", "9" * 40), 0)], disable_tqdm=True)
 
