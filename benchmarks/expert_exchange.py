@@ -7,10 +7,11 @@
 Part 1, on this machine: 8 CPU devices (``JAX_NUM_CPU_DEVICES``), the routed experts split over
 ``expert=8`` (float32), ``--tokens`` tokens (split over the shards, as a prefill chunk is),
 two routings: uniform (each token's ``K`` experts drawn at random) and skewed (expert
-popularity ``1 / rank``, Zipf). Per capacity and routing: the rounds the exchange took, the
-bytes each device sends per layer (both all-to-alls, rows and expert ids), XLA's temporaries
-of the compiled forward, and the forward and forward + backward time, each the best of
-``--rounds`` calls, with the outputs checked against the worst-case exchange (float32, 1e-6).
+popularity ``1 / rank``, Zipf). Per capacity and routing: the rounds the exchange takes
+(counted from the routing as its ``pmax`` counts them), the bytes each device sends per layer
+(both all-to-alls, rows and expert ids), XLA's temporaries of the compiled forward, and the
+forward and forward + backward time, each the best of ``--rounds`` calls, with the outputs
+checked against the worst-case exchange (float32, 1e-6).
 Ratios are worst-case time / this time (above 1: faster).
 
 Part 2 (``--h200 N``, needs the CUDA plugin of ``kernels_pallas/aot.py`` in ``.gpu_aot``):

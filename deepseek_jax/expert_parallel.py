@@ -269,27 +269,36 @@ def _exchange_rounds_fwd(static, arr, x, idx, w, offset):
 
 
 def _exchange_rounds_bwd(static, res, dy):
-    """The forward's rows recomputed (for the combine weights' gradient), then round by round the
-    gradient of each round's rows: the same exchange run backwards, in the same buffers."""
+    """Round by round, the gradient of each round's rows: the same exchange run backwards, in the
+    same buffers. Each round's forward, which its VJP recomputes anyway, also gives its rows for
+    the combine weights' gradient (the rows' cotangent does not depend on them: the combine is
+    linear in the rows)."""
     arr, x, idx, w, offset, (arr_grad,) = res
     dy = jnp.zeros(dy.shape, dy.dtype) if isinstance(dy, SymbolicZero) else dy
     m = x.shape[0]
     plan, rounds = _plan(static, idx)
     x_A, gather_vjp = jax.vjp(lambda xx: xx[plan[1]], x)
-    out = _rounds_out(static, arr, x_A, plan, rounds, offset)
-    _, combine_vjp = jax.vjp(lambda o, ww: _combine(o, ww.reshape(-1)[plan[0]], plan[1], m, static[0].dtype), out, w)
-    d_out, dw = combine_vjp(dy)
+
+    def combine(o, ww):
+        return _combine(o, ww.reshape(-1)[plan[0]], plan[1], m, static[0].dtype)
+
+    out0 = jnp.zeros(x_A.shape, static[0].dtype)
+    d_out = jax.vjp(lambda o: combine(o, w), out0)[1](dy)[0]
 
     def one_round(r, acc):
+        d_arr, dx_A, out = acc
         if arr_grad:
-            _, vjp = jax.vjp(lambda a, xa: _round(static, a, xa, r, plan, offset), arr, x_A)
-            d_arr, dx_A = vjp(d_out)
-            return jax.tree.map(jnp.add, acc[0], d_arr), acc[1] + dx_A
-        _, vjp = jax.vjp(lambda xa: _round(static, arr, xa, r, plan, offset), x_A)
-        return acc[0], acc[1] + vjp(d_out)[0]
+            rows, vjp = jax.vjp(lambda a, xa: _round(static, a, xa, r, plan, offset), arr, x_A)
+            da, dxa = vjp(d_out)
+            d_arr = jax.tree.map(jnp.add, d_arr, da)
+        else:
+            rows, vjp = jax.vjp(lambda xa: _round(static, arr, xa, r, plan, offset), x_A)
+            dxa = vjp(d_out)[0]
+        return d_arr, dx_A + dxa, out + rows
 
     zeros_arr = jax.tree.map(jnp.zeros_like, arr) if arr_grad else None
-    d_arr, dx_A = jax.lax.fori_loop(0, rounds, one_round, (zeros_arr, jnp.zeros_like(x_A)))
+    d_arr, dx_A, out = jax.lax.fori_loop(0, rounds, one_round, (zeros_arr, jnp.zeros_like(x_A), out0))
+    dw = jax.vjp(lambda ww: combine(out, ww), w)[1](dy)[0]
     return d_arr, gather_vjp(dx_A)[0], None, dw, None
 
 
