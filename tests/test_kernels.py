@@ -937,7 +937,13 @@ def test_mla_kernel_matches_ref(impl, dtype):
     cache = cache.at[3, 5:9].multiply(1e3)  # a few large scores: softmax must not overflow
     o = mla_decode(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128, impl=impl)
     assert o.shape == (4, 16, 128) and o.dtype == jnp.float32
-    _assert_close(o, mla_decode_ref(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128), dtype)
+    want = mla_decode_ref(ql, qp, cache, lens, scale=0.05, kv_lora_rank=128)
+    if dtype == jnp.float32:
+        # row 3's large scores (~700) carry float32 rounding of ~4e-5 into their exponentials,
+        # whichever order a backend sums in (1.05e-5 on one CPU here, under 1e-5 on another)
+        assert rel_err(o, want) < 5 * F32_TOL
+    else:
+        _assert_close(o, want, dtype)
     assert np.all(np.asarray(o[1]) == 0.0)
 
 

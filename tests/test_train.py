@@ -553,8 +553,15 @@ def test_gradient_accumulation_equals_the_whole_batch(runs, data, tmp_path, caps
     for k in ("loss", "ce", "mtp_ce", "balance", "acc", "exact", "imbalance", "grad_norm", "tokens", "targets"):
         np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-6, err_msg=k)
     pa = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(one.state.params)}
-    for p, v in nnx.to_flat_state(four.state.params):   # (Adam's first step: ~lr x sign(g) where g ~ 0)
-        np.testing.assert_allclose(np.asarray(v[...]), pa[param_path(p)], atol=1e-4, err_msg=param_path(p))
+    for p, v in nnx.to_flat_state(four.state.params):
+        # Adam's first step moves an entry by ~lr x g / (|g| + eps): lr x sign(g) for both, except
+        # where g is near 0 and the two sums' last bits decide it (one layernorm entry landed
+        # 1.1e-4 apart on one CPU, within 1e-4 on another); those entries only within 2 lr
+        path = param_path(p)
+        got, want = np.asarray(v[...]), pa[path]
+        steady = np.abs(g_one[path]) > 1e-6
+        np.testing.assert_allclose(got[steady], want[steady], atol=1e-4, err_msg=path)
+        assert np.abs(got - want).max() <= 2 * TCFG.lr, path
     args = ["train", "--config", "tiny", "--data", "synthetic:addition", "--steps", "1", "--eval-batches", "0",
             "--batch", "6", "--grad-accum", "4", "--out", str(tmp_path / "r")]
     assert main(args) == 2
