@@ -74,7 +74,7 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
     axis -> mesh axis. ``kernels``: one of ``kernels_pallas.backend.IMPLS``.
     ``prefill_attention``: ``"plain"`` (float32 ``[B, heads, T, T]`` scores among a call's tokens)
     or ``"flash"`` (a flash kernel on a GPU or TPU, which never holds them: long prompts, scoring,
-    training; the plain form on CPU). ``ep_capacity``: on a mesh with experts split over
+    training; on CPU a blocked jnp form that holds 512 keys' scores at a time, forward and backward). ``ep_capacity``: on a mesh with experts split over
     ``expert``, the all-to-all's buffer per pair of devices in multiples of the balanced share
     (rows past it go in further rounds; None: one round sized for the worst case; see
     :mod:`deepseek_jax.expert_parallel`). Every argument (and ``$DEEPSEEK_JAX_KERNELS``) is

@@ -215,9 +215,11 @@ class MLA(nnx.Module):
         H, N, A, L = self.num_heads, self.nope, self.v_dim, self.latent
         flash_target = (kernels_pallas.backend.split_impl(self.prec.kernels)[0]
                         if self.prec.prefill_attention == "flash" else None)
-        if not absorbed and flash_target == "tpu":
+        if not absorbed and flash_target in ("tpu", "ref"):
             # TPU: the call's own tokens through the flash kernel of a chunk over the cache (below),
-            # with token indices for positions: causal by index, as the GPU's flash kernel is
+            # with token indices for positions: causal by index, as the GPU's flash kernel is.
+            # Elsewhere (CPU) the same call runs its blocked jnp form: forward and backward hold
+            # [B, T, H, 512] float32 scores at most, not [B, H, T, T] (training, long scores).
             c, k_pe = new_BTC[..., :L], new_BTC[..., L:]
             idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), pos_BT.shape)
             o_BTHA = self._cached_attention(q_nope, q_pe, self.kv_b_proj(c.astype(dtype)), k_pe, idx_BT)

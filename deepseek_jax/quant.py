@@ -55,7 +55,9 @@ class Precision:
       scores ``[B, H, T, T]`` masked by position. "flash": a flash kernel, causal by token index,
       which is the same mask when each row's positions increase by one along the call (prefill of
       right-padded prompts, scoring, training): on GPU ``kernels_pallas.causal_attention``, on TPU
-      ``kernels_pallas.cached_attention`` over the call's own keys, the plain form on CPU; and a
+      ``kernels_pallas.cached_attention`` over the call's own keys, on CPU the same call's blocked
+      jnp form (``kernels_pallas.cached_attention_blocked``: scores ``[B, T, H, 512]`` at most,
+      forward and backward; the kernels' backward too); and a
       prefill chunk over an existing cache in the naive form too (``kernels_pallas.cached_attention``,
       by position) instead of the absorbed form. Not timed on a GPU or TPU yet.
     """

@@ -1,5 +1,5 @@
 """Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode and its
-absorbed products, flash attention for prefill, the MoE router's selection, RMSNorm with a residual add, MLA's cache entries).
+absorbed products, flash attention for prefill (and its blocked jnp form), the MoE router's selection, RMSNorm with a residual add, MLA's cache entries).
 
 Self-contained: imports jax only, never ``deepseek_jax``.  Every public function has a plain-jnp
 reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas" | "pallas_gpu" |
@@ -8,6 +8,7 @@ reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas"
 
 from kernels_pallas._common import SplitK
 from kernels_pallas.backend import default_impl, resolve_impl
+from kernels_pallas.blocked_attention import cached_attention_blocked
 from kernels_pallas.flash_prefill import (cached_attention, cached_attention_ref, causal_attention,
                                           causal_attention_ref)
 from kernels_pallas.fp8_gemm import (fake_quantize_act_1x128, quantize_act_1x128, w8a8_matmul, w8a8_matmul_ref,
@@ -40,6 +41,7 @@ __all__ = [
     "rms_norm_ref",
     "rms_norm",
     "cached_attention_ref",
+    "cached_attention_blocked",
     "cached_attention",
     "causal_attention_ref",
     "causal_attention",

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas import backend
 from kernels_pallas._common import next_pow2, round_up
+from kernels_pallas.blocked_attention import blocked_vjp, cached_attention_blocked
 
 __all__ = ["causal_attention_ref", "causal_attention", "cached_attention_ref", "cached_attention",
            "cached_attention_tpu"]
@@ -205,11 +206,13 @@ def _pow2(*dims) -> bool:
 
 
 def cached_attention(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, impl: str = "auto") -> jax.Array:
-    """New tokens (a prefill chunk) attending over the cache written so far, by position (see
-    :func:`cached_attention_ref`); ``impl`` as in :mod:`kernels_pallas.backend`. The GPU kernel
-    where the head sizes are powers of two, the TPU kernel where they are multiples of 128
-    (:func:`tpu_takes`; any size in the interpreter), the reference elsewhere. Differentiable:
-    a kernel's backward is the reference's (float32 scores: memory as the plain form's)."""
+    """New tokens (a prefill chunk, or a training sequence by token index) attending over the keys
+    before them, by position (see :func:`cached_attention_ref`); ``impl`` as in
+    :mod:`kernels_pallas.backend`. The GPU kernel where the head sizes are powers of two, the TPU
+    kernel where they are multiples of 128 (:func:`tpu_takes`; any size in the interpreter),
+    elsewhere the blocked jnp form (:mod:`kernels_pallas.blocked_attention`: the same function,
+    never more than ``[B, T, H, 512]`` float32 scores). Differentiable: a kernel's backward is
+    the blocked form's, bounded the same way."""
     _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
     target, interpret = backend.split_impl(impl)
     n = q_nope.shape[-1]
@@ -218,27 +221,8 @@ def cached_attention(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, impl: str =
     elif target == "tpu" and (interpret or tpu_takes(q_nope, kv)):
         kernel = functools.partial(cached_attention_tpu, interpret=interpret)
     else:
-        return cached_attention_ref(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)
-    return _with_ref_grad(kernel, scale)(q_nope, q_pe, kv, k_pe, q_pos)
-
-
-def _with_ref_grad(kernel, scale: float):
-    """``kernel`` forward, :func:`cached_attention_ref`'s VJP backward (the positions get none)."""
-
-    @jax.custom_vjp
-    def attn(q_nope, q_pe, kv, k_pe, q_pos):
-        return kernel(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)
-
-    def fwd(*args):
-        return attn(*args), args
-
-    def bwd(args, g):
-        q_pos = args[-1]
-        _, vjp = jax.vjp(lambda *a: cached_attention_ref(*a, q_pos, scale=scale), *args[:-1])
-        return (*vjp(g), None)
-
-    attn.defvjp(fwd, bwd)
-    return attn
+        return cached_attention_blocked(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)
+    return blocked_vjp(kernel, scale)(q_nope, q_pe, kv, k_pe, q_pos)
 
 
 # ---------------------------------------------------------------------------------------------------

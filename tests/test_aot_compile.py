@@ -410,7 +410,7 @@ def test_train_steps_compile_for_a_tpu_chip_with_the_tpu_kernels(tmp_path_factor
     """The same two steps for one v5p chip: the grouped TPU kernel forward, ``dx`` and ``dw``
     (megablox ``gmm`` / ``tgmm``; no ``dw`` for the FP8 experts), the FP8 projections on the TPU
     FP8 GEMM, the flash attention on the TPU's ``cached_attention`` kernel (its backward the
-    reference's)."""
+    blocked jnp form's)."""
     report = _train_report(tmp_path_factory, "tpu", TPU_PLUGIN)
     step, fwd, bwd = _train_step(report, "full")
     assert fwd.get("grouped_gemm_tpu") == 3 and fwd.get("cached_attention_tpu") == 2, fwd

@@ -1215,21 +1215,76 @@ def test_cached_attention_kernel_blocks_and_errors():
         cached_attention(qn, qp, kv, kp, pos[:, :3], scale=0.1)
 
 
-@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("impl", ["ref"] + KERNEL_IMPLS)
 def test_cached_attention_grad_is_the_references(impl):
     """The kernels have no backward of their own: ``cached_attention`` differentiates through the
-    reference (training with ``prefill_attention="flash"`` runs the TPU kernel in the naive form)."""
-    from kernels_pallas import cached_attention
+    blocked jnp form's backward (training with ``prefill_attention="flash"`` runs the TPU kernel
+    in the naive form; "ref" is the blocked form itself), which must equal ``jax.grad`` of the
+    plain reference."""
+    from kernels_pallas import cached_attention, cached_attention_ref
     qn, qp, kv, kp, pos = _cached_inputs(np.random.default_rng(52), jnp.float32)
     pos = jnp.maximum(pos, 0)
 
-    def loss(impl):
-        return lambda *a: jnp.sum(jnp.sin(cached_attention(*a, pos, scale=0.1, impl=impl)))
+    def loss(fn, **kw):
+        return lambda *a: jnp.sum(jnp.sin(fn(*a, pos, scale=0.1, **kw)))
 
-    want = jax.grad(loss("ref"), argnums=(0, 1, 2, 3))(qn, qp, kv, kp)
-    got = jax.grad(loss(impl), argnums=(0, 1, 2, 3))(qn, qp, kv, kp)
+    want = jax.grad(loss(cached_attention_ref), argnums=(0, 1, 2, 3))(qn, qp, kv, kp)
+    got = jax.grad(loss(cached_attention, impl=impl), argnums=(0, 1, 2, 3))(qn, qp, kv, kp)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_blocked_attention_matches_the_reference(dtype):
+    """``cached_attention_blocked`` in 16-key blocks over 70 keys (5 blocks, the last partial):
+    a chunk at positions 40..60 and a right-padded row that sees 3 keys, large scores in a
+    middle block (the online softmax rescales). Forward against float64 numpy; its custom
+    backward against ``jax.grad`` of the plain reference, for every input."""
+    from kernels_pallas import cached_attention_blocked, cached_attention_ref
+    rng = np.random.default_rng(53)
+    qn, qp, kv, kp, pos = _cached_inputs(rng, dtype)
+    kv = kv.at[0, 44:46, :, :32].multiply(30.0)
+    blocked = functools.partial(cached_attention_blocked, scale=0.1, block_k=16)
+    o = jax.jit(blocked)(qn, qp, kv, kp, pos)
+    assert o.shape == (2, 21, 3, 64) and o.dtype == dtype
+    _assert_close(o, np_cached_attention(qn, qp, kv, kp, pos, 0.1), dtype)
+    if dtype != jnp.float32:
+        return
+    w = jnp.asarray(rng.standard_normal(o.shape), jnp.float32)   # a cotangent with no structure
+    grads = {}
+    for name, fn in (("blocked", blocked), ("ref", functools.partial(cached_attention_ref, scale=0.1))):
+        grads[name] = jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(w * fn(*a, pos)), argnums=(0, 1, 2, 3)))(
+            qn, qp, kv, kp)
+    for g, want, name in zip(grads["blocked"], grads["ref"], ("q_nope", "q_pe", "kv", "k_pe")):
+        # atol against the gradient's scale: where the large scores' terms cancel, float32 sums
+        # in another order differ by ~1e-5 of the largest entries
+        want = np.asarray(want)
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
+    # keys no query reaches (row 1 sees 18 of 70) get exactly zero gradient
+    assert not np.asarray(grads["blocked"][2][1, 18:]).any()
+    with pytest.raises(ValueError, match="block_k must be >= 1"):
+        cached_attention_blocked(qn, qp, kv, kp, pos, scale=0.1, block_k=0)
+
+
+def test_blocked_attention_backward_holds_a_block_of_scores():
+    """What the blocked form is for: compiled, the gradient of a 1024-token causal attention
+    (4 heads) needs a fraction of the plain reference's temporaries, which hold several
+    ``[B, T, H, T]`` float32 arrays (16 MiB each here); the blocked form holds 128 keys' worth."""
+    from kernels_pallas import cached_attention_blocked, cached_attention_ref
+    b, t, h = 1, 1024, 4
+    S = jax.ShapeDtypeStruct
+    args = (S((b, t, h, 32), jnp.float32), S((b, t, h, 16), jnp.float32), S((b, t, h, 64), jnp.float32),
+            S((b, t, 16), jnp.float32))
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    def temps(fn):
+        grad = jax.grad(lambda *a: jnp.sum(fn(*a, pos, scale=0.1)), argnums=(0, 1, 2, 3))
+        return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    plain = temps(cached_attention_ref)
+    blocked = temps(functools.partial(cached_attention_blocked, block_k=128))
+    assert plain > 2 * b * t * h * t * 4, plain   # the reference: more than two [B, T, H, T] float32
+    assert blocked < plain / 4, (blocked, plain)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

@@ -91,9 +91,13 @@ def test_w8a8_fast_path_is_wired(case):
     assert 1e-3 < rel(got, case["ref"]) < 1.5
 
 
-def test_flash_prefill_attention_matches_hf(case):
-    """``Precision.prefill_attention="flash"`` with the GPU flash kernel in the interpreter."""
-    m = load_hub(case["ckpt"], prec=Precision(kernels="interpret_gpu", prefill_attention="flash"))
+@pytest.mark.parametrize("kernels", ["ref", "interpret_gpu"])
+def test_flash_prefill_attention_matches_hf(case, kernels, monkeypatch):
+    """``Precision.prefill_attention="flash"`` with the GPU flash kernel in the interpreter, and on
+    the reference backend (CPU) its blocked jnp form, here in blocks of 8 keys (3 per row)."""
+    from kernels_pallas import blocked_attention
+    monkeypatch.setattr(blocked_attention, "BLOCK_K", 8)
+    m = load_hub(case["ckpt"], prec=Precision(kernels=kernels, prefill_attention="flash"))
     got = scoring.logits(m, case["ids"][:, :24])
     assert rel(got, case["ref"][:, :24]) <= 1e-4
 

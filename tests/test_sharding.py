@@ -77,6 +77,21 @@ def test_mesh_shapes_give_single_device_results(orbax_a, single, mesh_text, rule
     assert tokens == ref_tokens
 
 
+def test_flash_attention_on_a_mesh(orbax_a, single, monkeypatch):
+    """``prefill_attention="flash"`` on CPU (the blocked attention, in 4-key blocks: 3 per row)
+    with the heads split over ``model`` and the rows over ``data``: the one-device plain logits,
+    prefill and decode."""
+    from kernels_pallas import blocked_attention
+    monkeypatch.setattr(blocked_attention, "BLOCK_K", 4)
+    ids, ref, ref_dec, _ = single
+    mesh = sharding.make_mesh(sharding.parse_mesh("data=2,expert=2,model=2", 8))
+    model = load(orbax_a, mesh=mesh, prefill_attention="flash")
+    with jax.set_mesh(mesh):
+        got = scoring.logits(model, ids)
+        dec = scoring.logits(model, ids, mode="decode", prefill=4)
+    assert rel(got, ref) < 1e-5 and rel(dec, ref_dec) < 1e-5
+
+
 def test_kernels_run_per_shard_and_give_single_device_results(orbax_a, single):
     """The Pallas kernels (here the Pallas interpreter; on a TPU, Mosaic, which refuses to be
     partitioned) inside ``shard_map``s (``deepseek_jax.kernel_mesh``): the FP8 linears split by

@@ -17,6 +17,7 @@ import pytest
 
 from deepseek_jax import api
 from deepseek_jax.hub import HubReader, hub_tensor_specs, spec_mismatches
+from deepseek_jax.quant import Precision
 from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
 from deepseek_jax.tasks import make_dataset
 from deepseek_jax.train import (TrainConfig, Trainer, cast_params, export_hub, load_float_model,
@@ -151,6 +152,26 @@ def test_gradients_match_finite_differences(init_dir, data):
     assert len(paths) > 40 and "mtp/mlp/gate/weight" in paths and "embed_tokens/weight" in paths
     # The tied MTP copies are not trained parameters: they get the gradient through the main ones.
     assert "mtp/embed_tokens/weight" not in paths and "mtp/shared_head/head/weight" not in paths
+
+
+def test_flash_attention_gradients_equal_plain(init_dir, data, monkeypatch):
+    """``prefill_attention="flash"`` on CPU trains through the blocked jnp attention (here in
+    blocks of 4 keys, so a row's 16 tokens span 4 of them) and its own backward: the loss and
+    every parameter's gradient equal the plain form's."""
+    from kernels_pallas import blocked_attention
+    monkeypatch.setattr(blocked_attention, "BLOCK_K", 4)
+    batch = data.batch_at(0)
+    out = {}
+    for mode in ("plain", "flash"):
+        trainer = Trainer(load_float_model(init_dir, prec=Precision(prefill_attention=mode)), TCFG)
+        loss, _, grads = trainer.loss_and_grads(batch)
+        out[mode] = float(loss), jax.tree_util.tree_flatten_with_path(grads)[0]
+    assert batch.ids.shape[1] > 8
+    assert abs(out["flash"][0] - out["plain"][0]) <= 1e-5 * abs(out["plain"][0])
+    for (path, g), (_, want) in zip(out["flash"][1], out["plain"][1]):
+        want = np.asarray(want)
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-3, atol=1e-4 * np.abs(want).max() + 1e-9,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_mtp_loss_term_matches_independent_computation(runs, data):
