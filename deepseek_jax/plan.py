@@ -81,10 +81,12 @@ def shard_bytes(shape, dtype, spec, mesh_shape) -> int:
 
 def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "ep_tp", batch: int = 1,
               max_len: int = 4096, prompt_len: int | None = None, prefill_batch: int = 1, device: str = "h200",
-              compile_steps: bool = True, prefill_chunk: int | str | None = "auto") -> Plan:
+              compile_steps: bool = True, prefill_chunk: int | str | None = "auto",
+              prefill_attention: str = "plain") -> Plan:
     """``prefill_chunk``: as :class:`~deepseek_jax.generate.Generator` takes it; the prefill is
     compiled the way the generator runs it (the prompt padded to its length bucket, in chunks
-    when the policy chunks it)."""
+    when the policy chunks it). ``prefill_attention``: as ``Precision`` takes it ("flash" compiles
+    here, on CPU, as the blocked jnp form: its memory, not a GPU or TPU kernel's)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -106,7 +108,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         raise DeepSeekError(f"plan needs {n} (fake) devices, this process has {jax.device_count()}")
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
     rule_table = sharding.resolve_rules(rules)
-    prec = Precision(dtype=jnp.bfloat16)
+    prec = Precision(dtype=jnp.bfloat16, prefill_attention=prefill_attention)
     model = abstract_model(cfg, prec, with_mtp=False)
     specs = sharding.model_param_specs(model, mesh_shape, rule_table)
     graphdef, state = nnx.split(model)
@@ -288,7 +290,8 @@ def step_programs(trainer, state, batch: int, seq: int):
 def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: str = "full", rules: str = "ep_tp",
                     batch: int = 1, seq_len: int = 4096, lora_rank: int = 16, lora_targets=None,
                     trainable: str | None = None, param_dtype: str = "float32", remat: bool = False,
-                    grad_accum: int = 1, device: str = "h200", compile_steps: bool = True) -> TrainPlan:
+                    grad_accum: int = 1, device: str = "h200", compile_steps: bool = True,
+                    prefill_attention: str = "plain") -> TrainPlan:
     """Per-device memory of training ``cfg`` on a mesh as ``deepseek-jax train`` shards it.
 
     ``mode="full"``: every parameter (or those ``trainable`` matches) trained in ``param_dtype``,
@@ -299,7 +302,8 @@ def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: st
     second copy of the gradients, the running sum). Every
     count comes from the Trainer's shardings of its state (exact); with ``compile_steps`` the
     step's two programs are compiled for the fake CPU mesh and their temporaries read (an estimate
-    for a GPU or TPU, as in :func:`make_plan`). ``batch`` x ``seq_len``: the tokens of one step."""
+    for a GPU or TPU, as in :func:`make_plan`). ``batch`` x ``seq_len``: the tokens of one step.
+    ``prefill_attention``: as in :func:`make_plan` (``train --prefill-attention``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -324,7 +328,7 @@ def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: st
         raise DeepSeekError(f"--batch {batch}" + (f" / --grad-accum {grad_accum}" if grad_accum > 1 else "")
                             + f" must be a multiple of the mesh's data axis ({mesh_shape['data']})")
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
-    prec = Precision(dtype=jnp.bfloat16)
+    prec = Precision(dtype=jnp.bfloat16, prefill_attention=prefill_attention)
     if mode == "lora":
         pattern = lora.LORA_PATTERN if trainable is None else f"{lora.LORA_PATTERN}|{trainable}"
         tcfg = T.TrainConfig(trainable=pattern, remat=remat)

@@ -29,12 +29,13 @@ from deepseek_jax.errors import DeepSeekError
 
 # ---- shared by generate / chat / demo --------------------------------------------------------
 def add_prefill_attention_arg(p: argparse.ArgumentParser) -> None:
-    """``--prefill-attention`` (also score and train): ``dj.load(prefill_attention=...)``."""
+    """``--prefill-attention`` (also score, train and plan): ``dj.load(prefill_attention=...)``."""
     p.add_argument("--prefill-attention", choices=("plain", "flash"), default="plain",
                    help="attention among a pass's own tokens: 'plain' (default) holds float32 [heads, T, T] "
                         "scores; 'flash' runs a flash kernel on a GPU (Triton) or TPU (Mosaic), which never "
-                        "holds them (long prompts and texts); on CPU it is the plain form. Not timed on a "
-                        "GPU or TPU yet")
+                        "holds them (long prompts and texts), and on CPU a blocked jnp form holding 512 keys' "
+                        "scores at a time; in training their backward holds no more. Not timed on a GPU or "
+                        "TPU yet")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, temperature: float = 0.2) -> None:

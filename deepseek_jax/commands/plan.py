@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+from deepseek_jax.commands.generate import add_prefill_attention_arg
 from deepseek_jax.errors import DeepSeekError
 
 
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "would hold over 2 GiB of attention scores) or 'none'")
     p.add_argument("--device", default="h200",
                    help="memory to fit: h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4|cpu (default h200)")
+    add_prefill_attention_arg(p)   # compiled here, on CPU, in its blocked jnp form
     p.add_argument("--no-compile", action="store_true", help="weights and cache only (seconds instead of minutes)")
     t = p.add_argument_group("training (instead of inference)")
     t.add_argument("--train", choices=("full", "lora"), default=None,
@@ -92,17 +94,19 @@ def run(args: argparse.Namespace) -> int:
     chunk = prefill_chunk_from_args(args)
     plan = make_plan(cfg, sizes, rules=args.rules, batch=args.batch, max_len=args.max_len,
                      prompt_len=args.prompt_len, prefill_batch=args.prefill_batch, device=args.device,
-                     compile_steps=not args.no_compile, prefill_chunk=chunk)
+                     compile_steps=not args.no_compile, prefill_chunk=chunk,
+                     prefill_attention=args.prefill_attention)
     if args.json:
         print(json.dumps({"mesh": plan.mesh, "weights": plan.weights, "weights_total": plan.weights_total,
                           "cache": plan.cache, "prefill_temp": plan.prefill_temp, "decode_temp": plan.decode_temp,
                           "decode_args": plan.decode_args, "peak": plan.peak, "device": plan.device,
                           "capacity": plan.capacity, "fits": plan.fits, "prefill_tokens": plan.prefill_tokens,
-                          "prefill_chunk": plan.prefill_chunk}))
+                          "prefill_chunk": plan.prefill_chunk, "prefill_attention": args.prefill_attention}))
     else:
         print(f"{cfg.num_hidden_layers} layers, {'FP8' if cfg.fp8 else 'BF16'} weights, decode batch {args.batch}, "
               f"max-len {args.max_len}, prefill {args.prefill_batch} x {plan.prefill_tokens} tokens"
-              f"{f' in chunks of {plan.prefill_chunk}' if plan.prefill_chunk else ''}, rules {args.rules}")
+              f"{f' in chunks of {plan.prefill_chunk}' if plan.prefill_chunk else ''}{_attention(args)}, "
+              f"rules {args.rules}")
         print(plan.table())
     return 0
 
@@ -137,17 +141,21 @@ def _run_train(args: argparse.Namespace) -> int:
     plan = make_train_plan(cfg, sizes, mode=args.train, rules=args.rules, batch=args.batch, seq_len=seq,
                            lora_rank=args.lora_rank, trainable=args.trainable, param_dtype=args.param_dtype,
                            remat=args.remat, grad_accum=args.grad_accum, device=args.device,
-                           compile_steps=not args.no_compile)
+                           compile_steps=not args.no_compile, prefill_attention=args.prefill_attention)
     if args.json:
-        print(json.dumps(plan.to_json()))
+        print(json.dumps({**plan.to_json(), "prefill_attention": args.prefill_attention}))
     else:
         weights = "FP8 (frozen) + LoRA" if args.train == "lora" and cfg.fp8 else (
             args.param_dtype if args.train == "full" else "BF16 (frozen) + LoRA")
         micro = f" in {args.grad_accum} microbatches" if args.grad_accum > 1 else ""
         print(f"{cfg.num_hidden_layers} layers, training {args.train}: {weights}, {args.batch} x {seq} tokens per "
-              f"step{micro}{', remat' if args.remat else ''}, rules {args.rules}")
+              f"step{micro}{', remat' if args.remat else ''}{_attention(args)}, rules {args.rules}")
         print(plan.table())
     return 0
+
+
+def _attention(args: argparse.Namespace) -> str:
+    return ", flash attention (blocked jnp form)" if args.prefill_attention == "flash" else ""
 
 
 def _fake_mesh(text: str) -> dict[str, int]:
