@@ -127,3 +127,17 @@ def test_expert_exchange_benchmark_small(tmp_path):
         assert x["rel_err"] < 1e-6
         if x["rounds"] == 1 and x["capacity"] is not None:
             assert x["sent_mb"] < rows[0]["sent_mb"]
+
+
+def test_attention_memory_benchmark_small(tmp_path):
+    """benchmarks/attention_memory.py at tiny sizes: it runs, its own check of the blocked form
+    against the plain one passes (exit 0), and with 4 blocks per sequence the blocked gradient's
+    temporaries are the smaller."""
+    out = tmp_path / "attn.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "attention_memory.py"), "--seqs", "512",
+                        "--heads", "2", "--block", "128", "--rounds", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["T"] == 512 and row["rel_err"] < 1e-4
+    assert row["blocked_grad_temp_mib"] < row["plain_grad_temp_mib"] / 2, row
