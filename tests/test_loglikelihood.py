@@ -87,7 +87,9 @@ def test_matches_hf(ckpt_a, model_a, monkeypatch):
         ref_sum, ref_lp, ref_greedy, margin = _hf_scores(hf, ctx, cont)
         assert g.tokens == len(cont) and g.token_logprobs.shape == (len(cont),), i
         assert g.token_logprobs.dtype == np.float32 and isinstance(g.logprob, float), i
-        assert abs(g.logprob - ref_sum) <= 1e-4, (i, g.logprob, ref_sum)
+        # float32 sums of ~20 logprobs of ~25 each: a few ulps of the sum apart (1.03e-4 at -474
+        # with XLA's CPU compiler at optimization level 0, as tests/conftest.py runs it)
+        assert abs(g.logprob - ref_sum) <= 1e-4 + 1e-6 * abs(ref_sum), (i, g.logprob, ref_sum)
         np.testing.assert_allclose(g.token_logprobs, ref_lp, rtol=0, atol=5e-5, err_msg=str(i))
         assert g.is_greedy is ref_greedy, i
         assert margin.min() > 1e-3, (i, margin)     # no near-tie: the argmax is not a rounding accident
