@@ -10,10 +10,11 @@ import os
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 # XLA's CPU backend with LLVM's optimizations off: the suite's time is mostly XLA compiling tiny
 # programs that then run for milliseconds (a generate test: 18.3 of its 27 s in
-# backend_compile), and at level 0 the suite ran in ~30% less time. The programs compute the
-# same functions. Subprocesses inherit it; the GPU and TPU compile tests drop it (their
-# launch and traffic counts are of the programs a user's accelerator would get), and a machine
-# with a GPU or TPU attached (benchmarks/gpu_session.sh runs the kernel tests there) goes without.
+# backend_compile), and at level 0 the suite ran in 1318 s instead of 1589 (2 cores). The
+# programs compute the same functions, rounded differently in the last bits. Subprocesses
+# inherit it; the GPU and TPU compile tests drop it (their launch and traffic counts are of the
+# programs a user's accelerator would get), and a machine with a GPU or TPU attached
+# (benchmarks/gpu_session.sh runs the kernel tests there) goes without.
 CPU_FAST_COMPILE = "--xla_backend_optimization_level=0"
 _accelerator = glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
 if not _accelerator and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
