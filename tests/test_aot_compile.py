@@ -50,8 +50,8 @@ needs_libtpu = pytest.mark.skipif(not os.path.isdir(os.path.join(TPU_PLUGIN, "li
                                   reason=f"no libtpu in {TPU_PLUGIN} (see kernels_pallas/aot.py)")
 TOPOLOGIES = ("v5p:2x2x1", "v6e:2x2", "tpu7x:2x2x1")
 #: 4-device meshes the real-width decode step is compiled on (``--meshes``): the experts split,
-#: and the batch and the heads split at once (``data=4`` and ``model=4`` alone, each a sharded
-#: compile of ~40 s for a TPU, add no kernel placement that the mixed mesh lacks).
+#: and the batch and the heads split at once. ``data=4`` and ``model=4`` alone were dropped: the
+#: four meshes took ~170 s of the TPU report's 317 s, and the mixed mesh splits both axes.
 MESHES = "expert=4;data=2,model=2"
 
 #: Launches per decode step of the 4-layer real-width model, the benchmark's loop and the
@@ -339,8 +339,8 @@ def test_tpu_flash_prefill_writes_no_scores(tpu_report):
 
 @needs_libtpu
 def test_decode_step_compiles_on_every_tpu_mesh(tpu_report):
-    """4 chips of a v5p, expert parallel, and data + tensor parallel at once: Mosaic refuses a Pallas call
-    GSPMD would have to split, so every kernel call runs in a ``shard_map``
+    """4 chips of a v5p, expert parallel, and data + tensor parallel at once: Mosaic refuses a
+    Pallas call GSPMD would have to split, so every kernel call runs in a ``shard_map``
     (``deepseek_jax.kernel_mesh``). Before it, each of these failed to compile ("Mosaic kernels
     cannot be automatically partitioned"). No all-gather where no axis splits the experts."""
     rows = {r["mesh"]: r for r in tpu_report["meshes"]}
@@ -353,8 +353,9 @@ def test_decode_step_compiles_on_every_tpu_mesh(tpu_report):
 @needs_plugin
 def test_decode_step_on_gpu_meshes_gathers_no_weights(report):
     """4 H200s (``expert=4``; ``data=2,model=2``): the kernels per shard instead of GSPMD gathering
-    their operands. Before, with ``model=4`` the step all-gathered the tensor-parallel weights (14 all-gathers, 2.95 GiB of
-    temporaries) and with ``expert=4`` copied each layer's experts (2.85 GiB)."""
+    their operands. Before, with ``model=4`` the step all-gathered the tensor-parallel weights (14
+    all-gathers, 2.95 GiB of temporaries) and with ``expert=4`` copied each layer's experts
+    (2.85 GiB)."""
     rows = {r["mesh"]: r for r in report["meshes"]}
     assert all(r["compiled"] for r in rows.values()), [r["error"] for r in rows.values()]
     assert rows["data=2,model=2"]["all_gathers"] == 0, rows
