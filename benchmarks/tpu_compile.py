@@ -17,7 +17,10 @@ first topology, with the TPU kernels the model picks there, and prints the Palla
 program holds, their grid steps per decode step (``aot.grid_steps``: each step of a Mosaic kernel
 has a fixed cost besides its DMA and compute, the TPU's analogue of GPU launches), its temporary
 memory and the megabytes XLA's own ops move per step (a weight or cache slice copied for a kernel
-shows there). ``--json FILE`` saves the rows
+shows there). ``--attention-backward 1024,4096`` compiles one layer's flash attention forward
+and backward at those lengths for one chip of the first topology, with the blocked jnp backward
+and with the TPU backward kernels, and prints what XLA's own ops move beside each and the ratios.
+``--json FILE`` saves the rows
 (``tests/test_aot_compile.py`` checks them).
 """
 
@@ -82,11 +85,46 @@ def model_programs(topology: str, context: int = 4096, prefill: int = 4096, chun
     return rows
 
 
+def attention_backward(topology: str, seqs: list[int], heads: int = 128) -> list[dict]:
+    """One layer's flash attention (``kernels_pallas.cached_attention``, training by token index:
+    ``T`` tokens over themselves, bf16, DeepSeek-V3's head sizes), forward and backward, compiled
+    for one chip of ``topology`` twice: the TPU kernel with the blocked jnp backward
+    (``blocked_vjp``, what it had before) and with its own backward kernels. Per ``T`` a row each:
+    what XLA's own ops move, how many there are, the temporaries."""
+    import functools
+
+    from kernels_pallas import flash_prefill
+    from kernels_pallas.blocked_attention import blocked_vjp
+
+    sds, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+    blocked = blocked_vjp(functools.partial(flash_prefill.cached_attention_tpu), 0.07)
+    forms = {"blocked jnp": blocked,
+             "kernels": functools.partial(flash_prefill.cached_attention, scale=0.07, impl="pallas_tpu")}
+    rows = []
+    for t in seqs:
+        args = (sds((1, t, heads, 128), bf16), sds((1, t, heads, 64), bf16), sds((1, t, heads, 256), bf16),
+                sds((1, t, 64), bf16), sds((1, t), jnp.int32))
+        for name, attn in forms.items():
+            def step(qn, qp, kv, kpe, pos, attn=attn):
+                loss = lambda *a: jnp.sum(attn(*a, pos).astype(jnp.float32))  # noqa: E731
+                return jax.grad(loss, argnums=(0, 1, 2, 3))(qn, qp, kv, kpe)
+
+            c = aot.compile_for_tpu(step, *args, topology=topology)
+            items = aot.launches(c.as_text())
+            xla = [i for i in items if not i.kind.startswith(("pallas:", "mosaic_gpu"))]
+            rows.append(dict(seq=t, backward=name, xla_gb=sum(i.count * (i.read + i.written) for i in xla) / 1e9,
+                             xla_ops=sum(i.count for i in xla), temp_gib=c.memory_analysis().temp_size_in_bytes / 2**30))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plugins", default=".tpu_aot", help="directory holding libtpu's files")
     ap.add_argument("--topologies", default="v5p:2x2x1,v6e:2x2,tpu7x:2x2x1")
     ap.add_argument("--model", action="store_true", help="also the real-width decode and prefill programs")
+    ap.add_argument("--attention-backward", default="",
+                    help="comma-separated sequence lengths: also one layer's flash attention forward+backward, "
+                         "the blocked jnp backward against the backward kernels, side by side")
     mesh_compile.add_arguments(ap)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -120,6 +158,18 @@ def main(argv=None) -> int:
         print(f"{'scope':16s} " + " ".join(f"{r['program'][:14]:>14s}" for r in out["model"]))
         for n in names:
             print(f"{n:16s} " + " ".join(f"{r['xla_mb'].get(n, 0.0):14.1f}" for r in out["model"]))
+    seqs = [int(x) for x in a.attention_backward.split(",") if x.strip()]
+    if seqs:
+        out["attention_backward"] = rows = attention_backward(topologies[0], seqs)
+        print(f"\none layer's flash attention, forward + backward (one chip of {topologies[0]}, 128 heads, bf16): "
+              f"XLA's own ops around the kernels")
+        print(f"{'T':>6s} {'backward':12s} {'XLA GB':>8s} {'XLA ops':>8s} {'temp GiB':>9s}")
+        for r in rows:
+            print(f"{r['seq']:6d} {r['backward']:12s} {r['xla_gb']:8.2f} {r['xla_ops']:8.0f} {r['temp_gib']:9.3f}")
+        print(f"{'T':>6s} {'ratio blocked / kernels':>24s}: XLA GB, XLA ops, temporaries")
+        for old, new in zip(rows[::2], rows[1::2]):
+            print(f"{old['seq']:6d} {'':24s}  {old['xla_gb'] / new['xla_gb']:.1f}x, {old['xla_ops'] / new['xla_ops']:.1f}x, "
+                  f"{old['temp_gib'] / new['temp_gib']:.2f}x")
     out["meshes"] = [mesh_compile.sharded_decode("tpu", m.strip(), a.mesh_devices, topology=topologies[0])
                      for m in a.meshes.split(";") if m.strip()]
     if out["meshes"]:

@@ -27,8 +27,10 @@ the device picks; ``ref``: the jnp references, no Pallas kernel). ``--prefill-at
 Per program it prints and saves (``--json FILE``) a row: whether it compiled (else the error),
 the compile time, memory from ``compiled.memory_analysis()`` (arguments, outputs, temporaries,
 donated aliases; ``peak_gib``: XLA's peak where it reports one, else their sum less the aliases),
-and the Pallas kernels in the compiled HLO by name, the forward's and the backward's apart (an op
-whose source path has ``transpose(``), and the other custom calls. The HLO holds a scanned
+the Pallas kernels in the compiled HLO by name, the forward's and the backward's apart (an op
+whose source path has ``transpose(``), the other custom calls, and ``xla_mb``: the MB that XLA's
+own ops (not the Pallas kernels) read and write per step, by the model's named scopes (``attn``,
+``experts``, ...; bytes from the HLO's shapes, :func:`kernels_pallas.aot.launches`). The HLO holds a scanned
 layer's body once, so a count is per program, not per executed layer. Exit status 1 if a
 program failed to compile (or trace).
 """
@@ -68,6 +70,7 @@ from deepseek_jax import train as T  # noqa: E402
 from deepseek_jax.config import load_config  # noqa: E402
 from deepseek_jax.plan import abstract_trainer, step_programs  # noqa: E402
 from deepseek_jax.quant import Precision  # noqa: E402
+from benchmarks import _mesh_compile as mesh_compile  # noqa: E402
 from kernels_pallas import aot, backend  # noqa: E402
 
 #: ``--width small``: DeepSeek-V3's head shapes (128 + 64 / 128, latent 512) and block structure
@@ -130,6 +133,9 @@ def compile_program(platform: str, topology: str, name: str, fn, args, donate, m
     row.update(compiled=True, compile_s=round(time.perf_counter() - t, 2), error="")
     fwd, bwd, other = kernel_counts(c.as_text())
     row.update(kernels_fwd=fwd, kernels_bwd=bwd, custom_calls=other)
+    # MB moved by XLA's own ops (not the Pallas kernels) per step, by the model's named scopes
+    traffic = mesh_compile.xla_traffic(aot.launches(c.as_text()), 1)["xla_mb"]
+    row.update(xla_mb={k: round(v, 1) for k, v in traffic.items()})
     mem = c.memory_analysis()
     if mem is not None:
         def g(n):

@@ -542,6 +542,12 @@ def kernel_checks(platform: str) -> list[tuple[str, object, tuple, bool]]:
                        lambda c, new, pos, lay: kp.store_latent(c, new, pos, layer=lay, impl=impl),
                        (sds((3, 64, 4096, 576), bf16), sds((64, 1, 576), bf16), sds((64, 1), i32), sds((), i32)),
                        False))
+        checks.append(("cached attention backward: 4096 tokens by index, 128 heads, 128+64/128",
+                       lambda qn, qp, kv, kpe, pos: jax.grad(
+                           lambda *a: jnp.sum(kp.cached_attention(*a, pos, scale=0.07, impl=impl).astype(f32)),
+                           argnums=(0, 1, 2, 3))(qn, qp, kv, kpe),
+                       (sds((1, 4096, 128, 128), bf16), sds((1, 4096, 128, 64), bf16), sds((1, 4096, 128, 256), bf16),
+                        sds((1, 4096, 64), bf16), sds((1, 4096), i32)), False))
         checks.append(("a kernel holding 256 MiB of VMEM scratch (too big)", _vmem_hog,
                        (sds((8, 128), f32),), True))
     return checks

@@ -17,8 +17,9 @@ training sequence with DeepSeek-V3's 128 heads each is 8 GiB per layer. Here:
   over the blocks, each block's ``dk`` / ``dv`` written to its rows.
 
 So neither pass holds more than ``[B, T, H, block_k]`` scores. It runs on every backend: it is
-what ``prefill_attention="flash"`` computes where no kernel applies (CPU), and the backward of
-the cached-attention kernels (:func:`blocked_vjp`), which have none of their own.
+what ``prefill_attention="flash"`` computes where no kernel applies (CPU), the backward of the GPU
+cached-attention kernel (:func:`blocked_vjp`), which has none of its own, and the reference of
+the TPU kernel's backward (:func:`cached_attention_bwd_ref`; :mod:`kernels_pallas.attention_bwd`).
 
 Queries that see no key (a position below 0) get zeros, as in the kernels (the reference: NaN).
 """
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["cached_attention_blocked", "blocked_vjp", "BLOCK_K"]
+__all__ = ["cached_attention_blocked", "cached_attention_bwd_ref", "blocked_vjp", "BLOCK_K"]
 
 #: Keys per block. At 512 a block's float32 scores are 1/8 of the whole at a 4K-token sequence.
 BLOCK_K = 512
@@ -156,6 +157,16 @@ def cached_attention_blocked(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float,
     _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
     block_k = BLOCK_K if block_k is None else block_k
     return _attention(q_nope, q_pe, kv, k_pe, q_pos.astype(jnp.int32), float(scale), int(block_k))
+
+
+def cached_attention_bwd_ref(q_nope, q_pe, kv, k_pe, q_pos, o, lse, g, *, scale: float,
+                             block_k: int | None = None):
+    """The backward of :func:`cached_attention_blocked`, by blocks: the cotangents ``(d q_nope,
+    d q_pe, d kv, d k_pe)`` for the output cotangent ``g``, given the forward's inputs, its output
+    ``o`` and each query's log-sum-exp ``lse`` ``[B, T, H]`` float32 (``inf`` where it sees no
+    key). The reference of :func:`kernels_pallas.attention_bwd.cached_attention_bwd_tpu`."""
+    block_k = BLOCK_K if block_k is None else block_k
+    return _backward(q_nope, q_pe, kv, k_pe, q_pos.astype(jnp.int32), o, lse, g, float(scale), int(block_k))
 
 
 def blocked_vjp(kernel, scale: float, block_k: int | None = None):

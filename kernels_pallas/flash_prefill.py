@@ -211,18 +211,40 @@ def cached_attention(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, impl: str =
     :mod:`kernels_pallas.backend`. The GPU kernel where the head sizes are powers of two, the TPU
     kernel where they are multiples of 128 (:func:`tpu_takes`; any size in the interpreter),
     elsewhere the blocked jnp form (:mod:`kernels_pallas.blocked_attention`: the same function,
-    never more than ``[B, T, H, 512]`` float32 scores). Differentiable: a kernel's backward is
-    the blocked form's, bounded the same way."""
+    never more than ``[B, T, H, 512]`` float32 scores). Differentiable: the TPU kernel's backward
+    is two TPU kernels (:mod:`kernels_pallas.attention_bwd`), the GPU kernel's the blocked form's,
+    bounded the same way."""
     _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
     target, interpret = backend.split_impl(impl)
     n = q_nope.shape[-1]
     if target == "gpu" and _pow2(n, q_pe.shape[-1], kv.shape[-1] - n):
         kernel = functools.partial(cached_attention_gpu, interpret=interpret)
-    elif target == "tpu" and (interpret or tpu_takes(q_nope, kv)):
-        kernel = functools.partial(cached_attention_tpu, interpret=interpret)
-    else:
-        return cached_attention_blocked(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)
-    return blocked_vjp(kernel, scale)(q_nope, q_pe, kv, k_pe, q_pos)
+        return blocked_vjp(kernel, scale)(q_nope, q_pe, kv, k_pe, q_pos)
+    if target == "tpu" and (interpret or tpu_takes(q_nope, kv)):
+        return _tpu_vjp(float(scale), interpret)(q_nope, q_pe, kv, k_pe, q_pos)
+    return cached_attention_blocked(q_nope, q_pe, kv, k_pe, q_pos, scale=scale)
+
+
+@functools.cache
+def _tpu_vjp(scale: float, interpret: bool):
+    """The TPU kernel with its own backward (:mod:`kernels_pallas.attention_bwd`): the forward
+    saves its log-sum-exp for it. The positions get no cotangent."""
+    from kernels_pallas.attention_bwd import cached_attention_bwd_tpu
+
+    @jax.custom_vjp
+    def attn(q_nope, q_pe, kv, k_pe, q_pos):
+        return cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, scale=scale, interpret=interpret)
+
+    def fwd(*args):
+        o, lse = cached_attention_tpu(*args, scale=scale, interpret=interpret, with_lse=True)
+        return o, (args, o, lse)
+
+    def bwd(res, g):
+        args, o, lse = res
+        return (*cached_attention_bwd_tpu(*args, o, lse, g, scale=scale, interpret=interpret), None)
+
+    attn.defvjp(fwd, bwd)
+    return attn
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,12 +254,13 @@ def cached_attention(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, impl: str =
 _LANES = 128
 
 
-def _tpu_cached_kernel(hi_ref, pos_ref, qn_ref, qp_ref, kv_ref, kp_ref, o_ref, m_ref, l_ref, acc_ref, *,
-                       n, s_len, bk, scale):
+def _tpu_cached_kernel(hi_ref, pos_ref, qn_ref, qp_ref, kv_ref, kp_ref, o_ref, *rest, n, s_len, bk, scale):
     """One (sequence, head, ``bq`` queries, ``bk`` keys) step of an online softmax: ``qn_ref``
     ``[bq, N]``, ``qp_ref`` ``[bq, R]``, ``kv_ref`` ``[bk, N + A]`` (this head's ``[k_nope | v]``),
     ``kp_ref`` ``[bk, R]``, ``pos_ref`` ``[bq, 1]``. ``hi_ref`` (SMEM): each query block's last
-    visible key; key blocks after it are skipped (and not fetched: see the index map)."""
+    visible key; key blocks after it are skipped (and not fetched: see the index map). ``rest``:
+    the log-sum-exp output ``[bq, 1]`` when asked for, then the scratch (``m``, ``l``, ``acc``)."""
+    lse_ref, (m_ref, l_ref, acc_ref) = (rest[0], rest[1:]) if len(rest) == 4 else (None, rest)
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -269,6 +292,8 @@ def _tpu_cached_kernel(hi_ref, pos_ref, qn_ref, qp_ref, kv_ref, kp_ref, o_ref, m
     def _finish():
         tot = l_ref[:, :1]
         o_ref[...] = jnp.where(tot > 0, acc_ref[...] / jnp.where(tot > 0, tot, 1.0), 0.0).astype(o_ref.dtype)
+        if lse_ref is not None:   # inf where no key is visible: the backward's p = exp(s - lse) is 0
+            lse_ref[...] = jnp.where(tot > 0, m_ref[:, :1] + jnp.log(jnp.where(tot > 0, tot, 1.0)), jnp.inf)
 
 
 def tpu_takes(q_nope, kv) -> bool:
@@ -280,7 +305,7 @@ def tpu_takes(q_nope, kv) -> bool:
 
 
 def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpret: bool = False,
-                         block_q: int = 256, block_k: int = 512) -> jax.Array:
+                         block_q: int = 256, block_k: int = 512, with_lse: bool = False):
     """The TPU kernel (arguments as :func:`cached_attention_ref`). Grid ``(B, H, T / block_q,
     S / block_k)``, the key axis sequential. ``q_nope``, ``kv`` and the output are read and
     written in their token-major ``[B, T, H * width]`` layout, one head's columns per block (no
@@ -288,7 +313,9 @@ def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpr
     (64 wide) is transposed to heads-major. Key blocks past a query block's last position are
     neither computed nor fetched (their block index is clamped to the last visible one, which
     Pallas does not fetch again). ``T`` and ``S`` are padded to the blocks (padded queries see
-    nothing, padded keys are masked)."""
+    nothing, padded keys are masked). ``with_lse``: also each query's log-sum-exp of its scaled
+    scores, ``[B, T, H]`` float32 (``inf`` where it sees no key), as the backward
+    (:func:`kernels_pallas.attention_bwd.cached_attention_bwd_tpu`) takes it."""
     from jax.experimental.pallas import tpu as pltpu
 
     _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
@@ -310,9 +337,14 @@ def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpr
         return jnp.minimum(j, jnp.maximum(hi[bb, i], 0) // bk)
 
     kernel = functools.partial(_tpu_cached_kernel, n=n, s_len=s_len, bk=bk, scale=scale)
-    o = pl.pallas_call(
+    out_shape = [jax.ShapeDtypeStruct((b, tp, h * a), dt)]
+    out_specs = [pl.BlockSpec((None, bq, a), lambda bb, hh, i, j, hi: (bb, i, hh))]
+    if with_lse:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, hi: (bb, hh, i, 0)))
+    outs = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((b, tp, h * a), dt),
+        out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b, h, nq, nk),
             in_specs=[pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, hi: (bb, i, 0)),
@@ -320,7 +352,7 @@ def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpr
                       pl.BlockSpec((None, None, bq, r), lambda bb, hh, i, j, hi: (bb, hh, i, 0)),
                       pl.BlockSpec((None, bk, w), lambda bb, hh, i, j, hi: (bb, key_block(bb, i, j, hi), hh)),
                       pl.BlockSpec((None, bk, r), lambda bb, hh, i, j, hi: (bb, key_block(bb, i, j, hi), 0))],
-            out_specs=pl.BlockSpec((None, bq, a), lambda bb, hh, i, j, hi: (bb, i, hh)),
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32), pltpu.VMEM((bq, _LANES), jnp.float32),
                             pltpu.VMEM((bq, a), jnp.float32)]),
         compiler_params=pltpu.CompilerParams(
@@ -329,4 +361,5 @@ def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpr
         name="cached_attention_tpu",
     )(hi, pos[..., None], pad(q_nope, 1, tp).reshape(b, tp, h * n), pad(q_pe.transpose(0, 2, 1, 3), 2, tp),
       pad(kv.astype(dt), 1, sp).reshape(b, sp, h * w), pad(k_pe.astype(dt), 1, sp))
-    return o[:, :t].reshape(b, t, h, a)
+    o = outs[0][:, :t].reshape(b, t, h, a)
+    return (o, outs[1][:, :, :t, 0].transpose(0, 2, 1)) if with_lse else o

@@ -1215,12 +1215,52 @@ def test_cached_attention_kernel_blocks_and_errors():
         cached_attention(qn, qp, kv, kp, pos[:, :3], scale=0.1)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_cached_attention_tpu_backward_kernels(dtype):
+    """The TPU kernel's own backward (``kernels_pallas.attention_bwd``, two kernels, in the TPU
+    interpreter) against its reference with the same signature, the blocked jnp backward (which
+    equals ``jax.grad`` of the plain form: the tests below). The shapes of the forward's test
+    above: 2 query blocks of 16 and 3 key blocks of 128 over a 300-token cache; row 0's first
+    query block ends on the first key of the third block (an off-by-one in a skip or a clamped
+    fetch loses it), row 1 never reaches the third block and its padded queries see no key.
+    Also the forward's log-sum-exp, against float64 numpy."""
+    from kernels_pallas.attention_bwd import cached_attention_bwd_tpu
+    from kernels_pallas.blocked_attention import cached_attention_bwd_ref
+    from kernels_pallas.flash_prefill import cached_attention_tpu
+    rng = np.random.default_rng(54)
+    qn, qp, kv, kp, _ = _cached_inputs(rng, dtype, s=300)
+    kv = kv.at[0, 250:253, :, :32].multiply(8.0)   # large scores in the block both row-0 query blocks share
+    pos = jnp.asarray([np.arange(21) + 241, np.r_[np.arange(15) + 150, np.full(6, -1)]], jnp.int32)
+    o, lse = cached_attention_tpu(qn, qp, kv, kp, pos, scale=0.1, interpret=True, block_q=16, block_k=128,
+                                  with_lse=True)
+    q64 = [np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (qn, qp, kv, kp)]
+    sc = (np.einsum("bthn,bshn->bths", q64[0], q64[2][..., :32]) + np.einsum("bthr,bsr->bths", q64[1], q64[3])) * 0.1
+    sc = np.where(np.arange(300)[None, None, None, :] <= np.asarray(pos)[:, :, None, None], sc, -np.inf)
+    with np.errstate(divide="ignore"):
+        want_lse = np.log(np.exp(sc - sc.max(-1, keepdims=True)).sum(-1)) + sc.max(-1)
+    assert lse.shape == (2, 21, 3) and lse.dtype == jnp.float32
+    assert np.isinf(np.asarray(lse)[1, 15:]).all() and np.isfinite(np.asarray(lse)[:, :15]).all()
+    np.testing.assert_allclose(np.asarray(lse)[0], want_lse[0], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse)[1, :15], want_lse[1, :15], rtol=1e-5)
+
+    g = jnp.asarray(rng.standard_normal(o.shape), dtype).at[1, 15:].set(0)
+    got = cached_attention_bwd_tpu(qn, qp, kv, kp, pos, o, lse, g, scale=0.1, interpret=True, block_q=16,
+                                   block_k=128)
+    want = cached_attention_bwd_ref(qn, qp, kv, kp, pos, o, lse, g, scale=0.1, block_k=64)
+    for x, w, arg in zip(got, want, (qn, qp, kv, kp)):
+        assert x.shape == arg.shape and x.dtype == arg.dtype
+        _assert_close(x, np.asarray(jnp.asarray(w, jnp.float32), np.float64), dtype)
+    # keys after the last one any query sees (row 1: position 164) get exactly zero gradient
+    assert not np.asarray(got[2][1, 165:]).any() and not np.asarray(got[3][1, 165:]).any()
+    with pytest.raises(ValueError, match=r"expected o and g \[2, 21, 3, 64\]"):
+        cached_attention_bwd_tpu(qn, qp, kv, kp, pos, o, lse, g[:, :3], scale=0.1, interpret=True)
+
+
 @pytest.mark.parametrize("impl", ["ref"] + KERNEL_IMPLS)
 def test_cached_attention_grad_is_the_references(impl):
-    """The kernels have no backward of their own: ``cached_attention`` differentiates through the
-    blocked jnp form's backward (training with ``prefill_attention="flash"`` runs the TPU kernel
-    in the naive form; "ref" is the blocked form itself), which must equal ``jax.grad`` of the
-    plain reference."""
+    """``cached_attention``'s gradient, as training with ``prefill_attention="flash"`` takes it,
+    equals ``jax.grad`` of the plain reference: through the TPU kernel's own backward kernels,
+    the GPU kernel's blocked jnp backward, and "ref" (the blocked form itself)."""
     from kernels_pallas import cached_attention, cached_attention_ref
     qn, qp, kv, kp, pos = _cached_inputs(np.random.default_rng(52), jnp.float32)
     pos = jnp.maximum(pos, 0)

@@ -156,22 +156,26 @@ def test_gradients_match_finite_differences(init_dir, data):
 
 def test_flash_attention_gradients_equal_plain(init_dir, data, monkeypatch):
     """``prefill_attention="flash"`` on CPU trains through the blocked jnp attention (here in
-    blocks of 4 keys, so a row's 16 tokens span 4 of them) and its own backward: the loss and
+    blocks of 4 keys, so a row's 16 tokens span 4 of them) and its own backward, and with the TPU
+    kernels (interpreted) through the TPU flash kernel and its backward kernels: the loss and
     every parameter's gradient equal the plain form's."""
     from kernels_pallas import blocked_attention
     monkeypatch.setattr(blocked_attention, "BLOCK_K", 4)
     batch = data.batch_at(0)
     out = {}
-    for mode in ("plain", "flash"):
-        trainer = Trainer(load_float_model(init_dir, prec=Precision(prefill_attention=mode)), TCFG)
+    modes = {"plain": Precision(), "flash": Precision(prefill_attention="flash"),
+             "flash on TPU kernels": Precision(prefill_attention="flash", kernels="interpret_tpu")}
+    for mode, prec in modes.items():
+        trainer = Trainer(load_float_model(init_dir, prec=prec), TCFG)
         loss, _, grads = trainer.loss_and_grads(batch)
         out[mode] = float(loss), jax.tree_util.tree_flatten_with_path(grads)[0]
     assert batch.ids.shape[1] > 8
-    assert abs(out["flash"][0] - out["plain"][0]) <= 1e-5 * abs(out["plain"][0])
-    for (path, g), (_, want) in zip(out["flash"][1], out["plain"][1]):
-        want = np.asarray(want)
-        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-3, atol=1e-4 * np.abs(want).max() + 1e-9,
-                                   err_msg=jax.tree_util.keystr(path))
+    for mode in ("flash", "flash on TPU kernels"):
+        assert abs(out[mode][0] - out["plain"][0]) <= 1e-5 * abs(out["plain"][0]), mode
+        for (path, g), (_, want) in zip(out[mode][1], out["plain"][1]):
+            want = np.asarray(want)
+            np.testing.assert_allclose(np.asarray(g), want, rtol=1e-3, atol=1e-4 * np.abs(want).max() + 1e-9,
+                                       err_msg=f"{mode}: {jax.tree_util.keystr(path)}")
 
 
 def test_mtp_loss_term_matches_independent_computation(runs, data):
