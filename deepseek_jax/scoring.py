@@ -133,19 +133,23 @@ _HEAD_CHUNK = 256
 _MIN_BUCKET = 16
 
 
-def _head_scores(model: DeepSeekV3, hidden_BTD, ids_BT, greedy: bool):
+def _head_scores(model: DeepSeekV3, hidden_BTD, ids_BT, greedy: bool, *, head=None, chunk: int = _HEAD_CHUNK):
     """Position t's log-prob of ``ids[:, t + 1]`` from the final hidden states, ``[B, T]`` float32,
     and with ``greedy`` also whether that token is the argmax of position t's logits (``[B, T]``
     bool; ``None`` without). The last column's target is ``ids[:, 0]``, a placeholder. The head
-    runs over ``_HEAD_CHUNK`` positions at a time, so the ``[B, T, V]`` logits (8.5 GB at B=8,
-    T=2048 and DeepSeek-V3's vocab) never exist at once."""
+    (``head``, default ``model.lm_head``; training passes the MTP module's too) runs over
+    ``chunk`` positions at a time, so the ``[B, T, V]`` logits (8.5 GB at B=8, T=2048 and
+    DeepSeek-V3's vocab) never exist at once; differentiated, each chunk's logits are computed
+    again in the backward pass rather than kept (``jax.checkpoint``)."""
     B, T = ids_BT.shape
     tgt_BT = jnp.roll(ids_BT, -1, axis=1)
-    c = min(T, _HEAD_CHUNK)
+    c = max(1, min(T, chunk))
+    head = model.lm_head if head is None else head
 
-    def chunk(xs):
+    @jax.checkpoint
+    def chunk_scores(xs):
         h_BcD, t_Bc = xs
-        logits = model.lm_head(h_BcD, model.prec.dtype)
+        logits = head(h_BcD, model.prec.dtype)
         picked = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
         lp = picked - jax.nn.logsumexp(logits, axis=-1)
         if not greedy:
@@ -158,7 +162,7 @@ def _head_scores(model: DeepSeekV3, hidden_BTD, ids_BT, greedy: bool):
     tgt_BT = jnp.pad(tgt_BT, ((0, 0), (0, Tp - T)))
     h_NBcD = jnp.moveaxis(hidden.reshape(B, Tp // c, c, -1), 1, 0)
     t_NBc = jnp.moveaxis(tgt_BT.reshape(B, Tp // c, c), 1, 0)
-    out = jax.lax.map(chunk, (h_NBcD, t_NBc))
+    out = jax.lax.map(chunk_scores, (h_NBcD, t_NBc))
     unchunk = lambda x_NBc: jnp.moveaxis(x_NBc, 0, 1).reshape(B, Tp)[:, :T]  # noqa: E731
     return (unchunk(out[0]), unchunk(out[1])) if greedy else (unchunk(out), None)
 

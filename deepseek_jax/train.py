@@ -155,18 +155,41 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------------------------
 
 
-def _masked_ce(logits_BTV, targets_BT, mask_BT):
+#: The training loss's head runs over a chunk of positions at a time when the batch's float32
+#: logits ``[B, T, V]`` would be larger than this: at DeepSeek-V3's vocabulary (129,280) they are
+#: 2.1 GB per 4096 tokens, and the loss's backward kept several such arrays.
+CE_CHUNK_BYTES = 512 * 2**20
+
+
+def _ce_terms(nll_BT, right_BT, mask_BT):
     """Mean NLL over masked positions, token accuracy and per-row 'all targets correct'."""
-    lp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(lp, targets_BT[..., None], axis=-1)[..., 0]
     n = jnp.sum(mask_BT)
-    ce = jnp.sum(nll * mask_BT) / jnp.maximum(n, 1.0)
-    right = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    ce = jnp.sum(nll_BT * mask_BT) / jnp.maximum(n, 1.0)
+    right = right_BT.astype(jnp.float32)
     acc = jnp.sum(right * mask_BT) / jnp.maximum(n, 1.0)
     row_has = jnp.sum(mask_BT, axis=1) > 0
     row_ok = jnp.all((right > 0) | (mask_BT == 0), axis=1) & row_has
     exact = jnp.sum(row_ok) / jnp.maximum(jnp.sum(row_has), 1)
     return ce, acc, exact
+
+
+def _masked_ce(logits_BTV, targets_BT, mask_BT):
+    """:func:`_ce_terms` of the logits ``[B, T, V]`` for the targets ``[B, T]``."""
+    lp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(lp, targets_BT[..., None], axis=-1)[..., 0]
+    return _ce_terms(nll, jnp.argmax(logits_BTV, axis=-1) == targets_BT, mask_BT)
+
+
+def _chunked_ce(model: DeepSeekV3, hidden_BTD, ids_BT, mask_BT, head):
+    """:func:`_masked_ce` of ``head(hidden)[:, :-1]`` for ``ids[:, 1:]`` (``mask_BT`` is the
+    targets' mask, ``[B, T - 1]``), the head run over positions in chunks of at most
+    :data:`CE_CHUNK_BYTES` of logits (:func:`deepseek_jax.scoring._head_scores`): neither pass
+    holds the ``[B, T, V]`` logits."""
+    from deepseek_jax.scoring import _head_scores
+    B = ids_BT.shape[0]
+    chunk = CE_CHUNK_BYTES // (B * model.cfg.vocab_size * 4)
+    lp, right = _head_scores(model, hidden_BTD, ids_BT, greedy=True, head=head, chunk=chunk)
+    return _ce_terms(-lp[:, :-1], right[:, :-1], mask_BT)
 
 
 def _expert_loads(idx_LBTK, valid_BT, n_experts: int):
@@ -187,8 +210,13 @@ def compute_loss(model: DeepSeekV3, batch, mtp_weight=0.3, balance_alpha=1e-4):
     ids, valid = batch.ids, batch.valid
     mask = batch.loss_mask.astype(jnp.float32)
     E = model.cfg.n_routed_experts
-    out = model(ids)
-    ce, acc, exact = _masked_ce(out.logits[:, :-1], ids[:, 1:], mask[:, 1:])
+    B, T = ids.shape
+    chunked = B * T * model.cfg.vocab_size * 4 > CE_CHUNK_BYTES   # the head by chunks of positions
+    out = model(ids, logits=not chunked)
+    if chunked:
+        ce, acc, exact = _chunked_ce(model, out.hidden, ids, mask[:, 1:], model.lm_head)
+    else:
+        ce, acc, exact = _masked_ce(out.logits[:, :-1], ids[:, 1:], mask[:, 1:])
     balance = jnp.float32(0.0)
     moe_load = mtp_load = None
     if out.moe_stats is not None:
@@ -197,8 +225,12 @@ def compute_loss(model: DeepSeekV3, batch, mtp_weight=0.3, balance_alpha=1e-4):
     mtp_ce = jnp.float32(0.0)
     if model.mtp is not None:
         # Row i: hidden h_i with the embedding of token i+1, predicts token i+2 (SPEC §6).
-        mtp_logits, _, st = model.mtp_forward(out.hidden[:, :-1], ids[:, 1:])
-        mtp_ce, _, _ = _masked_ce(mtp_logits[:, :-1], ids[:, 2:], mask[:, 2:])
+        if chunked:
+            x, _, st = model.mtp_hidden(out.hidden[:, :-1], ids[:, 1:])
+            mtp_ce, _, _ = _chunked_ce(model, x, ids[:, 1:], mask[:, 2:], model.mtp.shared_head.head)
+        else:
+            mtp_logits, _, st = model.mtp_forward(out.hidden[:, :-1], ids[:, 1:])
+            mtp_ce, _, _ = _masked_ce(mtp_logits[:, :-1], ids[:, 2:], mask[:, 2:])
         balance = balance + st.balance
         mtp_load = _expert_loads(st.idx_BTK[None], valid[:, 1:], E)[0]
     loss = ce + mtp_weight * mtp_ce + balance_alpha * balance
