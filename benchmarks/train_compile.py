@@ -134,8 +134,8 @@ def compile_program(platform: str, topology: str, name: str, fn, args, donate, m
     fwd, bwd, other = kernel_counts(c.as_text())
     row.update(kernels_fwd=fwd, kernels_bwd=bwd, custom_calls=other)
     # MB moved by XLA's own ops (not the Pallas kernels) per step, by the model's named scopes
-    traffic = mesh_compile.xla_traffic(aot.launches(c.as_text()), 1)["xla_mb"]
-    row.update(xla_mb={k: round(v, 1) for k, v in traffic.items()})
+    traffic = mesh_compile.xla_traffic(aot.launches(c.as_text()), 1)
+    row.update(xla_mb={k: round(v, 1) for k, v in traffic["xla_mb"].items()}, xla_top=traffic["xla_top"])
     mem = c.memory_analysis()
     if mem is not None:
         def g(n):
