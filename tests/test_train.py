@@ -401,7 +401,11 @@ def test_trainable_subset(init_dir, data):
     sub_grads = {param_path(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(g_sub)}
     assert set(sub_grads) == {k for k in full_grads if "self_attn" in k or "norm" in k}
     for k, g in sub_grads.items():
-        np.testing.assert_allclose(g, full_grads[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        # two compiled programs (other outputs, other fusions): equal up to float32 summation
+        # order, where a gradient summed over every token cancels to ~1e-6 relative (measured in
+        # a full-suite run: 3.4e-7 on an entry of 0.05, its tensor's largest 0.55)
+        want = full_grads[k]
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=k)
     trained, total = sub.parameter_counts()
     assert trained == sum(g.size for g in sub_grads.values()) and total == full.parameter_counts()[0]
     assert len(jax.tree.leaves(sub.state.opt_state)) < len(jax.tree.leaves(full.state.opt_state))
