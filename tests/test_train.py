@@ -182,26 +182,33 @@ def test_chunked_loss_equals_the_whole_logits(init_dir, data, monkeypatch):
     """With the batch's logits over ``train.CE_CHUNK_BYTES`` the loss runs the heads (main and
     MTP) over 3 positions at a time (16-token rows: the last chunk partial), recomputing each
     chunk's logits in the backward: the loss, its terms, the accuracies and every gradient equal
-    the whole-logits form's."""
+    the whole-logits form's, on one device and on a data=2, expert=2, model=2 mesh (the batch
+    over ``data``, the vocabulary over ``model``)."""
+    from deepseek_jax import sharding
     from deepseek_jax import train as T
     batch = data.batch_at(0)
     model = load_float_model(init_dir)
     b, t = batch.ids.shape
+    mesh = sharding.make_mesh({"data": 2, "expert": 2, "model": 2})
     out = {}
-    for name, budget in (("whole", T.CE_CHUNK_BYTES), ("chunked", 3 * b * model.cfg.vocab_size * 4)):
+    chunked = 3 * b * model.cfg.vocab_size * 4
+    for name, budget, on in (("whole", T.CE_CHUNK_BYTES, None), ("chunked", chunked, None),
+                             ("chunked on a mesh", chunked, mesh)):
         monkeypatch.setattr(T, "CE_CHUNK_BYTES", budget)
         jax.clear_caches()
-        loss, aux, grads = Trainer(load_float_model(init_dir), TCFG).loss_and_grads(batch)
+        loss, aux, grads = Trainer(load_float_model(init_dir), TCFG, mesh=on).loss_and_grads(batch)
         out[name] = float(loss), aux, jax.tree_util.tree_flatten_with_path(grads)[0]
     assert t % 3 != 0 and b * t * model.cfg.vocab_size * 4 <= T.CE_CHUNK_BYTES * 6
     assert model.mtp is not None and out["whole"][1]["mtp_ce"] > 0
-    assert abs(out["chunked"][0] - out["whole"][0]) <= 1e-6 * abs(out["whole"][0])
-    for k in ("ce", "mtp_ce", "acc", "exact"):
-        np.testing.assert_allclose(float(out["chunked"][1][k]), float(out["whole"][1][k]), rtol=1e-6, err_msg=k)
-    for (path, g), (_, want) in zip(out["chunked"][2], out["whole"][2]):
-        want = np.asarray(want)
-        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-6 * np.abs(want).max() + 1e-9,
-                                   err_msg=jax.tree_util.keystr(path))
+    for name in ("chunked", "chunked on a mesh"):
+        assert abs(out[name][0] - out["whole"][0]) <= 1e-5 * abs(out["whole"][0]), name
+        for k in ("ce", "mtp_ce", "acc", "exact"):
+            np.testing.assert_allclose(float(out[name][1][k]), float(out["whole"][1][k]), rtol=1e-5,
+                                       err_msg=f"{name}: {k}")
+        for (path, g), (_, want) in zip(out[name][2], out["whole"][2]):
+            want = np.asarray(want)
+            np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-5 * np.abs(want).max() + 1e-9,
+                                       err_msg=f"{name}: {jax.tree_util.keystr(path)}")
 
 
 def test_mtp_loss_term_matches_independent_computation(runs, data):
