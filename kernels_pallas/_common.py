@@ -25,6 +25,12 @@ def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b
 
 
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """``x`` padded with ``value`` at the end of ``axis`` to ``size``."""
+    return jnp.pad(x, [(0, size - x.shape[axis]) if d == axis else (0, 0) for d in range(x.ndim)],
+                   constant_values=value)
+
+
 def tpu_tile(total: int, cap: int, min_tiles: int = 1) -> int | None:
     """The largest multiple of 128 that divides ``total``, is at most ``cap`` and leaves at least
     ``min_tiles`` tiles (a TPU kernel's lane-dim tile: whole 128-lane vregs, no ragged last

@@ -39,7 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import backend
-from kernels_pallas._common import round_up
+from kernels_pallas._common import pad_axis
+from kernels_pallas.flash_prefill import TpuBlocks
 
 __all__ = ["cached_attention_bwd_tpu"]
 
@@ -148,17 +149,9 @@ def cached_attention_bwd_tpu(q_nope, q_pe, kv, k_pe, q_pos, o, lse, g, *, scale:
         raise ValueError(f"cached_attention_bwd_tpu: expected o and g [{b}, {t}, {h}, {a}] and lse [{b}, {t}, {h}]; "
                          f"got {o.shape}, {g.shape}, {lse.shape}")
     dt, f32 = q_nope.dtype, jnp.float32
-    bq = min(block_q, round_up(t, 16))
-    bk = min(block_k, round_up(s_len, 128))
-    tp, sp = round_up(t, bq), round_up(s_len, bk)
-    nq, nk = tp // bq, sp // bk
-
-    def pad(x, axis, size, value=0):
-        return jnp.pad(x, [(0, size - x.shape[axis]) if d == axis else (0, 0) for d in range(x.ndim)],
-                       constant_values=value)
-
-    pos = pad(q_pos.astype(jnp.int32), 1, tp, -1)                                    # [B, Tp]
-    hi = jnp.minimum(jnp.max(pos.reshape(b, nq, bq), axis=-1), s_len - 1)           # [B, nQ]: last visible key
+    blk = TpuBlocks(q_pos, s_len, block_q, block_k)   # the forward's blocking
+    bq, bk, tp, sp, nq, nk, pos, hi = blk.bq, blk.bk, blk.tp, blk.sp, blk.nq, blk.nk, blk.pos, blk.hi
+    pad, key_block = pad_axis, blk.key_block
     sees = hi[:, None, :] >= (jnp.arange(nk) * bk)[None, :, None]                   # [B, nK, nQ]
     lo = jnp.where(sees.any(-1), jnp.argmax(sees, axis=-1), nq - 1).astype(jnp.int32)   # first query block per key block
     delta = jnp.sum(g.astype(f32) * o.astype(f32), axis=-1)                           # [B, T, H]
@@ -169,9 +162,6 @@ def cached_attention_bwd_tpu(q_nope, q_pe, kv, k_pe, q_pos, o, lse, g, *, scale:
     kvp = pad(kv.astype(dt), 1, sp).reshape(b, sp, h * w)
     kpp = pad(k_pe.astype(dt), 1, sp)
     params = dict(n=n, s_len=s_len, bk=bk, scale=scale)
-
-    def key_block(bb, i, j, hi):   # as the forward: no fetch past the block holding the last visible key
-        return jnp.minimum(j, jnp.maximum(hi[bb, i], 0) // bk)
 
     dqn, dqp = pl.pallas_call(
         functools.partial(_dq_kernel, **params),

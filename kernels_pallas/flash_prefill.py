@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import backend
-from kernels_pallas._common import next_pow2, round_up
+from kernels_pallas._common import next_pow2, pad_axis, round_up
 from kernels_pallas.blocked_attention import blocked_vjp, cached_attention_blocked
 
 __all__ = ["causal_attention_ref", "causal_attention", "cached_attention_ref", "cached_attention",
@@ -296,6 +296,28 @@ def _tpu_cached_kernel(hi_ref, pos_ref, qn_ref, qp_ref, kv_ref, kp_ref, o_ref, *
             lse_ref[...] = jnp.where(tot > 0, m_ref[:, :1] + jnp.log(jnp.where(tot > 0, tot, 1.0)), jnp.inf)
 
 
+class TpuBlocks:
+    """How the TPU kernels (this forward and :mod:`kernels_pallas.attention_bwd`) block a call of
+    ``T`` queries at ``q_pos`` ``[B, T]`` over ``s_len`` keys: ``bq`` queries and ``bk`` keys a
+    block, ``T`` and ``S`` padded to ``tp`` / ``sp`` (``nq`` / ``nk`` blocks), the padded
+    positions ``pos`` ``[B, tp]`` (-1 past the end: those queries see nothing) and ``hi``
+    ``[B, nq]``, each query block's last visible key (-1 where none)."""
+
+    def __init__(self, q_pos, s_len: int, block_q: int, block_k: int):
+        b, t = q_pos.shape
+        self.bq, self.bk = min(block_q, round_up(t, 16)), min(block_k, round_up(s_len, _LANES))
+        self.tp, self.sp = round_up(t, self.bq), round_up(s_len, self.bk)
+        self.nq, self.nk = self.tp // self.bq, self.sp // self.bk
+        self.pos = pad_axis(q_pos.astype(jnp.int32), 1, self.tp, -1)
+        self.hi = jnp.minimum(jnp.max(self.pos.reshape(b, self.nq, self.bq), axis=-1), s_len - 1)
+
+    def key_block(self, bb, i, j, hi):
+        """Key block ``j``'s index for query block ``i`` (``hi``: the scalar-prefetched
+        :attr:`hi`), clamped to the block holding the last visible key: Pallas does not fetch a
+        block again when its index repeats, so the skipped blocks after it cost no DMA."""
+        return jnp.minimum(j, jnp.maximum(hi[bb, i], 0) // self.bk)
+
+
 def tpu_takes(q_nope, kv) -> bool:
     """Whether the compiled TPU kernel reads these shapes in place: Mosaic tiles a block's last dim
     by 128 lanes, and the kernel takes one head's ``N`` / ``N + A`` columns of the token-major
@@ -323,18 +345,9 @@ def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpr
     s_len, w = kv.shape[1], kv.shape[-1]
     a, r = w - n, q_pe.shape[-1]
     dt = q_nope.dtype
-    bq = min(block_q, round_up(t, 16))
-    bk = min(block_k, round_up(s_len, _LANES))
-    tp, sp = round_up(t, bq), round_up(s_len, bk)
-    nq, nk = tp // bq, sp // bk
-    pos = jnp.pad(q_pos.astype(jnp.int32), [(0, 0), (0, tp - t)], constant_values=-1)
-    hi = jnp.minimum(jnp.max(pos.reshape(b, nq, bq), axis=-1), s_len - 1)   # [B, nQ]: last visible key
-
-    def pad(x, axis, size):
-        return jnp.pad(x, [(0, size - x.shape[axis]) if d == axis else (0, 0) for d in range(x.ndim)])
-
-    def key_block(bb, i, j, hi):   # clamped: no fetch past the block holding the last visible key
-        return jnp.minimum(j, jnp.maximum(hi[bb, i], 0) // bk)
+    blk = TpuBlocks(q_pos, s_len, block_q, block_k)
+    bq, bk, tp, sp, nq, nk, pos, hi = blk.bq, blk.bk, blk.tp, blk.sp, blk.nq, blk.nk, blk.pos, blk.hi
+    pad, key_block = pad_axis, blk.key_block
 
     kernel = functools.partial(_tpu_cached_kernel, n=n, s_len=s_len, bk=bk, scale=scale)
     out_shape = [jax.ShapeDtypeStruct((b, tp, h * a), dt)]
