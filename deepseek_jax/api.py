@@ -11,7 +11,7 @@ from flax import nnx
 from deepseek_jax import orbax_ckpt, sharding
 from deepseek_jax.checkpoint import abstract_model, load_hub
 from deepseek_jax.config import DeepSeekConfig, load_config
-from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.errors import DeepSeekError, check_bool, check_int
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.quant import Precision
 from deepseek_jax.scoring import logits, mtp_logits, perplexity, token_logprobs
@@ -113,6 +113,12 @@ def init_random(cfg: DeepSeekConfig, *, seed: int = 0, dtype: str = "float32", w
     """A randomly initialised model (compiled initialisation: seconds even for deep configs).
     With a ``mesh`` every parameter is made directly in its shards by the rules (as
     :func:`load` places them; the values do not depend on the mesh), never whole on one device."""
+    if not isinstance(cfg, DeepSeekConfig):
+        raise DeepSeekError(f"cfg: expected a DeepSeekConfig (dj.load_config, DeepSeekConfig.from_hub_dict), "
+                            f"got {type(cfg).__name__}")
+    cfg.validate()
+    seed = check_int("seed", seed, 0)
+    with_mtp = check_bool("with_mtp", with_mtp)
     prec = precision(dtype, prefill_attention=prefill_attention, ep_capacity=ep_capacity)
 
     def build():

@@ -20,7 +20,7 @@ from flax import nnx
 
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.errors import DeepSeekError
-from deepseek_jax.hub import HubReader, dtype_name_of
+from deepseek_jax.hub import HubReader, dtype_name_of, hub_tensor_specs
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.quant import Precision
 
@@ -110,6 +110,31 @@ def _check_slot(reader: HubReader, slot: HubSlot, want_shape: tuple[int, ...], w
                                 f"expected {dtype_name_of(want_dtype)}")
 
 
+def hub_layout(reader: HubReader, cfg: DeepSeekConfig, with_mtp: bool | None) -> bool:
+    """Checks that the checkpoint's tensors are those of ``cfg``'s model and returns whether
+    to load its MTP layer (``with_mtp=None``: when it has one). A tensor the config has no place
+    for is an error: with a ``num_hidden_layers`` too small, the loader would otherwise take the
+    first layers and run a different model, and with one too large take the MTP layer for a
+    decoder layer (each expected tensor's shape is checked per slot, :func:`_check_slot`)."""
+    n = cfg.num_hidden_layers
+    mtp_in_files = f"model.layers.{n}.eh_proj.weight" in reader
+    has_mtp = bool(cfg.num_nextn_predict_layers) and mtp_in_files
+    if with_mtp and not has_mtp:
+        raise DeepSeekError(f"checkpoint: {reader.path} has no MTP layer"
+                            + ("" if cfg.num_nextn_predict_layers else " (num_nextn_predict_layers is 0)"))
+    # (an MTP layer in the files is allowed when the config sets num_nextn_predict_layers to 0)
+    known = hub_tensor_specs({**cfg.to_hub_dict(), "num_nextn_predict_layers": max(cfg.num_nextn_predict_layers, 1)},
+                             include_mtp=mtp_in_files, fp8=cfg.fp8)
+    extra = [name for name in reader.names() if name not in known]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise DeepSeekError(f"checkpoint: {reader.path} holds tensor {extra[0]}{more}, which the config "
+                            f"({n} layers, {cfg.n_routed_experts} routed experts, "
+                            f"{cfg.num_nextn_predict_layers} MTP) has no place for: the config disagrees "
+                            f"with the weights")
+    return has_mtp if with_mtp is None else with_mtp
+
+
 def _slot_reader(reader: HubReader, slot: HubSlot, want_shape: tuple[int, ...], want_dtype):
     """``read(index) -> np.ndarray``: the block ``index`` (a tuple of slices over the stacked
     parameter) read from the memory-mapped tensors; only the touched layers/experts/rows are read."""
@@ -148,9 +173,7 @@ def load_hub(path: str | os.PathLike[str], *, prec: Precision = Precision(), wit
     reader = HubReader(os.fspath(path))
     try:
         cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)
-        if with_mtp is None:
-            with_mtp = bool(cfg.num_nextn_predict_layers) and \
-                f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in reader
+        with_mtp = hub_layout(reader, cfg, with_mtp)
         abstract = abstract_model(cfg, prec, with_mtp)
         specs = sharding.model_param_specs(abstract, dict(mesh.shape), rules) \
             if mesh is not None else None

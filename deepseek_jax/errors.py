@@ -6,3 +6,24 @@ The CLI prints ``str(err)`` on one line and exits non-zero; anything else escapi
 
 class DeepSeekError(Exception):
     """A user-facing error with a one-line message naming the problem."""
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool (numpy's too), else a :class:`DeepSeekError`: a string such as
+    ``"no"`` is truthy, and taking it as ``True`` would do the opposite of what was meant."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise DeepSeekError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an int if it is an integer (not a bool) in ``[lo, hi]``, else a
+    :class:`DeepSeekError` naming the range."""
+    import numbers
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+    if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+        want = ("an integer" + (f" >= {lo}" if lo is not None and hi is None else "")
+                + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else "")
+                + (f" <= {hi}" if hi is not None and lo is None else ""))
+        raise DeepSeekError(f"{name} must be {want}, got {value!r}")
+    return int(value)

@@ -105,7 +105,7 @@ from flax import nnx
 
 from deepseek_jax.cache import LatentCache
 from deepseek_jax.config import _is_int  # a JSON-style integer: int or numpy integer, not bool
-from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.errors import DeepSeekError, check_bool
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.quant import dequantize
 from deepseek_jax.sampling import GREEDY, SamplingParams, filter_logits, row_keys, sample
@@ -938,6 +938,18 @@ class _StopText:
             self.sent = end
 
 
+def _host_ids(name: str, x) -> np.ndarray:
+    """A jax array of token ids as numpy (on every process, also when sharded over several)."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        raise DeepSeekError(f"{name}: a traced array: generate runs its own compiled programs, call it "
+                            "outside jax.jit") from None
+    except RuntimeError:   # spread over several processes
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _check_stream_chunk(stream_chunk) -> int:
     if not _is_int(stream_chunk) or stream_chunk < 1:
         raise DeepSeekError(f"stream_chunk must be an integer >= 1, got {stream_chunk!r}")
@@ -1000,12 +1012,13 @@ class Generator:
         if weights not in ("auto", "as-is", "dequantize"):
             raise DeepSeekError(f"weights {weights!r}: expected auto|as-is|dequantize")
         if not (prefill_chunk is None or prefill_chunk == "auto"
-                or (isinstance(prefill_chunk, (int, np.integer)) and not isinstance(prefill_chunk, bool)
-                    and prefill_chunk >= 16)):
-            raise DeepSeekError(f"prefill_chunk {prefill_chunk!r}: expected an integer >= 16, 'auto' or None")
+                or (_is_int(prefill_chunk) and prefill_chunk >= 16 and not prefill_chunk & (prefill_chunk - 1))):
+            raise DeepSeekError(f"prefill_chunk {prefill_chunk!r}: expected a power of two >= 16, 'auto' or None")
+        if not isinstance(model, DeepSeekV3):
+            raise DeepSeekError(f"model: expected a DeepSeekV3 (from dj.load), got {type(model).__name__}")
         self.prefill_chunk = prefill_chunk
-        self.reuse_prefix = bool(reuse_prefix)
-        self.share_prefix = bool(share_prefix)
+        self.reuse_prefix = check_bool("reuse_prefix", reuse_prefix)
+        self.share_prefix = check_bool("share_prefix", share_prefix)
         self._kept: _Kept | None = None
         self._prefix: _Kept | None = None   # the last shared prefix's batch-1 cache (share_prefix)
         if weights == "auto":
@@ -1051,12 +1064,16 @@ class Generator:
 
     # ---- validation ------------------------------------------------------------------------
     def _check_prompts(self, prompts_ids) -> list[list[int]]:
+        if isinstance(prompts_ids, jax.Array):
+            prompts_ids = _host_ids("prompts", prompts_ids)
         if isinstance(prompts_ids, np.ndarray):
             prompts_ids = prompts_ids.tolist() if prompts_ids.ndim == 2 else [prompts_ids.tolist()]
         if not isinstance(prompts_ids, Sequence) or isinstance(prompts_ids, (str, bytes)) or not prompts_ids:
             raise DeepSeekError("prompts: expected a non-empty list of token id lists")
         V, out = self.vocab_size, []
         for i, p in enumerate(prompts_ids):
+            if isinstance(p, jax.Array):
+                p = _host_ids(f"prompt {i}", p)
             if isinstance(p, np.ndarray):
                 p = p.tolist()
             if not isinstance(p, Sequence) or isinstance(p, (str, bytes)):
@@ -1148,10 +1165,11 @@ class Generator:
         eos = self.eos_id if eos_id is None else int(eos_id)
         if not 0 <= eos < self.vocab_size:
             raise DeepSeekError(f"eos id {eos} is outside the vocab [0, {self.vocab_size})")
-        if not _is_int(seed):
-            raise DeepSeekError(f"seed must be an integer, got {seed!r}")
+        if not _is_int(seed) or not 0 <= seed < 2 ** 32:
+            raise DeepSeekError(f"seed must be an integer in [0, 2**32), got {seed!r}")
         if not _is_int(first_row) or not 0 <= first_row < 2 ** 32:
-            raise DeepSeekError(f"first_row must be an integer >= 0, got {first_row!r}")
+            raise DeepSeekError(f"first_row must be an integer in [0, 2**32), got {first_row!r}")
+        stop_at_eos = check_bool("stop_at_eos", stop_at_eos)
         if stream is not None and not callable(stream):
             raise DeepSeekError(f"stream must be a callable stream(row, new_ids) or None, got {type(stream).__name__}")
         chunk = self.stream_chunk if stream_chunk is None else _check_stream_chunk(stream_chunk)
@@ -1167,7 +1185,7 @@ class Generator:
 
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int32)
-        budgets = np.minimum(int(max_new_tokens), self.max_len - lens)
+        budgets = np.minimum(min(int(max_new_tokens), self.max_len), self.max_len - lens)
         stats = GenerationStats(batch=B, prompt_tokens=int(lens.sum()), speculative="mtp" if spec else None)
         self.last_stats = stats
         if max_new_tokens == 0:
@@ -1211,7 +1229,7 @@ class Generator:
         # (numpy inputs: the executables copy them in at C++ speed; jnp.asarray dispatches an op
         # per array, ~50 us each.)
         knobs = _Knobs(np.int32(eos), np.bool_(stop_at_eos), temp, top_k, top_p, stop_ids)
-        prefill_args = (ids, lens_b, end_b, active, np.array([int(seed) & 0xFFFFFFFF, first_row], np.uint32))
+        prefill_args = (ids, lens_b, end_b, active, np.array([seed, first_row], np.uint32))
         heads = self.model.cfg.num_attention_heads
         cont = None
         if k:   # continue the kept cache: only the suffix is prefilled, absorbed over it

@@ -37,7 +37,7 @@ MIN_TEMPERATURE = 1e-5
 class SamplingParams:
     """How the next token is chosen.
 
-    temperature: below :data:`MIN_TEMPERATURE` (0 included) means greedy (argmax); otherwise
+    temperature: >= 0; below :data:`MIN_TEMPERATURE` (0 included) means greedy (argmax); otherwise
       logits are divided by it. (Smaller positive values round to 0 in float32 arithmetic, where
       1e-38 is subnormal and flushed to zero, and the division gave NaN logits and token 0.)
     top_k: keep the ``k`` most likely tokens (0 = no limit).
@@ -51,8 +51,8 @@ class SamplingParams:
     def validate(self) -> "SamplingParams":
         """Returns ``self`` or raises a one-line :class:`DeepSeekError`."""
         t, k, p = self.temperature, self.top_k, self.top_p
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):
-            raise DeepSeekError(f"temperature must be a finite number, got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise DeepSeekError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise DeepSeekError(f"top-k must be an integer >= 0 (0 = off), got {k!r}")
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or math.isnan(p) or not 0.0 < p <= 1.0:
@@ -72,7 +72,8 @@ class SamplingParams:
         """``(temperature, top_k, top_p)`` as typed scalars (dynamic arguments of compiled code;
         numpy, which a compiled call takes without dispatching an op per value)."""
         t = 1.0 if self.greedy else float(self.temperature)
-        return (np.float32(t), np.int32(int(self.top_k)), np.float32(float(self.top_p)))
+        # (a k beyond int32 is "no limit" too, as any k >= the vocabulary is)
+        return (np.float32(t), np.int32(min(int(self.top_k), 2 ** 31 - 1)), np.float32(float(self.top_p)))
 
 
 GREEDY = SamplingParams()

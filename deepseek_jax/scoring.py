@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax.cache import LatentCache
-from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.errors import DeepSeekError, check_bool
 from deepseek_jax.model import DeepSeekV3
 
 
@@ -446,6 +446,7 @@ def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8, share: bo
     """
     fn = "loglikelihood"
     _check_call(fn, model, requests, "(context_ids, continuation_ids) pairs", batch_size)
+    share = check_bool(f"{fn}: share", share)
     ctxs, conts = [], []
     limit = model.cfg.max_position_embeddings
     for i, req in enumerate(requests):
@@ -531,6 +532,18 @@ def _check_logprob_args(logits, ids, offset):
     return logits, ids_np
 
 
-def perplexity(logprobs_BT: np.ndarray) -> np.ndarray:
-    """Per-row perplexity ``exp(-mean log p)``."""
-    return np.exp(-np.mean(logprobs_BT, axis=-1))
+def perplexity(logprobs_BT) -> np.ndarray:
+    """Per-row perplexity ``exp(-mean log p)``: of a ``[B, T]`` array of token log-probs (one
+    row: ``[T]``, a scalar), or of a list of rows of any lengths, as :func:`sequence_logprobs`
+    gives them (one value per row)."""
+    if isinstance(logprobs_BT, (list, tuple)) and any(np.ndim(r) != 1 for r in logprobs_BT):
+        raise DeepSeekError("perplexity: expected a [batch, length] array or a list of 1-D log-prob rows")
+    if isinstance(logprobs_BT, (list, tuple)):
+        rows = [np.asarray(r, np.float64) for r in logprobs_BT]
+        if any(r.size == 0 for r in rows):
+            raise DeepSeekError("perplexity: a row has no log-probs (a one-token sequence has none)")
+        return np.array([np.exp(-r.mean()) for r in rows])
+    lp = np.asarray(logprobs_BT)
+    if lp.ndim == 0 or lp.shape[-1] == 0:
+        raise DeepSeekError(f"perplexity: expected log-probs over at least one position, got shape {list(lp.shape)}")
+    return np.exp(-np.mean(lp, axis=-1))

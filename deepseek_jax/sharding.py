@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.errors import DeepSeekError, check_int
 
 MESH_AXES = ("data", "expert", "model")
 
@@ -224,8 +224,16 @@ def default_mesh_shape(n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+    """A ``data`` x ``expert`` x ``model`` mesh of ``devices`` (default: all); an axis left out
+    of ``sizes`` has size 1. ``{"expert": 8}`` is 8-way expert parallelism."""
+    if not isinstance(sizes, Mapping):
+        raise DeepSeekError(f"mesh: expected a mapping of axis sizes such as {{'expert': 8}}, "
+                            f"got {type(sizes).__name__}")
+    unknown = [a for a in sizes if a not in MESH_AXES]
+    if unknown:
+        raise DeepSeekError(f"mesh: unknown axis {unknown[0]!r} (axes: {', '.join(MESH_AXES)})")
+    shape = tuple(check_int(f"mesh: size of {a}", sizes.get(a, 1), 1) for a in MESH_AXES)
     devices = devices if devices is not None else jax.devices()
-    shape = tuple(sizes[a] for a in MESH_AXES)
     if math.prod(shape) != len(devices):
         raise DeepSeekError(f"mesh {dict(sizes)} needs {math.prod(shape)} devices, have {len(devices)}")
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

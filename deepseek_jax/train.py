@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 import os
 import re
 import shutil
@@ -54,9 +55,9 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from deepseek_jax.checkpoint import abstract_model, hub_slot, iter_params
+from deepseek_jax.checkpoint import abstract_model, hub_layout, hub_slot, iter_params
 from deepseek_jax.config import DeepSeekConfig
-from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.errors import DeepSeekError, check_bool, check_int
 from deepseek_jax.hub import (HubReader, HubWriter, dequantize_block_fp8_np, hub_tensor_specs,
                               quantize_block_fp8_np, write_config)
 from deepseek_jax.model import DeepSeekV3
@@ -92,6 +93,39 @@ class TrainConfig:
     grad_accum: int = 1           # microbatches per step: gradients summed, one optimizer update
     tie_mtp: bool = True          # MTP embedding / head = the main ones
     trainable: str | None = None  # regex: only parameters whose path it matches are trained (None: all)
+
+    def validate(self) -> "TrainConfig":
+        """Returns ``self``, or raises a one-line :class:`DeepSeekError` naming the first setting
+        out of range (a NaN learning rate or ``b1 = 2`` would train into NaN weights silently)."""
+        def number(name, lo, hi=math.inf, lo_open=False, hi_open=False):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
+                and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+            if not ok:
+                want = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if math.isfinite(hi) \
+                    else f"{'>' if lo_open else '>='} {lo:g}"
+                raise DeepSeekError(f"TrainConfig.{name} must be a finite number {'in ' if math.isfinite(hi) else ''}"
+                                    f"{want}, got {v!r}")
+
+        for name, lo in (("steps", 0), ("warmup", 0), ("grad_accum", 1)):
+            check_int(f"TrainConfig.{name}", getattr(self, name), lo)
+        number("lr", 0)
+        number("min_lr_ratio", 0, 1)
+        number("weight_decay", 0)
+        number("b1", 0, 1, hi_open=True)
+        number("b2", 0, 1, hi_open=True)
+        number("adam_eps", 0, lo_open=True)
+        for name in ("mtp_weight", "balance_alpha", "bias_gamma"):
+            number(name, 0)
+        c = self.clip_norm
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or math.isnan(c):
+            raise DeepSeekError(f"TrainConfig.clip_norm must be a number (<= 0: no clipping), got {c!r}")
+        for name in ("remat", "tie_mtp"):
+            check_bool(f"TrainConfig.{name}", getattr(self, name))
+        if self.trainable is not None and not isinstance(self.trainable, str):
+            raise DeepSeekError(f"TrainConfig.trainable must be a regular expression string or None, "
+                                f"got {type(self.trainable).__name__}")
+        return self
 
     def _hyper(self) -> dict[str, jax.Array]:
         """The numeric settings as float32 scalars: traced, not compiled in, so runs that differ
@@ -630,6 +664,12 @@ class Trainer:
 
     def __init__(self, model: DeepSeekV3, tcfg: TrainConfig = TrainConfig(), *, mesh: Mesh | None = None,
                  data_axis: str = "data", rules: Any = "ep_tp"):
+        if not isinstance(model, DeepSeekV3):
+            raise DeepSeekError(f"model: expected a DeepSeekV3 (from dj.load or dj.init_random), "
+                                f"got {type(model).__name__}")
+        if not isinstance(tcfg, TrainConfig):
+            raise DeepSeekError(f"tcfg: expected a TrainConfig, got {type(tcfg).__name__}")
+        tcfg.validate()
         if model.cfg.fp8:
             _check_fp8_frozen(model, tcfg.trainable)
         table = None
@@ -717,10 +757,37 @@ class Trainer:
         specs = specs if specs is not None else self._specs.state if self._specs is not None else (P(),) * len(leaves)
         return treedef.unflatten([_put(x, NamedSharding(self.mesh, s)) for x, s in zip(leaves, specs, strict=True)])
 
-    def _batch(self, batch):
+    def _host_batch(self, batch):
+        """``batch`` (a :class:`~deepseek_jax.tasks.Batch` or an ``(ids, loss_mask, valid)``
+        tuple) as checked numpy arrays: a bad id would become a NaN embedding (``jnp.take``
+        fills out-of-range rows with NaN) and, through one optimizer step, NaN weights."""
         from deepseek_jax.tasks import Batch
-        b = Batch(np.asarray(batch.ids, np.int32), np.asarray(batch.loss_mask, np.float32),
-                  np.asarray(batch.valid, bool))
+        if isinstance(batch, tuple) and not isinstance(batch, Batch) and len(batch) == 3:
+            batch = Batch(*batch)
+        if not all(hasattr(batch, f) for f in Batch._fields):
+            raise DeepSeekError(f"batch: expected a deepseek_jax.tasks.Batch (ids, loss_mask, valid), "
+                                f"got {type(batch).__name__}")
+        ids, mask, valid = (np.asarray(getattr(batch, f)) for f in Batch._fields)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+            raise DeepSeekError(f"batch: ids must be [batch >= 1, length >= 2], got shape {list(ids.shape)}")
+        for name, x in (("loss_mask", mask), ("valid", valid)):
+            if x.shape != ids.shape:
+                raise DeepSeekError(f"batch: {name} has shape {list(x.shape)}, ids {list(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise DeepSeekError(f"batch: ids must be integer token ids, got dtype {ids.dtype}")
+        V, limit = self.cfg.vocab_size, self.cfg.max_position_embeddings
+        bad = (ids < 0) | (ids >= V)
+        if bad.any():
+            b, t = np.argwhere(bad)[0]
+            raise DeepSeekError(f"batch: token id {int(ids[b, t])} at [{b}, {t}] is outside the vocab [0, {V})")
+        if ids.shape[1] > limit:
+            raise DeepSeekError(f"batch: length {ids.shape[1]} is over max_position_embeddings {limit}")
+        if mask.dtype.kind not in "biuf" or not np.isfinite(mask.astype(np.float32)).all():
+            raise DeepSeekError("batch: loss_mask must hold finite numbers (1 where a token is a target)")
+        return Batch(ids.astype(np.int32), mask.astype(np.float32), valid.astype(bool))
+
+    def _batch(self, batch):
+        b = self._host_batch(batch)
         if self.mesh is not None:
             n = self.mesh.shape[self.axis]
             if b.ids.shape[0] % n:
@@ -760,11 +827,14 @@ class Trainer:
     def _accumulated(self, batch, coefs, k: int):
         """``(loss, aux, grads)`` of ``batch`` summed over ``k`` microbatches (see :meth:`train_step`)."""
         from deepseek_jax.tasks import Batch
-        ids, mask, valid = (np.asarray(x) for x in (batch.ids, batch.loss_mask, batch.valid))
+        ids, mask, valid = self._host_batch(batch)
         B = ids.shape[0]
         if B % k:
             raise DeepSeekError(f"batch size {B} is not a multiple of grad_accum {k}")
-        mask = mask.astype(np.float32)
+        n = self.mesh.shape[self.axis] if self.mesh is not None else 1
+        if (B // k) % n:
+            raise DeepSeekError(f"batch size {B} / grad_accum {k} = microbatches of {B // k} rows, not a multiple "
+                                f"of the {n} devices of mesh axis {self.axis!r}")
         has = mask[:, 1:].sum(1) > 0
         totals = (max(mask[:, 1:].sum(), 1.0), max(mask[:, 2:].sum(), 1.0), float(B), max(float(has.sum()), 1.0))
         total = None
@@ -992,11 +1062,9 @@ def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.flo
     reader = HubReader(os.fspath(path))
     try:
         cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)
+        with_mtp = hub_layout(reader, cfg, with_mtp)
         block = tuple(cfg.weight_block_size)
         cfg = cfg.replace(fp8=False)
-        if with_mtp is None:
-            with_mtp = bool(cfg.num_nextn_predict_layers) and \
-                f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in reader
         abstract = abstract_model(cfg, prec, with_mtp)
         graphdef, state = nnx.split(abstract)
         flat_state = list(nnx.to_flat_state(state))

@@ -196,6 +196,119 @@ def test_generator_accepts_sampling_dict(model_a):
     assert a[0].output_ids == b[0].output_ids and len(a[0].output_ids) == 3
 
 
+def test_generator_checks_types_and_ranges(model_a):
+    g = Generator(model_a, max_len=12)
+    _raises(lambda: Generator("ckpt"), "model", "str")
+    _raises(lambda: Generator(model_a, reuse_prefix="no"), "reuse_prefix", "'no'")
+    _raises(lambda: Generator(model_a, share_prefix=1), "share_prefix", "1")
+    _raises(lambda: Generator(model_a, prefill_chunk=17), "prefill_chunk", "17", "power of two")
+    _raises(lambda: g.generate([[1, 2]], stop_at_eos="no"), "stop_at_eos", "'no'")
+    _raises(lambda: g.generate([[1, 2]], seed=-1), "seed", "-1")
+    _raises(lambda: g.generate([[1, 2]], seed=2 ** 32), "seed", str(2 ** 32))   # was the samples of seed 0
+    _raises(lambda: g.generate([[1, 2]], first_row=2 ** 32), "first_row", "2**32")
+    _raises(lambda: g.generate([[1, 2]], sampling={"temperature": -1.0}), "temperature", "-1.0", ">= 0")
+    kw = dict(seed=3, stop_at_eos=False)
+    # a budget beyond int32 is cut by the max length, as any budget past it is
+    (huge,) = g.generate([[5, 6, 7]], max_new_tokens=10 ** 10, **kw)
+    assert len(huge.output_ids) == 12 - 3 and huge.finish_reason == "length"
+    # any top-k at or past the vocabulary is "no limit", also past int32
+    s = dict(temperature=1.0)
+    (a,) = g.generate([[5, 6, 7]], max_new_tokens=4, sampling={**s, "top_k": 2 ** 31}, **kw)
+    (b,) = g.generate([[5, 6, 7]], max_new_tokens=4, sampling={**s, "top_k": model_a.cfg.vocab_size}, **kw)
+    assert a.output_ids == b.output_ids
+    # jax arrays are token ids like numpy's
+    (c,) = g.generate(jax.numpy.array([[5, 6, 7]]), max_new_tokens=4, **kw)
+    (d,) = g.generate([jax.numpy.array([5, 6, 7])], max_new_tokens=4, **kw)
+    assert c.output_ids == d.output_ids == huge.output_ids[:4]
+
+
+def test_init_random_and_scoring_switches(ckpt_a, model_a):
+    cfg = dj.load_config(ckpt_a)
+    _raises(lambda: dj.init_random(tiny_config()), "cfg", "DeepSeekConfig", "dict")
+    _raises(lambda: dj.init_random(cfg, seed="x"), "seed", "'x'")
+    _raises(lambda: dj.init_random(cfg, with_mtp="no"), "with_mtp", "'no'")
+    _raises(lambda: dj.loglikelihood(model_a, [([5], [6])], share="no"), "share", "'no'")
+
+
+def test_load_without_an_mtp_layer_says_so(tmp_path):
+    from deepseek_jax.synthetic import random_hub_checkpoint
+    d = random_hub_checkpoint(tmp_path / "no_mtp", tiny_config(num_hidden_layers=2), seed=4, include_mtp=False)
+    _raises(lambda: dj.load(d, mtp=True), "has no MTP layer")
+    assert dj.load(d).mtp is None
+    # a config with fewer layers than the weights: not the first layers run as another model
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for f in os.listdir(d):
+        os.symlink(os.path.join(d, f), fewer / f)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    (fewer / "config.json").unlink()
+    (fewer / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1, "first_k_dense_replace": 1}))
+    _raises(lambda: dj.load(fewer), "holds tensor model.layers.1.", "(1 layers", "the config disagrees")
+    from deepseek_jax.train import load_float_model
+    _raises(lambda: load_float_model(fewer), "holds tensor model.layers.1.")
+
+
+def test_make_mesh_axes():
+    one = jax.devices()[:1]
+    assert sharding.make_mesh({"expert": 1}, one).shape == {"data": 1, "expert": 1, "model": 1}
+    _raises(lambda: sharding.make_mesh({"expert": 1, "pipe": 1}, one), "unknown axis", "'pipe'")
+    _raises(lambda: sharding.make_mesh({"data": "1"}, one), "size of data", "'1'")
+    _raises(lambda: sharding.make_mesh({"data": 0}, one), "size of data", "0")
+    _raises(lambda: sharding.make_mesh([1, 1, 1], one), "mesh", "list")
+
+
+def test_perplexity_of_ragged_rows():
+    rows = [np.log(np.array([0.5, 0.25], np.float32)), np.log(np.array([0.1], np.float32))]
+    np.testing.assert_allclose(dj.perplexity(rows), [np.sqrt(8.0), 10.0], rtol=1e-6)
+    np.testing.assert_allclose(dj.perplexity(np.stack([rows[0], rows[0]])), [np.sqrt(8.0)] * 2, rtol=1e-6)
+    _raises(lambda: dj.perplexity([rows[0], np.zeros(0, np.float32)]), "no log-probs")
+    _raises(lambda: dj.perplexity(np.zeros((2, 0), np.float32)), "at least one position")
+
+
+# ---- Trainer -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,needle", [
+    ("grad_accum", 0, ">= 1"), ("grad_accum", 2.0, "2.0"), ("steps", -1, ">= 0"), ("lr", float("nan"), "nan"),
+    ("b1", 2.0, "[0, 1)"), ("adam_eps", 0.0, "> 0"), ("warmup", -5, ">= 0"), ("clip_norm", float("nan"), "clip"),
+    ("remat", "yes", "True or False"), ("trainable", 3, "regular expression"), ("min_lr_ratio", 1.5, "[0, 1]"),
+])
+def test_train_config_checked_up_front(field, value, needle):
+    import dataclasses
+
+    from deepseek_jax.train import TrainConfig
+    _raises(lambda: dataclasses.replace(TrainConfig(), **{field: value}).validate(), f"TrainConfig.{field}", needle)
+
+
+def test_trainer_checks_each_batch_before_a_step():
+    from deepseek_jax.tasks import Batch
+    from deepseek_jax.train import TrainConfig, Trainer
+    cfg = DeepSeekConfig.from_hub_dict(tiny_config(num_hidden_layers=2))
+    model = dj.init_random(cfg, with_mtp=False)
+    _raises(lambda: Trainer(model, TrainConfig(grad_accum=0)), "grad_accum")
+    _raises(lambda: Trainer("model"), "model", "str")
+    t = Trainer(model, TrainConfig(steps=3, grad_accum=2))
+    V = cfg.vocab_size
+    ids = np.random.default_rng(0).integers(0, V, (2, 8)).astype(np.int32)
+    mask, valid = np.ones((2, 8), np.float32), np.ones((2, 8), bool)
+    bad = ids.copy()
+    bad[1, 5] = V + 1000    # a NaN embedding row, and after one update NaN weights everywhere
+    _raises(lambda: t.train_step(Batch(bad, mask, valid)), f"token id {V + 1000}", "[1, 5]")
+    _raises(lambda: t.train_step(Batch(ids[:, :1], mask[:, :1], valid[:, :1])), "length >= 2", "[2, 1]")
+    _raises(lambda: t.train_step(Batch(ids, mask[:, :5], valid)), "loss_mask", "[2, 5]")
+    _raises(lambda: t.train_step(Batch(ids[0], mask[0], valid[0])), "ids", "[8]")
+    _raises(lambda: t.train_step(Batch(ids.astype(np.float32), mask, valid)), "integer", "float32")
+    _raises(lambda: t.train_step(Batch(ids, mask * np.nan, valid)), "loss_mask", "finite")
+    _raises(lambda: t.train_step(Batch(np.tile(ids, (1, 40)), np.tile(mask, (1, 40)), np.tile(valid, (1, 40)))),
+            "length 320", f"max_position_embeddings {cfg.max_position_embeddings}")
+    _raises(lambda: t.train_step(Batch(ids[:1], mask[:1], valid[:1])), "batch size 1", "grad_accum 2")
+    _raises(lambda: t.train_step(ids), "Batch", "ndarray")
+    assert t.step == 0
+    assert t._host_batch((ids, mask, valid)).ids.dtype == np.int32      # a plain (ids, mask, valid) tuple
+    if len(jax.devices()) >= 2:   # the microbatch, not the batch, must divide the data axis
+        on_mesh = Trainer(model, TrainConfig(grad_accum=2), mesh=sharding.make_mesh({"data": 2}, jax.devices()[:2]))
+        _raises(lambda: on_mesh.train_step(Batch(ids, mask, valid)), "batch size 2 / grad_accum 2",
+                "microbatches of 1 rows", "2 devices of mesh axis 'data'")
+
+
 # ---- packaging -----------------------------------------------------------------------------------
 def test_wheel_ships_presets_and_assets(tmp_path):
     """A non-editable install could not find the presets ("configs/ directory not found"): the
