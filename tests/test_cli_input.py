@@ -134,6 +134,18 @@ def test_train_bad_flags(extra, needle, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_train_stops_when_it_diverges(tmp_path, capsys):
+    """A learning rate that blows the weights up ends the run with one line naming the step; no
+    NaN model is exported as if it were finished."""
+    out = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "train", "--config", "tiny", "--data", "synthetic:copy", "--steps", "3",
+                         "--batch", "2", "--eval-batches", "0", "--lr", "1e10", "--clip", "0", "--out", out)
+    assert_error(rc, err.splitlines()[-1] + "\n", "training diverged at step")
+    assert "Traceback" not in err and "no checkpoint" in err
+    assert not (out / "hub").exists() and not (out / "ckpt").exists()
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
 # ---- chat / verify ------------------------------------------------------------------------------
 def test_chat_without_tokenizer_names_no_foreign_flag(ckpt_a, capsys):
     rc, _, err = run_cli(capsys, "chat", ckpt_a)

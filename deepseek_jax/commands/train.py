@@ -361,6 +361,12 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         nonlocal t_last, tok_rate, last
         step, metrics = item
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            saved = Trainer.latest_step(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+            raise DeepSeekError(f"training diverged at step {step + 1}: loss {m['loss']}, gradient norm "
+                                f"{m['grad_norm']}; nothing more saved ("
+                                + (f"{ckpt_dir} holds step {saved}" if saved is not None else "no checkpoint")
+                                + "); try a lower --lr or a longer --warmup")
         now = time.perf_counter()
         rate = m["tokens"] / max(now - t_last, 1e-9)
         t_last = now
