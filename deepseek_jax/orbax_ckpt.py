@@ -61,6 +61,7 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -912,6 +913,47 @@ def _ckpt_plan(ck: _Ckpt, with_mtp: bool) -> list[_Param]:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_array_files(ck: _Ckpt, plan: list[_Param]) -> None:
+    """Each array's zarr metadata and chunk files, from the file system alone (no data read), so
+    that a damaged checkpoint fails with a line naming the file, before Orbax's reads (whose
+    errors are TensorStore specs, and whose cancelled siblings log a traceback each). A full
+    check of the contents is ``verify``'s checksums. Orbax layouts other than zarr v2 files
+    (OCDBT, zarr3) are left to Orbax."""
+    if ck.use_ocdbt or ck.use_zarr3:
+        return
+    for p in plan:
+        folder = os.path.join(ck.path, p.array)
+        meta = _read_json(os.path.join(folder, ".zarray"), f"the zarr metadata of {p.array}")
+        try:
+            shape, chunks, dtype = tuple(meta["shape"]), tuple(meta["chunks"]), meta["dtype"]
+            sep, compressed = meta.get("dimension_separator", "."), meta.get("compressor") is not None
+            want = math.prod(chunks) * p.dtype.itemsize
+            grid = [-(-n // c) for n, c in zip(shape, chunks, strict=True)]
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            raise _err(f"{folder}/.zarray: not zarr array metadata") from None
+        if shape != p.shape or dtype != _zarr_dtype(p.dtype):
+            raise _err(f"{ck.path}: array {p.array} is {dtype} {list(shape)}, config.json implies "
+                       f"{_zarr_dtype(p.dtype)} {list(p.shape)}")
+        for g in np.ndindex(*grid):
+            chunk = os.path.join(folder, sep.join(map(str, g)) or "0")
+            try:
+                size = os.stat(chunk).st_size
+            except OSError:
+                raise _err(f"{ck.path}: chunk file {os.path.relpath(chunk, ck.path)} is missing "
+                           "(deepseek-jax verify checks the whole checkpoint)") from None
+            if not compressed and size != want:
+                raise _err(f"{ck.path}: chunk file {os.path.relpath(chunk, ck.path)} is {size} bytes, expected "
+                           f"{want} (truncated? deepseek-jax verify checks the whole checkpoint)")
+
+
+def _orbax_message(e: Exception) -> str:
+    """The first line of an Orbax / TensorStore error, without the TensorStore spec dumps."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    for cut in (" See full TensorStore details", " [tensorstore_spec"):
+        text = text.split(cut)[0]
+    return text.strip()
+
+
 def _sharding_for(shardings: Any, path: tuple[str, ...], default):
     import jax
     from flax import nnx
@@ -965,7 +1007,7 @@ def restore(ckpt_dir: str | os.PathLike[str], *, prec: Precision = Precision(), 
     if with_mtp and not stored_mtp:
         raise _err(f"{ck.path}: checkpoint has no MTP layer")
     with_mtp = bool(with_mtp and ck.cfg.num_nextn_predict_layers)
-    _ckpt_plan(ck, with_mtp)
+    _check_array_files(ck, _ckpt_plan(ck, with_mtp))
     graphdef, state = nnx.split(abstract_model(ck.cfg, prec, with_mtp))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat = []
@@ -976,14 +1018,19 @@ def restore(ckpt_dir: str | os.PathLike[str], *, prec: Precision = Precision(), 
     targets = nnx.from_flat_state(flat)
     restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
     partial = len(flat) < len(ck.keys)
+    asyncio_log = logging.getLogger("asyncio")   # (a failed read logs every cancelled sibling's traceback)
+    level = asyncio_log.level
     try:
+        asyncio_log.setLevel(logging.CRITICAL)
         with ocp.PyTreeCheckpointer() as ckptr:
             restored = ckptr.restore(os.path.abspath(ck.path), args=ocp.args.PyTreeRestore(
                 item=targets, restore_args=restore_args, partial_restore=partial))
     except DeepSeekError:
         raise
-    except Exception as e:  # Orbax/tensorstore errors: missing chunk files, shape mismatch, ...
-        raise _err(f"{ck.path}: Orbax restore failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    except Exception as e:  # Orbax/tensorstore errors: unreadable chunks, shape mismatch, ...
+        raise _err(f"{ck.path}: Orbax restore failed ({_orbax_message(e)})") from e
+    finally:
+        asyncio_log.setLevel(level)
     return nnx.merge(graphdef, restored)
 
 
@@ -1019,6 +1066,7 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
     dtype = dtype or stored
     with_mtp = ck.has_mtp and bool(ck.cfg.num_nextn_predict_layers)
     plan = _ckpt_plan(ck, with_mtp)
+    _check_array_files(ck, plan)
     if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
         if not force:
             raise _err(f"{hf_dir}: output directory is not empty (pass --force to overwrite)")
@@ -1037,7 +1085,11 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
 
     def read(name: str) -> np.ndarray:
         p, idx = index[name]
-        return np.asarray(stores[p.key][idx].read().result())
+        try:
+            return np.asarray(stores[p.key][idx].read().result())
+        except Exception as e:   # TensorStore: a chunk that cannot be read
+            raise _err(f"{ck.path}: cannot read {name} from {p.array} ({_orbax_message(e)}; "
+                       "deepseek-jax verify checks the whole checkpoint)") from None
 
     def produce(name: str) -> list[tuple[str, np.ndarray]]:
         spec = specs[name]
@@ -1058,15 +1110,11 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
 
     names = [n for n in specs if not (n.endswith("_scale_inv") and stored == "bf16")]
     os.makedirs(hf_dir, exist_ok=True)
-    write_config(hf_dir, out_cfg_dict)
-    extra = (ck.manifest or {}).get("extra_files") or _extra_files(ck.path, _reserved(plan))
-    for name in extra:
-        if os.path.isfile(os.path.join(ck.path, name)):
-            shutil.copyfile(os.path.join(ck.path, name), os.path.join(hf_dir, name))
     total = sum(specs[n].nbytes for n in specs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
                disable=not progress, mininterval=0.5)
     written = 0
+    done = False
     try:
         with HubWriter(hf_dir, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"}) as writer, \
                 cf.ThreadPoolExecutor(4) as pool:
@@ -1085,8 +1133,18 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
                     writer.add(n, a)
                     written += a.nbytes
                     bar.update(a.nbytes)
+        # config.json (and the tokenizer) last: a directory a failed or killed export left is no
+        # loadable checkpoint, and one that failed here is removed
+        extra = (ck.manifest or {}).get("extra_files") or _extra_files(ck.path, _reserved(plan))
+        for name in extra:
+            if os.path.isfile(os.path.join(ck.path, name)):
+                shutil.copyfile(os.path.join(ck.path, name), os.path.join(hf_dir, name))
+        write_config(hf_dir, out_cfg_dict)
+        done = True
     finally:
         bar.close()
+        if not done:
+            shutil.rmtree(hf_dir, ignore_errors=True)
     seconds = time.time() - t0
     return {"hf_dir": hf_dir, "dtype": dtype, "tensors": len(specs), "bytes": written, "seconds": seconds,
             "gb_per_s": written / max(seconds, 1e-9) / 1e9}

@@ -543,3 +543,35 @@ def test_verify_fails_on_tampered_checkpoint(tamper, expect, conv_a, tmp_path, c
 def test_verify_against_another_source_fails(conv_a, ckpt_b, capsys):
     assert main(["verify", conv_a, "--against", ckpt_b, "--quiet"]) == 2
     assert "differ from those the checkpoint was made from" in capsys.readouterr().err
+
+
+def _truncate_chunk(d):
+    arr = os.path.join(d, "embed_tokens.weight.value")
+    chunk = next(os.path.join(arr, f) for f in sorted(os.listdir(arr)) if f != ".zarray")
+    os.truncate(chunk, 1000)
+
+
+def _garble_zarray(d):
+    open(os.path.join(d, "embed_tokens.weight.value", ".zarray"), "w").write("{bad")
+
+
+@pytest.mark.parametrize("damage,expect", [
+    (_truncate_chunk, "chunk file embed_tokens.weight.value/0"),
+    (_garble_zarray, "embed_tokens.weight.value/.zarray: cannot read the zarr metadata"),
+    (_drop_array, "lm_head.weight.value/.zarray: the zarr metadata of lm_head.weight.value not found"),
+])
+@pytest.mark.parametrize("command", ["score", "export"])
+def test_damaged_checkpoint_is_one_line_and_exports_nothing(damage, expect, command, conv_a, tmp_path, capsys):
+    """A damaged array fails loading and export with one line naming its file (Orbax's own errors
+    were TensorStore specs, after a logged traceback per cancelled read), and export leaves no
+    output directory behind."""
+    d = str(tmp_path / "t")
+    shutil.copytree(conv_a, d)
+    damage(d)
+    out, ids = tmp_path / "out", tmp_path / "ids.npy"
+    np.save(ids, _ids(8))
+    argv = ["score", d, "--ids", str(ids), "--json"] if command == "score" else ["export", d, str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert not out.exists()
