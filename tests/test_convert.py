@@ -542,7 +542,28 @@ def test_verify_fails_on_tampered_checkpoint(tamper, expect, conv_a, tmp_path, c
 
 def test_verify_against_another_source_fails(conv_a, ckpt_b, capsys):
     assert main(["verify", conv_a, "--against", ckpt_b, "--quiet"]) == 2
-    assert "differ from those the checkpoint was made from" in capsys.readouterr().err
+    assert "tensor model.embed_tokens.weight is [300, 160], the checkpoint's" in capsys.readouterr().err
+
+
+def test_verify_against_a_copy_sharded_otherwise(conv_a, ckpt_a, tmp_path, capsys):
+    """The same tensors in other shard files verify: every tensor is compared, not the file list."""
+    from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
+    other = random_hub_checkpoint(tmp_path / "resharded", tiny_config(), seed=1, max_shard_bytes=150_000)
+    assert sorted(os.listdir(other)) != sorted(os.listdir(ckpt_a))
+    assert main(["verify", conv_a, "--against", other, "--quiet"]) == 0
+    assert "383 tensors equal" in capsys.readouterr().out
+    # and one changed tensor among them fails
+    r = HubReader(other)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    f = os.path.join(other, r.info(name).file)
+    r.close()
+    raw = bytearray(open(f, "rb").read())
+    hdr = struct.unpack("<Q", raw[:8])[0]
+    start = json.loads(raw[8:8 + hdr])[name]["data_offsets"][0]
+    raw[8 + hdr + start] ^= 0x01
+    open(f, "wb").write(bytes(raw))
+    assert main(["verify", conv_a, "--against", other, "--quiet"]) == 2
+    assert "differs from" in capsys.readouterr().err
 
 
 def _truncate_chunk(d):
