@@ -104,7 +104,7 @@ def _check_slot(reader: HubReader, slot: HubSlot, want_shape: tuple[int, ...], w
         info = reader.info(name)
         if tuple(info.shape) != per_shape:
             raise DeepSeekError(f"checkpoint: tensor {name} has shape {list(info.shape)}, "
-                                f"config.json implies {list(per_shape)}")
+                                f"the config implies {list(per_shape)}")
         if info.dtype != want_dtype and not (info.dtype in _FLOATS and want_dtype in _FLOATS):
             raise DeepSeekError(f"checkpoint: tensor {name} is {dtype_name_of(info.dtype)}, "
                                 f"expected {dtype_name_of(want_dtype)}")

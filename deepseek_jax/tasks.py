@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -200,8 +201,14 @@ def parse_task(spec: str) -> SyntheticTask:
                 kw[k.strip()] = int(v)
             except ValueError:
                 raise DeepSeekError(f"--data {spec!r}: options are key=integer pairs, got {item!r}") from None
+    cls = TASKS[parts[1]]
+    known = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = [k for k in kw if k not in known]
+    if unknown:
+        raise DeepSeekError(f"--data {spec!r}: unknown option {unknown[0]!r} for synthetic:{parts[1]} "
+                            f"(options: {', '.join(known) or 'none'})")
     try:
-        return TASKS[parts[1]](**kw)
+        return cls(**kw)
     except TypeError as e:
         raise DeepSeekError(f"--data {spec!r}: bad option ({e})") from None
 

@@ -1081,7 +1081,7 @@ def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.flo
                 a = dequantize_block_fp8_np(a, reader.get(name + "_scale_inv"), block)
             if tuple(a.shape) != want:
                 raise DeepSeekError(f"checkpoint: tensor {name} has shape {list(a.shape)}, "
-                                    f"config.json implies {list(want)}")
+                                    f"the config implies {list(want)}")
             return np.asarray(a, np.float32)
 
         flat = []

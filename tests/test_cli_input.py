@@ -47,6 +47,7 @@ def ids_file(tmp_path_factory):
     (["--out", "{tmp}/o.npy", "--mtp", "--mode", "decode"], "--mtp"),
     (["--out", "{tmp}/o.npy", "--num-processes", "2"], "--num-processes needs --coordinator"),
     (["--out", "{tmp}/o.npy", "--heartbeat-timeout", "0"], "--heartbeat-timeout must be > 0"),
+    (["--out", "/proc/o.npy"], "--out: cannot write /proc/o.npy"),   # (not the temporary file's name)
 ])
 def test_score_bad_flags(extra, needle, ckpt_a, ids_file, tmp_path, capsys):
     tmp = str(tmp_path)
@@ -75,6 +76,7 @@ def test_score_writes_exactly_the_given_paths(ckpt_a, ids_file, tmp_path, capsys
     (["--batch", "0"], "--batch must be >= 1"),
     (["--prefill-chunk", "24"], "--prefill-chunk: expected a power of two"),
     (["--prefill-chunk", "17"], "--prefill-chunk: expected a power of two"),
+    (["--mesh", "expert=100000"], "--mesh: expert=100000 is 100000 devices"),   # was minutes of jax start-up
 ])
 def test_plan_bad_flags(extra, needle, capsys):
     rc, _, err = run_cli(capsys, "plan", "--config", "tiny", "--mesh", "expert=1", "--no-compile", *extra)
@@ -92,6 +94,9 @@ def test_plan_default_max_len_fits_the_config(config, max_len, capsys):
 @pytest.mark.parametrize("extra, needle", [
     (["--prompt-ids", "1,,2"], "empty item"),
     (["--prompt-ids", "1,2,"], "empty item"),
+    (["--prompt-ids", "1_0"], "not a comma-separated list of integers"),     # int() would take it as 10
+    (["--prompt-ids", "\u0663,4"], "not a comma-separated list of integers"),  # an Arabic-Indic 3
+    (["--prompt-ids", "1", "--seed", "-1"], "--seed must be in [0, 2**32)"),  # was the samples of 2**32 - 1
     (["--prompt-ids", "1", "--prefill-chunk", "24"], "--prefill-chunk"),
     (["--prompt-ids", "1", "--num-processes", "2"], "--num-processes needs --coordinator"),
     (["--prompt-ids", "1", "--process-id", "1"], "--process-id needs --coordinator"),
@@ -125,6 +130,8 @@ def test_generate_notes_the_length_cap(ckpt_a, capsys):
     (["--eval-batches", "-1"], "--eval-batches"),
     (["--save-every", "-1"], "--save-every"),
     (["--batch", "3", "--data-parallel", "2"], "--batch 3 must be a multiple of --data-parallel 2"),
+    (["--data", "synthetic:copy:foo=1"], "unknown option 'foo' for synthetic:copy (options: min_len, max_len)"),
+    (["--init", "no/such/dir"], "--init: no/such/dir is not a checkpoint directory"),
 ])
 def test_train_bad_flags(extra, needle, tmp_path, capsys):
     out = tmp_path / "run"
@@ -146,6 +153,14 @@ def test_train_stops_when_it_diverges(tmp_path, capsys):
     assert all(np.isfinite(json.loads(line)["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
+def test_demo_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    rc, _, err = run_cli(capsys, "demo", "--dir", f)
+    assert_error(rc, err, f"--dir {f} is a file, not a directory")
+    assert os.listdir(tmp_path) == ["afile"]
+
+
 # ---- chat / verify ------------------------------------------------------------------------------
 def test_chat_without_tokenizer_names_no_foreign_flag(ckpt_a, capsys):
     rc, _, err = run_cli(capsys, "chat", ckpt_a)
@@ -162,6 +177,13 @@ def test_chat_commands_and_overflow(monkeypatch, capsys):
     assert "/clear takes no arguments" in err
     assert "the conversation is too long" in err and "/clear to start over" in err
     assert len(out.splitlines()) == 1   # only 12+30 was sent to the model
+
+
+def test_chat_system_message_too_long_fails_at_start(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+1\n"))
+    rc, out, err = run_cli(capsys, "chat", demo_checkpoint(), "--system", "1" * 400, "--max-new-tokens", "4")
+    assert_error(rc, err, "--system: the system message takes")
+    assert out == ""
 
 
 def test_verify_checks_against_first(ckpt_a, tmp_path, capsys):

@@ -54,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     # each turn's prompt starts with the last one's prompt and reply: prefill only what is new
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args, reuse_prefix=True)
     start = [{"role": "system", "content": args.system}] if args.system else []
+    if start:   # every turn starts with it: too long, and no turn could run (nor /clear help)
+        n = len(tokenizer.encode_chat(start + [{"role": "user", "content": ""}]))
+        if n >= gen.max_len - 1:
+            raise DeepSeekError(f"--system: the system message takes {n} tokens in the chat template; with a "
+                                f"message and a reply it must stay under the model's max length {gen.max_len}")
     history = list(start)
     interactive = sys.stdin.isatty()
     turn = failed = 0
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{'; /clear to start over' if more else ''}", file=sys.stderr)
                 continue
             result = gen.generate([prompt], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                  seed=args.seed + turn, stream=stream, speculative=args.speculative)[0]
+                                  seed=(args.seed + turn) % 2 ** 32, stream=stream, speculative=args.speculative)[0]
         except DeepSeekError as e:
             failed += 1
             print(f"deepseek-jax chat: error: {e}", file=sys.stderr)

@@ -76,6 +76,8 @@ def demo_checkpoint(directory: str | None = None) -> str:
                     return directory
         except (OSError, ValueError):
             pass
+    elif os.path.exists(directory) and not os.path.isdir(directory):
+        raise DeepSeekError(f"demo: --dir {directory} is a file, not a directory")
     elif os.path.isdir(directory) and os.listdir(directory):
         if all(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "tokenizer.json")):
             return directory
@@ -96,8 +98,10 @@ def demo_checkpoint(directory: str | None = None) -> str:
         if os.path.isdir(directory):
             shutil.rmtree(directory)   # empty, or an older demo copy (it has our stamp)
         os.replace(tmp, directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise DeepSeekError(f"demo: cannot write the demo checkpoint to {directory}: {e.strerror or e}") from None
         raise
     return directory
 

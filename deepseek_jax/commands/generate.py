@@ -79,6 +79,8 @@ def sampling_from_args(args: argparse.Namespace):
 
     if args.max_new_tokens < 0:
         raise DeepSeekError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not 0 <= getattr(args, "seed", 0) < 2 ** 32:
+        raise DeepSeekError(f"--seed must be in [0, 2**32), got {args.seed}")
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate()
 
 
@@ -217,10 +219,9 @@ def parse_ids(text: str) -> list[int]:
     if "" in parts:
         raise DeepSeekError(f"--prompt-ids: {text!r} has an empty item (expected comma-separated integers "
                             "such as 1,2,3)")
-    try:
-        return [int(t) for t in parts]
-    except ValueError:
-        raise DeepSeekError(f"--prompt-ids: {text!r} is not a comma-separated list of integers") from None
+    if not all(re.fullmatch(r"[+-]?[0-9]+", t, flags=re.ASCII) for t in parts):   # (int() takes "1_0", "٣")
+        raise DeepSeekError(f"--prompt-ids: {text!r} is not a comma-separated list of integers")
+    return [int(t) for t in parts]
 
 
 def read_prompt_file(path: str) -> list[str]:

@@ -158,6 +158,9 @@ def _attention(args: argparse.Namespace) -> str:
     return ", flash attention (blocked jnp form)" if args.prefill_attention == "flash" else ""
 
 
+MAX_PLAN_DEVICES = 8192   # (100,000 fake CPU devices took jax's start-up minutes)
+
+
 def _fake_mesh(text: str) -> dict[str, int]:
     """The ``--mesh`` sizes, with this process set up to fake that many CPU devices (possible only
     before jax's backends start; else the plan functions check the count)."""
@@ -166,9 +169,13 @@ def _fake_mesh(text: str) -> dict[str, int]:
     from deepseek_jax.sharding import MESH_AXES, parse_mesh
 
     sizes = parse_mesh(text, 1 << 30)
+    n = math.prod(sizes[a] for a in MESH_AXES)
+    if n > MAX_PLAN_DEVICES:
+        raise DeepSeekError(f"--mesh: {text} is {n} devices; a plan fakes one CPU device per device, at most "
+                            f"{MAX_PLAN_DEVICES}")
     try:
         jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", math.prod(sizes[a] for a in MESH_AXES))
+        jax.config.update("jax_num_cpu_devices", n)
     except Exception:  # noqa: BLE001 - already initialised
         pass
     return sizes

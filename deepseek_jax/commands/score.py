@@ -102,19 +102,22 @@ def _write_all(files: list[tuple[str, str, Callable]]) -> None:
     done: list[tuple[str, str]] = []
     try:
         for flag, path, write in files:
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
-                                       suffix=".partial")
-            done.append((tmp, path))
-            try:
+            try:   # (errors name the given path, not the temporary file's)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                                           suffix=".partial")
+                done.append((tmp, path, flag))
                 with os.fdopen(fd, "wb") as f:
                     write(f)
             except OSError as e:
                 raise DeepSeekError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
-        for tmp, path in done:
-            os.replace(tmp, path)
+        for tmp, path, flag in done:
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise DeepSeekError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
         done = []
     finally:
-        for tmp, _ in done:
+        for tmp, _, _ in done:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 

@@ -183,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise DeepSeekError(f"--lora-targets: no adapter for {', '.join(map(repr, bad))} "
                                 f"(choose from {', '.join(TARGET_NAMES)})")
+    if args.init and not os.path.isdir(args.init):
+        raise DeepSeekError(f"--init: {args.init} is not a checkpoint directory")
     tok_dir = args.tokenizer or (args.init if args.init and os.path.isfile(os.path.join(args.init, "tokenizer.json"))
                                  else TINY_TOKENIZER_DIR)
     tok = load_tokenizer(tok_dir)
@@ -193,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfg.replace(fp8=False)
     if cfg.vocab_size < tok.vocab_size:
         if args.init:
-            raise DeepSeekError(f"--init model has vocab_size {cfg.vocab_size} < the tokenizer's {tok.vocab_size} "
+            raise DeepSeekError(f"{'--config ' + args.config if args.config else '--init'}: vocab_size "
+                                f"{cfg.vocab_size} < the tokenizer's {tok.vocab_size} "
                                 f"({tok_dir}): give --tokenizer the checkpoint's tokenizer directory")
         print(f"note: vocab_size {cfg.vocab_size} < the tokenizer's {tok.vocab_size}: training with "
               f"vocab_size {tok.vocab_size}")
