@@ -252,6 +252,8 @@ class DeepSeekConfig:
             raise bad("hidden_act", "only 'silu' is supported")
         if self.attention_bias:
             raise bad("attention_bias", "DeepSeek-V3 has no attention bias")
+        if self.tie_word_embeddings:   # (the loader, the model and export all keep a separate lm_head)
+            raise bad("tie_word_embeddings", "DeepSeek-V3 has a separate lm_head; tied embeddings are not supported")
         if self.moe_layer_freq != 1:
             raise bad("moe_layer_freq", "only 1 (every layer after first_k_dense_replace is MoE) is supported")
         if self.n_routed_experts % self.n_group:
@@ -320,7 +322,7 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         original_max_position_embeddings=int(opm),
         beta_fast=num("beta_fast", 32.0),
         beta_slow=num("beta_slow", 1.0),
-        mscale=num("mscale", 1.0, null_ok=True) or 1.0,
+        mscale=num("mscale", 1.0, null_ok=True),   # (0 is a value: mscale(f, 0) = 1, SPEC §4)
         mscale_all_dim=num("mscale_all_dim", 0.0, null_ok=True),
     )
     return float(theta), rs

@@ -33,6 +33,10 @@ from deepseek_jax.rope import Rope
 _NEG = -1e30  # finite "minus infinity" for masked scores: a fully masked pad row stays NaN-free
 # Absorbed calls with at most this many new tokens per row go through the decode kernel per token.
 _KERNEL_MAX_NEW = 4
+# The norms of the two low-rank latents (q_a_layernorm, kv_a_layernorm) use a fixed 1e-6, not
+# config.rms_norm_eps: DeepSeek's reference builds them as RMSNorm(rank) with its default eps, and
+# so does HF's deepseek_v3 (SPEC §3). The two agree at V3's own rms_norm_eps of 1e-6.
+LORA_NORM_EPS = 1e-6
 
 
 class MLA(nnx.Module):
@@ -47,12 +51,12 @@ class MLA(nnx.Module):
         qk = H * cfg.qk_head_dim
         if cfg.q_lora_rank:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, fp8=fp8, prec=prec, rngs=rngs)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype=prec.dtype, kernels=prec.kernels)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LORA_NORM_EPS, dtype=prec.dtype, kernels=prec.kernels)
             self.q_b_proj = Linear(cfg.q_lora_rank, qk, fp8=fp8, prec=prec, rngs=rngs)
         else:
             self.q_proj = Linear(D, qk, fp8=fp8, prec=prec, rngs=rngs)
         self.kv_a_proj_with_mqa = Linear(D, cfg.latent_dim, fp8=fp8, prec=prec, rngs=rngs)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype=prec.dtype)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LORA_NORM_EPS, dtype=prec.dtype)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                 fp8=fp8, prec=prec, rngs=rngs)
         self.o_proj = Linear(H * cfg.v_head_dim, D, fp8=fp8, prec=prec, rngs=rngs)

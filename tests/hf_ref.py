@@ -46,6 +46,9 @@ def hf_config(ckpt_dir: str):
     d.pop("quantization_config", None)
     cfg = DeepseekV3Config(**d)
     cfg._attn_implementation = "eager"
+    # the experts as a loop over experts: HF's grouped-matmul form fails on CPU for hidden sizes
+    # whose rows are not 16-byte aligned ("strides should be multiple of 16 bytes")
+    cfg._experts_implementation = "eager"
     return cfg
 
 

@@ -51,6 +51,7 @@ def model_a(ckpt_a):
     ("rope_theta", True, "rope_theta"),
     ("norm_topk_prob", None, "true or false"),
     ("tie_word_embeddings", 1, "true or false"),
+    ("tie_word_embeddings", True, "tied embeddings are not supported"),   # was "missing tensor lm_head.weight"
     ("bos_token_id", None, "must be an integer"),
     ("eos_token_id", "1", "must be an integer"),
     ("eos_token_id", [None], "must be an integer"),

@@ -175,3 +175,19 @@ def test_flash_chunk_over_the_cache_matches_hf(wide_heads, kernels):
     got = np.asarray(m(jnp.asarray(ids[:, k:]), pos, cache=cache, absorbed=True).logits)
     assert rel(got, ref[:, k:]) <= 1e-4
     assert (got.argmax(-1) == ref[:, k:].argmax(-1)).all()
+
+
+def test_latent_norms_keep_their_own_eps(tmp_path):
+    """q_a_layernorm and kv_a_layernorm use 1e-6 whatever rms_norm_eps says (as DeepSeek's
+    reference and HF build them); with rms_norm_eps 1e-2 taking theirs from the config, the logits
+    were 3.1e-2 off HF's and an argmax differed."""
+    from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
+    ckpt = random_hub_checkpoint(tmp_path / "eps", tiny_config(rms_norm_eps=1e-2, num_hidden_layers=2), seed=9,
+                                 include_mtp=False)
+    model = load_hub(ckpt)
+    hf, _ = hf_ref.hf_model(ckpt)
+    ids = _ids(model.cfg.vocab_size, 2, 20, seed=1009)
+    ref, _ = hf_ref.hf_logits(hf, ids)
+    for got in (scoring.logits(model, ids), scoring.logits(model, ids, mode="decode", prefill=7)):
+        assert rel(got, ref) <= 1e-5
+        assert (got.argmax(-1) == ref.argmax(-1)).all()

@@ -83,6 +83,20 @@ def test_yarn_ramp_boundaries_for_v3():
     assert mult == 1.0
 
 
+@pytest.mark.parametrize("mscale, all_dim", [(0.0, 1.0), (0.5, 1.0), (1.0, 0.707), (2.0, None), (None, 1.0)])
+def test_yarn_cos_sin_multiplier_is_the_mscale_ratio(mscale, all_dim):
+    """SPEC §4: cos/sin are scaled by mscale(f, mscale) / mscale(f, mscale_all_dim), with
+    mscale(f, m) = 0.1 m ln f + 1; an unset (null) mscale is 1 and an unset mscale_all_dim leaves
+    mscale(f, mscale). mscale 0 is a value (multiplier 1 / mscale(f, all_dim)), not "unset"."""
+    f = 6.0
+    rs = {"type": "yarn", "factor": f, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+          "mscale": mscale, "mscale_all_dim": all_dim}
+    _, mult = inv_frequencies(DeepSeekConfig.from_hub_dict(tiny_config(rope_scaling=rs)))
+    m = 1.0 if mscale is None else mscale
+    want = (0.1 * m * math.log(f) + 1) / (0.1 * all_dim * math.log(f) + 1 if all_dim else 1.0)
+    assert mult == pytest.approx(want, rel=1e-12)
+
+
 def test_rope_rotates_interleaved_pairs():
     c = DeepSeekConfig.from_hub_dict(tiny_config(rope_scaling=None))
     rope = Rope(c)
