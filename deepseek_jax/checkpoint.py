@@ -122,9 +122,12 @@ def hub_layout(reader: HubReader, cfg: DeepSeekConfig, with_mtp: bool | None) ->
     if with_mtp and not has_mtp:
         raise DeepSeekError(f"checkpoint: {reader.path} has no MTP layer"
                             + ("" if cfg.num_nextn_predict_layers else " (num_nextn_predict_layers is 0)"))
-    # (an MTP layer in the files is allowed when the config sets num_nextn_predict_layers to 0)
-    known = hub_tensor_specs({**cfg.to_hub_dict(), "num_nextn_predict_layers": max(cfg.num_nextn_predict_layers, 1)},
-                             include_mtp=mtp_in_files, fp8=cfg.fp8)
+    # (an MTP layer in the files is allowed when the config sets num_nextn_predict_layers to 0; the
+    # files' FP8 layout is theirs: a caller may pass the config of the float model it makes of them)
+    fp8_files = any(name.endswith("_scale_inv") for name in reader.names())
+    known = hub_tensor_specs({**cfg.replace(fp8=fp8_files).to_hub_dict(),
+                              "num_nextn_predict_layers": max(cfg.num_nextn_predict_layers, 1)},
+                             include_mtp=mtp_in_files, fp8=fp8_files)
     extra = [name for name in reader.names() if name not in known]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""

@@ -249,6 +249,17 @@ def test_load_without_an_mtp_layer_says_so(tmp_path):
     _raises(lambda: load_float_model(fewer), "holds tensor model.layers.1.")
 
 
+def test_float_model_of_an_fp8_checkpoint_with_its_float_config(ckpt_a):
+    """What `train --init` does: the FP8 checkpoint read with the config of the float model made of
+    it (fp8=False) is the same model; the scales are the files' layout, not extra tensors."""
+    from deepseek_jax.train import load_float_model
+    cfg = dj.load_config(ckpt_a)
+    assert cfg.fp8
+    a, b = load_float_model(ckpt_a), load_float_model(ckpt_a, cfg=cfg.replace(fp8=False))
+    for (pa, va), (pb, vb) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b)), strict=True):
+        assert pa == pb and np.array_equal(np.asarray(va[...]), np.asarray(vb[...]))
+
+
 def test_make_mesh_axes():
     one = jax.devices()[:1]
     assert sharding.make_mesh({"expert": 1}, one).shape == {"data": 1, "expert": 1, "model": 1}
