@@ -296,12 +296,14 @@ class TextDataset:
         self.seq_len = int(seq_len or 128)
         self.pad_id = _pad_id(self.tok)
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = [ln.rstrip("\n") for ln in f]
+            with open(path, "rb") as f:
+                raw = f.read()
+            lines = [ln.rstrip("\r") for ln in raw.decode("utf-8").split("\n")]
         except FileNotFoundError:
             raise DeepSeekError(f"--data: {path} not found") from None
         except (OSError, UnicodeDecodeError) as e:
             raise DeepSeekError(f"--data: cannot read {path} as UTF-8 text ({e})") from None
+        self.sha256 = hashlib.sha256(raw).hexdigest()   # (--resume refuses a changed file)
         lines = [ln for ln in lines if ln.strip()]
         if not lines:
             raise DeepSeekError(f"--data: {path} has no non-empty lines")
@@ -337,8 +339,8 @@ class TextDataset:
         return Batch(self.rows[idx], valid.astype(np.float32), valid)
 
     def describe(self) -> dict:
-        return {"data": os.path.abspath(self.path), "batch": self.batch_size, "seq_len": self.seq_len,
-                "seed": self.seed}
+        return {"data": os.path.abspath(self.path), "sha256": self.sha256, "batch": self.batch_size,
+                "seq_len": self.seq_len, "seed": self.seed}
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,3 +193,18 @@ def test_train_cli_on_chat_data(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--resume", "--steps", "3"]) == 2
     assert "different data" in capsys.readouterr().err
+
+
+def test_text_data_describes_its_contents(tmp_path):
+    """``--resume`` compares ``describe()``: a text file changed in place (same path) must differ."""
+    from deepseek_jax.tasks import TextDataset
+    path = tmp_path / "t.txt"
+    path.write_text("one two\nthree four\n")
+    a = TextDataset(path, TOK, batch_size=2, seq_len=8).describe()
+    path.write_text("one two\nthree five\n")
+    b = TextDataset(path, TOK, batch_size=2, seq_len=8).describe()
+    assert a["data"] == b["data"] and a["sha256"] != b["sha256"]
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"one two\r\nthree five\r\n")          # CRLF lines read as the same lines
+    assert np.array_equal(TextDataset(crlf, TOK, batch_size=2, seq_len=8).rows,
+                          TextDataset(path, TOK, batch_size=2, seq_len=8).rows)

@@ -371,6 +371,11 @@ def test_train_cli_and_resume(init_dir, tmp_path, capsys):
     assert main(args[:-2] + ["--resume", "--batch", "8"]) == 2  # different data: refused
     err = capsys.readouterr().err
     assert "different data" in err and "--resume" in err
+    # resuming a finished run with another learning rate: a note names it, and the final evaluation,
+    # run again, replaces the step-6 line instead of adding a second one
+    assert main(args + ["--resume", "--lr", "2e-2"]) == 0
+    assert "note: --resume with other settings than the checkpoint's: lr 0.01 -> 0.02" in capsys.readouterr().out
+    assert [json.loads(ln)["step"] for ln in open(out / "eval.jsonl")] == [2, 4, 6]
     hub = out / "hub"
     with HubReader(hub) as reader:
         assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []

@@ -288,6 +288,10 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         _check_same("data / batch / seq-len / seed", meta.get("data"), describe)
         _check_same("LoRA setting (--lora-rank / --lora-alpha / --lora-targets)", meta.get("lora"), lora_info)
         _check_same("--trainable", (meta.get("train_config") or {}).get("trainable"), tcfg.trainable)
+        was, now = meta.get("train_config") or {}, dataclasses.asdict(tcfg)
+        changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] != now[k]]
+        if changed:   # allowed (more --steps, a new --lr), but never silently
+            print(f"note: --resume with other settings than the checkpoint's: {', '.join(changed)}")
 
     t0 = time.perf_counter()
     if lora_info is not None:   # the checkpoint as it is (FP8 kept, frozen) plus adapters
@@ -337,7 +341,9 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         kept = []
         if args.resume and os.path.exists(evals_path):
             with open(evals_path, encoding="utf-8") as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
+                # (the evaluation at `start` is kept unless it is the final one, which runs again)
+                kept = [ln for ln in f if ln.strip() and (json.loads(ln).get("step", 0) < start or (
+                    json.loads(ln).get("step", 0) == start and start < args.steps))]
         with open(evals_path, "w", encoding="utf-8") as f:
             f.writelines(kept)
 
