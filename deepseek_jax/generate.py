@@ -939,15 +939,12 @@ class _StopText:
 
 
 def _host_ids(name: str, x) -> np.ndarray:
-    """A jax array of token ids as numpy (on every process, also when sharded over several)."""
+    """A jax array of token ids as numpy."""
     try:
         return np.asarray(x)
     except jax.errors.TracerArrayConversionError:
         raise DeepSeekError(f"{name}: a traced array: generate runs its own compiled programs, call it "
                             "outside jax.jit") from None
-    except RuntimeError:   # spread over several processes
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _check_stream_chunk(stream_chunk) -> int:
