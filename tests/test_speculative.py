@@ -24,7 +24,7 @@ import deepseek_jax as dj
 from deepseek_jax import cli
 from deepseek_jax.cache import LatentCache
 from deepseek_jax.errors import DeepSeekError
-from deepseek_jax.generate import Generator, Weights, _decode_spec, _Knobs, _prefill_spec, _verify
+from deepseek_jax.generate import Generator, Weights, _decode_spec, _Knobs, _prefill_spec, _probs, _verify
 from deepseek_jax.sampling import SamplingParams
 
 # Five prompts of different lengths: batch bucket 8, prompt bucket 32.
@@ -217,6 +217,45 @@ def test_rejection_rule_distribution():
     # Acceptance probability is sum_x min(p(x), q(x)).
     assert abs(float(np.mean(np.asarray(ok))) - float(np.minimum(p0, q).sum())) < 0.012
     assert np.all(np.asarray(t1)[np.asarray(ok)] == np.asarray(draft)[np.asarray(ok)])
+
+
+def _filtered_probs(logits, T, k, p):
+    """Temperature, then top-k, then top-p (the smallest prefix of the sorted distribution whose
+    mass reaches p), in float64 numpy: the rule README and sampling.py state."""
+    z = np.asarray(logits, np.float64) / T
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros(z.size, bool)
+    keep[order[:k or z.size]] = True
+    pr = np.where(keep, np.exp(z - z.max()), 0.0)
+    pr /= pr.sum()
+    before = np.cumsum(pr[order]) - pr[order]
+    drop = order[(before >= p) & (np.arange(z.size) > 0)]
+    pr[drop] = 0.0
+    return pr / pr.sum()
+
+
+@pytest.mark.parametrize("T, k, p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.6), (1.5, 3, 0.8)])
+def test_rejection_rule_keeps_the_filtered_distribution(T, k, p):
+    """With temperature, top-k and top-p, the draft's q and the verifier's p filtered alike: the
+    first token follows p0, the bonus token after an accepted draft p1, a draft is accepted with
+    probability sum(min(p0, q)), and no token outside the filtered support is ever drawn."""
+    V, n = 8, 40000
+    rng = np.random.default_rng(5)
+    l0, l1 = (rng.normal(0.0, 1.5, V).astype(np.float32) for _ in range(2))
+    lq = (l0 + rng.normal(0.0, 0.7, V)).astype(np.float32)   # a draft near the target, as the MTP head's
+    filtered = k > 0 or p < 1
+    knobs = _Knobs(jnp.int32(0), jnp.bool_(True), jnp.float32(T), jnp.int32(k), jnp.float32(p))
+    P0, P1, Q = (_filtered_probs(x, T, k, p) for x in (l0, l1, lq))
+    q = np.asarray(_probs(jnp.asarray(lq)[None], knobs, filtered))[0]
+    np.testing.assert_allclose(q, Q, atol=1e-6)
+    draft = jax.random.categorical(jax.random.key(2), jnp.log(jnp.asarray(q)), shape=(n,)).astype(jnp.int32)
+    logits = jnp.broadcast_to(jnp.asarray(np.stack([l0, l1]))[None], (n, 2, V))
+    t1, t2, ok = map(np.asarray, jax.jit(partial(_verify, knobs=knobs, greedy=False, filtered=filtered))(
+        logits, draft, jnp.broadcast_to(jnp.asarray(q), (n, V)), jax.random.split(jax.random.key(1), n)))
+    assert not (P0[t1] == 0).any() and not (P1[t2[ok]] == 0).any()
+    np.testing.assert_allclose(np.bincount(t1, minlength=V) / n, P0, atol=0.012)
+    np.testing.assert_allclose(np.bincount(t2[ok], minlength=V) / ok.sum(), P1, atol=0.015)
+    assert abs(ok.mean() - np.minimum(P0, Q).sum()) < 0.012 and ok.mean() > 0.3
 
 
 def test_sampling_runs_and_is_reproducible(gen_c):
