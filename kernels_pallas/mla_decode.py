@@ -318,6 +318,9 @@ def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
         raise ValueError(f"mla_decode_tpu: block_t={block_t} must be a multiple of {_LANES}")
     bt = s_len if s_len <= block_t else block_t
     nblk = cdiv(s_len, bt)
+    # a length past the cache is the whole cache, as in the reference (the kernel's mask took the
+    # padded tail of a partial last block as tokens)
+    lengths_B = jnp.minimum(lengths_B.astype(jnp.int32), s_len)
 
     def cache_map(b, j, lens, lay):  # clamp to the last block holding tokens: no DMA past the length
         last = jnp.maximum((lens[b] + bt - 1) // bt - 1, 0)
@@ -341,7 +344,7 @@ def mla_decode_tpu(q_lat_BHL, q_pe_BHR, cache_BSC, lengths_B, *, scale, kv_lora_
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=backend.tpu_interpret_arg(interpret),
         name="mla_decode_tpu",
-    )(lengths_B.astype(jnp.int32), lay, q_lat_BHL, q_pe_BHR, jnp.swapaxes(cache_BSC, -1, -2))
+    )(lengths_B, lay, q_lat_BHL, q_pe_BHR, jnp.swapaxes(cache_BSC, -1, -2))
 
 
 #: ``$DEEPSEEK_JAX_MLA_GPU=mosaic_gpu``: the Mosaic GPU kernel (:mod:`kernels_pallas.mla_decode_mgpu`,
