@@ -135,8 +135,9 @@ def cached_attention_bwd_tpu(q_nope, q_pe, kv, k_pe, q_pos, o, lse, g, *, scale:
     """Cotangents ``(d q_nope, d q_pe, d kv, d k_pe)`` of :func:`kernels_pallas.cached_attention`
     for the output cotangent ``g`` (arguments as
     :func:`~kernels_pallas.blocked_attention.cached_attention_bwd_ref`: the forward's inputs, its
-    output ``o`` ``[B, T, H, A]`` and log-sum-exp ``lse`` ``[B, T, H]`` float32, ``inf`` where a
-    query sees no key), each in its input's dtype. Two kernels (module doc); ``T`` and ``S`` are
+    output ``o`` ``[B, T, H, A]`` (float32, as ``cached_attention_tpu(..., with_lse=True)`` gives
+    it) and log-sum-exp ``lse`` ``[B, T, H]`` float32, ``inf`` where a query sees no key), each in
+    its input's dtype. Two kernels (module doc); ``T`` and ``S`` are
     padded to the blocks (padded queries see nothing and carry zero cotangent, padded keys are
     masked). Compiled, a query block is a multiple of 128 tokens or the whole padded call (the
     per-query rows' lane tiling)."""

@@ -236,8 +236,8 @@ def _tpu_vjp(scale: float, interpret: bool):
         return cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, scale=scale, interpret=interpret)
 
     def fwd(*args):
-        o, lse = cached_attention_tpu(*args, scale=scale, interpret=interpret, with_lse=True)
-        return o, (args, o, lse)
+        o, lse = cached_attention_tpu(*args, scale=scale, interpret=interpret, with_lse=True)   # o float32
+        return o.astype(args[0].dtype), (args, o, lse)
 
     def bwd(res, g):
         args, o, lse = res
@@ -336,8 +336,8 @@ def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpr
     neither computed nor fetched (their block index is clamped to the last visible one, which
     Pallas does not fetch again). ``T`` and ``S`` are padded to the blocks (padded queries see
     nothing, padded keys are masked). ``with_lse``: also each query's log-sum-exp of its scaled
-    scores, ``[B, T, H]`` float32 (``inf`` where it sees no key), as the backward
-    (:func:`kernels_pallas.attention_bwd.cached_attention_bwd_tpu`) takes it."""
+    scores, ``[B, T, H]`` float32 (``inf`` where it sees no key), and the output in float32, as
+    the backward (:func:`kernels_pallas.attention_bwd.cached_attention_bwd_tpu`) takes them."""
     from jax.experimental.pallas import tpu as pltpu
 
     _check_cached(q_nope, q_pe, kv, k_pe, q_pos)
@@ -350,7 +350,7 @@ def cached_attention_tpu(q_nope, q_pe, kv, k_pe, q_pos, *, scale: float, interpr
     pad, key_block = pad_axis, blk.key_block
 
     kernel = functools.partial(_tpu_cached_kernel, n=n, s_len=s_len, bk=bk, scale=scale)
-    out_shape = [jax.ShapeDtypeStruct((b, tp, h * a), dt)]
+    out_shape = [jax.ShapeDtypeStruct((b, tp, h * a), jnp.float32 if with_lse else dt)]
     out_specs = [pl.BlockSpec((None, bq, a), lambda bb, hh, i, j, hi: (bb, i, hh))]
     if with_lse:
         out_shape.append(jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32))
