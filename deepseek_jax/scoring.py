@@ -536,14 +536,16 @@ def perplexity(logprobs_BT) -> np.ndarray:
     """Per-row perplexity ``exp(-mean log p)``: of a ``[B, T]`` array of token log-probs (one
     row: ``[T]``, a scalar), or of a list of rows of any lengths, as :func:`sequence_logprobs`
     gives them (one value per row)."""
-    if isinstance(logprobs_BT, (list, tuple)) and any(np.ndim(r) != 1 for r in logprobs_BT):
-        raise DeepSeekError("perplexity: expected a [batch, length] array or a list of 1-D log-prob rows")
-    if isinstance(logprobs_BT, (list, tuple)):
+    if isinstance(logprobs_BT, (list, tuple)) and logprobs_BT and all(np.ndim(r) == 1 for r in logprobs_BT):
         rows = [np.asarray(r, np.float64) for r in logprobs_BT]
         if any(r.size == 0 for r in rows):
             raise DeepSeekError("perplexity: a row has no log-probs (a one-token sequence has none)")
         return np.array([np.exp(-r.mean()) for r in rows])
-    lp = np.asarray(logprobs_BT)
+    try:
+        lp = np.asarray(logprobs_BT, np.float64)
+    except (TypeError, ValueError):
+        raise DeepSeekError("perplexity: expected a [batch, length] array of log-probs or a list of 1-D "
+                            "rows") from None
     if lp.ndim == 0 or lp.shape[-1] == 0:
         raise DeepSeekError(f"perplexity: expected log-probs over at least one position, got shape {list(lp.shape)}")
     return np.exp(-np.mean(lp, axis=-1))

@@ -274,6 +274,8 @@ def test_perplexity_of_ragged_rows():
     np.testing.assert_allclose(dj.perplexity(rows), [np.sqrt(8.0), 10.0], rtol=1e-6)
     np.testing.assert_allclose(dj.perplexity(np.stack([rows[0], rows[0]])), [np.sqrt(8.0)] * 2, rtol=1e-6)
     _raises(lambda: dj.perplexity([rows[0], np.zeros(0, np.float32)]), "no log-probs")
+    assert dj.perplexity([float(x) for x in rows[0]]) == pytest.approx(np.sqrt(8.0))   # one row as a list
+    _raises(lambda: dj.perplexity([rows[0], "x"]), "perplexity: expected")
     _raises(lambda: dj.perplexity(np.zeros((2, 0), np.float32)), "at least one position")
 
 
