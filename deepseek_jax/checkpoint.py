@@ -124,11 +124,12 @@ def hub_layout(reader: HubReader, cfg: DeepSeekConfig, with_mtp: bool | None) ->
                             + ("" if cfg.num_nextn_predict_layers else " (num_nextn_predict_layers is 0)"))
     # (an MTP layer in the files is allowed when the config sets num_nextn_predict_layers to 0; the
     # files' FP8 layout is theirs: a caller may pass the config of the float model it makes of them)
-    fp8_files = any(name.endswith("_scale_inv") for name in reader.names())
+    names = reader.names()
+    fp8_files = any(name.endswith("_scale_inv") for name in names)
     known = hub_tensor_specs({**cfg.replace(fp8=fp8_files).to_hub_dict(),
                               "num_nextn_predict_layers": max(cfg.num_nextn_predict_layers, 1)},
                              include_mtp=mtp_in_files, fp8=fp8_files)
-    extra = [name for name in reader.names() if name not in known]
+    extra = [name for name in names if name not in known]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise DeepSeekError(f"checkpoint: {reader.path} holds tensor {extra[0]}{more}, which the config "

@@ -1172,8 +1172,7 @@ class Generator:
         chunk = self.stream_chunk if stream_chunk is None else _check_stream_chunk(stream_chunk)
         stop_ids = self._check_stop_token_ids(stop_token_ids)
         stop_set = frozenset() if stop_ids is _NO_STOP_IDS else set(stop_ids.tolist()) - {-1}
-        if not isinstance(logprobs, (bool, np.bool_)):
-            raise DeepSeekError(f"logprobs must be True or False, got {logprobs!r}")
+        logprobs = check_bool("logprobs", logprobs)
         if not _is_int(top_logprobs) or not 0 <= top_logprobs <= min(MAX_TOP_LOGPROBS, self.vocab_size):
             raise DeepSeekError(f"top_logprobs must be an integer in [0, {min(MAX_TOP_LOGPROBS, self.vocab_size)}], "
                                 f"got {top_logprobs!r}")
