@@ -171,7 +171,7 @@ def _moe_stats(r: Routing, B: int, T: int, E: int, K: int) -> MoEStats:
         chosen_BTE = jax.nn.one_hot(r.idx_TK, E, dtype=jnp.float32).sum(-2).reshape(B, T, E)
         f_BE = chosen_BTE.sum(1) * (E / (K * T))
         s_BTE = r.scores_TE.reshape(B, T, E)
-        p_BE = jnp.mean(s_BTE / jnp.sum(s_BTE, -1, keepdims=True), axis=1)
+        p_BE = jnp.mean(s_BTE / (jnp.sum(s_BTE, -1, keepdims=True) + 1e-20), axis=1)
         balance = jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
         return MoEStats(load_E, balance, r.idx_TK.reshape(B, T, K), r.weight_TK.reshape(B, T, K), s_BTE)
 

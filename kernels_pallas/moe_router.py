@@ -44,6 +44,11 @@ from kernels_pallas._common import cdiv, masked_load, next_pow2
 
 __all__ = ["moe_route_ref", "moe_route_gpu", "moe_route", "top_k_mask"]
 
+#: added to the chosen scores' sum before normalising, as HF does (DeepSeek's reference adds
+#: nothing): it changes no sum of float32 scores, but sigmoid(logits <= -88) is 0 in XLA and 0/0
+#: would make the token's hidden state NaN
+_TINY = 1e-20
+
 
 class _Opts(NamedTuple):
     n_group: int
@@ -89,8 +94,8 @@ def _weights(logits_TE, idx_TK, o: _Opts):
     """``(weight [T, K], s [T, E])``: the differentiable part, given the chosen experts."""
     s = jax.nn.sigmoid(logits_TE.astype(jnp.float32))
     w = jnp.take_along_axis(s, idx_TK, axis=1)
-    if o.norm_topk_prob:
-        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    if o.norm_topk_prob:   # + 1e-20 as HF: scores that underflow to 0 give weights 0, not 0/0
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + _TINY)
     return w * o.scaling, s
 
 
@@ -165,7 +170,7 @@ def _gpu_route_kernel(l_ref, x_ref, b_ref, idx_ref, w_ref, s_ref, *, t, bt, o: _
         w.append(jnp.sum(jnp.where(hit, s, 0.0), axis=1))
         cand = jnp.where(hit, neg, cand)
     if o.norm_topk_prob:
-        total = sum(w[1:], w[0])
+        total = sum(w[1:], w[0]) + _TINY
         w = [wk / total for wk in w]
 
     def store(ref, val, mask):

@@ -79,6 +79,23 @@ def test_kernel_ties_go_to_the_lower_index():
     np.testing.assert_array_equal(np.asarray(moe_route_gpu(x[:1], b, interpret=True, **TINY)[0]), [[0, 1, 2, 3]])
 
 
+def test_scores_that_underflow_give_zero_weights_not_nan():
+    """sigmoid(-100) is 0 in float32 (XLA flushes it below -88): the chosen scores sum to 0, and
+    normalising divided 0 by 0, a NaN that attention then spreads along the row. As HF (which
+    adds 1e-20 to the sum), the weights are 0; ordinary rows are unchanged to the last bit."""
+    x, b = _inputs(3, 6, 16)
+    x = x.at[2].set(-100.0 - jnp.arange(16.0))
+    for got in (kp.moe_route_ref(x, b, **TINY), moe_route_gpu(x, b, interpret=True, block_t=4, **TINY)):
+        w = np.asarray(got[1])
+        assert np.isfinite(w).all() and (w[2] == 0).all()
+    ordinary = np.asarray(x[:2])
+    w = np.asarray(kp.moe_route_ref(x, b, **TINY)[1])[:2]
+    idx = np.asarray(kp.moe_route_ref(x, b, **TINY)[0])[:2]
+    s = 1 / (1 + np.exp(-ordinary.astype(np.float64)))
+    chosen = np.take_along_axis(s, idx, 1)
+    np.testing.assert_allclose(w, 2.5 * chosen / chosen.sum(1, keepdims=True), rtol=1e-6)
+
+
 def test_kernel_keeps_only_the_best_groups():
     """Expert 0 has the highest score of all, but its group (0: one high and three low scores)
     ranks below groups 1 and 2 (four good scores each): only experts of groups 1 and 2 may be
