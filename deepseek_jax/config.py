@@ -57,6 +57,14 @@ class RopeScaling:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
 
+    @property
+    def cos_sin_multiplier(self) -> float:
+        """SPEC §4: ``mscale(f, mscale) / mscale(f, mscale_all_dim)``, an unset (0) ``mscale_all_dim``
+        leaving ``mscale(f, mscale)``; ``mscale(f, m) = 0.1 m ln f + 1`` (1 when ``f <= 1``)."""
+        def m(v: float) -> float:
+            return 1.0 if self.factor <= 1.0 else 0.1 * v * math.log(self.factor) + 1.0
+        return m(self.mscale) / m(self.mscale_all_dim) if self.mscale_all_dim else m(self.mscale)
+
 
 @dataclasses.dataclass(frozen=True)
 class DeepSeekConfig:
@@ -279,8 +287,13 @@ class DeepSeekConfig:
                 v = getattr(rs, f.name)
                 if not _is_number(v) or not math.isfinite(v):
                     raise DeepSeekError(f"config: rope_scaling.{f.name} = {v!r}: must be a finite number")
-            if rs.factor <= 0:
-                raise DeepSeekError(f"config: rope_scaling.factor = {rs.factor!r}: must be positive")
+            if rs.factor < 1:
+                raise DeepSeekError(f"config: rope_scaling.factor = {rs.factor!r}: must be >= 1 "
+                                    "(YaRN stretches the context; 1 is plain RoPE)")
+            for key in ("beta_fast", "beta_slow"):
+                if getattr(rs, key) <= 0:
+                    raise DeepSeekError(f"config: rope_scaling.{key} = {getattr(rs, key)!r}: must be positive "
+                                        "(a number of rotations)")
             if rs.original_max_position_embeddings <= 0:
                 raise DeepSeekError("config: rope_scaling.original_max_position_embeddings must be positive")
 
@@ -314,6 +327,11 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             raise DeepSeekError(f"config: rope_scaling.{key} = {v!r}: must be a number")
         return float(v)
 
+    if "factor" not in scaling:
+        raise DeepSeekError("config: rope_scaling.factor is missing (YaRN needs its context factor)")
+    if scaling.get("truncate", True) is not True:   # HF's option; DeepSeek's YaRN rounds the ramp's ends
+        raise DeepSeekError(f"config: rope_scaling.truncate = {scaling['truncate']!r}: only true "
+                            "(DeepSeek's YaRN) is supported")
     opm = num("original_max_position_embeddings", 4096)
     if opm != int(opm):
         raise DeepSeekError(f"config: rope_scaling.original_max_position_embeddings = {opm!r}: must be an integer")
@@ -325,6 +343,11 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         mscale=num("mscale", 1.0, null_ok=True),   # (0 is a value: mscale(f, 0) = 1, SPEC §4)
         mscale_all_dim=num("mscale_all_dim", 0.0, null_ok=True),
     )
+    attention_factor = scaling.get("attention_factor")   # HF's override of the multiplier
+    if attention_factor is not None and not (_is_number(attention_factor) and
+                                             abs(attention_factor - rs.cos_sin_multiplier) <= 1e-6):
+        raise DeepSeekError(f"config: rope_scaling.attention_factor = {attention_factor!r}: not supported "
+                            f"(mscale / mscale_all_dim give DeepSeek's multiplier, {rs.cos_sin_multiplier:g})")
     return float(theta), rs
 
 

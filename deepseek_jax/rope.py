@@ -16,17 +16,20 @@ import numpy as np
 from deepseek_jax.config import DeepSeekConfig
 
 
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 def inv_frequencies(cfg: DeepSeekConfig) -> tuple[np.ndarray, float]:
-    """The (YaRN-corrected) inverse frequencies ``[R/2]`` and the cos/sin multiplier."""
+    """The (YaRN-corrected) inverse frequencies ``[R/2]`` and the cos/sin multiplier.
+
+    Float32 step by step in HF's order, ``base ** (i / R)`` rounded once from float64: that is
+    torch's float32 ``pow`` to the bit, where NumPy's float32 ``pow`` is 1-2 ulp off on some ``i``
+    (angles are ``p * inv_freq``, so an ulp is 2.7e-4 relative error in the logits at p = 160K)."""
+    f32 = np.float32
     dim, theta = cfg.qk_rope_head_dim, cfg.rope_theta
-    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    exponent = np.arange(0, dim, 2, dtype=f32) / f32(dim)
+    base_pow = (np.float64(theta) ** exponent.astype(np.float64)).astype(f32)
+    inv = f32(1.0) / base_pow
     rs = cfg.rope_scaling
     if rs is None or rs.factor <= 1.0:
-        return inv.astype(np.float32), 1.0
+        return inv, 1.0
 
     def corr_dim(rot: float) -> float:
         return dim * math.log(rs.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(theta))
@@ -35,11 +38,11 @@ def inv_frequencies(cfg: DeepSeekConfig) -> tuple[np.ndarray, float]:
     high = min(math.ceil(corr_dim(rs.beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
-    inv = inv / rs.factor * ramp + inv * (1.0 - ramp)
-    mult = _yarn_mscale(rs.factor, rs.mscale) / _yarn_mscale(rs.factor, rs.mscale_all_dim or 1.0) \
-        if rs.mscale_all_dim else _yarn_mscale(rs.factor, rs.mscale)
-    return inv.astype(np.float32), float(mult)
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), f32(0), f32(1))
+    keep = f32(1) - ramp                                  # the share of the unscaled frequency
+    interpolated = f32(1.0) / (f32(rs.factor) * base_pow)
+    inv = interpolated * (f32(1) - keep) + inv * keep
+    return inv.astype(f32), float(rs.cos_sin_multiplier)
 
 
 class Rope:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,61 @@ def test_yarn_cos_sin_multiplier_is_the_mscale_ratio(mscale, all_dim):
     m = 1.0 if mscale is None else mscale
     want = (0.1 * m * math.log(f) + 1) / (0.1 * all_dim * math.log(f) + 1 if all_dim else 1.0)
     assert mult == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("rope_dim,theta,rs", [
+    (64, 10000.0, {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),   # V3's
+    (16, 10000.0, {"type": "yarn", "factor": 4, "original_max_position_embeddings": 16,
+                   "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}),
+    (128, 50000.0, {"type": "yarn", "factor": 8.5, "original_max_position_embeddings": 8192,
+                    "beta_fast": 16, "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.0}),
+    (64, 10000.0, None), (32, 1e6, None),
+], ids=["v3", "tiny", "wide", "plain64", "plain32_1e6"])
+def test_rope_frequencies_equal_hf_to_the_bit(rope_dim, theta, rs):
+    """Angles are ``p * inv_freq`` in float32: one ulp of ``inv_freq`` is 2.7e-4 relative error in
+    the logits at p = 160K (NumPy's float32 ``pow`` was 1-2 ulp off torch's on 4 of V3's 32, and
+    the logits 2.7e-4 off HF's there; now 5.8e-7, as at p = 0)."""
+    torch = pytest.importorskip("torch")
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+    d = tiny_config(qk_rope_head_dim=rope_dim, rope_theta=theta, rope_scaling=rs, max_position_embeddings=163840)
+    inv, mult = inv_frequencies(DeepSeekConfig.from_hub_dict(d))
+    hf = DeepseekV3RotaryEmbedding(DeepseekV3Config(**d))
+    assert mult == pytest.approx(hf.attention_scaling, rel=1e-12)
+    if theta == 10000.0:   # V3's base: torch's pow is correctly rounded there, as ours is
+        np.testing.assert_array_equal(inv, hf.inv_freq.numpy())
+    else:                  # elsewhere torch's own pow is 1 ulp off the correctly rounded value on some i
+        np.testing.assert_array_max_ulp(inv, hf.inv_freq.numpy(), maxulp=1)
+        return
+    pos = jnp.array([0, 4095, 65536, 163839])
+    cos, _ = Rope(DeepSeekConfig.from_hub_dict(d)).cos_sin(pos)
+    hf_cos, _ = hf(torch.zeros(1), torch.tensor(np.asarray(pos))[None])
+    np.testing.assert_allclose(np.asarray(cos), hf_cos[0, :, :rope_dim // 2].numpy(), atol=2e-6)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"factor": 0.5}, "must be >= 1"), ({"beta_fast": 0}, "beta_fast = 0"), ({"beta_slow": -1}, "beta_slow = -1"),
+    ({"truncate": False}, "truncate = False"), ({"attention_factor": 2.0}, "attention_factor = 2.0"),
+    ({"factor": "drop"}, "factor is missing"),
+])
+def test_yarn_settings_we_cannot_honour_are_refused(change, needle):
+    """HF honours ``truncate: false`` and ``attention_factor``, and reads 0 betas as its defaults:
+    each would give numbers other than HF's, so each is refused by name, as is a YaRN with no factor."""
+    d = tiny_config()
+    rs = dict(d["rope_scaling"], **change)
+    if rs.get("factor") == "drop":
+        del rs["factor"]
+    with pytest.raises(DeepSeekError, match=re.escape(needle)) as e:
+        DeepSeekConfig.from_hub_dict(dict(d, rope_scaling=rs))
+    assert "\n" not in str(e.value)
+
+
+def test_yarn_attention_factor_equal_to_the_mscale_ratio_is_accepted():
+    d = tiny_config()
+    want = DeepSeekConfig.from_hub_dict(d).rope_scaling.cos_sin_multiplier
+    d["rope_scaling"] = dict(d["rope_scaling"], attention_factor=want)
+    assert DeepSeekConfig.from_hub_dict(d).rope_scaling.cos_sin_multiplier == want
 
 
 def test_rope_rotates_interleaved_pairs():
