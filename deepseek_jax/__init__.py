@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from deepseek_jax.errors import DeepSeekError
 
+__version__ = "0.1.0"   # the package's one version (pyproject.toml reads it from here)
+
 # Attributes are imported lazily so that light modules (config, hub, tokenizer) can be used
 # without importing jax: `import deepseek_jax.config` does not pull in the model.
 _LAZY = {
@@ -38,7 +40,7 @@ _LAZY = {
     "internals": "deepseek_jax.introspect", "Internals": "deepseek_jax.introspect",
 }
 
-__all__ = ["DeepSeekError", *_LAZY]
+__all__ = ["DeepSeekError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

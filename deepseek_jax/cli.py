@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 
+from deepseek_jax import __version__
 from deepseek_jax.errors import DeepSeekError
 
 # The CLI contract: convert|export|verify|score|generate|chat|demo|plan|train. A name is listed
@@ -23,6 +24,7 @@ COMMANDS = ("convert", "export", "verify", "score", "generate", "chat", "demo", 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-jax", description="DeepSeek-V3 in JAX/Flax")
+    parser.add_argument("--version", action="version", version=f"deepseek-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"deepseek_jax.commands.{name}").register(sub)

@@ -62,8 +62,12 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as err:   # an optional dependency: say which one
-    raise DeepSeekError(f"deepseek_jax.harness needs lm-evaluation-harness: pip install 'lm_eval>=0.4.13' "
-                        f"({err})") from None
+    _missing = (f"deepseek_jax.harness needs lm-evaluation-harness: pip install 'lm_eval>=0.4.13' "
+                f"({err})")
+    if __name__ == "__main__":   # `python -m deepseek_jax.harness`: one line, as main() gives
+        print(f"deepseek_jax.harness: error: {_missing}", file=sys.stderr)
+        sys.exit(2)
+    raise DeepSeekError(_missing) from None
 
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed"}
 _DEFAULT_MAX_LENGTH = 4096

@@ -11,7 +11,7 @@ alone, and ``train.export_hub`` writes the model with them merged, tensor by ten
     n = lora.add_lora(model, rank=8)
     trainer = Trainer(model, TrainConfig(trainable=lora.LORA_PATTERN))
     ...
-    export_hub(trainer.model(), out_dir, fp8=True)
+    export_hub(trainer.model(), out_dir, fp8=True, tokenizer_dir=ckpt)   # the tokenizer too
 
 Targets are names of ``Linear`` modules: by default MLA's projections but ``kv_b_proj`` (the
 absorbed decode path reads its weight in place, not through ``__call__``); ``gate_proj``,

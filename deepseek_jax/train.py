@@ -64,7 +64,6 @@ from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.moe import RouterBias
 from deepseek_jax.quant import Precision
 from deepseek_jax.sharding import MESH_AXES, attach_mesh, model_param_specs, resolve_rules
-from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "compute_loss", "learning_rate", "make_optimizer", "model_logits",
            "cast_params", "export_hub", "load_float_model"]
@@ -937,7 +936,7 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
-def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=TINY_TOKENIZER_DIR,
+def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=None,
                max_shard_bytes: int = 5 * 2**30) -> str:
     """Writes ``model`` as a Hub-layout checkpoint directory; returns it.
 
@@ -945,7 +944,8 @@ def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=T
     model's config: BF16 everywhere but the router bias (F32); with ``fp8`` every linear weight the
     spec marks ``F8_E4M3`` is block-quantized from the float32 values with its ``weight_scale_inv``
     and ``config.json`` gets the ``quantization_config``. The tokenizer files of ``tokenizer_dir``
-    (default: the tiny tokenizer; None: none) are copied next to it.
+    (the model's own: a checkpoint directory, or ``TINY_TOKENIZER_DIR`` for the synthetic tasks;
+    default None: none) are copied next to it.
 
     On several processes (a model sharded over a multi-host mesh) every process must call it:
     each tensor is gathered by all of them, and process 0 writes.

@@ -212,3 +212,16 @@ def test_distributed_env_zero_processes(monkeypatch, ids_file, ckpt_a, tmp_path,
     rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", tmp_path / "o.npy",
                          "--coordinator", "127.0.0.1:1")
     assert_error(rc, err, "--num-processes must be >= 1")
+
+
+def test_harness_module_without_lm_eval_is_one_line():
+    """``python -m deepseek_jax.harness`` where lm_eval is not installed (it is an extra): one
+    line naming the package to install, exit 2, no traceback."""
+    import subprocess
+    import sys
+    code = ("import runpy, sys; sys.modules['lm_eval'] = None; sys.argv = ['harness', '--tasks', 'x']; "
+            "runpy.run_module('deepseek_jax.harness', run_name='__main__', alter_sys=True)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and "pip install 'lm_eval" in p.stderr and "Traceback" not in p.stderr

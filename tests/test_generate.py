@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -316,6 +317,9 @@ def test_demo_end_to_end(demo):
     assert "tokens/s" in out and out.count(">>> ") == len(DEFAULT_PROMPTS)
     assert f"{len(DEFAULT_PROMPTS)}/{len(DEFAULT_PROMPTS)} additions right" in out   # the trained model
     assert demo_checkpoint(d) == d          # reused, not copied again
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o777 & ~umask   # as mkdir would (tempfile's is 0o700)
     tok = Tokenizer.from_dir(d)
     assert tok.chat_template and dj.load_config(d).vocab_size == dj.load_config(demo_checkpoint()).vocab_size
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -38,10 +39,15 @@ def test_score_outputs(ckpt_a, ids_file, tmp_path, capsys):
     np.testing.assert_allclose(np.load(lp), scoring.token_logprobs(ref, ids), rtol=1e-6)
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert len(rows) == 2 and rows[0]["tokens_scored"] == 8 and rows[0]["perplexity"] > 1
+    # new files get the umask's mode, not tempfile's private 0o600; a replaced file keeps its own
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(lp).st_mode) == 0o666 & ~umask
+    os.chmod(out, 0o640)
 
     rc, _, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", str(out), "--mode", "decode",
                        "--prefill", "4")
-    assert rc == 0
+    assert rc == 0 and stat.S_IMODE(os.stat(out).st_mode) == 0o640
     dec = np.load(out)
     assert np.linalg.norm(dec - ref) / np.linalg.norm(ref) < 1e-4
 

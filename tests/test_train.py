@@ -20,6 +20,7 @@ from deepseek_jax.hub import HubReader, hub_tensor_specs, spec_mismatches
 from deepseek_jax.quant import Precision
 from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
 from deepseek_jax.tasks import make_dataset
+from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
 from deepseek_jax.train import (TrainConfig, Trainer, cast_params, export_hub, load_float_model,
                                 model_logits)
 
@@ -262,7 +263,7 @@ def test_export_hub_loads_with_same_logits(runs, data, tmp_path):
     ids = data.batch_at(7).ids[:4]
     ref, ref_mtp = model_logits(model, ids)
 
-    hub = export_hub(model, tmp_path / "hub", fp8=False)
+    hub = export_hub(model, tmp_path / "hub", fp8=False, tokenizer_dir=TINY_TOKENIZER_DIR)
     with HubReader(hub) as reader:
         assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []
         assert "quantization_config" not in reader.config
@@ -282,6 +283,7 @@ def test_export_hub_loads_with_same_logits(runs, data, tmp_path):
     assert np.abs(got - ref).max() < 0.05 * scale
 
     hub8 = export_hub(model, tmp_path / "hub8", fp8=True)
+    assert not os.path.exists(os.path.join(hub8, "tokenizer.json"))   # none unless named: never the wrong one
     with HubReader(hub8) as reader:
         assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []
         assert reader.config["quantization_config"]["quant_method"] == "fp8"

@@ -1,1 +1,17 @@
 """One module per CLI subcommand; see ``deepseek_jax.cli``."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+
+def plain_mode(path: str, *, directory: bool = False) -> int:
+    """The permissions ``open(path, "w")`` / ``mkdir`` would have left: an existing file's own, else
+    0o666 (0o777 for a directory) under the umask. ``tempfile`` makes its files 0o600 and its
+    directories 0o700, so an output written there and renamed into place gets this mode first."""
+    if not directory and os.path.isfile(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask

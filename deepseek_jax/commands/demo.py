@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from deepseek_jax.commands import plain_mode
 from deepseek_jax.commands.generate import add_sampling_args, load_generator, sampling_from_args, timing_line
 from deepseek_jax.errors import DeepSeekError
 
@@ -87,6 +88,7 @@ def demo_checkpoint(directory: str | None = None) -> str:
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".demo-copy-", dir=parent)
+        os.chmod(tmp, plain_mode(directory, directory=True))
     except OSError as e:
         raise DeepSeekError(f"demo: cannot create a directory under {parent}: {e.strerror or e}") from None
     try:

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="h200",
                    help="memory to fit: h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4|cpu (default h200)")
     add_prefill_attention_arg(p)   # compiled here, on CPU, in its blocked jnp form
-    p.add_argument("--no-compile", action="store_true", help="weights and cache only (seconds instead of minutes)")
+    p.add_argument("--no-compile", action="store_true", help="weights and cache only, no compile (1.4 s instead of ~9 s for 671B)")
     t = p.add_argument_group("training (instead of inference)")
     t.add_argument("--train", choices=("full", "lora"), default=None,
                    help="plan one training step as `train` shards it: full (every parameter, --param-dtype; the "

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from deepseek_jax import runtime
+from deepseek_jax.commands import plain_mode
 from deepseek_jax.commands.generate import add_prefill_attention_arg
 from deepseek_jax.errors import DeepSeekError
 
@@ -106,6 +107,7 @@ def _write_all(files: list[tuple[str, str, Callable]]) -> None:
                 fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
                                            suffix=".partial")
                 done.append((tmp, path, flag))
+                os.fchmod(fd, plain_mode(path))
                 with os.fdopen(fd, "wb") as f:
                     write(f)
             except OSError as e:
