@@ -367,10 +367,14 @@ def load_config(name_or_path: str) -> DeepSeekConfig:
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise DeepSeekError(f"config: expected a preset name or a path, got {type(name_or_path).__name__}")
     name_or_path = os.fspath(name_or_path)
-    if os.path.exists(name_or_path):
-        return DeepSeekConfig.from_json_file(name_or_path)
     cand = os.path.join(configs_dir(), name_or_path if name_or_path.endswith(".json") else name_or_path + ".json")
-    if os.path.exists(cand):
+    is_preset = os.sep not in name_or_path and os.path.isfile(cand)
+    # a folder of the working directory named like a preset (`runs/tiny`'s parent, say) holding no
+    # config.json does not hide the preset
+    if os.path.exists(name_or_path) and not (is_preset and os.path.isdir(name_or_path) and
+                                              not os.path.isfile(os.path.join(name_or_path, "config.json"))):
+        return DeepSeekConfig.from_json_file(name_or_path)
+    if is_preset:
         return DeepSeekConfig.from_json_file(cand)
     presets = sorted(f[:-5] for f in os.listdir(configs_dir()) if f.endswith(".json"))
     raise DeepSeekError(f"config: {name_or_path!r} is neither a file, a directory nor a preset "

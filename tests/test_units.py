@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import jax
@@ -346,3 +347,13 @@ def test_every_expert_moe_rounds_like_the_sorted_form(dtype, fp8_mode):
     if fp8_mode == "w8a8" and dtype == jnp.float32:
         w16 = np.asarray(sorted_moe(arrays, *args[1:4], Precision(dtype=dtype), 8, expert_offset=jnp.int32(8)))
         assert np.abs(b - w16).max() > 1e-3 * np.abs(w16).max()
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """`mkdir tiny` in the working directory left `--config tiny` reading tiny/config.json (absent);
+    a folder that does hold a config.json still wins, as an explicit path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert load_config("tiny") == load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.json"))
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(tiny_config(vocab_size=300)))
+    assert load_config("tiny").vocab_size == 300

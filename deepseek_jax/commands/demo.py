@@ -45,7 +45,7 @@ def shipped_dir() -> str:
     """The directory of the shipped demo model (an error if the package was installed without it)."""
     if not (SHIPPED_DIR / "config.json").is_file():
         raise DeepSeekError(f"the package's demo model is missing ({SHIPPED_DIR}); rebuild it with "
-                            "tools/make_demo_model.sh")
+                            "the source repository's tools/make_demo_model.sh")
     return str(SHIPPED_DIR)
 
 
@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "its answers and printing tokens/s.")
     p.add_argument("--dir", help="run the demo checkpoint in DIR instead of the shipped one: an empty or absent "
                                  "DIR gets a copy of the shipped model, a DIR holding a checkpoint (e.g. a rebuild "
-                                 "by tools/make_demo_model.sh) is used as it is")
+                                 "by the repository's tools/make_demo_model.sh) is used as it is")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt such as 123+45 instead of the defaults (repeatable)")
     add_sampling_args(p, max_new_tokens=8, temperature=0.0)
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
           f"groups ({cfg.topk_group} kept, {cfg.num_experts_per_tok} per token) + {cfg.n_shared_experts} shared, "
           f"{cfg.num_nextn_predict_layers} MTP layer, {'FP8 128x128 blocks' if cfg.fp8 else 'BF16'}, "
           f"vocab {cfg.vocab_size}\n  trained by `deepseek-jax train` on {DEMO_TASK} "
-          f"(tools/make_demo_model.sh); default prompts are held out of training")
+          f"(the repository's tools/make_demo_model.sh); default prompts are held out of training")
     results = gen.generate_text(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                                 speculative=args.speculative)
     right = checked = 0
