@@ -102,7 +102,8 @@ def dequantize(wq: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
 def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Block-quantizes ``[..., N, K]`` to e4m3 with per-128x128-block scales ``amax / 448``.
 
-    An all-zero block gets scale 1 (never a division by zero). Used for random initialisation
+    An all-zero block gets scale 1 (never a division by zero), and no scale is subnormal (a block
+    of magnitudes ~1e-37 dequantizes to finite values, not NaN). Used for random initialisation
     and for tests; real checkpoints arrive already quantized.
     """
     w = jnp.asarray(w, jnp.float32)
@@ -111,7 +112,8 @@ def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     pad = [(0, 0)] * len(lead) + [(0, nb * BLOCK - n), (0, kb * BLOCK - k)]
     wp = jnp.pad(w, pad).reshape(*lead, nb, BLOCK, kb, BLOCK)
     amax = jnp.max(jnp.abs(wp), axis=(-3, -1))
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
+    # (a scale below float32's smallest normal would be flushed to 0 by XLA: w / 0 = NaN weights)
+    scale = jnp.where(amax > 0, jnp.maximum(amax / FP8_MAX, jnp.finfo(jnp.float32).tiny), 1.0)
     wq = (w / _expand_scales(scale, n, k)).astype(FP8)
     return wq, scale
 

@@ -246,6 +246,16 @@ def test_jnp_quantization_matches_numpy_and_edge_blocks(shape):
     assert s.shape[-2:] == (math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
 
 
+def test_quantize_a_block_of_tiny_magnitudes_is_finite():
+    """amax ~1e-37: amax / 448 is subnormal, which XLA flushes to 0 on a CPU, and w / 0 was NaN."""
+    w = np.random.default_rng(2).normal(size=(256, 128)).astype(np.float32)
+    w[:128] *= 1e-37
+    wq, s = quantize(jnp.asarray(w))
+    back = np.asarray(dequantize(wq, s))
+    assert np.isfinite(back).all() and np.asarray(s)[0, 0] >= np.finfo(np.float32).tiny
+    np.testing.assert_allclose(back[128:], w[128:], rtol=0.07, atol=1e-6)
+
+
 @pytest.mark.parametrize("kw,needle", [(dict(prefill_attention="fast"), "prefill_attention"),
                                        (dict(fp8_mode="w4a16"), "fp8_mode")])
 def test_precision_rejects_unknown_modes(kw, needle):
