@@ -382,9 +382,10 @@ def _product(ranges: list[range]) -> Iterator[tuple[int, ...]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _mtp_layer(name: str, n_layers: int) -> bool:
+def _mtp_layer(name: str, n_layers: int, n_mtp: int = 1) -> bool:
+    """A tensor of the MTP layers, ``model.layers.{n_layers} .. {n_layers + n_mtp - 1}``."""
     m = re.match(r"model\.layers\.(\d+)\.", name)
-    return bool(m) and int(m.group(1)) >= n_layers
+    return bool(m) and n_layers <= int(m.group(1)) < n_layers + n_mtp
 
 
 def _validate_source(src: _Source, dtype: str | None, mtp: bool
@@ -408,14 +409,16 @@ def _validate_source(src: _Source, dtype: str | None, mtp: bool
                    "(MTP) tensors; pass --no-mtp")
     specs = hub_tensor_specs(reader.config, include_mtp=with_mtp, fp8=cfg.fp8)
     problems = spec_mismatches(reader, specs)
-    if not with_mtp:
-        problems = [p for p in problems
-                    if not (p.startswith("unexpected tensor") and _mtp_layer(p.split("'")[1], n))]
+    if not with_mtp:   # the MTP layer the config declares is left out; any other tensor is a mismatch
+        problems = [p for p in problems if not (p.startswith("unexpected tensor") and
+                                                _mtp_layer(p.split("'")[1], n, cfg.num_nextn_predict_layers))]
     if problems:
         hint = ""
         if "_scale_inv" in problems[0] and problems[0].startswith("missing"):
             hint = " (FP8 weights need their block scales)"
-        elif not problems[0].startswith(("missing", "unexpected")):
+        elif problems[0].startswith("unexpected"):
+            hint = " (config.json has no place for it: does num_hidden_layers match the weights?)"
+        elif not problems[0].startswith("missing"):
             hint = " (the shape or dtype disagrees with config.json)"
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise _err(f"{src.path}: checkpoint does not match config.json: {problems[0]}{hint}{more}")

@@ -381,6 +381,11 @@ BAD = {
     "not_deepseek": (lambda d: _config(d, model_type="llama"), [], "not DeepSeek-V3"),
     "non_finite_scale": (_nonfinite_scale, [], "non-finite"),
     "nonempty_out": (lambda d: None, ["@nonempty"], "not empty"),
+    # a config with fewer layers than the weights: --no-mtp left out layer 2 as if it were MTP's
+    "layers_vs_config_no_mtp": (lambda d: _config(d, num_hidden_layers=2), ["--no-mtp"],
+                                "num_hidden_layers match the weights"),
+    "mtp_weights_config_without": (lambda d: _config(d, num_nextn_predict_layers=0), [],
+                                   "unexpected tensor 'model.layers.3."),
 }
 
 
