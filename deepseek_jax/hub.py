@@ -589,7 +589,7 @@ def quantize_block_fp8_np(
     Per ``block`` tile (edge tiles partial): ``scale = amax(|tile|) / 448`` (1.0 for an all-zero
     tile), ``wq = e4m3(w / scale)``.  Returns ``(wq, scale)`` with ``scale`` float32 of shape
     ``[ceil(out/b0), ceil(in/b1)]``: the checkpoint's ``weight_scale_inv``, a multiplier
-    (``w ~= float(wq) * scale``).
+    (``w ~= float(wq) * scale``). Non-finite values raise :class:`DeepSeekError` (naming the block).
     """
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
@@ -600,6 +600,9 @@ def quantize_block_fp8_np(
     padded[:rows, :cols] = w
     tiles = padded.reshape(sr, block[0], sc, block[1])
     amax = np.abs(tiles).max(axis=(1, 3))
+    if not np.isfinite(amax).all():   # an inf scale, NaN codes, a block rounded to 0: refused
+        raise _error(f"non-finite values (inf or NaN) in block {np.argwhere(~np.isfinite(amax))[0].tolist()} "
+                     "cannot be stored as FP8")
     scale = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1.0)).astype(np.float32)
     q = tiles / scale[:, None, :, None]
     q = np.clip(q, -FP8_MAX, FP8_MAX).reshape(padded.shape)[:rows, :cols]
@@ -777,10 +780,16 @@ def hub_tensor_specs(
     return specs
 
 
-def spec_mismatches(reader: HubReader, specs: Mapping[str, TensorSpec]) -> list[str]:
+#: the float dtypes a BF16 or F32 tensor may come in (read as the model's, rounded or widened)
+_FLOAT_NAMES = frozenset({"F32", "F16", "BF16"})
+
+
+def spec_mismatches(reader: HubReader, specs: Mapping[str, TensorSpec], *,
+                    any_float: bool = False) -> list[str]:
     """One-line descriptions of how the checkpoint differs from ``specs`` (empty if it matches).
 
-    Reports missing tensors, unexpected tensors, and shape or dtype differences.
+    Reports missing tensors, unexpected tensors, and shape or dtype differences; with
+    ``any_float``, F32 / F16 / BF16 stand for one another (FP8 weights still must be FP8).
     """
     problems: list[str] = []
     for name, spec in specs.items():
@@ -788,7 +797,9 @@ def spec_mismatches(reader: HubReader, specs: Mapping[str, TensorSpec]) -> list[
             problems.append(f"missing tensor {name!r}")
             continue
         info = reader.info(name)
-        if info.shape != spec.shape or info.dtype != DTYPES[spec.dtype_name]:
+        same_dtype = info.dtype == DTYPES[spec.dtype_name] or (
+            any_float and spec.dtype_name in _FLOAT_NAMES and dtype_name_of(info.dtype) in _FLOAT_NAMES)
+        if info.shape != spec.shape or not same_dtype:
             problems.append(
                 f"tensor {name!r} in {info.file} is {dtype_name_of(info.dtype)} {list(info.shape)}, "
                 f"expected {spec.dtype_name} {list(spec.shape)}"

@@ -58,6 +58,7 @@ Test hook: with ``DEEPSEEK_JAX_CONVERT_DIE_AFTER=N`` in the environment the conv
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -117,6 +118,7 @@ EXTRA_FILE_MAX_BYTES = 64 << 20
 _DEQUANT_ROWS = 1024           # rows dequantized at a time (a multiple of the 128 FP8 block)
 _FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_FLOATS = frozenset({_BF16, np.dtype(np.float32), np.dtype(np.float16)})
 _DTYPE_ARGS = ("fp8", "bf16")
 
 
@@ -202,6 +204,7 @@ class _Param:
     names: np.ndarray            # object array of Hub names, shape = stack
     chunks: tuple[int, ...]
     dequant: bool = False        # FP8 Hub weight stored as bf16 (names[...] + "_scale_inv" are the scales)
+    cast: bool = False           # some of its Hub tensors are another float dtype (F32 / F16 -> BF16)
 
     @property
     def key(self) -> str:
@@ -337,6 +340,27 @@ class _Source:
         return out
 
 
+#: bytes hashed at each end of every source shard: two fine-tunes of one architecture have the
+#: same file names, sizes and config.json, but not the same weights
+_SAMPLE_HEAD, _SAMPLE_TAIL = 1 << 20, 1 << 18
+
+
+def _source_sample(hf_dir: str, files: list[tuple[str, int]]) -> str:
+    """sha256 over the first MiB (the header, then the first tensors) and the last 256 KiB of
+    every shard: what ``--resume`` and a finished conversion compare beside names and sizes."""
+    h = hashlib.sha256()
+    for name, size in files:
+        try:
+            with open(os.path.join(hf_dir, name), "rb") as f:
+                h.update(f.read(_SAMPLE_HEAD))
+                if size > _SAMPLE_HEAD:
+                    f.seek(max(_SAMPLE_HEAD, size - _SAMPLE_TAIL))
+                    h.update(f.read(_SAMPLE_TAIL))
+        except OSError as e:
+            raise _err(f"{os.path.join(hf_dir, name)}: cannot read ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
 def _scale_name(name: str) -> str:
     return name + "_scale_inv"
 
@@ -354,7 +378,13 @@ def _fill_chunk(src: _Source, p: _Param, region: tuple[slice, ...]) -> np.ndarra
         name = p.names[idx]
         dst = buf[local] if k else buf
         if not p.dequant:
-            src.read_into(name, dst, r0)
+            have = src.reader.info(name).dtype if p.cast else p.dtype
+            if have == p.dtype:
+                src.read_into(name, dst, r0)
+            else:   # rounded to BF16 (or widened to F32) as numpy casts: nearest, ties to even
+                tmp = np.empty(dst.shape, have)
+                src.read_into(name, tmp, r0)
+                dst[...] = tmp.astype(p.dtype)
             continue
         cols = p.per[1]
         sc = src.read(_scale_name(name))
@@ -408,7 +438,7 @@ def _validate_source(src: _Source, dtype: str | None, mtp: bool
                    f"{cfg.num_nextn_predict_layers} but the checkpoint has no model.layers.{n}.* "
                    "(MTP) tensors; pass --no-mtp")
     specs = hub_tensor_specs(reader.config, include_mtp=with_mtp, fp8=cfg.fp8)
-    problems = spec_mismatches(reader, specs)
+    problems = spec_mismatches(reader, specs, any_float=True)
     if not with_mtp:   # the MTP layer the config declares is left out; any other tensor is a mismatch
         problems = [p for p in problems if not (p.startswith("unexpected tensor") and
                                                 _mtp_layer(p.split("'")[1], n, cfg.num_nextn_predict_layers))]
@@ -439,6 +469,8 @@ def _validate_source(src: _Source, dtype: str | None, mtp: bool
             elif info.dtype == _FP8 and p.dtype == _BF16:
                 p.dequant = True
                 used.add(_scale_name(name))
+            elif info.dtype in _FLOATS and p.dtype in _FLOATS:
+                p.cast = True
             else:
                 raise _err(f"{src.path}: tensor {name} is {info.dtype}, the model needs {p.dtype}")
             used.add(name)
@@ -558,6 +590,15 @@ def _check_dtype_arg(dtype: str | None) -> None:
         raise _err(f"unknown dtype {dtype!r} (choose fp8 or bf16)")
 
 
+def _empty_dir(path: str) -> None:
+    """Deletes what ``path`` holds; the folder itself stays (it may be a symbolic link's target)."""
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.remove(entry.path)
+
+
 def _prepare_out_dir(out_dir: str, hf_dir: str, *, resume: bool, force: bool) -> None:
     real_out, real_hf = os.path.realpath(out_dir), os.path.realpath(hf_dir)
     if real_out == real_hf or real_hf.startswith(real_out + os.sep):
@@ -566,7 +607,7 @@ def _prepare_out_dir(out_dir: str, hf_dir: str, *, resume: bool, force: bool) ->
         raise _err(f"{out_dir}: exists and is not a directory")
     nonempty = os.path.isdir(out_dir) and bool(os.listdir(out_dir))
     if nonempty and force:
-        shutil.rmtree(out_dir)
+        _empty_dir(out_dir)
     elif nonempty and not resume:
         raise _err(f"{out_dir}: output directory is not empty (pass --resume to continue a conversion "
                    "or --force to overwrite)")
@@ -581,7 +622,8 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
 
     ``dtype``: ``"fp8"`` keeps FP8 weights and scales, ``"bf16"`` dequantizes them
     (``float32(Wq) * scale`` cast to bf16, as DeepSeek's ``fp8_cast_bf16.py``); ``None`` keeps the
-    source's. ``mtp=False`` leaves out the MTP layer. ``resume`` continues a killed conversion;
+    source's. F32 / F16 tensors where the Hub layout has BF16 are rounded to BF16 (nearest, ties to
+    even; the summary's ``cast_from`` names their dtypes). ``mtp=False`` leaves out the MTP layer. ``resume`` continues a killed conversion;
     ``force`` deletes a non-empty ``out_dir`` first. See the module docstring for the layout.
     """
     t0 = time.time()
@@ -591,19 +633,25 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
     try:
         src_cfg, out_cfg, with_mtp, plan, n_tensors = _validate_source(src, dtype, mtp)
         dtype = "fp8" if out_cfg.fp8 else "bf16"
+        cast = sorted({str(src.reader.info(p.names[i]).dtype) for p in plan if p.cast for i in np.ndindex(*p.stack)
+                       if src.reader.info(p.names[i]).dtype != p.dtype})
         source_files = src.reader.source_files()
         fingerprint = {
             "format": FORMAT, "dtype": dtype, "mtp": with_mtp,
             "source_files": [[f, s] for f, s in source_files],
             "source_config_sha256": _sha256_file(os.path.join(hf_dir, CONFIG_FILE)),
+            "source_sample_sha256": _source_sample(hf_dir, source_files),
             "chunks": {p.key: list(p.chunks) for p in plan},
         }
         _prepare_out_dir(out_dir, hf_dir, resume=resume, force=force)
         state_path = os.path.join(out_dir, STATE_FILE)
         if is_complete(out_dir):
             manifest = _read_json(os.path.join(out_dir, MANIFEST), "manifest")
+            was = manifest.get("source", {})
             same = (manifest.get("dtype") == dtype and manifest.get("mtp") == with_mtp
-                    and manifest.get("source", {}).get("files") == fingerprint["source_files"])
+                    and was.get("files") == fingerprint["source_files"]
+                    and was.get("sample_sha256", fingerprint["source_sample_sha256"])   # (older manifests: none)
+                    == fingerprint["source_sample_sha256"])
             if not same:
                 raise _err(f"{out_dir}: holds a finished conversion with other options or another "
                            "source (pass --force to overwrite)")
@@ -615,6 +663,8 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
                     "seconds": time.time() - t0, "resumed_chunks": 0}
         if os.path.exists(state_path):
             old = _read_json(state_path, "conversion state")
+            if isinstance(old, dict) and "source_sample_sha256" not in old:   # a state file of an older version
+                old = dict(old, source_sample_sha256=fingerprint["source_sample_sha256"])
             if old != fingerprint:
                 raise _err(f"{out_dir}: the conversion in progress was started with other options or "
                            "another source (pass --force to start over)")
@@ -622,7 +672,7 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
             _write_json(state_path, fingerprint, indent=1)
         summary = _write_arrays(src, plan, out_dir, progress=progress)
         _finalize(out_dir, hf_dir, plan, out_cfg, src_cfg, dtype, with_mtp, source_files, n_tensors,
-                  summary["digests"])
+                  summary["digests"], fingerprint["source_sample_sha256"])
     finally:
         src.close()
     seconds = time.time() - t0
@@ -630,7 +680,7 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
     return {"out_dir": out_dir, "dtype": dtype, "mtp": with_mtp, "params": len(plan), "tensors": n_tensors,
             "bytes": total, "bytes_written": summary["bytes_written"], "resumed_chunks": summary["resumed"],
             "seconds": seconds, "gb_per_s": summary["bytes_written"] / max(seconds, 1e-9) / 1e9,
-            "already_complete": False}
+            "already_complete": False, "cast_from": cast}
 
 
 def _load_journal(path: str) -> dict[tuple[str, int], str]:
@@ -653,6 +703,24 @@ def _load_journal(path: str) -> dict[tuple[str, int], str]:
     return done
 
 
+def _trusted_chunks(out_dir: str, plan: list[_Param], done: dict[tuple[str, int], str]
+                    ) -> dict[tuple[str, int], str]:
+    """The journaled chunks whose files are there with their full size (uncompressed zarr: every
+    chunk file is the chunk's whole shape); the others are written again."""
+    kept = {}
+    for p in plan:
+        want = math.prod(p.chunks) * p.dtype.itemsize
+        for flat, g in p.iter_chunks():
+            if (p.key, flat) in done:
+                try:
+                    ok = os.stat(os.path.join(out_dir, p.array, _chunk_key(g))).st_size == want
+                except OSError:
+                    ok = False
+                if ok:
+                    kept[(p.key, flat)] = done[(p.key, flat)]
+    return kept
+
+
 def _clean_partial(out_dir: str, plan: list[_Param], done: dict[tuple[str, int], str]) -> None:
     """Deletes every file in the array directories that is not a journaled chunk (or .zarray)."""
     for p in plan:
@@ -673,8 +741,11 @@ def _write_arrays(src: _Source, plan: list[_Param], out_dir: str, *, progress: b
     from tqdm.auto import tqdm
 
     journal_path = os.path.join(out_dir, JOURNAL_FILE)
-    done = _load_journal(journal_path)
+    done = _trusted_chunks(out_dir, plan, _load_journal(journal_path))
     _clean_partial(out_dir, plan, done)
+    if os.path.exists(journal_path):   # cut back to what is trusted: later lines must not be trusted
+        _write_atomic(journal_path, "".join(f"{k}\t{flat}\t{d}\n" for (k, flat), d in done.items())
+                      + (_SYNC_LINE if done else ""))
     ctx = _ts_context()
     stores = {}
     for p in plan:
@@ -796,7 +867,7 @@ def _write_arrays(src: _Source, plan: list[_Param], out_dir: str, *, progress: b
 
 def _finalize(out_dir: str, hf_dir: str, plan: list[_Param], out_cfg: DeepSeekConfig, src_cfg: DeepSeekConfig,
               dtype: str, with_mtp: bool, source_files: list[tuple[str, int]], n_tensors: int,
-              digests: dict[tuple[str, int], str]) -> None:
+              digests: dict[tuple[str, int], str], sample_sha256: str) -> None:
     params = {}
     for p in plan:
         chunk_digests = [digests[(p.key, flat)] for flat, _ in p.iter_chunks()]
@@ -817,8 +888,11 @@ def _finalize(out_dir: str, hf_dir: str, plan: list[_Param], out_cfg: DeepSeekCo
         "mtp": with_mtp,
         "source": {"path": os.path.abspath(hf_dir), "files": [[f, s] for f, s in source_files],
                    "tensor_count": n_tensors, "dtype": "fp8" if src_cfg.fp8 else "bf16",
-                   "config_sha256": _sha256_file(os.path.join(hf_dir, CONFIG_FILE))},
+                   "config_sha256": _sha256_file(os.path.join(hf_dir, CONFIG_FILE)),
+                   "sample_sha256": sample_sha256},
         "extra_files": extra,
+        # the files beside the arrays, as written here: verify finds an edited config.json
+        "files_sha256": {name: _sha256_file(os.path.join(out_dir, name)) for name in [CONFIG_FILE, *extra]},
         "checksum": "sha256 over the sha256 digests of the parameter's zarr chunks, in C order of the chunk grid",
         "total_bytes": sum(p.nbytes for p in plan),
         "params": params,
@@ -1070,13 +1144,15 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
     with_mtp = ck.has_mtp and bool(ck.cfg.num_nextn_predict_layers)
     plan = _ckpt_plan(ck, with_mtp)
     _check_array_files(ck, plan)
-    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+    if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
+        raise _err(f"{hf_dir}: exists and is not a directory")
+    if os.path.isdir(hf_dir) and os.listdir(hf_dir):
         if not force:
             raise _err(f"{hf_dir}: output directory is not empty (pass --force to overwrite)")
         real_out, real_ck = os.path.realpath(hf_dir), os.path.realpath(ck.path)
         if real_out == real_ck or real_ck.startswith(real_out + os.sep):
             raise _err(f"{hf_dir}: the output directory must not be (or contain) the checkpoint")
-        shutil.rmtree(hf_dir)
+        _empty_dir(hf_dir)
     out_cfg = ck.cfg.replace(fp8=(dtype == "fp8"))
     if not with_mtp:
         out_cfg = out_cfg.replace(num_nextn_predict_layers=0)
@@ -1099,7 +1175,10 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
         if name.endswith("_scale_inv"):
             return [(name, read(name))] if stored == "fp8" else []
         if spec.dtype_name == "F8_E4M3" and stored == "bf16":
-            wq, sc = quantize_block_fp8_np(read(name).astype(np.float32))
+            try:
+                wq, sc = quantize_block_fp8_np(read(name).astype(np.float32))
+            except DeepSeekError as e:
+                raise _err(f"{ck.path}: {name}: {e} (--dtype bf16 writes it as it is)") from None
             return [(name, wq), (_scale_name(name), sc)]
         arr = read(name)
         if arr.dtype == _FP8 and spec.dtype_name == "BF16":
@@ -1144,10 +1223,15 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
                 shutil.copyfile(os.path.join(ck.path, name), os.path.join(hf_dir, name))
         write_config(hf_dir, out_cfg_dict)
         done = True
+    except OSError as e:   # a full disk, a file size limit: the path, not only the errno
+        raise _err(f"{hf_dir}: cannot write the Hub checkpoint ({e.strerror or e}); nothing was kept") from None
     finally:
         bar.close()
         if not done:
-            shutil.rmtree(hf_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                _empty_dir(hf_dir)
+                if not os.path.islink(hf_dir):
+                    os.rmdir(hf_dir)
     seconds = time.time() - t0
     return {"hf_dir": hf_dir, "dtype": dtype, "tensors": len(specs), "bytes": written, "seconds": seconds,
             "gb_per_s": written / max(seconds, 1e-9) / 1e9}
@@ -1186,6 +1270,11 @@ def verify(ckpt_dir: str | os.PathLike[str], against: str | os.PathLike[str] | N
     if extra or set(ck.keys) != names:
         odd = sorted(extra | (set(ck.keys) ^ names))[0]
         raise _err(f"{path}: parameter {odd} does not belong to the model of config.json")
+    for name, digest in manifest.get("files_sha256", {}).items():   # (older manifests: none)
+        if not os.path.isfile(os.path.join(path, name)):
+            raise _err(f"{path}: {name} is missing (the conversion wrote it)")
+        if _sha256_file(os.path.join(path, name)) != digest:
+            raise _err(f"{path}: {name} was changed after the conversion (its sha256 is not the manifest's)")
     want_meta = _orbax_tree_metadata(plan)
     if _read_json(os.path.join(path, _ORBAX_METADATA), "Orbax metadata") != want_meta:
         raise _err(f"{path}: {_ORBAX_METADATA} does not describe the model's parameter tree")
@@ -1226,6 +1315,13 @@ def _compare_against(ck: _Ckpt, plan: list[_Param], stores, hf_dir: str, manifes
     try:
         # (a copy sharded differently is compared all the same: the tensors are what must be equal)
         src_cfg = DeepSeekConfig.from_hub_dict(src.reader.config)
+        # the same model: every field but the storage dtype and a left-out MTP layer
+        want_cfg = src_cfg.replace(fp8=ck.cfg.fp8, num_nextn_predict_layers=(
+            src_cfg.num_nextn_predict_layers if manifest.get("mtp") else ck.cfg.num_nextn_predict_layers))
+        for f in dataclasses.fields(DeepSeekConfig):
+            if f.compare and getattr(ck.cfg, f.name) != getattr(want_cfg, f.name):
+                raise _err(f"{ck.path}: config.json has {f.name} = {getattr(ck.cfg, f.name)!r}, "
+                           f"{hf_dir}'s has {getattr(want_cfg, f.name)!r}")
         specs = hub_tensor_specs(src.reader.config, include_mtp=bool(manifest.get("mtp")), fp8=src_cfg.fp8)
         index = _hub_index(plan)
         n = 0
@@ -1246,6 +1342,8 @@ def _compare_against(ck: _Ckpt, plan: list[_Param], stores, hf_dir: str, manifes
                     b = min(a + _DEQUANT_ROWS, want.shape[0])
                     deq[a:b] = dequantize_block_fp8_np(want[a:b], sc[a // 128: -(-b // 128)]).astype(_BF16)
                 want = deq
+            elif want.dtype != got.dtype and want.dtype in _FLOATS and got.dtype in _FLOATS:
+                want = want.astype(got.dtype)   # an F32 / F16 source: what convert stored
             if got.shape != want.shape:
                 raise _err(f"{hf_dir}: tensor {name} is {list(want.shape)}, the checkpoint's {list(got.shape)} "
                            "(another model?)")

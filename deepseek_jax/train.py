@@ -1007,7 +1007,10 @@ def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=N
                     t = t + lin.lora_scale * (host(lin.lora_b[...], idx).astype(np.float32)
                                               @ host(lin.lora_a[...], idx).astype(np.float32))
                 if spec.dtype_name == "F8_E4M3":
-                    wq, s = quantize_block_fp8_np(t, block)
+                    try:
+                        wq, s = quantize_block_fp8_np(t, block)
+                    except DeepSeekError as e:
+                        raise DeepSeekError(f"export: {name}: {e}") from None
                     writer.add(name, wq)
                     writer.add(name + "_scale_inv", s)
                     written.update((name, name + "_scale_inv"))

@@ -412,6 +412,82 @@ def test_bad_input_one_line_error(case, ckpt_a, tmp_path, capsys):
         assert not out.exists()  # the source is validated before anything is written
 
 
+def test_float32_and_float16_sources_convert_as_bf16(ckpt_a_bf16, tmp_path, capsys):
+    """dj.load reads a Hub checkpoint saved in F32 (or with F16 tensors); convert refused it with
+    a hint blaming config.json. Now it stores them as BF16: widened BF16 values come back to the
+    bit, an F32 value between two BF16s is rounded to nearest, and verify --against agrees."""
+    from deepseek_jax.hub import HubWriter
+    src = str(tmp_path / "f32")
+    with HubReader(ckpt_a_bf16) as r:
+        tensors = {n: np.array(r.get(n)) for n in r.names()}
+        config = dict(r.config)
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    with HubWriter(src, max_shard_bytes=300_000, metadata={"format": "pt"}) as w:
+        for n, a in tensors.items():
+            if a.dtype == ml_dtypes.bfloat16:
+                a = a.astype(np.float16 if n.endswith("layernorm.weight") else np.float32)
+            if n == name:   # halfway up to the next bf16 after 1.0, plus a little: rounds up
+                a = a.copy()
+                a[0, 0] = np.float32(1.0 + 2.0 ** -8 + 2.0 ** -12)
+            w.add(n, a)
+    write_config(src, config)
+    assert main(["convert", src, str(tmp_path / "o"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "note: float16, float32 tensors of the source were stored as the Hub layout's BF16" in out
+    assert main(["verify", str(tmp_path / "o"), "--against", src, "--quiet"]) == 0
+    assert main(["export", str(tmp_path / "o"), str(tmp_path / "hub"), "--quiet"]) == 0
+    back = _hub_tensors(str(tmp_path / "hub"))
+    assert float(back[name][0, 0]) == 1.0 + 2.0 ** -7
+    back[name][0, 0] = tensors[name][0, 0]
+    for n, a in tensors.items():
+        assert back[n].dtype == a.dtype and back[n].tobytes() == a.tobytes(), n
+
+
+def test_output_paths_that_are_files_links_or_full(conv_a, ckpt_a, tmp_path, capsys, monkeypatch):
+    """export onto a file said "not empty (pass --force)", and with --force gave an errno; --force
+    through a symbolic link to a folder failed in rmtree; a full disk named no path. Now: one line
+    each, the link kept (its folder emptied and filled), and nothing left of a failed export."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for extra in ([], ["--force"]):
+        assert main(["export", conv_a, str(afile), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "exists and is not a directory" in err[0]
+    assert afile.read_text() == "x"
+    for command, src in (("convert", ckpt_a), ("export", conv_a)):
+        target, link = tmp_path / f"{command}_target", tmp_path / f"{command}_link"
+        target.mkdir()
+        (target / "old.txt").write_text("old")
+        link.symlink_to(target)
+        assert main([command, src, str(link), "--force", "--quiet"]) == 0, capsys.readouterr().err
+        assert link.is_symlink() and not (target / "old.txt").exists() and (target / "config.json").exists()
+
+    import deepseek_jax.hub as hub_mod
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(hub_mod, "write_safetensors", full)
+    out = tmp_path / "full"
+    assert main(["export", conv_a, str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out}: cannot write the Hub checkpoint (No space left on device)" in err[0]
+    assert not out.exists()
+
+
+def test_export_fp8_of_non_finite_weights_is_refused(ckpt_a_bf16, tmp_path, capsys):
+    """An inf in a BF16 weight became an inf scale, a NaN code and a block of zeros, which the
+    converter itself then refused to read back; now one line naming the tensor, and no output."""
+    src, out = str(tmp_path / "src"), str(tmp_path / "hub")
+    shutil.copytree(ckpt_a_bf16, src)
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    _patch_tensor(_shard(src, name), name, np.array([np.inf], ml_dtypes.bfloat16))
+    assert main(["convert", src, str(tmp_path / "o"), "--quiet"]) == 0   # BF16 stores it as it is
+    assert main(["export", str(tmp_path / "o"), out, "--dtype", "fp8", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{name}: non-finite values" in err[0] and "block [0, 0]" in err[0]
+    assert not os.path.exists(out)
+
+
 @pytest.mark.parametrize("command", ["convert", "export"])
 def test_output_path_under_a_file_is_one_line(command, ckpt_a, tmp_path, capsys):
     """An output folder that cannot be made (a file where a parent folder should be): one line
@@ -489,6 +565,53 @@ def test_kill_and_resume_is_bit_identical(src_b_tok, conv_b_small, tmp_path, mon
     oc.verify(out, against=src_b_tok, progress=False)
 
 
+def test_resume_refuses_another_source_of_the_same_shape(ckpt_a, tmp_path, monkeypatch, capsys):
+    """Another checkpoint of the same config (a fine-tune: same file names, sizes, config.json)
+    was taken for the one the conversion started from, mixing both, and a finished conversion
+    was reported complete for it."""
+    from deepseek_jax.synthetic import random_hub_checkpoint
+
+    from tests.conftest import CONFIG_A
+    for k, v in SMALL_CHUNKS.items():   # the chunking of _run_killed's process
+        monkeypatch.setattr(oc, k, v)
+    other = str(tmp_path / "other")
+    random_hub_checkpoint(other, CONFIG_A, seed=5, max_shard_bytes=200_000, bias_range=(0.0, 0.5))
+    with HubReader(other) as a, HubReader(ckpt_a) as b:
+        assert a.source_files() == b.source_files() and a.config == b.config
+    out = str(tmp_path / "out")
+    r = _run_killed(ckpt_a, out, 40)
+    assert r.returncode == oc.DIE_EXIT_CODE, r.stderr[-2000:]
+    assert main(["convert", other, out, "--resume", "--quiet"]) == 2
+    assert "other options or another source" in capsys.readouterr().err
+    assert main(["convert", ckpt_a, out, "--resume", "--quiet"]) == 0
+    assert main(["convert", other, out, "--resume", "--quiet"]) == 2
+    assert "finished conversion with other options or another source" in capsys.readouterr().err
+
+
+def test_resume_rewrites_journaled_chunks_that_are_gone(src_b_tok, conv_b_small, tmp_path, monkeypatch, capsys):
+    """A journaled (synced) chunk whose file is missing or cut short is written again, and the
+    journal is cut back to its last sync point, so lines of a killed run are never trusted later."""
+    for k, v in SMALL_CHUNKS.items():
+        monkeypatch.setattr(oc, k, v)
+    out = str(tmp_path / "out")
+    r = _run_killed(src_b_tok, out, 60)
+    assert r.returncode == oc.DIE_EXIT_CODE, r.stderr[-2000:]
+    journal = os.path.join(out, oc.JOURNAL_FILE)
+    trusted = oc._load_journal(journal)
+    assert len(trusted) > 4
+    keys = sorted(trusted)
+    arrays = {p["array"]: p for p in json.load(open(os.path.join(conv_b_small, oc.MANIFEST)))["params"].values()}
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs
+                   if os.path.basename(d) in arrays and f != ".zarray")
+    open(files[0], "wb").close()          # truncated to 0 bytes
+    os.remove(files[-1])                  # gone
+    with open(journal, "a") as f:         # lines after the last sync point, then a later run's sync
+        f.write(f"{keys[0][0]}\t99999\t{'0' * 64}\n")
+    assert main(["convert", src_b_tok, out, "--resume", "--quiet"]) == 0
+    assert _files(out) == _files(conv_b_small)
+    oc.verify(out, against=src_b_tok, progress=False)
+
+
 def test_resume_and_force_on_finished_conversion(ckpt_a, conv_a, tmp_path, capsys):
     out = str(tmp_path / "o")
     shutil.copytree(conv_a, out)
@@ -535,6 +658,9 @@ def _drop_array(d):
     (_tamper_manifest, "does not match the CONVERT_COMPLETE marker"),
     (_drop_array, "lm_head.weight"),
     (lambda d: os.remove(os.path.join(d, oc.MARKER)), "incomplete conversion"),
+    # an edit of the config changes every logit and no array: it was not noticed
+    (lambda d: _config(d, routed_scaling_factor=1.0), "config.json was changed after the conversion"),
+    (lambda d: os.remove(os.path.join(d, "config.json")), "config.json"),
 ])
 def test_verify_fails_on_tampered_checkpoint(tamper, expect, conv_a, tmp_path, capsys):
     d = str(tmp_path / "t")
@@ -547,7 +673,17 @@ def test_verify_fails_on_tampered_checkpoint(tamper, expect, conv_a, tmp_path, c
 
 def test_verify_against_another_source_fails(conv_a, ckpt_b, capsys):
     assert main(["verify", conv_a, "--against", ckpt_b, "--quiet"]) == 2
-    assert "tensor model.embed_tokens.weight is [300, 160], the checkpoint's" in capsys.readouterr().err
+    assert "config.json has vocab_size = 256, " in capsys.readouterr().err
+
+
+def test_verify_against_a_source_whose_config_differs(conv_a, ckpt_a, tmp_path, capsys):
+    """Same tensors, another model: a source whose config.json differs in a field the weights do
+    not show (it passed, tensor by tensor)."""
+    src = str(tmp_path / "src")
+    shutil.copytree(ckpt_a, src)
+    _config(src, rms_norm_eps=0.1)
+    assert main(["verify", conv_a, "--against", src, "--quiet"]) == 2
+    assert "config.json has rms_norm_eps = 1e-06, " in capsys.readouterr().err
 
 
 def test_verify_against_a_copy_sharded_otherwise(conv_a, ckpt_a, tmp_path, capsys):

@@ -38,4 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"converted {s['tensors']} tensors into {s['params']} arrays ({s['bytes'] / 1e9:.2f} GB, "
               f"{s['dtype']}) at {s['out_dir']} in {s['seconds']:.1f}s ({s['gb_per_s']:.2f} GB/s"
               + (f", {s['resumed_chunks']} chunks resumed" if s["resumed_chunks"] else "") + ")")
+        if s["cast_from"]:
+            print(f"note: {', '.join(s['cast_from'])} tensors of the source were stored as the Hub layout's "
+                  "BF16 (rounded to nearest)")
     return 0
