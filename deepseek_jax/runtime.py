@@ -11,10 +11,18 @@ seconds instead of hanging.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import sys
 
 from deepseek_jax.errors import DeepSeekError
+
+#: arguments naming what every process reads: their contents must agree, not only their names
+_INPUT_ARGS = ("ckpt", "ids", "text_file", "pairs", "input_file", "config", "init", "data", "tokenizer")
+#: arguments that differ from process to process by design
+_PER_PROCESS_ARGS = frozenset({"process_id", "coordinator", "func"})
+_PER_PROCESS_ENV = frozenset({"DEEPSEEK_JAX_PROCESS_ID", "DEEPSEEK_JAX_COORDINATOR", "DEEPSEEK_JAX_TEST_DIE_AFTER_INIT"})
 
 
 def add_args(p: argparse.ArgumentParser, mesh_default: str = "all devices on expert") -> None:
@@ -64,6 +72,9 @@ def check_args(args: argparse.Namespace) -> None:
     if nproc is not None and pid is not None and pid >= nproc:
         raise DeepSeekError(f"--process-id {pid} is out of range for --num-processes {nproc} (0..{nproc - 1})")
     coord = args.coordinator or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):([0-9]{1,5})", coord or "") if coord else None
+    if coord and not (m and 1 <= int(m.group(2)) <= 65535):
+        raise DeepSeekError(f"--coordinator: expected HOST:PORT (a port in 1..65535), got {coord!r}")
     if (args.num_processes is not None or args.process_id is not None) and not coord and args.distributed != "auto":
         given = "--num-processes" if args.num_processes is not None else "--process-id"
         raise DeepSeekError(f"{given} needs --coordinator HOST:PORT (or --distributed auto); without it "
@@ -93,12 +104,74 @@ def init(args: argparse.Namespace, default_mesh=None):
             raise DeepSeekError(f"distributed initialisation failed: {str(e).splitlines()[0]}") from None
         if os.environ.get("DEEPSEEK_JAX_TEST_DIE_AFTER_INIT") == str(jax.process_index()):
             os._exit(17)  # test hook: simulates a host dying mid-run (tests/test_multihost.py)
+    if jax.process_count() > 1:
+        _check_processes_agree(args)
     n = jax.device_count()
     sizes = sharding.parse_mesh(args.mesh, n) if args.mesh or default_mesh is None else default_mesh(n)
     total = sizes["data"] * sizes["expert"] * sizes["model"]
     if total == 1 and jax.process_count() == 1:
         return None
+    if jax.process_count() > 1 and total != n:
+        raise DeepSeekError(f"--mesh {args.mesh} uses {total} of the {n} devices of {jax.process_count()} "
+                            "processes: on several hosts the mesh must span all of them")
     return sharding.make_mesh(sizes, jax.devices()[:total])
+
+
+def _path_digest(path: str) -> bytes:
+    """What a process reads at ``path``, cheaply: a file's bytes (past 64 MiB: its size, first
+    and last MiB); a folder's listing with sizes, and its top-level files' bytes (past 1 MiB: the
+    first and last 256 KiB): a checkpoint's config.json, index or manifest, its shards' headers."""
+    h = hashlib.sha256()
+
+    def file(p: str, cap: int, edge: int) -> None:
+        size = os.path.getsize(p)
+        with open(p, "rb") as f:
+            if size <= cap:
+                h.update(f.read())
+                return
+            h.update(str(size).encode() + f.read(edge))
+            f.seek(size - edge)
+            h.update(f.read())
+
+    try:
+        if os.path.isfile(path):
+            file(path, 64 << 20, 1 << 20)
+            return h.digest()
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                p = os.path.join(root, name)
+                h.update(f"{os.path.relpath(p, path)}\0{os.path.getsize(p)}\0".encode())
+                if root == path:
+                    file(p, 1 << 20, 1 << 18)
+    except OSError as e:
+        h.update(f"unreadable: {e.strerror}".encode())
+    return h.digest()
+
+
+def _check_processes_agree(args: argparse.Namespace) -> None:
+    """Every process must run the same command on the same inputs: processes given other files
+    or flags computed their own rows of one result (process 0 wrote rows of two checkpoints), or
+    waited on each other until the distributed service aborted. One all-gather of a few digests
+    finds it first, on every process alike, so all of them stop with the same line."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    plain = (str, int, float, bool, type(None), list, tuple)   # the flags (not the CLI's own objects)
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _PER_PROCESS_ARGS and isinstance(v, plain)}
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("DEEPSEEK_JAX_") and k not in _PER_PROCESS_ENV}
+    parts = [("the command's arguments", repr(settings).encode()), ("the DEEPSEEK_JAX_* environment", repr(env).encode())]
+    for name in _INPUT_ARGS:
+        v = getattr(args, name, None)
+        what = f"the contents of --{name.replace('_', '-')} {v}" if name != "ckpt" else f"the contents of {v}"
+        parts.append((what, _path_digest(v) if isinstance(v, str) and os.path.exists(v) else b"absent"))
+    mine = np.stack([np.frombuffer(hashlib.sha256(x).digest(), np.uint8) for _, x in parts])
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    for pid in range(1, every.shape[0]):
+        for k, (what, _) in enumerate(parts):
+            if not np.array_equal(every[pid, k], every[0, k]):
+                raise DeepSeekError(f"process {pid} differs from process 0 in {what}: every process must run "
+                                    "the same command on the same files")
 
 
 def is_main() -> bool:

@@ -37,6 +37,8 @@ RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
     },
 }
 RULES["ep_dp"] = dict(RULES["ep_tp"], batch=("data", "expert"))
+#: logical axes only one mesh axis can take (or none): the MoE layer's exchange is written for them
+_FIXED = {"experts": "expert", "expert_mlp": "model"}
 
 
 def resolve_rules(rules, mesh=None) -> dict[str, str | tuple[str, ...] | None]:
@@ -60,10 +62,17 @@ def resolve_rules(rules, mesh=None) -> dict[str, str | tuple[str, ...] | None]:
             if not (v is None or isinstance(v, str)
                     or (isinstance(v, tuple) and v and all(isinstance(a, str) for a in v))):
                 raise DeepSeekError(f"rules[{k!r}] = {v!r}: expected a mesh axis name, a tuple of them, or None")
+            if k not in RULES["ep_tp"]:   # a misspelt name ("expert" for "experts") split nothing
+                raise DeepSeekError(f"rules: unknown logical axis {k!r} (axes: {', '.join(RULES['ep_tp'])})")
             for a in (v,) if isinstance(v, str) else v or ():
                 if a not in MESH_AXES:
                     raise DeepSeekError(f"rules[{k!r}] = {v!r}: unknown mesh axis {a!r} "
                                         f"(axes: {', '.join(MESH_AXES)})")
+            if isinstance(v, tuple) and len(set(v)) != len(v):
+                raise DeepSeekError(f"rules[{k!r}] = {v!r}: a mesh axis can split a dimension only once")
+            if k in _FIXED and v not in (_FIXED[k], None):
+                raise DeepSeekError(f"rules[{k!r}] = {v!r}: must be {_FIXED[k]!r} or None (the expert-parallel "
+                                    f"exchange runs over the 'expert' axis, the experts' hidden dim over 'model')")
             table[k] = v
     else:
         raise DeepSeekError(f"rules: expected a preset name ({presets}) or a mapping of logical axis -> "
@@ -149,14 +158,18 @@ def resolve(axes: tuple[str, ...], shape: tuple[int, ...], mesh_shape: Mapping[s
     spec, used = [], set()
     for i, (name, dim) in enumerate(zip(axes, shape)):
         axis = rules.get(name)
-        n = _mesh_size(mesh_shape, axis)
         flat = (axis,) if isinstance(axis, str) else tuple(axis or ())
-        ok = n > 1 and dim % n == 0 and not (set(flat) & used)
-        if ok and block_scale and weight_shape is not None and i >= len(shape) - 2:
-            ok = weight_shape[i] % (n * 128) == 0
-        if ok:
-            spec.append(axis)
-            used.update(flat)
+        # a tuple of axes that does not divide: its leading axes, as the MoE exchange and the
+        # kernels' shard_map take them (ep_dp's batch over data x expert falls back to data)
+        for k in range(len(flat), 0, -1):
+            n = math.prod(mesh_shape[a] for a in flat[:k])
+            ok = n > 1 and dim % n == 0 and not (set(flat[:k]) & used)
+            if ok and block_scale and weight_shape is not None and i >= len(shape) - 2:
+                ok = weight_shape[i] % (n * 128) == 0
+            if ok:
+                spec.append(axis if k == len(flat) else (flat[0] if k == 1 else flat[:k]))
+                used.update(flat[:k])
+                break
         else:
             spec.append(None)
     return P(*spec)
@@ -209,7 +222,7 @@ def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
         if k in seen:
             raise DeepSeekError(f"--mesh: axis {k} given twice in {text!r}")
         seen.add(k)
-        if not v.isdigit() or int(v) < 1:
+        if not (v.isascii() and v.isdigit()) or int(v) < 1:   # (not '²' or other Unicode digits)
             raise DeepSeekError(f"--mesh: size of {k} must be a positive integer, got {v!r}")
         sizes[k] = int(v)
     if math.prod(sizes.values()) > n_devices:

@@ -47,6 +47,10 @@ def ids_file(tmp_path_factory):
     (["--out", "{tmp}/o.npy", "--mtp", "--mode", "decode"], "--mtp"),
     (["--out", "{tmp}/o.npy", "--num-processes", "2"], "--num-processes needs --coordinator"),
     (["--out", "{tmp}/o.npy", "--heartbeat-timeout", "0"], "--heartbeat-timeout must be > 0"),
+    (["--out", "{tmp}/o.npy", "--coordinator", "localhost", "--num-processes", "1", "--process-id", "0"],
+     "--coordinator: expected HOST:PORT"),                           # was "list index out of range"
+    (["--out", "{tmp}/o.npy", "--coordinator", "127.0.0.1:99999", "--num-processes", "1", "--process-id", "0"],
+     "a port in 1..65535"),
     (["--out", "/proc/o.npy"], "--out: cannot write /proc/o.npy"),   # (not the temporary file's name)
 ])
 def test_score_bad_flags(extra, needle, ckpt_a, ids_file, tmp_path, capsys):

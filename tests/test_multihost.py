@@ -18,14 +18,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args, *, n=2, env_extra=None, cwd=None):
+def _launch(args, *, n=2, env_extra=None, cwd=None, per_process=None):
+    """``args`` on every process; ``per_process[i]``, a list of arguments, replaces them on process i,
+    and ``cwd`` may be a dict of working directories by process."""
     port = _free_port()
     procs = []
     for i in range(n):
         env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", **(env_extra or {}))
-        cmd = [sys.executable, "-m", "deepseek_jax.cli", *args, "--coordinator", f"127.0.0.1:{port}",
+        mine = (per_process or {}).get(i, args)
+        cmd = [sys.executable, "-m", "deepseek_jax.cli", *mine, "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", str(n), "--process-id", str(i), "--heartbeat-timeout", "10"]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, env=env, cwd=cwd.get(i) if isinstance(cwd, dict) else cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     return procs
 
@@ -87,6 +90,31 @@ def test_dead_peer_makes_the_other_exit(ckpt_a, ids_path, tmp_path):
     assert procs[0].returncode != 0
     assert time.time() - t0 < 120
     assert not out.exists()
+
+
+def test_processes_given_other_inputs_or_a_partial_mesh_stop_with_one_line(ckpt_a, ids_path, tmp_path):
+    """Process 1 reading other ids (same file name on its host, other values) computed its own rows,
+    and process 0 wrote a result mixing both; a --mesh of process 0's devices only crashed process 1.
+    Now every process stops with the same line (exit 2), before loading anything."""
+    hosts = {i: tmp_path / f"host{i}" for i in (0, 1)}   # one path, other contents on each "host"
+    for i, d in hosts.items():
+        d.mkdir()
+        np.save(d / "ids.npy", np.load(ids_path)[::(1 if i == 0 else -1)].copy())
+    out = tmp_path / "out.npy"
+    base = ["score", ckpt_a, "--out", str(out), "--mesh", "data=2,expert=4"]
+    cases = [(None, base + ["--ids", "ids.npy"], "process 1 differs from process 0 in the contents of --ids ids.npy"),
+             ({1: base + ["--ids", "ids.npy", "--mode", "decode"]}, base + ["--ids", "ids.npy"],
+              "process 1 differs from process 0 in the command's arguments"),
+             (None, ["score", ckpt_a, "--ids", ids_path, "--out", str(out), "--mesh", "expert=4"],
+              "--mesh expert=4 uses 4 of the 8 devices of 2 processes")]
+    for per_process, args, needle in cases:
+        procs = _launch(args, per_process=per_process, cwd=hosts)
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            ours = [line for line in err.splitlines() if line.startswith("deepseek-jax")]
+            assert p.returncode == 2 and len(ours) == 1 and needle in ours[0], err[-2000:]
+            assert "Traceback" not in err
+        assert not out.exists()
 
 
 def test_two_processes_generate_the_same_tokens(ckpt_a):

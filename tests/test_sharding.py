@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -267,7 +269,8 @@ def test_fp8_scales_follow_their_weights():
 
 @pytest.mark.parametrize("text,needle", [("data=3,model=3", "devices"), ("foo=8", "unknown axis"),
                                          ("data=x", "positive integer"), ("data", "AXIS=SIZE"),
-                                         ("data=1,data=1", "given twice")])
+                                         ("data=1,data=1", "given twice"), ("data=\u00b2", "positive integer"),
+                                         ("data=\u0663", "positive integer")])
 def test_mesh_flag_errors(text, needle):
     with pytest.raises(DeepSeekError, match=needle):
         sharding.parse_mesh(text, 8)
@@ -280,3 +283,26 @@ def test_every_parameter_has_logical_axes(ckpt_a):
     for path, var in iter_params(model):
         assert len(sharding.param_axes(path)) == var.ndim, path
         assert len(specs[path]) == var.ndim
+
+
+@pytest.mark.parametrize("rules,needle", [
+    ({"expert": "expert"}, "unknown logical axis 'expert'"),                  # for "experts": split nothing
+    ({"batch": ("data", "data")}, "a mesh axis can split a dimension only once"),
+    ({"experts": "model"}, "rules['experts'] = 'model': must be 'expert' or None"),   # crashed in the MoE layer
+    ({"experts": ("expert", "model")}, "must be 'expert' or None"),
+    ({"expert_mlp": "expert"}, "rules['expert_mlp'] = 'expert': must be 'model' or None"),
+])
+def test_rules_the_model_cannot_honour_are_refused(rules, needle):
+    with pytest.raises(DeepSeekError, match=re.escape(needle)) as e:
+        sharding.resolve_rules(rules)
+    assert "\n" not in str(e.value)
+
+
+def test_a_tuple_of_axes_that_does_not_divide_keeps_its_leading_axes():
+    """ep_dp's batch over data x expert, for a batch that divides data only: split over data (as
+    the MoE exchange and the kernels do), not replicated, which held more cache than ep_tp."""
+    ms = {"data": 2, "expert": 4, "model": 1}
+    shape = (3, 2, 64, 576)   # [L, B, S, C]: B = 2
+    assert sharding.cache_spec(ms, sharding.RULES["ep_dp"], shape) == sharding.cache_spec(ms, sharding.RULES["ep_tp"], shape)
+    assert sharding.cache_spec(ms, sharding.RULES["ep_dp"], shape)[1] == "data"
+    assert sharding.cache_spec(ms, sharding.RULES["ep_dp"], (3, 8, 64, 576))[1] == ("data", "expert")
