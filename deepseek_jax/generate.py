@@ -265,7 +265,8 @@ def prefill_chunk_for(batch: int, prompt: int, cache_len: int, heads: int, chunk
     cache written so far, with ``[B, H, C, S]`` scores. ``chunk="auto"`` chunks only when the
     one-pass scores would exceed ``budget_bytes``, with the largest power-of-two chunk (>= 64)
     whose scores stay within it; an int asks for that chunk. Either way the chunk is cut to a
-    power of two dividing ``P`` (prompt buckets are 2^k or 3 x 2^k). ``over_cache``: the prompt
+    power of two dividing ``P`` (prompt buckets are 2^k or 3 x 2^k, but capped at the max length,
+    which may be odd: a cut below 16 runs one pass if its scores fit the budget). ``over_cache``: the prompt
     continues a cached prefix, so even one pass attends over the cache (``[B, H, P, S]``)."""
     if chunk is None:
         return None
@@ -279,6 +280,9 @@ def prefill_chunk_for(batch: int, prompt: int, cache_len: int, heads: int, chunk
         c = 1 << (int(chunk).bit_length() - 1)   # a power of two <= chunk
     while prompt % c:
         c //= 2
+    fits = batch * heads * prompt * (cache_len if over_cache else prompt) * 4 <= budget_bytes
+    if c < 16 and fits:   # a bucket capped at an odd max length (37: chunks of 1) runs in one pass
+        return None
     return None if c >= prompt else c
 
 

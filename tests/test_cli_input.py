@@ -183,6 +183,18 @@ def test_chat_commands_and_overflow(monkeypatch, capsys):
     assert len(out.splitlines()) == 1   # only 12+30 was sent to the model
 
 
+def test_chat_says_when_the_max_length_cut_a_reply(monkeypatch, capsys):
+    """A 125-token conversation leaves 3 of --max-new-tokens 50: the reply ended there with no word
+    (generate says so; chat now does too). A reply that ends on its own gets no note."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("1" * 122 + "\n"))
+    rc, out, err = run_cli(capsys, "chat", demo_checkpoint(), "--max-new-tokens", "50", "--temperature", "0")
+    assert rc == 0 and len(out.splitlines()) == 1
+    assert "note: the reply was cut at 3 tokens by the model's max length 128 (the conversation has 125)" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("12+30\n"))
+    rc, out, err = run_cli(capsys, "chat", demo_checkpoint(), "--max-new-tokens", "50", "--temperature", "0")
+    assert rc == 0 and "note:" not in err
+
+
 def test_chat_system_message_too_long_fails_at_start(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("1+1\n"))
     rc, out, err = run_cli(capsys, "chat", demo_checkpoint(), "--system", "1" * 400, "--max-new-tokens", "4")

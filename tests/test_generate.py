@@ -276,6 +276,8 @@ def test_cli_generate_streams_ids(ckpt_a, greedy, capsys):
     (["--input-file", "/nonexistent/prompts.txt"], "cannot read"),
     (["--prompt-ids", "1", "--prefill-chunk", "7"], "--prefill-chunk"),
     (["--prompt-ids", "1", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--prompt-ids", "1", "--raw"], "--raw applies to text prompts"),            # was silently ignored
+    (["--prompt-ids", "1", "--chat-template"], "--chat-template applies to text prompts"),
 ])
 def test_cli_generate_bad_input(ckpt_a, capsys, args, contains):
     code, _, err = run_cli(capsys, "generate", ckpt_a, *args)
@@ -340,8 +342,8 @@ def test_cli_generate_text_json_and_input_file(demo, tmp_path, capsys):
     from deepseek_jax.commands.demo import DEFAULT_PROMPTS
 
     d, _ = demo
-    f = tmp_path / "prompts.txt"
-    f.write_text("\n".join(DEFAULT_PROMPTS) + "\n\n")
+    f = tmp_path / "prompts.txt"   # as a Windows editor saves it: a byte-order mark, CRLF line ends
+    f.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(DEFAULT_PROMPTS) + "\r\n\r\n").encode())
     code, out, _ = run_cli(capsys, "generate", d, "--input-file", f, "--max-new-tokens", 8, "--temperature", 0,
                            "--json")
     assert code == 0
@@ -361,8 +363,15 @@ def test_cli_generate_text_json_and_input_file(demo, tmp_path, capsys):
 
 def test_cli_text_bad_input(demo, capsys):
     d, _ = demo
+    # the demo's max length (128) caps the default 200 new tokens: that note came before the error
+    code, _, err = run_cli(capsys, "generate", d, "--prompt-ids", "0,5,999")
+    assert_one_line_error(code, err, contains="token id 999 at index 2 is outside the vocab")
     code, _, err = run_cli(capsys, "generate", d, "--prompt", "")
     assert_one_line_error(code, err, contains="prompt 0 is empty")
+    for prompt, needle in (("", "prompt 1 is empty"), ("1" * 200, "prompt 1 has")):
+        code, out, err = run_cli(capsys, "demo", "--dir", d, "--prompt", "1+1", "--prompt", prompt)
+        assert_one_line_error(code, err, command="demo", contains=needle)
+        assert out == ""   # (the model's description was printed first)
 
 
 def test_cli_chat_piped(demo, monkeypatch, capsys):
@@ -446,6 +455,10 @@ def test_prefill_chunk_choice():
     assert prefill_chunk_for(1, 384, 512, 4, 256) == 128                     # 384 = 3 x 128
     assert prefill_chunk_for(1, 128, 128, 4, 100) == 64 and prefill_chunk_for(1, 64, 64, 4, 100) is None
     assert prefill_chunk_for(1, 64, 64, 4, None) is None
+    # a bucket capped at an odd max length (37): 37 chunks of 1 token before; one pass if it fits
+    assert prefill_chunk_for(1, 37, 37, 4, 16) is None
+    assert prefill_chunk_for(1, 40, 40, 4, 16) is None and prefill_chunk_for(1, 48, 48, 4, 16) == 16
+    assert prefill_chunk_for(1, 100_001, 100_001, 128, 1024) == 1                    # too big for one pass
     for bad in (8, 0, "big", 16.0, True):
         with pytest.raises(dj.DeepSeekError, match="prefill_chunk"):
             Generator.__new__(Generator).__init__(None, prefill_chunk=bad)

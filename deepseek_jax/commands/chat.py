@@ -115,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         sys.stdout.write(decoder.flush() + "\n")
         sys.stdout.flush()
+        room = gen.max_len - len(prompt)
+        if result.finish_reason == "length" and room < args.max_new_tokens:
+            print(f"note: the reply was cut at {len(result.output_ids)} tokens by the model's max length "
+                  f"{gen.max_len} (the conversation has {len(prompt)}); /clear to start over", file=sys.stderr)
         if args.verbose:
             print(timing_line(gen.last_stats), file=sys.stderr)
         history = messages + [{"role": "assistant", "content": tokenizer.decode(result.output_ids)}]

@@ -136,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = Tokenizer.from_dir(ckpt)
     gen = load_generator(ckpt, args.dtype, tokenizer, args)
+    for i, text in enumerate(prompts):   # bad prompts fail before the model's description is printed
+        if not text:
+            raise DeepSeekError(f"prompt {i} is empty")
+    gen._check_prompts([gen.encode_prompt(t, None) for t in prompts])
     from deepseek_jax.config import DeepSeekConfig
 
     cfg = DeepSeekConfig.from_json_file(ckpt)   # the checkpoint's (the CPU generator dequantizes FP8)

@@ -202,7 +202,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "[id, logprob] pairs under that same distribution, most likely first (implies --logprobs)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="prompts per batch (default 32): a longer input runs batch by batch, in order, each "
-                        "batch's results printed when it ends; row r samples as it would in one batch")
+                        "batch's results printed when it ends; row r samples as it would in one batch (to the bit in float32)")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                    help="prefill every prompt of a batch whole (default: leading tokens that all prompts share, "
                         "e.g. a system prompt, are prefilled once for the batch, and their cache is kept for the "
@@ -226,7 +226,7 @@ def parse_ids(text: str) -> list[int]:
 
 def read_prompt_file(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:   # (a byte-order mark is not part of the first prompt)
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -301,6 +301,9 @@ def run(args: argparse.Namespace) -> int:
         raise DeepSeekError("--top-logprobs needs --json (the top log-probs are printed in the JSON objects)")
     if args.batch_size < 1:
         raise DeepSeekError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompt_ids and args.chat is not None:
+        raise DeepSeekError(f"{'--chat-template' if args.chat else '--raw'} applies to text prompts; --prompt-ids "
+                            "are token ids as they are")
     if args.prompt_ids:
         prompts = [parse_ids(s) for s in args.prompt_ids]
         tokenizer = load_tokenizer(args.ckpt, required=False)
@@ -313,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = _encode(tokenizer, texts, args.chat)
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
     gen._check_stop_token_ids(args.stop_token_ids)   # (the vocab range) before any notice
+    gen._check_prompts(prompts)                        # ids, lengths: an error is the only line
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
               stop_at_eos=not args.ignore_eos, speculative=args.speculative, stop_token_ids=args.stop_token_ids,
               logprobs=args.logprobs or top_logprobs > 0, top_logprobs=top_logprobs)
