@@ -246,7 +246,9 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
     if unknown:
         raise DeepSeekError(f"mesh: unknown axis {unknown[0]!r} (axes: {', '.join(MESH_AXES)})")
     shape = tuple(check_int(f"mesh: size of {a}", sizes.get(a, 1), 1) for a in MESH_AXES)
-    devices = devices if devices is not None else jax.devices()
+    devices = list(devices) if devices is not None else jax.devices()
+    if len(set(devices)) != len(devices):
+        raise DeepSeekError("mesh: a device is listed more than once")
     if math.prod(shape) != len(devices):
         raise DeepSeekError(f"mesh {dict(sizes)} needs {math.prod(shape)} devices, have {len(devices)}")
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

@@ -306,3 +306,9 @@ def test_a_tuple_of_axes_that_does_not_divide_keeps_its_leading_axes():
     assert sharding.cache_spec(ms, sharding.RULES["ep_dp"], shape) == sharding.cache_spec(ms, sharding.RULES["ep_tp"], shape)
     assert sharding.cache_spec(ms, sharding.RULES["ep_dp"], shape)[1] == "data"
     assert sharding.cache_spec(ms, sharding.RULES["ep_dp"], (3, 8, 64, 576))[1] == ("data", "expert")
+
+
+def test_make_mesh_refuses_a_device_listed_twice():
+    d = jax.devices()[0]
+    with pytest.raises(DeepSeekError, match="more than once"):
+        sharding.make_mesh({"expert": 2}, devices=[d, d])
