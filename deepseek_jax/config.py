@@ -376,6 +376,8 @@ def load_config(name_or_path: str) -> DeepSeekConfig:
         return DeepSeekConfig.from_json_file(name_or_path)
     if is_preset:
         return DeepSeekConfig.from_json_file(cand)
+    if not name_or_path.endswith(".json") and os.path.isfile(name_or_path + ".json"):   # a path, .json left off
+        return DeepSeekConfig.from_json_file(name_or_path + ".json")
     presets = sorted(f[:-5] for f in os.listdir(configs_dir()) if f.endswith(".json"))
     raise DeepSeekError(f"config: {name_or_path!r} is neither a file, a directory nor a preset "
                         f"(presets: {', '.join(presets)})")

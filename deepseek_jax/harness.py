@@ -209,6 +209,8 @@ class DeepSeekLM(TemplateLM):
                            process_id=process_id, distributed=distributed, heartbeat_timeout=heartbeat_timeout)
         self._mesh = None
         if model is None:
+            # (what the processes of a multi-host run compare before loading: runtime.init)
+            hosts.ckpt, hosts.dtype, hosts.prefill_attention = os.fspath(pretrained), str(dtype), prefill_attention
             self._mesh = _init_mesh(hosts)
             model = dj.load(pretrained, dtype=dtype, mesh=self._mesh, rules=hosts.rules,
                             prefill_attention=prefill_attention, ep_capacity=_ep_capacity(ep_capacity))

@@ -623,7 +623,8 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
     ``dtype``: ``"fp8"`` keeps FP8 weights and scales, ``"bf16"`` dequantizes them
     (``float32(Wq) * scale`` cast to bf16, as DeepSeek's ``fp8_cast_bf16.py``); ``None`` keeps the
     source's. F32 / F16 tensors where the Hub layout has BF16 are rounded to BF16 (nearest, ties to
-    even; the summary's ``cast_from`` names their dtypes). ``mtp=False`` leaves out the MTP layer. ``resume`` continues a killed conversion;
+    even; F32 tensors given in BF16 / F16 are widened exactly; the summary's ``cast_from`` names
+    the conversions). ``mtp=False`` leaves out the MTP layer. ``resume`` continues a killed conversion;
     ``force`` deletes a non-empty ``out_dir`` first. See the module docstring for the layout.
     """
     t0 = time.time()
@@ -633,8 +634,8 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
     try:
         src_cfg, out_cfg, with_mtp, plan, n_tensors = _validate_source(src, dtype, mtp)
         dtype = "fp8" if out_cfg.fp8 else "bf16"
-        cast = sorted({str(src.reader.info(p.names[i]).dtype) for p in plan if p.cast for i in np.ndindex(*p.stack)
-                       if src.reader.info(p.names[i]).dtype != p.dtype})
+        cast = sorted({f"{src.reader.info(p.names[i]).dtype} -> {p.dtype}" for p in plan if p.cast
+                       for i in np.ndindex(*p.stack) if src.reader.info(p.names[i]).dtype != p.dtype})
         source_files = src.reader.source_files()
         fingerprint = {
             "format": FORMAT, "dtype": dtype, "mtp": with_mtp,

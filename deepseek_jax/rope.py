@@ -19,9 +19,10 @@ from deepseek_jax.config import DeepSeekConfig
 def inv_frequencies(cfg: DeepSeekConfig) -> tuple[np.ndarray, float]:
     """The (YaRN-corrected) inverse frequencies ``[R/2]`` and the cos/sin multiplier.
 
-    Float32 step by step in HF's order, ``base ** (i / R)`` rounded once from float64: that is
-    torch's float32 ``pow`` to the bit, where NumPy's float32 ``pow`` is 1-2 ulp off on some ``i``
-    (angles are ``p * inv_freq``, so an ulp is 2.7e-4 relative error in the logits at p = 160K)."""
+    Float32 step by step in HF's order, ``base ** (i / R)`` rounded once from float64 (correctly
+    rounded): at V3's base 10000 that is torch's float32 ``pow`` to the bit, elsewhere within an
+    ulp of it, where NumPy's float32 ``pow`` is 1-2 ulp off on some ``i`` (angles are
+    ``p * inv_freq``, so an ulp is 2.7e-4 relative error in the logits at p = 160K)."""
     f32 = np.float32
     dim, theta = cfg.qk_rope_head_dim, cfg.rope_theta
     exponent = np.arange(0, dim, 2, dtype=f32) / f32(dim)

@@ -120,7 +120,8 @@ def init(args: argparse.Namespace, default_mesh=None):
 def _path_digest(path: str) -> bytes:
     """What a process reads at ``path``, cheaply: a file's bytes (past 64 MiB: its size, first
     and last MiB); a folder's listing with sizes, and its top-level files' bytes (past 1 MiB: the
-    first and last 256 KiB): a checkpoint's config.json, index or manifest, its shards' headers."""
+    first and last 256 KiB): a checkpoint's config.json, index or manifest, its shards' headers.
+    Hidden entries are left out: a download tool's ``.cache`` (timestamps), ``.git``, lock files."""
     h = hashlib.sha256()
 
     def file(p: str, cap: int, edge: int) -> None:
@@ -138,8 +139,8 @@ def _path_digest(path: str) -> bytes:
             file(path, 64 << 20, 1 << 20)
             return h.digest()
         for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(f for f in files if not f.startswith(".") or f == ".zarray"):
                 p = os.path.join(root, name)
                 h.update(f"{os.path.relpath(p, path)}\0{os.path.getsize(p)}\0".encode())
                 if root == path:

@@ -367,3 +367,24 @@ def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
     assert load_config("tiny") == load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.json"))
     (tmp_path / "tiny" / "config.json").write_text(json.dumps(tiny_config(vocab_size=300)))
     assert load_config("tiny").vocab_size == 300
+    (tmp_path / "mine.json").write_text(json.dumps(tiny_config(vocab_size=320)))
+    assert load_config(str(tmp_path / "mine")).vocab_size == 320   # a path with .json left off
+
+
+def test_what_processes_compare_leaves_out_hidden_files(tmp_path):
+    """Hosts with their own copy of a checkpoint: a download tool's .cache holds timestamps whose
+    lengths differ from host to host; the copies are the same checkpoint all the same."""
+    from deepseek_jax.runtime import _path_digest
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, stamp in ((a, "1712345679.12345"), (b, "1712345678.1234567")):
+        (d / ".cache" / "huggingface").mkdir(parents=True)
+        (d / ".cache" / "huggingface" / "model.metadata").write_text(stamp)
+        (d / "config.json").write_text("{}")
+        (d / "w.value").mkdir()
+        (d / "w.value" / ".zarray").write_text("{}")
+    assert _path_digest(str(a)) == _path_digest(str(b))
+    (b / "w.value" / ".zarray").write_text('{"shape": [2]}')   # an array's metadata is not hidden from it
+    assert _path_digest(str(a)) != _path_digest(str(b))
+    (b / "w.value" / ".zarray").write_text("{}")
+    (b / "config.json").write_text('{"x": 1}')
+    assert _path_digest(str(a)) != _path_digest(str(b))

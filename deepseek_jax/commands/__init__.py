@@ -12,6 +12,19 @@ def plain_mode(path: str, *, directory: bool = False) -> int:
     directories 0o700, so an output written there and renamed into place gets this mode first."""
     if not directory and os.path.isfile(path):
         return stat.S_IMODE(os.stat(path).st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc on Linux (setting it, the only portable way to read
+    it, would leave it 0 for an instant for every other thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
