@@ -55,6 +55,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from deepseek_jax.errors import DeepSeekError
 
 try:
@@ -220,13 +222,14 @@ class DeepSeekLM(TemplateLM):
             given = [k for k, v in vars(hosts).items() if v != _HOST_DEFAULTS[k]]
             given += ["prefill_attention"] if prefill_attention != "plain" else []
             given += ["ep_capacity"] if ep_capacity != 2.0 else []
+            given += ["dtype"] if dtype != "float32" else []   # (a bfloat16 evaluation ran in float32)
             if given:
                 raise DeepSeekError(f"DeepSeekLM: {', '.join(given)} apply to pretrained=DIR; a model= runs as "
                                     "it was loaded (on its mesh, after your own jax.distributed.initialize)")
         self._main = jax.process_index() == 0     # the one that shows progress
         if tokenizer is None:
             raise DeepSeekError("DeepSeekLM: model= needs tokenizer= (a deepseek_jax.tokenizer.Tokenizer)")
-        if str(batch_size).startswith("auto"):
+        if str(batch_size).startswith("auto"):   # lm_eval's "auto" / "auto:N": no search here, the default
             batch_size = 8
         self.batch_size = _positive("batch_size", batch_size)
         limit = model.cfg.max_position_embeddings
@@ -301,6 +304,11 @@ class DeepSeekLM(TemplateLM):
             ctx, cont = list(ctx), list(cont)
             if not cont:
                 raise DeepSeekError(f"loglikelihood request {i}: the continuation encodes to no tokens")
+            ids = np.asarray(ctx + cont)   # checked here, where i is lm_eval's own request number
+            if ids.size and (ids.min() < 0 or ids.max() >= self.model.cfg.vocab_size):
+                bad = int(ids[(ids < 0) | (ids >= self.model.cfg.vocab_size)][0])
+                raise DeepSeekError(f"loglikelihood request {i}: token id {bad} is outside the model's vocab "
+                                    f"[0, {self.model.cfg.vocab_size}) (the tokenizer of another model?)")
             keep = total - len(cont)
             if keep < 1:
                 raise DeepSeekError(f"loglikelihood request {i}: the continuation alone has {len(cont)} "

@@ -18,6 +18,7 @@ outputs are collected from the layer scan. Everything comes back as numpy float3
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import NamedTuple
 
@@ -169,15 +170,25 @@ def internals_arrays(ins: Internals) -> dict[str, np.ndarray]:
 def load_internals(path) -> Internals:
     """The :class:`Internals` of a ``score --internals`` file (``logits`` None: see
     :func:`internals_arrays`), for :func:`logit_lens` and :func:`expert_histogram`."""
+    import zipfile
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise DeepSeekError(f"load_internals: expected the path of a score --internals file, got {type(path).__name__}")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (.npy), not an .npz archive")
+        with z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DeepSeekError(f"load_internals: {path} is not a readable .npz file ({e})") from None
     need = set(Internals._fields) - {"logits", "attention"}
     if need - set(arrays):
         raise DeepSeekError(f"load_internals: {path} lacks {', '.join(sorted(need - set(arrays)))} "
                             "(not written by score --internals?)")
+    if arrays["moe_layers"].ndim != 1 or arrays["moe_layers"].dtype.kind not in "iu":
+        raise DeepSeekError(f"load_internals: {path}: moe_layers is {arrays['moe_layers'].dtype} "
+                            f"{list(arrays['moe_layers'].shape)}, expected a 1-D list of layer indices")
     arrays["moe_layers"] = tuple(int(i) for i in arrays["moe_layers"])
     return Internals(logits=None, attention=arrays.pop("attention", None),
                      **{k: arrays[k] for k in need})

@@ -107,6 +107,9 @@ def logits(model: DeepSeekV3, ids, *, mode: str = "prefill", prefill: int = 0) -
         raise DeepSeekError(f"logits: prefill must be an integer, got {prefill!r}")
     ids = check_ids(model, ids)
     if mode == "prefill":
+        if prefill:
+            raise DeepSeekError(f"logits: prefill={prefill} needs mode='decode' (a prefill pass reads the "
+                                "whole sequence at once)")
         return to_host(_prefill_logits(model, jnp.asarray(ids))[0])
     if not 0 <= prefill <= ids.shape[1]:
         raise DeepSeekError(f"logits: prefill {prefill} outside [0, {ids.shape[1]}] (the sequence length)")
@@ -260,7 +263,8 @@ def _check_seq(model: DeepSeekV3, seq, what: str) -> np.ndarray:
     try:
         a = np.asarray(seq)
         if a.ndim != 1:
-            raise DeepSeekError(f"expected a 1-D list of token ids, got shape {list(a.shape)}")
+            hint = " (one sequence is still a list of sequences: [ids])" if a.ndim == 0 else ""
+            raise DeepSeekError(f"expected a 1-D list of token ids, got shape {list(a.shape)}{hint}")
         if a.size == 0:
             raise DeepSeekError("empty: no token ids")
         return check_ids(model, a)[0]
@@ -500,10 +504,14 @@ def _check_logprob_args(logits, ids, offset):
     """The shape/dtype checks of :func:`token_logprobs`, as one-line :class:`DeepSeekError`s."""
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 1:
         raise DeepSeekError(f"token_logprobs: offset must be an integer >= 1, got {offset!r}")
-    if not hasattr(logits, "shape") or not hasattr(logits, "dtype"):
-        logits = np.asarray(logits)
-    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
-        ids = np.asarray(ids)
+    try:   # (ragged nested lists: numpy's "inhomogeneous shape")
+        if not hasattr(logits, "shape") or not hasattr(logits, "dtype"):
+            logits = np.asarray(logits)
+        if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+            ids = np.asarray(ids)
+    except (TypeError, ValueError):
+        raise DeepSeekError("token_logprobs: logits and ids must be rectangular arrays ([batch, length, vocab] "
+                            "and [batch, length])") from None
     if len(logits.shape) != 3:
         raise DeepSeekError(f"token_logprobs: logits must be [batch, length, vocab], got shape {list(logits.shape)}")
     if np.dtype(logits.dtype).kind != "f" and logits.dtype != jnp.bfloat16:
@@ -537,7 +545,10 @@ def perplexity(logprobs_BT) -> np.ndarray:
     row: ``[T]``, a scalar), or of a list of rows of any lengths, as :func:`sequence_logprobs`
     gives them (one value per row)."""
     if isinstance(logprobs_BT, (list, tuple)) and logprobs_BT and all(np.ndim(r) == 1 for r in logprobs_BT):
-        rows = [np.asarray(r, np.float64) for r in logprobs_BT]
+        try:
+            rows = [np.asarray(r, np.float64) for r in logprobs_BT]
+        except (TypeError, ValueError):
+            raise DeepSeekError("perplexity: the rows must hold numbers (log-probs)") from None
         if any(r.size == 0 for r in rows):
             raise DeepSeekError("perplexity: a row has no log-probs (a one-token sequence has none)")
         return np.array([np.exp(-r.mean()) for r in rows])

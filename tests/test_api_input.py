@@ -155,6 +155,7 @@ def test_token_logprobs_checks_shapes():
     _raises(lambda: dj.token_logprobs(lg, np.zeros((1, 3), np.float32)), "ids", "float32")
     _raises(lambda: dj.token_logprobs(lg, np.full((1, 3), V, np.int32)), "token id 10")
     _raises(lambda: dj.token_logprobs(lg, np.zeros((1, 3), np.int32), offset=0), "offset")
+    _raises(lambda: dj.token_logprobs([[[0.0, 1.0], [1.0]]], [[0, 1]]), "rectangular")   # was numpy's ValueError
     assert dj.token_logprobs(lg, np.zeros((1, 3), np.int32)).shape == (1, 2)
     # mtp_logits' T-1 rows with offset 2 (what `deepseek-jax score --mtp` does)
     np.testing.assert_allclose(dj.token_logprobs(lg[:, :2], np.zeros((1, 3), np.int32), offset=2),
@@ -168,6 +169,8 @@ def test_scoring_messages_are_worded_for_the_api(ckpt_a, model_a):
     msg = _raises(lambda: dj.logits(model_a, [[1, 2]], mode="decode", prefill=5), "prefill 5")
     assert "--" not in msg
     _raises(lambda: dj.logits(model_a, [[1, 2]], mode="fast"), "mode", "'fast'")
+    _raises(lambda: dj.logits(model_a, [[1, 2]], prefill=5), "prefill=5 needs mode='decode'")   # was ignored
+    _raises(lambda: dj.sequence_logprobs(model_a, np.array([1, 2, 3])), "one sequence is still a list")
     _raises(lambda: dj.logits(model_a, [[1, 2], [3]]), "ids", "lengths")
     _raises(lambda: dj.logits(ckpt_a, [[1, 2]]), "model", "str")
 
@@ -276,6 +279,7 @@ def test_perplexity_of_ragged_rows():
     _raises(lambda: dj.perplexity([rows[0], np.zeros(0, np.float32)]), "no log-probs")
     assert dj.perplexity([float(x) for x in rows[0]]) == pytest.approx(np.sqrt(8.0))   # one row as a list
     _raises(lambda: dj.perplexity([rows[0], "x"]), "perplexity: expected")
+    _raises(lambda: dj.perplexity([["a"]]), "perplexity: the rows must hold numbers")
     _raises(lambda: dj.perplexity(np.zeros((2, 0), np.float32)), "at least one position")
 
 

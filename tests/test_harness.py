@@ -121,6 +121,12 @@ def test_bad_arguments(demo, ours):
     assert DeepSeekLM(demo, ep_capacity="worst").model.prec.ep_capacity is None
     with pytest.raises(DeepSeekError, match="continuation alone has"):
         ours.loglikelihood([Instance("loglikelihood", {}, ("1", "9" * 40), 0)], disable_tqdm=True)
+    with pytest.raises(DeepSeekError, match="dtype apply to pretrained"):   # a bf16 evaluation ran in float32
+        DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, dtype="bfloat16")
+    # lm_eval's own request number (the requests are regrouped by length before scoring)
+    reqs = [(None, [1, 2, 3, 4, 5, 6], [7]), (None, [1, 2], [3]), (None, [7], [10 ** 6]), (None, [4], [5])]
+    with pytest.raises(DeepSeekError, match=r"request 2: token id 1000000 is outside the model's vocab"):
+        ours._loglikelihood_tokens(reqs, disable_tqdm=True)
 
 
 def test_lm_eval_command_line(demo, tmp_path):

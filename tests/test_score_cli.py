@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -105,6 +106,16 @@ def test_score_internals(ckpt_a, ids_file, tmp_path, capsys):
     assert back.logits is None and back.attention is None and back.moe_layers == ref.moe_layers
     np.testing.assert_array_equal(expert_histogram(back), expert_histogram(ref))
     np.testing.assert_allclose(logit_lens(model, back), logit_lens(model, ref), rtol=1e-5, atol=1e-4)
+    # files that are not score --internals output: one line each (tracebacks before)
+    raw = open(path, "rb").read()
+    (tmp_path / "trunc.npz").write_bytes(raw[:300])
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    arrays = dict(np.load(path))
+    np.savez(tmp_path / "moe2d.npz", **dict(arrays, moe_layers=np.zeros((2, 2), np.int32)))
+    for bad, needle in ((tmp_path / "trunc.npz", "not a readable .npz"), (tmp_path / "one.npy", "not an .npz archive"),
+                        (5, "expected the path"), (tmp_path / "moe2d.npz", "moe_layers is int32 [2, 2]")):
+        with pytest.raises(dj.DeepSeekError, match=re.escape(needle)):
+            load_internals(bad)
     rc, _, _ = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--internals", str(path), "--attention")
     assert rc == 0
     np.testing.assert_allclose(np.load(path)["attention"], dj.internals(model, ids, attention=True).attention,
@@ -163,6 +174,8 @@ def _copy_without(src: str, dst: str, drop: str) -> str:
     ("float_ids", "integer"),
     ("no_ids_file", "not found"),
     ("decode_prefill", "--prefill"),
+    ("npz_ids", "is an .npz archive; expected a .npy array"),   # (an --internals file): a traceback before
+    ("ids_dir", "is a directory"),
 ])
 def test_score_bad_input(case, needle, ckpt_a, ids_file, tmp_path, capsys):
     ckpt, ids = ckpt_a, ids_file
@@ -184,6 +197,12 @@ def test_score_bad_input(case, needle, ckpt_a, ids_file, tmp_path, capsys):
         np.save(ids, np.array([[1.0, 2.0]], np.float32))
     elif case == "no_ids_file":
         ids = str(tmp_path / "nope.npy")
+    elif case == "npz_ids":
+        ids = str(tmp_path / "ids.npz")
+        np.savez(ids, ids=np.array([[1, 2]], np.int32))
+    elif case == "ids_dir":
+        ids = str(tmp_path / "adir")
+        os.mkdir(ids)
     extra = ["--mode", "decode", "--prefill", "99"] if case == "decode_prefill" else []
     rc, out, err = run_cli(capsys, "score", ckpt, "--ids", ids, "--out", str(tmp_path / "o.npy"), *extra)
     assert rc == 2

@@ -49,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mtp", action="store_true", help="write the MTP module's logits [B, T-1, V] (row i predicts i+2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     add_prefill_attention_arg(p)
-    p.add_argument("--logprobs", help="file for per-token log-probs [B, T-1] (log p(t_i+1 | t_<=i)), in .npy "
-                                      "format, written at exactly this path")
+    p.add_argument("--logprobs", help="file for per-token log-probs [B, T-1] (log p(t_i+1 | t_<=i); with --mtp "
+                                      "the MTP module's [B, T-2], log p(t_i+2 | t_<=i+1)), in .npy format, "
+                                      "written at exactly this path")
     p.add_argument("--internals", metavar="FILE.npz",
                    help="also write every layer's hidden states and every MoE layer's routing (dj.internals: "
                         "hidden [L+1, B, T, D], final_hidden, experts / expert_weights [Lm, B, T, K], "
@@ -64,12 +65,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_ids(path: str) -> np.ndarray:
+    if os.path.isdir(path):
+        raise DeepSeekError(f"--ids: {path} is a directory (expected a .npy file of token ids)")
     if not os.path.isfile(path):
         raise DeepSeekError(f"--ids: {path} not found")
     try:
         ids = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except ValueError as e:   # numpy's guess for a file that is no .npy: "pickled (object) data"
+        raise DeepSeekError(f"--ids: {path} is not a .npy array file ({' '.join(str(e).split())[:120]})") from None
+    except (OSError, EOFError) as e:
         raise DeepSeekError(f"--ids: {path} is not a readable .npy file ({e})") from None
+    if not isinstance(ids, np.ndarray):   # an .npz archive (an --internals file, say)
+        ids.close()
+        raise DeepSeekError(f"--ids: {path} is an .npz archive; expected a .npy array of token ids")
     if ids.dtype.kind not in "iu":
         raise DeepSeekError(f"--ids: {path} holds {ids.dtype}, expected integer token ids")
     return ids
