@@ -119,9 +119,10 @@ def init(args: argparse.Namespace, default_mesh=None):
 
 def _path_digest(path: str) -> bytes:
     """What a process reads at ``path``, cheaply: a file's bytes (past 64 MiB: its size, first
-    and last MiB); a folder's listing with sizes, and its top-level files' bytes (past 1 MiB: the
-    first and last 256 KiB): a checkpoint's config.json, index or manifest, its shards' headers.
-    Hidden entries are left out: a download tool's ``.cache`` (timestamps), ``.git``, lock files."""
+    and last MiB); a folder's top-level names, and its files' sizes and bytes (past 1 MiB: the
+    first and last 256 KiB): a Hub checkpoint's config.json, index and shard headers, an Orbax
+    one's manifest (every parameter's checksum), without walking its ~10^5 chunk files. Hidden
+    entries are left out: a download tool's ``.cache`` (timestamps), ``.git``, lock files."""
     h = hashlib.sha256()
 
     def file(p: str, cap: int, edge: int) -> None:
@@ -138,13 +139,13 @@ def _path_digest(path: str) -> bytes:
         if os.path.isfile(path):
             file(path, 64 << 20, 1 << 20)
             return h.digest()
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(f for f in files if not f.startswith(".") or f == ".zarray"):
-                p = os.path.join(root, name)
-                h.update(f"{os.path.relpath(p, path)}\0{os.path.getsize(p)}\0".encode())
-                if root == path:
-                    file(p, 1 << 20, 1 << 18)
+        for name in sorted(n for n in os.listdir(path) if not n.startswith(".")):
+            p = os.path.join(path, name)
+            if os.path.isfile(p):
+                h.update(f"{name}\0{os.path.getsize(p)}\0".encode())
+                file(p, 1 << 20, 1 << 18)
+            else:
+                h.update(f"{name}/\0".encode())
     except OSError as e:
         h.update(f"unreadable: {e.strerror}".encode())
     return h.digest()
