@@ -30,11 +30,13 @@ class Plan:
     cache: int              # latent cache bytes per device
     decode_temp: int | None   # XLA temporaries of one decode step (None: not compiled)
     prefill_temp: int | None  # XLA temporaries of the prefill (None: not compiled)
-    decode_args: int        # what XLA counts as the decode step's arguments (weights+cache+inputs)
+    decode_args: int | None   # what XLA counts as the decode step's arguments (weights+cache+inputs)
     device: str
     capacity: float
     prefill_tokens: int = 0         # the prompt bucket the prefill was compiled for
     prefill_chunk: int | None = None  # its chunk (the generator's policy), None: one pass
+    rows: int = 1                   # the decode batch as the generator allocates it (a power of two)
+    positions: int = 0              # the cache length as the generator allocates it (its length bucket)
 
     @property
     def peak(self) -> int:
@@ -44,6 +46,10 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.peak <= self.capacity
+
+    @property
+    def compiled(self) -> bool:
+        return self.decode_temp is not None
 
     def table(self) -> str:
         rows = [("mesh", " x ".join(f"{k}={v}" for k, v in self.mesh.items())),
@@ -56,13 +62,13 @@ class Plan:
                 ("decode temporaries / device", _fmt(self.decode_temp)),
                 ("peak / device" + (" (no temporaries)" if self.decode_temp is None else ""), _fmt(self.peak)),
                 (f"{self.device} memory", _fmt(int(self.capacity))),
-                ("fits", "yes" if self.fits else "NO")]
+                ("fits", ("yes" if self.fits else "NO") + ("" if self.compiled else " (weights + cache only)"))]
         w = max(len(r[0]) for r in rows)
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
 def _fmt(n: int | None) -> str:
-    return "  not computed (--no-compile)" if n is None else f"{n / GiB:10.2f} GiB  ({n:,} B)"
+    return "not computed (--no-compile)" if n is None else f"{n / GiB:10.2f} GiB  ({n:,} B)"
 
 
 def shard_bytes(shape, dtype, spec, mesh_shape) -> int:
@@ -82,11 +88,15 @@ def shard_bytes(shape, dtype, spec, mesh_shape) -> int:
 def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "ep_tp", batch: int = 1,
               max_len: int = 4096, prompt_len: int | None = None, prefill_batch: int = 1, device: str = "h200",
               compile_steps: bool = True, prefill_chunk: int | str | None = "auto",
-              prefill_attention: str = "plain") -> Plan:
-    """``prefill_chunk``: as :class:`~deepseek_jax.generate.Generator` takes it; the prefill is
-    compiled the way the generator runs it (the prompt padded to its length bucket, in chunks
-    when the policy chunks it). ``prefill_attention``: as ``Precision`` takes it ("flash" compiles
-    here, on CPU, as the blocked jnp form: its memory, not a GPU or TPU kernel's)."""
+              prefill_attention: str = "plain", dtype: str = "bfloat16") -> Plan:
+    """The decode batch and cache as the :class:`~deepseek_jax.generate.Generator` allocates
+    them: ``batch`` rounded up to a power of two, ``max_len`` to its length bucket (batch 5 holds
+    8 rows; 4097 positions, 6144). ``dtype``: the compute dtype (``generate --dtype``), which is
+    the latent cache's. ``prefill_chunk``: as the Generator takes it; the prefill is compiled the
+    way the generator runs it (``prefill_batch`` prompts padded to their length bucket, in chunks
+    when the policy chunks it; ``generate`` prefills its whole batch at once). ``prefill_attention``:
+    as ``Precision`` takes it ("flash" compiles here, on CPU, as the blocked jnp form: its memory,
+    not a GPU or TPU kernel's). The MTP layer is not counted."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -96,7 +106,8 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     from deepseek_jax import sharding
     from deepseek_jax.cache import LatentCache
     from deepseek_jax.checkpoint import abstract_model
-    from deepseek_jax.generate import Weights, _prompt_pass, _runner, length_bucket, prefill_chunk_for
+    from deepseek_jax.generate import (Weights, _prompt_pass, _runner, batch_bucket, length_bucket,
+                                       prefill_chunk_for)
     from deepseek_jax.quant import Precision
 
     if device not in DEVICES:
@@ -108,7 +119,10 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         raise DeepSeekError(f"plan needs {n} (fake) devices, this process has {jax.device_count()}")
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n])
     rule_table = sharding.resolve_rules(rules)
-    prec = Precision(dtype=jnp.bfloat16, prefill_attention=prefill_attention)
+    if dtype not in ("bfloat16", "float32"):
+        raise DeepSeekError(f"plan: compute dtype {dtype!r} unknown (bfloat16 or float32)")
+    act = jnp.dtype(dtype)
+    prec = Precision(dtype=act, prefill_attention=prefill_attention)
     model = abstract_model(cfg, prec, with_mtp=False)
     specs = sharding.model_param_specs(model, mesh_shape, rule_table)
     graphdef, state = nnx.split(model)
@@ -118,14 +132,14 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         path = tuple(str(x) for x in p)
         weights += shard_bytes(v.shape, v.dtype, specs[path], mesh_shape)
         total += math.prod(v.shape) * np.dtype(v.dtype).itemsize
-    cache_abs = jax.eval_shape(lambda: LatentCache.zeros(cfg, batch, max_len, jnp.bfloat16))
+    rows, S = batch_bucket(batch), min(length_bucket(max_len), cfg.max_position_embeddings)
+    cache_abs = jax.eval_shape(lambda: LatentCache.zeros(cfg, rows, S, act))
     cache = sum(shard_bytes(a.shape, a.dtype, sharding.cache_spec(mesh_shape, rule_table, a.shape), mesh_shape)
                 for a in jax.tree.leaves(cache_abs))
-    decode_temp = prefill_temp = None
-    decode_args = 0
-    T = min(length_bucket(prompt_len or min(max_len, 4096)), max_len)
-    Bp = min(prefill_batch, batch)
-    chunk = prefill_chunk_for(Bp, T, max_len, cfg.num_attention_heads, prefill_chunk)
+    decode_temp = prefill_temp = decode_args = None
+    T = min(length_bucket(prompt_len or min(max_len, 4096)), S)
+    Bp = batch_bucket(min(prefill_batch, batch))
+    chunk = prefill_chunk_for(Bp, T, S, cfg.num_attention_heads, prefill_chunk)
     if compile_steps:
         sharding.attach_mesh(model, mesh, rules)
         graphdef, state = nnx.split(model)
@@ -133,7 +147,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
                                      for p, v in flat])
         c_sh = jax.tree.map(lambda a: NamedSharding(mesh, sharding.cache_spec(mesh_shape, rule_table, a.shape)),
                             cache_abs)
-        tok_sh = NamedSharding(mesh, sharding.resolve(("batch", "seq"), (batch, 1), mesh_shape, rule_table))
+        tok_sh = NamedSharding(mesh, sharding.resolve(("batch", "seq"), (rows, 1), mesh_shape, rule_table))
 
         def decode(st, c, ids, pos):
             out = nnx.merge(graphdef, st)(ids, pos, cache=c, absorbed=True)
@@ -148,12 +162,12 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         # CPU backend does not widen the whole stacked f8 weights to f16: a CPU-only artefact.
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.uint8)
                              if a.dtype == jnp.float8_e4m3fn else a, state)
-        ids_sds = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+        ids_sds = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
         with jax.set_mesh(mesh):
             dec = jax.jit(decode, in_shardings=(st_sh, c_sh, tok_sh, tok_sh), donate_argnums=(1,)).lower(
                 state, cache_abs, ids_sds, ids_sds).compile()
             # Prefill: ``prefill_batch`` prompts of ``T`` tokens into the batch-``batch`` cache's rows.
-            cache_pre = jax.eval_shape(lambda: LatentCache.zeros(cfg, Bp, max_len, jnp.bfloat16))
+            cache_pre = jax.eval_shape(lambda: LatentCache.zeros(cfg, Bp, S, act))
             cp_sh = jax.tree.map(lambda a: NamedSharding(mesh, sharding.cache_spec(mesh_shape, rule_table, a.shape)),
                                  cache_pre)
             pre_sh = NamedSharding(mesh, sharding.resolve(("batch", "seq"), (Bp, T), mesh_shape, rule_table))
@@ -163,7 +177,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         decode_temp, prefill_temp = int(dm.temp_size_in_bytes), int(pm.temp_size_in_bytes)
         decode_args = int(dm.argument_size_in_bytes)
     return Plan(dict(mesh_shape), weights, total, cache, decode_temp, prefill_temp, decode_args, device,
-                DEVICES[device], T, chunk)
+                DEVICES[device], T, chunk, rows, S)
 
 
 # ---- training -------------------------------------------------------------------------------

@@ -75,6 +75,34 @@ def test_plan_bad_input(capsys):
     assert cli.main(["plan", "--config", "nope", "--mesh", "expert=2"]) == 2
     assert "nope" in capsys.readouterr().err
     assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--device", "abacus", "--no-compile"]) == 2
+    for extra, needle in ((["--max-len", "1"], "--max-len must be >= 2"),
+                          (["--max-len", "64", "--prompt-len", "64"], "leaves no room")):
+        assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--no-compile", *extra]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_plan_cache_is_the_generators():
+    """The cache a Generator allocates: a batch of 5 holds 8 rows, a length of 200 its 256-position
+    bucket, in the compute dtype (float32 here: generate's default). The plan counted 5 x 200
+    positions in bfloat16, a quarter of it."""
+    import jax
+    import numpy as np
+
+    import deepseek_jax as dj
+    from deepseek_jax.cache import LatentCache
+    from deepseek_jax.generate import Generator
+    from deepseek_jax.plan import make_plan
+
+    cfg = load_config("tiny")
+    gen = Generator(dj.init_random(cfg, dtype="float32", with_mtp=False))
+    gen.generate([[1, 2, 3, 4, 5, 6, 7, 8]] * 5, max_new_tokens=192, stop_at_eos=False)
+    rows, _, positions = gen.last_stats.buckets
+    allocated = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(
+        lambda: LatentCache.zeros(cfg, rows, positions, np.float32))))
+    plan = make_plan(cfg, {"data": 1, "expert": 1, "model": 1}, batch=5, max_len=200, dtype="float32",
+                     compile_steps=False)
+    assert (plan.rows, plan.positions) == (rows, positions) == (8, 256)
+    assert plan.cache == allocated and plan.decode_args is None and not plan.compiled
 
 
 def test_plan_compiles_the_prefill_the_generator_runs():

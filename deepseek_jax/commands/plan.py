@@ -20,14 +20,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", default="ep_tp", choices=("ep_tp", "ep_dp"), help="sharding preset")
     p.add_argument("--dtype", choices=("fp8", "bf16"), default=None,
                    help="weight format (default: the config's: fp8 when it has quantization_config)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="generate's --dtype: the activations' and the latent cache's dtype (default bfloat16, "
+                        "as a deployment runs; generate's own default is float32, twice the cache)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences decoded together (the generator holds the next power of two of rows)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="cache length per sequence (default: min(4096, the config's max_position_embeddings))")
+                   help="cache length per sequence, >= 2 (default: min(4096, the config's max_position_embeddings); "
+                        "the generator allocates its length bucket: 4097 -> 6144)")
     p.add_argument("--prompt-len", type=int, default=None,
                    help="prefill length, 1..max-len (default: min(max-len, 4096); compiled at its length bucket, as "
                         "generate pads it)")
     p.add_argument("--prefill-batch", type=int, default=1,
-                   help="prompts prefilled together, 1..--batch (default 1)")
+                   help="prompts prefilled together, 1..--batch (default 1: a server's one new request; "
+                        "generate prefills its whole batch at once: --prefill-batch B)")
     p.add_argument("--prefill-chunk", default="auto", metavar="N",
                    help="the prefill as generate runs it: in chunks of N tokens (a power of two >= 16), 'auto' "
                         "(default: when one pass "
@@ -72,19 +78,22 @@ def run(args: argparse.Namespace) -> int:
                         ("--prefill-batch", args.prefill_batch)):
         if value is not None and value < 1:
             raise DeepSeekError(f"{flag} must be >= 1, got {value}")
+    if args.max_len is not None and args.max_len < 2:
+        raise DeepSeekError(f"--max-len must be >= 2 (a prompt token and a new one), got {args.max_len}")
     if args.prefill_batch > args.batch:
         raise DeepSeekError(f"--prefill-batch {args.prefill_batch} exceeds --batch {args.batch} (prompts are "
                             "prefilled into the decode batch's rows)")
-    if args.prompt_len is not None and args.max_len is not None and args.prompt_len > args.max_len:
-        raise DeepSeekError(f"--prompt-len {args.prompt_len} exceeds --max-len {args.max_len}")
+    if args.prompt_len is not None and args.max_len is not None and args.prompt_len >= args.max_len:
+        raise DeepSeekError(f"--prompt-len {args.prompt_len} leaves no room in --max-len {args.max_len} "
+                            "(at least one new token)")
     cfg = load_config(args.config)
     if args.dtype:
         cfg = cfg.replace(fp8=args.dtype == "fp8")
     if args.max_len is None:
         args.max_len = min(4096, cfg.max_position_embeddings)
-        if args.prompt_len is not None and args.prompt_len > args.max_len:
-            raise DeepSeekError(f"--prompt-len {args.prompt_len} exceeds the default --max-len {args.max_len} "
-                                "(the config's max_position_embeddings)")
+        if args.prompt_len is not None and args.prompt_len >= args.max_len:
+            raise DeepSeekError(f"--prompt-len {args.prompt_len} leaves no room in the default --max-len "
+                                f"{args.max_len} (at least one new token)")
     elif args.max_len > cfg.max_position_embeddings:
         raise DeepSeekError(f"--max-len {args.max_len} exceeds the config's max_position_embeddings "
                             f"{cfg.max_position_embeddings}")
@@ -95,18 +104,23 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, sizes, rules=args.rules, batch=args.batch, max_len=args.max_len,
                      prompt_len=args.prompt_len, prefill_batch=args.prefill_batch, device=args.device,
                      compile_steps=not args.no_compile, prefill_chunk=chunk,
-                     prefill_attention=args.prefill_attention)
+                     prefill_attention=args.prefill_attention, dtype=args.compute_dtype)
     if args.json:
         print(json.dumps({"mesh": plan.mesh, "weights": plan.weights, "weights_total": plan.weights_total,
                           "cache": plan.cache, "prefill_temp": plan.prefill_temp, "decode_temp": plan.decode_temp,
                           "decode_args": plan.decode_args, "peak": plan.peak, "device": plan.device,
                           "capacity": plan.capacity, "fits": plan.fits, "prefill_tokens": plan.prefill_tokens,
-                          "prefill_chunk": plan.prefill_chunk, "prefill_attention": args.prefill_attention}))
+                          "prefill_chunk": plan.prefill_chunk, "prefill_attention": args.prefill_attention,
+                          "compute_dtype": args.compute_dtype, "rows": plan.rows, "positions": plan.positions,
+                          "compiled": plan.compiled}))
     else:
-        print(f"{cfg.num_hidden_layers} layers, {'FP8' if cfg.fp8 else 'BF16'} weights, decode batch {args.batch}, "
-              f"max-len {args.max_len}, prefill {args.prefill_batch} x {plan.prefill_tokens} tokens"
+        rows = f" ({plan.rows} rows)" if plan.rows != args.batch else ""
+        positions = f" ({plan.positions} positions)" if plan.positions != args.max_len else ""
+        print(f"{cfg.num_hidden_layers} layers, {'FP8' if cfg.fp8 else 'BF16'} weights, {args.compute_dtype} compute, "
+              f"decode batch {args.batch}{rows}, max-len {args.max_len}{positions}, prefill "
+              f"{args.prefill_batch} x {plan.prefill_tokens} tokens"
               f"{f' in chunks of {plan.prefill_chunk}' if plan.prefill_chunk else ''}{_attention(args)}, "
-              f"rules {args.rules}")
+              f"rules {args.rules}; the MTP layer not counted")
         print(plan.table())
     return 0
 
@@ -173,9 +187,9 @@ def _fake_mesh(text: str) -> dict[str, int]:
     if n > MAX_PLAN_DEVICES:
         raise DeepSeekError(f"--mesh: {text} is {n} devices; a plan fakes one CPU device per device, at most "
                             f"{MAX_PLAN_DEVICES}")
-    try:
+    try:   # (never fewer devices than asked for already: a caller's JAX_NUM_CPU_DEVICES=8 stays 8)
         jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", n)
+        jax.config.update("jax_num_cpu_devices", max(n, int(getattr(jax.config, "jax_num_cpu_devices", -1) or -1)))
     except Exception:  # noqa: BLE001 - already initialised
         pass
     return sizes
