@@ -212,7 +212,8 @@ class DeepSeekLM(TemplateLM):
         self._mesh = None
         if model is None:
             # (what the processes of a multi-host run compare before loading: runtime.init)
-            hosts.ckpt, hosts.dtype, hosts.prefill_attention = os.fspath(pretrained), str(dtype), prefill_attention
+            hosts.ckpt = os.fspath(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
+            hosts.dtype, hosts.prefill_attention = str(dtype), prefill_attention
             self._mesh = _init_mesh(hosts)
             model = dj.load(pretrained, dtype=dtype, mesh=self._mesh, rules=hosts.rules,
                             prefill_attention=prefill_attention, ep_capacity=_ep_capacity(ep_capacity))

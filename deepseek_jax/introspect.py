@@ -172,7 +172,7 @@ def load_internals(path) -> Internals:
     :func:`internals_arrays`), for :func:`logit_lens` and :func:`expert_histogram`."""
     import zipfile
 
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike)) and not hasattr(path, "read"):
         raise DeepSeekError(f"load_internals: expected the path of a score --internals file, got {type(path).__name__}")
     try:
         z = np.load(path, allow_pickle=False)
@@ -186,7 +186,7 @@ def load_internals(path) -> Internals:
     if need - set(arrays):
         raise DeepSeekError(f"load_internals: {path} lacks {', '.join(sorted(need - set(arrays)))} "
                             "(not written by score --internals?)")
-    if arrays["moe_layers"].ndim != 1 or arrays["moe_layers"].dtype.kind not in "iu":
+    if arrays["moe_layers"].ndim != 1 or (arrays["moe_layers"].size and arrays["moe_layers"].dtype.kind not in "iu"):
         raise DeepSeekError(f"load_internals: {path}: moe_layers is {arrays['moe_layers'].dtype} "
                             f"{list(arrays['moe_layers'].shape)}, expected a 1-D list of layer indices")
     arrays["moe_layers"] = tuple(int(i) for i in arrays["moe_layers"])

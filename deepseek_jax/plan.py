@@ -137,7 +137,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     cache = sum(shard_bytes(a.shape, a.dtype, sharding.cache_spec(mesh_shape, rule_table, a.shape), mesh_shape)
                 for a in jax.tree.leaves(cache_abs))
     decode_temp = prefill_temp = decode_args = None
-    T = min(length_bucket(prompt_len or min(max_len, 4096)), S)
+    T = min(length_bucket(prompt_len or min(max_len - 1, 4096)), S)   # (a prompt leaves room for a token)
     Bp = batch_bucket(min(prefill_batch, batch))
     chunk = prefill_chunk_for(Bp, T, S, cfg.num_attention_heads, prefill_chunk)
     if compile_steps:

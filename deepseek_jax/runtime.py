@@ -72,8 +72,9 @@ def check_args(args: argparse.Namespace) -> None:
     if nproc is not None and pid is not None and pid >= nproc:
         raise DeepSeekError(f"--process-id {pid} is out of range for --num-processes {nproc} (0..{nproc - 1})")
     coord = args.coordinator or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
-    m = re.fullmatch(r"(\S+):([0-9]{1,5})", coord) if coord else None   # (host, [v6%zone] or dns:///host)
-    if coord and not (m and 1 <= int(m.group(2)) <= 65535):
+    # host:port, [IPv6%zone]:port or dns:///host:port
+    m = re.fullmatch(r"(dns:///)?(\[[^\]\s]+\]|[^\s:\[\]/]+):([0-9]{1,5})", coord) if coord else None
+    if coord and not (m and 1 <= int(m.group(3)) <= 65535):
         raise DeepSeekError(f"--coordinator: expected HOST:PORT (a port in 1..65535), got {coord!r}")
     if (args.num_processes is not None or args.process_id is not None) and not coord and args.distributed != "auto":
         given = "--num-processes" if args.num_processes is not None else "--process-id"

@@ -51,6 +51,8 @@ def ids_file(tmp_path_factory):
      "--coordinator: expected HOST:PORT"),                           # was "list index out of range"
     (["--out", "{tmp}/o.npy", "--coordinator", "127.0.0.1:99999", "--num-processes", "1", "--process-id", "0"],
      "a port in 1..65535"),
+    (["--out", "{tmp}/o.npy", "--coordinator", "http://h:80", "--num-processes", "1", "--process-id", "0"],
+     "expected HOST:PORT"),
     (["--out", "/proc/o.npy"], "--out: cannot write /proc/o.npy"),   # (not the temporary file's name)
 ])
 def test_score_bad_flags(extra, needle, ckpt_a, ids_file, tmp_path, capsys):

@@ -433,7 +433,7 @@ def test_float32_and_float16_sources_convert_as_bf16(ckpt_a_bf16, tmp_path, caps
     write_config(src, config)
     assert main(["convert", src, str(tmp_path / "o"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert ("note: source tensors in other float dtypes were stored in the Hub layout's (float16 -> bfloat16, "
+    assert ("note: source tensors in other float dtypes were converted to the Hub layout's (float16 -> bfloat16, "
             "float32 -> bfloat16; rounded to nearest where narrower)") in out
     assert main(["verify", str(tmp_path / "o"), "--against", src, "--quiet"]) == 0
     assert main(["export", str(tmp_path / "o"), str(tmp_path / "hub"), "--quiet"]) == 0

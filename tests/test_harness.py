@@ -121,6 +121,8 @@ def test_bad_arguments(demo, ours):
     assert DeepSeekLM(demo, ep_capacity="worst").model.prec.ep_capacity is None
     with pytest.raises(DeepSeekError, match="continuation alone has"):
         ours.loglikelihood([Instance("loglikelihood", {}, ("1", "9" * 40), 0)], disable_tqdm=True)
+    with pytest.raises(DeepSeekError, match="path must be a string"):   # (not os.fspath's TypeError)
+        DeepSeekLM(123)
     with pytest.raises(DeepSeekError, match="dtype apply to pretrained"):   # a bf16 evaluation ran in float32
         DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, dtype="bfloat16")
     # lm_eval's own request number (the requests are regrouped by length before scoring)

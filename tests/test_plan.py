@@ -76,7 +76,8 @@ def test_plan_bad_input(capsys):
     assert "nope" in capsys.readouterr().err
     assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--device", "abacus", "--no-compile"]) == 2
     for extra, needle in ((["--max-len", "1"], "--max-len must be >= 2"),
-                          (["--max-len", "64", "--prompt-len", "64"], "leaves no room")):
+                          (["--max-len", "64", "--prompt-len", "64"], "leaves no room"),
+                          (["--train", "full", "--compute-dtype", "float32"], "--compute-dtype applies to inference")):
         assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--no-compile", *extra]) == 2
         assert needle in capsys.readouterr().err
 

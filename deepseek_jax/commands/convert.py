@@ -39,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
               f"{s['dtype']}) at {s['out_dir']} in {s['seconds']:.1f}s ({s['gb_per_s']:.2f} GB/s"
               + (f", {s['resumed_chunks']} chunks resumed" if s["resumed_chunks"] else "") + ")")
         if s["cast_from"]:
-            print(f"note: source tensors in other float dtypes were stored in the Hub layout's "
+            print(f"note: source tensors in other float dtypes were converted to the Hub layout's "
                   f"({', '.join(s['cast_from'])}; rounded to nearest where narrower)")
     return 0

@@ -130,6 +130,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from deepseek_jax.config import load_config
 
     for flag, value, default in (("--max-len", args.max_len, None), ("--prompt-len", args.prompt_len, None),
+                                 ("--compute-dtype", args.compute_dtype, "bfloat16"),
                                  ("--prefill-batch", args.prefill_batch, 1), ("--prefill-chunk", args.prefill_chunk,
                                                                               "auto")):
         if value != default:
