@@ -214,6 +214,11 @@ class DeepSeekLM(TemplateLM):
             # (what the processes of a multi-host run compare before loading: runtime.init)
             hosts.ckpt = os.fspath(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
             hosts.dtype, hosts.prefill_attention = str(dtype), prefill_attention
+            # (processes with other batches or lengths compile other programs and wait on each
+            # other until the distributed service aborts; another seed samples other texts)
+            for name, value in (("batch_size", batch_size), ("max_length", max_length),
+                                ("max_gen_toks", max_gen_toks), ("seed", seed), ("ep_capacity", ep_capacity)):
+                setattr(hosts, name, str(value))
             self._mesh = _init_mesh(hosts)
             model = dj.load(pretrained, dtype=dtype, mesh=self._mesh, rules=hosts.rules,
                             prefill_attention=prefill_attention, ep_capacity=_ep_capacity(ep_capacity))

@@ -174,6 +174,29 @@ def test_bad_host_setting_on_the_command_line(tmp_path, monkeypatch, capsys):
         "deepseek_jax.harness: error: process_id 2 is out of range for num_processes 2 (0..1)"
 
 
+def test_processes_with_other_settings_stop(tmp_path):
+    """Processes given another batch_size compile other programs and would wait on each other
+    until the distributed service aborted them; they all stop first, with the same line."""
+    demo = dj.demo_checkpoint()
+    port = _free_port()
+    code = ("import sys\nfrom deepseek_jax.errors import DeepSeekError\nfrom deepseek_jax.harness import DeepSeekLM\n"
+            "try:\n    DeepSeekLM(sys.argv[1], batch_size=sys.argv[2], coordinator=sys.argv[3], num_processes=2,"
+            " process_id=int(sys.argv[4]), heartbeat_timeout=10)\n"
+            "except DeepSeekError as e:\n    print(e)\n    sys.exit(3)\n")
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code, demo, str(batch), f"127.0.0.1:{port}", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, batch in enumerate((8, 4))]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [3, 3], [o[1][-2000:] for o in outs]
+    for out, _ in outs:
+        assert out.strip().splitlines()[-1].startswith("process 1 differs from process 0 in the command's arguments"), out
+
+
 def test_bad_host_arguments():
     demo = dj.demo_checkpoint()
     for kw, msg in ((dict(num_processes=2, process_id=0), "num_processes needs coordinator HOST:PORT"),
