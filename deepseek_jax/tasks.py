@@ -231,6 +231,10 @@ class SyntheticDataset:
         self.seq_len = int(seq_len) if seq_len else -(-bound // 8) * 8
         if self.batch_size <= 0 or self.seq_len < 4:
             raise DeepSeekError(f"batch size {batch_size} / seq len {seq_len}: must be positive (seq len >= 4)")
+        if self.seq_len < bound:   # (else a run trains, saves, and stops at the first example too long)
+            raise DeepSeekError(f"--seq-len {self.seq_len} is shorter than {self.name}'s longest example, up to "
+                                f"{bound} tokens ({p}-character prompt, {a}-character answer, bos, eos and the "
+                                f"two chat markers): give --seq-len >= {bound}, or leave it out")
 
     def examples(self, step: int) -> list[tuple[str, str]]:
         """The (prompt, answer) pairs of one step's batch."""
@@ -298,7 +302,7 @@ class TextDataset:
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            lines = [ln.rstrip("\r") for ln in raw.decode("utf-8").split("\n")]
+            lines = [ln.rstrip("\r") for ln in raw.decode("utf-8-sig").split("\n")]
         except FileNotFoundError:
             raise DeepSeekError(f"--data: {path} not found") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -443,6 +447,10 @@ def encode_conversation(tok: Tokenizer, messages: list[dict[str, str]], where: s
     return ids, mask
 
 
+class NothingFits(DeepSeekError):
+    """No conversation of a split fits the sequence length."""
+
+
 class ChatDataset:
     """Conversations of a JSONL file, one per right-padded row; the loss is on the assistant turns only."""
 
@@ -470,7 +478,7 @@ class ChatDataset:
         self.n_left_out = len(mine) - len(fits)
         if not fits:
             shortest = min(len(encoded[i][0]) for i in mine)
-            raise DeepSeekError(f"--data: none of the {len(mine)} {split} conversations of {path} fits in "
+            raise NothingFits(f"--data: none of the {len(mine)} {split} conversations of {path} fits in "
                                 f"--seq-len {T} (the shortest has {shortest} tokens)")
         if self.n_left_out:
             print(f"note: --data {path}: {self.n_left_out} of {len(mine)} {split} conversations are longer than "

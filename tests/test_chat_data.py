@@ -193,6 +193,21 @@ def test_train_cli_on_chat_data(tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--resume", "--steps", "3"]) == 2
     assert "different data" in capsys.readouterr().err
+    # the file's contents are compared, not its path: a copy elsewhere resumes
+    moved = tmp_path / "moved" / "chat.jsonl"
+    moved.parent.mkdir()
+    write_jsonl(moved, [PAIR, MULTI, {"prompt": "2+3", "completion": "5"}])
+    i = args.index("--data")
+    assert main(args[:i + 1] + [str(moved)] + args[i + 2:] + ["--resume"]) == 0, capsys.readouterr().err
+    # a held-out split that nothing fits: a note, and training without the evaluation
+    rows = [{"prompt": f"{k}+1", "completion": str(k + 1)} for k in range(25)]
+    rows[19] = {"prompt": "9" * 40, "completion": "1"}   # line 20, the one held out, is too long
+    write_jsonl(path, rows)
+    capsys.readouterr()
+    assert main(args[:-2] + ["--steps", "0", "--seq-len", "24", "--out", str(tmp_path / "noeval")]) == 0
+    err = capsys.readouterr().err
+    assert "none of the 1 eval conversations" in err and "no held-out evaluation" in err, err
+    assert not (tmp_path / "noeval" / "eval.json").exists() and (tmp_path / "noeval" / "hub").is_dir()
 
 
 def test_text_data_describes_its_contents(tmp_path):
@@ -207,4 +222,8 @@ def test_text_data_describes_its_contents(tmp_path):
     crlf = tmp_path / "crlf.txt"
     crlf.write_bytes(b"one two\r\nthree five\r\n")          # CRLF lines read as the same lines
     assert np.array_equal(TextDataset(crlf, TOK, batch_size=2, seq_len=8).rows,
+                          TextDataset(path, TOK, batch_size=2, seq_len=8).rows)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfone two\nthree five\n")   # a byte-order mark is not text (it was 3 tokens)
+    assert np.array_equal(TextDataset(bom, TOK, batch_size=2, seq_len=8).rows,
                           TextDataset(path, TOK, batch_size=2, seq_len=8).rows)

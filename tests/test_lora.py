@@ -181,6 +181,14 @@ def test_train_cli_lora(fp8_dir, tmp_path, capsys):
     # resume with another rank is refused; bad flags are one line before anything loads
     assert main(args + ["--resume", "--lora-rank", "8"]) == 2
     assert "different LoRA setting" in capsys.readouterr().err
+    i = args.index("--lora-rank")    # ... and without adapters (a TypeError before)
+    assert main(args[:i] + args[i + 2:] + ["--resume"]) == 2
+    assert "different LoRA setting" in capsys.readouterr().err
+    # the default targets named, in another order and once twice, are the same setting
+    assert main(args + ["--resume", "--lora-targets", "o_proj,q_b_proj,q_a_proj,kv_a_proj_with_mqa,o_proj"]) == 0
+    # a --trainable pattern that matches nothing is refused with adapters too (it was joined to theirs)
+    assert main(args + ["--trainable", "nrom", "--out", str(tmp_path / "t")]) == 2
+    assert "'nrom' matches no parameter" in capsys.readouterr().err
     for extra, needle in ((["--lora-targets", "kv_b_proj"], "--lora-targets: no adapter for 'kv_b_proj'"),
                           (["--lora-rank", "0"], "--lora-rank must be >= 1")):
         assert main(args + extra + ["--out", str(tmp_path / "x")]) == 2

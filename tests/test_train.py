@@ -373,6 +373,23 @@ def test_train_cli_and_resume(init_dir, tmp_path, capsys):
     assert main(args[:-2] + ["--resume", "--batch", "8"]) == 2  # different data: refused
     err = capsys.readouterr().err
     assert "different data" in err and "--resume" in err
+    # settings the state depends on are refused before anything loads (Orbax cast the parameters to
+    # bfloat16, and failed on the optimizer state of clipping turned off, after a note accepting it)
+    for extra, needle in ((["--param-dtype", "bfloat16"], "the checkpoint's parameters are float32"),
+                          (["--clip", "0"], "trained with gradient clipping on (--clip 1)"),
+                          (["--steps", "2"], "--steps 2 is below the checkpoint's step 6")):
+        assert main(args + ["--resume"] + extra) == 2
+        assert needle in capsys.readouterr().err
+    # a new run refuses an OUT holding an earlier run's files (it deleted a hub/ folder's contents)
+    other = tmp_path / "other"
+    (other / "hub").mkdir(parents=True)
+    (other / "hub" / "mine.txt").write_text("x")
+    assert main(args[:args.index("--out")] + ["--out", str(other)] + args[args.index("--out") + 2:]) == 2
+    assert "already holds hub" in capsys.readouterr().err and (other / "hub" / "mine.txt").exists()
+    # a --seq-len that a synthetic example can outgrow fails now, not after steps were trained and saved
+    assert main(args + ["--seq-len", "13", "--out", str(tmp_path / "short")]) == 2
+    assert "--seq-len 13 is shorter than synthetic:addition's longest example, up to 15 tokens" in \
+        capsys.readouterr().err
     # resuming a finished run with another learning rate: a note names it, and the final evaluation,
     # run again, replaces the step-6 line instead of adding a second one
     assert main(args + ["--resume", "--lr", "2e-2"]) == 0

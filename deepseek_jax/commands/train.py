@@ -97,10 +97,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check_same(what: str, saved, now) -> None:
     if saved != now:
-        diff = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k)] if isinstance(saved, dict) else []
+        both = isinstance(saved, dict) and isinstance(now, dict)
+        diff = [k for k in set(saved) | set(now) if saved.get(k) != now.get(k)] if both else []
         raise DeepSeekError(f"--resume: the checkpoint was made with a different {what}"
                             + (f" (differs in {', '.join(sorted(map(str, diff))[:5])})" if diff else "")
-                            + ("" if isinstance(saved, dict) else f": {saved!r}, now {now!r}"))
+                            + ("" if both else f": {saved!r}, now {now!r}"))
+
+
+def _same_contents(d):
+    """A data description as --resume compares it: a file by its contents (sha256), not its path
+    (a run's folder and its data may move together)."""
+    return {k: v for k, v in d.items() if not (k == "data" and "sha256" in d)} if isinstance(d, dict) else d
+
+
+def _lora_targets(targets: list[str] | None, cfg) -> list[str]:
+    """The linears the adapters go on, as a sorted set (the default resolved for this model: q_proj
+    where q_lora_rank is null, else q_a_proj and q_b_proj), as --resume compares them."""
+    from deepseek_jax.lora import DEFAULT_TARGETS
+    if targets is None:
+        skip = {"q_a_proj", "q_b_proj"} if cfg.q_lora_rank is None else {"q_proj"}
+        targets = [t for t in DEFAULT_TARGETS if t not in skip]
+    return sorted(set(targets))
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -174,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     from deepseek_jax.config import DeepSeekConfig, load_config
     from deepseek_jax.lora import LORA_PATTERN, TARGET_NAMES
-    from deepseek_jax.tasks import load_tokenizer, make_dataset
+    from deepseek_jax.tasks import NothingFits, load_tokenizer, make_dataset
     from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
     from deepseek_jax.train import TrainConfig
 
@@ -203,8 +220,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.replace(vocab_size=tok.vocab_size)
 
     data = make_dataset(args.data, tok, batch_size=args.batch, seq_len=args.seq_len, seed=args.seed)
-    heldout = make_dataset(args.data, tok, batch_size=args.batch, seq_len=data.seq_len, seed=args.seed + 1,
-                           split="eval")
+    heldout = None
+    if args.eval_batches:
+        try:
+            heldout = make_dataset(args.data, tok, batch_size=args.batch, seq_len=data.seq_len, seed=args.seed + 1,
+                                   split="eval")
+        except NothingFits as e:   # (training still has data: no held-out evaluation, said so)
+            print(f"note: {e}: no held-out evaluation", file=sys.stderr)
+            args.eval_batches = args.eval_every = 0
     if data.seq_len > cfg.max_position_embeddings:
         raise DeepSeekError(f"--seq-len {data.seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
@@ -275,21 +298,46 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     if not args.resume and existing is not None:
         raise DeepSeekError(f"{ckpt_dir} already holds a checkpoint (step {existing}): pass --resume or "
                             "choose another --out")
+    if not args.resume:   # (a new run replaces these: never another run's, nor a user's hub/ folder)
+        earlier = [n for n in ("ckpt", "hub", "metrics.jsonl", "eval.json", "eval.jsonl", "run.json")
+                   if os.path.lexists(os.path.join(out, n))]
+        if earlier:
+            raise DeepSeekError(f"--out {out} already holds {', '.join(earlier)} (an earlier run's?): choose another "
+                                "--out, or remove them")
     model_cfg = cfg.to_hub_dict()
     describe = data.describe()
     lora_info = None
     if args.lora_rank is not None:
         targets = None if args.lora_targets is None else [t.strip() for t in args.lora_targets.split(",")]
         lora_info = {"rank": args.lora_rank, "alpha": args.lora_alpha if args.lora_alpha is not None
-                     else 2.0 * args.lora_rank, "targets": targets or "default"}
+                     else 2.0 * args.lora_rank, "targets": _lora_targets(targets, cfg)}
+    dtypes = {"dtype": args.dtype, "param_dtype": args.param_dtype}
     if args.resume:
         meta = Trainer.read_metadata(ckpt_dir)
         _check_same("model config", meta.get("model_config"), json.loads(json.dumps(model_cfg)))
-        _check_same("data / batch / seq-len / seed", meta.get("data"), describe)
-        _check_same("LoRA setting (--lora-rank / --lora-alpha / --lora-targets)", meta.get("lora"), lora_info)
+        _check_same("data / batch / seq-len / seed", _same_contents(meta.get("data")), _same_contents(describe))
+        saved_lora = meta.get("lora")
+        if isinstance(saved_lora, dict):   # (older checkpoints hold "default" or the names as given)
+            t = saved_lora.get("targets")
+            saved_lora = {**saved_lora, "targets": _lora_targets(None if t == "default" else t, cfg)}
+        _check_same("LoRA setting (--lora-rank / --lora-alpha / --lora-targets)", saved_lora, lora_info)
         _check_same("--trainable", (meta.get("train_config") or {}).get("trainable"), tcfg.trainable)
+        saved_dtypes = meta.get("dtypes") or {}
+        if saved_dtypes.get("param_dtype", args.param_dtype) != args.param_dtype:   # (Orbax would cast the state)
+            raise DeepSeekError(f"--resume: the checkpoint's parameters are {saved_dtypes['param_dtype']}: give "
+                                f"--param-dtype {saved_dtypes['param_dtype']}")
         was, now = meta.get("train_config") or {}, dataclasses.asdict(tcfg)
+        if "clip_norm" in was and (was["clip_norm"] > 0) != (now["clip_norm"] > 0):   # another optimizer state
+            on = was["clip_norm"] > 0
+            raise DeepSeekError(f"--resume: the checkpoint was trained with gradient clipping {'on' if on else 'off'} "
+                                f"(--clip {was['clip_norm']:g}), which its optimizer state depends on: give --clip "
+                                + ("> 0" if on else "0"))
+        saved_step = meta.get("step")
+        if isinstance(saved_step, int) and args.steps < saved_step:
+            raise DeepSeekError(f"--resume: --steps {args.steps} is below the checkpoint's step {saved_step}")
         changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] != now[k]]
+        changed += [f"dtype {saved_dtypes['dtype']!r} -> {args.dtype!r}"] * (
+            saved_dtypes.get("dtype", args.dtype) != args.dtype)
         if changed:   # allowed (more --steps, a new --lr), but never silently
             print(f"note: --resume with other settings than the checkpoint's: {', '.join(changed)}")
 
@@ -308,6 +356,9 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         model = cast_params(api.init_random(cfg, seed=args.seed, dtype=args.dtype, mesh=mesh, rules=args.rules,
                                             prefill_attention=args.prefill_attention, ep_capacity=args.ep_capacity),
                             jnp.dtype(args.param_dtype))
+    if lora_info is not None and args.trainable is not None:
+        from deepseek_jax.train import trained_predicate
+        trained_predicate(args.trainable, model)   # (joined to the adapters' pattern, it always matched)
     trainer = Trainer(model, tcfg, mesh=mesh, rules=args.rules)
     del model
     if tcfg.trainable is not None:
@@ -347,7 +398,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         with open(evals_path, "w", encoding="utf-8") as f:
             f.writelines(kept)
 
-    meta = {"data": describe, "model_config": model_cfg, "lora": lora_info}
+    meta = {"data": describe, "model_config": model_cfg, "lora": lora_info, "dtypes": dtypes}
 
     def save():
         trainer.save(ckpt_dir, meta)
