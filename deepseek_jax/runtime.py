@@ -76,10 +76,11 @@ def check_args(args: argparse.Namespace) -> None:
     m = re.fullmatch(r"(dns:///)?(\[[^\]\s]+\]|[^\s:\[\]/]+):([0-9]{1,5})", coord) if coord else None
     if coord and not (m and 1 <= int(m.group(3)) <= 65535):
         raise DeepSeekError(f"--coordinator: expected HOST:PORT (a port in 1..65535), got {coord!r}")
-    if (args.num_processes is not None or args.process_id is not None) and not coord and args.distributed != "auto":
-        given = "--num-processes" if args.num_processes is not None else "--process-id"
-        raise DeepSeekError(f"{given} needs --coordinator HOST:PORT (or --distributed auto); without it "
-                            "this would run as one process")
+    if (nproc is not None or pid is not None) and not coord and args.distributed != "auto":
+        given = ("--num-processes" if args.num_processes is not None else "--process-id" if args.process_id is not None
+                 else "DEEPSEEK_JAX_NUM_PROCESSES" if nproc is not None else "DEEPSEEK_JAX_PROCESS_ID")
+        raise DeepSeekError(f"{given} needs --coordinator HOST:PORT (or DEEPSEEK_JAX_COORDINATOR, or --distributed "
+                            "auto); without it this would run as one process")
 
 
 def init(args: argparse.Namespace, default_mesh=None):

@@ -185,6 +185,16 @@ def test_chat_commands_and_overflow(monkeypatch, capsys):
     assert len(out.splitlines()) == 1   # only 12+30 was sent to the model
 
 
+def test_chat_names_bytes_that_are_not_utf8(monkeypatch, capsys):
+    """Undecodable stdin bytes (Python's surrogate escapes) were reported as a "lone surrogate" at
+    their place in the whole rendered conversation; now the byte and its place in the message."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"1+1\n\xff\xfe2+2\n3+3\n"), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    rc, out, err = run_cli(capsys, "chat", demo_checkpoint(), "--max-new-tokens", "4", "--temperature", "0")
+    assert rc == 1 and len(out.splitlines()) == 2, (out, err)   # the other two turns ran
+    assert "error: this message is not UTF-8 text: byte 0xff at character 0" in err and "surrogate" not in err
+
+
 def test_chat_says_when_the_max_length_cut_a_reply(monkeypatch, capsys):
     """A 125-token conversation leaves 3 of --max-new-tokens 50: the reply ended there with no word
     (generate says so; chat now does too). A reply that ends on its own gets no note."""
@@ -230,6 +240,17 @@ def test_distributed_env_zero_processes(monkeypatch, ids_file, ckpt_a, tmp_path,
     rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", tmp_path / "o.npy",
                          "--coordinator", "127.0.0.1:1")
     assert_error(rc, err, "--num-processes must be >= 1")
+
+
+def test_distributed_env_without_a_coordinator(monkeypatch, ids_file, ckpt_a, tmp_path, capsys):
+    """A process count from the environment with no coordinator ran as one process (each host its
+    own job, every one writing as process 0); the flags were refused."""
+    monkeypatch.setenv("DEEPSEEK_JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("DEEPSEEK_JAX_PROCESS_ID", "0")
+    monkeypatch.delenv("DEEPSEEK_JAX_COORDINATOR", raising=False)
+    rc, _, err = run_cli(capsys, "score", ckpt_a, "--ids", ids_file, "--out", tmp_path / "o.npy")
+    assert_error(rc, err, "DEEPSEEK_JAX_NUM_PROCESSES needs --coordinator HOST:PORT")
+    assert not (tmp_path / "o.npy").exists()
 
 
 def test_harness_module_without_lm_eval_is_one_line():

@@ -72,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
         text = line.strip()
         if not text:
             continue
+        bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+        if bad is not None:   # (stdin's undecodable bytes, as Python escapes them)
+            failed += 1
+            print(f"deepseek-jax chat: error: this message is not UTF-8 text: byte 0x{ord(text[bad]) - 0xdc00:02x} "
+                  f"at character {bad}", file=sys.stderr)
+            continue
         if text.startswith("//"):
             text = text[1:]       # an escaped leading slash: a message, not a command
         elif _COMMAND_RE.fullmatch(text.split()[0]):

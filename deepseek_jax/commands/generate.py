@@ -8,7 +8,7 @@ batch. ``--json`` prints one object per prompt: ``{"prompt_ids", "output_ids", "
 the text is cut before the stop string (never streamed), the stop token id is not output.
 ``--logprobs`` (needs ``--json``) adds ``"logprobs"``: one float per output id, its log-probability
 under the model's raw next-token distribution (temperature 1, no top-k/top-p filtering).
-``--top-logprobs K`` (0-20, needs ``--json``, implies ``--logprobs``) adds ``"top_logprobs"``: per
+``--top-logprobs K`` (0-20, needs ``--json``; K >= 1 implies ``--logprobs``) adds ``"top_logprobs"``: per
 output id, the K most likely ``[id, logprob]`` pairs of its position under that distribution.
 
 The helpers here (sampling flags, tokenizer loading, the timing line) are shared by ``chat``
@@ -199,7 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "raw next-token distribution (temperature 1, no top-k/top-p)")
     p.add_argument("--top-logprobs", default=None, metavar="K",
                    help="with --json: add \"top_logprobs\", each output token position's K (0-20) most likely "
-                        "[id, logprob] pairs under that same distribution, most likely first (implies --logprobs)")
+                        "[id, logprob] pairs under that same distribution, most likely first (K >= 1 implies --logprobs; 0: none)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="prompts per batch (default 32): a longer input runs batch by batch, in order, each "
                         "batch's results printed when it ends; row r samples as it would in one batch (to the bit in float32)")
