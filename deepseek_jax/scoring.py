@@ -261,6 +261,9 @@ def _check_call(fn: str, model, items, what: str, batch_size) -> None:
 def _check_seq(model: DeepSeekV3, seq, what: str) -> np.ndarray:
     """One flat sequence of token ids as int32 (vocab and length checked); errors name ``what``."""
     try:
+        if isinstance(seq, (str, bytes)):
+            raise DeepSeekError("text where token ids are expected: encode it first "
+                                "(deepseek_jax.tokenizer.Tokenizer.encode), or use score --pairs / --text-file")
         a = np.asarray(seq)
         if a.ndim != 1:
             hint = " (one sequence is still a list of sequences: [ids])" if a.ndim == 0 else ""

@@ -171,6 +171,7 @@ def test_cached_contexts_equal_separate_rows(model_a, monkeypatch):
     ([([1], [2]), ([1, 2], [256])], {}, "request 1: continuation: token id 256 at [0, 0] is outside the vocab"),
     ([([[1, 2]], [3])], {}, "request 0: context: expected a 1-D list"),
     ([([1.0], [3])], {}, "request 0: context: expected integer token ids"),
+    ([("12+3", "4")], {}, "request 0: context: text where token ids are expected: encode it first"),
     ([([1] * 200, [2] * 57)], {}, "request 0: context + continuation is 257 tokens, over max_position_embeddings 256"),
     ([([1], [2])], {"batch_size": 0}, "batch_size must be an integer >= 1"),
 ])
