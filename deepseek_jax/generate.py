@@ -904,7 +904,13 @@ class _StopText:
         self.text += piece
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if hits:
-            self.cut, self.kept = min(hits), self.n
+            # The token that completed it may be an earlier one: one whose bytes also began a
+            # character the decoder held back (a byte-level token "b" + 0xC3) released its text
+            # only with the next token. A character is at most 4 bytes: a few tokens back at most.
+            k = self.n
+            while k > 1 and self.n - k < 4 and any(s in self.decoder.text_of(k - 1) for s in self.stops):
+                k -= 1
+            self.cut, self.kept = min(hits), k
         return bool(hits)
 
     def feed(self, ids: Sequence[int]) -> bool:

@@ -315,6 +315,10 @@ class StreamDecoder:
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special=self._skip_special)
 
+    def text_of(self, n: int) -> str:
+        """The text of the first ``n`` ids fed, without an incomplete character at its end."""
+        return self._decode(self._ids[:n]).rstrip(_REPLACEMENT_CHAR)
+
     def feed(self, token_id: int) -> str:
         """Add one id; return the text it completes (may be empty)."""
         self._ids.append(int(token_id))

@@ -11,6 +11,7 @@ same buckets (batch 4 or 1, prompt 16, cache 32); the CLI calls reuse the execut
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -245,3 +246,19 @@ def test_cli_stop_token_id_needs_an_int(capsys):
 def test_cli_stop_needs_a_tokenizer(ckpt_a, capsys):
     code, _, err = run_cli(capsys, "generate", ckpt_a, "--prompt-ids", "1,2", "--stop", "x")
     assert code == 2 and "--stop needs the checkpoint's tokenizer" in err and err.count("\n") == 1
+
+
+def test_stop_completed_by_a_token_that_also_begins_a_character():
+    """A byte-level token "b" + 0xC3 completes the stop "ab" and begins "é": the decoder releases
+    its text only with the next token, and output_ids kept that next token too (one late)."""
+    import tokenizers
+
+    from deepseek_jax.generate import _StopText
+    j = json.load(open(os.path.join(dj.demo_checkpoint(), "tokenizer.json"), encoding="utf-8"))
+    j["model"]["vocab"]["bÃ"] = max(j["model"]["vocab"].values()) + 1     # byte-level "b" + 0xC3
+    j["model"]["merges"] = j["model"].get("merges", []) + [["b", "Ã"]]
+    tok = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(j)))
+    ids = tok.encode("xabé", add_bos=False)
+    assert len(ids) == 4 and tok.decode(ids[:3]).endswith("\ufffd")        # x, a, b+0xC3, 0xA9
+    st = _StopText(tok.stream_decoder(), ["ab"])
+    assert st.feed(ids) and st.kept == 3 and st.finish() == "x"
