@@ -100,6 +100,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 from flax import nnx
 
@@ -772,6 +773,19 @@ def _prefix_executable(prep: _Prepared, ids_1P, chunk: int | None):
     return compiled, time.perf_counter() - t0
 
 
+def _host_readable(graphdef, weights: Weights, state):
+    """``state`` with every array the host reads (all but the latent caches) whole on each device
+    of the model's mesh: the rules split the batch over ``data``, and a process of a multi-host
+    mesh can read only what its own devices hold. The decode loop keeps the prefill's placement."""
+    pl = nnx.merge(graphdef, weights.params).norm.placement
+    if pl is None:
+        return state
+    from deepseek_jax.kernel_mesh import shard_map_mesh   # noqa: PLC0415
+    whole = NamedSharding(shard_map_mesh(pl.mesh), PartitionSpec())
+    return state._replace(**{k: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), v)
+                             for k, v in state._asdict().items() if k not in ("cache", "mtp_cache")})
+
+
 def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
     """AOT-compiled (prefill, decode) for ``key = (Bb, Pb, S, greedy, filtered, speculative,
     prefill chunk, continuation[, logprobs[, top_logprobs]])`` (continuation: None, or the suffix
@@ -795,8 +809,8 @@ def _executables(prep: _Prepared, key: tuple, prefill_args, knobs):
         return jax.tree.unflatten(treedef, leaves)
 
     t0 = time.perf_counter()
-    pre = jax.jit(lambda w, *a: prefill_fn(graphdef, greedy, filtered, S, weights(w), *a, chunk=chunk,
-                                           logprobs=lp, top_logprobs=top))
+    pre = jax.jit(lambda w, *a: _host_readable(graphdef, weights(w), prefill_fn(
+        graphdef, greedy, filtered, S, weights(w), *a, chunk=chunk, logprobs=lp, top_logprobs=top)))
     pre_c = pre.lower(prep.leaves, *prefill_args, knobs).compile()
     # The decode loop takes the state as the prefill leaves it, and leaves it so (streaming feeds
     # it back): on a mesh XLA may split a state array (the token buffer over ``expert``), and a
@@ -858,7 +872,12 @@ def dequantized_model(model: DeepSeekV3) -> DeepSeekV3:
         if delta is not None:
             value = (value.astype(jnp.float32) + delta).astype(prec.dtype)
         flat.append((path, var.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    out = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    pl = model.norm.placement
+    if pl is not None:   # on the model's mesh as the model is: its batch, cache and expert dispatch split
+        from deepseek_jax import sharding   # noqa: PLC0415
+        sharding.attach_mesh(out, pl.mesh, pl.rule)
+    return out
 
 
 def _dequantized_bytes(model: DeepSeekV3) -> int:

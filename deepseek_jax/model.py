@@ -23,6 +23,8 @@ from deepseek_jax.moe import MoE, MoEStats
 from deepseek_jax.norm import RMSNorm
 from deepseek_jax.quant import Linear, Precision, scan_layer
 from deepseek_jax.rope import Rope
+from deepseek_jax import sharding
+from deepseek_jax.sharding import ACT_AXES
 
 
 class Embed(nnx.Module):
@@ -267,8 +269,10 @@ class DeepSeekV3(nnx.Module):
         dtype = self.prec.dtype
         if pos_BT is None:
             pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        pl = self.norm.placement   # (set on a mesh of several devices: sharding.attach_mesh)
         with jax.named_scope("embed"):
-            h = self.embed_tokens(ids_BT, dtype)
+            h = sharding.constrain(self.embed_tokens(ids_BT, dtype), ACT_AXES["x_BTD"], pl)
+        cache = sharding.constrain_cache(cache, pl)
         dense_c = cache.dense if cache is not None else None
         moe_c = cache.moe if cache is not None else None
         stats, per_layer = None, []
@@ -288,7 +292,7 @@ class DeepSeekV3(nnx.Module):
         with jax.named_scope("lm_head"):
             h = self.norm(h)
             out_logits = self.lm_head(h, dtype) if logits else None
-        new_cache = cache._replace(dense=dense_c, moe=moe_c) if cache is not None else None
+        new_cache = sharding.constrain_cache(cache._replace(dense=dense_c, moe=moe_c), pl) if cache is not None else None
         layer_hidden = jnp.concatenate(per_layer) if layer_outputs else None
         return Output(out_logits, h, new_cache, stats, layer_hidden)
 

@@ -286,6 +286,11 @@ def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "e
     from deepseek_jax.quant import Linear
 
     rules = resolve_rules(rules, mesh)
+    if mesh is not None and any(t != AxisType.Auto for t in mesh.axis_types):
+        # (jax.make_mesh's default: the first call then failed deep inside JAX, asking for out_sharding=)
+        raise DeepSeekError(f"mesh: its axes must be AxisType.Auto, got {', '.join(t.name for t in mesh.axis_types)}: "
+                            "make it with deepseek_jax.sharding.make_mesh, or jax.make_mesh(..., "
+                            "axis_types=(jax.sharding.AxisType.Auto,) * 3)")
     items = tuple(sorted(rules.items()))
     sharded = mesh is not None and mesh.size > 1
     specs = model_param_specs(model, dict(mesh.shape), rules) if sharded else {}
@@ -304,6 +309,33 @@ def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "e
 
 def cache_spec(mesh_shape: Mapping[str, int], rules: Mapping[str, object], shape: tuple[int, ...]) -> P:
     return resolve(ACT_AXES["cache_LBSC"], shape, mesh_shape, rules)
+
+
+def constrain(x: jax.Array, axes: tuple[str, ...], placement) -> jax.Array:
+    """``x`` (an activation or the cache, inside a jitted function) split as the rules split its
+    logical ``axes`` on ``placement``'s mesh (a :class:`deepseek_jax.kernel_mesh.Placement`;
+    ``None``: unchanged). Without it XLA placed the batch and the latent cache whole on every
+    device of the mesh: ``data`` split nothing at inference."""
+    if placement is None:
+        return x
+    from deepseek_jax.kernel_mesh import shard_map_mesh
+    spec = resolve(axes[-x.ndim:], x.shape, dict(placement.mesh.shape), placement.rule)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(shard_map_mesh(placement.mesh), spec))
+
+
+def constrain_cache(cache, placement):
+    """Every array of a :class:`deepseek_jax.cache.LatentCache` (stacked ``[L, B, S, C]`` or a
+    tuple of per-layer ``[B, S, C]``) split by the ``cache_LBSC`` rule."""
+    if placement is None or cache is None:
+        return cache
+
+    def one(a):
+        if a is None:
+            return None
+        if isinstance(a, tuple):
+            return tuple(constrain(x, ACT_AXES["cache_LBSC"], placement) for x in a)
+        return constrain(a, ACT_AXES["cache_LBSC"], placement)
+    return type(cache)(*(one(a) for a in cache))
 
 
 def bytes_per_device(arrays) -> np.ndarray:

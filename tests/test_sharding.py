@@ -312,3 +312,40 @@ def test_make_mesh_refuses_a_device_listed_twice():
     d = jax.devices()[0]
     with pytest.raises(DeepSeekError, match="more than once"):
         sharding.make_mesh({"expert": 2}, devices=[d, d])
+
+
+def test_a_mesh_with_explicit_axes_is_refused_at_load(ckpt_a):
+    """``jax.make_mesh``'s default axes are Explicit: the model loaded, and its first call failed
+    deep inside JAX (a gather asking for ``out_sharding=``)."""
+    mesh = jax.make_mesh((2, 2, 2), ("data", "expert", "model"), devices=jax.devices()[:8])
+    assert any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    with pytest.raises(DeepSeekError, match=r"^mesh: its axes must be AxisType.Auto, got Explicit"):
+        load(ckpt_a, mesh=mesh)
+
+
+@pytest.mark.parametrize("mesh_text,rules", [("data=8,expert=1,model=1", "ep_tp"), ("data=2,expert=4,model=1", "ep_dp")])
+def test_generator_cache_is_split_as_planned(orbax_a, single, mesh_text, rules):
+    """The generator's latent cache is split by the rules (its batch over ``data``; ``ep_dp``:
+    ``data`` x ``expert``), an eighth of it per device here, and is what ``plan`` counts to the
+    byte. It was whole on every device (``data`` split nothing at inference); tokens unchanged."""
+    import math
+
+    from deepseek_jax import generate as G
+    from deepseek_jax.plan import make_plan
+    sizes = sharding.parse_mesh(mesh_text, 8)
+    mesh = sharding.make_mesh(sizes)
+    prompts = [[0, 5, 17, 33, 2], [0, 9]] * 4
+    with jax.set_mesh(mesh):
+        model = load(orbax_a, mesh=mesh, rules=rules)
+        gen = G.Generator(model)
+        got = [r.output_ids for r in gen.generate(prompts, max_new_tokens=6, stop_at_eos=False)]
+        prefill = list(G._EXECUTABLES.values())[-1][0]     # (the executables this call compiled)
+    arrays = jax.tree.leaves(prefill.out_info.cache)
+    per_device = sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize
+                     for a, sh in zip(arrays, jax.tree.leaves(prefill.output_shardings.cache)))
+    whole = sum(math.prod(a.shape) * a.dtype.itemsize for a in arrays)
+    rows, _, positions = gen.last_stats.buckets
+    plan = make_plan(model.cfg, sizes, rules=rules, batch=len(prompts), max_len=positions, dtype="float32",
+                     compile_steps=False)
+    assert rows == 8 and per_device * 8 == whole and per_device == plan.cache
+    assert got == single[3] * 4
