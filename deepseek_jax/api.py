@@ -91,6 +91,7 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
         raise DeepSeekError(f"mtp must be True, False or None, got {mtp!r}")
     prec = precision(dtype, fp8_mode, kernels, prefill_attention, ep_capacity)
     rules = sharding.resolve_rules(rules, mesh)   # a bad preset name / mesh fails here, before any reading
+    mesh = sharding.auto_mesh(mesh)
     if orbax_ckpt.is_orbax_checkpoint(path):
         shardings = None
         if mesh is not None:
@@ -127,6 +128,7 @@ def init_random(cfg: DeepSeekConfig, *, seed: int = 0, dtype: str = "float32", w
     if mesh is None:
         return nnx.jit(build)()
     table = sharding.resolve_rules(rules, mesh)
+    mesh = sharding.auto_mesh(mesh)
     abstract = nnx.eval_shape(build)
     specs = sharding.model_param_specs(abstract, dict(mesh.shape), table)
     graphdef, state = nnx.split(abstract)

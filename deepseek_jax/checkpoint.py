@@ -174,6 +174,7 @@ def load_hub(path: str | os.PathLike[str], *, prec: Precision = Precision(), wit
     from deepseek_jax import sharding
 
     rules = sharding.resolve_rules(rules, mesh)
+    mesh = sharding.auto_mesh(mesh)
     reader = HubReader(os.fspath(path))
     try:
         cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)

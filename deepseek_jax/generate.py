@@ -1177,6 +1177,8 @@ class Generator:
         """
         if speculative not in (None, "none", "mtp"):
             raise DeepSeekError(f"speculative {speculative!r}: expected 'mtp' or None")
+        from deepseek_jax import sharding   # noqa: PLC0415
+        sharding.check_context_mesh()
         spec = speculative == "mtp"
         if spec and self.model.mtp is None:
             raise DeepSeekError("speculative decoding with 'mtp' needs the model's MTP module: this model has "

@@ -331,7 +331,11 @@ class DeepSeekV3(nnx.Module):
             pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         e = m.enorm(m.embed_tokens(next_ids_BT, dtype))
         x = m.eh_proj(jnp.concatenate([e, m.hnorm(hidden_BTD)], axis=-1))
+        pl = self.norm.placement   # (the MTP layer's cache split as the main layers' are)
+        cache_BSC = None if cache_BSC is None else sharding.constrain(cache_BSC, ACT_AXES["cache_LBSC"], pl)
         x, cache_BSC, stats = m(x, pos_BT, self.rope, cache_BSC, absorbed)
+        if cache_BSC is not None:
+            cache_BSC = sharding.constrain(cache_BSC, ACT_AXES["cache_LBSC"], pl)
         return m.shared_head.norm(x), cache_BSC, stats
 
     def mtp_head(self, x_BTD: jax.Array) -> jax.Array:

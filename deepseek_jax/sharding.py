@@ -286,11 +286,7 @@ def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "e
     from deepseek_jax.quant import Linear
 
     rules = resolve_rules(rules, mesh)
-    if mesh is not None and any(t != AxisType.Auto for t in mesh.axis_types):
-        # (jax.make_mesh's default: the first call then failed deep inside JAX, asking for out_sharding=)
-        raise DeepSeekError(f"mesh: its axes must be AxisType.Auto, got {', '.join(t.name for t in mesh.axis_types)}: "
-                            "make it with deepseek_jax.sharding.make_mesh, or jax.make_mesh(..., "
-                            "axis_types=(jax.sharding.AxisType.Auto,) * 3)")
+    mesh = auto_mesh(mesh)
     items = tuple(sorted(rules.items()))
     sharded = mesh is not None and mesh.size > 1
     specs = model_param_specs(model, dict(mesh.shape), rules) if sharded else {}
@@ -305,6 +301,23 @@ def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "e
         elif isinstance(m, (MLA, RMSNorm)):
             m.placement = Placement(mesh, items) if sharded else None
     return model
+
+
+def auto_mesh(mesh: Mesh | None) -> Mesh | None:
+    """``mesh`` with every axis Auto (the model places its arrays by sharding constraints; an
+    Explicit axis, ``jax.make_mesh``'s default, makes JAX ask each gather for its output sharding)."""
+    if mesh is None or all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def check_context_mesh() -> None:
+    """A one-line error when the current mesh (``jax.set_mesh``) has Explicit axes: the model's
+    programs would fail deep inside JAX (a gather asking for ``out_sharding=``)."""
+    ctx = jax.sharding.get_abstract_mesh()
+    if not ctx.empty and any(t == AxisType.Explicit for t in ctx.axis_types):
+        raise DeepSeekError("the current mesh (jax.set_mesh) has Explicit axes, jax.make_mesh's default: run under "
+                            "one with Auto axes (deepseek_jax.sharding.make_mesh, or sharding.auto_mesh(mesh))")
 
 
 def cache_spec(mesh_shape: Mapping[str, int], rules: Mapping[str, object], shape: tuple[int, ...]) -> P:

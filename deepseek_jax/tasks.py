@@ -233,8 +233,8 @@ class SyntheticDataset:
             raise DeepSeekError(f"batch size {batch_size} / seq len {seq_len}: must be positive (seq len >= 4)")
         if self.seq_len < bound:   # (else a run trains, saves, and stops at the first example too long)
             raise DeepSeekError(f"--seq-len {self.seq_len} is shorter than {self.name}'s longest example, up to "
-                                f"{bound} tokens ({p}-character prompt, {a}-character answer, bos, eos and the "
-                                f"two chat markers): give --seq-len >= {bound}, or leave it out")
+                                f"{bound} tokens at one token per character ({p}-character prompt, {a}-character "
+                                f"answer, bos, eos and the two chat markers): give --seq-len >= {bound}, or leave it out")
 
     def examples(self, step: int) -> list[tuple[str, str]]:
         """The (prompt, answer) pairs of one step's batch."""

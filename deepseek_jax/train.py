@@ -63,7 +63,7 @@ from deepseek_jax.hub import (HubReader, HubWriter, dequantize_block_fp8_np, hub
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.moe import RouterBias
 from deepseek_jax.quant import Precision
-from deepseek_jax.sharding import MESH_AXES, attach_mesh, model_param_specs, resolve_rules
+from deepseek_jax.sharding import MESH_AXES, attach_mesh, auto_mesh, model_param_specs, resolve_rules
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "compute_loss", "learning_rate", "make_optimizer", "model_logits",
            "cast_params", "export_hub", "load_float_model"]
@@ -489,13 +489,6 @@ def _constrain(x, mesh: Mesh | None, spec):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _auto_mesh(mesh: Mesh) -> Mesh:
-    """The same mesh with every axis in Auto mode (the train step uses sharding constraints)."""
-    if all(t == AxisType.Auto for t in mesh.axis_types):
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
 def _constrain_leaves(tree, mesh: Mesh | None, specs: tuple | None):
     """Pins every leaf of ``tree`` to its spec (``specs``: one per leaf, in flattening order)."""
     if mesh is None or specs is None:
@@ -681,7 +674,7 @@ class Trainer:
                 mesh = _full_mesh(mesh)                 # the parameters split by the rules
                 table = resolve_rules(rules, mesh)
             else:
-                mesh = _auto_mesh(mesh)                 # other axis names: the state replicated
+                mesh = auto_mesh(mesh)                  # other axis names: the state replicated
         self.tcfg, self.mesh, self.axis = tcfg, mesh, data_axis
         model = nnx.clone(model)
         model.remat = tcfg.remat
@@ -1072,6 +1065,7 @@ def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.flo
         graphdef, state = nnx.split(abstract)
         flat_state = list(nnx.to_flat_state(state))
         table = sharding.resolve_rules(rules, mesh) if mesh is not None else None
+        mesh = sharding.auto_mesh(mesh)
         specs = sharding.model_param_specs(abstract, dict(mesh.shape), table) if mesh is not None else None
 
         def matrix(name: str, want: tuple) -> np.ndarray:   # one Hub tensor, as float32

@@ -188,7 +188,7 @@ def test_chat_commands_and_overflow(monkeypatch, capsys):
 def test_chat_names_bytes_that_are_not_utf8(monkeypatch, capsys):
     """Undecodable stdin bytes (Python's surrogate escapes) were reported as a "lone surrogate" at
     their place in the whole rendered conversation; now the byte and its place in the message."""
-    stdin = io.TextIOWrapper(io.BytesIO(b"1+1\n\xff\xfe2+2\n3+3\n"), encoding="utf-8", errors="surrogateescape")
+    stdin = io.TextIOWrapper(io.BytesIO(b"1+1\n\xff\xfe2+2\n3+3\n"), encoding="utf-8", errors="strict")
     monkeypatch.setattr("sys.stdin", stdin)
     rc, out, err = run_cli(capsys, "chat", demo_checkpoint(), "--max-new-tokens", "4", "--temperature", "0")
     assert rc == 1 and len(out.splitlines()) == 2, (out, err)   # the other two turns ran

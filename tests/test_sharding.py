@@ -314,13 +314,20 @@ def test_make_mesh_refuses_a_device_listed_twice():
         sharding.make_mesh({"expert": 2}, devices=[d, d])
 
 
-def test_a_mesh_with_explicit_axes_is_refused_at_load(ckpt_a):
-    """``jax.make_mesh``'s default axes are Explicit: the model loaded, and its first call failed
-    deep inside JAX (a gather asking for ``out_sharding=``)."""
+def test_a_mesh_with_explicit_axes(orbax_a, single):
+    """``jax.make_mesh``'s default axes are Explicit: a model loaded on such a mesh failed at its
+    first call under it, deep inside JAX (a gather asking for ``out_sharding=``). The loaders take
+    it as Auto; under an Explicit mesh context the calls are a one-line error."""
     mesh = jax.make_mesh((2, 2, 2), ("data", "expert", "model"), devices=jax.devices()[:8])
     assert any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types)
-    with pytest.raises(DeepSeekError, match=r"^mesh: its axes must be AxisType.Auto, got Explicit"):
-        load(ckpt_a, mesh=mesh)
+    ids, ref = single[0], single[1]
+    model = load(orbax_a, mesh=mesh)
+    assert rel(scoring.logits(model, ids), ref) < 1e-5
+    with jax.set_mesh(sharding.auto_mesh(mesh)):
+        assert rel(scoring.logits(model, ids), ref) < 1e-5
+    with jax.set_mesh(mesh):
+        with pytest.raises(DeepSeekError, match=r"^the current mesh \(jax.set_mesh\) has Explicit axes"):
+            scoring.logits(model, ids)
 
 
 @pytest.mark.parametrize("mesh_text,rules", [("data=8,expert=1,model=1", "ep_tp"), ("data=2,expert=4,model=1", "ep_dp")])
@@ -340,6 +347,11 @@ def test_generator_cache_is_split_as_planned(orbax_a, single, mesh_text, rules):
         gen = G.Generator(model)
         got = [r.output_ids for r in gen.generate(prompts, max_new_tokens=6, stop_at_eos=False)]
         prefill = list(G._EXECUTABLES.values())[-1][0]     # (the executables this call compiled)
+        spec = gen.generate(prompts, max_new_tokens=6, stop_at_eos=False, speculative="mtp")
+        mtp_cache = list(G._EXECUTABLES.values())[-1][0].output_shardings.mtp_cache   # the MTP layer's too
+    assert [r.output_ids for r in spec] == got
+    want = tuple(sharding.cache_spec(sizes, sharding.resolve_rules(rules), (1, 8, 16, 1)))[1:]
+    assert tuple(mtp_cache.spec) + (None,) * (3 - len(mtp_cache.spec)) == want and want[0] is not None
     arrays = jax.tree.leaves(prefill.out_info.cache)
     per_device = sum(math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize
                      for a, sh in zip(arrays, jax.tree.leaves(prefill.output_shardings.cache)))

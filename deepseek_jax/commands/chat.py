@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
                                 f"message and a reply it must stay under the model's max length {gen.max_len}")
     history = list(start)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):   # undecodable bytes reach the check below, line by line
+        sys.stdin.reconfigure(errors="surrogateescape")
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -74,19 +76,8 @@ def run(args: argparse.Namespace) -> int:
             except EOFError:
                 print()   # (the shell's prompt on a line of its own)
                 break
-            except UnicodeDecodeError as e:
-                failed += 1
-                print(f"deepseek-jax chat: error: this message is not UTF-8 text ({e.reason} at byte {e.start})",
-                      file=sys.stderr)
-                continue
         else:
-            try:
-                line = sys.stdin.readline()
-            except UnicodeDecodeError as e:   # (a strict stdin; Python's default escapes the bytes)
-                failed += 1
-                print(f"deepseek-jax chat: error: this message is not UTF-8 text ({e.reason} at byte {e.start})",
-                      file=sys.stderr)
-                continue
+            line = sys.stdin.readline()
         if not line:
             break
         text = line.strip()

@@ -226,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
             heldout = make_dataset(args.data, tok, batch_size=args.batch, seq_len=data.seq_len, seed=args.seed + 1,
                                    split="eval")
         except NothingFits as e:   # (training still has data: no held-out evaluation, said so)
-            print(f"note: {e}: no held-out evaluation", file=sys.stderr)
-            args.eval_batches = args.eval_every = 0
+            if runtime.is_main():
+                print(f"note: {e}: no held-out evaluation", file=sys.stderr)
     if data.seq_len > cfg.max_position_embeddings:
         raise DeepSeekError(f"--seq-len {data.seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
@@ -449,7 +449,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
                 flush(pending)
                 pending = None
                 save()
-            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            if heldout is not None and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 if pending is not None:
                     flush(pending)
                     pending = None
@@ -463,7 +463,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     if last is not None:
         print(f"step {trainer.step}: loss {last['loss']:.4f} ce {last['ce']:.4f} mtp {last['mtp_ce']:.4f} "
               f"imbalance {last['imbalance']:.2f}")
-    if args.eval_batches > 0:
+    if heldout is not None and args.eval_batches > 0:
         ev = evaluate()
         print("held-out: " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         if main:
