@@ -38,14 +38,17 @@ def _trained_model(path: str) -> str:
             and os.path.isfile(os.path.join(hub, "config.json"))):
         print(f"note: {path} is a training run's output: using its trained model, {hub}", file=sys.stderr)
         return hub
+    if os.path.isfile(os.path.join(path, "run.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise DeepSeekError(f"{path} is a training run's output that holds no trained model yet ({hub} is written "
+                            "when the run ends; a run that stopped early can continue with train --resume)")
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "chat", "score") and isinstance(getattr(args, "ckpt", None), str):
-        args.ckpt = _trained_model(args.ckpt)
     try:
+        if args.command in ("generate", "chat", "score") and isinstance(getattr(args, "ckpt", None), str):
+            args.ckpt = _trained_model(args.ckpt)
         # Contexts a command enters for its whole run (e.g. the device mesh) close with it.
         with contextlib.ExitStack() as args.exit_stack:
             return int(args.func(args) or 0)

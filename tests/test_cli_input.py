@@ -242,6 +242,14 @@ def test_distributed_env_zero_processes(monkeypatch, ids_file, ckpt_a, tmp_path,
     assert_error(rc, err, "--num-processes must be >= 1")
 
 
+def test_a_training_run_without_its_model(tmp_path, capsys):
+    """A run that stopped before exporting OUT/hub (diverged, killed): the error blamed a missing
+    tokenizer.json, or pointed at OUT/hub, which does not exist."""
+    (tmp_path / "run.json").write_text("{}")
+    rc, _, err = run_cli(capsys, "generate", tmp_path, "--prompt", "1+1")
+    assert_error(rc, err, "is a training run's output that holds no trained model yet")
+
+
 def test_distributed_env_without_a_coordinator(monkeypatch, ids_file, ckpt_a, tmp_path, capsys):
     """A process count from the environment with no coordinator ran as one process (each host its
     own job, every one writing as process 0); the flags were refused."""
