@@ -631,6 +631,11 @@ def _key_parts(path) -> tuple[str, ...]:
     return tuple(p for p in parts if p != "value")
 
 
+def _frozen_key(key: str) -> bool:
+    """Whether a :func:`_flat_keys` key of a :class:`TrainState` is a frozen parameter's."""
+    return key.split(".", 1)[0] == "rest"
+
+
 def _flat_keys(tree) -> tuple[list[str], list[Any], Any]:
     """Flattens a pytree into readable unique string keys (for Orbax)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -873,13 +878,17 @@ class Trainer:
 
     def save(self, directory, metadata: dict | None = None, max_to_keep: int = 3) -> int:
         """Saves the train state as Orbax step ``self.step`` under ``directory``, with JSON
-        ``metadata`` next to it; returns the step."""
+        ``metadata`` next to it; returns the step. The frozen parameters (those ``trainable``
+        leaves out: with LoRA over DeepSeek-V3, the whole base model) are not saved: they never
+        change, and :meth:`restore` keeps the Trainer's own, which must be the same model's."""
         import orbax.checkpoint as ocp
         keys, leaves, _ = _flat_keys(self.state)
         step = self.step
-        meta = {"step": step, "train_config": dataclasses.asdict(self.tcfg), **(metadata or {})}
+        meta = {"step": step, "train_config": dataclasses.asdict(self.tcfg), **(metadata or {}),
+                "frozen_saved": False}
+        saved = {k: x for k, x in zip(keys, leaves) if not _frozen_key(k)}
         with self._manager(directory, max_to_keep) as mngr:
-            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(zip(keys, leaves))),
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
             mngr.wait_until_finished()
         return step
@@ -909,18 +918,23 @@ class Trainer:
         import orbax.checkpoint as ocp
         directory = os.path.abspath(os.fspath(directory))
         keys, leaves, treedef = _flat_keys(self.state)
-        abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in zip(keys, leaves)}
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
             step = mngr.latest_step() if step is None else step
             if step is None:
                 raise DeepSeekError(f"no checkpoint to resume in {directory}")
+            # (checkpoints written before the frozen parameters were left out hold them too)
+            frozen = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta.get(
+                "frozen_saved", True)
+            abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                        for k, x in zip(keys, leaves) if frozen or not _frozen_key(k)}
             try:
                 got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  meta=ocp.args.JsonRestore()))
             except (ValueError, KeyError, FileNotFoundError) as e:
                 raise DeepSeekError(f"checkpoint {directory} step {step} does not fit this model / "
                                     f"optimizer: {' '.join(str(e).split())[:300]}") from None
-        self.state = self._place(jax.tree_util.tree_unflatten(treedef, [got.state[k] for k in keys]))
+        self.state = self._place(jax.tree_util.tree_unflatten(
+            treedef, [got.state[k] if k in abstract else x for k, x in zip(keys, leaves)]))
         return dict(got.meta)
 
 

@@ -184,8 +184,18 @@ def test_train_cli_lora(fp8_dir, tmp_path, capsys):
     i = args.index("--lora-rank")    # ... and without adapters (a TypeError before)
     assert main(args[:i] + args[i + 2:] + ["--resume"]) == 2
     assert "different LoRA setting" in capsys.readouterr().err
+    # the checkpoints hold the adapters and their moments, not the frozen base (a copy of it per
+    # checkpoint: for DeepSeek-V3 690 GB each); a resume takes the base from --init again
+    saved = json.load(open(out / "ckpt" / "3" / "state" / "_METADATA"))["tree_metadata"]   # (Orbax's own index)
+    assert any("lora_a" in k for k in saved) and not any(k.startswith("('rest.") for k in saved), sorted(saved)
+    exported = {f.name: f.read_bytes() for f in (out / "hub").glob("*.safetensors")}
     # the default targets named, in another order and once twice, are the same setting
     assert main(args + ["--resume", "--lora-targets", "o_proj,q_b_proj,q_a_proj,kv_a_proj_with_mqa,o_proj"]) == 0
+    assert {f.name: f.read_bytes() for f in (out / "hub").glob("*.safetensors")} == exported   # restored alike
+    other = str(random_hub_checkpoint(tmp_path / "other", CFG, seed=5, fp8=True))   # same shapes, other weights
+    i = args.index("--init")
+    assert main(args[:i + 1] + [other] + args[i + 2:] + ["--resume"]) == 2
+    assert "is not the checkpoint this run started from" in capsys.readouterr().err
     # a --trainable pattern that matches nothing is refused with adapters too (it was joined to theirs)
     assert main(args + ["--trainable", "nrom", "--out", str(tmp_path / "t")]) == 2
     assert "'nrom' matches no parameter" in capsys.readouterr().err

@@ -104,6 +104,29 @@ def _check_same(what: str, saved, now) -> None:
                             + ("" if both else f": {saved!r}, now {now!r}"))
 
 
+def _init_fingerprint(path: str) -> str:
+    """What --resume compares of --init when parameters are frozen (they are not in the run's
+    checkpoints, they come from --init): its files' names and sizes, its top-level JSON files and
+    a sample of each safetensors shard's bytes."""
+    import hashlib
+
+    from deepseek_jax.orbax_ckpt import _source_sample
+    h, shards = hashlib.sha256(), []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            full = os.path.join(root, name)
+            rel, size = os.path.relpath(full, path), os.path.getsize(full)
+            h.update(f"{rel}\0{size}\0".encode())
+            if root == path and name.endswith(".json"):
+                with open(full, "rb") as f:
+                    h.update(f.read())
+            if name.endswith(".safetensors"):
+                shards.append((rel, size))
+    h.update(_source_sample(path, shards).encode())
+    return h.hexdigest()
+
+
 def _same_contents(d):
     """A data description as --resume compares it: a file by its contents (sha256), not its path
     (a run's folder and its data may move together)."""
@@ -312,6 +335,8 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         lora_info = {"rank": args.lora_rank, "alpha": args.lora_alpha if args.lora_alpha is not None
                      else 2.0 * args.lora_rank, "targets": _lora_targets(targets, cfg)}
     dtypes = {"dtype": args.dtype, "param_dtype": args.param_dtype}
+    # (frozen parameters are not saved: a resumed run takes them from --init again)
+    init_print = _init_fingerprint(args.init) if args.init and tcfg.trainable is not None else None
     if args.resume:
         meta = Trainer.read_metadata(ckpt_dir)
         _check_same("model config", meta.get("model_config"), json.loads(json.dumps(model_cfg)))
@@ -332,6 +357,9 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
             raise DeepSeekError(f"--resume: the checkpoint was trained with gradient clipping {'on' if on else 'off'} "
                                 f"(--clip {was['clip_norm']:g}), which its optimizer state depends on: give --clip "
                                 + ("> 0" if on else "0"))
+        if meta.get("init") is not None and meta["init"] != init_print:
+            raise DeepSeekError(f"--resume: --init {args.init} is not the checkpoint this run started from (its files "
+                                "differ): the frozen weights, not saved in the run's checkpoints, come from it")
         saved_step = meta.get("step")
         if isinstance(saved_step, int) and args.steps < saved_step:
             raise DeepSeekError(f"--resume: --steps {args.steps} is below the checkpoint's step {saved_step}")
@@ -398,7 +426,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         with open(evals_path, "w", encoding="utf-8") as f:
             f.writelines(kept)
 
-    meta = {"data": describe, "model_config": model_cfg, "lora": lora_info, "dtypes": dtypes}
+    meta = {"data": describe, "model_config": model_cfg, "lora": lora_info, "dtypes": dtypes, "init": init_print}
 
     def save():
         trainer.save(ckpt_dir, meta)
