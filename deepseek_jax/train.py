@@ -876,17 +876,18 @@ class Trainer:
         return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
 
-    def save(self, directory, metadata: dict | None = None, max_to_keep: int = 3) -> int:
+    def save(self, directory, metadata: dict | None = None, max_to_keep: int = 3, frozen: bool = False) -> int:
         """Saves the train state as Orbax step ``self.step`` under ``directory``, with JSON
         ``metadata`` next to it; returns the step. The frozen parameters (those ``trainable``
-        leaves out: with LoRA over DeepSeek-V3, the whole base model) are not saved: they never
-        change, and :meth:`restore` keeps the Trainer's own, which must be the same model's."""
+        leaves out: with LoRA over DeepSeek-V3, the whole base model) are not saved unless
+        ``frozen``: they never change, and :meth:`restore` keeps the Trainer's own, which must be
+        the same model's."""
         import orbax.checkpoint as ocp
         keys, leaves, _ = _flat_keys(self.state)
         step = self.step
         meta = {"step": step, "train_config": dataclasses.asdict(self.tcfg), **(metadata or {}),
-                "frozen_saved": False}
-        saved = {k: x for k, x in zip(keys, leaves) if not _frozen_key(k)}
+                "frozen_saved": bool(frozen)}
+        saved = {k: x for k, x in zip(keys, leaves) if frozen or not _frozen_key(k)}
         with self._manager(directory, max_to_keep) as mngr:
             mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved),
                                                      meta=ocp.args.JsonSave(meta)), force=True)

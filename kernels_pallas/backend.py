@@ -117,9 +117,10 @@ def export_for_gpu(fn, *args, device_kind: str = "NVIDIA H200", num_cores: int =
     layout or routing error shows up here rather than on a lent GPU. What it cannot check is the
     final PTX compile. ``args`` may be ``jax.ShapeDtypeStruct``s. Returns the ``Exported``."""
     from jax import export
-    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
-    mesh = AbstractMesh((1,), ("gpu",), abstract_device=AbstractDevice(device_kind, num_cores, "gpu"))
+    mesh = AbstractMesh((1,), ("gpu",), axis_types=(AxisType.Auto,),
+                        abstract_device=AbstractDevice(device_kind, num_cores, "gpu"))
     triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     with use_abstract_mesh(mesh):
         return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)

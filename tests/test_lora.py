@@ -5,6 +5,7 @@ adapters with finite-difference-exact gradients, the CLI, and its errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,11 @@ def test_train_cli_lora(fp8_dir, tmp_path, capsys):
     i = args.index("--init")
     assert main(args[:i + 1] + [other] + args[i + 2:] + ["--resume"]) == 2
     assert "is not the checkpoint this run started from" in capsys.readouterr().err
+    # a run whose OUT lies inside --init resumes (its own files are not --init's)
+    inner = Path(other) / "lora"
+    at = args.index("--out")
+    inner_args = args[:i + 1] + [other] + args[i + 2:at] + ["--out", str(inner)] + args[at + 2:]
+    assert main(inner_args + ["--steps", "1"]) == 0 and main(inner_args + ["--steps", "2", "--resume"]) == 0
     # a --trainable pattern that matches nothing is refused with adapters too (it was joined to theirs)
     assert main(args + ["--trainable", "nrom", "--out", str(tmp_path / "t")]) == 2
     assert "'nrom' matches no parameter" in capsys.readouterr().err

@@ -466,6 +466,12 @@ def test_train_cli_trainable(init_dir, tmp_path, capsys):
     assert json.load(open(out / "run.json"))["train_config"]["trainable"] == "moe_layers/mlp/(gate|shared_experts)"
     assert main(args[:-1] + ["self_attn", "--resume"]) == 2
     assert "different --trainable" in capsys.readouterr().err
+    # the frozen parameters are not in the checkpoints: they come from --init, which a resume needs
+    i = args.index("--init")
+    assert main(args[:i] + ["--config", init_dir] + args[i + 2:] + ["--resume"]) == 2
+    assert "frozen weights come from its --init checkpoint: give it again" in capsys.readouterr().err
+    assert main(args + ["--resume", "--steps", "3"]) == 0   # resumed: one more step over the same frozen weights
+    capsys.readouterr()
     assert main(args[:-1] + ["(", "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "--trainable: '(' is not a regular expression" in err and len(err.strip().splitlines()) == 1

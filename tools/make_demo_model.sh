@@ -17,10 +17,10 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${WORK:-$(mktemp -d -t demo_model.XXXXXX)}"
 PYTHON="${PYTHON:-python}"
 OUT="$(realpath -m "${1:-$ROOT/deepseek_jax/assets/demo_model}")"
-# (it is replaced at the end: never a folder that holds anything but an earlier export)
-if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ] && \
-   ! { [ -f "$OUT/config.json" ] && [ -f "$OUT/model.safetensors.index.json" ]; }; then
-    echo "make_demo_model.sh: $OUT holds other files than an exported model: give an empty or new DIR" >&2
+# (it is replaced at the end: only an empty folder or an earlier run of this script, which
+# leaves train_eval.json in it, never another checkpoint)
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ] && [ ! -f "$OUT/train_eval.json" ]; then
+    echo "make_demo_model.sh: $OUT is not empty and not an earlier demo model: give an empty or new DIR" >&2
     exit 2
 fi
 

@@ -61,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
                                 f"message and a reply it must stay under the model's max length {gen.max_len}")
     history = list(start)
     interactive = sys.stdin.isatty()
-    if hasattr(sys.stdin, "reconfigure"):   # undecodable bytes reach the check below, line by line
-        sys.stdin.reconfigure(errors="surrogateescape")
+    try:   # UTF-8 whatever the locale; undecodable bytes reach the check below, line by line
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):   # (not a text stream we may reconfigure)
+        pass
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())

@@ -106,23 +106,25 @@ def _check_same(what: str, saved, now) -> None:
 
 def _init_fingerprint(path: str) -> str:
     """What --resume compares of --init when parameters are frozen (they are not in the run's
-    checkpoints, they come from --init): its files' names and sizes, its top-level JSON files and
-    a sample of each safetensors shard's bytes."""
+    checkpoints, they come from --init): its top-level JSON files (config, index, tokenizer; an
+    Orbax checkpoint's manifest of per-tensor checksums) and the names, sizes and a sample of the
+    bytes of its safetensors shards. Nothing else: no folder is walked (an OUT inside --init, a
+    100k-file Orbax tree) and other files (a README, a log) do not count."""
     import hashlib
 
     from deepseek_jax.orbax_ckpt import _source_sample
     h, shards = hashlib.sha256(), []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(n for n in names if not n.startswith(".")):
-            full = os.path.join(root, name)
-            rel, size = os.path.relpath(full, path), os.path.getsize(full)
-            h.update(f"{rel}\0{size}\0".encode())
-            if root == path and name.endswith(".json"):
-                with open(full, "rb") as f:
-                    h.update(f.read())
-            if name.endswith(".safetensors"):
-                shards.append((rel, size))
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.startswith(".") or not os.path.isfile(full) or not name.endswith((".json", ".safetensors")):
+            continue
+        size = os.path.getsize(full)
+        h.update(f"{name}\0{size}\0".encode())
+        if name.endswith(".json"):
+            with open(full, "rb") as f:
+                h.update(f.read())
+        else:
+            shards.append((name, size))
     h.update(_source_sample(path, shards).encode())
     return h.hexdigest()
 
@@ -337,9 +339,11 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     dtypes = {"dtype": args.dtype, "param_dtype": args.param_dtype}
     # (frozen parameters are not saved: a resumed run takes them from --init again)
     init_print = _init_fingerprint(args.init) if args.init and tcfg.trainable is not None else None
+    keep_frozen = False   # (a run resumed from a checkpoint that holds its frozen weights goes on saving them)
     if args.resume:
         meta = Trainer.read_metadata(ckpt_dir)
         _check_same("model config", meta.get("model_config"), json.loads(json.dumps(model_cfg)))
+        keep_frozen = bool(meta.get("frozen_saved", True))
         _check_same("data / batch / seq-len / seed", _same_contents(meta.get("data")), _same_contents(describe))
         saved_lora = meta.get("lora")
         if isinstance(saved_lora, dict):   # (older checkpoints hold "default" or the names as given)
@@ -357,9 +361,13 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
             raise DeepSeekError(f"--resume: the checkpoint was trained with gradient clipping {'on' if on else 'off'} "
                                 f"(--clip {was['clip_norm']:g}), which its optimizer state depends on: give --clip "
                                 + ("> 0" if on else "0"))
-        if meta.get("init") is not None and meta["init"] != init_print:
-            raise DeepSeekError(f"--resume: --init {args.init} is not the checkpoint this run started from (its files "
-                                "differ): the frozen weights, not saved in the run's checkpoints, come from it")
+        if "init" in meta and meta["init"] != init_print:   # (the frozen weights come from it, not the checkpoint)
+            if meta["init"] is None:
+                raise DeepSeekError("--resume: this run started from a random initialisation (--config), not --init")
+            if init_print is None:
+                raise DeepSeekError("--resume: this run's frozen weights come from its --init checkpoint: give it again")
+            raise DeepSeekError(f"--resume: --init {args.init} is not the checkpoint this run started from (its "
+                                "config, index, tokenizer or weight files differ)")
         saved_step = meta.get("step")
         if isinstance(saved_step, int) and args.steps < saved_step:
             raise DeepSeekError(f"--resume: --steps {args.steps} is below the checkpoint's step {saved_step}")
@@ -429,7 +437,7 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     meta = {"data": describe, "model_config": model_cfg, "lora": lora_info, "dtypes": dtypes, "init": init_print}
 
     def save():
-        trainer.save(ckpt_dir, meta)
+        trainer.save(ckpt_dir, meta, frozen=keep_frozen)
 
     bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     pending = None
