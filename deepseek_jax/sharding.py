@@ -339,16 +339,7 @@ def constrain(x: jax.Array, axes: tuple[str, ...], placement) -> jax.Array:
 def constrain_cache(cache, placement):
     """Every array of a :class:`deepseek_jax.cache.LatentCache` (stacked ``[L, B, S, C]`` or a
     tuple of per-layer ``[B, S, C]``) split by the ``cache_LBSC`` rule."""
-    if placement is None or cache is None:
-        return cache
-
-    def one(a):
-        if a is None:
-            return None
-        if isinstance(a, tuple):
-            return tuple(constrain(x, ACT_AXES["cache_LBSC"], placement) for x in a)
-        return constrain(a, ACT_AXES["cache_LBSC"], placement)
-    return type(cache)(*(one(a) for a in cache))
+    return jax.tree.map(lambda a: constrain(a, ACT_AXES["cache_LBSC"], placement), cache)
 
 
 def bytes_per_device(arrays) -> np.ndarray:
