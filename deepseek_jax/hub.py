@@ -587,7 +587,7 @@ def quantize_block_fp8_np(
     """Quantize a 2-D weight ``[out, in]`` to block-scaled ``float8_e4m3fn``.
 
     Per ``block`` tile (edge tiles partial): ``scale = amax(|tile|) / 448`` (1.0 for an all-zero
-    tile), ``wq = e4m3(w / scale)``.  Returns ``(wq, scale)`` with ``scale`` float32 of shape
+    tile, never below float32's smallest normal), ``wq = e4m3(w / scale)``.  Returns ``(wq, scale)`` with ``scale`` float32 of shape
     ``[ceil(out/b0), ceil(in/b1)]``: the checkpoint's ``weight_scale_inv``, a multiplier
     (``w ~= float(wq) * scale``). Non-finite values raise :class:`DeepSeekError` (naming the block).
     """
@@ -603,7 +603,10 @@ def quantize_block_fp8_np(
     if not np.isfinite(amax).all():   # an inf scale, NaN codes, a block rounded to 0: refused
         raise _error(f"non-finite values (inf or NaN) in block {np.argwhere(~np.isfinite(amax))[0].tolist()} "
                      "cannot be stored as FP8")
-    scale = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1.0)).astype(np.float32)
+    # no subnormal scale: 1e-44 / 448 rounds to 0 (w / 0: NaN codes), and XLA flushes subnormals
+    # to 0 on the device (``quant.quantize`` floors its scales the same way)
+    tiny = np.finfo(np.float32).tiny
+    scale = np.where(amax > 0, np.maximum(amax / np.float32(FP8_MAX), tiny), np.float32(1.0)).astype(np.float32)
     q = tiles / scale[:, None, :, None]
     q = np.clip(q, -FP8_MAX, FP8_MAX).reshape(padded.shape)[:rows, :cols]
     return q.astype(ml_dtypes.float8_e4m3fn), scale

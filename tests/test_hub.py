@@ -337,6 +337,25 @@ def test_quantize_all_zero_block_gives_no_nan():
     np.testing.assert_array_equal(deq, w)
 
 
+def test_quantize_tiny_blocks_give_no_nan_and_agree_with_the_device_quantizer():
+    """A block whose largest magnitude is ~1e-44 got a scale of 0 (16,383 NaN codes); ~1e-40 a
+    subnormal scale, which XLA flushes to 0 on the device. Both quantizers now floor the scale at
+    float32's smallest normal, and give the same weights (XLA on CPU reads the subnormal inputs
+    as 0: its scale for those blocks is 1, with zero codes)."""
+    from deepseek_jax.quant import quantize
+
+    w = np.zeros((256, 256), np.float32)
+    w[0, 0], w[0, 128], w[128, 5] = 1e-44, 1e-40, 1e-30
+    w[130, 130] = 0.25
+    wq, scale = quantize_block_fp8_np(w)
+    assert (scale >= np.finfo(np.float32).tiny).all()
+    assert not np.isnan(wq.astype(np.float32)).any() and not np.isnan(dequantize_block_fp8_np(wq, scale)).any()
+    jq, js = quantize(w)
+    np.testing.assert_allclose(dequantize_block_fp8_np(np.asarray(jq), np.asarray(js)),
+                               dequantize_block_fp8_np(wq, scale), rtol=0, atol=np.finfo(np.float32).tiny)
+    np.testing.assert_array_equal(np.asarray(js)[1], scale[1])   # the blocks of normal numbers
+
+
 def test_dequantize_rejects_mismatched_scale():
     _expect_error(lambda: dequantize_block_fp8_np(np.zeros((200, 130), ml_dtypes.float8_e4m3fn),
                                                   np.ones((1, 2), np.float32)), "[1, 2]", "[200, 130]")
