@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-from deepseek_jax import __version__
+from deepseek_jax import __version__, runtime
 from deepseek_jax.errors import DeepSeekError
 
 # The CLI contract: convert|export|verify|score|generate|chat|demo|plan|train. A name is listed
@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as args.exit_stack:
             return int(args.func(args) or 0)
     except DeepSeekError as e:
-        print(f"deepseek-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"deepseek-jax {args.command}: {runtime.process_label()}error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:   # the output's reader stopped early (``| head``): nothing to report
         sys.stderr.close()
         return 141
     except OSError as e:      # a path the user gave: missing, not a directory, not writable, full disk
-        print(f"deepseek-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"deepseek-jax {args.command}: {runtime.process_label()}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,6 +23,8 @@ _INPUT_ARGS = ("ckpt", "ids", "text_file", "pairs", "input_file", "config", "ini
 #: arguments that differ from process to process by design
 _PER_PROCESS_ARGS = frozenset({"process_id", "coordinator", "func"})
 _PER_PROCESS_ENV = frozenset({"DEEPSEEK_JAX_PROCESS_ID", "DEEPSEEK_JAX_COORDINATOR", "DEEPSEEK_JAX_TEST_DIE_AFTER_INIT"})
+#: (this process's index, the number of processes) once :func:`init` started a multi-process run
+_PROCESS: tuple[int, int] | None = None
 
 
 def add_args(p: argparse.ArgumentParser, mesh_default: str = "all devices on expert") -> None:
@@ -107,6 +109,8 @@ def init(args: argparse.Namespace, default_mesh=None):
         if os.environ.get("DEEPSEEK_JAX_TEST_DIE_AFTER_INIT") == str(jax.process_index()):
             os._exit(17)  # test hook: simulates a host dying mid-run (tests/test_multihost.py)
     if jax.process_count() > 1:
+        global _PROCESS
+        _PROCESS = (jax.process_index(), jax.process_count())
         _check_processes_agree(args)
     n = jax.device_count()
     sizes = sharding.parse_mesh(args.mesh, n) if args.mesh or default_mesh is None else default_mesh(n)
@@ -184,11 +188,26 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def say(*a, **kw) -> None:
-    """print on process 0 only."""
+def quiet_unless_main(args: argparse.Namespace) -> None:
+    """Every process runs the same command and process 0 prints its output: the others' stdout goes
+    to /dev/null until the command ends (``args.exit_stack``, set by ``cli.main``). Their stderr
+    stays, so that a process that fails says why (``cli.main`` names the process)."""
+    import contextlib
+
     if is_main():
-        print(*a, **kw)
-        sys.stdout.flush()
+        return
+    stack = getattr(args, "exit_stack", None)
+    sink = open(os.devnull, "w")
+    if stack is None:
+        sys.stdout = sink
+        return
+    stack.enter_context(sink)
+    stack.enter_context(contextlib.redirect_stdout(sink))
+
+
+def process_label() -> str:
+    """``"process N: "`` once :func:`init` has started a multi-process run, else ``""``."""
+    return "" if _PROCESS is None else f"process {_PROCESS[0]} of {_PROCESS[1]}: "
 
 
 def _env_int(name: str) -> int | None:

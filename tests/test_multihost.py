@@ -138,6 +138,18 @@ def test_two_processes_generate_the_same_tokens(ckpt_a):
     assert got == [r.output_ids for r in ref]
 
 
+def test_every_process_says_why_it_failed(ckpt_a):
+    """generate / chat sent the other processes' stderr to /dev/null with their stdout: a process
+    that failed exited 2 without a word. Each now prints its one line, naming the process."""
+    procs = _launch(["generate", ckpt_a, "--prompt-ids", "0,5,99999", "--max-new-tokens", "2", "--mesh", "data=2,expert=4"])
+    outs = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        ours = [line for line in err.splitlines() if line.startswith("deepseek-jax")]
+        assert p.returncode == 2 and len(ours) == 1, err[-2000:]
+        assert f"process {i} of 2: error:" in ours[0] and "99999" in ours[0], ours
+        assert "Traceback" not in err
+
+
 def test_two_processes_train_lora_like_one(tmp_path):
     """``train --lora-rank`` over an FP8 checkpoint on a mesh spanning 2 processes
     (data=2, expert=2, model=2): the FP8 weights loaded sharded, the adapters replicated, the

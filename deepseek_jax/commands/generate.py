@@ -113,9 +113,7 @@ def load_generator(ckpt: str, dtype: str, tokenizer, args: argparse.Namespace | 
             stack.enter_context(jax.set_mesh(mesh))
         else:
             jax.set_mesh(mesh)
-        if not runtime.is_main():  # every process runs the same program; one prints
-            sys.stdout = open(os.devnull, "w")
-            sys.stderr = open(os.devnull, "w")
+        runtime.quiet_unless_main(args)
     rules = getattr(args, "rules", "ep_tp")
     spec = getattr(args, "speculative", None) == "mtp"
     try:

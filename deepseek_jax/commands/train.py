@@ -302,8 +302,7 @@ def _mesh(args: argparse.Namespace):
         stack = getattr(args, "exit_stack", None)   # set by cli.main: the mesh lasts as long as the command
         if stack is not None:
             stack.enter_context(jax.set_mesh(mesh))
-    if not runtime.is_main():
-        sys.stdout = open(os.devnull, "w")   # errors still reach stderr
+    runtime.quiet_unless_main(args)
     return mesh
 
 
