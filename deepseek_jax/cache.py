@@ -43,7 +43,3 @@ class LatentCache(NamedTuple):
             return jnp.zeros((n, batch, max_len, C), dtype) if n else None
 
         return cls(make(cfg.num_dense_layers), make(cfg.num_moe_layers))
-
-    @staticmethod
-    def bytes_per_token(cfg: DeepSeekConfig, dtype=jnp.bfloat16) -> int:
-        return cfg.num_hidden_layers * cfg.latent_dim * jnp.dtype(dtype).itemsize

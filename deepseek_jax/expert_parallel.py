@@ -73,7 +73,7 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
     K = idx_MK.shape[1]
     n_ep = ms.get("expert", 1)
 
-    # Expert weight specs: the same resolution that placed them (sharding.shard_model).
+    # Expert weight specs: the same resolution that placed them (sharding.model_param_specs).
     names = (("mlp", "experts", "gate_proj"), ("mlp", "experts", "up_proj"), ("mlp", "experts", "down_proj"))
     if layer is not None:   # the stacked layers' axis comes first (and is never split)
         names = tuple(("moe_layers",) + n for n in names)

@@ -122,7 +122,7 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, prec=prec, rngs=rngs)
         self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size, fp8=cfg.fp8, prec=prec,
                                   rngs=rngs) if cfg.n_shared_experts else None
-        # Set by ``sharding.shard_model``: the mesh (static) for expert-parallel dispatch.
+        # Set by ``sharding.attach_mesh``: the mesh (static) for expert-parallel dispatch.
         self.mesh = None
         self.rules = None
 

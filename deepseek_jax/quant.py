@@ -81,12 +81,6 @@ class Precision:
             raise ValueError(f"Precision.ep_capacity must be a finite number > 0 or None, got {self.ep_capacity!r}")
 
 
-def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the block scales of a weight ``[..., N, K]``."""
-    *lead, n, k = shape
-    return (*lead, math.ceil(n / BLOCK), math.ceil(k / BLOCK))
-
-
 def _expand_scales(s: jax.Array, n: int, k: int) -> jax.Array:
     """``[..., ceil(N/128), ceil(K/128)]`` -> ``[..., N, K]`` (edge blocks cut to size)."""
     s = jnp.repeat(jnp.repeat(s, BLOCK, axis=-2), BLOCK, axis=-1)

@@ -139,14 +139,6 @@ def param_axes(path: tuple[str, ...]) -> tuple[str, ...]:
     return axes
 
 
-def _mesh_size(mesh_shape: Mapping[str, int], axis) -> int:
-    if axis is None:
-        return 1
-    if isinstance(axis, tuple):
-        return math.prod(mesh_shape[a] for a in axis)
-    return mesh_shape[axis]
-
-
 def resolve(axes: tuple[str, ...], shape: tuple[int, ...], mesh_shape: Mapping[str, int],
             rules: Mapping[str, object], *, block_scale: bool = False,
             weight_shape: tuple[int, ...] | None = None) -> P:
@@ -256,21 +248,6 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
 
 def named(mesh: Mesh, spec: P) -> NamedSharding:
     return NamedSharding(mesh, spec)
-
-
-def shard_model(model, mesh: Mesh, rules: Mapping[str, object] | str = "ep_tp"):
-    """Places every parameter of ``model`` on ``mesh`` by the rules (in place); returns it."""
-    from flax import nnx
-
-    rules = resolve_rules(rules, mesh)
-    specs = model_param_specs(model, dict(mesh.shape), rules)
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    placed = [(p, v.replace(jax.device_put(v[...], NamedSharding(mesh, specs[tuple(str(x) for x in p)]))))
-              for p, v in flat]
-    nnx.update(model, nnx.from_flat_state(placed))
-    attach_mesh(model, mesh, rules)
-    return model
 
 
 def attach_mesh(model, mesh: Mesh | None, rules: Mapping[str, object] | str = "ep_tp"):
