@@ -738,3 +738,19 @@ def test_damaged_checkpoint_is_one_line_and_exports_nothing(damage, expect, comm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expect in err[0], err
     assert not out.exists()
+
+
+def test_tools_convert_is_the_cli(ckpt_a, tmp, capsys):
+    """``tools/convert.py`` handled only the package's own errors: an OUT under a file was a
+    ``NotADirectoryError`` traceback there and one line from ``deepseek-jax convert``."""
+    spec = importlib.util.spec_from_file_location("tools_convert", os.path.join(os.path.dirname(__file__), "..",
+                                                                                "tools", "convert.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    blocker = tmp / "a_file"
+    blocker.write_text("")
+    out = str(blocker / "out")
+    assert main(["convert", ckpt_a, out, "--quiet"]) == 2
+    want = capsys.readouterr().err
+    assert tool.main([ckpt_a, out, "--quiet"]) == 2
+    assert capsys.readouterr().err == want and want.count("\n") == 1 and "Not a directory" in want

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Converts a Hub DeepSeek-V3 checkpoint into an Orbax checkpoint (the same as `deepseek-jax convert`).
+"""Converts a Hub DeepSeek-V3 checkpoint into an Orbax checkpoint: ``deepseek-jax convert`` itself
+(the same arguments, errors and exit codes), for a checkout that is on ``PYTHONPATH`` but not installed.
 
     python tools/convert.py HF_DIR OUT_DIR [--dtype fp8|bf16] [--no-mtp] [--resume] [--force]
 
@@ -8,22 +9,13 @@ The work is done by :func:`deepseek_jax.orbax_ckpt.convert` (see its module docs
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from deepseek_jax.commands.convert import add_arguments, run
-from deepseek_jax.errors import DeepSeekError
+from deepseek_jax import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except DeepSeekError as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
+    return cli.main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

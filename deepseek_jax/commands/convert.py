@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The converter's arguments (shared with ``tools/convert.py``)."""
+    """The converter's arguments."""
     p.add_argument("hf_dir", help="Hub checkpoint directory (config.json + safetensors shards)")
     p.add_argument("out_dir", help="output directory (must be empty or absent)")
     p.add_argument("--dtype", default=None, metavar="{fp8,bf16}",
