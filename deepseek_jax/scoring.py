@@ -494,9 +494,9 @@ def loglikelihood(model: DeepSeekV3, requests, *, batch_size: int = 8, share: bo
 def token_logprobs(logits_BTV: np.ndarray, ids_BT: np.ndarray, offset: int = 1) -> np.ndarray:
     """``log p(ids[:, i + offset] | ...)`` from ``logits[:, i]``: ``[B, T - offset]`` float32.
 
-    ``logits`` ``[B, L, V]`` and ``ids`` ``[B, T]`` come from the same call: ``L == T`` (what
-    :func:`logits` returns, ``offset=1``) or ``L == T - offset + 1`` (:func:`mtp_logits`' ``T - 1``
-    rows with ``offset=2``); the last row's prediction, past the end of ``ids``, is unused.
+    ``logits`` ``[B, L, V]`` and ``ids`` ``[B, T]`` come from the same call, ``L == T - offset + 1``:
+    :func:`logits`' ``T`` rows with ``offset=1``, :func:`mtp_logits`' ``T - 1`` rows with ``offset=2``;
+    the last row's prediction, past the end of ``ids``, is unused.
     """
     logits_BTV, ids_BT = _check_logprob_args(logits_BTV, ids_BT, offset)
     lg = jnp.asarray(logits_BTV[:, : ids_BT.shape[1] - offset], jnp.float32)
@@ -531,11 +531,11 @@ def _check_logprob_args(logits, ids, offset):
                             f"(logits {list(logits.shape)}, ids {list(ids.shape)})")
     if offset > T:
         raise DeepSeekError(f"token_logprobs: offset {offset} exceeds the ids length {T}")
-    if L not in (T, T - offset + 1):
-        want = f"{T}" if offset == 1 else f"{T} or {T - offset + 1}"
+    if L != T - offset + 1:   # (logits' T rows with offset 2: the main head scored two tokens ahead)
+        hint = " (dj.logits' rows predict the next token: offset=1; dj.mtp_logits' T - 1 rows take offset=2)"
         raise DeepSeekError(f"token_logprobs: logits length {L} does not match ids length {T} "
-                            f"(want {want} positions for offset={offset}; logits {list(logits.shape)}, "
-                            f"ids {list(ids.shape)})")
+                            f"(want {T - offset + 1} positions for offset={offset}; logits {list(logits.shape)}, "
+                            f"ids {list(ids.shape)}){hint if offset > 1 and L == T else ''}")
     ids_np = np.asarray(ids)
     bad = (ids_np < 0) | (ids_np >= V)
     if bad.any():

@@ -155,6 +155,8 @@ def test_token_logprobs_checks_shapes():
     _raises(lambda: dj.token_logprobs(lg, np.zeros((1, 3), np.float32)), "ids", "float32")
     _raises(lambda: dj.token_logprobs(lg, np.full((1, 3), V, np.int32)), "token id 10")
     _raises(lambda: dj.token_logprobs(lg, np.zeros((1, 3), np.int32), offset=0), "offset")
+    # the main head's T rows with offset 2 gave numbers (each row scored against the token 2 ahead)
+    _raises(lambda: dj.token_logprobs(lg, np.zeros((1, 3), np.int32), offset=2), "want 2 positions", "offset=1")
     _raises(lambda: dj.token_logprobs([[[0.0, 1.0], [1.0]]], [[0, 1]]), "rectangular")   # was numpy's ValueError
     assert dj.token_logprobs(lg, np.zeros((1, 3), np.int32)).shape == (1, 2)
     # mtp_logits' T-1 rows with offset 2 (what `deepseek-jax score --mtp` does)
