@@ -24,7 +24,7 @@ class LatentCache(NamedTuple):
         return arr[0].shape[1] if isinstance(arr, tuple) else arr.shape[2]
 
     def per_layer(self) -> "LatentCache":
-        """Each stack as a tuple of per-layer arrays (what ``DeepSeekV3(unstacked=...)`` reads and
+        """Each stack as a tuple of per-layer arrays (what ``DeepSeekV3.__call__(..., unstacked=...)`` reads and
         writes without slicing); :meth:`stacked` undoes it."""
         def split(a):
             return a if a is None or isinstance(a, tuple) else tuple(a[i] for i in range(a.shape[0]))

@@ -77,6 +77,7 @@ class Precision:
             raise ValueError(f"Precision.prefill_attention must be 'plain' or 'flash', "
                              f"got {self.prefill_attention!r}")
         if self.ep_capacity is not None and not (isinstance(self.ep_capacity, (int, float))
+                                                 and not isinstance(self.ep_capacity, bool)
                                                  and 0 < self.ep_capacity < float("inf")):
             raise ValueError(f"Precision.ep_capacity must be a finite number > 0 or None, got {self.ep_capacity!r}")
 

@@ -526,8 +526,8 @@ def _accumulate(total, loss, aux, grads, w):
     return new if total is None else jax.tree.map(jnp.add, total, new)
 
 
-@partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis", "specs"))
-def _loss_only(state: TrainState, batch, coefs, *, key, tie, mesh, axis, specs=None):
+@partial(jax.jit, static_argnames=("key", "tie", "mesh", "axis"))
+def _loss_only(state: TrainState, batch, coefs, *, key, tie, mesh, axis):
     batch = _constrain(batch, mesh, P(axis))
     model = _merge(key, state, tie=tie)
     return compute_loss(model, batch, coefs["mtp_weight"], coefs["balance_alpha"])
@@ -855,7 +855,8 @@ class Trainer:
         """Mean loss terms, token accuracy and exact match over ``n_batches`` batches of ``dataset``."""
         sums: dict[str, float] = {}
         for s in range(start, start + n_batches):
-            loss, aux = _loss_only(self.state, self._batch(dataset.batch_at(s)), self.tcfg._hyper(), **self._kw())
+            loss, aux = _loss_only(self.state, self._batch(dataset.batch_at(s)), self.tcfg._hyper(), key=self.key,
+                                       tie=self.tie, mesh=self.mesh, axis=self.axis)
             loads = _all_loads(aux)
             vals = {"loss": loss, "ce": aux["ce"], "mtp_ce": aux["mtp_ce"], "acc": aux["acc"],
                     "exact": aux["exact"], "imbalance": load_imbalance(loads) if loads is not None else 1.0}

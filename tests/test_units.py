@@ -257,7 +257,9 @@ def test_quantize_a_block_of_tiny_magnitudes_is_finite():
 
 
 @pytest.mark.parametrize("kw,needle", [(dict(prefill_attention="fast"), "prefill_attention"),
-                                       (dict(fp8_mode="w4a16"), "fp8_mode")])
+                                       (dict(fp8_mode="w4a16"), "fp8_mode"),
+                                       (dict(ep_capacity=True), "ep_capacity"),   # was capacity 1.0
+                                       (dict(ep_capacity=0), "ep_capacity")])
 def test_precision_rejects_unknown_modes(kw, needle):
     from deepseek_jax.quant import Precision
     with pytest.raises(ValueError, match=needle):
