@@ -1,9 +1,9 @@
 """``deepseek-jax``: a thin command line over the library API.
 
 Each subcommand lives in ``deepseek_jax/commands/<name>.py`` with ``register(subparsers)``
-adding its parser and setting ``func``. Errors a user can cause are :class:`DeepSeekError`, or
-an ``OSError`` from a path they gave: printed on one line, exit status 2. Anything else is a bug
-and keeps its traceback.
+adding its parser and setting ``func``. Errors a user can cause are :class:`DeepSeekError`, and
+an ``OSError`` is the machine's (a path they gave, a full disk, a failing file system): both are
+printed on one line, exit status 2. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:   # the output's reader stopped early (``| head``): nothing to report
         sys.stderr.close()
         return 141
-    except OSError as e:      # a path the user gave: missing, not a directory, not writable, full disk
+    except OSError as e:      # a path the user gave (missing, not a directory, not writable), a full disk
         print(f"deepseek-jax {args.command}: {runtime.process_label()}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
