@@ -434,14 +434,21 @@ def _validate_source(src: _Source, dtype: str | None, mtp: bool
     n = cfg.num_hidden_layers
     with_mtp = bool(mtp and cfg.num_nextn_predict_layers)
     if with_mtp and not any(_mtp_layer(x, n) for x in reader.names()):
+        if f"model.layers.{n - 1}.eh_proj.weight" in reader:
+            raise _err(f"{src.path}: config.json has num_hidden_layers={n}, but model.layers.{n - 1} is "
+                       f"the MTP layer (it has eh_proj): the weights have {n - 1} decoder layers")
         raise _err(f"{src.path}: config.json has num_nextn_predict_layers="
                    f"{cfg.num_nextn_predict_layers} but the checkpoint has no model.layers.{n}.* "
                    "(MTP) tensors; pass --no-mtp")
+    if with_mtp and cfg.num_nextn_predict_layers > 1:
+        raise _err(f"{src.path}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers}: "
+                   "the model has one MTP layer (DeepSeek-V3's); pass --no-mtp to convert without them")
     specs = hub_tensor_specs(reader.config, include_mtp=with_mtp, fp8=cfg.fp8)
     problems = spec_mismatches(reader, specs, any_float=True)
-    if not with_mtp:   # the MTP layer the config declares is left out; any other tensor is a mismatch
+    if not with_mtp:   # an MTP layer in the files is left out (as dj.load does, even when the config
+        # says num_nextn_predict_layers=0); any other tensor is a mismatch
         problems = [p for p in problems if not (p.startswith("unexpected tensor") and
-                                                _mtp_layer(p.split("'")[1], n, cfg.num_nextn_predict_layers))]
+                                                _mtp_layer(p.split("'")[1], n, max(cfg.num_nextn_predict_layers, 1)))]
     if problems:
         hint = ""
         if "_scale_inv" in problems[0] and problems[0].startswith("missing"):
@@ -600,6 +607,8 @@ def _empty_dir(path: str) -> None:
 
 
 def _prepare_out_dir(out_dir: str, hf_dir: str, *, resume: bool, force: bool) -> None:
+    if resume and force:   # (force emptied OUT first: a partial conversion was lost without a word)
+        raise _err("--resume continues the conversion in OUT and --force deletes it: pass one of them")
     real_out, real_hf = os.path.realpath(out_dir), os.path.realpath(hf_dir)
     if real_out == real_hf or real_hf.startswith(real_out + os.sep):
         raise _err(f"{out_dir}: the output directory must not be (or contain) the source {hf_dir}")
@@ -644,6 +653,13 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
             "source_sample_sha256": _source_sample(hf_dir, source_files),
             "chunks": {p.key: list(p.chunks) for p in plan},
         }
+        for name in _extra_files(hf_dir, _reserved(plan)):   # copied last: unreadable, found first
+            try:
+                with open(os.path.join(hf_dir, name), "rb"):
+                    pass
+            except OSError as e:
+                raise _err(f"{os.path.join(hf_dir, name)}: cannot be read ({e.strerror}): the conversion copies "
+                           "the files beside the weights too") from None
         _prepare_out_dir(out_dir, hf_dir, resume=resume, force=force)
         state_path = os.path.join(out_dir, STATE_FILE)
         if is_complete(out_dir):
@@ -652,7 +668,9 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
             same = (manifest.get("dtype") == dtype and manifest.get("mtp") == with_mtp
                     and was.get("files") == fingerprint["source_files"]
                     and was.get("sample_sha256", fingerprint["source_sample_sha256"])   # (older manifests: none)
-                    == fingerprint["source_sample_sha256"])
+                    == fingerprint["source_sample_sha256"]
+                    and was.get("config_sha256", fingerprint["source_config_sha256"])
+                    == fingerprint["source_config_sha256"])
             if not same:
                 raise _err(f"{out_dir}: holds a finished conversion with other options or another "
                            "source (pass --force to overwrite)")
@@ -1192,6 +1210,7 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
         return [(name, arr)]
 
     names = [n for n in specs if not (n.endswith("_scale_inv") and stored == "bf16")]
+    made_dir = not os.path.lexists(hf_dir)   # a directory the user made is emptied on failure, not removed
     os.makedirs(hf_dir, exist_ok=True)
     total = sum(specs[n].nbytes for n in specs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
@@ -1218,7 +1237,9 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
                     bar.update(a.nbytes)
         # config.json (and the tokenizer) last: a directory a failed or killed export left is no
         # loadable checkpoint, and one that failed here is removed
-        extra = (ck.manifest or {}).get("extra_files") or _extra_files(ck.path, _reserved(plan))
+        manifest = ck.manifest or {}   # (the files the conversion copied; a checkpoint without a
+        extra = (manifest["extra_files"] if "extra_files" in manifest   # manifest: what lies beside it)
+                 else _extra_files(ck.path, _reserved(plan)))
         for name in extra:
             if os.path.isfile(os.path.join(ck.path, name)):
                 shutil.copyfile(os.path.join(ck.path, name), os.path.join(hf_dir, name))
@@ -1231,7 +1252,7 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
         if not done:
             with contextlib.suppress(OSError):
                 _empty_dir(hf_dir)
-                if not os.path.islink(hf_dir):
+                if made_dir and not os.path.islink(hf_dir):
                     os.rmdir(hf_dir)
     seconds = time.time() - t0
     return {"hf_dir": hf_dir, "dtype": dtype, "tensors": len(specs), "bytes": written, "seconds": seconds,
@@ -1266,6 +1287,7 @@ def verify(ckpt_dir: str | os.PathLike[str], against: str | os.PathLike[str] | N
         raise _err(f"{path}: manifest format {manifest.get('format')!r} unknown (want {FORMAT!r})")
     with_mtp = bool(manifest.get("mtp"))
     plan = _ckpt_plan(ck, with_mtp)
+    _check_array_files(ck, plan)   # a missing chunk file by name (TensorStore would read it as fill)
     names = {p.key for p in plan}
     extra = set(manifest["params"]) - names
     if extra or set(ck.keys) != names:
@@ -1324,6 +1346,10 @@ def _compare_against(ck: _Ckpt, plan: list[_Param], stores, hf_dir: str, manifes
                 raise _err(f"{ck.path}: config.json has {f.name} = {getattr(ck.cfg, f.name)!r}, "
                            f"{hf_dir}'s has {getattr(want_cfg, f.name)!r}")
         specs = hub_tensor_specs(src.reader.config, include_mtp=bool(manifest.get("mtp")), fp8=src_cfg.fp8)
+        n_mtp = 0 if manifest.get("mtp") else max(src_cfg.num_nextn_predict_layers, 1)   # left out on purpose
+        odd = [x for x in src.reader.names() if x not in specs and not _mtp_layer(x, src_cfg.num_hidden_layers, n_mtp)]
+        if odd:   # (convert refuses such a source: it is not the one this checkpoint came from)
+            raise _err(f"{hf_dir}: holds tensor {odd[0]}, which the checkpoint has no counterpart for")
         index = _hub_index(plan)
         n = 0
         for name in specs:

@@ -384,8 +384,12 @@ BAD = {
     # a config with fewer layers than the weights: --no-mtp left out layer 2 as if it were MTP's
     "layers_vs_config_no_mtp": (lambda d: _config(d, num_hidden_layers=2), ["--no-mtp"],
                                 "num_hidden_layers match the weights"),
-    "mtp_weights_config_without": (lambda d: _config(d, num_nextn_predict_layers=0), [],
-                                   "unexpected tensor 'model.layers.3."),
+    # was "internal: Hub tensor model.layers.4.* maps to no model parameter"
+    "two_mtp_layers": (lambda d: _config(d, num_nextn_predict_layers=2), [], "the model has one MTP layer"),
+    # was "has no model.layers.4.* (MTP) tensors; pass --no-mtp", and --no-mtp then failed otherwise
+    "layers_one_too_many": (lambda d: _config(d, num_hidden_layers=4), [], "model.layers.3 is the MTP layer"),
+    # --force emptied OUT first, and --resume was ignored without a word
+    "resume_and_force": (lambda d: None, ["--resume", "--force"], "pass one of them"),
 }
 
 
@@ -613,6 +617,52 @@ def test_resume_rewrites_journaled_chunks_that_are_gone(src_b_tok, conv_b_small,
     oc.verify(out, against=src_b_tok, progress=False)
 
 
+def test_mtp_layer_beyond_the_config_is_left_out_as_dj_load_does(ckpt_a, tmp_path, capsys):
+    """num_nextn_predict_layers = 0 with the MTP layer still in the files: dj.load takes it (without
+    MTP) and convert refused it, even with --no-mtp, blaming num_hidden_layers."""
+    src = tmp_path / "src"
+    shutil.copytree(ckpt_a, src)
+    _config(str(src), num_nextn_predict_layers=0)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--quiet"]) == 0, capsys.readouterr().err
+    ids = _ids(8)
+    np.testing.assert_array_equal(scoring.logits(dj.load(str(tmp_path / "out")), ids),
+                                  scoring.logits(dj.load(str(src)), ids))
+    assert not dj.load(str(tmp_path / "out")).mtp
+
+
+def test_resume_of_a_finished_conversion_checks_the_source_config(ckpt_a, conv_a, tmp_path, capsys):
+    """--resume on a finished conversion compared the source's files and a sample of their bytes,
+    not its config.json: an edited routed_scaling_factor was "already complete", the old one kept."""
+    src, out = tmp_path / "src", str(tmp_path / "o")
+    shutil.copytree(ckpt_a, src)
+    shutil.copytree(conv_a, out)
+    assert main(["convert", str(src), out, "--resume", "--quiet"]) == 0   # the same source: complete
+    _config(str(src), routed_scaling_factor=1.0)
+    capsys.readouterr()
+    assert main(["convert", str(src), out, "--resume", "--quiet"]) == 2
+    assert "other options or another source" in capsys.readouterr().err
+
+
+def test_unreadable_file_beside_the_weights_fails_before_any_array(ckpt_a, tmp_path):
+    """The tokenizer and other files beside the weights are copied last: one that could not be read
+    failed the conversion after every array was written (hours for 671B), with a bare errno."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(ckpt_a, src)
+    (src / "tokenizer.json").write_text("{}")
+    os.chmod(src / "tokenizer.json", 0)
+    prefix = []
+    if os.geteuid() == 0:   # root reads anything: drop the capabilities that let it
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv")
+        caps = "-dac_override,-dac_read_search,-fowner"
+        prefix = ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
+    r = subprocess.run([*prefix, sys.executable, "-m", "deepseek_jax.cli", "convert", str(src), str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "tokenizer.json: cannot be read (Permission denied)" in r.stderr
+    assert not out.exists()
+
+
 def test_resume_and_force_on_finished_conversion(ckpt_a, conv_a, tmp_path, capsys):
     out = str(tmp_path / "o")
     shutil.copytree(conv_a, out)
@@ -662,6 +712,8 @@ def _drop_array(d):
     # an edit of the config changes every logit and no array: it was not noticed
     (lambda d: _config(d, routed_scaling_factor=1.0), "config.json was changed after the conversion"),
     (lambda d: os.remove(os.path.join(d, "config.json")), "config.json"),
+    # TensorStore reads a missing chunk as fill: it was a "checksum mismatch", no file named
+    (lambda d: os.remove(os.path.join(d, "lm_head.weight.value", "0.0")), "chunk file lm_head.weight.value/0.0"),
 ])
 def test_verify_fails_on_tampered_checkpoint(tamper, expect, conv_a, tmp_path, capsys):
     d = str(tmp_path / "t")
@@ -685,6 +737,22 @@ def test_verify_against_a_source_whose_config_differs(conv_a, ckpt_a, tmp_path, 
     _config(src, rms_norm_eps=0.1)
     assert main(["verify", conv_a, "--against", src, "--quiet"]) == 2
     assert "config.json has rms_norm_eps = 1e-06, " in capsys.readouterr().err
+
+
+def test_verify_against_a_source_with_a_tensor_more(conv_a, ckpt_a, tmp_path, capsys):
+    """Only the tensors the checkpoint has were compared: a source holding one more (which convert
+    refuses) verified "OK"."""
+    from deepseek_jax.hub import write_safetensors
+
+    src = tmp_path / "src"
+    shutil.copytree(ckpt_a, src)
+    name = "model.layers.1.mlp.experts.3.up_proj.bias"
+    write_safetensors(src / "extra.safetensors", {name: np.zeros(4, np.float32)})
+    idx = _index(str(src))
+    idx["weight_map"][name] = "extra.safetensors"
+    json.dump(idx, open(src / INDEX_FILE, "w"))
+    assert main(["verify", conv_a, "--against", str(src), "--quiet"]) == 2
+    assert f"holds tensor {name}, which the checkpoint has no counterpart for" in capsys.readouterr().err
 
 
 def test_verify_against_a_copy_sharded_otherwise(conv_a, ckpt_a, tmp_path, capsys):
@@ -754,3 +822,22 @@ def test_tools_convert_is_the_cli(ckpt_a, tmp, capsys):
     want = capsys.readouterr().err
     assert tool.main([ckpt_a, out, "--quiet"]) == 2
     assert capsys.readouterr().err == want and want.count("\n") == 1 and "Not a directory" in want
+
+
+def test_export_keeps_the_users_directory_and_copies_only_the_conversions_files(conv_a, tmp_path):
+    """A failed export removed an output directory the user had made (a mount point, say), not only
+    what it wrote; and when the source had no files beside its weights, export copied whatever
+    lay in the checkpoint's directory (an empty list in the manifest read as "none recorded")."""
+    ck = tmp_path / "ck"
+    shutil.copytree(conv_a, ck)
+    (ck / "notes.txt").write_text("mine")
+    out = tmp_path / "out"
+    assert main(["export", str(ck), str(out), "--quiet"]) == 0
+    assert "notes.txt" not in os.listdir(out)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    # a file size limit makes the first shard's write fail (Python ignores SIGXFSZ: EFBIG)
+    r = subprocess.run(["bash", "-c", f"ulimit -f 64; exec {sys.executable} -m deepseek_jax.cli export {ck} {mine} --quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "nothing was kept" in r.stderr, r.stderr
+    assert mine.is_dir() and os.listdir(mine) == []
