@@ -58,6 +58,19 @@ def is_fp8(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.dtype(FP8_DTYPE)
 
 
+def check_fp8_operands(x, wq, ws) -> None:
+    """The dtypes a block-scaled GEMM takes, as one-line ``ValueError``s: floating ``x`` (its
+    quantized form is made inside), ``float8_e4m3fn`` weights, float32 block scales. (An int32
+    ``x`` made the reference cast the dequantized weights to int32; a bf16 weight was read as if
+    it held e4m3 codes by the kernels.)"""
+    if not jnp.issubdtype(x.dtype, jnp.floating) or is_fp8(x.dtype):
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if not is_fp8(wq.dtype):
+        raise ValueError(f"block-scaled weights must be float8_e4m3fn, got {wq.dtype}")
+    if ws.dtype != jnp.float32:
+        raise ValueError(f"block scales must be float32 (the checkpoint's weight_scale_inv), got {ws.dtype}")
+
+
 def expand_block_scale(s_nk: jax.Array, n: int, k: int) -> jax.Array:
     """[ceil(n/128), ceil(k/128)] block scales → [n, k] per-element scales (float32).
     Works on any leading batch dims (e.g. experts)."""

@@ -45,7 +45,7 @@ from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
 from kernels_pallas._common import (E4M3_MAX, FP8_DTYPE, GPU_NUM_SMS, QBLOCK, TPU_DECODE_TILE_CAP,
-                                   TPU_PREFILL_TILE_CAP, SplitK, and_masks, cdiv, dequantize_blocks,
+                                   TPU_PREFILL_TILE_CAP, SplitK, and_masks, cdiv, check_fp8_operands, dequantize_blocks,
                                    expand_block_row, flatten_rows, masked_load, next_pow2, round_up, tpu_tile)
 
 __all__ = [
@@ -97,6 +97,7 @@ def fake_quantize_act_1x128(x_MK: jax.Array, dtype=None) -> jax.Array:
 
 
 def _check_weight(x_MK, wq_NK, ws_nk, layer=None):
+    check_fp8_operands(x_MK, wq_NK, ws_nk)
     if layer is not None:  # [L, N, K] stack of several layers' weights, one used
         if wq_NK.ndim != 3 or ws_nk.ndim != 3 or wq_NK.shape[0] != ws_nk.shape[0]:
             raise ValueError(f"with layer=, expected [L, N, K] weight and [L, nb, kb] scale stacks, got "

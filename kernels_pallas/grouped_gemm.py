@@ -1,7 +1,8 @@
 """Grouped (ragged) expert matmul: rows sorted by expert, one weight matrix per expert.
 
 ``y[r] = x[r] @ w[g(r)].T`` where ``g(r)`` is the expert whose contiguous row range (from ``group_sizes``)
-holds row ``r``; rows past ``sum(group_sizes)`` give 0.  Weights are the Hub's ``[out, in]`` layout,
+holds row ``r``; rows past ``sum(group_sizes)`` give 0. Group sizes are ``>= 0`` and sum to at most ``M``
+(checked when they are known at the call; traced sizes are the caller's contract).  Weights are the Hub's ``[out, in]`` layout,
 ``w_ENK [E, N, K]``, in bf16/f32, or ``float8_e4m3fn`` with block scales ``w_scale [E, ceil(N/128),
 ceil(K/128)]`` (W8A16 semantics: dequantize, then dot in ``x.dtype`` with float32 accumulation).
 
@@ -32,13 +33,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from kernels_pallas import backend
 from kernels_pallas._common import (GPU_NUM_SMS, QBLOCK, TPU_DECODE_TILE_CAP, TPU_PREFILL_TILE_CAP, and_masks,
-                                   cdiv, dequantize_blocks, expand_block_row, is_fp8, masked_load, next_pow2,
+                                   cdiv, check_fp8_operands, dequantize_blocks, expand_block_row, is_fp8, masked_load, next_pow2,
                                    round_up, tpu_tile)
 from kernels_pallas.fp8_gemm import dequantize_act_1x128, fake_quantize_act_1x128, quantize_act_1x128
 
@@ -57,8 +59,25 @@ def _check_args(x_MK, w_ENK, group_sizes_E, w_scale, stacked=False):
                                    else group_sizes_E.shape != (w_ENK.shape[0],)):
         raise ValueError(f"group_sizes shape {group_sizes_E.shape} does not fit {w_ENK.shape[0]} experts"
                          + (" (with expert_offset: at most that many groups)" if stacked else ""))
-    if is_fp8(w_ENK.dtype) and w_scale is None:
-        raise ValueError("float8 expert weights need w_scale [E, ceil(N/128), ceil(K/128)]")
+    if is_fp8(w_ENK.dtype):
+        want = (w_ENK.shape[0], cdiv(w_ENK.shape[1], QBLOCK), cdiv(w_ENK.shape[2], QBLOCK))
+        if w_scale is None or tuple(w_scale.shape) != want:   # (the kernels read past a short one)
+            got = "none" if w_scale is None else f"shape {tuple(w_scale.shape)}"
+            raise ValueError(f"float8 expert weights {tuple(w_ENK.shape)} need w_scale {want}, got {got}")
+        check_fp8_operands(x_MK, w_ENK, w_scale)
+    else:
+        if w_scale is not None:
+            raise ValueError(f"w_scale is for float8_e4m3fn expert weights; these are {w_ENK.dtype}")
+        for name, a in (("x", x_MK), ("w", w_ENK)):
+            if not jnp.issubdtype(a.dtype, jnp.floating) or is_fp8(a.dtype):
+                raise ValueError(f"{name} must be bfloat16, float16 or float32, got {a.dtype}")
+    if not jnp.issubdtype(group_sizes_E.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers, got {group_sizes_E.dtype}")
+    if not isinstance(group_sizes_E, jax.core.Tracer):   # known here: check the values too
+        sizes = np.asarray(group_sizes_E)
+        if (sizes < 0).any() or sizes.sum() > x_MK.shape[0]:
+            raise ValueError(f"group_sizes must be >= 0 and sum to at most the {x_MK.shape[0]} rows, got "
+                             f"{sizes.tolist() if sizes.size <= 16 else f'{sizes.min()} to {sizes.max()}, sum {sizes.sum()}'}")
 
 
 def _compute_dtype(x_MK, w_ENK):

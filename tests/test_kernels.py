@@ -870,6 +870,35 @@ def test_grouped_matmul_w8a8_quantizes_the_rows(monkeypatch):
         grouped_matmul(x, wq[1:].astype(jnp.float32), sizes, quantize_x=True, impl="ref")
 
 
+@pytest.mark.parametrize("impl", ["ref", "interpret_gpu", "interpret_tpu"])
+def test_gemm_operands_are_checked_alike_by_every_impl(impl):
+    """What the kernels took without a word: a grouped w_scale too short for its weights (read
+    past its end; the reference refused it only on its ragged path), negative or over-full group
+    sizes (kernels and reference differed by up to 62.7), and FP8 GEMM operands of other dtypes
+    (an int32 ``x`` gave the reference int32-truncated weights: 0.51 relative from the kernels)."""
+    rng = np.random.default_rng(0)
+    wq, ws = zip(*(make_fp8_weight(rng, 130, 200) for _ in range(4)))
+    wq, ws = jnp.stack(wq), jnp.stack(ws)
+    x = jnp.ones((6, 200), jnp.bfloat16)
+    sizes = jnp.array([3, 1, 2, 0], jnp.int32)
+    cases = [(lambda: grouped_matmul(x, wq, sizes, w_scale=ws[:, :1], impl=impl), r"need w_scale \(4, 2, 2\), got shape \(4, 1, 2\)"),
+             (lambda: grouped_matmul(x, wq, sizes, w_scale=ws[:3], impl=impl), r"got shape \(3, 2, 2\)"),
+             (lambda: grouped_matmul(x, wq.astype(jnp.bfloat16), sizes, w_scale=ws, impl=impl), "w_scale is for float8"),
+             (lambda: grouped_matmul(x, wq, jnp.array([3, -1, 2, 2]), w_scale=ws, impl=impl), r"got \[3, -1, 2, 2\]"),
+             (lambda: grouped_matmul(x, wq, np.array([3, 3, 2, 0]), w_scale=ws, impl=impl), "sum to at most the 6 rows"),
+             (lambda: grouped_matmul(x, wq, sizes.astype(jnp.float32), w_scale=ws, impl=impl), "group_sizes must be integers"),
+             (lambda: grouped_matmul(x.astype(jnp.int32), wq, sizes, w_scale=ws, impl=impl), "x must be .* got int32"),
+             (lambda: w8a16_matmul(x.astype(jnp.int32), wq[0], ws[0], impl=impl), "x must be .* got int32"),
+             (lambda: w8a16_matmul(x, wq[0].astype(jnp.bfloat16), ws[0], impl=impl), "must be float8_e4m3fn, got bfloat16"),
+             (lambda: w8a8_matmul(x, wq[0], ws[0].astype(jnp.bfloat16), impl=impl), "scales must be float32")]
+    for call, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            call()
+    # traced sizes are the caller's contract (not checked); valid ones still run
+    y = jax.jit(lambda g: grouped_matmul(x, wq, g, w_scale=ws, impl=impl))(sizes)
+    assert y.shape == (6, 130) and bool(jnp.isfinite(y).all())
+
+
 @pytest.mark.parametrize("mode", ["bf16", "w8a16", "w8a8"])
 @pytest.mark.parametrize("m", [32768, 512])
 def test_grouped_mosaic_gpu_kernel_lowers_for_the_gpu(mode, m):
