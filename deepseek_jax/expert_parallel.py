@@ -152,9 +152,7 @@ def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset=None, 
     ``rounds=False``: one worst-case round whatever ``prec.ep_capacity`` says."""
     m, K = idx.shape
     worst = m * min(K, E_l)
-    cap = exchange_capacity(m, K, n_ep, E_l, prec.ep_capacity)
-    if not rounds or n_ep * worst < ROUNDS_MIN_ROWS:
-        cap = worst
+    cap = round_capacity(m, K, n_ep, E_l, prec.ep_capacity) if rounds else worst
     static = (prec, E_l, n_ep, f_split, cap, tuple(axes))   # static: hashed by the custom VJP
     if cap >= worst:
         return _exchange(static, arr, x, idx, w, offset)
@@ -166,6 +164,13 @@ def _dispatch_all_to_all(arr, x, idx, w, prec, E_l, n_ep, f_split, offset=None, 
 #: rounds, and on the jnp reference path XLA hoists the experts' dequantized weights out of the
 #: rounds' loop (``plan`` on a v5p-64, decode at batch 16: 3.28 GiB of temporaries, 0.83 without).
 ROUNDS_MIN_ROWS = 1024
+
+
+def round_capacity(m: int, K: int, n_ep: int, E_l: int, factor: float | None) -> int:
+    """Rows per (sender, receiver) pair in the exchange that runs: :func:`exchange_capacity`, or
+    the worst case (one round) when its buffer is under :data:`ROUNDS_MIN_ROWS` rows."""
+    worst = m * min(K, E_l)
+    return worst if n_ep * worst < ROUNDS_MIN_ROWS else exchange_capacity(m, K, n_ep, E_l, factor)
 
 
 def exchange_capacity(m: int, K: int, n_ep: int, E_l: int, factor: float | None) -> int:

@@ -87,6 +87,11 @@ def test_buffers_shrink_and_rounds_follow_the_routing(inputs):
     assert expert_parallel.exchange_capacity(16, K, 4, E // 4, 2.0) == 32
     assert expert_parallel.exchange_capacity(16, K, 4, E // 4, None) == 64
     assert expert_parallel.exchange_capacity(16, K, 4, E // 4, 100.0) == 64
+    # what the benchmark reports is the program's: under ROUNDS_MIN_ROWS one worst-case round
+    assert expert_parallel.round_capacity(16, K, 4, E // 4, 2.0) == 32
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(expert_parallel, "ROUNDS_MIN_ROWS", 4 * 64 + 1)
+        assert expert_parallel.round_capacity(16, K, 4, E // 4, 2.0) == 64
     rows = {}
     for cap in (None, 2.0):
         prec = Precision(ep_capacity=cap)
