@@ -24,7 +24,6 @@ machines here are noisy).
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import datetime
 import os
@@ -38,16 +37,21 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks._args import ArgumentParser, at_least, int_list, positive_int  # noqa: E402
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--histories", default="200,1000")
-    ap.add_argument("--new", type=int, default=20, help="new tokens in the next turn")
-    ap.add_argument("--systems", default="200,1000", help="shared system prompt lengths")
-    ap.add_argument("--batch", type=int, default=8, help="prompts per batch sharing a system prompt")
-    ap.add_argument("--rest", type=int, default=40, help="longest rest of a prompt after the system prompt")
-    ap.add_argument("--batches", type=int, default=4, help="batches in a row through one generator (third table)")
-    ap.add_argument("--repeats", type=int, default=6)
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--histories", type=int_list(), default="200,1000", help="comma-separated history lengths")
+    ap.add_argument("--new", type=positive_int, default=20, help="new tokens in the next turn")
+    ap.add_argument("--systems", type=int_list(), default="200,1000",
+                    help="shared system prompt lengths, comma-separated")
+    ap.add_argument("--batch", type=positive_int, default=8, help="prompts per batch sharing a system prompt")
+    ap.add_argument("--rest", type=at_least(5), default=40,
+                    help="longest rest of a prompt after the system prompt (>= 5: rests are 5 to this)")
+    ap.add_argument("--batches", type=positive_int, default=4,
+                    help="batches in a row through one generator (third table)")
+    ap.add_argument("--repeats", type=positive_int, default=6)
     args = ap.parse_args(argv)
 
     import jax
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
     print()
     print("| history tokens | new tokens | prefill, cache reused (ms) | prefill, fresh (ms) | speed-up |")
     print("|---:|---:|---:|---:|---:|")
-    for hist in (int(h) for h in args.histories.split(",")):
+    for hist in args.histories:
         base = rng.integers(2, cfg["vocab_size"], hist).tolist()
         new = rng.integers(2, cfg["vocab_size"], args.new).tolist()
         reuse, fresh = Generator(model, reuse_prefix=True), Generator(model)
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
           "| call, shared (ms) | call, whole (ms) | speed-up |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     kw = dict(max_new_tokens=16, stop_at_eos=False)
-    for n in (int(h) for h in args.systems.split(",")):
+    for n in args.systems:
         system = rng.integers(2, cfg["vocab_size"], n).tolist()
         prompts = [system + rng.integers(2, cfg["vocab_size"], int(r)).tolist()
                    for r in rng.integers(5, args.rest + 1, args.batch)]
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
     print("| batches | system prompt | shared | prefill, kept (ms) | prefill, per batch (ms) | speed-up "
           "| run, kept (ms) | run, per batch (ms) | speed-up |")
     print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n in (int(h) for h in args.systems.split(",")):
+    for n in args.systems:
         system = rng.integers(2, cfg["vocab_size"], n).tolist()
         batches = [[system + rng.integers(2, cfg["vocab_size"], int(r)).tolist()
                     for r in rng.integers(5, args.rest + 1, args.batch)] for _ in range(args.batches)]

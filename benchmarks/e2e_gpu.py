@@ -13,8 +13,9 @@ FP8 weights are made on the device (no files). Measured side by side in one run:
   shared experts, the distinct experts the step's tokens actually routed to, the latent cache rows read,
   lm_head) over the HBM bandwidth measured in the same run (a large on-device copy);
 * prefill tokens/s at 4K and 32K prompt tokens (32K in 4K chunks over the cache: prefill
-  attention is not flash-style), against the FP8 GEMM roofline (2 x active parameters x tokens
-  over the fp8 dot throughput measured in the same run); the first length also with flash
+  attention is not flash-style), against the FP8 GEMM roofline (2 x the weights each token
+  multiplies x tokens over the fp8 dot throughput measured in the same run: :func:`prefill_gemm_params`;
+  attention's own products are not counted); the first length also with flash
   prefill attention (``--compare-flash``), with the routed experts on the Mosaic GPU grouped
   kernel (``--compare-mosaic``) and in W8A8 on the Mosaic GPU e4m3 kernels (``--compare-w8a8``),
   side by side;
@@ -61,6 +62,7 @@ from deepseek_jax.config import DeepSeekConfig, load_config  # noqa: E402
 from deepseek_jax.quant import Precision  # noqa: E402
 from deepseek_jax.synthetic import tiny_config  # noqa: E402
 
+from benchmarks._args import ArgumentParser, at_least, int_list, positive_int  # noqa: E402  (argparse only)
 from benchmarks._profile import device_op_table, print_table  # noqa: E402
 
 
@@ -151,6 +153,25 @@ def step_bytes(cfg: DeepSeekConfig, model, batch: int, context: int, touched_exp
     frac = touched_experts / cfg.n_routed_experts
     cache = cfg.num_hidden_layers * batch * context * cfg.latent_dim * 2
     return total + expert * frac + cache
+
+
+def prefill_gemm_params(cfg: DeepSeekConfig, model) -> float:
+    """Weights each prompt token multiplies, from the model's own arrays: every layer's projections
+    (MLA's q_a, q_b, kv_a, kv_b and o), router and dense or shared MLP, and K of the E routed
+    experts; not the embedding (a lookup), lm_head (the prefill here computes no logits) or the
+    MTP layer. (A rough ``6 x hidden^2`` per layer had counted MLA as 308M weights at V3's
+    width, against its 187M: that roofline was 17% too low at 1 dense + 3 MoE layers.)"""
+    _, state = nnx.split(model)
+    total = 0.0
+    for path, v in nnx.to_flat_state(state):
+        p = [str(x) for x in path]
+        if p[0] not in ("dense_layers", "moe_layers") or p[-1] != "weight" or p[-2].endswith("layernorm"):
+            continue
+        n = math.prod(v.shape)
+        if "experts" in p and "shared_experts" not in p:
+            n *= cfg.num_experts_per_tok / cfg.n_routed_experts
+        total += n
+    return total
 
 
 def expected_touched(cfg: DeepSeekConfig, batch: int) -> float:
@@ -361,16 +382,16 @@ def env_set(env: dict):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="tiny config on CPU (smoke test)")
-    ap.add_argument("--layers", type=int, default=4, help="1 dense + (layers-1) MoE layers at real width")
-    ap.add_argument("--batches", default=None, help="decode batch sizes (default 1,16,64,256; small: 1,4)")
-    ap.add_argument("--context", type=int, default=None, help="cache length (default 4096; small: 64)")
-    ap.add_argument("--prefill", default=None, help="prompt lengths (default 4096,32768; small: 32,64)")
-    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 4096; small: 32)")
-    ap.add_argument("--long-chunk", type=int, default=None,
+    ap.add_argument("--layers", type=at_least(2), default=4, help="1 dense + (layers-1) MoE layers at real width")
+    ap.add_argument("--batches", type=int_list(), default=None, help="decode batch sizes (default 1,16,64,256; small: 1,4)")
+    ap.add_argument("--context", type=positive_int, default=None, help="cache length (default 4096; small: 64)")
+    ap.add_argument("--prefill", type=int_list(), default=None, help="prompt lengths (default 4096,32768; small: 32,64)")
+    ap.add_argument("--chunk", type=positive_int, default=None, help="prefill chunk (default 4096; small: 32)")
+    ap.add_argument("--long-chunk", type=positive_int, default=None,
                     help="chunk for prompts over 8192 tokens (default 1024: bounds the absorbed scores)")
-    ap.add_argument("--hf-batches", default=None, help="HF peer batch sizes (default 1,16; small: 1,4)")
+    ap.add_argument("--hf-batches", type=int_list(), default=None, help="HF peer batch sizes (default 1,16; small: 1,4)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     ap.add_argument("--compare-in-place", action=argparse.BooleanOptionalAction, default=True,
                     help="also time batch-1 decode with per-layer weight slices (weights_in_place=False)")
@@ -383,11 +404,11 @@ def main(argv=None) -> int:
                     help="also time the first prefill length with Precision.prefill_attention='flash'")
     ap.add_argument("--rows", default="decode,prefill,generator",
                     help="which rows: decode (with the HF peer), prefill, generator (default all three)")
-    ap.add_argument("--gen-batches", default=None, help="Generator batch sizes (default 1,16; small: 1,2)")
-    ap.add_argument("--gen-prompt", type=int, default=None,
+    ap.add_argument("--gen-batches", type=int_list(), default=None, help="Generator batch sizes (default 1,16; small: 1,2)")
+    ap.add_argument("--gen-prompt", type=positive_int, default=None,
                     help="Generator prompt tokens (default 1024; small: 16): its prefill is one naive pass "
                          "over the whole batch, whose scores grow with batch x prompt^2")
-    ap.add_argument("--gen-tokens", type=int, default=None, help="Generator new tokens (default 64; small: 8)")
+    ap.add_argument("--gen-tokens", type=positive_int, default=None, help="Generator new tokens (default 64; small: 8)")
     ap.add_argument("--compare-mosaic", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the first prefill length with the Mosaic GPU grouped kernel "
                          "(DEEPSEEK_JAX_GROUPED_GPU=mosaic_gpu: W8A16 experts dequantized in a wgmma kernel)")
@@ -401,14 +422,17 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)  # the peer's subprocess
     a = ap.parse_args(argv)
     small = a.small
-    batches = [int(x) for x in (a.batches or ("1,4" if small else "1,16,64,256")).split(",")]
+    batches = a.batches or ([1, 4] if small else [1, 16, 64, 256])
     context = a.context or (64 if small else 4096)
-    prefills = [int(x) for x in (a.prefill or ("32,64" if small else "4096,32768")).split(",")]
+    prefills = a.prefill or ([32, 64] if small else [4096, 32768])
     chunk = a.chunk or (32 if small else 4096)
     long_chunk = a.long_chunk or (16 if small else 1024)
-    profile = [] if a.profile == "none" else [int(x) for x in (a.profile or ("1" if small else "1,16")).split(",")]
-    unroll = [int(x) for x in a.unroll_batches.split(",")] if a.unroll_batches not in (None, "none") else []
-    hf_batches = [int(x) for x in (a.hf_batches or ("1,4" if small else "1,16")).split(",")]
+    try:   # (either may be 'none')
+        profile = [] if a.profile == "none" else int_list()(a.profile or ("1" if small else "1,16"))
+        unroll = int_list()(a.unroll_batches) if a.unroll_batches not in (None, "none") else []
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--profile / --unroll-batches: {e} (or 'none')")
+    hf_batches = a.hf_batches or ([1, 4] if small else [1, 16])
     what = set(a.rows.split(","))
     if not what or what - {"decode", "prefill", "generator"}:
         ap.error(f"--rows {a.rows!r}: expected a comma list of decode, prefill, generator")
@@ -416,8 +440,7 @@ def main(argv=None) -> int:
         batches, unroll, a.compare_in_place, a.no_hf = [], [], False, True
     if "prefill" not in what:
         prefills = []
-    gen_batches = [int(x) for x in (a.gen_batches or ("1,2" if small else "1,16")).split(",")] \
-        if "generator" in what else []
+    gen_batches = (a.gen_batches or ([1, 2] if small else [1, 16])) if "generator" in what else []
     gen_prompt, gen_tokens = a.gen_prompt or (16 if small else 1024), a.gen_tokens or (8 if small else 64)
     cfg = bench_config(a.layers, small, mtp=bool(gen_batches))
     if a.hf_only:  # runs in its own process: torch and XLA would otherwise fight over GPU memory
@@ -497,10 +520,7 @@ def main(argv=None) -> int:
             print(f"{'decode B=%d, mosaic mla' % b:<26}{t * 1e3:>10.3f}ms{b / t:>12,.0f}{roof * 1e3:>10.3f}ms"
                   f"{t / roof:>12.2f}")
         save()
-    active = (cfg.num_hidden_layers * (cfg.hidden_size * cfg.hidden_size * 6)  # rough attention share
-              + (cfg.num_moe_layers * (cfg.num_experts_per_tok + cfg.n_shared_experts)
-                 * 3 * cfg.hidden_size * cfg.moe_intermediate_size)
-              + cfg.num_dense_layers * 3 * cfg.hidden_size * cfg.intermediate_size)
+    active = prefill_gemm_params(cfg, model)
     for T in prefills:
         t, prof = bench_prefill(cfg, model, T, min(chunk if T <= 8192 else long_chunk, T),
                                 profile=T == prefills[0] and bool(profile))

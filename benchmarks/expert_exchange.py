@@ -27,13 +27,12 @@ import sys
 
 if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if "--h200" in " ".join(sys.argv):
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from benchmarks._plugins import plugins_first
         plugins_first("gpu", sys.argv)
     os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
-import argparse
 import datetime
 import json
 import platform
@@ -44,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._args import ArgumentParser, at_least, positive_int
 from deepseek_jax import expert_parallel, sharding
 from deepseek_jax.quant import Precision
 
@@ -105,7 +105,7 @@ def cpu_table(a) -> list[dict]:
         base = {}
         for cap in a.capacities:
             prec = Precision(ep_capacity=cap, kernels="ref")   # the jnp reference (--h200 sets the GPU's)
-            c = expert_parallel.exchange_capacity(m_local, K, n_ep, E // n_ep, cap)
+            c = expert_parallel.round_capacity(m_local, K, n_ep, E // n_ep, cap)   # the program's own
 
             def fwd(arrays, x, w, prec=prec):
                 return expert_parallel.moe_apply(arrays, x, idx, w, prec, mesh, rules, n_experts=E)
@@ -161,31 +161,32 @@ def h200_table(n: int, capacities: tuple) -> list[dict]:
 
         lowered = aot.lower_sharded(fwd, (arrays, x, idx, w), mesh, abstract_device)
         compiled = lowered.compile()
-        c = expert_parallel.exchange_capacity(M // n, K, n, E // n, cap)
+        c = expert_parallel.round_capacity(M // n, K, n, E // n, cap)
         rows.append(dict(capacity=cap, rows_per_pair=c, sent_mb_per_round=_a2a_bytes(lowered.as_text()) / 1e6,
                          temp_mb=compiled.memory_analysis().temp_size_in_bytes / 1e6))
     return rows
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--moe-hidden", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=at_least(8), default=2048)
+    ap.add_argument("--experts", type=at_least(8), default=64)
+    ap.add_argument("--top-k", type=positive_int, default=8)
+    ap.add_argument("--hidden", type=positive_int, default=512)
+    ap.add_argument("--moe-hidden", type=positive_int, default=256)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--capacities", type=_capacities, default=CAPACITIES,
                     help="comma-separated Precision.ep_capacity values, 'worst' (None) first (default worst,4,2,1.25)")
     ap.add_argument("--h200", type=int, default=0, help="also compile a real-width MoE layer for this many H200s")
     ap.add_argument("--plugins", default=None, help="directory holding the CUDA plugin (default .gpu_aot)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.tokens % 8 or a.experts % 8:
+        ap.error("--tokens and --experts must be multiples of the 8 shards")
+    if a.top_k > a.experts:
+        ap.error(f"--top-k {a.top_k}: more than the {a.experts} experts")
     if len(jax.devices("cpu")) < 8:
         print("needs 8 CPU devices: JAX_NUM_CPU_DEVICES=8", file=sys.stderr)
-        return 2
-    if a.tokens % 8 or a.experts % 8:
-        print("--tokens and --experts must be multiples of the 8 shards", file=sys.stderr)
         return 2
     print(f"# {datetime.date.today()}  jax {jax.__version__}  {platform.processor() or platform.machine()}  "
           f"{os.cpu_count()} cores  8 CPU devices, expert=8")

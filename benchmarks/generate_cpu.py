@@ -8,14 +8,14 @@ warm-up run each, the engines run in alternation (``--repeats`` rounds, so that 
 processes on the machine hits both alike) and each keeps its best time; HF runs with 1 and with
 2 torch threads in every round and is credited with the faster setting. Our compile time is
 reported separately. The first 16 generated tokens are compared between the engines as a
-sanity check (both are greedy on the same weights).
+sanity check (both are greedy on the same weights): the script exits 1, after printing the table,
+when any row's differ.
 
     .venv/bin/python benchmarks/generate_cpu.py [--new-tokens 128] [--prompt-len 16]
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import datetime
 import os
@@ -33,15 +33,18 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, ROOT)
 
+from benchmarks._args import ArgumentParser, int_list, positive_int  # noqa: E402
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", default="1,2", help="torch thread counts to try for HF (best is kept)")
-    args = ap.parse_args()
+
+def main(argv=None) -> int:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=positive_int, default=128)
+    ap.add_argument("--prompt-len", type=positive_int, default=16)
+    ap.add_argument("--batches", type=int_list(), default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--threads", type=int_list(), default="1,2",
+                    help="torch thread counts to try for HF, comma-separated (best is kept)")
+    args = ap.parse_args(argv)
 
     import jax
     import torch
@@ -53,7 +56,7 @@ def main() -> int:
     from tests.conftest import CONFIG_A
     from tests.hf_ref import hf_model
 
-    thread_options = [int(t) for t in args.threads.split(",")]
+    thread_options = args.threads
     tmp = tempfile.mkdtemp(prefix="gen_bench_")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     ckpt = random_hub_checkpoint(os.path.join(tmp, "ckpt_a"), CONFIG_A, seed=1, max_shard_bytes=200_000,
@@ -65,7 +68,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     V, N, P = CONFIG_A["vocab_size"], args.new_tokens, args.prompt_len
     rows = []
-    for B in (int(b) for b in args.batches.split(",")):
+    for B in args.batches:
         prompts = rng.integers(2, V, (B, P))
 
         def run_ours():
@@ -116,6 +119,11 @@ def main() -> int:
         o, h = r["new"] / r["ours_s"], r["new"] / r["hf_s"]
         print(f"| {r['batch']} | {r['new']} | {o:,.0f} | {h:,.0f} ({r['hf_threads']}) | {o / h:.1f}x "
               f"| {r['compile_s']:.1f} | {r['agree']}/{r['batch']} rows |")
+    bad = [f"batch {r['batch']}: {r['agree']}/{r['batch']} rows" for r in rows if r["agree"] < r["batch"]]
+    if bad:
+        print(f"error: the first 16 tokens differ from HF's (greedy, same weights) at {'; '.join(bad)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

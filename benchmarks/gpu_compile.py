@@ -32,13 +32,13 @@ blocks, the table's last row, a configuration that must fail). ``--json FILE`` s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._args import ArgumentParser, int_list  # noqa: E402  (argparse only)
 from benchmarks._plugins import plugins_first  # noqa: E402  (os and sys only)
 
 plugins_first("gpu", sys.argv[1:])
@@ -107,10 +107,11 @@ def generator_decode(cfg, graphdef, state, batch: int, context: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plugins", default=".gpu_aot", help="directory holding the CUDA plugin wheels' files")
     ap.add_argument("--layers", type=int, default=4, help="1 dense + (layers-1) MoE layers at real width (>= 3)")
-    ap.add_argument("--batches", default="1,16", help="decode batch sizes ('' for none)")
+    ap.add_argument("--batches", type=int_list(empty=True), default="1,16",
+                    help="decode batch sizes, comma-separated ('' for none)")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--prefill", type=int, default=0, help="also a prefill of this many tokens (0: none)")
     ap.add_argument("--generator", action="store_true",
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    batches = [int(b) for b in a.batches.split(",") if b.strip()]
+    batches = a.batches
     if a.layers < 3 or a.prefill < 0 or any(b < 1 for b in batches):
         raise DeepSeekError("--layers must be >= 3 (two MoE layers make a loop), --prefill >= 0, batches >= 1")
 

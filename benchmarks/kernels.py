@@ -7,7 +7,9 @@ One table per group of shapes; every row is one method at one shape:
 time (median), TFLOP/s, effective GB/s (operands read + output written; for grouped GEMMs only the
 experts that got rows count), speed ratio to the XLA bf16 dot measured in the same run (>1 = faster),
 and the relative Frobenius error against the method's reference.  A baseline that fails (out of
-memory, unsupported) prints ``failed: <reason>`` instead of numbers.
+memory, unsupported) prints ``failed: <reason>`` instead of numbers.  An error over its table's
+tolerance (``TOLERANCE``) is marked ``FAILED``, never wins a tile sweep, and makes the script exit
+1 once everything is printed.
 
 Timing: each method is jitted and compiled first; then one jitted call runs the op ``n`` times in a
 ``fori_loop`` whose carry feeds a 0-weighted element of each result back into the next input (so XLA
@@ -32,6 +34,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._args import ArgumentParser, positive_int  # noqa: E402  (argparse only)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -69,6 +72,15 @@ SMALL_ABSORB = [("decode", 3, 4, 256, 2)]
 FULL_ROUTER = [("decode", 1), ("decode", 16), ("decode", 64), ("decode", 256)]
 SMALL_ROUTER = [("decode", 1), ("decode", 37)]
 ROUTER_V3 = dict(n_group=8, topk_group=4, top_k=8, norm_topk_prob=True, scaling=2.5)
+#: The correctness check, per table: a row whose error column exceeds its table's tolerance is
+#: marked ``FAILED`` (table and JSON ``check_failed``), is never a sweep's best, and makes the
+#: script exit 1 after printing everything. GEMMs, MLA attention and the absorbed products: the
+#: relative Frobenius error, bf16-level agreement (kernels measure 1e-3 to 3e-3: bf16 output
+#: rounding; W8A8 against the op-by-op reference 2e-5 on the H200). The router: its weights'
+#: relative error (float32: ~1e-7), and any index that differs reads 1.0.
+TOLERANCE = dict(dense=3e-2, grouped=3e-2, mla=3e-2, absorb=3e-2, router=1e-5)
+#: every row (sweep alternatives included) that failed its check: "shape | method: reason"
+CHECK_FAILURES: list[str] = []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,15 +151,21 @@ class Row:
     err: str = ""
     note: str = ""
     failed: str | None = None
+    check_failed: str | None = None   # the error cell over the table's tolerance (see TOLERANCE)
 
 
-def measure(rows, shape, method, fn, args, *, flops, nbytes, reps, check=None, note="", quick=False):
-    """Time ``fn(*args)``; ``check(out) -> str`` gives the correctness cell."""
+def measure(rows, shape, method, fn, args, *, flops, nbytes, reps, check=None, tol=None, note="", quick=False):
+    """Time ``fn(*args)``; ``check(out) -> str`` gives the correctness cell (its first word the
+    error), which must be at most ``tol``."""
     row = Row(shape, method, note=note)
     try:
         out = jax.block_until_ready(jax.jit(fn)(*args))
         row.err = check(out) if check is not None else ""
         del out
+        if row.err and tol is not None and not float(row.err.split()[0]) <= tol:
+            row.check_failed = f"error {row.err.split()[0]} > tolerance {tol:.0e}"
+            row.err += f" FAILED (> {tol:.0e})"
+            CHECK_FAILURES.append(f"{shape} | {method} {note}: {row.check_failed}")
         t = time_fn(fn, args, reps=reps, quick=quick)
         row.ms = t * 1e3
         row.tflops = flops / t / 1e12
@@ -160,6 +178,16 @@ def measure(rows, shape, method, fn, args, *, flops, nbytes, reps, check=None, n
     print(f"  row {shape} | {method} | " + (f"failed: {row.failed}" if row.failed else
           f"{row.ms:.4f} ms  {row.tflops:.1f} TFLOP/s  {row.gbps:.0f} GB/s  err {row.err}  {note}"), flush=True)
     return row
+
+
+def _better(r, best):
+    """Whether sweep row ``r`` replaces ``best``: a row that passed its check beats one that did
+    not; then the faster (timed) row wins."""
+    if best is None:
+        return True
+    if (r.check_failed is None) != (best.check_failed is None):
+        return r.check_failed is None
+    return r.ms is not None and (best.ms is None or r.ms < best.ms)
 
 
 def _fmt(v, spec):
@@ -261,17 +289,17 @@ def bench_dense(cases, *, impl, reps, sweep, key):
         chk8 = lambda y: f"{rel_err(y, ref8_eager):.1e}"
 
         measure(rows, shape, "XLA bf16 dot", lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(BF16),
-                (x, w_bf16), flops=flops, nbytes=b_bf16, reps=reps, check=chk16)
+                (x, w_bf16), flops=flops, nbytes=b_bf16, reps=reps, tol=TOLERANCE["dense"], check=chk16)
         xq_unscaled = x.astype(jnp.float32).clip(-448, 448).astype(F8)
         fp8_ref = jnp.dot(xq_unscaled.astype(jnp.float32), wq.astype(jnp.float32).T,
                           precision=lax.Precision.HIGHEST)
         measure(rows, shape, "XLA fp8 dot, no scales",
                 lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(BF16),
                 (xq_unscaled, wq), flops=flops, nbytes=m * k + n * k + out_b, reps=reps,
-                check=lambda y: f"{rel_err(y, fp8_ref):.1e}", note="e4m3 x e4m3, unscaled")
+                tol=TOLERANCE["dense"], check=lambda y: f"{rel_err(y, fp8_ref):.1e}", note="e4m3 x e4m3, unscaled")
         measure(rows, shape, "dequantize then dot (jnp ref)",
                 lambda a, b, c: w8a16_matmul_ref(a, b, c), (x, wq, ws), flops=flops, nbytes=b_fp8,
-                reps=reps, check=chk16)
+                reps=reps, tol=TOLERANCE["dense"], check=chk16)
         if target == "ref":
             continue
         for variant in ("w8a8", "w8a16"):
@@ -287,9 +315,10 @@ def bench_dense(cases, *, impl, reps, sweep, key):
 
                 tmp = []
                 r = measure(tmp, shape, f"kernel {variant}", run, (x, wq, ws), flops=flops,
-                            nbytes=b_fp8, reps=reps, check=chk8 if variant == "w8a8" else chk16,
+                            nbytes=b_fp8, reps=reps, tol=TOLERANCE["dense"],
+                            check=chk8 if variant == "w8a8" else chk16,
                             note=_cfg_str(cfg) + (" (interpret)" if interpret else ""), quick=interpret)
-                if best is None or (r.ms is not None and (best.ms is None or r.ms < best.ms)):
+                if _better(r, best):
                     best = r
                 if len(_kernel_configs(target, m, n, k, sweep_here, variant)) > 1:
                     print(f"  sweep {shape} {variant} {r.note}: "
@@ -324,11 +353,12 @@ def _mgpu_rows(shape, m, n, k, x, wq, ws, chk8, flops, b_fp8, reps, interpret, s
 
         tmp = []
         r = measure(tmp, shape, "kernel w8a8 mosaic_gpu", run, (x, wq, ws), flops=flops, nbytes=b_fp8, reps=reps,
-                    check=chk8, note=_cfg_str(cfg) + (" (interpret)" if interpret else ""), quick=interpret)
+                    tol=TOLERANCE["dense"], check=chk8, note=_cfg_str(cfg) + (" (interpret)" if interpret else ""),
+                    quick=interpret)
         if len(cfgs) > 1:
             print(f"  sweep {shape} mosaic_gpu {r.note}: "
                   f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s'}")
-        if best is None or (r.ms is not None and (best.ms is None or r.ms < best.ms)):
+        if _better(r, best):
             best = r
     return [best] if best is not None else []
 
@@ -402,12 +432,12 @@ def _ragged_rows(rows, shape, x, w_bf16, wq, ws, sizes, flops, b_bf16, b_fp8, re
             lambda a, b, s: lax.ragged_dot(a, jnp.swapaxes(b, 1, 2), s,
                                            preferred_element_type=jnp.float32).astype(BF16),
             (x, w_bf16, sizes), flops=flops, nbytes=b_bf16, reps=reps,
-            check=lambda y: _grouped_check(y, x, w_bf16, None, sizes))
+            tol=TOLERANCE["grouped"], check=lambda y: _grouped_check(y, x, w_bf16, None, sizes))
     measure(rows, shape, "dequantize then ragged_dot",
             lambda a, b, c, s: lax.ragged_dot(a, jnp.swapaxes(dequantize_blocks(b, c).astype(BF16), 1, 2), s,
                                               preferred_element_type=jnp.float32).astype(BF16),
             (x, wq, ws, sizes), flops=flops, nbytes=b_fp8, reps=reps,
-            check=lambda y: _grouped_check(y, x, wq, ws, sizes))
+            tol=TOLERANCE["grouped"], check=lambda y: _grouped_check(y, x, wq, ws, sizes))
 
 
 def bench_grouped(cases, *, impl, reps, sweep, key):
@@ -458,11 +488,11 @@ def bench_grouped(cases, *, impl, reps, sweep, key):
                     r = measure(tmp, shape, f"kernel {'fp8' if fp8 else 'bf16'}", run,
                                 (x, w_arg, ws, sizes), flops=flops, nbytes=b_fp8 if fp8 else b_bf16,
                                 reps=reps,
-                                check=lambda y, fp8=fp8, w_arg=w_arg: _grouped_check(
+                                tol=TOLERANCE["grouped"], check=lambda y, fp8=fp8, w_arg=w_arg: _grouped_check(
                                     y, x, w_arg, ws if fp8 else None, sizes),
                                 note="; ".join(filter(None, [note_t, _cfg_str(cfg)]))
                                 + (" (interpret)" if interpret else ""), quick=interpret)
-                    if best is None or (r.ms is not None and (best.ms is None or r.ms < best.ms)):
+                    if _better(r, best):
                         best = r
                     if len(cfgs) > 1:
                         print(f"  sweep {shape} {r.method} {_cfg_str(cfg)}: "
@@ -512,13 +542,13 @@ def _mgpu_grouped_rows(shape, m, e, n, k, x, w_bf16, wq, ws, sizes, flops, b_bf1
                 check = lambda y: _grouped_check(y, x, w_bf16, None, sizes)  # noqa: E731
             tmp = []
             r = measure(tmp, shape, f"kernel {mode} mosaic_gpu", run, args, flops=flops, nbytes=nbytes,
-                        reps=reps, check=check,
+                        reps=reps, tol=TOLERANCE["grouped"], check=check,
                         note="; ".join([note_t, _cfg_str(cfg)]) + (" (interpret)" if interpret else ""),
                         quick=interpret)
             if len(cfgs) > 1:
                 print(f"  sweep {shape} {r.method} {_cfg_str(cfg)}: "
                       f"{'failed: ' + r.failed if r.failed else f'{r.ms:.4f} ms  {r.tflops:.1f} TFLOP/s'}")
-            if best is None or (r.ms is not None and (best.ms is None or r.ms < best.ms)):
+            if _better(r, best):
                 best = r
         if best is not None:
             out.append(best)
@@ -558,7 +588,7 @@ def bench_mla(cases, *, impl, reps, sweep, key):
         nbytes = cache.size * 2 + (ql.size + qp.size) * 2 + b * h * l * 4
         measure(rows, shape, "plain jnp (bf16 einsums)",
                 lambda a, c, d, e: _mla_jnp_bf16(a, c, d, e, scale=scale, l=l),
-                (ql, qp, cache, lens), flops=flops, nbytes=nbytes, reps=reps, check=chk)
+                (ql, qp, cache, lens), flops=flops, nbytes=nbytes, reps=reps, tol=TOLERANCE["mla"], check=chk)
         if target == "ref":
             continue
         if target == "gpu":  # first: the Mosaic GPU wgmma kernel (kernels_pallas/mla_decode_mgpu.py), where it tiles
@@ -567,7 +597,7 @@ def bench_mla(cases, *, impl, reps, sweep, key):
                 fn = lambda a, c, d, e: mla_decode_mgpu(a, c, d, e, scale=scale, kv_lora_rank=l,  # noqa: E731
                                                         interpret=interpret)
                 measure(rows, shape, "kernel mosaic_gpu", fn, (ql, qp, cache, lens), flops=flops,
-                        nbytes=nbytes, reps=reps, check=chk, quick=interpret,
+                        nbytes=nbytes, reps=reps, tol=TOLERANCE["mla"], check=chk, quick=interpret,
                         note="default" + (" (interpret)" if interpret else ""))
         cfgs = [{}]
         if target == "gpu" and sweep:
@@ -588,7 +618,7 @@ def bench_mla(cases, *, impl, reps, sweep, key):
             else:
                 fn = lambda a, c, d, e: mla_decode(a, c, d, e, scale=scale, kv_lora_rank=l, impl=impl)
             measure(rows, shape, "kernel", fn, (ql, qp, cache, lens), flops=flops, nbytes=nbytes,
-                    reps=reps, check=chk, quick=interpret,
+                    reps=reps, tol=TOLERANCE["mla"], check=chk, quick=interpret,
                     note=(",".join(f"{k}={v}" for k, v in cfg.items()) or "default")
                     + (" (interpret)" if interpret else ""))
     for row in rows:  # the ratio column is against the plain-jnp version here
@@ -623,13 +653,13 @@ def bench_absorb(cases, *, impl, reps, key):
             nbytes = h * nope * lat + (m * h * (width_in + width_out)) * 2
             measure(rows, shape, "XLA: dequantize + einsum (before)",
                     lambda a, b, c, part=part: mla_absorb_ref(a, b, c, part=part, nope=nope, layer=lay),
-                    (x, wq, ws), flops=flops, nbytes=nbytes, reps=reps, check=chk)
+                    (x, wq, ws), flops=flops, nbytes=nbytes, reps=reps, tol=TOLERANCE["absorb"], check=chk)
             if backend.split_impl(impl)[0] == "tpu":
                 continue
             interpret = backend.split_impl(impl)[1]
             measure(rows, shape, "kernel", lambda a, b, c, part=part: mla_absorb(
                         a, b, c, part=part, nope=nope, layer=lay, impl=impl),
-                    (x, wq, ws), flops=flops, nbytes=nbytes, reps=reps, check=chk, quick=interpret,
+                    (x, wq, ws), flops=flops, nbytes=nbytes, reps=reps, tol=TOLERANCE["absorb"], check=chk, quick=interpret,
                     note="default" + (" (interpret)" if interpret else ""))
     for row in rows:  # the ratio column is against XLA's product here
         base = next((x.ms for x in rows if x.shape == row.shape and x.method.startswith("XLA")), None)
@@ -663,7 +693,7 @@ def bench_router(cases, *, impl, reps, sweep, key):
         nbytes = (2 * t * E + E + 2 * t * K) * 4
         flops = 10.0 * t * E   # nominal: a few compares and adds per expert
         measure(rows, shape, "XLA: route (before)", lambda a, c: moe_route_ref(a, c, **ROUTER_V3), (x, b),
-                flops=flops, nbytes=nbytes, reps=reps, check=chk)
+                flops=flops, nbytes=nbytes, reps=reps, tol=TOLERANCE["router"], check=chk)
         if target != "gpu":
             continue
         cfgs = [{}]
@@ -672,7 +702,8 @@ def bench_router(cases, *, impl, reps, sweep, key):
         for cfg in cfgs:
             fn = (functools.partial(moe_route_gpu, interpret=interpret, **cfg, **ROUTER_V3) if cfg
                   else functools.partial(moe_route, impl=impl, **ROUTER_V3))
-            measure(rows, shape, "kernel", fn, (x, b), flops=flops, nbytes=nbytes, reps=reps, check=chk,
+            measure(rows, shape, "kernel", fn, (x, b), flops=flops, nbytes=nbytes, reps=reps,
+                    tol=TOLERANCE["router"], check=chk,
                     quick=interpret, note=(",".join(f"{k}={v}" for k, v in cfg.items()) or "default")
                     + (" (interpret)" if interpret else ""))
     _set_ratios(rows, "XLA: route (before)")   # the ratio column is against XLA's route here
@@ -682,12 +713,20 @@ def bench_router(cases, *, impl, reps, sweep, key):
 # ----------------------------------------------------------------------------------------------
 
 
+def _impl(s):
+    try:
+        return backend.check_impl(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
-    ap.add_argument("--impl", default=None,
+    ap.add_argument("--impl", type=_impl, default=None,
                     help="kernel impl (default: the backend's Pallas kernel; on CPU the interpreter)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
+    ap.add_argument("--reps", type=positive_int, default=None,
+                    help="timed repetitions (median; >= 1, default 3 with --small, else 5)")
     ap.add_argument("--no-sweep", action="store_true", help="only the default tile config")
     ap.add_argument("--only", choices=["dense", "grouped", "mla", "absorb", "router"], default=None)
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -739,6 +778,12 @@ def main(argv=None):
             json.dump([dataclasses.asdict(r) for r in all_rows], f, indent=1)
     print("\nGB/s: operands read + output written (grouped: only experts with rows); "
           "x XLA bf16: time of the XLA bf16 dot at the same shape / this time (>1 = faster).")
+    if CHECK_FAILURES:   # after everything is printed: the run's numbers are not to be trusted
+        print(f"\nerror: {len(CHECK_FAILURES)} row(s) failed the correctness check (tolerances: "
+              f"{', '.join(f'{k} {v:.0e}' for k, v in TOLERANCE.items())}):", file=sys.stderr)
+        for line in CHECK_FAILURES:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0
 
 

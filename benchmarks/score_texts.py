@@ -7,7 +7,8 @@ positions) in float32, HF loaded the way ``tests/hf_ref.py`` loads it. The corpu
 random token sequences with lengths drawn uniformly from 2 to ``--max-len``. After a warm-up pass
 (which compiles every length bucket, and every length for the one-at-a-time path), the three run in
 alternation ``--repeats`` times and each keeps its best time. The per-token log-probs are compared
-between them as a check.
+between them as a check (the last column of each table): the script exits 1, after printing every
+table, when a difference exceeds ``TOLERANCE``.
 
 A second table scores multiple choice: ``--questions`` random contexts (2 to ``--max-len`` - 1
 tokens), each with 4 one-token answers, by ``dj.loglikelihood`` (answers sharing one row, and each
@@ -23,11 +24,13 @@ skips it.
 
     .venv/bin/python benchmarks/score_texts.py [--texts 64] [--max-len 200] [--batch-size 8] [--questions 32]
         [--long-questions 32]
+
+``--max-len`` is at least 16 with the third table (its answers are 2 to ``--max-len`` / 8 tokens),
+3 with the second, else 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import datetime
 import os
@@ -46,17 +49,39 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, ROOT)
 
+from benchmarks._args import ArgumentParser, at_least, nonnegative_int, positive_int  # noqa: E402
+
+#: The check: the largest |log-prob difference| against the reference engine (float32 on both
+#: sides; per token, summed over an answer's tokens in the third table). The small runs of
+#: tests/test_benchmark_scripts.py show up to 7e-5 (summed over 25 tokens, docs/benchmarks.md).
+TOLERANCE = 1e-3
+#: the differences over TOLERANCE: "table / engine: difference"
+CHECK_FAILURES: list[str] = []
+
+
+def check(table: str, name: str, diff: float) -> str:
+    """The last column's cell; a difference over ``TOLERANCE`` is recorded (and marked)."""
+    if not diff <= TOLERANCE:
+        CHECK_FAILURES.append(f"{table} / {name}: {diff:.1e}")
+        return f"{diff:.1e} FAILED"
+    return f"{diff:.1e}"
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--texts", type=int, default=64)
-    ap.add_argument("--max-len", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--questions", type=int, default=32)
-    ap.add_argument("--long-questions", type=int, default=32)
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--texts", type=positive_int, default=64)
+    ap.add_argument("--max-len", type=at_least(2), default=200,
+                    help="longest text (default 200; >= 16 with --long-questions, >= 3 with --questions)")
+    ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--questions", type=nonnegative_int, default=32)
+    ap.add_argument("--long-questions", type=nonnegative_int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     a = ap.parse_args(argv)
+    need = 16 if a.long_questions else 3 if a.questions else 2
+    if a.max_len < need:
+        ap.error(f"argument --max-len: at least {need} here, got {a.max_len} (16 with --long-questions, whose "
+                 "answers are 2 to max-len/8 tokens; 3 with --questions; else 2)")
 
     import jax
 
@@ -123,11 +148,15 @@ def main(argv=None) -> int:
     print(f"{'engine':<34}{'s':>9}{'tokens/s':>11}{'x slower than batched':>24}{'max |dlogp| vs ours alone':>28}")
     for name in engines:
         diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(results[name], ref))
-        print(f"{name:<34}{best[name]:>9.3f}{n_tokens / best[name]:>11,.0f}{best[name] / base:>24.2f}{diff:>28.1e}")
+        print(f"{name:<34}{best[name]:>9.3f}{n_tokens / best[name]:>11,.0f}{best[name] / base:>24.2f}"
+              f"{check('texts', name, diff):>28}")
     if a.questions > 0:
         multiple_choice(a, model, rng, race, hf if not a.no_hf else None)
     if a.long_questions > 0:
         long_answers(a, model, rng, race, hf if not a.no_hf else None)
+    if CHECK_FAILURES:
+        print(f"error: log-prob differences over {TOLERANCE:.0e}: {'; '.join(CHECK_FAILURES)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -226,7 +255,8 @@ def choice_table(race, engines, n_requests: int, base_word: str, title: str) -> 
           f"{'max |dlogp| vs a row each':>28}")
     for name in engines:
         diff = float(np.abs(np.asarray(results[name]) - np.asarray(ref)).max())
-        print(f"{name:<42}{best[name]:>9.3f}{n_requests / best[name]:>12,.0f}{best[name] / base:>22.2f}{diff:>28.1e}")
+        print(f"{name:<42}{best[name]:>9.3f}{n_requests / best[name]:>12,.0f}{best[name] / base:>22.2f}"
+              f"{check(title.split(' (')[0], name, diff):>28}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,13 +14,16 @@ mode keeps its best round. Per batch size it reports:
   speed-up; this is what speculative decoding changes;
 * step cost: decode time per loop iteration, speculative / plain (what one verify step costs).
 
-Outputs are checked to be identical token for token (greedy). Compile time is excluded.
+Outputs are checked to be identical token for token (greedy): the script exits 1 (after printing)
+when they are not. Compile time is excluded.
 
 ``--passes`` adds, at batch 1, what a decode call is made of (microseconds, best of ``--rounds``
 alternating rounds): one main-model pass over 1-4 new tokens and one MTP pass over 1-2 rows (a
 ``fori_loop`` of 200 passes over a 32-position cache), one loop iteration of each mode (decode
-executable with eos ignored: 17 iterations minus 1), a call's fixed decode cost (the executable
-with no iteration, plus reading the results back) and prefill, and the speed-up bound they give:
+executable with eos ignored and a limit of 16 iterations, less the fixed cost, divided by the
+iterations it ran: the speculative loop stops early at the cache's end), a call's fixed decode
+cost (the executable with no iteration, plus reading the results back) and prefill, and the
+speed-up bound they give (each program run once untimed first):
 a call costs ``fixed + steps x iteration``, so with the measured steps per call the decode
 speed-up is at most ``(fixed + steps_plain x it_plain) / (fixed + steps_spec x it_spec)``, and
 with the iteration cut to its model passes (no bookkeeping) or to 1-token passes, less yet.
@@ -28,7 +31,6 @@ with the iteration cut to its model passes (no bookkeeping) or to 1-token passes
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -37,6 +39,9 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._args import ArgumentParser, positive_int  # noqa: E402  (argparse only)
 
 
 def versions() -> str:
@@ -115,20 +120,27 @@ def pass_costs(gen, prompt, rounds):
     passes.update({f"MTP pass, {T} row{'s' if T > 1 else ''}": mtp_pass(T) for T in (1, 2)})
 
     def call(spec, limit):
+        """Seconds of one decode call up to ``limit`` steps, and the loop iterations it ran."""
         pre, dec = exe[spec]
         st = jax.block_until_ready(pre(prep.leaves, *args, knobs))
+        step0 = int(st.step)
         t0 = time.perf_counter()
-        if limit is not None:
-            st = dec(prep.leaves, st, np.int32(limit), knobs)   # (numpy, as the generator passes it)
-            jax.device_get((st.buf_BS, st.cur_B, st.done_B, st.step))
-        return time.perf_counter() - t0
+        st = dec(prep.leaves, st, np.int32(limit), knobs)   # (numpy, as the generator passes it)
+        _, _, _, step = jax.device_get((st.buf_BS, st.cur_B, st.done_B, st.step))
+        return time.perf_counter() - t0, int(step) - step0
 
     def prefill(spec):
         t0 = time.perf_counter()
         jax.block_until_ready(exe[spec][0](prep.leaves, *args, knobs))
         return time.perf_counter() - t0
 
-    best = {}
+    for f, a in passes.values():   # warm-up: each program once, untimed
+        jax.block_until_ready(f(params, a))
+    for spec in (False, True):
+        prefill(spec)
+        call(spec, 1)
+        call(spec, 17)
+    best, iterations = {}, {}
     for _ in range(rounds):
         for name, (f, a) in passes.items():
             t0 = time.perf_counter()
@@ -136,11 +148,16 @@ def pass_costs(gen, prompt, rounds):
             best[name] = min(best.get(name, 1e9), (time.perf_counter() - t0) / n * 1e6)
         for spec in (False, True):
             mode = "MTP" if spec else "plain"
-            for key, v in ((f"{mode} prefill", prefill(spec)), (f"{mode} fixed decode cost", call(spec, 1)),
-                           (f"{mode} 16 iterations", call(spec, 17))):
+            t_prefill = prefill(spec)
+            (t_fixed, _), (t_loop, iterations[mode]) = call(spec, 1), call(spec, 17)
+            for key, v in ((f"{mode} prefill", t_prefill), (f"{mode} fixed decode cost", t_fixed),
+                           (f"{mode} iterations", t_loop)):
                 best[key] = min(best.get(key, 1e9), v * 1e6)
-    for mode in ("plain", "MTP"):
-        best[f"{mode} loop iteration"] = (best.pop(f"{mode} 16 iterations") - best[f"{mode} fixed decode cost"]) / 16
+    print(f"pass costs: a 16-step decode call ran {iterations['plain']} loop iterations plain, "
+          f"{iterations['MTP']} MTP", file=sys.stderr, flush=True)
+    for mode in ("plain", "MTP"):   # (the same prompt every round: the same iterations)
+        best[f"{mode} loop iteration"] = ((best.pop(f"{mode} iterations") - best[f"{mode} fixed decode cost"])
+                                          / max(iterations[mode], 1))
     return best
 
 
@@ -163,14 +180,16 @@ def bound_lines(c, plain_steps, spec_steps):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="checkpoint (default: the shipped demo model)")
-    ap.add_argument("--prompts", type=int, default=32, help="held-out prompts per round (default 32)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompts", type=positive_int, default=32, help="held-out prompts per round (default 32)")
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--passes", action="store_true", help="also break batch 1 down into per-pass costs")
     args = ap.parse_args(argv)
+    if args.ckpt is not None and not os.path.isdir(args.ckpt):
+        ap.error(f"--ckpt {args.ckpt!r}: no such directory")
 
     import deepseek_jax as dj
     from deepseek_jax.commands.demo import DEMO_TASK, demo_checkpoint
@@ -217,7 +236,7 @@ def main(argv=None) -> int:
     costs = pass_costs(gen, prompts[0], args.rounds) if args.passes else None
     if args.json:
         print(json.dumps(rows if costs is None else dict(rows=rows, pass_costs_us=costs), indent=1))
-        return 0
+        return check_identical(rows)
     load = os.getloadavg()
     print(f"date {datetime.date.today().isoformat()} · {versions()} · load average {load[0]:.1f}\n")
     print("| batch | prompts | new tokens | exact match | identical | acceptance | loop steps/call | plain tok/s | "
@@ -239,8 +258,22 @@ def main(argv=None) -> int:
             print("\nDecode speed-up bounds at batch 1 (plain / MTP decode time per call):\n")
             for line in bound_lines(costs, r1["plain_steps_per_call"], r1["spec_steps_per_call"]):
                 print(f"- {line}")
-    return 0
+    return check_identical(rows)
+
+
+def check_identical(rows) -> int:
+    """1 (with a line on stderr) when a batch size's speculative outputs differ from plain decoding's."""
+    bad = [r["batch"] for r in rows if not r["identical"]]
+    if bad:
+        print(f"error: speculative outputs differ from plain decoding's (greedy) at batch "
+              f"{', '.join(map(str, bad))}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from deepseek_jax.errors import DeepSeekError
+    try:
+        raise SystemExit(main())
+    except DeepSeekError as e:   # a checkpoint the model cannot load: one line
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -26,13 +26,13 @@ and with the TPU backward kernels, and prints what XLA's own ops move beside eac
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._args import ArgumentParser, int_list  # noqa: E402  (argparse only)
 from benchmarks._plugins import plugins_first  # noqa: E402  (os and sys only)
 
 plugins_first("tpu", sys.argv[1:])
@@ -118,11 +118,11 @@ def attention_backward(topology: str, seqs: list[int], heads: int = 128) -> list
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--plugins", default=".tpu_aot", help="directory holding libtpu's files")
     ap.add_argument("--topologies", default="v5p:2x2x1,v6e:2x2,tpu7x:2x2x1")
     ap.add_argument("--model", action="store_true", help="also the real-width decode and prefill programs")
-    ap.add_argument("--attention-backward", default="",
+    ap.add_argument("--attention-backward", type=int_list(empty=True), default="",
                     help="comma-separated sequence lengths: also one layer's flash attention forward+backward, "
                          "the blocked jnp backward against the backward kernels, side by side")
     mesh_compile.add_arguments(ap)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         print(f"{'scope':16s} " + " ".join(f"{r['program'][:14]:>14s}" for r in out["model"]))
         for n in names:
             print(f"{n:16s} " + " ".join(f"{r['xla_mb'].get(n, 0.0):14.1f}" for r in out["model"]))
-    seqs = [int(x) for x in a.attention_backward.split(",") if x.strip()]
+    seqs = a.attention_backward
     if seqs:
         out["attention_backward"] = rows = attention_backward(topologies[0], seqs)
         print(f"\none layer's flash attention, forward + backward (one chip of {topologies[0]}, 128 heads, bf16): "

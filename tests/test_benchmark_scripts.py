@@ -141,3 +141,45 @@ def test_attention_memory_benchmark_small(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["T"] == 512 and row["rel_err"] < 1e-4
     assert row["blocked_grad_temp_mib"] < row["plain_grad_temp_mib"] / 2, row
+
+
+def test_benchmark_bad_arguments():
+    """A bad argument to a benchmark script is one line on stderr naming the flag, exit 2, before
+    any JAX work (no traceback, no model built)."""
+    cases = [("kernels.py", "--impl", "bogus"), ("kernels.py", "--reps", "0"),
+             ("generate_cpu.py", "--batches", "x"), ("score_texts.py", "--max-len", "8"),
+             ("speculative.py", "--batch", "0"), ("speculative.py", "--ckpt", "/nonexistent"),
+             ("chat_prefix.py", "--rest", "2"), ("gpu_compile.py", "--batches", "x"),
+             ("tpu_compile.py", "--attention-backward", "x"), ("e2e_gpu.py", "--batches", "x"),
+             ("e2e_gpu.py", "--layers", "0"), ("expert_exchange.py", "--tokens", "0"),
+             ("expert_exchange.py", "--top-k", "9", "--experts", "8")]
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    procs = [(case, subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", case[0]), *case[1:]],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+             for case in cases]
+    for (script, flag, value, *_), p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, (script, flag, value, err)
+        assert err.count("\n") == 1 and flag in err and "Traceback" not in err, (script, flag, value, err)
+
+
+def test_prefill_roofline_counts_the_weights_each_token_multiplies():
+    """benchmarks/e2e_gpu.py's FP8 GEMM roofline at V3's width (1 dense + 3 MoE layers): MLA's five
+    projections are 187.1M weights per layer, which a rough 6 x hidden^2 (308.3M) overstated."""
+    import importlib
+
+    from flax import nnx
+
+    from deepseek_jax.model import DeepSeekV3
+    from deepseek_jax.quant import Precision
+
+    e2e = importlib.import_module("benchmarks.e2e_gpu")
+    cfg = e2e.bench_config(4, small=False)
+    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, prec=Precision(), rngs=nnx.Rngs(0)))
+    D, H, q, kv, nope, rope, v = (cfg.hidden_size, cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank,
+                                  cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+    mla = D * q + q * H * (nope + rope) + D * (kv + rope) + kv * H * (nope + v) + H * v * D
+    assert mla == 187_105_280
+    mlp = 3 * D * cfg.intermediate_size
+    moe = D * cfg.n_routed_experts + 3 * D * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    assert e2e.prefill_gemm_params(cfg, model) == 4 * mla + mlp + 3 * moe
