@@ -177,11 +177,13 @@ class DeepSeekConfig:
                 raise DeepSeekError(f"config: quantization_config.weight_block_size = {wbs!r}: "
                                     "must be a list of two integers ([128, 128])")
             kw["weight_block_size"] = tuple(wbs)
+        kw["extra"] = {k: v for k, v in d.items() if k not in known}
         eos = kw.get("eos_token_id")
         if isinstance(eos, list):
             # The first id is the one generation stops at; validate() checks its type and range.
+            # The list itself goes back into the Hub config (to_hub_dict).
             kw["eos_token_id"] = eos[0] if eos else 1
-        kw["extra"] = {k: v for k, v in d.items() if k not in known}
+            kw["extra"]["eos_token_id"] = eos
         cfg = cls(**kw)
         cfg.validate()
         return cfg
@@ -197,8 +199,13 @@ class DeepSeekConfig:
             d["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.rope_scaling)}
         else:
             d["rope_scaling"] = None
-        if self.fp8:
+        eos = self.extra.get("eos_token_id")
+        if isinstance(eos, list) and eos and eos[0] == self.eos_token_id:
+            d["eos_token_id"] = eos
+        if self.fp8:   # (the source's other keys, e.g. modules_to_not_convert, kept)
+            qc = self.extra.get("quantization_config")
             d["quantization_config"] = {
+                **(qc if isinstance(qc, dict) else {}),
                 "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": list(self.weight_block_size)}
         else:

@@ -49,6 +49,20 @@ def test_q_lora_rank_null_and_roundtrip():
     assert again == c
 
 
+def test_hub_config_round_trip_keeps_eos_lists_and_quantization_keys():
+    """Export wrote the first of an eos_token_id list and a quantization_config rebuilt from
+    scratch (its modules_to_not_convert dropped): the exported config.json was not the source's."""
+    d = tiny_config(eos_token_id=[1, 7], quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["lm_head"]})
+    c = DeepSeekConfig.from_hub_dict(d)
+    assert c.eos_token_id == 1 and c.fp8
+    out = c.to_hub_dict()
+    assert out["eos_token_id"] == [1, 7] and out["quantization_config"] == d["quantization_config"]
+    assert "quantization_config" not in c.replace(fp8=False).to_hub_dict()
+    assert c.replace(eos_token_id=7).to_hub_dict()["eos_token_id"] == 7   # another eos: not the list's
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("model_type", "llama", "model_type"),
     ("scoring_func", "softmax", "scoring_func"),
