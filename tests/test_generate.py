@@ -290,7 +290,7 @@ def test_cli_generate_bad_input_file(ckpt_a, tmp_path, capsys):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n")
     code, _, err = run_cli(capsys, "generate", ckpt_a, "--input-file", blank)
-    assert_one_line_error(code, err, contains="no prompts")
+    assert_one_line_error(code, err, contains="holds no text")
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
     code, _, err = run_cli(capsys, "generate", ckpt_a, "--input-file", binary)
@@ -359,6 +359,12 @@ def test_cli_generate_text_json_and_input_file(demo, tmp_path, capsys):
     assert code == 0
     row = json.loads(out.splitlines()[0])
     assert row["prompt_ids"] == tok.encode(DEFAULT_PROMPTS[0]) and row["output_ids"] == []
+    # one prompt per line: str.splitlines also split at U+2028, a form feed and a lone \r (6 prompts)
+    f.write_text("first\u2028second\x0cthird\rfourth\r\nlast\n", encoding="utf-8", newline="")
+    code, out, _ = run_cli(capsys, "generate", d, "--input-file", f, "--raw", "--max-new-tokens", 0, "--json")
+    assert code == 0
+    assert [json.loads(line)["prompt_ids"] for line in out.splitlines()] == [
+        tok.encode("first\u2028second\x0cthird\rfourth"), tok.encode("last")]
 
 
 def test_cli_text_bad_input(demo, capsys):

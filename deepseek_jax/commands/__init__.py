@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import stat
 
+from deepseek_jax.errors import DeepSeekError
+
 
 def plain_mode(path: str, *, directory: bool = False) -> int:
     """The permissions ``open(path, "w")`` / ``mkdir`` would have left: an existing file's own, else
@@ -28,3 +30,19 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def read_lines(path: str, flag: str) -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file (a byte-order mark dropped) with their 1-based line
+    numbers; ``flag`` names the option in errors (``score --text-file``/``--pairs``, ``generate
+    --input-file``)."""
+    try:   # lines end at \n (\r\n too) only: str.splitlines would also split at form feeds and U+2028
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            raw = f.read().split("\n")
+        lines = [(i + 1, line.removesuffix("\r")) for i, line in enumerate(raw) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DeepSeekError(f"{flag}: cannot read {path}: {' '.join(str(reason).split())}") from None
+    if not lines:
+        raise DeepSeekError(f"{flag}: {path} holds no text (only blank lines)")
+    return lines

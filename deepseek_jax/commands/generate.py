@@ -223,21 +223,16 @@ def parse_ids(text: str) -> list[int]:
 
 
 def read_prompt_file(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8-sig") as f:   # (a byte-order mark is not part of the first prompt)
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise DeepSeekError(f"--input-file: cannot read {path}: {' '.join(str(reason).split())}") from None
-    prompts = [line for line in lines if line.strip()]
-    if not prompts:
-        raise DeepSeekError(f"--input-file: {path} holds no prompts")
-    return prompts
+    """``--input-file``'s prompts, one per line: lines end at ``\n`` only (``str.splitlines`` also
+    split a prompt at U+2028, form feeds and a lone ``\r``), as ``score --text-file`` reads them."""
+    from deepseek_jax.commands import read_lines
+
+    return [line for _, line in read_lines(path, "--input-file")]
 
 
 def _encode(tokenizer, texts: list[str], chat: bool | None) -> list[list[int]]:
     if chat is None:
-        chat = bool(tokenizer.chat_template)
+        chat = tokenizer.has_chat_template
     out = []
     for i, t in enumerate(texts):
         if not t:

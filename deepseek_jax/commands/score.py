@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from deepseek_jax import runtime
-from deepseek_jax.commands import plain_mode
+from deepseek_jax.commands import plain_mode, read_lines
 from deepseek_jax.commands.generate import add_prefill_attention_arg
 from deepseek_jax.errors import DeepSeekError
 
@@ -142,20 +142,6 @@ def _npz(arrays: dict) -> Callable:
     return lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
-def _read_lines(path: str, flag: str = "--text-file") -> list[tuple[int, str]]:
-    """The non-blank lines with their 1-based line numbers in the file."""
-    try:   # lines end at \n (\r\n too) only: str.splitlines would also split at form feeds and U+2028
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            raw = f.read().split("\n")
-        lines = [(i + 1, line.removesuffix("\r")) for i, line in enumerate(raw) if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise DeepSeekError(f"{flag}: cannot read {path}: {' '.join(str(reason).split())}") from None
-    if not lines:
-        raise DeepSeekError(f"{flag}: {path} holds no text (only blank lines)")
-    return lines
-
-
 def _tokens(n: int) -> str:
     return f"{n} token" + ("" if n == 1 else "s")
 
@@ -183,7 +169,7 @@ def _run_text(args: argparse.Namespace) -> int:
     from deepseek_jax.commands.generate import load_tokenizer
 
     _check_line_args(args, "--text-file", "each line's log-prob and perplexity")
-    lines = _read_lines(args.text_file)
+    lines = read_lines(args.text_file, "--text-file")
     tokenizer = load_tokenizer(args.ckpt, required=True)
     seqs = [tokenizer.encode(text) for _, text in lines]
     mesh = runtime.init(args)
@@ -264,7 +250,7 @@ def _run_pairs(args: argparse.Namespace) -> int:
     from deepseek_jax.commands.generate import load_tokenizer
 
     _check_line_args(args, "--pairs", "each pair's log-likelihood and is_greedy")
-    pairs = _parse_pairs(_read_lines(args.pairs, "--pairs"))
+    pairs = _parse_pairs(read_lines(args.pairs, "--pairs"))
     tokenizer = None
     if any(text for *_, text in pairs):
         if not os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")) and os.path.isdir(args.ckpt):
