@@ -921,15 +921,18 @@ class _StopText:
     def _add(self, piece: str) -> bool:
         start = max(0, len(self.text) - self.longest + 1)   # a new occurrence ends in the new piece
         self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stops) if i >= 0]
         if hits:
-            # The token that completed it may be an earlier one: one whose bytes also began a
-            # character the decoder held back (a byte-level token "b" + 0xC3) released its text
-            # only with the next token. A character is at most 4 bytes: a few tokens back at most.
+            # The token that completed the first occurrence may be an earlier one: one whose bytes
+            # also began a character the decoder held back (a byte-level token "b" + 0xC3)
+            # released its text only with a later token, and a run of such tokens (each ending
+            # mid-emoji, say) holds it back for as long as it lasts.
+            cut, n = min(hits)
+            stop = self.text[cut:cut + n]
             k = self.n
-            while k > 1 and self.n - k < 4 and any(s in self.decoder.text_of(k - 1) for s in self.stops):
+            while k > 1 and self.decoder.text_of(k - 1)[cut:cut + n] == stop:
                 k -= 1
-            self.cut, self.kept = min(hits), k
+            self.cut, self.kept = cut, k
         return bool(hits)
 
     def feed(self, ids: Sequence[int]) -> bool:
@@ -1380,7 +1383,7 @@ class Generator:
         if not isinstance(text, str) or not text:
             raise DeepSeekError("prompt is empty")
         if chat is None:
-            chat = bool(tok.chat_template)
+            chat = tok.has_chat_template
         if chat:
             return tok.encode_chat([{"role": "user", "content": text}])
         return tok.encode(text)

@@ -262,3 +262,27 @@ def test_stop_completed_by_a_token_that_also_begins_a_character():
     assert len(ids) == 4 and tok.decode(ids[:3]).endswith("\ufffd")        # x, a, b+0xC3, 0xA9
     st = _StopText(tok.stream_decoder(), ["ab"])
     assert st.feed(ids) and st.kept == 3 and st.finish() == "x"
+
+
+def test_stop_completed_before_a_long_run_of_held_back_tokens():
+    """Tokens that each end mid-emoji ("\u0122\u00f0\u0141\u013a": its last byte and the next one's
+    first three) hold the text back for as long as they run: output_ids kept tokens past the stop
+    (the search looked back 4 tokens at most). With two stop strings, the ids are cut where the
+    text is, at the first occurrence."""
+    import tokenizers
+
+    from deepseek_jax.generate import _StopText
+    j = json.load(open(os.path.join(dj.demo_checkpoint(), "tokenizer.json"), encoding="utf-8"))
+    vocab = j["model"]["vocab"]
+    for t in ("\u00f0\u0141\u013a", "\u0122\u00f0\u0141\u013a"):   # F0 9F 98 | 80 F0 9F 98 (byte-level)
+        vocab[t] = max(vocab.values()) + 1
+    tok = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(j)))
+    a, b = tok.encode("ab", add_bos=False)
+    head, mid = vocab["\u00f0\u0141\u013a"], vocab["\u0122\u00f0\u0141\u013a"]
+    ids = [a, b, head, *[mid] * 6, vocab["\u0122"]]
+    assert tok.decode(ids) == "ab" + "\U0001F600" * 7
+    st = _StopText(tok.stream_decoder(), ["\U0001F600"])
+    assert st.feed(ids) and st.finish() == "ab" and st.kept == 4   # its 4th token completed the first emoji
+    assert tok.decode(ids[:4]) == "ab\U0001F600\ufffd" and tok.decode(ids[:3]) == "ab\ufffd"
+    st = _StopText(tok.stream_decoder(), ["ab\U0001F600\U0001F600", "\U0001F600"])
+    assert st.feed(ids) and st.finish() == "" and st.kept == 5   # "ab" + 2 emoji: through the 5th token
