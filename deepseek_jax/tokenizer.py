@@ -35,6 +35,8 @@ TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenize
 # DeepSeek-V3's spellings, used when tokenizer_config.json does not name the tokens.
 DEFAULT_BOS = "<｜begin▁of▁sentence｜>"
 DEFAULT_EOS = "<｜end▁of▁sentence｜>"
+#: The files of a Hub tokenizer this module reads (what a model's export copies along).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -121,9 +123,13 @@ class Tokenizer:
         add_bos_token: bool = True,
         chat_template: str | None = None,
         source: str = "<memory>",
+        chat_template_error: str | None = None,
     ) -> None:
-        """Wrap a loaded ``tokenizers.Tokenizer``; ``source`` names where it came from in errors."""
+        """Wrap a loaded ``tokenizers.Tokenizer``; ``source`` names where it came from in errors.
+        ``chat_template_error``: why the config's template could not be read (raised when a chat is
+        rendered; :attr:`has_chat_template` is true, so that a chat is not quietly encoded raw)."""
         self._tok = tokenizer
+        self.chat_template_error = chat_template_error
         self._source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -182,13 +188,18 @@ class Tokenizer:
                 raise DeepSeekError(f"corrupt tokenizer config {cfg_file}: expected a JSON object")
             config = loaded
 
-        chat_template = _select_chat_template(config.get("chat_template"), cfg_file)
         jinja_file = directory / "chat_template.jinja"  # newer HF exports keep the template here
-        if chat_template is None and jinja_file.is_file():
+        template_error = None
+        if jinja_file.is_file():   # (it wins over the config's, as in transformers)
             try:
                 chat_template = jinja_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as err:
                 raise DeepSeekError(f"cannot read {jinja_file}: {_one_line(err)}") from err
+        else:
+            try:
+                chat_template = _select_chat_template(config.get("chat_template"), cfg_file)
+            except DeepSeekError as err:   # an error for what renders a chat, not for encoding text
+                chat_template, template_error = None, str(err)
 
         add_bos = config.get("add_bos_token", True)
         if not isinstance(add_bos, bool):
@@ -200,7 +211,13 @@ class Tokenizer:
             add_bos_token=add_bos,
             chat_template=chat_template,
             source=str(directory),
+            chat_template_error=template_error,
         )
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer's files give a chat template (one that may fail to load)."""
+        return bool(self.chat_template) or self.chat_template_error is not None
 
     @property
     def vocab_size(self) -> int:
@@ -238,10 +255,13 @@ class Tokenizer:
 
         Ids outside the tokenizer's vocabulary (the embedding is padded past it) are dropped.
         """
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        n = self.vocab_size   # (the Rust side takes u32: a negative or huge id was an OverflowError)
+        return self._tok.decode([i for i in map(int, ids) if 0 <= i < n], skip_special_tokens=skip_special)
 
     def _template(self) -> jinja2.Template:
         if self._compiled_template is None:
+            if self.chat_template_error is not None and not self.chat_template:
+                raise DeepSeekError(self.chat_template_error)
             if not self.chat_template:
                 raise DeepSeekError(
                     f"{self._source}: tokenizer_config.json has no chat_template; "
@@ -264,20 +284,19 @@ class Tokenizer:
     ) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) to prompt text.
 
-        ``extra`` keyword arguments are passed to the template as further variables.
+        The template sees ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token`` and
+        ``tools``/``documents`` (None), as transformers passes them; ``extra`` keyword arguments
+        are further variables, and override those.
         """
         for i, message in enumerate(messages):
             if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
                 raise DeepSeekError(f"chat message {i} must be a mapping with a string 'role'")
         template = self._template()
         try:
-            return template.render(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                **extra,
-            )
+            variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "tools": None,
+                         "documents": None, **extra}
+            return template.render(messages=[dict(m) for m in messages],
+                                   add_generation_prompt=add_generation_prompt, **variables)
         except Exception as err:  # the template is user data: anything it raises is a user error
             detail = err.message if isinstance(err, jinja2.exceptions.TemplateError) else err
             raise DeepSeekError(

@@ -64,6 +64,7 @@ from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.moe import RouterBias
 from deepseek_jax.quant import Precision
 from deepseek_jax.sharding import MESH_AXES, attach_mesh, auto_mesh, model_param_specs, resolve_rules
+from deepseek_jax.tokenizer import TOKENIZER_FILES
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "compute_loss", "learning_rate", "make_optimizer", "model_logits",
            "cast_params", "export_hub", "load_float_model"]
@@ -1032,7 +1033,7 @@ def export_hub(model: DeepSeekV3, out_dir, fp8: bool = False, *, tokenizer_dir=N
     if main:
         write_config(out_dir, hub_cfg)
     if main and tokenizer_dir is not None:
-        for f in ("tokenizer.json", "tokenizer_config.json"):
+        for f in TOKENIZER_FILES:
             src = os.path.join(os.fspath(tokenizer_dir), f)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(out_dir, f))

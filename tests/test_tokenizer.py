@@ -270,6 +270,40 @@ def test_chat_template_list_form(tmp_path: Path) -> None:
     assert rendered == BOS + USER + "hi" + ASSISTANT
 
 
+def test_chat_template_list_without_default_fails_only_a_chat(tmp_path: Path) -> None:
+    """A list of templates none of which is "default" made loading fail, for raw prompts and
+    scoring too; it fails what renders a chat (as in transformers), and a chat is not encoded raw."""
+    t = Tokenizer.from_dir(_copy_asset(tmp_path, {"chat_template": [{"name": "tool_use", "template": "x"}]}))
+    assert t.encode("raw text is fine") and t.has_chat_template and not t.chat_template
+    with pytest.raises(DeepSeekError, match="none is named 'default'"):
+        t.encode_chat([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_jinja_file_wins_over_the_config(tmp_path: Path) -> None:
+    """transformers reads chat_template.jinja before tokenizer_config.json's chat_template; the
+    config's had been used."""
+    d = _copy_asset(tmp_path)
+    (d / "chat_template.jinja").write_text("NEW:{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    assert Tokenizer.from_dir(d).apply_chat_template([{"role": "user", "content": "hi"}]) == "NEW:hi"
+
+
+def test_template_variables_as_transformers_passes_them(tmp_path: Path) -> None:
+    """tools / documents are None unless given (an `is not none` test was true here), and a
+    keyword overrides bos_token instead of failing with "multiple values"."""
+    template = "{{ tools is none }}{{ documents is none }}{{ bos_token }}"
+    t = Tokenizer.from_dir(_copy_asset(tmp_path, {"chat_template": template}))
+    assert t.apply_chat_template([]) == "TrueTrue" + BOS
+    assert t.apply_chat_template([], tools=[{"name": "f"}], bos_token="<b>") == "FalseTrue<b>"
+
+
+def test_decode_drops_ids_outside_the_vocab(tok: Tokenizer) -> None:
+    """Negative ids and ids past 2**32 raised the Rust side's OverflowError; the docstring says
+    ids outside the vocabulary are dropped."""
+    ids = tok.encode("hello", add_bos=False)
+    assert tok.decode([-1, *ids, 2**40, tok.vocab_size]) == tok.decode(ids) == "hello"
+    assert tok.stream_decoder().feed(10**12) == ""
+
+
 # ---------------------------------------------------------------- the asset is reproducible
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from deepseek_jax.hub import HubReader, hub_tensor_specs, spec_mismatches
 from deepseek_jax.quant import Precision
 from deepseek_jax.synthetic import random_hub_checkpoint, tiny_config
 from deepseek_jax.tasks import make_dataset
-from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR
+from deepseek_jax.tokenizer import TINY_TOKENIZER_DIR, Tokenizer
 from deepseek_jax.train import (TrainConfig, Trainer, cast_params, export_hub, load_float_model,
                                 model_logits)
 
@@ -263,11 +264,16 @@ def test_export_hub_loads_with_same_logits(runs, data, tmp_path):
     ids = data.batch_at(7).ids[:4]
     ref, ref_mtp = model_logits(model, ids)
 
-    hub = export_hub(model, tmp_path / "hub", fp8=False, tokenizer_dir=TINY_TOKENIZER_DIR)
+    tok_dir = tmp_path / "tok"   # a tokenizer keeping its template in chat_template.jinja (newer HF exports)
+    shutil.copytree(TINY_TOKENIZER_DIR, tok_dir)
+    (tok_dir / "chat_template.jinja").write_text("J:{% for m in messages %}{{ m.content }}{% endfor %}")
+    hub = export_hub(model, tmp_path / "hub", fp8=False, tokenizer_dir=tok_dir)
     with HubReader(hub) as reader:
         assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []
         assert "quantization_config" not in reader.config
     assert os.path.isfile(os.path.join(hub, "tokenizer.json"))
+    # (the .jinja was left behind: the export had no template, and generate encoded prompts raw)
+    assert Tokenizer.from_dir(hub).apply_chat_template([{"role": "user", "content": "hi"}]) == "J:hi"
     loaded = api.load(hub)
     assert loaded.cfg.replace(extra={}) == model.cfg.replace(extra={})
     # The Hub layout stores BF16: the loaded model equals the trained one with bf16-rounded weights,

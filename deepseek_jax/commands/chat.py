@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise DeepSeekError(f"no tokenizer.json in {args.ckpt}: chat needs the checkpoint's tokenizer "
                             "(tokenizer.json and a chat template)")
     tokenizer = load_tokenizer(args.ckpt, required=True)
-    if not tokenizer.chat_template:
+    if not tokenizer.has_chat_template:
         raise DeepSeekError(f"{args.ckpt}: tokenizer_config.json has no chat_template; chat needs one")
     # each turn's prompt starts with the last one's prompt and reply: prefill only what is new
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args, reuse_prefix=True)
