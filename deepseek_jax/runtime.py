@@ -108,6 +108,10 @@ def init(args: argparse.Namespace, default_mesh=None):
             raise DeepSeekError(f"distributed initialisation failed: {str(e).splitlines()[0]}") from None
         if os.environ.get("DEEPSEEK_JAX_TEST_DIE_AFTER_INIT") == str(jax.process_index()):
             os._exit(17)  # test hook: simulates a host dying mid-run (tests/test_multihost.py)
+    if jax.process_count() > 1 and jax.device_count() != jax.local_device_count() * jax.process_count():
+        # (the agreement check's all-gather failed on it deep inside JAX: "cannot reshape")
+        raise DeepSeekError(f"this process has {jax.local_device_count()} of the {jax.device_count()} devices of "
+                            f"{jax.process_count()} processes: every process must have as many devices")
     if jax.process_count() > 1:
         global _PROCESS
         _PROCESS = (jax.process_index(), jax.process_count())
@@ -180,6 +184,36 @@ def _check_processes_agree(args: argparse.Namespace) -> None:
             if not np.array_equal(every[pid, k], every[0, k]):
                 raise DeepSeekError(f"process {pid} differs from process 0 in {what}: every process must run "
                                     "the same command on the same files")
+
+
+def check_shared_dir(path: str, flag: str) -> None:
+    """On several processes, that every one sees the directory process 0 sees at ``path``: they
+    write one checkpoint there together. A relative path from other working directories, or a
+    disk that is not shared, made each process write its own copy, and the first save hung (no
+    error, no heartbeat timeout). Process 0 leaves a file of a random name there; each process
+    looks for it."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import secrets
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    token = np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(secrets.token_bytes(8), np.uint8)))
+    probe = os.path.join(path, f".deepseek_jax_host_check_{bytes(token.astype(np.uint8)).hex()}")
+    if is_main():
+        open(probe, "w").close()
+    multihost_utils.sync_global_devices("deepseek_jax.check_shared_dir.written")
+    seen = np.asarray(multihost_utils.process_allgather(np.array([os.path.exists(probe)])))
+    multihost_utils.sync_global_devices("deepseek_jax.check_shared_dir.read")
+    if is_main():
+        os.remove(probe)
+    blind = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
+    if blind:
+        raise DeepSeekError(f"{flag} {path}: process {blind[0]} does not see process 0's directory there: on several "
+                            "hosts it must be one directory every host sees at the same absolute path")
 
 
 def is_main() -> bool:

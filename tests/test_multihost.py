@@ -18,13 +18,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args, *, n=2, env_extra=None, cwd=None, per_process=None):
+def _launch(args, *, n=2, env_extra=None, cwd=None, per_process=None, env_per_process=None):
     """``args`` on every process; ``per_process[i]``, a list of arguments, replaces them on process i,
-    and ``cwd`` may be a dict of working directories by process."""
+    ``env_per_process[i]`` adds to its environment, and ``cwd`` may be a dict of working
+    directories by process."""
     port = _free_port()
     procs = []
     for i in range(n):
-        env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", **(env_extra or {}))
+        env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", **(env_extra or {}), **(env_per_process or {}).get(i, {})}
         mine = (per_process or {}).get(i, args)
         cmd = [sys.executable, "-m", "deepseek_jax.cli", *mine, "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", str(n), "--process-id", str(i), "--heartbeat-timeout", "10"]
@@ -148,6 +149,30 @@ def test_every_process_says_why_it_failed(ckpt_a):
         assert p.returncode == 2 and len(ours) == 1, err[-2000:]
         assert f"process {i} of 2: error:" in ours[0] and "99999" in ours[0], ours
         assert "Traceback" not in err
+
+
+def test_processes_with_other_device_counts_or_other_out_dirs_stop_with_one_line(ckpt_a, ids_path, tmp_path):
+    """Processes with 4 and 2 devices failed in the agreement check's all-gather with a traceback
+    ("cannot reshape array of size 6"); a training run whose relative --out named another
+    directory on each host (other working directories) trained, then hung at its first save."""
+    procs = _launch(["score", ckpt_a, "--ids", ids_path, "--json", "--mesh", "data=2,expert=3"],
+                    env_per_process={1: {"JAX_NUM_CPU_DEVICES": "2"}})
+    outs = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        ours = [line for line in err.splitlines() if line.startswith("deepseek-jax")]
+        assert p.returncode == 2 and len(ours) == 1 and "Traceback" not in err, err[-2000:]
+        assert f"this process has {4 if i == 0 else 2} of the 6 devices of 2 processes" in ours[0]
+    hosts = {i: tmp_path / f"host{i}" for i in (0, 1)}
+    for d in hosts.values():
+        d.mkdir()
+    procs = _launch(["train", "--config", "tiny", "--data", "synthetic:addition", "--steps", "2", "--batch", "8",
+                     "--out", "run", "--mesh", "data=8"], cwd=hosts)
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        ours = [line for line in err.splitlines() if line.startswith("deepseek-jax")]
+        assert p.returncode == 2 and len(ours) == 1 and "Traceback" not in err, err[-2000:]
+        assert "process 1 does not see process 0's directory" in ours[0], ours
+    assert not any((d / "run" / "ckpt").exists() for d in hosts.values())
 
 
 def test_two_processes_train_lora_like_one(tmp_path):

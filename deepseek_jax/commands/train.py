@@ -268,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
     try:
+        runtime.check_shared_dir(out, "--out")
         return _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh)
     except BaseException:
         if created and runtime.is_main() and os.path.isdir(out) and not os.listdir(out):
