@@ -44,7 +44,7 @@ import numbers
 import os
 import re
 import shutil
-from functools import partial
+from functools import partial, reduce
 from typing import Any, NamedTuple
 
 import jax
@@ -687,6 +687,11 @@ class Trainer:
         if table is not None:
             attach_mesh(model, mesh, table)   # expert-parallel MoE and per-shard kernels, in the graph
         self.tie = bool(tcfg.tie_mtp and model.mtp is not None)
+        if self.tie:   # the MTP layer's copies start equal to their sources, trained or not (a copy
+            # whose source is frozen stays with ``rest``: from a random init it kept its own values)
+            for source, copy in _TIES:
+                src, dst = reduce(getattr, source, model), reduce(getattr, copy, model)
+                dst.value = src.value.astype(dst.value.dtype)
         self.cfg = model.cfg
         is_trained = trained_predicate(tcfg.trainable, model, tie=self.tie)
         partial_masks = trained_slices(tcfg.trainable, model)

@@ -486,6 +486,20 @@ def test_train_cli_trainable(init_dir, tmp_path, capsys):
     assert not (tmp_path / "other").exists()          # no empty OUT left behind
 
 
+def test_mtp_copies_of_frozen_sources_start_equal_to_them():
+    """The MTP layer's embedding and head are kept equal to the model's: from a random init with
+    the sources frozen (``--trainable self_attn``), they kept their own random values, trained the
+    MTP loss through them, and were exported so."""
+    from deepseek_jax.api import init_random
+    from deepseek_jax.config import DeepSeekConfig
+
+    model = init_random(DeepSeekConfig.from_hub_dict(CFG), seed=5)
+    assert not np.array_equal(np.asarray(model.mtp.embed_tokens.weight[...]), np.asarray(model.embed_tokens.weight[...]))
+    m = Trainer(model, TrainConfig(**{**TCFG.__dict__, "trainable": "self_attn"})).model()
+    np.testing.assert_array_equal(np.asarray(m.mtp.embed_tokens.weight[...]), np.asarray(m.embed_tokens.weight[...]))
+    np.testing.assert_array_equal(np.asarray(m.mtp.shared_head.head.weight[...]), np.asarray(m.lm_head.weight[...]))
+
+
 def test_subset_leaves_frozen_routers_and_bf16_params(init_dir, data):
     """With a subset trained, a router whose gate is frozen keeps its balancing bias (the rest of
     the model stays as loaded); bfloat16 parameters train with gradient clipping; the MTP copies
