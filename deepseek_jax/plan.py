@@ -237,7 +237,8 @@ def abstract_trainer(cfg: DeepSeekConfig, prec, tcfg, *, lora_rank: int = 0, lor
     (nothing allocated: its static settings are real, its own ``state`` is not to be used) and
     its train state as ``ShapeDtypeStruct``s, on ``mesh`` each carrying the ``NamedSharding``
     the Trainer gives that leaf. ``lora_rank``: LoRA adapters (``lora.add_lora``) over the
-    model as built; ``param_dtype``: the parameters cast to it (:func:`~deepseek_jax.train.cast_params`)."""
+    model as built; ``param_dtype``: the parameters cast to it (:func:`~deepseek_jax.train.cast_params`).
+    ``trainer.trained_slices``: :func:`~deepseek_jax.train.trained_slices` of that model."""
     import jax
     from flax import nnx
     from jax.sharding import NamedSharding
@@ -255,10 +256,12 @@ def abstract_trainer(cfg: DeepSeekConfig, prec, tcfg, *, lora_rank: int = 0, lor
         if lora_rank:
             lora.add_lora(model, rank=lora_rank, targets=lora_targets)
         box["trainer"] = trainer = T.Trainer(model, tcfg, mesh=mesh, rules=rules)
+        box["slices"] = T.trained_slices(tcfg.trainable, model)   # (numpy: from the names alone)
         return trainer.state
 
     state = jax.eval_shape(build)
     trainer = box["trainer"]
+    trainer.trained_slices = box["slices"]
     if trainer.mesh is not None and trainer._specs is not None:
         leaves, treedef = jax.tree.flatten(state)
         state = treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(trainer.mesh, s))
@@ -360,7 +363,10 @@ def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: st
     frozen = per_device((state.tied, state.biases, state.rest))
     moments = sum(shard_bytes(x.shape, x.dtype, x.sharding.spec, mesh_shape)
                   for x in jax.tree.leaves(state.opt_state) if x.ndim)   # (the scalar step counts aside)
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    count = 0   # as Trainer.parameter_counts: of a stacked parameter trained in part, its trained slices
+    for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+        n, m = int(np.prod(x.shape)), trainer.trained_slices.get(T._key_parts(p))
+        count += n if m is None else n * int(m.sum()) // m.size
     step_temp = apply_temp = None
     if compile_steps:
         temps = {}

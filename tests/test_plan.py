@@ -77,9 +77,36 @@ def test_plan_bad_input(capsys):
     assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--device", "abacus", "--no-compile"]) == 2
     for extra, needle in ((["--max-len", "1"], "--max-len must be >= 2"),
                           (["--max-len", "64", "--prompt-len", "64"], "leaves no room"),
-                          (["--train", "full", "--compute-dtype", "float32"], "--compute-dtype applies to inference")):
+                          (["--train", "full", "--compute-dtype", "float32"], "--compute-dtype applies to inference"),
+                          # accepted and ignored, or (seq-len) accepted where train refuses it
+                          (["--train", "full", "--lora-rank", "8"], "--lora-rank applies to --train lora"),
+                          (["--train", "lora", "--param-dtype", "bfloat16"], "--param-dtype applies to --train full"),
+                          (["--train", "full", "--seq-len", "2"], "--seq-len must be >= 4")):
         assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--no-compile", *extra]) == 2
         assert needle in capsys.readouterr().err
+    # an empty mesh read as every device, 2^30 of them
+    assert cli.main(["plan", "--config", "tiny", "--mesh", "", "--no-compile"]) == 2
+    assert "--mesh is empty" in capsys.readouterr().err
+
+
+def test_train_plan_counts_the_trained_slices():
+    """``--trainable`` naming some experts or layers by their Hub names trains slices of stacked
+    arrays: plan counted the whole arrays (294,912 for experts 1 and 5 of the tiny config, where
+    train trains 36,864). It now counts as Trainer.parameter_counts does."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from deepseek_jax.model import DeepSeekV3
+    from deepseek_jax.quant import Precision
+    from deepseek_jax.train import TrainConfig, Trainer
+
+    cfg = load_config("tiny").replace(fp8=False)
+    for pattern in (r"experts\.(1|5)\.", r"layers\.2\."):
+        plan = _plan_json("--config", "tiny", "--mesh", "expert=1", "--train", "full", "--trainable", pattern,
+                          "--no-compile")
+        model = DeepSeekV3(cfg, prec=Precision(dtype=jnp.float32), rngs=nnx.Rngs(0), with_mtp=True)
+        trained, total = Trainer(model, TrainConfig(trainable=pattern)).parameter_counts()
+        assert plan["trained_params"] == trained < total, (pattern, plan["trained_params"], trained)
 
 
 def test_plan_cache_is_the_generators():

@@ -135,10 +135,15 @@ def _run_train(args: argparse.Namespace) -> int:
                                                                               "auto")):
         if value != default:
             raise DeepSeekError(f"{flag} applies to inference plans, not --train (use --seq-len and --batch)")
-    for flag, value in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--lora-rank", args.lora_rank),
-                        ("--grad-accum", args.grad_accum)):
+    for flag, value in (("--batch", args.batch), ("--lora-rank", args.lora_rank), ("--grad-accum", args.grad_accum)):
         if value is not None and value < 1:
             raise DeepSeekError(f"{flag} must be >= 1, got {value}")
+    if args.seq_len is not None and args.seq_len < 4:   # (as train takes it)
+        raise DeepSeekError(f"--seq-len must be >= 4, got {args.seq_len}")
+    if args.train == "full" and args.lora_rank != 16:   # (the flags a --train mode ignores: refused, not ignored)
+        raise DeepSeekError("--lora-rank applies to --train lora")
+    if args.train == "lora" and args.param_dtype != "float32":
+        raise DeepSeekError("--param-dtype applies to --train full (LoRA's adapters are float32)")
     if args.batch % args.grad_accum:
         raise DeepSeekError(f"--batch {args.batch} must be a multiple of --grad-accum {args.grad_accum}")
     if args.trainable is not None:
@@ -183,6 +188,8 @@ def _fake_mesh(text: str) -> dict[str, int]:
 
     from deepseek_jax.sharding import MESH_AXES, parse_mesh
 
+    if not text.strip():   # (parse_mesh would read it as "every device", here 2^30 of them)
+        raise DeepSeekError("--mesh is empty: give the sizes, e.g. expert=8,model=2")
     sizes = parse_mesh(text, 1 << 30)
     n = math.prod(sizes[a] for a in MESH_AXES)
     if n > MAX_PLAN_DEVICES:
