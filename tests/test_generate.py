@@ -374,6 +374,10 @@ def test_cli_text_bad_input(demo, capsys):
     assert_one_line_error(code, err, contains="token id 999 at index 2 is outside the vocab")
     code, _, err = run_cli(capsys, "generate", d, "--prompt", "")
     assert_one_line_error(code, err, contains="prompt 0 is empty")
+    # a byte that is not UTF-8 in argv (Python keeps it as U+DCFF): the error named a lone surrogate
+    # at its position in the rendered chat template
+    code, _, err = run_cli(capsys, "generate", d, "--prompt", "ab\udcffcd")
+    assert_one_line_error(code, err, contains="prompt 0 is not UTF-8 text: byte 0xff at character 2")
     for prompt, needle in (("", "prompt 1 is empty"), ("1" * 200, "prompt 1 has")):
         code, out, err = run_cli(capsys, "demo", "--dir", d, "--prompt", "1+1", "--prompt", prompt)
         assert_one_line_error(code, err, command="demo", contains=needle)

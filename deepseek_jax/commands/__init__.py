@@ -46,3 +46,10 @@ def read_lines(path: str, flag: str) -> list[tuple[int, str]]:
     if not lines:
         raise DeepSeekError(f"{flag}: {path} holds no text (only blank lines)")
     return lines
+
+
+def undecodable_byte(text: str) -> tuple[int, int] | None:
+    """``(byte, character index)`` of the first byte that was not UTF-8 where ``text`` came from
+    (Python keeps argv's and a ``surrogateescape`` stream's as U+DC80..U+DCFF), else None."""
+    bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+    return None if bad is None else (ord(text[bad]) - 0xDC00, bad)

@@ -20,6 +20,7 @@ import re
 import sys
 
 from deepseek_jax import runtime
+from deepseek_jax.commands import undecodable_byte
 from deepseek_jax.commands.generate import add_sampling_args, load_generator, load_tokenizer, sampling_from_args
 from deepseek_jax.errors import DeepSeekError
 
@@ -85,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
         text = line.strip()
         if not text:
             continue
-        bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
+        bad = undecodable_byte(text)
         if bad is not None:   # (stdin's undecodable bytes, as Python escapes them)
             failed += 1
-            print(f"deepseek-jax chat: error: this message is not UTF-8 text: byte 0x{ord(text[bad]) - 0xdc00:02x} "
-                  f"at character {bad}", file=sys.stderr)
+            print(f"deepseek-jax chat: error: this message is not UTF-8 text: byte 0x{bad[0]:02x} "
+                  f"at character {bad[1]}", file=sys.stderr)
             continue
         if text.startswith("//"):
             text = text[1:]       # an escaped leading slash: a message, not a command

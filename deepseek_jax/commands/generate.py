@@ -24,6 +24,7 @@ import re
 import sys
 
 from deepseek_jax import runtime
+from deepseek_jax.commands import undecodable_byte
 from deepseek_jax.errors import DeepSeekError
 
 
@@ -305,6 +306,10 @@ def run(args: argparse.Namespace) -> int:
                                 "(use --stop-token-id)")
     else:
         texts = args.prompt if args.prompt else read_prompt_file(args.input_file)
+        for i, text in enumerate(texts):   # (a rendered template's position was the error's)
+            bad = undecodable_byte(text)
+            if bad is not None:
+                raise DeepSeekError(f"prompt {i} is not UTF-8 text: byte 0x{bad[0]:02x} at character {bad[1]}")
         tokenizer = load_tokenizer(args.ckpt, required=True)
         prompts = _encode(tokenizer, texts, args.chat)
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
