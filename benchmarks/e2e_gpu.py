@@ -160,7 +160,8 @@ def prefill_gemm_params(cfg: DeepSeekConfig, model) -> float:
     (MLA's q_a, q_b, kv_a, kv_b and o), router and dense or shared MLP, and K of the E routed
     experts; not the embedding (a lookup), lm_head (the prefill here computes no logits) or the
     MTP layer. (A rough ``6 x hidden^2`` per layer had counted MLA as 308M weights at V3's
-    width, against its 187M: that roofline was 17% too low at 1 dense + 3 MoE layers.)"""
+    width, against its 187M: at 1 dense + 3 MoE layers 1.2x the weights, a roofline 1.2x too long
+    and ratios to it too kind.)"""
     _, state = nnx.split(model)
     total = 0.0
     for path, v in nnx.to_flat_state(state):

@@ -418,6 +418,14 @@ def _mtp_layer(name: str, n_layers: int, n_mtp: int = 1) -> bool:
     return bool(m) and n_layers <= int(m.group(1)) < n_layers + n_mtp
 
 
+def _left_out_mtp_layers(reader, cfg: DeepSeekConfig) -> int:
+    """How many layers past ``num_hidden_layers`` are MTP layers a conversion without MTP leaves
+    out: the config's count, or with ``num_nextn_predict_layers: 0`` one, if the files' layer n is
+    an MTP layer (has ``eh_proj``, as :func:`~deepseek_jax.checkpoint.hub_layout` tells them)."""
+    n = cfg.num_hidden_layers
+    return cfg.num_nextn_predict_layers or int(f"model.layers.{n}.eh_proj.weight" in reader)
+
+
 def _validate_source(src: _Source, dtype: str | None, mtp: bool
                      ) -> tuple[DeepSeekConfig, DeepSeekConfig, bool, list[_Param], int]:
     """Checks config, tensor names/shapes/dtypes and scales; returns (src cfg, out cfg, with_mtp, plan, n)."""
@@ -446,9 +454,11 @@ def _validate_source(src: _Source, dtype: str | None, mtp: bool
     specs = hub_tensor_specs(reader.config, include_mtp=with_mtp, fp8=cfg.fp8)
     problems = spec_mismatches(reader, specs, any_float=True)
     if not with_mtp:   # an MTP layer in the files is left out (as dj.load does, even when the config
-        # says num_nextn_predict_layers=0); any other tensor is a mismatch
+        # says num_nextn_predict_layers=0: then only a layer n that is one, with eh_proj); any other
+        # tensor is a mismatch (a decoder layer past num_hidden_layers above all)
+        left_out = _left_out_mtp_layers(reader, cfg)
         problems = [p for p in problems if not (p.startswith("unexpected tensor") and
-                                                _mtp_layer(p.split("'")[1], n, max(cfg.num_nextn_predict_layers, 1)))]
+                                                _mtp_layer(p.split("'")[1], n, left_out))]
     if problems:
         hint = ""
         if "_scale_inv" in problems[0] and problems[0].startswith("missing"):
@@ -1346,7 +1356,7 @@ def _compare_against(ck: _Ckpt, plan: list[_Param], stores, hf_dir: str, manifes
                 raise _err(f"{ck.path}: config.json has {f.name} = {getattr(ck.cfg, f.name)!r}, "
                            f"{hf_dir}'s has {getattr(want_cfg, f.name)!r}")
         specs = hub_tensor_specs(src.reader.config, include_mtp=bool(manifest.get("mtp")), fp8=src_cfg.fp8)
-        n_mtp = 0 if manifest.get("mtp") else max(src_cfg.num_nextn_predict_layers, 1)   # left out on purpose
+        n_mtp = 0 if manifest.get("mtp") else _left_out_mtp_layers(src.reader, src_cfg)   # left out on purpose
         odd = [x for x in src.reader.names() if x not in specs and not _mtp_layer(x, src_cfg.num_hidden_layers, n_mtp)]
         if odd:   # (convert refuses such a source: it is not the one this checkpoint came from)
             raise _err(f"{hf_dir}: holds tensor {odd[0]}, which the checkpoint has no counterpart for")

@@ -11,6 +11,7 @@ seconds instead of hanging.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import os
 import re
@@ -108,13 +109,15 @@ def init(args: argparse.Namespace, default_mesh=None):
             raise DeepSeekError(f"distributed initialisation failed: {str(e).splitlines()[0]}") from None
         if os.environ.get("DEEPSEEK_JAX_TEST_DIE_AFTER_INIT") == str(jax.process_index()):
             os._exit(17)  # test hook: simulates a host dying mid-run (tests/test_multihost.py)
-    if jax.process_count() > 1 and jax.device_count() != jax.local_device_count() * jax.process_count():
-        # (the agreement check's all-gather failed on it deep inside JAX: "cannot reshape")
-        raise DeepSeekError(f"this process has {jax.local_device_count()} of the {jax.device_count()} devices of "
-                            f"{jax.process_count()} processes: every process must have as many devices")
     if jax.process_count() > 1:
         global _PROCESS
         _PROCESS = (jax.process_index(), jax.process_count())
+        # (the agreement check's all-gather failed on it deep inside JAX: "cannot reshape"); decided
+        # from the global device list, so that every process takes the same branch
+        per = collections.Counter(d.process_index for d in jax.devices())
+        if len(set(per.values())) > 1:
+            raise DeepSeekError(f"this process has {jax.local_device_count()} of the {jax.device_count()} devices of "
+                                f"{jax.process_count()} processes: every process must have as many devices")
         _check_processes_agree(args)
     n = jax.device_count()
     sizes = sharding.parse_mesh(args.mesh, n) if args.mesh or default_mesh is None else default_mesh(n)
@@ -203,11 +206,17 @@ def check_shared_dir(path: str, flag: str) -> None:
 
     token = np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(secrets.token_bytes(8), np.uint8)))
     probe = os.path.join(path, f".deepseek_jax_host_check_{bytes(token.astype(np.uint8)).hex()}")
+    written = True
     if is_main():
-        open(probe, "w").close()
-    multihost_utils.sync_global_devices("deepseek_jax.check_shared_dir.written")
+        try:
+            open(probe, "w").close()
+        except OSError:   # (told to every process below: none waits for a file that never comes)
+            written = False
+    ok = np.asarray(multihost_utils.broadcast_one_to_all(np.array([written], np.uint8)))
+    if not ok.all():
+        raise DeepSeekError(f"{flag} {path}: process 0 cannot write there")
+    # (the broadcast is also the barrier: process 0's file exists before anyone looks)
     seen = np.asarray(multihost_utils.process_allgather(np.array([os.path.exists(probe)])))
-    multihost_utils.sync_global_devices("deepseek_jax.check_shared_dir.read")
     if is_main():
         os.remove(probe)
     blind = [i for i, ok in enumerate(seen.reshape(-1)) if not ok]
@@ -223,9 +232,9 @@ def is_main() -> bool:
 
 
 def quiet_unless_main(args: argparse.Namespace) -> None:
-    """Every process runs the same command and process 0 prints its output: the others' stdout goes
-    to /dev/null until the command ends (``args.exit_stack``, set by ``cli.main``). Their stderr
-    stays, so that a process that fails says why (``cli.main`` names the process)."""
+    """Every process runs the same command and process 0 prints: the others' stdout and stderr go
+    to /dev/null while the command runs (``args.exit_stack``, set by ``cli.main``, which restores
+    them before it prints an error: a process that fails still says why, naming itself)."""
     import contextlib
 
     if is_main():
@@ -237,6 +246,7 @@ def quiet_unless_main(args: argparse.Namespace) -> None:
         return
     stack.enter_context(sink)
     stack.enter_context(contextlib.redirect_stdout(sink))
+    stack.enter_context(contextlib.redirect_stderr(sink))
 
 
 def process_label() -> str:

@@ -129,7 +129,6 @@ class Tokenizer:
         ``chat_template_error``: why the config's template could not be read (raised when a chat is
         rendered; :attr:`has_chat_template` is true, so that a chat is not quietly encoded raw)."""
         self._tok = tokenizer
-        self._n_ids = tokenizer.get_vocab_size(with_added_tokens=True)   # (decode's bound, read once)
         self.chat_template_error = chat_template_error
         self._source = source
         self.bos_token = bos_token
@@ -256,8 +255,9 @@ class Tokenizer:
 
         Ids outside the tokenizer's vocabulary (the embedding is padded past it) are dropped.
         """
-        n = self._n_ids   # (the Rust side takes u32: a negative or huge id was an OverflowError)
-        return self._tok.decode([i for i in map(int, ids) if 0 <= i < n], skip_special_tokens=skip_special)
+        # (the Rust side skips ids it does not know, but takes only u32: a negative or huge id was
+        # an OverflowError)
+        return self._tok.decode([i for i in map(int, ids) if 0 <= i < 1 << 32], skip_special_tokens=skip_special)
 
     def _template(self) -> jinja2.Template:
         if self._compiled_template is None:

@@ -691,7 +691,7 @@ class Trainer:
             # whose source is frozen stays with ``rest``: from a random init it kept its own values)
             for source, copy in _TIES:
                 src, dst = reduce(getattr, source, model), reduce(getattr, copy, model)
-                dst.value = src.value.astype(dst.value.dtype)
+                dst[...] = src[...].astype(dst.dtype)
         self.cfg = model.cfg
         is_trained = trained_predicate(tcfg.trainable, model, tie=self.tie)
         partial_masks = trained_slices(tcfg.trainable, model)

@@ -388,6 +388,9 @@ BAD = {
     "two_mtp_layers": (lambda d: _config(d, num_nextn_predict_layers=2), [], "the model has one MTP layer"),
     # was "has no model.layers.4.* (MTP) tensors; pass --no-mtp", and --no-mtp then failed otherwise
     "layers_one_too_many": (lambda d: _config(d, num_hidden_layers=4), [], "model.layers.3 is the MTP layer"),
+    # a decoder layer past num_hidden_layers is not an MTP layer to leave out, even with nextn = 0
+    "decoder_layer_more_no_mtp": (lambda d: _config(d, num_hidden_layers=2, num_nextn_predict_layers=0), [],
+                                  "unexpected tensor 'model.layers.2."),
     # --force emptied OUT first, and --resume was ignored without a word
     "resume_and_force": (lambda d: None, ["--resume", "--force"], "pass one of them"),
 }

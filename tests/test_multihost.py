@@ -162,6 +162,14 @@ def test_processes_with_other_device_counts_or_other_out_dirs_stop_with_one_line
         ours = [line for line in err.splitlines() if line.startswith("deepseek-jax")]
         assert p.returncode == 2 and len(ours) == 1 and "Traceback" not in err, err[-2000:]
         assert f"this process has {4 if i == 0 else 2} of the 6 devices of 2 processes" in ours[0]
+    # 2, 4 and 3 devices: the process with the mean count (3 = 9 / 3) had passed the check and
+    # waited in the all-gather for peers that had left
+    procs = _launch(["score", ckpt_a, "--ids", ids_path, "--json", "--mesh", "data=9"], n=3,
+                    env_per_process={0: {"JAX_NUM_CPU_DEVICES": "2"}, 2: {"JAX_NUM_CPU_DEVICES": "3"}})
+    outs = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        ours = [line for line in err.splitlines() if line.startswith("deepseek-jax")]
+        assert p.returncode == 2 and len(ours) == 1 and f"process {i} of 3: error: this process has" in ours[0], err[-2000:]
     hosts = {i: tmp_path / f"host{i}" for i in (0, 1)}
     for d in hosts.values():
         d.mkdir()

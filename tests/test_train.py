@@ -498,6 +498,8 @@ def test_mtp_copies_of_frozen_sources_start_equal_to_them():
     m = Trainer(model, TrainConfig(**{**TCFG.__dict__, "trainable": "self_attn"})).model()
     np.testing.assert_array_equal(np.asarray(m.mtp.embed_tokens.weight[...]), np.asarray(m.embed_tokens.weight[...]))
     np.testing.assert_array_equal(np.asarray(m.mtp.shared_head.head.weight[...]), np.asarray(m.lm_head.weight[...]))
+    # (the caller's model is left as it was)
+    assert not np.array_equal(np.asarray(model.mtp.embed_tokens.weight[...]), np.asarray(model.embed_tokens.weight[...]))
 
 
 def test_subset_leaves_frozen_routers_and_bf16_params(init_dir, data):

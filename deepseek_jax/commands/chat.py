@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.ckpt, required=True)
     if not tokenizer.has_chat_template:
         raise DeepSeekError(f"{args.ckpt}: tokenizer_config.json has no chat_template; chat needs one")
+    if tokenizer.chat_template_error is not None:   # (before the model loads: every turn would fail)
+        raise DeepSeekError(tokenizer.chat_template_error)
     # each turn's prompt starts with the last one's prompt and reply: prefill only what is new
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args, reuse_prefix=True)
     start = [{"role": "system", "content": args.system}] if args.system else []

@@ -24,7 +24,7 @@ import re
 import sys
 
 from deepseek_jax import runtime
-from deepseek_jax.commands import undecodable_byte
+from deepseek_jax.commands import read_lines, undecodable_byte
 from deepseek_jax.errors import DeepSeekError
 
 
@@ -223,14 +223,6 @@ def parse_ids(text: str) -> list[int]:
     return [int(t) for t in parts]
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """``--input-file``'s prompts, one per line: lines end at ``\n`` only (``str.splitlines`` also
-    split a prompt at U+2028, form feeds and a lone ``\r``), as ``score --text-file`` reads them."""
-    from deepseek_jax.commands import read_lines
-
-    return [line for _, line in read_lines(path, "--input-file")]
-
-
 def _encode(tokenizer, texts: list[str], chat: bool | None) -> list[list[int]]:
     if chat is None:
         chat = tokenizer.has_chat_template
@@ -305,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
             raise DeepSeekError(f"--stop needs the checkpoint's tokenizer: no tokenizer.json in {args.ckpt} "
                                 "(use --stop-token-id)")
     else:
-        texts = args.prompt if args.prompt else read_prompt_file(args.input_file)
+        # one prompt per line (ending at \n only: str.splitlines split a prompt at U+2028, a form feed)
+        texts = args.prompt if args.prompt else [line for _, line in read_lines(args.input_file, "--input-file")]
         for i, text in enumerate(texts):   # (a rendered template's position was the error's)
             bad = undecodable_byte(text)
             if bad is not None:
