@@ -363,10 +363,8 @@ def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: st
     frozen = per_device((state.tied, state.biases, state.rest))
     moments = sum(shard_bytes(x.shape, x.dtype, x.sharding.spec, mesh_shape)
                   for x in jax.tree.leaves(state.opt_state) if x.ndim)   # (the scalar step counts aside)
-    count = 0   # as Trainer.parameter_counts: of a stacked parameter trained in part, its trained slices
-    for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-        n, m = int(np.prod(x.shape)), trainer.trained_slices.get(T._key_parts(p))
-        count += n if m is None else n * int(m.sum()) // m.size
+    flat = jax.tree_util.tree_flatten_with_path(state.params)[0]   # (as Trainer.parameter_counts)
+    count = T.trained_count([x for _, x in flat], [trainer.trained_slices.get(T._key_parts(p)) for p, _ in flat])
     step_temp = apply_temp = None
     if compile_steps:
         temps = {}

@@ -368,6 +368,13 @@ def trained_slices(pattern: str | None, model: DeepSeekV3) -> dict[tuple[str, ..
     return out
 
 
+def trained_count(params, masks) -> int:
+    """Trained parameters among ``params`` (arrays or shapes), each with its :func:`trained_slices`
+    mask or None (trained whole): of a stacked parameter trained in part, its trained slices."""
+    return sum(math.prod(x.shape) if m is None else math.prod(x.shape) * int(np.asarray(m).sum()) // np.asarray(m).size
+               for x, m in zip(params, masks, strict=True))
+
+
 def cast_params(model: DeepSeekV3, dtype=jnp.float32) -> DeepSeekV3:
     """The model with every floating :class:`nnx.Param` cast to ``dtype`` (the modules compute in
     ``model.prec.dtype`` whatever the parameter dtype, so this changes nothing structural)."""
@@ -745,9 +752,7 @@ class Trainer:
         every = nnx.state(_merge(self.key, self.state), nnx.Param)
         total = sum(int(v[...].size) for p, v in nnx.to_flat_state(every) if not (self.tie and _is_tied_copy(p, v)))
         masks = self._masks[0] if self._masks is not None else (None,) * len(jax.tree.leaves(self.state.params))
-        trained = sum(int(x.size) if m is None else int(x.size) * int(np.asarray(m).sum()) // int(np.asarray(m).size)
-                      for x, m in zip(jax.tree.leaves(self.state.params), masks))
-        return trained, total
+        return trained_count(jax.tree.leaves(self.state.params), masks), total
 
     # ---- placement ----------------------------------------------------------------------------
     def _place(self, tree, specs: tuple | None = None):
