@@ -323,7 +323,6 @@ def make_train_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, mode: st
     ``prefill_attention``: as in :func:`make_plan` (``train --prefill-attention``)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from deepseek_jax import lora, sharding
     from deepseek_jax import train as T
