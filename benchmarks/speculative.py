@@ -173,7 +173,7 @@ def bound_lines(c, plain_steps, spec_steps):
         f"bookkeeping free (iterations = model passes: {m1:.0f} vs {m2:.0f} + {t2:.0f} us): "
         + ratio(fp + plain_steps * m1, fp + spec_steps * (m2 + t2)),
         f"... and no fixed cost: {ratio(plain_steps * m1, spec_steps * (m2 + t2))}",
-        f"... and a 2-token verify / 2-row MTP pass as cheap as 1 token/row: "
+        "... and a 2-token verify / 2-row MTP pass as cheap as 1 token/row: "
         + ratio(plain_steps * m1, spec_steps * (m1 + t1)),
         f"... and a free MTP (only the {spec_steps:.2f} steps): {ratio(plain_steps * m1, spec_steps * m1)}",
     ]

@@ -70,7 +70,6 @@ def moe_apply(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
     rules = dict(rules)
     ms = dict(mesh.shape)
     M, D = x_MD.shape
-    K = idx_MK.shape[1]
     n_ep = ms.get("expert", 1)
 
     # Expert weight specs: the same resolution that placed them (sharding.model_param_specs).

@@ -228,7 +228,7 @@ def _chunked_ce(model: DeepSeekV3, hidden_BTD, ids_BT, mask_BT, head):
 
 def _expert_loads(idx_LBTK, valid_BT, n_experts: int):
     """``[L, E]`` counts of (valid token, expert) assignments per layer."""
-    L, K = idx_LBTK.shape[0], idx_LBTK.shape[-1]
+    L = idx_LBTK.shape[0]
     w = jnp.broadcast_to(valid_BT[None, :, :, None], idx_LBTK.shape).astype(jnp.float32).reshape(L, -1)
     return jax.vmap(lambda i, x: jnp.zeros((n_experts,), jnp.float32).at[i].add(x))(idx_LBTK.reshape(L, -1), w)
 

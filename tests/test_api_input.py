@@ -14,7 +14,7 @@ from flax import nnx
 
 import deepseek_jax as dj
 from deepseek_jax import sharding
-from deepseek_jax.config import DeepSeekConfig, configs_dir
+from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.errors import DeepSeekError
 from deepseek_jax.generate import Generator
 from deepseek_jax.sampling import SamplingParams

@@ -60,7 +60,6 @@ def test_kernel_benchmark_small(tmp_path):
 def test_speculative_benchmark_small(tmp_path):
     """benchmarks/speculative.py on two prompts, with the per-pass costs (which build the
     generator's executables and passes from its own weights and cache layout)."""
-    out = tmp_path / "spec.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speculative.py"), "--prompts", "2",
                         "--batch", "1", "--rounds", "1", "--passes", "--json"], capture_output=True, text=True,
                        timeout=600)

@@ -199,11 +199,12 @@ def _groups(rng, m, e, kind):
 
 
 def np_grouped(x, w_ENK, sizes):
+    """float64 numpy grouped product: row r uses w[g] for the group holding it, zeros past them."""
     x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    w = np.asarray(w_ENK, np.float64)
+    w = np.asarray(jnp.asarray(w_ENK, jnp.float32), np.float64)
     out = np.zeros((x.shape[0], w.shape[1]))
     start = 0
-    for g, s in enumerate(np.asarray(sizes)):
+    for g, s in enumerate(np.asarray(sizes).tolist()):
         out[start:start + s] = x[start:start + s] @ w[g].T
         start += s
     return out
@@ -713,18 +714,6 @@ def test_grouped_kernel_fewer_rows_than_experts(impl, fp8):
 # Grouped GEMM on Mosaic GPU ------------------------------------------------------------------------
 
 
-def _np_grouped(x, w, sizes):
-    """float64 numpy grouped product: row r uses w[g] for the group holding it, zeros past them."""
-    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    w = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
-    y = np.zeros((x.shape[0], w.shape[1]))
-    start = 0
-    for g, size in enumerate(np.asarray(sizes).tolist()):
-        y[start:start + size] = x[start:start + size] @ w[g].T
-        start += size
-    return y
-
-
 MGPU_GROUPED_CASES = [
     # (m, sizes, n, k): ragged row blocks, empty experts, a zero tail, one expert with every row
     (150, [40, 0, 70, 30, 0], 256, 256),
@@ -748,7 +737,7 @@ def test_grouped_mosaic_gpu_kernel_matches_ref(case, interpret):
     w = jnp.asarray(rng.standard_normal((e + 2, n, k)) / np.sqrt(k), jnp.float32)
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     y = gmm_mgpu(xb, wb, sizes, expert_offset=2, out_dtype=jnp.float32, interpret=interpret)
-    want = _np_grouped(xb, wb[2:], sizes)
+    want = np_grouped(xb, wb[2:], sizes)
     assert y.shape == (m, n) and bool(jnp.all(jnp.isfinite(y)))
     assert rel_err(y, want) < F32_TOL
     assert np.all(np.asarray(y[int(sizes.sum()):]) == 0.0)  # rows past the groups
@@ -765,7 +754,7 @@ def test_grouped_mosaic_gpu_kernel_matches_ref(case, interpret):
     _assert_close(y16, grouped_matmul_ref(xb, wq[2:], sizes, w_scale=ws[2:], out_dtype=jnp.float32), jnp.float32)
     x_deq = np.asarray(xq, np.float32) * np.repeat(np.asarray(xs), 128, axis=1)[:, :k]
     w_deq = np.stack([np_dequant(wq[g], ws[g]) for g in range(2, e + 2)])
-    assert rel_err(ref8, _np_grouped(x_deq, w_deq, sizes)) < F32_TOL
+    assert rel_err(ref8, np_grouped(x_deq, w_deq, sizes)) < F32_TOL
 
 
 def test_grouped_mosaic_gpu_block_schedule():
@@ -810,7 +799,7 @@ def test_grouped_matmul_takes_the_mosaic_gpu_kernel_when_asked(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_JAX_GROUPED_GPU", "mosaic_gpu")
     jax.clear_caches()
     assert "wgmma" in str(jax.make_jaxpr(call)(x, w))
-    assert rel_err(call(x, w), _np_grouped(x, w, sizes)) < F32_TOL
+    assert rel_err(call(x, w), np_grouped(x, w, sizes)) < F32_TOL
     loss = lambda a, b: jnp.sum(call(a, b) ** 2)  # noqa: E731
     ref_loss = lambda a, b: jnp.sum(grouped_matmul_ref(a, b, sizes, out_dtype=jnp.float32) ** 2)  # noqa: E731
     for got, want in zip(jax.grad(loss, (0, 1))(x, w), jax.grad(ref_loss, (0, 1))(x, w)):
@@ -1479,16 +1468,6 @@ def test_kernels_lower_for_hardware(platform, impl, kind):
             jax.jit(in_place).trace(S((m, k), jnp.bfloat16), S((3 * e, n, k), F8),
                                     S((3 * e, -(-n // 128), -(-k // 128)), jnp.float32), S((e,), jnp.int32),
                                     S((), jnp.int32)).lower(lowering_platforms=(platform,))
-
-
-def np_grouped(x, w, sizes):
-    """float64 numpy grouped matmul: rows sorted by expert, rows past sum(sizes) zero."""
-    out = np.zeros((x.shape[0], w.shape[1]))
-    start = 0
-    for e, s in enumerate(sizes):
-        out[start:start + s] = x[start:start + s].astype(np.float64) @ np.asarray(w[e], np.float64).T
-        start += s
-    return out
 
 
 @pytest.mark.parametrize("seed", range(6))

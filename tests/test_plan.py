@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from deepseek_jax.config import load_config
 from deepseek_jax.hub import hub_tensor_specs

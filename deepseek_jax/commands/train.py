@@ -206,8 +206,6 @@ def run(args: argparse.Namespace) -> int:
         raise DeepSeekError("give --mesh or --data-parallel, not both (--data-parallel N is --mesh data=N)")
     runtime.check_args(args)
 
-    import jax
-
     mesh = _mesh(args)
     n_data = 1 if mesh is None else mesh.shape["data"]
     if (args.batch // args.grad_accum) % n_data:
