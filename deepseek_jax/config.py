@@ -140,6 +140,15 @@ class DeepSeekConfig:
     def softmax_scale(self) -> float:
         return self.qk_head_dim ** -0.5 * self.yarn_mscale ** 2
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: the Hub config's ``eos_token_id`` list when it has one
+        (its first id is ``eos_token_id``), else ``(eos_token_id,)``."""
+        eos = self.extra.get("eos_token_id")
+        if isinstance(eos, list) and eos and eos[0] == self.eos_token_id:
+            return tuple(dict.fromkeys(int(i) for i in eos))
+        return (self.eos_token_id,)
+
     def replace(self, **kw: Any) -> "DeepSeekConfig":
         return dataclasses.replace(self, **kw)
 
@@ -286,6 +295,11 @@ class DeepSeekConfig:
             raise bad("bos_token_id", f"outside vocab [0, {self.vocab_size})")
         if not (0 <= self.eos_token_id < self.vocab_size):
             raise bad("eos_token_id", f"outside vocab [0, {self.vocab_size})")
+        eos = self.extra.get("eos_token_id")
+        if isinstance(eos, list):
+            for i in eos:
+                if not _is_int(i) or not 0 <= i < self.vocab_size:
+                    raise bad("eos_token_id", f"list entry {i!r} is not a token id in [0, {self.vocab_size})")
         rs = self.rope_scaling
         if rs is not None and not isinstance(rs, RopeScaling):
             raise bad("rope_scaling", "must be a RopeScaling or None")

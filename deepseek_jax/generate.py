@@ -1076,6 +1076,7 @@ class Generator:
         self.max_len = int(max_len or limit)
         self.stream_chunk = _check_stream_chunk(stream_chunk)
         self.eos_id = int(cfg.eos_token_id)
+        self.eos_ids = cfg.eos_token_ids   # (a Hub config's eos list: the first is eos_id)
         self._compiles = 0
         self.last_stats = GenerationStats()
 
@@ -1122,10 +1123,13 @@ class Generator:
             out.append(ids)
         return out
 
-    def _check_stop_token_ids(self, ids) -> np.ndarray:
-        """``stop_token_ids`` as the traced knob: int32 ``[MAX_STOP_TOKEN_IDS]``, padded with -1."""
-        if ids is None:
+    def _check_stop_token_ids(self, ids, more_eos: Sequence[int] = ()) -> np.ndarray:
+        """``stop_token_ids`` and ``more_eos`` (the config's further eos ids) as the traced knob:
+        int32 ``[MAX_STOP_TOKEN_IDS]``, padded with -1."""
+        if ids is None and not more_eos:
             return _NO_STOP_IDS
+        if ids is None:
+            ids = []
         if isinstance(ids, np.ndarray):
             ids = ids.tolist() if ids.ndim == 1 else ids
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
@@ -1138,8 +1142,10 @@ class Generator:
                 raise DeepSeekError(f"stop token id {int(t)} is outside the vocab [0, {self.vocab_size})")
             if int(t) not in out:
                 out.append(int(t))
+        out += [t for t in more_eos if t not in out]
         if len(out) > MAX_STOP_TOKEN_IDS:
-            raise DeepSeekError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} distinct ids, got {len(out)}")
+            also = f" (with the config's {len(more_eos)} further eos ids)" if more_eos else ""
+            raise DeepSeekError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} distinct ids{also}, got {len(out)}")
         arr = np.full(MAX_STOP_TOKEN_IDS, -1, np.int32)
         arr[:len(out)] = out
         return arr
@@ -1155,7 +1161,7 @@ class Generator:
 
         ``sampling`` (a :class:`SamplingParams` or a dict of its fields) defaults to greedy;
         ``seed`` makes sampling reproducible. ``eos_id``
-        overrides the config's eos. ``stop_token_ids``: up to :data:`MAX_STOP_TOKEN_IDS` further
+        overrides the config's eos (default: every id of a Hub config's ``eos_token_id`` list). ``stop_token_ids``: up to :data:`MAX_STOP_TOKEN_IDS` further
         ids that end a row as eos does (even with ``stop_at_eos=False``), checked inside the
         compiled loop (changing them never recompiles); the stop token is not in
         ``output_ids`` and the finish reason is ``"stop"``. ``stream(row, new_ids)`` is called
@@ -1196,6 +1202,9 @@ class Generator:
         eos = self.eos_id if eos_id is None else int(eos_id)
         if not 0 <= eos < self.vocab_size:
             raise DeepSeekError(f"eos id {eos} is outside the vocab [0, {self.vocab_size})")
+        # a config's eos list: its further ids end rows as eos does (via the traced stop ids)
+        more_eos = list(self.eos_ids[1:]) if eos_id is None else []
+        eos_set = {eos, *more_eos}
         if not _is_int(seed) or not 0 <= seed < 2 ** 32:
             raise DeepSeekError(f"seed must be an integer in [0, 2**32), got {seed!r}")
         if not _is_int(first_row) or not 0 <= first_row < 2 ** 32:
@@ -1204,8 +1213,10 @@ class Generator:
         if stream is not None and not callable(stream):
             raise DeepSeekError(f"stream must be a callable stream(row, new_ids) or None, got {type(stream).__name__}")
         chunk = self.stream_chunk if stream_chunk is None else _check_stream_chunk(stream_chunk)
-        stop_ids = self._check_stop_token_ids(stop_token_ids)
+        stop_ids = self._check_stop_token_ids(stop_token_ids, more_eos if stop_at_eos else ())
         stop_set = frozenset() if stop_ids is _NO_STOP_IDS else set(stop_ids.tolist()) - {-1}
+        if stop_at_eos:
+            stop_set -= eos_set   # (those end as "eos")
         logprobs = check_bool("logprobs", logprobs)
         if not _is_int(top_logprobs) or not 0 <= top_logprobs <= min(MAX_TOP_LOGPROBS, self.vocab_size):
             raise DeepSeekError(f"top_logprobs must be an integer in [0, {min(MAX_TOP_LOGPROBS, self.vocab_size)}], "
@@ -1305,7 +1316,7 @@ class Generator:
         emitted = lens.copy()   # next position to stream, per row
 
         def ended(tok: int) -> bool:   # a token that ended its (done) row and is not output
-            return (stop_at_eos and tok == eos) or tok in stop_set
+            return (stop_at_eos and tok in eos_set) or tok in stop_set
 
         def emit(buf, cur, done):
             """Streams each row's new tokens; returns the rows ``_watch`` ended (or None)."""
@@ -1358,7 +1369,7 @@ class Generator:
         for r, p in enumerate(prompts):
             out = buf[r, lens[r]:cur[r] + 1].tolist()
             reason = "length"
-            if stop_at_eos and out and out[-1] == eos:
+            if stop_at_eos and out and out[-1] in eos_set:
                 out, reason = out[:-1], "eos"
             elif out and out[-1] in stop_set and done[r]:
                 out, reason = out[:-1], "stop"

@@ -172,6 +172,41 @@ def test_stop_token_id_and_eos(gen):
     assert [(r.output_ids, r.finish_reason) for r in res] == [(r.output_ids, "stop") for r in eos]
 
 
+def test_config_eos_list_ends_rows_as_eos(gen, base, tmp_path):
+    """A Hub config's ``eos_token_id`` list: every id in it ends a row with finish "eos" (not
+    output), in the loop and with speculative decoding; ``stop_at_eos=False`` and an explicit
+    ``eos_id`` leave the further ids alone."""
+    import shutil
+    eos = gen.generate_text(PROMPTS, max_new_tokens=N)
+    tid = eos[2].output_ids[1]   # ("579": "7" ends the third row; the others do not hold it)
+    assert tid not in eos[0].output_ids + eos[1].output_ids + eos[2].output_ids[:1]
+    d = tmp_path / "ckpt"
+    shutil.copytree(dj.demo_checkpoint(), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["eos_token_id"] = [gen.eos_id, tid]
+    (d / "config.json").write_text(json.dumps(cfg))
+    g = Generator(dj.load(d, mtp=True), Tokenizer.from_dir(d))
+    assert g.eos_ids == (gen.eos_id, tid)
+    for speculative in (None, "mtp"):
+        res = g.generate_text(PROMPTS, max_new_tokens=N, speculative=speculative)
+        for r, e in zip(res, eos):
+            ids = e.output_ids + ([gen.eos_id] if e.finish_reason == "eos" else [])
+            cut = [i for i, t in enumerate(ids) if t in (gen.eos_id, tid)]
+            want = (ids[:cut[0]], "eos") if cut else (ids, "length")
+            assert (r.output_ids, r.finish_reason) == want
+        assert res[2].output_ids == eos[2].output_ids[:1] and res[:2] == eos[:2]
+    res = g.generate_text(PROMPTS, **KW)
+    assert [r.output_ids for r in res] == [b.output_ids for b in base]
+    res = g.generate_text(PROMPTS, max_new_tokens=N, eos_id=gen.eos_id)
+    assert [(r.output_ids, r.finish_reason) for r in res] == [(e.output_ids, e.finish_reason) for e in eos]
+    with pytest.raises(DeepSeekError, match="further eos ids"):
+        g.generate_text(["1+1"], max_new_tokens=2, stop_token_ids=list(range(2, MAX_STOP_TOKEN_IDS + 2)))
+    cfg["eos_token_id"] = [gen.eos_id, 10 ** 6]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DeepSeekError, match="list entry 1000000"):
+        dj.load(d)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(stop_token_ids=[264]), "outside the vocab"),
     (dict(stop_token_ids=[-1]), "outside the vocab"),
