@@ -46,6 +46,16 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+# tokenizer_config.json's other named tokens, passed to chat templates as transformers does
+_OTHER_SPECIAL_TOKENS = ("unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _entry_content(value: object) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 def _token_content(value: object, field: str, path: Path) -> str | None:
     """Read a token entry of tokenizer_config.json: a string, ``{"content": ...}``, or null."""
     if value is None:
@@ -124,10 +134,14 @@ class Tokenizer:
         chat_template: str | None = None,
         source: str = "<memory>",
         chat_template_error: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
     ) -> None:
         """Wrap a loaded ``tokenizers.Tokenizer``; ``source`` names where it came from in errors.
         ``chat_template_error``: why the config's template could not be read (raised when a chat is
-        rendered; :attr:`has_chat_template` is true, so that a chat is not quietly encoded raw)."""
+        rendered; :attr:`has_chat_template` is true, so that a chat is not quietly encoded raw).
+        ``special_tokens``: the config's other named tokens (``unk_token``, ``pad_token``, ...),
+        which chat templates see as variables."""
+        self.special_tokens = dict(special_tokens or {})
         self._tok = tokenizer
         self.chat_template_error = chat_template_error
         self._source = source
@@ -212,6 +226,8 @@ class Tokenizer:
             chat_template=chat_template,
             source=str(directory),
             chat_template_error=template_error,
+            special_tokens={k: v for k in _OTHER_SPECIAL_TOKENS
+                            if isinstance(v := _entry_content(config.get(k)), str)},
         )
 
     @property
@@ -285,7 +301,8 @@ class Tokenizer:
     ) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) to prompt text.
 
-        The template sees ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token`` and
+        The template sees ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``,
+        the config's other named tokens (``unk_token``, ``pad_token``, ...) and
         ``tools``/``documents`` (None), as transformers passes them; ``extra`` keyword arguments
         are further variables, and override those.
         """
@@ -294,8 +311,8 @@ class Tokenizer:
                 raise DeepSeekError(f"chat message {i} must be a mapping with a string 'role'")
         template = self._template()
         try:
-            variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "tools": None,
-                         "documents": None, **extra}
+            variables = {**self.special_tokens, "bos_token": self.bos_token, "eos_token": self.eos_token,
+                         "tools": None, "documents": None, **extra}
             return template.render(messages=[dict(m) for m in messages],
                                    add_generation_prompt=add_generation_prompt, **variables)
         except Exception as err:  # the template is user data: anything it raises is a user error

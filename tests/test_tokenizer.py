@@ -296,6 +296,15 @@ def test_template_variables_as_transformers_passes_them(tmp_path: Path) -> None:
     assert t.apply_chat_template([], tools=[{"name": "f"}], bos_token="<b>") == "FalseTrue<b>"
 
 
+def test_template_sees_the_configs_other_named_tokens(tmp_path: Path) -> None:
+    """transformers renders with every named special token (pad_token, unk_token, ...); a
+    template that wrote pad_token wrote nothing here. Absent or null ones stay undefined."""
+    template = "{{ pad_token }}|{{ unk_token }}|{{ mask_token is defined }}"
+    t = Tokenizer.from_dir(_copy_asset(tmp_path, {"chat_template": template, "pad_token": BOS,
+                                                  "unk_token": {"content": "<u>"}, "mask_token": None}))
+    assert t.apply_chat_template([]) == BOS + "|<u>|False"
+
+
 def test_decode_drops_ids_outside_the_vocab(tok: Tokenizer) -> None:
     """Negative ids and ids past 2**32 raised the Rust side's OverflowError; the docstring says
     ids outside the vocabulary are dropped."""
