@@ -9,7 +9,7 @@ experts that got rows count), speed ratio to the XLA bf16 dot measured in the sa
 and the relative Frobenius error against the method's reference.  A baseline that fails (out of
 memory, unsupported) prints ``failed: <reason>`` instead of numbers.  An error over its table's
 tolerance (``TOLERANCE``) is marked ``FAILED``, never wins a tile sweep, and makes the script exit
-1 once everything is printed.
+1 once everything is printed; so does a kernel row that raised (every tile configuration failed).
 
 Timing: each method is jitted and compiled first; then one jitted call runs the op ``n`` times in a
 ``fori_loop`` whose carry feeds a 0-weighted element of each result back into the next input (so XLA
@@ -778,13 +778,27 @@ def main(argv=None):
             json.dump([dataclasses.asdict(r) for r in all_rows], f, indent=1)
     print("\nGB/s: operands read + output written (grouped: only experts with rows); "
           "x XLA bf16: time of the XLA bf16 dot at the same shape / this time (>1 = faster).")
-    if CHECK_FAILURES:   # after everything is printed: the run's numbers are not to be trusted
+    return verdict(all_rows)
+
+
+def verdict(rows: list[Row]) -> int:
+    """The exit status, after everything is printed: 1 when a row failed its correctness check
+    or a kernel's row raised (every configuration of a sweep failed): the run's numbers are not
+    to be trusted. A baseline that raised (XLA's ragged_dot out of memory) is a result."""
+    code = 0
+    if CHECK_FAILURES:
         print(f"\nerror: {len(CHECK_FAILURES)} row(s) failed the correctness check (tolerances: "
               f"{', '.join(f'{k} {v:.0e}' for k, v in TOLERANCE.items())}):", file=sys.stderr)
         for line in CHECK_FAILURES:
             print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+        code = 1
+    broken = [r for r in rows if r.method.startswith("kernel") and r.failed]
+    if broken:
+        print(f"\nerror: {len(broken)} kernel row(s) raised:", file=sys.stderr)
+        for r in broken:
+            print(f"  {r.shape} | {r.method} {r.note}: {r.failed}", file=sys.stderr)
+        code = 1
+    return code
 
 
 if __name__ == "__main__":

@@ -182,3 +182,22 @@ def test_prefill_roofline_counts_the_weights_each_token_multiplies():
     mlp = 3 * D * cfg.intermediate_size
     moe = D * cfg.n_routed_experts + 3 * D * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
     assert e2e.prefill_gemm_params(cfg, model) == 4 * mla + mlp + 3 * moe
+
+
+def test_kernel_benchmark_fails_when_a_kernel_raises(capsys):
+    """benchmarks/kernels.py exits 1 when every configuration of a kernel raised (it exited 0,
+    its table showing only "failed: ..."); a baseline that raises is a result (exit 0)."""
+    import importlib
+
+    kb = importlib.import_module("benchmarks.kernels")
+
+    def boom(x):
+        raise ValueError("no tile fits")
+
+    x = __import__("numpy").ones(4, "float32")
+    rows: list = []
+    kb.measure(rows, "decode 1x4", "XLA ragged_dot bf16", boom, (x,), flops=1, nbytes=1, reps=1, quick=True)
+    assert rows[0].failed and kb.verdict(rows) == 0
+    kb.measure(rows, "decode 1x4", "kernel w8a16", boom, (x,), flops=1, nbytes=1, reps=1, quick=True)
+    assert kb.verdict(rows) == 1
+    assert "1 kernel row(s) raised" in capsys.readouterr().err
