@@ -1093,7 +1093,9 @@ class Generator:
         self._prefix = self._kept = None
 
     # ---- validation ------------------------------------------------------------------------
-    def _check_prompts(self, prompts_ids) -> list[list[int]]:
+    def _check_prompts(self, prompts_ids, names: Sequence[str] | None = None) -> list[list[int]]:
+        """The prompts as lists of ints, checked; ``names[i]`` names prompt i in errors (default
+        ``prompt i``; the CLI passes ``--input-file line n``)."""
         if isinstance(prompts_ids, jax.Array):
             prompts_ids = _host_ids("prompts", prompts_ids)
         if isinstance(prompts_ids, np.ndarray):
@@ -1102,23 +1104,24 @@ class Generator:
             raise DeepSeekError("prompts: expected a non-empty list of token id lists")
         V, out = self.vocab_size, []
         for i, p in enumerate(prompts_ids):
+            name = names[i] if names is not None else f"prompt {i}"
             if isinstance(p, jax.Array):
-                p = _host_ids(f"prompt {i}", p)
+                p = _host_ids(name, p)
             if isinstance(p, np.ndarray):
                 p = p.tolist()
             if not isinstance(p, Sequence) or isinstance(p, (str, bytes)):
-                raise DeepSeekError(f"prompt {i}: expected a list of token ids, got {type(p).__name__}")
+                raise DeepSeekError(f"{name}: expected a list of token ids, got {type(p).__name__}")
             if len(p) == 0:
-                raise DeepSeekError(f"prompt {i} is empty")
+                raise DeepSeekError(f"{name} is empty")
             ids = []
             for j, t in enumerate(p):
                 if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                    raise DeepSeekError(f"prompt {i}: token {j} is {t!r}, not an integer id")
+                    raise DeepSeekError(f"{name}: token {j} is {t!r}, not an integer id")
                 if not 0 <= int(t) < V:
-                    raise DeepSeekError(f"prompt {i}: token id {int(t)} at index {j} is outside the vocab [0, {V})")
+                    raise DeepSeekError(f"{name}: token id {int(t)} at index {j} is outside the vocab [0, {V})")
                 ids.append(int(t))
             if len(ids) >= self.max_len:
-                raise DeepSeekError(f"prompt {i} has {len(ids)} tokens; at most {self.max_len - 1} fit "
+                raise DeepSeekError(f"{name} has {len(ids)} tokens; at most {self.max_len - 1} fit "
                                     f"(max length {self.max_len} incl. at least one new token)")
             out.append(ids)
         return out

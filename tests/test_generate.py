@@ -373,12 +373,19 @@ def test_cli_text_bad_input(demo, capsys):
     code, _, err = run_cli(capsys, "generate", d, "--prompt-ids", "0,5,999")
     assert_one_line_error(code, err, contains="token id 999 at index 2 is outside the vocab")
     code, _, err = run_cli(capsys, "generate", d, "--prompt", "")
-    assert_one_line_error(code, err, contains="prompt 0 is empty")
+    assert_one_line_error(code, err, contains="--prompt is empty")
     # a byte that is not UTF-8 in argv (Python keeps it as U+DCFF): the error named a lone surrogate
     # at its position in the rendered chat template
-    code, _, err = run_cli(capsys, "generate", d, "--prompt", "ab\udcffcd")
-    assert_one_line_error(code, err, contains="prompt 0 is not UTF-8 text: byte 0xff at character 2")
-    for prompt, needle in (("", "prompt 1 is empty"), ("1" * 200, "prompt 1 has")):
+    code, _, err = run_cli(capsys, "generate", d, "--prompt", "ok", "--prompt", "ab\udcffcd")
+    assert_one_line_error(code, err, contains="--prompt #2 is not UTF-8 text: byte 0xff at character 2")
+    # prompts are named as the user counts them: an input file's line (blank lines skipped), not
+    # a 0-based index among the non-blank lines
+    f = d + "/../prompts.txt"
+    with open(f, "w") as fh:
+        fh.write("1+1\n\n" + "1" * 200 + "\n")
+    code, _, err = run_cli(capsys, "generate", d, "--input-file", f)
+    assert_one_line_error(code, err, contains="--input-file line 3 has 2")
+    for prompt, needle in (("", "--prompt #2 is empty"), ("1" * 200, "--prompt #2 has")):
         code, out, err = run_cli(capsys, "demo", "--dir", d, "--prompt", "1+1", "--prompt", prompt)
         assert_one_line_error(code, err, command="demo", contains=needle)
         assert out == ""   # (the model's description was printed first)

@@ -136,10 +136,12 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = Tokenizer.from_dir(ckpt)
     gen = load_generator(ckpt, args.dtype, tokenizer, args)
-    for i, text in enumerate(prompts):   # bad prompts fail before the model's description is printed
+    names = [("--prompt" if len(prompts) == 1 else f"--prompt #{i + 1}") if args.prompt else f"prompt {i + 1}"
+             for i in range(len(prompts))]
+    for name, text in zip(names, prompts):   # bad prompts fail before the model's description is printed
         if not text:
-            raise DeepSeekError(f"prompt {i} is empty")
-    gen._check_prompts([gen.encode_prompt(t, None) for t in prompts])
+            raise DeepSeekError(f"{name} is empty")
+    gen._check_prompts([gen.encode_prompt(t, None) for t in prompts], names)
     from deepseek_jax.config import DeepSeekConfig
 
     cfg = DeepSeekConfig.from_json_file(ckpt)   # the checkpoint's (the CPU generator dequantizes FP8)

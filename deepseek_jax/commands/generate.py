@@ -223,20 +223,21 @@ def parse_ids(text: str) -> list[int]:
     return [int(t) for t in parts]
 
 
-def _encode(tokenizer, texts: list[str], chat: bool | None) -> list[list[int]]:
+def _encode(tokenizer, texts: list[str], chat: bool | None, names: list[str]) -> list[list[int]]:
     if chat is None:
         chat = tokenizer.has_chat_template
     out = []
-    for i, t in enumerate(texts):
+    for name, t in zip(names, texts):
         if not t:
-            raise DeepSeekError(f"prompt {i} is empty")
+            raise DeepSeekError(f"{name} is empty")
         out.append(tokenizer.encode_chat([{"role": "user", "content": t}]) if chat else tokenizer.encode(t))
     return out
 
 
-def length_cap_notice(max_len: int, prompts: list[list[int]], max_new_tokens: int) -> str | None:
+def length_cap_notice(max_len: int, prompts: list[list[int]], max_new_tokens: int,
+                      names: list[str] | None = None) -> str | None:
     """A one-line note when the model's max length leaves some prompt fewer than
-    ``max_new_tokens`` new tokens (``None`` when it does not)."""
+    ``max_new_tokens`` new tokens (``None`` when it does not); ``names[i]`` names prompt i."""
     rooms = [max_len - len(p) for p in prompts]
     capped = [i for i, r in enumerate(rooms) if 0 < r < max_new_tokens]
     if not capped:
@@ -246,7 +247,7 @@ def length_cap_notice(max_len: int, prompts: list[list[int]], max_new_tokens: in
                 f"tokens and the model's max length is {max_len}")
     i = min(capped, key=lambda j: rooms[j])
     return (f"note: --max-new-tokens {max_new_tokens} capped for {len(capped)} of {len(prompts)} prompts by the "
-            f"model's max length {max_len} (prompt {i}: at most {rooms[i]} new tokens)")
+            f"model's max length {max_len} ({names[i] if names else f'prompt {i}'}: at most {rooms[i]} new tokens)")
 
 
 def check_stop_args(args: argparse.Namespace) -> None:
@@ -290,6 +291,14 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_ids and args.chat is not None:
         raise DeepSeekError(f"{'--chat-template' if args.chat else '--raw'} applies to text prompts; --prompt-ids "
                             "are token ids as they are")
+    # how errors name a prompt: as the user counts them (1-based, or the input file's line)
+    if args.input_file and not (args.prompt_ids or args.prompt):
+        lines = read_lines(args.input_file, "--input-file")
+        names = [f"--input-file line {n}" for n, _ in lines]
+    else:
+        flag = "--prompt-ids" if args.prompt_ids else "--prompt"
+        n = len(args.prompt_ids or args.prompt)
+        names = [flag if n == 1 else f"{flag} #{i + 1}" for i in range(n)]
     if args.prompt_ids:
         prompts = [parse_ids(s) for s in args.prompt_ids]
         tokenizer = load_tokenizer(args.ckpt, required=False)
@@ -298,20 +307,20 @@ def run(args: argparse.Namespace) -> int:
                                 "(use --stop-token-id)")
     else:
         # one prompt per line (ending at \n only: str.splitlines split a prompt at U+2028, a form feed)
-        texts = args.prompt if args.prompt else [line for _, line in read_lines(args.input_file, "--input-file")]
-        for i, text in enumerate(texts):   # (a rendered template's position was the error's)
+        texts = args.prompt if args.prompt else [line for _, line in lines]
+        for name, text in zip(names, texts):   # (a rendered template's position was the error's)
             bad = undecodable_byte(text)
             if bad is not None:
-                raise DeepSeekError(f"prompt {i} is not UTF-8 text: byte 0x{bad[0]:02x} at character {bad[1]}")
+                raise DeepSeekError(f"{name} is not UTF-8 text: byte 0x{bad[0]:02x} at character {bad[1]}")
         tokenizer = load_tokenizer(args.ckpt, required=True)
-        prompts = _encode(tokenizer, texts, args.chat)
+        prompts = _encode(tokenizer, texts, args.chat, names)
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
     gen._check_stop_token_ids(args.stop_token_ids)   # (the vocab range) before any notice
-    gen._check_prompts(prompts)                        # ids, lengths: an error is the only line
+    gen._check_prompts(prompts, names)                 # ids, lengths: an error is the only line
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
               stop_at_eos=not args.ignore_eos, speculative=args.speculative, stop_token_ids=args.stop_token_ids,
               logprobs=args.logprobs or top_logprobs > 0, top_logprobs=top_logprobs)
-    note = length_cap_notice(gen.max_len, prompts, args.max_new_tokens)
+    note = length_cap_notice(gen.max_len, prompts, args.max_new_tokens, names)
     if note:
         print(note, file=sys.stderr)
 
