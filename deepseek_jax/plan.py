@@ -88,7 +88,7 @@ def shard_bytes(shape, dtype, spec, mesh_shape) -> int:
 def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "ep_tp", batch: int = 1,
               max_len: int = 4096, prompt_len: int | None = None, prefill_batch: int = 1, device: str = "h200",
               compile_steps: bool = True, prefill_chunk: int | str | None = "auto",
-              prefill_attention: str = "plain", dtype: str = "bfloat16") -> Plan:
+              prefill_attention: str = "plain", dtype: str = "bfloat16", mtp: bool = False) -> Plan:
     """The decode batch and cache as the :class:`~deepseek_jax.generate.Generator` allocates
     them: ``batch`` rounded up to a power of two, ``max_len`` to its length bucket (batch 5 holds
     8 rows; 4097 positions, 6144). ``dtype``: the compute dtype (``generate --dtype``), which is
@@ -96,7 +96,9 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     way the generator runs it (``prefill_batch`` prompts padded to their length bucket, in chunks
     when the policy chunks it; ``generate`` prefills its whole batch at once). ``prefill_attention``:
     as ``Precision`` takes it ("flash" compiles here, on CPU, as the blocked jnp form: its memory,
-    not a GPU or TPU kernel's). The MTP layer is not counted."""
+    not a GPU or TPU kernel's). ``mtp``: count the MTP layer's weights, which ``generate
+    --speculative mtp`` loads (its draft step's temporaries are not compiled); without it the MTP
+    layer is not counted."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -114,6 +116,8 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         raise DeepSeekError(f"--device {device!r} unknown (one of: {', '.join(sorted(DEVICES))})")
     if max_len > cfg.max_position_embeddings:
         raise DeepSeekError(f"--max-len {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    if mtp and cfg.num_nextn_predict_layers < 1:
+        raise DeepSeekError("--speculative mtp: the config has no MTP layer (num_nextn_predict_layers is 0)")
     n = math.prod(mesh_shape.values())
     if jax.device_count() < n:
         raise DeepSeekError(f"plan needs {n} (fake) devices, this process has {jax.device_count()}")
@@ -123,7 +127,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         raise DeepSeekError(f"plan: compute dtype {dtype!r} unknown (bfloat16 or float32)")
     act = jnp.dtype(dtype)
     prec = Precision(dtype=act, prefill_attention=prefill_attention)
-    model = abstract_model(cfg, prec, with_mtp=False)
+    model = abstract_model(cfg, prec, with_mtp=mtp)
     specs = sharding.model_param_specs(model, mesh_shape, rule_table)
     graphdef, state = nnx.split(model)
     flat = list(nnx.to_flat_state(state))

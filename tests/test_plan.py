@@ -22,11 +22,11 @@ def _plan_json(*args) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _hand_count(split) -> float:
+def _hand_count(split, mtp: bool = False) -> float:
     """Per-device bytes from the Hub tensor list: each tensor's bytes / the ways it is split."""
     cfg = json.load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "deepseek-v3-671b.json")))
     total = 0.0
-    for name, spec in hub_tensor_specs(cfg, include_mtp=False).items():
+    for name, spec in hub_tensor_specs(cfg, include_mtp=mtp).items():
         total += spec.nbytes / split(name)
     return total
 
@@ -40,6 +40,17 @@ def test_671b_on_16_h200_matches_hand_count():
     # nothing compiled: no temporaries reported as if measured (they were 0)
     assert plan["decode_temp"] is None and plan["prefill_temp"] is None
     assert plan["peak"] == plan["weights"] + plan["cache"]
+
+
+def test_671b_with_the_mtp_layer_matches_hand_count():
+    """``--speculative mtp`` counts the MTP layer (Hub layer 61: a decoder layer with its own
+    embedding, head, norms and eh_proj), which generate --speculative mtp loads."""
+    plan = _plan_json("--config", "deepseek-v3-671b", "--mesh", "expert=16", "--device", "h200", "--no-compile",
+                      "--speculative", "mtp")
+    hand = _hand_count(lambda n: 16 if ".mlp.experts." in n else 1, mtp=True)
+    assert plan["mtp"] and abs(plan["weights"] - hand) / hand < 0.02
+    without = _hand_count(lambda n: 16 if ".mlp.experts." in n else 1)
+    assert 4.0 * 2**30 < hand - without < 5.0 * 2**30   # (the README's "4.5 GiB per device")
 
 
 def test_671b_on_v5p_64_matches_hand_count():
@@ -80,7 +91,8 @@ def test_plan_bad_input(capsys):
                           # accepted and ignored, or (seq-len) accepted where train refuses it
                           (["--train", "full", "--lora-rank", "8"], "--lora-rank applies to --train lora"),
                           (["--train", "lora", "--param-dtype", "bfloat16"], "--param-dtype applies to --train full"),
-                          (["--train", "full", "--seq-len", "2"], "--seq-len must be >= 4")):
+                          (["--train", "full", "--seq-len", "2"], "--seq-len must be >= 4"),
+                          (["--train", "full", "--speculative", "mtp"], "--speculative applies to inference")):
         assert cli.main(["plan", "--config", "tiny", "--mesh", "expert=2", "--no-compile", *extra]) == 2
         assert needle in capsys.readouterr().err
     # an empty mesh read as every device, 2^30 of them

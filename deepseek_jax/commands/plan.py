@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="h200",
                    help="memory to fit: h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4|cpu (default h200)")
     add_prefill_attention_arg(p)   # compiled here, on CPU, in its blocked jnp form
+    p.add_argument("--speculative", choices=("mtp",), default=None,
+                   help="count the MTP layer's weights, as generate --speculative mtp loads them (not counted "
+                        "otherwise; its draft step's temporaries are not compiled)")
     p.add_argument("--no-compile", action="store_true", help="weights and cache only, no compile (1.4 s instead of ~9 s for 671B)")
     t = p.add_argument_group("training (instead of inference)")
     t.add_argument("--train", choices=("full", "lora"), default=None,
@@ -67,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from deepseek_jax.config import load_config
 
     if args.train is not None:
+        if args.speculative:
+            raise DeepSeekError("--speculative applies to inference; plan --train counts the MTP layer when the "
+                                "config has one")
         return _run_train(args)
     for flag, value, default in (("--seq-len", args.seq_len, None), ("--lora-rank", args.lora_rank, 16),
                                  ("--param-dtype", args.param_dtype, "float32"), ("--trainable", args.trainable, None),
@@ -104,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, sizes, rules=args.rules, batch=args.batch, max_len=args.max_len,
                      prompt_len=args.prompt_len, prefill_batch=args.prefill_batch, device=args.device,
                      compile_steps=not args.no_compile, prefill_chunk=chunk,
-                     prefill_attention=args.prefill_attention, dtype=args.compute_dtype)
+                     prefill_attention=args.prefill_attention, dtype=args.compute_dtype,
+                     mtp=args.speculative == "mtp")
     if args.json:
         print(json.dumps({"mesh": plan.mesh, "weights": plan.weights, "weights_total": plan.weights_total,
                           "cache": plan.cache, "prefill_temp": plan.prefill_temp, "decode_temp": plan.decode_temp,
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                           "capacity": plan.capacity, "fits": plan.fits, "prefill_tokens": plan.prefill_tokens,
                           "prefill_chunk": plan.prefill_chunk, "prefill_attention": args.prefill_attention,
                           "compute_dtype": args.compute_dtype, "rows": plan.rows, "positions": plan.positions,
-                          "compiled": plan.compiled}))
+                          "compiled": plan.compiled, "mtp": args.speculative == "mtp"}))
     else:
         rows = f" ({plan.rows} rows)" if plan.rows != args.batch else ""
         positions = f" ({plan.positions} positions)" if plan.positions != args.max_len else ""
@@ -120,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
               f"decode batch {args.batch}{rows}, max-len {args.max_len}{positions}, prefill "
               f"{args.prefill_batch} x {plan.prefill_tokens} tokens"
               f"{f' in chunks of {plan.prefill_chunk}' if plan.prefill_chunk else ''}{_attention(args)}, "
-              f"rules {args.rules}; the MTP layer not counted")
+              f"rules {args.rules}; " + ("the MTP layer's weights counted (not its draft step's temporaries)"
+                                         if args.speculative else "the MTP layer not counted (--speculative mtp)"))
         print(plan.table())
     return 0
 
