@@ -287,10 +287,16 @@ class DeepSeekLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return "deepseek_jax"
+        # lm-eval keys its request cache (--cache_requests) by this name: one checkpoint's
+        # chat-templated prompts must not be served to another's
+        return f"deepseek_jax-{self.tokenizer.fingerprint[:16]}"
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+        # Without a generation prompt (a task's gen_prefix as the last, assistant, message) the
+        # text ends with that message, not with the eos the template closes it with: as HF's
+        # backend renders it (continue_final_message).
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return getattr(self.tokenizer, "chat_template", None) if chat_template else None
@@ -387,7 +393,9 @@ class DeepSeekLM(TemplateLM):
                 for b in range(0, len(rows), self.batch_size):
                     chunk = rows[b:b + self.batch_size]
                     prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - budget):] for i in chunk]
-                    kw = dict(max_new_tokens=budget, sampling=sampling, seed=s["seed"])
+                    # (first_row: each row draws with its own key, as one call over the group would;
+                    # repeats of a sampled request differ, whatever the batch size)
+                    kw = dict(max_new_tokens=budget, sampling=sampling, seed=s["seed"], first_row=b)
                     if s["until"]:    # stop strings, matched on the host (generate --stop's path)
                         res = self._generator._generate_text_ids(prompts, stops=s["until"], **kw)
                     else:

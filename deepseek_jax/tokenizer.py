@@ -14,6 +14,7 @@ This module must not import jax: it is used by the CLI before any device is touc
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -44,6 +45,18 @@ _REPLACEMENT_CHAR = "\ufffd"
 def _one_line(text: object) -> str:
     """Collapse a message onto one line (DeepSeekError messages are printed as one line)."""
     return " ".join(str(text).split())
+
+
+def _cut_after_last(text: str, content: str) -> str:
+    """``text`` up to the end of ``content``'s last occurrence (a template may strip the
+    content's surrounding whitespace: then up to the end of the stripped content)."""
+    at = text.rfind(content.strip())
+    if at < 0:
+        raise DeepSeekError("continue_final_message: the chat template does not write the last message's "
+                            "content as it is")
+    kept = content.lstrip()
+    end = at + (len(kept) if text[at:at + len(kept)] == kept else len(content.strip()))
+    return text[:end]
 
 
 # tokenizer_config.json's other named tokens, passed to chat templates as transformers does
@@ -150,6 +163,7 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template
         self._compiled_template: jinja2.Template | None = None
+        self._fingerprint: str | None = None
         self.bos_id = self._require_id(bos_token, "bos_token")
         self.eos_id = self._require_id(eos_token, "eos_token")
 
@@ -236,6 +250,19 @@ class Tokenizer:
         return bool(self.chat_template) or self.chat_template_error is not None
 
     @property
+    def fingerprint(self) -> str:
+        """A hex digest of everything that decides how text and chats encode: the vocabulary and
+        its rules, bos/eos, ``add_bos_token`` and the chat template (lm-eval keys its request
+        cache by it). Computed once."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self._tok.to_str().encode("utf-8"))
+            for part in (self.bos_token, self.eos_token, str(self.add_bos_token), self.chat_template or "",
+                         self.chat_template_error or "", json.dumps(self.special_tokens, sort_keys=True)):
+                h.update(b"\0" + part.encode("utf-8", "surrogatepass"))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer knows, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -265,6 +292,20 @@ class Tokenizer:
         if add_bos:
             ids.insert(0, self.bos_id)
         return ids
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """``(context ids, continuation ids)`` by lm-evaluation-harness's causal-LM convention: the
+        context's trailing whitespace moves to the continuation, the whole text is encoded (bos
+        per :meth:`encode`) and split at the context's length; an empty context is bos alone (or
+        the continuation's own leading bos)."""
+        if context == "":
+            cont = self.encode(continuation, add_bos=False)
+            return (cont[:1], cont[1:]) if cont and cont[0] == self.bos_id else ([self.bos_id], cont)
+        stripped = context.rstrip()
+        if stripped != context:
+            context, continuation = stripped, context[len(stripped):] + continuation
+        ctx = self.encode(context)
+        return ctx, self.encode(context + continuation)[len(ctx):]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Decode ids to text, dropping special tokens if ``skip_special``.
@@ -297,11 +338,15 @@ class Tokenizer:
         self,
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
         **extra: Any,
     ) -> str:
         """Render a conversation (``[{"role": ..., "content": ...}, ...]``) to prompt text.
 
-        The template sees ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``,
+        ``continue_final_message``: the text ends with the last message's content, whatever the
+        template writes after it (the eos that closes an assistant turn), so that a model continues
+        that message (transformers' option of that name; lm-eval's ``gen_prefix``). The template sees ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``,
         the config's other named tokens (``unk_token``, ``pad_token``, ...) and
         ``tools``/``documents`` (None), as transformers passes them; ``extra`` keyword arguments
         are further variables, and override those.
@@ -309,17 +354,24 @@ class Tokenizer:
         for i, message in enumerate(messages):
             if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
                 raise DeepSeekError(f"chat message {i} must be a mapping with a string 'role'")
+        if continue_final_message:
+            if add_generation_prompt:
+                raise DeepSeekError("continue_final_message and add_generation_prompt exclude each other: "
+                                    "one continues the last message, the other starts a new one")
+            if not messages or not isinstance(messages[-1].get("content"), str):
+                raise DeepSeekError("continue_final_message needs a last message with string content")
         template = self._template()
         try:
             variables = {**self.special_tokens, "bos_token": self.bos_token, "eos_token": self.eos_token,
                          "tools": None, "documents": None, **extra}
-            return template.render(messages=[dict(m) for m in messages],
+            text = template.render(messages=[dict(m) for m in messages],
                                    add_generation_prompt=add_generation_prompt, **variables)
         except Exception as err:  # the template is user data: anything it raises is a user error
             detail = err.message if isinstance(err, jinja2.exceptions.TemplateError) else err
             raise DeepSeekError(
                 f"chat template render failed: {_one_line(detail or type(err).__name__)}"
             ) from err
+        return _cut_after_last(text, messages[-1]["content"]) if continue_final_message else text
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True

@@ -294,7 +294,7 @@ def test_cli_generate_bad_input_file(ckpt_a, tmp_path, capsys):
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
     code, _, err = run_cli(capsys, "generate", ckpt_a, "--input-file", binary)
-    assert_one_line_error(code, err, contains="cannot read")
+    assert_one_line_error(code, err, contains="line 1 is not UTF-8 text: byte 0xff at byte 1")
 
 
 # ---- demo checkpoint: text, chat template, chat, demo ------------------------------------------

@@ -199,3 +199,44 @@ def test_generate_until_default_budget_fits(ours):
     [text] = lm.generate_until([Instance("generate_until", {}, (_chat(ours, "50+563"), {"until": ["\n"]}), 0)],
                                disable_tqdm=True)
     assert text == "613"
+
+
+def test_sampled_repeats_differ_whatever_the_batch_size(ours):
+    """Sampled repeats of one request (lm-eval's ``repeats``: self-consistency, pass@k) are
+    independent draws: each batch re-drew the first batch's samples (2 distinct among 6 at batch
+    size 2), and the samples depended on the batch size."""
+    req = (_chat(ours, "846+483"), {"until": ["\n"], "max_gen_toks": 6, "do_sample": True, "temperature": 5.0})
+    inst = [Instance("generate_until", {}, req, i) for i in range(6)]
+    at4 = ours.generate_until(inst, disable_tqdm=True)
+    at2 = DeepSeekLM(model=ours.model, tokenizer=ours.tokenizer, batch_size=2,
+                     max_length=MAX_LENGTH).generate_until(inst, disable_tqdm=True)
+    assert at2 == at4
+    assert len(set(at4)) >= 5
+
+
+def test_chat_template_continues_a_gen_prefix(ours, hf):
+    """lm-eval renders a task's ``gen_prefix`` as the last (assistant) message with
+    ``add_generation_prompt=False``: the prompt must end with it, as HF's backend renders it, not
+    with the eos that closes an assistant turn."""
+    history = [{"role": "user", "content": "846+483"}, {"role": "assistant", "content": "Sum:"}]
+    got = ours.apply_chat_template(history, add_generation_prompt=False)
+    assert got == hf.apply_chat_template(history, add_generation_prompt=False)
+    assert got.endswith("Sum:")
+    assert ours.apply_chat_template(history[:1]) == hf.apply_chat_template(history[:1])
+
+
+def test_tokenizer_name_tells_templates_apart(ours, tmp_path):
+    """lm-eval keys its request cache by ``tokenizer_name``: it was one constant, so a second
+    checkpoint with another chat template was served the first one's rendered prompts."""
+    import json
+    import shutil
+
+    from deepseek_jax.tokenizer import Tokenizer
+    d = tmp_path / "other"
+    shutil.copytree(ours.tokenizer._source, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "SYSTEM " + cfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    other = DeepSeekLM(model=ours.model, tokenizer=Tokenizer.from_dir(d), max_length=MAX_LENGTH)
+    same = DeepSeekLM(model=ours.model, tokenizer=Tokenizer.from_dir(ours.tokenizer._source), max_length=MAX_LENGTH)
+    assert other.tokenizer_name != ours.tokenizer_name == same.tokenizer_name

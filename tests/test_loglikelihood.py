@@ -229,12 +229,38 @@ def test_score_pairs(tmp_path, capsys):
     assert text[1].endswith("not greedy") and text[-1].startswith("total: 5 pairs, 2 greedy (40.00%)")
 
 
+def test_score_pairs_split_text_as_the_harness_does(tmp_path, capsys):
+    """``score --pairs`` said "as lm-evaluation-harness" but encoded the continuation apart: a
+    context ending in a space scored 5 tokens where the harness scores 6. Now each text pair's
+    log-likelihood, token count and greedy flag equal lm_eval's own split (TemplateLM) through
+    the harness backend."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from deepseek_jax.harness import DeepSeekLM
+    demo = dj.demo_checkpoint()
+    pairs = [("hello ", "world"), ("hello", " world"), ("<｜User｜>846+483<｜Assistant｜>", "1329"),
+             ("", "The sea"), ("a  ", " b"), ("12+", "30=42")]
+    path = _write(tmp_path, [{"context": c, "continuation": x} for c, x in pairs])
+    assert cli.main(["score", demo, "--pairs", path, "--json"]) == 0
+    got = [json.loads(x) for x in capsys.readouterr().out.splitlines()[:-1]]
+    lm = DeepSeekLM(demo, batch_size=4)
+    want = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    for g, (lp, greedy) in zip(got, want):
+        assert g["logprob"] == pytest.approx(lp, abs=1e-4) and g["is_greedy"] == greedy
+    assert got[0]["logprob"] == pytest.approx(got[1]["logprob"], abs=1e-5) and got[0]["tokens"] == got[1]["tokens"]
+    assert [g["tokens"] for g in got] == [len(lm._encode_pair(c, x)[1]) if c else len(lm.tok_encode(x, False))
+                                          for c, x in pairs]
+
+
 @pytest.mark.parametrize("rows, extra, needle", [
     (['{"context": "a", "continuation": "b"', ], [], "--pairs: line 1: not valid JSON"),
     (['{"context": "a", "continuation": "b"}', "[1, 2]"], [], "--pairs: line 2: expected a JSON object, got list"),
     ([{"context": "a"}], [], "--pairs: line 1: expected keys \"context\" and \"continuation\""),
     ([{"context": "a", "continuation": "b", "context_ids": [1], "continuation_ids": [2]}], [], "not both"),
     (["", {"context": "a", "continuation": ""}], [], "--pairs: line 2: \"continuation\" is empty"),
+    ([{"context": "a", "continuation": "b"}, {"context": "a\ud800", "continuation": "b"}], [],
+     "--pairs: line 2: text holds a lone surrogate"),
     ([{"context": 3, "continuation": "b"}], [], "line 1: \"context\" must be a string, got int"),
     ([{"context_ids": [], "continuation_ids": [2]}], [], "line 1: \"context_ids\" is empty"),
     ([{"context_ids": [1], "continuation_ids": [2.0]}], [], "\"continuation_ids\" must be a list of integer token ids"),

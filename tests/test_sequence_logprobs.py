@@ -81,11 +81,13 @@ def test_score_text_file(tmp_path, capsys):
         ref = alone(model, tok.encode(lines[r["line"] - 1]))
         assert r["tokens_scored"] == len(ref)
         assert r["mean_logprob"] == pytest.approx(float(ref.mean()), abs=1e-5)
+        assert r["logprob"] == pytest.approx(float(ref.sum()), abs=1e-4)   # (the help promised it)
         assert r["perplexity"] == pytest.approx(float(np.exp(-ref.mean())), rel=1e-4)
         total, n = total + float(ref.sum()), n + len(ref)
     t = rows[-1]["total"]
     assert t["lines"] == 4 and t["tokens_scored"] == n
     assert t["mean_logprob"] == pytest.approx(total / n, abs=1e-5)
+    assert t["logprob"] == pytest.approx(total, abs=1e-3)
     assert t["perplexity"] == pytest.approx(np.exp(-total / n), rel=1e-4)
     # the human form: one line per text line and a total
     assert cli.main(["score", demo, "--text-file", str(path)]) == 0
@@ -100,10 +102,15 @@ def test_score_text_file(tmp_path, capsys):
     ([], "\n  \n", "holds no text"),
     ([], "1+1=" * 100 + "\n", "line 1 is 401 tokens, over the model's max_position_embeddings 128"),
     (["--ids", "{tmp}/ids.npy"], "a\n", "not allowed with argument"),
+    # (it named a byte offset into the whole file)
+    ([], b"\xef\xbb\xbfok\n\nfine\nab\xffcd\n", "line 4 is not UTF-8 text: byte 0xff at byte 3 of the line"),
 ])
 def test_score_text_file_bad_input(tmp_path, capsys, extra, content, needle):
     path = tmp_path / "lines.txt"
-    path.write_text(content, encoding="utf-8")
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
     argv = ["score", dj.demo_checkpoint(), "--text-file", str(path)] + [a.format(tmp=tmp_path) for a in extra]
     try:
         rc = cli.main(argv)

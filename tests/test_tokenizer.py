@@ -305,6 +305,19 @@ def test_template_sees_the_configs_other_named_tokens(tmp_path: Path) -> None:
     assert t.apply_chat_template([]) == BOS + "|<u>|False"
 
 
+def test_continue_final_message(tmp_path: Path) -> None:
+    """The text ends where the last message's content does (as transformers cuts it), also when
+    the template trims that content; asking for a generation prompt as well is an error."""
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</s>{% endfor %}"
+    t = Tokenizer.from_dir(_copy_asset(tmp_path, {"chat_template": template}))
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " Sum: "}]
+    assert t.apply_chat_template(chat, add_generation_prompt=False) == "<user>hi</s><assistant>Sum:</s>"
+    assert t.apply_chat_template(chat, add_generation_prompt=False, continue_final_message=True) == \
+        "<user>hi</s><assistant>Sum:"
+    with pytest.raises(DeepSeekError, match="exclude each other"):
+        t.apply_chat_template(chat, continue_final_message=True)
+
+
 def test_decode_drops_ids_outside_the_vocab(tok: Tokenizer) -> None:
     """Negative ids and ids past 2**32 raised the Rust side's OverflowError; the docstring says
     ids outside the vocabulary are dropped."""

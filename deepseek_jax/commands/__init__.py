@@ -36,13 +36,22 @@ def read_lines(path: str, flag: str) -> list[tuple[int, str]]:
     """The non-blank lines of a UTF-8 text file (a byte-order mark dropped) with their 1-based line
     numbers; ``flag`` names the option in errors (``score --text-file``/``--pairs``, ``generate
     --input-file``)."""
-    try:   # lines end at \n (\r\n too) only: str.splitlines would also split at form feeds and U+2028
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            raw = f.read().split("\n")
-        lines = [(i + 1, line.removesuffix("\r")) for i, line in enumerate(raw) if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    try:
+        with open(path, "rb") as f:
+            data = f.read().removeprefix(b"\xef\xbb\xbf")
+    except OSError as e:
+        reason = e.strerror or str(e)
         raise DeepSeekError(f"{flag}: cannot read {path}: {' '.join(str(reason).split())}") from None
+    lines = []
+    # lines end at \n (\r\n too) only: str.splitlines would also split at form feeds and U+2028
+    for i, raw in enumerate(data.split(b"\n")):
+        try:
+            line = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as e:
+            raise DeepSeekError(f"{flag}: {path} line {i + 1} is not UTF-8 text: byte 0x{raw[e.start]:02x} at "
+                                f"byte {e.start + 1} of the line") from None
+        if line.strip():
+            lines.append((i + 1, line))
     if not lines:
         raise DeepSeekError(f"{flag}: {path} holds no text (only blank lines)")
     return lines

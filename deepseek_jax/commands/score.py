@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--pairs", metavar="FILE.jsonl",
                      help="conditional log-likelihoods (multiple-choice eval, as lm-evaluation-harness): each "
                           "non-blank line a JSON object with \"context\" and \"continuation\" strings (encoded by "
-                          "the checkpoint's tokenizer, the continuation without bos) or \"context_ids\" and "
+                          "the checkpoint's tokenizer as lm-evaluation-harness splits them: the context's trailing "
+                          "spaces join the continuation, the whole text is encoded and split at the context's "
+                          "length) or \"context_ids\" and "
                           "\"continuation_ids\" int lists; prints each line's log p(continuation | context), "
                           "whether greedy decoding gives exactly the continuation, and its tokens, then a total "
                           "(JSON lines with --json)")
@@ -187,16 +189,16 @@ def _run_text(args: argparse.Namespace) -> int:
     total = sum(float(lp.sum(dtype=np.float64)) for lp in lps)
     n = sum(len(lp) for lp in lps)
     for (lineno, _), lp in zip(lines, lps):
-        row = {"line": lineno, "tokens_scored": len(lp),
+        row = {"line": lineno, "tokens_scored": len(lp), "logprob": float(lp.sum(dtype=np.float64)),
                "mean_logprob": float(lp.mean()) if len(lp) else None,
                "perplexity": float(dj.perplexity(lp)) if len(lp) else None}
         print(json.dumps(row) if args.json else
-              f"line {lineno}: {_tokens(len(lp))}" + (f", mean log p {row['mean_logprob']:.4f}, perplexity "
-                                                   f"{row['perplexity']:.4g}" if len(lp) else ""))
-    summary = {"lines": len(lps), "tokens_scored": n, "mean_logprob": total / n if n else None,
+              f"line {lineno}: {_tokens(len(lp))}" + (f", log p {row['logprob']:.4f}, mean {row['mean_logprob']:.4f}, "
+                                                   f"perplexity {row['perplexity']:.4g}" if len(lp) else ""))
+    summary = {"lines": len(lps), "tokens_scored": n, "logprob": total, "mean_logprob": total / n if n else None,
                "perplexity": float(np.exp(-total / n)) if n else None}
     print(json.dumps({"total": summary}) if args.json else
-          f"total: {len(lps)} lines, {_tokens(n)}" + (f", mean log p {total / n:.4f}, perplexity "
+          f"total: {len(lps)} lines, {_tokens(n)}" + (f", log p {total:.4f}, mean {total / n:.4f}, perplexity "
                                                     f"{np.exp(-total / n):.4g}" if n else ""))
     return 0
 
@@ -260,8 +262,11 @@ def _run_pairs(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.ckpt, required=True)
     requests = []
     for lineno, ctx, cont, text in pairs:
-        if text:
-            ctx, cont = tokenizer.encode(ctx), tokenizer.encode(cont, add_bos=False)
+        if text:   # (lm-evaluation-harness's split: the log-likelihoods its backend gets)
+            try:
+                ctx, cont = tokenizer.encode_pair(ctx, cont)
+            except DeepSeekError as e:
+                raise DeepSeekError(f"--pairs: line {lineno}: {e}") from None
             for k, ids in (("context", ctx), ("continuation", cont)):
                 if not ids:
                     raise DeepSeekError(f"--pairs: line {lineno}: \"{k}\" encodes to no tokens")
