@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import jax
@@ -53,12 +54,13 @@ def precision(dtype: str = "float32", fp8_mode: str = "w8a16", kernels: str = "a
         raise DeepSeekError(f"fp8 mode {fp8_mode!r} unsupported (w8a16|w8a8)")
     if not isinstance(prefill_attention, str) or prefill_attention not in PREFILL_ATTENTION:
         raise DeepSeekError(f"prefill attention {prefill_attention!r} unsupported ({'|'.join(PREFILL_ATTENTION)})")
-    if ep_capacity is not None and (isinstance(ep_capacity, bool) or not isinstance(ep_capacity, (int, float))
+    if ep_capacity is not None and (isinstance(ep_capacity, bool) or not isinstance(ep_capacity, numbers.Real)
                                     or not 0 < ep_capacity < float("inf")):
         raise DeepSeekError(f"ep_capacity must be a finite number > 0 or None (one worst-case exchange), "
                             f"got {ep_capacity!r}")
     return Precision(dtype=DTYPES[dtype], fp8_mode=fp8_mode, kernels=check_kernels(kernels),
-                     prefill_attention=prefill_attention, ep_capacity=ep_capacity)
+                     prefill_attention=prefill_attention,
+                     ep_capacity=None if ep_capacity is None else float(ep_capacity))
 
 
 def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str = "w8a16",
@@ -87,8 +89,11 @@ def load(path: str | os.PathLike[str], *, dtype: str = "float32", fp8_mode: str 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DeepSeekError(f"checkpoint: {path} is not a directory")
-    if mtp is not None and not isinstance(mtp, bool):
-        raise DeepSeekError(f"mtp must be True, False or None, got {mtp!r}")
+    if mtp is not None:
+        try:
+            mtp = check_bool("mtp", mtp)
+        except DeepSeekError:
+            raise DeepSeekError(f"mtp must be True, False or None, got {mtp!r}") from None
     prec = precision(dtype, fp8_mode, kernels, prefill_attention, ep_capacity)
     rules = sharding.resolve_rules(rules, mesh)   # a bad preset name / mesh fails here, before any reading
     mesh = sharding.auto_mesh(mesh)

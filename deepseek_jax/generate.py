@@ -1115,6 +1115,8 @@ class Generator:
                 raise DeepSeekError(f"{name} is empty")
             ids = []
             for j, t in enumerate(p):
+                if isinstance(t, (jax.Array, np.ndarray)) and t.ndim == 0:   # (a 0-d array, as dj.logits takes)
+                    t = _host_ids(name, t)[()]
                 if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
                     raise DeepSeekError(f"{name}: token {j} is {t!r}, not an integer id")
                 if not 0 <= int(t) < V:
@@ -1133,6 +1135,8 @@ class Generator:
             return _NO_STOP_IDS
         if ids is None:
             ids = []
+        if isinstance(ids, jax.Array):
+            ids = _host_ids("stop_token_ids", ids)
         if isinstance(ids, np.ndarray):
             ids = ids.tolist() if ids.ndim == 1 else ids
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
@@ -1190,7 +1194,7 @@ class Generator:
         if speculative not in (None, "none", "mtp"):
             raise DeepSeekError(f"speculative {speculative!r}: expected 'mtp' or None")
         from deepseek_jax import sharding   # noqa: PLC0415
-        sharding.check_context_mesh()
+        sharding.check_context_mesh(self.model)
         spec = speculative == "mtp"
         if spec and self.model.mtp is None:
             raise DeepSeekError("speculative decoding with 'mtp' needs the model's MTP module: this model has "
@@ -1396,8 +1400,7 @@ class Generator:
         tok = self._need_tokenizer()
         if not isinstance(text, str) or not text:
             raise DeepSeekError("prompt is empty")
-        if chat is None:
-            chat = tok.has_chat_template
+        chat = tok.has_chat_template if chat is None else check_bool("chat", chat)
         if chat:
             return tok.encode_chat([{"role": "user", "content": text}])
         return tok.encode(text)
@@ -1416,6 +1419,10 @@ class Generator:
         become part of a stop string is never streamed: the pieces always add up to ``text``.
         """
         tok = self._need_tokenizer()
+        if stream is not None and not callable(stream):   # (before any work, as generate's own check)
+            raise DeepSeekError(f"stream must be a callable stream(row, text) or None, got {type(stream).__name__}")
+        if chat is not None:
+            chat = check_bool("chat", chat)
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, Sequence) or isinstance(texts, bytes) or not texts:

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import numbers
 from typing import Literal
 
 import jax
@@ -23,6 +24,7 @@ from flax import nnx
 import kernels_pallas
 from kernels_pallas._common import einsum32  # noqa: F401  (the model's float32-accumulating einsum)
 from deepseek_jax import kernel_mesh
+from deepseek_jax.errors import DeepSeekError
 
 BLOCK = 128
 FP8 = jnp.float8_e4m3fn
@@ -71,15 +73,32 @@ class Precision:
     ep_capacity: float | None = 2.0
 
     def __post_init__(self):
+        def bad(field: str, want: str) -> DeepSeekError:
+            return DeepSeekError(f"Precision.{field} must be {want}, got {getattr(self, field)!r}")
+
         if self.fp8_mode not in ("w8a16", "w8a8"):
-            raise ValueError(f"Precision.fp8_mode must be 'w8a16' or 'w8a8', got {self.fp8_mode!r}")
+            raise bad("fp8_mode", "'w8a16' or 'w8a8'")
         if self.prefill_attention not in ("plain", "flash"):
-            raise ValueError(f"Precision.prefill_attention must be 'plain' or 'flash', "
-                             f"got {self.prefill_attention!r}")
-        if self.ep_capacity is not None and not (isinstance(self.ep_capacity, (int, float))
+            raise bad("prefill_attention", "'plain' or 'flash'")
+        if self.ep_capacity is not None and not (isinstance(self.ep_capacity, numbers.Real)
                                                  and not isinstance(self.ep_capacity, bool)
                                                  and 0 < self.ep_capacity < float("inf")):
-            raise ValueError(f"Precision.ep_capacity must be a finite number > 0 or None, got {self.ep_capacity!r}")
+            raise bad("ep_capacity", "a finite number > 0 or None")
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise bad("dtype", "a floating dtype (jnp.float32, jnp.bfloat16)")
+        if self.weights_in_place is not None and not isinstance(self.weights_in_place, bool):
+            raise bad("weights_in_place", "True, False or None")
+        if not isinstance(self.scan_unroll, bool) and not (isinstance(self.scan_unroll, numbers.Integral)
+                                                           and self.scan_unroll >= 1):
+            raise bad("scan_unroll", "an integer >= 1 or a bool")
+        try:   # (a bad name failed at the first trace, from inside the kernel dispatch)
+            object.__setattr__(self, "kernels", kernels_pallas.backend.check_impl(self.kernels))
+        except ValueError as e:
+            raise DeepSeekError(f"Precision.kernels: {e}") from None
 
 
 def _expand_scales(s: jax.Array, n: int, k: int) -> jax.Array:

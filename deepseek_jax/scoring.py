@@ -51,7 +51,7 @@ def _check_model(model) -> None:
     if not isinstance(model, DeepSeekV3):
         raise DeepSeekError(f"model: expected a DeepSeekV3 (from dj.load), got {type(model).__name__}")
     from deepseek_jax import sharding   # noqa: PLC0415
-    sharding.check_context_mesh()
+    sharding.check_context_mesh(model)
 
 
 def to_host(x) -> np.ndarray:

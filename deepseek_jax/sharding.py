@@ -288,13 +288,22 @@ def auto_mesh(mesh: Mesh | None) -> Mesh | None:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def check_context_mesh() -> None:
-    """A one-line error when the current mesh (``jax.set_mesh``) has Explicit axes: the model's
-    programs would fail deep inside JAX (a gather asking for ``out_sharding=``)."""
+def check_context_mesh(model=None) -> None:
+    """A one-line error when the current mesh (``jax.set_mesh``) has Explicit axes, or is not the
+    mesh ``model`` was loaded on: the model's programs would fail deep inside JAX (a gather asking
+    for ``out_sharding=``; ``shard_map`` refusing a context mesh other than its own)."""
     ctx = jax.sharding.get_abstract_mesh()
-    if not ctx.empty and any(t == AxisType.Explicit for t in ctx.axis_types):
+    if ctx.empty:
+        return
+    if any(t == AxisType.Explicit for t in ctx.axis_types):
         raise DeepSeekError("the current mesh (jax.set_mesh) has Explicit axes, jax.make_mesh's default: run under "
                             "one with Auto axes (deepseek_jax.sharding.make_mesh, or sharding.auto_mesh(mesh))")
+    placement = getattr(getattr(model, "norm", None), "placement", None)
+    if placement is not None and ctx != placement.mesh.abstract_mesh:
+        def shape(m) -> str:
+            return ",".join(f"{k}={v}" for k, v in m.shape.items())
+        raise DeepSeekError(f"the current mesh (jax.set_mesh: {shape(ctx)}) is not the one the model was loaded on "
+                            f"({shape(placement.mesh)}): run under that mesh, or without jax.set_mesh")
 
 
 def cache_spec(mesh_shape: Mapping[str, int], rules: Mapping[str, object], shape: tuple[int, ...]) -> P:

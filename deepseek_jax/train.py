@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import numbers
 import os
@@ -639,6 +640,19 @@ def _key_parts(path) -> tuple[str, ...]:
     return tuple(p for p in parts if p != "value")
 
 
+def _checkpoint_step(mngr, step, directory: str) -> int:
+    """``step`` (default: the latest) if ``directory`` holds it, else a one-line error naming
+    the steps it holds."""
+    steps = sorted(mngr.all_steps())
+    if not steps:
+        raise DeepSeekError(f"no checkpoint in {directory}")
+    if step is None:
+        return steps[-1]
+    if check_int("step", step, 0) not in steps:
+        raise DeepSeekError(f"{directory} holds no step {step} (steps: {', '.join(map(str, steps))})")
+    return int(step)
+
+
 def _frozen_key(key: str) -> bool:
     """Whether a :func:`_flat_keys` key of a :class:`TrainState` is a frozen parameter's."""
     return key.split(".", 1)[0] == "rest"
@@ -775,7 +789,13 @@ class Trainer:
         if not all(hasattr(batch, f) for f in Batch._fields):
             raise DeepSeekError(f"batch: expected a deepseek_jax.tasks.Batch (ids, loss_mask, valid), "
                                 f"got {type(batch).__name__}")
-        ids, mask, valid = (np.asarray(getattr(batch, f)) for f in Batch._fields)
+        arrays = []
+        for f in Batch._fields:
+            try:   # (ragged rows: numpy's "inhomogeneous shape" error, from deep inside it)
+                arrays.append(np.asarray(getattr(batch, f)))
+            except ValueError:
+                raise DeepSeekError(f"batch: {f} is ragged: every row must have the same length") from None
+        ids, mask, valid = arrays
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
             raise DeepSeekError(f"batch: ids must be [batch >= 1, length >= 2], got shape {list(ids.shape)}")
         for name, x in (("loss_mask", mask), ("valid", valid)):
@@ -792,6 +812,10 @@ class Trainer:
             raise DeepSeekError(f"batch: length {ids.shape[1]} is over max_position_embeddings {limit}")
         if mask.dtype.kind not in "biuf" or not np.isfinite(mask.astype(np.float32)).all():
             raise DeepSeekError("batch: loss_mask must hold finite numbers (1 where a token is a target)")
+        if (mask < 0).any():   # (a negative weight makes the step raise that token's loss)
+            raise DeepSeekError("batch: loss_mask must be >= 0 (1 where a token is a target, 0 elsewhere)")
+        if valid.dtype.kind not in "biu":
+            raise DeepSeekError(f"batch: valid must be booleans (or 0/1), got dtype {valid.dtype}")
         return Batch(ids.astype(np.int32), mask.astype(np.float32), valid.astype(bool))
 
     def _batch(self, batch):
@@ -863,7 +887,12 @@ class Trainer:
         return _loss_and_grads(self.state, params, self._batch(batch), self.tcfg._hyper(), **self._kw())
 
     def evaluate(self, dataset, n_batches: int = 4, start: int = 0) -> dict[str, float]:
-        """Mean loss terms, token accuracy and exact match over ``n_batches`` batches of ``dataset``."""
+        """Mean loss terms, token accuracy and exact match over ``n_batches`` batches of ``dataset``
+        (anything with ``batch_at(i)``, as :mod:`deepseek_jax.tasks`' datasets), from batch ``start``."""
+        n_batches, start = check_int("n_batches", n_batches, 1), check_int("start", start, 0)
+        if not callable(getattr(dataset, "batch_at", None)):
+            raise DeepSeekError(f"evaluate: dataset must have batch_at(i) (a deepseek_jax.tasks dataset), "
+                                f"got {type(dataset).__name__}")
         sums: dict[str, float] = {}
         for s in range(start, start + n_batches):
             loss, aux = _loss_only(self.state, self._batch(dataset.batch_at(s)), self.tcfg._hyper(), key=self.key,
@@ -895,9 +924,19 @@ class Trainer:
         ``frozen``: they never change, and :meth:`restore` keeps the Trainer's own, which must be
         the same model's."""
         import orbax.checkpoint as ocp
+        metadata = dict(metadata or {}) if isinstance(metadata, (dict, type(None))) else None
+        if metadata is None:
+            raise DeepSeekError("save: metadata must be a dict of JSON values or None")
+        taken = sorted(set(metadata) & {"step", "train_config", "frozen_saved"})
+        if taken:   # (they would replace the recorded step / config that restore reads back)
+            raise DeepSeekError(f"save: metadata key {taken[0]!r} is the checkpoint's own: use another name")
+        try:   # (checked here: Orbax's writer thread failed late, leaving a half-written step behind)
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise DeepSeekError(f"save: metadata is not JSON: {e}") from None
         keys, leaves, _ = _flat_keys(self.state)
         step = self.step
-        meta = {"step": step, "train_config": dataclasses.asdict(self.tcfg), **(metadata or {}),
+        meta = {"step": step, "train_config": dataclasses.asdict(self.tcfg), **metadata,
                 "frozen_saved": bool(frozen)}
         saved = {k: x for k, x in zip(keys, leaves) if frozen or not _frozen_key(k)}
         with self._manager(directory, max_to_keep) as mngr:
@@ -919,10 +958,10 @@ class Trainer:
     def read_metadata(directory, step: int | None = None) -> dict:
         import orbax.checkpoint as ocp
         directory = os.path.abspath(os.fspath(directory))
+        if not os.path.isdir(directory):
+            raise DeepSeekError(f"no checkpoint in {directory}: not a directory")
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
-            step = mngr.latest_step() if step is None else step
-            if step is None:
-                raise DeepSeekError(f"no checkpoint in {directory}")
+            step = _checkpoint_step(mngr, step, directory)
             return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
     def restore(self, directory, step: int | None = None) -> dict:
@@ -931,10 +970,10 @@ class Trainer:
         import orbax.checkpoint as ocp
         directory = os.path.abspath(os.fspath(directory))
         keys, leaves, treedef = _flat_keys(self.state)
+        if not os.path.isdir(directory):
+            raise DeepSeekError(f"no checkpoint to resume in {directory}: not a directory")
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
-            step = mngr.latest_step() if step is None else step
-            if step is None:
-                raise DeepSeekError(f"no checkpoint to resume in {directory}")
+            step = _checkpoint_step(mngr, step, directory)
             # (checkpoints written before the frozen parameters were left out hold them too)
             frozen = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta.get(
                 "frozen_saved", True)

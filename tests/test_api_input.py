@@ -228,6 +228,55 @@ def test_generator_checks_types_and_ranges(model_a):
     assert c.output_ids == d.output_ids == huge.output_ids[:4]
 
 
+def test_numpy_scalars_and_arrays_are_taken_as_python_ones(model_a):
+    """numpy booleans were refused by every True/False switch ("np.True_": numpy 2 renamed the
+    class), jax arrays of stop ids and 0-d arrays inside a prompt were refused, and a string as
+    ``chat`` applied the template."""
+    g = Generator(model_a)
+    kw = dict(max_new_tokens=3, stop_at_eos=np.False_)
+    (a,) = g.generate([[5, 6, 7]], logprobs=np.True_, **kw)
+    (b,) = g.generate([[jax.numpy.int32(5), np.int64(6), np.array(7)]], stop_token_ids=jax.numpy.array([250]),
+                      logprobs=True, **kw)
+    assert a.output_ids == b.output_ids and len(a.logprobs) == 3
+    r = dj.loglikelihood(model_a, [([5, 6], [7])], share=np.False_)
+    assert r[0].tokens == 1
+    assert Generator(model_a, reuse_prefix=np.True_).reuse_prefix
+    _raises(lambda: g.generate([[np.array([5, 6])]], **kw), "token 0")
+    _raises(lambda: g.generate([[np.float32(5.0)]], **kw), "not an integer id")
+    _raises(lambda: dj.load(dj.demo_checkpoint(), mtp="yes"), "mtp", "'yes'")
+    from deepseek_jax.tokenizer import Tokenizer
+    t = Generator(model_a, Tokenizer.from_dir(dj.demo_checkpoint()))
+    _raises(lambda: t.encode_prompt("7+1", chat="no"), "chat", "'no'")
+    _raises(lambda: t.generate_text("7+1", chat="no"), "chat", "'no'")
+    _raises(lambda: t.generate_text("7+1", stream=5, max_new_tokens=3), "stream", "int")
+    assert t.encode_prompt("7+1", chat=np.False_) == t.encode_prompt("7+1", chat=False)
+
+
+def test_precision_checks_its_fields():
+    """``dj.Precision`` took kernels="cuda" (a ValueError at the first trace) and a string for a
+    switch; its checks raised ValueError."""
+    for kw, needle in ((dict(kernels="cuda"), "unknown kernel impl 'cuda'"), (dict(fp8_mode="x"), "fp8_mode"),
+                       (dict(weights_in_place="yes"), "weights_in_place"), (dict(dtype="int8"), "dtype"),
+                       (dict(dtype="nope"), "dtype"), (dict(scan_unroll=0), "scan_unroll"),
+                       (dict(ep_capacity=0.0), "ep_capacity"), (dict(prefill_attention="fast"), "prefill_attention")):
+        _raises(lambda: dj.Precision(**kw), needle)
+    assert dj.Precision(kernels=" REF ").kernels == "ref"
+    assert dj.Precision(ep_capacity=np.int64(2)).ep_capacity == 2
+
+
+def test_context_mesh_must_be_the_models():
+    """A model loaded on one mesh, run under another (jax.set_mesh), failed inside shard_map."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices")
+    mesh = sharding.make_mesh({"expert": 2}, jax.devices()[:2])
+    m = dj.load(dj.demo_checkpoint(), mesh=mesh)
+    with jax.set_mesh(mesh):
+        assert dj.logits(m, [[1, 2, 3]]).shape == (1, 3, 264)
+    with jax.set_mesh(sharding.make_mesh({"data": 2}, jax.devices()[:2])):
+        _raises(lambda: dj.logits(m, [[1, 2, 3]]), "not the one the model was loaded on", "expert=2")
+        _raises(lambda: Generator(m).generate([[1, 2, 3]], max_new_tokens=2), "not the one the model was loaded on")
+
+
 def test_init_random_and_scoring_switches(ckpt_a, model_a):
     cfg = dj.load_config(ckpt_a)
     _raises(lambda: dj.init_random(tiny_config()), "cfg", "DeepSeekConfig", "dict")
@@ -298,7 +347,7 @@ def test_train_config_checked_up_front(field, value, needle):
     _raises(lambda: dataclasses.replace(TrainConfig(), **{field: value}).validate(), f"TrainConfig.{field}", needle)
 
 
-def test_trainer_checks_each_batch_before_a_step():
+def test_trainer_checks_each_batch_before_a_step(tmp_path):
     from deepseek_jax.tasks import Batch
     from deepseek_jax.train import TrainConfig, Trainer
     cfg = DeepSeekConfig.from_hub_dict(tiny_config(num_hidden_layers=2))
@@ -321,7 +370,28 @@ def test_trainer_checks_each_batch_before_a_step():
             "length 320", f"max_position_embeddings {cfg.max_position_embeddings}")
     _raises(lambda: t.train_step(Batch(ids[:1], mask[:1], valid[:1])), "batch size 1", "grad_accum 2")
     _raises(lambda: t.train_step(ids), "Batch", "ndarray")
+    # ragged rows (numpy's "inhomogeneous shape"), a negative weight (the step would raise that
+    # token's loss), a valid mask of strings (cast to True)
+    _raises(lambda: t.train_step(([[1, 2, 3], [4, 5]], [[0, 1, 1], [0, 1]], [[1, 1, 1], [1, 1]])), "ids is ragged")
+    _raises(lambda: t.train_step(Batch(ids, -mask, valid)), "loss_mask must be >= 0")
+    _raises(lambda: t.train_step(Batch(ids, mask, np.full((2, 8), "a"))), "valid must be booleans")
+    _raises(lambda: t.evaluate(None), "batch_at", "NoneType")
+    _raises(lambda: t.evaluate([Batch(ids, mask, valid)]), "batch_at", "list")
+    _raises(lambda: t.evaluate(None, n_batches=0), "n_batches", ">= 1")
+    _raises(lambda: t.evaluate(None, n_batches=1.5), "n_batches", "1.5")
+    _raises(lambda: t.evaluate(None, start=-1), "start", "-1")
     assert t.step == 0
+    # checkpoints: metadata that is not JSON failed in Orbax's writer thread, leaving a half-written
+    # step; a "step" key replaced the recorded step; a missing step was Orbax's FileNotFoundError
+    d = tmp_path / "ck"
+    _raises(lambda: t.save(d, metadata={"a": np.float32(1)}), "metadata is not JSON")
+    _raises(lambda: t.save(d, metadata={"step": 999}), "'step'", "the checkpoint's own")
+    assert not d.exists() or not list(d.iterdir())
+    assert t.save(d, metadata={"note": "ok"}) == 0
+    _raises(lambda: t.restore(d, step=999), "holds no step 999", "steps: 0")
+    _raises(lambda: Trainer.read_metadata(d, step=7), "holds no step 7")
+    _raises(lambda: t.restore(tmp_path / "nothing"), "no checkpoint to resume", "not a directory")
+    assert t.restore(d)["note"] == "ok" and Trainer.read_metadata(d)["step"] == 0
     assert t._host_batch((ids, mask, valid)).ids.dtype == np.int32      # a plain (ids, mask, valid) tuple
     if len(jax.devices()) >= 2:   # the microbatch, not the batch, must divide the data axis
         on_mesh = Trainer(model, TrainConfig(grad_accum=2), mesh=sharding.make_mesh({"data": 2}, jax.devices()[:2]))
