@@ -275,8 +275,9 @@ def test_quantize_a_block_of_tiny_magnitudes_is_finite():
                                        (dict(ep_capacity=True), "ep_capacity"),   # was capacity 1.0
                                        (dict(ep_capacity=0), "ep_capacity")])
 def test_precision_rejects_unknown_modes(kw, needle):
+    from deepseek_jax.errors import DeepSeekError
     from deepseek_jax.quant import Precision
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(DeepSeekError, match=needle):
         Precision(**kw)
 
 
