@@ -24,7 +24,8 @@ import deepseek_jax as dj
 from deepseek_jax import cli
 from deepseek_jax.cache import LatentCache
 from deepseek_jax.errors import DeepSeekError
-from deepseek_jax.generate import Generator, Weights, _decode_spec, _Knobs, _prefill_spec, _probs, _verify
+from deepseek_jax.generate import Generator, Weights, _Knobs
+from deepseek_jax.speculative import _probs, _verify, decode_spec, prefill_spec
 from deepseek_jax.sampling import SamplingParams
 
 # Five prompts of different lengths: batch bucket 8, prompt bucket 32.
@@ -141,8 +142,8 @@ def test_caches_match_a_fresh_pass(gen_c, per_layer):
     lens = np.array([len(p) for p in prompts], np.int32)
     end = np.minimum(lens + 12, S - 1).astype(np.int32)
     knobs = _Knobs(jnp.int32(9), jnp.bool_(False), jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
-    pre = jax.jit(partial(_prefill_spec, graphdef, True, False, S))
-    dec = jax.jit(partial(_decode_spec, graphdef, True, False))
+    pre = jax.jit(partial(prefill_spec, graphdef, True, False, S))
+    dec = jax.jit(partial(decode_spec, graphdef, True, False))
     for limit in (3, 6):   # stop mid-way, while rows sit at different positions
         st = pre(weights, jnp.asarray(ids), jnp.asarray(lens), jnp.asarray(end), jnp.ones(B, bool),
                  jnp.uint32(0), knobs)
