@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("generate", "chat", "score") and isinstance(getattr(args, "ckpt", None), str):
             args.ckpt = _trained_model(args.ckpt)
+        for flag in ("init", "config") if args.command in ("train", "plan") else ():   # (a further fine-tune)
+            if isinstance(getattr(args, flag, None), str) and os.path.isdir(getattr(args, flag)):
+                setattr(args, flag, _trained_model(getattr(args, flag)))
         # Contexts a command enters for its whole run (e.g. the device mesh) close with it.
         with contextlib.ExitStack() as args.exit_stack:
             return int(args.func(args) or 0)

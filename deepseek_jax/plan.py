@@ -96,9 +96,9 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     way the generator runs it (``prefill_batch`` prompts padded to their length bucket, in chunks
     when the policy chunks it; ``generate`` prefills its whole batch at once). ``prefill_attention``:
     as ``Precision`` takes it ("flash" compiles here, on CPU, as the blocked jnp form: its memory,
-    not a GPU or TPU kernel's). ``mtp``: count the MTP layer's weights, which ``generate
-    --speculative mtp`` loads (its draft step's temporaries are not compiled); without it the MTP
-    layer is not counted."""
+    not a GPU or TPU kernel's). ``mtp``: count the MTP layer's weights and its latent cache,
+    which ``generate --speculative mtp`` loads and allocates (its draft step's temporaries are not
+    compiled); without it the MTP layer is not counted."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -140,6 +140,9 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
     cache_abs = jax.eval_shape(lambda: LatentCache.zeros(cfg, rows, S, act))
     cache = sum(shard_bytes(a.shape, a.dtype, sharding.cache_spec(mesh_shape, rule_table, a.shape), mesh_shape)
                 for a in jax.tree.leaves(cache_abs))
+    if mtp:   # the MTP layer's own latent cache [rows, S, C], split as one layer of the main one's
+        one = (1, rows, S, cfg.latent_dim)
+        cache += shard_bytes(one, act, sharding.cache_spec(mesh_shape, rule_table, one), mesh_shape)
     decode_temp = prefill_temp = decode_args = None
     T = min(length_bucket(prompt_len or min(max_len - 1, 4096)), S)   # (a prompt leaves room for a token)
     Bp = batch_bucket(min(prefill_batch, batch))

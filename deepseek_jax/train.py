@@ -1111,6 +1111,26 @@ class _Discard:
         pass
 
 
+def bf16_snapshot(params, max_elements: int = 1 << 26) -> list[np.ndarray] | None:
+    """The trained parameters (``Trainer.state.params``) rounded to bfloat16, on the host: what
+    :func:`bf16_unchanged` compares the exported ones with. None when they hold more than
+    ``max_elements`` or are spread over processes (not checked then)."""
+    leaves = jax.tree.leaves(params)
+    if sum(x.size for x in leaves) > max_elements or not all(x.is_fully_addressable for x in leaves):
+        return None
+    return [np.asarray(x).astype(ml_dtypes.bfloat16) for x in leaves]
+
+
+def bf16_unchanged(snapshot: list[np.ndarray] | None, params) -> tuple[int, int]:
+    """``(unchanged, all)``: how many trained arrays round to the same bfloat16 values as in
+    ``snapshot``, whose updates a BF16 export therefore drops (a norm weight near 1.0 moves in
+    steps of 2**-7: smaller updates vanish). ``(0, 0)`` without a snapshot."""
+    if snapshot is None:
+        return 0, 0
+    now = [np.asarray(x).astype(ml_dtypes.bfloat16) for x in jax.tree.leaves(params)]
+    return sum(np.array_equal(a, b) for a, b in zip(snapshot, now, strict=True)), len(now)
+
+
 def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.float32,
                      with_mtp: bool | None = None, cfg: DeepSeekConfig | None = None, mesh: Mesh | None = None,
                      rules: Any = "ep_tp") -> DeepSeekV3:
@@ -1119,8 +1139,12 @@ def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.flo
     parameter is made directly in its shards by the rules, each process reading (and
     dequantizing) only the layers / experts its devices hold, one matrix at a time: no host holds
     the whole model."""
-    from deepseek_jax import sharding   # noqa: PLC0415
+    from deepseek_jax import orbax_ckpt, sharding   # noqa: PLC0415
 
+    if orbax_ckpt.is_orbax_checkpoint(os.fspath(path)):
+        raise DeepSeekError(f"{os.fspath(path)} is an Orbax checkpoint: a float model to fine-tune is read from the "
+                            f"Hub layout (deepseek-jax export {os.fspath(path)} DIR writes it); LoRA adapters "
+                            "(--lora-rank) train over either")
     reader = HubReader(os.fspath(path))
     try:
         cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)

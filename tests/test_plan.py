@@ -53,6 +53,16 @@ def test_671b_with_the_mtp_layer_matches_hand_count():
     assert 4.0 * 2**30 < hand - without < 5.0 * 2**30   # (the README's "4.5 GiB per device")
 
 
+def test_plan_mtp_counts_its_latent_cache():
+    """``generate --speculative mtp`` allocates the MTP layer's own latent cache beside the main
+    one: [rows, positions, kv_lora_rank + rope dim] in the compute dtype."""
+    cfg = load_config("tiny")
+    args = ("--config", "tiny", "--mesh", "expert=1", "--batch", "3", "--max-len", "100", "--compute-dtype",
+            "float32", "--no-compile")
+    plain, mtp = _plan_json(*args), _plan_json(*args, "--speculative", "mtp")
+    assert mtp["cache"] - plain["cache"] == plain["rows"] * plain["positions"] * cfg.latent_dim * 4 == 4 * 128 * 40 * 4
+
+
 def test_671b_on_v5p_64_matches_hand_count():
     """v5p-64 = 32 chips: experts over expert=8, heads / MLP hidden / expert hidden / vocab over model=4."""
     plan = _plan_json("--config", "deepseek-v3-671b", "--mesh", "expert=8,model=4", "--device", "v5p",

@@ -239,3 +239,16 @@ def test_score_ep_capacity_reaches_the_exchange(ckpt_a, tmp_path, capsys, monkey
     with pytest.raises(SystemExit):
         cli.main(["score", ckpt_a, "--ids", str(ids_path), "--ep-capacity", "0"])
     assert "--ep-capacity: expected a number > 0 or 'worst', got '0'" in capsys.readouterr().err
+
+
+def test_score_json_writes_null_for_nan():
+    """A model whose weights hold inf scores NaN: ``score --json`` printed bare ``NaN``, which is
+    not JSON (strict parsers refuse it); every JSON line now goes through one writer."""
+    import json as _json
+
+    from deepseek_jax.commands import score
+    line = score._json({"row": 0, "mean_logprob": float("nan"), "x": [1.5, float("-inf")], "n": 3})
+    assert _json.loads(line) == {"row": 0, "mean_logprob": None, "x": [1.5, None], "n": 3}
+    assert "NaN" not in line and "Infinity" not in line
+    src = open(score.__file__, encoding="utf-8").read()
+    assert "json.dumps(" not in src.replace("return json.dumps(clean(obj)", "")

@@ -685,3 +685,31 @@ def test_gradient_accumulation_equals_the_whole_batch(runs, data, tmp_path, caps
             "--batch", "6", "--grad-accum", "4", "--out", str(tmp_path / "r")]
     assert main(args) == 2
     assert "--batch 6 must be a multiple of --grad-accum 4" in capsys.readouterr().err
+
+
+def test_train_cli_hand_offs(init_dir, tmp_path, capsys):
+    """Across commands: updates below bfloat16's resolution are said to be lost in OUT/hub (it was
+    byte-identical to --init, saved without a word); a training run's OUT is a further
+    fine-tune's --init (its hub/); an Orbax --init for full training says to export it (it said
+    "neither model.safetensors.index.json nor model.safetensors found"); --eval-batches 0 leaves
+    no empty eval.jsonl."""
+    from deepseek_jax.cli import main
+    from deepseek_jax.orbax_ckpt import convert
+
+    out = tmp_path / "run"
+    args = ["train", "--init", init_dir, "--data", "synthetic:addition", "--batch", "4", "--steps", "2",
+            "--eval-batches", "0", "--trainable", "layernorm", "--lr", "1e-6", "--bias-gamma", "0"]
+    assert main(args + ["--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "round to their step-0 values in bfloat16" in err and str(out / "hub") in err, err
+    assert not (out / "eval.jsonl").exists()
+    i = args.index(init_dir)
+    assert main(args[:i] + [str(out)] + args[i + 1:-6] + ["--out", str(tmp_path / "again")]) == 0
+    assert f"using its trained model, {out / 'hub'}" in capsys.readouterr().err
+    orb = tmp_path / "orbax"
+    convert(init_dir, str(orb))
+    capsys.readouterr()
+    assert main(args[:i] + [str(orb)] + args[i + 1:-6] + ["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is an Orbax checkpoint" in err and "deepseek-jax export" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memory to fit: h200|h100|h800|a100|b200|mi300x|v5p|v6e|v5e|v4|cpu (default h200)")
     add_prefill_attention_arg(p)   # compiled here, on CPU, in its blocked jnp form
     p.add_argument("--speculative", choices=("mtp",), default=None,
-                   help="count the MTP layer's weights, as generate --speculative mtp loads them (not counted "
-                        "otherwise; its draft step's temporaries are not compiled)")
+                   help="count the MTP layer's weights and latent cache, as generate --speculative mtp loads and "
+                        "allocates them (not counted otherwise; its draft step's temporaries are not compiled)")
     p.add_argument("--no-compile", action="store_true", help="weights and cache only, no compile (1.4 s instead of ~9 s for 671B)")
     t = p.add_argument_group("training (instead of inference)")
     t.add_argument("--train", choices=("full", "lora"), default=None,
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
               f"decode batch {args.batch}{rows}, max-len {args.max_len}{positions}, prefill "
               f"{args.prefill_batch} x {plan.prefill_tokens} tokens"
               f"{f' in chunks of {plan.prefill_chunk}' if plan.prefill_chunk else ''}{_attention(args)}, "
-              f"rules {args.rules}; " + ("the MTP layer's weights counted (not its draft step's temporaries)"
+              f"rules {args.rules}; " + ("the MTP layer's weights and cache counted (not its draft step's temporaries)"
                                          if args.speculative else "the MTP layer not counted (--speculative mtp)"))
         print(plan.table())
     return 0

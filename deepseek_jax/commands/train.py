@@ -313,7 +313,8 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
 
     from deepseek_jax import api
     from deepseek_jax.lora import add_lora, adapted_names
-    from deepseek_jax.train import Trainer, cast_params, export_hub, load_float_model
+    from deepseek_jax.train import (Trainer, bf16_snapshot, bf16_unchanged, cast_params, export_hub,
+                                    load_float_model)
 
     existing = Trainer.latest_step(ckpt_dir)
     if args.resume and existing is None:
@@ -402,6 +403,8 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     if args.resume:
         trainer.restore(ckpt_dir)
     start = trainer.step
+    # (a BF16 export drops updates smaller than bfloat16's steps: said at the end if it did)
+    snapshot = bf16_snapshot(trainer.state.params) if lora_info is None else None
     where = ("1 device" if mesh is None else
              f"{mesh.size} devices (mesh {','.join(f'{k}={v}' for k, v in mesh.shape.items())}"
              + (f", {jax.process_count()} processes)" if jax.process_count() > 1 else ")"))
@@ -429,8 +432,11 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
                 # (the evaluation at `start` is kept unless it is the final one, which runs again)
                 kept = [ln for ln in f if ln.strip() and (json.loads(ln).get("step", 0) < start or (
                     json.loads(ln).get("step", 0) == start and start < args.steps))]
-        with open(evals_path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
+        if kept:
+            with open(evals_path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        elif os.path.exists(evals_path):   # (appended to by each evaluation: none, no file)
+            os.remove(evals_path)
 
     meta = {"data": describe, "model_config": model_cfg, "lora": lora_info, "dtypes": dtypes, "init": init_print}
 
@@ -509,4 +515,9 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     # (adapters and FP8 weights are merged tensor by tensor as they are written)
     export_hub(trainer.model(), hub_dir, fp8=args.export_fp8, tokenizer_dir=tok_dir)
     print(f"saved {ckpt_dir} (step {trainer.step}) and {hub_dir} ({'FP8' if args.export_fp8 else 'BF16'})")
+    same, n = bf16_unchanged(snapshot, trainer.state.params)
+    if same and trainer.step != start:
+        print(f"warning: {same} of {n} trained arrays round to their step-{start} values in bfloat16: {hub_dir} "
+              f"holds those values (their updates are below bfloat16's resolution; {ckpt_dir} keeps them in "
+              f"{args.param_dtype})", file=sys.stderr)
     return 0
