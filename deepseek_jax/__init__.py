@@ -15,7 +15,8 @@ The small public API (the CLI and the notebooks use nothing else)::
 
 Shape-suffix glossary used in array names throughout (``x_BTD``, ``w_ENK``):
     B batch · T new tokens · S cache positions · D hidden · H heads · N/K out/in dims of a
-    weight (Hub ``[out, in]``) · L kv latent (512) · R rope dim (64) · C = L + R latent cache
+    weight (Hub ``[out, in]``) · L kv latent (512; as a leading axis, ``cache_LBSC``, the stacked
+    layers) · R rope dim (64) · C = L + R latent cache
     width (576) · A value head dim · E routed experts · F expert hidden · G expert groups ·
     V vocab · M flattened rows (B*T) · A (in MoE) token-expert assignments.
 """

@@ -6,7 +6,8 @@ Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
   the longest prompt to a prompt bucket ``Pb``; the latent cache is allocated once with
   ``S = bucket(max(prompt_len + budget))`` positions (16, 32, 64, 128, 192, 256, 384, 512, ...:
   powers of two and 1.5x powers of two, capped at the model's maximum length). Compiled
-  executables are cached per process by the model's graph and ``(Bb, Pb, S, greedy, filtered)``:
+  executables are cached per process by the model's graph and ``(Bb, Pb, S, greedy, filtered,
+  speculative, prefill chunk, continuation, logprobs, top_logprobs)``:
   prompts and lengths that fall into the same buckets reuse them (across generators too), and
   sampling numbers (temperature, k, p, seed, eos id) are traced, never static.
 * **Weights.** On CPU (no FP8 arithmetic) FP8 weights are dequantized once into the compute

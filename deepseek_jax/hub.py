@@ -15,7 +15,7 @@ Contents:
 * :class:`HubReader` -- lazy, memory-mapped reader of a checkpoint directory.
 * :func:`write_safetensors`, :class:`HubWriter`, :func:`write_config` -- writers (atomic renames).
 * :func:`hub_tensor_specs` -- every tensor name, shape and dtype a checkpoint of a config must hold
-  (see ``SPEC.md`` sections 2, 3, 5, 6, 7), and :func:`spec_mismatches` to compare a checkpoint to it.
+  (the project specification's sections 2, 3, 5, 6, 7; ``docs/architecture.md``), and :func:`spec_mismatches` to compare a checkpoint to it.
 * :func:`quantize_block_fp8_np`, :func:`dequantize_block_fp8_np` -- the 128x128 block FP8 scheme.
 
 Every problem a user can cause (a missing or corrupt file, a bad config) raises

@@ -110,7 +110,7 @@ class MLA(nnx.Module):
     def _absorb(self, x_BTHI, part: str) -> jax.Array:
         """``q_nope → q_lat`` (``part="k"``, ``W_UK``) or ``o_lat → o`` (``"v"``, ``W_UV``) through
         ``kv_b_proj``'s weight as stored (``kernels_pallas.mla_absorb``: a GPU kernel reading the FP8
-        weight in place; XLA's own products wrote float32 copies of it, ~9x its bytes at batch 1).
+        weight in place; XLA's own products wrote float32 copies of it, ~10x its bytes at batch 1).
         ``x_BTHI`` may be the decode kernel's unmerged split-T partials of ``o_lat`` (a
         ``kernels_pallas.mla_decode.SplitT``, ``[S, B, T, H, L]``, part "v"): the absorb kernel
         merges them. Either way it is cast to the compute dtype as it is loaded, as

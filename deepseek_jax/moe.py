@@ -8,7 +8,8 @@ Router, per token (float32 throughout):
      if ``norm_topk_prob``, times ``routed_scaling_factor``.
 
 Dispatch: the T*K (token, expert) assignments are sorted by expert, the rows gathered, three
-grouped GEMMs run over contiguous expert groups, and the weighted results are scatter-added back.
+grouped GEMMs run over contiguous expert groups, and each token's weighted results are summed
+back (:func:`combine`: a scatter-add below 128 tokens, a gather from 128 on).
 No token is ever dropped (no capacity factor). On the CPU reference backend, once the assignments
 cover the experts, every expert runs on every token instead (three dense GEMMs, weighted).
 """
@@ -209,7 +210,7 @@ def local_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array
 
 def sorted_moe(arrays: tuple, x_MD: jax.Array, idx_MK: jax.Array, w_MK: jax.Array, prec: Precision,
                n_experts: int, expert_offset: jax.Array | None = None) -> jax.Array:
-    """:func:`local_moe` by sorting: assignments sorted by expert, grouped GEMMs, scatter-add."""
+    """:func:`local_moe` by sorting: assignments sorted by expert, grouped GEMMs, :func:`combine`."""
     M, K = idx_MK.shape
     with jax.named_scope("dispatch"):
         expert_A = idx_MK.reshape(-1)

@@ -38,7 +38,8 @@ class Precision:
     dtype: activation/compute dtype (float32 for parity, bfloat16 for speed).
     fp8_mode: "w8a16" (dequantize weights, the reference numbers) or "w8a8" (1x128 activation
       quantization and a block-scaled FP8 GEMM; changes the numbers, never compare it with float32).
-    kernels: "auto" (Pallas on GPU/TPU, jnp reference on CPU), "ref", "pallas" or "interpret".
+    kernels: one of ``kernels_pallas.backend.IMPLS`` ("auto": Pallas on GPU/TPU, the jnp reference
+      on CPU; "ref", "pallas", "interpret", or one platform's: "pallas_gpu", "interpret_tpu", ...).
     weights_in_place: whether the scan over stacked layers hands the kernels all layers' FP8
       weights plus a layer index (``expert_offset`` / ``layer=``) instead of slicing one layer's
       weights per step, which XLA materializes as a copy when the slice feeds a Pallas call (for a

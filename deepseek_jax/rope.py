@@ -47,7 +47,8 @@ def inv_frequencies(cfg: DeepSeekConfig) -> tuple[np.ndarray, float]:
 
 
 class Rope:
-    """Precomputed frequencies; ``apply(x_...R, positions)``. Plain Python, no parameters."""
+    """Precomputed frequencies: ``cos_sin(positions)`` gives the (YaRN-scaled) angles' cos and sin,
+    ``apply(x_...R, cos, sin)`` rotates. Plain Python, no parameters."""
 
     def __init__(self, cfg: DeepSeekConfig):
         inv, mult = inv_frequencies(cfg)

@@ -2,7 +2,7 @@
 
 A checkpoint directory holds ``tokenizer.json`` (byte-level BPE, loaded with the ``tokenizers``
 library) and ``tokenizer_config.json`` (``bos_token``, ``eos_token``, ``add_bos_token`` and the
-jinja ``chat_template``). The chat template is rendered in a sandboxed jinja2 environment set up
+jinja ``chat_template``, which a newer HF export keeps in ``chat_template.jinja`` instead). The chat template is rendered in a sandboxed jinja2 environment set up
 the way Hugging Face renders it, and it inserts bos itself, so :meth:`Tokenizer.encode_chat`
 encodes the rendered text without adding special tokens.
 

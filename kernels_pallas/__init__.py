@@ -1,9 +1,11 @@
 """Pallas kernels for deepseek_jax (block-scaled FP8 GEMM, grouped expert GEMM, MLA decode and its
 absorbed products, flash attention for prefill (and its blocked jnp form), the MoE router's selection, RMSNorm with a residual add, MLA's cache entries).
 
-Self-contained: imports jax only, never ``deepseek_jax``.  Every public function has a plain-jnp
-reference with the same signature and takes ``impl=`` ("auto" | "ref" | "pallas" | "pallas_gpu" |
-"pallas_tpu" | "interpret" | "interpret_gpu" | "interpret_tpu"); see :mod:`kernels_pallas.backend`.
+Self-contained: imports jax only, never ``deepseek_jax``.  Every kernel entry point (``w8a16_matmul``,
+``grouped_matmul``, ``mla_decode``, ...) has a plain-jnp ``_ref`` with the same signature and takes
+``impl=`` ("auto" | "ref" | "pallas" | "pallas_gpu" | "pallas_tpu" | "interpret" | "interpret_gpu" |
+"interpret_tpu"; see :mod:`kernels_pallas.backend`); the helpers exported beside them, such as
+``quantize_act_1x128``, do not.
 """
 
 from kernels_pallas._common import SplitK

@@ -9,8 +9,9 @@ ceil(K/128)]`` (W8A16 semantics: dequantize, then dot in ``x.dtype`` with float3
 Kernels (``grouped_matmul``), all with a ``jax.custom_vjp`` (``dx`` for any weights, ``dw`` for
 bf16/f32 weights; FP8 weights are frozen):
 
-* GPU (Triton-lowered Pallas).  The XLA wrapper turns ``group_sizes`` into a static-length list of
-  *group-aligned row tiles* ``(expert, first row, end row)``: each expert's rows are cut into ``bm``-row
+* GPU (Triton-lowered Pallas).  Each program computes its own *group-aligned row tile*
+  ``(expert, first row, end row)`` from ``group_sizes`` (``_kernel_tile``; ``_gpu_tile_schedule``
+  is the same schedule in XLA, its reference), out of a static-length list: each expert's rows are cut into ``bm``-row
   tiles starting at the expert's first row, so only an expert's last tile is partial, experts with no
   rows get no tile at all (their weights are never read: the decode path), and one extra pseudo-expert
   covers the rows past ``sum(group_sizes)`` and writes zeros.  Grid ``(tile, N tile)``; each program

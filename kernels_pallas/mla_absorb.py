@@ -15,8 +15,8 @@ with ``W = float(Wq) · S[row // 128, col // 128]`` and float32 accumulation.
 Why a kernel: XLA's GPU compiler turns these few-row, 128-batch products into a dequantization
 of the layer's whole ``kv_b_proj`` plus a transpose, writing float32 or bf16 copies of the weight
 and reading them back. Compiled for an H200 (``kernels_pallas.aot``), the real-width decode step
-moved ~152 MB per layer for them at batch 1 and ~90 MB at batch 16, against the 16.8 MB of the
-FP8 weight (``benchmarks/gpu_compile.py --by traffic``).
+moved ~172 MB per layer for them at batch 1 and ~126 MB at batch 16, against the 16.8 MB of
+the FP8 weight (``benchmarks/gpu_compile.py --by traffic``).
 
 * GPU (Triton-lowered Pallas): ``part="k"``: grid ``(head, 128 output columns, row tile)``, one
   ``[N, 128]`` weight tile per program, its block scales applied to each 128-row partial product;
