@@ -24,7 +24,7 @@ from flax import nnx
 import kernels_pallas
 from kernels_pallas._common import einsum32  # noqa: F401  (the model's float32-accumulating einsum)
 from deepseek_jax import kernel_mesh
-from deepseek_jax.errors import DeepSeekError
+from deepseek_jax.errors import DeepSeekError, check_bool
 
 BLOCK = 128
 FP8 = jnp.float8_e4m3fn
@@ -91,8 +91,11 @@ class Precision:
             dtype = None
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise bad("dtype", "a floating dtype (jnp.float32, jnp.bfloat16)")
-        if self.weights_in_place is not None and not isinstance(self.weights_in_place, bool):
-            raise bad("weights_in_place", "True, False or None")
+        if self.weights_in_place is not None:
+            try:
+                object.__setattr__(self, "weights_in_place", check_bool("w", self.weights_in_place))
+            except DeepSeekError:
+                raise bad("weights_in_place", "True, False or None") from None
         if not isinstance(self.scan_unroll, bool) and not (isinstance(self.scan_unroll, numbers.Integral)
                                                            and self.scan_unroll >= 1):
             raise bad("scan_unroll", "an integer >= 1 or a bool")

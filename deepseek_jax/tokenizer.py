@@ -47,16 +47,20 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _cut_after_last(text: str, content: str) -> str:
-    """``text`` up to the end of ``content``'s last occurrence (a template may strip the
-    content's surrounding whitespace: then up to the end of the stripped content)."""
-    at = text.rfind(content.strip())
+#: appended to the last message's content to find where it ends in the rendered text
+_CONTINUE_TAG = "DEEPSEEK_JAX_CONTINUE_HERE "
+
+
+def _cut_at_tag(text: str) -> str:
+    """``text`` up to :data:`_CONTINUE_TAG`, rendered at the end of the last message's content
+    (where a template trimmed the content, and so the tag's trailing space, its trailing
+    whitespace goes too)."""
+    at = text.rfind(_CONTINUE_TAG.strip())
     if at < 0:
         raise DeepSeekError("continue_final_message: the chat template does not write the last message's "
                             "content as it is")
-    kept = content.lstrip()
-    end = at + (len(kept) if text[at:at + len(kept)] == kept else len(content.strip()))
-    return text[:end]
+    kept = text[:at]
+    return kept if text.startswith(_CONTINUE_TAG, at) else kept.rstrip()
 
 
 # tokenizer_config.json's other named tokens, passed to chat templates as transformers does
@@ -361,17 +365,19 @@ class Tokenizer:
             if not messages or not isinstance(messages[-1].get("content"), str):
                 raise DeepSeekError("continue_final_message needs a last message with string content")
         template = self._template()
+        messages = [dict(m) for m in messages]
+        if continue_final_message:   # (found by a tag: the content itself may recur in what follows it)
+            messages[-1]["content"] += _CONTINUE_TAG
         try:
             variables = {**self.special_tokens, "bos_token": self.bos_token, "eos_token": self.eos_token,
                          "tools": None, "documents": None, **extra}
-            text = template.render(messages=[dict(m) for m in messages],
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except Exception as err:  # the template is user data: anything it raises is a user error
             detail = err.message if isinstance(err, jinja2.exceptions.TemplateError) else err
             raise DeepSeekError(
                 f"chat template render failed: {_one_line(detail or type(err).__name__)}"
             ) from err
-        return _cut_after_last(text, messages[-1]["content"]) if continue_final_message else text
+        return _cut_at_tag(text) if continue_final_message else text
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True

@@ -45,6 +45,7 @@ import numbers
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from functools import partial, reduce
 from typing import Any, NamedTuple
 
@@ -814,8 +815,9 @@ class Trainer:
             raise DeepSeekError("batch: loss_mask must hold finite numbers (1 where a token is a target)")
         if (mask < 0).any():   # (a negative weight makes the step raise that token's loss)
             raise DeepSeekError("batch: loss_mask must be >= 0 (1 where a token is a target, 0 elsewhere)")
-        if valid.dtype.kind not in "biu":
-            raise DeepSeekError(f"batch: valid must be booleans (or 0/1), got dtype {valid.dtype}")
+        if valid.dtype.kind not in "biuf" or not np.isin(valid, (0, 1)).all():
+            raise DeepSeekError(f"batch: valid must be booleans (or 0/1), got dtype {valid.dtype}"
+                                + ("" if valid.dtype.kind not in "biuf" else " with values other than 0 and 1"))
         return Batch(ids.astype(np.int32), mask.astype(np.float32), valid.astype(bool))
 
     def _batch(self, batch):
@@ -924,14 +926,14 @@ class Trainer:
         ``frozen``: they never change, and :meth:`restore` keeps the Trainer's own, which must be
         the same model's."""
         import orbax.checkpoint as ocp
-        metadata = dict(metadata or {}) if isinstance(metadata, (dict, type(None))) else None
+        metadata = dict(metadata or {}) if isinstance(metadata, (Mapping, type(None))) else None
         if metadata is None:
-            raise DeepSeekError("save: metadata must be a dict of JSON values or None")
+            raise DeepSeekError("save: metadata must be a mapping of JSON values or None")
         taken = sorted(set(metadata) & {"step", "train_config", "frozen_saved"})
         if taken:   # (they would replace the recorded step / config that restore reads back)
             raise DeepSeekError(f"save: metadata key {taken[0]!r} is the checkpoint's own: use another name")
         try:   # (checked here: Orbax's writer thread failed late, leaving a half-written step behind)
-            json.dumps(metadata, allow_nan=False)
+            json.dumps(metadata)   # (NaN is taken, as Orbax writes it: a diverged loss, say)
         except (TypeError, ValueError) as e:
             raise DeepSeekError(f"save: metadata is not JSON: {e}") from None
         keys, leaves, _ = _flat_keys(self.state)

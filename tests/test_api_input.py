@@ -262,6 +262,7 @@ def test_precision_checks_its_fields():
         _raises(lambda: dj.Precision(**kw), needle)
     assert dj.Precision(kernels=" REF ").kernels == "ref"
     assert dj.Precision(ep_capacity=np.int64(2)).ep_capacity == 2
+    assert dj.Precision(weights_in_place=np.True_).weights_in_place is True
 
 
 def test_context_mesh_must_be_the_models():
@@ -375,6 +376,8 @@ def test_trainer_checks_each_batch_before_a_step(tmp_path):
     _raises(lambda: t.train_step(([[1, 2, 3], [4, 5]], [[0, 1, 1], [0, 1]], [[1, 1, 1], [1, 1]])), "ids is ragged")
     _raises(lambda: t.train_step(Batch(ids, -mask, valid)), "loss_mask must be >= 0")
     _raises(lambda: t.train_step(Batch(ids, mask, np.full((2, 8), "a"))), "valid must be booleans")
+    _raises(lambda: t.train_step(Batch(ids, mask, np.full((2, 8), 0.5))), "values other than 0 and 1")
+    assert t._host_batch((ids, mask, np.ones((2, 8), np.float32))).valid.dtype == bool   # 0/1 floats: as before
     _raises(lambda: t.evaluate(None), "batch_at", "NoneType")
     _raises(lambda: t.evaluate([Batch(ids, mask, valid)]), "batch_at", "list")
     _raises(lambda: t.evaluate(None, n_batches=0), "n_batches", ">= 1")
@@ -392,6 +395,9 @@ def test_trainer_checks_each_batch_before_a_step(tmp_path):
     _raises(lambda: Trainer.read_metadata(d, step=7), "holds no step 7")
     _raises(lambda: t.restore(tmp_path / "nothing"), "no checkpoint to resume", "not a directory")
     assert t.restore(d)["note"] == "ok" and Trainer.read_metadata(d)["step"] == 0
+    import types   # a NaN (a diverged loss) and any mapping were saved before these checks: still are
+    t.save(tmp_path / "ck2", metadata=types.MappingProxyType({"loss": float("nan")}))
+    assert np.isnan(Trainer.read_metadata(tmp_path / "ck2")["loss"])
     assert t._host_batch((ids, mask, valid)).ids.dtype == np.int32      # a plain (ids, mask, valid) tuple
     if len(jax.devices()) >= 2:   # the microbatch, not the batch, must divide the data axis
         on_mesh = Trainer(model, TrainConfig(grad_accum=2), mesh=sharding.make_mesh({"data": 2}, jax.devices()[:2]))

@@ -223,6 +223,12 @@ def test_chat_template_continues_a_gen_prefix(ours, hf):
     assert got == hf.apply_chat_template(history, add_generation_prompt=False)
     assert got.endswith("Sum:")
     assert ours.apply_chat_template(history[:1]) == hf.apply_chat_template(history[:1])
+    # a prefix that recurs in the eos the template closes the turn with, or only whitespace: the
+    # text was cut inside that eos ("...s<｜end▁of▁s"), or kept it
+    for prefix in ("s", "end", " ", " Sum: "):
+        h = [history[0], {"role": "assistant", "content": prefix}]
+        assert ours.apply_chat_template(h, add_generation_prompt=False) == \
+            hf.apply_chat_template(h, add_generation_prompt=False), prefix
 
 
 def test_tokenizer_name_tells_templates_apart(ours, tmp_path):

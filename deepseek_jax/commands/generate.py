@@ -315,7 +315,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.ckpt, required=True)
         prompts = _encode(tokenizer, texts, args.chat, names)
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
-    gen._check_stop_token_ids(args.stop_token_ids)   # (the vocab range) before any notice
+    # (the vocab range, and room beside the config's further eos ids) before any notice
+    gen._check_stop_token_ids(args.stop_token_ids, () if args.ignore_eos else gen.eos_ids[1:])
     gen._check_prompts(prompts, names)                 # ids, lengths: an error is the only line
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
               stop_at_eos=not args.ignore_eos, speculative=args.speculative, stop_token_ids=args.stop_token_ids,

@@ -208,7 +208,7 @@ def _json(obj) -> str:
     """One JSON line; a NaN or infinite number (a model whose weights hold one) is ``null``:
     ``json.dumps`` wrote bare ``NaN``, which strict JSON parsers refuse."""
     def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
+        if isinstance(x, (float, np.floating)) and not math.isfinite(x):
             return None
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}

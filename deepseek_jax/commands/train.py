@@ -404,7 +404,9 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
         trainer.restore(ckpt_dir)
     start = trainer.step
     # (a BF16 export drops updates smaller than bfloat16's steps: said at the end if it did)
-    snapshot = bf16_snapshot(trainer.state.params) if lora_info is None else None
+    # (with bfloat16 parameters such updates are lost in training itself: nothing to compare)
+    snapshot = (bf16_snapshot(trainer.state.params) if lora_info is None and args.param_dtype == "float32"
+                else None)
     where = ("1 device" if mesh is None else
              f"{mesh.size} devices (mesh {','.join(f'{k}={v}' for k, v in mesh.shape.items())}"
              + (f", {jax.process_count()} processes)" if jax.process_count() > 1 else ")"))
@@ -517,7 +519,8 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
     print(f"saved {ckpt_dir} (step {trainer.step}) and {hub_dir} ({'FP8' if args.export_fp8 else 'BF16'})")
     same, n = bf16_unchanged(snapshot, trainer.state.params)
     if same and trainer.step != start:
+        coarser = ", and FP8's coarser still" if args.export_fp8 else ""
         print(f"warning: {same} of {n} trained arrays round to their step-{start} values in bfloat16: {hub_dir} "
-              f"holds those values (their updates are below bfloat16's resolution; {ckpt_dir} keeps them in "
-              f"{args.param_dtype})", file=sys.stderr)
+              f"holds those values (their updates are below bfloat16's resolution{coarser}; {ckpt_dir} keeps "
+              "them in float32)", file=sys.stderr)
     return 0
