@@ -243,12 +243,14 @@ def test_score_ep_capacity_reaches_the_exchange(ckpt_a, tmp_path, capsys, monkey
 
 def test_score_json_writes_null_for_nan():
     """A model whose weights hold inf scores NaN: ``score --json`` printed bare ``NaN``, which is
-    not JSON (strict parsers refuse it); every JSON line now goes through one writer."""
+    not JSON (strict parsers refuse it); ``score`` and ``generate`` write their JSON lines through
+    one writer that writes null."""
     import json as _json
 
-    from deepseek_jax.commands import score
-    line = score._json({"row": 0, "mean_logprob": float("nan"), "x": [1.5, float("-inf")], "n": 3})
-    assert _json.loads(line) == {"row": 0, "mean_logprob": None, "x": [1.5, None], "n": 3}
+    from deepseek_jax.commands import generate, json_line, score
+    line = json_line({"row": 0, "mean_logprob": float("nan"), "x": [1.5, np.float32("-inf")], "n": 3,
+                      "y": np.float32(0.5)})
+    assert _json.loads(line) == {"row": 0, "mean_logprob": None, "x": [1.5, None], "n": 3, "y": 0.5}
     assert "NaN" not in line and "Infinity" not in line
-    src = open(score.__file__, encoding="utf-8").read()
-    assert "json.dumps(" not in src.replace("return json.dumps(clean(obj)", "")
+    for mod in (score, generate):   # (their JSON output goes through it)
+        assert "json.dumps(" not in open(mod.__file__, encoding="utf-8").read()

@@ -57,6 +57,26 @@ def read_lines(path: str, flag: str) -> list[tuple[int, str]]:
     return lines
 
 
+def json_line(obj, **kw) -> str:
+    """``obj`` as one JSON line (``json.dumps``'s keywords taken); a NaN or infinite number (a
+    model whose weights hold one) is ``null``: ``json.dumps`` wrote bare ``NaN``, which strict JSON
+    parsers refuse."""
+    import json
+    import math
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):   # (numpy's float64 too)
+            return None
+        if type(x).__module__ == "numpy" and type(x).__name__.startswith("float"):
+            return float(x) if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
 def undecodable_byte(text: str) -> tuple[int, int] | None:
     """``(byte, character index)`` of the first byte that was not UTF-8 where ``text`` came from
     (Python keeps argv's and a ``surrogateescape`` stream's as U+DC80..U+DCFF), else None."""

@@ -18,13 +18,12 @@ and ``demo``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 
 from deepseek_jax import runtime
-from deepseek_jax.commands import read_lines, undecodable_byte
+from deepseek_jax.commands import json_line, read_lines, undecodable_byte
 from deepseek_jax.errors import DeepSeekError
 
 
@@ -377,7 +376,7 @@ def _in_batches(args: argparse.Namespace, gen, tokenizer, prompts, one_batch) ->
 def _print_results(args: argparse.Namespace, tokenizer, results) -> None:
     for r in results:
         if args.json:
-            print(json.dumps(r.to_json(), ensure_ascii=False))
+            print(json_line(r.to_json(), ensure_ascii=False))
         else:
             prompt = tokenizer.decode(r.prompt_ids) if tokenizer else " ".join(map(str, r.prompt_ids))
             out = r.text if tokenizer else " ".join(map(str, r.output_ids))

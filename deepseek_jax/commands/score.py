@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from deepseek_jax import runtime
-from deepseek_jax.commands import plain_mode, read_lines
+from deepseek_jax.commands import json_line, plain_mode, read_lines
 from deepseek_jax.commands.generate import add_prefill_attention_arg
 from deepseek_jax.errors import DeepSeekError
 
@@ -193,29 +192,15 @@ def _run_text(args: argparse.Namespace) -> int:
         row = {"line": lineno, "tokens_scored": len(lp), "logprob": float(lp.sum(dtype=np.float64)),
                "mean_logprob": float(lp.mean()) if len(lp) else None,
                "perplexity": float(dj.perplexity(lp)) if len(lp) else None}
-        print(_json(row) if args.json else
+        print(json_line(row) if args.json else
               f"line {lineno}: {_tokens(len(lp))}" + (f", log p {row['logprob']:.4f}, mean {row['mean_logprob']:.4f}, "
                                                    f"perplexity {row['perplexity']:.4g}" if len(lp) else ""))
     summary = {"lines": len(lps), "tokens_scored": n, "logprob": total, "mean_logprob": total / n if n else None,
                "perplexity": float(np.exp(-total / n)) if n else None}
-    print(_json({"total": summary}) if args.json else
+    print(json_line({"total": summary}) if args.json else
           f"total: {len(lps)} lines, {_tokens(n)}" + (f", log p {total:.4f}, mean {total / n:.4f}, perplexity "
                                                     f"{np.exp(-total / n):.4g}" if n else ""))
     return 0
-
-
-def _json(obj) -> str:
-    """One JSON line; a NaN or infinite number (a model whose weights hold one) is ``null``:
-    ``json.dumps`` wrote bare ``NaN``, which strict JSON parsers refuse."""
-    def clean(x):
-        if isinstance(x, (float, np.floating)) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    return json.dumps(clean(obj), allow_nan=False)
 
 
 _PAIR_KEYS = (("context", "continuation"), ("context_ids", "continuation_ids"))
@@ -304,14 +289,14 @@ def _run_pairs(args: argparse.Namespace) -> int:
         return 0
     for (lineno, *_), r in zip(pairs, results):
         row = {"line": lineno, "logprob": r.logprob, "is_greedy": r.is_greedy, "tokens": r.tokens}
-        print(_json(row) if args.json else
+        print(json_line(row) if args.json else
               f"line {lineno}: log p {r.logprob:.4f} over {_tokens(r.tokens)}"
               + (", greedy" if r.is_greedy else ", not greedy"))
     n, greedy = len(results), sum(r.is_greedy for r in results)
     total = sum(r.logprob for r in results)
     summary = {"requests": n, "greedy": greedy, "greedy_accuracy": greedy / n, "logprob": total,
                "tokens": sum(r.tokens for r in results)}
-    print(_json({"total": summary}) if args.json else
+    print(json_line({"total": summary}) if args.json else
           f"total: {n} pair{'' if n == 1 else 's'}, {greedy} greedy ({greedy / n:.2%}), log p {total:.4f} over {_tokens(summary['tokens'])}")
     return 0
 
@@ -383,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     _write_all(files)
     if args.json:
         for b in range(ids.shape[0]):
-            print(_json({"row": b, "tokens_scored": int(lp.shape[1]),
+            print(json_line({"row": b, "tokens_scored": int(lp.shape[1]),
                          "mean_logprob": float(lp[b].mean()) if lp.shape[1] else None,
                          "perplexity": float(dj.perplexity(lp[b])) if lp.shape[1] else None}))
     return 0
