@@ -91,11 +91,9 @@ class Precision:
             dtype = None
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise bad("dtype", "a floating dtype (jnp.float32, jnp.bfloat16)")
-        if self.weights_in_place is not None:
-            try:
-                object.__setattr__(self, "weights_in_place", check_bool("w", self.weights_in_place))
-            except DeepSeekError:
-                raise bad("weights_in_place", "True, False or None") from None
+        if self.weights_in_place is not None:   # (None: decided per backend)
+            object.__setattr__(self, "weights_in_place",
+                               check_bool("Precision.weights_in_place", self.weights_in_place))
         if not isinstance(self.scan_unroll, bool) and not (isinstance(self.scan_unroll, numbers.Integral)
                                                            and self.scan_unroll >= 1):
             raise bad("scan_unroll", "an integer >= 1 or a bool")

@@ -65,9 +65,7 @@ def json_line(obj, **kw) -> str:
     import math
 
     def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):   # (numpy's float64 too)
-            return None
-        if type(x).__module__ == "numpy" and type(x).__name__.startswith("float"):
+        if isinstance(x, float) or (type(x).__module__ == "numpy" and type(x).__name__.startswith("float")):
             return float(x) if math.isfinite(x) else None
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
