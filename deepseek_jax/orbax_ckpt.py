@@ -82,6 +82,7 @@ from deepseek_jax.hub import (
     SINGLE_FILE,
     HubReader,
     HubWriter,
+    TensorInfo,
     dequantize_block_fp8_np,
     hub_tensor_specs,
     quantize_block_fp8_np,
@@ -91,7 +92,7 @@ from deepseek_jax.hub import (
 )
 from deepseek_jax.quant import Precision
 
-__all__ = ["MANIFEST", "MARKER", "convert", "export", "is_complete", "is_orbax_checkpoint", "restore",
+__all__ = ["MANIFEST", "MARKER", "HubView", "convert", "export", "is_complete", "is_orbax_checkpoint", "restore",
            "verify"]
 
 MANIFEST = "deepseek_jax_manifest.json"
@@ -1154,6 +1155,63 @@ def _hub_index(plan: list[_Param]) -> dict[str, tuple[_Param, tuple[int, ...]]]:
     return out
 
 
+class HubView:
+    """A converted checkpoint read tensor by tensor under its Hub names: the reading side of
+    :class:`~deepseek_jax.hub.HubReader` (``path``, ``config``, ``names``, ``in``, ``info``,
+    ``get``, ``close``), so that what reads a Hub directory reads a converted one too, one
+    layer's (one expert's) matrix at a time: ``get`` reads just that matrix's chunks. FP8 weights
+    come as ``float8_e4m3fn`` beside their ``weight_scale_inv``, as in the Hub files."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike[str], *, _opened: tuple[_Ckpt, list[_Param]] | None = None):
+        if _opened is None:
+            ck = _open_ckpt(ckpt_dir)
+            plan = _ckpt_plan(ck, ck.has_mtp and bool(ck.cfg.num_nextn_predict_layers))
+            _check_array_files(ck, plan)
+        else:
+            ck, plan = _opened
+        self.path = ck.path
+        self.config: dict[str, Any] = _read_json(os.path.join(ck.path, CONFIG_FILE), "config")
+        self._index = _hub_index(plan)
+        ctx = _ts_context()
+        self._stores = {p.key: ck.open(p.array, ctx) for p in plan}
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def info(self, name: str) -> TensorInfo:
+        p, _ = self._index[name]
+        per = p.shape[len(p.stack):]
+        return TensorInfo(name, per, p.dtype, p.array, math.prod(per) * p.dtype.itemsize)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._index:
+            raise _err(f"{self.path}: no tensor {name}")
+        p, idx = self._index[name]
+        try:
+            return np.asarray(self._stores[p.key][idx].read().result())
+        except Exception as e:   # TensorStore: a chunk that cannot be read
+            raise _err(f"{self.path}: cannot read {name} from {p.array} ({_orbax_message(e)}; "
+                       "deepseek-jax verify checks the whole checkpoint)") from None
+
+    def close(self) -> None:
+        self._stores = {}
+
+    def __enter__(self) -> HubView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, dtype: str | None = None,
            force: bool = False, progress: bool = True, max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
     """Writes the checkpoint back in the Hub layout (config.json, safetensors shards, index).
@@ -1187,17 +1245,7 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
         out_cfg = out_cfg.replace(num_nextn_predict_layers=0)
     out_cfg_dict = out_cfg.to_hub_dict()
     specs = hub_tensor_specs(out_cfg_dict, include_mtp=with_mtp)
-    index = _hub_index(plan)
-    ctx = _ts_context()
-    stores = {p.key: ck.open(p.array, ctx) for p in plan}
-
-    def read(name: str) -> np.ndarray:
-        p, idx = index[name]
-        try:
-            return np.asarray(stores[p.key][idx].read().result())
-        except Exception as e:   # TensorStore: a chunk that cannot be read
-            raise _err(f"{ck.path}: cannot read {name} from {p.array} ({_orbax_message(e)}; "
-                       "deepseek-jax verify checks the whole checkpoint)") from None
+    read = HubView(ck.path, _opened=(ck, plan)).get
 
     def produce(name: str) -> list[tuple[str, np.ndarray]]:
         spec = specs[name]

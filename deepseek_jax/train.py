@@ -1136,18 +1136,15 @@ def bf16_unchanged(snapshot: list[np.ndarray] | None, params) -> tuple[int, int]
 def load_float_model(path, *, prec: Precision = Precision(), param_dtype=jnp.float32,
                      with_mtp: bool | None = None, cfg: DeepSeekConfig | None = None, mesh: Mesh | None = None,
                      rules: Any = "ep_tp") -> DeepSeekV3:
-    """Loads a Hub-layout checkpoint as a trainable float model (FP8 weights dequantized,
-    parameters in ``param_dtype``): the starting point of fine-tuning. With a ``mesh`` every
-    parameter is made directly in its shards by the rules, each process reading (and
-    dequantizing) only the layers / experts its devices hold, one matrix at a time: no host holds
-    the whole model."""
+    """Loads a checkpoint, in the Hub layout or converted to Orbax (``deepseek-jax convert``), as
+    a trainable float model (FP8 weights dequantized, parameters in ``param_dtype``): the starting
+    point of fine-tuning. With a ``mesh`` every parameter is made directly in its shards by the
+    rules, each process reading (and dequantizing) only the layers / experts its devices hold, one
+    matrix at a time: no host holds the whole model."""
     from deepseek_jax import orbax_ckpt, sharding   # noqa: PLC0415
 
-    if orbax_ckpt.is_orbax_checkpoint(os.fspath(path)):
-        raise DeepSeekError(f"{os.fspath(path)} is an Orbax checkpoint: a float model to fine-tune is read from the "
-                            f"Hub layout (deepseek-jax export {os.fspath(path)} DIR writes it); LoRA adapters "
-                            "(--lora-rank) train over either")
-    reader = HubReader(os.fspath(path))
+    path = os.fspath(path)
+    reader = orbax_ckpt.HubView(path) if orbax_ckpt.is_orbax_checkpoint(path) else HubReader(path)
     try:
         cfg = cfg or DeepSeekConfig.from_hub_dict(reader.config)
         with_mtp = hub_layout(reader, cfg, with_mtp)

@@ -174,6 +174,36 @@ def test_logits_from_orbax_equal_logits_from_hub(which, request):
     assert np.array_equal(scoring.mtp_logits(m_ox, ids), scoring.mtp_logits(m_hub, ids))
 
 
+def test_float_model_from_orbax_equals_the_hubs(conv_a, conv_a_deq, ckpt_a):
+    """What `train --init ORBAX` starts from: the converted checkpoint read as a float model is the
+    Hub checkpoint's, array for array (the same e4m3 values and scales, dequantized alike), on one
+    device and in shards on a 2x2x2 mesh; from a --dtype bf16 conversion, those values rounded to
+    bfloat16 (the float32 router bias as it was)."""
+    import jax
+
+    from deepseek_jax import sharding
+    from deepseek_jax.train import load_float_model
+
+    def flat(model):
+        return {".".join(map(str, p)): np.asarray(jax.device_get(v[...]))
+                for p, v in nnx.to_flat_state(nnx.state(model))}
+
+    want = flat(load_float_model(ckpt_a))
+    for got in (flat(load_float_model(conv_a)),
+                flat(load_float_model(conv_a, mesh=sharding.make_mesh({"data": 2, "expert": 2, "model": 2})))):
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    deq = flat(load_float_model(conv_a_deq))
+    rounded = 0
+    for k, w in want.items():
+        if not k.endswith("e_score_correction_bias"):
+            rounded += not np.array_equal(w.astype(ml_dtypes.bfloat16).astype(w.dtype), w)
+            w = w.astype(ml_dtypes.bfloat16).astype(w.dtype)
+        assert deq[k].dtype == w.dtype and np.array_equal(deq[k], w), k
+    assert rounded > 10   # (dequantized FP8 weights are not bfloat16 values: the comparison can fail)
+
+
 def test_score_cli_accepts_orbax_dir(conv_a, ckpt_a, tmp):
     ids = tmp / "ids.npy"
     np.save(ids, _ids(256))

@@ -690,9 +690,9 @@ def test_gradient_accumulation_equals_the_whole_batch(runs, data, tmp_path, caps
 def test_train_cli_hand_offs(init_dir, tmp_path, capsys):
     """Across commands: updates below bfloat16's resolution are said to be lost in OUT/hub (it was
     byte-identical to --init, saved without a word); a training run's OUT is a further
-    fine-tune's --init (its hub/); an Orbax --init for full training says to export it (it said
-    "neither model.safetensors.index.json nor model.safetensors found"); --eval-batches 0 leaves
-    no empty eval.jsonl."""
+    fine-tune's --init (its hub/); a conversion of --init to Orbax trains the same (it was refused:
+    "export it first"), with frozen weights from it on --resume; --eval-batches 0 leaves no empty
+    eval.jsonl."""
     from deepseek_jax.cli import main
     from deepseek_jax.orbax_ckpt import convert
 
@@ -712,7 +712,12 @@ def test_train_cli_hand_offs(init_dir, tmp_path, capsys):
     orb = tmp_path / "orbax"
     convert(init_dir, str(orb))
     capsys.readouterr()
-    assert main(args[:i] + [str(orb)] + args[i + 1:-6] + ["--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "is an Orbax checkpoint" in err and "deepseek-jax export" in err and err.count("\n") == 1
-    assert not (tmp_path / "o").exists()
+    o_args = args[:i] + [str(orb)] + args[i + 1:] + ["--out", str(tmp_path / "o")]
+    first = list(o_args)
+    first[first.index("--steps") + 1] = "1"   # (then --resume to step 2)
+    assert main(first) == 0
+    assert main(o_args + ["--resume"]) == 0
+
+    def losses(run):
+        return [(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, open(run / "metrics.jsonl"))]
+    assert losses(tmp_path / "o") == losses(out) and len(losses(out)) == 2

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(Orbax checkpoints), metrics.jsonl, run.json, eval.json (held-out "
                                    "metrics) and hub/ (the final model in the Hub layout).")
     p.add_argument("--config", help="preset name, config.json or checkpoint directory (model shape)")
-    p.add_argument("--init", help="start from the weights of this Hub checkpoint (FP8 is dequantized, but kept "
+    p.add_argument("--init", help="start from the weights of this checkpoint, Hub layout or converted to Orbax (FP8 is dequantized, but kept "
                                   "with --lora-rank) instead of a random initialisation; its config is used if "
                                   "--config is absent")
     p.add_argument("--data", required=True, help="synthetic:addition|reverse|copy[:key=value,...], FILE.jsonl "
