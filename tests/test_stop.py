@@ -172,7 +172,7 @@ def test_stop_token_id_and_eos(gen):
     assert [(r.output_ids, r.finish_reason) for r in res] == [(r.output_ids, "stop") for r in eos]
 
 
-def test_config_eos_list_ends_rows_as_eos(gen, base, tmp_path):
+def test_config_eos_list_ends_rows_as_eos(gen, base, tmp_path, capsys):
     """A Hub config's ``eos_token_id`` list: every id in it ends a row with finish "eos" (not
     output), in the loop and with speculative decoding; ``stop_at_eos=False`` and an explicit
     ``eos_id`` leave the further ids alone."""
@@ -201,6 +201,15 @@ def test_config_eos_list_ends_rows_as_eos(gen, base, tmp_path):
     assert [(r.output_ids, r.finish_reason) for r in res] == [(e.output_ids, e.finish_reason) for e in eos]
     with pytest.raises(DeepSeekError, match="further eos ids"):
         g.generate_text(["1+1"], max_new_tokens=2, stop_token_ids=list(range(2, MAX_STOP_TOKEN_IDS + 2)))
+    # the command line checks them with the config's further eos ids before anything is printed
+    # (the length cap's notice came first, then the error)
+    from deepseek_jax.cli import main
+    stops = [a for t in range(2, MAX_STOP_TOKEN_IDS + 2) for a in ("--stop-token-id", str(t))]
+    capsys.readouterr()
+    assert main(["generate", str(d), "--prompt", "1+1", "--max-new-tokens", "100000", *stops]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "further eos ids" in err, err
+    assert main(["generate", str(d), "--prompt", "1+1", "--max-new-tokens", "2", "--ignore-eos", *stops]) == 0
     cfg["eos_token_id"] = [gen.eos_id, 10 ** 6]
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DeepSeekError, match="list entry 1000000"):
