@@ -46,6 +46,10 @@ def _trained_model(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:   # output in an encoding without some generated character (PYTHONIOENCODING=ascii): escape it
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):   # (closed, or not a text stream we may reconfigure)
+        pass
     try:
         if args.command in ("generate", "chat", "score") and isinstance(getattr(args, "ckpt", None), str):
             args.ckpt = _trained_model(args.ckpt)

@@ -133,7 +133,7 @@ def logit_lens(model: DeepSeekV3, ins: Internals) -> np.ndarray:
     ins = _check_internals("logit_lens", ins)
     cfg = model.cfg
     h = ins.hidden
-    if not isinstance(h, np.ndarray) or h.ndim != 4 or h.dtype.kind != "f":
+    if not isinstance(h, (np.ndarray, jax.Array)) or h.ndim != 4 or not jnp.issubdtype(h.dtype, jnp.floating):
         raise DeepSeekError(f"logit_lens: ins.hidden must be a float [L+1, B, T, D] array, got "
                             f"{type(h).__name__} {list(getattr(h, 'shape', []))}")
     if h.shape[0] != cfg.num_hidden_layers + 1 or h.shape[-1] != cfg.hidden_size:
@@ -148,6 +148,9 @@ def logit_lens(model: DeepSeekV3, ins: Internals) -> np.ndarray:
 def expert_histogram(ins: Internals) -> np.ndarray:
     """``[Lm, E]`` int64: how many of the tokens each MoE layer sent to each expert."""
     ins = _check_internals("expert_histogram", ins)
+    if np.ndim(ins.expert_scores) != 4:
+        raise DeepSeekError(f"expert_histogram: ins.expert_scores must be a [Lm, B, T, E] array, got "
+                            f"{type(ins.expert_scores).__name__} {list(np.shape(ins.expert_scores))}")
     experts, E = np.asarray(ins.experts), np.shape(ins.expert_scores)[-1]
     if experts.ndim != 4 or experts.dtype.kind not in "iu":
         raise DeepSeekError(f"expert_histogram: ins.experts must be integer [Lm, B, T, K], got "

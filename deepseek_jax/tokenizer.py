@@ -320,6 +320,11 @@ class Tokenizer:
         # an OverflowError)
         return self._tok.decode([i for i in map(int, ids) if 0 <= i < 1 << 32], skip_special_tokens=skip_special)
 
+    def check_chat_template(self) -> None:
+        """Raises the :class:`DeepSeekError` that rendering a chat would: no template, or one that
+        could not be read or is not valid jinja (so that a chat fails before a model loads)."""
+        self._template()
+
     def _template(self) -> jinja2.Template:
         if self._compiled_template is None:
             if self.chat_template_error is not None and not self.chat_template:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -212,6 +214,64 @@ def test_chat_system_message_too_long_fails_at_start(monkeypatch, capsys):
     rc, out, err = run_cli(capsys, "chat", demo_checkpoint(), "--system", "1" * 400, "--max-new-tokens", "4")
     assert_error(rc, err, "--system: the system message takes")
     assert out == ""
+
+
+def test_chat_input_edge_cases(monkeypatch, capsys, tmp_path):
+    """What chat did with inputs beyond plain lines (each measured before its fix): a byte-order
+    mark starting piped input went into the message (12+34 was answered 55, not 46, and "/exit"
+    after it was sent as a message); a closed stdin was an AttributeError traceback after the model
+    loaded; a --system of undecodable bytes was "a lone surrogate at character 21" of the rendered
+    template; a template that is not valid jinja failed every turn after the model loaded; a short
+    message after a long --system was "too long" without naming the system message; /clear kept
+    counting turns, so its first reply sampled otherwise than a fresh session's; an interactive
+    session's ">>> " prompts went into a redirected stdout."""
+    d = demo_checkpoint()
+    flags = ("--max-new-tokens", "6", "--temperature", "0")
+
+    def chat(stdin, *more):
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
+        return run_cli(capsys, "chat", d, *flags, *more)
+
+    rc, plain, _ = chat("12+34\n")
+    assert rc == 0 and plain.strip()
+    assert chat("\ufeff12+34\n") == (0, plain, "")
+    rc, out, _ = chat("\ufeff/exit\n12+34\n")
+    assert rc == 0 and out == ""
+    rc, out, err = chat(None)
+    assert_error(rc, err, "chat reads its messages from stdin, which is closed")
+    rc, out, err = chat("1+1\n", "--system", b"\xff\xfe".decode("utf-8", "surrogateescape"))
+    assert_error(rc, err, "--system is not UTF-8 text: byte 0xff at character 0")
+    bad = tmp_path / "badjinja"
+    shutil.copytree(d, bad)
+    tc = json.loads((bad / "tokenizer_config.json").read_text())
+    (bad / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": "{% for m in messages %}"}))
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+1\n2+2\n"))
+    rc, out, err = run_cli(capsys, "chat", bad)
+    assert_error(rc, err, "chat_template is not valid jinja (line 1)")
+    assert out == ""
+    rc, out, err = chat("12+34\n", "--system", "1" * 120)
+    assert rc == 1 and "this message is too long: 128 tokens with the system message's 123, at most 127" in err
+    sampled = ("--temperature", "3", "--seed", "5", "--max-new-tokens", "10")
+    rc, out, _ = chat("hello there\n/clear\nhello there\n", *sampled)
+    assert rc == 0 and len(out.splitlines()) == 2 and out.splitlines()[0] == out.splitlines()[1], out
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    rc, out, err = chat(Terminal("12+34\n"))
+    assert rc == 0 and out == plain and err.count(">>> ") == 2, (out, err)
+
+
+def test_output_encoding_without_a_generated_character(monkeypatch, capsys):
+    """stdout in ASCII (PYTHONIOENCODING=ascii) and a sampled reply holding U+FFFD: a
+    UnicodeEncodeError traceback, in chat and generate; now the character is escaped."""
+    raw = io.BytesIO()
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n"))
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    rc = cli.main(["chat", demo_checkpoint(), "--temperature", "5", "--seed", "3", "--top-k", "50", "--top-p", "0.95",
+               "--max-new-tokens", "12"])
+    sys.stdout.flush()
+    assert rc == 0 and b"\\ufffd" in raw.getvalue(), (capsys.readouterr().err, raw.getvalue())
 
 
 def test_verify_checks_against_first(ckpt_a, tmp_path, capsys):

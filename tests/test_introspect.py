@@ -149,6 +149,11 @@ def test_dense_only_model_and_bad_input():
                        expert_scores=np.zeros((1, 1, 3, cfg.n_routed_experts), np.float32))
     with pytest.raises(dj.DeepSeekError, match="expert ids must be in"):
         expert_histogram(bad)
+    with pytest.raises(dj.DeepSeekError, match=r"ins.expert_scores must be a \[Lm, B, T, E\] array"):
+        expert_histogram(ins._replace(expert_scores=None))   # (an IndexError)
+    # hidden states as a jax array (refused as "must be a float [L+1, B, T, D] array", which it was)
+    np.testing.assert_array_equal(logit_lens(model, ins._replace(hidden=jnp.asarray(ins.hidden))),
+                                  logit_lens(model, ins))
 
 
 def test_logit_lens_refuses_another_models_internals(case):

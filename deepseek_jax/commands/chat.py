@@ -7,7 +7,8 @@ leading ``/``). The whole history
 is rendered through the tokenizer's chat template at every turn and generated from, but only
 the tokens the last turn's latent cache does not already hold are prefilled
 (``Generator(reuse_prefix=True)``); replies go to stdout as they stream, notices and timings
-to stderr. A turn that cannot run (say, the
+to stderr. Turn n of a conversation (0, 1, ...; ``/clear`` starts again) samples with seed
+``--seed + n``. A turn that cannot run (say, the
 conversation no longer fits the model's length: ``/clear`` starts over) prints its error and the
 session goes on; the exit status is then 1.
 """
@@ -49,16 +50,20 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(args.ckpt) and not os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")):
         raise DeepSeekError(f"no tokenizer.json in {args.ckpt}: chat needs the checkpoint's tokenizer "
                             "(tokenizer.json and a chat template)")
+    if sys.stdin is None:
+        raise DeepSeekError("chat reads its messages from stdin, which is closed")
+    if args.system is not None and (bad := undecodable_byte(args.system)) is not None:
+        raise DeepSeekError(f"--system is not UTF-8 text: byte 0x{bad[0]:02x} at character {bad[1]}")
     tokenizer = load_tokenizer(args.ckpt, required=True)
     if not tokenizer.has_chat_template:
         raise DeepSeekError(f"{args.ckpt}: tokenizer_config.json has no chat_template; chat needs one")
-    if tokenizer.chat_template_error is not None:   # (before the model loads: every turn would fail)
-        raise DeepSeekError(tokenizer.chat_template_error)
+    tokenizer.check_chat_template()   # (before the model loads: every turn would fail)
     # each turn's prompt starts with the last one's prompt and reply: prefill only what is new
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args, reuse_prefix=True)
     start = [{"role": "system", "content": args.system}] if args.system else []
+    n_system = 0
     if start:   # every turn starts with it: too long, and no turn could run (nor /clear help)
-        n = len(tokenizer.encode_chat(start + [{"role": "user", "content": ""}]))
+        n = n_system = len(tokenizer.encode_chat(start + [{"role": "user", "content": ""}]))
         if n >= gen.max_len - 1:
             raise DeepSeekError(f"--system: the system message takes {n} tokens in the chat template; with a "
                                 f"message and a reply it must stay under the model's max length {gen.max_len}")
@@ -73,18 +78,26 @@ def run(args: argparse.Namespace) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    prompt_to_stdout = interactive and sys.stdout.isatty()   # (else replies only: >>> goes to stderr)
     turn = failed = 0
+    first = True
     while True:
         if interactive:
             try:
-                line = input(">>> ") + "\n"
+                if prompt_to_stdout:
+                    line = input(">>> ") + "\n"
+                else:
+                    print(">>> ", end="", file=sys.stderr, flush=True)
+                    line = input() + "\n"
             except EOFError:
-                print()   # (the shell's prompt on a line of its own)
+                print(file=sys.stdout if prompt_to_stdout else sys.stderr)   # (the shell's prompt on its own line)
                 break
         else:
             line = sys.stdin.readline()
         if not line:
             break
+        if first:   # a byte-order mark (a file saved by some editors) is not part of the message
+            line, first = line.removeprefix("\ufeff"), False
         text = line.strip()
         if not text:
             continue
@@ -107,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if cmd == "/exit":
                 break
-            history = list(start)
+            history, turn = list(start), 0   # (a new conversation samples as a new session would)
             print("[history cleared]", file=sys.stderr)
             continue
         messages = history + [{"role": "user", "content": text}]
@@ -125,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 more = len(history) > len(start)   # earlier turns: /clear makes room
                 what = "the conversation is too long" if more else "this message is too long"
-                print(f"deepseek-jax chat: error: {what}: {len(prompt)} tokens{' with this message' if more else ''}"
+                with_what = (" with this message" if more else
+                             f" with the system message's {n_system}" if n_system else "")
+                print(f"deepseek-jax chat: error: {what}: {len(prompt)} tokens{with_what}"
                       f", at most {gen.max_len - 1} fit the model's max length {gen.max_len}"
                       f"{'; /clear to start over' if more else ''}", file=sys.stderr)
                 continue
