@@ -20,7 +20,7 @@ from flax import nnx
 
 from deepseek_jax.config import DeepSeekConfig
 from deepseek_jax.errors import DeepSeekError
-from deepseek_jax.hub import HubReader, dtype_name_of, hub_tensor_specs
+from deepseek_jax.hub import HubReader, dtype_name_of, hub_tensor_specs, missing_extent
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.quant import Precision
 
@@ -117,6 +117,10 @@ def hub_layout(reader: HubReader, cfg: DeepSeekConfig, with_mtp: bool | None) ->
     first layers and run a different model, and with one too large take the MTP layer for a
     decoder layer (each expected tensor's shape is checked per slot, :func:`_check_slot`)."""
     n = cfg.num_hidden_layers
+    lacking = missing_extent(reader, cfg)
+    if lacking is not None:
+        raise DeepSeekError(f"checkpoint: missing tensor {lacking}: the config ({n} layers, {cfg.n_routed_experts} "
+                            "routed experts) disagrees with the weights")
     mtp_in_files = f"model.layers.{n}.eh_proj.weight" in reader
     has_mtp = bool(cfg.num_nextn_predict_layers) and mtp_in_files
     if with_mtp and not has_mtp:

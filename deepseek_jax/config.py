@@ -31,6 +31,7 @@ _REQUIRED_INT = (
 # Optional fields checked by ``validate`` (with the defaults of DeepSeekConfig).
 _OPTIONAL_INT = ("first_k_dense_replace", "moe_layer_freq", "n_shared_experts", "n_group", "topk_group",
                  "max_position_embeddings", "num_nextn_predict_layers", "bos_token_id", "eos_token_id")
+_INT_LIMIT = 2 ** 31   # sizes and ids: int32 holds them (a vocabulary, a position, a layer count)
 _POSITIVE_FLOAT = ("routed_scaling_factor", "rope_theta", "rms_norm_eps")
 _BOOL = ("norm_topk_prob", "attention_bias", "tie_word_embeddings")
 _STR = ("scoring_func", "topk_method", "hidden_act")
@@ -158,7 +159,10 @@ class DeepSeekConfig:
         if not isinstance(d, dict):
             raise DeepSeekError("config: expected a JSON object")
         mt = d.get("model_type")
-        if mt is not None and mt not in ("deepseek_v3", "deepseek_v32", "kimi_k2"):
+        if mt == "deepseek_v32":   # (its attention has another module: the loader would blame the tensors)
+            raise DeepSeekError("config: model_type 'deepseek_v32' (DeepSeek-V3.2's sparse attention, with its "
+                                "indexer) is not supported: only DeepSeek-V3's dense MLA")
+        if mt is not None and mt not in ("deepseek_v3", "kimi_k2"):
             raise DeepSeekError(f"config: model_type {mt!r} is not DeepSeek-V3-shaped (want 'deepseek_v3')")
         for f in _REQUIRED_INT:
             if f not in d:
@@ -191,7 +195,9 @@ class DeepSeekConfig:
         if isinstance(eos, list):
             # The first id is the one generation stops at; validate() checks its type and range.
             # The list itself goes back into the Hub config (to_hub_dict).
-            kw["eos_token_id"] = eos[0] if eos else 1
+            if not eos:
+                raise DeepSeekError("config: eos_token_id = []: give at least one id (generation stops at them)")
+            kw["eos_token_id"] = eos[0]
             kw["extra"]["eos_token_id"] = eos
         cfg = cls(**kw)
         cfg.validate()
@@ -250,10 +256,15 @@ class DeepSeekConfig:
                 raise bad(f, "must be an integer")
             if v < 0:
                 raise bad(f, "must be >= 0")
+            if v >= _INT_LIMIT:   # (a size beyond int64 was an OverflowError from deep inside jax)
+                raise bad(f, f"too large (at most {_INT_LIMIT - 1})")
             if v == 0 and f in _REQUIRED_INT + ("n_group", "topk_group", "max_position_embeddings"):
                 raise bad(f, "must be positive")
-        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or self.q_lora_rank <= 0):
-            raise bad("q_lora_rank", "must be a positive integer or null")
+        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or not 0 < self.q_lora_rank < _INT_LIMIT):
+            raise bad("q_lora_rank", f"must be a positive integer or null (below {_INT_LIMIT})")
+        if self.extra.get("rope_interleave", True) is not True:   # (HF's option; the weights say which)
+            raise DeepSeekError(f"config: rope_interleave = {self.extra['rope_interleave']!r}: only true "
+                                "(DeepSeek-V3's RoPE over interleaved pairs) is supported")
         for f in _POSITIVE_FLOAT:
             v = getattr(self, f)
             if not _is_number(v):
@@ -290,7 +301,8 @@ class DeepSeekConfig:
         if self.num_experts_per_tok > self.topk_group * per_group:
             raise bad("num_experts_per_tok", "exceeds the experts left after group selection")
         if self.fp8 and tuple(self.weight_block_size) != (128, 128):
-            raise bad("weight_block_size", "only [128, 128] blocks are supported")
+            raise DeepSeekError(f"config: quantization_config.weight_block_size = {list(self.weight_block_size)}: "
+                                "only [128, 128] blocks are supported")
         if not (0 <= self.bos_token_id < self.vocab_size):
             raise bad("bos_token_id", f"outside vocab [0, {self.vocab_size})")
         if not (0 <= self.eos_token_id < self.vocab_size):
@@ -317,6 +329,14 @@ class DeepSeekConfig:
                                         "(a number of rotations)")
             if rs.original_max_position_embeddings <= 0:
                 raise DeepSeekError("config: rope_scaling.original_max_position_embeddings must be positive")
+            _check_mscales(rs)
+
+
+def _check_mscales(rs: RopeScaling) -> None:
+    for key in ("mscale", "mscale_all_dim"):   # mscale(f, m) = 0.1 m ln f + 1 divides and multiplies
+        if 0.1 * getattr(rs, key) * math.log(max(rs.factor, 1.0)) + 1.0 <= 0:
+            raise DeepSeekError(f"config: rope_scaling.{key} = {getattr(rs, key)!r}: gives a scale "
+                                f"0.1 * {key} * ln(factor) + 1 <= 0")
 
 
 def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
@@ -353,6 +373,14 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if scaling.get("truncate", True) is not True:   # HF's option; DeepSeek's YaRN rounds the ramp's ends
         raise DeepSeekError(f"config: rope_scaling.truncate = {scaling['truncate']!r}: only true "
                             "(DeepSeek's YaRN) is supported")
+    # Where DeepSeek's code (SPEC §4) and HF transformers' read a YaRN setting differently, the
+    # config must say: a missing original_max_position_embeddings is 4096 in DeepSeek's code and
+    # max_position_embeddings in HF's; a missing (null, 0) mscale or mscale_all_dim is 1 or 0 in
+    # DeepSeek's code, and HF then takes mscale(f, 1) for the multiplier.
+    mpe = d.get("max_position_embeddings")
+    if scaling.get("original_max_position_embeddings") is None and mpe not in (None, 4096):
+        raise DeepSeekError(f"config: rope_scaling.original_max_position_embeddings is missing: DeepSeek's code "
+                            f"reads 4096, HF transformers max_position_embeddings ({mpe!r}); give it")
     opm = num("original_max_position_embeddings", 4096)
     if opm != int(opm):
         raise DeepSeekError(f"config: rope_scaling.original_max_position_embeddings = {opm!r}: must be an integer")
@@ -364,6 +392,15 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         mscale=num("mscale", 1.0, null_ok=True),   # (0 is a value: mscale(f, 0) = 1, SPEC §4)
         mscale_all_dim=num("mscale_all_dim", 0.0, null_ok=True),
     )
+    if rs.factor >= 1:
+        _check_mscales(rs)
+    ms, msad = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    hf = (rs.cos_sin_multiplier if ms and msad else RopeScaling(factor=rs.factor).cos_sin_multiplier)
+    if scaling.get("attention_factor") is None and abs(hf - rs.cos_sin_multiplier) > 1e-6 * abs(hf):
+        raise DeepSeekError(f"config: rope_scaling.mscale = {ms!r}, mscale_all_dim = {msad!r}: DeepSeek's code "
+                            f"and HF transformers read these differently (cos/sin multiplier "
+                            f"{rs.cos_sin_multiplier:g} against {hf:g}); give both as non-zero numbers "
+                            "(DeepSeek-V3: 1.0 and 1.0)")
     attention_factor = scaling.get("attention_factor")   # HF's override of the multiplier
     if attention_factor is not None and not (_is_number(attention_factor) and
                                              abs(attention_factor - rs.cos_sin_multiplier) <= 1e-6):

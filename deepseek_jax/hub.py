@@ -683,6 +683,18 @@ def _fp8_block(cfg: Mapping[str, Any]) -> tuple[int, int]:
     return (block[0], block[1])
 
 
+def missing_extent(reader: Any, cfg: Any) -> str | None:
+    """The name of a tensor of the deepest decoder layer or the last routed expert that ``cfg`` (a
+    :class:`~deepseek_jax.config.DeepSeekConfig`) implies and ``reader`` lacks, else None: looked up
+    before the spec of every tensor is built (a config of a million layers took a minute and 7 GB
+    to say that the checkpoint does not have them)."""
+    n, E = cfg.num_hidden_layers, cfg.n_routed_experts
+    names = [f"model.layers.{n - 1}.input_layernorm.weight"]
+    if n > cfg.first_k_dense_replace:
+        names.append(f"model.layers.{n - 1}.mlp.experts.{E - 1}.down_proj.weight")
+    return next((name for name in names if name not in reader), None)
+
+
 def hub_tensor_specs(
     cfg: Mapping[str, Any], *, include_mtp: bool = True, fp8: bool | None = None
 ) -> dict[str, TensorSpec]:

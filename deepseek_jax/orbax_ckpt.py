@@ -85,6 +85,7 @@ from deepseek_jax.hub import (
     TensorInfo,
     dequantize_block_fp8_np,
     hub_tensor_specs,
+    missing_extent,
     quantize_block_fp8_np,
     read_safetensors_header,
     spec_mismatches,
@@ -441,6 +442,10 @@ def _validate_source(src: _Source, dtype: str | None, mtp: bool
         raise _err(f"{src.path}: --dtype fp8 needs an FP8 checkpoint (config.json has no fp8 "
                    "quantization_config); this one is BF16")
     n = cfg.num_hidden_layers
+    lacking = missing_extent(reader, cfg)
+    if lacking is not None:
+        raise _err(f"{src.path}: missing tensor {lacking}: config.json ({n} layers, {cfg.n_routed_experts} "
+                   "routed experts) disagrees with the weights")
     with_mtp = bool(mtp and cfg.num_nextn_predict_layers)
     if with_mtp and not any(_mtp_layer(x, n) for x in reader.names()):
         if f"model.layers.{n - 1}.eh_proj.weight" in reader:

@@ -302,6 +302,16 @@ def test_load_without_an_mtp_layer_says_so(tmp_path):
     _raises(lambda: dj.load(fewer), "holds tensor model.layers.1.", "(1 layers", "the config disagrees")
     from deepseek_jax.train import load_float_model
     _raises(lambda: load_float_model(fewer), "holds tensor model.layers.1.")
+    # far more layers or experts than the files hold: said at once (the spec of every tensor the
+    # config implies was built first: a minute and 7 GB for a million layers)
+    for more, needle in (({"num_hidden_layers": 10 ** 6}, "model.layers.999999.input_layernorm.weight"),
+                         ({"n_routed_experts": 10 ** 6, "n_group": 1, "topk_group": 1},
+                          "model.layers.1.mlp.experts.999999.down_proj.weight")):
+        (fewer / "config.json").unlink()
+        (fewer / "config.json").write_text(json.dumps({**cfg, **more}))
+        _raises(lambda: dj.load(fewer), f"missing tensor {needle}", "disagrees with the weights")
+        from deepseek_jax.orbax_ckpt import convert
+        _raises(lambda: convert(fewer, tmp_path / "out", progress=False), f"missing tensor {needle}")
 
 
 def test_float_model_of_an_fp8_checkpoint_with_its_float_config(ckpt_a):

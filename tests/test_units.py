@@ -71,6 +71,14 @@ def test_hub_config_round_trip_keeps_eos_lists_and_quantization_keys():
     ("qk_rope_head_dim", 7, "qk_rope_head_dim"),
     ("hidden_size", "big", "hidden_size"),
     ("moe_layer_freq", 2, "moe_layer_freq"),
+    # (accepted, then "holds tensor ...indexer..., which the config has no place for")
+    ("model_type", "deepseek_v32", "'deepseek_v32' .DeepSeek-V3.2's sparse attention"),
+    ("rope_interleave", False, "rope_interleave = False: only true"),   # (ignored: logits 0.41 off HF's)
+    ("hidden_size", 10 ** 21, "hidden_size = 1000000000000000000000: too large"),   # (an OverflowError)
+    ("vocab_size", 2 ** 31, "too large"),
+    ("eos_token_id", [], r"eos_token_id = \[\]: give at least one id"),   # (read as [1])
+    ("quantization_config", {"quant_method": "fp8", "weight_block_size": [64, 64]},
+     r"quantization_config.weight_block_size = \[64, 64\]"),
 ])
 def test_validation_names_the_field(field, value, needle):
     with pytest.raises(DeepSeekError, match=needle) as e:
@@ -99,17 +107,25 @@ def test_yarn_ramp_boundaries_for_v3():
     assert mult == 1.0
 
 
-@pytest.mark.parametrize("mscale, all_dim", [(0.0, 1.0), (0.5, 1.0), (1.0, 0.707), (2.0, None), (None, 1.0)])
+@pytest.mark.parametrize("mscale, all_dim", [(0.5, 1.0), (1.0, 0.707), (None, None), (1.0, None), (1.0, 0.0),
+                                             (0.0, 1.0), (2.0, None), (None, 1.0), (0.0, 0.0)])
 def test_yarn_cos_sin_multiplier_is_the_mscale_ratio(mscale, all_dim):
     """SPEC §4: cos/sin are scaled by mscale(f, mscale) / mscale(f, mscale_all_dim), with
-    mscale(f, m) = 0.1 m ln f + 1; an unset (null) mscale is 1 and an unset mscale_all_dim leaves
-    mscale(f, mscale). mscale 0 is a value (multiplier 1 / mscale(f, all_dim)), not "unset"."""
+    mscale(f, m) = 0.1 m ln f + 1, as DeepSeek's code reads them (an unset mscale 1, an unset
+    mscale_all_dim 0, which leaves mscale(f, mscale)). HF transformers takes mscale(f, 1) unless both
+    are non-zero: where the two readings differ the config is refused (it was read DeepSeek's way,
+    and the logits were 0.18-0.29 relative off HF's), naming both multipliers."""
     f = 6.0
     rs = {"type": "yarn", "factor": f, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
           "mscale": mscale, "mscale_all_dim": all_dim}
-    _, mult = inv_frequencies(DeepSeekConfig.from_hub_dict(tiny_config(rope_scaling=rs)))
     m = 1.0 if mscale is None else mscale
     want = (0.1 * m * math.log(f) + 1) / (0.1 * all_dim * math.log(f) + 1 if all_dim else 1.0)
+    hf = want if mscale and all_dim else 0.1 * math.log(f) + 1
+    if abs(hf - want) > 1e-9:
+        with pytest.raises(DeepSeekError, match="DeepSeek's code and HF transformers read these differently"):
+            DeepSeekConfig.from_hub_dict(tiny_config(rope_scaling=rs))
+        return
+    _, mult = inv_frequencies(DeepSeekConfig.from_hub_dict(tiny_config(rope_scaling=rs)))
     assert mult == pytest.approx(want, rel=1e-12)
 
 
@@ -148,14 +164,15 @@ def test_rope_frequencies_equal_hf_to_the_bit(rope_dim, theta, rs):
     ({"factor": 0.5}, "must be >= 1"), ({"beta_fast": 0}, "beta_fast = 0"), ({"beta_slow": -1}, "beta_slow = -1"),
     ({"truncate": False}, "truncate = False"), ({"attention_factor": 2.0}, "attention_factor = 2.0"),
     ({"factor": "drop"}, "factor is missing"),
+    ({"original_max_position_embeddings": "drop"}, "original_max_position_embeddings is missing"),
+    ({"mscale_all_dim": -20}, "mscale_all_dim = -20"), ({"mscale": -1e9}, "mscale = -1000000000.0: gives a scale"),
 ])
 def test_yarn_settings_we_cannot_honour_are_refused(change, needle):
     """HF honours ``truncate: false`` and ``attention_factor``, and reads 0 betas as its defaults:
     each would give numbers other than HF's, so each is refused by name, as is a YaRN with no factor."""
     d = tiny_config()
     rs = dict(d["rope_scaling"], **change)
-    if rs.get("factor") == "drop":
-        del rs["factor"]
+    rs = {k: v for k, v in rs.items() if v != "drop"}
     with pytest.raises(DeepSeekError, match=re.escape(needle)) as e:
         DeepSeekConfig.from_hub_dict(dict(d, rope_scaling=rs))
     assert "\n" not in str(e.value)
