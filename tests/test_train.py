@@ -406,7 +406,12 @@ def test_train_cli_and_resume(init_dir, tmp_path, capsys):
         assert spec_mismatches(reader, hub_tensor_specs(reader.config)) == []
     assert Tokenizer.from_dir(hub).vocab_size == CFG["vocab_size"]
     assert json.load(open(out / "eval.json"))["step"] == 6
-    assert "exit_stack" not in json.load(open(out / "run.json"))["argv"]
+    run = json.load(open(out / "run.json"))
+    assert "exit_stack" not in run["argv"]
+    # each resume's settings on top, the earlier invocations' kept in order (they were overwritten)
+    assert run["start_step"] == 6 and run["argv"]["lr"] == 2e-2
+    assert [(r["start_step"], r["argv"]["lr"]) for r in run["earlier_runs"]] == [(0, 1e-2), (3, 1e-2)]
+    assert all("earlier_runs" not in r for r in run["earlier_runs"])
     # a step's training state is not a model: the error points at OUT/hub
     np.save(out / "ids.npy", np.ones((1, 4), np.int32))
     assert main(["score", str(out / "ckpt" / "6"), "--ids", str(out / "ids.npy"), "--out", str(out / "x.npy")]) == 2

@@ -1,7 +1,7 @@
 """``deepseek-jax train --config CONFIG --data FILE|synthetic:<task> --steps N --out DIR``.
 
 Writes under ``--out``: ``ckpt/`` (Orbax train state every ``--save-every`` steps and at the end),
-``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings), ``eval.json``
+``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings; a resumed run's earlier ones under ``earlier_runs``), ``eval.json``
 (held-out metrics, unless ``--eval-batches 0``), ``eval.jsonl`` (one line per evaluation:
 every ``--eval-every`` steps and at the end) and ``hub/`` (the final model in the Hub layout with
 the tokenizer files: ``deepseek-jax score OUT/hub`` works).
@@ -416,10 +416,20 @@ def _run(args, out, ckpt_dir, cfg, tcfg, data, heldout, tok_dir, mesh) -> int:
 
     main = runtime.is_main()
     run_info = {"argv": {k: v for k, v in vars(args).items() if k not in ("func", "exit_stack")},
-                "train_config": dataclasses.asdict(tcfg), "data": describe, "model_config": model_cfg}
+                "train_config": dataclasses.asdict(tcfg), "data": describe, "model_config": model_cfg,
+                "start_step": start}
     metrics_path = os.path.join(out, "metrics.jsonl")
     if main:
-        with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
+        run_path = os.path.join(out, "run.json")
+        if args.resume:   # this invocation's settings on top; the earlier ones' kept under earlier_runs
+            try:
+                with open(run_path, encoding="utf-8") as f:
+                    before = json.load(f)
+            except (OSError, ValueError):
+                before = None
+            if isinstance(before, dict):
+                run_info["earlier_runs"] = list(before.pop("earlier_runs", None) or []) + [before]
+        with open(run_path, "w", encoding="utf-8") as f:
             json.dump(run_info, f, indent=2, default=str)
         kept = []
         if args.resume and os.path.exists(metrics_path):
