@@ -1,8 +1,8 @@
 """``deepseek-jax train --config CONFIG --data FILE|synthetic:<task> --steps N --out DIR``.
 
 Writes under ``--out``: ``ckpt/`` (Orbax train state every ``--save-every`` steps and at the end),
-``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings; a resumed run's earlier ones under ``earlier_runs``), ``eval.json``
-(held-out metrics, unless ``--eval-batches 0``), ``eval.jsonl`` (one line per evaluation:
+``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings; a resumed
+run's earlier ones under ``earlier_runs``), ``eval.json`` (held-out metrics, unless ``--eval-batches 0``), ``eval.jsonl`` (one line per evaluation:
 every ``--eval-every`` steps and at the end) and ``hub/`` (the final model in the Hub layout with
 the tokenizer files: ``deepseek-jax score OUT/hub`` works).
 """
@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(Orbax checkpoints), metrics.jsonl, run.json, eval.json (held-out "
                                    "metrics) and hub/ (the final model in the Hub layout).")
     p.add_argument("--config", help="preset name, config.json or checkpoint directory (model shape)")
-    p.add_argument("--init", help="start from the weights of this checkpoint, Hub layout or converted to Orbax (FP8 is dequantized, but kept "
-                                  "with --lora-rank) instead of a random initialisation; its config is used if "
-                                  "--config is absent")
+    p.add_argument("--init", help="start from the weights of this checkpoint, Hub layout or converted to Orbax "
+                                  "(FP8 is dequantized, but kept with --lora-rank) instead of a random "
+                                  "initialisation; its config is used if --config is absent")
     p.add_argument("--data", required=True, help="synthetic:addition|reverse|copy[:key=value,...], FILE.jsonl "
                                                  "(chat data: one {\"messages\": [...]} or {\"prompt\", "
                                                  "\"completion\"} object per line; the loss is on the assistant "
