@@ -2,9 +2,10 @@
 
 Writes under ``--out``: ``ckpt/`` (Orbax train state every ``--save-every`` steps and at the end),
 ``metrics.jsonl`` (one line of metrics per step), ``run.json`` (the run's settings; a resumed
-run's earlier ones under ``earlier_runs``), ``eval.json`` (held-out metrics, unless ``--eval-batches 0``), ``eval.jsonl`` (one line per evaluation:
-every ``--eval-every`` steps and at the end) and ``hub/`` (the final model in the Hub layout with
-the tokenizer files: ``deepseek-jax score OUT/hub`` works).
+run's earlier ones under ``earlier_runs``), ``eval.json`` (held-out metrics, unless
+``--eval-batches 0``), ``eval.jsonl`` (one line per evaluation: every ``--eval-every`` steps and
+at the end) and ``hub/`` (the final model in the Hub layout with the tokenizer files:
+``deepseek-jax score OUT/hub`` works).
 """
 
 from __future__ import annotations
