@@ -31,12 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _trained_model(path: str) -> str:
+def _trained_model(path: str, say: bool = True) -> str:
     """``deepseek-jax train``'s output directory stands for the model it trained, ``OUT/hub``."""
     hub = os.path.join(path, "hub")
     if (os.path.isfile(os.path.join(path, "run.json")) and not os.path.isfile(os.path.join(path, "config.json"))
             and os.path.isfile(os.path.join(hub, "config.json"))):
-        print(f"note: {path} is a training run's output: using its trained model, {hub}", file=sys.stderr)
+        if say:   # (process 0's note: every host would print it)
+            print(f"note: {path} is a training run's output: using its trained model, {hub}", file=sys.stderr)
         return hub
     if os.path.isfile(os.path.join(path, "run.json")) and not os.path.isfile(os.path.join(path, "config.json")):
         raise DeepSeekError(f"{path} is a training run's output that holds no trained model yet ({hub} is written "
@@ -50,12 +51,26 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     except (AttributeError, ValueError):   # (closed, or not a text stream we may reconfigure)
         pass
+    rc = _run(args)
+    if rc and runtime.in_several_processes():
+        # One process of several that stops (an error of its own, Ctrl-C) leaves at once: a normal
+        # exit waits in jax.distributed's shutdown for peers that wait in a collective for it, and
+        # both hung until killed. Gone, it ends the others' wait by their heartbeat timeout.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
+        say = runtime.may_be_main(args) if hasattr(args, "process_id") else True
         if args.command in ("generate", "chat", "score") and isinstance(getattr(args, "ckpt", None), str):
-            args.ckpt = _trained_model(args.ckpt)
+            args.ckpt = _trained_model(args.ckpt, say)
         for flag in ("init", "config") if args.command in ("train", "plan") else ():   # (a further fine-tune)
             if isinstance(getattr(args, flag, None), str) and os.path.isdir(getattr(args, flag)):
-                setattr(args, flag, _trained_model(getattr(args, flag)))
+                setattr(args, flag, _trained_model(getattr(args, flag), say))
         # Contexts a command enters for its whole run (e.g. the device mesh) close with it.
         with contextlib.ExitStack() as args.exit_stack:
             return int(args.func(args) or 0)
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepseek-jax {args.command}: {runtime.process_label()}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{runtime.process_label()}interrupted", file=sys.stderr)
         return 130
 
 

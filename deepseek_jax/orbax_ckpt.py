@@ -622,6 +622,29 @@ def _empty_dir(path: str) -> None:
             os.remove(entry.path)
 
 
+def _lock_dir(path: str, command: str) -> int | None:
+    """An exclusive advisory lock (``flock``) on the directory ``path`` while ``command`` writes
+    there; returns the descriptor that holds it (closing it releases it; so does the process's
+    end, a kill included), None where the file system has no locks. Two runs into one directory
+    (say, the same command started on every host of a slice) raced: one failed on another's
+    half-written array, or emptied it with --force."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:   # (an unreadable folder: what comes next says what is wrong with it)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _err(f"{path}: another {command} is writing there now (run {command} once, on one host)") from None
+    except OSError:   # (no locks on this file system)
+        os.close(fd)
+        return None
+    return fd
+
+
 def _prepare_out_dir(out_dir: str, hf_dir: str, *, resume: bool, force: bool) -> None:
     if resume and force:   # (force emptied OUT first: a partial conversion was lost without a word)
         raise _err("--resume continues the conversion in OUT and --force deletes it: pass one of them")
@@ -656,6 +679,7 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
     hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
     _check_dtype_arg(dtype)
     src = _Source(hf_dir)
+    lock = None
     try:
         src_cfg, out_cfg, with_mtp, plan, n_tensors = _validate_source(src, dtype, mtp)
         dtype = "fp8" if out_cfg.fp8 else "bf16"
@@ -676,7 +700,11 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
             except OSError as e:
                 raise _err(f"{os.path.join(hf_dir, name)}: cannot be read ({e.strerror}): the conversion copies "
                            "the files beside the weights too") from None
+        if os.path.isdir(out_dir):   # (before --force empties it: not another run's files)
+            lock = _lock_dir(out_dir, "convert")
         _prepare_out_dir(out_dir, hf_dir, resume=resume, force=force)
+        if lock is None:
+            lock = _lock_dir(out_dir, "convert")
         state_path = os.path.join(out_dir, STATE_FILE)
         if is_complete(out_dir):
             manifest = _read_json(os.path.join(out_dir, MANIFEST), "manifest")
@@ -710,6 +738,8 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
                   summary["digests"], fingerprint["source_sample_sha256"])
     finally:
         src.close()
+        if lock is not None:
+            os.close(lock)
     seconds = time.time() - t0
     total = sum(p.nbytes for p in plan)
     return {"out_dir": out_dir, "dtype": dtype, "mtp": with_mtp, "params": len(plan), "tensors": n_tensors,
@@ -1238,43 +1268,51 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
     _check_array_files(ck, plan)
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise _err(f"{hf_dir}: exists and is not a directory")
-    if os.path.isdir(hf_dir) and os.listdir(hf_dir):
-        if not force:
-            raise _err(f"{hf_dir}: output directory is not empty (pass --force to overwrite)")
-        real_out, real_ck = os.path.realpath(hf_dir), os.path.realpath(ck.path)
-        if real_out == real_ck or real_ck.startswith(real_out + os.sep):
-            raise _err(f"{hf_dir}: the output directory must not be (or contain) the checkpoint")
-        _empty_dir(hf_dir)
-    out_cfg = ck.cfg.replace(fp8=(dtype == "fp8"))
-    if not with_mtp:
-        out_cfg = out_cfg.replace(num_nextn_predict_layers=0)
-    out_cfg_dict = out_cfg.to_hub_dict()
-    specs = hub_tensor_specs(out_cfg_dict, include_mtp=with_mtp)
-    read = HubView(ck.path, _opened=(ck, plan)).get
+    lock = _lock_dir(hf_dir, "export") if os.path.isdir(hf_dir) else None   # (before --force empties it)
+    try:   # (the lock is let go on every way out)
+        if os.path.isdir(hf_dir) and os.listdir(hf_dir):
+            if not force:
+                raise _err(f"{hf_dir}: output directory is not empty (pass --force to overwrite)")
+            real_out, real_ck = os.path.realpath(hf_dir), os.path.realpath(ck.path)
+            if real_out == real_ck or real_ck.startswith(real_out + os.sep):
+                raise _err(f"{hf_dir}: the output directory must not be (or contain) the checkpoint")
+            _empty_dir(hf_dir)
+        out_cfg = ck.cfg.replace(fp8=(dtype == "fp8"))
+        if not with_mtp:
+            out_cfg = out_cfg.replace(num_nextn_predict_layers=0)
+        out_cfg_dict = out_cfg.to_hub_dict()
+        specs = hub_tensor_specs(out_cfg_dict, include_mtp=with_mtp)
+        read = HubView(ck.path, _opened=(ck, plan)).get
 
-    def produce(name: str) -> list[tuple[str, np.ndarray]]:
-        spec = specs[name]
-        if name.endswith("_scale_inv"):
-            return [(name, read(name))] if stored == "fp8" else []
-        if spec.dtype_name == "F8_E4M3" and stored == "bf16":
-            try:
-                wq, sc = quantize_block_fp8_np(read(name).astype(np.float32))
-            except DeepSeekError as e:
-                raise _err(f"{ck.path}: {name}: {e} (--dtype bf16 writes it as it is)") from None
-            return [(name, wq), (_scale_name(name), sc)]
-        arr = read(name)
-        if arr.dtype == _FP8 and spec.dtype_name == "BF16":
-            w = np.empty(arr.shape, _BF16)
-            sc = read(_scale_name(name))
-            for a in range(0, arr.shape[0], _DEQUANT_ROWS):
-                b = min(a + _DEQUANT_ROWS, arr.shape[0])
-                w[a:b] = dequantize_block_fp8_np(arr[a:b], sc[a // 128: -(-b // 128)]).astype(_BF16)
-            return [(name, w)]
-        return [(name, arr)]
+        def produce(name: str) -> list[tuple[str, np.ndarray]]:
+            spec = specs[name]
+            if name.endswith("_scale_inv"):
+                return [(name, read(name))] if stored == "fp8" else []
+            if spec.dtype_name == "F8_E4M3" and stored == "bf16":
+                try:
+                    wq, sc = quantize_block_fp8_np(read(name).astype(np.float32))
+                except DeepSeekError as e:
+                    raise _err(f"{ck.path}: {name}: {e} (--dtype bf16 writes it as it is)") from None
+                return [(name, wq), (_scale_name(name), sc)]
+            arr = read(name)
+            if arr.dtype == _FP8 and spec.dtype_name == "BF16":
+                w = np.empty(arr.shape, _BF16)
+                sc = read(_scale_name(name))
+                for a in range(0, arr.shape[0], _DEQUANT_ROWS):
+                    b = min(a + _DEQUANT_ROWS, arr.shape[0])
+                    w[a:b] = dequantize_block_fp8_np(arr[a:b], sc[a // 128: -(-b // 128)]).astype(_BF16)
+                return [(name, w)]
+            return [(name, arr)]
 
-    names = [n for n in specs if not (n.endswith("_scale_inv") and stored == "bf16")]
-    made_dir = not os.path.lexists(hf_dir)   # a directory the user made is emptied on failure, not removed
-    os.makedirs(hf_dir, exist_ok=True)
+        names = [n for n in specs if not (n.endswith("_scale_inv") and stored == "bf16")]
+        made_dir = not os.path.lexists(hf_dir)   # a directory the user made is emptied on failure, not removed
+        os.makedirs(hf_dir, exist_ok=True)
+        if lock is None:
+            lock = _lock_dir(hf_dir, "export")
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
     total = sum(specs[n].nbytes for n in specs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
                disable=not progress, mininterval=0.5)
@@ -1317,6 +1355,8 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
                 _empty_dir(hf_dir)
                 if made_dir and not os.path.islink(hf_dir):
                     os.rmdir(hf_dir)
+        if lock is not None:
+            os.close(lock)
     seconds = time.time() - t0
     return {"hf_dir": hf_dir, "dtype": dtype, "tensors": len(specs), "bytes": written, "seconds": seconds,
             "gb_per_s": written / max(seconds, 1e-9) / 1e9}

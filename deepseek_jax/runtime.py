@@ -231,6 +231,24 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def may_be_main(args: argparse.Namespace) -> bool:
+    """Before :func:`init`: whether this process is (or may be) process 0, by ``--process-id`` or
+    ``DEEPSEEK_JAX_PROCESS_ID`` (unknown, with ``--distributed auto``: true). What only process 0
+    writes or prints is checked or said by it alone: another host need not have an output's folder."""
+    pid = getattr(args, "process_id", None)
+    if pid is None:
+        try:
+            pid = _env_int("DEEPSEEK_JAX_PROCESS_ID")
+        except DeepSeekError:   # (check_args says so)
+            return True
+    return pid in (None, 0)
+
+
+def in_several_processes() -> bool:
+    """Whether :func:`init` started a run of several processes."""
+    return _PROCESS is not None
+
+
 def quiet_unless_main(args: argparse.Namespace) -> None:
     """Every process runs the same command and process 0 prints: the others' stdout and stderr go
     to /dev/null while the command runs (``args.exit_stack``, set by ``cli.main``, which restores

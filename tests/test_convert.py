@@ -204,6 +204,29 @@ def test_float_model_from_orbax_equals_the_hubs(conv_a, conv_a_deq, ckpt_a):
     assert rounded > 10   # (dequantized FP8 weights are not bfloat16 values: the comparison can fail)
 
 
+def test_a_second_writer_of_one_directory_is_refused(ckpt_a, conv_a, tmp_path, capsys):
+    """convert or export started twice into one directory (the same command on every host of a
+    slice): one failed on the other's half-written array ("No such file or directory: '.zarray'")
+    or emptied it with --force. The directory is locked while written: the second says so and
+    touches nothing; once the first is done, the next run proceeds."""
+    import fcntl
+    for command, src, out in (("convert", ckpt_a, tmp_path / "conv"), ("export", conv_a, tmp_path / "hub")):
+        out.mkdir()
+        (out / "theirs").write_text("x")
+        fd = os.open(out, os.O_RDONLY)   # (the other writer's lock)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            assert main([command, src, str(out), "--force", "--quiet"]) == 2
+            err = capsys.readouterr().err
+            assert f"another {command} is writing there now" in err and err.count("\n") == 1, err
+            assert os.listdir(out) == ["theirs"]
+        finally:
+            os.close(fd)
+        assert main([command, src, str(out), "--force", "--quiet"]) == 0
+        assert "theirs" not in os.listdir(out)
+    capsys.readouterr()
+
+
 def test_score_cli_accepts_orbax_dir(conv_a, ckpt_a, tmp):
     ids = tmp / "ids.npy"
     np.save(ids, _ids(256))

@@ -18,10 +18,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args, *, n=2, env_extra=None, cwd=None, per_process=None, env_per_process=None):
+def _launch(args, *, n=2, env_extra=None, cwd=None, per_process=None, env_per_process=None, stdin=None):
     """``args`` on every process; ``per_process[i]``, a list of arguments, replaces them on process i,
-    ``env_per_process[i]`` adds to its environment, and ``cwd`` may be a dict of working
-    directories by process."""
+    ``env_per_process[i]`` adds to its environment, ``cwd`` may be a dict of working
+    directories by process, and ``stdin[i]`` is process i's standard input (a file or DEVNULL)."""
     port = _free_port()
     procs = []
     for i in range(n):
@@ -29,7 +29,8 @@ def _launch(args, *, n=2, env_extra=None, cwd=None, per_process=None, env_per_pr
         mine = (per_process or {}).get(i, args)
         cmd = [sys.executable, "-m", "deepseek_jax.cli", *mine, "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", str(n), "--process-id", str(i), "--heartbeat-timeout", "10"]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=cwd.get(i) if isinstance(cwd, dict) else cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, env=env, cwd=cwd.get(i) if isinstance(cwd, dict) else cwd,
+                                      stdin=(stdin or {}).get(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     return procs
 
@@ -91,6 +92,66 @@ def test_dead_peer_makes_the_other_exit(ckpt_a, ids_path, tmp_path):
     assert procs[0].returncode != 0
     assert time.time() - t0 < 120
     assert not out.exists()
+
+
+def test_interrupted_peer_ends_the_run(tmp_path):
+    """Ctrl-C on one process of a training run: it printed "interrupted" and then waited in
+    jax.distributed's shutdown for its peer, which waited in a collective for it; both hung until
+    killed. Now the interrupted process leaves at once and its peer fails by the heartbeat bound."""
+    import signal
+    out = tmp_path / "run"
+    procs = _launch(["train", "--config", "tiny", "--data", "synthetic:addition", "--steps", "100000", "--batch", "8",
+                     "--eval-batches", "0", "--save-every", "0", "--out", str(out), "--mesh", "data=8"])
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (os.path.exists(out / "metrics.jsonl") and
+                                              len(open(out / "metrics.jsonl").readlines()) >= 3):
+            assert procs[0].poll() is None and procs[1].poll() is None, procs[0].communicate()[1][-2000:]
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGINT)
+        t0 = time.time()
+        outs = [p.communicate(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process hung after its peer was interrupted")
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.time() - t0 < 120
+    assert procs[1].returncode == 130 and "process 1 of 2: interrupted" in outs[1][1], outs[1][1][-2000:]
+    assert procs[0].returncode != 0
+
+
+def test_only_process_0_needs_the_output_folder(ckpt_a, ids_path, tmp_path):
+    """Process 0 alone writes score's outputs: a relative --out whose folder only process 0's
+    working directory holds stopped process 1 ("directory res does not exist") and aborted
+    process 0 after a minute in JAX's initialisation."""
+    hosts = {i: tmp_path / f"host{i}" for i in (0, 1)}
+    for d in hosts.values():
+        d.mkdir()
+    (hosts[0] / "res").mkdir()
+    procs = _launch(["score", ckpt_a, "--ids", ids_path, "--out", "res/out.npy", "--mesh", "data=2,expert=4"],
+                    cwd=hosts)
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert (hosts[0] / "res" / "out.npy").exists() and os.listdir(hosts[1]) == []
+
+
+def test_chat_on_two_processes_reads_process_0s_stdin(tmp_path):
+    """Each process read its own stdin: process 1 given none left at once, and process 0 waited in
+    a collective until a JAX traceback (Gloo's DEADLINE_EXCEEDED). Now process 0 reads and every
+    process runs its lines: the replies are one process's, printed once."""
+    from deepseek_jax.commands.demo import demo_checkpoint
+    (tmp_path / "in.txt").write_text("\ufeff12+34\n5+6\n")
+    args = ["chat", demo_checkpoint(), "--temperature", "0", "--max-new-tokens", "6"]
+    one = subprocess.run([sys.executable, "-m", "deepseek_jax.cli", *args], stdin=open(tmp_path / "in.txt"),
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"})
+    assert one.returncode == 0 and len(one.stdout.splitlines()) == 2, one.stderr[-2000:]
+    procs = _launch(args + ["--mesh", "expert=8"], stdin={0: open(tmp_path / "in.txt"), 1: subprocess.DEVNULL})
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    replies = [line for line in outs[0][0].splitlines() if not line.startswith("[Gloo]")]
+    assert replies == one.stdout.splitlines()
+    assert not [line for line in outs[1][0].splitlines() if not line.startswith("[Gloo]")]
 
 
 def test_processes_given_other_inputs_or_a_partial_mesh_stop_with_one_line(ckpt_a, ids_path, tmp_path):

@@ -10,7 +10,8 @@ the tokens the last turn's latent cache does not already hold are prefilled
 to stderr. Turn n of a conversation (0, 1, ...; ``/clear`` starts again) samples with seed
 ``--seed + n``. A turn that cannot run (say, the
 conversation no longer fits the model's length: ``/clear`` starts over) prints its error and the
-session goes on; the exit status is then 1.
+session goes on; the exit status is then 1. On several hosts process 0 reads stdin and prints;
+every process runs each of its lines.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _broadcast_line(read_line) -> str:
+    """Process 0's ``read_line()`` on every process: its UTF-8 bytes' length, then the bytes."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = read_line().encode("utf-8", "surrogateescape") if runtime.is_main() else b""
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buf = np.zeros(max(n, 1), np.uint8)
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(buf[:n].astype(np.uint8)).decode("utf-8", "surrogateescape")
+
+
 def run(args: argparse.Namespace) -> int:
     from deepseek_jax.commands.generate import timing_line
 
@@ -50,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(args.ckpt) and not os.path.isfile(os.path.join(args.ckpt, "tokenizer.json")):
         raise DeepSeekError(f"no tokenizer.json in {args.ckpt}: chat needs the checkpoint's tokenizer "
                             "(tokenizer.json and a chat template)")
-    if sys.stdin is None:
+    if sys.stdin is None and runtime.may_be_main(args):   # (on several hosts process 0 reads it)
         raise DeepSeekError("chat reads its messages from stdin, which is closed")
     if args.system is not None and (bad := undecodable_byte(args.system)) is not None:
         raise DeepSeekError(f"--system is not UTF-8 text: byte 0x{bad[0]:02x} at character {bad[1]}")
@@ -68,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise DeepSeekError(f"--system: the system message takes {n} tokens in the chat template; with a "
                                 f"message and a reply it must stay under the model's max length {gen.max_len}")
     history = list(start)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     try:   # UTF-8 whatever the locale; undecodable bytes reach the check below, line by line
         sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
     except (AttributeError, ValueError, OSError):   # (not a text stream we may reconfigure)
@@ -79,9 +93,11 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     prompt_to_stdout = interactive and sys.stdout.isatty()   # (else replies only: >>> goes to stderr)
-    turn = failed = 0
     first = True
-    while True:
+
+    def read_line() -> str:
+        """The next line of stdin ("" at its end), a byte-order mark starting it dropped."""
+        nonlocal first
         if interactive:
             try:
                 if prompt_to_stdout:
@@ -91,13 +107,20 @@ def run(args: argparse.Namespace) -> int:
                     line = input() + "\n"
             except EOFError:
                 print(file=sys.stdout if prompt_to_stdout else sys.stderr)   # (the shell's prompt on its own line)
-                break
+                return ""
         else:
             line = sys.stdin.readline()
+        if first:   # (a file saved by some editors starts with one: not part of the message)
+            line, first = line.removeprefix("\ufeff"), False
+        return line
+
+    turn = failed = 0
+    while True:
+        # on several hosts process 0 reads stdin and every process takes its line (each reading its
+        # own stdin, processes given other input waited on each other in a collective until JAX aborted)
+        line = _broadcast_line(read_line) if runtime.in_several_processes() else read_line()
         if not line:
             break
-        if first:   # a byte-order mark (a file saved by some editors) is not part of the message
-            line, first = line.removeprefix("\ufeff"), False
         text = line.strip()
         if not text:
             continue

@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         raise DeepSeekError("nothing to write: give --out, --logprobs, --internals or --json")
     outputs = [(flag, path) for flag, path in (("--out", args.out), ("--logprobs", args.logprobs),
                                                 ("--internals", args.internals)) if path]
-    for flag, path in outputs:
+    for flag, path in outputs if runtime.may_be_main(args) else ():   # (process 0 alone writes them)
         _check_output(flag, path)
     for i, (flag, path) in enumerate(outputs):
         for flag2, path2 in outputs[i + 1:]:
