@@ -646,8 +646,6 @@ def _lock_dir(path: str, command: str) -> int | None:
 
 
 def _prepare_out_dir(out_dir: str, hf_dir: str, *, resume: bool, force: bool) -> None:
-    if resume and force:   # (force emptied OUT first: a partial conversion was lost without a word)
-        raise _err("--resume continues the conversion in OUT and --force deletes it: pass one of them")
     real_out, real_hf = os.path.realpath(out_dir), os.path.realpath(hf_dir)
     if real_out == real_hf or real_hf.startswith(real_out + os.sep):
         raise _err(f"{out_dir}: the output directory must not be (or contain) the source {hf_dir}")
@@ -700,11 +698,13 @@ def convert(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, 
             except OSError as e:
                 raise _err(f"{os.path.join(hf_dir, name)}: cannot be read ({e.strerror}): the conversion copies "
                            "the files beside the weights too") from None
-        if os.path.isdir(out_dir):   # (before --force empties it: not another run's files)
+        if resume and force:   # (force emptied OUT first: a partial conversion was lost without a word)
+            raise _err("--resume continues the conversion in OUT and --force deletes it: pass one of them")
+        if not os.path.lexists(out_dir):
+            os.makedirs(out_dir, exist_ok=True)
+        if os.path.isdir(out_dir):   # locked before anything in it is looked at or emptied (--force)
             lock = _lock_dir(out_dir, "convert")
         _prepare_out_dir(out_dir, hf_dir, resume=resume, force=force)
-        if lock is None:
-            lock = _lock_dir(out_dir, "convert")
         state_path = os.path.join(out_dir, STATE_FILE)
         if is_complete(out_dir):
             manifest = _read_json(os.path.join(out_dir, MANIFEST), "manifest")
@@ -1268,7 +1268,9 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
     _check_array_files(ck, plan)
     if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
         raise _err(f"{hf_dir}: exists and is not a directory")
-    lock = _lock_dir(hf_dir, "export") if os.path.isdir(hf_dir) else None   # (before --force empties it)
+    made_dir = not os.path.lexists(hf_dir)   # a directory the user made is emptied on failure, not removed
+    os.makedirs(hf_dir, exist_ok=True)
+    lock = _lock_dir(hf_dir, "export")   # before anything in it is looked at or emptied (--force)
     try:   # (the lock is let go on every way out)
         if os.path.isdir(hf_dir) and os.listdir(hf_dir):
             if not force:
@@ -1305,11 +1307,10 @@ def export(ckpt_dir: str | os.PathLike[str], hf_dir: str | os.PathLike[str], *, 
             return [(name, arr)]
 
         names = [n for n in specs if not (n.endswith("_scale_inv") and stored == "bf16")]
-        made_dir = not os.path.lexists(hf_dir)   # a directory the user made is emptied on failure, not removed
-        os.makedirs(hf_dir, exist_ok=True)
-        if lock is None:
-            lock = _lock_dir(hf_dir, "export")
     except BaseException:
+        if made_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(hf_dir)
         if lock is not None:
             os.close(lock)
         raise
