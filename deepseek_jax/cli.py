@@ -52,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     except (AttributeError, ValueError):   # (closed, or not a text stream we may reconfigure)
         pass
     rc = _run(args)
-    if rc and runtime.in_several_processes():
-        # One process of several that stops (an error of its own, Ctrl-C) leaves at once: a normal
-        # exit waits in jax.distributed's shutdown for peers that wait in a collective for it, and
-        # both hung until killed. Gone, it ends the others' wait by their heartbeat timeout.
+    if rc == 130 and runtime.in_several_processes():
+        # One process of several interrupted (Ctrl-C) leaves at once: a normal exit waits in
+        # jax.distributed's shutdown for peers that wait in a collective for it, and both hung until
+        # killed. Gone, it ends the others' wait by their heartbeat timeout. (Errors are met by every
+        # process alike, mostly: their normal exits meet in that shutdown, and an early exit of
+        # process 0, the coordinator, would abort the others with JAX's fatal-error trace.)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
