@@ -66,8 +66,7 @@ def check_args(args: argparse.Namespace) -> None:
     hb = args.heartbeat_timeout
     if hb is not None and hb <= 0:
         raise DeepSeekError(f"--heartbeat-timeout must be > 0 seconds, got {hb}")
-    nproc = args.num_processes if args.num_processes is not None else _env_int("DEEPSEEK_JAX_NUM_PROCESSES")
-    pid = args.process_id if args.process_id is not None else _env_int("DEEPSEEK_JAX_PROCESS_ID")
+    nproc, pid = _num_processes(args), _process_id(args)
     if nproc is not None and nproc < 1:
         raise DeepSeekError(f"--num-processes must be >= 1, got {nproc}")
     if pid is not None and pid < 0:
@@ -97,8 +96,7 @@ def init(args: argparse.Namespace, default_mesh=None):
     check_args(args)
     coord = args.coordinator or os.environ.get("DEEPSEEK_JAX_COORDINATOR")
     if coord or args.distributed == "auto":
-        nproc = args.num_processes if args.num_processes is not None else _env_int("DEEPSEEK_JAX_NUM_PROCESSES")
-        pid = args.process_id if args.process_id is not None else _env_int("DEEPSEEK_JAX_PROCESS_ID")
+        nproc, pid = _num_processes(args), _process_id(args)
         if coord and (nproc is None or pid is None):
             raise DeepSeekError("--coordinator needs --num-processes and --process-id (or the env vars)")
         try:
@@ -235,13 +233,10 @@ def may_be_main(args: argparse.Namespace) -> bool:
     """Before :func:`init`: whether this process is (or may be) process 0, by ``--process-id`` or
     ``DEEPSEEK_JAX_PROCESS_ID`` (unknown, with ``--distributed auto``: true). What only process 0
     writes or prints is checked or said by it alone: another host need not have an output's folder."""
-    pid = getattr(args, "process_id", None)
-    if pid is None:
-        try:
-            pid = _env_int("DEEPSEEK_JAX_PROCESS_ID")
-        except DeepSeekError:   # (check_args says so)
-            return True
-    return pid in (None, 0)
+    try:
+        return _process_id(args) in (None, 0)
+    except DeepSeekError:   # (check_args says so)
+        return True
 
 
 def in_several_processes() -> bool:
@@ -270,6 +265,18 @@ def quiet_unless_main(args: argparse.Namespace) -> None:
 def process_label() -> str:
     """``"process N: "`` once :func:`init` has started a multi-process run, else ``""``."""
     return "" if _PROCESS is None else f"process {_PROCESS[0]} of {_PROCESS[1]}: "
+
+
+def _process_id(args: argparse.Namespace) -> int | None:
+    """``--process-id``, else ``DEEPSEEK_JAX_PROCESS_ID``, else ``None``."""
+    pid = getattr(args, "process_id", None)
+    return pid if pid is not None else _env_int("DEEPSEEK_JAX_PROCESS_ID")
+
+
+def _num_processes(args: argparse.Namespace) -> int | None:
+    """``--num-processes``, else ``DEEPSEEK_JAX_NUM_PROCESSES``, else ``None``."""
+    n = getattr(args, "num_processes", None)
+    return n if n is not None else _env_int("DEEPSEEK_JAX_NUM_PROCESSES")
 
 
 def _env_int(name: str) -> int | None:

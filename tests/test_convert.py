@@ -686,6 +686,19 @@ def test_mtp_layer_beyond_the_config_is_left_out_as_dj_load_does(ckpt_a, tmp_pat
     assert not dj.load(str(tmp_path / "out")).mtp
 
 
+def test_a_second_mtp_layer_is_not_loaded_and_the_first_drafts(ckpt_a, tmp_path):
+    """num_nextn_predict_layers 2 (the README: the first MTP layer, model.layers.<n>, drafts; the
+    second is not loaded): the MTP logits are those of the same files without the second layer."""
+    from deepseek_jax.synthetic import random_hub_checkpoint
+    from tests.conftest import CONFIG_A
+    two = random_hub_checkpoint(tmp_path / "two", dict(CONFIG_A, num_nextn_predict_layers=2), seed=1,
+                                max_shard_bytes=200_000, bias_range=(0.0, 0.5))
+    n = CONFIG_A["num_hidden_layers"]
+    assert f"model.layers.{n + 1}.eh_proj.weight" in HubReader(two).names()
+    ids = _ids(8)
+    np.testing.assert_array_equal(scoring.mtp_logits(dj.load(two), ids), scoring.mtp_logits(dj.load(ckpt_a), ids))
+
+
 def test_resume_of_a_finished_conversion_checks_the_source_config(ckpt_a, conv_a, tmp_path, capsys):
     """--resume on a finished conversion compared the source's files and a sample of their bytes,
     not its config.json: an edited routed_scaling_factor was "already complete", the old one kept."""
