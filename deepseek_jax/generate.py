@@ -1020,7 +1020,7 @@ class Generator:
         runs the loop in chunks. :meth:`generate_text` finds stop strings with it.)
         """
         if speculative not in (None, "none", "mtp"):
-            raise DeepSeekError(f"speculative {speculative!r}: expected 'mtp' or None")
+            raise DeepSeekError(f"speculative {speculative!r}: expected 'mtp', 'none' or None")
         from deepseek_jax import sharding   # noqa: PLC0415
         sharding.check_context_mesh(self.model)
         spec = speculative == "mtp"

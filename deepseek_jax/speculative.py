@@ -24,7 +24,10 @@ position ``i`` attends to ``<= i``, and each step writes before it attends). A r
 (or a stop token id) or at its length budget exactly (the bonus token is dropped when the first
 one ends the row).
 Greedy output equals non-speculative greedy output (the same argmax of the same model at
-every position); sampled output has the same distribution (not the same draws: the random
+every position) but for float rounding: the verify pass's products have two tokens per row where
+plain decoding's have one, and XLA may sum them in another order (float32 on CPU: log-probs up
+to ~1e-5 apart at batch 1, the same bits at batches 2 and 8 in the tests), so a near-tie between
+two tokens can go either way; sampled output has the same distribution (not the same draws: the random
 stream differs). ``Generator.last_stats`` counts drafts (steps where a second token was possible) and
 accepted drafts.
 """

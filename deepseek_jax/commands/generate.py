@@ -50,8 +50,8 @@ def add_sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 200, 
     add_prefill_attention_arg(p)
     p.add_argument("--speculative", choices=("mtp",), default=None,
                    help="speculative decoding: 'mtp' loads the checkpoint's MTP layer, which drafts one token "
-                        "ahead for the main model to verify (greedy output unchanged; sampling keeps the "
-                        "same distribution)")
+                        "ahead for the main model to verify (greedy output unchanged but for float-rounding "
+                        "near-ties; sampling keeps the same distribution)")
     p.add_argument("--prefill-chunk", default="auto", metavar="N",
                    help="prefill prompts in chunks of N tokens (a power of two >= 16: 16, 32, 64...; 'auto' "
                         "(default): only "
@@ -200,7 +200,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "[id, logprob] pairs under that same distribution, most likely first (K >= 1 implies --logprobs; 0: none)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="prompts per batch (default 32): a longer input runs batch by batch, in order, each "
-                        "batch's results printed when it ends; row r samples as it would in one batch (to the bit in float32)")
+                        "batch's results printed when it ends; row r draws the random numbers it would in one "
+                        "batch (its logits may differ by float rounding)")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                    help="prefill every prompt of a batch whole (default: leading tokens that all prompts share, "
                         "e.g. a system prompt, are prefilled once for the batch, and their cache is kept for the "
