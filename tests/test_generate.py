@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import jax
@@ -324,6 +325,22 @@ def test_demo_end_to_end(demo):
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o777 & ~umask   # as mkdir would (tempfile's is 0o700)
     tok = Tokenizer.from_dir(d)
     assert tok.chat_template and dj.load_config(d).vocab_size == dj.load_config(demo_checkpoint()).vocab_size
+
+
+def test_chat_template_asked_of_a_tokenizer_without_one(tmp_path, capsys):
+    """--chat-template on a checkpoint whose tokenizer has no template said "pass a raw prompt
+    instead", which names no flag; and a one-token cap read "at most 1 new tokens"."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(demo_checkpoint(), d)
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    del tc["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    code, _, err = run_cli(capsys, "generate", d, "--prompt", "1+1", "--chat-template")
+    assert_one_line_error(code, err, contains="(--raw encodes the prompts as they are)")
+    max_len = dj.load_config(d).max_position_embeddings
+    code, _, err = run_cli(capsys, "generate", d, "--temperature", "0", "--prompt-ids", "3",
+                           "--prompt-ids", ",".join(["3"] * (max_len - 1)), "--max-new-tokens", "4")
+    assert code == 0 and "(--prompt-ids #2: at most 1 new token)" in err, err
 
 
 def test_demo_dir_semantics(demo, tmp_path, capsys):

@@ -269,7 +269,7 @@ def test_cli_stop_streams_the_cut_text(base, capsys):
 @pytest.mark.parametrize("args, contains", [
     (["--prompt", "1+1", "--stop", ""], "--stop: the stop text must not be empty"),
     (["--prompt", "1+1", "--stop-token-id", "-3"], "--stop-token-id"),
-    (["--prompt", "1+1", "--stop-token-id", "999"], "outside the vocab"),
+    (["--prompt", "1+1", "--stop-token-id", "999"], "--stop-token-id: stop token id 999 is outside the vocab"),
     (["--prompt", "1+1", *sum((["--stop-token-id", str(i)] for i in range(17)), [])], "at most 16"),
 ])
 def test_cli_stop_bad_input(capsys, args, contains):

@@ -226,6 +226,9 @@ def parse_ids(text: str) -> list[int]:
 def _encode(tokenizer, texts: list[str], chat: bool | None, names: list[str]) -> list[list[int]]:
     if chat is None:
         chat = tokenizer.has_chat_template
+    elif chat and not tokenizer.has_chat_template:
+        raise DeepSeekError("--chat-template: the checkpoint's tokenizer_config.json has no chat_template "
+                            "(--raw encodes the prompts as they are)")
     out = []
     for name, t in zip(names, texts):
         if not t:
@@ -247,7 +250,8 @@ def length_cap_notice(max_len: int, prompts: list[list[int]], max_new_tokens: in
                 f"tokens and the model's max length is {max_len}")
     i = min(capped, key=lambda j: rooms[j])
     return (f"note: --max-new-tokens {max_new_tokens} capped for {len(capped)} of {len(prompts)} prompts by the "
-            f"model's max length {max_len} ({names[i] if names else f'prompt {i}'}: at most {rooms[i]} new tokens)")
+            f"model's max length {max_len} ({names[i] if names else f'prompt {i}'}: at most {rooms[i]} new "
+            f"token{'s' if rooms[i] != 1 else ''})")
 
 
 def check_stop_args(args: argparse.Namespace) -> None:
@@ -316,7 +320,10 @@ def run(args: argparse.Namespace) -> int:
         prompts = _encode(tokenizer, texts, args.chat, names)
     gen = load_generator(args.ckpt, args.dtype, tokenizer, args)
     # (the vocab range, and room beside the config's further eos ids) before any notice
-    gen._check_stop_token_ids(args.stop_token_ids, () if args.ignore_eos else gen.eos_ids[1:])
+    try:
+        gen._check_stop_token_ids(args.stop_token_ids, () if args.ignore_eos else gen.eos_ids[1:])
+    except DeepSeekError as e:   # (the library names its argument, stop_token_ids; here it is the flag)
+        raise DeepSeekError(f"--stop-token-id: {str(e).removeprefix('stop_token_ids: ')}") from None
     gen._check_prompts(prompts, names)                 # ids, lengths: an error is the only line
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
               stop_at_eos=not args.ignore_eos, speculative=args.speculative, stop_token_ids=args.stop_token_ids,
