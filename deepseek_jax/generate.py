@@ -2,8 +2,9 @@
 
 Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
 
-* **Buckets.** A batch of ``B`` prompts is padded to a batch bucket ``Bb`` (powers of two) and
-  the longest prompt to a prompt bucket ``Pb``; the latent cache is allocated once with
+* **Buckets.** A batch of ``B`` prompts is padded to a batch bucket ``Bb`` (powers of two; on a
+  mesh at least its ``data`` size) and the longest prompt to a prompt bucket ``Pb``; the latent
+  cache is allocated once with
   ``S = bucket(max(prompt_len + budget))`` positions (16, 32, 64, 128, 192, 256, 384, 512, ...:
   powers of two and 1.5x powers of two, capped at the model's maximum length). Compiled
   executables are cached per process by the model's graph and ``(Bb, Pb, S, greedy, filtered,
@@ -883,6 +884,12 @@ class Generator:
                                        and model.prec.fp8_mode == "w8a16"
                                        and _dequantized_bytes(model) <= _AUTO_DEQUANTIZE_BYTES) else "as-is"
         self.weights = weights
+        # On a mesh with a data axis, a batch bucket below its size could not be split over it:
+        # XLA then gathered the batch to every device and split it again around the MoE layer's
+        # exchange, warning of "involuntary full rematerialization" at every compile. Padding the
+        # batch to one row per data shard costs nothing: those devices had computed the row anyway.
+        pl = getattr(getattr(model, "norm", None), "placement", None)
+        self._min_batch = 1 if pl is None else int(dict(pl.mesh.shape).get("data", 1))
         self.model = dequantized_model(model) if weights == "dequantize" else model
         # The dequantized copy is private and never changes: split and flatten it once (nnx.split
         # walks the module graph, ~2 ms per call on the demo model; see _Prepared for the
@@ -1087,7 +1094,7 @@ class Generator:
         # what to keep after the call: this call's shared prefix, else the kept one if still valid
         keep_prefix = kept_prefix if self.share_prefix and _same_weights(kept_prefix, prep) else None
 
-        Bb = batch_bucket(B)
+        Bb = max(batch_bucket(B), self._min_batch)
         S = min(length_bucket(max(int((lens + budgets).max()), k + shared + Q)), self.max_len)
         Pb = min(length_bucket(int(lens.max())), S)
         ids = np.zeros((Bb, Pb), np.int32)

@@ -330,6 +330,24 @@ def test_a_mesh_with_explicit_axes(orbax_a, single):
             scoring.logits(model, ids)
 
 
+def test_one_prompt_is_split_over_the_data_axis(orbax_a, single, capfd):
+    """One prompt on a ``data=2`` mesh: a batch bucket of one row could not be split over
+    ``data``, and XLA warned of "involuntary full rematerialization" (gathering the batch to every
+    device and splitting it again) at each compile. The batch is now padded to a row per data
+    shard; the tokens are one device's, plain and speculative."""
+    from deepseek_jax.generate import Generator
+    sizes = sharding.parse_mesh("data=2,expert=4", 8)
+    mesh = sharding.make_mesh(sizes)
+    with jax.set_mesh(mesh):
+        gen = Generator(load(orbax_a, mesh=mesh))
+        capfd.readouterr()
+        got = [gen.generate([PROMPTS[1]], max_new_tokens=6, stop_at_eos=False, speculative=spec)[0].output_ids
+               for spec in (None, "mtp")]
+    assert "rematerialization" not in capfd.readouterr().err
+    assert gen.last_stats.buckets[0] == 2
+    assert got == [single[3][1]] * 2
+
+
 @pytest.mark.parametrize("mesh_text,rules", [("data=8,expert=1,model=1", "ep_tp"), ("data=2,expert=4,model=1", "ep_dp")])
 def test_generator_cache_is_split_as_planned(orbax_a, single, mesh_text, rules):
     """The generator's latent cache is split by the rules (its batch over ``data``; ``ep_dp``:
