@@ -3,7 +3,7 @@
 Layout of one :meth:`Generator.generate` call (SPEC §3, §8):
 
 * **Buckets.** A batch of ``B`` prompts is padded to a batch bucket ``Bb`` (powers of two; on a
-  mesh at least its ``data`` size) and the longest prompt to a prompt bucket ``Pb``; the latent
+  mesh a multiple of its ``data`` size) and the longest prompt to a prompt bucket ``Pb``; the latent
   cache is allocated once with
   ``S = bucket(max(prompt_len + budget))`` positions (16, 32, 64, 128, 192, 256, 384, 512, ...:
   powers of two and 1.5x powers of two, capped at the model's maximum length). Compiled
@@ -889,7 +889,7 @@ class Generator:
         # exchange, warning of "involuntary full rematerialization" at every compile. Padding the
         # batch to one row per data shard costs nothing: those devices had computed the row anyway.
         pl = getattr(getattr(model, "norm", None), "placement", None)
-        self._min_batch = 1 if pl is None else int(dict(pl.mesh.shape).get("data", 1))
+        self._data = 1 if pl is None else int(dict(pl.mesh.shape).get("data", 1))
         self.model = dequantized_model(model) if weights == "dequantize" else model
         # The dequantized copy is private and never changes: split and flatten it once (nnx.split
         # walks the module graph, ~2 ms per call on the demo model; see _Prepared for the
@@ -1094,7 +1094,7 @@ class Generator:
         # what to keep after the call: this call's shared prefix, else the kept one if still valid
         keep_prefix = kept_prefix if self.share_prefix and _same_weights(kept_prefix, prep) else None
 
-        Bb = max(batch_bucket(B), self._min_batch)
+        Bb = -(-batch_bucket(B) // self._data) * self._data   # (a multiple of the data axis)
         S = min(length_bucket(max(int((lens + budgets).max()), k + shared + Q)), self.max_len)
         Pb = min(length_bucket(int(lens.max())), S)
         ids = np.zeros((Bb, Pb), np.int32)

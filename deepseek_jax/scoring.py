@@ -115,7 +115,14 @@ def logits(model: DeepSeekV3, ids, *, mode: str = "prefill", prefill: int = 0) -
         return to_host(_prefill_logits(model, jnp.asarray(ids))[0])
     if not 0 <= prefill <= ids.shape[1]:
         raise DeepSeekError(f"logits: prefill {prefill} outside [0, {ids.shape[1]}] (the sequence length)")
-    return to_host(_decode_logits(model, jnp.asarray(ids), int(prefill)))
+    # rows padded to a multiple of the mesh's data axis: a batch it cannot split made XLA gather
+    # and re-split it around the MoE exchange at every step (its "involuntary full
+    # rematerialization" warnings); the padding rows cost what replicating the batch did
+    pl = getattr(getattr(model, "norm", None), "placement", None)
+    d = 1 if pl is None else int(dict(pl.mesh.shape).get("data", 1))
+    B = ids.shape[0]
+    padded = np.concatenate([ids, np.repeat(ids[:1], -B % d, axis=0)]) if B % d else ids
+    return to_host(_decode_logits(model, jnp.asarray(padded), int(prefill)))[:B]
 
 
 def mtp_logits(model: DeepSeekV3, ids) -> np.ndarray:

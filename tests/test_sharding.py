@@ -334,18 +334,21 @@ def test_one_prompt_is_split_over_the_data_axis(orbax_a, single, capfd):
     """One prompt on a ``data=2`` mesh: a batch bucket of one row could not be split over
     ``data``, and XLA warned of "involuntary full rematerialization" (gathering the batch to every
     device and splitting it again) at each compile. The batch is now padded to a row per data
-    shard; the tokens are one device's, plain and speculative."""
+    shard; the tokens are one device's, plain and speculative. Scoring's decode mode too."""
     from deepseek_jax.generate import Generator
     sizes = sharding.parse_mesh("data=2,expert=4", 8)
     mesh = sharding.make_mesh(sizes)
     with jax.set_mesh(mesh):
-        gen = Generator(load(orbax_a, mesh=mesh))
+        model = load(orbax_a, mesh=mesh)
+        gen = Generator(model)
         capfd.readouterr()
         got = [gen.generate([PROMPTS[1]], max_new_tokens=6, stop_at_eos=False, speculative=spec)[0].output_ids
                for spec in (None, "mtp")]
+        decoded = scoring.logits(model, single[0][1:2], mode="decode", prefill=4)   # (so did this)
     assert "rematerialization" not in capfd.readouterr().err
     assert gen.last_stats.buckets[0] == 2
     assert got == [single[3][1]] * 2
+    np.testing.assert_allclose(decoded, single[2][1:2], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mesh_text,rules", [("data=8,expert=1,model=1", "ep_tp"), ("data=2,expert=4,model=1", "ep_dp")])
