@@ -113,9 +113,13 @@ def length_bucket(n: int, minimum: int = 16) -> int:
     return p * 3 // 4 if p >= 256 and n <= p * 3 // 4 else p
 
 
-def batch_bucket(n: int) -> int:
-    """Powers of two."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
+def batch_bucket(n: int, data: int = 1) -> int:
+    """The smallest power of two that holds ``n`` rows, rounded up to a multiple of ``data`` (the
+    size of the mesh axis that splits the batch: a batch it cannot split made XLA gather and
+    re-split it around the MoE exchange at every step, warning of "involuntary full
+    rematerialization"; the padding rows cost what replicating the batch did)."""
+    b = 1 << (max(int(n), 1) - 1).bit_length()
+    return -(-b // data) * data
 
 
 @dataclasses.dataclass
@@ -884,10 +888,7 @@ class Generator:
                                        and model.prec.fp8_mode == "w8a16"
                                        and _dequantized_bytes(model) <= _AUTO_DEQUANTIZE_BYTES) else "as-is"
         self.weights = weights
-        # On a mesh with a data axis, a batch bucket below its size could not be split over it:
-        # XLA then gathered the batch to every device and split it again around the MoE layer's
-        # exchange, warning of "involuntary full rematerialization" at every compile. Padding the
-        # batch to one row per data shard costs nothing: those devices had computed the row anyway.
+        # (the batch buckets are multiples of the mesh's data axis: see batch_bucket)
         pl = getattr(getattr(model, "norm", None), "placement", None)
         self._data = 1 if pl is None else int(dict(pl.mesh.shape).get("data", 1))
         self.model = dequantized_model(model) if weights == "dequantize" else model
@@ -1094,7 +1095,7 @@ class Generator:
         # what to keep after the call: this call's shared prefix, else the kept one if still valid
         keep_prefix = kept_prefix if self.share_prefix and _same_weights(kept_prefix, prep) else None
 
-        Bb = -(-batch_bucket(B) // self._data) * self._data   # (a multiple of the data axis)
+        Bb = batch_bucket(B, self._data)
         S = min(length_bucket(max(int((lens + budgets).max()), k + shared + Q)), self.max_len)
         Pb = min(length_bucket(int(lens.max())), S)
         ids = np.zeros((Bb, Pb), np.int32)

@@ -35,7 +35,7 @@ class Plan:
     capacity: float
     prefill_tokens: int = 0         # the prompt bucket the prefill was compiled for
     prefill_chunk: int | None = None  # its chunk (the generator's policy), None: one pass
-    rows: int = 1                   # the decode batch as the generator allocates it (a power of two)
+    rows: int = 1                   # the decode batch as the generator allocates it (generate.batch_bucket)
     positions: int = 0              # the cache length as the generator allocates it (its length bucket)
 
     @property
@@ -136,7 +136,8 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         path = tuple(str(x) for x in p)
         weights += shard_bytes(v.shape, v.dtype, specs[path], mesh_shape)
         total += math.prod(v.shape) * np.dtype(v.dtype).itemsize
-    rows, S = batch_bucket(batch), min(length_bucket(max_len), cfg.max_position_embeddings)
+    data = int(mesh_shape.get("data", 1))
+    rows, S = batch_bucket(batch, data), min(length_bucket(max_len), cfg.max_position_embeddings)
     cache_abs = jax.eval_shape(lambda: LatentCache.zeros(cfg, rows, S, act))
     cache = sum(shard_bytes(a.shape, a.dtype, sharding.cache_spec(mesh_shape, rule_table, a.shape), mesh_shape)
                 for a in jax.tree.leaves(cache_abs))
@@ -145,7 +146,7 @@ def make_plan(cfg: DeepSeekConfig, mesh_shape: dict[str, int], *, rules: str = "
         cache += shard_bytes(one, act, sharding.cache_spec(mesh_shape, rule_table, one), mesh_shape)
     decode_temp = prefill_temp = decode_args = None
     T = min(length_bucket(prompt_len or min(max_len - 1, 4096)), S)   # (a prompt leaves room for a token)
-    Bp = batch_bucket(min(prefill_batch, batch))
+    Bp = batch_bucket(min(prefill_batch, batch), data)
     chunk = prefill_chunk_for(Bp, T, S, cfg.num_attention_heads, prefill_chunk)
     if compile_steps:
         sharding.attach_mesh(model, mesh, rules)

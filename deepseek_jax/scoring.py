@@ -115,9 +115,7 @@ def logits(model: DeepSeekV3, ids, *, mode: str = "prefill", prefill: int = 0) -
         return to_host(_prefill_logits(model, jnp.asarray(ids))[0])
     if not 0 <= prefill <= ids.shape[1]:
         raise DeepSeekError(f"logits: prefill {prefill} outside [0, {ids.shape[1]}] (the sequence length)")
-    # rows padded to a multiple of the mesh's data axis: a batch it cannot split made XLA gather
-    # and re-split it around the MoE exchange at every step (its "involuntary full
-    # rematerialization" warnings); the padding rows cost what replicating the batch did
+    # rows padded to a multiple of the mesh's data axis (see generate.batch_bucket)
     pl = getattr(getattr(model, "norm", None), "placement", None)
     d = 1 if pl is None else int(dict(pl.mesh.shape).get("data", 1))
     B = ids.shape[0]

@@ -347,6 +347,8 @@ def test_one_prompt_is_split_over_the_data_axis(orbax_a, single, capfd):
         decoded = scoring.logits(model, single[0][1:2], mode="decode", prefill=4)   # (so did this)
     assert "rematerialization" not in capfd.readouterr().err
     assert gen.last_stats.buckets[0] == 2
+    from deepseek_jax.plan import make_plan
+    assert make_plan(gen.model.cfg, sizes, batch=1, max_len=64, compile_steps=False).rows == 2   # (plan agrees)
     assert got == [single[3][1]] * 2
     np.testing.assert_allclose(decoded, single[2][1:2], rtol=1e-4, atol=1e-4)
 
