@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="generate's --dtype: the activations' and the latent cache's dtype (default bfloat16, "
                         "as a deployment runs; generate's own default is float32, twice the cache)")
     p.add_argument("--batch", type=int, default=1,
-                   help="sequences decoded together (the generator holds the next power of two of rows)")
+                   help="sequences decoded together (the generator holds the next power of two of rows, "
+                        "a multiple of the mesh's data axis)")
     p.add_argument("--max-len", type=int, default=None,
                    help="cache length per sequence, >= 2 (default: min(4096, the config's max_position_embeddings); "
                         "the generator allocates its length bucket: 4097 -> 6144)")
