@@ -157,9 +157,10 @@ def _run_unstacked(layers, states, h_BTD, pos_BT, rope, cache_layers, absorbed, 
     return h_BTD, None if cache_layers is None else tuple(caches), stats, jnp.stack(all_h) if collect else None
 
 
-def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False, collect=False):
+def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False, collect=False, placement=None):
     """Runs stacked layers with ``lax.scan``; returns (h, updated cache, stacked stats, and with
-    ``collect`` every layer's output ``[L, B, T, D]``, else None)."""
+    ``collect`` every layer's output ``[L, B, T, D]``, else None). ``placement``: the mesh's
+    (:func:`sharding.constrain`), whose rules the cache in the carry keeps."""
     if weights_in_place(layers):
         # The FP8 weights stay outside the scanned inputs: each step's slice of a scanned input
         # feeding a custom call (a Pallas kernel) is materialized, i.e. a copy of the layer's
@@ -196,6 +197,9 @@ def _scan_layers(layers, h_BTD, pos_BT, rope, cache_LBSC, absorbed, remat=False,
             with scan_layer(i):
                 h, cache, stats = layer(h, pos_BT, rope, cache, absorbed, cache_layer=c_layer,
                                         layer_idx=i if isinstance(getattr(layer, "mlp", None), MoE) else None)
+        if cache is not None:   # (else XLA split the carried cache's batch over the experts' axis
+            # and gathered it whole again at every step: two all-gathers of the cache per decode step)
+            cache = sharding.constrain(cache, ACT_AXES["cache_LBSC"], placement)
         return (h, cache, i + 1), (stats, h if collect else None)
 
     if remat:
@@ -281,7 +285,7 @@ class DeepSeekV3(nnx.Module):
             if unstacked is not None:
                 return _run_unstacked(layers, getattr(unstacked, name), h, pos_BT, self.rope, c, absorbed,
                                       layer_outputs)
-            return _scan_layers(layers, h, pos_BT, self.rope, c, absorbed, self.remat, layer_outputs)
+            return _scan_layers(layers, h, pos_BT, self.rope, c, absorbed, self.remat, layer_outputs, pl)
 
         if self.dense_layers is not None:
             h, dense_c, _, h_L = run(self.dense_layers, "dense", h, dense_c)
